@@ -1,0 +1,31 @@
+"""Which device and precision the engine runs in."""
+
+from __future__ import annotations
+
+import torch
+
+from rtpllm import _C
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def cuda_kernels_available() -> bool:
+    return bool(_C.has_cuda) and torch.cuda.is_available()
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` is CUDA when a GPU is visible, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was asked for but torch sees no CUDA device")
+    return torch.device(device, 0) if device == "cuda" else torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is float32 on the CPU (the exact reference path) and bfloat16 on a GPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu" and dtype != "float32":
+        raise ValueError(f"dtype: the CPU path runs in float32 only, got {dtype!r}")
+    return _DTYPES[dtype]

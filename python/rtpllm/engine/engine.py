@@ -1,0 +1,245 @@
+"""The synchronous engine: schedule -> prepare inputs -> forward -> sample -> update.
+
+`Engine.step()` runs one scheduler step and returns the outputs of the requests that moved.
+`LLM` (offline) and `AsyncEngine` (server) both drive it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from rtpllm import _C
+from rtpllm.config import EngineConfig
+from rtpllm.engine.default_model import resolve_model_path
+from rtpllm.engine.detokenizer import IncrementalDetokenizer, StopStringChecker
+from rtpllm.engine.device import resolve_device, resolve_dtype
+from rtpllm.engine.model_runner import ModelRunner
+from rtpllm.engine.prompt_logprobs import PromptLogprobCollector
+from rtpllm.engine.request_state import RequestGroup, SequenceState
+from rtpllm.engine.sampling_inputs import build_sampling_batch, sampled_logprobs
+from rtpllm.engine.stats import EngineStats
+from rtpllm.loader import load_model_and_tokenizer
+from rtpllm.outputs import RequestMetrics, RequestOutput
+from rtpllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+Prompt = Union[str, list[int]]
+_FINISH_REASONS = {
+    _C.FinishReason.STOP: "stop", _C.FinishReason.LENGTH: "length",
+    _C.FinishReason.ABORT: "abort", _C.FinishReason.ERROR: "error",
+}
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_path = resolve_model_path(config.model.model)
+        self.device = resolve_device(config.device.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        torch.manual_seed(config.model.seed)
+        loaded = load_model_and_tokenizer(self.model_path, dtype=self.dtype, device=self.device)
+        self.arch = loaded.arch
+        self.tokenizer = loaded.tokenizer
+        self.model_name = config.model.served_model_name or _basename(self.model_path)
+        self.max_model_len = self._max_model_len(config.model.max_model_len)
+        self.eos_token_ids = _eos_ids(loaded.generation_config, self.tokenizer, self.arch)
+        self.runner = ModelRunner(loaded.model, self.arch, config, self.device, self.dtype)
+        self.scheduler = _C.Scheduler(
+            _C.SchedulerOptions(
+                max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+                max_num_seqs=config.scheduler.max_num_seqs,
+                enable_chunked_prefill=config.scheduler.enable_chunked_prefill,
+                max_model_len=self.max_model_len),
+            _C.CacheOptions(num_blocks=self.runner.num_blocks, block_size=config.cache.block_size,
+                            enable_prefix_caching=config.cache.enable_prefix_caching))
+        self._groups: dict[str, RequestGroup] = {}
+        self._seqs: dict[int, SequenceState] = {}
+        self._seq_ids = itertools.count(1)
+        # Unseeded requests draw from one engine-wide generator, so a run is reproducible as a whole.
+        self._generator = torch.Generator(device=self.device).manual_seed(config.model.seed)
+        self._pending: list[RequestOutput] = []  # outputs owed to callers (aborts) at the next step
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams,
+                    arrival_time: Optional[float] = None) -> None:
+        """Queues a request. Raises ValueError naming the problem; the engine is unchanged then."""
+        if request_id in self._groups:
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        prompt_text, prompt_ids = self._tokenize(prompt)
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(prompt_ids)} tokens leave no room to generate within "
+                             f"max_model_len={self.max_model_len}")
+        room = self.max_model_len - len(prompt_ids)
+        max_new = room if params.max_tokens is None else min(params.max_tokens, room)
+        stop_ids = list(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids += [t for t in self.eos_token_ids if t not in stop_ids]
+        group = RequestGroup(request_id=request_id, prompt=prompt_text, prompt_ids=prompt_ids, params=params,
+                             metrics=RequestMetrics(arrival_time=arrival_time or time.monotonic()))
+        if params.prompt_logprobs is not None:
+            group.prompt_logprobs = [None]
+        added: list[int] = []
+        try:
+            for index in range(params.n):
+                seq = self._new_sequence(group, index)
+                self.scheduler.add_request(_C.RequestSpec(
+                    request_id=seq.seq_id, prompt_token_ids=prompt_ids, max_new_tokens=max_new,
+                    stop_token_ids=stop_ids, ignore_eos=params.ignore_eos, min_new_tokens=params.min_tokens,
+                    priority=0, arrival_time=group.metrics.arrival_time,
+                    # Prompt logprobs need every prompt position computed: a unique key opts out of cache hits.
+                    extra_key=seq.seq_id if params.prompt_logprobs is not None else 0))
+                added.append(seq.seq_id)
+                group.seqs.append(seq)
+        except ValueError:
+            for seq_id in added:
+                self.scheduler.abort(seq_id, _C.FinishReason.ABORT)
+            raise
+        for seq in group.seqs:
+            self._seqs[seq.seq_id] = seq
+        self._groups[request_id] = group
+        self._prompt_tokens_total += len(prompt_ids)
+
+    def abort_request(self, request_id: str) -> None:
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return
+        for seq in group.seqs:
+            if not seq.finished:
+                self.scheduler.abort(seq.seq_id, _C.FinishReason.ABORT)
+                seq.finish("abort")
+            self._seqs.pop(seq.seq_id, None)
+        group.metrics.finished_time = time.monotonic()
+        self._pending.append(group.to_output())
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups) or bool(self._pending)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        batch = self.scheduler.schedule()
+        if batch.num_seqs == 0:
+            return outputs
+        now = time.monotonic()
+        seq_ids = batch.request_ids
+        for seq_id in seq_ids.tolist():
+            metrics = self._seqs[seq_id].group.metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
+
+        sampled_seqs = [self._seqs[i] for i in batch.sampled_request_ids.tolist()]
+        sampling_batch = build_sampling_batch(sampled_seqs, self._generator, self.device) if sampled_seqs else None
+        collector = PromptLogprobCollector(batch, self._seqs)
+        result = self.runner.execute(batch, sampling_batch, collector.seq_indices)
+        collector.collect(result.prompt_logprobs)
+
+        token_ids = np.zeros(0, dtype=np.int32)
+        logprobs_by_seq = {}
+        if result.sampled is not None:
+            token_ids = result.sampled.token_ids.to(device="cpu", dtype=torch.int32).numpy()
+            logprobs_by_seq = sampled_logprobs(sampled_seqs, result.sampled)
+        moved: dict[str, RequestGroup] = {}
+        now = time.monotonic()
+        for out in self.scheduler.update(batch, token_ids):
+            seq = self._seqs.get(out.request_id)
+            if seq is None:
+                continue
+            group = seq.group
+            if out.new_token_ids:
+                self._generation_tokens_total += len(out.new_token_ids)
+                group.metrics.first_token_time = group.metrics.first_token_time or now
+                group.metrics.last_token_time = now
+                if seq.append_tokens(list(out.new_token_ids), logprobs_by_seq.get(seq.seq_id)):
+                    self.scheduler.abort(seq.seq_id, _C.FinishReason.STOP)  # a stop string matched
+            if out.finished and not seq.finished:
+                stop_token = out.stop_token_id if out.stop_token_id >= 0 else None
+                user_stop = stop_token if stop_token in seq.params.stop_token_ids else None
+                seq.finish(_FINISH_REASONS[out.finish_reason], user_stop)
+            if seq.finished:
+                self._seqs.pop(seq.seq_id, None)
+            moved[group.request_id] = group
+        for group in moved.values():
+            if group.finished:
+                group.metrics.finished_time = now
+                self._groups.pop(group.request_id, None)
+            outputs.append(group.to_output())
+        return outputs
+
+    # ------------------------------------------------------------------ introspection
+    def stats(self) -> EngineStats:
+        s = self.scheduler.stats()
+        return EngineStats(
+            num_running=s.num_running, num_waiting=s.num_waiting, kv_blocks_used=s.blocks_used,
+            kv_blocks_total=s.blocks_total, prefix_cache_queries=s.prefix_queries,
+            prefix_cache_hits=s.prefix_hits, num_preemptions=s.num_preempted_total,
+            prompt_tokens_total=self._prompt_tokens_total, generation_tokens_total=self._generation_tokens_total)
+
+    def check_kv_pool_free(self) -> bool:
+        """True when no block is held by a request (cached free blocks count as free)."""
+        self.scheduler.check_invariants()
+        return self.scheduler.num_free_blocks == self.runner.num_blocks
+
+    # ------------------------------------------------------------------ helpers
+    def _new_sequence(self, group: RequestGroup, index: int) -> SequenceState:
+        params = group.params
+        generator = None
+        if params.seed is not None:
+            # Sample i of a seeded request gets its own stream, so the n samples differ but replay exactly.
+            generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
+        return SequenceState(
+            seq_id=next(self._seq_ids), index=index, group=group, params=params,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, group.prompt_ids, params.skip_special_tokens),
+            stop_checker=(StopStringChecker(params.stop_strings, params.include_stop_str_in_output)
+                          if params.stop_strings else None),
+            generator=generator)
+
+    def _tokenize(self, prompt: Prompt) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: empty")
+            return prompt, list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            if not ids:
+                raise ValueError("prompt: empty token list")
+            vocab = self.arch.vocab_size
+            bad = [t for t in ids if not isinstance(t, (int, np.integer)) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt: token ids must be integers in [0, {vocab}), got {bad[:5]}")
+            return None, [int(t) for t in ids]
+        raise ValueError(f"prompt: expected a string or a list of token ids, got {type(prompt).__name__}")
+
+    def _max_model_len(self, requested: Optional[int]) -> int:
+        limit = self.arch.max_position_embeddings
+        if requested is None:
+            return limit
+        if requested > limit:
+            raise ValueError(f"max_model_len: {requested} exceeds the model's max_position_embeddings={limit}")
+        return requested
+
+
+def _basename(path: str) -> str:
+    import os
+
+    return os.path.basename(os.path.normpath(path))
+
+
+def _eos_ids(generation_config: dict, tokenizer, arch) -> list[int]:
+    ids: list[int] = []
+    configured = generation_config.get("eos_token_id") if generation_config else None
+    for source in (configured, getattr(arch, "eos_token_ids", None), tokenizer.eos_token_id):
+        if source is None:
+            continue
+        for t in ([source] if isinstance(source, int) else source):
+            if t not in ids:
+                ids.append(int(t))
+    return ids

@@ -1,0 +1,111 @@
+"""Turns a scheduled batch into a forward pass and sampled tokens on one device.
+
+The C++ scheduler hands over contiguous int32/int64 arrays; this module moves them to the
+device in one copy each, runs the model, and samples from the rows the scheduler asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from rtpllm.config import EngineConfig
+from rtpllm.engine.kv_cache import allocate_kv_caches, kv_bytes_per_block, num_blocks_for_device
+from rtpllm.layers.attention_metadata import AttentionMetadata
+from rtpllm.layers.sampler import Sampler, SamplerOutput
+
+
+@dataclass
+class StepResult:
+    sampled: Optional[SamplerOutput]  # one row per entry of batch.logits_indices
+    # For sequences that asked for prompt logprobs: seq index in the batch -> log-softmax rows
+    # [num_new_tokens, vocab] of this step's tokens (row j predicts the token after position j).
+    prompt_logprobs: dict[int, torch.Tensor]
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, arch, config: EngineConfig, device: torch.device,
+                 dtype: torch.dtype):
+        self.model = model
+        self.arch = arch
+        self.device = device
+        self.dtype = dtype
+        self.block_size = config.cache.block_size
+        self.max_num_batched_tokens = config.scheduler.max_num_batched_tokens
+        self.sampler = Sampler()
+        peak = self._profile_peak_memory() if device.type == "cuda" else 0
+        bytes_per_block = kv_bytes_per_block(arch.num_layers, arch.num_kv_heads, arch.head_dim,
+                                             self.block_size, dtype)
+        self.num_blocks = num_blocks_for_device(config.cache, bytes_per_block, device, peak)
+        self.kv_caches = allocate_kv_caches(arch.num_layers, self.num_blocks, self.block_size,
+                                            arch.num_kv_heads, arch.head_dim, dtype, device)
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cpu":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def build_metadata(self, batch) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self._to_device(batch.slot_mapping),
+            query_start_loc=self._to_device(batch.query_start_loc),
+            seq_lens=self._to_device(batch.seq_lens),
+            num_computed=self._to_device(batch.num_computed),
+            block_tables=self._to_device(batch.block_tables),
+            max_query_len=int(batch.max_query_len),
+            max_seq_len=int(batch.max_seq_len),
+        )
+
+    @torch.inference_mode()
+    def execute(self, batch, sampling_batch, prompt_logprob_seqs: list[int]) -> StepResult:
+        """Runs one step. `prompt_logprob_seqs` are batch indices of sequences whose new tokens
+        all need logits (prompt logprobs); every other sequence only computes its sampled row."""
+        input_ids = self._to_device(batch.input_token_ids).long()
+        positions = self._to_device(batch.positions).long()
+        meta = self.build_metadata(batch)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+
+        sampled = None
+        if batch.num_sampled > 0:
+            logits_indices = self._to_device(batch.logits_indices).long()
+            logits = self.model.compute_logits(hidden.index_select(0, logits_indices))
+            sampled = self.sampler(logits, sampling_batch)
+
+        prompt_logprobs: dict[int, torch.Tensor] = {}
+        starts = batch.query_start_loc
+        for seq in prompt_logprob_seqs:
+            rows = hidden[int(starts[seq]):int(starts[seq + 1])]
+            prompt_logprobs[seq] = torch.log_softmax(self.model.compute_logits(rows), dim=-1)
+        return StepResult(sampled=sampled, prompt_logprobs=prompt_logprobs)
+
+    @torch.inference_mode()
+    def _profile_peak_memory(self) -> int:
+        """Runs the largest prefill the scheduler may issue on a throwaway one-block cache and
+        returns the peak bytes in use (weights + activations), so the KV pool gets the rest."""
+        tokens = self.max_num_batched_tokens
+        blocks = (tokens + self.block_size - 1) // self.block_size
+        scratch = allocate_kv_caches(self.arch.num_layers, blocks, self.block_size, self.arch.num_kv_heads,
+                                     self.arch.head_dim, self.dtype, self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        positions = torch.arange(tokens, device=self.device)
+        meta = AttentionMetadata(
+            slot_mapping=positions.clone(),
+            query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([tokens], dtype=torch.int32, device=self.device),
+            num_computed=torch.zeros(1, dtype=torch.int32, device=self.device),
+            block_tables=torch.arange(blocks, dtype=torch.int32, device=self.device).unsqueeze(0),
+            max_query_len=tokens, max_seq_len=tokens)
+        input_ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, positions, scratch, meta)
+        self.model.compute_logits(hidden[-1:])
+        torch.cuda.synchronize(self.device)
+        scratch_bytes = sum(t.numel() * t.element_size() for t in scratch)
+        peak = torch.cuda.max_memory_allocated(self.device) - scratch_bytes
+        del scratch, hidden
+        torch.cuda.empty_cache()
+        return peak
