@@ -1,0 +1,91 @@
+"""POST /v1/chat/completions: the conversation goes through the model's chat template; `n`
+choices, streamed (a role chunk per choice first, then content deltas) or not."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import AsyncIterator, Optional
+
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import Request
+from starlette.responses import Response
+
+from rtpllm.outputs import RequestOutput
+from rtpllm.serving import request_params as rp
+from rtpllm.serving.context import ServingContext
+from rtpllm.serving.logprobs import chat_logprobs
+from rtpllm.serving.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+                                     ChatDelta, ChatResponseMessage, ChatStreamChoice, UsageInfo)
+from rtpllm.serving.streaming import (SSE_DONE, DeltaTracker, add_all, cancel_on_disconnect, error_event,
+                                      final_outputs, iterate_all, sse_event)
+
+
+async def create_chat_completion(ctx: ServingContext, http_request: Request, body: ChatCompletionRequest,
+                                 arrival_time: float) -> Response:
+    rp.check_model(body.model, ctx.model_name)
+    num_top = rp.chat_logprobs_count(body)
+    if body.stop_token_ids:
+        rp.check_token_ids(body.stop_token_ids, ctx.vocab_size, "stop_token_ids")
+    prompt = rp.chat_prompt(body.messages, ctx.tokenizer, body.add_generation_prompt, body.chat_template_kwargs)
+    requested, param = rp.chat_max_tokens(body)
+    params = rp.sampling_params(body, rp.max_new_tokens(requested, len(prompt), ctx.max_model_len, param,
+                                                        prompt_param="messages"), num_top)
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    streams = await add_all(ctx.engine, [completion_id], [prompt], [params], arrival_time)
+    if body.stream:
+        return StreamingResponse(_stream(ctx, body, completion_id, streams, len(prompt), num_top),
+                                 media_type="text/event-stream")
+    (final,) = await cancel_on_disconnect(http_request, final_outputs(ctx.engine, streams))
+    choices = []
+    for completion in final.outputs:
+        logprobs = None
+        if num_top is not None and completion.logprobs is not None:
+            logprobs = chat_logprobs(ctx.token_texts, completion.token_ids, completion.logprobs, num_top)
+        choices.append(ChatChoice(index=completion.index, message=ChatResponseMessage(content=completion.text),
+                                  logprobs=logprobs, finish_reason=completion.finish_reason,
+                                  stop_reason=completion.stop_reason))
+    response = ChatCompletionResponse(id=completion_id, model=ctx.model_name, choices=choices,
+                                      usage=_usage(len(prompt), final))
+    return JSONResponse(response.model_dump(exclude_none=True))
+
+
+def _usage(prompt_tokens: int, output: Optional[RequestOutput]) -> UsageInfo:
+    completion_tokens = sum(len(c.token_ids) for c in output.outputs) if output is not None else 0
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+async def _stream(ctx: ServingContext, body: ChatCompletionRequest, completion_id: str, streams,
+                  prompt_tokens: int, num_top: Optional[int]) -> AsyncIterator[bytes]:
+    created = int(time.time())
+
+    def chunk(choices: list[ChatStreamChoice], usage: Optional[UsageInfo] = None) -> bytes:
+        return sse_event(ChatCompletionChunk(id=completion_id, created=created, model=ctx.model_name,
+                                             choices=choices, usage=usage))
+
+    tracker = DeltaTracker(body.n, with_logprobs=num_top is not None)
+    latest: Optional[RequestOutput] = None
+    try:
+        for index in range(body.n):
+            yield chunk([ChatStreamChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
+        async for _, output in iterate_all(ctx.engine, streams):
+            latest = output
+            for completion in output.outputs:
+                delta = tracker.delta(completion.index, completion)
+                if delta is None:
+                    continue
+                logprobs = None
+                if delta.logprobs is not None:
+                    logprobs = chat_logprobs(ctx.token_texts, delta.token_ids, delta.logprobs, num_top)
+                yield chunk([ChatStreamChoice(index=completion.index, delta=ChatDelta(content=delta.text),
+                                              logprobs=logprobs, finish_reason=delta.finish_reason,
+                                              stop_reason=delta.stop_reason)])
+        if body.include_usage_in_stream:
+            yield chunk([], usage=_usage(prompt_tokens, latest))
+    except Exception as exc:  # noqa: BLE001 - the status line is sent; the error goes in the stream
+        yield error_event(exc)
+    finally:
+        for stream in streams:
+            ctx.engine.abort(stream.request_id)  # a no-op for finished requests
+    yield SSE_DONE

@@ -1,0 +1,100 @@
+"""POST /v1/completions: one prompt or a batch, `n` choices each, streamed or not.
+
+Choice `i` of prompt `p` is reported as index `p * n + i`, as OpenAI does for batched prompts.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import AsyncIterator, Optional
+
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import Request
+from starlette.responses import Response
+
+from rtpllm.outputs import RequestOutput
+from rtpllm.serving import request_params as rp
+from rtpllm.serving.context import ServingContext
+from rtpllm.serving.logprobs import completion_logprobs
+from rtpllm.serving.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
+from rtpllm.serving.streaming import (SSE_DONE, DeltaTracker, add_all, cancel_on_disconnect, error_event,
+                                      final_outputs, iterate_all, sse_event)
+
+
+async def create_completion(ctx: ServingContext, http_request: Request, body: CompletionRequest,
+                            arrival_time: float) -> Response:
+    rp.check_model(body.model, ctx.model_name)
+    num_top = rp.completion_logprobs_count(body)
+    if body.stop_token_ids:
+        rp.check_token_ids(body.stop_token_ids, ctx.vocab_size, "stop_token_ids")
+    prompts = rp.completion_prompts(body, ctx.tokenizer, ctx.vocab_size)
+    params_list = [rp.sampling_params(body, rp.max_new_tokens(body.max_tokens, len(p), ctx.max_model_len), num_top)
+                   for p in prompts]
+    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    request_ids = [f"{completion_id}-{i}" for i in range(len(prompts))]
+    echo_texts = [ctx.tokenizer.decode(p, skip_special_tokens=True) if body.echo else "" for p in prompts]
+    streams = await add_all(ctx.engine, request_ids, prompts, params_list, arrival_time)
+    if body.stream:
+        events = _stream(ctx, body, completion_id, streams, prompts, echo_texts, num_top)
+        return StreamingResponse(events, media_type="text/event-stream")
+    finals = await cancel_on_disconnect(http_request, final_outputs(ctx.engine, streams))
+    response = CompletionResponse(
+        id=completion_id, model=ctx.model_name,
+        choices=[_full_choice(ctx, body.n * p + c.index, c, echo_texts[p], num_top)
+                 for p, output in enumerate(finals) for c in output.outputs],
+        usage=_usage(prompts, finals))
+    return JSONResponse(response.model_dump(exclude_none=True))
+
+
+def _full_choice(ctx: ServingContext, index: int, completion, echo_text: str,
+                 num_top: Optional[int]) -> CompletionChoice:
+    logprobs = None
+    if num_top is not None and completion.logprobs is not None:
+        logprobs = completion_logprobs(ctx.token_texts, completion.token_ids, completion.logprobs, num_top, 0)
+    return CompletionChoice(index=index, text=echo_text + completion.text, logprobs=logprobs,
+                            finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
+
+
+def _usage(prompts: list[list[int]], outputs: list[Optional[RequestOutput]]) -> UsageInfo:
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion_tokens = sum(len(c.token_ids) for output in outputs if output is not None for c in output.outputs)
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+async def _stream(ctx: ServingContext, body: CompletionRequest, completion_id: str, streams,
+                  prompts: list[list[int]], echo_texts: list[str], num_top: Optional[int]) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    tracker = DeltaTracker(len(prompts) * body.n, with_logprobs=num_top is not None)
+    latest: list[Optional[RequestOutput]] = [None] * len(prompts)
+    echo_pending = {p * body.n + i for p in range(len(prompts)) for i in range(body.n)} if body.echo else set()
+    try:
+        async for prompt_index, output in iterate_all(ctx.engine, streams):
+            latest[prompt_index] = output
+            for completion in output.outputs:
+                index = body.n * prompt_index + completion.index
+                delta = tracker.delta(index, completion)
+                if delta is None:
+                    continue
+                text = delta.text
+                if index in echo_pending:
+                    echo_pending.discard(index)
+                    text = echo_texts[prompt_index] + text
+                logprobs = None
+                if delta.logprobs is not None:
+                    logprobs = completion_logprobs(ctx.token_texts, delta.token_ids, delta.logprobs, num_top,
+                                                   delta.text_offset)
+                yield sse_event(CompletionResponse(
+                    id=completion_id, created=created, model=ctx.model_name,
+                    choices=[CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                              finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)]))
+        if body.include_usage_in_stream:
+            yield sse_event(CompletionResponse(id=completion_id, created=created, model=ctx.model_name,
+                                               choices=[], usage=_usage(prompts, latest)))
+    except Exception as exc:  # noqa: BLE001 - the status line is sent; the error goes in the stream
+        yield error_event(exc)
+    finally:
+        for stream in streams:
+            ctx.engine.abort(stream.request_id)  # a no-op for finished requests
+    yield SSE_DONE

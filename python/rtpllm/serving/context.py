@@ -1,0 +1,30 @@
+"""What every endpoint handler reads: the engine and the facts about the served model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rtpllm.engine.async_engine import AsyncEngine
+from rtpllm.serving.logprobs import TokenTexts
+
+
+@dataclass
+class ServingContext:
+    engine: AsyncEngine
+    model_name: str
+    max_model_len: int
+    tokenizer: Any
+    vocab_size: int
+    token_texts: TokenTexts = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.token_texts = TokenTexts(self.tokenizer)
+
+    @classmethod
+    def for_engine(cls, engine: AsyncEngine) -> "ServingContext":
+        tokenizer = engine.tokenizer
+        arch = getattr(engine.engine, "arch", None)
+        vocab_size = getattr(arch, "vocab_size", None) or len(tokenizer)
+        return cls(engine=engine, model_name=engine.model_name, max_model_len=engine.max_model_len,
+                   tokenizer=tokenizer, vocab_size=vocab_size)

@@ -1,0 +1,117 @@
+"""Prometheus metrics of the server, named like vLLM's (`rtpllm:` for `vllm:`) so dashboards port.
+
+Two sources:
+- engine counters (running/waiting requests, KV blocks, prefix cache, token totals) are read from
+  the AsyncEngine's latest `EngineStats` at scrape time by a custom collector, so they cost nothing
+  per step;
+- per-request latencies (TTFT, inter-token, end-to-end, queue time) and finish reasons are
+  observed as outputs arrive, through `AsyncEngine`'s step observer.
+
+Each server gets its own registry, so several servers (tests) can live in one process.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from rtpllm.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from rtpllm.engine.async_engine import AsyncEngine
+
+PREFIX = "rtpllm:"
+# Buckets in seconds, from sub-millisecond CPU steps to multi-minute generations.
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                 20.0, 40.0, 80.0, 160.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+                0.4, 0.5, 0.75, 1.0, 2.5)
+_REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                    60.0, 120.0, 240.0, 480.0)
+
+
+class _EngineStatsCollector(Collector):
+    def __init__(self, engine: "AsyncEngine", model_name: str):
+        self._engine = engine
+        self._model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._engine.stats()
+        labels = ["model_name"]
+        values = [self._model_name]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+            family.add_metric(values, value)
+            return family
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(PREFIX + name, doc, labels=labels)
+            family.add_metric(values, value)
+            return family
+
+        yield gauge("num_requests_running", "Requests in the running batch.", stats.num_running)
+        yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting)
+        yield gauge("kv_cache_blocks_used", "KV cache blocks held by requests.", stats.kv_blocks_used)
+        yield gauge("kv_cache_blocks_total", "KV cache blocks in the pool.", stats.kv_blocks_total)
+        yield gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).", stats.kv_usage)
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                      stats.prefix_cache_queries)
+        yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
+        yield counter("num_preemptions", "Requests preempted to free KV blocks.", stats.num_preemptions)
+        yield counter("prompt_tokens", "Prompt tokens admitted.", stats.prompt_tokens_total)
+        yield counter("generation_tokens", "Tokens generated.", stats.generation_tokens_total)
+
+
+class ServerMetrics:
+    """The server's metrics registry; also the AsyncEngine's step observer."""
+
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to first token.", labels,
+                              registry=self.registry, buckets=_TTFT_BUCKETS).labels(model_name)
+        self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Time between consecutive tokens.", labels,
+                             registry=self.registry, buckets=_ITL_BUCKETS).labels(model_name)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "End-to-end request latency.", labels,
+                             registry=self.registry, buckets=_REQUEST_BUCKETS).labels(model_name)
+        self.queue_time = Histogram(PREFIX + "request_queue_time_seconds", "Time waiting before first scheduled.",
+                                    labels, registry=self.registry, buckets=_REQUEST_BUCKETS).labels(model_name)
+        self._success = Counter(PREFIX + "request_success", "Finished requests by finish reason.",
+                                labels + ["finished_reason"], registry=self.registry)
+        self._success_by_reason = {}
+
+    def attach(self, engine: "AsyncEngine") -> None:
+        """Exposes the engine's counters and observes its steps."""
+        self.registry.register(_EngineStatsCollector(engine, self.model_name))
+        engine.observer = self
+
+    def on_step(self, time_to_first_tokens: list[float], inter_token_latencies: list[float],
+                finished: list[RequestOutput]) -> None:
+        for latency in time_to_first_tokens:
+            self.ttft.observe(latency)
+        for latency in inter_token_latencies:
+            self.itl.observe(latency)
+        for output in finished:
+            self._on_finished(output)
+
+    def _on_finished(self, output: RequestOutput) -> None:
+        metrics = output.metrics
+        if metrics is not None:
+            if metrics.first_scheduled_time is not None:
+                self.queue_time.observe(metrics.first_scheduled_time - metrics.arrival_time)
+            if metrics.finished_time is not None:
+                self.e2e.observe(metrics.finished_time - metrics.arrival_time)
+        for completion in output.outputs:
+            reason = completion.finish_reason or "unknown"
+            counter = self._success_by_reason.get(reason)
+            if counter is None:
+                counter = self._success_by_reason[reason] = self._success.labels(self.model_name, reason)
+            counter.inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,187 @@
+"""The OpenAI-compatible HTTP server: FastAPI app factory and the uvicorn runner.
+
+    app = build_app(AsyncEngine(engine))          # the engine's step thread starts with the app
+    run_server(EngineConfig.from_kwargs(...), ServerOptions(port=8000))   # what `rtpllm serve` does
+
+Request bodies are parsed here rather than by FastAPI, so that every kind of bad input (invalid
+UTF-8, malformed JSON, wrong types, bad values) answers 400 with OpenAI's error body instead of
+FastAPI's 422 layout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+import socket
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Optional, TypeVar
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from rtpllm.config import EngineConfig
+from rtpllm.engine.async_engine import AsyncEngine
+from rtpllm.serving import request_params as rp
+from rtpllm.serving.chat import create_chat_completion
+from rtpllm.serving.completions import create_completion
+from rtpllm.serving.context import ServingContext
+from rtpllm.serving.errors import OpenAIError, bad_request, from_validation_error, to_openai_error
+from rtpllm.serving.metrics import ServerMetrics
+from rtpllm.serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                     DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
+from rtpllm.serving.streaming import ClientDisconnected
+
+logger = logging.getLogger(__name__)
+Body = TypeVar("Body", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # In-flight requests get this long to finish after SIGINT/SIGTERM; the rest are aborted.
+    shutdown_timeout_s: float = 30.0
+    access_log: bool = True
+    log_level: str = "info"
+
+
+async def parse_body(request: Request, model: type[Body]) -> Body:
+    raw = await request.body()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad_request(f"request body is not valid UTF-8: {exc}", code="invalid_utf8") from exc
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from exc
+
+
+def _openai_errors(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+    """Every exception a route lets through becomes an OpenAI-style error reply."""
+
+    @functools.wraps(handler)
+    async def wrapped(*args, **kwargs) -> Response:
+        try:
+            return await handler(*args, **kwargs)
+        except ClientDisconnected:
+            return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
+        except Exception as exc:  # noqa: BLE001 - answered, never raised into the server
+            return to_openai_error(exc).response()
+
+    return wrapped
+
+
+def build_app(engine: AsyncEngine, metrics: Optional[ServerMetrics] = None,
+              shutdown_grace_period_s: float = 0.0) -> FastAPI:
+    """The app for one engine. Its lifespan starts the engine's step thread and stops it at exit,
+    giving unfinished requests `shutdown_grace_period_s` before aborting them."""
+    ctx = ServingContext.for_engine(engine)
+    metrics = metrics or ServerMetrics(ctx.model_name)
+    metrics.attach(engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            await engine.shutdown(shutdown_grace_period_s)
+
+    app = FastAPI(title="rtp-llm OpenAI-compatible server", lifespan=lifespan)
+    app.state.serving = ctx
+    app.state.metrics = metrics
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return OpenAIError(str(exc.detail), status=exc.status_code,
+                           type="not_found_error" if exc.status_code == 404 else "invalid_request_error").response()
+
+    @app.post("/v1/completions")
+    @_openai_errors
+    async def completions(request: Request) -> Response:
+        arrival_time = time.monotonic()
+        body = await parse_body(request, CompletionRequest)
+        return await create_completion(ctx, request, body, arrival_time)
+
+    @app.post("/v1/chat/completions")
+    @_openai_errors
+    async def chat_completions(request: Request) -> Response:
+        arrival_time = time.monotonic()
+        body = await parse_body(request, ChatCompletionRequest)
+        return await create_chat_completion(ctx, request, body, arrival_time)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        card = ModelCard(id=ctx.model_name, max_model_len=ctx.max_model_len)
+        return JSONResponse(ModelList(data=[card]).model_dump())
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_running:
+            return Response(status_code=200)
+        return OpenAIError("the engine is not running", status=503, type="service_unavailable").response()
+
+    @app.post("/tokenize")
+    @_openai_errors
+    async def tokenize(request: Request) -> Response:
+        body = await parse_body(request, TokenizeRequest)
+        rp.check_model(body.model, ctx.model_name)
+        if (body.prompt is None) == (body.messages is None):
+            raise bad_request("prompt: give exactly one of `prompt` and `messages`", param="prompt")
+        if body.prompt is not None:
+            tokens = list(ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False))
+        else:
+            # The template places its own special tokens; the tokenizer adds more only when asked.
+            text = rp.render_chat(body.messages, ctx.tokenizer, body.add_generation_prompt)
+            tokens = list(ctx.tokenizer.encode(text, add_special_tokens=body.add_special_tokens is True))
+        return JSONResponse(TokenizeResponse(count=len(tokens), max_model_len=ctx.max_model_len,
+                                             tokens=tokens).model_dump())
+
+    @app.post("/detokenize")
+    @_openai_errors
+    async def detokenize(request: Request) -> Response:
+        body = await parse_body(request, DetokenizeRequest)
+        rp.check_model(body.model, ctx.model_name)
+        rp.check_token_ids(body.tokens, ctx.vocab_size, "tokens")
+        return JSONResponse(DetokenizeResponse(prompt=ctx.tokenizer.decode(body.tokens)).model_dump())
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def run_server(config: EngineConfig, options: ServerOptions = ServerOptions(),
+               sock: Optional[socket.socket] = None) -> None:
+    """Loads the model, serves until SIGINT/SIGTERM, then shuts down gracefully: the listening
+    socket closes, in-flight requests get `options.shutdown_timeout_s` to finish, the rest are
+    aborted (freeing their KV blocks), and the step thread stops."""
+    engine = AsyncEngine.from_config(config)
+    app = build_app(engine)
+    uvicorn_config = uvicorn.Config(
+        app, host=options.host, port=options.port, log_level=options.log_level, access_log=options.access_log,
+        timeout_graceful_shutdown=options.shutdown_timeout_s, timeout_keep_alive=30)
+    server = uvicorn.Server(uvicorn_config)
+    logger.info("serving %s (max_model_len=%d) on http://%s:%d", engine.model_name, engine.max_model_len,
+                options.host, options.port)
+    # uvicorn re-raises the signal it caught once its graceful shutdown is done, so that the signal's
+    # previous handler runs. The shutdown above already finished cleanly: swallow it and exit 0.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        asyncio.run(server.serve(sockets=[sock] if sock is not None else None))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    logger.info("server stopped")

@@ -1,0 +1,159 @@
+"""From a validated request body to what the engine takes: prompt token ids and SamplingParams.
+
+Everything the client can get wrong is checked here, before the engine sees the request, so the
+answer is a 400 naming the field: the model name, empty prompts, token ids outside the vocabulary,
+a prompt that fills the context, `max_tokens` that do not fit, and the sampling ranges (which
+`SamplingParams` validates with messages that start with the field name).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from rtpllm.sampling_params import SamplingParams
+from rtpllm.serving.errors import OpenAIError, bad_request, from_value_error
+from rtpllm.serving.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingRequest
+
+MAX_LOGPROBS = 20
+
+
+def check_model(requested: Optional[str], served_model_name: str) -> None:
+    if requested is not None and requested != served_model_name:
+        raise bad_request(f"model: `{requested}` does not exist; this server serves `{served_model_name}`",
+                          param="model", code="model_not_found")
+
+
+def completion_prompts(request: CompletionRequest, tokenizer, vocab_size: int) -> list[list[int]]:
+    """The request's prompts as token ids (text gets the tokenizer's special tokens, like BOS)."""
+    prompt = request.prompt
+    if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise bad_request("prompt: empty list", param="prompt")
+    token_lists = []
+    for i, item in enumerate(prompts):
+        where = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+        if isinstance(item, str):
+            if not item:
+                raise bad_request(f"{where}: empty string", param=where)
+            ids = list(tokenizer.encode(item))
+        else:
+            if not item:
+                raise bad_request(f"{where}: empty token list", param=where)
+            check_token_ids(item, vocab_size, where)
+            ids = list(item)
+        token_lists.append(ids)
+    return token_lists
+
+
+def render_chat(messages: list[ChatMessage], tokenizer, add_generation_prompt: bool = True,
+                chat_template_kwargs: Optional[dict] = None, param: str = "messages") -> str:
+    """The conversation as text through the model's chat template."""
+    if not messages:
+        raise bad_request(f"{param}: must hold at least one message", param=param)
+    if not getattr(tokenizer, "chat_template", None):
+        raise bad_request(f"{param}: this model's tokenizer has no chat template", param=param)
+    conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **(chat_template_kwargs or {}))
+    except Exception as exc:  # noqa: BLE001 - template errors come from the client's messages
+        raise bad_request(f"{param}: the chat template rejected the conversation: {exc}", param=param) from exc
+
+
+def chat_prompt(messages: list[ChatMessage], tokenizer, add_generation_prompt: bool = True,
+                chat_template_kwargs: Optional[dict] = None) -> list[int]:
+    """The conversation as prompt token ids."""
+    text = render_chat(messages, tokenizer, add_generation_prompt, chat_template_kwargs)
+    # The template already placed BOS and every other special token it wants.
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
+    bad = [t for t in token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise bad_request(f"{param}: token ids must be in [0, {vocab_size}), got {bad[:5]}", param=param)
+
+
+def max_new_tokens(requested: Optional[int], prompt_len: int, max_model_len: int,
+                   param: str = "max_tokens", prompt_param: str = "prompt") -> int:
+    """The output budget: what was asked for, or the rest of the context when nothing was."""
+    if prompt_len >= max_model_len:
+        raise OpenAIError(
+            f"{prompt_param}: {prompt_len} tokens leave no room to generate; this model's maximum "
+            f"context length is {max_model_len} tokens", param=prompt_param, code="context_length_exceeded")
+    if requested is None:
+        return max_model_len - prompt_len
+    if requested < 1:
+        raise bad_request(f"{param}: must be at least 1, got {requested}", param=param)
+    if prompt_len + requested > max_model_len:
+        raise OpenAIError(
+            f"{param}: this model's maximum context length is {max_model_len} tokens, but {prompt_len} prompt "
+            f"tokens plus {param}={requested} would need {prompt_len + requested}",
+            param=param, code="context_length_exceeded")
+    return requested
+
+
+def sampling_params(request: SamplingRequest, max_tokens: int, logprobs: Optional[int]) -> SamplingParams:
+    """SamplingParams for one prompt of the request; OpenAI's defaults where the body is silent."""
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        name = "top_logprobs" if isinstance(request, ChatCompletionRequest) else "logprobs"
+        raise bad_request(f"{name}: must be in [0, {MAX_LOGPROBS}], got {logprobs}", param=name)
+    try:
+        return SamplingParams(
+            n=request.n,
+            temperature=_default(request.temperature, 1.0),
+            top_p=_default(request.top_p, 1.0),
+            top_k=_default(request.top_k, 0),
+            min_p=_default(request.min_p, 0.0),
+            presence_penalty=_default(request.presence_penalty, 0.0),
+            frequency_penalty=_default(request.frequency_penalty, 0.0),
+            repetition_penalty=_default(request.repetition_penalty, 1.0),
+            seed=request.seed,
+            max_tokens=max_tokens,
+            min_tokens=request.min_tokens,
+            stop=request.stop,
+            stop_token_ids=request.stop_token_ids,
+            ignore_eos=request.ignore_eos,
+            logprobs=logprobs,
+            skip_special_tokens=request.skip_special_tokens,
+            include_stop_str_in_output=request.include_stop_str_in_output)
+    except ValueError as exc:
+        raise from_value_error(exc) from exc
+
+
+def completion_logprobs_count(request: CompletionRequest) -> Optional[int]:
+    if request.echo and request.logprobs is not None:
+        raise bad_request("echo: not supported together with logprobs", param="echo")
+    if request.suffix is not None:
+        raise bad_request("suffix: not supported", param="suffix")
+    if request.best_of is not None and request.best_of != request.n:
+        raise bad_request(f"best_of: only best_of == n is supported, got best_of={request.best_of}, "
+                          f"n={request.n}", param="best_of")
+    return request.logprobs
+
+
+def chat_logprobs_count(request: ChatCompletionRequest) -> Optional[int]:
+    if request.tools:
+        raise bad_request("tools: tool calling is not supported", param="tools")
+    if request.tool_choice not in (None, "none"):
+        raise bad_request("tool_choice: tool calling is not supported", param="tool_choice")
+    if request.response_format not in (None, {"type": "text"}):
+        raise bad_request("response_format: only {\"type\": \"text\"} is supported", param="response_format")
+    if request.top_logprobs is not None and not request.logprobs:
+        raise bad_request("top_logprobs: needs logprobs set to true", param="top_logprobs")
+    if not request.logprobs:
+        return None
+    return request.top_logprobs or 0
+
+
+def chat_max_tokens(request: ChatCompletionRequest) -> tuple[Optional[int], str]:
+    if request.max_completion_tokens is not None:
+        return request.max_completion_tokens, "max_completion_tokens"
+    return request.max_tokens, "max_tokens"
+
+
+def _default(value, fallback):
+    return fallback if value is None else value
