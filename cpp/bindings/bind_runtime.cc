@@ -1,0 +1,22 @@
+// Binds the C++ runtime (cpp/rtpllm): one function per component, each in its own bind_*.cc file.
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+namespace rtpllm::bindings {
+void bind_types(py::module_& m);
+void bind_options(py::module_& m);
+void bind_request(py::module_& m);
+void bind_block_hash(py::module_& m);
+void bind_scheduled_batch(py::module_& m);
+void bind_scheduler(py::module_& m);
+
+void bind_runtime(py::module_& m) {
+  bind_types(m);
+  bind_options(m);
+  bind_request(m);
+  bind_block_hash(m);
+  bind_scheduled_batch(m);
+  bind_scheduler(m);
+}
+}  // namespace rtpllm::bindings

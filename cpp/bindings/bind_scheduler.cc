@@ -1,0 +1,85 @@
+// Scheduler and SchedulerStats. Calls keep the GIL: the scheduler is not thread-safe, and the GIL
+// is what serializes the engine's step thread against request submission.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "rtpllm/sched/scheduler.h"
+
+namespace py = pybind11;
+
+namespace rtpllm::bindings {
+namespace {
+
+py::list update(Scheduler& scheduler, const ScheduledBatch& batch, py::handle sampled_token_ids) {
+  if (py::isinstance<py::array>(sampled_token_ids)) {
+    const char kind = py::reinterpret_borrow<py::array>(sampled_token_ids).dtype().kind();
+    if (kind != 'i' && kind != 'u') throw py::value_error("sampled_token_ids: expected an integer array");
+  }
+  const auto sampled = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(sampled_token_ids);
+  if (!sampled) throw py::value_error("sampled_token_ids: expected an int32 array or a list of int");
+  if (sampled.ndim() > 1) throw py::value_error("sampled_token_ids: expected a 1-D array");
+  StepOutputs outputs;
+  scheduler.update(batch, sampled.data(), static_cast<size_t>(sampled.size()), outputs);
+  py::list result(outputs.size());
+  for (size_t i = 0; i < outputs.size(); ++i) result[i] = py::cast(outputs.materialize(i));
+  return result;
+}
+
+}  // namespace
+
+void bind_scheduler(py::module_& m) {
+  py::class_<SchedulerStats>(m, "SchedulerStats")
+      .def_readonly("num_running", &SchedulerStats::num_running)
+      .def_readonly("num_waiting", &SchedulerStats::num_waiting)
+      .def_readonly("num_preempted_total", &SchedulerStats::num_preempted_total)
+      .def_readonly("blocks_used", &SchedulerStats::blocks_used)
+      .def_readonly("blocks_total", &SchedulerStats::blocks_total)
+      .def_readonly("num_free_blocks", &SchedulerStats::num_free_blocks)
+      .def_readonly("num_cached_blocks", &SchedulerStats::num_cached_blocks)
+      .def_readonly("num_evicted_blocks", &SchedulerStats::num_evicted_blocks)
+      .def_readonly("prefix_queries", &SchedulerStats::prefix_queries)
+      .def_readonly("prefix_hits", &SchedulerStats::prefix_hits)
+      .def_readonly("kv_usage", &SchedulerStats::kv_usage)
+      .def_readonly("num_steps", &SchedulerStats::num_steps)
+      .def("__repr__", [](const SchedulerStats& s) {
+        return "SchedulerStats(num_running=" + std::to_string(s.num_running) + ", num_waiting=" +
+               std::to_string(s.num_waiting) + ", num_preempted_total=" + std::to_string(s.num_preempted_total) +
+               ", blocks_used=" + std::to_string(s.blocks_used) + ", blocks_total=" + std::to_string(s.blocks_total) +
+               ", prefix_queries=" + std::to_string(s.prefix_queries) + ", prefix_hits=" + std::to_string(s.prefix_hits) + ")";
+      });
+
+  py::class_<Scheduler>(m, "Scheduler", "Continuous-batching scheduler over a paged KV pool with prefix caching")
+      .def(py::init<const SchedulerOptions&, const CacheOptions&>(), py::arg("options"), py::arg("cache_options"))
+      .def("add_request", &Scheduler::add_request, py::arg("spec"))
+      .def("schedule", [](Scheduler& s) {
+        auto batch = std::make_shared<ScheduledBatch>();
+        s.schedule(*batch);
+        return batch;
+      })
+      .def("update", &update, py::arg("batch"), py::arg("sampled_token_ids"))
+      .def("abort", &Scheduler::abort, py::arg("request_id"), py::arg("reason") = FinishReason::ABORT)
+      .def_property_readonly("num_running", &Scheduler::num_running)
+      .def_property_readonly("num_waiting", &Scheduler::num_waiting)
+      .def_property_readonly("num_free_blocks", &Scheduler::num_free_blocks)
+      .def_property_readonly("max_context_len", &Scheduler::max_context_len)
+      .def_property_readonly("options", &Scheduler::options)
+      .def_property_readonly("cache_options", &Scheduler::cache_options)
+      .def("has_unfinished", &Scheduler::has_unfinished)
+      .def("stats", &Scheduler::stats)
+      .def(
+          "get_request",
+          [](const Scheduler& s, RequestId request_id) -> std::optional<Request> {
+            const Request* r = s.find(request_id);
+            if (r == nullptr) return std::nullopt;
+            return *r;
+          },
+          py::arg("request_id"), "A snapshot of an unfinished request, or None")
+      .def("check_invariants", &Scheduler::check_invariants);
+}
+
+}  // namespace rtpllm::bindings

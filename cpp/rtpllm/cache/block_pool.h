@@ -1,0 +1,86 @@
+// Fixed pool of KV blocks: ids, reference counts, and the free list in eviction order.
+//
+// A block is in use (ref count > 0, held by that many block tables) or free (ref count 0, in
+// the free list). A full block whose KV was computed can be registered under its prefix hash;
+// it keeps the hash after it is freed, so a later request with the same prefix can take it back
+// (`lookup` + `touch`) until the block is reused for other tokens (evicted).
+//
+// Free list order (head = reused first): blocks without a hash, which hold nothing worth keeping,
+// then cached blocks from least to most recently freed (LRU).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <unordered_map>
+#include <vector>
+
+#include "rtpllm/cache/eviction_listener.h"
+#include "rtpllm/core/types.h"
+
+namespace rtpllm {
+
+class BlockPool {
+ public:
+  explicit BlockPool(int32_t num_blocks);
+
+  int32_t num_blocks() const { return num_blocks_; }
+  int32_t num_free_blocks() const { return num_free_; }  // includes cached blocks that can be evicted
+  int32_t num_used_blocks() const { return num_blocks_ - num_free_; }
+  int32_t num_cached_blocks() const { return static_cast<int32_t>(cached_.size()); }
+  uint64_t num_evictions() const { return num_evictions_; }
+
+  // Takes `count` blocks from the head of the free list, evicting any cached contents (the
+  // listener hears of each), and appends them to `out` with ref count 1.
+  // Throws std::logic_error if fewer than `count` blocks are free (callers check first).
+  void allocate(int32_t count, std::vector<BlockId>& out);
+
+  // Adds a reference to a block found by lookup(), taking it out of the free list if it was unused.
+  void touch(BlockId block_id);
+
+  // Drops one reference from each block of a block table. Blocks are released tail first, so
+  // that when they become free a sequence's last blocks (the least likely to be shared) are
+  // evicted before its first ones. Throws std::logic_error on a block that is already free.
+  void release(const std::vector<BlockId>& block_table);
+
+  // The block registered under `hash`, in use or free.
+  std::optional<BlockId> lookup(BlockHash hash) const;
+
+  // Registers a full, computed block under its prefix hash. If another block already holds the
+  // hash (two sequences computed the same prefix at once), the first stays the cached copy and
+  // this block remains unregistered; returns whether this block was registered.
+  bool cache(BlockId block_id, BlockHash hash);
+
+  int32_t ref_count(BlockId block_id) const { return blocks_.at(checked(block_id)).ref_count; }
+  std::optional<BlockHash> hash_of(BlockId block_id) const;
+
+  // Not owned; nullptr to detach. See BlockEvictionListener for the contract.
+  void set_eviction_listener(BlockEvictionListener* listener) { listener_ = listener; }
+
+  // Free list, counters and hash index agree with each other; throws std::logic_error otherwise.
+  void check_invariants() const;
+
+ private:
+  struct Block {
+    int32_t ref_count = 0;
+    int32_t prev = -1;  // free-list neighbours; the sentinel is index num_blocks_
+    int32_t next = -1;
+    bool in_free_list = false;
+    bool has_hash = false;
+    BlockHash hash = 0;
+  };
+
+  size_t checked(BlockId block_id) const;
+  void unlink(BlockId block_id);
+  void link_before(BlockId block_id, int32_t position);
+  void evict(BlockId block_id);
+
+  int32_t num_blocks_;
+  int32_t sentinel_;
+  int32_t num_free_;
+  uint64_t num_evictions_ = 0;
+  std::vector<Block> blocks_;  // num_blocks_ blocks + the free-list sentinel
+  std::unordered_map<BlockHash, BlockId> cached_;
+  BlockEvictionListener* listener_ = nullptr;
+};
+
+}  // namespace rtpllm

@@ -1,0 +1,115 @@
+// Continuous-batching scheduler with chunked prefill, prefix caching and preemption by recompute.
+//
+// One step:  schedule() -> ScheduledBatch -> (model forward + sampling) -> update(batch, sampled).
+//
+// schedule() spends a token budget (max_num_batched_tokens) in this order:
+//   1. decode-first: every running sequence with one token left to compute gets it;
+//   2. running sequences in the middle of a (chunked) prefill get their next chunk;
+//   3. waiting requests are admitted from the head of the queue (prefix hit first, then a chunk
+//      or, with chunked prefill off, the whole remaining prompt) while sequences, budget and
+//      blocks last. Skipped in a step that had to preempt, which would only churn.
+// When a running sequence needs a block and none is free, the least important running request
+// (largest priority value, then latest arrival) is preempted by recompute: its blocks are freed
+// (full blocks stay in the prefix cache), its generated tokens are kept, and it goes back to the
+// head of the waiting queue to recompute prompt + generated tokens later.
+//
+// KV positions: a step computes tokens [num_computed, num_computed + n) of a sequence. The token a
+// step samples is computed by the next step: after a prefill of P tokens samples t0, the next
+// step's input is t0 at position P, and seq_len becomes P + 1. num_computed_tokens advances in
+// update(), so a batch dropped without update() (schedule() called again) counts as not run.
+//
+// Finishing: a sampled token in stop_token_ids (once min_new_tokens exist) -> STOP; max_new_tokens
+// generated -> LENGTH; context reaching the limit -> LENGTH. The context limit is max_model_len,
+// capped at the pool's capacity (num_blocks * block_size) so that a lone sequence always fits
+// and preemption can never loop.
+//
+// Not thread-safe: the engine calls it from its step loop (from Python the GIL serializes calls).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <unordered_map>
+#include <vector>
+
+#include "rtpllm/cache/kv_cache_manager.h"
+#include "rtpllm/core/request.h"
+#include "rtpllm/core/step_output.h"
+#include "rtpllm/sched/scheduled_batch.h"
+#include "rtpllm/sched/scheduler_options.h"
+#include "rtpllm/sched/scheduler_stats.h"
+#include "rtpllm/sched/waiting_queue.h"
+
+namespace rtpllm {
+
+class Scheduler {
+ public:
+  // Throws std::invalid_argument naming the bad option.
+  Scheduler(const SchedulerOptions& options, const CacheOptions& cache_options);
+
+  // Queues a request. Throws std::invalid_argument naming the bad field (empty prompt, a prompt
+  // longer than the context limit, a duplicate id, ...), leaving the scheduler unchanged.
+  void add_request(const RequestSpec& spec);
+
+  // Plans the next step into `batch`, reusing its buffers. An empty batch means nothing can run.
+  void schedule(ScheduledBatch& batch);
+  ScheduledBatch schedule();
+
+  // Applies the step's results. `sampled` holds one token per entry of batch.logits_indices, in
+  // order. Appends them, checks stops, frees the blocks of finished requests (caching their full
+  // blocks) and reports every request that gained a token or finished into `outputs`.
+  // Requests aborted since schedule() are skipped (their sampled token is dropped).
+  // Throws std::invalid_argument for a batch that is not this scheduler's latest, or a wrong count.
+  void update(const ScheduledBatch& batch, const TokenId* sampled, size_t num_sampled, StepOutputs& outputs);
+
+  // Finishes a request now, whatever its state, and frees its blocks. `reason` is reported by
+  // nobody (the engine knows); it must not be NONE. Returns false for an unknown or finished id.
+  bool abort(RequestId request_id, FinishReason reason = FinishReason::ABORT);
+
+  int32_t num_running() const { return static_cast<int32_t>(running_.size()); }
+  int32_t num_waiting() const { return static_cast<int32_t>(waiting_.size()); }
+  bool has_unfinished() const { return !requests_.empty(); }
+  int32_t num_free_blocks() const { return kv_.num_free_blocks(); }
+  int32_t max_context_len() const { return max_context_len_; }
+  SchedulerStats stats() const;
+  const Request* find(RequestId request_id) const;  // nullptr when unknown or finished
+  const SchedulerOptions& options() const { return options_; }
+  const CacheOptions& cache_options() const { return kv_.options(); }
+
+  // Forwarded to the block pool (see BlockEvictionListener).
+  void set_eviction_listener(BlockEvictionListener* listener) { kv_.set_eviction_listener(listener); }
+
+  // Verifies block ownership and request bookkeeping; throws std::logic_error on a violation.
+  // Also runs after every call that changes state in builds with RTPLLM_CHECK_INVARIANTS.
+  void check_invariants() const;
+
+ private:
+  int32_t chunk_size(int32_t remaining, int32_t budget) const;
+  bool schedule_running(Request* request, int32_t num_new_tokens, int32_t& budget, bool& preempted);
+  void admit_waiting(int32_t& budget);
+  Request* pick_victim() const;
+  void preempt(Request* victim, int32_t& budget);
+  FinishReason finish_reason_after(const Request& request, TokenId token) const;
+  void finish(Request* request, FinishReason reason);
+  void remove_finished();
+  void maybe_check_invariants() const;
+
+  SchedulerOptions options_;
+  KVCacheManager kv_;
+  int32_t max_context_len_;
+  uint64_t id_;  // tells this scheduler's batches apart from another's
+
+  std::unordered_map<RequestId, std::unique_ptr<Request>> requests_;  // every unfinished request
+  std::vector<Request*> running_;  // admission order
+  WaitingQueue waiting_;
+  // Requests aborted while the batch that scheduled them is in flight: update() still walks them.
+  std::vector<std::unique_ptr<Request>> aborted_in_flight_;
+
+  std::vector<ScheduledEntry> entries_;  // the step in flight, in batch order
+  int64_t step_ = 0;
+  bool in_flight_ = false;
+  uint64_t next_admission_order_ = 0;
+  uint64_t num_preempted_total_ = 0;
+  std::vector<RequestId> finished_scratch_;
+};
+
+}  // namespace rtpllm
