@@ -1,0 +1,163 @@
+"""Picks one token per row from a step's logits: penalties -> temperature -> top-k -> top-p -> min-p
+-> sample. Vectorized over the batch in torch, so the same code runs on the CPU and on CUDA; the
+only per-row Python is one noise draw per *seeded* random row.
+
+Filter semantics (each keeps at least the most likely token):
+- top-k keeps every token whose logit is >= the k-th largest, so tokens tied with the k-th are all
+  kept (as Hugging Face and vLLM do): the kept set depends only on values, never on sort order.
+- top-p keeps the smallest prefix of the tokens sorted by probability whose mass reaches top_p,
+  again plus any token tied with the last one kept. It acts on the distribution left by top-k.
+- min-p keeps tokens with prob >= min_p * (the largest prob).
+Greedy rows take the argmax of the penalized logits (after banned ids), untouched by the filters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from rtpllm.layers.sampling_batch import SamplingBatch
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # int64 [n]
+    # float32 [n]: log-prob of the sampled token under log_softmax of the *unmodified* logits
+    # (before penalties, temperature and filters), like vLLM's default "raw logprobs".
+    logprobs: torch.Tensor
+    # (ids int64 [n, k], logprobs float32 [n, k]) of the k most likely tokens under the same
+    # distribution, k = the batch's largest requested `logprobs`; None when no row asked for k > 0.
+    top_logprobs: Optional[tuple[torch.Tensor, torch.Tensor]]
+
+
+class Sampler:
+    """Stateless: all per-request state (generators, token history) comes in the SamplingBatch."""
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != batch.num_rows:
+            raise ValueError(f"logits: expected [{batch.num_rows}, vocab], got {list(logits.shape)}")
+        if logits.device != batch.temperature.device:
+            raise ValueError(f"logits: on {logits.device}, the sampling batch on {batch.temperature.device}")
+        raw = logits.float()
+
+        work = raw
+        if batch.use_penalties or batch.banned_rows is not None:
+            work = raw.clone()  # the raw logits are still needed for the logprobs
+            if batch.use_penalties:
+                apply_penalties(work, batch)
+            if batch.banned_rows is not None:
+                work[batch.banned_rows, batch.banned_ids] = _NEG_INF
+        greedy_ids = work.argmax(dim=-1)
+
+        if batch.all_greedy:
+            token_ids = greedy_ids
+        else:
+            scaled = work / batch.temperature.unsqueeze(1)  # a new tensor: `raw` stays intact
+            apply_top_k_top_p(scaled, batch.top_k if batch.max_top_k > 0 else None, batch.max_top_k,
+                              batch.top_p if batch.use_top_p else None)
+            probs = scaled.softmax(dim=-1)
+            if batch.use_min_p:
+                apply_min_p(probs, batch.min_p)
+            token_ids = torch.where(batch.greedy, greedy_ids, _exponential_race(probs, batch))
+
+        token_logprobs, top = gather_logprobs(raw, token_ids, batch.max_num_logprobs)
+        return SamplerOutput(token_ids=token_ids, logprobs=token_logprobs, top_logprobs=top)
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
+    """In place on float32 [n, vocab]. Repetition: tokens seen in the prompt or the output get
+    positive logits divided by / negative logits multiplied by the penalty. Frequency: minus
+    penalty * (count in the output). Presence: minus penalty if the token is in the output."""
+    n, vocab = logits.shape
+    counts = torch.zeros(n, vocab, dtype=torch.float32, device=logits.device)
+    if batch.output_token_rows is not None and batch.output_token_rows.numel():
+        ones = torch.ones_like(batch.output_token_ids, dtype=torch.float32)
+        counts.index_put_((batch.output_token_rows, batch.output_token_ids), ones, accumulate=True)
+    in_output = counts > 0
+    seen = in_output.clone()
+    if batch.prompt_token_rows is not None and batch.prompt_token_rows.numel():
+        seen[batch.prompt_token_rows, batch.prompt_token_ids] = True
+
+    rep = batch.repetition_penalty.unsqueeze(1)
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits.copy_(torch.where(seen, penalized, logits))
+    logits.sub_(batch.frequency_penalty.unsqueeze(1) * counts)
+    logits.sub_(batch.presence_penalty.unsqueeze(1) * in_output)
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: Optional[torch.Tensor], max_top_k: int,
+                      top_p: Optional[torch.Tensor]) -> None:
+    """Masks filtered logits to -inf in place. top_k: int64 [n] (0 = off on that row), max_top_k its
+    largest value (a host int, so no sync); top_p: float32 [n] (1.0 = off). None skips a filter.
+
+    Both filters reduce to one logit threshold per row, applied to the unsorted logits, so no
+    sorted-to-vocab scatter is needed and ties are treated alike."""
+    if top_k is None and top_p is None:
+        return
+    vocab = logits.shape[-1]
+    if top_p is None:
+        # Only top-k: a partial top-k of width max_top_k is cheaper than a full sort.
+        width = min(max_top_k, vocab)
+        threshold = _kth_largest(logits.topk(width, dim=-1).values, top_k, width)
+    else:
+        sorted_logits = logits.sort(dim=-1, descending=True).values
+        k_threshold = None
+        if top_k is not None:
+            k_threshold = _kth_largest(sorted_logits, top_k, vocab)
+            sorted_logits.masked_fill_(sorted_logits < k_threshold, _NEG_INF)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1).sub_(probs)
+        # A token is kept iff the tokens ranked above it hold less than top_p; the first always is.
+        num_kept = (mass_before < top_p.unsqueeze(1)).sum(dim=-1, keepdim=True)
+        threshold = sorted_logits.gather(1, num_kept - 1)
+        # Rows with top_p = 1 keep everything, whatever rounding does to the tail's cumulative mass.
+        threshold = threshold.masked_fill_(top_p.unsqueeze(1) >= 1.0, _NEG_INF)
+        if k_threshold is not None:
+            threshold = torch.maximum(threshold, k_threshold)
+    logits.masked_fill_(logits < threshold, _NEG_INF)
+
+
+def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> None:
+    """Zeroes, in place, probabilities below min_p * (the row's largest); min_p = 0 keeps all.
+    The result is left unnormalized: sampling is invariant to a per-row scale."""
+    limit = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+    probs.masked_fill_(probs < limit, 0.0)
+
+
+def gather_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: Optional[int]
+                    ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, torch.Tensor]]]:
+    """log_softmax(logits) at token_ids (int64 [n]) and, if num_top, the num_top largest entries
+    (ids, values). One logsumexp instead of materializing the full log_softmax."""
+    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+    token_logprobs = (logits.gather(1, token_ids.unsqueeze(1)) - log_norm).squeeze(1)
+    if not num_top:
+        return token_logprobs, None
+    values, ids = logits.topk(min(num_top, logits.shape[-1]), dim=-1)
+    return token_logprobs, (ids, values - log_norm)
+
+
+def _kth_largest(sorted_desc: torch.Tensor, top_k: torch.Tensor, width: int) -> torch.Tensor:
+    """[n, 1] threshold: the k-th largest value of each row, -inf where top_k is 0 (off).
+    sorted_desc holds at least each row's k (or `width`, capping larger k: those keep all)."""
+    index = top_k.clamp(1, width).sub(1).unsqueeze(1)
+    kth = sorted_desc.gather(1, index)
+    return kth.masked_fill_(top_k.unsqueeze(1) <= 0, _NEG_INF)
+
+
+def _exponential_race(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d. picks token i with probability p_i / sum(p)
+    (the first arrival of independent exponential clocks with rates p_i). No cumulative sums, no
+    sync, and zeroed (filtered) entries can never win."""
+    noise = torch.empty_like(probs)
+    noise.exponential_(generator=batch.default_generator)
+    for row in batch.seeded_rows:
+        # NOTE: a seeded row draws exactly `vocab` values per random step from its own generator,
+        # so its stream (and its tokens) do not depend on the rest of the batch.
+        noise[row].exponential_(generator=batch.generators[row])
+    # A zero draw would make 0/0 = NaN on a filtered token, and argmax favors NaN.
+    noise.clamp_min_(torch.finfo(torch.float32).tiny)
+    return probs.div_(noise).argmax(dim=-1)

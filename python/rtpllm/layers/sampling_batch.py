@@ -1,0 +1,191 @@
+"""The per-step sampling inputs of a batch: one row per sequence that samples this step.
+
+The engine builds a `SamplingBatch` once per step from per-request data it already keeps
+(`SamplingParams`, prompt ids, output ids so far, a generator for seeded requests). Everything the
+sampler needs to decide *which code paths run* (any top-p row? any penalty? the largest top-k?)
+is computed here on the host from Python values, so the sampler itself never reads a device
+tensor back (no host syncs).
+
+Cost per step: O(n) Python over the rows, plus O(tokens) numpy work for the rows that use
+penalties only (their prompt/output ids are flattened into one index array). Rows without
+penalties contribute no ids, so the common case never touches token history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from rtpllm.sampling_params import SamplingParams
+
+TokenIds = Union[Sequence[int], np.ndarray]
+
+
+def make_request_generator(seed: int, device: Union[str, torch.device]) -> torch.Generator:
+    """The generator of one seeded sequence. Create it once per sequence and pass the same object
+    every step: it advances only by that sequence's own draws, so the output does not depend on
+    what else is in the batch. (For `n > 1`, give each sample its own seed, e.g. `seed + index`.)"""
+    return torch.Generator(device=torch.device(device)).manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    """Device tensors are [n] (one entry per sampled row) unless noted. Build with `build()`."""
+
+    temperature: torch.Tensor  # float32 [n]; 1.0 on greedy rows so dividing is harmless
+    greedy: torch.Tensor  # bool [n]: rows that take the argmax
+    top_k: torch.Tensor  # int64 [n]; 0 = no top-k on that row
+    top_p: torch.Tensor  # float32 [n]; 1.0 = no top-p
+    min_p: torch.Tensor  # float32 [n]; 0.0 = no min-p
+    repetition_penalty: torch.Tensor  # float32 [n]; 1.0 = none
+    presence_penalty: torch.Tensor  # float32 [n]; 0.0 = none
+    frequency_penalty: torch.Tensor  # float32 [n]; 0.0 = none
+    # Token history of penalized rows as (row, token id) pairs; the sampler scatters them into
+    # dense [n, vocab] tensors because only it knows the logits' vocab width.
+    prompt_token_rows: Optional[torch.Tensor]  # int64 [num_prompt_ids]; None without repetition penalty
+    prompt_token_ids: Optional[torch.Tensor]  # int64 [num_prompt_ids]
+    output_token_rows: Optional[torch.Tensor]  # int64 [num_output_ids]; None without any penalty
+    output_token_ids: Optional[torch.Tensor]  # int64 [num_output_ids]
+    # Tokens that must not be sampled now (EOS / stop ids before min_tokens), as (row, id) pairs.
+    banned_rows: Optional[torch.Tensor]  # int64 [num_banned]
+    banned_ids: Optional[torch.Tensor]  # int64 [num_banned]
+    # Per-row generators of seeded rows (None: the row draws from `default_generator`).
+    generators: tuple[Optional[torch.Generator], ...]
+    default_generator: Optional[torch.Generator]  # None: torch's global generator of the device
+    # Non-greedy rows that draw from their own generator (greedy rows never draw, so a seeded
+    # sequence's stream advances only on its random steps).
+    seeded_rows: tuple[int, ...]
+    num_logprobs: tuple[Optional[int], ...]  # per row, as requested (None: not requested)
+    # Host-side summaries that select the sampler's code paths.
+    all_greedy: bool
+    max_top_k: int  # largest enabled top_k, 0 when no row uses top-k
+    use_top_p: bool
+    use_min_p: bool
+    use_penalties: bool
+    max_num_logprobs: Optional[int]  # largest requested `logprobs`; None when no row asked
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.generators)
+
+
+    @classmethod
+    def build(cls,
+              params_list: Sequence[SamplingParams],
+              prompt_ids_list: Sequence[TokenIds],
+              output_ids_list: Sequence[TokenIds],
+              generators: Sequence[Optional[torch.Generator]],
+              device: Union[str, torch.device],
+              *,
+              default_generator: Optional[torch.Generator] = None,
+              banned_token_ids: Optional[Sequence[Optional[TokenIds]]] = None,
+              vocab_size: Optional[int] = None) -> "SamplingBatch":
+        """One row per sampled sequence, in the order of the logits rows.
+
+        prompt_ids_list / output_ids_list: every row's prompt ids and output ids so far (lists or
+            int arrays); read only for rows with a penalty, so they may be empty for other rows.
+        generators: a generator per row; required on rows whose params have a seed (see
+            `make_request_generator`), must live on `device`.
+        default_generator: the engine-wide generator that unseeded rows share.
+        banned_token_ids: per row, ids whose logits are set to -inf before anything else (the
+            engine passes EOS/stop ids while a row is below `min_tokens`); None or empty = none.
+        vocab_size: when given, every id above is checked to be in [0, vocab_size) here, on the
+            host, instead of failing inside a device kernel.
+        Raises ValueError naming the bad argument.
+        """
+        device = torch.device(device)
+        n = len(params_list)
+        if n == 0:
+            raise ValueError("params_list: a sampling batch needs at least one row")
+        for name, seq in (("prompt_ids_list", prompt_ids_list), ("output_ids_list", output_ids_list),
+                          ("generators", generators)):
+            if len(seq) != n:
+                raise ValueError(f"{name}: has {len(seq)} entries for {n} rows")
+        if banned_token_ids is not None and len(banned_token_ids) != n:
+            raise ValueError(f"banned_token_ids: has {len(banned_token_ids)} entries for {n} rows")
+        for row, (params, gen) in enumerate(zip(params_list, generators)):
+            if params.seed is not None and gen is None:
+                raise ValueError(f"generators[{row}]: the row has seed={params.seed} but no generator")
+            if gen is not None and gen.device.type != device.type:
+                raise ValueError(f"generators[{row}]: lives on {gen.device}, the batch on {device}")
+        if default_generator is not None and default_generator.device.type != device.type:
+            raise ValueError(f"default_generator: lives on {default_generator.device}, the batch on {device}")
+
+        greedy = [p.greedy for p in params_list]
+        temperature = [1.0 if g else p.temperature for p, g in zip(params_list, greedy)]
+        # Filters never change an argmax, so greedy rows skip them (keeps the host flags honest).
+        top_k = [0 if g else p.top_k for p, g in zip(params_list, greedy)]
+        rep = [p.repetition_penalty for p in params_list]
+        pres = [p.presence_penalty for p in params_list]
+        freq = [p.frequency_penalty for p in params_list]
+        uses_rep = [r != 1.0 for r in rep]
+        uses_output = [u or pr != 0.0 or fr != 0.0 for u, pr, fr in zip(uses_rep, pres, freq)]
+
+        def floats(values: list) -> torch.Tensor:
+            return _to_device(np.asarray(values, dtype=np.float32), device)
+
+        prompt_rows = prompt_ids = output_rows = output_ids = None
+        if any(uses_output):
+            prompt_rows, prompt_ids = _flatten_ids(
+                [prompt_ids_list[r] if uses_rep[r] else () for r in range(n)], "prompt_ids_list", vocab_size, device)
+            output_rows, output_ids = _flatten_ids(
+                [output_ids_list[r] if uses_output[r] else () for r in range(n)], "output_ids_list", vocab_size,
+                device)
+        banned_rows = banned_ids = None
+        if banned_token_ids is not None and any(b is not None and len(b) for b in banned_token_ids):
+            banned_rows, banned_ids = _flatten_ids([() if b is None else b for b in banned_token_ids],
+                                                   "banned_token_ids", vocab_size, device)
+
+        requested = [p.logprobs for p in params_list if p.logprobs is not None]
+        return cls(
+            temperature=floats(temperature),
+            greedy=_to_device(np.asarray(greedy, dtype=np.bool_), device),
+            top_k=_to_device(np.asarray(top_k, dtype=np.int64), device),
+            top_p=floats([p.top_p for p in params_list]),
+            min_p=floats([p.min_p for p in params_list]),
+            repetition_penalty=floats(rep),
+            presence_penalty=floats(pres),
+            frequency_penalty=floats(freq),
+            prompt_token_rows=prompt_rows,
+            prompt_token_ids=prompt_ids,
+            output_token_rows=output_rows,
+            output_token_ids=output_ids,
+            banned_rows=banned_rows,
+            banned_ids=banned_ids,
+            generators=tuple(generators),
+            default_generator=default_generator,
+            seeded_rows=tuple(r for r, g in enumerate(generators) if g is not None and not greedy[r]),
+            num_logprobs=tuple(p.logprobs for p in params_list),
+            all_greedy=all(greedy),
+            max_top_k=max(top_k),
+            use_top_p=any(p.top_p < 1.0 and not g for p, g in zip(params_list, greedy)),
+            use_min_p=any(p.min_p > 0.0 and not g for p, g in zip(params_list, greedy)),
+            use_penalties=any(uses_output),
+            max_num_logprobs=max(requested) if requested else None,
+        )
+
+
+def _flatten_ids(per_row: Sequence[TokenIds], name: str, vocab_size: Optional[int],
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row id lists -> (row index, id) int64 pairs, built with numpy rather than per-token Python."""
+    arrays = [np.asarray(ids, dtype=np.int64).reshape(-1) for ids in per_row]
+    lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+    ids = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+    if ids.size and (ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size)):
+        bad_row = next(r for r, a in enumerate(arrays)
+                       if a.size and (a.min() < 0 or (vocab_size is not None and a.max() >= vocab_size)))
+        raise ValueError(f"{name}[{bad_row}]: token ids must be in [0, {vocab_size or 'vocab'}), "
+                         f"got min {arrays[bad_row].min()} max {arrays[bad_row].max()}")
+    rows = np.repeat(np.arange(len(arrays), dtype=np.int64), lengths)
+    return _to_device(rows, device), _to_device(ids, device)
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cpu":
+        return tensor
+    # Pinned + non_blocking: the copies queue behind the forward pass instead of stalling the host.
+    return tensor.pin_memory().to(device, non_blocking=True)
