@@ -1,0 +1,86 @@
+"""The reference attention backend: plain torch over the paged KV cache, on any device.
+
+One step may mix sequences in prefill, in a later prefill chunk and in decode. The backend
+writes the step's K/V into the cache at `slot_mapping`, then gathers every sequence's whole
+context back through its block table and runs one masked, batched attention: each sequence's
+new tokens are padded to `max_query_len` rows and its context to `max_seq_len` columns. A new
+token at position p sees context positions 0..p of its own sequence (p = num_computed + its
+index among the sequence's new tokens). Cost is O(num_seqs * max_query_len * max_seq_len), so
+this is a correctness reference and a CPU fallback, not the fast path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rtpllm.layers.attention_metadata import AttentionMetadata
+from rtpllm.layers.rotary import RotaryEmbedding
+
+
+def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """kv_cache [2, num_blocks, block_size, num_kv_heads, head_dim]; k, v [T, num_kv_heads, head_dim];
+    slot_mapping int64 [T] (block_id * block_size + offset)."""
+    if not kv_cache.is_contiguous():
+        # Flattening a non-contiguous cache would copy it, and the write would be lost.
+        raise ValueError("kv_cache: must be contiguous")
+    k_slots = kv_cache[0].flatten(0, 1)  # [num_blocks * block_size, num_kv_heads, head_dim], a view
+    v_slots = kv_cache[1].flatten(0, 1)
+    k_slots.index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    v_slots.index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def gather_context(kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every sequence's K and V at context positions 0..max_seq_len-1 through its block table.
+
+    Returns k, v [num_seqs, max_seq_len, num_kv_heads, head_dim] and valid bool [num_seqs, max_seq_len]
+    (position < seq_len). Positions past a sequence's length are zeroed: their slots belong to
+    padding block 0 or to other sequences and may hold anything, NaN included, and a NaN value
+    would poison the output even under a zero attention weight.
+    """
+    block_size = kv_cache.shape[2]
+    device = kv_cache.device
+    num_blocks_needed = -(-meta.max_seq_len // block_size)
+    block_ids = meta.block_tables[:, :num_blocks_needed].long()
+    offsets = torch.arange(block_size, device=device)
+    slots = (block_ids.unsqueeze(-1) * block_size + offsets).flatten(1)[:, :meta.max_seq_len]
+    key_positions = torch.arange(meta.max_seq_len, device=device)
+    valid = key_positions.unsqueeze(0) < meta.seq_lens.unsqueeze(1)
+    keep = valid[:, :, None, None]
+    k = torch.where(keep, kv_cache[0].flatten(0, 1)[slots], 0)
+    v = torch.where(keep, kv_cache[1].flatten(0, 1)[slots], 0)
+    return k, v, valid
+
+
+class TorchAttentionBackend:
+    """AttentionBackend in plain torch; exact in float32 (up to summation order)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                rotary: RotaryEmbedding, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        num_tokens, num_heads, head_dim = q.shape
+        q, k = rotary(positions, q, k)
+        write_kv_cache(kv_cache, k, v, meta.slot_mapping)
+
+        num_seqs, max_query_len = meta.num_seqs, meta.max_query_len
+        device = q.device
+        query_start = meta.query_start_loc.long()
+        query_lens = query_start[1:] - query_start[:-1]
+        # Row of each new token in the padded [num_seqs, max_query_len] layout.
+        token_seq = torch.repeat_interleave(torch.arange(num_seqs, device=device), query_lens,
+                                            output_size=num_tokens)
+        token_row = torch.arange(num_tokens, device=device) - query_start[token_seq]
+        q_padded = q.new_zeros(num_seqs, max_query_len, num_heads, head_dim)
+        q_padded[token_seq, token_row] = q
+
+        k_ctx, v_ctx, valid = gather_context(kv_cache, meta)
+        query_positions = meta.num_computed.long().unsqueeze(1) + torch.arange(max_query_len, device=device)
+        key_positions = torch.arange(meta.max_seq_len, device=device)
+        # Causal within the sequence's own context. Padding rows (past a sequence's new tokens)
+        # still see at least position 0, so no softmax row is empty and nothing turns NaN.
+        mask = (key_positions <= query_positions.unsqueeze(-1)) & valid.unsqueeze(1)
+
+        out = F.scaled_dot_product_attention(
+            q_padded.transpose(1, 2), k_ctx.to(q.dtype).transpose(1, 2), v_ctx.to(q.dtype).transpose(1, 2),
+            attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=num_heads != k_ctx.shape[2])
+        return out.transpose(1, 2)[token_seq, token_row]

@@ -1,0 +1,78 @@
+"""Reading a GGUF file (llama.cpp format) with the `gguf` package: metadata, architecture,
+weights (dequantized at load with our own kernels) and the tokenizer stored in the metadata."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Union
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+
+from rtpllm.loader.gguf_names import PERMUTED_QK_ARCHITECTURES, ROPE_FREQS_NAME, hf_name, unpermute_qk
+from rtpllm.loader.gguf_quants import dequantize
+from rtpllm.models.llama_arch import LlamaArch
+
+# Metadata that only transformers' tokenizer builder needs; large arrays, not decoded here.
+_SKIPPED_METADATA = ("tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+
+
+class GGUFCheckpoint:
+    def __init__(self, path: str):
+        self.path = path
+        self.name = os.path.basename(path)
+        try:
+            self.reader = GGUFReader(path)
+        except Exception as e:  # the reader raises bare ValueError/struct/numpy errors on bad bytes
+            raise ValueError(f"{self.name}: not a valid GGUF file ({type(e).__name__}: {e})") from None
+        self.metadata = self._read_metadata()
+        self.tensors = {tensor.name: tensor for tensor in self.reader.tensors}
+        self.gguf_architecture = self.metadata.get("general.architecture")
+
+    def _read_metadata(self) -> dict[str, Any]:
+        metadata = {}
+        for key, field in self.reader.fields.items():
+            if key.startswith("GGUF.") or key in _SKIPPED_METADATA:
+                continue
+            try:
+                metadata[key] = field.contents()
+            except Exception as e:
+                raise ValueError(f"{self.name}: metadata key {key!r} is unreadable ({e})") from None
+        return metadata
+
+    def arch(self) -> LlamaArch:
+        freq_factors = None
+        if ROPE_FREQS_NAME in self.tensors:
+            freq_factors = self._dequantized(ROPE_FREQS_NAME, torch.device("cpu")).tolist()
+        return LlamaArch.from_gguf_metadata(self.metadata, self.tensors.keys(), freq_factors, source=self.name)
+
+    def generation_config(self) -> dict:
+        config = {}
+        for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
+            value = self.metadata.get(f"tokenizer.ggml.{key}")
+            if value is not None:
+                config[key.replace("padding", "pad")] = int(value)
+        return config
+
+    def weights(self, arch: LlamaArch, device: Union[str, torch.device]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(Hugging Face name, float32 tensor on `device`) for every weight, dequantized on `device`."""
+        unpermute = self.gguf_architecture in PERMUTED_QK_ARCHITECTURES
+        for gguf_name in self.tensors:
+            if gguf_name == ROPE_FREQS_NAME:
+                continue
+            name = hf_name(gguf_name)
+            tensor = self._dequantized(gguf_name, torch.device(device))
+            if unpermute and ".self_attn.q_proj." in name:
+                tensor = unpermute_qk(tensor, arch.num_heads)
+            elif unpermute and ".self_attn.k_proj." in name:
+                tensor = unpermute_qk(tensor, arch.num_kv_heads)
+            yield name, tensor
+
+    def _dequantized(self, gguf_name: str, device: torch.device) -> torch.Tensor:
+        tensor = self.tensors[gguf_name]
+        # ggml lists dimensions fastest-first; the row-major (Hugging Face) shape is the reverse.
+        shape = [int(dim) for dim in reversed(tensor.shape.tolist())]
+        # A private copy: the reader's arrays are read-only views of the memory-mapped file.
+        raw = np.array(tensor.data, copy=True).view(np.uint8)
+        return dequantize(torch.from_numpy(raw).to(device), tensor.tensor_type, shape, gguf_name)

@@ -1,0 +1,80 @@
+"""Reading a Hugging Face model folder: config.json, safetensors weights (one file or sharded
+with model.safetensors.index.json), the tokenizer files and generation_config.json."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+SINGLE_WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def read_json(path: str) -> Any:
+    """Parses a JSON file; a missing file raises FileNotFoundError, bad JSON ValueError, both naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{os.path.basename(path)}: not found at {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{os.path.basename(path)}: not valid JSON ({e}) in {path}") from None
+
+
+def read_generation_config(folder: str) -> dict:
+    path = os.path.join(folder, GENERATION_CONFIG_FILE)
+    if not os.path.isfile(path):
+        return {}
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{GENERATION_CONFIG_FILE}: expected a JSON object in {path}")
+    return config
+
+
+def safetensors_files(folder: str) -> list[str]:
+    """The weight files of the folder, in a stable order. Prefers the index when present."""
+    index_path = os.path.join(folder, WEIGHTS_INDEX_FILE)
+    if os.path.isfile(index_path):
+        index = read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{WEIGHTS_INDEX_FILE}: has no 'weight_map' object in {index_path}")
+        files = [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
+        missing = [os.path.basename(f) for f in files if not os.path.isfile(f)]
+        if missing:
+            raise FileNotFoundError(f"{WEIGHTS_INDEX_FILE}: lists shard(s) missing from {folder}: {missing}")
+        return files
+    single = os.path.join(folder, SINGLE_WEIGHTS_FILE)
+    if os.path.isfile(single):
+        return [single]
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if files:
+        return files
+    other = [os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.bin")) + glob.glob(os.path.join(folder, "*.pt"))]
+    hint = f" (found {other}: only safetensors weights are supported)" if other else ""
+    raise FileNotFoundError(f"weights: no {SINGLE_WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {folder}{hint}")
+
+
+def iter_safetensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (name, CPU tensor) for every tensor of every file, reading one tensor at a time
+    (memory-mapped), so peak host memory stays near one tensor."""
+    for path in files:
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{os.path.basename(path)}: not a valid safetensors file ({e}) in {path}") from None
+
+
+def check_tokenizer_files(folder: str) -> None:
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"tokenizer: none of {list(_TOKENIZER_FILES)} in {folder}")

@@ -1,0 +1,188 @@
+"""One model definition for the Llama family: Llama 2/3, Mistral, Qwen2 and Qwen3.
+
+The variants differ only in switches on `LlamaArch` (q/k/v and o biases, Qwen3's per-head q/k
+RMSNorm, tied embeddings, RoPE scaling). Parameter names follow the Hugging Face checkpoints,
+except that q/k/v and gate/up are fused into `qkv_proj` and `gate_up_proj` so one GEMM computes
+each; `load_weights` is the one place that maps checkpoint tensors onto parameters.
+
+Forward contract (see docs/architecture.md, "Models"):
+    hidden = model(input_ids [T] int64, positions [T] int64, kv_caches, meta)   # [T, hidden_size]
+    logits = model.compute_logits(hidden[rows])                                 # [n, vocab] float32
+with one kv cache [2, num_blocks, block_size, num_kv_heads, head_dim] per layer.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from rtpllm.layers.activation import silu_and_mul
+from rtpllm.layers.attention_metadata import AttentionBackend, AttentionMetadata
+from rtpllm.layers.linear import Embedding, FusedLinear, Linear, copy_checked
+from rtpllm.layers.norm import RMSNorm
+from rtpllm.layers.rotary import RotaryEmbedding
+from rtpllm.layers.torch_attention import TorchAttentionBackend
+from rtpllm.models.llama_arch import LlamaArch
+
+# Checkpoint projection -> (our fused parameter, its shard).
+_FUSED_SHARDS = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", "gate"),
+    "up_proj": ("gate_up_proj", "up"),
+}
+_FUSED_NAME = re.compile(r"^(.*)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$")
+# Checkpoint tensors that carry nothing we use (precomputed RoPE frequencies in old exports).
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, arch: LlamaArch, rotary: RotaryEmbedding, backend: AttentionBackend,
+                 dtype: Optional[torch.dtype]):
+        super().__init__()
+        self.num_heads = arch.num_heads
+        self.num_kv_heads = arch.num_kv_heads
+        self.head_dim = arch.head_dim
+        self.scale = arch.head_dim ** -0.5
+        self.qkv_proj = FusedLinear(arch.hidden_size, [("q", arch.q_size), ("k", arch.kv_size), ("v", arch.kv_size)],
+                                    bias=arch.qkv_bias, dtype=dtype)
+        self.o_proj = Linear(arch.q_size, arch.hidden_size, bias=arch.o_bias, dtype=dtype)
+        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype) if arch.qk_norm else None
+        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype) if arch.qk_norm else None
+        # Shared by every layer; kept out of the module tree so it is not registered once per layer.
+        self._rotary = (rotary,)
+        self.backend = backend
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        out = self.backend.forward(q, k, v, positions, self._rotary[0], kv_cache, meta, self.scale)
+        return self.o_proj(out.flatten(1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, arch: LlamaArch, dtype: Optional[torch.dtype]):
+        super().__init__()
+        size = arch.intermediate_size
+        self.gate_up_proj = FusedLinear(arch.hidden_size, [("gate", size), ("up", size)], bias=arch.mlp_bias,
+                                        dtype=dtype)
+        self.down_proj = Linear(size, arch.hidden_size, bias=arch.mlp_bias, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, arch: LlamaArch, rotary: RotaryEmbedding, backend: AttentionBackend,
+                 dtype: Optional[torch.dtype]):
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
+        self.self_attn = LlamaAttention(arch, rotary, backend, dtype)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
+        self.mlp = LlamaMLP(arch, dtype)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        # `residual` carries the un-normalized stream; each norm adds the previous block's output to it.
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, arch: LlamaArch, backend: AttentionBackend, dtype: Optional[torch.dtype]):
+        super().__init__()
+        self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, dtype)
+        self.rotary = RotaryEmbedding(arch.head_dim, arch.rope, arch.max_position_embeddings)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, self.rotary, backend, dtype)
+                                    for _ in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Build it on the target device and in the target dtype (`with torch.device(...)`), then
+    `load_weights`: parameters start uninitialized."""
+
+    def __init__(self, arch: LlamaArch, attn_backend: Optional[AttentionBackend] = None,
+                 dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.arch = arch
+        self.attn_backend = attn_backend if attn_backend is not None else TorchAttentionBackend()
+        self.model = LlamaModel(arch, self.attn_backend, dtype)
+        if arch.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(arch.hidden_size, arch.vocab_size, bias=False, dtype=dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        if len(kv_caches) != self.arch.num_layers:
+            raise ValueError(f"kv_caches: expected one cache per layer ({self.arch.num_layers}), got {len(kv_caches)}")
+        hidden = self.model.embed_tokens(input_ids)
+        residual = None
+        for layer, kv_cache in zip(self.model.layers, kv_caches):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+        hidden, _ = self.model.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, hidden_size] -> [n, vocab_size] float32."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, weight).float()
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies checkpoint tensors named as in Hugging Face Llama checkpoints
+        (`model.layers.0.self_attn.q_proj.weight`, ...) into the parameters, converting dtype and
+        device. Raises ValueError on an unknown tensor, a shape mismatch, a tensor given twice, or
+        any parameter left unloaded."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.endswith(_IGNORED_SUFFIXES) or (self.lm_head is None and name == "lm_head.weight"):
+                # A tied checkpoint may still store lm_head.weight (a copy of the embedding).
+                continue
+            fused = _FUSED_NAME.match(name)
+            if fused:
+                prefix, projection, kind = fused.groups()
+                target, shard = _FUSED_SHARDS[projection]
+                module = self.get_submodule(f"{prefix}.{target}")
+                module.load_shard(shard, kind, tensor, name)
+                key = f"{prefix}.{target}.{kind}[{shard}]"
+            else:
+                if name not in params:
+                    raise ValueError(f"{name}: unexpected tensor in the checkpoint (not part of this "
+                                     f"{self.arch.architecture} configuration)")
+                copy_checked(params[name], tensor, name)
+                key = name
+            if key in loaded:
+                raise ValueError(f"{name}: appears twice in the checkpoint")
+            loaded.add(key)
+        missing = [name for name in self._expected_checkpoint_keys() if name not in loaded]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
+
+    def _expected_checkpoint_keys(self) -> list[str]:
+        keys = []
+        for name, module in self.named_modules():
+            if isinstance(module, FusedLinear):
+                kinds = ["weight"] + (["bias"] if module.bias is not None else [])
+                keys += [f"{name}.{kind}[{shard}]" for kind in kinds for shard in module.shard_rows]
+            elif isinstance(module, (Linear, Embedding, RMSNorm)):
+                keys += [f"{name}.{param}" for param, _ in module.named_parameters(recurse=False)]
+        return keys
