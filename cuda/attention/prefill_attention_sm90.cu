@@ -1,0 +1,203 @@
+// Hopper (sm_90a) prefill attention: warp-specialized, wgmma, FlashAttention-3 style.
+//
+// CTA = 3 warpgroups over a 128-row packed query tile:
+//   warpgroup 0 (producer): gathers 128-key K and V tiles of the paged cache with cp.async into a
+//     kStages-deep ring; each landing tile completes a "full" mbarrier (one arrival per producer
+//     thread, counted by cp.async.mbarrier.arrive.noinc). It gives its registers to the consumers.
+//   warpgroups 1, 2 (consumers): 64 query rows each. Per key tile: S = Q K^T with both operands in
+//     shared memory (wgmma m64n128k16), causal mask + online softmax in registers, then
+//     O += P V with P as the register A operand and V read MN-major from shared memory. The P V
+//     product of tile j is left in flight while the loop moves on; the wait after the next S
+//     product retires both. K and V stages are released separately ("empty" mbarriers), so the
+//     producer refills K while V of the same stage is still being read.
+// The two consumers interleave on the tensor cores: one's softmax overlaps the other's products.
+#include "cuda/attention/prefill_attention_kernels.h"
+#include "cuda/attention/prefill_attention_softmax.cuh"
+#include "cuda/attention/prefill_attention_wgmma.cuh"
+
+namespace rtpllm::cuda::prefill {
+namespace {
+
+constexpr int kBlockM = 128;
+constexpr int kBlockN = 128;
+constexpr int kConsumerRows = 64;
+constexpr int kThreads = 384;
+constexpr int kWarpgroupThreads = 128;
+// setmaxnreg budgets: 128 * 40 + 256 * 232 = 64512 of the 65536 registers of the SM.
+constexpr int kProducerRegisters = 40;
+constexpr int kConsumerRegisters = 232;
+
+template <int HEAD_DIM>
+struct Sm90Smem {
+  static constexpr int kStages = HEAD_DIM == 64 ? 4 : 2;
+  static constexpr int kQBytes = kConsumerRows * HEAD_DIM * 2;  // one per consumer warpgroup
+  static constexpr int kKvBytes = kBlockN * HEAD_DIM * 2;
+  static constexpr int kQ = 0;
+  static constexpr int kK = kQ + 2 * kQBytes;
+  static constexpr int kV = kK + kStages * kKvBytes;
+  static constexpr int kBarriers = kV + kStages * kKvBytes;  // full_k, full_v, empty_k, empty_v [kStages]
+  static constexpr int kBytes = kBarriers + 4 * kStages * 8 + 1024;  // + slack to align the base to 1024
+  static_assert(kBytes <= 227 * 1024, "shared memory per block");
+
+  __device__ static uint32_t full_k(uint32_t base, int stage) { return base + kBarriers + stage * 8; }
+  __device__ static uint32_t full_v(uint32_t base, int stage) { return base + kBarriers + (kStages + stage) * 8; }
+  __device__ static uint32_t empty_k(uint32_t base, int stage) { return base + kBarriers + (2 * kStages + stage) * 8; }
+  __device__ static uint32_t empty_v(uint32_t base, int stage) { return base + kBarriers + (3 * kStages + stage) * 8; }
+};
+
+template <typename T, int HEAD_DIM>
+__device__ __forceinline__ void produce_kv(const KernelParams& p, const TileCoords& t, uint32_t base, int tid) {
+  using Smem = Sm90Smem<HEAD_DIM>;
+  const T* k_head = static_cast<const T*>(p.k_cache) + t.kv_head * HEAD_DIM;
+  const T* v_head = static_cast<const T*>(p.v_cache) + t.kv_head * HEAD_DIM;
+  const int32_t* block_table = p.block_tables + static_cast<int64_t>(t.seq) * p.max_blocks_per_seq;
+  for (int j = 0; j < t.num_kv_tiles; ++j) {
+    const int stage = j % Smem::kStages;
+    // A fresh mbarrier counts as having completed the phase before phase 0, so the first pass
+    // over the ring waits on parity 1 and returns at once.
+    const uint32_t parity = ((j / Smem::kStages) & 1) ^ 1;
+    sm90::mbarrier_wait(Smem::empty_k(base, stage), parity);
+    gather_kv_tile<HEAD_DIM, kBlockN, kWarpgroupThreads>(base + Smem::kK + stage * Smem::kKvBytes, k_head,
+                                                         block_table, j * kBlockN, t.seq_len, p, tid);
+    sm90::mbarrier_arrive_on_cp_async(Smem::full_k(base, stage));
+    sm90::mbarrier_wait(Smem::empty_v(base, stage), parity);
+    gather_kv_tile<HEAD_DIM, kBlockN, kWarpgroupThreads>(base + Smem::kV + stage * Smem::kKvBytes, v_head,
+                                                         block_table, j * kBlockN, t.seq_len, p, tid);
+    sm90::mbarrier_arrive_on_cp_async(Smem::full_v(base, stage));
+  }
+  cp_async_wait<0>();
+}
+
+template <typename T, int HEAD_DIM>
+__device__ __forceinline__ void consume(const KernelParams& p, const TileCoords& t, uint8_t* smem, uint32_t base,
+                                        int consumer, int tid) {
+  using Smem = Sm90Smem<HEAD_DIM>;
+  constexpr int kDimChunks = HEAD_DIM / 8;
+  constexpr int kKeyChunks = kBlockN / 8;
+
+  uint8_t* q_tile = smem + Smem::kQ + consumer * Smem::kQBytes;
+  const uint32_t q_addr = smem_addr(q_tile);
+  const int row_begin = t.row_begin + consumer * kConsumerRows;
+  load_q_tile<HEAD_DIM, kConsumerRows, kWarpgroupThreads, T>(q_tile, p, t, row_begin, tid);
+  sm90::fence_proxy_async();  // the Q stores above are read by wgmma (async proxy)
+  sm90::named_barrier_sync(1 + consumer, kWarpgroupThreads);
+
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int row_a = warp * 16 + lane / 4;  // row B = row_a + 8
+  const int limit_a = row_key_limit(t, p.group_size, row_begin + row_a);
+  const int limit_b = row_key_limit(t, p.group_size, row_begin + row_a + 8);
+
+  float o[kDimChunks * 4];
+#pragma unroll
+  for (int i = 0; i < kDimChunks * 4; ++i) o[i] = 0.f;
+  OnlineSoftmax softmax;
+
+  for (int j = 0; j < t.num_kv_tiles; ++j) {
+    const int stage = j % Smem::kStages;
+    const uint32_t parity = (j / Smem::kStages) & 1;
+    const uint32_t k_tile = base + Smem::kK + stage * Smem::kKvBytes;
+    const uint32_t v_tile = base + Smem::kV + stage * Smem::kKvBytes;
+
+    float s[kKeyChunks * 4];
+    sm90::mbarrier_wait(Smem::full_k(base, stage), parity);
+    sm90::fence_proxy_async();
+    sm90::warpgroup_fence();
+#pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+      const uint32_t panel = kk / 4;
+      const uint32_t k_offset = (kk % 4) * 32;
+      sm90::mma_ss_n128<T>(s, sm90::make_desc(q_addr + panel * (kConsumerRows * 128) + k_offset, 16, 1024),
+                           sm90::make_desc(k_tile + panel * (kBlockN * 128) + k_offset, 16, 1024), kk > 0);
+    }
+    sm90::warpgroup_commit();
+    sm90::warpgroup_wait<0>();  // retires S_j and the P V product of tile j - 1
+    sm90::fence_registers<kKeyChunks * 4>(s);
+    sm90::fence_registers<kDimChunks * 4>(o);
+    sm90::mbarrier_arrive(Smem::empty_k(base, stage));
+    if (j > 0) sm90::mbarrier_arrive(Smem::empty_v(base, (j - 1) % Smem::kStages));
+
+    if (j >= t.num_unmasked_tiles) apply_causal_mask<kKeyChunks>(s, j * kBlockN + 2 * (lane % 4), limit_a, limit_b);
+    float rescale_a, rescale_b;
+    softmax.update<kKeyChunks>(s, p.scale_log2, rescale_a, rescale_b);
+    scale_rows<kDimChunks>(o, rescale_a, rescale_b);
+    uint32_t p_frag[kKeyChunks * 2];
+    probs_to_operand<T, kKeyChunks>(s, p_frag);
+
+    sm90::mbarrier_wait(Smem::full_v(base, stage), parity);
+    sm90::fence_proxy_async();
+    sm90::warpgroup_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      sm90::mma_rs_mn_major_b<T, HEAD_DIM>(o, &p_frag[kk * 4],
+                                           sm90::make_desc(v_tile + kk * 16 * 128, kBlockN * 128, 1024));
+    }
+    sm90::warpgroup_commit();
+  }
+  sm90::warpgroup_wait<0>();
+  sm90::fence_registers<kDimChunks * 4>(o);
+
+  // Every wgmma that read this warpgroup's Q tile has retired: reuse it to stage the output.
+  float inv_a, inv_b;
+  softmax.finalize(inv_a, inv_b);
+  stage_output<T, kConsumerRows, kDimChunks>(q_tile, o, row_a, lane, inv_a, inv_b);
+  sm90::named_barrier_sync(1 + consumer, kWarpgroupThreads);
+  store_out_rows<HEAD_DIM, kConsumerRows, kConsumerRows, kWarpgroupThreads, T>(q_tile, p, t, row_begin, 0, tid);
+}
+
+template <typename T, int HEAD_DIM>
+__global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(const __grid_constant__ KernelParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Smem = Sm90Smem<HEAD_DIM>;
+  TileCoords t;
+  if (!locate_tile<kBlockM, kBlockN>(p, t)) return;
+
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const uint32_t base = smem_addr(smem);
+  if (threadIdx.x == 0) {
+    for (int stage = 0; stage < Smem::kStages; ++stage) {
+      sm90::mbarrier_init(Smem::full_k(base, stage), kWarpgroupThreads);
+      sm90::mbarrier_init(Smem::full_v(base, stage), kWarpgroupThreads);
+      sm90::mbarrier_init(Smem::empty_k(base, stage), 2 * kWarpgroupThreads);
+      sm90::mbarrier_init(Smem::empty_v(base, stage), 2 * kWarpgroupThreads);
+    }
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / kWarpgroupThreads;
+  const int tid = threadIdx.x % kWarpgroupThreads;
+  if (warpgroup == 0) {
+    sm90::release_registers<kProducerRegisters>();
+    produce_kv<T, HEAD_DIM>(p, t, base, tid);
+  } else {
+    sm90::claim_registers<kConsumerRegisters>();
+    consume<T, HEAD_DIM>(p, t, smem, base, warpgroup - 1, tid);
+  }
+#else
+  // Built without sm_90a: fail loudly instead of returning garbage (the dispatcher only picks this
+  // kernel on compute capability 9.0).
+  __trap();
+#endif
+}
+
+}  // namespace
+
+template <typename T, int HEAD_DIM>
+cudaError_t run_prefill_sm90(const KernelParams& params, int num_seqs, int max_query_len, cudaStream_t stream) {
+  using Smem = Sm90Smem<HEAD_DIM>;
+  auto kernel = prefill_attention_sm90_kernel<T, HEAD_DIM>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem::kBytes);
+  if (err != cudaSuccess) return err;
+  const int64_t m_blocks = (static_cast<int64_t>(max_query_len) * params.group_size + kBlockM - 1) / kBlockM;
+  const dim3 grid(static_cast<unsigned>(m_blocks), params.num_kv_heads, num_seqs);
+  kernel<<<grid, kThreads, Smem::kBytes, stream>>>(params);
+  return cudaGetLastError();
+}
+
+template cudaError_t run_prefill_sm90<__half, 64>(const KernelParams&, int, int, cudaStream_t);
+template cudaError_t run_prefill_sm90<__half, 128>(const KernelParams&, int, int, cudaStream_t);
+template cudaError_t run_prefill_sm90<__nv_bfloat16, 64>(const KernelParams&, int, int, cudaStream_t);
+template cudaError_t run_prefill_sm90<__nv_bfloat16, 128>(const KernelParams&, int, int, cudaStream_t);
+
+}  // namespace rtpllm::cuda::prefill
