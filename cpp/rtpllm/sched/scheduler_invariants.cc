@@ -1,7 +1,7 @@
 // Scheduler::check_invariants(): block ownership and request bookkeeping, checked from scratch.
+#include <algorithm>
 #include <stdexcept>
 #include <string>
-#include <unordered_set>
 #include <vector>
 
 #include "rtpllm/cache/block_hash.h"
@@ -29,11 +29,14 @@ void Scheduler::check_invariants() const {
   }
   if (running_.size() > static_cast<size_t>(options_.max_num_seqs)) fail("more running sequences than max_num_seqs");
 
-  std::unordered_set<const Request*> seen;
+  // With the counts equal, every queued request registered and none queued twice, the queues
+  // hold exactly the registered requests.
+  std::vector<const Request*> seen;
+  seen.reserve(requests_.size());
   auto check_known = [&](const Request* r) {
     const auto it = requests_.find(r->id);
     if (it == requests_.end() || it->second.get() != r) fail(name(*r) + " is queued but not registered");
-    if (!seen.insert(r).second) fail(name(*r) + " is queued twice");
+    seen.push_back(r);
     if (r->num_output_tokens() > r->max_new_tokens) fail(name(*r) + " generated more than max_new_tokens");
     if (r->num_tokens() > max_context_len_) fail(name(*r) + " exceeds the context limit");
   };
@@ -68,6 +71,9 @@ void Scheduler::check_invariants() const {
     }
     if (!r->block_table.empty() || r->num_computed_tokens != 0) fail(name(*r) + " is waiting but holds KV blocks");
   }
+  std::sort(seen.begin(), seen.end());
+  if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) fail("a request is queued twice");
+
   for (BlockId b = 0; b < num_blocks; ++b) {
     const int32_t refs = kv_.pool().ref_count(b);
     if (refs != holders[b]) {
@@ -89,7 +95,7 @@ void Scheduler::check_invariants() const {
   if (in_flight_) {
     for (const ScheduledEntry& e : entries_) {
       if (e.request == nullptr) fail("the batch in flight references a dropped entry");
-      if (!e.request->is_finished() && seen.count(e.request) == 0) fail(name(*e.request) + " is in flight but unknown");
+      if (!e.request->is_finished() && !std::binary_search(seen.begin(), seen.end(), e.request)) fail(name(*e.request) + " is in flight but unknown");
     }
   }
 }
