@@ -160,6 +160,11 @@ class AsyncEngine:
         return self.engine.model_name
 
     @property
+    def loop(self) -> Optional[asyncio.AbstractEventLoop]:
+        """The event loop the engine serves (set by `start()`); other threads submit work through it."""
+        return self._loop
+
+    @property
     def is_running(self) -> bool:
         return self._accepting and self._dead_error is None
 
@@ -348,8 +353,12 @@ class AsyncEngine:
                     if self._stop_requested and not self._commands:
                         return
                     commands, self._commands = self._commands, []
-                for command in commands:
-                    self._apply(engine, loop, command)
+                answers = [self._apply(engine, command) for command in commands]
+                # Refresh the counters before callers learn their request was accepted, so that
+                # admission control already counts it as waiting.
+                self._stats = engine.stats()
+                for accepted, error in filter(None, answers):
+                    loop.call_soon_threadsafe(self._on_added, accepted, error)
                 if engine.has_unfinished_requests():
                     outputs = engine.step()
                     if outputs:
@@ -361,21 +370,22 @@ class AsyncEngine:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(self._mark_dead, EngineDeadError(f"the engine step loop failed: {exc!r}"))
 
-    def _apply(self, engine: "Engine", loop: asyncio.AbstractEventLoop, command) -> None:
+    def _apply(self, engine: "Engine", command) -> Optional[tuple[asyncio.Future, Optional[BaseException]]]:
+        """Runs one command; an add returns (its acceptance future, the error or None) to answer."""
         if isinstance(command, _Add):
-            error = None
             try:
                 engine.add_request(command.request_id, command.prompt, command.params, command.arrival_time)
             except Exception as exc:  # noqa: BLE001 - a bad request fails alone, the loop keeps serving
-                error = exc
-            loop.call_soon_threadsafe(self._on_added, command.accepted, error)
-        elif isinstance(command, _Abort):
+                return command.accepted, exc
+            return command.accepted, None
+        if isinstance(command, _Abort):
             engine.abort_request(command.request_id)
         else:
             try:
                 command.result.set_result(command.fn(engine))
             except Exception as exc:  # noqa: BLE001 - handed to the caller
                 command.result.set_exception(exc)
+        return None
 
 
 def _record_token_timing(stream: RequestStream, output: RequestOutput, first_token_latencies: list[float],

@@ -1,5 +1,5 @@
 """POST /v1/chat/completions: the conversation goes through the model's chat template; `n`
-choices, streamed (a role chunk per choice first, then content deltas) or not."""
+choices, streamed (content deltas, the first of each choice carrying its role) or not."""
 
 from __future__ import annotations
 
@@ -66,19 +66,24 @@ async def _stream(ctx: ServingContext, body: ChatCompletionRequest, completion_i
 
     tracker = DeltaTracker(body.n, with_logprobs=num_top is not None)
     latest: Optional[RequestOutput] = None
+    # The role rides on each choice's first delta, sent with its first token, so that the first
+    # chunk a client sees marks the first token (as benchmark clients time it).
+    role_pending = set(range(body.n))
     try:
-        for index in range(body.n):
-            yield chunk([ChatStreamChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
         async for _, output in iterate_all(ctx.engine, streams):
             latest = output
             for completion in output.outputs:
                 delta = tracker.delta(completion.index, completion)
                 if delta is None:
                     continue
+                role = None
+                if completion.index in role_pending:
+                    role_pending.discard(completion.index)
+                    role = "assistant"
                 logprobs = None
                 if delta.logprobs is not None:
                     logprobs = chat_logprobs(ctx.token_texts, delta.token_ids, delta.logprobs, num_top)
-                yield chunk([ChatStreamChoice(index=completion.index, delta=ChatDelta(content=delta.text),
+                yield chunk([ChatStreamChoice(index=completion.index, delta=ChatDelta(role=role, content=delta.text),
                                               logprobs=logprobs, finish_reason=delta.finish_reason,
                                               stop_reason=delta.stop_reason)])
         if body.include_usage_in_stream:

@@ -161,9 +161,9 @@ class DeltaTracker:
         text = completion.text[text_start:]
         token_ids = completion.token_ids[token_start:]
         finished = completion.finish_reason is not None
-        # Tokens whose text is held back (a partial UTF-8 character or a possible stop string) only
-        # make a chunk of their own when the client asked for their logprobs.
-        if not text and not finished and not (self._with_logprobs and token_ids):
+        # A token whose text is held back (a partial UTF-8 character or a possible stop string) still
+        # makes a chunk, with empty text, so clients see every step and time the first token truly.
+        if not text and not token_ids and not finished:
             return None
         logprobs = None
         if self._with_logprobs and completion.logprobs is not None:

@@ -1,0 +1,82 @@
+"""Runs the real OpenAI-compatible server on a loopback port inside the test process.
+
+    with RunningServer(build_async_engine(path, num_blocks=64)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+
+uvicorn serves from a background thread with its own event loop; the engine's step thread runs
+beside it, exactly as under `rtpllm serve`. The listening socket is bound before the thread starts
+(port 0: the OS picks a free port), so there is no race for the port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import threading
+import time
+from typing import Any, Callable, Optional, TypeVar
+
+import httpx
+import uvicorn
+
+from rtpllm.config import EngineConfig
+from rtpllm.engine.async_engine import AsyncEngine
+from rtpllm.engine.engine import Engine
+from rtpllm.serving.openai_server import build_app
+
+T = TypeVar("T")
+
+
+def build_async_engine(model: str, max_queued_requests: Optional[int] = None, **options: Any) -> AsyncEngine:
+    options.setdefault("num_blocks", 128)
+    options.setdefault("block_size", 16)
+    config = EngineConfig.from_kwargs(model=model, max_queued_requests=max_queued_requests, **options)
+    return AsyncEngine(Engine(config), config.max_queued_requests)
+
+
+class RunningServer:
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+        self.app = build_app(engine)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", access_log=False))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+
+    def __enter__(self) -> "RunningServer":
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+        self._sock.close()
+
+    def call_in_engine_thread(self, fn: Callable[[Engine], T]) -> T:
+        """Runs `fn(engine)` between two steps (the engine is not thread-safe) and returns its result."""
+        future = asyncio.run_coroutine_threadsafe(self.engine.call_in_engine_thread(fn), self.engine.loop)
+        return future.result(timeout=30)
+
+    def metric(self, name: str) -> float:
+        """The value of one `rtpllm:` metric from /metrics (summed over its label sets)."""
+        text = httpx.get(self.url + "/metrics").text
+        values = [float(m.group(1)) for m in re.finditer(rf"^rtpllm:{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
+        if not values:
+            raise KeyError(f"metric rtpllm:{name} not found")
+        return sum(values)
+
+    def wait_until(self, condition: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.02)

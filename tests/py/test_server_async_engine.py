@@ -1,0 +1,144 @@
+"""AsyncEngine on its own: concurrent requests, aborts, admission control, shutdown, a failing step."""
+
+import asyncio
+
+import pytest
+
+from checkpoints import checkpoint_path
+from rtpllm import LLM, SamplingParams
+from rtpllm.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from server_harness import build_async_engine
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+PROMPTS = ["Once upon a time", "def main():", "The capital of", "1, 2, 3,", "Hello", "import os", "A B C", "x"]
+
+
+@pytest.fixture(scope="module")
+def model_path():
+    return checkpoint_path("llama3")
+
+
+def _run(engine: AsyncEngine, body):
+    """Runs `body(engine)` on a fresh event loop with the engine started, then shuts it down."""
+    async def main():
+        engine.start()
+        try:
+            return await body(engine)
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(main())
+
+
+async def _collect(engine: AsyncEngine, prompt, params, request_id):
+    final = None
+    async for output in engine.generate(prompt, params, request_id):
+        final = output
+    return final
+
+
+def test_concurrent_requests_match_the_offline_engine(model_path):
+    expected = LLM(model=model_path, num_blocks=64).generate(PROMPTS, GREEDY)
+
+    async def body(engine):
+        return await asyncio.gather(*(_collect(engine, p, GREEDY, f"r{i}") for i, p in enumerate(PROMPTS)))
+
+    outputs = _run(build_async_engine(model_path), body)
+    assert [o.outputs[0].text for o in outputs] == [e.outputs[0].text for e in expected]
+    assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outputs)
+
+
+def test_outputs_are_cumulative_and_end_with_the_finished_one(model_path):
+    async def body(engine):
+        seen = []
+        async for output in engine.generate("Once upon a time", GREEDY, "only"):
+            seen.append((len(output.outputs[0].token_ids), output.finished))
+        return seen
+
+    seen = _run(build_async_engine(model_path), body)
+    counts = [count for count, _ in seen]
+    assert counts == sorted(counts) and counts[-1] == 10
+    assert [finished for _, finished in seen] == [False] * (len(seen) - 1) + [True]
+
+
+def test_leaving_a_stream_early_aborts_and_frees_blocks(model_path):
+    long = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
+
+    async def body(engine):
+        async for output in engine.generate("Once upon a time", long, "leaver"):
+            if len(output.outputs[0].token_ids) >= 3:
+                break
+        await asyncio.sleep(0.05)  # the abort lands at the next step
+        return engine.num_in_flight, await engine.call_in_engine_thread(lambda e: e.check_kv_pool_free())
+
+    in_flight, pool_free = _run(build_async_engine(model_path), body)
+    assert in_flight == 0 and pool_free
+
+
+def test_rejected_request_raises_and_leaves_the_engine_serving(model_path):
+    async def body(engine):
+        with pytest.raises(ValueError, match="prompt"):
+            await engine.add_request("bad", "", GREEDY)
+        with pytest.raises(ValueError, match="request_id"):
+            stream = await engine.add_request("dup", "hello", GREEDY)
+            await engine.add_request("dup", "hello", GREEDY)
+        async for _ in stream:
+            pass
+        return await _collect(engine, "hello", GREEDY, "after")
+
+    assert _run(build_async_engine(model_path), body).finished
+
+
+def test_full_waiting_queue_raises_overloaded(model_path):
+    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+    async def body(engine):
+        running = await engine.add_request("running", "hello", long)
+        await running.__anext__()  # scheduled: it holds the only running slot
+        waiting = await engine.add_request("waiting", "hello", long)
+        with pytest.raises(EngineOverloadedError, match="max_queued_requests=1"):
+            await engine.add_request("rejected", "hello", long)
+        engine.abort("running")
+        engine.abort("waiting")
+        return waiting
+
+    _run(build_async_engine(model_path, max_num_seqs=1, max_queued_requests=1), body)
+
+
+def test_shutdown_aborts_in_flight_requests_and_refuses_new_ones(model_path):
+    long = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+    engine = build_async_engine(model_path, max_model_len=1024)
+
+    async def main():
+        engine.start()
+        stream = await engine.add_request("in-flight", "hello", long)
+        await stream.__anext__()
+        await engine.shutdown(grace_period_s=0.0)
+        outputs = [output async for output in stream]
+        with pytest.raises(EngineDeadError):
+            await engine.add_request("late", "hello", GREEDY)
+        return outputs
+
+    outputs = asyncio.run(main())
+    assert outputs[-1].finished and outputs[-1].outputs[0].finish_reason == "abort"
+    assert len(outputs[-1].outputs[0].token_ids) < 500
+    assert engine.engine.check_kv_pool_free()
+    assert not engine.is_running
+
+
+def test_a_failing_step_fails_every_waiter_with_engine_dead(model_path):
+    engine = build_async_engine(model_path)
+
+    def broken_step():
+        raise RuntimeError("device lost")
+
+    engine.engine.step = broken_step
+
+    async def body(engine):
+        with pytest.raises(EngineDeadError, match="device lost"):
+            await _collect(engine, "hello", GREEDY, "victim")
+        with pytest.raises(EngineDeadError):
+            await engine.add_request("next", "hello", GREEDY)
+        return engine.is_running
+
+    assert _run(engine, body) is False

@@ -1,0 +1,130 @@
+"""Server behaviour under stress: disconnects free KV blocks, a full queue answers 503 at once,
+and SIGTERM/SIGINT shut `rtpllm serve` down cleanly."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from checkpoints import checkpoint_path
+from server_harness import RunningServer, build_async_engine
+
+LONG = {"max_tokens": 200, "ignore_eos": True, "temperature": 0.0}
+
+
+def _blocks_free(server: RunningServer) -> bool:
+    return server.call_in_engine_thread(lambda engine: engine.check_kv_pool_free())
+
+
+@pytest.fixture(scope="module")
+def server():
+    engine = build_async_engine(checkpoint_path("llama3"), max_model_len=512, max_num_seqs=2, max_queued_requests=1)
+    with RunningServer(engine) as running:
+        yield running
+
+
+@pytest.mark.parametrize("endpoint, body", [
+    ("/v1/completions", {"prompt": "Tell me a story", **LONG}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Tell me a story"}], **LONG}),
+])
+def test_disconnect_mid_stream_aborts_and_frees_blocks(server, endpoint, body):
+    with httpx.stream("POST", server.url + endpoint, json={**body, "stream": True}) as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[6:])["choices"]
+        assert server.metric("num_requests_running") == 1
+        assert server.metric("kv_cache_blocks_used") > 0
+    # Leaving the block closed the connection with most of the 200 tokens still to come.
+    server.wait_until(lambda: server.metric("kv_cache_blocks_used") == 0, what="KV blocks to be freed")
+    assert server.metric("num_requests_running") == 0
+    assert _blocks_free(server)
+    generated = server.metric("generation_tokens_total")
+    time.sleep(0.2)
+    assert server.metric("generation_tokens_total") == generated  # nothing is generating for nobody
+
+
+def test_disconnect_while_waiting_for_a_non_streamed_reply_aborts(server):
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json={"prompt": "Tell me a story", **LONG, "max_tokens": 400},
+                   timeout=httpx.Timeout(10.0, read=0.3))
+    server.wait_until(lambda: server.metric("num_requests_running") == 0, what="the request to be aborted")
+    assert _blocks_free(server)
+
+
+def test_full_queue_answers_503_at_once_and_recovers(server):
+    body = {"prompt": "Tell me a story", **LONG, "max_tokens": 300, "stream": True}
+    with httpx.Client(timeout=30) as client:
+        streams = []
+        try:
+            for _ in range(2):  # fill the running batch (max_num_seqs=2)
+                stream = client.stream("POST", server.url + "/v1/completions", json=body).__enter__()
+                streams.append(stream)
+                next(line for line in stream.iter_lines() if line.startswith("data: "))
+            queued = threading.Thread(target=lambda: httpx.post(server.url + "/v1/completions",
+                                                                json={**body, "stream": False}, timeout=30))
+            queued.start()
+            server.wait_until(lambda: server.metric("num_requests_waiting") == 1, what="a queued request")
+            start = time.monotonic()
+            rejected = httpx.post(server.url + "/v1/completions", json={**body, "stream": False})
+            assert time.monotonic() - start < 1.0
+            assert rejected.status_code == 503
+            error = rejected.json()["error"]
+            assert error["code"] == "server_overloaded" and "overloaded" in error["message"]
+        finally:
+            for stream in streams:
+                stream.__exit__(None, None, None)
+        queued.join(timeout=30)
+    server.wait_until(lambda: server.metric("num_requests_running") == 0, what="the queue to drain")
+    ok = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+    assert ok.status_code == 200
+    assert _blocks_free(server)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_shuts_down_gracefully_finishing_in_flight_requests(sig):
+    port = _free_port()
+    command = [sys.executable, "-m", "rtpllm.serving.cli", "serve", "--model", checkpoint_path("llama3"),
+               "--port", str(port), "--num-blocks", "64", "--max-model-len", "256", "--shutdown-timeout", "20",
+               "--disable-uvicorn-access-log"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = {"prompt": "Tell me a story", "max_tokens": 60, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            process.send_signal(sig)
+            rest = [line for line in lines if line]
+        # The in-flight stream ran to its end after the signal.
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+        assert process.wait(timeout=60) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/health", timeout=1)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
