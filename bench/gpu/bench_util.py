@@ -1,0 +1,85 @@
+"""Shared plumbing for the GPU benchmarks: timing, the measured copy ceiling, and the JSON that
+bench/gpu/run_all.sh collects into its summary table.
+
+A benchmark script takes `--json PATH` and writes
+    {"bench": str, "device": str, "rows": [{"name": str, "value": float, "unit": str,
+                                            "ceiling": str, "ratio": float | None, ...}]}
+where `ratio` is value / ceiling (e.g. achieved over copy bandwidth). Extra keys are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from typing import Callable, Optional
+
+import torch
+
+# Measured on this workplace's H100 (docs: /work/shared/GPU.md); the benchmarks also re-measure
+# the copy bandwidth in the same run and report both.
+H100_COPY_TBPS = 3.02
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--quick", action="store_true", help="headline configurations only")
+    return parser.parse_args()
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name()
+
+
+def time_us(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 200) -> float:
+    """Median time of one call in microseconds, L2 flushed before every call (so repeated runs
+    over one buffer measure DRAM, not the cache). Uses triton.testing.do_bench when present."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return _time_us_with_events(fn, warmup_ms, rep_ms)
+    return 1000.0 * do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def _time_us_with_events(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> float:
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate_ms = max(start.elapsed_time(end), 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate_ms))):
+        fn()
+    times = []
+    for _ in range(max(5, int(rep_ms / estimate_ms))):
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return 1000.0 * statistics.median(times)
+
+
+def measure_copy_tbps(num_bytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    src = torch.randint(0, 127, (num_bytes,), dtype=torch.int8, device="cuda")
+    dst = torch.empty_like(src)
+    us = time_us(lambda: dst.copy_(src))
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * num_bytes / (us * 1e-6) / 1e12
+
+
+def row(name: str, value: float, unit: str, ceiling: str, ratio: Optional[float], **extra) -> dict:
+    return {"name": name, "value": value, "unit": unit, "ceiling": ceiling, "ratio": ratio, **extra}
+
+
+def write_json(path: Optional[str], bench: str, rows: list[dict], **extra) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump({"bench": bench, "device": device_name(), "rows": rows, **extra}, f, indent=1)

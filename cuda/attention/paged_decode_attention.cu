@@ -1,0 +1,146 @@
+#include "cuda/attention/paged_decode_attention.h"
+
+#include <algorithm>
+#include <climits>
+
+#include "cuda/attention/paged_decode_kernel.cuh"
+
+namespace rtpllm::cuda {
+namespace {
+
+using decode::kRows;
+using decode::kSplitGranularity;
+using decode::kThreads;
+using decode::kWarps;
+
+// Turns the runtime head_dim / block_size / dtype into template arguments and calls
+// fn(T{}, HeadDim{}, BlockSize{}); anything unsupported is an error, never a silent no-op.
+template <int kValue>
+using Int = std::integral_constant<int, kValue>;
+
+template <typename Fn>
+cudaError_t dispatch_decode(ScalarType dtype, int head_dim, int block_size, Fn&& fn) {
+  return dispatch_half_types(dtype, [&](auto type_tag) -> cudaError_t {
+    auto with_head_dim = [&](auto head_dim_tag) -> cudaError_t {
+      switch (block_size) {
+        case 16: return fn(type_tag, head_dim_tag, Int<16>{});
+        case 32: return fn(type_tag, head_dim_tag, Int<32>{});
+        case 64: return fn(type_tag, head_dim_tag, Int<64>{});
+        default: return cudaErrorInvalidValue;
+      }
+    };
+    switch (head_dim) {
+      case 64: return with_head_dim(Int<64>{});
+      case 128: return with_head_dim(Int<128>{});
+      default: return cudaErrorInvalidValue;
+    }
+  });
+}
+
+// Opts the kernel into its dynamic shared memory (above the 48 KB default). Cheap, and done
+// on every launch because the attribute is per device and launches may target several.
+template <typename T, int kHeadDim, int kBlockSize>
+cudaError_t configure_kernel() {
+  return cudaFuncSetAttribute(decode::paged_decode_kernel<T, kHeadDim, kBlockSize>,
+                              cudaFuncAttributeMaxDynamicSharedMemorySize, decode::DecodeSmem<T, kHeadDim>::kBytes);
+}
+
+int head_tiles(int num_heads, int num_kv_heads) {
+  return (num_heads / num_kv_heads + kRows - 1) / kRows;
+}
+
+bool aligned(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+// Estimated cost, in units of "one token streamed by one CTA", of cutting contexts of
+// max_seq_len tokens into `splits` pieces: the CTAs run in waves of `slots`, each CTA pays a
+// fixed start-up (Q load, pipeline fill, epilogue) and, with splits, the merge kernel runs after.
+constexpr int kCtaOverheadTokens = 64;
+constexpr int kMergeOverheadTokens = 96;
+
+long long split_cost(int splits, int max_seq_len, long long base_ctas, long long slots) {
+  const long long tokens =
+      (static_cast<long long>(max_seq_len) + splits - 1) / splits;
+  const long long rounded = (tokens + kSplitGranularity - 1) / kSplitGranularity * kSplitGranularity;
+  const long long waves = (base_ctas * splits + slots - 1) / slots;
+  return waves * (rounded + kCtaOverheadTokens) + (splits > 1 ? kMergeOverheadTokens : 0);
+}
+
+}  // namespace
+
+cudaError_t plan_paged_decode(const PagedDecodePlanInputs& in, int* num_splits) {
+  if (in.num_seqs <= 0 || in.num_kv_heads <= 0 || in.num_heads % in.num_kv_heads != 0 || in.max_seq_len < 0 ||
+      in.max_splits < 1 || num_splits == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  int sm_count = 0;
+  err = cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  int ctas_per_sm = 0;
+  err = dispatch_decode(in.dtype, in.head_dim, in.block_size, [&](auto type_tag, auto head_dim_tag, auto block_tag) {
+    using T = decltype(type_tag);
+    constexpr int kHeadDim = decltype(head_dim_tag)::value;
+    constexpr int kBlockSize = decltype(block_tag)::value;
+    const cudaError_t cfg = configure_kernel<T, kHeadDim, kBlockSize>();
+    if (cfg != cudaSuccess) return cfg;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm,
+                                                         decode::paged_decode_kernel<T, kHeadDim, kBlockSize>,
+                                                         kThreads, decode::DecodeSmem<T, kHeadDim>::kBytes);
+  });
+  if (err != cudaSuccess) return err;
+
+  const long long slots = static_cast<long long>(sm_count) * std::max(ctas_per_sm, 1);
+  const long long base_ctas =
+      static_cast<long long>(in.num_seqs) * in.num_kv_heads * head_tiles(in.num_heads, in.num_kv_heads);
+  // More splits than granules of context only adds empty CTAs.
+  const int useful = std::max(1, (in.max_seq_len + kSplitGranularity - 1) / kSplitGranularity);
+  const int limit = std::min(in.max_splits, useful);
+  int best = 1;
+  long long best_cost = LLONG_MAX;
+  for (int s = 1; s <= limit; ++s) {
+    const long long cost = split_cost(s, in.max_seq_len, base_ctas, slots);
+    if (cost < best_cost) {  // strict: ties keep fewer splits
+      best_cost = cost;
+      best = s;
+    }
+  }
+  *num_splits = best;
+  return cudaSuccess;
+}
+
+cudaError_t paged_decode_attention(const PagedDecodeParams& p, ScalarType dtype, cudaStream_t stream) {
+  if (p.num_seqs < 0 || p.num_seqs > 65535 || p.num_kv_heads <= 0 || p.num_heads <= 0 ||
+      p.num_heads % p.num_kv_heads != 0 || p.num_splits < 1 || p.block_table_stride < 0 || p.q_stride % 2 != 0 ||
+      p.out_stride % 8 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)) return cudaErrorInvalidValue;
+  if (!aligned(p.q, 4) || !aligned(p.out, 16) || !aligned(p.k_cache, 16) || !aligned(p.v_cache, 16) ||
+      !aligned(p.partial_out, 16)) {
+    return cudaErrorMisalignedAddress;
+  }
+  if (p.num_seqs == 0) return cudaSuccess;
+  const long long grid_y = static_cast<long long>(p.num_kv_heads) * head_tiles(p.num_heads, p.num_kv_heads);
+  if (grid_y > 65535) return cudaErrorInvalidValue;
+
+  return dispatch_decode(dtype, p.head_dim, p.block_size, [&](auto type_tag, auto head_dim_tag, auto block_tag) {
+    using T = decltype(type_tag);
+    constexpr int kHeadDim = decltype(head_dim_tag)::value;
+    constexpr int kBlockSize = decltype(block_tag)::value;
+    cudaError_t err = configure_kernel<T, kHeadDim, kBlockSize>();
+    if (err != cudaSuccess) return err;
+    const dim3 grid(p.num_splits, static_cast<unsigned>(grid_y), p.num_seqs);
+    decode::paged_decode_kernel<T, kHeadDim, kBlockSize>
+        <<<grid, kThreads, decode::DecodeSmem<T, kHeadDim>::kBytes, stream>>>(p);
+    err = cudaGetLastError();
+    if (err != cudaSuccess || p.num_splits == 1) return err;
+    const long long pairs = static_cast<long long>(p.num_seqs) * p.num_heads;
+    const unsigned merge_blocks = static_cast<unsigned>((pairs + kWarps - 1) / kWarps);
+    decode::paged_decode_merge_kernel<T, kHeadDim><<<merge_blocks, kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace rtpllm::cuda
