@@ -4,7 +4,7 @@
 #
 # Usage: bash bench/gpu/run_all.sh [--quick]     (--quick: headline benchmark configurations only)
 #        RTPLLM_SKIP_BUILD=1 skips the build when rtpllm._C with the kernels is already importable;
-#        GPU_TESTS / GPU_BENCHES narrow the run (default: tests/gpu and bench/gpu/bench_*.py).
+#        GPU_TESTS / GPU_BENCHES narrow the run (default: tests/gpu/test_*.py and bench/gpu/bench_*.py).
 # Results go to $OUT when it is set (the device tool's output folder), else to
 # bench/results/tmp/gpu-<date>/: summary.md, results.json (one JSON of everything, with the card,
 # date and commit) and logs.tar.gz (build, test and benchmark logs, per-benchmark JSON).
@@ -45,10 +45,15 @@ else
   exit 1
 fi
 
-echo "== GPU tests"
-python3 -m pytest ${GPU_TESTS:-tests/gpu} -q -p no:cacheprovider --junitxml="$work/tests_gpu.xml" >"$work/tests_gpu.log" 2>&1 || status=1
-tail -25 "$work/tests_gpu.log"
-bundle
+# One pytest process per file: a kernel fault (illegal address) poisons only its own file's CUDA context.
+for test_file in ${GPU_TESTS:-tests/gpu/test_*.py}; do
+  name="$(basename "$test_file" .py)"
+  echo "== $name"
+  python3 -m pytest "$test_file" -q -p no:cacheprovider --junitxml="$work/junit_$name.xml" >"$work/$name.log" 2>&1 \
+    || status=1
+  tail -15 "$work/$name.log"
+  bundle
+done
 
 for bench in ${GPU_BENCHES:-bench/gpu/bench_*.py}; do
   name="$(basename "$bench" .py)"

@@ -15,14 +15,21 @@ import subprocess
 import xml.etree.ElementTree as ET
 
 
-def test_counts(xml_path: str) -> dict:
-    if not os.path.exists(xml_path):
+def test_counts(work_dir: str) -> dict:
+    """Totals over the JUnit reports (one per test file) that run_all.sh wrote."""
+    paths = sorted(glob.glob(os.path.join(work_dir, "junit_*.xml")))
+    if not paths:
         return {"error": "no test report (pytest did not run)"}
-    suites = ET.parse(xml_path).getroot()
-    suite = suites if suites.tag == "testsuite" else suites.find("testsuite")
-    counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
-    counts["failed"] = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
-                        if case.find("failure") is not None or case.find("error") is not None]
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "failed": [], "per_file": {}}
+    for path in paths:
+        root = ET.parse(path).getroot()
+        suite = root if root.tag == "testsuite" else root.find("testsuite")
+        file_counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
+        for key, value in file_counts.items():
+            counts[key] += value
+        counts["per_file"][os.path.basename(path)[len("junit_"):-len(".xml")]] = file_counts
+        counts["failed"] += [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
+                             if case.find("failure") is not None or case.find("error") is not None]
     return counts
 
 
@@ -51,7 +58,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
 
-    tests = test_counts(os.path.join(args.work_dir, "tests_gpu.xml"))
+    tests = test_counts(args.work_dir)
     benches = []
     for path in sorted(glob.glob(os.path.join(args.work_dir, "bench_*.json"))):
         with open(path) as f:
@@ -65,6 +72,9 @@ def main() -> None:
         passed = tests["tests"] - tests["failures"] - tests["errors"] - tests["skipped"]
         lines.append(f"tests/gpu: {passed} passed, {tests['failures'] + tests['errors']} failed, "
                      f"{tests['skipped']} skipped")
+        for name, c in tests["per_file"].items():
+            lines.append(f"  {name}: {c['tests'] - c['failures'] - c['errors'] - c['skipped']} passed, "
+                         f"{c['failures'] + c['errors']} failed, {c['skipped']} skipped")
         lines += [f"  FAILED {name}" for name in tests["failed"][:20]]
     lines += ["", "| benchmark | result | ceiling | ratio |", "| --- | --- | --- | --- |"]
     for bench in benches:
