@@ -83,12 +83,12 @@ def kept_mask(logits, params, device):
 # ----------------------------------------------------------------------------- filters
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_filters_alone_and_combined_keep_exactly_the_defined_set(device):
-    gen = torch.Generator().manual_seed(0)
-    vocab = 19
-    grid = [(t, k, p, m) for t in (0.7, 1.0, 1.8) for k in (0, 1, 3, 7, 19, 40)
+@pytest.mark.parametrize("vocab,spread", [(19, 2.0), (301, 0.3)])  # the flat rows' nucleus spans 100s of tokens
+def test_filters_alone_and_combined_keep_exactly_the_defined_set(device, vocab, spread):
+    gen = torch.Generator().manual_seed(vocab)
+    grid = [(t, k, p, m) for t in (0.7, 1.0, 1.8) for k in (0, 1, 3, 7, 19, 40, 400)
             for p in (1.0, 0.9, 0.5, 0.15) for m in (0.0, 0.05, 0.4)]
-    logits = torch.randn(len(grid), vocab, generator=gen) * 2.0
+    logits = torch.randn(len(grid), vocab, generator=gen) * spread
     params = [SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m) for t, k, p, m in grid]
     mask = kept_mask(logits, params, device)
     for row, (t, k, p, m) in enumerate(grid):
@@ -181,10 +181,13 @@ def chi2_critical(dof: int, z: float = 3.09) -> float:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_sampling_frequencies_match_the_filtered_distribution(device):
-    logits_row = torch.tensor([2.0, 1.5, 1.0, 0.8, 0.5, 0.0, -0.5, -1.0, -3.0])
-    temperature, top_k, top_p, min_p = 0.9, 7, 0.9, 0.1
+    logits_row = torch.tensor([3.0, 2.6, 2.0, 1.8, 1.5, 1.4, 1.0, 0.0, -1.0, -3.0])
+    temperature, top_k, top_p, min_p = 0.9, 8, 0.95, 0.15
     kept = sorted(ref_kept(logits_row.tolist(), temperature, top_k, top_p, min_p))
-    assert 2 < len(kept) < 7  # every filter has something to do
+    # Every filter has something to do: each one removes more tokens than the ones before it.
+    sizes = [len(ref_kept(logits_row.tolist(), temperature, *f)) for f in
+             [(0, 1.0, 0.0), (top_k, 1.0, 0.0), (top_k, top_p, 0.0), (top_k, top_p, min_p)]]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4, sizes
     scaled = logits_row[kept].double() / temperature
     want = torch.softmax(scaled, -1).numpy()
 
@@ -278,3 +281,22 @@ def test_bad_inputs_raise_naming_the_field():
     batch = make_batch([SamplingParams()] * 2, "cpu")
     with pytest.raises(ValueError, match="logits"):
         Sampler()(torch.zeros(3, 8), batch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sampler_never_waits_for_the_gpu():
+    device = "cuda"
+    params = [SamplingParams(temperature=0.0), SamplingParams(top_k=20, top_p=0.9, min_p=0.05, seed=1, logprobs=3),
+              SamplingParams(repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.3),
+              SamplingParams(temperature=0.8, top_k=5)]
+    batch = make_batch(params, device, prompts=[[1], [2], [3, 4], [5]], outputs=[[6], [7], [8, 8], [9]],
+                       banned_token_ids=[[0], None, [1, 2], None], default_generator=torch.Generator(device))
+    logits = torch.randn(4, 1000, device=device)
+    sampler = Sampler()
+    sampler(logits, batch)  # warm-up: first calls may allocate
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sampler(logits, batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -1,6 +1,6 @@
 """Picks one token per row from a step's logits: penalties -> temperature -> top-k -> top-p -> min-p
 -> sample. Vectorized over the batch in torch, so the same code runs on the CPU and on CUDA; the
-only per-row Python is one noise draw per *seeded* random row.
+only per-row Python is one random draw per *seeded* random row, and nothing waits for the GPU.
 
 Filter semantics (each keeps at least the most likely token):
 - top-k keeps every token whose logit is >= the k-th largest, so tokens tied with the k-th are all
@@ -62,7 +62,7 @@ class Sampler:
             probs = scaled.softmax(dim=-1)
             if batch.use_min_p:
                 apply_min_p(probs, batch.min_p)
-            token_ids = torch.where(batch.greedy, greedy_ids, _exponential_race(probs, batch))
+            token_ids = torch.where(batch.greedy, greedy_ids, _inverse_cdf_sample(probs, batch))
 
         token_logprobs, top = gather_logprobs(raw, token_ids, batch.max_num_logprobs)
         return SamplerOutput(token_ids=token_ids, logprobs=token_logprobs, top_logprobs=top)
@@ -91,34 +91,19 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: Optional[torch.Tensor], max_top_k: int,
                       top_p: Optional[torch.Tensor]) -> None:
-    """Masks filtered logits to -inf in place. top_k: int64 [n] (0 = off on that row), max_top_k its
-    largest value (a host int, so no sync); top_p: float32 [n] (1.0 = off). None skips a filter.
+    """Masks filtered logits to -inf in place: top-k first, then top-p on what top-k left.
+    top_k: int64 [n] (0 = off on that row), max_top_k its largest value (a host int, so no sync);
+    top_p: float32 [n] (1.0 = off). None skips a filter.
 
-    Both filters reduce to one logit threshold per row, applied to the unsorted logits, so no
-    sorted-to-vocab scatter is needed and ties are treated alike."""
-    if top_k is None and top_p is None:
-        return
+    Each filter reduces to one logit threshold per row applied to the unsorted logits, so no
+    sorted-to-vocab scatter is needed and tied values are always kept or dropped together."""
     vocab = logits.shape[-1]
-    if top_p is None:
-        # Only top-k: a partial top-k of width max_top_k is cheaper than a full sort.
+    if top_k is not None:
         width = min(max_top_k, vocab)
         threshold = _kth_largest(logits.topk(width, dim=-1).values, top_k, width)
-    else:
-        sorted_logits = logits.sort(dim=-1, descending=True).values
-        k_threshold = None
-        if top_k is not None:
-            k_threshold = _kth_largest(sorted_logits, top_k, vocab)
-            sorted_logits.masked_fill_(sorted_logits < k_threshold, _NEG_INF)
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1).sub_(probs)
-        # A token is kept iff the tokens ranked above it hold less than top_p; the first always is.
-        num_kept = (mass_before < top_p.unsqueeze(1)).sum(dim=-1, keepdim=True)
-        threshold = sorted_logits.gather(1, num_kept - 1)
-        # Rows with top_p = 1 keep everything, whatever rounding does to the tail's cumulative mass.
-        threshold = threshold.masked_fill_(top_p.unsqueeze(1) >= 1.0, _NEG_INF)
-        if k_threshold is not None:
-            threshold = torch.maximum(threshold, k_threshold)
-    logits.masked_fill_(logits < threshold, _NEG_INF)
+        logits.masked_fill_(logits < threshold, _NEG_INF)
+    if top_p is not None:
+        logits.masked_fill_(logits < _top_p_threshold(logits, top_p), _NEG_INF)
 
 
 def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> None:
@@ -148,16 +133,59 @@ def _kth_largest(sorted_desc: torch.Tensor, top_k: torch.Tensor, width: int) -> 
     return kth.masked_fill_(top_k.unsqueeze(1) <= 0, _NEG_INF)
 
 
-def _exponential_race(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """argmax_i p_i / E_i with E_i ~ Exp(1) i.i.d. picks token i with probability p_i / sum(p)
-    (the first arrival of independent exponential clocks with rates p_i). No cumulative sums, no
-    sync, and zeroed (filtered) entries can never win."""
-    noise = torch.empty_like(probs)
-    noise.exponential_(generator=batch.default_generator)
+# On the CPU a full sort of the vocabulary costs far more than the rest of sampling, while the
+# nucleus of a real next-token distribution usually sits in its first few dozen tokens.
+_CPU_TOP_P_CANDIDATES = 64
+
+
+def _top_p_threshold(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """[n, 1]: the smallest logit that top-p keeps (-inf on rows with top_p = 1)."""
+    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+    disabled = top_p.unsqueeze(1) >= 1.0
+    if logits.device.type == "cpu":
+        # Try the largest few tokens first; only rows whose nucleus reaches past them get a full
+        # sort. Picking those rows reads a device value, which is free on the CPU (and why CUDA,
+        # where it would stall the stream, sorts every row instead).
+        width = min(_CPU_TOP_P_CANDIDATES, logits.shape[-1])
+        threshold, found = _top_p_cutoff(logits.topk(width, dim=-1).values, log_norm, top_p)
+        missing = torch.nonzero(~(found | disabled.squeeze(1))).flatten()
+        if missing.numel():
+            rest = logits.index_select(0, missing).sort(dim=-1, descending=True).values
+            threshold[missing] = _top_p_cutoff(rest, log_norm[missing], top_p[missing])[0]
+    else:
+        threshold, _ = _top_p_cutoff(logits.sort(dim=-1, descending=True).values, log_norm, top_p)
+    return threshold.masked_fill_(disabled, _NEG_INF)
+
+
+def _top_p_cutoff(sorted_desc: torch.Tensor, log_norm: torch.Tensor, top_p: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """sorted_desc: the largest values of each row, descending (a prefix or the whole row);
+    log_norm: [n, 1] logsumexp of the whole row. Returns the threshold [n, 1] and a bool [n]
+    telling whether the nucleus ends inside the prefix (only then is the threshold right)."""
+    probs = (sorted_desc - log_norm).exp_()
+    mass = probs.cumsum(dim=-1)
+    # A token is kept iff the tokens ranked above it hold less than top_p; the first always is.
+    num_kept = (mass - probs < top_p.unsqueeze(1)).sum(dim=-1, keepdim=True)
+    found = mass[:, -1] >= top_p
+    return sorted_desc.gather(1, num_kept - 1), found
+
+
+def _inverse_cdf_sample(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Draws one token per row from `probs` (non-negative, any per-row scale) with one uniform
+    number per row: the first token whose cumulative mass exceeds u * total. One scan and a binary
+    search, no host sync; cheaper than per-token noise (exponential race / Gumbel), which costs a
+    logarithm for every vocabulary entry."""
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    uniform = torch.rand(probs.shape[0], 1, device=probs.device, generator=batch.default_generator)
     for row in batch.seeded_rows:
-        # NOTE: a seeded row draws exactly `vocab` values per random step from its own generator,
-        # so its stream (and its tokens) do not depend on the rest of the batch.
-        noise[row].exponential_(generator=batch.generators[row])
-    # A zero draw would make 0/0 = NaN on a filtered token, and argmax favors NaN.
-    noise.clamp_min_(torch.finfo(torch.float32).tiny)
-    return probs.div_(noise).argmax(dim=-1)
+        # NOTE: a seeded row draws exactly one number per random step from its own generator, so
+        # its stream (and its tokens) do not depend on the rest of the batch.
+        uniform[row].uniform_(generator=batch.generators[row])
+    # Keep the target strictly below the total so some entry always exceeds it.
+    target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+    token_ids = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[-1] - 1)
+    # A parallel scan (CUDA) need not be exactly monotone, so a zero-probability entry could in
+    # principle own a sliver of the range: never let a filtered token through.
+    valid = probs.gather(1, token_ids) > 0
+    return torch.where(valid, token_ids, probs.argmax(dim=-1, keepdim=True)).squeeze(1)

@@ -116,8 +116,11 @@ class SamplingBatch:
 
         greedy = [p.greedy for p in params_list]
         temperature = [1.0 if g else p.temperature for p, g in zip(params_list, greedy)]
-        # Filters never change an argmax, so greedy rows skip them (keeps the host flags honest).
+        # Filters never change an argmax, so greedy rows get neutral values: they then neither turn
+        # a filter on for the batch nor cost it work.
         top_k = [0 if g else p.top_k for p, g in zip(params_list, greedy)]
+        top_p = [1.0 if g else p.top_p for p, g in zip(params_list, greedy)]
+        min_p = [0.0 if g else p.min_p for p, g in zip(params_list, greedy)]
         rep = [p.repetition_penalty for p in params_list]
         pres = [p.presence_penalty for p in params_list]
         freq = [p.frequency_penalty for p in params_list]
@@ -144,8 +147,8 @@ class SamplingBatch:
             temperature=floats(temperature),
             greedy=_to_device(np.asarray(greedy, dtype=np.bool_), device),
             top_k=_to_device(np.asarray(top_k, dtype=np.int64), device),
-            top_p=floats([p.top_p for p in params_list]),
-            min_p=floats([p.min_p for p in params_list]),
+            top_p=floats(top_p),
+            min_p=floats(min_p),
             repetition_penalty=floats(rep),
             presence_penalty=floats(pres),
             frequency_penalty=floats(freq),
@@ -161,8 +164,8 @@ class SamplingBatch:
             num_logprobs=tuple(p.logprobs for p in params_list),
             all_greedy=all(greedy),
             max_top_k=max(top_k),
-            use_top_p=any(p.top_p < 1.0 and not g for p, g in zip(params_list, greedy)),
-            use_min_p=any(p.min_p > 0.0 and not g for p, g in zip(params_list, greedy)),
+            use_top_p=any(p < 1.0 for p in top_p),
+            use_min_p=any(m > 0.0 for m in min_p),
             use_penalties=any(uses_output),
             max_num_logprobs=max(requested) if requested else None,
         )
