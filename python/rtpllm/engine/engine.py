@@ -24,6 +24,7 @@ from rtpllm.engine.prompt_logprobs import PromptLogprobCollector
 from rtpllm.engine.request_state import RequestGroup, SequenceState
 from rtpllm.engine.sampling_inputs import build_sampling_batch, sampled_logprobs
 from rtpllm.engine.stats import EngineStats
+from rtpllm.layers.sampling_batch import make_request_generator
 from rtpllm.loader import load_model_and_tokenizer
 from rtpllm.outputs import RequestMetrics, RequestOutput
 from rtpllm.sampling_params import SamplingParams
@@ -137,7 +138,8 @@ class Engine:
                 metrics.first_scheduled_time = now
 
         sampled_seqs = [self._seqs[i] for i in batch.sampled_request_ids.tolist()]
-        sampling_batch = build_sampling_batch(sampled_seqs, self._generator, self.device) if sampled_seqs else None
+        sampling_batch = (build_sampling_batch(sampled_seqs, self.eos_token_ids, self._generator, self.device,
+                                             self.arch.vocab_size) if sampled_seqs else None)
         collector = PromptLogprobCollector(batch, self._seqs)
         result = self.runner.execute(batch, sampling_batch, collector.seq_indices)
         collector.collect(result.prompt_logprobs)
@@ -194,7 +196,7 @@ class Engine:
         generator = None
         if params.seed is not None:
             # Sample i of a seeded request gets its own stream, so the n samples differ but replay exactly.
-            generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
+            generator = make_request_generator(params.seed + index, self.device)
         return SequenceState(
             seq_id=next(self._seq_ids), index=index, group=group, params=params,
             detokenizer=IncrementalDetokenizer(self.tokenizer, group.prompt_ids, params.skip_special_tokens),
