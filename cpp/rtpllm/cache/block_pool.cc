@@ -5,12 +5,20 @@
 
 namespace rtpllm {
 
-BlockPool::BlockPool(int32_t num_blocks) : num_blocks_(num_blocks), sentinel_(num_blocks), num_free_(0) {
+namespace {
+
+int32_t validated_num_blocks(int32_t num_blocks) {
   if (num_blocks <= 0) throw std::invalid_argument("num_blocks: must be positive, got " + std::to_string(num_blocks));
+  return num_blocks;
+}
+
+}  // namespace
+
+BlockPool::BlockPool(int32_t num_blocks)
+    : num_blocks_(validated_num_blocks(num_blocks)), sentinel_(num_blocks), num_free_(0), cached_(num_blocks) {
   blocks_.resize(static_cast<size_t>(num_blocks) + 1);
   blocks_[sentinel_].prev = blocks_[sentinel_].next = sentinel_;
   for (BlockId id = 0; id < num_blocks; ++id) link_before(id, sentinel_);  // id order: 0 is reused first
-  cached_.reserve(static_cast<size_t>(num_blocks));
 }
 
 size_t BlockPool::checked(BlockId block_id) const {
@@ -79,15 +87,13 @@ void BlockPool::release(const std::vector<BlockId>& block_table) {
 }
 
 std::optional<BlockId> BlockPool::lookup(BlockHash hash) const {
-  const auto it = cached_.find(hash);
-  if (it == cached_.end()) return std::nullopt;
-  return it->second;
+  return cached_.find(hash);
 }
 
 bool BlockPool::cache(BlockId block_id, BlockHash hash) {
   Block& b = blocks_[checked(block_id)];
   if (b.has_hash) return b.hash == hash;
-  if (!cached_.emplace(hash, block_id).second) return false;
+  if (!cached_.insert(hash, block_id)) return false;
   b.has_hash = true;
   b.hash = hash;
   return true;
@@ -120,8 +126,7 @@ void BlockPool::check_invariants() const {
     if ((b.ref_count == 0) != b.in_free_list) fail("block " + std::to_string(id) + " free-list membership disagrees with its ref count");
     if (b.has_hash) {
       ++hashed;
-      const auto it = cached_.find(b.hash);
-      if (it == cached_.end() || it->second != id) fail("block " + std::to_string(id) + " has a hash missing from the index");
+      if (cached_.find(b.hash) != id) fail("block " + std::to_string(id) + " has a hash missing from the index");
     }
   }
   if (hashed != cached_.size()) fail("hash index has entries for blocks without a hash");

@@ -11,9 +11,9 @@
 
 #include <cstdint>
 #include <optional>
-#include <unordered_map>
 #include <vector>
 
+#include "rtpllm/cache/block_hash_index.h"
 #include "rtpllm/cache/eviction_listener.h"
 #include "rtpllm/core/types.h"
 
@@ -79,7 +79,7 @@ class BlockPool {
   int32_t num_free_;
   uint64_t num_evictions_ = 0;
   std::vector<Block> blocks_;  // num_blocks_ blocks + the free-list sentinel
-  std::unordered_map<BlockHash, BlockId> cached_;
+  BlockHashIndex cached_;
   BlockEvictionListener* listener_ = nullptr;
 };
 

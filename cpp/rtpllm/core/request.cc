@@ -8,14 +8,13 @@
 namespace rtpllm {
 namespace {
 
-void require(bool ok, const char* field, const std::string& message) {
-  if (!ok) throw std::invalid_argument(std::string(field) + ": " + message);
+[[noreturn]] void reject(const char* field, const std::string& message) {
+  throw std::invalid_argument(std::string(field) + ": " + message);
 }
 
 void require_token_ids(const std::vector<TokenId>& ids, const char* field) {
   for (size_t i = 0; i < ids.size(); ++i) {
-    require(ids[i] >= 0, field,
-            "token ids must be non-negative, got " + std::to_string(ids[i]) + " at index " + std::to_string(i));
+    if (ids[i] < 0) reject(field, "token ids must be non-negative, got " + std::to_string(ids[i]) + " at index " + std::to_string(i));
   }
 }
 
@@ -32,15 +31,17 @@ Request::Request(const RequestSpec& spec)
       priority(spec.priority),
       arrival_time(spec.arrival_time),
       extra_key(spec.extra_key) {
-  require(!spec.prompt_token_ids.empty(), "prompt_token_ids", "must not be empty");
-  require(spec.prompt_token_ids.size() < static_cast<size_t>(INT32_MAX), "prompt_token_ids", "too many tokens");
+  // Messages are built only on failure: this runs for every request.
+  if (spec.prompt_token_ids.empty()) reject("prompt_token_ids", "must not be empty");
+  if (spec.prompt_token_ids.size() >= static_cast<size_t>(INT32_MAX)) reject("prompt_token_ids", "too many tokens");
   require_token_ids(spec.prompt_token_ids, "prompt_token_ids");
   require_token_ids(spec.stop_token_ids, "stop_token_ids");
-  require(max_new_tokens >= 1, "max_new_tokens", "must be >= 1, got " + std::to_string(max_new_tokens));
-  require(min_new_tokens >= 0 && min_new_tokens <= max_new_tokens, "min_new_tokens",
-          "must be in [0, max_new_tokens=" + std::to_string(max_new_tokens) + "], got " +
-              std::to_string(min_new_tokens));
-  require(std::isfinite(arrival_time), "arrival_time", "must be finite");
+  if (max_new_tokens < 1) reject("max_new_tokens", "must be >= 1, got " + std::to_string(max_new_tokens));
+  if (min_new_tokens < 0 || min_new_tokens > max_new_tokens) {
+    reject("min_new_tokens", "must be in [0, max_new_tokens=" + std::to_string(max_new_tokens) + "], got " +
+                                 std::to_string(min_new_tokens));
+  }
+  if (!std::isfinite(arrival_time)) reject("arrival_time", "must be finite");
   std::sort(stop_token_ids.begin(), stop_token_ids.end());
   stop_token_ids.erase(std::unique(stop_token_ids.begin(), stop_token_ids.end()), stop_token_ids.end());
   // Room for a typical generation up front, so decode steps rarely reallocate.

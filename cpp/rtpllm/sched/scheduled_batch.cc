@@ -29,7 +29,7 @@ void build_scheduled_batch(const std::vector<ScheduledEntry>& entries, int32_t b
   batch.query_start_loc.resize(static_cast<size_t>(num_seqs) + 1);
   batch.seq_lens.resize(num_seqs);
   batch.num_computed.resize(num_seqs);
-  batch.block_tables.assign(static_cast<size_t>(num_seqs) * max_blocks, 0);
+  batch.block_tables.resize(static_cast<size_t>(num_seqs) * max_blocks);
   batch.slot_mapping.resize(num_tokens);
   batch.logits_indices.resize(num_sampled);
   batch.sampled_request_ids.resize(num_sampled);
@@ -44,8 +44,9 @@ void build_scheduled_batch(const std::vector<ScheduledEntry>& entries, int32_t b
     batch.request_ids[seq] = r->id;
     batch.num_computed[seq] = start;
     batch.seq_lens[seq] = end;
-    std::copy(r->block_table.begin(), r->block_table.end(),
-              batch.block_tables.begin() + static_cast<size_t>(seq) * max_blocks);
+    // One pass per row: the table, then zero padding (a reused buffer holds stale ids).
+    const auto row = batch.block_tables.begin() + static_cast<size_t>(seq) * max_blocks;
+    std::fill(std::copy(r->block_table.begin(), r->block_table.end(), row), row + max_blocks, 0);
     std::copy(r->token_ids.begin() + start, r->token_ids.begin() + end, batch.input_token_ids.begin() + token);
     for (int32_t pos = start; pos < end; ++pos, ++token) {
       batch.positions[token] = pos;

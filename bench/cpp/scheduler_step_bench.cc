@@ -1,0 +1,139 @@
+// Times one scheduler step, schedule() + update(), as the engine's step loop drives it.
+//
+//   scheduler_step_bench [--steps N]
+//
+// Scenarios: N running decode sequences (every step: one token each, KV blocks grow, full blocks
+// enter the prefix cache), and a mix where long prompts keep arriving and are chunk-prefilled
+// next to the decodes while finished requests leave. Batch and output buffers are reused, as a
+// C++ caller would; the Python binding adds its own object overhead on top.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "rtpllm/sched/scheduler.h"
+
+namespace rtpllm {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Result {
+  std::string name;
+  double mean_seqs = 0, mean_tokens = 0, median_us = 0, p90_us = 0;
+  int steps = 0;
+};
+
+struct Scenario {
+  std::string name;
+  int32_t num_decodes;      // sequences decoding when timing starts
+  int32_t prompt_len;       // their prompt length
+  int32_t prefill_arrival;  // > 0: keep one prompt of this length arriving (chunked prefill mix)
+  int32_t token_budget;
+};
+
+constexpr TokenId kSampledToken = 7;  // never a stop token here
+constexpr int32_t kBlockSize = 16;
+
+RequestSpec make_request(RequestId id, int32_t prompt_len, int32_t max_new_tokens, std::mt19937& rng) {
+  RequestSpec spec;
+  spec.request_id = id;
+  spec.prompt_token_ids.resize(static_cast<size_t>(prompt_len));
+  for (TokenId& t : spec.prompt_token_ids) t = static_cast<TokenId>(rng() % 32000);
+  spec.max_new_tokens = max_new_tokens;
+  spec.stop_token_ids = {2};
+  spec.arrival_time = static_cast<double>(id);
+  return spec;
+}
+
+Result run(const Scenario& sc, int timed_steps) {
+  const int32_t max_seqs = sc.num_decodes + (sc.prefill_arrival > 0 ? 8 : 0);
+  // Room for the warm-up (prefilling every sequence) plus the timed steps, so nobody finishes.
+  const int32_t decode_len = sc.prefill_arrival > 0 ? 0 : timed_steps + 1000;
+  const int32_t max_len = std::max(sc.prompt_len + timed_steps + 1100, sc.prefill_arrival + 64);
+  const int32_t blocks = (max_seqs + 2) * ((max_len + kBlockSize - 1) / kBlockSize);
+  Scheduler scheduler({sc.token_budget, max_seqs, true, max_len}, {blocks, kBlockSize, true});
+  std::mt19937 rng(1234);
+  ScheduledBatch batch;
+  StepOutputs outputs;
+  std::vector<TokenId> sampled;
+  auto step = [&] {
+    scheduler.schedule(batch);
+    sampled.assign(static_cast<size_t>(batch.num_sampled), kSampledToken);
+    scheduler.update(batch, sampled.data(), sampled.size(), outputs);
+  };
+
+  // Warm up: prefill every decode sequence. In the mix they finish at staggered times and are
+  // replaced, so the batch keeps churning.
+  RequestId next_id = 0;
+  for (int32_t i = 0; i < sc.num_decodes; ++i) {
+    const int32_t max_new = decode_len > 0 ? decode_len : 64 + static_cast<int32_t>(rng() % 192);
+    scheduler.add_request(make_request(next_id++, sc.prompt_len, max_new, rng));
+  }
+  while (scheduler.num_waiting() > 0) step();
+  for (int i = 0; i < 8; ++i) step();
+
+  std::vector<double> micros;
+  double seqs = 0, tokens = 0;
+  for (int s = 0; s < timed_steps; ++s) {
+    if (sc.prefill_arrival > 0) {
+      // Keep the decode population steady and one long prompt always in prefill.
+      while (scheduler.num_running() + scheduler.num_waiting() < sc.num_decodes) {
+        scheduler.add_request(make_request(next_id++, sc.prompt_len, 64 + static_cast<int32_t>(rng() % 192), rng));
+      }
+      if (scheduler.num_waiting() == 0) {
+        scheduler.add_request(make_request(next_id++, sc.prefill_arrival, 16, rng));
+      }
+    }
+    const auto start = Clock::now();
+    step();
+    micros.push_back(std::chrono::duration<double, std::micro>(Clock::now() - start).count());
+    seqs += batch.num_seqs;
+    tokens += batch.num_tokens;
+  }
+  std::sort(micros.begin(), micros.end());
+  Result r;
+  r.name = sc.name;
+  r.steps = timed_steps;
+  r.mean_seqs = seqs / timed_steps;
+  r.mean_tokens = tokens / timed_steps;
+  r.median_us = micros[micros.size() / 2];
+  r.p90_us = micros[micros.size() * 9 / 10];
+  return r;
+}
+
+}  // namespace
+}  // namespace rtpllm
+
+int main(int argc, char** argv) {
+  int steps = 2000;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--steps") == 0 && i + 1 < argc) {
+      steps = std::atoi(argv[++i]);
+    } else {
+      std::fprintf(stderr, "usage: %s [--steps N]\n", argv[0]);
+      return 2;
+    }
+  }
+  if (steps < 10) {
+    std::fprintf(stderr, "--steps must be >= 10\n");
+    return 2;
+  }
+  using rtpllm::Scenario;
+  const Scenario scenarios[] = {
+      {"decode 256 seqs, prompt 512", 256, 512, 0, 8192},
+      {"decode 1024 seqs, prompt 512", 1024, 512, 0, 8192},
+      {"decode 256 + chunked 4k prefill", 256, 512, 4096, 2048},
+  };
+  std::printf("%-36s %8s %10s %12s %10s %8s\n", "scenario", "seqs", "tokens", "median us", "p90 us", "steps");
+  for (const Scenario& sc : scenarios) {
+    const rtpllm::Result r = rtpllm::run(sc, steps);
+    std::printf("%-36s %8.1f %10.1f %12.1f %10.1f %8d\n", r.name.c_str(), r.mean_seqs, r.mean_tokens, r.median_us, r.p90_us,
+                r.steps);
+  }
+  return 0;
+}
