@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -63,6 +63,43 @@ def _time_us_with_events(fn: Callable[[], object], warmup_ms: float, rep_ms: flo
         end.synchronize()
         times.append(start.elapsed_time(end))
     return 1000.0 * statistics.median(times)
+
+
+def time_in_graph_us(fns: Sequence[Callable[[], object]], launches: int = 0, replays: int = 20) -> float:
+    """Median device time of one launch, measured as back-to-back launches inside a CUDA graph,
+    as the model runs them (no Python or launch gaps between kernels).
+
+    `fns` are the same operation over distinct input copies; cycling through them keeps the L2
+    cache cold when the copies together are much larger than it (see `copies_for_cold_l2`).
+    """
+    launches = max(launches, 2 * len(fns), 8)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns:  # warm-up (and allocator activity) outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(launches):
+            fns[i % len(fns)]()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return 1000.0 * statistics.median(times) / launches
+
+
+def copies_for_cold_l2(bytes_per_copy: int, max_copies: int = 32) -> int:
+    """How many input copies to cycle through so that each launch finds its inputs out of L2."""
+    l2_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    return max(1, min(max_copies, -(-4 * l2_bytes // max(bytes_per_copy, 1))))
 
 
 def measure_copy_tbps(num_bytes: int = 2 << 30) -> float:

@@ -4,7 +4,8 @@
 #
 # Usage: bash bench/gpu/run_all.sh [--quick]     (--quick: headline benchmark configurations only)
 #        RTPLLM_SKIP_BUILD=1 skips the build when rtpllm._C with the kernels is already importable;
-#        GPU_TESTS / GPU_BENCHES narrow the run (default: tests/gpu/test_*.py and bench/gpu/bench_*.py).
+#        GPU_TESTS / GPU_BENCHES narrow the run (default: tests/gpu/test_*.py and bench/gpu/bench_*.py);
+#        RTPLLM_COMMIT names the commit where the tree is a copy without .git (the device tool's).
 # Results go to $OUT when it is set (the device tool's output folder), else to
 # bench/results/tmp/gpu-<date>/: summary.md, results.json (one JSON of everything, with the card,
 # date and commit) and logs.tar.gz (build, test and benchmark logs, per-benchmark JSON).
@@ -26,7 +27,7 @@ bundle() { tar -czf "$out_dir/logs.tar.gz" -C "$work" . 2>/dev/null; }
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ local changes)')"
+  echo "commit: ${RTPLLM_COMMIT:-$(git rev-parse --verify -q HEAD 2>/dev/null || echo unknown)}"
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   nvcc --version | tail -1
 } > "$work/environment.txt" 2>&1

@@ -45,8 +45,11 @@ def format_row(r: dict) -> tuple[str, str, str, str]:
 
 
 def git_commit() -> str:
+    if os.environ.get("RTPLLM_COMMIT"):
+        return os.environ["RTPLLM_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

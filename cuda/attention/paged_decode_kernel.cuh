@@ -83,6 +83,24 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const __grid_con
   const int seq = blockIdx.z;
   const int split = blockIdx.x;
 
+  // Q as the A operand of m16n8k16 (rows = query heads, zero past `rows`), loaded once. Issued
+  // before seq_lens is known, so that the two loads overlap.
+  const int frag_row = lane / 4;
+  const int frag_col = (lane % 4) * 2;
+  uint32_t q_frag[kDimSteps][4];
+  {
+    const int64_t q_base = seq * p.q_stride + static_cast<int64_t>(head0) * kHeadDim;
+    const int64_t lo = q_base + frag_row * kHeadDim + frag_col;
+    const int64_t hi = lo + 8 * kHeadDim;
+#pragma unroll
+    for (int kk = 0; kk < kDimSteps; ++kk) {
+      q_frag[kk][0] = load_pair(p.q, lo + kk * 16, frag_row < rows);
+      q_frag[kk][1] = load_pair(p.q, hi + kk * 16, frag_row + 8 < rows);
+      q_frag[kk][2] = load_pair(p.q, lo + kk * 16 + 8, frag_row < rows);
+      q_frag[kk][3] = load_pair(p.q, hi + kk * 16 + 8, frag_row + 8 < rows);
+    }
+  }
+
   int begin, end;
   split_range(p.seq_lens[seq], p.num_splits, split, &begin, &end);
   if (begin >= end) {
@@ -98,23 +116,6 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const __grid_con
       }
     }
     return;
-  }
-
-  // Q as the A operand of m16n8k16 (rows = query heads, zero past `rows`), loaded once.
-  const int frag_row = lane / 4;
-  const int frag_col = (lane % 4) * 2;
-  uint32_t q_frag[kDimSteps][4];
-  {
-    const int64_t q_base = seq * p.q_stride + static_cast<int64_t>(head0) * kHeadDim;
-    const int64_t lo = q_base + frag_row * kHeadDim + frag_col;
-    const int64_t hi = lo + 8 * kHeadDim;
-#pragma unroll
-    for (int kk = 0; kk < kDimSteps; ++kk) {
-      q_frag[kk][0] = load_pair(p.q, lo + kk * 16, frag_row < rows);
-      q_frag[kk][1] = load_pair(p.q, hi + kk * 16, frag_row + 8 < rows);
-      q_frag[kk][2] = load_pair(p.q, lo + kk * 16 + 8, frag_row < rows);
-      q_frag[kk][3] = load_pair(p.q, hi + kk * 16 + 8, frag_row + 8 < rows);
-    }
   }
 
   const int num_tiles = ceil_div(end - begin, kTileTokens);

@@ -43,13 +43,13 @@ class DecodeCase:
     """A random batch in a shuffled paged cache; every slot no sequence owns holds NaN."""
 
     def __init__(self, seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
-                 dtype: torch.dtype, max_blocks_per_seq: int | None = None):
+                 dtype: torch.dtype, max_blocks_per_seq: int | None = None, num_blocks: int | None = None):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.block_size, self.dtype = block_size, dtype
         num_seqs = len(seq_lens)
         needed = [math.ceil(n / block_size) for n in seq_lens]
         max_blocks = max_blocks_per_seq or max(max(needed), 1) + 2  # padded columns, as the scheduler pads
-        num_blocks = sum(needed) + 5
+        num_blocks = num_blocks or sum(needed) + 5  # a few blocks no sequence owns (NaN)
         self.kv_cache = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype,
                                    device=DEVICE)
         self.block_tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int32, device=DEVICE)
@@ -87,7 +87,8 @@ def assert_matches(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> 
     err = out.float() - ref
     rel = (err.norm() / ref.norm().clamp_min(1e-12)).item()
     worst = err.abs().max().item()
-    assert rel < rel_tol and worst < abs_tol, f"relative L2 error {rel:.2e} (tol {rel_tol}), max {worst:.2e} (tol {abs_tol})"
+    assert rel < rel_tol and worst < abs_tol, \
+        f"relative L2 error {rel:.2e} (tol {rel_tol}), max abs error {worst:.2e} (tol {abs_tol})"
 
 
 def random_lengths(batch: int, max_ctx: int, gen: torch.Generator) -> list[int]:
@@ -162,7 +163,8 @@ def test_decode_replays_in_cuda_graph(workspace):
     """Captured once with a plan for contexts up to 4097, replayed with new lengths, new block
     tables and new values written into the same tensors."""
     gen = torch.Generator().manual_seed(7)
-    case = DecodeCase(random_lengths(7, 4097, gen), 32, 8, 128, 16, torch.bfloat16, max_blocks_per_seq=260)
+    case = DecodeCase(random_lengths(7, 4097, gen), 32, 8, 128, 16, torch.bfloat16, max_blocks_per_seq=260,
+                      num_blocks=7 * 257 + 5)  # room for any lengths up to 4097
     plan = case.plan(4097, workspace)
     out = torch.empty_like(case.q)
     scale = 128 ** -0.5

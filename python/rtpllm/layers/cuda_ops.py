@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -40,6 +40,7 @@ def _ops():
     return _C.ops
 
 
+@functools.cache
 def _scalar_type(dtype: torch.dtype):
     return getattr(_ops().ScalarType, str(dtype).removeprefix("torch."))
 
@@ -48,49 +49,50 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _require(cond: bool, name: str, message: str) -> None:
+def _require(cond: bool, name: str, message: Union[str, Callable[[], str]]) -> None:
+    # Checks run on every launch; a formatted message is a lambda so that it costs nothing unless raised.
     if not cond:
-        raise ValueError(f"{name}: {message}")
+        raise ValueError(f"{name}: {message() if callable(message) else message}")
 
 
 def _check_tensor(t: torch.Tensor, name: str, *, device: Optional[torch.device] = None,
                   dtypes: tuple[torch.dtype, ...] = (), ndim: Optional[int] = None) -> None:
-    _require(isinstance(t, torch.Tensor), name, f"expected a torch.Tensor, got {type(t).__name__}")
-    _require(t.is_cuda, name, f"must be on a CUDA device, got {t.device}")
+    _require(isinstance(t, torch.Tensor), name, lambda: f"expected a torch.Tensor, got {type(t).__name__}")
+    _require(t.is_cuda, name, lambda: f"must be on a CUDA device, got {t.device}")
     if device is not None:
-        _require(t.device == device, name, f"must be on {device}, got {t.device}")
+        _require(t.device == device, name, lambda: f"must be on {device}, got {t.device}")
     if dtypes:
-        _require(t.dtype in dtypes, name, f"dtype must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
+        _require(t.dtype in dtypes, name, lambda: f"dtype must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
     if ndim is not None:
-        _require(t.dim() == ndim, name, f"expected {ndim} dims, got shape {tuple(t.shape)}")
+        _require(t.dim() == ndim, name, lambda: f"expected {ndim} dims, got shape {tuple(t.shape)}")
 
 
 def _check_shape(t: torch.Tensor, name: str, shape: tuple) -> None:
-    _require(tuple(t.shape) == tuple(shape), name, f"expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    _require(tuple(t.shape) == tuple(shape), name, lambda: f"expected shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
 def _check_rows(t: torch.Tensor, name: str) -> None:
     """A 2-D tensor whose rows are contiguous, 16-byte aligned and a whole number of vectors apart."""
-    _require(t.stride(-1) == 1, name, f"last dim must be contiguous, got strides {t.stride()}")
+    _require(t.stride(-1) == 1, name, lambda: f"last dim must be contiguous, got strides {t.stride()}")
     _require(t.shape[0] <= 1 or t.stride(0) % _VEC == 0, name,
-             f"row stride must be a multiple of {_VEC} elements, got {t.stride(0)}")
+             lambda: f"row stride must be a multiple of {_VEC} elements, got {t.stride(0)}")
     _require(t.data_ptr() % 16 == 0, name, "data must be 16-byte aligned")
 
 
 def _check_heads(t: torch.Tensor, name: str, vec_token_stride: bool = True) -> None:
     """[tokens, heads, head_dim] with each token's heads packed (a view into a fused qkv is fine)."""
     _require(t.stride(-1) == 1 and t.stride(-2) == t.shape[-1], name,
-             f"heads of a token must be contiguous, got strides {t.stride()}")
+             lambda: f"heads of a token must be contiguous, got strides {t.stride()}")
     if vec_token_stride:
         _require(t.shape[0] <= 1 or t.stride(0) % _VEC == 0, name,
-                 f"token stride must be a multiple of {_VEC} elements, got {t.stride(0)}")
+                 lambda: f"token stride must be a multiple of {_VEC} elements, got {t.stride(0)}")
         _require(t.data_ptr() % 16 == 0, name, "data must be 16-byte aligned")
 
 
 def _as_rows(t: torch.Tensor, name: str) -> torch.Tensor:
     if t.dim() == 2:
         return t
-    _require(t.is_contiguous(), name, f"a {t.dim()}-D input must be contiguous (got strides {t.stride()})")
+    _require(t.is_contiguous(), name, lambda: f"a {t.dim()}-D input must be contiguous (got strides {t.stride()})")
     return t.view(-1, t.shape[-1])
 
 
@@ -146,7 +148,7 @@ def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posi
     for name, t in (("k", k), ("v", v)):
         _check_tensor(t, name, device=q.device, dtypes=(q.dtype,), ndim=3)
         _require(t.shape[0] == num_tokens and t.shape[2] == head_dim, name,
-                 f"expected [{num_tokens}, num_kv_heads, {head_dim}], got {tuple(t.shape)}")
+                 lambda: f"expected [{num_tokens}, num_kv_heads, {head_dim}], got {tuple(t.shape)}")
     num_kv_heads = k.shape[1]
     _check_shape(v, "v", tuple(k.shape))
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -158,7 +160,8 @@ def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posi
     _check_tensor(cos_sin_cache, "cos_sin_cache", device=q.device, dtypes=(torch.float32,), ndim=2)
     rotary_dim = cos_sin_cache.shape[1]
     _require(rotary_dim <= head_dim and rotary_dim % (2 * _VEC) == 0, "cos_sin_cache",
-             f"width (rotary dim) must be a multiple of {2 * _VEC} and at most head_dim={head_dim}, got {rotary_dim}")
+             lambda: f"width (rotary dim) must be a multiple of {2 * _VEC} and at most head_dim={head_dim}, "
+             f"got {rotary_dim}")
     _require(cos_sin_cache.is_contiguous() and cos_sin_cache.data_ptr() % 16 == 0, "cos_sin_cache",
              "must be contiguous and 16-byte aligned")
     _check_kv_cache(kv_cache, q, num_kv_heads, head_dim)
@@ -172,7 +175,7 @@ def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posi
 def silu_and_mul(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [T, 2 * I] laid out gate | up -> silu(gate) * up [T, I], rounded as HF's Llama MLP does."""
     _check_tensor(x, "x", dtypes=_HALF_DTYPES, ndim=2)
-    _require(x.shape[1] % (2 * _VEC) == 0, "x", f"width must be a multiple of {2 * _VEC}, got {x.shape[1]}")
+    _require(x.shape[1] % (2 * _VEC) == 0, "x", lambda: f"width must be a multiple of {2 * _VEC}, got {x.shape[1]}")
     inter = x.shape[1] // 2
     if out is None:
         out = torch.empty(x.shape[0], inter, dtype=x.dtype, device=x.device)
@@ -190,7 +193,8 @@ def embedding(ids: torch.Tensor, table: torch.Tensor, out: Optional[torch.Tensor
     table yields a zero row (the vocabulary-shard convention); validate ids before they get here."""
     _check_tensor(table, "table", dtypes=_HALF_DTYPES, ndim=2)
     _require(table.is_contiguous() and table.data_ptr() % 16 == 0, "table", "must be contiguous and 16-byte aligned")
-    _require(table.shape[1] % _VEC == 0, "table", f"hidden size must be a multiple of {_VEC}, got {table.shape[1]}")
+    _require(table.shape[1] % _VEC == 0, "table",
+             lambda: f"hidden size must be a multiple of {_VEC}, got {table.shape[1]}")
     _check_tensor(ids, "ids", device=table.device, dtypes=(torch.int32, torch.int64), ndim=1)
     _require(ids.is_contiguous(), "ids", "must be contiguous")
     if out is None:
@@ -209,7 +213,7 @@ def embedding(ids: torch.Tensor, table: torch.Tensor, out: Optional[torch.Tensor
 def _check_kv_cache(kv_cache: torch.Tensor, q: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
     _check_tensor(kv_cache, "kv_cache", device=q.device, dtypes=(q.dtype,), ndim=5)
     _require(kv_cache.shape[0] == 2 and kv_cache.shape[3] == num_kv_heads and kv_cache.shape[4] == head_dim,
-             "kv_cache", f"expected [2, num_blocks, block_size, {num_kv_heads}, {head_dim}], "
+             "kv_cache", lambda: f"expected [2, num_blocks, block_size, {num_kv_heads}, {head_dim}], "
              f"got {tuple(kv_cache.shape)}")
     _require(kv_cache.is_contiguous(), "kv_cache", "must be contiguous")
     _require(kv_cache.data_ptr() % 16 == 0 and kv_cache[1].data_ptr() % 16 == 0, "kv_cache",
@@ -220,7 +224,7 @@ def allocate_decode_workspace(device: torch.device | str,
                               num_bytes: int = DEFAULT_DECODE_WORKSPACE_BYTES) -> torch.Tensor:
     """The float32 scratch that split-KV decode writes its partial results into. Allocate once
     and reuse for every step and layer: a CUDA graph captures its address."""
-    _require(num_bytes >= 4, "num_bytes", f"must be positive, got {num_bytes}")
+    _require(num_bytes >= 4, "num_bytes", lambda: f"must be positive, got {num_bytes}")
     return torch.empty(num_bytes // 4, dtype=torch.float32, device=device)
 
 
@@ -246,11 +250,11 @@ def plan_paged_decode(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim
 
     `num_splits` overrides the choice (tests, benchmarks); it must fit the workspace.
     """
-    _require(num_seqs > 0, "num_seqs", f"must be positive, got {num_seqs}")
+    _require(num_seqs > 0, "num_seqs", lambda: f"must be positive, got {num_seqs}")
     _require(num_kv_heads > 0 and num_heads % num_kv_heads == 0, "num_kv_heads",
-             f"must divide num_heads={num_heads}, got {num_kv_heads}")
-    _require(max_seq_len >= 1, "max_seq_len", f"must be positive, got {max_seq_len}")
-    _require(dtype in _HALF_DTYPES, "dtype", f"must be float16 or bfloat16, got {dtype}")
+             lambda: f"must divide num_heads={num_heads}, got {num_kv_heads}")
+    _require(max_seq_len >= 1, "max_seq_len", lambda: f"must be positive, got {max_seq_len}")
+    _require(dtype in _HALF_DTYPES, "dtype", lambda: f"must be float16 or bfloat16, got {dtype}")
     _check_tensor(workspace, "workspace", dtypes=(torch.float32,), ndim=1)
     _require(workspace.is_contiguous() and workspace.data_ptr() % 16 == 0, "workspace",
              "must be contiguous and 16-byte aligned")
@@ -259,11 +263,11 @@ def plan_paged_decode(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim
     if num_splits is None:
         num_splits = _ops().paged_decode_plan(num_seqs, num_heads, num_kv_heads, head_dim, block_size,
                                               _scalar_type(dtype), max_seq_len, max(max_splits, 1))
-    _require(num_splits >= 1, "num_splits", f"must be positive, got {num_splits}")
+    _require(num_splits >= 1, "num_splits", lambda: f"must be positive, got {num_splits}")
     if num_splits == 1:
         return DecodePlan(num_seqs, num_heads, head_dim, max_seq_len, 1, None, None)
     _require(num_splits <= max_splits, "workspace",
-             f"holds {max_splits} splits for {num_seqs} sequences x {num_heads} heads, {num_splits} asked")
+             lambda: f"holds {max_splits} splits for {num_seqs} sequences x {num_heads} heads, {num_splits} asked")
     out_elems = num_seqs * num_heads * num_splits * head_dim
     partial_out = workspace[:out_elems].view(num_seqs, num_heads, num_splits, head_dim)
     partial_lse = workspace[out_elems:out_elems + num_seqs * num_heads * num_splits].view(
@@ -286,26 +290,27 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     _check_tensor(q, "q", dtypes=_HALF_DTYPES, ndim=3)
     num_seqs, num_heads, head_dim = q.shape
     _check_heads(q, "q", vec_token_stride=False)
-    _require(num_seqs <= 1 or q.stride(0) % 2 == 0, "q", f"token stride must be even, got {q.stride(0)}")
+    _require(num_seqs <= 1 or q.stride(0) % 2 == 0, "q", lambda: f"token stride must be even, got {q.stride(0)}")
     _require(q.data_ptr() % 4 == 0, "q", "data must be 4-byte aligned")
-    _require(kv_cache.dim() == 5, "kv_cache", f"expected 5 dims, got shape {tuple(kv_cache.shape)}")
+    _require(kv_cache.dim() == 5, "kv_cache", lambda: f"expected 5 dims, got shape {tuple(kv_cache.shape)}")
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
-    _require(num_heads % num_kv_heads == 0, "q", f"num_heads={num_heads} is not a multiple of "
+    _require(num_heads % num_kv_heads == 0, "q", lambda: f"num_heads={num_heads} is not a multiple of "
              f"the cache's num_kv_heads={num_kv_heads}")
     _check_kv_cache(kv_cache, q, num_kv_heads, head_dim)
     _check_tensor(block_tables, "block_tables", device=q.device, dtypes=(torch.int32,), ndim=2)
     _require(block_tables.shape[0] == num_seqs, "block_tables",
-             f"expected {num_seqs} rows, got {block_tables.shape[0]}")
+             lambda: f"expected {num_seqs} rows, got {block_tables.shape[0]}")
     _require(block_tables.stride(1) == 1, "block_tables", "rows must be contiguous")
     _check_tensor(seq_lens, "seq_lens", device=q.device, dtypes=(torch.int32,), ndim=1)
     _check_shape(seq_lens, "seq_lens", (num_seqs,))
     _require(seq_lens.is_contiguous(), "seq_lens", "must be contiguous")
-    _require(isinstance(plan, DecodePlan), "plan", f"expected a DecodePlan, got {type(plan).__name__}")
+    _require(isinstance(plan, DecodePlan), "plan", lambda: f"expected a DecodePlan, got {type(plan).__name__}")
     _require((plan.num_seqs, plan.num_heads, plan.head_dim) == (num_seqs, num_heads, head_dim), "plan",
-             f"was made for (num_seqs, num_heads, head_dim)={(plan.num_seqs, plan.num_heads, plan.head_dim)}, "
+             lambda: f"was made for (num_seqs, num_heads, head_dim)={(plan.num_seqs, plan.num_heads, plan.head_dim)}, "
              f"got {(num_seqs, num_heads, head_dim)}")
     if plan.num_splits > 1:
-        _require(plan.partial_out.device == q.device, "plan", f"workspace is on {plan.partial_out.device}, q on {q.device}")
+        _require(plan.partial_out.device == q.device, "plan",
+                 lambda: f"workspace is on {plan.partial_out.device}, q on {q.device}")
     if out is None:
         out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)
     _check_tensor(out, "out", device=q.device, dtypes=(q.dtype,), ndim=3)
