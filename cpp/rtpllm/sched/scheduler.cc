@@ -109,17 +109,19 @@ int32_t Scheduler::chunk_size(int32_t remaining, int32_t budget) const {
   return 0;
 }
 
-bool Scheduler::schedule_running(Request* request, int32_t num_new_tokens, int32_t& budget, bool& preempted) {
+void Scheduler::schedule_running(Request* request, int32_t num_new_tokens, int32_t& budget, bool& preempted) {
+  // Out of blocks: preempt the least important running request until this one fits, or it is
+  // itself the least important. Since the context limit is capped at the pool's capacity, a
+  // request left alone always fits, so this terminates.
   while (!kv_.allocate_slots(*request, num_new_tokens)) {
     Request* victim = pick_victim();
     preempt(victim, budget);
     preempted = true;
-    if (victim == request) return false;
+    if (victim == request) return;
   }
   request->scheduled_step = step_;
   entries_.push_back({request, num_new_tokens, request->num_computed_tokens + num_new_tokens == request->num_tokens()});
   budget -= num_new_tokens;
-  return true;
 }
 
 Request* Scheduler::pick_victim() const {

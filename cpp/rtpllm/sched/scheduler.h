@@ -61,8 +61,9 @@ class Scheduler {
   // Throws std::invalid_argument for a batch that is not this scheduler's latest, or a wrong count.
   void update(const ScheduledBatch& batch, const TokenId* sampled, size_t num_sampled, StepOutputs& outputs);
 
-  // Finishes a request now, whatever its state, and frees its blocks. `reason` is reported by
-  // nobody (the engine knows); it must not be NONE. Returns false for an unknown or finished id.
+  // Finishes a request now, whatever its state (also between schedule() and update()), and frees
+  // its blocks. No StepOutput follows: the caller already knows. `reason` must not be NONE.
+  // Returns false for an unknown or already finished id, so a repeated abort is harmless.
   bool abort(RequestId request_id, FinishReason reason = FinishReason::ABORT);
 
   int32_t num_running() const { return static_cast<int32_t>(running_.size()); }
@@ -84,7 +85,7 @@ class Scheduler {
 
  private:
   int32_t chunk_size(int32_t remaining, int32_t budget) const;
-  bool schedule_running(Request* request, int32_t num_new_tokens, int32_t& budget, bool& preempted);
+  void schedule_running(Request* request, int32_t num_new_tokens, int32_t& budget, bool& preempted);
   void admit_waiting(int32_t& budget);
   Request* pick_victim() const;
   void preempt(Request* victim, int32_t& budget);
