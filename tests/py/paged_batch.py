@@ -63,11 +63,16 @@ class PagedKV:
         return as_tensor(ids, torch.int64), as_tensor(list(positions), torch.int64), meta
 
     @torch.inference_mode()
-    def run(self, model, new_tokens: dict[int, Sequence[int]]) -> dict[int, torch.Tensor]:
-        """One forward step; returns each sequence's logits for all of its new tokens (float32, CPU)."""
+    def run(self, model, new_tokens: dict[int, Sequence[int]], last_only: bool = False) -> dict[int, torch.Tensor]:
+        """One forward step; returns each sequence's logits (float32, CPU) for all of its new tokens,
+        or with `last_only` for its last new token only ([1, vocab])."""
         input_ids, positions, meta = self.build_step(new_tokens)
-        logits = model.compute_logits(model(input_ids, positions, self.caches, meta)).cpu()
+        hidden = model(input_ids, positions, self.caches, meta)
         bounds = meta.query_start_loc.tolist()
+        if last_only:
+            logits = model.compute_logits(hidden[meta.query_start_loc[1:].long() - 1]).cpu()
+            return {seq: logits[i:i + 1] for i, seq in enumerate(new_tokens)}
+        logits = model.compute_logits(hidden).cpu()
         return {seq: logits[bounds[i]:bounds[i + 1]] for i, seq in enumerate(new_tokens)}
 
 
@@ -89,7 +94,7 @@ def greedy_generate(model, arch, prompts: Sequence[Sequence[int]], max_new_token
     step = {i: list(p) for i, p in enumerate(prompts)}
     outputs: list[list[int]] = [[] for _ in prompts]
     for _ in range(max_new_tokens):
-        logits = kv.run(model, step)
+        logits = kv.run(model, step, last_only=True)
         step = {}
         for seq, rows in logits.items():
             token = int(rows[-1].argmax())

@@ -47,7 +47,7 @@ class Linear(nn.Module):
 class FusedLinear(Linear):
     """Several projections of one input stacked along the output dim, in the order given.
 
-    `shards` names each projection and its output size, e.g. [("q", 2048), ("k", 512), ("v", 512)];
+    `shards` names each projection and its output size, e.g. [("q_proj", 2048), ("k_proj", 512), ("v_proj", 512)];
     the checkpoint's separate tensors are copied into their rows with `load_shard`.
     """
 

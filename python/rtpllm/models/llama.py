@@ -27,14 +27,9 @@ from rtpllm.layers.rotary import RotaryEmbedding
 from rtpllm.layers.torch_attention import TorchAttentionBackend
 from rtpllm.models.llama_arch import LlamaArch
 
-# Checkpoint projection -> (our fused parameter, its shard).
-_FUSED_SHARDS = {
-    "q_proj": ("qkv_proj", "q"),
-    "k_proj": ("qkv_proj", "k"),
-    "v_proj": ("qkv_proj", "v"),
-    "gate_proj": ("gate_up_proj", "gate"),
-    "up_proj": ("gate_up_proj", "up"),
-}
+# Checkpoint projection -> our fused projection that holds it as a shard of the same name.
+_FUSED_INTO = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+               "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 _FUSED_NAME = re.compile(r"^(.*)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$")
 # Checkpoint tensors that carry nothing we use (precomputed RoPE frequencies in old exports).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -48,7 +43,8 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = arch.num_kv_heads
         self.head_dim = arch.head_dim
         self.scale = arch.head_dim ** -0.5
-        self.qkv_proj = FusedLinear(arch.hidden_size, [("q", arch.q_size), ("k", arch.kv_size), ("v", arch.kv_size)],
+        self.qkv_proj = FusedLinear(arch.hidden_size,
+                                    [("q_proj", arch.q_size), ("k_proj", arch.kv_size), ("v_proj", arch.kv_size)],
                                     bias=arch.qkv_bias, dtype=dtype)
         self.o_proj = Linear(arch.q_size, arch.hidden_size, bias=arch.o_bias, dtype=dtype)
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype) if arch.qk_norm else None
@@ -73,8 +69,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, arch: LlamaArch, dtype: Optional[torch.dtype]):
         super().__init__()
         size = arch.intermediate_size
-        self.gate_up_proj = FusedLinear(arch.hidden_size, [("gate", size), ("up", size)], bias=arch.mlp_bias,
-                                        dtype=dtype)
+        self.gate_up_proj = FusedLinear(arch.hidden_size, [("gate_proj", size), ("up_proj", size)],
+                                        bias=arch.mlp_bias, dtype=dtype)
         self.down_proj = Linear(size, arch.hidden_size, bias=arch.mlp_bias, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,33 +152,31 @@ class LlamaForCausalLM(nn.Module):
             if name.endswith(_IGNORED_SUFFIXES) or (self.lm_head is None and name == "lm_head.weight"):
                 # A tied checkpoint may still store lm_head.weight (a copy of the embedding).
                 continue
-            fused = _FUSED_NAME.match(name)
-            if fused:
-                prefix, projection, kind = fused.groups()
-                target, shard = _FUSED_SHARDS[projection]
-                module = self.get_submodule(f"{prefix}.{target}")
-                module.load_shard(shard, kind, tensor, name)
-                key = f"{prefix}.{target}.{kind}[{shard}]"
-            else:
-                if name not in params:
-                    raise ValueError(f"{name}: unexpected tensor in the checkpoint (not part of this "
-                                     f"{self.arch.architecture} configuration)")
-                copy_checked(params[name], tensor, name)
-                key = name
-            if key in loaded:
+            if name in loaded:
                 raise ValueError(f"{name}: appears twice in the checkpoint")
-            loaded.add(key)
-        missing = [name for name in self._expected_checkpoint_keys() if name not in loaded]
+            fused = _FUSED_NAME.match(name)
+            if fused and f"{fused.group(1)}.{_FUSED_INTO[fused.group(2)]}.weight" in params:
+                prefix, projection, kind = fused.groups()
+                self.get_submodule(f"{prefix}.{_FUSED_INTO[projection]}").load_shard(projection, kind, tensor, name)
+            elif name in params:
+                copy_checked(params[name], tensor, name)
+            else:
+                raise ValueError(f"{name}: unexpected tensor in the checkpoint (not part of this "
+                                 f"{self.arch.architecture} configuration)")
+            loaded.add(name)
+        missing = [name for name in self.checkpoint_tensor_names() if name not in loaded]
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
 
-    def _expected_checkpoint_keys(self) -> list[str]:
-        keys = []
+    def checkpoint_tensor_names(self) -> list[str]:
+        """The Hugging Face names of every tensor this configuration needs from a checkpoint."""
+        names = []
         for name, module in self.named_modules():
+            kinds = [kind for kind, _ in module.named_parameters(recurse=False)]
             if isinstance(module, FusedLinear):
-                kinds = ["weight"] + (["bias"] if module.bias is not None else [])
-                keys += [f"{name}.{kind}[{shard}]" for kind in kinds for shard in module.shard_rows]
-            elif isinstance(module, (Linear, Embedding, RMSNorm)):
-                keys += [f"{name}.{param}" for param, _ in module.named_parameters(recurse=False)]
-        return keys
+                prefix = name.rsplit(".", 1)[0]
+                names += [f"{prefix}.{shard}.{kind}" for shard in module.shard_rows for kind in kinds]
+            else:
+                names += [f"{name}.{kind}" for kind in kinds]
+        return names
