@@ -29,3 +29,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and dtype != "float32":
         raise ValueError(f"dtype: the CPU path runs in float32 only, got {dtype!r}")
     return _DTYPES[dtype]
+
+
+def attention_backend_factory(device: torch.device, dtype: torch.dtype, block_size: int):
+    """The CUDA kernels' backend on a GPU when they were built in; None (the torch reference) elsewhere."""
+    if device.type != "cuda" or not cuda_kernels_available():
+        return None
+    from rtpllm.layers.cuda_attention import CudaAttentionBackend
+
+    def make(arch):
+        return CudaAttentionBackend(arch.num_heads, arch.num_kv_heads, arch.head_dim, block_size, dtype, device)
+
+    return make

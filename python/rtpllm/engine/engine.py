@@ -18,7 +18,7 @@ from rtpllm import _C
 from rtpllm.config import EngineConfig
 from rtpllm.engine.default_model import resolve_model_path
 from rtpllm.engine.detokenizer import IncrementalDetokenizer, StopStringChecker
-from rtpllm.engine.device import resolve_device, resolve_dtype
+from rtpllm.engine.device import attention_backend_factory, resolve_device, resolve_dtype
 from rtpllm.engine.model_runner import ModelRunner
 from rtpllm.engine.prompt_logprobs import PromptLogprobCollector
 from rtpllm.engine.request_state import RequestGroup, SequenceState
@@ -45,13 +45,15 @@ class Engine:
         self.device = resolve_device(config.device.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         torch.manual_seed(config.model.seed)
-        loaded = load_model_and_tokenizer(self.model_path, dtype=self.dtype, device=self.device)
+        loaded = load_model_and_tokenizer(self.model_path, dtype=self.dtype, device=self.device,
+                                          attn_backend_factory=attention_backend_factory(
+                                              self.device, self.dtype, config.cache.block_size))
         self.arch = loaded.arch
         self.tokenizer = loaded.tokenizer
         self.model_name = config.model.served_model_name or _basename(self.model_path)
         self.max_model_len = self._max_model_len(config.model.max_model_len)
         self.eos_token_ids = _eos_ids(loaded.generation_config, self.tokenizer, self.arch)
-        self.runner = ModelRunner(loaded.model, self.arch, config, self.device, self.dtype)
+        self.runner = ModelRunner(loaded.model, self.arch, config, self.device, self.dtype, self.max_model_len)
         self.scheduler = _C.Scheduler(
             _C.SchedulerOptions(
                 max_num_batched_tokens=config.scheduler.max_num_batched_tokens,

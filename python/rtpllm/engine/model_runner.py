@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
 from rtpllm.config import EngineConfig
+from rtpllm.engine.cuda_graph import DecodeGraphs
+from rtpllm.engine.host_to_device import HostToDevice
 from rtpllm.engine.kv_cache import allocate_kv_caches, kv_bytes_per_block, num_blocks_for_device
 from rtpllm.layers.attention_metadata import AttentionMetadata
 from rtpllm.layers.sampler import Sampler, SamplerOutput
@@ -28,7 +29,7 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, arch, config: EngineConfig, device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, max_model_len: int):
         self.model = model
         self.arch = arch
         self.device = device
@@ -42,20 +43,21 @@ class ModelRunner:
         self.num_blocks = num_blocks_for_device(config.cache, bytes_per_block, device, peak)
         self.kv_caches = allocate_kv_caches(arch.num_layers, self.num_blocks, self.block_size,
                                             arch.num_kv_heads, arch.head_dim, dtype, device)
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
-        if self.device.type == "cpu":
-            return tensor
-        return tensor.pin_memory().to(self.device, non_blocking=True)
+        self._to_device = HostToDevice(device)
+        self.graphs: Optional[DecodeGraphs] = None
+        backend = getattr(model, "attn_backend", None)
+        if device.type == "cuda" and not config.device.enforce_eager and hasattr(backend, "plan"):
+            self.graphs = DecodeGraphs(
+                model, self.kv_caches, backend.plan, max_batch=min(config.scheduler.max_num_seqs, 256),
+                max_blocks_per_seq=-(-max_model_len // self.block_size), max_model_len=max_model_len, device=device)
 
     def build_metadata(self, batch) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=self._to_device(batch.slot_mapping),
-            query_start_loc=self._to_device(batch.query_start_loc),
-            seq_lens=self._to_device(batch.seq_lens),
-            num_computed=self._to_device(batch.num_computed),
-            block_tables=self._to_device(batch.block_tables),
+            slot_mapping=self._to_device("slot_mapping", batch.slot_mapping),
+            query_start_loc=self._to_device("query_start_loc", batch.query_start_loc),
+            seq_lens=self._to_device("seq_lens", batch.seq_lens),
+            num_computed=self._to_device("num_computed", batch.num_computed),
+            block_tables=self._to_device("block_tables", batch.block_tables),
             max_query_len=int(batch.max_query_len),
             max_seq_len=int(batch.max_seq_len),
         )
@@ -64,14 +66,23 @@ class ModelRunner:
     def execute(self, batch, sampling_batch, prompt_logprob_seqs: list[int]) -> StepResult:
         """Runs one step. `prompt_logprob_seqs` are batch indices of sequences whose new tokens
         all need logits (prompt logprobs); every other sequence only computes its sampled row."""
-        input_ids = self._to_device(batch.input_token_ids).long()
-        positions = self._to_device(batch.positions).long()
+        self._to_device.begin_step()
+        input_ids = self._to_device("input_ids", batch.input_token_ids).long()
+        positions = self._to_device("positions", batch.positions).long()
+        if self.graphs is not None and not prompt_logprob_seqs and self.graphs.can_run(batch):
+            # A decode step: every sequence samples its one row, in batch order.
+            logits = self.graphs.run(input_ids, positions, self._to_device("slot_mapping", batch.slot_mapping),
+                                     self._to_device("seq_lens", batch.seq_lens),
+                                     self._to_device("block_tables", batch.block_tables))
+            self._to_device.end_step()
+            return StepResult(sampled=self.sampler(logits, sampling_batch), prompt_logprobs={})
         meta = self.build_metadata(batch)
+        logits_indices = self._to_device("logits_indices", batch.logits_indices).long()
+        self._to_device.end_step()
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
 
         sampled = None
         if batch.num_sampled > 0:
-            logits_indices = self._to_device(batch.logits_indices).long()
             logits = self.model.compute_logits(hidden.index_select(0, logits_indices))
             sampled = self.sampler(logits, sampling_batch)
 

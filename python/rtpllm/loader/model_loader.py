@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from transformers import AutoTokenizer
@@ -30,10 +30,14 @@ class LoadedModel:
 def load_model_and_tokenizer(path: str, dtype: torch.dtype = torch.float32,
                              device: Union[str, torch.device] = "cpu",
                              attn_backend: Optional[AttentionBackend] = None,
-                             tokenizer_path: Optional[str] = None) -> LoadedModel:
+                             tokenizer_path: Optional[str] = None,
+                             attn_backend_factory: Optional[Callable[[LlamaArch], AttentionBackend]] = None
+                             ) -> LoadedModel:
     """Loads a Hugging Face model folder (config.json + safetensors) or a `.gguf` file.
 
-    `attn_backend` defaults to the torch reference backend; `tokenizer_path` overrides where the
+    `attn_backend` defaults to the torch reference backend; `attn_backend_factory`, when given, builds
+    one from the checkpoint's architecture instead (kernels need head counts before the weights load);
+    `tokenizer_path` overrides where the
     tokenizer comes from (a folder `AutoTokenizer` reads). Raises FileNotFoundError for a missing
     path or file and ValueError for a corrupt file or an unsupported model, naming the problem.
     """
@@ -42,10 +46,13 @@ def load_model_and_tokenizer(path: str, dtype: torch.dtype = torch.float32,
     device = torch.device(device)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model: {path} does not exist")
+    if attn_backend is not None and attn_backend_factory is not None:
+        raise ValueError("attn_backend: give either a backend or a factory, not both")
+    backend = attn_backend if attn_backend_factory is None else attn_backend_factory
     if os.path.isdir(path):
-        loaded = _load_hf_folder(path, dtype, device, attn_backend)
+        loaded = _load_hf_folder(path, dtype, device, backend)
     elif path.endswith(".gguf"):
-        loaded = _load_gguf(path, dtype, device, attn_backend)
+        loaded = _load_gguf(path, dtype, device, backend)
     else:
         raise ValueError(f"model: {path} is neither a Hugging Face model folder nor a .gguf file")
     if tokenizer_path is not None:
@@ -82,6 +89,8 @@ def build_model(arch: LlamaArch, dtype: torch.dtype, device: torch.device,
                 attn_backend: Optional[AttentionBackend] = None) -> LlamaForCausalLM:
     """Creates the model directly on `device` in `dtype` (no host copy of the weights, no
     throwaway initialization) and copies the checkpoint tensors in."""
+    if attn_backend is not None and not hasattr(attn_backend, "forward"):
+        attn_backend = attn_backend(arch)  # a factory (see load_model_and_tokenizer)
     with torch.device(device):
         model = LlamaForCausalLM(arch, attn_backend=attn_backend, dtype=dtype)
     model.load_weights(weights)

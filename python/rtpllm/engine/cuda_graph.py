@@ -1,0 +1,90 @@
+"""CUDA graphs for decode steps: one captured forward (model + logits) per batch-size bucket.
+
+A decode step launches hundreds of small kernels; replaying them as one graph removes the launch
+gaps that otherwise dominate a small batch. Each bucket's graph reads its inputs from static
+device buffers, so a replay is: copy this step's arrays into the buffers, pad the unused rows,
+replay. Padding rows have slot -1 (their K/V is not written) and context length 0 (the decode
+kernel writes zeros for them), so they never touch a real block.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Callable
+
+import torch
+
+from rtpllm.layers.attention_metadata import AttentionMetadata
+
+
+def decode_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then every 16 up to max_batch (the last bucket is max_batch itself)."""
+    buckets = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
+    return sorted(set(buckets + [max_batch]))
+
+
+class DecodeGraphs:
+    def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], plan: Callable[[AttentionMetadata, int], None],
+                 max_batch: int, max_blocks_per_seq: int, max_model_len: int, device: torch.device):
+        """`plan(meta, max_seq_len)` is the attention backend's host-side planning hook."""
+        self.model = model
+        self.kv_caches = kv_caches
+        self.device = device
+        self.buckets = decode_buckets(max_batch)
+        self.max_batch = self.buckets[-1]
+        self.max_blocks_per_seq = max_blocks_per_seq
+        b, w = self.max_batch, max_blocks_per_seq
+        self.input_ids = torch.zeros(b, dtype=torch.long, device=device)
+        self.positions = torch.zeros(b, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((b,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.zeros(b, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(b, w, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, torch.Tensor] = {}
+        self._capture_all(plan, max_model_len)
+
+    def can_run(self, batch) -> bool:
+        return (batch.max_query_len == 1 and batch.num_seqs <= self.max_batch
+                and batch.block_tables.shape[1] <= self.max_blocks_per_seq)
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+            seq_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        """Replays the smallest bucket that holds the batch; returns logits [num_seqs, vocab]."""
+        n, width = block_tables.shape
+        bucket = self.buckets[bisect.bisect_left(self.buckets, n)]
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(slot_mapping, non_blocking=True)
+        self.seq_lens[:n].copy_(seq_lens, non_blocking=True)
+        self.block_tables[:n, :width].copy_(block_tables, non_blocking=True)
+        if bucket > n:  # padding rows: nothing written, nothing read
+            self.slot_mapping[n:bucket].fill_(-1)
+            self.seq_lens[n:bucket].zero_()
+        self._graphs[bucket].replay()
+        return self._logits[bucket][:n]
+
+    def _meta(self, bucket: int, max_model_len: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bucket], query_start_loc=self.query_start_loc[:bucket + 1],
+            seq_lens=self.seq_lens[:bucket], num_computed=self.seq_lens[:bucket],
+            block_tables=self.block_tables[:bucket], max_query_len=1, max_seq_len=max_model_len)
+
+    @torch.inference_mode()
+    def _capture_all(self, plan, max_model_len: int) -> None:
+        pool = None
+        # Largest first, so that the smaller graphs fit in the memory pool the largest one made.
+        for bucket in reversed(self.buckets):
+            meta = self._meta(bucket, max_model_len)
+            plan(meta, max_model_len)
+            args = (self.input_ids[:bucket], self.positions[:bucket], self.kv_caches, meta)
+            self.slot_mapping[:bucket].fill_(-1)
+            self.model.compute_logits(self.model(*args))  # warm-up: lazy inits and autotuning stay out of the graph
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.model.compute_logits(self.model(*args))
+            pool = graph.pool()
+            self._graphs[bucket] = graph
+            self._logits[bucket] = logits
+        torch.cuda.synchronize(self.device)
