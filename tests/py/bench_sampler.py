@@ -71,7 +71,11 @@ def main() -> None:
                                                 default_generator=generator)
                     return sampler(logits, batch)
                 cells.append(f"{name} {best_time(step, device, iters):7.3f}")
-            print(f"n={n:4d} vocab={vocab:6d} {shape:6s} argmax {floor:7.3f} | " + " | ".join(cells))
+            params = SETTINGS["penalties"]
+            build = best_time(lambda: SamplingBatch.build([params] * n, prompts, outputs, [None] * n, device,
+                                                          default_generator=generator), device, iters)
+            print(f"n={n:4d} vocab={vocab:6d} {shape:6s} argmax {floor:7.3f} | " + " | ".join(cells)
+                  + f" | build(penalties) {build:7.3f}")
 
 
 if __name__ == "__main__":

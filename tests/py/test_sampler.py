@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from rtpllm.layers.sampler import Sampler, apply_min_p, apply_penalties, apply_top_k_top_p
+from rtpllm.layers.sampler import Sampler, apply_min_p, apply_penalties, apply_top_k, apply_top_p
 from rtpllm.layers.sampling_batch import SamplingBatch, make_request_generator
 from rtpllm.sampling_params import SamplingParams
 
@@ -72,9 +72,11 @@ def kept_mask(logits, params, device):
     """Which entries the sampler's filters leave finite (temperature applied first, as in the sampler)."""
     batch = make_batch(params, device)
     scaled = logits.to(device) / batch.temperature.unsqueeze(1)
-    apply_top_k_top_p(scaled, batch.top_k if batch.max_top_k else None, batch.max_top_k,
-                      batch.top_p if batch.use_top_p else None)
+    if batch.max_top_k:
+        apply_top_k(scaled, batch.top_k, batch.max_top_k)
     probs = scaled.softmax(-1)
+    if batch.use_top_p:
+        apply_top_p(probs, batch.top_p)
     if batch.use_min_p:
         apply_min_p(probs, batch.min_p)
     return (probs > 0).cpu()
@@ -255,13 +257,13 @@ def test_logprobs_are_of_the_raw_logits_and_top_n_is_sorted(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_no_top_logprobs_unless_some_row_asks_for_k_above_zero(device):
+def test_logprobs_only_when_some_row_asks(device):
     logits = torch.randn(2, 17).to(device)
-    for requests in ([None, None], [0, None]):
-        params = [SamplingParams(temperature=0.0, logprobs=r) for r in requests]
-        out = Sampler()(logits, make_batch(params, device))
-        assert out.top_logprobs is None
-        assert out.logprobs.shape == (2,)
+    out = Sampler()(logits, make_batch([SamplingParams(temperature=0.0)] * 2, device))
+    assert out.logprobs is None and out.top_logprobs is None
+    params = [SamplingParams(temperature=0.0, logprobs=0), SamplingParams(temperature=0.0)]
+    out = Sampler()(logits, make_batch(params, device))
+    assert out.logprobs.shape == (2,) and out.top_logprobs is None  # logprobs=0: the sampled token's only
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -28,7 +28,8 @@ class SamplerOutput:
     token_ids: torch.Tensor  # int64 [n]
     # float32 [n]: log-prob of the sampled token under log_softmax of the *unmodified* logits
     # (before penalties, temperature and filters), like vLLM's default "raw logprobs".
-    logprobs: torch.Tensor
+    # None when no row of the batch asked for logprobs (it costs a pass over the logits).
+    logprobs: Optional[torch.Tensor]
     # (ids int64 [n, k], logprobs float32 [n, k]) of the k most likely tokens under the same
     # distribution, k = the batch's largest requested `logprobs`; None when no row asked for k > 0.
     top_logprobs: Optional[tuple[torch.Tensor, torch.Tensor]]
@@ -45,25 +46,29 @@ class Sampler:
         raw = logits.float()
 
         work = raw
-        if batch.use_penalties or batch.banned_rows is not None:
+        if batch.use_penalties or batch.banned_tokens is not None:
             work = raw.clone()  # the raw logits are still needed for the logprobs
             if batch.use_penalties:
                 apply_penalties(work, batch)
-            if batch.banned_rows is not None:
-                work[batch.banned_rows, batch.banned_ids] = _NEG_INF
+            if batch.banned_tokens is not None:
+                work.view(-1).index_fill_(0, _flat_index(batch.banned_tokens, work.shape[1]), _NEG_INF)
         greedy_ids = work.argmax(dim=-1)
 
         if batch.all_greedy:
             token_ids = greedy_ids
         else:
             scaled = work / batch.temperature.unsqueeze(1)  # a new tensor: `raw` stays intact
-            apply_top_k_top_p(scaled, batch.top_k if batch.max_top_k > 0 else None, batch.max_top_k,
-                              batch.top_p if batch.use_top_p else None)
+            if batch.max_top_k > 0:
+                apply_top_k(scaled, batch.top_k, batch.max_top_k)
             probs = scaled.softmax(dim=-1)
+            if batch.use_top_p:
+                apply_top_p(probs, batch.top_p)
             if batch.use_min_p:
                 apply_min_p(probs, batch.min_p)
             token_ids = torch.where(batch.greedy, greedy_ids, _inverse_cdf_sample(probs, batch))
 
+        if batch.max_num_logprobs is None:
+            return SamplerOutput(token_ids=token_ids, logprobs=None, top_logprobs=None)
         token_logprobs, top = gather_logprobs(raw, token_ids, batch.max_num_logprobs)
         return SamplerOutput(token_ids=token_ids, logprobs=token_logprobs, top_logprobs=top)
 
@@ -74,13 +79,13 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
     penalty * (count in the output). Presence: minus penalty if the token is in the output."""
     n, vocab = logits.shape
     counts = torch.zeros(n, vocab, dtype=torch.float32, device=logits.device)
-    if batch.output_token_rows is not None and batch.output_token_rows.numel():
-        ones = torch.ones_like(batch.output_token_ids, dtype=torch.float32)
-        counts.index_put_((batch.output_token_rows, batch.output_token_ids), ones, accumulate=True)
+    if batch.output_tokens is not None and batch.output_tokens.shape[1]:
+        index = _flat_index(batch.output_tokens, vocab)
+        counts.view(-1).index_add_(0, index, torch.ones_like(index, dtype=torch.float32))
     in_output = counts > 0
     seen = in_output.clone()
-    if batch.prompt_token_rows is not None and batch.prompt_token_rows.numel():
-        seen[batch.prompt_token_rows, batch.prompt_token_ids] = True
+    if batch.prompt_tokens is not None and batch.prompt_tokens.shape[1]:
+        seen.view(-1).index_fill_(0, _flat_index(batch.prompt_tokens, vocab), True)
 
     rep = batch.repetition_penalty.unsqueeze(1)
     penalized = torch.where(logits > 0, logits / rep, logits * rep)
@@ -89,26 +94,54 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
     logits.sub_(batch.presence_penalty.unsqueeze(1) * in_output)
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: Optional[torch.Tensor], max_top_k: int,
-                      top_p: Optional[torch.Tensor]) -> None:
-    """Masks filtered logits to -inf in place: top-k first, then top-p on what top-k left.
-    top_k: int64 [n] (0 = off on that row), max_top_k its largest value (a host int, so no sync);
-    top_p: float32 [n] (1.0 = off). None skips a filter.
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> None:
+    """Masks to -inf, in place, logits below each row's k-th largest. top_k: int64 [n], 0 = off on
+    that row; max_top_k: its largest value, a host int (so the width needs no sync)."""
+    width = min(max_top_k, logits.shape[-1])
+    top = logits.topk(width, dim=-1).values
+    kth = top.gather(1, top_k.clamp(1, width).sub(1).unsqueeze(1))  # k >= vocab: the smallest, keeps all
+    kth.masked_fill_(top_k.unsqueeze(1) <= 0, _NEG_INF)
+    logits.masked_fill_(logits < kth, _NEG_INF)
 
-    Each filter reduces to one logit threshold per row applied to the unsorted logits, so no
-    sorted-to-vocab scatter is needed and tied values are always kept or dropped together."""
-    vocab = logits.shape[-1]
-    if top_k is not None:
-        width = min(max_top_k, vocab)
-        threshold = _kth_largest(logits.topk(width, dim=-1).values, top_k, width)
-        logits.masked_fill_(logits < threshold, _NEG_INF)
-    if top_p is not None:
-        logits.masked_fill_(logits < _top_p_threshold(logits, top_p), _NEG_INF)
+
+# On the CPU a full sort of the vocabulary costs far more than the rest of sampling, while the
+# nucleus of a real next-token distribution usually sits in its first few dozen tokens.
+_CPU_TOP_P_CANDIDATES = 64
+
+
+def apply_top_p(probs: torch.Tensor, top_p: torch.Tensor) -> None:
+    """Zeroes, in place, probabilities outside each row's nucleus. probs: [n, vocab], rows summing
+    to 1; top_p: float32 [n], 1.0 = off. The kept set is all probs >= the last nucleus member's."""
+    disabled = top_p.unsqueeze(1) >= 1.0
+    if probs.device.type == "cpu":
+        # Try the largest few tokens first; only rows whose nucleus reaches past them get a full
+        # sort. Picking those rows reads a tensor value, which is free on the CPU (and why CUDA,
+        # where it would stall the stream, sorts every row instead).
+        width = min(_CPU_TOP_P_CANDIDATES, probs.shape[-1])
+        threshold, found = _nucleus_threshold(probs.topk(width, dim=-1).values, top_p)
+        missing = torch.nonzero(~(found | disabled.squeeze(1))).flatten()
+        if missing.numel():
+            rest = probs.index_select(0, missing).sort(dim=-1, descending=True).values
+            threshold[missing] = _nucleus_threshold(rest, top_p[missing])[0]
+    else:
+        threshold, _ = _nucleus_threshold(probs.sort(dim=-1, descending=True).values, top_p)
+    threshold.masked_fill_(disabled, 0.0)
+    probs.masked_fill_(probs < threshold, 0.0)
+
+
+def _nucleus_threshold(sorted_desc: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sorted_desc: the largest probabilities of each row, descending (a prefix or the whole row).
+    Returns the smallest kept probability [n, 1] and a bool [n] telling whether the nucleus ends
+    inside the prefix (only then is the threshold right)."""
+    mass = sorted_desc.cumsum(dim=-1)
+    # A token is kept iff the tokens ranked above it hold less than top_p; the first always is.
+    num_kept = (mass - sorted_desc < top_p.unsqueeze(1)).sum(dim=-1, keepdim=True)
+    return sorted_desc.gather(1, num_kept - 1), mass[:, -1] >= top_p
 
 
 def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> None:
     """Zeroes, in place, probabilities below min_p * (the row's largest); min_p = 0 keeps all.
-    The result is left unnormalized: sampling is invariant to a per-row scale."""
+    Rows are left unnormalized: min-p and sampling are both invariant to a per-row scale."""
     limit = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
     probs.masked_fill_(probs < limit, 0.0)
 
@@ -125,49 +158,11 @@ def gather_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: Opti
     return token_logprobs, (ids, values - log_norm)
 
 
-def _kth_largest(sorted_desc: torch.Tensor, top_k: torch.Tensor, width: int) -> torch.Tensor:
-    """[n, 1] threshold: the k-th largest value of each row, -inf where top_k is 0 (off).
-    sorted_desc holds at least each row's k (or `width`, capping larger k: those keep all)."""
-    index = top_k.clamp(1, width).sub(1).unsqueeze(1)
-    kth = sorted_desc.gather(1, index)
-    return kth.masked_fill_(top_k.unsqueeze(1) <= 0, _NEG_INF)
-
-
-# On the CPU a full sort of the vocabulary costs far more than the rest of sampling, while the
-# nucleus of a real next-token distribution usually sits in its first few dozen tokens.
-_CPU_TOP_P_CANDIDATES = 64
-
-
-def _top_p_threshold(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """[n, 1]: the smallest logit that top-p keeps (-inf on rows with top_p = 1)."""
-    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-    disabled = top_p.unsqueeze(1) >= 1.0
-    if logits.device.type == "cpu":
-        # Try the largest few tokens first; only rows whose nucleus reaches past them get a full
-        # sort. Picking those rows reads a device value, which is free on the CPU (and why CUDA,
-        # where it would stall the stream, sorts every row instead).
-        width = min(_CPU_TOP_P_CANDIDATES, logits.shape[-1])
-        threshold, found = _top_p_cutoff(logits.topk(width, dim=-1).values, log_norm, top_p)
-        missing = torch.nonzero(~(found | disabled.squeeze(1))).flatten()
-        if missing.numel():
-            rest = logits.index_select(0, missing).sort(dim=-1, descending=True).values
-            threshold[missing] = _top_p_cutoff(rest, log_norm[missing], top_p[missing])[0]
-    else:
-        threshold, _ = _top_p_cutoff(logits.sort(dim=-1, descending=True).values, log_norm, top_p)
-    return threshold.masked_fill_(disabled, _NEG_INF)
-
-
-def _top_p_cutoff(sorted_desc: torch.Tensor, log_norm: torch.Tensor, top_p: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """sorted_desc: the largest values of each row, descending (a prefix or the whole row);
-    log_norm: [n, 1] logsumexp of the whole row. Returns the threshold [n, 1] and a bool [n]
-    telling whether the nucleus ends inside the prefix (only then is the threshold right)."""
-    probs = (sorted_desc - log_norm).exp_()
-    mass = probs.cumsum(dim=-1)
-    # A token is kept iff the tokens ranked above it hold less than top_p; the first always is.
-    num_kept = (mass - probs < top_p.unsqueeze(1)).sum(dim=-1, keepdim=True)
-    found = mass[:, -1] >= top_p
-    return sorted_desc.gather(1, num_kept - 1), found
+def _flat_index(pairs: torch.Tensor, vocab: int) -> torch.Tensor:
+    """int64 [2, count] (row; token id) pairs -> indices into a flattened [n, vocab] tensor.
+    Scatters then take a Python scalar (index_fill_) instead of a host value tensor, whose copy
+    to the GPU would make the host wait."""
+    return pairs[0] * vocab + pairs[1]
 
 
 def _inverse_cdf_sample(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

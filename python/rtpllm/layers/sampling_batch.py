@@ -43,15 +43,12 @@ class SamplingBatch:
     repetition_penalty: torch.Tensor  # float32 [n]; 1.0 = none
     presence_penalty: torch.Tensor  # float32 [n]; 0.0 = none
     frequency_penalty: torch.Tensor  # float32 [n]; 0.0 = none
-    # Token history of penalized rows as (row, token id) pairs; the sampler scatters them into
-    # dense [n, vocab] tensors because only it knows the logits' vocab width.
-    prompt_token_rows: Optional[torch.Tensor]  # int64 [num_prompt_ids]; None without repetition penalty
-    prompt_token_ids: Optional[torch.Tensor]  # int64 [num_prompt_ids]
-    output_token_rows: Optional[torch.Tensor]  # int64 [num_output_ids]; None without any penalty
-    output_token_ids: Optional[torch.Tensor]  # int64 [num_output_ids]
-    # Tokens that must not be sampled now (EOS / stop ids before min_tokens), as (row, id) pairs.
-    banned_rows: Optional[torch.Tensor]  # int64 [num_banned]
-    banned_ids: Optional[torch.Tensor]  # int64 [num_banned]
+    # Token history of penalized rows as int64 [2, count] (row index; token id) pairs: the sampler
+    # scatters them into dense [n, vocab] tensors, because only it knows the logits' vocab width.
+    prompt_tokens: Optional[torch.Tensor]  # rows with a repetition penalty; None if no row has one
+    output_tokens: Optional[torch.Tensor]  # rows with any penalty; None if no row has one
+    # Tokens that must not be sampled now (EOS / stop ids before min_tokens), same layout.
+    banned_tokens: Optional[torch.Tensor]
     # Per-row generators of seeded rows (None: the row draws from `default_generator`).
     generators: tuple[Optional[torch.Generator], ...]
     default_generator: Optional[torch.Generator]  # None: torch's global generator of the device
@@ -127,37 +124,35 @@ class SamplingBatch:
         uses_rep = [r != 1.0 for r in rep]
         uses_output = [u or pr != 0.0 or fr != 0.0 for u, pr, fr in zip(uses_rep, pres, freq)]
 
-        def floats(values: list) -> torch.Tensor:
-            return _to_device(np.asarray(values, dtype=np.float32), device)
-
-        prompt_rows = prompt_ids = output_rows = output_ids = None
+        prompt_tokens = output_tokens = banned_tokens = None
         if any(uses_output):
-            prompt_rows, prompt_ids = _flatten_ids(
+            prompt_tokens = _flatten_ids(
                 [prompt_ids_list[r] if uses_rep[r] else () for r in range(n)], "prompt_ids_list", vocab_size, device)
-            output_rows, output_ids = _flatten_ids(
+            output_tokens = _flatten_ids(
                 [output_ids_list[r] if uses_output[r] else () for r in range(n)], "output_ids_list", vocab_size,
                 device)
-        banned_rows = banned_ids = None
         if banned_token_ids is not None and any(b is not None and len(b) for b in banned_token_ids):
-            banned_rows, banned_ids = _flatten_ids([() if b is None else b for b in banned_token_ids],
-                                                   "banned_token_ids", vocab_size, device)
+            banned_tokens = _flatten_ids([() if b is None else b for b in banned_token_ids],
+                                         "banned_token_ids", vocab_size, device)
 
+        # One host-to-device copy for all per-row values (top_k fits a float32 exactly: any k at
+        # or above 2^24 keeps the whole vocabulary, as does 2^24 itself).
+        packed = np.asarray([temperature, top_p, min_p, rep, pres, freq, [min(k, 1 << 24) for k in top_k], greedy],
+                            dtype=np.float32)
+        rows = _to_device(packed, device)
         requested = [p.logprobs for p in params_list if p.logprobs is not None]
         return cls(
-            temperature=floats(temperature),
-            greedy=_to_device(np.asarray(greedy, dtype=np.bool_), device),
-            top_k=_to_device(np.asarray(top_k, dtype=np.int64), device),
-            top_p=floats(top_p),
-            min_p=floats(min_p),
-            repetition_penalty=floats(rep),
-            presence_penalty=floats(pres),
-            frequency_penalty=floats(freq),
-            prompt_token_rows=prompt_rows,
-            prompt_token_ids=prompt_ids,
-            output_token_rows=output_rows,
-            output_token_ids=output_ids,
-            banned_rows=banned_rows,
-            banned_ids=banned_ids,
+            temperature=rows[0],
+            top_p=rows[1],
+            min_p=rows[2],
+            repetition_penalty=rows[3],
+            presence_penalty=rows[4],
+            frequency_penalty=rows[5],
+            top_k=rows[6].long(),
+            greedy=rows[7] > 0,
+            prompt_tokens=prompt_tokens,
+            output_tokens=output_tokens,
+            banned_tokens=banned_tokens,
             generators=tuple(generators),
             default_generator=default_generator,
             seeded_rows=tuple(r for r, g in enumerate(generators) if g is not None and not greedy[r]),
@@ -172,18 +167,22 @@ class SamplingBatch:
 
 
 def _flatten_ids(per_row: Sequence[TokenIds], name: str, vocab_size: Optional[int],
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row id lists -> (row index, id) int64 pairs, built with numpy rather than per-token Python."""
+                 device: torch.device) -> torch.Tensor:
+    """Per-row id lists -> int64 [2, count] (row index; id) pairs, built with numpy rather than
+    per-token Python, and copied to the device in one piece."""
     arrays = [np.asarray(ids, dtype=np.int64).reshape(-1) for ids in per_row]
     lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
-    ids = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
-    if ids.size and (ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size)):
-        bad_row = next(r for r, a in enumerate(arrays)
-                       if a.size and (a.min() < 0 or (vocab_size is not None and a.max() >= vocab_size)))
-        raise ValueError(f"{name}[{bad_row}]: token ids must be in [0, {vocab_size or 'vocab'}), "
-                         f"got min {arrays[bad_row].min()} max {arrays[bad_row].max()}")
-    rows = np.repeat(np.arange(len(arrays), dtype=np.int64), lengths)
-    return _to_device(rows, device), _to_device(ids, device)
+    pairs = np.empty((2, int(lengths.sum())), dtype=np.int64)
+    pairs[0] = np.repeat(np.arange(len(arrays), dtype=np.int64), lengths)
+    if pairs.shape[1]:
+        pairs[1] = np.concatenate(arrays)
+        ids = pairs[1]
+        if ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size):
+            bad_row = next(r for r, a in enumerate(arrays)
+                           if a.size and (a.min() < 0 or (vocab_size is not None and a.max() >= vocab_size)))
+            raise ValueError(f"{name}[{bad_row}]: token ids must be in [0, {vocab_size or 'vocab'}), "
+                             f"got min {arrays[bad_row].min()} max {arrays[bad_row].max()}")
+    return _to_device(pairs, device)
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
