@@ -224,7 +224,7 @@ def _hf_rope(fields: _Fields) -> RopeConfig:
     params = fields.get("rope_parameters", None) or fields.get("rope_scaling", None) or {}
     if not isinstance(params, Mapping):
         raise ValueError(f"{source}: rope_scaling must be an object, got {params!r}")
-    theta = float(params.get("rope_theta", fields.get("rope_theta", 10000.0)))
+    theta = float(params.get("rope_theta") or fields.get("rope_theta", None) or 10000.0)
     kind = params.get("rope_type", params.get("type", "default"))
     partial = params.get("partial_rotary_factor", fields.get("partial_rotary_factor", 1.0))
     if partial != 1.0:

@@ -1,0 +1,111 @@
+"""TorchAttentionBackend against a direct float64 reference written token by token, on a mixed
+step: a fresh prefill, a later prefill chunk, decodes, a one-token context; odd head counts,
+scattered blocks, a NaN-filled cache and non-contiguous q/k/v (as the fused projection yields)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rtpllm.layers.attention_metadata import AttentionMetadata
+from rtpllm.layers.rotary import RopeConfig, RotaryEmbedding
+from rtpllm.layers.torch_attention import TorchAttentionBackend
+
+# (num_computed before the step, new tokens) per sequence.
+SEQUENCES = [(0, 19), (33, 7), (16, 1), (0, 1), (99, 1)]
+
+
+def _build_step(block_size: int, num_blocks: int, generator: torch.Generator):
+    order = torch.randperm(num_blocks, generator=generator).tolist()  # scattered, block 0 included
+    tables, slots, positions, query_start, seq_lens, computed = [], [], [], [0], [], []
+    for done, new in SEQUENCES:
+        total = done + new
+        table = [order.pop() for _ in range(-(-total // block_size))]
+        tables.append(table)
+        for pos in range(done, total):
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+        positions += range(done, total)
+        query_start.append(query_start[-1] + new)
+        seq_lens.append(total)
+        computed.append(done)
+    width = max(map(len, tables))
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots), query_start_loc=torch.tensor(query_start, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), num_computed=torch.tensor(computed, dtype=torch.int32),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        max_query_len=max(n for _, n in SEQUENCES), max_seq_len=max(seq_lens))
+    return torch.tensor(positions), tables, meta
+
+
+def _reference(q, cache_k, cache_v, tables, block_size, scale):
+    """Each token of each sequence attends to its own context positions 0..p, in float64."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    group = q.shape[1] // cache_k.shape[2]
+    token = 0
+    for (done, new), table in zip(SEQUENCES, tables):
+        for i in range(new):
+            p = done + i
+            slots = [table[j // block_size] * block_size + j % block_size for j in range(p + 1)]
+            k = cache_k.flatten(0, 1)[slots].double().repeat_interleave(group, dim=1)  # [p+1, H, D]
+            v = cache_v.flatten(0, 1)[slots].double().repeat_interleave(group, dim=1)
+            scores = torch.einsum("hd,thd->ht", q[token].double(), k) * scale
+            out[token] = torch.einsum("ht,thd->hd", scores.softmax(-1), v)
+            token += 1
+    return out
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, block_size", [
+    (9, 3, 64, 16), (4, 4, 128, 1), (8, 1, 32, 4)])
+def test_matches_direct_reference(num_heads, num_kv_heads, head_dim, block_size):
+    generator = torch.Generator().manual_seed(num_heads * 100 + block_size)
+    num_blocks = 160 // block_size + 40
+    positions, tables, meta = _build_step(block_size, num_blocks, generator)
+    num_tokens = positions.numel()
+    rotary = RotaryEmbedding(head_dim, RopeConfig(theta=10000.0), max_positions=256)
+    cache = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan"))
+    # Fill the context computed in earlier steps (and only that) with finite values.
+    for (done, _), table in zip(SEQUENCES, tables):
+        for pos in range(done):
+            cache[:, table[pos // block_size], pos % block_size] = torch.randn(2, num_kv_heads, head_dim,
+                                                                               generator=generator)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = torch.randn(num_tokens, q_size + 2 * kv_size, generator=generator)
+    q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in qkv.split([q_size, kv_size, kv_size], dim=-1))
+    assert not q.is_contiguous()
+    scale = 1 / math.sqrt(head_dim)
+
+    out = TorchAttentionBackend().forward(q, k, v, positions, rotary, cache, meta, scale)
+
+    q_rot, k_rot = rotary(positions, q, k)
+    k_slots, v_slots = cache[0].flatten(0, 1), cache[1].flatten(0, 1)
+    assert torch.equal(k_slots[meta.slot_mapping], k_rot) and torch.equal(v_slots[meta.slot_mapping], v)
+    expected = _reference(q_rot, cache[0], cache[1], tables, block_size, scale)
+    assert out.shape == (num_tokens, num_heads, head_dim) and out.dtype == torch.float32
+    assert (out.double() - expected).abs().max().item() < 1e-5
+
+
+def test_bfloat16_stays_close_to_float32():
+    generator = torch.Generator().manual_seed(7)
+    block_size, num_blocks, heads, kv_heads, dim = 16, 50, 9, 3, 64
+    positions, tables, meta = _build_step(block_size, num_blocks, generator)
+    rotary = RotaryEmbedding(dim, RopeConfig(theta=10000.0), max_positions=256)
+    base = torch.randn(2, num_blocks, block_size, kv_heads, dim, generator=generator)
+    q = torch.randn(positions.numel(), heads, dim, generator=generator)
+    k = torch.randn(positions.numel(), kv_heads, dim, generator=generator)
+    v = torch.randn(positions.numel(), kv_heads, dim, generator=generator)
+    backend = TorchAttentionBackend()
+    out32 = backend.forward(q, k, v, positions, rotary, base.clone(), meta, dim ** -0.5)
+    out16 = backend.forward(q.bfloat16(), k.bfloat16(), v.bfloat16(), positions, rotary, base.bfloat16(), meta,
+                            dim ** -0.5)
+    assert out16.dtype == torch.bfloat16
+    assert (out16.float() - out32).abs().max().item() < 3e-2
+
+
+def test_rejects_a_non_contiguous_cache():
+    positions, _, meta = _build_step(4, 60, torch.Generator().manual_seed(0))
+    cache = torch.zeros(60, 4, 2, 2, 16).permute(3, 0, 1, 2, 4)[:2]
+    x = torch.zeros(positions.numel(), 2, 16)
+    with pytest.raises(ValueError, match="kv_cache: must be contiguous"):
+        TorchAttentionBackend().forward(x, x, x, positions, RotaryEmbedding(16, RopeConfig(), 256), cache, meta, 1.0)
