@@ -58,6 +58,7 @@ done
 
 for bench in ${GPU_BENCHES:-bench/gpu/bench_*.py}; do
   name="$(basename "$bench" .py)"
+  [ "$name" = "bench_util" ] && continue  # the benchmarks' shared helpers, not a benchmark
   echo "== $name"
   if ! python3 "$bench" --json "$work/$name.json" $quick 2>&1 | tee "$work/$name.log"; then
     status=1

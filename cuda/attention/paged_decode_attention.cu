@@ -11,7 +11,6 @@ namespace {
 using decode::kRows;
 using decode::kSplitGranularity;
 using decode::kThreads;
-using decode::kWarps;
 
 // Turns the runtime head_dim / block_size / dtype into template arguments and calls
 // fn(T{}, HeadDim{}, BlockSize{}); anything unsupported is an error, never a silent no-op.
@@ -53,7 +52,8 @@ bool aligned(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr
 
 // Estimated cost, in units of "one token streamed by one CTA", of cutting contexts of
 // max_seq_len tokens into `splits` pieces: the CTAs run in waves of `slots`, each CTA pays a
-// fixed start-up (Q load, pipeline fill, epilogue) and, with splits, the merge kernel runs after.
+// fixed start-up (Q load, pipeline fill, epilogue) and, with splits, the last CTA of each group
+// re-reads every split's partials to merge them.
 constexpr int kCtaOverheadTokens = 64;
 constexpr int kMergeOverheadTokens = 96;
 
@@ -116,7 +116,9 @@ cudaError_t paged_decode_attention(const PagedDecodeParams& p, ScalarType dtype,
       p.out_stride % 8 != 0) {
     return cudaErrorInvalidValue;
   }
-  if (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr)) return cudaErrorInvalidValue;
+  if (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr || p.split_counters == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
   if (!aligned(p.q, 4) || !aligned(p.out, 16) || !aligned(p.k_cache, 16) || !aligned(p.v_cache, 16) ||
       !aligned(p.partial_out, 16)) {
     return cudaErrorMisalignedAddress;
@@ -134,11 +136,6 @@ cudaError_t paged_decode_attention(const PagedDecodeParams& p, ScalarType dtype,
     const dim3 grid(p.num_splits, static_cast<unsigned>(grid_y), p.num_seqs);
     decode::paged_decode_kernel<T, kHeadDim, kBlockSize>
         <<<grid, kThreads, decode::DecodeSmem<T, kHeadDim>::kBytes, stream>>>(p);
-    err = cudaGetLastError();
-    if (err != cudaSuccess || p.num_splits == 1) return err;
-    const long long pairs = static_cast<long long>(p.num_seqs) * p.num_heads;
-    const unsigned merge_blocks = static_cast<unsigned>((pairs + kWarps - 1) / kWarps);
-    decode::paged_decode_merge_kernel<T, kHeadDim><<<merge_blocks, kThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }

@@ -10,7 +10,9 @@
 //                         device memory (seq_lens, block_tables), so a captured graph replays
 //                         it correctly with new lengths as long as they fit the plan's bound.
 // With num_splits > 1 each split writes a normalised partial output and its log-sum-exp to the
-// workspace and a second kernel merges them; with num_splits == 1 the output is written directly.
+// workspace and the last split of each group to finish merges them (one kernel either way);
+// with num_splits == 1 the output is written directly. Launches sharing a workspace must run
+// one after another (one stream), as the counters and partials are reused.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -32,6 +34,9 @@ struct PagedDecodeParams {
                                 // outputs; only used (and only needed) when num_splits > 1
   float* partial_lse;           // [num_seqs, num_heads, num_splits]: per-split log2-sum-exp of the
                                 // scaled scores (-inf for an empty split); num_splits > 1 only
+  int* split_counters;          // [num_seqs, num_kv_heads * ceil(group / 16)]: arrivals per split group;
+                                // zero before the first launch, and every launch leaves it zero;
+                                // num_splits > 1 only
   int num_seqs;                 // at most 65535
   int num_heads;
   int num_kv_heads;             // divides num_heads
@@ -58,7 +63,7 @@ struct PagedDecodePlanInputs {
 // Writes the split count to *num_splits. Host only; never synchronises the device.
 cudaError_t plan_paged_decode(const PagedDecodePlanInputs& inputs, int* num_splits);
 
-// Launches the decode kernel (and the merge kernel when params.num_splits > 1) on `stream`.
+// Launches the decode kernel on `stream`.
 // Returns cudaErrorInvalidValue for an unsupported head_dim / block_size / dtype / shape,
 // cudaErrorMisalignedAddress for a misaligned pointer, else the launch status.
 cudaError_t paged_decode_attention(const PagedDecodeParams& params, ScalarType dtype, cudaStream_t stream);

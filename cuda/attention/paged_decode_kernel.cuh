@@ -8,7 +8,8 @@
 //     CTA-wide barrier in the main loop, several 8 KB tiles in flight per warp);
 //   - per tile: S[16 heads x 16 tokens] = Q·K^T on tensor cores (K via ldmatrix), online
 //     softmax in registers, O[16 x head_dim] += P·V (V via ldmatrix.trans);
-//   - at the end the 4 warps' (max, sum, O) are merged through shared memory.
+//   - at the end the 4 warps' (max, sum, O) are merged through shared memory; with several
+//     splits per sequence, the last split to finish merges them all (paged_decode_split_merge.cuh).
 // Shared-memory rows are swizzled (16-byte chunk c of token row r sits at c ^ (r % 8)) so that
 // ldmatrix's 8 row addresses fall in 8 different bank groups.
 #pragma once
@@ -21,14 +22,12 @@
 
 #include "cuda/attention/paged_decode_attention.h"
 #include "cuda/attention/paged_decode_mma.cuh"
+#include "cuda/attention/paged_decode_split_merge.cuh"
 #include "cuda/ops/vec.cuh"
 
 namespace rtpllm::cuda::decode {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
 constexpr int kTileTokens = 16;  // tokens per warp per stage: the k extent of one P·V product
-constexpr int kRows = 16;        // query heads per CTA: the M extent of the tensor-core products
 // Splits start on multiples of this, so every tile lies inside one KV block (block sizes are
 // multiples of 16) and the four warps get equal shares of a full split.
 constexpr int kSplitGranularity = kWarps * kTileTokens;
@@ -104,8 +103,8 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const __grid_con
   int begin, end;
   split_range(p.seq_lens[seq], p.num_splits, split, &begin, &end);
   if (begin >= end) {
-    // An empty split tells the merge to skip it; an empty sequence (a padded CUDA-graph slot)
-    // gets a zero output rather than uninitialised memory.
+    // An empty split still reports in (with lse = -inf, which the merge skips); an empty
+    // sequence (a padded CUDA-graph slot) gets a zero output rather than uninitialised memory.
     if (threadIdx.x < rows) {
       const int64_t row = static_cast<int64_t>(seq) * p.num_heads + head0 + threadIdx.x;
       if (p.num_splits > 1) {
@@ -115,6 +114,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const __grid_con
         for (int d = 0; d < kHeadDim; ++d) out[d] = from_float<T>(0.f);
       }
     }
+    if (p.num_splits > 1) merge_splits_if_last<T, kHeadDim>(p, seq, head0, rows);
     return;
   }
 
@@ -273,88 +273,46 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const __grid_con
   __syncthreads();
 
   // Eight threads per query head, each finishing kHeadDim / 8 consecutive outputs.
-  constexpr int kThreadsPerRow = kThreads / kRows;
   constexpr int kCols = kHeadDim / kThreadsPerRow;
   const int row = threadIdx.x / kThreadsPerRow;
   const int col0 = (threadIdx.x % kThreadsPerRow) * kCols;
-  if (row >= rows) return;
-  float max_all = -INFINITY;
+  if (row < rows) {
+    float max_all = -INFINITY;
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) max_all = fmaxf(max_all, merge_max[w * kRows + row]);
-  float weight[kWarps];
-  float denom = 0.f;
+    for (int w = 0; w < kWarps; ++w) max_all = fmaxf(max_all, merge_max[w * kRows + row]);
+    float weight[kWarps];
+    float denom = 0.f;
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    weight[w] = exp2f(merge_max[w * kRows + row] - max_all);  // 0 for a warp that had no tile
-    denom += weight[w] * merge_sum[w * kRows + row];
-  }
-  const float inv_denom = 1.f / denom;
-  float acc[kCols];
-#pragma unroll
-  for (int c = 0; c < kCols; ++c) {
-    acc[c] = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) acc[c] += weight[w] * merge_o[(w * kRows + row) * Smem::kMergeStride + col0 + c];
-    acc[c] *= inv_denom;
-  }
-
-  const int head = head0 + row;
-  if (p.num_splits == 1) {
-    T* const out = static_cast<T*>(p.out) + seq * p.out_stride + head * kHeadDim + col0;
-#pragma unroll
-    for (int c = 0; c < kCols; c += kVecElems) {
-      float vals[kVecElems];
-#pragma unroll
-      for (int j = 0; j < kVecElems; ++j) vals[j] = acc[c + j];
-      store_vec(out + c, float_to_vec<T>(vals));
+    for (int w = 0; w < kWarps; ++w) {
+      weight[w] = exp2f(merge_max[w * kRows + row] - max_all);  // 0 for a warp that had no tile
+      denom += weight[w] * merge_sum[w * kRows + row];
     }
-  } else {
-    const int64_t slot = (static_cast<int64_t>(seq) * p.num_heads + head) * p.num_splits + split;
-    float* const dst = p.partial_out + slot * kHeadDim + col0;
+    const float inv_denom = 1.f / denom;
+    float acc[kCols];
 #pragma unroll
-    for (int c = 0; c < kCols; c += 4) {
-      *reinterpret_cast<float4*>(dst + c) = make_float4(acc[c], acc[c + 1], acc[c + 2], acc[c + 3]);
+    for (int c = 0; c < kCols; ++c) {
+      acc[c] = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        acc[c] += weight[w] * merge_o[(w * kRows + row) * Smem::kMergeStride + col0 + c];
+      }
+      acc[c] *= inv_denom;
     }
-    if (col0 == 0) p.partial_lse[slot] = max_all + log2f(denom);
-  }
-}
 
-// Combines the splits of each (sequence, query head): one warp per pair, lanes across head_dim.
-template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kThreads) paged_decode_merge_kernel(const __grid_constant__ PagedDecodeParams p) {
-  constexpr int kPerLane = kHeadDim / 32;
-  const int64_t pair = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (pair >= static_cast<int64_t>(p.num_seqs) * p.num_heads) return;
-  const float* const lse = p.partial_lse + pair * p.num_splits;
-
-  float max_lse = -INFINITY;
-  for (int j = lane; j < p.num_splits; j += 32) max_lse = fmaxf(max_lse, lse[j]);
+    const int head = head0 + row;
+    if (p.num_splits == 1) {
+      store_row<T, kCols>(static_cast<T*>(p.out) + seq * p.out_stride + head * kHeadDim + col0, acc);
+    } else {
+      const int64_t slot = (static_cast<int64_t>(seq) * p.num_heads + head) * p.num_splits + split;
+      float* const dst = p.partial_out + slot * kHeadDim + col0;
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffffu, max_lse, offset));
-  }
-
-  float acc[kPerLane] = {};
-  float denom = 0.f;
-  if (max_lse != -INFINITY) {
-    for (int j = 0; j < p.num_splits; ++j) {
-      const float split_lse = lse[j];
-      // NOTE: an empty split left its partial output unwritten; skip it rather than scale it by 0.
-      if (split_lse == -INFINITY) continue;
-      const float w = exp2f(split_lse - max_lse);
-      denom += w;
-      const float* const src = p.partial_out + (pair * p.num_splits + j) * kHeadDim + lane * kPerLane;
-#pragma unroll
-      for (int c = 0; c < kPerLane; ++c) acc[c] += w * src[c];
+      for (int c = 0; c < kCols; c += 4) {
+        *reinterpret_cast<float4*>(dst + c) = make_float4(acc[c], acc[c + 1], acc[c + 2], acc[c + 3]);
+      }
+      if (col0 == 0) p.partial_lse[slot] = max_all + log2f(denom);
     }
   }
-  const float inv_denom = denom > 0.f ? 1.f / denom : 0.f;
-  const int64_t seq = pair / p.num_heads;
-  const int head = static_cast<int>(pair % p.num_heads);
-  T* const out = static_cast<T*>(p.out) + seq * p.out_stride + head * kHeadDim + lane * kPerLane;
-#pragma unroll
-  for (int c = 0; c < kPerLane; ++c) out[c] = from_float<T>(acc[c] * inv_denom);
+  if (p.num_splits > 1) merge_splits_if_last<T, kHeadDim>(p, seq, head0, rows);
 }
 
 }  // namespace rtpllm::cuda::decode

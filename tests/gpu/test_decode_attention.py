@@ -129,10 +129,12 @@ def test_decode_forced_splits(num_splits, num_heads, num_kv_heads, block_size, w
     case = DecodeCase(lengths, num_heads, num_kv_heads, 128, block_size, torch.bfloat16)
     plan = case.plan(4097, workspace, num_splits=num_splits)
     assert plan.num_splits == num_splits
-    out = torch.full_like(case.q, float("nan"))
-    cuda_ops.paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, 128 ** -0.5, plan,
-                                    out=out)
-    assert_matches(out, case.reference(), torch.bfloat16)
+    for _ in range(2):  # the second launch relies on the first having re-zeroed the split counters
+        out = torch.full_like(case.q, float("nan"))
+        cuda_ops.paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, 128 ** -0.5, plan,
+                                        out=out)
+        assert_matches(out, case.reference(), torch.bfloat16)
+    assert workspace.split_counters.count_nonzero().item() == 0, "a launch left a split counter armed"
 
 
 def test_decode_reads_q_from_fused_qkv_view(workspace):
@@ -212,9 +214,11 @@ def test_decode_rejects_bad_arguments(workspace):
     with pytest.raises(ValueError, match="plan"):
         cuda_ops.paged_decode_attention(case.q[:1], case.kv_cache, case.block_tables[:1], case.seq_lens[:1], scale,
                                         plan)
+    with pytest.raises(ValueError, match="workspace"):
+        cuda_ops.plan_paged_decode(2, 32, 8, 128, 16, torch.bfloat16, 20, workspace.partials)
     odd = DecodeCase([10], 32, 8, 96, 16, torch.bfloat16)
     with pytest.raises(ValueError, match="head_dim"):
         cuda_ops.plan_paged_decode(1, 32, 8, 96, 16, torch.bfloat16, 10, workspace)
     with pytest.raises(ValueError, match="head_dim"):
         cuda_ops.paged_decode_attention(odd.q, odd.kv_cache, odd.block_tables, odd.seq_lens, scale,
-                                        cuda_ops.DecodePlan(1, 32, 96, 10, 1, None, None))
+                                        cuda_ops.DecodePlan(1, 32, 96, 10, 1))

@@ -36,13 +36,13 @@ void bind_decode_attention(py::module_& m) {
       },
       py::arg("num_seqs"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("block_size"),
       py::arg("dtype"), py::arg("max_seq_len"), py::arg("max_splits"),
-      "Host only: how many splits to cut each context into (1 = no merge kernel)");
+      "Host only: how many splits to cut each context into (1 = no split merge)");
 
   m.def(
       "paged_decode_attention",
       [](uintptr_t out, uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t block_tables,
-         uintptr_t seq_lens, uintptr_t partial_out, uintptr_t partial_lse, int num_seqs, int num_heads,
-         int num_kv_heads, int head_dim, int block_size, int block_table_stride, int64_t q_stride,
+         uintptr_t seq_lens, uintptr_t partial_out, uintptr_t partial_lse, uintptr_t split_counters, int num_seqs,
+         int num_heads, int num_kv_heads, int head_dim, int block_size, int block_table_stride, int64_t q_stride,
          int64_t out_stride, int num_splits, float scale, cuda::ScalarType dtype, uintptr_t stream) {
         const cuda::PagedDecodeParams params{reinterpret_cast<const void*>(q),
                                              reinterpret_cast<const void*>(k_cache),
@@ -52,6 +52,7 @@ void bind_decode_attention(py::module_& m) {
                                              reinterpret_cast<void*>(out),
                                              reinterpret_cast<float*>(partial_out),
                                              reinterpret_cast<float*>(partial_lse),
+                                             reinterpret_cast<int*>(split_counters),
                                              num_seqs,
                                              num_heads,
                                              num_kv_heads,
@@ -66,8 +67,9 @@ void bind_decode_attention(py::module_& m) {
                        "paged_decode_attention", describe(dtype, head_dim, block_size, num_heads, num_kv_heads));
       },
       py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
-      py::arg("seq_lens"), py::arg("partial_out"), py::arg("partial_lse"), py::arg("num_seqs"), py::arg("num_heads"),
-      py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("block_size"), py::arg("block_table_stride"),
+      py::arg("seq_lens"), py::arg("partial_out"), py::arg("partial_lse"), py::arg("split_counters"),
+      py::arg("num_seqs"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("block_size"),
+      py::arg("block_table_stride"),
       py::arg("q_stride"), py::arg("out_stride"), py::arg("num_splits"), py::arg("scale"), py::arg("dtype"),
       py::arg("stream"), "One query token per sequence over the paged KV cache; CUDA-graph capturable");
 }

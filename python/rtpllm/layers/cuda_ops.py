@@ -167,7 +167,7 @@ def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posi
     _check_kv_cache(kv_cache, q, num_kv_heads, head_dim)
     _ops().rope_and_cache_write(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), positions.data_ptr(), cos_sin_cache.data_ptr(),
-        slot_mapping.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), num_tokens, num_heads, num_kv_heads,
+        slot_mapping.data_ptr(), *_kv_planes(kv_cache), num_tokens, num_heads, num_kv_heads,
         head_dim, rotary_dim, cos_sin_cache.shape[0], q.stride(0), k.stride(0), v.stride(0), _scalar_type(q.dtype),
         _stream(q.device))
 
@@ -210,22 +210,44 @@ def embedding(ids: torch.Tensor, table: torch.Tensor, out: Optional[torch.Tensor
 # ----------------------------------------------------------------------------- decode attention
 
 
+def _kv_planes(kv_cache: torch.Tensor) -> tuple[int, int]:
+    """Addresses of the K and V planes of a contiguous [2, ...] cache (no view objects made)."""
+    k_plane = kv_cache.data_ptr()
+    return k_plane, k_plane + kv_cache.stride(0) * kv_cache.element_size()
+
+
 def _check_kv_cache(kv_cache: torch.Tensor, q: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
     _check_tensor(kv_cache, "kv_cache", device=q.device, dtypes=(q.dtype,), ndim=5)
     _require(kv_cache.shape[0] == 2 and kv_cache.shape[3] == num_kv_heads and kv_cache.shape[4] == head_dim,
              "kv_cache", lambda: f"expected [2, num_blocks, block_size, {num_kv_heads}, {head_dim}], "
              f"got {tuple(kv_cache.shape)}")
     _require(kv_cache.is_contiguous(), "kv_cache", "must be contiguous")
-    _require(kv_cache.data_ptr() % 16 == 0 and kv_cache[1].data_ptr() % 16 == 0, "kv_cache",
+    _require(all(plane % 16 == 0 for plane in _kv_planes(kv_cache)), "kv_cache",
              "K and V planes must be 16-byte aligned")
 
 
+@dataclass(frozen=True)
+class DecodeWorkspace:
+    """Scratch for split-KV decode, allocated once and reused by every step and layer (a CUDA
+    graph captures its addresses). Launches that share it must run on one stream, one at a time.
+
+    partials: float32 [n], carved per plan into partial outputs and log-sum-exps.
+    split_counters: int32 [n // 128], zero: the kernel counts each group's finished splits here
+    and the last split puts its counter back to zero.
+    """
+
+    partials: torch.Tensor
+    split_counters: torch.Tensor
+
+
 def allocate_decode_workspace(device: torch.device | str,
-                              num_bytes: int = DEFAULT_DECODE_WORKSPACE_BYTES) -> torch.Tensor:
-    """The float32 scratch that split-KV decode writes its partial results into. Allocate once
-    and reuse for every step and layer: a CUDA graph captures its address."""
-    _require(num_bytes >= 4, "num_bytes", lambda: f"must be positive, got {num_bytes}")
-    return torch.empty(num_bytes // 4, dtype=torch.float32, device=device)
+                              num_bytes: int = DEFAULT_DECODE_WORKSPACE_BYTES) -> DecodeWorkspace:
+    _require(num_bytes >= 1024, "num_bytes", lambda: f"must be at least 1024, got {num_bytes}")
+    floats = num_bytes // 4
+    # A split plan holds >= 2 * (head_dim + 1) floats per (sequence, query head), so this many
+    # counters always cover the (sequence, KV head, head tile) groups of any plan that fits.
+    return DecodeWorkspace(torch.empty(floats, dtype=torch.float32, device=device),
+                           torch.zeros(floats // 128, dtype=torch.int32, device=device))
 
 
 @dataclass(frozen=True)
@@ -238,15 +260,16 @@ class DecodePlan:
     head_dim: int
     max_seq_len: int
     num_splits: int
-    partial_out: Optional[torch.Tensor]  # float32 [num_seqs, num_heads, num_splits, head_dim]; None if 1 split
-    partial_lse: Optional[torch.Tensor]  # float32 [num_seqs, num_heads, num_splits]; None if 1 split
+    partial_out: Optional[torch.Tensor] = None  # float32 [num_seqs, num_heads, num_splits, head_dim]
+    partial_lse: Optional[torch.Tensor] = None  # float32 [num_seqs, num_heads, num_splits]
+    split_counters: Optional[torch.Tensor] = None  # int32 [num_seqs * num_kv_heads * head tiles], zero
 
 
 def plan_paged_decode(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
-                      dtype: torch.dtype, max_seq_len: int, workspace: torch.Tensor,
+                      dtype: torch.dtype, max_seq_len: int, workspace: DecodeWorkspace,
                       num_splits: Optional[int] = None) -> DecodePlan:
     """Chooses how many pieces each context is split into (from the batch shape, the SM count and
-    `max_seq_len`) and carves the partial-result buffers out of `workspace`. Host-only.
+    `max_seq_len`) and carves the split buffers out of `workspace`. Host-only; no device sync.
 
     `num_splits` overrides the choice (tests, benchmarks); it must fit the workspace.
     """
@@ -255,24 +278,28 @@ def plan_paged_decode(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim
              lambda: f"must divide num_heads={num_heads}, got {num_kv_heads}")
     _require(max_seq_len >= 1, "max_seq_len", lambda: f"must be positive, got {max_seq_len}")
     _require(dtype in _HALF_DTYPES, "dtype", lambda: f"must be float16 or bfloat16, got {dtype}")
-    _check_tensor(workspace, "workspace", dtypes=(torch.float32,), ndim=1)
-    _require(workspace.is_contiguous() and workspace.data_ptr() % 16 == 0, "workspace",
-             "must be contiguous and 16-byte aligned")
+    _require(isinstance(workspace, DecodeWorkspace), "workspace",
+             lambda: f"expected a DecodeWorkspace (allocate_decode_workspace), got {type(workspace).__name__}")
+    partials = workspace.partials
     per_split = num_seqs * num_heads * (head_dim + 1)
-    max_splits = workspace.numel() // per_split
+    max_splits = partials.numel() // per_split
     if num_splits is None:
         num_splits = _ops().paged_decode_plan(num_seqs, num_heads, num_kv_heads, head_dim, block_size,
                                               _scalar_type(dtype), max_seq_len, max(max_splits, 1))
     _require(num_splits >= 1, "num_splits", lambda: f"must be positive, got {num_splits}")
     if num_splits == 1:
-        return DecodePlan(num_seqs, num_heads, head_dim, max_seq_len, 1, None, None)
+        return DecodePlan(num_seqs, num_heads, head_dim, max_seq_len, 1)
     _require(num_splits <= max_splits, "workspace",
              lambda: f"holds {max_splits} splits for {num_seqs} sequences x {num_heads} heads, {num_splits} asked")
+    groups = num_seqs * num_kv_heads * -(-(num_heads // num_kv_heads) // 16)
+    _require(groups <= workspace.split_counters.numel(), "workspace",
+             lambda: f"has {workspace.split_counters.numel()} split counters, {groups} needed")
     out_elems = num_seqs * num_heads * num_splits * head_dim
-    partial_out = workspace[:out_elems].view(num_seqs, num_heads, num_splits, head_dim)
-    partial_lse = workspace[out_elems:out_elems + num_seqs * num_heads * num_splits].view(
+    partial_out = partials[:out_elems].view(num_seqs, num_heads, num_splits, head_dim)
+    partial_lse = partials[out_elems:out_elems + num_seqs * num_heads * num_splits].view(
         num_seqs, num_heads, num_splits)
-    return DecodePlan(num_seqs, num_heads, head_dim, max_seq_len, num_splits, partial_out, partial_lse)
+    return DecodePlan(num_seqs, num_heads, head_dim, max_seq_len, num_splits, partial_out, partial_lse,
+                      workspace.split_counters[:groups])
 
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -316,11 +343,13 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     _check_tensor(out, "out", device=q.device, dtypes=(q.dtype,), ndim=3)
     _check_shape(out, "out", (num_seqs, num_heads, head_dim))
     _check_heads(out, "out")
-    partial_out = plan.partial_out.data_ptr() if plan.num_splits > 1 else 0
-    partial_lse = plan.partial_lse.data_ptr() if plan.num_splits > 1 else 0
+    split = plan.num_splits > 1
+    partial_out = plan.partial_out.data_ptr() if split else 0
+    partial_lse = plan.partial_lse.data_ptr() if split else 0
+    split_counters = plan.split_counters.data_ptr() if split else 0
+    k_plane, v_plane = _kv_planes(kv_cache)
     _ops().paged_decode_attention(
-        out.data_ptr(), q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(),
-        seq_lens.data_ptr(), partial_out, partial_lse, num_seqs, num_heads, num_kv_heads, head_dim, block_size,
-        block_tables.stride(0), q.stride(0), out.stride(0), plan.num_splits, float(scale), _scalar_type(q.dtype),
-        _stream(q.device))
+        out.data_ptr(), q.data_ptr(), k_plane, v_plane, block_tables.data_ptr(), seq_lens.data_ptr(), partial_out,
+        partial_lse, split_counters, num_seqs, num_heads, num_kv_heads, head_dim, block_size, block_tables.stride(0),
+        q.stride(0), out.stride(0), plan.num_splits, float(scale), _scalar_type(q.dtype), _stream(q.device))
     return out

@@ -1,0 +1,88 @@
+// Split-KV merge inside the decode kernel: the last CTA of a (sequence, KV head, head tile) to
+// finish combines every split's partial result, so a split launch is still one kernel (one
+// graph node, no second launch's latency on the small batches that need splitting).
+//
+// Protocol (the CUDA "threadFenceReduction" pattern): each CTA writes its partial output and
+// log-sum-exp, fences, then counts itself in with an atomic on its group's counter; the CTA that
+// sees the count reach num_splits - 1 is the last, reads every split's partials from L2 and
+// writes the output, then puts the counter back to 0, so the next launch (next layer, next graph
+// replay) finds it zeroed. Empty splits count in too, with lse = -inf.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/attention/paged_decode_attention.h"
+#include "cuda/ops/vec.cuh"
+
+namespace rtpllm::cuda::decode {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRows = 16;  // query heads per CTA: the M extent of the tensor-core products
+constexpr int kThreadsPerRow = kThreads / kRows;  // epilogue: 8 threads finish one query head
+
+// Writes kCols floats as T in 16-byte vectors.
+template <typename T, int kCols>
+__device__ __forceinline__ void store_row(T* dst, const float (&vals)[kCols]) {
+#pragma unroll
+  for (int c = 0; c < kCols; c += kVecElems) {
+    float chunk[kVecElems];
+#pragma unroll
+    for (int j = 0; j < kVecElems; ++j) chunk[j] = vals[c + j];
+    store_vec(dst + c, float_to_vec<T>(chunk));
+  }
+}
+
+// Called by every thread of every CTA of a split launch, after the CTA wrote its partials.
+template <typename T, int kHeadDim>
+__device__ void merge_splits_if_last(const PagedDecodeParams& p, int seq, int head0, int rows) {
+  constexpr int kCols = kHeadDim / kThreadsPerRow;
+  __shared__ bool is_last;
+  __threadfence();  // this thread's partial writes are visible device-wide before the count
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* const counter = p.split_counters + static_cast<int64_t>(seq) * gridDim.y + blockIdx.y;
+    is_last = atomicAdd(counter, 1) == p.num_splits - 1;
+    if (is_last) *counter = 0;  // every other split has counted in: safe to rearm
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+
+  const int row = threadIdx.x / kThreadsPerRow;
+  if (row >= rows) return;
+  const int col0 = (threadIdx.x % kThreadsPerRow) * kCols;
+  const int64_t pair = static_cast<int64_t>(seq) * p.num_heads + head0 + row;
+  const float* const lse = p.partial_lse + pair * p.num_splits;
+  // NOTE: other CTAs wrote these; __ldcg reads them from L2, never from a stale L1 line.
+  float max_lse = -INFINITY;
+  for (int j = 0; j < p.num_splits; ++j) max_lse = fmaxf(max_lse, __ldcg(lse + j));
+
+  float acc[kCols] = {};
+  float denom = 0.f;
+  if (max_lse != -INFINITY) {
+    for (int j = 0; j < p.num_splits; ++j) {
+      const float split_lse = __ldcg(lse + j);
+      if (split_lse == -INFINITY) continue;  // an empty split wrote no partial output
+      const float w = exp2f(split_lse - max_lse);
+      denom += w;
+      const float4* const src =
+          reinterpret_cast<const float4*>(p.partial_out + (pair * p.num_splits + j) * kHeadDim + col0);
+#pragma unroll
+      for (int c = 0; c < kCols / 4; ++c) {
+        const float4 v = __ldcg(src + c);
+        acc[4 * c] += w * v.x;
+        acc[4 * c + 1] += w * v.y;
+        acc[4 * c + 2] += w * v.z;
+        acc[4 * c + 3] += w * v.w;
+      }
+    }
+  }
+  const float inv_denom = denom > 0.f ? 1.f / denom : 0.f;  // all splits empty: a zero output
+#pragma unroll
+  for (int c = 0; c < kCols; ++c) acc[c] *= inv_denom;
+  store_row<T, kCols>(static_cast<T*>(p.out) + seq * p.out_stride + (head0 + row) * kHeadDim + col0, acc);
+}
+
+}  // namespace rtpllm::cuda::decode
