@@ -1,6 +1,7 @@
 """Server behaviour under stress: disconnects free KV blocks, a full queue answers 503 at once,
 and SIGTERM/SIGINT shut `rtpllm serve` down cleanly."""
 
+import contextlib
 import json
 import os
 import signal
@@ -59,31 +60,33 @@ def test_disconnect_while_waiting_for_a_non_streamed_reply_aborts(server):
 
 
 def test_full_queue_answers_503_at_once_and_recovers(server):
-    body = {"prompt": "Tell me a story", **LONG, "max_tokens": 300, "stream": True}
-    with httpx.Client(timeout=30) as client:
-        streams = []
-        try:
-            for _ in range(2):  # fill the running batch (max_num_seqs=2)
-                stream = client.stream("POST", server.url + "/v1/completions", json=body).__enter__()
-                streams.append(stream)
-                next(line for line in stream.iter_lines() if line.startswith("data: "))
-            queued = threading.Thread(target=lambda: httpx.post(server.url + "/v1/completions",
-                                                                json={**body, "stream": False}, timeout=30))
-            queued.start()
-            server.wait_until(lambda: server.metric("num_requests_waiting") == 1, what="a queued request")
-            start = time.monotonic()
-            rejected = httpx.post(server.url + "/v1/completions", json={**body, "stream": False})
-            assert time.monotonic() - start < 1.0
-            assert rejected.status_code == 503
-            error = rejected.json()["error"]
-            assert error["code"] == "server_overloaded" and "overloaded" in error["message"]
-        finally:
-            for stream in streams:
-                stream.__exit__(None, None, None)
-        queued.join(timeout=30)
+    long = {"prompt": "Tell me a story", **LONG, "max_tokens": 480, "stream": True}
+    queued_result = {}
+
+    def send_queued():
+        queued_result["response"] = httpx.post(server.url + "/v1/completions", timeout=60,
+                                               json={"prompt": "hi", "max_tokens": 3, "ignore_eos": True})
+
+    with httpx.Client(timeout=60) as client, contextlib.ExitStack() as streams:
+        readers = []  # NOTE: a dropped line iterator closes its connection, so they are kept
+        for _ in range(2):  # fill the running batch (max_num_seqs=2)
+            stream = streams.enter_context(client.stream("POST", server.url + "/v1/completions", json=long))
+            readers.append(stream.iter_lines())
+            next(line for line in readers[-1] if line.startswith("data: "))
+        queued = threading.Thread(target=send_queued)
+        queued.start()
+        server.wait_until(lambda: server.metric("num_requests_waiting") == 1, what="a queued request")
+        start = time.monotonic()
+        rejected = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3})
+        assert time.monotonic() - start < 1.0
+        assert rejected.status_code == 503
+        error = rejected.json()["error"]
+        assert error["code"] == "server_overloaded" and "overloaded" in error["message"]
+    # Closing the two streams aborted them; the queued request runs next.
+    queued.join(timeout=60)
+    assert queued_result["response"].status_code == 200
     server.wait_until(lambda: server.metric("num_requests_running") == 0, what="the queue to drain")
-    ok = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
-    assert ok.status_code == 200
+    assert httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
     assert _blocks_free(server)
 
 
@@ -93,7 +96,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda sig: sig.name)
 def test_signal_shuts_down_gracefully_finishing_in_flight_requests(sig):
     port = _free_port()
     command = [sys.executable, "-m", "rtpllm.serving.cli", "serve", "--model", checkpoint_path("llama3"),

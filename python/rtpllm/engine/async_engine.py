@@ -361,10 +361,10 @@ class AsyncEngine:
                     loop.call_soon_threadsafe(self._on_added, accepted, error)
                 if engine.has_unfinished_requests():
                     outputs = engine.step()
+                    self._stats = engine.stats()  # before the outputs wake anyone up
                     if outputs:
                         loop.call_soon_threadsafe(self._deliver, outputs)
                 busy = engine.has_unfinished_requests()
-                self._stats = engine.stats()
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiting requests
             logger.exception("engine step loop failed")
             if not loop.is_closed():
