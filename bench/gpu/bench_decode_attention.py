@@ -108,6 +108,11 @@ def main() -> None:
         report("b64 ctx4096 64/8 d128 bf16 bs16", measure(64, 4096, 64, 8, 128))
         for batch, ctx in SWEEP:
             report(f"b{batch} ctx{ctx} 32/8 d128 bf16 bs16", measure(batch, ctx, 32, 8, 128))
+        # The split heuristic's trade-off on small batches: more CTAs against a longer merge.
+        for batch, ctx in ((1, 4096), (1, 32768), (8, 4096)):
+            for splits in (8, 16, 32, 64):
+                report(f"b{batch} ctx{ctx} 32/8 d128 bf16 bs16 splits={splits}",
+                       measure(batch, ctx, 32, 8, 128, num_splits=splits))
     write_json(args.json, "decode_attention", rows, copy_tbps_measured=copy_tbps)
 
 

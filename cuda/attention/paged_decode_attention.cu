@@ -96,7 +96,7 @@ cudaError_t plan_paged_decode(const PagedDecodePlanInputs& in, int* num_splits) 
       static_cast<long long>(in.num_seqs) * in.num_kv_heads * head_tiles(in.num_heads, in.num_kv_heads);
   // More splits than granules of context only adds empty CTAs.
   const int useful = std::max(1, (in.max_seq_len + kSplitGranularity - 1) / kSplitGranularity);
-  const int limit = std::min(in.max_splits, useful);
+  const int limit = std::min({in.max_splits, useful, decode::kMaxSplits});
   int best = 1;
   long long best_cost = LLONG_MAX;
   for (int s = 1; s <= limit; ++s) {
@@ -112,8 +112,8 @@ cudaError_t plan_paged_decode(const PagedDecodePlanInputs& in, int* num_splits) 
 
 cudaError_t paged_decode_attention(const PagedDecodeParams& p, ScalarType dtype, cudaStream_t stream) {
   if (p.num_seqs < 0 || p.num_seqs > 65535 || p.num_kv_heads <= 0 || p.num_heads <= 0 ||
-      p.num_heads % p.num_kv_heads != 0 || p.num_splits < 1 || p.block_table_stride < 0 || p.q_stride % 2 != 0 ||
-      p.out_stride % 8 != 0) {
+      p.num_heads % p.num_kv_heads != 0 || p.num_splits < 1 || p.num_splits > decode::kMaxSplits ||
+      p.block_table_stride < 0 || p.q_stride % 2 != 0 || p.out_stride % 8 != 0) {
     return cudaErrorInvalidValue;
   }
   if (p.num_splits > 1 && (p.partial_out == nullptr || p.partial_lse == nullptr || p.split_counters == nullptr)) {

@@ -45,7 +45,7 @@ struct PagedDecodeParams {
   int block_table_stride;       // elements
   int64_t q_stride;             // elements; even
   int64_t out_stride;           // elements; multiple of 8
-  int num_splits;               // from plan_paged_decode
+  int num_splits;               // from plan_paged_decode; at most 64
   float scale;                  // softmax scale, usually 1 / sqrt(head_dim)
 };
 

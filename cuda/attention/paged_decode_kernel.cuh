@@ -43,6 +43,7 @@ struct DecodeSmem {
   static constexpr int kMergeStride = kHeadDim + 4;  // floats per merged row; padding spreads banks
   static constexpr int kMergeBytes = (kWarps * kRows * kMergeStride + 2 * kWarps * kRows) * 4;
   static constexpr int kBytes = kPipelineBytes > kMergeBytes ? kPipelineBytes : kMergeBytes;
+  static_assert(kBytes >= kRows * kMaxSplits * 4, "the split merge stages its log-sum-exps here");
 };
 
 __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -105,16 +106,21 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const __grid_con
   if (begin >= end) {
     // An empty split still reports in (with lse = -inf, which the merge skips); an empty
     // sequence (a padded CUDA-graph slot) gets a zero output rather than uninitialised memory.
-    if (threadIdx.x < rows) {
-      const int64_t row = static_cast<int64_t>(seq) * p.num_heads + head0 + threadIdx.x;
-      if (p.num_splits > 1) {
-        p.partial_lse[row * p.num_splits + split] = -INFINITY;
-      } else {
+    const int64_t first_pair = static_cast<int64_t>(seq) * p.num_heads + head0;
+    if (p.num_splits == 1) {
+      if (threadIdx.x < rows) {
         T* out = static_cast<T*>(p.out) + seq * p.out_stride + (head0 + threadIdx.x) * kHeadDim;
         for (int d = 0; d < kHeadDim; ++d) out[d] = from_float<T>(0.f);
       }
+      return;
     }
-    if (p.num_splits > 1) merge_splits_if_last<T, kHeadDim>(p, seq, head0, rows);
+    if (threadIdx.x < rows) p.partial_lse[(first_pair + threadIdx.x) * p.num_splits + split] = -INFINITY;
+    for (int i = threadIdx.x; i < rows * kHeadDim / 4; i += kThreads) {
+      const int row = i / (kHeadDim / 4);
+      float* const dst = p.partial_out + ((first_pair + row) * p.num_splits + split) * kHeadDim;
+      reinterpret_cast<float4*>(dst)[i % (kHeadDim / 4)] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    merge_splits_if_last<T, kHeadDim>(p, seq, head0, rows, reinterpret_cast<float*>(smem));
     return;
   }
 
@@ -312,7 +318,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const __grid_con
       if (col0 == 0) p.partial_lse[slot] = max_all + log2f(denom);
     }
   }
-  if (p.num_splits > 1) merge_splits_if_last<T, kHeadDim>(p, seq, head0, rows);
+  if (p.num_splits > 1) merge_splits_if_last<T, kHeadDim>(p, seq, head0, rows, reinterpret_cast<float*>(smem));
 }
 
 }  // namespace rtpllm::cuda::decode

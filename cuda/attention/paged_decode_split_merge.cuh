@@ -6,7 +6,8 @@
 // log-sum-exp, fences, then counts itself in with an atomic on its group's counter; the CTA that
 // sees the count reach num_splits - 1 is the last, reads every split's partials from L2 and
 // writes the output, then puts the counter back to 0, so the next launch (next layer, next graph
-// replay) finds it zeroed. Empty splits count in too, with lse = -inf.
+// replay) finds it zeroed. Empty splits count in too, with lse = -inf and a zero partial output
+// (zero, not left stale: the merge multiplies every partial by its weight, and 0 * NaN is NaN).
 #pragma once
 
 #include <cmath>
@@ -21,6 +22,7 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kRows = 16;  // query heads per CTA: the M extent of the tensor-core products
 constexpr int kThreadsPerRow = kThreads / kRows;  // epilogue: 8 threads finish one query head
+constexpr int kMaxSplits = 64;  // bounds the merge's shared-memory staging of log-sum-exps
 
 // Writes kCols floats as T in 16-byte vectors.
 template <typename T, int kCols>
@@ -35,8 +37,9 @@ __device__ __forceinline__ void store_row(T* dst, const float (&vals)[kCols]) {
 }
 
 // Called by every thread of every CTA of a split launch, after the CTA wrote its partials.
+// `scratch` is free shared memory for kRows * kMaxSplits floats.
 template <typename T, int kHeadDim>
-__device__ void merge_splits_if_last(const PagedDecodeParams& p, int seq, int head0, int rows) {
+__device__ void merge_splits_if_last(const PagedDecodeParams& p, int seq, int head0, int rows, float* scratch) {
   constexpr int kCols = kHeadDim / kThreadsPerRow;
   __shared__ bool is_last;
   __threadfence();  // this thread's partial writes are visible device-wide before the count
@@ -50,33 +53,56 @@ __device__ void merge_splits_if_last(const PagedDecodeParams& p, int seq, int he
   if (!is_last) return;
   __threadfence();
 
-  const int row = threadIdx.x / kThreadsPerRow;
-  if (row >= rows) return;
-  const int col0 = (threadIdx.x % kThreadsPerRow) * kCols;
-  const int64_t pair = static_cast<int64_t>(seq) * p.num_heads + head0 + row;
-  const float* const lse = p.partial_lse + pair * p.num_splits;
-  // NOTE: other CTAs wrote these; __ldcg reads them from L2, never from a stale L1 line.
-  float max_lse = -INFINITY;
-  for (int j = 0; j < p.num_splits; ++j) max_lse = fmaxf(max_lse, __ldcg(lse + j));
+  // NOTE: other CTAs wrote the partials; __ldcg reads them from L2, never from a stale L1 line.
+  // Every load below is independent of the others, so they overlap instead of queueing behind
+  // one another: this runs on the critical path of the whole launch.
+  const int num_splits = p.num_splits;
+  const int64_t first_pair = static_cast<int64_t>(seq) * p.num_heads + head0;
+  const float* const lse = p.partial_lse + first_pair * num_splits;  // [rows, num_splits], contiguous
+  for (int i = threadIdx.x; i < rows * num_splits; i += kThreads) scratch[i] = __ldcg(lse + i);
+  __syncthreads();
 
-  float acc[kCols] = {};
-  float denom = 0.f;
-  if (max_lse != -INFINITY) {
-    for (int j = 0; j < p.num_splits; ++j) {
-      const float split_lse = __ldcg(lse + j);
-      if (split_lse == -INFINITY) continue;  // an empty split wrote no partial output
-      const float w = exp2f(split_lse - max_lse);
-      denom += w;
-      const float4* const src =
-          reinterpret_cast<const float4*>(p.partial_out + (pair * p.num_splits + j) * kHeadDim + col0);
+  // Each query head's 8 threads (consecutive lanes of one warp) turn its log-sum-exps into weights.
+  const int row = threadIdx.x / kThreadsPerRow;
+  const int sub = threadIdx.x % kThreadsPerRow;
+  float* const weights = scratch + row * num_splits;
+  float max_lse = -INFINITY;
+  if (row < rows) {
+    for (int j = sub; j < num_splits; j += kThreadsPerRow) max_lse = fmaxf(max_lse, weights[j]);
+  }
 #pragma unroll
-      for (int c = 0; c < kCols / 4; ++c) {
-        const float4 v = __ldcg(src + c);
-        acc[4 * c] += w * v.x;
-        acc[4 * c + 1] += w * v.y;
-        acc[4 * c + 2] += w * v.z;
-        acc[4 * c + 3] += w * v.w;
-      }
+  for (int offset = 1; offset < kThreadsPerRow; offset <<= 1) {
+    max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffffu, max_lse, offset));
+  }
+  float denom = 0.f;
+  if (row < rows) {
+    for (int j = sub; j < num_splits; j += kThreadsPerRow) {
+      const float w = max_lse == -INFINITY ? 0.f : exp2f(weights[j] - max_lse);  // empty split: 0
+      weights[j] = w;
+      denom += w;
+    }
+  }
+#pragma unroll
+  for (int offset = 1; offset < kThreadsPerRow; offset <<= 1) {
+    denom += __shfl_xor_sync(0xffffffffu, denom, offset);
+  }
+  __syncwarp();  // the weights were written by this warp's own lanes
+  if (row >= rows) return;
+
+  const int col0 = sub * kCols;
+  const float4* const src =
+      reinterpret_cast<const float4*>(p.partial_out + (first_pair + row) * num_splits * kHeadDim + col0);
+  float acc[kCols] = {};
+#pragma unroll 4
+  for (int j = 0; j < num_splits; ++j) {
+    const float w = weights[j];
+#pragma unroll
+    for (int c = 0; c < kCols / 4; ++c) {
+      const float4 v = __ldcg(src + j * (kHeadDim / 4) + c);
+      acc[4 * c] += w * v.x;
+      acc[4 * c + 1] += w * v.y;
+      acc[4 * c + 2] += w * v.z;
+      acc[4 * c + 3] += w * v.w;
     }
   }
   const float inv_denom = denom > 0.f ? 1.f / denom : 0.f;  // all splits empty: a zero output

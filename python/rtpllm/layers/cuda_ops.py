@@ -28,6 +28,7 @@ import torch
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _VEC = 8  # elements in one 16-byte vector of a 16-bit type; kernels move data in these units
 DEFAULT_DECODE_WORKSPACE_BYTES = 32 << 20
+MAX_DECODE_SPLITS = 64  # cuda/attention/paged_decode_split_merge.cuh: kMaxSplits
 
 
 @functools.cache
@@ -286,7 +287,8 @@ def plan_paged_decode(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim
     if num_splits is None:
         num_splits = _ops().paged_decode_plan(num_seqs, num_heads, num_kv_heads, head_dim, block_size,
                                               _scalar_type(dtype), max_seq_len, max(max_splits, 1))
-    _require(num_splits >= 1, "num_splits", lambda: f"must be positive, got {num_splits}")
+    _require(1 <= num_splits <= MAX_DECODE_SPLITS, "num_splits",
+             lambda: f"must be in [1, {MAX_DECODE_SPLITS}], got {num_splits}")
     if num_splits == 1:
         return DecodePlan(num_seqs, num_heads, head_dim, max_seq_len, 1)
     _require(num_splits <= max_splits, "workspace",
