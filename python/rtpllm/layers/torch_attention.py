@@ -7,9 +7,15 @@ new tokens are padded to `max_query_len` rows and its context to `max_seq_len` c
 token at position p sees context positions 0..p of its own sequence (p = num_computed + its
 index among the sequence's new tokens). Cost is O(num_seqs * max_query_len * max_seq_len), so
 this is a correctness reference and a CPU fallback, not the fast path.
+
+The index tensors of that layout depend only on the step, so the first layer builds them and
+the others reuse them: an AttentionMetadata is treated as immutable once its step has started.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,30 +36,56 @@ def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slo
     v_slots.index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
 
 
-def gather_context(kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every sequence's K and V at context positions 0..max_seq_len-1 through its block table.
+@dataclass
+class StepLayout:
+    """Where the step's tokens and contexts sit in the padded batch; the same for every layer."""
 
-    Returns k, v [num_seqs, max_seq_len, num_kv_heads, head_dim] and valid bool [num_seqs, max_seq_len]
-    (position < seq_len). Positions past a sequence's length are zeroed: their slots belong to
-    padding block 0 or to other sequences and may hold anything, NaN included, and a NaN value
-    would poison the output even under a zero attention weight.
-    """
-    block_size = kv_cache.shape[2]
-    device = kv_cache.device
+    token_seq: torch.Tensor  # int64 [num_tokens]: the sequence of each new token
+    token_row: torch.Tensor  # int64 [num_tokens]: its row among that sequence's new tokens
+    context_slots: torch.Tensor  # int64 [num_seqs, max_seq_len]: cache slot of each context position
+    valid: torch.Tensor  # bool [num_seqs, max_seq_len]: position < seq_len
+    mask: torch.Tensor  # bool [num_seqs, 1, max_query_len, max_seq_len]: who may attend to whom
+
+
+def step_layout(meta: AttentionMetadata, block_size: int, num_tokens: int) -> StepLayout:
+    device = meta.slot_mapping.device
+    query_start = meta.query_start_loc.long()
+    token_seq = torch.repeat_interleave(torch.arange(meta.num_seqs, device=device),
+                                        query_start[1:] - query_start[:-1], output_size=num_tokens)
+    token_row = torch.arange(num_tokens, device=device) - query_start[token_seq]
     num_blocks_needed = -(-meta.max_seq_len // block_size)
     block_ids = meta.block_tables[:, :num_blocks_needed].long()
     offsets = torch.arange(block_size, device=device)
-    slots = (block_ids.unsqueeze(-1) * block_size + offsets).flatten(1)[:, :meta.max_seq_len]
+    context_slots = (block_ids.unsqueeze(-1) * block_size + offsets).flatten(1)[:, :meta.max_seq_len]
     key_positions = torch.arange(meta.max_seq_len, device=device)
-    valid = key_positions.unsqueeze(0) < meta.seq_lens.unsqueeze(1)
-    keep = valid[:, :, None, None]
-    k = torch.where(keep, kv_cache[0].flatten(0, 1)[slots], 0)
-    v = torch.where(keep, kv_cache[1].flatten(0, 1)[slots], 0)
-    return k, v, valid
+    valid = key_positions < meta.seq_lens.unsqueeze(1)
+    query_positions = meta.num_computed.long().unsqueeze(1) + torch.arange(meta.max_query_len, device=device)
+    # Causal within the sequence's own context. Padding rows (past a sequence's new tokens) still
+    # see at least position 0, so no softmax row is empty and nothing turns NaN.
+    mask = (key_positions <= query_positions.unsqueeze(-1)) & valid.unsqueeze(1)
+    return StepLayout(token_seq, token_row, context_slots, valid, mask.unsqueeze(1))
+
+
+def gather_context(kv_cache: torch.Tensor, layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sequence's K and V at context positions 0..max_seq_len-1 through its block table,
+    [num_seqs, max_seq_len, num_kv_heads, head_dim] each.
+
+    Positions past a sequence's length are zeroed: their slots belong to padding block 0 or to
+    other sequences and may hold anything, NaN included, and a NaN value would poison the output
+    even under a zero attention weight.
+    """
+    keep = layout.valid[:, :, None, None]
+    k = torch.where(keep, kv_cache[0].flatten(0, 1)[layout.context_slots], 0)
+    v = torch.where(keep, kv_cache[1].flatten(0, 1)[layout.context_slots], 0)
+    return k, v
 
 
 class TorchAttentionBackend:
     """AttentionBackend in plain torch; exact in float32 (up to summation order)."""
+
+    def __init__(self) -> None:
+        # The layout of the step being run, built by its first layer and reused by the others.
+        self._layout: Optional[tuple[AttentionMetadata, StepLayout]] = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                 rotary: RotaryEmbedding, kv_cache: torch.Tensor, meta: AttentionMetadata,
@@ -62,25 +94,13 @@ class TorchAttentionBackend:
         q, k = rotary(positions, q, k)
         write_kv_cache(kv_cache, k, v, meta.slot_mapping)
 
-        num_seqs, max_query_len = meta.num_seqs, meta.max_query_len
-        device = q.device
-        query_start = meta.query_start_loc.long()
-        query_lens = query_start[1:] - query_start[:-1]
-        # Row of each new token in the padded [num_seqs, max_query_len] layout.
-        token_seq = torch.repeat_interleave(torch.arange(num_seqs, device=device), query_lens,
-                                            output_size=num_tokens)
-        token_row = torch.arange(num_tokens, device=device) - query_start[token_seq]
-        q_padded = q.new_zeros(num_seqs, max_query_len, num_heads, head_dim)
-        q_padded[token_seq, token_row] = q
-
-        k_ctx, v_ctx, valid = gather_context(kv_cache, meta)
-        query_positions = meta.num_computed.long().unsqueeze(1) + torch.arange(max_query_len, device=device)
-        key_positions = torch.arange(meta.max_seq_len, device=device)
-        # Causal within the sequence's own context. Padding rows (past a sequence's new tokens)
-        # still see at least position 0, so no softmax row is empty and nothing turns NaN.
-        mask = (key_positions <= query_positions.unsqueeze(-1)) & valid.unsqueeze(1)
-
+        if self._layout is None or self._layout[0] is not meta:
+            self._layout = (meta, step_layout(meta, kv_cache.shape[2], num_tokens))
+        layout = self._layout[1]
+        q_padded = q.new_zeros(meta.num_seqs, meta.max_query_len, num_heads, head_dim)
+        q_padded[layout.token_seq, layout.token_row] = q
+        k_ctx, v_ctx = gather_context(kv_cache, layout)
         out = F.scaled_dot_product_attention(
             q_padded.transpose(1, 2), k_ctx.to(q.dtype).transpose(1, 2), v_ctx.to(q.dtype).transpose(1, 2),
-            attn_mask=mask.unsqueeze(1), scale=scale, enable_gqa=num_heads != k_ctx.shape[2])
-        return out.transpose(1, 2)[token_seq, token_row]
+            attn_mask=layout.mask, scale=scale, enable_gqa=num_heads != k_ctx.shape[2])
+        return out.transpose(1, 2)[layout.token_seq, layout.token_row]

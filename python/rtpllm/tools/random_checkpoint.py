@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
+import transformers
 from safetensors.torch import save_file
 
 from rtpllm.tools.bpe_tokenizer import BOS_TOKEN, EOS_TOKEN, IM_END, build_bpe_tokenizer
@@ -66,7 +67,8 @@ def write_random_checkpoint(shape: ModelShape, out: str, seed: int = 0, max_shar
     tokenizer.save_pretrained(out)
     bos = tokenizer.convert_tokens_to_ids(BOS_TOKEN) if shape.add_bos else None
     eos = [tokenizer.convert_tokens_to_ids(EOS_TOKEN), tokenizer.convert_tokens_to_ids(IM_END)]
-    _write_json(os.path.join(out, "config.json"), shape.hf_config(bos, eos))
+    # transformers reads the version to decide which tokenizer fix-ups an old checkpoint needs.
+    _write_json(os.path.join(out, "config.json"), {**shape.hf_config(bos, eos), "transformers_version": transformers.__version__})
     _write_json(os.path.join(out, "generation_config.json"),
                 {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos[0]})
 
