@@ -14,7 +14,6 @@ from typing import Optional
 
 import gguf
 import numpy as np
-import torch
 from safetensors import safe_open
 
 from rtpllm.loader.hf_checkpoint import safetensors_files
@@ -151,11 +150,3 @@ def _add_tokenizer(writer: gguf.GGUFWriter, hf_path: str, config: dict) -> None:
     with open(os.path.join(hf_path, "chat_template.jinja")) as f:
         writer.add_chat_template(f.read())
 
-
-def torch_state(hf_path: str) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder, float32."""
-    state = {}
-    for path in safetensors_files(hf_path):
-        with safe_open(path, framework="pt") as f:
-            state.update({name: f.get_tensor(name).float() for name in f.keys()})
-    return state

@@ -58,7 +58,7 @@ def safetensors_files(folder: str) -> list[str]:
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if files:
         return files
-    other = [os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.bin")) + glob.glob(os.path.join(folder, "*.pt"))]
+    other = [os.path.basename(p) for pattern in ("*.bin", "*.pt") for p in glob.glob(os.path.join(folder, pattern))]
     hint = f" (found {other}: only safetensors weights are supported)" if other else ""
     raise FileNotFoundError(f"weights: no {SINGLE_WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {folder}{hint}")
 

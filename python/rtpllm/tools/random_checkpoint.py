@@ -68,7 +68,8 @@ def write_random_checkpoint(shape: ModelShape, out: str, seed: int = 0, max_shar
     bos = tokenizer.convert_tokens_to_ids(BOS_TOKEN) if shape.add_bos else None
     eos = [tokenizer.convert_tokens_to_ids(EOS_TOKEN), tokenizer.convert_tokens_to_ids(IM_END)]
     # transformers reads the version to decide which tokenizer fix-ups an old checkpoint needs.
-    _write_json(os.path.join(out, "config.json"), {**shape.hf_config(bos, eos), "transformers_version": transformers.__version__})
+    config = {**shape.hf_config(bos, eos), "transformers_version": transformers.__version__}
+    _write_json(os.path.join(out, "config.json"), config)
     _write_json(os.path.join(out, "generation_config.json"),
                 {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos[0]})
 
@@ -101,7 +102,8 @@ def _write_json(path: str, value: dict) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rtpllm.tools.random_checkpoint", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rtpllm.tools.random_checkpoint",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--shape", required=True, choices=sorted(SHAPES), help="which published model's shape")
     parser.add_argument("--out", required=True, help="output folder (must be new or empty)")
     parser.add_argument("--tiny", action="store_true", help="2 small layers with the same switches (for tests)")
@@ -113,8 +115,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.max_shard_gb <= 0:
         parser.error(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
     shape = SHAPES[args.shape].tiny() if args.tiny else SHAPES[args.shape]
-    summary = write_random_checkpoint(shape, args.out, seed=args.seed, max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
-                                      device=torch.device(args.device) if args.device else None, workers=args.workers)
+    summary = write_random_checkpoint(shape, args.out, seed=args.seed,
+                                      max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
+                                      device=torch.device(args.device) if args.device else None,
+                                      workers=args.workers)
     gigabytes = summary["bytes"] / 1e9
     print(f"{args.out}: {summary['parameters'] / 1e6:,.1f}M parameters, {gigabytes:.3f} GB in {summary['shards']} "
           f"shards, {summary['seconds']:.1f} s ({gigabytes / summary['seconds']:.2f} GB/s, weights drawn on "
