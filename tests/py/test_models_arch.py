@@ -130,6 +130,8 @@ def test_gguf_metadata():
     assert arch.architecture == "Qwen3ForCausalLM" and arch.qk_norm and arch.tie_word_embeddings
     assert (arch.head_dim, arch.q_size, arch.vocab_size, arch.eos_token_ids) == (128, 2048, 151936, (151645,))
     assert arch.rope == RopeConfig(theta=1000000.0)
+    llama3_chat = LlamaArch.from_gguf_metadata({**QWEN3_GGUF, "tokenizer.ggml.eot_token_id": 151643}, QWEN3_TENSORS)
+    assert llama3_chat.eos_token_ids == (151645, 151643)
 
 
 @pytest.mark.parametrize("changes, message", [

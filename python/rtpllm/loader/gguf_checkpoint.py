@@ -47,12 +47,17 @@ class GGUFCheckpoint:
             freq_factors = self._dequantized(ROPE_FREQS_NAME, torch.device("cpu")).tolist()
         return LlamaArch.from_gguf_metadata(self.metadata, self.tensors.keys(), freq_factors, source=self.name)
 
-    def generation_config(self) -> dict:
+    def generation_config(self, arch: LlamaArch) -> dict:
+        """bos/pad ids from the metadata; eos_token_id is every id that ends generation (see
+        LlamaArch.from_gguf_metadata), an int when there is one, as in generation_config.json."""
         config = {}
-        for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
+        for key, name in (("bos_token_id", "bos_token_id"), ("padding_token_id", "pad_token_id")):
             value = self.metadata.get(f"tokenizer.ggml.{key}")
             if value is not None:
-                config[key.replace("padding", "pad")] = int(value)
+                config[name] = int(value)
+        if arch.eos_token_ids:
+            eos = list(arch.eos_token_ids)
+            config["eos_token_id"] = eos[0] if len(eos) == 1 else eos
         return config
 
     def weights(self, arch: LlamaArch, device: Union[str, torch.device]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -81,7 +81,7 @@ def _load_gguf(path: str, dtype: torch.dtype, device: torch.device,
     except Exception as e:
         raise ValueError(f"{checkpoint.name}: cannot build the tokenizer from the GGUF metadata "
                          f"({type(e).__name__}: {e})") from None
-    return LoadedModel(model, arch, tokenizer, checkpoint.generation_config())
+    return LoadedModel(model, arch, tokenizer, checkpoint.generation_config(arch))
 
 
 def build_model(arch: LlamaArch, dtype: torch.dtype, device: torch.device,

@@ -153,7 +153,13 @@ class LlamaArch:
         num_kv_heads = fields.get(prefix + "attention.head_count_kv", num_heads)
         if isinstance(num_kv_heads, list) or isinstance(fields.get(prefix + "feed_forward_length"), list):
             raise ValueError(f"{source}: per-layer head counts or MLP sizes are not supported")
-        eos = fields.get("tokenizer.ggml.eos_token_id", None)
+        # llama.cpp ends generation at EOS and also at end-of-turn / end-of-message tokens
+        # (Llama 3's <|eot_id|>, <|eom_id|>), which chat models emit instead of EOS.
+        eos_ids = []
+        for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
+            value = fields.get(f"tokenizer.ggml.{key}", None)
+            if value is not None and int(value) not in eos_ids:
+                eos_ids.append(int(value))
         return cls(
             architecture=GGUF_ARCHITECTURES[gguf_arch],
             hidden_size=hidden_size,
@@ -172,7 +178,7 @@ class LlamaArch:
             qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
             tie_word_embeddings="output.weight" not in tensor_names,
             bos_token_id=fields.get("tokenizer.ggml.bos_token_id", None),
-            eos_token_ids=() if eos is None else (int(eos),),
+            eos_token_ids=tuple(eos_ids),
         )
 
 
