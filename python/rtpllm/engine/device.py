@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from rtpllm import _C
+from rtpllm.layers.cuda_dispatch import cuda_kernels_built
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def cuda_kernels_available() -> bool:
-    return bool(_C.has_cuda) and torch.cuda.is_available()
+    return cuda_kernels_built() and torch.cuda.is_available()
 
 
 def resolve_device(device: str) -> torch.device:

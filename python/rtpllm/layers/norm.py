@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from rtpllm.layers.cuda_dispatch import use_cuda_kernels
+
 
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in float32.
@@ -22,7 +24,18 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         """Without `residual`: returns norm(x). With it: adds it to x first and returns
-        (norm(x + residual), x + residual); the sum is the next layer's residual stream."""
+        (norm(x + residual), x + residual); the sum is the next layer's residual stream.
+
+        On a GPU with our kernels, one fused kernel does both in place (x and residual are
+        scratch of the decoder layer, so overwriting them is safe)."""
+        if use_cuda_kernels(x) and (x.dim() == 2 or x.is_contiguous()):
+            from rtpllm.layers import cuda_ops
+
+            if residual is None:
+                return cuda_ops.rms_norm(x, self.weight, self.eps)
+            if x.dim() == 2:
+                cuda_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+                return x, residual
         if residual is not None:
             x = x + residual
             return self._normalize(x), x
