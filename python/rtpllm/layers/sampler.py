@@ -65,7 +65,7 @@ class Sampler:
                 apply_top_p(probs, batch.top_p)
             if batch.use_min_p:
                 apply_min_p(probs, batch.min_p)
-            token_ids = torch.where(batch.greedy, greedy_ids, _inverse_cdf_sample(probs, batch))
+            token_ids = torch.where(batch.greedy, greedy_ids, _inverse_cdf_sample(probs, batch, greedy_ids))
 
         if batch.max_num_logprobs is None:
             return SamplerOutput(token_ids=token_ids, logprobs=None, top_logprobs=None)
@@ -74,24 +74,28 @@ class Sampler:
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> None:
-    """In place on float32 [n, vocab]. Repetition: tokens seen in the prompt or the output get
-    positive logits divided by / negative logits multiplied by the penalty. Frequency: minus
-    penalty * (count in the output). Presence: minus penalty if the token is in the output."""
-    n, vocab = logits.shape
-    counts = torch.zeros(n, vocab, dtype=torch.float32, device=logits.device)
+    """In place on a contiguous float32 [n, vocab]. Repetition: tokens seen in the prompt or the
+    output get positive logits divided by / negative logits multiplied by the penalty. Frequency:
+    minus penalty * (count in the output). Presence: minus penalty if the token is in the output.
+
+    Only the logits of history tokens are read and written, so the cost follows the history's
+    length, not n * vocab. A token repeated in the history appears at several indices: each copy
+    computes the same new value from the same old one, so the scattered writes agree."""
+    vocab = logits.shape[1]
+    flat = logits.view(-1)
+    if batch.repetition_tokens is not None and batch.repetition_tokens.shape[1]:
+        index = _flat_index(batch.repetition_tokens, vocab)
+        rep = batch.repetition_penalty[batch.repetition_tokens[0]]
+        values = flat[index]
+        flat[index] = torch.where(values > 0, values / rep, values * rep)
     if batch.output_tokens is not None and batch.output_tokens.shape[1]:
         index = _flat_index(batch.output_tokens, vocab)
-        counts.view(-1).index_add_(0, index, torch.ones_like(index, dtype=torch.float32))
-    in_output = counts > 0
-    seen = in_output.clone()
-    if batch.prompt_tokens is not None and batch.prompt_tokens.shape[1]:
-        seen.view(-1).index_fill_(0, _flat_index(batch.prompt_tokens, vocab), True)
-
-    rep = batch.repetition_penalty.unsqueeze(1)
-    penalized = torch.where(logits > 0, logits / rep, logits * rep)
-    logits.copy_(torch.where(seen, penalized, logits))
-    logits.sub_(batch.frequency_penalty.unsqueeze(1) * counts)
-    logits.sub_(batch.presence_penalty.unsqueeze(1) * in_output)
+        rows = batch.output_tokens[0]
+        # Counts through a dense scatter of ones: integer-valued float adds are exact in any order,
+        # so the result is deterministic on the GPU too.
+        counts = torch.zeros_like(flat).index_add_(0, index, torch.ones_like(index, dtype=torch.float32))
+        penalty = batch.presence_penalty[rows] + batch.frequency_penalty[rows] * counts[index]
+        flat[index] = flat[index] - penalty
 
 
 def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> None:
@@ -165,11 +169,12 @@ def _flat_index(pairs: torch.Tensor, vocab: int) -> torch.Tensor:
     return pairs[0] * vocab + pairs[1]
 
 
-def _inverse_cdf_sample(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+def _inverse_cdf_sample(probs: torch.Tensor, batch: SamplingBatch, argmax_ids: torch.Tensor) -> torch.Tensor:
     """Draws one token per row from `probs` (non-negative, any per-row scale) with one uniform
     number per row: the first token whose cumulative mass exceeds u * total. One scan and a binary
     search, no host sync; cheaper than per-token noise (exponential race / Gumbel), which costs a
-    logarithm for every vocabulary entry."""
+    logarithm for every vocabulary entry. argmax_ids: int64 [n], each row's most likely token
+    (always kept by the filters), the fallback below."""
     cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1:]
     uniform = torch.rand(probs.shape[0], 1, device=probs.device, generator=batch.default_generator)
@@ -183,4 +188,4 @@ def _inverse_cdf_sample(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tens
     # A parallel scan (CUDA) need not be exactly monotone, so a zero-probability entry could in
     # principle own a sliver of the range: never let a filtered token through.
     valid = probs.gather(1, token_ids) > 0
-    return torch.where(valid, token_ids, probs.argmax(dim=-1, keepdim=True)).squeeze(1)
+    return torch.where(valid.squeeze(1), token_ids.squeeze(1), argmax_ids)

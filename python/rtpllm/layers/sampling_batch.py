@@ -43,10 +43,10 @@ class SamplingBatch:
     repetition_penalty: torch.Tensor  # float32 [n]; 1.0 = none
     presence_penalty: torch.Tensor  # float32 [n]; 0.0 = none
     frequency_penalty: torch.Tensor  # float32 [n]; 0.0 = none
-    # Token history of penalized rows as int64 [2, count] (row index; token id) pairs: the sampler
-    # scatters them into dense [n, vocab] tensors, because only it knows the logits' vocab width.
-    prompt_tokens: Optional[torch.Tensor]  # rows with a repetition penalty; None if no row has one
-    output_tokens: Optional[torch.Tensor]  # rows with any penalty; None if no row has one
+    # Token history of penalized rows as int64 [2, count] (row index; token id) pairs, repeats
+    # included. The sampler updates only these logits, so the cost follows the history's length.
+    repetition_tokens: Optional[torch.Tensor]  # prompt + output of rows with a repetition penalty
+    output_tokens: Optional[torch.Tensor]  # output of rows with a presence or frequency penalty
     # Tokens that must not be sampled now (EOS / stop ids before min_tokens), same layout.
     banned_tokens: Optional[torch.Tensor]
     # Per-row generators of seeded rows (None: the row draws from `default_generator`).
@@ -122,18 +122,20 @@ class SamplingBatch:
         pres = [p.presence_penalty for p in params_list]
         freq = [p.frequency_penalty for p in params_list]
         uses_rep = [r != 1.0 for r in rep]
-        uses_output = [u or pr != 0.0 or fr != 0.0 for u, pr, fr in zip(uses_rep, pres, freq)]
+        uses_output = [pr != 0.0 or fr != 0.0 for pr, fr in zip(pres, freq)]
 
-        prompt_tokens = output_tokens = banned_tokens = None
+        repetition_tokens = output_tokens = banned_tokens = None
+        if any(uses_rep):
+            repetition_tokens = _flatten_ids(
+                [[("prompt_ids_list", prompt_ids_list[r]), ("output_ids_list", output_ids_list[r])] if uses_rep[r]
+                 else [] for r in range(n)], vocab_size, device)
         if any(uses_output):
-            prompt_tokens = _flatten_ids(
-                [prompt_ids_list[r] if uses_rep[r] else () for r in range(n)], "prompt_ids_list", vocab_size, device)
             output_tokens = _flatten_ids(
-                [output_ids_list[r] if uses_output[r] else () for r in range(n)], "output_ids_list", vocab_size,
-                device)
+                [[("output_ids_list", output_ids_list[r])] if uses_output[r] else [] for r in range(n)],
+                vocab_size, device)
         if banned_token_ids is not None and any(b is not None and len(b) for b in banned_token_ids):
-            banned_tokens = _flatten_ids([() if b is None else b for b in banned_token_ids],
-                                         "banned_token_ids", vocab_size, device)
+            banned_tokens = _flatten_ids([[("banned_token_ids", b)] if b is not None else [] for b in banned_token_ids],
+                                         vocab_size, device)
 
         # One host-to-device copy for all per-row values (top_k fits a float32 exactly: any k at
         # or above 2^24 keeps the whole vocabulary, as does 2^24 itself).
@@ -150,7 +152,7 @@ class SamplingBatch:
             frequency_penalty=rows[5],
             top_k=rows[6].long(),
             greedy=rows[7] > 0,
-            prompt_tokens=prompt_tokens,
+            repetition_tokens=repetition_tokens,
             output_tokens=output_tokens,
             banned_tokens=banned_tokens,
             generators=tuple(generators),
@@ -161,28 +163,26 @@ class SamplingBatch:
             max_top_k=max(top_k),
             use_top_p=any(p < 1.0 for p in top_p),
             use_min_p=any(m > 0.0 for m in min_p),
-            use_penalties=any(uses_output),
+            use_penalties=any(uses_rep) or any(uses_output),
             max_num_logprobs=max(requested) if requested else None,
         )
 
 
-def _flatten_ids(per_row: Sequence[TokenIds], name: str, vocab_size: Optional[int],
+def _flatten_ids(parts_per_row: Sequence[Sequence[tuple[str, TokenIds]]], vocab_size: Optional[int],
                  device: torch.device) -> torch.Tensor:
-    """Per-row id lists -> int64 [2, count] (row index; id) pairs, built with numpy rather than
-    per-token Python, and copied to the device in one piece."""
-    arrays = [np.asarray(ids, dtype=np.int64).reshape(-1) for ids in per_row]
-    lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
-    pairs = np.empty((2, int(lengths.sum())), dtype=np.int64)
-    pairs[0] = np.repeat(np.arange(len(arrays), dtype=np.int64), lengths)
-    if pairs.shape[1]:
-        pairs[1] = np.concatenate(arrays)
-        ids = pairs[1]
-        if ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size):
-            bad_row = next(r for r, a in enumerate(arrays)
-                           if a.size and (a.min() < 0 or (vocab_size is not None and a.max() >= vocab_size)))
-            raise ValueError(f"{name}[{bad_row}]: token ids must be in [0, {vocab_size or 'vocab'}), "
-                             f"got min {arrays[bad_row].min()} max {arrays[bad_row].max()}")
-    return _to_device(pairs, device)
+    """Per row, named id sequences -> int64 [2, count] (row index; id) pairs, built with numpy
+    rather than per-token Python and copied to the device in one piece. An id outside
+    [0, vocab_size) raises a ValueError naming the argument and row, e.g. `output_ids_list[3]`."""
+    rows, ids = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    for row, parts in enumerate(parts_per_row):
+        for name, seq in parts:
+            array = np.asarray(seq, dtype=np.int64).reshape(-1)
+            if array.size and (array.min() < 0 or (vocab_size is not None and array.max() >= vocab_size)):
+                raise ValueError(f"{name}[{row}]: token ids must be in [0, {vocab_size or 'vocab'}), "
+                                 f"got min {array.min()} max {array.max()}")
+            ids.append(array)
+            rows.append(np.full(array.size, row, dtype=np.int64))
+    return _to_device(np.stack([np.concatenate(rows), np.concatenate(ids)]), device)
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
