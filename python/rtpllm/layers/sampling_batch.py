@@ -4,11 +4,13 @@ The engine builds a `SamplingBatch` once per step from per-request data it alrea
 (`SamplingParams`, prompt ids, output ids so far, a generator for seeded requests). Everything the
 sampler needs to decide *which code paths run* (any top-p row? any penalty? the largest top-k?)
 is computed here on the host from Python values, so the sampler itself never reads a device
-tensor back (no host syncs).
+tensor back (no host syncs on CUDA).
 
-Cost per step: O(n) Python over the rows, plus O(tokens) numpy work for the rows that use
-penalties only (their prompt/output ids are flattened into one index array). Rows without
-penalties contribute no ids, so the common case never touches token history.
+Cost per step: O(n) Python over the rows and one host-to-device copy of the per-row values, plus
+O(history) numpy work for the rows that use penalties only (their prompt/output ids become one
+index array). Rows without penalties contribute no ids, so the common case never touches token
+history; engines with long penalized histories save the list-to-array conversion by passing
+numpy arrays.
 """
 
 from __future__ import annotations
@@ -67,7 +69,6 @@ class SamplingBatch:
     @property
     def num_rows(self) -> int:
         return len(self.generators)
-
 
     @classmethod
     def build(cls,
