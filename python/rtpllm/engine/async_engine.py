@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional, Protocol, TypeVar, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional, Protocol, Sequence, TypeVar, Union
 
 from rtpllm.outputs import RequestOutput
 from rtpllm.sampling_params import SamplingParams
@@ -308,6 +308,13 @@ class AsyncEngine:
         else:
             accepted.set_exception(error)
 
+    def _hand_over(self, answers: list[tuple[asyncio.Future, Optional[BaseException]]],
+                   outputs: list[RequestOutput]) -> None:
+        for accepted, error in answers:
+            self._on_added(accepted, error)
+        if outputs:
+            self._deliver(outputs)
+
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         first_token_latencies: list[float] = []
         inter_token_latencies: list[float] = []
@@ -328,10 +335,13 @@ class AsyncEngine:
         for request_id in list(self._streams):
             self._forget(request_id).fail(error)
 
-    def _mark_dead(self, error: EngineDeadError) -> None:
-        """Fails every waiting caller. Runs on the loop after the step thread has exited, so the
-        command list has no other reader and `add_request` (also on the loop) sees `_dead_error`."""
+    def _mark_dead(self, error: EngineDeadError, unanswered: Sequence[asyncio.Future] = ()) -> None:
+        """Fails every waiting caller: `unanswered` adds the step thread took, and every command it
+        did not take. Runs on the loop after the step thread has exited, so the command list has no
+        other reader and `add_request` (also on the loop) sees `_dead_error`."""
         self._dead_error = error
+        for accepted in unanswered:
+            self._on_added(accepted, error)
         with self._wakeup:
             commands, self._commands = self._commands, []
         for command in commands:
@@ -345,6 +355,7 @@ class AsyncEngine:
     def _step_loop(self) -> None:
         engine, loop = self.engine, self._loop
         busy = False
+        answers: list[tuple[asyncio.Future, Optional[BaseException]]] = []
         try:
             while True:
                 with self._wakeup:
@@ -353,22 +364,21 @@ class AsyncEngine:
                     if self._stop_requested and not self._commands:
                         return
                     commands, self._commands = self._commands, []
-                answers = [self._apply(engine, command) for command in commands]
-                # Refresh the counters before callers learn their request was accepted, so that
-                # admission control already counts it as waiting.
+                answers = [a for a in (self._apply(engine, command) for command in commands) if a is not None]
+                outputs = engine.step() if engine.has_unfinished_requests() else []
+                # Counters first: admission control must already count what the hand-over reveals.
                 self._stats = engine.stats()
-                for accepted, error in filter(None, answers):
-                    loop.call_soon_threadsafe(self._on_added, accepted, error)
-                if engine.has_unfinished_requests():
-                    outputs = engine.step()
-                    self._stats = engine.stats()  # before the outputs wake anyone up
-                    if outputs:
-                        loop.call_soon_threadsafe(self._deliver, outputs)
+                if answers or outputs:
+                    # One hand-over per step, after it: woken earlier, the event loop would compete
+                    # for the GIL with the very step its callers wait for.
+                    loop.call_soon_threadsafe(self._hand_over, answers, outputs)
+                answers = []
                 busy = engine.has_unfinished_requests()
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiting requests
             logger.exception("engine step loop failed")
             if not loop.is_closed():
-                loop.call_soon_threadsafe(self._mark_dead, EngineDeadError(f"the engine step loop failed: {exc!r}"))
+                error = EngineDeadError(f"the engine step loop failed: {exc!r}")
+                loop.call_soon_threadsafe(self._mark_dead, error, [accepted for accepted, _ in answers])
 
     def _apply(self, engine: "Engine", command) -> Optional[tuple[asyncio.Future, Optional[BaseException]]]:
         """Runs one command; an add returns (its acceptance future, the error or None) to answer."""
