@@ -174,16 +174,22 @@ def _flatten_ids(parts_per_row: Sequence[Sequence[tuple[str, TokenIds]]], vocab_
     """Per row, named id sequences -> int64 [2, count] (row index; id) pairs, built with numpy
     rather than per-token Python and copied to the device in one piece. An id outside
     [0, vocab_size) raises a ValueError naming the argument and row, e.g. `output_ids_list[3]`."""
-    rows, ids = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    names, rows, arrays = [], [], []
     for row, parts in enumerate(parts_per_row):
         for name, seq in parts:
-            array = np.asarray(seq, dtype=np.int64).reshape(-1)
-            if array.size and (array.min() < 0 or (vocab_size is not None and array.max() >= vocab_size)):
-                raise ValueError(f"{name}[{row}]: token ids must be in [0, {vocab_size or 'vocab'}), "
-                                 f"got min {array.min()} max {array.max()}")
-            ids.append(array)
-            rows.append(np.full(array.size, row, dtype=np.int64))
-    return _to_device(np.stack([np.concatenate(rows), np.concatenate(ids)]), device)
+            names.append(name)
+            rows.append(row)
+            arrays.append(np.asarray(seq, dtype=np.int64).reshape(-1))
+    lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+    ids = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+    # One vectorized range check; the slow search for the culprit runs only on bad input.
+    bad = (ids < 0) | (ids >= vocab_size) if vocab_size is not None else ids < 0
+    if bad.any():
+        part = int(np.searchsorted(np.cumsum(lengths), int(np.argmax(bad)), side="right"))
+        raise ValueError(f"{names[part]}[{rows[part]}]: token ids must be in [0, {vocab_size or 'vocab'}), "
+                         f"got min {arrays[part].min()} max {arrays[part].max()}")
+    row_of_each_id = np.repeat(np.asarray(rows, dtype=np.int64), lengths)
+    return _to_device(np.stack([row_of_each_id, ids]), device)
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
