@@ -109,8 +109,9 @@ def main() -> None:
         for batch, ctx in SWEEP:
             report(f"b{batch} ctx{ctx} 32/8 d128 bf16 bs16", measure(batch, ctx, 32, 8, 128))
         # The split heuristic's trade-off on small batches: more CTAs against a longer merge.
-        for batch, ctx in ((1, 4096), (1, 32768), (8, 4096)):
-            for splits in (8, 16, 32, 64):
+        for (batch, ctx), split_counts in (((1, 4096), (8, 16, 32, 64)), ((1, 32768), (8, 16, 32, 64)),
+                                           ((8, 4096), (1, 2, 4, 8)), ((16, 8192), (1, 2, 4))):
+            for splits in split_counts:
                 report(f"b{batch} ctx{ctx} 32/8 d128 bf16 bs16 splits={splits}",
                        measure(batch, ctx, 32, 8, 128, num_splits=splits))
     write_json(args.json, "decode_attention", rows, copy_tbps_measured=copy_tbps)
