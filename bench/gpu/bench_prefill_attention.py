@@ -6,7 +6,7 @@ cache whose blocks are scattered in random order; SDPA reads contiguous [B, H, S
 FLOPs are counted as causal: 4 * S * S * heads * head_dim / 2 per sequence (extend: 4 * heads *
 head_dim * sum over new tokens of the keys each sees).
 
-Usage: python bench/gpu/bench_prefill_attention.py [--json PATH] [--quick]
+Usage: python bench/gpu/bench_prefill_attention.py [--json PATH] [--quick] [--impls sm90,sm80]
 Ceilings measured on this workplace's H100 (issue 5): SDPA causal 32x128 at S = 1024 / 4096 / 8192:
 237 / 517 / 549 TFLOP/s. Target: ours >= 0.8x SDPA at S = 4096 and 8192.
 """
@@ -141,7 +141,8 @@ def cases(quick: bool):
 
 def git_commit() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -150,10 +151,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="write the results to this JSON file")
     parser.add_argument("--quick", action="store_true", help="S = 4096 only")
+    parser.add_argument("--impls", default=None, help="comma-separated kernels to time (default: all this card runs)")
     args = parser.parse_args()
 
     card = torch.cuda.get_device_name()
     impls = ["sm90", "sm80"] if torch.cuda.get_device_capability()[0] == 9 else ["sm80"]
+    if args.impls:
+        impls = args.impls.split(",")
     rows = []
     for case in cases(args.quick):
         for impl in impls:

@@ -113,7 +113,7 @@ cudaError_t launch_prefill_attention(const PrefillAttentionParams& params, cudaS
 
   const int64_t cache_half = static_cast<int64_t>(params.num_blocks) * params.block_size * params.num_kv_heads *
                              params.head_dim;  // elements in the K (or V) half of kv_cache
-  prefill::KernelParams kp;
+  prefill::KernelParams kp{};
   kp.out = params.out;
   kp.q = params.q;
   kp.k_cache = params.kv_cache;

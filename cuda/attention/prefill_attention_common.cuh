@@ -107,27 +107,43 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // Gathers keys [key_begin, key_begin + BLOCK_N) of one K/V head into a swizzled [BLOCK_N, HEAD_DIM]
-// tile through the sequence's block table. Keys at or past seq_len are zero-filled: the causal mask
-// gives them zero weight, and zeros (unlike stale shared memory) keep 0 * V finite.
+// tile through the sequence's block table. Each thread copies one 16-byte chunk column of a run of
+// kRowsPerThread consecutive rows. Runs start at multiples of their length, so with block_size >=
+// the run length a run sits in one cache page: one block-table read per thread and tile, then
+// evenly strided copies. Smaller blocks take a rolled loop with a read per row. Keys at or past
+// seq_len are zero-filled: the causal mask gives them zero weight, and zeros (unlike stale shared
+// memory) keep 0 * V finite.
 template <int HEAD_DIM, int BLOCK_N, int NUM_THREADS, typename T>
 __device__ __forceinline__ void gather_kv_tile(uint32_t tile, const T* head_base, const int32_t* block_table,
                                                int key_begin, int seq_len, const KernelParams& p, int tid) {
   constexpr int kChunks = HEAD_DIM / 8;
-  constexpr int kRowsPerPass = NUM_THREADS / kChunks;
-  static_assert(NUM_THREADS % kChunks == 0 && BLOCK_N % kRowsPerPass == 0, "gather thread layout");
+  constexpr int kRowGroups = NUM_THREADS / kChunks;
+  constexpr int kRowsPerThread = BLOCK_N / kRowGroups;
+  static_assert(NUM_THREADS % kChunks == 0 && BLOCK_N % kRowGroups == 0, "gather thread layout");
   const int chunk = tid % kChunks;
+  const int first_row = (tid / kChunks) * kRowsPerThread;
+  const int first_key = key_begin + first_row;
   const int page_mask = (1 << p.block_size_log2) - 1;
-#pragma unroll 4
-  for (int row = tid / kChunks; row < BLOCK_N; row += kRowsPerPass) {
-    const int key = key_begin + row;
-    const bool valid = key < seq_len;
-    const T* src = head_base;
-    if (valid) {
-      const int page = __ldg(block_table + min(key >> p.block_size_log2, p.max_blocks_per_seq - 1));
-      const int64_t slot = (static_cast<int64_t>(page) << p.block_size_log2) | (key & page_mask);
-      src = head_base + slot * p.kv_slot_stride + chunk * 8;
+  auto slot_src = [&](int key) {
+    const int page = __ldg(block_table + min(key >> p.block_size_log2, p.max_blocks_per_seq - 1));
+    const int64_t slot = (static_cast<int64_t>(page) << p.block_size_log2) | (key & page_mask);
+    return head_base + slot * p.kv_slot_stride + chunk * 8;
+  };
+  if (page_mask + 1 >= kRowsPerThread) {
+    const T* src = first_key < seq_len ? slot_src(first_key) : head_base;
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const bool valid = first_key + i < seq_len;
+      cp_async_16(tile + swizzled_offset<BLOCK_N>(first_row + i, chunk), valid ? src + i * p.kv_slot_stride : head_base,
+                  valid ? 16 : 0);
     }
-    cp_async_16(tile + swizzled_offset<BLOCK_N>(row, chunk), src, valid ? 16 : 0);
+  } else {
+#pragma unroll 1
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const bool valid = first_key + i < seq_len;
+      cp_async_16(tile + swizzled_offset<BLOCK_N>(first_row + i, chunk), valid ? slot_src(first_key + i) : head_base,
+                  valid ? 16 : 0);
+    }
   }
 }
 

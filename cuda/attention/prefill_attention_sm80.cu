@@ -127,12 +127,16 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_attention_sm80_kernel(con
       }
     }
 
-    if (j >= t.num_unmasked_tiles) apply_causal_mask<kKeyChunks>(s, j * kBlockN + 2 * (lane % 4), limit_a, limit_b);
     float rescale_a, rescale_b;
-    softmax.update<kKeyChunks>(s, p.scale_log2, rescale_a, rescale_b);
+    const int first_key = j * kBlockN + 2 * (lane % 4);
+    if (j >= t.num_unmasked_tiles) {
+      softmax.exponentiate<kKeyChunks, true>(s, p.scale_log2, first_key, limit_a, limit_b, rescale_a, rescale_b);
+    } else {
+      softmax.exponentiate<kKeyChunks, false>(s, p.scale_log2, first_key, limit_a, limit_b, rescale_a, rescale_b);
+    }
     scale_rows<kDimChunks>(o, rescale_a, rescale_b);
     uint32_t p_frag[kKeyChunks * 2];
-    probs_to_operand<T, kKeyChunks>(s, p_frag);
+    pack_operand<T, kKeyChunks>(s, p_frag);
 
 #pragma unroll
     for (int kk = 0; kk < kKeySteps; ++kk) {

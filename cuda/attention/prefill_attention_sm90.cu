@@ -4,13 +4,22 @@
 //   warpgroup 0 (producer): gathers 128-key K and V tiles of the paged cache with cp.async into a
 //     kStages-deep ring; each landing tile completes a "full" mbarrier (one arrival per producer
 //     thread, counted by cp.async.mbarrier.arrive.noinc). It gives its registers to the consumers.
-//   warpgroups 1, 2 (consumers): 64 query rows each. Per key tile: S = Q K^T with both operands in
-//     shared memory (wgmma m64n128k16), causal mask + online softmax in registers, then
-//     O += P V with P as the register A operand and V read MN-major from shared memory. The P V
-//     product of tile j is left in flight while the loop moves on; the wait after the next S
-//     product retires both. K and V stages are released separately ("empty" mbarriers), so the
-//     producer refills K while V of the same stage is still being read.
-// The two consumers interleave on the tensor cores: one's softmax overlaps the other's products.
+//     (Copying whole pages with the tensor memory accelerator instead measured no faster for
+//     16-token pages, 2-4 KB boxes, and slower at head_dim 64.)
+//   warpgroups 1, 2 (consumers): 64 query rows each. S = Q K^T with both operands in shared memory
+//     (wgmma m64n128k16); causal mask + online softmax in registers; O += P V with P as the
+//     register A operand and V read MN-major from shared memory.
+// The softmax's exp2 alone costs about half the time of the two products at head_dim 128, so it has
+// to run while the tensor cores work for someone else: named barriers hand the right to issue
+// products back and forth between the two consumers ("ping-pong"), so one warpgroup's softmax runs
+// under the other's products. Each consumer issues S_j together with P_{j-1} V_{j-1} and retires
+// them with wait_group 1 / 0 around the softmax of S_j, as FlashAttention-3 does; NOTE: ptxas from
+// CUDA 13.0 schedules the wait_group 0 above that softmax (checked in the SASS), so today the
+// overlap comes from the ping-pong alone.
+// K and V stages are released separately ("empty" mbarriers), so the producer refills K while V of
+// the same stage is still being read.
+#include <type_traits>
+
 #include "cuda/attention/prefill_attention_kernels.h"
 #include "cuda/attention/prefill_attention_softmax.cuh"
 #include "cuda/attention/prefill_attention_wgmma.cuh"
@@ -26,10 +35,15 @@ constexpr int kWarpgroupThreads = 128;
 // setmaxnreg budgets: 128 * 40 + 256 * 232 = 64512 of the 65536 registers of the SM.
 constexpr int kProducerRegisters = 40;
 constexpr int kConsumerRegisters = 232;
+// Named barriers: 1, 2 = one consumer warpgroup's own sync; 3, 4 = "consumer c may issue products".
+constexpr int kConsumerSyncBarrier = 1;
+constexpr int kIssueTurnBarrier = 3;
+constexpr bool kWarpgroupPingPong = true;
 
 template <int HEAD_DIM>
 struct Sm90Smem {
-  static constexpr int kStages = HEAD_DIM == 64 ? 4 : 2;
+  // The deepest ring that fits next to Q: 3 x 64 KB at head_dim 128, 4 x 32 KB at 64.
+  static constexpr int kStages = HEAD_DIM == 64 ? 4 : 3;
   static constexpr int kQBytes = kConsumerRows * HEAD_DIM * 2;  // one per consumer warpgroup
   static constexpr int kKvBytes = kBlockN * HEAD_DIM * 2;
   static constexpr int kQ = 0;
@@ -68,19 +82,44 @@ __device__ __forceinline__ void produce_kv(const KernelParams& p, const TileCoor
   cp_async_wait<0>();
 }
 
+// Ping-pong between the two consumers: before issuing products a consumer waits for its turn
+// (barrier 3 + c completes when the other consumer's 128 threads have arrived on it); after issuing
+// it hands the turn over. Consumer 1 opens the exchange once so that consumer 0 goes first.
+class IssueTurn {
+ public:
+  __device__ explicit IssueTurn(int consumer) : consumer_(consumer) {
+    if (kWarpgroupPingPong && consumer_ == 1) hand_over();
+  }
+  __device__ void wait() const {
+    if (kWarpgroupPingPong) sm90::named_barrier_sync(kIssueTurnBarrier + consumer_, 2 * kWarpgroupThreads);
+  }
+  // `last`: this consumer's final issue. Consumer 1 then keeps the turn: consumer 0 waits once per
+  // issue and consumer 1 already handed it over once up front, so arrivals and waits balance.
+  __device__ void hand_over(bool last = false) const {
+    if (kWarpgroupPingPong && !(last && consumer_ == 1)) {
+      asm volatile("bar.arrive %0, %1;\n" ::"r"(kIssueTurnBarrier + (1 - consumer_)), "r"(2 * kWarpgroupThreads)
+                   : "memory");
+    }
+  }
+
+ private:
+  int consumer_;
+};
+
 template <typename T, int HEAD_DIM>
 __device__ __forceinline__ void consume(const KernelParams& p, const TileCoords& t, uint8_t* smem, uint32_t base,
                                         int consumer, int tid) {
   using Smem = Sm90Smem<HEAD_DIM>;
   constexpr int kDimChunks = HEAD_DIM / 8;
   constexpr int kKeyChunks = kBlockN / 8;
+  constexpr int kStages = Smem::kStages;
 
   uint8_t* q_tile = smem + Smem::kQ + consumer * Smem::kQBytes;
   const uint32_t q_addr = smem_addr(q_tile);
   const int row_begin = t.row_begin + consumer * kConsumerRows;
   load_q_tile<HEAD_DIM, kConsumerRows, kWarpgroupThreads, T>(q_tile, p, t, row_begin, tid);
   sm90::fence_proxy_async();  // the Q stores above are read by wgmma (async proxy)
-  sm90::named_barrier_sync(1 + consumer, kWarpgroupThreads);
+  sm90::named_barrier_sync(kConsumerSyncBarrier + consumer, kWarpgroupThreads);
 
   const int warp = tid / 32;
   const int lane = tid % 32;
@@ -91,41 +130,36 @@ __device__ __forceinline__ void consume(const KernelParams& p, const TileCoords&
   float o[kDimChunks * 4];
 #pragma unroll
   for (int i = 0; i < kDimChunks * 4; ++i) o[i] = 0.f;
+  float s[kKeyChunks * 4];
+  uint32_t p_frag[kKeyChunks * 2];
   OnlineSoftmax softmax;
+  IssueTurn turn(consumer);
 
-  for (int j = 0; j < t.num_kv_tiles; ++j) {
-    const int stage = j % Smem::kStages;
-    const uint32_t parity = (j / Smem::kStages) & 1;
+  auto issue_qk = [&](int j) {
+    const int stage = j % kStages;
     const uint32_t k_tile = base + Smem::kK + stage * Smem::kKvBytes;
-    const uint32_t v_tile = base + Smem::kV + stage * Smem::kKvBytes;
-
-    float s[kKeyChunks * 4];
-    sm90::mbarrier_wait(Smem::full_k(base, stage), parity);
-    sm90::fence_proxy_async();
+    sm90::mbarrier_wait(Smem::full_k(base, stage), (j / kStages) & 1);
+    sm90::fence_proxy_async();  // cp.async wrote the tile through the generic proxy
+    sm90::fence_registers<kKeyChunks * 4>(s);
     sm90::warpgroup_fence();
+    const uint32_t q_base = sm90::opaque(q_addr);  // rebuilt per tile rather than held in registers
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
       const uint32_t panel = kk / 4;
       const uint32_t k_offset = (kk % 4) * 32;
-      sm90::mma_ss_n128<T>(s, sm90::make_desc(q_addr + panel * (kConsumerRows * 128) + k_offset, 16, 1024),
+      sm90::mma_ss_n128<T>(s, sm90::make_desc(q_base + panel * (kConsumerRows * 128) + k_offset, 16, 1024),
                            sm90::make_desc(k_tile + panel * (kBlockN * 128) + k_offset, 16, 1024), kk > 0);
     }
     sm90::warpgroup_commit();
-    sm90::warpgroup_wait<0>();  // retires S_j and the P V product of tile j - 1
-    sm90::fence_registers<kKeyChunks * 4>(s);
-    sm90::fence_registers<kDimChunks * 4>(o);
-    sm90::mbarrier_arrive(Smem::empty_k(base, stage));
-    if (j > 0) sm90::mbarrier_arrive(Smem::empty_v(base, (j - 1) % Smem::kStages));
-
-    if (j >= t.num_unmasked_tiles) apply_causal_mask<kKeyChunks>(s, j * kBlockN + 2 * (lane % 4), limit_a, limit_b);
-    float rescale_a, rescale_b;
-    softmax.update<kKeyChunks>(s, p.scale_log2, rescale_a, rescale_b);
-    scale_rows<kDimChunks>(o, rescale_a, rescale_b);
-    uint32_t p_frag[kKeyChunks * 2];
-    probs_to_operand<T, kKeyChunks>(s, p_frag);
-
-    sm90::mbarrier_wait(Smem::full_v(base, stage), parity);
+  };
+  auto wait_v = [&](int j) {
+    sm90::mbarrier_wait(Smem::full_v(base, j % kStages), (j / kStages) & 1);
     sm90::fence_proxy_async();
+  };
+  auto issue_pv = [&](int j) {
+    const int stage = j % kStages;
+    const uint32_t v_tile = base + Smem::kV + stage * Smem::kKvBytes;
+    sm90::fence_registers<kDimChunks * 4>(o);
     sm90::warpgroup_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
@@ -133,7 +167,63 @@ __device__ __forceinline__ void consume(const KernelParams& p, const TileCoords&
                                            sm90::make_desc(v_tile + kk * 16 * 128, kBlockN * 128, 1024));
     }
     sm90::warpgroup_commit();
+  };
+  // Softmax of S_j in place; returns the factors the running output must be rescaled by. Only the
+  // tiles at the causal diagonal pay for the mask.
+  auto softmax_tile = [&](int j, auto masked, float& rescale_a, float& rescale_b) {
+    softmax.exponentiate<kKeyChunks, decltype(masked)::value>(s, p.scale_log2, j * kBlockN + 2 * (lane % 4), limit_a,
+                                                               limit_b, rescale_a, rescale_b);
+  };
+  // Iteration j >= 1: issue S_j and P_{j-1} V_{j-1}, then the softmax of S_j. p_frag and o belong
+  // to the in-flight P V product until the second wait.
+  auto iteration = [&](int j, auto masked) {
+    turn.wait();
+    // V_{j-2} retired with the previous iteration's final wait; releasing it here, behind the
+    // turn barrier, keeps ptxas from hoisting the arrive (and that wait with it) any earlier.
+    if (j >= 2) sm90::mbarrier_arrive(Smem::empty_v(base, (j - 2) % kStages));
+    wait_v(j - 1);
+    issue_qk(j);
+    issue_pv(j - 1);
+    turn.hand_over();
+    sm90::warpgroup_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} may still run
+    sm90::fence_registers<kKeyChunks * 4>(s);
+    sm90::mbarrier_arrive(Smem::empty_k(base, j % kStages));
+    float rescale_a, rescale_b;
+    softmax_tile(j, masked, rescale_a, rescale_b);
+    // Pin the softmax results before the wait so that the compiler front end keeps the softmax
+    // above it (ptxas may still hoist the wait, see the file comment).
+    sm90::fence_registers<kKeyChunks * 4>(s);
+    sm90::fence_values(rescale_a, rescale_b, softmax.sum_a, softmax.sum_b);
+    sm90::warpgroup_wait<0>();
+    sm90::fence_registers<kDimChunks * 4>(o);
+    sm90::fence_registers<kKeyChunks * 2>(p_frag);
+    scale_rows<kDimChunks>(o, rescale_a, rescale_b);
+    pack_operand<T, kKeyChunks>(s, p_frag);
+  };
+
+  const int n = t.num_kv_tiles;
+  const int unmasked = t.num_unmasked_tiles;
+  turn.wait();
+  issue_qk(0);
+  turn.hand_over();
+  sm90::warpgroup_wait<0>();
+  sm90::fence_registers<kKeyChunks * 4>(s);
+  sm90::mbarrier_arrive(Smem::empty_k(base, 0));
+  {
+    float rescale_a, rescale_b;  // O is still zero: nothing to rescale
+    if (unmasked > 0) {
+      softmax_tile(0, std::false_type{}, rescale_a, rescale_b);
+    } else {
+      softmax_tile(0, std::true_type{}, rescale_a, rescale_b);
+    }
   }
+  pack_operand<T, kKeyChunks>(s, p_frag);
+  for (int j = 1; j < unmasked; ++j) iteration(j, std::false_type{});
+  for (int j = max(unmasked, 1); j < n; ++j) iteration(j, std::true_type{});
+  turn.wait();
+  wait_v(n - 1);
+  issue_pv(n - 1);
+  turn.hand_over(/*last=*/true);
   sm90::warpgroup_wait<0>();
   sm90::fence_registers<kDimChunks * 4>(o);
 
@@ -141,7 +231,7 @@ __device__ __forceinline__ void consume(const KernelParams& p, const TileCoords&
   float inv_a, inv_b;
   softmax.finalize(inv_a, inv_b);
   stage_output<T, kConsumerRows, kDimChunks>(q_tile, o, row_a, lane, inv_a, inv_b);
-  sm90::named_barrier_sync(1 + consumer, kWarpgroupThreads);
+  sm90::named_barrier_sync(kConsumerSyncBarrier + consumer, kWarpgroupThreads);
   store_out_rows<HEAD_DIM, kConsumerRows, kConsumerRows, kWarpgroupThreads, T>(q_tile, p, t, row_begin, 0, tid);
 }
 

@@ -1,5 +1,6 @@
 // Causal mask and online softmax on score fragments in the mma accumulator layout, shared by the
-// mma.sync and the wgmma kernel (both hand each thread the same fragment shape).
+// mma.sync and the wgmma kernel (both hand each thread the same fragment shape), and the output
+// staging of the accumulators.
 //
 // Layout: a thread holds two rows of scores (row A = lane / 4, row B = lane / 4 + 8 of its warp's
 // 16 rows) and, per 8-key chunk i, the keys 8 i + 2 (lane % 4) + {0, 1}:
@@ -10,21 +11,6 @@
 #include "cuda/attention/prefill_attention_common.cuh"
 
 namespace rtpllm::cuda::prefill {
-
-// Sets scores of keys past each row's causal limit to -inf. `first_key` is the absolute key index
-// of this thread's s[0] (tile start + 2 * (lane % 4)).
-template <int N_CHUNKS>
-__device__ __forceinline__ void apply_causal_mask(float* s, int first_key, int limit_a, int limit_b) {
-#pragma unroll
-  for (int i = 0; i < N_CHUNKS; ++i) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int key = first_key + 8 * i + e;
-      if (key > limit_a) s[4 * i + e] = kNegInf;
-      if (key > limit_b) s[4 * i + 2 + e] = kNegInf;
-    }
-  }
-}
 
 __device__ __forceinline__ float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
@@ -45,10 +31,24 @@ struct OnlineSoftmax {
   float sum_a = 0.f;
   float sum_b = 0.f;
 
-  // Replaces the scores of one key tile by unnormalized probabilities exp2(s * scale_log2 - max)
-  // and returns, per row, the factor by which the running output must be rescaled.
-  template <int N_CHUNKS>
-  __device__ __forceinline__ void update(float* s, float scale_log2, float& rescale_a, float& rescale_b) {
+  // Replaces one key tile of raw scores by unnormalized probabilities exp2(s * scale_log2 - max)
+  // and returns per row the factor by which the running output must be rescaled. MASKED applies
+  // the causal limit: keys past `limit_a` / `limit_b` (absolute indices; s[0] is key `first_key`)
+  // get probability 0.
+  template <int N_CHUNKS, bool MASKED>
+  __device__ __forceinline__ void exponentiate(float* s, float scale_log2, int first_key, int limit_a, int limit_b,
+                                               float& rescale_a, float& rescale_b) {
+    if constexpr (MASKED) {
+#pragma unroll
+      for (int i = 0; i < N_CHUNKS; ++i) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = first_key + 8 * i + e;
+          if (key > limit_a) s[4 * i + e] = kNegInf;
+          if (key > limit_b) s[4 * i + 2 + e] = kNegInf;
+        }
+      }
+    }
     float tile_max_a = kNegInf;
     float tile_max_b = kNegInf;
 #pragma unroll
@@ -101,15 +101,15 @@ __device__ __forceinline__ void scale_rows(float* acc, float factor_a, float fac
   }
 }
 
-// Converts probabilities (accumulator layout, N_CHUNKS 8-key chunks) into 16-bit A-operand
-// registers for the P V product: for key chunk pair k, the m16n8k16 / wgmma A fragment is
-// {rowA keys 0-7, rowB keys 0-7, rowA keys 8-15, rowB keys 8-15} = chunks 2k and 2k + 1.
+// Packs probabilities (accumulator layout, N_CHUNKS 8-key chunks) into the 16-bit A operand of the
+// P V product: chunks 2k and 2k + 1 form the A fragment of key step k, {rowA keys 0-7, rowB keys
+// 0-7, rowA keys 8-15, rowB keys 8-15}, each register holding two consecutive keys.
 template <typename T, int N_CHUNKS>
-__device__ __forceinline__ void probs_to_operand(const float* s, uint32_t* a) {
+__device__ __forceinline__ void pack_operand(const float* s, uint32_t* p) {
 #pragma unroll
   for (int i = 0; i < N_CHUNKS; ++i) {
-    a[2 * i + 0] = pack_pair<T>(s[4 * i + 0], s[4 * i + 1]);
-    a[2 * i + 1] = pack_pair<T>(s[4 * i + 2], s[4 * i + 3]);
+    p[2 * i + 0] = pack_pair<T>(s[4 * i + 0], s[4 * i + 1]);
+    p[2 * i + 1] = pack_pair<T>(s[4 * i + 2], s[4 * i + 3]);
   }
 }
 

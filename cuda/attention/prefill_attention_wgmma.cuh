@@ -27,6 +27,13 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t smem_addr, uint32_t leadi
   return desc;
 }
 
+// Returns x through an empty asm: loop-invariant values derived from it (the Q descriptors) are
+// then recomputed where used instead of being hoisted out of the loop and held in registers.
+__device__ __forceinline__ uint32_t opaque(uint32_t x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+
 // Accumulator register lists for the asm operand strings.
 #define RTPLLM_WGMMA_D32                                                                                         \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
@@ -106,12 +113,21 @@ __device__ __forceinline__ void warpgroup_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
-// Keeps the compiler from moving reads or writes of accumulator registers across the wgmma
-// issue / wait points (the hardware writes them asynchronously).
+// Keeps the compiler from moving reads or writes of registers across the wgmma issue / wait points
+// (the hardware reads A fragments and writes accumulators asynchronously), and pins values that
+// must be computed before a wait.
 template <int N>
 __device__ __forceinline__ void fence_registers(float* r) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void fence_registers(uint32_t* r) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+__device__ __forceinline__ void fence_values(float& a, float& b, float& c, float& d) {
+  asm volatile("" : "+f"(a), "+f"(b), "+f"(c), "+f"(d)::"memory");
 }
 
 // Makes this thread's generic-proxy shared-memory writes (and, on the consumer side, the cp.async
