@@ -14,17 +14,14 @@ Ceilings measured on this workplace's H100 (issue 5): SDPA causal 32x128 at S = 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import statistics
-import subprocess
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+import bench_util
 from rtpllm.layers.prefill_attention import prefill_attention
 
 TOKENS_PER_LAUNCH = 16384
@@ -54,25 +51,9 @@ class Row:
     tflops: float
 
 
-def time_ms(fn: Callable[[], object], warmup_ms: int = 100, rep_ms: int = 400) -> float:
-    """Median time of `fn` in milliseconds (CUDA events, after warm-up)."""
-    try:
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-    except ImportError:
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(30):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+def time_ms(fn) -> float:
+    """Median milliseconds of one call (bench_util: CUDA events / do_bench, L2 flushed)."""
+    return bench_util.time_us(fn, warmup_ms=100, rep_ms=400) / 1000.0
 
 
 def paged_inputs(case: Case, block_size: int = 16, dtype=torch.bfloat16):
@@ -139,22 +120,29 @@ def cases(quick: bool):
     return out
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def summary_rows(rows: list[Row]) -> list[dict]:
+    """Rows in the bench_util format: ours against the best SDPA backend of the same run."""
+    out = []
+    for r in rows:
+        if not r.impl.startswith("ours"):
+            continue
+        sdpa = {x.impl: x.tflops for x in rows if x.case == r.case and x.impl.startswith("sdpa")}
+        best = max(sdpa.values()) if sdpa else None
+        ceiling = ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in sdpa.items()) + " (same run)" if sdpa else ""
+        out.append(bench_util.row(f"prefill {r.case} {r.impl}", r.tflops, "TFLOP/s", ceiling,
+                                  None if best is None else r.tflops / best, ms=r.ms,
+                                  **{f"vs_{k}": r.tflops / v for k, v in sdpa.items()}))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", help="write the results to this JSON file")
+    parser.add_argument("--json", help="write the results here (bench/gpu/bench_util.py format)")
     parser.add_argument("--quick", action="store_true", help="S = 4096 only")
     parser.add_argument("--impls", default=None, help="comma-separated kernels to time (default: all this card runs)")
     args = parser.parse_args()
 
-    card = torch.cuda.get_device_name()
+    card = bench_util.device_name()
     impls = ["sm90", "sm80"] if torch.cuda.get_device_capability()[0] == 9 else ["sm80"]
     if args.impls:
         impls = args.impls.split(",")
@@ -169,17 +157,15 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     print(f"\nprefill attention, {card}, bf16, causal, block_size 16 (ours), torch {torch.__version__}")
-    print(f"{'case':<46} {'impl':<14} {'ms':>9} {'TFLOP/s':>9} {'vs sdpa-flash':>14}")
+    print(f"{'case':<46} {'impl':<14} {'ms':>9} {'TFLOP/s':>9} {'vs flash':>9} {'vs default':>11}")
     for row in rows:
-        ref = next((r for r in rows if r.case == row.case and r.impl == "sdpa-flash"), None)
-        ratio = f"{row.tflops / ref.tflops:.2f}x" if ref is not None else "-"
-        print(f"{row.case:<46} {row.impl:<14} {row.ms:>9.3f} {row.tflops:>9.1f} {ratio:>14}")
-
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": "prefill_attention", "card": card, "commit": git_commit(),
-                       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                       "torch": torch.__version__, "rows": [asdict(r) for r in rows]}, f, indent=2)
+        ratios = []
+        for backend in ("sdpa-flash", "sdpa-default"):
+            ref = next((r for r in rows if r.case == row.case and r.impl == backend), None)
+            ratios.append(f"{row.tflops / ref.tflops:.2f}x" if ref is not None else "-")
+        print(f"{row.case:<46} {row.impl:<14} {row.ms:>9.3f} {row.tflops:>9.1f} {ratios[0]:>9} {ratios[1]:>11}")
+    bench_util.write_json(args.json, "prefill_attention", summary_rows(rows), torch=torch.__version__,
+                          all_rows=[asdict(r) for r in rows])
 
 
 if __name__ == "__main__":
