@@ -129,7 +129,7 @@ def summary_rows(rows: list[Row]) -> list[dict]:
         sdpa = {x.impl: x.tflops for x in rows if x.case == r.case and x.impl.startswith("sdpa")}
         best = max(sdpa.values()) if sdpa else None
         ceiling = ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in sdpa.items()) + " (same run)" if sdpa else ""
-        out.append(bench_util.row(f"prefill {r.case} {r.impl}", r.tflops, "TFLOP/s", ceiling,
+        out.append(bench_util.row(f"{r.case} {r.impl}", r.tflops, "TFLOP/s", ceiling,
                                   None if best is None else r.tflops / best, ms=r.ms,
                                   **{f"vs_{k}": r.tflops / v for k, v in sdpa.items()}))
     return out

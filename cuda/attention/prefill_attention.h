@@ -9,8 +9,10 @@
 // tile once. Two implementations share the tile mapping and the paged gather:
 //   kSm80Mma:   FlashAttention-2 style, mma.sync m16n8k16, 64x64 tiles, cp.async double buffer.
 //   kSm90Wgmma: Hopper (sm_90a) warp-specialized: one producer warpgroup gathers K/V pages with
-//               cp.async into a 2-stage mbarrier pipeline, two consumer warpgroups run wgmma on
-//               128x128 tiles (S = Q K^T from shared memory, O += P V with P in registers).
+//               cp.async into a 3-stage (head_dim 128) / 4-stage (64) mbarrier ring, two consumer
+//               warpgroups run wgmma on 128x128 tiles (S = Q K^T from shared memory, O += P V with
+//               P in registers) and take turns on the tensor cores so that one's softmax runs
+//               under the other's products.
 #pragma once
 
 #include <cuda_runtime.h>
