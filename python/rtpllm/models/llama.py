@@ -21,6 +21,7 @@ from torch import nn
 
 from rtpllm.layers.activation import silu_and_mul
 from rtpllm.layers.attention_metadata import AttentionBackend, AttentionMetadata
+from rtpllm.layers.cuda_gemm import linear
 from rtpllm.layers.linear import Embedding, FusedLinear, Linear, copy_checked
 from rtpllm.layers.norm import RMSNorm
 from rtpllm.layers.rotary import RotaryEmbedding
@@ -138,7 +139,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden_size] -> [n, vocab_size] float32."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        return linear(hidden, weight).float()
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -1,0 +1,118 @@
+// See gemv.h. One warp owns kRowsPerWarp consecutive weight rows; its lanes walk K in 16-byte
+// vectors, kUnroll vectors per row in flight before any arithmetic, accumulating in float32,
+// then reduce across the warp with shuffles.
+#include "cuda/gemm/gemv.h"
+
+#include "cuda/ops/vec.cuh"
+
+namespace rtpllm::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kRowsPerWarp = 2;
+constexpr int kUnroll = 4;
+
+// Weights are read once: stream them past L1 so the activation rows stay cached there.
+__device__ __forceinline__ uint4 load_streaming(const void* ptr) {
+  return __ldcs(reinterpret_cast<const uint4*>(ptr));
+}
+
+template <typename T>
+__device__ __forceinline__ void fma_vec(const uint4& wbits, const uint4& xbits, float& acc) {
+  const Vec8<T>& wv = *reinterpret_cast<const Vec8<T>*>(&wbits);
+  const Vec8<T>& xv = *reinterpret_cast<const Vec8<T>*>(&xbits);
+#pragma unroll
+  for (int i = 0; i < kVecElems; ++i) acc = fmaf(to_float(wv.v[i]), to_float(xv.v[i]), acc);
+}
+
+template <typename T, int M>
+__global__ void __launch_bounds__(kThreads) gemv_kernel(const __grid_constant__ GemvParams p) {
+  const int lane = threadIdx.x % 32;
+  const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
+  const int row0 = warp * kRowsPerWarp;
+  if (row0 >= p.n) return;
+  const T* w = static_cast<const T*>(p.w);
+  const T* x = static_cast<const T*>(p.x);
+  const int k_vecs = p.k / kVecElems;
+  // Rows past N (the last warp of an odd N) re-read row N-1 and are never stored.
+  const T* w_rows[kRowsPerWarp];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) w_rows[r] = w + static_cast<int64_t>(min(row0 + r, p.n - 1)) * p.k;
+
+  float acc[kRowsPerWarp][M] = {};
+  for (int base = lane; base < k_vecs; base += 32 * kUnroll) {
+    uint4 wv[kRowsPerWarp][kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int vec = base + u * 32;
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r)
+        wv[r][u] = vec < k_vecs ? load_streaming(w_rows[r] + vec * kVecElems) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int vec = base + u * 32;
+      if (vec >= k_vecs) break;
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const uint4 xv = *reinterpret_cast<const uint4*>(x + m * p.ldx + vec * kVecElems);
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r) fma_vec<T>(wv[r][u], xv, acc[r][m]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float v = acc[r][m];
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+      acc[r][m] = v;
+    }
+  }
+  if (lane != 0) return;
+  T* y = static_cast<T*>(p.y);
+  const T* bias = static_cast<const T*>(p.bias);
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int row = row0 + r;
+    if (row >= p.n) break;
+    const float b = bias != nullptr ? to_float(bias[row]) : 0.0f;
+#pragma unroll
+    for (int m = 0; m < M; ++m) y[m * p.ldy + row] = from_float<T>(acc[r][m] + b);
+  }
+}
+
+template <typename T, int M>
+cudaError_t launch(const GemvParams& p, cudaStream_t stream) {
+  const int warps = (p.n + kRowsPerWarp - 1) / kRowsPerWarp;
+  const int blocks = (warps + kWarps - 1) / kWarps;
+  gemv_kernel<T, M><<<blocks, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+}  // namespace
+
+cudaError_t gemv(const GemvParams& p, ScalarType dtype, cudaStream_t stream) {
+  if (p.m < 1 || p.m > kGemvMaxRows || p.n < 1 || p.k < kVecElems || p.k % kVecElems != 0 ||
+      p.ldx % kVecElems != 0 || p.ldx < p.k || p.ldy < p.n || !aligned16(p.x) || !aligned16(p.w)) {
+    return cudaErrorInvalidValue;
+  }
+  return dispatch_half_types(dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    switch (p.m) {
+      case 1: return launch<T, 1>(p, stream);
+      case 2: return launch<T, 2>(p, stream);
+      case 3: return launch<T, 3>(p, stream);
+      case 4: return launch<T, 4>(p, stream);
+    }
+    return cudaErrorInvalidValue;
+  });
+}
+
+}  // namespace rtpllm::cuda

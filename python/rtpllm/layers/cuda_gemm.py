@@ -1,0 +1,61 @@
+"""The decode GEMV kernel (cuda/gemm/gemv.cu) behind a checked wrapper.
+
+At decode batch sizes (a few rows of activations) a projection is one pass over its weight
+matrix; the kernel streams it at close to copy bandwidth, where cuBLAS reaches ~70% of it.
+Larger batches stay on cuBLAS.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from rtpllm.layers.cuda_dispatch import use_cuda_kernels
+
+
+@functools.cache
+def _ops():
+    from rtpllm import _C
+
+    return _C.ops
+
+
+@functools.cache
+def max_rows() -> int:
+    return int(_ops().GEMV_MAX_ROWS)
+
+
+def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `gemv` serves x @ weight.T: few 16-bit rows on the GPU, 16-byte aligned rows."""
+    return (use_cuda_kernels(x) and x.dim() == 2 and 1 <= x.shape[0] <= max_rows()
+            and weight.dtype == x.dtype and weight.is_contiguous() and x.stride(1) == 1
+            and x.shape[1] % 8 == 0 and x.stride(0) % 8 == 0
+            and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [m, k] @ weight[n, k].T (+ bias [n]) -> [m, n] in x's dtype; m <= max_rows()."""
+    if not gemv_applies(x, weight):
+        raise ValueError(f"x: gemv takes [1..{max_rows()}, k] 16-bit CUDA rows (k % 8 == 0, 16-byte aligned) "
+                         f"matching weight's dtype; got x {tuple(x.shape)} {x.dtype}, weight {weight.dtype}")
+    n, k = weight.shape
+    if x.shape[1] != k:
+        raise ValueError(f"x: has {x.shape[1]} columns, weight expects {k}")
+    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype or not bias.is_contiguous()):
+        raise ValueError(f"bias: expected a contiguous [{n}] {x.dtype} tensor, got {tuple(bias.shape)} {bias.dtype}")
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    from rtpllm.layers.cuda_ops import _scalar_type  # the ScalarType enum the kernels share
+
+    _ops().gemv(y.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                x.shape[0], n, k, x.stride(0), y.stride(0), _scalar_type(x.dtype),
+                torch.cuda.current_stream(x.device).cuda_stream)
+    return y
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear, with decode-sized batches on our GEMV kernel."""
+    if gemv_applies(x, weight):
+        return gemv(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
