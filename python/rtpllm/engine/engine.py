@@ -73,8 +73,11 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams,
-                    arrival_time: Optional[float] = None) -> None:
-        """Queues a request. Raises ValueError naming the problem; the engine is unchanged then."""
+                    arrival_time: Optional[float] = None, stream: bool = True) -> None:
+        """Queues a request. Raises ValueError naming the problem; the engine is unchanged then.
+
+        With `stream`, `step()` reports the request every time it moves; without, only once it
+        finishes (and its text is decoded once, at the end: much cheaper for offline batches)."""
         if request_id in self._groups:
             raise ValueError(f"request_id: {request_id!r} is already running")
         prompt_text, prompt_ids = self._tokenize(prompt)
@@ -87,7 +90,7 @@ class Engine:
         if not params.ignore_eos:
             stop_ids += [t for t in self.eos_token_ids if t not in stop_ids]
         group = RequestGroup(request_id=request_id, prompt=prompt_text, prompt_ids=prompt_ids, params=params,
-                             metrics=RequestMetrics(arrival_time=arrival_time or time.monotonic()))
+                             metrics=RequestMetrics(arrival_time=arrival_time or time.monotonic()), stream=stream)
         if params.prompt_logprobs is not None:
             group.prompt_logprobs = [None]
         added: list[int] = []
@@ -175,6 +178,8 @@ class Engine:
             if group.finished:
                 group.metrics.finished_time = now
                 self._groups.pop(group.request_id, None)
+            elif not group.stream:
+                continue
             outputs.append(group.to_output())
         return outputs
 
@@ -204,7 +209,7 @@ class Engine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, group.prompt_ids, params.skip_special_tokens),
             stop_checker=(StopStringChecker(params.stop_strings, params.include_stop_str_in_output)
                           if params.stop_strings else None),
-            generator=generator)
+            generator=generator, incremental=group.stream or bool(params.stop_strings))
 
     def _tokenize(self, prompt: Prompt) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, str):

@@ -50,7 +50,7 @@ class LLM:
         request_ids = [f"offline-{next(self._ids)}" for _ in prompts]
         try:
             for request_id, prompt, params in zip(request_ids, prompts, params_list):
-                engine.add_request(request_id, prompt, params)
+                engine.add_request(request_id, prompt, params, stream=False)
             finished = self._drain(set(request_ids), use_tqdm)
         except BaseException:
             # Never leave half-done requests holding KV blocks behind a failed call.

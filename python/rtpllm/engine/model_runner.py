@@ -19,6 +19,11 @@ from rtpllm.layers.attention_metadata import AttentionMetadata
 from rtpllm.layers.sampler import Sampler, SamplerOutput
 
 
+# Decode batches up to this size replay CUDA graphs; larger ones run eagerly (their launch
+# overhead is small next to their work).
+MAX_GRAPH_BATCH = 512
+
+
 @dataclass
 class StepResult:
     sampled: Optional[SamplerOutput]  # one row per entry of batch.logits_indices
@@ -48,7 +53,7 @@ class ModelRunner:
         backend = getattr(model, "attn_backend", None)
         if device.type == "cuda" and not config.device.enforce_eager and hasattr(backend, "plan"):
             self.graphs = DecodeGraphs(
-                model, self.kv_caches, backend.plan, max_batch=min(config.scheduler.max_num_seqs, 256),
+                model, self.kv_caches, backend.plan, max_batch=min(config.scheduler.max_num_seqs, MAX_GRAPH_BATCH),
                 max_blocks_per_seq=-(-max_model_len // self.block_size), max_model_len=max_model_len, device=device)
 
     def build_metadata(self, batch) -> AttentionMetadata:

@@ -28,6 +28,8 @@ class SequenceState:
     detokenizer: IncrementalDetokenizer
     stop_checker: Optional[StopStringChecker]
     generator: Optional[torch.Generator]
+    # Without streaming or stop strings nobody reads the text before the end: decode it once then.
+    incremental: bool = True
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # all complete text so far, before stop-string truncation
     visible_text: str = ""  # what may be shown now: stop strings cut, possible stop prefixes held back
@@ -51,6 +53,8 @@ class SequenceState:
                 value = entry.get(token)
                 if value is not None and math.isfinite(value):
                     self.cumulative_logprob += value
+        if not self.incremental:
+            return False
         self.text += self.detokenizer.push(token_ids)
         if self.stop_checker is None:
             self.visible_text = self.text
@@ -68,7 +72,10 @@ class SequenceState:
             return
         self.finish_reason = reason
         self.stop_reason = stop_reason
-        if reason != "stop" or not isinstance(stop_reason, str):
+        if not self.incremental:
+            self.text = self.detokenizer.push(self.output_ids) + self.detokenizer.flush()
+            self.visible_text = self.text
+        elif reason != "stop" or not isinstance(stop_reason, str):
             self.text += self.detokenizer.flush()
             self.visible_text = self.text  # nothing is held back once the sequence is over
 
@@ -89,6 +96,7 @@ class RequestGroup:
     prompt_ids: list[int]
     params: SamplingParams
     metrics: RequestMetrics
+    stream: bool = True  # report progress every step, not only at the end
     seqs: list[SequenceState] = field(default_factory=list)
     prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None
     num_cached_tokens: int = 0

@@ -1,0 +1,123 @@
+"""The offline API and the engine's request handling: outputs, sampling options, bad input, no leaks."""
+
+import pytest
+
+from checkpoints import checkpoint_path
+from rtpllm import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(model=checkpoint_path("llama3"), num_blocks=96, block_size=8, max_model_len=256)
+
+
+def _stream_texts(engine, request_id, prompt, params):
+    engine.add_request(request_id, prompt, params, stream=True)
+    seen = []
+    final = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id == request_id
+            seen.append(out.outputs[0].text)
+            final = out
+    return seen, final
+
+
+def test_streamed_text_grows_and_equals_the_offline_text(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    offline = llm.generate(["the quick brown fox"], params)[0].outputs[0]
+    seen, final = _stream_texts(llm.engine, "streamed", "the quick brown fox", params)
+    assert all(later.startswith(earlier) for earlier, later in zip(seen, seen[1:]))
+    assert final.finished and final.outputs[0].text == offline.text
+    assert final.outputs[0].token_ids == offline.token_ids
+    assert offline.text == llm.get_tokenizer().decode(offline.token_ids, skip_special_tokens=True)
+    assert offline.finish_reason == "length" and len(offline.token_ids) == 24
+
+
+def test_stop_string_cuts_the_text_and_finishes_with_stop(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    full = llm.generate(["hello world"], params)[0].outputs[0].text
+    stop = full[5:8]
+    assert stop and stop not in full[:5], "the test needs a stop string that first occurs at 5"
+    out = llm.generate(["hello world"], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
+                                                       stop=[stop]))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == full[:5]
+    assert llm.engine.check_kv_pool_free()
+
+
+def test_stop_token_id_finishes_with_that_token(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    tokens = llm.generate(["hello world"], params)[0].outputs[0].token_ids
+    stop_id = tokens[3]
+    out = llm.generate(["hello world"], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
+                                                       stop_token_ids=[stop_id]))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_id
+    assert out.token_ids == tokens[:tokens.index(stop_id) + 1]
+
+
+def test_seeded_sampling_is_reproducible_and_n_samples_differ(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=1234, n=3, ignore_eos=True)
+    first = llm.generate(["a seeded prompt"], params)[0]
+    # The same request again, now sharing the batch with an unseeded one: same tokens.
+    again = llm.generate(["a seeded prompt", "another prompt"],
+                         [params, SamplingParams(temperature=1.0, max_tokens=16)])[0]
+    assert [o.token_ids for o in first.outputs] == [o.token_ids for o in again.outputs]
+    assert len({tuple(o.token_ids) for o in first.outputs}) > 1, "the n samples are distinct streams"
+    assert [o.index for o in first.outputs] == [0, 1, 2]
+
+
+def test_token_id_prompts_and_logprobs(llm):
+    out = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0.0, max_tokens=4, logprobs=3))[0]
+    assert out.prompt_token_ids == [5, 6, 7, 8] and out.prompt is None
+    completion = out.outputs[0]
+    assert len(completion.logprobs) == len(completion.token_ids)
+    for token, entry in zip(completion.token_ids, completion.logprobs):
+        assert token in entry and len(entry) >= 3
+        assert entry[token] == max(entry.values()), "greedy picks the most likely token"
+
+
+def test_chat_uses_the_template(llm):
+    messages = [{"role": "user", "content": "hi there"}]
+    out = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=4))[0]
+    rendered = llm.get_tokenizer().apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert out.prompt_token_ids == llm.get_tokenizer().encode(rendered, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("prompt, field", [
+    ("", "prompt"), ([], "prompt"), ([10**6], "prompt"), ("x" * 2000, "prompt"), (3.5, "prompt"),
+])
+def test_bad_prompts_raise_and_leave_the_engine_clean(llm, prompt, field):
+    with pytest.raises(ValueError, match=field):
+        llm.generate([prompt], SamplingParams(max_tokens=4))
+    assert llm.engine.check_kv_pool_free()
+    assert not llm.engine.has_unfinished_requests()
+    # The engine still serves.
+    assert llm.generate(["still alive"], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+
+
+def test_a_bad_prompt_in_a_batch_adds_none_of_it(llm):
+    with pytest.raises(ValueError, match="prompt"):
+        llm.generate(["fine", ""], SamplingParams(max_tokens=4))
+    assert llm.engine.check_kv_pool_free() and not llm.engine.has_unfinished_requests()
+
+
+def test_abort_frees_blocks_and_reports_abort(llm):
+    engine = llm.engine
+    engine.add_request("to-abort", "some prompt that runs", SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.step()
+    engine.abort_request("to-abort")
+    outputs = engine.step()
+    assert [o.outputs[0].finish_reason for o in outputs] == ["abort"]
+    assert engine.check_kv_pool_free() and not engine.has_unfinished_requests()
+
+
+def test_max_model_len_above_the_model_is_rejected():
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(model=checkpoint_path("llama3"), num_blocks=8, max_model_len=10**6)
+
+
+def test_missing_model_folder_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        LLM(model=str(tmp_path / "does-not-exist"), num_blocks=8)
