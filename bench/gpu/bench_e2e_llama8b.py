@@ -116,7 +116,7 @@ def main() -> None:
     record("LLM() load + KV profile + graph capture", time.perf_counter() - start, "s")
 
     step = decode_step_ms(llm)
-    copy_tbps = measure_copy_tbps()
+    copy_tbps = measure_copy_tbps(1 << 30)
     floor, weight_gb = floor_ms(llm, 512 + 128, copy_tbps)
     record(f"decode step, batch 1, 512+256 ({weight_gb:.2f} GB weights)", step, "ms",
            f"floor {floor:.2f} ms at the copy rate measured now ({copy_tbps:.2f} TB/s)", step / floor,

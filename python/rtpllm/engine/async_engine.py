@@ -56,22 +56,30 @@ class RequestStream:
 
     Outputs are cumulative (full text and token ids so far), so when the consumer falls behind only
     the newest one matters: a slow client gets fewer, larger deltas instead of a growing backlog.
+    With `stream_interval` N > 1 the consumer is woken for the first token, then once per N new
+    tokens, and at the end, trading streaming granularity for less per-token work in the server.
     Iteration ends after the output whose `finished` is True.
     """
 
-    def __init__(self, request_id: str):
+    def __init__(self, request_id: str, stream_interval: int = 1):
         self.request_id = request_id
+        self.stream_interval = stream_interval
         self._latest: Optional[RequestOutput] = None
         self._error: Optional[BaseException] = None
         self._ready = asyncio.Event()
         self._done = False
+        self._tokens_at_wake = 0
         # What the step observer needs to turn cumulative outputs into inter-token latencies.
         self.tokens_seen: list[int] = []  # per sequence index
         self.last_token_time: Optional[float] = None
 
-    def put(self, output: RequestOutput) -> None:
+    def put(self, output: RequestOutput, num_tokens: int) -> None:
+        """Stores the newest output; `num_tokens` is its token count over all sequences."""
         self._latest = output
-        self._ready.set()
+        if (output.finished or self._tokens_at_wake == 0
+                or num_tokens - self._tokens_at_wake >= self.stream_interval):
+            self._tokens_at_wake = num_tokens
+            self._ready.set()
 
     def fail(self, error: BaseException) -> None:
         self._error = error
@@ -122,11 +130,14 @@ class AsyncEngine:
     """
 
     def __init__(self, engine: "Engine", max_queued_requests: Optional[int] = None,
-                 observer: Optional[StepObserver] = None):
+                 observer: Optional[StepObserver] = None, stream_interval: int = 1):
         if max_queued_requests is not None and max_queued_requests < 1:
             raise ValueError(f"max_queued_requests: must be >= 1, got {max_queued_requests}")
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval: must be >= 1, got {stream_interval}")
         self.engine = engine
         self.max_queued_requests = max_queued_requests
+        self.stream_interval = stream_interval
         self.observer = observer
         self._streams: dict[str, RequestStream] = {}
         self._commands: list[Union[_Add, _Abort, _Call]] = []
@@ -141,10 +152,11 @@ class AsyncEngine:
         self._idle = asyncio.Event()
 
     @classmethod
-    def from_config(cls, config: "EngineConfig", observer: Optional[StepObserver] = None) -> "AsyncEngine":
+    def from_config(cls, config: "EngineConfig", observer: Optional[StepObserver] = None,
+                    stream_interval: int = 1) -> "AsyncEngine":
         from rtpllm.engine.engine import Engine
 
-        return cls(Engine(config), config.max_queued_requests, observer)
+        return cls(Engine(config), config.max_queued_requests, observer, stream_interval)
 
     # ------------------------------------------------------------------ what the server reads
     @property
@@ -233,7 +245,7 @@ class AsyncEngine:
                 raise EngineOverloadedError(
                     f"server overloaded: {queued} requests already waiting "
                     f"(max_queued_requests={self.max_queued_requests}); retry later")
-        stream = RequestStream(request_id)
+        stream = RequestStream(request_id, self.stream_interval)
         accepted = self._loop.create_future()
         self._streams[request_id] = stream
         self._idle.clear()
@@ -323,8 +335,8 @@ class AsyncEngine:
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue  # aborted by its consumer; nobody is listening
-            _record_token_timing(stream, output, first_token_latencies, inter_token_latencies)
-            stream.put(output)
+            num_tokens = _record_token_timing(stream, output, first_token_latencies, inter_token_latencies)
+            stream.put(output, num_tokens)
             if output.finished:
                 finished.append(output)
                 self._forget(output.request_id)
@@ -399,13 +411,14 @@ class AsyncEngine:
 
 
 def _record_token_timing(stream: RequestStream, output: RequestOutput, first_token_latencies: list[float],
-                         inter_token_latencies: list[float]) -> None:
+                         inter_token_latencies: list[float]) -> int:
     """Appends the request's time to first token when its first token arrives, and one inter-token
-    latency per token that each of its sequences gained after their first."""
+    latency per token that each of its sequences gained after their first. Returns the output's
+    token count over all sequences."""
     metrics = output.metrics
     token_time = metrics.last_token_time if metrics is not None else None
     if token_time is None:
-        return
+        return sum(len(c.token_ids) for c in output.outputs)
     if stream.last_token_time is None:
         first_token_latencies.append(metrics.first_token_time - metrics.arrival_time)
     seen = stream.tokens_seen
@@ -418,3 +431,4 @@ def _record_token_timing(stream: RequestStream, output: RequestOutput, first_tok
             inter_token_latencies.extend([(token_time - stream.last_token_time) / new_tokens] * new_tokens)
         seen[completion.index] = count
     stream.last_token_time = token_time
+    return sum(seen)

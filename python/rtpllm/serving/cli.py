@@ -23,6 +23,8 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="Seconds in-flight requests get to finish after SIGINT/SIGTERM before they are aborted.")
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="Tokens per streamed chunk after the first; > 1 trades smoothness for throughput.")
     parser.add_argument("--disable-uvicorn-access-log", action="store_true",
                         help="Do not log a line per HTTP request (recommended for load tests).")
     parser.add_argument("--uvicorn-log-level", default="info",
@@ -35,7 +37,8 @@ def _serve(args: argparse.Namespace) -> int:
     from rtpllm.serving.openai_server import ServerOptions, run_server
 
     options = ServerOptions(host=args.host, port=args.port, shutdown_timeout_s=args.shutdown_timeout,
-                            access_log=not args.disable_uvicorn_access_log, log_level=args.uvicorn_log_level)
+                            access_log=not args.disable_uvicorn_access_log, log_level=args.uvicorn_log_level,
+                            stream_interval=args.stream_interval)
     run_server(engine_config_from_args(args), options)
     return 0
 

@@ -53,6 +53,8 @@ class ServerOptions:
     shutdown_timeout_s: float = 30.0
     access_log: bool = True
     log_level: str = "info"
+    # Stream a chunk per this many new tokens (the first token always goes out at once).
+    stream_interval: int = 1
 
 
 async def parse_body(request: Request, model: type[Body]) -> Body:
@@ -168,7 +170,7 @@ def run_server(config: EngineConfig, options: ServerOptions = ServerOptions(),
     """Loads the model, serves until SIGINT/SIGTERM, then shuts down gracefully: the listening
     socket closes, in-flight requests get `options.shutdown_timeout_s` to finish, the rest are
     aborted (freeing their KV blocks), and the step thread stops."""
-    engine = AsyncEngine.from_config(config)
+    engine = AsyncEngine.from_config(config, stream_interval=options.stream_interval)
     app = build_app(engine)
     uvicorn_config = uvicorn.Config(
         app, host=options.host, port=options.port, log_level=options.log_level, access_log=options.access_log,
