@@ -39,7 +39,9 @@ class RunningServer:
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
         self.app = build_app(engine)
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # NOTE: IPPROTO_TCP, not 0: asyncio turns Nagle off only on sockets that say they are TCP,
+        # and with Nagle on every small SSE chunk would wait for the client's delayed ACK (40 ms).
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]

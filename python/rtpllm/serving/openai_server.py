@@ -14,7 +14,6 @@ import asyncio
 import functools
 import logging
 import signal
-import socket
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -165,8 +164,7 @@ def build_app(engine: AsyncEngine, metrics: Optional[ServerMetrics] = None,
     return app
 
 
-def run_server(config: EngineConfig, options: ServerOptions = ServerOptions(),
-               sock: Optional[socket.socket] = None) -> None:
+def run_server(config: EngineConfig, options: ServerOptions = ServerOptions()) -> None:
     """Loads the model, serves until SIGINT/SIGTERM, then shuts down gracefully: the listening
     socket closes, in-flight requests get `options.shutdown_timeout_s` to finish, the rest are
     aborted (freeing their KV blocks), and the step thread stops."""
@@ -182,7 +180,7 @@ def run_server(config: EngineConfig, options: ServerOptions = ServerOptions(),
     # previous handler runs. The shutdown above already finished cleanly: swallow it and exit 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        asyncio.run(server.serve(sockets=[sock] if sock is not None else None))
+        asyncio.run(server.serve())
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
