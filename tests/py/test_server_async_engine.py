@@ -61,6 +61,34 @@ def test_outputs_are_cumulative_and_end_with_the_finished_one(model_path):
     assert [finished for _, finished in seen] == [False] * (len(seen) - 1) + [True]
 
 
+def test_unstreamed_request_yields_only_its_finished_output(model_path):
+    async def body(engine):
+        stream = await engine.add_request("whole", "Once upon a time", GREEDY, stream=False)
+        return [output async for output in stream]
+
+    outputs = _run(build_async_engine(model_path), body)
+    assert len(outputs) == 1 and outputs[0].finished
+    assert len(outputs[0].outputs[0].token_ids) == 10
+
+
+def test_stream_interval_wakes_for_the_first_token_then_every_n(model_path):
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    engine = build_async_engine(model_path)
+    engine.stream_interval = 8
+
+    async def body(engine):
+        stream = await engine.add_request("chunky", "Once upon a time", params)
+        counts = []
+        async for output in stream:
+            counts.append(len(output.outputs[0].token_ids))
+            await asyncio.sleep(0.05)  # a slow reader: never behind by less than the interval
+        return counts
+
+    counts = _run(engine, body)
+    assert counts[0] == 1 and counts[-1] == 20
+    assert all(later - earlier >= 8 for earlier, later in zip(counts[:-2], counts[1:-1]))
+
+
 def test_leaving_a_stream_early_aborts_and_frees_blocks(model_path):
     long = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
 

@@ -108,6 +108,7 @@ class _Add:
     prompt: Prompt
     params: SamplingParams
     arrival_time: float
+    stream: bool
     accepted: asyncio.Future
 
 
@@ -230,9 +231,11 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ requests
     async def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams,
-                          arrival_time: Optional[float] = None) -> RequestStream:
+                          arrival_time: Optional[float] = None, stream: bool = True) -> RequestStream:
         """Queues a request and returns its stream once the engine has accepted it.
 
+        With `stream=False` the stream yields only the finished output (the engine then skips the
+        per-step outputs and decodes the text once, at the end).
         Raises ValueError naming the problem when the engine rejects the request,
         `EngineOverloadedError` when the waiting queue is full, `EngineDeadError` when stopped.
         """
@@ -245,12 +248,12 @@ class AsyncEngine:
                 raise EngineOverloadedError(
                     f"server overloaded: {queued} requests already waiting "
                     f"(max_queued_requests={self.max_queued_requests}); retry later")
-        stream = RequestStream(request_id, self.stream_interval)
+        request_stream = RequestStream(request_id, self.stream_interval)
         accepted = self._loop.create_future()
-        self._streams[request_id] = stream
+        self._streams[request_id] = request_stream
         self._idle.clear()
         self._pending_adds += 1
-        self._submit(_Add(request_id, prompt, params, arrival_time or time.monotonic(), accepted))
+        self._submit(_Add(request_id, prompt, params, arrival_time or time.monotonic(), stream, accepted))
         try:
             await accepted
         except asyncio.CancelledError:
@@ -260,7 +263,7 @@ class AsyncEngine:
         except BaseException:
             self._forget(request_id)
             raise
-        return stream
+        return request_stream
 
     async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str,
                        arrival_time: Optional[float] = None) -> AsyncIterator[RequestOutput]:
@@ -396,7 +399,8 @@ class AsyncEngine:
         """Runs one command; an add returns (its acceptance future, the error or None) to answer."""
         if isinstance(command, _Add):
             try:
-                engine.add_request(command.request_id, command.prompt, command.params, command.arrival_time)
+                engine.add_request(command.request_id, command.prompt, command.params, command.arrival_time,
+                                   stream=command.stream)
             except Exception as exc:  # noqa: BLE001 - a bad request fails alone, the loop keeps serving
                 return command.accepted, exc
             return command.accepted, None
@@ -429,6 +433,10 @@ def _record_token_timing(stream: RequestStream, output: RequestOutput, first_tok
         new_tokens = count - seen[completion.index]
         if new_tokens > 0 and seen[completion.index] > 0 and stream.last_token_time is not None:
             inter_token_latencies.extend([(token_time - stream.last_token_time) / new_tokens] * new_tokens)
+        elif new_tokens > 1 and seen[completion.index] == 0 and metrics.first_token_time is not None:
+            # A whole answer at once (not streamed): its decode time spread over its later tokens.
+            gap = (token_time - metrics.first_token_time) / (new_tokens - 1)
+            inter_token_latencies.extend([gap] * (new_tokens - 1))
         seen[completion.index] = count
     stream.last_token_time = token_time
     return sum(seen)

@@ -32,7 +32,7 @@ async def create_chat_completion(ctx: ServingContext, http_request: Request, bod
     params = rp.sampling_params(body, rp.max_new_tokens(requested, len(prompt), ctx.max_model_len, param,
                                                         prompt_param="messages"), num_top)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    streams = await add_all(ctx.engine, [completion_id], [prompt], [params], arrival_time)
+    streams = await add_all(ctx.engine, [completion_id], [prompt], [params], arrival_time, body.stream)
     if body.stream:
         return StreamingResponse(_stream(ctx, body, completion_id, streams, len(prompt), num_top),
                                  media_type="text/event-stream")

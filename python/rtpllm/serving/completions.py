@@ -34,7 +34,7 @@ async def create_completion(ctx: ServingContext, http_request: Request, body: Co
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     request_ids = [f"{completion_id}-{i}" for i in range(len(prompts))]
     echo_texts = [ctx.tokenizer.decode(p, skip_special_tokens=True) if body.echo else "" for p in prompts]
-    streams = await add_all(ctx.engine, request_ids, prompts, params_list, arrival_time)
+    streams = await add_all(ctx.engine, request_ids, prompts, params_list, arrival_time, body.stream)
     if body.stream:
         events = _stream(ctx, body, completion_id, streams, prompts, echo_texts, num_top)
         return StreamingResponse(events, media_type="text/event-stream")

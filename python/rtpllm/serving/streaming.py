@@ -69,12 +69,13 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 
 async def add_all(engine: AsyncEngine, request_ids: list[str], prompts: list[list[int]],
-                  params_list: list, arrival_time: float) -> list[RequestStream]:
-    """Adds every prompt of a request, or none: a failure aborts the ones already added."""
+                  params_list: list, arrival_time: float, stream: bool) -> list[RequestStream]:
+    """Adds every prompt of a request, or none: a failure aborts the ones already added. Without
+    `stream` the engine reports each request only once, finished."""
     streams: list[RequestStream] = []
     try:
         for request_id, prompt, params in zip(request_ids, prompts, params_list):
-            streams.append(await engine.add_request(request_id, prompt, params, arrival_time))
+            streams.append(await engine.add_request(request_id, prompt, params, arrival_time, stream))
     except BaseException as exc:
         for stream in streams:
             engine.abort(stream.request_id)
