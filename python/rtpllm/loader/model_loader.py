@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 from rtpllm.layers.attention_metadata import AttentionBackend
 from rtpllm.loader.gguf_checkpoint import GGUFCheckpoint
+from rtpllm.loader.gguf_tokenizer import load_gguf_tokenizer
 from rtpllm.loader.hf_checkpoint import (CONFIG_FILE, check_tokenizer_files, iter_safetensors, read_generation_config,
                                          read_json, safetensors_files)
 from rtpllm.models.llama import LlamaForCausalLM
@@ -76,8 +77,7 @@ def _load_gguf(path: str, dtype: torch.dtype, device: torch.device,
     arch = checkpoint.arch()
     model = build_model(arch, dtype, device, checkpoint.weights(arch, device), attn_backend)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                                  gguf_file=os.path.basename(path))
+        tokenizer = load_gguf_tokenizer(path)
     except Exception as e:
         raise ValueError(f"{checkpoint.name}: cannot build the tokenizer from the GGUF metadata "
                          f"({type(e).__name__}: {e})") from None
