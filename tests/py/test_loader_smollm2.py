@@ -81,3 +81,17 @@ def test_greedy_tokens_match_transformers(ours, reference, prompts):
     for tokens, got in zip(token_lists, generated):
         assert got == _reference_greedy(reference, tokens, NEW_TOKENS), ours.tokenizer.decode(got)
     assert "Paris" in ours.tokenizer.decode(generated[0])
+
+
+def test_engine_default_model_greedy_matches_transformers(reference, prompts):
+    """The whole engine (`LLM()` with no model: the built-in default) through the chat template."""
+    from rtpllm import LLM, SamplingParams
+
+    llm = LLM(num_blocks=256)
+    outputs = llm.chat([[{"role": "user", "content": q}] for q in QUESTIONS],
+                       SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True))
+    for prompt, out in zip(prompts, outputs):
+        assert out.prompt_token_ids == llm.get_tokenizer().encode(prompt, add_special_tokens=False)
+        expected = _reference_greedy(reference, out.prompt_token_ids, NEW_TOKENS)
+        assert out.outputs[0].token_ids == expected, out.outputs[0].text
+    assert "Paris" in outputs[0].outputs[0].text
