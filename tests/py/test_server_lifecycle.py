@@ -51,6 +51,24 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server, endpoint, body):
     assert server.metric("generation_tokens_total") == generated  # nothing is generating for nobody
 
 
+def test_disconnect_before_the_first_token_aborts_the_queued_request(server):
+    long = {"prompt": "Tell me a story", **LONG, "max_tokens": 480, "stream": True}
+    with httpx.Client(timeout=60) as client, contextlib.ExitStack() as streams:
+        readers = []  # NOTE: a dropped line iterator closes its connection, so they are kept
+        for _ in range(2):  # fill the running batch (max_num_seqs=2)
+            stream = streams.enter_context(client.stream("POST", server.url + "/v1/completions", json=long))
+            readers.append(stream.iter_lines())
+            next(line for line in readers[-1] if line.startswith("data: "))
+        with client.stream("POST", server.url + "/v1/completions", json=long) as queued:
+            assert queued.status_code == 200  # the headers go out before the first token
+            server.wait_until(lambda: server.metric("num_requests_waiting") == 1, what="a queued request")
+        # Closed while it waited: aborted without ever running, while the other two go on.
+        server.wait_until(lambda: server.metric("num_requests_waiting") == 0, what="the queued request's abort")
+        assert server.metric("num_requests_running") == 2
+    server.wait_until(lambda: server.metric("num_requests_running") == 0, what="the streams' aborts")
+    assert _blocks_free(server)
+
+
 def test_disconnect_while_waiting_for_a_non_streamed_reply_aborts(server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json={"prompt": "Tell me a story", **LONG, "max_tokens": 400},

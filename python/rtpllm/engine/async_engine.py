@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -230,14 +231,16 @@ class AsyncEngine:
             self._mark_dead(EngineDeadError("the engine has shut down"))
 
     # ------------------------------------------------------------------ requests
-    async def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams,
-                          arrival_time: Optional[float] = None, stream: bool = True) -> RequestStream:
-        """Queues a request and returns its stream once the engine has accepted it.
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams,
+                    arrival_time: Optional[float] = None, stream: bool = True) -> "asyncio.Future[RequestStream]":
+        """Queues a request now; the returned future gives its stream once the engine accepted it.
 
+        Admission is decided here, synchronously, so a caller can answer at once:
+        `EngineOverloadedError` when the waiting queue is full, `EngineDeadError` when stopped,
+        ValueError for a request id already running. The future raises ValueError naming the
+        problem when the engine rejects the request; cancelling the future aborts the request.
         With `stream=False` the stream yields only the finished output (the engine then skips the
         per-step outputs and decodes the text once, at the end).
-        Raises ValueError naming the problem when the engine rejects the request,
-        `EngineOverloadedError` when the waiting queue is full, `EngineDeadError` when stopped.
         """
         self._check_serving()
         if request_id in self._streams:
@@ -248,22 +251,13 @@ class AsyncEngine:
                 raise EngineOverloadedError(
                     f"server overloaded: {queued} requests already waiting "
                     f"(max_queued_requests={self.max_queued_requests}); retry later")
-        request_stream = RequestStream(request_id, self.stream_interval)
-        accepted = self._loop.create_future()
-        self._streams[request_id] = request_stream
+        self._streams[request_id] = RequestStream(request_id, self.stream_interval)
         self._idle.clear()
         self._pending_adds += 1
+        accepted = self._loop.create_future()
+        accepted.add_done_callback(functools.partial(self._abort_if_cancelled, request_id))
         self._submit(_Add(request_id, prompt, params, arrival_time or time.monotonic(), stream, accepted))
-        try:
-            await accepted
-        except asyncio.CancelledError:
-            # The add may already be in the engine; the abort queued behind it undoes it.
-            self.abort(request_id)
-            raise
-        except BaseException:
-            self._forget(request_id)
-            raise
-        return request_stream
+        return accepted
 
     async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str,
                        arrival_time: Optional[float] = None) -> AsyncIterator[RequestOutput]:
@@ -314,19 +308,26 @@ class AsyncEngine:
             self._idle.set()
         return stream
 
-    def _on_added(self, accepted: asyncio.Future, error: Optional[BaseException]) -> None:
-        self._pending_adds -= 1
+    def _abort_if_cancelled(self, request_id: str, accepted: asyncio.Future) -> None:
         if accepted.cancelled():
-            return
-        if error is None:
-            accepted.set_result(None)
-        else:
-            accepted.set_exception(error)
+            self.abort(request_id)  # the add may be in the engine already; the abort queued behind it undoes it
 
-    def _hand_over(self, answers: list[tuple[asyncio.Future, Optional[BaseException]]],
-                   outputs: list[RequestOutput]) -> None:
-        for accepted, error in answers:
-            self._on_added(accepted, error)
+    def _on_added(self, command: _Add, error: Optional[BaseException]) -> None:
+        self._pending_adds -= 1
+        if command.accepted.done():
+            return  # cancelled by its caller
+        request_stream = self._streams.get(command.request_id)
+        if error is not None:
+            self._forget(command.request_id)
+            command.accepted.set_exception(error)
+        elif request_stream is None:
+            command.accepted.cancel()  # aborted before the engine took it
+        else:
+            command.accepted.set_result(request_stream)
+
+    def _hand_over(self, answers: list[tuple[_Add, Optional[BaseException]]], outputs: list[RequestOutput]) -> None:
+        for command, error in answers:
+            self._on_added(command, error)
         if outputs:
             self._deliver(outputs)
 
@@ -350,18 +351,18 @@ class AsyncEngine:
         for request_id in list(self._streams):
             self._forget(request_id).fail(error)
 
-    def _mark_dead(self, error: EngineDeadError, unanswered: Sequence[asyncio.Future] = ()) -> None:
+    def _mark_dead(self, error: EngineDeadError, unanswered: Sequence[_Add] = ()) -> None:
         """Fails every waiting caller: `unanswered` adds the step thread took, and every command it
         did not take. Runs on the loop after the step thread has exited, so the command list has no
         other reader and `add_request` (also on the loop) sees `_dead_error`."""
         self._dead_error = error
-        for accepted in unanswered:
-            self._on_added(accepted, error)
+        for command in unanswered:
+            self._on_added(command, error)
         with self._wakeup:
             commands, self._commands = self._commands, []
         for command in commands:
             if isinstance(command, _Add):
-                self._on_added(command.accepted, error)
+                self._on_added(command, error)
             elif isinstance(command, _Call):
                 command.result.set_exception(error)
         self._fail_all(error)
@@ -370,7 +371,7 @@ class AsyncEngine:
     def _step_loop(self) -> None:
         engine, loop = self.engine, self._loop
         busy = False
-        answers: list[tuple[asyncio.Future, Optional[BaseException]]] = []
+        answers: list[tuple[_Add, Optional[BaseException]]] = []
         try:
             while True:
                 with self._wakeup:
@@ -393,17 +394,17 @@ class AsyncEngine:
             logger.exception("engine step loop failed")
             if not loop.is_closed():
                 error = EngineDeadError(f"the engine step loop failed: {exc!r}")
-                loop.call_soon_threadsafe(self._mark_dead, error, [accepted for accepted, _ in answers])
+                loop.call_soon_threadsafe(self._mark_dead, error, [command for command, _ in answers])
 
-    def _apply(self, engine: "Engine", command) -> Optional[tuple[asyncio.Future, Optional[BaseException]]]:
-        """Runs one command; an add returns (its acceptance future, the error or None) to answer."""
+    def _apply(self, engine: "Engine", command) -> Optional[tuple[_Add, Optional[BaseException]]]:
+        """Runs one command; an add returns (itself, the error or None) to answer its caller with."""
         if isinstance(command, _Add):
             try:
                 engine.add_request(command.request_id, command.prompt, command.params, command.arrival_time,
                                    stream=command.stream)
             except Exception as exc:  # noqa: BLE001 - a bad request fails alone, the loop keeps serving
-                return command.accepted, exc
-            return command.accepted, None
+                return command, exc
+            return command, None
         if isinstance(command, _Abort):
             engine.abort_request(command.request_id)
         else:

@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import AsyncIterator, Optional
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -17,8 +17,9 @@ from rtpllm.serving.context import ServingContext
 from rtpllm.serving.logprobs import chat_logprobs
 from rtpllm.serving.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                      ChatDelta, ChatResponseMessage, ChatStreamChoice, UsageInfo)
-from rtpllm.serving.streaming import (SSE_DONE, DeltaTracker, add_all, cancel_on_disconnect, error_event,
-                                      final_outputs, iterate_all, sse_event)
+from rtpllm.serving.streaming import (SSE_DONE, AbortingStreamingResponse, DeltaTracker, accepted_streams,
+                                      cancel_on_disconnect, error_event, final_outputs, iterate_all, sse_event,
+                                      submit_all)
 
 
 async def create_chat_completion(ctx: ServingContext, http_request: Request, body: ChatCompletionRequest,
@@ -32,11 +33,13 @@ async def create_chat_completion(ctx: ServingContext, http_request: Request, bod
     params = rp.sampling_params(body, rp.max_new_tokens(requested, len(prompt), ctx.max_model_len, param,
                                                         prompt_param="messages"), num_top)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    streams = await add_all(ctx.engine, [completion_id], [prompt], [params], arrival_time, body.stream)
+    futures = submit_all(ctx.engine, [completion_id], [prompt], [params], arrival_time, body.stream)
     if body.stream:
-        return StreamingResponse(_stream(ctx, body, completion_id, streams, len(prompt), num_top),
-                                 media_type="text/event-stream")
-    (final,) = await cancel_on_disconnect(http_request, final_outputs(ctx.engine, streams))
+        # Returned before the engine has even accepted the request: the status line and headers go
+        # out while the first step runs.
+        return AbortingStreamingResponse(_stream(ctx, body, completion_id, futures, len(prompt), num_top),
+                                         ctx.engine, [completion_id])
+    (final,) = await cancel_on_disconnect(http_request, final_outputs(ctx.engine, futures))
     choices = []
     for completion in final.outputs:
         logprobs = None
@@ -56,7 +59,7 @@ def _usage(prompt_tokens: int, output: Optional[RequestOutput]) -> UsageInfo:
                      total_tokens=prompt_tokens + completion_tokens)
 
 
-async def _stream(ctx: ServingContext, body: ChatCompletionRequest, completion_id: str, streams,
+async def _stream(ctx: ServingContext, body: ChatCompletionRequest, completion_id: str, futures,
                   prompt_tokens: int, num_top: Optional[int]) -> AsyncIterator[bytes]:
     created = int(time.time())
 
@@ -70,6 +73,7 @@ async def _stream(ctx: ServingContext, body: ChatCompletionRequest, completion_i
     # chunk a client sees marks the first token (as benchmark clients time it).
     role_pending = set(range(body.n))
     try:
+        streams = await accepted_streams(futures)
         async for _, output in iterate_all(ctx.engine, streams):
             latest = output
             for completion in output.outputs:
@@ -90,7 +94,4 @@ async def _stream(ctx: ServingContext, body: ChatCompletionRequest, completion_i
             yield chunk([], usage=_usage(prompt_tokens, latest))
     except Exception as exc:  # noqa: BLE001 - the status line is sent; the error goes in the stream
         yield error_event(exc)
-    finally:
-        for stream in streams:
-            ctx.engine.abort(stream.request_id)  # a no-op for finished requests
     yield SSE_DONE

