@@ -13,18 +13,12 @@ from typing import Optional
 import torch
 
 from rtpllm.layers.cuda_dispatch import use_cuda_kernels
-
-
-@functools.cache
-def _ops():
-    from rtpllm import _C
-
-    return _C.ops
+from rtpllm.layers.cuda_ops import kernel_ops, scalar_type
 
 
 @functools.cache
 def max_rows() -> int:
-    return int(_ops().GEMV_MAX_ROWS)
+    return int(kernel_ops().GEMV_MAX_ROWS)
 
 
 def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -46,10 +40,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype or not bias.is_contiguous()):
         raise ValueError(f"bias: expected a contiguous [{n}] {x.dtype} tensor, got {tuple(bias.shape)} {bias.dtype}")
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    from rtpllm.layers.cuda_ops import _scalar_type  # the ScalarType enum the kernels share
-
-    _ops().gemv(y.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                x.shape[0], n, k, x.stride(0), y.stride(0), _scalar_type(x.dtype),
+    kernel_ops().gemv(y.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                x.shape[0], n, k, x.stride(0), y.stride(0), scalar_type(x.dtype),
                 torch.cuda.current_stream(x.device).cuda_stream)
     return y
 

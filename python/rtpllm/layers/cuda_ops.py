@@ -32,7 +32,7 @@ MAX_DECODE_SPLITS = 64  # cuda/attention/paged_decode_split_merge.cuh: kMaxSplit
 
 
 @functools.cache
-def _ops():
+def kernel_ops():
     from rtpllm import _C
 
     if not getattr(_C, "has_cuda", False):
@@ -42,8 +42,8 @@ def _ops():
 
 
 @functools.cache
-def _scalar_type(dtype: torch.dtype):
-    return getattr(_ops().ScalarType, str(dtype).removeprefix("torch."))
+def scalar_type(dtype: torch.dtype):
+    return getattr(kernel_ops().ScalarType, str(dtype).removeprefix("torch."))
 
 
 def _stream(device: torch.device) -> int:
@@ -116,8 +116,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: Optional[to
     _check_rows(rows, "x")
     _check_rows(out_rows, "out")
     _require(weight.data_ptr() % 16 == 0, "weight", "data must be 16-byte aligned")
-    _ops().rms_norm(out_rows.data_ptr(), rows.data_ptr(), weight.data_ptr(), rows.shape[0], hidden,
-                    rows.stride(0), out_rows.stride(0), float(eps), _scalar_type(x.dtype), _stream(x.device))
+    kernel_ops().rms_norm(out_rows.data_ptr(), rows.data_ptr(), weight.data_ptr(), rows.shape[0], hidden,
+                    rows.stride(0), out_rows.stride(0), float(eps), scalar_type(x.dtype), _stream(x.device))
     return out
 
 
@@ -131,8 +131,8 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     _require(weight.is_contiguous() and weight.data_ptr() % 16 == 0, "weight", "must be contiguous and 16-byte aligned")
     _check_rows(x, "x")
     _check_rows(residual, "residual")
-    _ops().fused_add_rms_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), x.shape[0], x.shape[1],
-                              x.stride(0), residual.stride(0), float(eps), _scalar_type(x.dtype), _stream(x.device))
+    kernel_ops().fused_add_rms_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), x.shape[0], x.shape[1],
+                              x.stride(0), residual.stride(0), float(eps), scalar_type(x.dtype), _stream(x.device))
 
 
 def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -166,10 +166,10 @@ def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posi
     _require(cos_sin_cache.is_contiguous() and cos_sin_cache.data_ptr() % 16 == 0, "cos_sin_cache",
              "must be contiguous and 16-byte aligned")
     _check_kv_cache(kv_cache, q, num_kv_heads, head_dim)
-    _ops().rope_and_cache_write(
+    kernel_ops().rope_and_cache_write(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), positions.data_ptr(), cos_sin_cache.data_ptr(),
         slot_mapping.data_ptr(), *_kv_planes(kv_cache), num_tokens, num_heads, num_kv_heads,
-        head_dim, rotary_dim, cos_sin_cache.shape[0], q.stride(0), k.stride(0), v.stride(0), _scalar_type(q.dtype),
+        head_dim, rotary_dim, cos_sin_cache.shape[0], q.stride(0), k.stride(0), v.stride(0), scalar_type(q.dtype),
         _stream(q.device))
 
 
@@ -184,8 +184,8 @@ def silu_and_mul(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.T
     _check_shape(out, "out", (x.shape[0], inter))
     _check_rows(x, "x")
     _check_rows(out, "out")
-    _ops().silu_and_mul(out.data_ptr(), x.data_ptr(), x.shape[0], inter, x.stride(0), out.stride(0),
-                        _scalar_type(x.dtype), _stream(x.device))
+    kernel_ops().silu_and_mul(out.data_ptr(), x.data_ptr(), x.shape[0], inter, x.stride(0), out.stride(0),
+                        scalar_type(x.dtype), _stream(x.device))
     return out
 
 
@@ -203,8 +203,8 @@ def embedding(ids: torch.Tensor, table: torch.Tensor, out: Optional[torch.Tensor
     _check_tensor(out, "out", device=table.device, dtypes=(table.dtype,), ndim=2)
     _check_shape(out, "out", (ids.shape[0], table.shape[1]))
     _check_rows(out, "out")
-    _ops().embedding(out.data_ptr(), table.data_ptr(), ids.data_ptr(), ids.shape[0], table.shape[0], table.shape[1],
-                     out.stride(0), ids.dtype == torch.int64, _scalar_type(table.dtype), _stream(table.device))
+    kernel_ops().embedding(out.data_ptr(), table.data_ptr(), ids.data_ptr(), ids.shape[0], table.shape[0], table.shape[1],
+                     out.stride(0), ids.dtype == torch.int64, scalar_type(table.dtype), _stream(table.device))
     return out
 
 
@@ -285,8 +285,8 @@ def plan_paged_decode(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim
     per_split = num_seqs * num_heads * (head_dim + 1)
     max_splits = partials.numel() // per_split
     if num_splits is None:
-        num_splits = _ops().paged_decode_plan(num_seqs, num_heads, num_kv_heads, head_dim, block_size,
-                                              _scalar_type(dtype), max_seq_len, max(max_splits, 1))
+        num_splits = kernel_ops().paged_decode_plan(num_seqs, num_heads, num_kv_heads, head_dim, block_size,
+                                              scalar_type(dtype), max_seq_len, max(max_splits, 1))
     _require(1 <= num_splits <= MAX_DECODE_SPLITS, "num_splits",
              lambda: f"must be in [1, {MAX_DECODE_SPLITS}], got {num_splits}")
     if num_splits == 1:
@@ -350,8 +350,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     partial_lse = plan.partial_lse.data_ptr() if split else 0
     split_counters = plan.split_counters.data_ptr() if split else 0
     k_plane, v_plane = _kv_planes(kv_cache)
-    _ops().paged_decode_attention(
+    kernel_ops().paged_decode_attention(
         out.data_ptr(), q.data_ptr(), k_plane, v_plane, block_tables.data_ptr(), seq_lens.data_ptr(), partial_out,
         partial_lse, split_counters, num_seqs, num_heads, num_kv_heads, head_dim, block_size, block_tables.stride(0),
-        q.stride(0), out.stride(0), plan.num_splits, float(scale), _scalar_type(q.dtype), _stream(q.device))
+        q.stride(0), out.stride(0), plan.num_splits, float(scale), scalar_type(q.dtype), _stream(q.device))
     return out

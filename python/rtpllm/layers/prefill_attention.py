@@ -7,10 +7,11 @@ new tokens' K/V must already be written into the cache.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
+
+from rtpllm.layers.cuda_ops import kernel_ops, scalar_type
 
 _IMPLS = ("auto", "sm80", "sm90")
 _HEAD_DIMS = (64, 128)
@@ -19,15 +20,6 @@ _HEAD_DIMS = (64, 128)
 def _require(cond: bool, field_name: str, message: str) -> None:
     if not cond:
         raise ValueError(f"prefill_attention: {field_name}: {message}")
-
-
-@functools.cache
-def _ops():
-    from rtpllm import _C
-
-    if not getattr(_C, "has_cuda", False):
-        raise RuntimeError("prefill_attention: rtpllm._C was built without CUDA kernels (rebuild with RTPLLM_CUDA=1)")
-    return _C.ops
 
 
 def _check_index_tensor(t: torch.Tensor, name: str, ndim: int, device: torch.device) -> None:
@@ -125,7 +117,7 @@ def prefill_attention(
     if num_tokens == 0 or num_seqs == 0 or max_query_len == 0:
         return out
 
-    ops = _ops()
+    ops = kernel_ops()
     row = num_heads * head_dim
     with torch.cuda.device(device):
         stream = torch.cuda.current_stream(device).cuda_stream
@@ -138,7 +130,7 @@ def prefill_attention(
             num_seqs=num_seqs, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
             block_size=block_size, num_blocks=num_blocks, max_blocks_per_seq=block_tables.shape[1],
             max_query_len=max_query_len, scale=float(scale),
-            dtype=ops.ScalarType.bfloat16 if q.dtype == torch.bfloat16 else ops.ScalarType.float16,
+            dtype=scalar_type(q.dtype),
             impl={"auto": ops.PrefillAttentionImpl.AUTO, "sm80": ops.PrefillAttentionImpl.SM80_MMA,
                   "sm90": ops.PrefillAttentionImpl.SM90_WGMMA}[impl],
             stream=stream,
