@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from typing import Optional, Union
 
@@ -237,8 +238,6 @@ class Engine:
 
 
 def _basename(path: str) -> str:
-    import os
-
     return os.path.basename(os.path.normpath(path))
 
 

@@ -38,9 +38,9 @@ def load_model_and_tokenizer(path: str, dtype: torch.dtype = torch.float32,
 
     `attn_backend` defaults to the torch reference backend; `attn_backend_factory`, when given, builds
     one from the checkpoint's architecture instead (kernels need head counts before the weights load);
-    `tokenizer_path` overrides where the
-    tokenizer comes from (a folder `AutoTokenizer` reads). Raises FileNotFoundError for a missing
-    path or file and ValueError for a corrupt file or an unsupported model, naming the problem.
+    `tokenizer_path` overrides where the tokenizer comes from (a folder `AutoTokenizer` reads).
+    Raises FileNotFoundError for a missing path or file and ValueError for a corrupt file or an
+    unsupported model, naming the problem.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: must be one of {_DTYPES}, got {dtype!r}")
@@ -49,11 +49,14 @@ def load_model_and_tokenizer(path: str, dtype: torch.dtype = torch.float32,
         raise FileNotFoundError(f"model: {path} does not exist")
     if attn_backend is not None and attn_backend_factory is not None:
         raise ValueError("attn_backend: give either a backend or a factory, not both")
-    backend = attn_backend if attn_backend_factory is None else attn_backend_factory
+
+    def backend_for(arch: LlamaArch) -> Optional[AttentionBackend]:
+        return attn_backend if attn_backend_factory is None else attn_backend_factory(arch)
+
     if os.path.isdir(path):
-        loaded = _load_hf_folder(path, dtype, device, backend)
+        loaded = _load_hf_folder(path, dtype, device, backend_for)
     elif path.endswith(".gguf"):
-        loaded = _load_gguf(path, dtype, device, backend)
+        loaded = _load_gguf(path, dtype, device, backend_for)
     else:
         raise ValueError(f"model: {path} is neither a Hugging Face model folder nor a .gguf file")
     if tokenizer_path is not None:
@@ -61,21 +64,22 @@ def load_model_and_tokenizer(path: str, dtype: torch.dtype = torch.float32,
     return loaded
 
 
-def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device,
-                    attn_backend: Optional[AttentionBackend]) -> LoadedModel:
+BackendFor = Callable[[LlamaArch], Optional[AttentionBackend]]
+
+
+def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device, backend_for: BackendFor) -> LoadedModel:
     arch = LlamaArch.from_hf_config(read_json(os.path.join(folder, CONFIG_FILE)), source=CONFIG_FILE)
     files = safetensors_files(folder)
     generation_config = read_generation_config(folder)
     check_tokenizer_files(folder)
-    model = build_model(arch, dtype, device, iter_safetensors(files), attn_backend)
+    model = build_model(arch, dtype, device, iter_safetensors(files), backend_for(arch))
     return LoadedModel(model, arch, _load_tokenizer(folder), generation_config)
 
 
-def _load_gguf(path: str, dtype: torch.dtype, device: torch.device,
-               attn_backend: Optional[AttentionBackend]) -> LoadedModel:
+def _load_gguf(path: str, dtype: torch.dtype, device: torch.device, backend_for: BackendFor) -> LoadedModel:
     checkpoint = GGUFCheckpoint(path)
     arch = checkpoint.arch()
-    model = build_model(arch, dtype, device, checkpoint.weights(arch, device), attn_backend)
+    model = build_model(arch, dtype, device, checkpoint.weights(arch, device), backend_for(arch))
     try:
         tokenizer = load_gguf_tokenizer(path)
     except Exception as e:
@@ -89,8 +93,6 @@ def build_model(arch: LlamaArch, dtype: torch.dtype, device: torch.device,
                 attn_backend: Optional[AttentionBackend] = None) -> LlamaForCausalLM:
     """Creates the model directly on `device` in `dtype` (no host copy of the weights, no
     throwaway initialization) and copies the checkpoint tensors in."""
-    if attn_backend is not None and not hasattr(attn_backend, "forward"):
-        attn_backend = attn_backend(arch)  # a factory (see load_model_and_tokenizer)
     with torch.device(device):
         model = LlamaForCausalLM(arch, attn_backend=attn_backend, dtype=dtype)
     model.load_weights(weights)
