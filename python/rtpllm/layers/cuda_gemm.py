@@ -2,7 +2,7 @@
 
 At decode batch sizes (a few rows of activations) a projection is one pass over its weight
 matrix; the kernel streams it at close to copy bandwidth, where cuBLAS reaches ~70% of it.
-Larger batches stay on cuBLAS.
+Which shapes it serves is decided by gemm_dispatch.py.
 """
 
 from __future__ import annotations
@@ -46,8 +46,25 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     return y
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear, with decode-sized batches on our GEMV kernel."""
-    if gemv_applies(x, weight):
-        return gemv(x, weight, bias)
-    return torch.nn.functional.linear(x, weight, bias)
+
+def gemv_silu_and_mul(x: torch.Tensor, gate_up: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T) in one pass, gate_up [2 * n, k] stacked gate | up -> [m, n].
+
+    Rounds where gemv + silu_and_mul round, so the fused and unfused decode paths agree bit for bit.
+    """
+    if not gemv_applies(x, gate_up):
+        raise ValueError(f"x: gemv_silu_and_mul takes [1..{max_rows()}, k] 16-bit CUDA rows (k % 8 == 0, 16-byte "
+                         f"aligned) matching gate_up's dtype; got x {tuple(x.shape)} {x.dtype}, gate_up {gate_up.dtype}")
+    two_n, k = gate_up.shape
+    if x.shape[1] != k:
+        raise ValueError(f"x: has {x.shape[1]} columns, gate_up expects {k}")
+    if two_n % 2 != 0:
+        raise ValueError(f"gate_up: needs an even number of rows (gate then up), got {two_n}")
+    if bias is not None and (bias.shape != (two_n,) or bias.dtype != x.dtype or not bias.is_contiguous()):
+        raise ValueError(f"bias: expected a contiguous [{two_n}] {x.dtype} tensor, got {tuple(bias.shape)} {bias.dtype}")
+    n = two_n // 2
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    kernel_ops().gemv_silu_and_mul(y.data_ptr(), x.data_ptr(), gate_up.data_ptr(),
+                                   0 if bias is None else bias.data_ptr(), x.shape[0], n, k, x.stride(0), y.stride(0),
+                                   scalar_type(x.dtype), torch.cuda.current_stream(x.device).cuda_stream)
+    return y

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rtpllm.layers.cuda_gemm import linear
+from rtpllm.layers.gemm_dispatch import linear
 
 
 def _empty_parameter(*shape: int, dtype: Optional[torch.dtype]) -> nn.Parameter:

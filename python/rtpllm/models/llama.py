@@ -19,9 +19,8 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from rtpllm.layers.activation import silu_and_mul
 from rtpllm.layers.attention_metadata import AttentionBackend, AttentionMetadata
-from rtpllm.layers.cuda_gemm import linear
+from rtpllm.layers.gemm_dispatch import linear, linear_silu_and_mul
 from rtpllm.layers.linear import Embedding, FusedLinear, Linear, copy_checked
 from rtpllm.layers.norm import RMSNorm
 from rtpllm.layers.rotary import RotaryEmbedding
@@ -75,7 +74,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(size, arch.hidden_size, bias=arch.mlp_bias, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj
+        return self.down_proj(linear_silu_and_mul(x, gate_up.weight, gate_up.bias))
 
 
 class LlamaDecoderLayer(nn.Module):
