@@ -30,6 +30,7 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // What every kernel needs from the operands (TMA: 16-byte aligned bases and row strides).
 bool valid(const Sm90GemmParams& p) {
   if (p.m < 1 || p.n < 1 || p.k < 1 || p.n % 8 != 0 || p.k % 8 != 0 || p.splits < 0) return false;
+  if (p.swizzle != 1 && p.swizzle != 2 && p.swizzle != 4 && p.swizzle != 8) return false;
   if (p.ldx < p.k || p.ldx % 8 != 0 || p.ldy < p.n || p.ldy % 8 != 0) return false;
   if (p.x == nullptr || p.w == nullptr || p.y == nullptr || !aligned16(p.x) || !aligned16(p.w) || !aligned16(p.y))
     return false;

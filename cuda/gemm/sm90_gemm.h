@@ -31,6 +31,9 @@ struct Sm90GemmParams {
   // How output tiles are shared out: 1 = one CTA per tile; >1 = split-K into that many slices;
   // 0 = stream-K. Anything but 1 needs a kernel with the stream-K tile scheduler.
   int splits;
+  // Tile rasterization: consecutive CTAs walk a band this many tiles wide (1, 2, 4 or 8) so that
+  // the operands they share stay in L2. Large problems gain from more.
+  int swizzle;
   void* workspace;        // scratch for split-K / stream-K partial sums; may be nullptr when none is needed
   size_t workspace_bytes;
 };

@@ -106,6 +106,7 @@ struct Sm90Gemm {
     args.epilogue.thread.bias_ptr = static_cast<const Element*>(p.bias);
     args.hw_info.device_id = device;
     args.hw_info.sm_count = sm_count;
+    args.scheduler.max_swizzle_size = p.swizzle;
     if constexpr (kStreamK) {
       using Mode = typename Kernel::TileScheduler::DecompositionMode;
       if (p.splits == 0) {

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
 def table_shapes():
     if not DEFAULT_TABLE.exists():
         return []
-    table = GemmTable.load(DEFAULT_TABLE)
+    table = GemmTable.load(DEFAULT_TABLE, None, torch.cuda.get_device_name() if torch.cuda.is_available() else None)
     return sorted(table.entries)
 
 
@@ -46,6 +46,10 @@ def test_unknown_shapes_fall_back():
     x = torch.randn(33, 72, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(136, 72, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(linear(x, w), torch.nn.functional.linear(x, w))
+
+
+def test_forced_sm90_kernels_are_built():
+    assert {gemm_dispatch.FORCED_SM90_DECODE.kernel, gemm_dispatch.FORCED_SM90_PREFILL.kernel} <= set(kernels())
 
 
 def test_cublas_override(monkeypatch):

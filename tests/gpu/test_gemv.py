@@ -53,8 +53,9 @@ def test_gemv_silu_and_mul_equals_the_unfused_path(dtype, m, n, k, with_bias):
     gate_up = torch.randn(2 * n, k, device="cuda", dtype=dtype) / k ** 0.5
     bias = torch.randn(2 * n, device="cuda", dtype=dtype) if with_bias else None
     fused = gemv_silu_and_mul(x, gate_up, bias)
-    unfused = cuda_ops.silu_and_mul(gemv(x, gate_up, bias))
-    assert torch.equal(fused, unfused), "rounds exactly where gemv + silu_and_mul round"
+    if n % 8 == 0:  # widths the unfused silu_and_mul kernel takes
+        unfused = cuda_ops.silu_and_mul(gemv(x, gate_up, bias))
+        assert torch.equal(fused, unfused), "rounds exactly where gemv + silu_and_mul round"
     gate, up = reference(x, gate_up, bias).chunk(2, dim=-1)
     expected = torch.nn.functional.silu(gate) * up
     error = ((fused.float() - expected).norm() / expected.norm()).item()

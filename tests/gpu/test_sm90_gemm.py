@@ -67,6 +67,17 @@ def test_bias_and_residual_epilogues(kernel, bias, residual):
     run_checked(x, w, b, r, kernel, splits)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("swizzle", [2, 8])
+def test_swizzled_rasterization_matches_fp32(kernel, swizzle):
+    x, w, _, _ = operands(1000, 2056, 264, torch.bfloat16)
+    out = torch.full((1000, 2056), float("nan"), device="cuda", dtype=torch.bfloat16)
+    sm90_gemm(x, w, kernel=kernel, swizzle=swizzle, out=out)
+    expected = reference(x, w)
+    assert not out.isnan().any()
+    assert ((out.float() - expected).norm() / expected.norm()).item() < 8e-3
+
+
 def test_strided_rows_in_and_out():
     x_base = torch.randn(20, 4096 + 64, device="cuda", dtype=torch.bfloat16)
     x = x_base[:, :4096]
@@ -111,3 +122,5 @@ def test_rejects_what_it_cannot_serve():
     persistent = next(k for k in KERNELS if not kernels()[k].stream_k)
     with pytest.raises(ValueError, match="splits:"):
         sm90_gemm(torch.randn(2, 64, device="cuda", dtype=torch.bfloat16), w, kernel=persistent, splits=2)
+    with pytest.raises(ValueError, match="swizzle:"):
+        sm90_gemm(torch.randn(2, 64, device="cuda", dtype=torch.bfloat16), w, kernel=kernel, swizzle=3)

@@ -34,6 +34,13 @@ def test_load_and_lookup(tmp_path):
     assert table.lookup(9, 4096, 4096, torch.bfloat16) is None
 
 
+def test_entries_of_the_running_card_or_else_the_first_card(tmp_path):
+    path = write(tmp_path, [entry(device="A"), entry(device="B", kernel="k2", splits=3, swizzle=8)])
+    assert GemmTable.load(path, None, "B").lookup(8, 4096, 4096, torch.bfloat16) == GemmChoice("sm90", "k2", 3, 8)
+    assert GemmTable.load(path, None, "C").lookup(8, 4096, 4096, torch.bfloat16) == GemmChoice("sm90", "k1", 0, 1)
+    assert GemmTable.load(path, None, None).lookup(8, 4096, 4096, torch.bfloat16) == GemmChoice("sm90", "k1", 0, 1)
+
+
 @pytest.mark.parametrize("bad, field", [(entry(backend="magic"), "backend"), (entry(kernel="k2"), "kernel"),
                                         (entry(m=7), "m")])
 def test_bad_entries_name_the_field(tmp_path, bad, field):

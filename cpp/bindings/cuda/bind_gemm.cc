@@ -62,12 +62,12 @@ void bind_gemm(py::module_& m) {
       "The built sm90 GEMM kernels, in kernel-id order: name, swap_ab, stream_k, tile (m, n, k)");
 
   auto params = [](uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t residual, int rows, int n, int k,
-                   int64_t ldx, int64_t ldy, int64_t ld_residual, int splits, uintptr_t workspace,
+                   int64_t ldx, int64_t ldy, int64_t ld_residual, int splits, int swizzle, uintptr_t workspace,
                    size_t workspace_bytes) {
     return cuda::Sm90GemmParams{reinterpret_cast<void*>(y), reinterpret_cast<const void*>(x),
                                 reinterpret_cast<const void*>(w), reinterpret_cast<const void*>(bias),
                                 reinterpret_cast<const void*>(residual), rows, n, k, ldx, ldy, ld_residual, splits,
-                                reinterpret_cast<void*>(workspace), workspace_bytes};
+                                swizzle, reinterpret_cast<void*>(workspace), workspace_bytes};
   };
   auto describe = [](int kernel, int rows, int n, int k, int splits) {
     return "kernel=" + std::to_string(kernel) + ", m=" + std::to_string(rows) + ", n=" + std::to_string(n) +
@@ -77,22 +77,24 @@ void bind_gemm(py::module_& m) {
       "sm90_gemm",
       [params, describe](int kernel, uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t residual,
                          int rows, int n, int k, int64_t ldx, int64_t ldy, int64_t ld_residual, int splits,
-                         uintptr_t workspace, size_t workspace_bytes, cuda::ScalarType dtype, uintptr_t stream) {
-        const auto p = params(y, x, w, bias, residual, rows, n, k, ldx, ldy, ld_residual, splits, workspace,
-                              workspace_bytes);
+                         int swizzle, uintptr_t workspace, size_t workspace_bytes, cuda::ScalarType dtype,
+                         uintptr_t stream) {
+        const auto p = params(y, x, w, bias, residual, rows, n, k, ldx, ldy, ld_residual, splits, swizzle,
+                              workspace, workspace_bytes);
         throw_if_error(cuda::sm90_gemm(kernel, p, dtype, reinterpret_cast<cudaStream_t>(stream)), "sm90_gemm",
                        describe(kernel, rows, n, k, splits));
       },
       py::arg("kernel"), py::arg("y"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("residual"),
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("ldx"), py::arg("ldy"), py::arg("ld_residual"),
-      py::arg("splits"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("dtype"), py::arg("stream"),
+      py::arg("splits"), py::arg("swizzle"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("dtype"),
+      py::arg("stream"),
       "y[m, n] = x[m, k] @ w[n, k]^T (+ bias[n]) (+ residual[m, n]) with sm90 kernel `kernel`");
   m.def(
       "sm90_gemm_workspace_size",
       [params, describe](int kernel, uintptr_t y, uintptr_t x, uintptr_t w, int rows, int n, int k, int64_t ldx,
                          int64_t ldy, int splits, cuda::ScalarType dtype) {
         size_t bytes = 0;
-        const auto p = params(y, x, w, 0, 0, rows, n, k, ldx, ldy, 0, splits, 0, 0);
+        const auto p = params(y, x, w, 0, 0, rows, n, k, ldx, ldy, 0, splits, 1, 0, 0);
         throw_if_error(cuda::sm90_gemm_workspace_size(kernel, p, dtype, &bytes), "sm90_gemm_workspace_size",
                        describe(kernel, rows, n, k, splits));
         return bytes;

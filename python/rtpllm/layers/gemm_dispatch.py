@@ -1,10 +1,12 @@
 """Which GEMM serves y = x[M, K] @ w[N, K]^T on the GPU: a measured table, not code paths.
 
 `gemm_dispatch.json` (beside this file) is written by `bench/gpu/bench_gemm.py --write-table` on
-the device: for each weight shape (N, K) of the models we benchmark and each bucket of M, the
-fastest of cuBLAS, our decode GEMV and every built CUTLASS sm90 kernel (with its split-K/stream-K
-setting), timed in the same run. A lookup takes the smallest bucket that holds M; shapes or
-dtypes the table does not know use the GEMV for M <= 4 and cuBLAS otherwise.
+the device: for each card, each weight shape (N, K) of the models we benchmark and each bucket of
+M, the fastest of cuBLAS, our decode GEMV and every built CUTLASS sm90 kernel (with its
+split-K/stream-K and swizzle settings), timed in the same run. The running card's entries are
+used, or, on a card the table has not seen, those of the first card it lists. A lookup takes the
+smallest bucket that holds M; shapes or dtypes the table does not know use the GEMV for M <= 4
+and cuBLAS otherwise.
 
     linear(x, weight, bias=None)        the entry point the model's Linear layers call
     linear_silu_and_mul(x, gate_up, bias=None)
@@ -12,8 +14,9 @@ dtypes the table does not know use the GEMV for M <= 4 and cuBLAS otherwise.
                                         one GEMV pass where the table picks the GEMV
     choose(m, n, k, dtype)              -> GemmChoice, for tests and benchmarks
 
-RTPLLM_GEMM=cublas sends every GEMM to cuBLAS (for A/B runs); RTPLLM_GEMM_TABLE=PATH reads
-another table.
+RTPLLM_GEMM=cublas sends every GEMM to cuBLAS (for A/B runs), RTPLLM_GEMM=sm90 every shape our
+CUTLASS kernels can take to one of them (so end-to-end tests cover them on any model);
+RTPLLM_GEMM_TABLE=PATH reads another table.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from rtpllm.layers.cuda_dispatch import use_cuda_kernels
+from rtpllm.layers.cuda_dispatch import cuda_kernels_built, use_cuda_kernels
 from rtpllm.layers.activation import silu_and_mul
 from rtpllm.layers.cuda_gemm import gemv, gemv_applies, gemv_silu_and_mul
 from rtpllm.layers.sm90_gemm import kernels, sm90_gemm, sm90_gemm_applies
@@ -43,10 +46,14 @@ class GemmChoice:
     backend: str  # one of BACKENDS
     kernel: str = ""  # the sm90 kernel's name
     splits: int = 1  # sm90 only: 1, split-K factor, or 0 for stream-K
+    swizzle: int = 1  # sm90 only: tile band width for L2 reuse
 
 
 CUBLAS = GemmChoice("cublas")
 GEMV = GemmChoice("gemv")
+# What RTPLLM_GEMM=sm90 forces: a decode-shaped (swap-AB) and a prefill-shaped kernel.
+FORCED_SM90_DECODE = GemmChoice("sm90", "swap_64x32x128_pingpong")
+FORCED_SM90_PREFILL = GemmChoice("sm90", "tn_128x128x64_c1x2_pingpong")
 
 
 def m_bucket(m: int) -> int:
@@ -61,11 +68,17 @@ class GemmTable:
         self.entries = entries
 
     @classmethod
-    def load(cls, path: Path, built_kernels: Optional[set[str]] = None) -> "GemmTable":
+    def load(cls, path: Path, built_kernels: Optional[set[str]] = None, device: Optional[str] = None) -> "GemmTable":
+        """Entries measured on `device` (a CUDA device name); None or an unseen card: the first card's."""
         data = json.loads(Path(path).read_text())
+        listed = data.get("entries", [])
+        cards = list(dict.fromkeys(e.get("device", "") for e in listed))
+        card = device if device in cards else (cards[0] if cards else "")
         entries = {}
-        for i, e in enumerate(data.get("entries", [])):
-            choice = GemmChoice(e["backend"], e.get("kernel", ""), int(e.get("splits", 1)))
+        for i, e in enumerate(listed):
+            if e.get("device", "") != card:
+                continue
+            choice = GemmChoice(e["backend"], e.get("kernel", ""), int(e.get("splits", 1)), int(e.get("swizzle", 1)))
             if choice.backend not in BACKENDS:
                 raise ValueError(f"{path}: entries[{i}].backend: {choice.backend!r} is not one of {BACKENDS}")
             if choice.backend == "sm90" and built_kernels is not None and choice.kernel not in built_kernels:
@@ -85,14 +98,18 @@ def _table() -> GemmTable:
     path = Path(os.environ.get("RTPLLM_GEMM_TABLE", DEFAULT_TABLE))
     if not path.exists():
         return GemmTable({})
-    return GemmTable.load(path, set(kernels()))
+    built = set(kernels()) if cuda_kernels_built() else None
+    return GemmTable.load(path, built, torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 
 
 @functools.lru_cache(maxsize=4096)
 def choose(m: int, n: int, k: int, dtype: torch.dtype) -> GemmChoice:
     """The table's choice for this shape (before checking the operands' alignment)."""
-    if os.environ.get("RTPLLM_GEMM", "") == "cublas":
+    forced = os.environ.get("RTPLLM_GEMM", "")
+    if forced == "cublas":
         return CUBLAS
+    if forced == "sm90":
+        return FORCED_SM90_DECODE if m <= 64 else FORCED_SM90_PREFILL
     choice = _table().lookup(m, n, k, dtype)
     if choice is not None:
         return choice
@@ -104,7 +121,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if use_cuda_kernels(x) and x.dim() == 2:
         choice = choose(x.shape[0], weight.shape[0], weight.shape[1], x.dtype)
         if choice.backend == "sm90" and sm90_gemm_applies(x, weight) and _bias_ok(bias):
-            return sm90_gemm(x, weight, bias, kernel=choice.kernel, splits=choice.splits)
+            return sm90_gemm(x, weight, bias, kernel=choice.kernel, splits=choice.splits, swizzle=choice.swizzle)
         if choice.backend == "gemv" and gemv_applies(x, weight):
             return gemv(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)

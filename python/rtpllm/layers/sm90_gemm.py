@@ -2,7 +2,7 @@
 
     kernels()                            -> {name: Sm90Kernel}, the kernels this build holds
     sm90_gemm_applies(x, weight)         -> whether any of them can take these operands
-    sm90_gemm(x, weight, bias=None, residual=None, *, kernel, splits=1, out=None)
+    sm90_gemm(x, weight, bias=None, residual=None, *, kernel, splits=1, swizzle=1, out=None)
         y = x @ weight.T (+ bias) (+ residual), bias and residual added in the kernel's epilogue
 
 Which kernel serves which shape is decided by python/rtpllm/layers/gemm_dispatch.py from a
@@ -66,9 +66,12 @@ def workspace(device: torch.device) -> torch.Tensor:
 
 
 def sm90_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-              residual: Optional[torch.Tensor] = None, *, kernel: str, splits: int = 1,
+              residual: Optional[torch.Tensor] = None, *, kernel: str, splits: int = 1, swizzle: int = 1,
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x [m, k] @ weight [n, k].T (+ bias [n]) (+ residual [m, n]) -> [m, n] in x's dtype."""
+    """x [m, k] @ weight [n, k].T (+ bias [n]) (+ residual [m, n]) -> [m, n] in x's dtype.
+
+    splits: 1 (a CTA per output tile), > 1 (split-K) or 0 (stream-K; stream-K kernels only);
+    swizzle: 1, 2, 4 or 8, the width of the tile band consecutive CTAs walk (L2 reuse)."""
     spec = kernels().get(kernel)
     if spec is None:
         raise ValueError(f"kernel: {kernel!r} is not built; built: {sorted(kernels())}")
@@ -79,6 +82,8 @@ def sm90_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     if splits < 0 or (splits != 1 and not spec.stream_k):
         raise ValueError(f"splits: {kernel} takes only splits=1, got {splits}" if splits >= 0
                          else f"splits: must be >= 0, got {splits}")
+    if swizzle not in (1, 2, 4, 8):
+        raise ValueError(f"swizzle: must be 1, 2, 4 or 8, got {swizzle}")
     m, k = x.shape
     n = weight.shape[0]
     if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype or not bias.is_contiguous()
@@ -102,7 +107,7 @@ def sm90_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     ld_residual = (residual.stride(0) if m > 1 else n) if residual is not None else 0
     kernel_ops().sm90_gemm(
         spec.id, out.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-        0 if residual is None else residual.data_ptr(), m, n, k, ldx, ldy, ld_residual, splits,
+        0 if residual is None else residual.data_ptr(), m, n, k, ldx, ldy, ld_residual, splits, swizzle,
         0 if ws is None else ws.data_ptr(), 0 if ws is None else ws.numel(), scalar_type(x.dtype),
         torch.cuda.current_stream(x.device).cuda_stream)
     return out
