@@ -29,6 +29,10 @@ def _add_serve(subparsers) -> None:
                         help="Do not log a line per HTTP request (recommended for load tests).")
     parser.add_argument("--uvicorn-log-level", default="info",
                         choices=("critical", "error", "warning", "info", "debug", "trace"))
+    parser.add_argument("--http", default="auto", choices=("auto", "httptools", "h11"),
+                        help="HTTP/1.1 parser (auto: httptools when installed, else h11).")
+    parser.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"),
+                        help="Event loop (auto: uvloop when installed, else asyncio).")
     add_engine_args(parser)
     parser.set_defaults(handler=_serve)
 
@@ -38,7 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     options = ServerOptions(host=args.host, port=args.port, shutdown_timeout_s=args.shutdown_timeout,
                             access_log=not args.disable_uvicorn_access_log, log_level=args.uvicorn_log_level,
-                            stream_interval=args.stream_interval)
+                            stream_interval=args.stream_interval, http=args.http, loop=args.loop)
     run_server(engine_config_from_args(args), options)
     return 0
 

@@ -10,7 +10,6 @@ FastAPI's 422 layout.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import signal
@@ -54,6 +53,10 @@ class ServerOptions:
     log_level: str = "info"
     # Stream a chunk per this many new tokens (the first token always goes out at once).
     stream_interval: int = 1
+    # uvicorn's HTTP parser ("auto": httptools when installed, else h11) and event loop ("auto":
+    # uvloop when installed, else asyncio).
+    http: str = "auto"
+    loop: str = "auto"
 
 
 async def parse_body(request: Request, model: type[Body]) -> Body:
@@ -172,7 +175,8 @@ def run_server(config: EngineConfig, options: ServerOptions = ServerOptions()) -
     app = build_app(engine)
     uvicorn_config = uvicorn.Config(
         app, host=options.host, port=options.port, log_level=options.log_level, access_log=options.access_log,
-        timeout_graceful_shutdown=options.shutdown_timeout_s, timeout_keep_alive=30)
+        timeout_graceful_shutdown=options.shutdown_timeout_s, timeout_keep_alive=30, http=options.http,
+        loop=options.loop)
     server = uvicorn.Server(uvicorn_config)
     logger.info("serving %s (max_model_len=%d) on http://%s:%d", engine.model_name, engine.max_model_len,
                 options.host, options.port)
@@ -180,7 +184,7 @@ def run_server(config: EngineConfig, options: ServerOptions = ServerOptions()) -
     # previous handler runs. The shutdown above already finished cleanly: swallow it and exit 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        asyncio.run(server.serve())
+        server.run()  # on the event loop `options.loop` names
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
