@@ -72,10 +72,14 @@ async def _stream(ctx: ServingContext, body: ChatCompletionRequest, completion_i
     # The role rides on each choice's first delta, sent with its first token, so that the first
     # chunk a client sees marks the first token (as benchmark clients time it).
     role_pending = set(range(body.n))
+    # One chunk (one write) per engine output; the last output's events go out with the usage and
+    # [DONE], so that a finished reply costs one write.
+    tail = b""
     try:
         streams = await accepted_streams(futures)
         async for _, output in iterate_all(ctx.engine, streams):
             latest = output
+            events = []
             for completion in output.outputs:
                 delta = tracker.delta(completion.index, completion)
                 if delta is None:
@@ -87,11 +91,16 @@ async def _stream(ctx: ServingContext, body: ChatCompletionRequest, completion_i
                 logprobs = None
                 if delta.logprobs is not None:
                     logprobs = chat_logprobs(ctx.token_texts, delta.token_ids, delta.logprobs, num_top)
-                yield chunk([ChatStreamChoice(index=completion.index, delta=ChatDelta(role=role, content=delta.text),
-                                              logprobs=logprobs, finish_reason=delta.finish_reason,
-                                              stop_reason=delta.stop_reason)])
+                events.append(chunk([ChatStreamChoice(index=completion.index,
+                                                      delta=ChatDelta(role=role, content=delta.text),
+                                                      logprobs=logprobs, finish_reason=delta.finish_reason,
+                                                      stop_reason=delta.stop_reason)]))
+            if output.finished:
+                tail = b"".join(events)
+            elif events:
+                yield b"".join(events)
         if body.include_usage_in_stream:
-            yield chunk([], usage=_usage(prompt_tokens, latest))
+            tail += chunk([], usage=_usage(prompt_tokens, latest))
     except Exception as exc:  # noqa: BLE001 - the status line is sent; the error goes in the stream
-        yield error_event(exc)
-    yield SSE_DONE
+        tail += error_event(exc)
+    yield tail + SSE_DONE

@@ -72,10 +72,15 @@ async def _stream(ctx: ServingContext, body: CompletionRequest, completion_id: s
     tracker = DeltaTracker(len(prompts) * body.n, with_logprobs=num_top is not None)
     latest: list[Optional[RequestOutput]] = [None] * len(prompts)
     echo_pending = {p * body.n + i for p in range(len(prompts)) for i in range(body.n)} if body.echo else set()
+    unfinished = len(prompts)
+    # One chunk (one write) per engine output; the last output's events go out with the usage and
+    # [DONE], so that a finished reply costs one write.
+    tail = b""
     try:
         streams = await accepted_streams(futures)
         async for prompt_index, output in iterate_all(ctx.engine, streams):
             latest[prompt_index] = output
+            events = []
             for completion in output.outputs:
                 index = body.n * prompt_index + completion.index
                 delta = tracker.delta(index, completion)
@@ -89,13 +94,18 @@ async def _stream(ctx: ServingContext, body: CompletionRequest, completion_id: s
                 if delta.logprobs is not None:
                     logprobs = completion_logprobs(ctx.token_texts, delta.token_ids, delta.logprobs, num_top,
                                                    delta.text_offset)
-                yield sse_event(CompletionResponse(
+                events.append(sse_event(CompletionResponse(
                     id=completion_id, created=created, model=ctx.model_name,
                     choices=[CompletionChoice(index=index, text=text, logprobs=logprobs,
-                                              finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)]))
+                                              finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)])))
+            unfinished -= output.finished
+            if unfinished == 0:
+                tail = b"".join(events)
+            elif events:
+                yield b"".join(events)
         if body.include_usage_in_stream:
-            yield sse_event(CompletionResponse(id=completion_id, created=created, model=ctx.model_name,
-                                               choices=[], usage=_usage(prompts, latest)))
+            tail += sse_event(CompletionResponse(id=completion_id, created=created, model=ctx.model_name,
+                                                 choices=[], usage=_usage(prompts, latest)))
     except Exception as exc:  # noqa: BLE001 - the status line is sent; the error goes in the stream
-        yield error_event(exc)
-    yield SSE_DONE
+        tail += error_event(exc)
+    yield tail + SSE_DONE

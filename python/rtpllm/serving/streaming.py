@@ -1,9 +1,9 @@
 """What streaming and non-streaming handlers share: SSE framing, fan-in of several request
 streams, and abort-on-disconnect.
 
-Disconnects: for a streaming reply, Starlette's StreamingResponse watches the connection (ASGI
-spec < 2.4, as uvicorn speaks) and stops when the client goes away; AbortingStreamingResponse then
-aborts the requests, which frees their KV blocks at the next step. A non-streaming reply has nobody
+Disconnects: for a streaming reply, SSEResponse watches the connection (ASGI spec < 2.4, as uvicorn
+speaks) and stops when the client goes away; AbortingStreamingResponse then aborts the requests,
+which frees their KV blocks at the next step. A non-streaming reply has nobody
 watching, so `cancel_on_disconnect` races the work against the connection's `http.disconnect`.
 """
 
@@ -14,14 +14,13 @@ from typing import AsyncIterator, Awaitable, Optional, TypeVar
 
 from pydantic import BaseModel
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
 
 from rtpllm.engine.async_engine import AsyncEngine, RequestStream
 from rtpllm.outputs import RequestOutput
 from rtpllm.serving.errors import from_value_error, to_openai_error
+from rtpllm.serving.sse_response import SSE_DONE, SSEResponse  # noqa: F401 - SSE_DONE re-exported for the handlers
 
 T = TypeVar("T")
-SSE_DONE = b"data: [DONE]\n\n"
 
 
 def sse_event(payload: BaseModel) -> bytes:
@@ -97,21 +96,17 @@ async def accepted_streams(futures: list[asyncio.Future]) -> list[RequestStream]
         raise
 
 
-class AbortingStreamingResponse(StreamingResponse):
+class AbortingStreamingResponse(SSEResponse):
     """A server-sent-events response that aborts its requests whenever it ends: finished (a no-op),
     failed, or cut short by the client, even before the body iterator ever started."""
 
-    def __init__(self, content, engine: AsyncEngine, request_ids: list[str]):
-        super().__init__(content, media_type="text/event-stream")
-        self._engine = engine
-        self._request_ids = request_ids
+    def __init__(self, content: AsyncIterator[bytes], engine: AsyncEngine, request_ids: list[str]):
+        super().__init__(content, on_close=lambda: _abort_all(engine, request_ids))
 
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            for request_id in self._request_ids:
-                self._engine.abort(request_id)
+
+def _abort_all(engine: AsyncEngine, request_ids: list[str]) -> None:
+    for request_id in request_ids:
+        engine.abort(request_id)
 
 
 async def iterate_all(engine: AsyncEngine, streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
