@@ -9,7 +9,9 @@
 # Env:   SERVER_CPUS / CLIENT_CPUS  taskset CPU lists for the engine side (server and offline runs)
 #                                   and for the load generator (default: no pinning)
 #        STREAM_INTERVALS           server --stream-interval values to try (default "1 8")
+#        SERVER_ARGS                more `rtpllm serve` options, e.g. "--http h11 --loop asyncio"
 #        NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN  the throughput workload (default 500, 32, 128)
+#        TTFT_BLOCKS                blocks of the interleaved TTFT comparison (default 30)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 model="${1:-}"
@@ -30,8 +32,13 @@ server_pid=""
 
 start_server() {  # start_server STREAM_INTERVAL EXTRA_ARGS...
   local interval="$1"; shift
-  engine_side "${rtpllm[@]}" serve --model "$model" --port "$port" --stream-interval "$interval" \
-    --disable-uvicorn-access-log --uvicorn-log-level warning "$@" >"$results/server-$port.log" 2>&1 &
+  local pinned=()
+  [ -z "${SERVER_CPUS:-}" ] || pinned=(taskset -c "$SERVER_CPUS")
+  # Started directly (not through a shell function) so that $! is the server itself and
+  # stop_server's SIGTERM reaches it: a server left running would take CPU from later runs.
+  # shellcheck disable=SC2086  # SERVER_ARGS is a list of options
+  "${pinned[@]}" "${rtpllm[@]}" serve --model "$model" --port "$port" --stream-interval "$interval" \
+    --disable-uvicorn-access-log --uvicorn-log-level warning ${SERVER_ARGS:-} "$@" >"$results/server-$port.log" 2>&1 &
   server_pid=$!
   for _ in $(seq 240); do
     curl -sf "http://127.0.0.1:$port/health" >/dev/null && return 0
@@ -50,6 +57,9 @@ start_server 1 --num-blocks 256
 client_side "${rtpllm[@]}" bench serve --port "$port" --model "$model" --dataset-name random --random-input-len 1 \
   --random-output-len 1 --num-prompts 300 --num-warmups 30 --max-concurrency 1 --ignore-eos --disable-tqdm \
   --metric-percentiles 50,90,99 --output-json "$results/ttft_http.json" | grep -E "TTFT|Successful"
+# The same comparison in alternating blocks (LLM, then HTTP, ...), immune to the machine's speed
+# drifting between the two runs above; see ttft_interleaved.py. Not pinned: it runs both sides.
+python3 bench/serving/ttft_interleaved.py "$model" "$port" "${TTFT_BLOCKS:-30}" "$results/ttft_interleaved.json"
 stop_server
 
 echo "== 2. throughput, $n requests of $in_len prompt + $out_len output tokens"
@@ -74,6 +84,9 @@ http = json.loads((results / "ttft_http.json").read_text())
 print("\n== summary")
 llm_ms, http_ms = llm["percentiles"]["p50"] * 1000, http["ttft_ms"]["median"]
 print(f"TTFT median: LLM {llm_ms:.2f} ms, HTTP {http_ms:.2f} ms, overhead {http_ms - llm_ms:.2f} ms")
+inter = json.loads((results / "ttft_interleaved.json").read_text())
+print(f"TTFT median, interleaved blocks: LLM {inter['llm_ttft_median_ms']:.2f} ms, "
+      f"HTTP {inter['http_ttft_median_ms']:.2f} ms, overhead {inter['overhead_ms']:.2f} ms")
 offline = json.loads((results / "throughput_offline.json").read_text())["output_tokens_per_second"]
 print(f"offline output throughput: {offline:.0f} tok/s")
 for path in sorted(results.glob("throughput_server_interval*.json")):
