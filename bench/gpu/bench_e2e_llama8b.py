@@ -110,6 +110,24 @@ def decode_kernel_table(llm: LLM, top: int = 12) -> str:
     return prof.key_averages().table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=70)
 
 
+def host_profile(llm: LLM, steps: int = 64, top: int = 25) -> str:
+    """Where the host's part of a batch-1 decode step goes (cProfile over `steps` steps; the
+    profiler inflates Python costs, so read it for proportions)."""
+    import cProfile
+    import io
+    import pstats
+
+    prompt = list(range(1000, 1512))
+    params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    llm.generate([prompt], params)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
 def floor_ms(llm: LLM, context: int, copy_tbps: float) -> tuple[float, float]:
     model = llm.engine.runner.model
     embed = model.model.embed_tokens.weight
@@ -175,6 +193,7 @@ def main() -> None:
     record("decode step with every GEMM on cuBLAS", cublas_step, "ms", f"ours {step:.3f} ms", cublas_step / step,
            graph_ms=cublas_graph)
     print(decode_kernel_table(llm), flush=True)
+    print(host_profile(llm), flush=True)
     if os.environ.get("E2E_SKIP_THROUGHPUT") == "1":
         write_json(args.json, "e2e_llama8b", rows)
         return

@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "cuda/attention/paged_decode_attention.h"
+#include "cuda/ops/pdl.cuh"
 #include "cuda/attention/paged_decode_mma.cuh"
 #include "cuda/attention/paged_decode_split_merge.cuh"
 #include "cuda/ops/vec.cuh"
@@ -71,6 +72,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const __grid_con
   constexpr int kCopiesPerLane = kTileTokens * kChunks / 32;
   static_assert(kBlockSize % kTileTokens == 0, "a tile must lie inside one KV block");
   extern __shared__ __align__(128) uint8_t smem[];
+  allow_dependent_launch();  // o_proj (a PDL-launched GEMV) may start loading weights
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;

@@ -3,6 +3,7 @@
 // any arithmetic, accumulating in float32, then reduce across the warp with shuffles.
 #include "cuda/gemm/gemv.h"
 
+#include "cuda/ops/pdl.cuh"
 #include "cuda/ops/vec.cuh"
 
 namespace rtpllm::cuda {
@@ -28,6 +29,20 @@ __device__ __forceinline__ void fma_vec(const uint4& wbits, const uint4& xbits, 
   for (int i = 0; i < kVecElems; ++i) acc = fmaf(to_float(wv.v[i]), to_float(xv.v[i]), acc);
 }
 
+// kUnroll 16-byte vectors of each of the warp's weight rows, starting at vector `base` (this lane's),
+// all in flight before any is used; vectors past K read as zero.
+template <int kRows, typename T>
+__device__ __forceinline__ void load_weight_chunk(uint4 (&wv)[kRows][kUnroll], const T* (&w_rows)[kRows],
+                                                  int base, int k_vecs) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int vec = base + u * 32;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+      wv[r][u] = vec < k_vecs ? load_streaming(w_rows[r] + vec * kVecElems) : make_uint4(0, 0, 0, 0);
+  }
+}
+
 // Weight row `r` of a warp's rows: its output rows, and in gated mode, after them, the matching
 // rows of the up half (the weight is gate | up stacked, 2 * n rows).
 template <bool kGated>
@@ -51,16 +66,15 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const __grid_constant__ 
 #pragma unroll
   for (int r = 0; r < kWeightRows; ++r) w_rows[r] = w + static_cast<int64_t>(weight_row<kGated>(p, row0, r)) * p.k;
 
+  // The first chunk of weights is loaded before waiting for the kernel that produces x: the
+  // weights never depend on it, so under PDL their latency hides behind that kernel's tail.
+  uint4 wv[kWeightRows][kUnroll];
+  load_weight_chunk<kWeightRows>(wv, w_rows, lane, k_vecs);
+  allow_dependent_launch();
+  wait_for_prior_grid();
+
   float acc[kWeightRows][M] = {};
   for (int base = lane; base < k_vecs; base += 32 * kUnroll) {
-    uint4 wv[kWeightRows][kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int vec = base + u * 32;
-#pragma unroll
-      for (int r = 0; r < kWeightRows; ++r)
-        wv[r][u] = vec < k_vecs ? load_streaming(w_rows[r] + vec * kVecElems) : make_uint4(0, 0, 0, 0);
-    }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int vec = base + u * 32;
@@ -72,6 +86,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const __grid_constant__ 
         for (int r = 0; r < kWeightRows; ++r) fma_vec<T>(wv[r][u], xv, acc[r][m]);
       }
     }
+    if (base + 32 * kUnroll < k_vecs) load_weight_chunk<kWeightRows>(wv, w_rows, base + 32 * kUnroll, k_vecs);
   }
 
 #pragma unroll
@@ -112,8 +127,7 @@ template <typename T, int M, bool kGated>
 cudaError_t launch(const GemvParams& p, cudaStream_t stream) {
   const int warps = (p.n + kRowsPerWarp - 1) / kRowsPerWarp;
   const int blocks = (warps + kWarps - 1) / kWarps;
-  gemv_kernel<T, M, kGated><<<blocks, kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_pdl(gemv_kernel<T, M, kGated>, dim3(blocks), dim3(kThreads), 0, stream, p);
 }
 
 template <bool kGated>

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "cuda/ops/pdl.cuh"
 #include "cuda/ops/vec.cuh"
 
 namespace rtpllm::cuda {
@@ -15,6 +16,7 @@ constexpr int kMinThreadsPerBlock = 128;
 // threads, each holding kVecsPerThread 16-byte vectors in registers between the two passes.
 template <typename T, bool kAddResidual, int kVecsPerThread>
 __global__ void rms_norm_kernel(const __grid_constant__ RmsNormParams p) {
+  allow_dependent_launch();  // the next projection (a PDL-launched GEMV) may start loading weights
   __shared__ float warp_sums[32];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   // Rows past the end still join the barrier below.

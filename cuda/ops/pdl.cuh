@@ -1,0 +1,47 @@
+// Programmatic dependent launch (Hopper): a kernel launched with `launch_pdl` may start while the
+// kernel before it on the stream is still finishing. It does whatever does not depend on that
+// kernel (launch, weight loads) first, then `wait_for_prior_grid()` blocks until the prior grid
+// has completed and its writes are visible. A kernel that calls `allow_dependent_launch()` early
+// lets such a successor be scheduled as soon as all of its own blocks are running.
+//
+// Both are no-ops for kernels launched the ordinary way, so a kernel can carry them unconditionally.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <utility>
+
+namespace rtpllm::cuda {
+
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// Launches `kernel` so that it may overlap the tail of the previous kernel on `stream`. The
+// kernel must call wait_for_prior_grid() before touching anything that kernel writes (or reads:
+// the successor's outputs may alias memory the allocator just recycled).
+template <typename... KernelArgs, typename... Args>
+cudaError_t launch_pdl(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+                       Args&&... args) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+}  // namespace rtpllm::cuda
