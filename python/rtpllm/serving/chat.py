@@ -17,6 +17,7 @@ from rtpllm.serving.context import ServingContext
 from rtpllm.serving.logprobs import chat_logprobs
 from rtpllm.serving.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                      ChatDelta, ChatResponseMessage, ChatStreamChoice, UsageInfo)
+from rtpllm.serving.sse_chunks import ChatChunks
 from rtpllm.serving.streaming import (SSE_DONE, AbortingStreamingResponse, DeltaTracker, accepted_streams,
                                       cancel_on_disconnect, error_event, final_outputs, iterate_all, sse_event,
                                       submit_all)
@@ -62,6 +63,7 @@ def _usage(prompt_tokens: int, output: Optional[RequestOutput]) -> UsageInfo:
 async def _stream(ctx: ServingContext, body: ChatCompletionRequest, completion_id: str, futures,
                   prompt_tokens: int, num_top: Optional[int]) -> AsyncIterator[bytes]:
     created = int(time.time())
+    chunks = ChatChunks(completion_id, created, ctx.model_name)
 
     def chunk(choices: list[ChatStreamChoice], usage: Optional[UsageInfo] = None) -> bytes:
         return sse_event(ChatCompletionChunk(id=completion_id, created=created, model=ctx.model_name,
@@ -88,9 +90,11 @@ async def _stream(ctx: ServingContext, body: ChatCompletionRequest, completion_i
                 if completion.index in role_pending:
                     role_pending.discard(completion.index)
                     role = "assistant"
-                logprobs = None
-                if delta.logprobs is not None:
-                    logprobs = chat_logprobs(ctx.token_texts, delta.token_ids, delta.logprobs, num_top)
+                if delta.logprobs is None:
+                    events.append(chunks.event(completion.index, role, delta.text, delta.finish_reason,
+                                               delta.stop_reason))
+                    continue
+                logprobs = chat_logprobs(ctx.token_texts, delta.token_ids, delta.logprobs, num_top)
                 events.append(chunk([ChatStreamChoice(index=completion.index,
                                                       delta=ChatDelta(role=role, content=delta.text),
                                                       logprobs=logprobs, finish_reason=delta.finish_reason,

@@ -18,6 +18,7 @@ from rtpllm.serving import request_params as rp
 from rtpllm.serving.context import ServingContext
 from rtpllm.serving.logprobs import completion_logprobs
 from rtpllm.serving.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
+from rtpllm.serving.sse_chunks import CompletionChunks
 from rtpllm.serving.streaming import (SSE_DONE, AbortingStreamingResponse, DeltaTracker, accepted_streams,
                                       cancel_on_disconnect, error_event, final_outputs, iterate_all, sse_event,
                                       submit_all)
@@ -69,6 +70,7 @@ def _usage(prompts: list[list[int]], outputs: list[Optional[RequestOutput]]) -> 
 async def _stream(ctx: ServingContext, body: CompletionRequest, completion_id: str, futures,
                   prompts: list[list[int]], echo_texts: list[str], num_top: Optional[int]) -> AsyncIterator[bytes]:
     created = int(time.time())
+    chunks = CompletionChunks(completion_id, created, ctx.model_name)
     tracker = DeltaTracker(len(prompts) * body.n, with_logprobs=num_top is not None)
     latest: list[Optional[RequestOutput]] = [None] * len(prompts)
     echo_pending = {p * body.n + i for p in range(len(prompts)) for i in range(body.n)} if body.echo else set()
@@ -90,10 +92,11 @@ async def _stream(ctx: ServingContext, body: CompletionRequest, completion_id: s
                 if index in echo_pending:
                     echo_pending.discard(index)
                     text = echo_texts[prompt_index] + text
-                logprobs = None
-                if delta.logprobs is not None:
-                    logprobs = completion_logprobs(ctx.token_texts, delta.token_ids, delta.logprobs, num_top,
-                                                   delta.text_offset)
+                if delta.logprobs is None:
+                    events.append(chunks.event(index, text, delta.finish_reason, delta.stop_reason))
+                    continue
+                logprobs = completion_logprobs(ctx.token_texts, delta.token_ids, delta.logprobs, num_top,
+                                               delta.text_offset)
                 events.append(sse_event(CompletionResponse(
                     id=completion_id, created=created, model=ctx.model_name,
                     choices=[CompletionChoice(index=index, text=text, logprobs=logprobs,
