@@ -34,6 +34,7 @@ from rtpllm.serving.chat import create_chat_completion
 from rtpllm.serving.completions import create_completion
 from rtpllm.serving.context import ServingContext
 from rtpllm.serving.errors import OpenAIError, bad_request, from_validation_error, to_openai_error
+from rtpllm.serving.hot_routes import HotRoutes
 from rtpllm.serving.metrics import ServerMetrics
 from rtpllm.serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
@@ -124,6 +125,10 @@ def build_app(engine: AsyncEngine, metrics: Optional[ServerMetrics] = None,
         arrival_time = time.monotonic()
         body = await parse_body(request, ChatCompletionRequest)
         return await create_chat_completion(ctx, request, body, arrival_time)
+
+    # The same two handlers again, ahead of FastAPI's routing (hot_routes.py says why).
+    app.add_middleware(HotRoutes, post_routes={"/v1/completions": completions,
+                                               "/v1/chat/completions": chat_completions})
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
