@@ -3,7 +3,7 @@
 import pytest
 
 from rtpllm.serving.protocol import (ChatCompletionChunk, ChatDelta, ChatStreamChoice, CompletionChoice,
-                                     CompletionResponse)
+                                     CompletionResponse, UsageInfo)
 from rtpllm.serving.sse_chunks import ChatChunks, CompletionChunks
 from rtpllm.serving.streaming import sse_event
 
@@ -31,3 +31,13 @@ def test_chat_event_equals_model(text, role, finish_reason, stop_reason):
         choices=[ChatStreamChoice(index=0, delta=ChatDelta(role=role, content=text), finish_reason=finish_reason,
                                   stop_reason=stop_reason)]))
     assert chunks.event(0, role, text, finish_reason, stop_reason) == expected
+
+
+@pytest.mark.parametrize("prompt_tokens,completion_tokens", [(0, 0), (1, 1), (37, 1024)])
+def test_usage_event_equals_model(prompt_tokens, completion_tokens):
+    usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                      total_tokens=prompt_tokens + completion_tokens)
+    completion = sse_event(CompletionResponse(id="cmpl-1", created=3, model="m", choices=[], usage=usage))
+    assert CompletionChunks("cmpl-1", 3, "m").usage_event(prompt_tokens, completion_tokens) == completion
+    chat = sse_event(ChatCompletionChunk(id="c", created=3, model="m", choices=[], usage=usage))
+    assert ChatChunks("c", 3, "m").usage_event(prompt_tokens, completion_tokens) == chat

@@ -104,7 +104,8 @@ async def _stream(ctx: ServingContext, body: ChatCompletionRequest, completion_i
             elif events:
                 yield b"".join(events)
         if body.include_usage_in_stream:
-            tail += chunk([], usage=_usage(prompt_tokens, latest))
+            usage = _usage(prompt_tokens, latest)
+            tail += chunks.usage_event(usage.prompt_tokens, usage.completion_tokens)
     except Exception as exc:  # noqa: BLE001 - the status line is sent; the error goes in the stream
         tail += error_event(exc)
     yield tail + SSE_DONE

@@ -107,8 +107,8 @@ async def _stream(ctx: ServingContext, body: CompletionRequest, completion_id: s
             elif events:
                 yield b"".join(events)
         if body.include_usage_in_stream:
-            tail += sse_event(CompletionResponse(id=completion_id, created=created, model=ctx.model_name,
-                                                 choices=[], usage=_usage(prompts, latest)))
+            usage = _usage(prompts, latest)
+            tail += chunks.usage_event(usage.prompt_tokens, usage.completion_tokens)
     except Exception as exc:  # noqa: BLE001 - the status line is sent; the error goes in the stream
         tail += error_event(exc)
     yield tail + SSE_DONE
