@@ -345,7 +345,8 @@ class AsyncEngine:
                 finished.append(output)
                 self._forget(output.request_id)
         if self.observer is not None:
-            self.observer.on_step(first_token_latencies, inter_token_latencies, finished)
+            # After the streams' consumers (already woken above): the metrics need not delay a token.
+            self._loop.call_soon(self.observer.on_step, first_token_latencies, inter_token_latencies, finished)
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id in list(self._streams):
