@@ -86,7 +86,8 @@ llm_ms, http_ms = llm["percentiles"]["p50"] * 1000, http["ttft_ms"]["median"]
 print(f"TTFT median: LLM {llm_ms:.2f} ms, HTTP {http_ms:.2f} ms, overhead {http_ms - llm_ms:.2f} ms")
 inter = json.loads((results / "ttft_interleaved.json").read_text())
 print(f"TTFT median, interleaved blocks: LLM {inter['llm_ttft_median_ms']:.2f} ms, "
-      f"HTTP {inter['http_ttft_median_ms']:.2f} ms, overhead {inter['overhead_ms']:.2f} ms")
+      f"HTTP {inter['http_ttft_median_ms']:.2f} ms, overhead {inter['overhead_ms']:.2f} ms "
+      f"(median of per-block differences {inter['overhead_block_median_ms']:.2f} ms)")
 offline = json.loads((results / "throughput_offline.json").read_text())["output_tokens_per_second"]
 print(f"offline output throughput: {offline:.0f} tok/s")
 for path in sorted(results.glob("throughput_server_interval*.json")):

@@ -6,7 +6,9 @@ tenants), so `bench latency` followed by `bench serve` (server_vs_offline.sh, se
 compare a fast minute with a slow one. Here each block runs BLOCK requests through an in-process
 `LLM` (as `bench latency --input-len 1 --output-len 1 --batch-size 1` does), then BLOCK requests
 over HTTP with the `bench serve` client (TTFT as it defines it), and so on; the first two requests
-of each block warm up and are not counted. The two never run at the same time.
+of each block warm up and are not counted. The two never run at the same time. Besides the medians
+over all requests it reports the median over blocks of (HTTP block median - LLM block median),
+which a slow minute shifts least.
 
 Usage: python bench/serving/ttft_interleaved.py MODEL_DIR PORT [BLOCKS] [OUTPUT_JSON]
 (a server on 127.0.0.1:PORT serving MODEL_DIR, as server_vs_offline.sh starts it)
@@ -40,10 +42,12 @@ async def measure(model: str, port: int, blocks: int) -> dict:
     base_url = f"http://127.0.0.1:{port}"
     llm_s: list[float] = []
     http_s: list[float] = []
+    block_gaps: list[float] = []  # per block: median HTTP TTFT - median LLM TTFT
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         async with session.get(base_url + "/v1/models") as response:
             served = (await response.json())["data"][0]["id"]
         for block in range(blocks + 1):  # block 0 warms both paths up
+            counted = len(llm_s), len(http_s)
             for i in range(BLOCK):
                 prompt = [int(rng.choice(ordinary))]
                 start = time.perf_counter()
@@ -59,9 +63,12 @@ async def measure(model: str, port: int, blocks: int) -> dict:
                     raise RuntimeError(f"HTTP request failed: {result.error}")
                 if block and i >= WARMUP_PER_BLOCK:
                     http_s.append(result.ttft)
+            if block:
+                block_gaps.append(statistics.median(http_s[counted[1]:]) - statistics.median(llm_s[counted[0]:]))
     llm_ms, http_ms = statistics.median(llm_s) * 1e3, statistics.median(http_s) * 1e3
     return {"blocks": blocks, "requests_per_path": len(llm_s), "llm_ttft_median_ms": llm_ms,
-            "http_ttft_median_ms": http_ms, "overhead_ms": http_ms - llm_ms}
+            "http_ttft_median_ms": http_ms, "overhead_ms": http_ms - llm_ms,
+            "overhead_block_median_ms": statistics.median(block_gaps) * 1e3}
 
 
 def main() -> None:
@@ -70,7 +77,8 @@ def main() -> None:
     result = asyncio.run(measure(model, port, blocks))
     print(f"TTFT median, interleaved ({result['requests_per_path']} requests each): LLM "
           f"{result['llm_ttft_median_ms']:.2f} ms, HTTP {result['http_ttft_median_ms']:.2f} ms, "
-          f"overhead {result['overhead_ms']:.2f} ms")
+          f"overhead {result['overhead_ms']:.2f} ms; median over blocks of the difference "
+          f"{result['overhead_block_median_ms']:.2f} ms")
     if len(sys.argv) > 4:
         with open(sys.argv[4], "w") as f:
             json.dump(result, f, indent=2)
