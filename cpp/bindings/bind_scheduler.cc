@@ -15,7 +15,9 @@ namespace py = pybind11;
 namespace rtpllm::bindings {
 namespace {
 
-py::list update(Scheduler& scheduler, const ScheduledBatch& batch, py::handle sampled_token_ids) {
+// update() and resolve(): the sampled tokens as an int32 array, the outputs as a list.
+template <void (Scheduler::*Apply)(const ScheduledBatch&, const TokenId*, size_t, StepOutputs&)>
+py::list apply_sampled(Scheduler& scheduler, const ScheduledBatch& batch, py::handle sampled_token_ids) {
   if (py::isinstance<py::array>(sampled_token_ids)) {
     const char kind = py::reinterpret_borrow<py::array>(sampled_token_ids).dtype().kind();
     if (kind != 'i' && kind != 'u') throw py::value_error("sampled_token_ids: expected an integer array");
@@ -24,7 +26,7 @@ py::list update(Scheduler& scheduler, const ScheduledBatch& batch, py::handle sa
   if (!sampled) throw py::value_error("sampled_token_ids: expected an int32 array or a list of int");
   if (sampled.ndim() > 1) throw py::value_error("sampled_token_ids: expected a 1-D array");
   StepOutputs outputs;
-  scheduler.update(batch, sampled.data(), static_cast<size_t>(sampled.size()), outputs);
+  (scheduler.*Apply)(batch, sampled.data(), static_cast<size_t>(sampled.size()), outputs);
   py::list result(outputs.size());
   for (size_t i = 0; i < outputs.size(); ++i) result[i] = py::cast(outputs.materialize(i));
   return result;
@@ -61,7 +63,12 @@ void bind_scheduler(py::module_& m) {
         s.schedule(*batch);
         return batch;
       })
-      .def("update", &update, py::arg("batch"), py::arg("sampled_token_ids"))
+      .def("update", &apply_sampled<&Scheduler::update>, py::arg("batch"), py::arg("sampled_token_ids"))
+      .def("commit", &Scheduler::commit, py::arg("batch"),
+           "Marks the latest batch as run with its sampled tokens still unknown (placeholders)")
+      .def("resolve", &apply_sampled<&Scheduler::resolve>, py::arg("batch"), py::arg("sampled_token_ids"),
+           "Fills the oldest committed batch's placeholders; returns its outputs as update() does")
+      .def_property_readonly("num_committed_unresolved", &Scheduler::num_committed_unresolved)
       .def("abort", &Scheduler::abort, py::arg("request_id"), py::arg("reason") = FinishReason::ABORT)
       .def_property_readonly("num_running", &Scheduler::num_running)
       .def_property_readonly("num_waiting", &Scheduler::num_waiting)

@@ -1,5 +1,6 @@
 #include "rtpllm/cache/kv_cache_manager.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -78,7 +79,8 @@ bool KVCacheManager::allocate_slots(Request& request, int32_t num_new_tokens, co
 
 void KVCacheManager::cache_computed_blocks(Request& request) {
   if (!options_.enable_prefix_caching) return;
-  const int32_t num_full = request.num_computed_tokens / options_.block_size;
+  // Blocks holding a pending (not yet known) token cannot be hashed yet.
+  const int32_t num_full = std::min(request.num_computed_tokens, request.num_known_tokens()) / options_.block_size;
   if (num_full <= request.num_cached_blocks) return;
   hash_blocks_up_to(request, num_full);
   for (int32_t i = request.num_cached_blocks; i < num_full; ++i) {

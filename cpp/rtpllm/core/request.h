@@ -5,6 +5,10 @@
 // computed by upcoming steps. The newest sampled token is never computed in the step that
 // sampled it: after a prefill of P prompt tokens samples t0, the next step's input is t0 at
 // position P and the context (seq_len) becomes P + 1.
+//
+// Asynchronous steps (Scheduler::commit/resolve): a step whose sampled tokens are still on the
+// device appends kPendingToken placeholders; the trailing `num_pending_tokens` entries of
+// `token_ids` are such placeholders until the step is resolved. Nothing hashes or reports them.
 #pragma once
 
 #include <cstdint>
@@ -57,11 +61,15 @@ struct Request {
   int32_t num_cached_blocks = 0;        // leading blocks of block_table registered in the prefix cache
 
   // Scheduler bookkeeping.
+  int32_t num_pending_tokens = 0;   // trailing placeholders in token_ids (committed, not resolved)
+  bool last_token_pending = false;  // the pending token is its last one (a length limit): not scheduled again
+  int32_t num_steps_referencing = 0;  // scheduled or committed steps that name it; it outlives finishing until 0
   uint64_t admission_order = 0;  // tie-break after arrival_time: later added = preempted first
   int64_t scheduled_step = -1;   // the step that last scheduled it (tracks the batch in flight)
   int32_t num_preemptions = 0;
 
   int32_t num_tokens() const { return static_cast<int32_t>(token_ids.size()); }
+  int32_t num_known_tokens() const { return num_tokens() - num_pending_tokens; }
   int32_t num_output_tokens() const { return num_tokens() - num_prompt_tokens; }
   bool is_finished() const { return status == RequestStatus::FINISHED; }
   bool is_stop_token(TokenId token) const;

@@ -61,9 +61,9 @@ ScheduledBatch Scheduler::schedule() {
 }
 
 void Scheduler::schedule(ScheduledBatch& batch) {
-  // A batch still in flight is dropped: its tokens were never marked computed, so they simply
-  // get scheduled again. Requests aborted during it are no longer referenced.
-  aborted_in_flight_.clear();
+  // A batch still in flight (never committed) is dropped: its tokens were never marked computed,
+  // so they simply get scheduled again.
+  if (in_flight_) release_entries(entries_);
   entries_.clear();
   ++step_;
   int32_t budget = options_.max_num_batched_tokens;
@@ -72,14 +72,14 @@ void Scheduler::schedule(ScheduledBatch& batch) {
   // Decode-first: one token per running sequence that has exactly one left.
   for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
     Request* r = running_[i];
-    if (r->status == RequestStatus::RUNNING && r->num_tokens() - r->num_computed_tokens == 1) {
+    if (r->status == RequestStatus::RUNNING && !r->last_token_pending && r->num_tokens() - r->num_computed_tokens == 1) {
       schedule_running(r, 1, budget, preempted);
     }
   }
   // Then the next chunk of running prefills (or of a preempted request's recompute).
   for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
     Request* r = running_[i];
-    if (r->status != RequestStatus::RUNNING || r->scheduled_step == step_) continue;
+    if (r->status != RequestStatus::RUNNING || r->scheduled_step == step_ || r->last_token_pending) continue;
     const int32_t chunk = chunk_size(r->num_tokens() - r->num_computed_tokens, budget);
     if (chunk > 0) schedule_running(r, chunk, budget, preempted);
   }
@@ -120,6 +120,7 @@ void Scheduler::schedule_running(Request* request, int32_t num_new_tokens, int32
     if (victim == request) return;
   }
   request->scheduled_step = step_;
+  ++request->num_steps_referencing;
   entries_.push_back({request, num_new_tokens, request->num_computed_tokens + num_new_tokens == request->num_tokens()});
   budget -= num_new_tokens;
 }
@@ -144,6 +145,7 @@ void Scheduler::preempt(Request* victim, int32_t& budget) {
       if (e.request != victim) continue;
       budget += e.num_new_tokens;
       e.request = nullptr;
+      --victim->num_steps_referencing;
     }
     victim->scheduled_step = -1;
   }
@@ -158,12 +160,14 @@ void Scheduler::preempt(Request* victim, int32_t& budget) {
 void Scheduler::admit_waiting(int32_t& budget) {
   while (!waiting_.empty() && budget > 0 && running_.size() < static_cast<size_t>(options_.max_num_seqs)) {
     Request* r = waiting_.front();
+    if (r->num_pending_tokens > 0) break;  // preempted before its last token was resolved: next step
     const PrefixHit hit = kv_.find_cached_prefix(*r);
     const int32_t chunk = chunk_size(r->num_tokens() - hit.num_tokens, budget);
     if (chunk == 0 || !kv_.allocate_slots(*r, chunk, &hit)) break;  // the head waits; nobody overtakes it
     waiting_.pop_front();
     r->status = RequestStatus::RUNNING;
     r->scheduled_step = step_;
+    ++r->num_steps_referencing;
     running_.push_back(r);
     entries_.push_back({r, chunk, r->num_computed_tokens + chunk == r->num_tokens()});
     budget -= chunk;
@@ -183,7 +187,7 @@ bool Scheduler::abort(RequestId request_id, FinishReason reason) {
   }
   r->status = RequestStatus::FINISHED;
   r->finish_reason = reason;
-  if (in_flight_ && r->scheduled_step == step_) aborted_in_flight_.push_back(std::move(it->second));
+  if (r->num_steps_referencing > 0) retire(std::move(it->second));
   requests_.erase(it);
   maybe_check_invariants();
   return true;

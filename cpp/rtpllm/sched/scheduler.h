@@ -23,10 +23,19 @@
 // capped at the pool's capacity (num_blocks * block_size) so that a lone sequence always fits
 // and preemption can never loop.
 //
+// Asynchronous stepping (the engine overlaps its host work with the device): after launching a
+// batch, commit() marks its tokens computed and gives every sampling sequence a placeholder for
+// the token still on the device, so schedule() can plan the next step at once (the runner takes
+// those input tokens from the device). resolve() later fills the placeholders, oldest committed
+// batch first, and only then are stop tokens seen: a sequence that stopped has been scheduled
+// once more for nothing, and that step's result for it is dropped. Length limits need no token
+// value, so a sequence at its limit is not scheduled again. update() is commit() + resolve().
+//
 // Not thread-safe: the engine calls it from its step loop (from Python the GIL serializes calls).
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <unordered_map>
 #include <vector>
@@ -61,6 +70,14 @@ class Scheduler {
   // Throws std::invalid_argument for a batch that is not this scheduler's latest, or a wrong count.
   void update(const ScheduledBatch& batch, const TokenId* sampled, size_t num_sampled, StepOutputs& outputs);
 
+  // Marks the latest scheduled batch as run, its sampled tokens still unknown (see above).
+  // Throws std::invalid_argument for a batch that is not the latest scheduled one.
+  void commit(const ScheduledBatch& batch);
+  // Fills the placeholders of the oldest committed batch with its sampled tokens; then as update().
+  // Throws std::invalid_argument when `batch` is not the oldest committed one, or a wrong count.
+  void resolve(const ScheduledBatch& batch, const TokenId* sampled, size_t num_sampled, StepOutputs& outputs);
+  int32_t num_committed_unresolved() const { return static_cast<int32_t>(committed_.size()); }
+
   // Finishes a request now, whatever its state (also between schedule() and update()), and frees
   // its blocks. No StepOutput follows: the caller already knows. `reason` must not be NONE.
   // Returns false for an unknown or already finished id, so a repeated abort is harmless.
@@ -89,9 +106,13 @@ class Scheduler {
   void admit_waiting(int32_t& budget);
   Request* pick_victim() const;
   void preempt(Request* victim, int32_t& budget);
-  FinishReason finish_reason_after(const Request& request, TokenId token) const;
+  // As if the request's token list ended after its first num_tokens tokens, the last one `token`.
+  FinishReason finish_reason_after(const Request& request, TokenId token, int32_t num_tokens) const;
   void finish(Request* request, FinishReason reason);
   void remove_finished();
+  void release_entries(const std::vector<ScheduledEntry>& entries);
+  void retire(std::unique_ptr<Request> request);
+  void check_batch(const ScheduledBatch& batch) const;
   void maybe_check_invariants() const;
 
   SchedulerOptions options_;
@@ -102,10 +123,17 @@ class Scheduler {
   std::unordered_map<RequestId, std::unique_ptr<Request>> requests_;  // every unfinished request
   std::vector<Request*> running_;  // admission order
   WaitingQueue waiting_;
-  // Requests aborted while the batch that scheduled them is in flight: update() still walks them.
-  std::vector<std::unique_ptr<Request>> aborted_in_flight_;
+  // Finished (or aborted) requests that a scheduled or committed step still names: kept until the
+  // last of those steps is resolved or dropped.
+  std::vector<std::unique_ptr<Request>> retired_;
 
-  std::vector<ScheduledEntry> entries_;  // the step in flight, in batch order
+  struct CommittedStep {
+    int64_t step_id;
+    std::vector<ScheduledEntry> entries;
+  };
+  std::deque<CommittedStep> committed_;  // committed, not yet resolved, oldest first
+
+  std::vector<ScheduledEntry> entries_;  // the step in flight (scheduled, not committed), in batch order
   int64_t step_ = 0;
   bool in_flight_ = false;
   uint64_t next_admission_order_ = 0;

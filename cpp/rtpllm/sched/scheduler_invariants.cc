@@ -38,7 +38,11 @@ void Scheduler::check_invariants() const {
     if (it == requests_.end() || it->second.get() != r) fail(name(*r) + " is queued but not registered");
     seen.push_back(r);
     if (r->num_output_tokens() > r->max_new_tokens) fail(name(*r) + " generated more than max_new_tokens");
-    if (r->num_tokens() > max_context_len_) fail(name(*r) + " exceeds the context limit");
+    // A sequence whose last token is pending may hold it one past the limit (never computed).
+    if (r->num_tokens() - (r->last_token_pending ? 1 : 0) > max_context_len_) fail(name(*r) + " exceeds the context limit");
+    if (r->num_pending_tokens < 0 || r->num_pending_tokens > r->num_tokens() - r->num_prompt_tokens) {
+      fail(name(*r) + " has " + std::to_string(r->num_pending_tokens) + " pending tokens");
+    }
   };
 
   // Every block is held by exactly as many block tables as its ref count says.
@@ -92,6 +96,14 @@ void Scheduler::check_invariants() const {
     }
   }
 
+  for (const CommittedStep& step : committed_) {
+    for (const ScheduledEntry& e : step.entries) {
+      if (e.request->num_steps_referencing <= 0) fail(name(*e.request) + " is in a committed step but unreferenced");
+      if (!e.request->is_finished() && !std::binary_search(seen.begin(), seen.end(), e.request)) {
+        fail(name(*e.request) + " is in a committed step but unknown");
+      }
+    }
+  }
   if (in_flight_) {
     for (const ScheduledEntry& e : entries_) {
       if (e.request == nullptr) fail("the batch in flight references a dropped entry");
