@@ -76,6 +76,10 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
     enable_chunked_prefill: bool = True
+    # Overlap the host's work for the next step with the device's current one (the engine schedules
+    # step N+1 before step N's tokens reach the host). None: on for CUDA devices, off on the CPU,
+    # where the same cores would do both.
+    async_scheduling: Optional[bool] = None
 
     def __post_init__(self) -> None:
         _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens",

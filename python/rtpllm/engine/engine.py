@@ -20,6 +20,7 @@ from rtpllm.config import EngineConfig
 from rtpllm.engine.default_model import resolve_model_path
 from rtpllm.engine.detokenizer import IncrementalDetokenizer, StopStringChecker
 from rtpllm.engine.device import attention_backend_factory, resolve_device, resolve_dtype
+from rtpllm.engine.in_flight import InFlightStep, TokenReadback, pending_inputs
 from rtpllm.engine.model_runner import ModelRunner
 from rtpllm.engine.prompt_logprobs import PromptLogprobCollector
 from rtpllm.engine.request_state import RequestGroup, SequenceState
@@ -69,6 +70,10 @@ class Engine:
         # Unseeded requests draw from one engine-wide generator, so a run is reproducible as a whole.
         self._generator = torch.Generator(device=self.device).manual_seed(config.model.seed)
         self._pending: list[RequestOutput] = []  # outputs owed to callers (aborts) at the next step
+        self._async = (config.scheduler.async_scheduling if config.scheduler.async_scheduling is not None
+                       else self.device.type == "cuda")
+        self._in_flight: Optional[InFlightStep] = None  # launched and committed, tokens not read back
+        self._readback = TokenReadback(self.device, config.scheduler.max_num_seqs)
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
 
@@ -128,36 +133,67 @@ class Engine:
         self._pending.append(group.to_output())
 
     def has_unfinished_requests(self) -> bool:
+        # A step still in flight once every request has finished only computed past a stop: the
+        # next step() resolves and drops it, so it does not keep the engine busy.
         return bool(self._groups) or bool(self._pending)
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
+        """Runs one step. With asynchronous scheduling the step is launched, committed, and the
+        previous step's tokens are read back while the device works on this one: outputs then
+        arrive one step later, and a request that stops has run one extra step for nothing."""
         outputs, self._pending = self._pending, []
         batch = self.scheduler.schedule()
+        previous = self._in_flight
         if batch.num_seqs == 0:
+            if previous is not None:
+                self._in_flight = None
+                outputs += self._resolve(previous)
             return outputs
         now = time.monotonic()
-        seq_ids = batch.request_ids
-        for seq_id in seq_ids.tolist():
+        for seq_id in batch.request_ids.tolist():
             metrics = self._seqs[seq_id].group.metrics
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
 
         sampled_seqs = [self._seqs[i] for i in batch.sampled_request_ids.tolist()]
-        sampling_batch = (build_sampling_batch(sampled_seqs, self.eos_token_ids, self._generator, self.device,
-                                             self.arch.vocab_size) if sampled_seqs else None)
         collector = PromptLogprobCollector(batch, self._seqs)
-        result = self.runner.execute(batch, sampling_batch, collector.seq_indices)
+        overlap = (self._async and not collector.seq_indices
+                   and not any(_reads_host_history(seq.params) for seq in sampled_seqs))
+        if previous is not None and not overlap:
+            # This step's sampling reads every earlier token on the host: finish the previous step first.
+            self._in_flight = None
+            outputs += self._resolve(previous)
+        pending = pending_inputs(batch, previous)
+        sampling_batch = (build_sampling_batch(sampled_seqs, self.eos_token_ids, self._generator, self.device,
+                                               self.arch.vocab_size) if sampled_seqs else None)
+        result = self.runner.execute(batch, sampling_batch, collector.seq_indices, pending)
         collector.collect(result.prompt_logprobs)
+
+        if overlap:
+            self.scheduler.commit(batch)
+            self._in_flight = InFlightStep(batch, result.sampled.token_ids if result.sampled is not None else None,
+                                           self._readback)
+            if previous is not None:
+                outputs += self._resolve(previous)
+            return outputs
 
         token_ids = np.zeros(0, dtype=np.int32)
         logprobs_by_seq = {}
         if result.sampled is not None:
             token_ids = result.sampled.token_ids.to(device="cpu", dtype=torch.int32).numpy()
             logprobs_by_seq = sampled_logprobs(sampled_seqs, result.sampled)
+        return outputs + self._apply(self.scheduler.update(batch, token_ids), logprobs_by_seq)
+
+    def _resolve(self, step: "InFlightStep") -> list[RequestOutput]:
+        return self._apply(self.scheduler.resolve(step.batch, step.host_tokens()), {})
+
+    def _apply(self, step_outputs, logprobs_by_seq: dict) -> list[RequestOutput]:
+        """Hands a step's scheduler outputs to the requests; returns what callers should see."""
+        outputs: list[RequestOutput] = []
         moved: dict[str, RequestGroup] = {}
         now = time.monotonic()
-        for out in self.scheduler.update(batch, token_ids):
+        for out in step_outputs:
             seq = self._seqs.get(out.request_id)
             if seq is None:
                 continue
@@ -235,6 +271,13 @@ class Engine:
         if requested > limit:
             raise ValueError(f"max_model_len: {requested} exceeds the model's max_position_embeddings={limit}")
         return requested
+
+
+def _reads_host_history(params: SamplingParams) -> bool:
+    """Whether sampling this request needs all its tokens on the host (so no step may be in flight):
+    penalties, min_tokens and logprobs do."""
+    return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+            or params.min_tokens > 0 or params.logprobs is not None)
 
 
 def _basename(path: str) -> str:

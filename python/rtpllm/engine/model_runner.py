@@ -14,6 +14,7 @@ import torch
 from rtpllm.config import EngineConfig
 from rtpllm.engine.cuda_graph import DecodeGraphs
 from rtpllm.engine.host_to_device import HostToDevice
+from rtpllm.engine.in_flight import PendingInputs
 from rtpllm.engine.kv_cache import allocate_kv_caches, kv_bytes_per_block, num_blocks_for_device
 from rtpllm.layers.attention_metadata import AttentionMetadata
 from rtpllm.layers.sampler import Sampler, SamplerOutput
@@ -68,11 +69,17 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, batch, sampling_batch, prompt_logprob_seqs: list[int]) -> StepResult:
+    def execute(self, batch, sampling_batch, prompt_logprob_seqs: list[int],
+                pending: Optional[PendingInputs] = None) -> StepResult:
         """Runs one step. `prompt_logprob_seqs` are batch indices of sequences whose new tokens
-        all need logits (prompt logprobs); every other sequence only computes its sampled row."""
+        all need logits (prompt logprobs); every other sequence only computes its sampled row.
+        `pending` names input tokens still on the device (sampled by the step in flight)."""
         self._to_device.begin_step()
         input_ids = self._to_device("input_ids", batch.input_token_ids).long()
+        if pending is not None:
+            positions = self._to_device("pending_positions", pending.positions)
+            rows = self._to_device("pending_rows", pending.rows)
+            input_ids[positions] = pending.token_ids[rows].long()
         positions = self._to_device("positions", batch.positions).long()
         if self.graphs is not None and not prompt_logprob_seqs and self.graphs.can_run(batch):
             # A decode step: every sequence samples its one row, in batch order.
