@@ -83,10 +83,14 @@ class ModelRunner:
         positions = self._to_device("positions", batch.positions).long()
         if self.graphs is not None and not prompt_logprob_seqs and self.graphs.can_run(batch):
             # A decode step: every sequence samples its one row, in batch order.
-            logits = self.graphs.run(input_ids, positions, self._to_device("slot_mapping", batch.slot_mapping),
-                                     self._to_device("seq_lens", batch.seq_lens),
-                                     self._to_device("block_tables", batch.block_tables))
+            slot_mapping = self._to_device("slot_mapping", batch.slot_mapping)
+            seq_lens = self._to_device("seq_lens", batch.seq_lens)
+            block_tables = self._to_device("block_tables", batch.block_tables)
+            # Marked before the forward is queued, so the next step may refill the staging buffers
+            # as soon as these copies are done, not when this whole step is (that would serialize
+            # the host with the device and undo asynchronous scheduling).
             self._to_device.end_step()
+            logits = self.graphs.run(input_ids, positions, slot_mapping, seq_lens, block_tables)
             return StepResult(sampled=self.sampler(logits, sampling_batch), prompt_logprobs={})
         meta = self.build_metadata(batch)
         logits_indices = self._to_device("logits_indices", batch.logits_indices).long()
