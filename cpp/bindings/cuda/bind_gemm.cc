@@ -13,35 +13,32 @@
 namespace py = pybind11;
 
 namespace rtpllm::bindings {
+namespace {
+
+// The GEMV entry points share one signature: y, x, w, bias, sizes, strides, dtype, stream.
+template <cudaError_t (*Launch)(const cuda::GemvParams&, cuda::ScalarType, cudaStream_t)>
+void bind_gemv(py::module_& m, const char* name, const char* doc) {
+  m.def(
+      name,
+      [name](uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t bias, int rows, int n, int k, int64_t ldx, int64_t ldy,
+             cuda::ScalarType dtype, uintptr_t stream) {
+        const cuda::GemvParams params{reinterpret_cast<void*>(y), reinterpret_cast<const void*>(x),
+                                      reinterpret_cast<const void*>(w), reinterpret_cast<const void*>(bias),
+                                      rows, n, k, ldx, ldy};
+        throw_if_error(Launch(params, dtype, reinterpret_cast<cudaStream_t>(stream)), name,
+                       "m=" + std::to_string(rows) + ", n=" + std::to_string(n) + ", k=" + std::to_string(k));
+      },
+      py::arg("y"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("m"), py::arg("n"), py::arg("k"),
+      py::arg("ldx"), py::arg("ldy"), py::arg("dtype"), py::arg("stream"), doc);
+}
+
+}  // namespace
 
 void bind_gemm(py::module_& m) {
   m.attr("GEMV_MAX_ROWS") = cuda::kGemvMaxRows;
-  m.def(
-      "gemv",
-      [](uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t bias, int rows, int n, int k, int64_t ldx, int64_t ldy,
-         cuda::ScalarType dtype, uintptr_t stream) {
-        const cuda::GemvParams params{reinterpret_cast<void*>(y), reinterpret_cast<const void*>(x),
-                                      reinterpret_cast<const void*>(w), reinterpret_cast<const void*>(bias),
-                                      rows, n, k, ldx, ldy};
-        throw_if_error(cuda::gemv(params, dtype, reinterpret_cast<cudaStream_t>(stream)), "gemv",
-                       "m=" + std::to_string(rows) + ", n=" + std::to_string(n) + ", k=" + std::to_string(k));
-      },
-      py::arg("y"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("m"), py::arg("n"), py::arg("k"),
-      py::arg("ldx"), py::arg("ldy"), py::arg("dtype"), py::arg("stream"),
-      "y[m, n] = x[m, k] @ w[n, k]^T (+ bias) for decode batch sizes (m <= GEMV_MAX_ROWS)");
-  m.def(
-      "gemv_silu_and_mul",
-      [](uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t bias, int rows, int n, int k, int64_t ldx, int64_t ldy,
-         cuda::ScalarType dtype, uintptr_t stream) {
-        const cuda::GemvParams params{reinterpret_cast<void*>(y), reinterpret_cast<const void*>(x),
-                                      reinterpret_cast<const void*>(w), reinterpret_cast<const void*>(bias),
-                                      rows, n, k, ldx, ldy};
-        throw_if_error(cuda::gemv_silu_and_mul(params, dtype, reinterpret_cast<cudaStream_t>(stream)),
-                       "gemv_silu_and_mul",
-                       "m=" + std::to_string(rows) + ", n=" + std::to_string(n) + ", k=" + std::to_string(k));
-      },
-      py::arg("y"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("m"), py::arg("n"), py::arg("k"),
-      py::arg("ldx"), py::arg("ldy"), py::arg("dtype"), py::arg("stream"),
+  bind_gemv<&cuda::gemv>(m, "gemv", "y[m, n] = x[m, k] @ w[n, k]^T (+ bias) for decode batch sizes (m <= GEMV_MAX_ROWS)");
+  bind_gemv<&cuda::gemv_silu_and_mul>(
+      m, "gemv_silu_and_mul",
       "y[m, n] = silu(x @ w[:n]^T) * (x @ w[n:]^T) for decode batch sizes (w is gate | up, [2n, k])");
 
   m.def(

@@ -29,22 +29,30 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x [m, k] @ weight[n, k].T (+ bias [n]) -> [m, n] in x's dtype; m <= max_rows()."""
+def _checked_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], kernel: str,
+                  weight_name: str) -> None:
     if not gemv_applies(x, weight):
-        raise ValueError(f"x: gemv takes [1..{max_rows()}, k] 16-bit CUDA rows (k % 8 == 0, 16-byte aligned) "
-                         f"matching weight's dtype; got x {tuple(x.shape)} {x.dtype}, weight {weight.dtype}")
-    n, k = weight.shape
+        raise ValueError(f"x: {kernel} takes [1..{max_rows()}, k] 16-bit CUDA rows (k % 8 == 0, 16-byte aligned) "
+                         f"matching {weight_name}'s dtype; got x {tuple(x.shape)} {x.dtype}, {weight_name} {weight.dtype}")
+    rows, k = weight.shape
     if x.shape[1] != k:
-        raise ValueError(f"x: has {x.shape[1]} columns, weight expects {k}")
-    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype or not bias.is_contiguous()):
-        raise ValueError(f"bias: expected a contiguous [{n}] {x.dtype} tensor, got {tuple(bias.shape)} {bias.dtype}")
+        raise ValueError(f"x: has {x.shape[1]} columns, {weight_name} expects {k}")
+    if bias is not None and (bias.shape != (rows,) or bias.dtype != x.dtype or not bias.is_contiguous()):
+        raise ValueError(f"bias: expected a contiguous [{rows}] {x.dtype} tensor, got {tuple(bias.shape)} {bias.dtype}")
+
+
+def _launch(kernel, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], n: int) -> torch.Tensor:
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    kernel_ops().gemv(y.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                x.shape[0], n, k, x.stride(0), y.stride(0), scalar_type(x.dtype),
-                torch.cuda.current_stream(x.device).cuda_stream)
+    kernel(y.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), x.shape[0], n,
+           weight.shape[1], x.stride(0), y.stride(0), scalar_type(x.dtype),
+           torch.cuda.current_stream(x.device).cuda_stream)
     return y
 
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [m, k] @ weight[n, k].T (+ bias [n]) -> [m, n] in x's dtype; m <= max_rows()."""
+    _checked_rows(x, weight, bias, "gemv", "weight")
+    return _launch(kernel_ops().gemv, x, weight, bias, weight.shape[0])
 
 
 def gemv_silu_and_mul(x: torch.Tensor, gate_up: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -52,19 +60,7 @@ def gemv_silu_and_mul(x: torch.Tensor, gate_up: torch.Tensor, bias: Optional[tor
 
     Rounds where gemv + silu_and_mul round, so the fused and unfused decode paths agree bit for bit.
     """
-    if not gemv_applies(x, gate_up):
-        raise ValueError(f"x: gemv_silu_and_mul takes [1..{max_rows()}, k] 16-bit CUDA rows (k % 8 == 0, 16-byte "
-                         f"aligned) matching gate_up's dtype; got x {tuple(x.shape)} {x.dtype}, gate_up {gate_up.dtype}")
-    two_n, k = gate_up.shape
-    if x.shape[1] != k:
-        raise ValueError(f"x: has {x.shape[1]} columns, gate_up expects {k}")
-    if two_n % 2 != 0:
-        raise ValueError(f"gate_up: needs an even number of rows (gate then up), got {two_n}")
-    if bias is not None and (bias.shape != (two_n,) or bias.dtype != x.dtype or not bias.is_contiguous()):
-        raise ValueError(f"bias: expected a contiguous [{two_n}] {x.dtype} tensor, got {tuple(bias.shape)} {bias.dtype}")
-    n = two_n // 2
-    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    kernel_ops().gemv_silu_and_mul(y.data_ptr(), x.data_ptr(), gate_up.data_ptr(),
-                                   0 if bias is None else bias.data_ptr(), x.shape[0], n, k, x.stride(0), y.stride(0),
-                                   scalar_type(x.dtype), torch.cuda.current_stream(x.device).cuda_stream)
-    return y
+    _checked_rows(x, gate_up, bias, "gemv_silu_and_mul", "gate_up")
+    if gate_up.shape[0] % 2 != 0:
+        raise ValueError(f"gate_up: needs an even number of rows (gate then up), got {gate_up.shape[0]}")
+    return _launch(kernel_ops().gemv_silu_and_mul, x, gate_up, bias, gate_up.shape[0] // 2)
