@@ -1,7 +1,8 @@
 """End-to-end on a Llama-3.1-8B-shaped random checkpoint: batch-1 decode step time against its
 memory floor (and the same with every GEMM on cuBLAS, and the graph's device time alone), offline
 throughput (ShareGPT and random 1024/128), and `rtpllm serve` start-up time.
-E2E_SKIP_SERVE=1 / E2E_SKIP_THROUGHPUT=1 leave those parts out.
+E2E_SKIP_SERVE=1 / E2E_SKIP_THROUGHPUT=1 leave those parts out; E2E_PROFILE_RANDOM=N profiles an
+offline run of N random 1024/128 requests (kernel table, device busy time).
 
 The checkpoint is written by `python -m rtpllm.tools.random_checkpoint` (cached in
 $RTPLLM_BENCH_DIR, default /root/scratch). ShareGPT prompts come from $RTPLLM_SHAREGPT (a
@@ -128,6 +129,23 @@ def host_profile(llm: LLM, steps: int = 64, top: int = 25) -> str:
     return text.getvalue()
 
 
+def throughput_kernel_table(llm: LLM, requests, top: int = 20) -> str:
+    """Where the device time of an offline run goes (torch profiler over the whole run), and how
+    busy the device was: kernel time over wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = [SamplingParams(max_tokens=r.expected_output_len, ignore_eos=True, temperature=1.0) for r in requests]
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        llm.generate([r.prompt for r in requests], params)
+        torch.cuda.synchronize()
+    wall_us = (time.perf_counter() - start) * 1e6
+    events = prof.key_averages()
+    busy_us = sum(e.self_device_time_total for e in events)
+    table = events.table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=80)
+    return f"device busy {busy_us / wall_us:.1%} of {wall_us / 1e6:.1f} s (profiler on)\n{table}"
+
+
 def floor_ms(llm: LLM, context: int, copy_tbps: float) -> tuple[float, float]:
     model = llm.engine.runner.model
     embed = model.model.embed_tokens.weight
@@ -194,6 +212,9 @@ def main() -> None:
            graph_ms=cublas_graph)
     print(decode_kernel_table(llm), flush=True)
     print(host_profile(llm), flush=True)
+    if os.environ.get("E2E_PROFILE_RANDOM"):
+        n = int(os.environ["E2E_PROFILE_RANDOM"])
+        print(throughput_kernel_table(llm, sample_random(llm.get_tokenizer(), n, 1024, 128, 0.0, 0, 1)), flush=True)
     if os.environ.get("E2E_SKIP_THROUGHPUT") == "1":
         write_json(args.json, "e2e_llama8b", rows)
         return
