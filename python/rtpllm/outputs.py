@@ -9,7 +9,7 @@ from typing import Optional
 TokenLogprobs = dict[int, float]
 
 
-@dataclass
+@dataclass(slots=True)
 class CompletionOutput:
     """One of the `n` samples of a request. `text` and `token_ids` are cumulative."""
 
@@ -26,7 +26,7 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestMetrics:
     arrival_time: float
     first_scheduled_time: Optional[float] = None
@@ -35,7 +35,7 @@ class RequestMetrics:
     finished_time: Optional[float] = None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     request_id: str
     prompt: Optional[str]

@@ -12,7 +12,7 @@ import random
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from rtpllm.engine.detokenizer import IncrementalDetokenizer, StopStringChecker
+from rtpllm.engine.detokenizer import IncrementalDetokenizer, StopStringChecker, direct_decode
 
 REPLACEMENT = "\ufffd"
 MIXED_TEXT = ("Hello 世界! 🤖🎉 naïve café — 日本語のテキスト, 한국어 텍스트 and emoji 👩‍👩‍👧‍👦 "
@@ -218,3 +218,41 @@ def test_stop_checker_bad_input():
     checker.check("abc")
     with pytest.raises(ValueError, match="text"):
         checker.check("ab")
+
+
+# ----------------------------------------------------------------------------- the direct decode
+
+def test_direct_decode_skips_the_transformers_wrapper_and_decodes_the_same(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    decode = direct_decode(tok)
+    assert decode.__self__ is tok.backend_tokenizer, "a plain fast tokenizer decodes through the Rust call"
+    ids = tok.encode(MIXED_TEXT, add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>")]
+    rng = random.Random(0)
+    for _ in range(200):
+        start = rng.randrange(len(ids))
+        window = ids[start:start + rng.randint(1, 6)]
+        for skip in (True, False):
+            assert decode(window, skip_special_tokens=skip) == tok.decode(window, skip_special_tokens=skip)
+
+
+def test_direct_decode_keeps_the_tokenizers_own_decode_when_it_differs(byte_level_bpe):
+    from transformers import PreTrainedTokenizerFast
+
+    assert direct_decode(byte_level_bpe) == byte_level_bpe.decode  # a `tokenizers.Tokenizer`: already direct
+
+    class Overriding(PreTrainedTokenizerFast):
+        def _decode(self, token_ids, skip_special_tokens=False, **kwargs):
+            return super()._decode(token_ids, skip_special_tokens, **kwargs).upper()
+
+    overriding = Overriding(tokenizer_object=byte_level_bpe)
+    assert direct_decode(overriding) == overriding.decode
+    detok = IncrementalDetokenizer(overriding, [])
+    ids = byte_level_bpe.encode("the quick brown fox").ids
+    assert "".join(detok.push([i]) for i in ids) + detok.flush() == "THE QUICK BROWN FOX"
+
+    # transformers cleans up spaces (" ." -> ".") only where the model is not BPE or it is forced to.
+    cleaning = PreTrainedTokenizerFast(tokenizer_object=byte_level_bpe, clean_up_tokenization_spaces=True)
+    cleaning.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    assert direct_decode(cleaning) == cleaning.decode
+    cleaning.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = False
+    assert direct_decode(cleaning) == cleaning.backend_tokenizer.decode

@@ -4,6 +4,9 @@ import pytest
 
 from checkpoints import checkpoint_path
 from rtpllm import LLM, SamplingParams
+from rtpllm.engine.detokenizer import IncrementalDetokenizer, StopStringChecker
+from rtpllm.engine.request_state import RequestGroup, SequenceState
+from rtpllm.outputs import RequestMetrics
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +114,59 @@ def test_abort_frees_blocks_and_reports_abort(llm):
     outputs = engine.step()
     assert [o.outputs[0].finish_reason for o in outputs] == ["abort"]
     assert engine.check_kv_pool_free() and not engine.has_unfinished_requests()
+
+
+def test_streamed_outputs_are_snapshots_that_later_steps_leave_alone(llm):
+    engine = llm.engine
+    params = SamplingParams(temperature=1.0, max_tokens=12, seed=7, n=2, logprobs=2, ignore_eos=True)
+    engine.add_request("snapshots", "a prompt to stream", params, stream=True)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    final = outputs[-1]
+    assert final.finished and not any(o.finished for o in outputs[:-1])
+    for step, output in enumerate(outputs, start=1):
+        for completion, last in zip(output.outputs, final.outputs):
+            # Each output still holds what it held when it was handed out: its step's tokens.
+            assert completion.token_ids == last.token_ids[:step]
+            assert completion.logprobs == last.logprobs[:step]
+            assert last.text.startswith(completion.text)
+    assert engine.check_kv_pool_free()
+
+
+def _group_of(tokenizer, n: int, stop: list[str]):
+    params = SamplingParams(n=n, stop=stop)
+    group = RequestGroup(request_id="r", prompt=None, prompt_ids=[5, 6], params=params,
+                         metrics=RequestMetrics(arrival_time=0.0))
+    for index in range(n):
+        group.seqs.append(SequenceState(
+            seq_id=index, index=index, group=group, params=params,
+            detokenizer=IncrementalDetokenizer(tokenizer, group.prompt_ids),
+            stop_checker=StopStringChecker(stop) if stop else None, generator=None))
+    return group
+
+
+def test_a_sample_that_finished_early_reports_the_same_output_until_the_request_ends(llm):
+    tokenizer = llm.get_tokenizer()
+    texts = [" one two three four five", " six seven eight nine ten"]
+    ids = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    steps = min(len(i) for i in ids)
+    group = _group_of(tokenizer, n=2, stop=[" two"])
+    first, second = group.seqs
+    seen = []
+    for step in range(steps):
+        for seq, tokens in zip(group.seqs, ids):
+            if not seq.finished:
+                seq.append_tokens(tokens[step:step + 1], None)
+        seen.append(group.to_output())
+    assert first.finish_reason == "stop" and first.stop_reason == " two" and not group.finished
+    second.finish("length")
+    end = group.to_output()
+    assert group.finished and end.finished and not any(o.finished for o in seen)
+    assert [o.text for o in end.outputs] == [" one", tokenizer.decode(ids[1][:steps])]
+    stopped_at = next(step for step, o in enumerate(seen) if o.outputs[0].finished)
+    assert all(o.outputs[0] == end.outputs[0] for o in seen[stopped_at:])
+    assert [len(o.outputs[1].token_ids) for o in seen] == list(range(1, steps + 1))
 
 
 def test_max_model_len_above_the_model_is_rejected():

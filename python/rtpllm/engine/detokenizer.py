@@ -16,8 +16,7 @@ Engine usage per sequence:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Callable, NamedTuple, Optional, Protocol, Sequence
 
 _REPLACEMENT_CHAR = "\ufffd"
 
@@ -26,6 +25,35 @@ class Decoder(Protocol):
     """A transformers tokenizer or a `tokenizers.Tokenizer`: both decode this way."""
 
     def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+def direct_decode(tokenizer: Decoder) -> Callable[..., str]:
+    """`tokenizer.decode`, or the Rust `tokenizers.Tokenizer.decode` under it when that returns the
+    same text. transformers' `decode` wraps that call in argument normalization costing several
+    times the decode of a few ids, and the detokenizer decodes two short windows per token of every
+    streamed sequence. The same: a fast tokenizer that overrides neither `decode` nor `_decode`
+    and applies no `clean_up_tokenization_spaces` (which transformers also skips for BPE models)."""
+    try:
+        from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+    except ImportError:  # pragma: no cover - transformers is a dependency; a bare Tokenizer works anyway
+        return tokenizer.decode
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        return tokenizer.decode  # a `tokenizers.Tokenizer` (already direct) or a slow tokenizer
+    cls = type(tokenizer)
+    if cls.decode is not PreTrainedTokenizerBase.decode or cls._decode is not PreTrainedTokenizerFast._decode:
+        return tokenizer.decode
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not _cleanup_is_skipped(tokenizer, backend):
+        return tokenizer.decode
+    return backend.decode
+
+
+def _cleanup_is_skipped(tokenizer, backend) -> bool:
+    if not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return True
+    # transformers >= 5 ignores the clean-up for BPE models unless forced; older versions apply it.
+    forced = getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", None)
+    return forced is False and type(backend.model).__name__ == "BPE"
 
 
 class IncrementalDetokenizer:
@@ -47,7 +75,7 @@ class IncrementalDetokenizer:
     PROMPT_CONTEXT_TOKENS = 5
 
     def __init__(self, tokenizer: Decoder, prompt_token_ids: Sequence[int], skip_special_tokens: bool = True):
-        self._tokenizer = tokenizer
+        self._decode_fn = direct_decode(tokenizer)
         self._skip_special_tokens = skip_special_tokens
         context = [int(t) for t in list(prompt_token_ids)[-self.PROMPT_CONTEXT_TOKENS:]]
         if self._decode(context).endswith(_REPLACEMENT_CHAR):
@@ -58,12 +86,13 @@ class IncrementalDetokenizer:
         self._ids: list[int] = context
         self._prefix_offset = 0  # start of the decode window
         self._read_offset = len(context)  # ids before this have had their text emitted
+        self._emitted_text: Optional[str] = None  # decode of ids[prefix_offset:read_offset], once known
 
     def push(self, new_token_ids: Sequence[int]) -> str:
         """Adds tokens; returns the text they complete (possibly "", never a partial character)."""
         if len(new_token_ids) == 0:
             return ""
-        self._ids.extend(int(t) for t in new_token_ids)
+        self._ids += map(int, new_token_ids)
         return self._emit(final=False)
 
     def flush(self) -> str:
@@ -74,7 +103,9 @@ class IncrementalDetokenizer:
     def _emit(self, final: bool) -> str:
         if self._read_offset == len(self._ids):
             return ""
-        emitted_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        emitted_text = self._emitted_text
+        if emitted_text is None:
+            emitted_text = self._emitted_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
         full_text = self._decode(self._ids[self._prefix_offset:])
         if not final and (len(full_text) <= len(emitted_text) or full_text.endswith(_REPLACEMENT_CHAR)):
             # No new text yet (a skipped special token) or it ends mid-character: wait for more
@@ -85,16 +116,16 @@ class IncrementalDetokenizer:
         del self._ids[:self._read_offset]
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
+        self._emitted_text = None
         return delta
 
     def _decode(self, ids: list[int]) -> str:
         if not ids:
             return ""
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+        return self._decode_fn(ids, skip_special_tokens=self._skip_special_tokens)
 
 
-@dataclass(frozen=True)
-class StopCheck:
+class StopCheck(NamedTuple):
     text: str  # the output text, cut at the stop string when one matched
     stop_string: Optional[str]  # the stop string that matched, or None
     hold_back: int  # trailing characters of `text` that may begin a stop string: don't stream them yet

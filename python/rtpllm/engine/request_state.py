@@ -2,6 +2,9 @@
 
 The C++ scheduler owns token ids, blocks and stop-token checks; this side owns what needs the
 tokenizer (incremental text, stop strings) and what the user reads back (RequestOutput).
+
+With streaming, every step turns every running request into a RequestOutput on the engine thread
+(which shares the GIL with the server's event loop), so this is per-token work: keep it plain.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from rtpllm.outputs import CompletionOutput, RequestMetrics, RequestOutput, Toke
 from rtpllm.sampling_params import SamplingParams
 
 
-@dataclass
+@dataclass(slots=True, eq=False)
 class SequenceState:
     """One of the `n` samples of a request; `seq_id` is its id in the C++ scheduler."""
 
@@ -37,6 +40,8 @@ class SequenceState:
     cumulative_logprob: float = 0.0
     finish_reason: Optional[str] = None
     stop_reason: Optional[int | str] = None
+    # NOTE: the output of a finished sequence never changes; built once, later outputs share it.
+    _final_output: Optional[CompletionOutput] = field(default=None, init=False, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -44,28 +49,34 @@ class SequenceState:
 
     def append_tokens(self, token_ids: list[int], logprobs: Optional[list[TokenLogprobs]]) -> bool:
         """Adds newly sampled tokens; returns True when a stop string ended the sequence."""
-        self.output_ids.extend(token_ids)
+        self.output_ids += token_ids
         if logprobs is not None:
-            if self.logprobs is None:
-                self.logprobs = []
-            self.logprobs.extend(logprobs)
-            for token, entry in zip(token_ids, logprobs):
-                value = entry.get(token)
-                if value is not None and math.isfinite(value):
-                    self.cumulative_logprob += value
+            self._append_logprobs(token_ids, logprobs)
         if not self.incremental:
             return False
-        self.text += self.detokenizer.push(token_ids)
+        delta = self.detokenizer.push(token_ids)
         if self.stop_checker is None:
-            self.visible_text = self.text
+            if delta:
+                self.text += delta
+                self.visible_text = self.text
             return False
+        self.text += delta
         match = self.stop_checker.check(self.text)
         if match.stop_string is not None:
             self.visible_text = match.text
             self.finish("stop", match.stop_string)
             return True
-        self.visible_text = self.text[:len(self.text) - match.hold_back]
+        self.visible_text = self.text[:len(self.text) - match.hold_back] if match.hold_back else self.text
         return False
+
+    def _append_logprobs(self, token_ids: list[int], logprobs: list[TokenLogprobs]) -> None:
+        if self.logprobs is None:
+            self.logprobs = []
+        self.logprobs += logprobs
+        for token, entry in zip(token_ids, logprobs):
+            value = entry.get(token)
+            if value is not None and math.isfinite(value):
+                self.cumulative_logprob += value
 
     def finish(self, reason: str, stop_reason: Optional[int | str] = None) -> None:
         if self.finished:
@@ -80,14 +91,20 @@ class SequenceState:
             self.visible_text = self.text  # nothing is held back once the sequence is over
 
     def to_output(self) -> CompletionOutput:
-        return CompletionOutput(
-            index=self.index, text=self.visible_text, token_ids=list(self.output_ids),
-            cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
-            logprobs=list(self.logprobs) if self.logprobs is not None else None,
-            finish_reason=self.finish_reason, stop_reason=self.stop_reason)
+        """A snapshot: its lists are copies, so later tokens do not change an output handed out."""
+        if self._final_output is not None:
+            return self._final_output
+        logprobs = self.logprobs
+        # Positional: this runs for every sequence at every step of a stream.
+        output = CompletionOutput(self.index, self.visible_text, self.output_ids[:],
+                                  None if logprobs is None else self.cumulative_logprob,
+                                  None if logprobs is None else logprobs[:], self.finish_reason, self.stop_reason)
+        if self.finish_reason is not None:
+            self._final_output = output
+        return output
 
 
-@dataclass
+@dataclass(slots=True, eq=False)
 class RequestGroup:
     """A user request: a prompt and its `n` sequences."""
 
@@ -103,11 +120,18 @@ class RequestGroup:
 
     @property
     def finished(self) -> bool:
-        return all(seq.finished for seq in self.seqs)
+        for seq in self.seqs:
+            if seq.finish_reason is None:
+                return False
+        return True
 
     def to_output(self) -> RequestOutput:
-        return RequestOutput(
-            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_ids,
-            outputs=[seq.to_output() for seq in self.seqs], finished=self.finished,
-            prompt_logprobs=self.prompt_logprobs, num_cached_tokens=self.num_cached_tokens,
-            metrics=self.metrics)
+        seqs = self.seqs
+        if len(seqs) == 1:
+            output = seqs[0].to_output()
+            outputs, finished = [output], output.finish_reason is not None
+        else:
+            outputs = [seq.to_output() for seq in seqs]
+            finished = self.finished
+        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outputs, finished, self.prompt_logprobs,
+                             self.num_cached_tokens, self.metrics)
