@@ -12,11 +12,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRowsPerWarp = 2;
-// Vectors per row in flight: 4 by default; 8 when the grid is too small to keep enough loads in
-// flight per SM with 4 (the 4096-6144-row projections of an 8B model fill only ~2-3 blocks per SM).
-constexpr int kUnrollDefault = 4;
-constexpr int kUnrollSmallGrid = 8;
-constexpr int kSmallGridBlocksPerSm = 4;
+constexpr int kUnroll = 4;
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
@@ -35,7 +31,7 @@ __device__ __forceinline__ void fma_vec(const uint4& wbits, const uint4& xbits, 
 
 // kUnroll 16-byte vectors of each of the warp's weight rows, starting at vector `base` (this lane's),
 // all in flight before any is used; vectors past K read as zero.
-template <int kRows, int kUnroll, typename T>
+template <int kRows, typename T>
 __device__ __forceinline__ void load_weight_chunk(uint4 (&wv)[kRows][kUnroll], const T* (&w_rows)[kRows],
                                                   int base, int k_vecs) {
 #pragma unroll
@@ -55,7 +51,7 @@ __device__ __forceinline__ int weight_row(const GemvParams& p, int row0, int r) 
   return kGated && r >= kRowsPerWarp ? p.n + out_row : out_row;
 }
 
-template <typename T, int M, bool kGated, int kUnroll>
+template <typename T, int M, bool kGated>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(const __grid_constant__ GemvParams p) {
   constexpr int kWeightRows = kGated ? 2 * kRowsPerWarp : kRowsPerWarp;
   const int lane = threadIdx.x % 32;
@@ -73,7 +69,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const __grid_constant__ 
   // The first chunk of weights is loaded before waiting for the kernel that produces x: the
   // weights never depend on it, so under PDL their latency hides behind that kernel's tail.
   uint4 wv[kWeightRows][kUnroll];
-  load_weight_chunk<kWeightRows, kUnroll>(wv, w_rows, lane, k_vecs);
+  load_weight_chunk<kWeightRows>(wv, w_rows, lane, k_vecs);
   allow_dependent_launch();
   wait_for_prior_grid();
 
@@ -90,9 +86,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const __grid_constant__ 
         for (int r = 0; r < kWeightRows; ++r) fma_vec<T>(wv[r][u], xv, acc[r][m]);
       }
     }
-    if (base + 32 * kUnroll < k_vecs) {
-      load_weight_chunk<kWeightRows, kUnroll>(wv, w_rows, base + 32 * kUnroll, k_vecs);
-    }
+    if (base + 32 * kUnroll < k_vecs) load_weight_chunk<kWeightRows>(wv, w_rows, base + 32 * kUnroll, k_vecs);
   }
 
 #pragma unroll
@@ -129,32 +123,16 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const __grid_constant__ 
   }
 }
 
-int sm_count() {
-  static thread_local int device = -1, sms = 0;
-  int current = 0;
-  if (cudaGetDevice(&current) != cudaSuccess) return 0;
-  if (current != device && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, current) == cudaSuccess) {
-    device = current;
-  }
-  return sms;
-}
-
 template <typename T, int M, bool kGated>
 cudaError_t launch(const GemvParams& p, cudaStream_t stream) {
   const int warps = (p.n + kRowsPerWarp - 1) / kRowsPerWarp;
   const int blocks = (warps + kWarps - 1) / kWarps;
-  // The gated kernel already keeps twice the rows (and registers) per warp in flight.
-  const bool small_grid = p.unroll == 8 || (p.unroll == 0 && !kGated && blocks < kSmallGridBlocksPerSm * sm_count());
-  if (small_grid) {
-    return launch_pdl(gemv_kernel<T, M, kGated, kUnrollSmallGrid>, dim3(blocks), dim3(kThreads), 0, stream, p);
-  }
-  return launch_pdl(gemv_kernel<T, M, kGated, kUnrollDefault>, dim3(blocks), dim3(kThreads), 0, stream, p);
+  return launch_pdl(gemv_kernel<T, M, kGated>, dim3(blocks), dim3(kThreads), 0, stream, p);
 }
 
 template <bool kGated>
 cudaError_t dispatch(const GemvParams& p, ScalarType dtype, cudaStream_t stream) {
   if (p.m < 1 || p.m > kGemvMaxRows || p.n < 1 || p.k < kVecElems || p.k % kVecElems != 0 ||
-      (p.unroll != 0 && p.unroll != kUnrollDefault && p.unroll != kUnrollSmallGrid) ||
       p.ldx % kVecElems != 0 || p.ldx < p.k || p.ldy < p.n || !aligned16(p.x) || !aligned16(p.w)) {
     return cudaErrorInvalidValue;
   }

@@ -26,7 +26,6 @@ struct GemvParams {
   int k;               // a multiple of 8
   int64_t ldx;         // a multiple of 8
   int64_t ldy;
-  int unroll = 0;      // 16-byte vectors per row in flight: 4 or 8; 0 picks by the grid's size
 };
 
 // cudaErrorInvalidValue for unsupported sizes, strides, alignment or dtype.

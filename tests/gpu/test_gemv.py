@@ -27,19 +27,6 @@ def test_gemv_matches_fp32_reference(dtype, m, n, k, with_bias):
     assert error < 8e-3, f"relative error {error:.2e}"
 
 
-@pytest.mark.parametrize("unroll", [4, 8])
-@pytest.mark.parametrize("m", [1, 3])
-@pytest.mark.parametrize("n, k", [(17, 64), (4096, 4104), (1001, 520)])
-def test_gemv_unroll_variants_match_fp32(unroll, m, n, k):
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
-    y = gemv(x, w, unroll=unroll)
-    expected = reference(x, w, None)
-    assert ((y.float() - expected).norm() / expected.norm()).item() < 8e-3
-    with pytest.raises(ValueError, match="unroll:"):
-        gemv(x, w, unroll=2)
-
-
 def test_gemv_reads_strided_activation_rows():
     base = torch.randn(3, 4096 + 64, device="cuda", dtype=torch.bfloat16)
     x = base[:, :4096]  # row stride 4160: a view into a wider buffer

@@ -41,23 +41,18 @@ def _checked_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         raise ValueError(f"bias: expected a contiguous [{rows}] {x.dtype} tensor, got {tuple(bias.shape)} {bias.dtype}")
 
 
-def _launch(kernel, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], n: int,
-            unroll: int = 0) -> torch.Tensor:
+def _launch(kernel, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], n: int) -> torch.Tensor:
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     kernel(y.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), x.shape[0], n,
            weight.shape[1], x.stride(0), y.stride(0), scalar_type(x.dtype),
-           torch.cuda.current_stream(x.device).cuda_stream, unroll)
+           torch.cuda.current_stream(x.device).cuda_stream)
     return y
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, unroll: int = 0) -> torch.Tensor:
-    """x [m, k] @ weight[n, k].T (+ bias [n]) -> [m, n] in x's dtype; m <= max_rows().
-
-    `unroll`: 16-byte vectors per weight row in flight, 4 or 8; 0 lets the kernel pick by grid size."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [m, k] @ weight[n, k].T (+ bias [n]) -> [m, n] in x's dtype; m <= max_rows()."""
     _checked_rows(x, weight, bias, "gemv", "weight")
-    if unroll not in (0, 4, 8):
-        raise ValueError(f"unroll: must be 0, 4 or 8, got {unroll}")
-    return _launch(kernel_ops().gemv, x, weight, bias, weight.shape[0], unroll)
+    return _launch(kernel_ops().gemv, x, weight, bias, weight.shape[0])
 
 
 def gemv_silu_and_mul(x: torch.Tensor, gate_up: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
