@@ -48,7 +48,10 @@ def test_bench_serve_random_reports_every_request(server, model_path, tmp_path):
     for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
         summary = result[metric]
         assert 0 < summary["median"] <= summary["percentiles"]["p99"]
-    assert len(result["itls"]) == 12 and all(len(gaps) == 5 for gaps in result["itls"])
+    # One gap per streamed chunk after the first: 5 for 6 tokens, fewer when a busy server sends two
+    # tokens in one chunk (on a loaded 2-core CI machine it sometimes does).
+    assert len(result["itls"]) == 12 and all(0 <= len(gaps) <= 5 for gaps in result["itls"])
+    assert sum(len(gaps) for gaps in result["itls"]) > 0
     assert plot.stat().st_size > 10_000
 
 
