@@ -147,17 +147,21 @@ def test_incomplete_character_is_held_until_flush(smollm2_tokenizer):
 def test_decoding_cost_is_linear_in_the_number_of_tokens(byte_level_bpe):
     class CountingTokenizer:
         decoded_ids = 0
+        calls = 0
 
         def decode(self, ids, skip_special_tokens=True):
             CountingTokenizer.decoded_ids += len(ids)
+            CountingTokenizer.calls += 1
             return byte_level_bpe.decode(ids, skip_special_tokens=skip_special_tokens)
 
     ids = byte_level_bpe.encode(MIXED_TEXT * 20).ids
     detok = IncrementalDetokenizer(CountingTokenizer(), [])
     text = "".join(detok.push([i]) for i in ids)
     assert text == MIXED_TEXT * 20
-    # Two short windows per token; a full re-decode would be ~len(ids)^2 / 2 = tens of thousands.
+    # A short window per token; a full re-decode would be ~len(ids)^2 / 2 = tens of thousands.
     assert CountingTokenizer.decoded_ids < 8 * len(ids)
+    # One decode call per token, plus one per slide of the window: the call is what costs.
+    assert CountingTokenizer.calls < 1.25 * len(ids)
 
 
 # ----------------------------------------------------------------------------- stop strings

@@ -6,7 +6,8 @@ import pytest
 
 from checkpoints import checkpoint_path
 from rtpllm import LLM, SamplingParams
-from rtpllm.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from rtpllm.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError, RequestStream
+from rtpllm.outputs import CompletionOutput, RequestOutput
 from server_harness import build_async_engine
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -87,6 +88,36 @@ def test_stream_interval_wakes_for_the_first_token_then_every_n(model_path):
     counts = _run(engine, body)
     assert counts[0] == 1 and counts[-1] == 20
     assert all(later - earlier >= 8 for earlier, later in zip(counts[:-2], counts[1:-1]))
+
+
+def _output(num_tokens: int, finished: bool = False) -> RequestOutput:
+    completion = CompletionOutput(0, "x" * num_tokens, list(range(num_tokens)),
+                                  finish_reason="length" if finished else None)
+    return RequestOutput("r", None, [1], [completion], finished)
+
+
+def test_request_stream_keeps_the_newest_output_and_survives_a_cancelled_reader():
+    async def main():
+        stream = RequestStream("r")
+        stream.put(_output(1), 1)
+        stream.put(_output(2), 2)  # the reader fell behind: only the newest is kept
+        assert len((await stream.__anext__()).outputs[0].token_ids) == 2
+        reader = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)
+        reader.cancel()  # a reader cancelled while waiting (its client went away) ...
+        await asyncio.gather(reader, return_exceptions=True)
+        stream.put(_output(3, finished=True), 3)  # ... does not break the next put or reader
+        outputs = [output async for output in stream]
+        assert [len(o.outputs[0].token_ids) for o in outputs] == [3] and outputs[0].finished
+
+        failing = RequestStream("f")
+        waiting = asyncio.ensure_future(failing.__anext__())
+        await asyncio.sleep(0)
+        failing.fail(EngineDeadError("gone"))
+        with pytest.raises(EngineDeadError):
+            await waiting
+
+    asyncio.run(main())
 
 
 def test_leaving_a_stream_early_aborts_and_frees_blocks(model_path):

@@ -67,7 +67,10 @@ class RequestStream:
         self.stream_interval = stream_interval
         self._latest: Optional[RequestOutput] = None
         self._error: Optional[BaseException] = None
-        self._ready = asyncio.Event()
+        # One consumer, so one waiter: a bare future is cheaper than an asyncio.Event, whose set()
+        # and wait() ran for every token of every stream.
+        self._ready = False
+        self._waiter: Optional[asyncio.Future] = None
         self._done = False
         self._tokens_at_wake = 0
         # What the step observer needs to turn cumulative outputs into inter-token latencies.
@@ -80,11 +83,19 @@ class RequestStream:
         if (output.finished or self._tokens_at_wake == 0
                 or num_tokens - self._tokens_at_wake >= self.stream_interval):
             self._tokens_at_wake = num_tokens
-            self._ready.set()
+            self._wake()
 
     def fail(self, error: BaseException) -> None:
         self._error = error
-        self._ready.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        self._ready = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():  # done: its consumer was cancelled
+                waiter.set_result(None)
 
     def __aiter__(self) -> "RequestStream":
         return self
@@ -92,8 +103,10 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self._done:
             raise StopAsyncIteration
-        await self._ready.wait()
-        self._ready.clear()
+        if not self._ready:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        self._ready = False
         if self._latest is None:  # only an error wakes us without an output
             self._done = True
             raise self._error
