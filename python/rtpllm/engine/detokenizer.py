@@ -59,13 +59,11 @@ def _cleanup_is_skipped(tokenizer, backend) -> bool:
 class IncrementalDetokenizer:
     """Decodes a growing list of output tokens into text deltas in O(window) per token.
 
-    It decodes a short window of ids, `ids[prefix:]`, per step; the text of `ids[prefix:read]`
-    (already emitted) is a prefix of it, and the rest is the new text. Decoding from `prefix`
-    rather than from the first token keeps the cost constant, while the left context lets decoders
-    that render a token differently at the start of a decode call (e.g. a SentencePiece "▁" word
-    marker) produce the same characters as in a full decode. The window keeps its start for up to
-    `WINDOW_TOKENS` ids, so the emitted text's decode is the previous step's: one decode call per
-    step; then it slides to start at the last emitted ids (one step of context), costing one more.
+    It decodes two short windows of ids per step: `ids[prefix:read]` (text already emitted) and
+    `ids[prefix:]` (that plus the new tokens); the difference is the new text. Decoding from
+    `prefix` rather than from the first token keeps the cost constant, while the one-step-back
+    context lets decoders that render a token differently at the start of a decode call (e.g. a
+    SentencePiece "▁" word marker) produce the same characters as in a full decode.
 
     The first window starts with the last few prompt tokens as context, so the output text is the
     continuation of the prompt: `decode(prompt + out) == decode(prompt) + text`. For byte-level BPE
@@ -75,9 +73,6 @@ class IncrementalDetokenizer:
 
     # Enough prompt tokens to give the first output token its left context.
     PROMPT_CONTEXT_TOKENS = 5
-    # The window slides once it holds more ids than this: longer windows mean fewer decode calls
-    # (the Python call costs more than a few more ids) but longer decodes.
-    WINDOW_TOKENS = 8
 
     def __init__(self, tokenizer: Decoder, prompt_token_ids: Sequence[int], skip_special_tokens: bool = True):
         self._decode_fn = direct_decode(tokenizer)
@@ -87,10 +82,11 @@ class IncrementalDetokenizer:
             # The prompt ends inside a character (a token-id prompt can): its bytes would merge with
             # the output's and make the context's text change, so decode the output on its own.
             context = []
-        # NOTE: only the window is kept (prefix = 0); ids before it are dropped as it slides.
+        # NOTE: only the window ids[prefix_offset:] is kept; ids before it are dropped as it slides.
         self._ids: list[int] = context
+        self._prefix_offset = 0  # start of the decode window
         self._read_offset = len(context)  # ids before this have had their text emitted
-        self._emitted_text: Optional[str] = None  # decode of ids[:read_offset], once known
+        self._emitted_text: Optional[str] = None  # decode of ids[prefix_offset:read_offset], once known
 
     def push(self, new_token_ids: Sequence[int]) -> str:
         """Adds tokens; returns the text they complete (possibly "", never a partial character)."""
@@ -105,25 +101,22 @@ class IncrementalDetokenizer:
         return self._emit(final=True)
 
     def _emit(self, final: bool) -> str:
-        ids = self._ids
-        if self._read_offset == len(ids):
+        if self._read_offset == len(self._ids):
             return ""
         emitted_text = self._emitted_text
         if emitted_text is None:
-            emitted_text = self._emitted_text = self._decode(ids[:self._read_offset])
-        full_text = self._decode(ids)
+            emitted_text = self._emitted_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        full_text = self._decode(self._ids[self._prefix_offset:])
         if not final and (len(full_text) <= len(emitted_text) or full_text.endswith(_REPLACEMENT_CHAR)):
             # No new text yet (a skipped special token) or it ends mid-character: wait for more
             # tokens without moving the window, so the next decode still sees the left context.
             return ""
         delta = full_text[len(emitted_text):]
-        if len(ids) > self.WINDOW_TOKENS:
-            # Slide: the ids just emitted become the next step's context.
-            del ids[:self._read_offset]
-            self._emitted_text = None
-        else:
-            self._emitted_text = full_text
-        self._read_offset = len(ids)
+        # Slide: the ids just emitted become the next step's context.
+        del self._ids[:self._read_offset]
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self._emitted_text = None
         return delta
 
     def _decode(self, ids: list[int]) -> str:
