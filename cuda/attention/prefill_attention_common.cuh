@@ -207,4 +207,17 @@ __device__ __forceinline__ uint32_t pack_pair<__half>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// Host side: one CTA per (BLOCK_M packed query rows, KV head, sequence), with SMEM_BYTES of
+// dynamic shared memory. Both architectures' launchers go through here.
+template <int BLOCK_M, int NUM_THREADS, int SMEM_BYTES>
+cudaError_t launch_prefill_grid(void (*kernel)(KernelParams), const KernelParams& params, int num_seqs,
+                                int max_query_len, cudaStream_t stream) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
+  if (err != cudaSuccess) return err;
+  const int64_t m_blocks = (static_cast<int64_t>(max_query_len) * params.group_size + BLOCK_M - 1) / BLOCK_M;
+  const dim3 grid(static_cast<unsigned>(m_blocks), params.num_kv_heads, num_seqs);
+  kernel<<<grid, NUM_THREADS, SMEM_BYTES, stream>>>(params);
+  return cudaGetLastError();
+}
+
 }  // namespace rtpllm::cuda::prefill

@@ -275,14 +275,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(con
 
 template <typename T, int HEAD_DIM>
 cudaError_t run_prefill_sm90(const KernelParams& params, int num_seqs, int max_query_len, cudaStream_t stream) {
-  using Smem = Sm90Smem<HEAD_DIM>;
-  auto kernel = prefill_attention_sm90_kernel<T, HEAD_DIM>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem::kBytes);
-  if (err != cudaSuccess) return err;
-  const int64_t m_blocks = (static_cast<int64_t>(max_query_len) * params.group_size + kBlockM - 1) / kBlockM;
-  const dim3 grid(static_cast<unsigned>(m_blocks), params.num_kv_heads, num_seqs);
-  kernel<<<grid, kThreads, Smem::kBytes, stream>>>(params);
-  return cudaGetLastError();
+  return launch_prefill_grid<kBlockM, kThreads, Sm90Smem<HEAD_DIM>::kBytes>(
+      prefill_attention_sm90_kernel<T, HEAD_DIM>, params, num_seqs, max_query_len, stream);
 }
 
 template cudaError_t run_prefill_sm90<__half, 64>(const KernelParams&, int, int, cudaStream_t);
