@@ -4,6 +4,12 @@
 //   warpgroup 0 (producer): gathers 128-key K and V tiles of the paged cache with cp.async into a
 //     kStages-deep ring; each landing tile completes a "full" mbarrier (one arrival per producer
 //     thread, counted by cp.async.mbarrier.arrive.noinc). It gives its registers to the consumers.
+//     Each thread copies a run of 16 (head_dim 128) or 8 (64) consecutive keys of one 16-byte
+//     column; when a cache page holds the whole run, the page is read from the block table once per
+//     tile for K and V together, one tile ahead, and the copies are straight-line (one 64-bit add
+//     and one cp.async each). Before (a block-table read per K and per V tile, each waited on in
+//     turn, and ~20 instructions per copy within the producer's 40 registers) the consumers spent
+//     much of their time waiting for K (ncu, H100, 2026-11-27).
 //     (Copying whole pages with the tensor memory accelerator instead measured no faster for
 //     16-token pages, 2-4 KB boxes, and slower at head_dim 64.)
 //   warpgroups 1, 2 (consumers): 64 query rows each. S = Q K^T with both operands in shared memory
@@ -12,10 +18,14 @@
 // The softmax's exp2 alone costs about half the time of the two products at head_dim 128, so it has
 // to run while the tensor cores work for someone else: named barriers hand the right to issue
 // products back and forth between the two consumers ("ping-pong"), so one warpgroup's softmax runs
-// under the other's products. Each consumer issues S_j together with P_{j-1} V_{j-1} and retires
-// them with wait_group 1 / 0 around the softmax of S_j, as FlashAttention-3 does; NOTE: ptxas from
-// CUDA 13.0 schedules the wait_group 0 above that softmax (checked in the SASS), so today the
-// overlap comes from the ping-pong alone.
+// under the other's products. Each consumer issues S_j together with P_{j-1} V_{j-1}, retires S_j
+// (wait_group 1), then retires P_{j-1} V_{j-1} (wait_group 0) and runs the softmax of S_j.
+// ptxas from CUDA 13.0 places that wait_group 0 freely among independent instructions (it put it
+// above the softmax even when the softmax came first in the source). FlashAttention-3's order
+// (O rescaled between the two issues, the softmax between the two waits, the probabilities into a
+// second operand buffer, the wait pinned below the softmax by a shared store that depends on it)
+// did overlap in the SASS but measured 3-5% slower on the H100 (2026-11-27), so ping-pong alone
+// hides the softmax.
 // K and V stages are released separately ("empty" mbarriers), so the producer refills K while V of
 // the same stage is still being read.
 #include <type_traits>
@@ -50,7 +60,7 @@ struct Sm90Smem {
   static constexpr int kK = kQ + 2 * kQBytes;
   static constexpr int kV = kK + kStages * kKvBytes;
   static constexpr int kBarriers = kV + kStages * kKvBytes;  // full_k, full_v, empty_k, empty_v [kStages]
-  static constexpr int kBytes = kBarriers + 4 * kStages * 8 + 1024;  // + slack to align the base to 1024
+  static constexpr int kBytes = kBarriers + 4 * kStages * 8 + 1024;  // + slack to align the base to 1024  // + slack to align the base to 1024
   static_assert(kBytes <= 227 * 1024, "shared memory per block");
 
   __device__ static uint32_t full_k(uint32_t base, int stage) { return base + kBarriers + stage * 8; }
@@ -65,18 +75,77 @@ __device__ __forceinline__ void produce_kv(const KernelParams& p, const TileCoor
   const T* k_head = static_cast<const T*>(p.k_cache) + t.kv_head * HEAD_DIM;
   const T* v_head = static_cast<const T*>(p.v_cache) + t.kv_head * HEAD_DIM;
   const int32_t* block_table = p.block_tables + static_cast<int64_t>(t.seq) * p.max_blocks_per_seq;
+  // A fresh mbarrier counts as having completed the phase before phase 0, so the first pass over
+  // the ring waits on parity 1 and returns at once.
+  auto empty_parity = [](int j) { return static_cast<uint32_t>(((j / Smem::kStages) & 1) ^ 1); };
+
+  // Each thread copies one 16-byte chunk column of kRowsPerThread consecutive keys (gather_kv_tile's
+  // layout). When such a run always sits in one cache page, the page is looked up once per tile for
+  // both K and V, and the lookup for tile j + 1 is issued before tile j's copies, so that its latency
+  // hides behind the ring waits instead of stalling every tile.
+  constexpr int kChunks = HEAD_DIM / 8;
+  constexpr int kRowsPerThread = kBlockN / (kWarpgroupThreads / kChunks);
+  if ((1 << p.block_size_log2) < kRowsPerThread) {
+    for (int j = 0; j < t.num_kv_tiles; ++j) {
+      const int stage = j % Smem::kStages;
+      sm90::mbarrier_wait(Smem::empty_k(base, stage), empty_parity(j));
+      gather_kv_tile<HEAD_DIM, kBlockN, kWarpgroupThreads>(base + Smem::kK + stage * Smem::kKvBytes, k_head,
+                                                           block_table, j * kBlockN, t.seq_len, p, tid);
+      sm90::mbarrier_arrive_on_cp_async(Smem::full_k(base, stage));
+      sm90::mbarrier_wait(Smem::empty_v(base, stage), empty_parity(j));
+      gather_kv_tile<HEAD_DIM, kBlockN, kWarpgroupThreads>(base + Smem::kV + stage * Smem::kKvBytes, v_head,
+                                                           block_table, j * kBlockN, t.seq_len, p, tid);
+      sm90::mbarrier_arrive_on_cp_async(Smem::full_v(base, stage));
+    }
+    cp_async_wait<0>();
+    return;
+  }
+  const int chunk = tid % kChunks;
+  const int first_row = (tid / kChunks) * kRowsPerThread;
+  const int page_mask = (1 << p.block_size_log2) - 1;
+  auto page_of = [&](int j) {
+    const int key = j * kBlockN + first_row;
+    return key < t.seq_len ? __ldg(block_table + min(key >> p.block_size_log2, p.max_blocks_per_seq - 1)) : 0;
+  };
+  // Tile rows first_row .. first_row + kRowsPerThread - 1 of chunk column `chunk`. first_row is a
+  // multiple of 8, so row i's swizzled chunk is chunk ^ (i % 8): the shared-memory addresses are one
+  // per-thread base plus compile-time offsets and an XOR.
+  const uint32_t row_base = (chunk >> 3) * (kBlockN * 128) + first_row * 128;
+  const uint32_t chunk_bytes = (chunk & 7) << 4;
+  const int64_t slot_bytes = p.kv_slot_stride * static_cast<int64_t>(sizeof(T));
+  auto copy_rows = [&](uint32_t tile, const T* head, int64_t offset, int valid_rows) {
+    const char* src = reinterpret_cast<const char*>(head + offset);
+    const uint32_t dst = tile + row_base;
+    if (valid_rows >= kRowsPerThread) {
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst + i * 128 + (chunk_bytes ^ ((i & 7) << 4))),
+                     "l"(src + i * slot_bytes)
+                     : "memory");
+      }
+    } else {  // the sequence's last tile: rows at or past seq_len are zero-filled
+#pragma unroll 1
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        const bool valid = i < valid_rows;
+        cp_async_16(dst + i * 128 + (chunk_bytes ^ ((i & 7) << 4)), valid ? static_cast<const void*>(src + i * slot_bytes) : static_cast<const void*>(head),
+                    valid ? 16 : 0);
+      }
+    }
+  };
+  int next_page = page_of(0);
   for (int j = 0; j < t.num_kv_tiles; ++j) {
     const int stage = j % Smem::kStages;
-    // A fresh mbarrier counts as having completed the phase before phase 0, so the first pass
-    // over the ring waits on parity 1 and returns at once.
-    const uint32_t parity = ((j / Smem::kStages) & 1) ^ 1;
-    sm90::mbarrier_wait(Smem::empty_k(base, stage), parity);
-    gather_kv_tile<HEAD_DIM, kBlockN, kWarpgroupThreads>(base + Smem::kK + stage * Smem::kKvBytes, k_head,
-                                                         block_table, j * kBlockN, t.seq_len, p, tid);
+    const int page = next_page;
+    if (j + 1 < t.num_kv_tiles) next_page = page_of(j + 1);
+    const int first_key = j * kBlockN + first_row;
+    const int valid_rows = t.seq_len - first_key;  // rows at or past seq_len are zero-filled
+    const int64_t offset =
+        ((static_cast<int64_t>(page) << p.block_size_log2) | (first_key & page_mask)) * p.kv_slot_stride + chunk * 8;
+    sm90::mbarrier_wait(Smem::empty_k(base, stage), empty_parity(j));
+    copy_rows(base + Smem::kK + stage * Smem::kKvBytes, k_head, offset, valid_rows);
     sm90::mbarrier_arrive_on_cp_async(Smem::full_k(base, stage));
-    sm90::mbarrier_wait(Smem::empty_v(base, stage), parity);
-    gather_kv_tile<HEAD_DIM, kBlockN, kWarpgroupThreads>(base + Smem::kV + stage * Smem::kKvBytes, v_head,
-                                                         block_table, j * kBlockN, t.seq_len, p, tid);
+    sm90::mbarrier_wait(Smem::empty_v(base, stage), empty_parity(j));
+    copy_rows(base + Smem::kV + stage * Smem::kKvBytes, v_head, offset, valid_rows);
     sm90::mbarrier_arrive_on_cp_async(Smem::full_v(base, stage));
   }
   cp_async_wait<0>();
@@ -176,6 +245,8 @@ __device__ __forceinline__ void consume(const KernelParams& p, const TileCoords&
   };
   // Iteration j >= 1: issue S_j and P_{j-1} V_{j-1}, then the softmax of S_j. p_frag and o belong
   // to the in-flight P V product until the second wait.
+  // Iteration j >= 1: issue S_j and P_{j-1} V_{j-1}, then the softmax of S_j. p_frag and o belong
+  // to the in-flight P V product until the second wait.
   auto iteration = [&](int j, auto masked) {
     turn.wait();
     // V_{j-2} retired with the previous iteration's final wait; releasing it here, behind the
@@ -243,7 +314,10 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(con
   if (!locate_tile<kBlockM, kBlockN>(p, t)) return;
 
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  // Align by offsetting the __shared__ array itself (not through an integer cast), so the compiler
+  // still knows every access through `smem` is to shared memory and emits LDS / STS, not generic
+  // loads and stores.
+  uint8_t* smem = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
   const uint32_t base = smem_addr(smem);
   if (threadIdx.x == 0) {
     for (int stage = 0; stage < Smem::kStages; ++stage) {
