@@ -49,19 +49,19 @@ struct TileCoords {
   int num_unmasked_tiles; // leading tiles that no row of the tile needs to mask
 };
 
-// Grid: (m blocks of the longest sequence, num_kv_heads, num_seqs). blockIdx.x counts from each
-// sequence's last m block, so the heaviest causal tiles of all sequences start first, and CTAs
-// that run together share a head's K/V in L2.
+// The tile of grid position (block_from_last, kv_head, seq) (locate_tile's blockIdx.x, y, z);
+// false past the sequence's rows.
 template <int BLOCK_M, int BLOCK_N>
-__device__ __forceinline__ bool locate_tile(const KernelParams& p, TileCoords& t) {
-  t.seq = blockIdx.z;
-  t.kv_head = blockIdx.y;
+__device__ __forceinline__ bool locate_tile_at(const KernelParams& p, int block_from_last, int kv_head, int seq,
+                                               TileCoords& t) {
+  t.seq = seq;
+  t.kv_head = kv_head;
   t.q_begin = p.query_start_loc[t.seq];
   t.q_len = p.query_start_loc[t.seq + 1] - t.q_begin;
   t.seq_len = p.seq_lens[t.seq];
   t.prefix = t.seq_len - t.q_len;
   const int num_rows = t.q_len * p.group_size;
-  const int m_block = (num_rows + BLOCK_M - 1) / BLOCK_M - 1 - static_cast<int>(blockIdx.x);
+  const int m_block = (num_rows + BLOCK_M - 1) / BLOCK_M - 1 - block_from_last;
   if (m_block < 0) return false;
   t.row_begin = m_block * BLOCK_M;
   const int first_token = t.row_begin / p.group_size;
@@ -70,6 +70,15 @@ __device__ __forceinline__ bool locate_tile(const KernelParams& p, TileCoords& t
   t.num_kv_tiles = (kv_end + BLOCK_N - 1) / BLOCK_N;
   t.num_unmasked_tiles = min(t.num_kv_tiles, (t.prefix + first_token + 1) / BLOCK_N);
   return true;
+}
+
+// Grid: (m blocks of the longest sequence, num_kv_heads, num_seqs). blockIdx.x counts from each
+// sequence's last m block, so the heaviest causal tiles of all sequences start first, and CTAs
+// that run together share a head's K/V in L2.
+template <int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ bool locate_tile(const KernelParams& p, TileCoords& t) {
+  return locate_tile_at<BLOCK_M, BLOCK_N>(p, static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
+                                          static_cast<int>(blockIdx.z), t);
 }
 
 // The last key packed row `row` may attend to. Rows past the sequence's new tokens only pad the

@@ -69,6 +69,43 @@ struct Sm90Smem {
   __device__ static uint32_t empty_v(uint32_t base, int stage) { return base + kBarriers + (3 * kStages + stage) * 8; }
 };
 
+#ifndef RTPLLM_SM90_PREFETCH_NEXT_Q
+#define RTPLLM_SM90_PREFETCH_NEXT_Q 1
+#endif
+
+// Each CTA starts by loading its Q tile from device memory, and nothing else of the CTA runs until
+// that load lands. The CTA one SM count further in launch order starts about when a running one
+// ends, so the producer asks L2 to fetch that CTA's Q rows now (one row per producer thread); its
+// consumers then read Q from L2. Only a hint: nothing waits for it. (H100, 2026-11-27, same run:
+// S=1024 298 -> 328 TFLOP/s, S=4096 / 8192 / GQA / d64 / extend unchanged within run-to-run noise.)
+// A persistent grid instead (one CTA per SM walking pairs of heavy and light m blocks, the producer
+// loading the next tile's Q and K/V while the consumers finish, output stored from registers) was
+// faster at S=1024 too but 4-6% slower at S=8192, GQA and extend, and is not kept.
+template <typename T, int HEAD_DIM>
+__device__ __forceinline__ void prefetch_next_q(const KernelParams& p, int tid) {
+  uint32_t num_sms;
+  asm("mov.u32 %0, %%nsmid;" : "=r"(num_sms));
+  const int64_t per_seq = static_cast<int64_t>(gridDim.x) * gridDim.y;
+  const int64_t next = blockIdx.x + gridDim.x * (blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z) + num_sms;
+  const int seq = static_cast<int>(next / per_seq);
+  if (seq >= static_cast<int>(gridDim.z)) return;
+  const int rem = static_cast<int>(next - seq * per_seq);
+  TileCoords t;
+  if (!locate_tile_at<kBlockM, kBlockN>(p, rem % gridDim.x, rem / gridDim.x, seq, t)) return;
+  static_assert(kBlockM == kWarpgroupThreads, "one Q row per producer thread");
+  const int packed = t.row_begin + tid;
+  const int token = packed / p.group_size;
+  if (token >= t.q_len) return;
+  const int head = t.kv_head * p.group_size + (packed - token * p.group_size);
+  const char* row = reinterpret_cast<const char*>(static_cast<const T*>(p.q) +
+                                                  static_cast<int64_t>(t.q_begin + token) * p.q_token_stride +
+                                                  head * HEAD_DIM);
+#pragma unroll
+  for (int offset = 0; offset < HEAD_DIM * static_cast<int>(sizeof(T)); offset += 128) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(row + offset));
+  }
+}
+
 template <typename T, int HEAD_DIM>
 __device__ __forceinline__ void produce_kv(const KernelParams& p, const TileCoords& t, uint32_t base, int tid) {
   using Smem = Sm90Smem<HEAD_DIM>;
@@ -333,6 +370,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(con
   const int tid = threadIdx.x % kWarpgroupThreads;
   if (warpgroup == 0) {
     sm90::release_registers<kProducerRegisters>();
+    if (RTPLLM_SM90_PREFETCH_NEXT_Q) prefetch_next_q<T, HEAD_DIM>(p, tid);
     produce_kv<T, HEAD_DIM>(p, t, base, tid);
   } else {
     sm90::claim_registers<kConsumerRegisters>();

@@ -1,6 +1,6 @@
 """CUDA prefill / extend attention over the paged KV cache against an fp32 torch reference.
 
-Covers odd query lengths (1, 17, 1000, 4097), cached prefixes (0, 5, 300), batches of 1, 7 and 33,
+Covers odd query lengths (1, 17, 1000, 4097), cached prefixes (0, 5, 300), batches of 1, 5, 7 and 33,
 GQA 9/3 and 32/8 heads, head dims 64 and 128, block sizes 4 to 128, fp16 and bf16, and both
 implementations (mma.sync "sm80" everywhere, wgmma "sm90" on compute capability 9.0). Outputs are
 poisoned with NaN before each call; cache blocks no sequence owns, and slots past each sequence's
@@ -149,6 +149,17 @@ def test_mixed_batch_matches_reference(impl, dtype, head_dim, heads, block_size)
 @pytest.mark.parametrize("q_len,prefix", [(4097, 300), (1, 0), (17, 5)])
 def test_single_sequence(impl, q_len, prefix):
     b = make_batch([q_len], [prefix], 32, 8, 128, 16, torch.bfloat16, seed=q_len)
+    assert_matches_reference(run_checked(b, impl), b)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_many_tiles_per_cta_mixed_lengths(impl, head_dim):
+    """Far more tiles than SMs, so each SM runs many CTAs back to back through the same K/V ring
+    code, with sequences of very different lengths (short ones have no CTA at the top m blocks)
+    and cached prefixes on some."""
+    b = make_batch([2500, 3, 1300, 129, 640], [0, 7, 250, 2000, 0], 32, 8, head_dim, 16, torch.bfloat16,
+                   seed=head_dim + 1)
     assert_matches_reference(run_checked(b, impl), b)
 
 
