@@ -3,14 +3,18 @@
     with RunningServer(build_async_engine(path, num_blocks=64)) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
 
-uvicorn serves from a background thread with its own event loop; the engine's step thread runs
-beside it, exactly as under `rtpllm serve`. The listening socket is bound before the thread starts
-(port 0: the OS picks a free port), so there is no race for the port.
+uvicorn serves from a background thread with its own event loop. The engine steps in a thread
+beside it (`AsyncEngine`), or, with RTPLLM_TEST_ENGINE=process, in a process of its own
+(`ProcessEngine`, what `rtpllm serve` runs): tests/run_all.sh runs the server suites both ways.
+The listening socket is bound before the thread starts (port 0: the OS picks a free port), so
+there is no race for the port.
 """
 
 from __future__ import annotations
 
 import asyncio
+import operator
+import os
 import re
 import socket
 import threading
@@ -21,22 +25,29 @@ import httpx
 import uvicorn
 
 from rtpllm.config import EngineConfig
-from rtpllm.engine.async_engine import AsyncEngine
+from rtpllm.engine.async_engine import AsyncEngine, AsyncEngineBase
 from rtpllm.engine.engine import Engine
+from rtpllm.engine.process_engine import ProcessEngine
 from rtpllm.serving.openai_server import build_app
 
 T = TypeVar("T")
 
 
-def build_async_engine(model: str, max_queued_requests: Optional[int] = None, **options: Any) -> AsyncEngine:
+# Picklable, so that it also reaches an engine in another process.
+check_kv_pool_free = operator.methodcaller("check_kv_pool_free")
+
+
+def build_async_engine(model: str, max_queued_requests: Optional[int] = None, **options: Any) -> AsyncEngineBase:
     options.setdefault("num_blocks", 128)
     options.setdefault("block_size", 16)
     config = EngineConfig.from_kwargs(model=model, max_queued_requests=max_queued_requests, **options)
+    if os.environ.get("RTPLLM_TEST_ENGINE", "thread") == "process":
+        return ProcessEngine.from_config(config)
     return AsyncEngine(Engine(config), config.max_queued_requests)
 
 
 class RunningServer:
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: AsyncEngineBase):
         self.engine = engine
         self.app = build_app(engine)
         # NOTE: IPPROTO_TCP, not 0: asyncio turns Nagle off only on sockets that say they are TCP,
@@ -62,6 +73,8 @@ class RunningServer:
         self._server.should_exit = True
         self._thread.join(timeout=30)
         self._sock.close()
+        if isinstance(self.engine, ProcessEngine):
+            self.engine.close()  # already stopped by the app's shutdown, unless that failed
 
     def call_in_engine_thread(self, fn: Callable[[Engine], T]) -> T:
         """Runs `fn(engine)` between two steps (the engine is not thread-safe) and returns its result."""

@@ -4,7 +4,7 @@ import httpx
 import pytest
 
 from checkpoints import checkpoint_path
-from server_harness import RunningServer, build_async_engine
+from server_harness import RunningServer, build_async_engine, check_kv_pool_free
 
 MAX_MODEL_LEN = 128
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -99,4 +99,4 @@ def test_server_keeps_serving_after_bad_input(server):
     assert response.status_code == 200
     assert response.json()["usage"]["completion_tokens"] == 3
     assert httpx.get(server.url + "/health").status_code == 200
-    assert server.call_in_engine_thread(lambda engine: engine.check_kv_pool_free())
+    assert server.call_in_engine_thread(check_kv_pool_free)

@@ -15,13 +15,13 @@ import httpx
 import pytest
 
 from checkpoints import checkpoint_path
-from server_harness import RunningServer, build_async_engine
+from server_harness import RunningServer, build_async_engine, check_kv_pool_free
 
 LONG = {"max_tokens": 200, "ignore_eos": True, "temperature": 0.0}
 
 
 def _blocks_free(server: RunningServer) -> bool:
-    return server.call_in_engine_thread(lambda engine: engine.check_kv_pool_free())
+    return server.call_in_engine_thread(check_kv_pool_free)
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +133,9 @@ def test_signal_shuts_down_gracefully_finishing_in_flight_requests(sig):
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
+        with open(f"/proc/{process.pid}/task/{process.pid}/children") as children:
+            engine_pids = [int(pid) for pid in children.read().split()]
+        assert engine_pids, "rtpllm serve runs its engine in a child process"
         body = {"prompt": "Tell me a story", "max_tokens": 60, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
             lines = response.iter_lines()
@@ -145,6 +148,9 @@ def test_signal_shuts_down_gracefully_finishing_in_flight_requests(sig):
         assert process.wait(timeout=60) == 0
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/health", timeout=1)
+        for pid in engine_pids:  # the engine process ended with the server
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
     finally:
         if process.poll() is None:
             process.kill()

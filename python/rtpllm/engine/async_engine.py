@@ -1,11 +1,10 @@
-"""The server's engine: the synchronous `Engine` stepped in its own thread, with an asyncio front.
+"""The server's engine: the synchronous `Engine` stepped beside an asyncio front.
 
-Threads and ownership:
-- The step thread is the only one that touches the `Engine`. It drains a command list (add, abort,
-  call), runs `Engine.step()` while requests are unfinished, and sleeps on a condition when idle.
-- The event loop owns the per-request `RequestStream`s. The step thread hands each step's outputs
-  over in one `loop.call_soon_threadsafe` call, so a slow HTTP client never blocks a step and a
-  long step never blocks HTTP handling beyond the GIL they share.
+- The event loop owns the per-request `RequestStream`s (`AsyncEngineBase`). Each engine step's
+  outputs are handed over in one batch, so a slow HTTP client never blocks a step.
+- `AsyncEngine` steps the `Engine` in a thread of this process; `ProcessEngine`
+  (process_engine.py) in a process of its own, so that HTTP handling and the step loop do not
+  share one GIL.
 
 Admission control: with `max_queued_requests` set, a request that would make the scheduler's
 waiting queue longer than that is refused at once with `EngineOverloadedError` (the server's 503)
@@ -23,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional, Protocol, Sequence, TypeVar, Union
 
+from rtpllm.engine.request_stream import RequestStream, record_token_timing
 from rtpllm.outputs import RequestOutput
 from rtpllm.sampling_params import SamplingParams
 
@@ -52,70 +52,6 @@ class StepObserver(Protocol):
                 finished: list[RequestOutput]) -> None: ...
 
 
-class RequestStream:
-    """One request's outputs, handed from the step thread to the task serving the request.
-
-    Outputs are cumulative (full text and token ids so far), so when the consumer falls behind only
-    the newest one matters: a slow client gets fewer, larger deltas instead of a growing backlog.
-    With `stream_interval` N > 1 the consumer is woken for the first token, then once per N new
-    tokens, and at the end, trading streaming granularity for less per-token work in the server.
-    Iteration ends after the output whose `finished` is True.
-    """
-
-    def __init__(self, request_id: str, stream_interval: int = 1):
-        self.request_id = request_id
-        self.stream_interval = stream_interval
-        self._latest: Optional[RequestOutput] = None
-        self._error: Optional[BaseException] = None
-        # One consumer, so one waiter: a bare future is cheaper than an asyncio.Event, whose set()
-        # and wait() ran for every token of every stream.
-        self._ready = False
-        self._waiter: Optional[asyncio.Future] = None
-        self._done = False
-        self._tokens_at_wake = 0
-        # What the step observer needs to turn cumulative outputs into inter-token latencies.
-        self.tokens_seen: list[int] = []  # per sequence index
-        self.last_token_time: Optional[float] = None
-
-    def put(self, output: RequestOutput, num_tokens: int) -> None:
-        """Stores the newest output; `num_tokens` is its token count over all sequences."""
-        self._latest = output
-        if (output.finished or self._tokens_at_wake == 0
-                or num_tokens - self._tokens_at_wake >= self.stream_interval):
-            self._tokens_at_wake = num_tokens
-            self._wake()
-
-    def fail(self, error: BaseException) -> None:
-        self._error = error
-        self._wake()
-
-    def _wake(self) -> None:
-        self._ready = True
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():  # done: its consumer was cancelled
-                waiter.set_result(None)
-
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._done:
-            raise StopAsyncIteration
-        if not self._ready:
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
-        self._ready = False
-        if self._latest is None:  # only an error wakes us without an output
-            self._done = True
-            raise self._error
-        output, self._latest = self._latest, None
-        if output.finished:
-            self._done = True
-        return output
-
-
 @dataclass
 class _Add:
     request_id: str
@@ -137,54 +73,51 @@ class _Call:
     result: concurrent.futures.Future
 
 
-class AsyncEngine:
-    """Serves concurrent requests from one `Engine`.
+class AsyncEngineBase:
+    """The event-loop side of a served engine: per-request streams, admission control, aborts,
+    shutdown and metrics hand-over. Where the `Engine` runs is the subclass's business: in a thread
+    of this process (`AsyncEngine`) or in a process of its own (`ProcessEngine`). Subclasses provide
+    the served model's facts and four hooks: `_launch()`, `_submit(command)`, `_stop()` and
+    `_take_unsent()`; they call `_hand_over` with what each engine step produced.
 
     Use from a running event loop: `start()`, then `add_request(...)` (or `generate(...)`) per
     request, `abort(request_id)` when its client goes away, and `shutdown()` at the end.
     """
 
-    def __init__(self, engine: "Engine", max_queued_requests: Optional[int] = None,
+    def __init__(self, stats: "EngineStats", max_queued_requests: Optional[int] = None,
                  observer: Optional[StepObserver] = None, stream_interval: int = 1):
         if max_queued_requests is not None and max_queued_requests < 1:
             raise ValueError(f"max_queued_requests: must be >= 1, got {max_queued_requests}")
         if stream_interval < 1:
             raise ValueError(f"stream_interval: must be >= 1, got {stream_interval}")
-        self.engine = engine
         self.max_queued_requests = max_queued_requests
         self.stream_interval = stream_interval
         self.observer = observer
         self._streams: dict[str, RequestStream] = {}
-        self._commands: list[Union[_Add, _Abort, _Call]] = []
-        self._wakeup = threading.Condition()
-        self._stop_requested = False
+        self._started = False
         self._accepting = False
         self._dead_error: Optional[EngineDeadError] = None
-        self._pending_adds = 0  # adds sent to the step thread and not yet answered
-        self._stats: "EngineStats" = engine.stats()
+        self._pending_adds = 0  # adds sent to the engine and not yet answered
+        self._stats = stats
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
         self._idle = asyncio.Event()
-
-    @classmethod
-    def from_config(cls, config: "EngineConfig", observer: Optional[StepObserver] = None,
-                    stream_interval: int = 1) -> "AsyncEngine":
-        from rtpllm.engine.engine import Engine
-
-        return cls(Engine(config), config.max_queued_requests, observer, stream_interval)
 
     # ------------------------------------------------------------------ what the server reads
     @property
     def tokenizer(self):
-        return self.engine.tokenizer
+        raise NotImplementedError
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.max_model_len
+        raise NotImplementedError
 
     @property
     def model_name(self) -> str:
-        return self.engine.model_name
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
 
     @property
     def loop(self) -> Optional[asyncio.AbstractEventLoop]:
@@ -196,7 +129,7 @@ class AsyncEngine:
         return self._accepting and self._dead_error is None
 
     def stats(self) -> "EngineStats":
-        """The counters as of the end of the last step (the step thread refreshes them)."""
+        """The counters as of the end of the last step."""
         return self._stats
 
     @property
@@ -205,20 +138,20 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Starts the step thread; call from the event loop that will serve requests."""
-        if self._thread is not None:
-            raise RuntimeError("AsyncEngine.start: already started")
+        """Starts serving; call from the event loop that will serve requests."""
+        if self._started:
+            raise RuntimeError(f"{type(self).__name__}.start: already started")
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._launch()
+        self._started = True
         self._accepting = True
-        self._thread = threading.Thread(target=self._step_loop, name="rtpllm-step-loop", daemon=True)
-        self._thread.start()
 
     async def shutdown(self, grace_period_s: float = 0.0) -> None:
         """Stops taking requests, lets in-flight ones finish for up to `grace_period_s`, aborts the
-        rest (their streams end with finish_reason "abort") and stops the step thread."""
-        if self._thread is None:
+        rest (their streams end with finish_reason "abort") and stops the engine."""
+        if not self._started:
             return
         self._accepting = False
         if grace_period_s > 0 and self._streams:
@@ -227,19 +160,16 @@ class AsyncEngine:
             except asyncio.TimeoutError:
                 logger.warning("shutdown: %d requests still running after %.1fs; aborting them",
                                len(self._streams), grace_period_s)
-        with self._wakeup:
-            self._commands.extend(_Abort(request_id) for request_id in self._streams)
-            self._wakeup.notify()
+        if self._dead_error is None:
+            for request_id in list(self._streams):
+                self._submit(_Abort(request_id))
         if self._streams and self._dead_error is None:
             # The aborts come back as finished outputs through the normal path; wait for them briefly.
             try:
                 await asyncio.wait_for(self._idle.wait(), 5.0)
             except asyncio.TimeoutError:
                 logger.warning("shutdown: %d aborted requests did not report back", len(self._streams))
-        with self._wakeup:
-            self._stop_requested = True
-            self._wakeup.notify()
-        await asyncio.to_thread(self._thread.join)
+        await self._stop()
         if self._dead_error is None:
             self._mark_dead(EngineDeadError("the engine has shut down"))
 
@@ -288,32 +218,47 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """Ends a request and frees its KV blocks; safe for unknown or finished ids. Its stream ends
         without a further output, so call this only when nobody is reading the stream."""
-        if self._forget(request_id) is not None and self._thread is not None:
+        if self._forget(request_id) is not None and self._started and self._dead_error is None:
             self._submit(_Abort(request_id))
 
     async def call_in_engine_thread(self, fn: Callable[["Engine"], T]) -> T:
-        """Runs `fn(engine)` on the step thread between two steps (the engine is not thread-safe)."""
+        """Runs `fn(engine)` where the engine runs, between two steps (the engine is not
+        thread-safe). With an engine in another process, `fn` and its result must pickle
+        (a module-level function or `operator.methodcaller`, not a lambda)."""
         self._check_alive()
         result: concurrent.futures.Future = concurrent.futures.Future()
         self._submit(_Call(fn, result))
         return await asyncio.wrap_future(result)
 
+    # ------------------------------------------------------------------ backend hooks
+    def _launch(self) -> None:
+        """Starts stepping the engine (called once, from `start()`, on the event loop)."""
+        raise NotImplementedError
+
+    def _submit(self, command: Union[_Add, _Abort, _Call]) -> None:
+        """Hands a command to the engine, which answers adds and calls through `_hand_over` /
+        `_call_done`."""
+        raise NotImplementedError
+
+    async def _stop(self) -> None:
+        """Stops the engine once the shutdown's aborts are answered; returns when it has stopped."""
+        raise NotImplementedError
+
+    def _take_unsent(self) -> list:
+        """After the engine died: the commands it never answered (adds and calls), for `_mark_dead`."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ event-loop side
     def _check_alive(self) -> None:
         if self._dead_error is not None:
             raise self._dead_error
-        if self._thread is None:
-            raise EngineDeadError("AsyncEngine.start() has not been called")
+        if not self._started:
+            raise EngineDeadError(f"{type(self).__name__}.start() has not been called")
 
     def _check_serving(self) -> None:
         self._check_alive()
         if not self._accepting:
             raise EngineDeadError("the server is shutting down")
-
-    def _submit(self, command: Union[_Add, _Abort, _Call]) -> None:
-        with self._wakeup:
-            self._commands.append(command)
-            self._wakeup.notify()
 
     def _forget(self, request_id: str) -> Optional[RequestStream]:
         stream = self._streams.pop(request_id, None)
@@ -352,7 +297,7 @@ class AsyncEngine:
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue  # aborted by its consumer; nobody is listening
-            num_tokens = _record_token_timing(stream, output, first_token_latencies, inter_token_latencies)
+            num_tokens = record_token_timing(stream, output, first_token_latencies, inter_token_latencies)
             stream.put(output, num_tokens)
             if output.finished:
                 finished.append(output)
@@ -365,21 +310,80 @@ class AsyncEngine:
         for request_id in list(self._streams):
             self._forget(request_id).fail(error)
 
-    def _mark_dead(self, error: EngineDeadError, unanswered: Sequence[_Add] = ()) -> None:
-        """Fails every waiting caller: `unanswered` adds the step thread took, and every command it
-        did not take. Runs on the loop after the step thread has exited, so the command list has no
-        other reader and `add_request` (also on the loop) sees `_dead_error`."""
+    def _mark_dead(self, error: EngineDeadError, unanswered: Sequence[Union[_Add, _Call]] = ()) -> None:
+        """Fails every waiting caller: `unanswered` commands the engine took, and every command it
+        did not take. Runs on the loop once the engine has stopped, so `add_request` (also on the
+        loop) sees `_dead_error` from now on."""
         self._dead_error = error
-        for command in unanswered:
-            self._on_added(command, error)
-        with self._wakeup:
-            commands, self._commands = self._commands, []
-        for command in commands:
+        for command in [*unanswered, *self._take_unsent()]:
             if isinstance(command, _Add):
                 self._on_added(command, error)
-            elif isinstance(command, _Call):
+            elif isinstance(command, _Call) and not command.result.done():
                 command.result.set_exception(error)
         self._fail_all(error)
+
+
+class AsyncEngine(AsyncEngineBase):
+    """Serves concurrent requests from one `Engine` stepped by a thread of this process.
+
+    The step thread is the only one that touches the `Engine`. It drains a command list (add, abort,
+    call), runs `Engine.step()` while requests are unfinished, and sleeps on a condition when idle.
+    It shares the GIL with the event loop: `ProcessEngine` gives the engine a process of its own.
+    """
+
+    def __init__(self, engine: "Engine", max_queued_requests: Optional[int] = None,
+                 observer: Optional[StepObserver] = None, stream_interval: int = 1):
+        super().__init__(engine.stats(), max_queued_requests, observer, stream_interval)
+        self.engine = engine
+        self._commands: list[Union[_Add, _Abort, _Call]] = []
+        self._wakeup = threading.Condition()
+        self._stop_requested = False
+        self._thread: Optional[threading.Thread] = None
+
+    @classmethod
+    def from_config(cls, config: "EngineConfig", observer: Optional[StepObserver] = None,
+                    stream_interval: int = 1) -> "AsyncEngine":
+        from rtpllm.engine.engine import Engine
+
+        return cls(Engine(config), config.max_queued_requests, observer, stream_interval)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def vocab_size(self) -> int:
+        return getattr(self.engine.arch, "vocab_size", None) or len(self.engine.tokenizer)
+
+    # ------------------------------------------------------------------ backend hooks
+    def _launch(self) -> None:
+        self._thread = threading.Thread(target=self._step_loop, name="rtpllm-step-loop", daemon=True)
+        self._thread.start()
+
+    def _submit(self, command: Union[_Add, _Abort, _Call]) -> None:
+        with self._wakeup:
+            self._commands.append(command)
+            self._wakeup.notify()
+
+    async def _stop(self) -> None:
+        with self._wakeup:
+            self._stop_requested = True
+            self._wakeup.notify()
+        await asyncio.to_thread(self._thread.join)
+
+    def _take_unsent(self) -> list:
+        # Runs after the step thread has exited: the command list has no other reader.
+        with self._wakeup:
+            commands, self._commands = self._commands, []
+        return commands
 
     # ------------------------------------------------------------------ step thread
     def _step_loop(self) -> None:
@@ -427,31 +431,3 @@ class AsyncEngine:
             except Exception as exc:  # noqa: BLE001 - handed to the caller
                 command.result.set_exception(exc)
         return None
-
-
-def _record_token_timing(stream: RequestStream, output: RequestOutput, first_token_latencies: list[float],
-                         inter_token_latencies: list[float]) -> int:
-    """Appends the request's time to first token when its first token arrives, and one inter-token
-    latency per token that each of its sequences gained after their first. Returns the output's
-    token count over all sequences."""
-    metrics = output.metrics
-    token_time = metrics.last_token_time if metrics is not None else None
-    if token_time is None:
-        return sum(len(c.token_ids) for c in output.outputs)
-    if stream.last_token_time is None:
-        first_token_latencies.append(metrics.first_token_time - metrics.arrival_time)
-    seen = stream.tokens_seen
-    if len(seen) < len(output.outputs):
-        seen.extend([0] * (len(output.outputs) - len(seen)))
-    for completion in output.outputs:
-        count = len(completion.token_ids)
-        new_tokens = count - seen[completion.index]
-        if new_tokens > 0 and seen[completion.index] > 0 and stream.last_token_time is not None:
-            inter_token_latencies.extend([(token_time - stream.last_token_time) / new_tokens] * new_tokens)
-        elif new_tokens > 1 and seen[completion.index] == 0 and metrics.first_token_time is not None:
-            # A whole answer at once (not streamed): its decode time spread over its later tokens.
-            gap = (token_time - metrics.first_token_time) / (new_tokens - 1)
-            inter_token_latencies.extend([gap] * (new_tokens - 1))
-        seen[completion.index] = count
-    stream.last_token_time = token_time
-    return sum(seen)

@@ -33,6 +33,9 @@ def _add_serve(subparsers) -> None:
                         help="HTTP/1.1 parser (auto: httptools when installed, else h11).")
     parser.add_argument("--loop", default="auto", choices=("auto", "uvloop", "asyncio"),
                         help="Event loop (auto: uvloop when installed, else asyncio).")
+    parser.add_argument("--no-engine-process", action="store_true",
+                        help="Step the engine in a thread of the server's process instead of a process of its own "
+                             "(they then share one GIL).")
     add_engine_args(parser)
     parser.set_defaults(handler=_serve)
 
@@ -42,7 +45,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     options = ServerOptions(host=args.host, port=args.port, shutdown_timeout_s=args.shutdown_timeout,
                             access_log=not args.disable_uvicorn_access_log, log_level=args.uvicorn_log_level,
-                            stream_interval=args.stream_interval, http=args.http, loop=args.loop)
+                            stream_interval=args.stream_interval, http=args.http, loop=args.loop,
+                            engine_process=not args.no_engine_process)
     run_server(engine_config_from_args(args), options)
     return 0
 

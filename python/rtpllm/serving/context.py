@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from rtpllm.engine.async_engine import AsyncEngine
+from rtpllm.engine.async_engine import AsyncEngineBase
 from rtpllm.serving.logprobs import TokenTexts
 
 
 @dataclass
 class ServingContext:
-    engine: AsyncEngine
+    engine: AsyncEngineBase
     model_name: str
     max_model_len: int
     tokenizer: Any
@@ -22,9 +22,6 @@ class ServingContext:
         self.token_texts = TokenTexts(self.tokenizer)
 
     @classmethod
-    def for_engine(cls, engine: AsyncEngine) -> "ServingContext":
-        tokenizer = engine.tokenizer
-        arch = getattr(engine.engine, "arch", None)
-        vocab_size = getattr(arch, "vocab_size", None) or len(tokenizer)
+    def for_engine(cls, engine: AsyncEngineBase) -> "ServingContext":
         return cls(engine=engine, model_name=engine.model_name, max_model_len=engine.max_model_len,
-                   tokenizer=tokenizer, vocab_size=vocab_size)
+                   tokenizer=engine.tokenizer, vocab_size=engine.vocab_size)

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from rtpllm.config import EngineConfig
-from rtpllm.engine.async_engine import AsyncEngine
+from rtpllm.engine.async_engine import AsyncEngine, AsyncEngineBase
 from rtpllm.serving import request_params as rp
 from rtpllm.serving.chat import create_chat_completion
 from rtpllm.serving.completions import create_completion
@@ -58,6 +58,8 @@ class ServerOptions:
     # uvloop when installed, else asyncio).
     http: str = "auto"
     loop: str = "auto"
+    # Step the engine in a process of its own (default), or in a thread of the server's process.
+    engine_process: bool = True
 
 
 async def parse_body(request: Request, model: type[Body]) -> Body:
@@ -87,7 +89,7 @@ def _openai_errors(handler: Callable[..., Awaitable[Response]]) -> Callable[...,
     return wrapped
 
 
-def build_app(engine: AsyncEngine, metrics: Optional[ServerMetrics] = None,
+def build_app(engine: AsyncEngineBase, metrics: Optional[ServerMetrics] = None,
               shutdown_grace_period_s: float = 0.0) -> FastAPI:
     """The app for one engine. Its lifespan starts the engine's step thread and stops it at exit,
     giving unfinished requests `shutdown_grace_period_s` before aborting them."""
@@ -176,7 +178,12 @@ def run_server(config: EngineConfig, options: ServerOptions = ServerOptions()) -
     """Loads the model, serves until SIGINT/SIGTERM, then shuts down gracefully: the listening
     socket closes, in-flight requests get `options.shutdown_timeout_s` to finish, the rest are
     aborted (freeing their KV blocks), and the step thread stops."""
-    engine = AsyncEngine.from_config(config, stream_interval=options.stream_interval)
+    if options.engine_process:
+        from rtpllm.engine.process_engine import ProcessEngine
+
+        engine: AsyncEngineBase = ProcessEngine.from_config(config, stream_interval=options.stream_interval)
+    else:
+        engine = AsyncEngine.from_config(config, stream_interval=options.stream_interval)
     app = build_app(engine)
     uvicorn_config = uvicorn.Config(
         app, host=options.host, port=options.port, log_level=options.log_level, access_log=options.access_log,
@@ -193,4 +200,6 @@ def run_server(config: EngineConfig, options: ServerOptions = ServerOptions()) -
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if hasattr(engine, "close"):
+            engine.close()  # the lifespan already stopped it, unless uvicorn never started (port taken)
     logger.info("server stopped")

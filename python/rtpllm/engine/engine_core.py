@@ -1,0 +1,189 @@
+"""The engine process: steps one `Engine` and talks to the server over a socket (`ProcessEngine`
+starts it as `python -m rtpllm.engine.engine_core --fd N`).
+
+Why a process: in the server's process the step loop and the HTTP event loop share one GIL, so
+every microsecond of HTTP, SSE and client bookkeeping is a microsecond the step waits for. Here
+the engine has an interpreter of its own, as vLLM's engine core and SGLang's scheduler do.
+
+Protocol (frames.py: pickled tuples, both ends non-blocking):
+    server -> engine: ("init", config, log_level) first, then
+        ("add", tag, request_id, prompt, params, arrival_time, stream), ("abort", request_id),
+        ("call", tag, fn), ("stop",)
+    engine -> server: ("ready", EngineInfo) or ("failed", exception, traceback text) once, then
+        ("step", answers, deltas, stats, call_results) after every step or batch of commands,
+        ("dead", description) if the step loop fails.
+    answers: (tag, error or None) per add; call_results: (tag, ok, value or exception);
+    deltas: output_deltas.py.
+The engine exits after "stop", and when the server's end of the socket closes (the server died).
+It ignores SIGINT: Ctrl-C in a terminal reaches the whole process group, and the server decides
+how requests end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pickle
+import selectors
+import signal
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from rtpllm.engine.frames import FrameReader, FrameWriter, encode_frame, recv_blocking, send_blocking
+from rtpllm.engine.output_deltas import OutputDeltaEncoder
+
+logger = logging.getLogger(__name__)
+_RECV_BYTES = 1 << 20
+
+
+@dataclass
+class EngineInfo:
+    """What the server needs to know about the served model."""
+
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+    stats: Any  # EngineStats
+    tokenizer: Any  # pickled across: the server tokenizes chat templates and /tokenize itself
+
+
+def picklable_error(exc: BaseException) -> BaseException:
+    """`exc` if it survives pickling, else a RuntimeError carrying its description."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:  # noqa: BLE001 - any failure to round-trip means "send a description"
+        return RuntimeError(repr(exc))
+
+
+class EngineCoreLoop:
+    def __init__(self, engine, sock: socket.socket):
+        self.engine = engine
+        self.sock = sock
+        self.reader = FrameReader()
+        self.writer = FrameWriter(sock)
+        self.encoder = OutputDeltaEncoder()
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(sock, selectors.EVENT_READ)
+        self._watching_write = False
+
+    def run(self) -> int:
+        engine = self.engine
+        busy = False
+        while True:
+            commands = self._receive(block=not busy)
+            if commands is None:
+                return 0  # the server is gone
+            answers, call_results, stop = [], [], False
+            for command in commands:
+                kind = command[0]
+                if kind == "add":
+                    _, tag, request_id, prompt, params, arrival_time, stream = command
+                    try:
+                        engine.add_request(request_id, prompt, params, arrival_time, stream=stream)
+                        answers.append((tag, None))
+                    except Exception as exc:  # noqa: BLE001 - a bad request fails alone
+                        answers.append((tag, picklable_error(exc)))
+                elif kind == "abort":
+                    engine.abort_request(command[1])
+                elif kind == "call":
+                    call_results.append(self._call(command[1], command[2]))
+                elif kind == "stop":
+                    stop = True
+            outputs = engine.step() if engine.has_unfinished_requests() else []
+            if commands or outputs:
+                self.writer.write(encode_frame(("step", answers, self.encoder.encode(outputs), engine.stats(),
+                                                call_results)))
+            if stop:
+                self._flush_blocking()
+                return 0
+            busy = engine.has_unfinished_requests()
+
+    def _call(self, tag: int, fn) -> tuple:
+        try:
+            result = fn(self.engine)
+            pickle.dumps(result)
+            return tag, True, result
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            return tag, False, picklable_error(exc)
+
+    def _receive(self, block: bool) -> Optional[list]:
+        """The commands that arrived (waiting for one when `block`); None when the server closed.
+        Meanwhile sends what an earlier step could not."""
+        while True:
+            want_write = self.writer.pending
+            if want_write != self._watching_write:
+                self.selector.modify(self.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0))
+                self._watching_write = want_write
+            readable = False
+            for _, events in self.selector.select(None if block else 0):
+                if events & selectors.EVENT_WRITE:
+                    self.writer.flush()
+                readable = readable or bool(events & selectors.EVENT_READ)
+            if readable:
+                commands = []
+                while True:
+                    try:
+                        data = self.sock.recv(_RECV_BYTES)
+                    except BlockingIOError:
+                        break
+                    if not data:
+                        return None
+                    commands += self.reader.feed(data)
+                if commands or not block:
+                    return commands  # else only part of a frame came: wait for the rest
+            elif not block:
+                return []
+
+    def _flush_blocking(self) -> None:
+        self.sock.setblocking(True)
+        self.writer.flush()
+
+
+def serve(sock: socket.socket) -> int:
+    init = recv_blocking(sock)
+    _, config, log_level = init
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
+    try:
+        from rtpllm.engine.engine import Engine
+
+        engine = Engine(config)
+    except BaseException as exc:  # noqa: BLE001 - reported to the server, which raises it
+        send_blocking(sock, ("failed", picklable_error(exc), traceback.format_exc()))
+        return 1
+    send_blocking(sock, ("ready", EngineInfo(engine.model_name, engine.max_model_len,
+                                             getattr(engine.arch, "vocab_size", None) or len(engine.tokenizer),
+                                             engine.stats(), engine.tokenizer)))
+    sock.setblocking(False)
+    loop = EngineCoreLoop(engine, sock)
+    try:
+        return loop.run()
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiting requests
+        logger.exception("engine step loop failed")
+        try:
+            loop.writer.write(encode_frame(("dead", f"the engine step loop failed: {exc!r}")))
+            loop._flush_blocking()
+        except OSError:
+            pass  # the server is gone too
+        return 1
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fd", type=int, required=True, help="the inherited socket to the server")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with socket.socket(fileno=args.fd) as sock:
+        sock.setblocking(True)
+        return serve(sock)
+
+
+if __name__ == "__main__":
+    # Run the module under its import name, so that what it pickles (EngineInfo) names
+    # rtpllm.engine.engine_core rather than __main__.
+    from rtpllm.engine import engine_core
+
+    sys.exit(engine_core.main())

@@ -1,0 +1,106 @@
+"""Length-prefixed pickled messages over a stream socket, for the server and its engine process.
+
+Both ends keep their socket non-blocking: a writer that cannot send everything keeps the rest
+and sends it when the socket is writable again, so neither side can stall the other (an engine
+blocked on a full socket would stop reading commands, and a server blocked the same way would
+stop reading outputs: a deadlock).
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import struct
+from typing import Any
+
+_HEADER = struct.Struct("<Q")
+
+
+def encode_frame(message: Any) -> bytes:
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(payload)) + payload
+
+
+class FrameReader:
+    """Collects received bytes and returns the complete messages among them."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Any]:
+        buffer = self._buffer
+        buffer += data
+        messages = []
+        start, end = 0, len(buffer)
+        view = memoryview(buffer)
+        try:
+            while end - start >= _HEADER.size:
+                (length,) = _HEADER.unpack_from(buffer, start)
+                if end - start - _HEADER.size < length:
+                    break
+                begin = start + _HEADER.size
+                messages.append(pickle.loads(view[begin:begin + length]))
+                start = begin + length
+        finally:
+            view.release()
+        if start:
+            del buffer[:start]
+        return messages
+
+
+class FrameWriter:
+    """Sends frames on a non-blocking socket, keeping what the socket did not take."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._pending = bytearray()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
+    def write(self, frame: bytes) -> bool:
+        """Queues and sends `frame`; True when nothing is left unsent."""
+        if not self._pending:
+            try:
+                sent = self._sock.send(frame)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(frame):
+                return True
+            self._pending += memoryview(frame)[sent:]
+            return False
+        self._pending += frame
+        return self.flush()
+
+    def flush(self) -> bool:
+        """Sends what it can of the queued bytes; True when nothing is left unsent."""
+        while self._pending:
+            try:
+                sent = self._sock.send(self._pending)
+            except BlockingIOError:
+                return False
+            del self._pending[:sent]
+        return True
+
+
+def send_blocking(sock: socket.socket, message: Any) -> None:
+    sock.sendall(encode_frame(message))
+
+
+def recv_blocking(sock: socket.socket) -> Any:
+    """One message from a blocking socket; EOFError when the other end closed first."""
+    header = _recv_exactly(sock, _HEADER.size)
+    (length,) = _HEADER.unpack(header)
+    return pickle.loads(_recv_exactly(sock, length))
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks, remaining = [], size
+    while remaining:
+        chunk = sock.recv(min(remaining, 1 << 20))
+        if not chunk:
+            raise EOFError("the other end closed the connection")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,129 @@
+"""Request outputs as deltas, for an engine in another process.
+
+`RequestOutput`s are cumulative: every step repeats each request's whole text, token ids and
+logprobs. Sent as they are, a request of n tokens would cost O(n^2) bytes over its life. The
+engine side (`OutputDeltaEncoder`) sends only what changed since the request's previous output;
+the server side (`OutputDeltaDecoder`) rebuilds the cumulative outputs, equal to the engine's.
+
+A delta is a plain tuple (cheap to pickle):
+    (request_id, header, completions, prompt_logprobs, num_cached_tokens, finished, metrics)
+    header: (prompt, prompt_token_ids) in a request's first delta, else None
+    completions: per sample (index, text_keep, text_piece, new_token_ids, cumulative_logprob,
+                 new_logprobs, finish_reason, stop_reason); the text is text[:text_keep] + piece
+                 (text only grows, except where a stop string cuts it), token ids and logprobs only grow
+    prompt_logprobs: (keep, new entries) or None
+    metrics: the RequestMetrics fields as a tuple, or None
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from rtpllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+Delta = tuple
+
+
+class _Sent:
+    """What the decoder already holds of one request."""
+
+    __slots__ = ("samples", "prompt_logprobs")
+
+    def __init__(self) -> None:
+        self.samples: dict[int, tuple[int, int, str]] = {}  # index -> (token ids, logprobs, text)
+        self.prompt_logprobs = 0
+
+
+class OutputDeltaEncoder:
+    """Engine side: turns each step's cumulative outputs into deltas."""
+
+    def __init__(self) -> None:
+        self._sent: dict[str, _Sent] = {}
+
+    def encode(self, outputs: list[RequestOutput]) -> list[Delta]:
+        deltas = []
+        for output in outputs:
+            sent = self._sent.get(output.request_id)
+            header = None
+            if sent is None:
+                sent = self._sent[output.request_id] = _Sent()
+                header = (output.prompt, output.prompt_token_ids)
+            completions = []
+            for completion in output.outputs:
+                num_ids, num_logprobs, text = sent.samples.get(completion.index, (0, 0, ""))
+                new_text = completion.text
+                keep = len(text) if new_text.startswith(text) else 0
+                logprobs = completion.logprobs
+                completions.append((completion.index, keep, new_text[keep:], completion.token_ids[num_ids:],
+                                    completion.cumulative_logprob,
+                                    None if logprobs is None else logprobs[num_logprobs:],
+                                    completion.finish_reason, completion.stop_reason))
+                sent.samples[completion.index] = (len(completion.token_ids),
+                                                  0 if logprobs is None else len(logprobs), new_text)
+            prompt_logprobs = None
+            if output.prompt_logprobs is not None:
+                prompt_logprobs = (sent.prompt_logprobs, output.prompt_logprobs[sent.prompt_logprobs:])
+                sent.prompt_logprobs = len(output.prompt_logprobs)
+            metrics = output.metrics
+            deltas.append((output.request_id, header, completions, prompt_logprobs, output.num_cached_tokens,
+                           output.finished,
+                           None if metrics is None else (metrics.arrival_time, metrics.first_scheduled_time,
+                                                         metrics.first_token_time, metrics.last_token_time,
+                                                         metrics.finished_time)))
+            if output.finished:
+                del self._sent[output.request_id]
+        return deltas
+
+
+class _Mirror:
+    __slots__ = ("prompt", "prompt_token_ids", "samples", "prompt_logprobs")
+
+    def __init__(self, prompt: Optional[str], prompt_token_ids: list[int]) -> None:
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.samples: dict[int, CompletionOutput] = {}
+        self.prompt_logprobs: Optional[list] = None
+
+
+class OutputDeltaDecoder:
+    """Server side: rebuilds cumulative outputs. Outputs already handed out are never changed
+    (every output gets its own lists, as the engine's own outputs do)."""
+
+    def __init__(self) -> None:
+        self._requests: dict[str, _Mirror] = {}
+
+    def decode(self, deltas: list[Delta]) -> list[RequestOutput]:
+        outputs = []
+        for request_id, header, completions, prompt_logprobs, num_cached, finished, metrics in deltas:
+            if header is not None:
+                mirror = self._requests[request_id] = _Mirror(*header)
+            else:
+                mirror = self._requests[request_id]
+            samples = []
+            for index, keep, piece, new_ids, cumulative, new_logprobs, finish_reason, stop_reason in completions:
+                previous = mirror.samples.get(index)
+                if previous is None:
+                    sample = CompletionOutput(index, piece, new_ids, cumulative, new_logprobs, finish_reason,
+                                              stop_reason)
+                else:
+                    text = previous.text
+                    if not piece and keep == len(text) and not new_ids and finish_reason == previous.finish_reason:
+                        samples.append(previous)  # unchanged (e.g. a finished sample beside running ones)
+                        continue
+                    logprobs = previous.logprobs
+                    if new_logprobs is not None:
+                        logprobs = (logprobs or []) + new_logprobs
+                    sample = CompletionOutput(index, (text if keep == len(text) else text[:keep]) + piece,
+                                              previous.token_ids + new_ids, cumulative, logprobs, finish_reason,
+                                              stop_reason)
+                mirror.samples[index] = sample
+                samples.append(sample)
+            if prompt_logprobs is not None:
+                keep, new_entries = prompt_logprobs
+                mirror.prompt_logprobs = (mirror.prompt_logprobs or [])[:keep] + new_entries
+            outputs.append(RequestOutput(request_id, mirror.prompt, mirror.prompt_token_ids, samples, finished,
+                                         mirror.prompt_logprobs, num_cached,
+                                         None if metrics is None else RequestMetrics(*metrics)))
+            if finished:
+                del self._requests[request_id]
+        return outputs

@@ -1,0 +1,233 @@
+"""`ProcessEngine`: the server's engine in a process of its own (engine_core.py).
+
+The event-loop side (streams, admission control, aborts, shutdown) is `AsyncEngineBase`'s, as for
+the in-process `AsyncEngine`; only the transport differs. Commands go out as frames on a socket
+pair; each engine step comes back as one frame, read by the event loop when the socket is readable
+(no thread in between), with outputs as deltas that `OutputDeltaDecoder` turns back into the
+cumulative outputs the handlers read.
+
+If the engine process dies, every waiting request fails with `EngineDeadError` (the server answers
+503 from then on); if the server dies, the engine process sees its socket close and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import subprocess
+import sys
+from typing import TYPE_CHECKING, Optional, Union
+
+from rtpllm.engine.async_engine import (AsyncEngineBase, EngineDeadError, StepObserver, _Abort, _Add, _Call)
+from rtpllm.engine.engine_core import EngineInfo
+from rtpllm.engine.frames import FrameReader, FrameWriter, encode_frame, recv_blocking, send_blocking
+from rtpllm.engine.output_deltas import OutputDeltaDecoder
+
+if TYPE_CHECKING:
+    from rtpllm.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+_RECV_BYTES = 1 << 20
+_STOP_TIMEOUT_S = 30.0
+
+
+class EngineProcessError(RuntimeError):
+    """The engine process could not start (its own error, when it had one, is the cause)."""
+
+
+class ProcessEngine(AsyncEngineBase):
+    def __init__(self, process: subprocess.Popen, sock: socket.socket, info: EngineInfo,
+                 max_queued_requests: Optional[int] = None, observer: Optional[StepObserver] = None,
+                 stream_interval: int = 1):
+        super().__init__(info.stats, max_queued_requests, observer, stream_interval)
+        self._process = process
+        self._sock = sock
+        self._info = info
+        self._reader = FrameReader()
+        self._writer = FrameWriter(sock)
+        self._watching_write = False
+        self._decoder = OutputDeltaDecoder()
+        self._tags = itertools.count()
+        self._unanswered: dict[int, Union[_Add, _Call]] = {}
+        self._stopping = False
+
+    @classmethod
+    def from_config(cls, config: "EngineConfig", observer: Optional[StepObserver] = None,
+                    stream_interval: int = 1) -> "ProcessEngine":
+        """Starts the engine process and waits until it has loaded the model. Raises what the
+        engine raised (e.g. FileNotFoundError for a missing model), or EngineProcessError."""
+        server_end, engine_end = socket.socketpair()
+        try:
+            process = subprocess.Popen([sys.executable, "-m", "rtpllm.engine.engine_core", "--fd",
+                                        str(engine_end.fileno())], pass_fds=(engine_end.fileno(),))
+        finally:
+            engine_end.close()
+        try:
+            send_blocking(server_end, ("init", config, logging.getLogger().getEffectiveLevel()))
+            reply = recv_blocking(server_end)
+        except (EOFError, OSError) as exc:
+            server_end.close()
+            code = process.wait()
+            raise EngineProcessError(f"the engine process exited with code {code} while loading the model "
+                                     "(its log is above)") from exc
+        if reply[0] == "failed":
+            server_end.close()
+            process.wait()
+            logger.debug("engine process failed to start:\n%s", reply[2])
+            raise reply[1]
+        return cls(process, server_end, reply[1], config.max_queued_requests, observer, stream_interval)
+
+    @property
+    def tokenizer(self):
+        return self._info.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self._info.max_model_len
+
+    @property
+    def model_name(self) -> str:
+        return self._info.model_name
+
+    @property
+    def vocab_size(self) -> int:
+        return self._info.vocab_size
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def close(self) -> None:
+        """Ends the engine process at once (for a server that never started or failed to stop)."""
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._detach()
+
+    # ------------------------------------------------------------------ backend hooks
+    def _launch(self) -> None:
+        if self._process.poll() is not None:
+            raise EngineDeadError(f"the engine process has exited (code {self._process.returncode})")
+        self._sock.setblocking(False)
+        self._loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    def _submit(self, command: Union[_Add, _Abort, _Call]) -> None:
+        if isinstance(command, _Add):
+            tag = next(self._tags)
+            message = ("add", tag, command.request_id, command.prompt, command.params, command.arrival_time,
+                       command.stream)
+        elif isinstance(command, _Abort):
+            tag, message = None, ("abort", command.request_id)
+        else:
+            tag = next(self._tags)
+            message = ("call", tag, command.fn)
+        try:
+            frame = encode_frame(message)
+        except Exception as exc:  # noqa: BLE001 - e.g. a lambda given to call_in_engine_thread
+            if isinstance(command, _Call):
+                command.result.set_exception(TypeError(f"fn: must pickle to reach the engine process: {exc}"))
+                return
+            raise
+        if tag is not None:
+            self._unanswered[tag] = command
+        self._send(frame)
+
+    async def _stop(self) -> None:
+        self._stopping = True
+        if self._process.poll() is None and self._sock.fileno() >= 0:
+            self._submit_stop()
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self._process.wait), _STOP_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                logger.warning("the engine process did not stop within %.0fs; killing it", _STOP_TIMEOUT_S)
+                self._process.kill()
+                await asyncio.to_thread(self._process.wait)
+        self._detach()
+
+    def _take_unsent(self) -> list:
+        commands = list(self._unanswered.values())
+        self._unanswered.clear()
+        return commands
+
+    # ------------------------------------------------------------------ socket
+    def _submit_stop(self) -> None:
+        self._send(encode_frame(("stop",)))
+
+    def _send(self, frame: bytes) -> None:
+        try:
+            sent = self._writer.write(frame)
+        except OSError:  # the engine process is gone (its exit is handled here or already was)
+            self._on_engine_exit()
+            return
+        if not sent and not self._watching_write:
+            self._loop.add_writer(self._sock.fileno(), self._on_writable)
+            self._watching_write = True
+
+    def _on_writable(self) -> None:
+        try:
+            sent = self._writer.flush()
+        except OSError:
+            self._on_engine_exit()
+            return
+        if sent:
+            self._loop.remove_writer(self._sock.fileno())
+            self._watching_write = False
+
+    def _on_readable(self) -> None:
+        messages = []
+        closed = False
+        while True:
+            try:
+                data = self._sock.recv(_RECV_BYTES)
+            except BlockingIOError:
+                break
+            except OSError:
+                closed = True
+                break
+            if not data:
+                closed = True
+                break
+            messages += self._reader.feed(data)
+        for message in messages:
+            self._handle(message)
+        if closed:
+            self._on_engine_exit()
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "step":
+            _, answers, deltas, stats, call_results = message
+            self._stats = stats  # first: admission control must count what the hand-over reveals
+            for tag, ok, value in call_results:
+                call = self._unanswered.pop(tag)
+                if ok:
+                    call.result.set_result(value)
+                else:
+                    call.result.set_exception(value)
+            added = [(self._unanswered.pop(tag), error) for tag, error in answers]
+            self._hand_over(added, self._decoder.decode(deltas))
+        elif kind == "dead":
+            self._stopping = True
+            self._mark_dead(EngineDeadError(message[1]))
+
+    def _on_engine_exit(self) -> None:
+        self._detach()
+        if not self._stopping and self._dead_error is None:
+            try:
+                code = self._process.wait(timeout=1.0)  # its socket closed as it exited: a moment at most
+            except subprocess.TimeoutExpired:
+                code = None
+            logger.error("the engine process exited unexpectedly (exit code %s)", code)
+            self._mark_dead(EngineDeadError(f"the engine process exited unexpectedly (exit code {code})"))
+
+    def _detach(self) -> None:
+        if self._sock.fileno() < 0:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._sock.fileno())
+            if self._watching_write:
+                self._loop.remove_writer(self._sock.fileno())
+                self._watching_write = False
+        self._sock.close()

@@ -1,0 +1,196 @@
+"""The engine in a process of its own (`ProcessEngine`, what `rtpllm serve` runs): the wire format
+(frames, output deltas) on its own, then the engine process itself.
+
+The server suites (test_server_openai / _bad_input / _lifecycle) also run against it:
+tests/run_all.sh runs them again with RTPLLM_TEST_ENGINE=process.
+"""
+
+import asyncio
+import os
+import random
+import signal
+import socket
+
+import pytest
+
+from checkpoints import checkpoint_path
+from rtpllm import LLM, SamplingParams
+from rtpllm.config import EngineConfig
+from rtpllm.engine.async_engine import EngineDeadError
+from rtpllm.engine.frames import FrameReader, FrameWriter, encode_frame
+from rtpllm.engine.output_deltas import OutputDeltaDecoder, OutputDeltaEncoder
+from rtpllm.engine.process_engine import ProcessEngine
+from rtpllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from server_harness import check_kv_pool_free
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+# ---------------------------------------------------------------------- wire format
+def test_frames_survive_any_split_of_the_byte_stream():
+    messages = [("step", [(1, None)], list(range(n)), {"x": "y" * n}) for n in (0, 1, 300, 70000)]
+    stream = b"".join(encode_frame(m) for m in messages)
+    rng = random.Random(0)
+    for _ in range(20):
+        reader, received, position = FrameReader(), [], 0
+        while position < len(stream):
+            step = rng.randint(1, 5000)
+            received += reader.feed(stream[position:position + step])
+            position += step
+        assert received == messages
+
+
+def test_frame_writer_keeps_what_a_full_socket_did_not_take():
+    left, right = socket.socketpair()
+    left.setblocking(False)
+    right.setblocking(False)
+    writer = FrameWriter(left)
+    frames = [encode_frame(("big", os.urandom(1 << 20))) for _ in range(8)]  # more than the socket buffers
+    done = [writer.write(frame) for frame in frames]
+    assert not all(done) and writer.pending
+    reader, received = FrameReader(), []
+    while len(received) < len(frames):
+        writer.flush()
+        try:
+            received += reader.feed(right.recv(1 << 20))
+        except BlockingIOError:
+            pass
+    assert [encode_frame(m) for m in received] == frames and not writer.pending
+    left.close()
+    right.close()
+
+
+def _random_outputs(rng: random.Random, steps: int):
+    """Cumulative outputs of a few requests over several steps, as the engine produces them:
+    n > 1, logprobs, prompt logprobs filled in over chunks, a stop string cutting text, finishes."""
+    requests = {}
+    for step in range(steps):
+        outputs = []
+        for rid in [f"r{i}" for i in range(4)]:
+            state = requests.setdefault(rid, {"n": rng.randint(1, 3), "ids": {}, "text": {}, "lp": {}, "done": set(),
+                                              "plp": [], "logprobs": rng.random() < 0.5})
+            samples = []
+            for index in range(state["n"]):
+                ids, text = state["ids"].setdefault(index, []), state["text"].get(index, "")
+                lp = state["lp"].setdefault(index, [])
+                finish = None
+                if index not in state["done"]:
+                    new = [rng.randint(0, 999) for _ in range(rng.randint(0, 3))]
+                    ids += new
+                    lp += [{t: -rng.random()} for t in new]
+                    text += "".join(f"<{t}>" for t in new)
+                    if rng.random() < 0.15:
+                        text = text[:max(0, len(text) - rng.randint(1, 6))]  # a stop string cut it
+                        finish = "stop"
+                        state["done"].add(index)
+                else:
+                    finish = "stop"
+                state["text"][index] = text
+                samples.append(CompletionOutput(index, text, ids[:], -1.5 if state["logprobs"] else None,
+                                                lp[:] if state["logprobs"] else None, finish,
+                                                "x" if finish else None))
+            if len(state["plp"]) < 6:
+                state["plp"] += [None] if not state["plp"] else [{1: -0.5}]
+            finished = len(state["done"]) == state["n"]
+            outputs.append(RequestOutput(rid, f"prompt {rid}", [1, 2, 3], samples, finished, state["plp"][:], 2,
+                                         RequestMetrics(1.0, 2.0, 3.0, 4.0 + step, 9.0 if finished else None)))
+            if finished:
+                del requests[rid]
+        yield outputs
+
+
+def test_output_deltas_rebuild_the_engines_cumulative_outputs():
+    rng = random.Random(1)
+    encoder, decoder = OutputDeltaEncoder(), OutputDeltaDecoder()
+    handed_out = []
+    for outputs in _random_outputs(rng, 60):
+        decoded = decoder.decode(FrameReader().feed(encode_frame(encoder.encode(outputs)))[0])
+        assert decoded == outputs
+        handed_out.append((decoded, [repr(o) for o in decoded]))
+    # An output handed out earlier never changes afterwards.
+    assert all([repr(o) for o in decoded] == snapshot for decoded, snapshot in handed_out)
+
+
+# ---------------------------------------------------------------------- the engine process
+@pytest.fixture(scope="module")
+def model_path():
+    return checkpoint_path("llama3")
+
+
+def _serve(engine: ProcessEngine, body):
+    async def main():
+        engine.start()
+        try:
+            return await body(engine)
+        finally:
+            await engine.shutdown()
+
+    try:
+        return asyncio.run(main())
+    finally:
+        engine.close()
+
+
+async def _collect(engine, prompt, params, request_id):
+    outputs = [output async for output in engine.generate(prompt, params, request_id)]
+    return outputs
+
+
+def test_process_engine_serves_what_the_offline_engine_computes(model_path):
+    prompts = ["Once upon a time", "def main():", "The capital of", "Hello"]
+    sampled = SamplingParams(max_tokens=8, temperature=0.8, seed=7, n=2, logprobs=2, stop=["e"])
+    offline = LLM(model=model_path, num_blocks=64)
+    expected = offline.generate(prompts, GREEDY) + offline.generate(["Tell me"], sampled)
+    engine = ProcessEngine.from_config(EngineConfig.from_kwargs(model=model_path, num_blocks=64))
+    assert engine.model_name == offline.engine.model_name and engine.max_model_len == offline.engine.max_model_len
+    assert engine.tokenizer.encode("hello world") == offline.get_tokenizer().encode("hello world")
+
+    async def body(engine):
+        streams = await asyncio.gather(*(_collect(engine, p, GREEDY, f"g{i}") for i, p in enumerate(prompts)))
+        # Alone, as offline: logprobs computed in another batch may differ in their last bits.
+        streams.append(await _collect(engine, "Tell me", sampled, "sampled"))
+        # Leaving a stream early aborts the request and frees its blocks.
+        async for output in engine.generate("Once upon a time", SamplingParams(max_tokens=200, ignore_eos=True),
+                                            "leaver"):
+            if len(output.outputs[0].token_ids) >= 3:
+                break
+        await asyncio.sleep(0.1)
+        pool_free = await engine.call_in_engine_thread(check_kv_pool_free)
+        # A bad request fails alone; a function that cannot be pickled is refused here.
+        with pytest.raises(ValueError, match="prompt"):
+            await engine.add_request("bad", "", GREEDY)
+        with pytest.raises(TypeError, match="pickle"):
+            await engine.call_in_engine_thread(lambda e: e.check_kv_pool_free())
+        return streams, pool_free, engine.stats()
+
+    streams, pool_free, stats = _serve(engine, body)
+    for outputs, want in zip(streams, expected):
+        final = outputs[-1]
+        assert final.finished and all(o.finished == (o is final) for o in outputs)
+        assert [(c.text, c.token_ids, c.logprobs, c.finish_reason, c.stop_reason) for c in final.outputs] == \
+            [(c.text, c.token_ids, c.logprobs, c.finish_reason, c.stop_reason) for c in want.outputs]
+        token_counts = [len(o.outputs[0].token_ids) for o in outputs]
+        assert token_counts == sorted(token_counts)  # cumulative
+    assert pool_free and stats.kv_blocks_used == 0 and stats.num_running == 0
+
+
+def test_a_dead_engine_process_fails_its_requests_and_refuses_new_ones(model_path):
+    engine = ProcessEngine.from_config(EngineConfig.from_kwargs(model=model_path, num_blocks=64))
+
+    async def body(engine):
+        stream = await engine.add_request("victim", "hello", SamplingParams(max_tokens=2000, ignore_eos=True))
+        await stream.__anext__()
+        os.kill(engine.pid, signal.SIGKILL)
+        with pytest.raises(EngineDeadError, match="exited unexpectedly"):
+            async for _ in stream:
+                pass
+        assert not engine.is_running
+        with pytest.raises(EngineDeadError):
+            await engine.add_request("next", "hello", GREEDY)
+
+    _serve(engine, body)
+
+
+def test_an_engine_that_cannot_start_raises_its_own_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ProcessEngine.from_config(EngineConfig.from_kwargs(model=str(tmp_path / "missing"), num_blocks=16))
