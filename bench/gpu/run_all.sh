@@ -4,7 +4,8 @@
 #
 # Usage: bash bench/gpu/run_all.sh [--quick]     (--quick: headline benchmark configurations only)
 #        RTPLLM_SKIP_BUILD=1 skips the build when rtpllm._C with the kernels is already importable;
-#        GPU_TESTS / GPU_BENCHES narrow the run (default: tests/gpu/test_*.py and bench/gpu/bench_*.py);
+#        GPU_TESTS / GPU_BENCHES narrow the run (default: tests/gpu/test_*.py and bench/gpu/bench_*.py;
+#        "none" runs none);
 #        RTPLLM_COMMIT names the commit where the tree is a copy without .git (the device tool's).
 # Results go to $OUT when it is set (the device tool's output folder), else to
 # bench/results/tmp/gpu-<date>/: summary.md, results.json (one JSON of everything, with the card,
@@ -48,6 +49,7 @@ fi
 
 # One pytest process per file: a kernel fault (illegal address) poisons only its own file's CUDA context.
 for test_file in ${GPU_TESTS:-tests/gpu/test_*.py}; do
+  [ "$test_file" = "none" ] && continue
   name="$(basename "$test_file" .py)"
   echo "== $name"
   python3 -m pytest "$test_file" -q -p no:cacheprovider --junitxml="$work/junit_$name.xml" >"$work/$name.log" 2>&1 \
@@ -57,6 +59,7 @@ for test_file in ${GPU_TESTS:-tests/gpu/test_*.py}; do
 done
 
 for bench in ${GPU_BENCHES:-bench/gpu/bench_*.py}; do
+  [ "$bench" = "none" ] && continue
   name="$(basename "$bench" .py)"
   [ "$name" = "bench_util" ] && continue  # the benchmarks' shared helpers, not a benchmark
   echo "== $name"

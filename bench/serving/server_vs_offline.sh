@@ -12,6 +12,7 @@
 #        SERVER_ARGS                more `rtpllm serve` options, e.g. "--http h11 --loop asyncio"
 #        NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN  the throughput workload (default 500, 32, 128)
 #        TTFT_BLOCKS                blocks of the interleaved TTFT comparison (default 30)
+#        SKIP_TTFT=1                leave section 1 out (e.g. a second run with other SERVER_ARGS)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 model="${1:-}"
@@ -50,6 +51,7 @@ start_server() {  # start_server STREAM_INTERVAL EXTRA_ARGS...
 stop_server() { kill -TERM "$server_pid"; wait "$server_pid" || true; port=$((port + 1)); }
 metric() { curl -s "http://127.0.0.1:$port/metrics" | awk -v m="rtpllm:$1" '$1 ~ "^"m"([{]|$)" {s += $2} END {print s + 0}'; }
 
+if [ "${SKIP_TTFT:-0}" != "1" ]; then
 echo "== 1. TTFT, 1-token prompt, 1 output token"
 engine_side "${rtpllm[@]}" bench latency --model "$model" --num-blocks 256 --input-len 1 --output-len 1 \
   --batch-size 1 --num-iters-warmup 30 --num-iters 300 --output-json "$results/ttft_llm.json" | tail -8
@@ -61,6 +63,7 @@ client_side "${rtpllm[@]}" bench serve --port "$port" --model "$model" --dataset
 # drifting between the two runs above; see ttft_interleaved.py. Not pinned: it runs both sides.
 python3 bench/serving/ttft_interleaved.py "$model" "$port" "${TTFT_BLOCKS:-30}" "$results/ttft_interleaved.json"
 stop_server
+fi
 
 echo "== 2. throughput, $n requests of $in_len prompt + $out_len output tokens"
 engine_side "${rtpllm[@]}" bench throughput --model "$model" --num-blocks "$blocks" --max-num-seqs 512 \
@@ -79,15 +82,16 @@ done
 python3 - "$results" <<'PY'
 import json, pathlib, sys
 results = pathlib.Path(sys.argv[1])
-llm = json.loads((results / "ttft_llm.json").read_text())
-http = json.loads((results / "ttft_http.json").read_text())
 print("\n== summary")
-llm_ms, http_ms = llm["percentiles"]["p50"] * 1000, http["ttft_ms"]["median"]
-print(f"TTFT median: LLM {llm_ms:.2f} ms, HTTP {http_ms:.2f} ms, overhead {http_ms - llm_ms:.2f} ms")
-inter = json.loads((results / "ttft_interleaved.json").read_text())
-print(f"TTFT median, interleaved blocks: LLM {inter['llm_ttft_median_ms']:.2f} ms, "
-      f"HTTP {inter['http_ttft_median_ms']:.2f} ms, overhead {inter['overhead_ms']:.2f} ms "
-      f"(median of per-block differences {inter['overhead_block_median_ms']:.2f} ms)")
+if (results / "ttft_http.json").exists():
+    llm = json.loads((results / "ttft_llm.json").read_text())
+    http = json.loads((results / "ttft_http.json").read_text())
+    llm_ms, http_ms = llm["percentiles"]["p50"] * 1000, http["ttft_ms"]["median"]
+    print(f"TTFT median: LLM {llm_ms:.2f} ms, HTTP {http_ms:.2f} ms, overhead {http_ms - llm_ms:.2f} ms")
+    inter = json.loads((results / "ttft_interleaved.json").read_text())
+    print(f"TTFT median, interleaved blocks: LLM {inter['llm_ttft_median_ms']:.2f} ms, "
+          f"HTTP {inter['http_ttft_median_ms']:.2f} ms, overhead {inter['overhead_ms']:.2f} ms "
+          f"(median of per-block differences {inter['overhead_block_median_ms']:.2f} ms)")
 offline = json.loads((results / "throughput_offline.json").read_text())["output_tokens_per_second"]
 print(f"offline output throughput: {offline:.0f} tok/s")
 for path in sorted(results.glob("throughput_server_interval*.json")):
