@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from rtpllm.benchmarks.report import write_json
+from rtpllm.engine.gc_heap import freeze_startup_heap
 from rtpllm.serving.engine_args import add_engine_args
 
 PERCENTILES = (10, 25, 50, 75, 90, 99)
@@ -41,6 +42,7 @@ def main(args: argparse.Namespace) -> int:
 
     _check(args)
     llm = LLM(model=args.model, **engine_kwargs_from_args(args))
+    freeze_startup_heap()  # as `rtpllm serve` does: the collector stays off the model and tokenizer
     tokenizer = llm.get_tokenizer()
     ordinary = np.setdiff1d(np.arange(len(tokenizer)), np.asarray(tokenizer.all_special_ids, dtype=np.int64))
     rng = np.random.default_rng(args.seed or 0)

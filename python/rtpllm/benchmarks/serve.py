@@ -30,6 +30,7 @@ from rtpllm.benchmarks.request_client import (CHAT_COMPLETIONS, COMPLETIONS, Req
                                               send_request)
 from rtpllm.benchmarks.serve_metrics import calculate_metrics, output_token_counts, parse_goodput
 from rtpllm.benchmarks.tokenizer import load_tokenizer
+from rtpllm.engine.gc_heap import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +225,7 @@ def main(args: argparse.Namespace) -> int:
                     burstiness=args.burstiness, max_concurrency=args.max_concurrency, num_warmups=args.num_warmups,
                     ignore_eos=args.ignore_eos, extra_body=extra, request_timeout_s=args.request_timeout,
                     seed=args.seed, show_progress=not args.disable_tqdm)
+    freeze_startup_heap()  # the tokenizer and the requests stay; keep the collector off them during the load
     run = _run_event_loop(run_load(requests, spec))
 
     output_lens = output_token_counts(run.results, tokenizer)

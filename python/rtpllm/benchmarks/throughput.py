@@ -13,6 +13,7 @@ import time
 
 from rtpllm.benchmarks.datasets import add_dataset_args, load_requests
 from rtpllm.benchmarks.report import write_json
+from rtpllm.engine.gc_heap import freeze_startup_heap
 from rtpllm.serving.engine_args import add_engine_args
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ def main(args: argparse.Namespace) -> int:
     from rtpllm.serving.engine_args import engine_kwargs_from_args
 
     llm = LLM(model=args.model, **engine_kwargs_from_args(args))
+    freeze_startup_heap()  # as `rtpllm serve` does: the collector stays off the model and tokenizer
     requests = load_requests(args, llm.get_tokenizer())
     if any(r.next_turns for r in requests):
         raise ValueError("dataset-name: multi-turn needs a server (use `rtpllm bench serve`)")

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from rtpllm.engine.frames import FrameReader, FrameWriter, encode_frame, recv_blocking, send_blocking
+from rtpllm.engine.gc_heap import freeze_startup_heap
 from rtpllm.engine.output_deltas import OutputDeltaEncoder
 
 logger = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ def serve(sock: socket.socket) -> int:
     except BaseException as exc:  # noqa: BLE001 - reported to the server, which raises it
         send_blocking(sock, ("failed", picklable_error(exc), traceback.format_exc()))
         return 1
+    freeze_startup_heap()
     send_blocking(sock, ("ready", EngineInfo(engine.model_name, engine.max_model_len,
                                              getattr(engine.arch, "vocab_size", None) or len(engine.tokenizer),
                                              engine.stats(), engine.tokenizer)))

@@ -29,6 +29,7 @@ from starlette.responses import Response
 
 from rtpllm.config import EngineConfig
 from rtpllm.engine.async_engine import AsyncEngine, AsyncEngineBase
+from rtpllm.engine.gc_heap import freeze_startup_heap
 from rtpllm.serving import request_params as rp
 from rtpllm.serving.chat import create_chat_completion
 from rtpllm.serving.completions import create_completion
@@ -100,6 +101,7 @@ def build_app(engine: AsyncEngineBase, metrics: Optional[ServerMetrics] = None,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
+        freeze_startup_heap()  # the app, routes and tokenizer exist now
         try:
             yield
         finally:
