@@ -35,25 +35,32 @@ served() {  # served NAME EXTRA_SERVE_ARGS...: output tok/s of the 500 clients, 
   [ "$leaked" = "0" ] || echo "KV blocks still held after the run: $leaked"
 }
 
-for round in $(seq "$rounds"); do
-  "${rtpllm[@]}" bench throughput --model "$model" "${engine[@]}" "${workload[@]}" --disable-tqdm \
-    --output-json "$results/offline-$round.json" >/dev/null
-  served "process-$round"
-  served "thread-$round" --no-engine-process
-done
-
-python3 - "$results" "$rounds" <<'PY'
+report() {  # report ROUNDS_DONE [final]: one line per finished round; with "final", the medians too
+  python3 - "$results" "$@" <<'PY'
 import json, pathlib, statistics, sys
-results, rounds = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+results, done, final = pathlib.Path(sys.argv[1]), int(sys.argv[2]), len(sys.argv) > 3
 ratios = {"process": [], "thread": []}
-for r in range(1, rounds + 1):
+for r in range(1, done + 1):
     offline = json.loads((results / f"offline-{r}.json").read_text())["output_tokens_per_second"]
     line = f"round {r}: offline {offline:.0f} tok/s"
     for mode in ratios:
         run = json.loads((results / f"{mode}-{r}.json").read_text())
         ratios[mode].append(run["output_throughput"] / offline)
         line += f", {mode} {run['output_throughput']:.0f} ({ratios[mode][-1]:.0%}, {run['failed']} failed)"
-    print(line)
-for mode, values in ratios.items():
-    print(f"median share of offline, engine in a {mode}: {statistics.median(values):.0%}")
+    if final or r == done:
+        print(line, flush=True)
+if final:
+    for mode, values in ratios.items():
+        print(f"median share of offline, engine in a {mode}: {statistics.median(values):.0%}")
 PY
+}
+
+for round in $(seq "$rounds"); do
+  "${rtpllm[@]}" bench throughput --model "$model" "${engine[@]}" "${workload[@]}" --disable-tqdm \
+    --output-json "$results/offline-$round.json" >/dev/null
+  served "process-$round"
+  served "thread-$round" --no-engine-process
+  report "$round"
+done
+echo "== all rounds"
+report "$rounds" final
