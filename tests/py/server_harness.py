@@ -19,7 +19,7 @@ import re
 import socket
 import threading
 import time
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Awaitable, Callable, Optional, TypeVar
 
 import httpx
 import uvicorn
@@ -44,6 +44,23 @@ def build_async_engine(model: str, max_queued_requests: Optional[int] = None, **
     if os.environ.get("RTPLLM_TEST_ENGINE", "thread") == "process":
         return ProcessEngine.from_config(config)
     return AsyncEngine(Engine(config), config.max_queued_requests)
+
+
+def run_engine(engine: AsyncEngineBase, body: Callable[[AsyncEngineBase], Awaitable[T]]) -> T:
+    """Runs `body(engine)` on a fresh event loop with the engine started, then shuts it down (and
+    ends an engine process even if the shutdown failed)."""
+    async def main():
+        engine.start()
+        try:
+            return await body(engine)
+        finally:
+            await engine.shutdown()
+
+    try:
+        return asyncio.run(main())
+    finally:
+        if isinstance(engine, ProcessEngine):
+            engine.close()
 
 
 class RunningServer:

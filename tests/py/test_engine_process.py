@@ -21,7 +21,7 @@ from rtpllm.engine.frames import FrameReader, FrameWriter, encode_frame
 from rtpllm.engine.output_deltas import OutputDeltaDecoder, OutputDeltaEncoder
 from rtpllm.engine.process_engine import ProcessEngine
 from rtpllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from server_harness import check_kv_pool_free
+from server_harness import check_kv_pool_free, run_engine
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -117,20 +117,6 @@ def model_path():
     return checkpoint_path("llama3")
 
 
-def _serve(engine: ProcessEngine, body):
-    async def main():
-        engine.start()
-        try:
-            return await body(engine)
-        finally:
-            await engine.shutdown()
-
-    try:
-        return asyncio.run(main())
-    finally:
-        engine.close()
-
-
 async def _collect(engine, prompt, params, request_id):
     outputs = [output async for output in engine.generate(prompt, params, request_id)]
     return outputs
@@ -163,7 +149,7 @@ def test_process_engine_serves_what_the_offline_engine_computes(model_path):
             await engine.call_in_engine_thread(lambda e: e.check_kv_pool_free())
         return streams, pool_free, engine.stats()
 
-    streams, pool_free, stats = _serve(engine, body)
+    streams, pool_free, stats = run_engine(engine, body)
     for outputs, want in zip(streams, expected):
         final = outputs[-1]
         assert final.finished and all(o.finished == (o is final) for o in outputs)
@@ -188,7 +174,7 @@ def test_a_dead_engine_process_fails_its_requests_and_refuses_new_ones(model_pat
         with pytest.raises(EngineDeadError):
             await engine.add_request("next", "hello", GREEDY)
 
-    _serve(engine, body)
+    run_engine(engine, body)
 
 
 def test_an_engine_that_cannot_start_raises_its_own_error(tmp_path):

@@ -8,7 +8,7 @@ from checkpoints import checkpoint_path
 from rtpllm import LLM, SamplingParams
 from rtpllm.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError, RequestStream
 from rtpllm.outputs import CompletionOutput, RequestOutput
-from server_harness import build_async_engine
+from server_harness import build_async_engine, run_engine
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 PROMPTS = ["Once upon a time", "def main():", "The capital of", "1, 2, 3,", "Hello", "import os", "A B C", "x"]
@@ -17,18 +17,6 @@ PROMPTS = ["Once upon a time", "def main():", "The capital of", "1, 2, 3,", "Hel
 @pytest.fixture(scope="module")
 def model_path():
     return checkpoint_path("llama3")
-
-
-def _run(engine: AsyncEngine, body):
-    """Runs `body(engine)` on a fresh event loop with the engine started, then shuts it down."""
-    async def main():
-        engine.start()
-        try:
-            return await body(engine)
-        finally:
-            await engine.shutdown()
-
-    return asyncio.run(main())
 
 
 async def _collect(engine: AsyncEngine, prompt, params, request_id):
@@ -44,7 +32,7 @@ def test_concurrent_requests_match_the_offline_engine(model_path):
     async def body(engine):
         return await asyncio.gather(*(_collect(engine, p, GREEDY, f"r{i}") for i, p in enumerate(PROMPTS)))
 
-    outputs = _run(build_async_engine(model_path), body)
+    outputs = run_engine(build_async_engine(model_path), body)
     assert [o.outputs[0].text for o in outputs] == [e.outputs[0].text for e in expected]
     assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outputs)
 
@@ -56,7 +44,7 @@ def test_outputs_are_cumulative_and_end_with_the_finished_one(model_path):
             seen.append((len(output.outputs[0].token_ids), output.finished))
         return seen
 
-    seen = _run(build_async_engine(model_path), body)
+    seen = run_engine(build_async_engine(model_path), body)
     counts = [count for count, _ in seen]
     assert counts == sorted(counts) and counts[-1] == 10
     assert [finished for _, finished in seen] == [False] * (len(seen) - 1) + [True]
@@ -67,7 +55,7 @@ def test_unstreamed_request_yields_only_its_finished_output(model_path):
         stream = await engine.add_request("whole", "Once upon a time", GREEDY, stream=False)
         return [output async for output in stream]
 
-    outputs = _run(build_async_engine(model_path), body)
+    outputs = run_engine(build_async_engine(model_path), body)
     assert len(outputs) == 1 and outputs[0].finished
     assert len(outputs[0].outputs[0].token_ids) == 10
 
@@ -85,7 +73,7 @@ def test_stream_interval_wakes_for_the_first_token_then_every_n(model_path):
             await asyncio.sleep(0.05)  # a slow reader: never behind by less than the interval
         return counts
 
-    counts = _run(engine, body)
+    counts = run_engine(engine, body)
     assert counts[0] == 1 and counts[-1] == 20
     assert all(later - earlier >= 8 for earlier, later in zip(counts[:-2], counts[1:-1]))
 
@@ -130,7 +118,7 @@ def test_leaving_a_stream_early_aborts_and_frees_blocks(model_path):
         await asyncio.sleep(0.05)  # the abort lands at the next step
         return engine.num_in_flight, await engine.call_in_engine_thread(lambda e: e.check_kv_pool_free())
 
-    in_flight, pool_free = _run(build_async_engine(model_path), body)
+    in_flight, pool_free = run_engine(build_async_engine(model_path), body)
     assert in_flight == 0 and pool_free
 
 
@@ -145,7 +133,7 @@ def test_rejected_request_raises_and_leaves_the_engine_serving(model_path):
             pass
         return await _collect(engine, "hello", GREEDY, "after")
 
-    assert _run(build_async_engine(model_path), body).finished
+    assert run_engine(build_async_engine(model_path), body).finished
 
 
 def test_full_waiting_queue_raises_overloaded(model_path):
@@ -161,7 +149,7 @@ def test_full_waiting_queue_raises_overloaded(model_path):
         engine.abort("waiting")
         return waiting
 
-    _run(build_async_engine(model_path, max_num_seqs=1, max_queued_requests=1), body)
+    run_engine(build_async_engine(model_path, max_num_seqs=1, max_queued_requests=1), body)
 
 
 def test_shutdown_aborts_in_flight_requests_and_refuses_new_ones(model_path):
@@ -200,4 +188,4 @@ def test_a_failing_step_fails_every_waiter_with_engine_dead(model_path):
             await engine.add_request("next", "hello", GREEDY)
         return engine.is_running
 
-    assert _run(engine, body) is False
+    assert run_engine(engine, body) is False
