@@ -61,6 +61,9 @@ def picklable_error(exc: BaseException) -> BaseException:
 
 
 class EngineCoreLoop:
+    """The engine process's loop: take every command that arrived, run one engine step while any
+    request is unfinished, send one "step" frame with what both produced; sleep in select when idle."""
+
     def __init__(self, engine, sock: socket.socket):
         self.engine = engine
         self.sock = sock
