@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The 500-client comparison of server_vs_offline.sh (section 2), in alternating rounds: offline
-# `bench throughput`, then `rtpllm serve` with its engine in a process of its own, then with the
-# engine in a thread of the server (--no-engine-process), each against the same 500 streaming
-# requests. On a shared machine the engine's speed drifts by up to 2x within a minute, so each
-# round's ratios compare runs a few seconds apart; the medians over rounds are printed last.
+# The 500-client comparison of server_vs_offline.sh (section 2), in alternating runs: offline
+# `bench throughput`, `rtpllm serve` with its engine in a process of its own, offline again, the
+# server with the engine in a thread of its own process (--no-engine-process), offline again, ...
+# all on the same 500 streaming requests. On a shared machine the engine's speed drifts by up to 2x
+# within a minute, so each server run is compared with the mean of the two offline runs around it;
+# the medians over rounds are printed last.
 #
 # Usage: bash bench/serving/stream_load_rounds.sh [ROUNDS] [MODEL_DIR]   (default 3, a tiny random Llama)
 # Env:   NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN (default 500, 32, 128); RESULTS_DIR (default a temp dir)
@@ -35,18 +36,26 @@ served() {  # served NAME EXTRA_SERVE_ARGS...: output tok/s of the 500 clients, 
   [ "$leaked" = "0" ] || echo "KV blocks still held after the run: $leaked"
 }
 
-report() {  # report ROUNDS_DONE [final]: one line per finished round; with "final", the medians too
+offline() {  # offline INDEX
+  "${rtpllm[@]}" bench throughput --model "$model" "${engine[@]}" "${workload[@]}" --disable-tqdm \
+    --output-json "$results/offline-$1.json" >/dev/null
+}
+
+report() {  # report ROUNDS_DONE [final]: the newest round's line; with "final", every round and the medians
   python3 - "$results" "$@" <<'PY'
 import json, pathlib, statistics, sys
 results, done, final = pathlib.Path(sys.argv[1]), int(sys.argv[2]), len(sys.argv) > 3
+def tok_s(name, key):
+    return json.loads((results / f"{name}.json").read_text())[key]
 ratios = {"process": [], "thread": []}
 for r in range(1, done + 1):
-    offline = json.loads((results / f"offline-{r}.json").read_text())["output_tokens_per_second"]
-    line = f"round {r}: offline {offline:.0f} tok/s"
-    for mode in ratios:
+    line = f"round {r}:"
+    for i, mode in enumerate(ratios):
+        before, after = (tok_s(f"offline-{2 * r - 2 + k}", "output_tokens_per_second") for k in (i, i + 1))
         run = json.loads((results / f"{mode}-{r}.json").read_text())
-        ratios[mode].append(run["output_throughput"] / offline)
-        line += f", {mode} {run['output_throughput']:.0f} ({ratios[mode][-1]:.0%}, {run['failed']} failed)"
+        ratios[mode].append(run["output_throughput"] / ((before + after) / 2))
+        line += (f" {mode} {run['output_throughput']:.0f} tok/s between offline {before:.0f} and {after:.0f} "
+                 f"({ratios[mode][-1]:.0%}, {run['failed']} failed);")
     if final or r == done:
         print(line, flush=True)
 if final:
@@ -55,11 +64,12 @@ if final:
 PY
 }
 
+offline 0
 for round in $(seq "$rounds"); do
-  "${rtpllm[@]}" bench throughput --model "$model" "${engine[@]}" "${workload[@]}" --disable-tqdm \
-    --output-json "$results/offline-$round.json" >/dev/null
   served "process-$round"
+  offline $((2 * round - 1))
   served "thread-$round" --no-engine-process
+  offline $((2 * round))
   report "$round"
 done
 echo "== all rounds"
