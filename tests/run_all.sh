@@ -3,7 +3,7 @@
 # Usage: bash tests/run_all.sh   (RTPLLM_SKIP_INSTALL=1 skips the installs on a prepared machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-jobs=$(nproc)
+jobs=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # GNU nproc honours OMP_NUM_THREADS; the build should not
 
 if [ "${RTPLLM_SKIP_INSTALL:-0}" != "1" ]; then
   if ! dpkg -s libgtest-dev >/dev/null 2>&1; then

@@ -21,7 +21,8 @@ out_dir="${OUT:-bench/results/tmp/gpu-$(date +%Y%m%d-%H%M%S)}"
 work="$(mktemp -d)"
 mkdir -p "$out_dir"
 export PYTHONUNBUFFERED=1
-export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+# (GNU nproc honours OMP_NUM_THREADS, which benchmarks set to 1; the build should use every core)
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"
 status=0
 
 bundle() { tar -czf "$out_dir/logs.tar.gz" -C "$work" . 2>/dev/null; }
