@@ -51,14 +51,21 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server, endpoint, body):
     assert server.metric("generation_tokens_total") == generated  # nothing is generating for nobody
 
 
+def _fill_running_batch(server, client: httpx.Client, streams: contextlib.ExitStack, body: dict) -> list:
+    """Starts two streams (the server runs max_num_seqs=2) and waits for their first tokens. Returns
+    their line iterators: a dropped iterator closes its connection, so the caller keeps them."""
+    readers = []
+    for _ in range(2):
+        stream = streams.enter_context(client.stream("POST", server.url + "/v1/completions", json=body))
+        readers.append(stream.iter_lines())
+        next(line for line in readers[-1] if line.startswith("data: "))
+    return readers
+
+
 def test_disconnect_before_the_first_token_aborts_the_queued_request(server):
     long = {"prompt": "Tell me a story", **LONG, "max_tokens": 480, "stream": True}
     with httpx.Client(timeout=60) as client, contextlib.ExitStack() as streams:
-        readers = []  # NOTE: a dropped line iterator closes its connection, so they are kept
-        for _ in range(2):  # fill the running batch (max_num_seqs=2)
-            stream = streams.enter_context(client.stream("POST", server.url + "/v1/completions", json=long))
-            readers.append(stream.iter_lines())
-            next(line for line in readers[-1] if line.startswith("data: "))
+        readers = _fill_running_batch(server, client, streams, long)  # NOTE: kept, see the helper
         with client.stream("POST", server.url + "/v1/completions", json=long) as queued:
             assert queued.status_code == 200  # the headers go out before the first token
             server.wait_until(lambda: server.metric("num_requests_waiting") == 1, what="a queued request")
@@ -86,11 +93,7 @@ def test_full_queue_answers_503_at_once_and_recovers(server):
                                                json={"prompt": "hi", "max_tokens": 3, "ignore_eos": True})
 
     with httpx.Client(timeout=60) as client, contextlib.ExitStack() as streams:
-        readers = []  # NOTE: a dropped line iterator closes its connection, so they are kept
-        for _ in range(2):  # fill the running batch (max_num_seqs=2)
-            stream = streams.enter_context(client.stream("POST", server.url + "/v1/completions", json=long))
-            readers.append(stream.iter_lines())
-            next(line for line in readers[-1] if line.startswith("data: "))
+        readers = _fill_running_batch(server, client, streams, long)  # NOTE: kept, see the helper
         queued = threading.Thread(target=send_queued)
         queued.start()
         server.wait_until(lambda: server.metric("num_requests_waiting") == 1, what="a queued request")
