@@ -26,6 +26,7 @@ import aiohttp
 import numpy as np
 
 from rtpllm.benchmarks.request_client import RequestInput, send_request
+from rtpllm.benchmarks.serve import run_event_loop
 from rtpllm.engine.llm import LLM
 from rtpllm.sampling_params import SamplingParams
 
@@ -74,7 +75,7 @@ async def measure(model: str, port: int, blocks: int) -> dict:
 def main() -> None:
     model, port = sys.argv[1], int(sys.argv[2])
     blocks = int(sys.argv[3]) if len(sys.argv) > 3 else 30
-    result = asyncio.run(measure(model, port, blocks))
+    result = run_event_loop(measure(model, port, blocks))  # uvloop, as `bench serve` runs
     print(f"TTFT median, interleaved ({result['requests_per_path']} requests each): LLM "
           f"{result['llm_ttft_median_ms']:.2f} ms, HTTP {result['http_ttft_median_ms']:.2f} ms, "
           f"overhead {result['overhead_ms']:.2f} ms; median over blocks of the difference "

@@ -197,7 +197,7 @@ def _base_url(args: argparse.Namespace) -> str:
     return base.rstrip("/")
 
 
-def _run_event_loop(coroutine):
+def run_event_loop(coroutine):
     """Runs the load on uvloop where installed: with hundreds of streams, asyncio's own loop made
     this client take a third of a small machine's CPU, which the server under test then lacks."""
     try:
@@ -226,7 +226,7 @@ def main(args: argparse.Namespace) -> int:
                     ignore_eos=args.ignore_eos, extra_body=extra, request_timeout_s=args.request_timeout,
                     seed=args.seed, show_progress=not args.disable_tqdm)
     freeze_startup_heap()  # the tokenizer and the requests stay; keep the collector off them during the load
-    run = _run_event_loop(run_load(requests, spec))
+    run = run_event_loop(run_load(requests, spec))
 
     output_lens = output_token_counts(run.results, tokenizer)
     metrics = calculate_metrics(run.results, output_lens, run.duration_s, percentiles, slos)
