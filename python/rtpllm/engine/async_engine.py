@@ -52,8 +52,9 @@ class StepObserver(Protocol):
                 finished: list[RequestOutput]) -> None: ...
 
 
+# What the event loop asks of the engine, in order: each backend carries these to where it steps.
 @dataclass
-class _Add:
+class AddCommand:
     request_id: str
     prompt: Prompt
     params: SamplingParams
@@ -63,12 +64,12 @@ class _Add:
 
 
 @dataclass
-class _Abort:
+class AbortCommand:
     request_id: str
 
 
 @dataclass
-class _Call:
+class CallCommand:
     fn: Callable[["Engine"], Any]
     result: concurrent.futures.Future
 
@@ -162,7 +163,7 @@ class AsyncEngineBase:
                                len(self._streams), grace_period_s)
         if self._dead_error is None:
             for request_id in list(self._streams):
-                self._submit(_Abort(request_id))
+                self._submit(AbortCommand(request_id))
         if self._streams and self._dead_error is None:
             # The aborts come back as finished outputs through the normal path; wait for them briefly.
             try:
@@ -199,7 +200,7 @@ class AsyncEngineBase:
         self._pending_adds += 1
         accepted = self._loop.create_future()
         accepted.add_done_callback(functools.partial(self._abort_if_cancelled, request_id))
-        self._submit(_Add(request_id, prompt, params, arrival_time or time.monotonic(), stream, accepted))
+        self._submit(AddCommand(request_id, prompt, params, arrival_time or time.monotonic(), stream, accepted))
         return accepted
 
     async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str,
@@ -219,7 +220,7 @@ class AsyncEngineBase:
         """Ends a request and frees its KV blocks; safe for unknown or finished ids. Its stream ends
         without a further output, so call this only when nobody is reading the stream."""
         if self._forget(request_id) is not None and self._started and self._dead_error is None:
-            self._submit(_Abort(request_id))
+            self._submit(AbortCommand(request_id))
 
     async def call_in_engine_thread(self, fn: Callable[["Engine"], T]) -> T:
         """Runs `fn(engine)` where the engine runs, between two steps (the engine is not
@@ -227,7 +228,7 @@ class AsyncEngineBase:
         (a module-level function or `operator.methodcaller`, not a lambda)."""
         self._check_alive()
         result: concurrent.futures.Future = concurrent.futures.Future()
-        self._submit(_Call(fn, result))
+        self._submit(CallCommand(fn, result))
         return await asyncio.wrap_future(result)
 
     # ------------------------------------------------------------------ backend hooks
@@ -235,7 +236,7 @@ class AsyncEngineBase:
         """Starts stepping the engine (called once, from `start()`, on the event loop)."""
         raise NotImplementedError
 
-    def _submit(self, command: Union[_Add, _Abort, _Call]) -> None:
+    def _submit(self, command: Union[AddCommand, AbortCommand, CallCommand]) -> None:
         """Hands a command to the engine, which answers adds and calls through `_hand_over` /
         `_call_done`."""
         raise NotImplementedError
@@ -270,7 +271,7 @@ class AsyncEngineBase:
         if accepted.cancelled():
             self.abort(request_id)  # the add may be in the engine already; the abort queued behind it undoes it
 
-    def _on_added(self, command: _Add, error: Optional[BaseException]) -> None:
+    def _on_added(self, command: AddCommand, error: Optional[BaseException]) -> None:
         self._pending_adds -= 1
         if command.accepted.done():
             return  # cancelled by its caller
@@ -283,7 +284,7 @@ class AsyncEngineBase:
         else:
             command.accepted.set_result(request_stream)
 
-    def _hand_over(self, answers: list[tuple[_Add, Optional[BaseException]]], outputs: list[RequestOutput]) -> None:
+    def _hand_over(self, answers: list[tuple[AddCommand, Optional[BaseException]]], outputs: list[RequestOutput]) -> None:
         for command, error in answers:
             self._on_added(command, error)
         if outputs:
@@ -310,15 +311,15 @@ class AsyncEngineBase:
         for request_id in list(self._streams):
             self._forget(request_id).fail(error)
 
-    def _mark_dead(self, error: EngineDeadError, unanswered: Sequence[Union[_Add, _Call]] = ()) -> None:
+    def _mark_dead(self, error: EngineDeadError, unanswered: Sequence[Union[AddCommand, CallCommand]] = ()) -> None:
         """Fails every waiting caller: `unanswered` commands the engine took, and every command it
         did not take. Runs on the loop once the engine has stopped, so `add_request` (also on the
         loop) sees `_dead_error` from now on."""
         self._dead_error = error
         for command in [*unanswered, *self._take_unsent()]:
-            if isinstance(command, _Add):
+            if isinstance(command, AddCommand):
                 self._on_added(command, error)
-            elif isinstance(command, _Call) and not command.result.done():
+            elif isinstance(command, CallCommand) and not command.result.done():
                 command.result.set_exception(error)
         self._fail_all(error)
 
@@ -335,7 +336,7 @@ class AsyncEngine(AsyncEngineBase):
                  observer: Optional[StepObserver] = None, stream_interval: int = 1):
         super().__init__(engine.stats(), max_queued_requests, observer, stream_interval)
         self.engine = engine
-        self._commands: list[Union[_Add, _Abort, _Call]] = []
+        self._commands: list[Union[AddCommand, AbortCommand, CallCommand]] = []
         self._wakeup = threading.Condition()
         self._stop_requested = False
         self._thread: Optional[threading.Thread] = None
@@ -368,7 +369,7 @@ class AsyncEngine(AsyncEngineBase):
         self._thread = threading.Thread(target=self._step_loop, name="rtpllm-step-loop", daemon=True)
         self._thread.start()
 
-    def _submit(self, command: Union[_Add, _Abort, _Call]) -> None:
+    def _submit(self, command: Union[AddCommand, AbortCommand, CallCommand]) -> None:
         with self._wakeup:
             self._commands.append(command)
             self._wakeup.notify()
@@ -389,7 +390,7 @@ class AsyncEngine(AsyncEngineBase):
     def _step_loop(self) -> None:
         engine, loop = self.engine, self._loop
         busy = False
-        answers: list[tuple[_Add, Optional[BaseException]]] = []
+        answers: list[tuple[AddCommand, Optional[BaseException]]] = []
         try:
             while True:
                 with self._wakeup:
@@ -414,16 +415,16 @@ class AsyncEngine(AsyncEngineBase):
                 error = EngineDeadError(f"the engine step loop failed: {exc!r}")
                 loop.call_soon_threadsafe(self._mark_dead, error, [command for command, _ in answers])
 
-    def _apply(self, engine: "Engine", command) -> Optional[tuple[_Add, Optional[BaseException]]]:
+    def _apply(self, engine: "Engine", command) -> Optional[tuple[AddCommand, Optional[BaseException]]]:
         """Runs one command; an add returns (itself, the error or None) to answer its caller with."""
-        if isinstance(command, _Add):
+        if isinstance(command, AddCommand):
             try:
                 engine.add_request(command.request_id, command.prompt, command.params, command.arrival_time,
                                    stream=command.stream)
             except Exception as exc:  # noqa: BLE001 - a bad request fails alone, the loop keeps serving
                 return command, exc
             return command, None
-        if isinstance(command, _Abort):
+        if isinstance(command, AbortCommand):
             engine.abort_request(command.request_id)
         else:
             try:

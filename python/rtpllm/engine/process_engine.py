@@ -20,7 +20,8 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING, Optional, Union
 
-from rtpllm.engine.async_engine import (AsyncEngineBase, EngineDeadError, StepObserver, _Abort, _Add, _Call)
+from rtpllm.engine.async_engine import (AbortCommand, AddCommand, AsyncEngineBase, CallCommand, EngineDeadError,
+                                       StepObserver)
 from rtpllm.engine.engine_core import EngineInfo
 from rtpllm.engine.frames import FrameReader, FrameWriter, encode_frame, recv_blocking, send_blocking
 from rtpllm.engine.output_deltas import OutputDeltaDecoder
@@ -50,7 +51,7 @@ class ProcessEngine(AsyncEngineBase):
         self._watching_write = False
         self._decoder = OutputDeltaDecoder()
         self._tags = itertools.count()
-        self._unanswered: dict[int, Union[_Add, _Call]] = {}
+        self._unanswered: dict[int, Union[AddCommand, CallCommand]] = {}
         self._stopping = False
 
     @classmethod
@@ -113,12 +114,12 @@ class ProcessEngine(AsyncEngineBase):
         self._sock.setblocking(False)
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
-    def _submit(self, command: Union[_Add, _Abort, _Call]) -> None:
-        if isinstance(command, _Add):
+    def _submit(self, command: Union[AddCommand, AbortCommand, CallCommand]) -> None:
+        if isinstance(command, AddCommand):
             tag = next(self._tags)
             message = ("add", tag, command.request_id, command.prompt, command.params, command.arrival_time,
                        command.stream)
-        elif isinstance(command, _Abort):
+        elif isinstance(command, AbortCommand):
             tag, message = None, ("abort", command.request_id)
         else:
             tag = next(self._tags)
@@ -126,7 +127,7 @@ class ProcessEngine(AsyncEngineBase):
         try:
             frame = encode_frame(message)
         except Exception as exc:  # noqa: BLE001 - e.g. a lambda given to call_in_engine_thread
-            if isinstance(command, _Call):
+            if isinstance(command, CallCommand):
                 command.result.set_exception(TypeError(f"fn: must pickle to reach the engine process: {exc}"))
                 return
             raise

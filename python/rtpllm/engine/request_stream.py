@@ -10,7 +10,7 @@ from rtpllm.outputs import RequestOutput
 
 
 class RequestStream:
-    """One request's outputs, handed from the step thread to the task serving the request.
+    """One request's outputs, handed from the engine's step loop to the task serving the request.
 
     Outputs are cumulative (full text and token ids so far), so when the consumer falls behind only
     the newest one matters: a slow client gets fewer, larger deltas instead of a growing backlog.
