@@ -284,7 +284,8 @@ class AsyncEngineBase:
         else:
             command.accepted.set_result(request_stream)
 
-    def _hand_over(self, answers: list[tuple[AddCommand, Optional[BaseException]]], outputs: list[RequestOutput]) -> None:
+    def _hand_over(self, answers: list[tuple[AddCommand, Optional[BaseException]]],
+                   outputs: list[RequestOutput]) -> None:
         for command, error in answers:
             self._on_added(command, error)
         if outputs:
