@@ -117,7 +117,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("sig, engine_process", [(signal.SIGTERM, True), (signal.SIGINT, True), (signal.SIGTERM, False)],
+@pytest.mark.parametrize("sig, engine_process",
+                         [(signal.SIGTERM, True), (signal.SIGINT, True), (signal.SIGTERM, False)],
                          ids=["SIGTERM", "SIGINT", "SIGTERM-engine-thread"])
 def test_signal_shuts_down_gracefully_finishing_in_flight_requests(sig, engine_process):
     port = _free_port()
