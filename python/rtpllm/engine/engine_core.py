@@ -37,7 +37,6 @@ from rtpllm.engine.gc_heap import freeze_startup_heap
 from rtpllm.engine.output_deltas import OutputDeltaEncoder
 
 logger = logging.getLogger(__name__)
-_RECV_BYTES = 1 << 20
 
 
 @dataclass
@@ -128,15 +127,9 @@ class EngineCoreLoop:
                     self.writer.flush()
                 readable = readable or bool(events & selectors.EVENT_READ)
             if readable:
-                commands = []
-                while True:
-                    try:
-                        data = self.sock.recv(_RECV_BYTES)
-                    except BlockingIOError:
-                        break
-                    if not data:
-                        return None
-                    commands += self.reader.feed(data)
+                commands, closed = self.reader.receive(self.sock)
+                if closed:
+                    return None
                 if commands or not block:
                     return commands  # else only part of a frame came: wait for the rest
             elif not block:

@@ -14,6 +14,7 @@ import struct
 from typing import Any
 
 _HEADER = struct.Struct("<Q")
+_RECV_BYTES = 1 << 20
 
 
 def encode_frame(message: Any) -> bytes:
@@ -46,6 +47,25 @@ class FrameReader:
         if start:
             del buffer[:start]
         return messages
+
+
+    def receive(self, sock: socket.socket, error_closes: bool = False) -> tuple[list[Any], bool]:
+        """Reads everything a non-blocking socket holds now; returns the complete messages and
+        whether the other end has closed. Other socket errors are raised, or with `error_closes`
+        count as a close (the messages read before them are still returned)."""
+        messages = []
+        while True:
+            try:
+                data = sock.recv(_RECV_BYTES)
+            except BlockingIOError:
+                return messages, False
+            except OSError:
+                if not error_closes:
+                    raise
+                return messages, True
+            if not data:
+                return messages, True
+            messages += self.feed(data)
 
 
 class FrameWriter:
@@ -98,7 +118,7 @@ def recv_blocking(sock: socket.socket) -> Any:
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     chunks, remaining = [], size
     while remaining:
-        chunk = sock.recv(min(remaining, 1 << 20))
+        chunk = sock.recv(min(remaining, _RECV_BYTES))
         if not chunk:
             raise EOFError("the other end closed the connection")
         chunks.append(chunk)

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from rtpllm.config import EngineConfig
 
 logger = logging.getLogger(__name__)
-_RECV_BYTES = 1 << 20
 _STOP_TIMEOUT_S = 30.0
 
 
@@ -138,7 +137,7 @@ class ProcessEngine(AsyncEngineBase):
     async def _stop(self) -> None:
         self._stopping = True
         if self._process.poll() is None and self._sock.fileno() >= 0:
-            self._submit_stop()
+            self._send(encode_frame(("stop",)))
             try:
                 await asyncio.wait_for(asyncio.to_thread(self._process.wait), _STOP_TIMEOUT_S)
             except asyncio.TimeoutError:
@@ -153,9 +152,6 @@ class ProcessEngine(AsyncEngineBase):
         return commands
 
     # ------------------------------------------------------------------ socket
-    def _submit_stop(self) -> None:
-        self._send(encode_frame(("stop",)))
-
     def _send(self, frame: bytes) -> None:
         try:
             sent = self._writer.write(frame)
@@ -177,20 +173,8 @@ class ProcessEngine(AsyncEngineBase):
             self._watching_write = False
 
     def _on_readable(self) -> None:
-        messages = []
-        closed = False
-        while True:
-            try:
-                data = self._sock.recv(_RECV_BYTES)
-            except BlockingIOError:
-                break
-            except OSError:
-                closed = True
-                break
-            if not data:
-                closed = True
-                break
-            messages += self._reader.feed(data)
+        # A reset means the engine process is gone as surely as a clean close does.
+        messages, closed = self._reader.receive(self._sock, error_closes=True)
         for message in messages:
             self._handle(message)
         if closed:
