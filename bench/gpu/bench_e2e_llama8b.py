@@ -84,9 +84,9 @@ def decode_graph_ms(llm: LLM, context: int = 640, replays: int = 50) -> float:
     """Device time of one batch-1 decode graph replay (the whole model and the logits), without the
     host's part of a step: the gap between this and `decode_step_ms` is host overhead."""
     graphs = llm.engine.runner.graphs
-    graphs.slot_mapping[:1].fill_(-1)  # writes nothing into the cache
-    graphs.seq_lens[:1].fill_(context)
-    graphs.block_tables[:1].copy_(torch.arange(graphs.block_tables.shape[1], dtype=torch.int32))
+    graphs.inputs.slot_mapping[:1].fill_(-1)  # writes nothing into the cache
+    graphs.inputs.seq_lens[:1].fill_(context)
+    graphs.inputs.block_tables[:1].copy_(torch.arange(graphs.inputs.block_tables.shape[1], dtype=torch.int32))
     graph = graphs._graphs[1]
     graph.replay()
     torch.cuda.synchronize()
@@ -108,6 +108,19 @@ def decode_kernel_table(llm: LLM, top: int = 12) -> str:
         for _ in range(5):
             graph.replay()
         torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=70)
+
+
+def step_kernel_table(llm: LLM, steps: int = 48, top: int = 40) -> str:
+    """Every kernel and copy of `steps` batch-1 decode steps, the graph's and those outside it
+    (input copies, sampling, read-back): the ones with `steps` calls are the per-step extras."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
+    prompt = list(range(2000, 2512))
+    llm.generate([prompt], params)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        llm.generate([prompt], params)
     return prof.key_averages().table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=70)
 
 
@@ -211,6 +224,7 @@ def main() -> None:
     record("decode step with every GEMM on cuBLAS", cublas_step, "ms", f"ours {step:.3f} ms", cublas_step / step,
            graph_ms=cublas_graph)
     print(decode_kernel_table(llm), flush=True)
+    print(step_kernel_table(llm), flush=True)
     print(host_profile(llm), flush=True)
     if os.environ.get("E2E_PROFILE_RANDOM"):
         n = int(os.environ["E2E_PROFILE_RANDOM"])

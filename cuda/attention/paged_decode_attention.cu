@@ -127,9 +127,8 @@ cudaError_t paged_decode_attention(const PagedDecodeParams& p, ScalarType dtype,
     cudaError_t err = configure_kernel<T, kHeadDim, kBlockSize>();
     if (err != cudaSuccess) return err;
     const dim3 grid(p.num_splits, static_cast<unsigned>(grid_y), p.num_seqs);
-    decode::paged_decode_kernel<T, kHeadDim, kBlockSize>
-        <<<grid, kThreads, decode::DecodeSmem<T, kHeadDim>::kBytes, stream>>>(p);
-    return cudaGetLastError();
+    return launch_pdl(decode::paged_decode_kernel<T, kHeadDim, kBlockSize>, grid, dim3(kThreads),
+                      decode::DecodeSmem<T, kHeadDim>::kBytes, stream, p);
   });
 }
 

@@ -85,8 +85,42 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const __grid_con
   const int seq = blockIdx.z;
   const int split = blockIdx.x;
 
-  // Q as the A operand of m16n8k16 (rows = query heads, zero past `rows`), loaded once. Issued
-  // before seq_lens is known, so that the two loads overlap.
+  // Launched with PDL: until wait_for_prior_grid() the kernel touches only what the step's host
+  // copies wrote before the forward began (seq_lens, block tables) and K/V rows of earlier steps,
+  // which it prefetches into L2 while the kernel writing this step's q and K/V finishes. (The
+  // prefetch also covers the row being written now: harmless, L2 is where writes land.)
+  int begin, end;
+  split_range(p.seq_lens[seq], p.num_splits, split, &begin, &end);
+  const int num_tiles = begin < end ? ceil_div(end - begin, kTileTokens) : 0;
+  const int my_tiles = num_tiles > warp ? ceil_div(num_tiles - warp, kWarps) : 0;
+  const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
+  const int32_t* const block_table = p.block_tables + static_cast<int64_t>(seq) * p.block_table_stride;
+  const T* const k_cache = static_cast<const T*>(p.k_cache);
+  const T* const v_cache = static_cast<const T*>(p.v_cache);
+  // Element offset of the first row of this warp's i-th tile (inside one KV block).
+  auto tile_base = [&](int i) -> int64_t {
+    const int start = begin + (warp + i * kWarps) * kTileTokens;
+    const int64_t block = block_table[start / kBlockSize];
+    return (block * kBlockSize + start % kBlockSize) * token_stride + kv_head * kHeadDim;
+  };
+  {
+    // The pipeline's first stages only: prefetching a long split whole would evict its own start.
+    constexpr int kLinesPerRow = kHeadDim * static_cast<int>(sizeof(T)) / 128;
+    static_assert(kTileTokens * kLinesPerRow <= 32, "one prefetch per lane and plane covers a tile");
+    const int r = lane / kLinesPerRow;
+    const int line = lane % kLinesPerRow;
+    for (int i = 0; i < min(my_tiles, kStages); ++i) {
+      const int start = begin + (warp + i * kWarps) * kTileTokens;
+      if (r < kTileTokens && start + r < end) {
+        const int64_t offset = tile_base(i) + r * token_stride + line * (128 / static_cast<int>(sizeof(T)));
+        prefetch_l2(k_cache + offset);
+        prefetch_l2(v_cache + offset);
+      }
+    }
+  }
+  wait_for_prior_grid();
+
+  // Q as the A operand of m16n8k16 (rows = query heads, zero past `rows`), loaded once.
   const int frag_row = lane / 4;
   const int frag_col = (lane % 4) * 2;
   uint32_t q_frag[kDimSteps][4];
@@ -103,8 +137,6 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const __grid_con
     }
   }
 
-  int begin, end;
-  split_range(p.seq_lens[seq], p.num_splits, split, &begin, &end);
   if (begin >= end) {
     // An empty split still reports in (with lse = -inf, which the merge skips); an empty
     // sequence (a padded CUDA-graph slot) gets a zero output rather than uninitialised memory.
@@ -126,21 +158,14 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const __grid_con
     return;
   }
 
-  const int num_tiles = ceil_div(end - begin, kTileTokens);
-  const int my_tiles = num_tiles > warp ? ceil_div(num_tiles - warp, kWarps) : 0;
   T* const warp_smem = reinterpret_cast<T*>(smem) + warp * kStages * Smem::kStageElems;
-  const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
-  const int32_t* const block_table = p.block_tables + static_cast<int64_t>(seq) * p.block_table_stride;
-  const T* const k_cache = static_cast<const T*>(p.k_cache);
-  const T* const v_cache = static_cast<const T*>(p.v_cache);
 
   // Issues the copies of this warp's i-th tile into `stage` (and always commits a group, so
   // that the wait counts below stay uniform at the tail).
   auto load_tile = [&](int i, int stage) {
     if (i < my_tiles) {
       const int start = begin + (warp + i * kWarps) * kTileTokens;
-      const int64_t block = block_table[start / kBlockSize];
-      const int64_t base = (block * kBlockSize + start % kBlockSize) * token_stride + kv_head * kHeadDim;
+      const int64_t base = tile_base(i);
       T* const k_tile = warp_smem + stage * Smem::kStageElems;
       T* const v_tile = k_tile + Smem::kTileElems;
 #pragma unroll

@@ -14,6 +14,9 @@ constexpr int kMinThreadsPerBlock = 128;
 // blockDim = (threads_per_row, rows_per_block): small rows (e.g. Qwen3's per-head q/k norm,
 // 128 wide) share a block so that each block still has 128 threads; wide rows get up to 1024
 // threads, each holding kVecsPerThread 16-byte vectors in registers between the two passes.
+//
+// Launched with PDL: the norm weight (a constant) is loaded while the kernel producing the input
+// finishes; nothing the previous kernels touch is read or written before wait_for_prior_grid().
 template <typename T, bool kAddResidual, int kVecsPerThread>
 __global__ void rms_norm_kernel(const __grid_constant__ RmsNormParams p) {
   allow_dependent_launch();  // the next projection (a PDL-launched GEMV) may start loading weights
@@ -22,6 +25,14 @@ __global__ void rms_norm_kernel(const __grid_constant__ RmsNormParams p) {
   // Rows past the end still join the barrier below.
   const bool active = row < p.num_rows;
   const int num_vecs = p.hidden / kVecElems;
+
+  Vec8<T> weight[kVecsPerThread];
+#pragma unroll
+  for (int i = 0; i < kVecsPerThread; ++i) {
+    const int vec = threadIdx.x + i * blockDim.x;
+    if (vec < num_vecs) weight[i] = load_vec(static_cast<const T*>(p.weight) + vec * kVecElems);
+  }
+  wait_for_prior_grid();
 
   float vals[kVecsPerThread][kVecElems];
   float sum_sq = 0.f;
@@ -60,7 +71,7 @@ __global__ void rms_norm_kernel(const __grid_constant__ RmsNormParams p) {
     const int vec = threadIdx.x + i * blockDim.x;
     if (vec >= num_vecs) continue;
     float w[kVecElems];
-    vec_to_float(load_vec(static_cast<const T*>(p.weight) + vec * kVecElems), w);
+    vec_to_float(weight[i], w);
     float y[kVecElems];
 #pragma unroll
     for (int j = 0; j < kVecElems; ++j) y[j] = w[j] * round_to<T>(vals[i][j] * inv_rms);
@@ -77,12 +88,11 @@ cudaError_t launch(const RmsNormParams& p, cudaStream_t stream) {
   const dim3 block(threads_per_row, rows_per_block);
   const dim3 grid(static_cast<unsigned>((p.num_rows + rows_per_block - 1) / rows_per_block));
   switch (vecs_per_thread) {
-    case 1: rms_norm_kernel<T, kAddResidual, 1><<<grid, block, 0, stream>>>(p); break;
-    case 2: rms_norm_kernel<T, kAddResidual, 2><<<grid, block, 0, stream>>>(p); break;
-    case 4: rms_norm_kernel<T, kAddResidual, 4><<<grid, block, 0, stream>>>(p); break;
+    case 1: return launch_pdl(rms_norm_kernel<T, kAddResidual, 1>, grid, block, 0, stream, p);
+    case 2: return launch_pdl(rms_norm_kernel<T, kAddResidual, 2>, grid, block, 0, stream, p);
+    case 4: return launch_pdl(rms_norm_kernel<T, kAddResidual, 4>, grid, block, 0, stream, p);
     default: return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }

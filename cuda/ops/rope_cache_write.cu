@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "cuda/ops/pdl.cuh"
 #include "cuda/ops/vec.cuh"
 
 namespace rtpllm::cuda {
@@ -36,11 +37,16 @@ __device__ __forceinline__ void rotate_slice(const T* src, T* dst, int half, int
 // One block per token. The token's work is a flat list of 8-wide items (q rotations, k
 // rotations/copies into the cache, v copies) spread over the block's threads, so that the
 // same launch shape serves any head count.
+//
+// Launched with PDL: positions and slot_mapping are the step's inputs, copied in before the
+// forward began, so they are read while the projection that produces q/k/v finishes.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) rope_cache_write_kernel(const __grid_constant__ RopeCacheWriteParams p) {
+  allow_dependent_launch();  // decode attention may start reading its block tables and old K/V
   const int64_t token = blockIdx.x;
   const int64_t pos = p.positions[token];
   const int64_t slot = p.slot_mapping[token];
+  wait_for_prior_grid();
   const bool write_cache = slot >= 0;
   const bool pos_ok = pos >= 0 && pos < p.max_position;
 
@@ -111,8 +117,7 @@ cudaError_t rope_and_cache_write(const RopeCacheWriteParams& p, ScalarType dtype
   if (p.num_tokens == 0) return cudaSuccess;
   return dispatch_half_types(dtype, [&](auto tag) {
     using T = decltype(tag);
-    rope_cache_write_kernel<T><<<p.num_tokens, kThreads, 0, stream>>>(p);
-    return cudaGetLastError();
+    return launch_pdl(rope_cache_write_kernel<T>, dim3(p.num_tokens), dim3(kThreads), 0, stream, p);
   });
 }
 

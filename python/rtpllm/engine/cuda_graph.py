@@ -2,18 +2,21 @@
 
 A decode step launches hundreds of small kernels; replaying them as one graph removes the launch
 gaps that otherwise dominate a small batch. Each bucket's graph reads its inputs from static
-device buffers, so a replay is: copy this step's arrays into the buffers, pad the unused rows,
-replay. Padding rows have slot -1 (their K/V is not written) and context length 0 (the decode
-kernel writes zeros for them), so they never touch a real block.
+device buffers (`DecodeInputs`), so a replay is: one copy of this step's arrays, padding rows
+included, into the buffers, then the replay. Padding rows have slot -1 (their K/V is not
+written) and context length 0 (the decode kernel writes zeros for them), so they never touch a
+real block.
 """
 
 from __future__ import annotations
 
 import bisect
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
+from rtpllm.engine.decode_inputs import DecodeInputs
+from rtpllm.engine.in_flight import PendingInputs
 from rtpllm.layers.attention_metadata import AttentionMetadata
 
 
@@ -33,13 +36,8 @@ class DecodeGraphs:
         self.buckets = decode_buckets(max_batch)
         self.max_batch = self.buckets[-1]
         self.max_blocks_per_seq = max_blocks_per_seq
-        b, w = self.max_batch, max_blocks_per_seq
-        self.input_ids = torch.zeros(b, dtype=torch.long, device=device)
-        self.positions = torch.zeros(b, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((b,), -1, dtype=torch.long, device=device)
-        self.seq_lens = torch.zeros(b, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(b, w, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)
+        self.inputs = DecodeInputs(self.max_batch, max_blocks_per_seq, device)
+        self.query_start_loc = torch.arange(self.max_batch + 1, dtype=torch.int32, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
         self._capture_all(plan, max_model_len)
@@ -48,27 +46,21 @@ class DecodeGraphs:
         return (batch.max_query_len == 1 and batch.num_seqs <= self.max_batch
                 and batch.block_tables.shape[1] <= self.max_blocks_per_seq)
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            seq_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        """Replays the smallest bucket that holds the batch; returns logits [num_seqs, vocab]."""
-        n, width = block_tables.shape
+    def run(self, batch, pending: Optional[PendingInputs]) -> torch.Tensor:
+        """Replays the smallest bucket that holds the decode batch; returns logits [num_seqs, vocab].
+        `pending` names input tokens the step in flight is still sampling on the device."""
+        n = batch.num_seqs
         bucket = self.buckets[bisect.bisect_left(self.buckets, n)]
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
-        self.positions[:n].copy_(positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(slot_mapping, non_blocking=True)
-        self.seq_lens[:n].copy_(seq_lens, non_blocking=True)
-        self.block_tables[:n, :width].copy_(block_tables, non_blocking=True)
-        if bucket > n:  # padding rows: nothing written, nothing read
-            self.slot_mapping[n:bucket].fill_(-1)
-            self.seq_lens[n:bucket].zero_()
+        self.inputs.load(batch, bucket, pending)
         self._graphs[bucket].replay()
         return self._logits[bucket][:n]
 
     def _meta(self, bucket: int, max_model_len: int) -> AttentionMetadata:
+        inputs = self.inputs
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:bucket], query_start_loc=self.query_start_loc[:bucket + 1],
-            seq_lens=self.seq_lens[:bucket], num_computed=self.seq_lens[:bucket],
-            block_tables=self.block_tables[:bucket], max_query_len=1, max_seq_len=max_model_len)
+            slot_mapping=inputs.slot_mapping[:bucket], query_start_loc=self.query_start_loc[:bucket + 1],
+            seq_lens=inputs.seq_lens[:bucket], num_computed=inputs.seq_lens[:bucket],
+            block_tables=inputs.block_tables[:bucket], max_query_len=1, max_seq_len=max_model_len)
 
     @torch.inference_mode()
     def _capture_all(self, plan, max_model_len: int) -> None:
@@ -77,8 +69,8 @@ class DecodeGraphs:
         for bucket in reversed(self.buckets):
             meta = self._meta(bucket, max_model_len)
             plan(meta, max_model_len)
-            args = (self.input_ids[:bucket], self.positions[:bucket], self.kv_caches, meta)
-            self.slot_mapping[:bucket].fill_(-1)
+            args = (self.inputs.input_ids[:bucket], self.inputs.positions[:bucket], self.kv_caches, meta)
+            self.inputs.slot_mapping[:bucket].fill_(-1)
             self.model.compute_logits(self.model(*args))  # warm-up: lazy inits and autotuning stay out of the graph
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()

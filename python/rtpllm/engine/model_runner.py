@@ -74,6 +74,10 @@ class ModelRunner:
         """Runs one step. `prompt_logprob_seqs` are batch indices of sequences whose new tokens
         all need logits (prompt logprobs); every other sequence only computes its sampled row.
         `pending` names input tokens still on the device (sampled by the step in flight)."""
+        if self.graphs is not None and not prompt_logprob_seqs and self.graphs.can_run(batch):
+            # A decode step: every sequence samples its one row, in batch order.
+            logits = self.graphs.run(batch, pending)
+            return StepResult(sampled=self.sampler(logits, sampling_batch), prompt_logprobs={})
         self._to_device.begin_step()
         input_ids = self._to_device("input_ids", batch.input_token_ids).long()
         if pending is not None:
@@ -81,17 +85,6 @@ class ModelRunner:
             rows = self._to_device("pending_rows", pending.rows)
             input_ids[positions] = pending.token_ids[rows].long()
         positions = self._to_device("positions", batch.positions).long()
-        if self.graphs is not None and not prompt_logprob_seqs and self.graphs.can_run(batch):
-            # A decode step: every sequence samples its one row, in batch order.
-            slot_mapping = self._to_device("slot_mapping", batch.slot_mapping)
-            seq_lens = self._to_device("seq_lens", batch.seq_lens)
-            block_tables = self._to_device("block_tables", batch.block_tables)
-            # Marked before the forward is queued, so the next step may refill the staging buffers
-            # as soon as these copies are done, not when this whole step is (that would serialize
-            # the host with the device and undo asynchronous scheduling).
-            self._to_device.end_step()
-            logits = self.graphs.run(input_ids, positions, slot_mapping, seq_lens, block_tables)
-            return StepResult(sampled=self.sampler(logits, sampling_batch), prompt_logprobs={})
         meta = self.build_metadata(batch)
         logits_indices = self._to_device("logits_indices", batch.logits_indices).long()
         self._to_device.end_step()
