@@ -72,7 +72,6 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const __grid_con
   constexpr int kCopiesPerLane = kTileTokens * kChunks / 32;
   static_assert(kBlockSize % kTileTokens == 0, "a tile must lie inside one KV block");
   extern __shared__ __align__(128) uint8_t smem[];
-  allow_dependent_launch();  // o_proj (a PDL-launched GEMV) may start loading weights
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -119,6 +118,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const __grid_con
     }
   }
   wait_for_prior_grid();
+  allow_dependent_launch();  // o_proj (a PDL-launched GEMV) may start loading weights
 
   // Q as the A operand of m16n8k16 (rows = query heads, zero past `rows`), loaded once.
   const int frag_row = lane / 4;

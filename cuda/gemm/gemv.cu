@@ -3,8 +3,6 @@
 // any arithmetic, accumulating in float32, then reduce across the warp with shuffles.
 #include "cuda/gemm/gemv.h"
 
-#include <cstdlib>
-
 #include "cuda/ops/pdl.cuh"
 #include "cuda/ops/vec.cuh"
 
@@ -53,14 +51,8 @@ __device__ __forceinline__ int weight_row(const GemvParams& p, int row0, int r) 
   return kGated && r >= kRowsPerWarp ? p.n + out_row : out_row;
 }
 
-// Two weight chunks in flight per warp double the registers holding them; at M = 1 the kernel
-// still fits three CTAs per SM (80 registers, no spills), so a 384-CTA qkv projection runs in
-// one wave on 132 SMs.
-template <bool kTwoChunks, int M>
-constexpr int kMinBlocksPerSm = kTwoChunks && M == 1 ? 3 : 1;
-
-template <typename T, int M, bool kGated, bool kTwoChunks>
-__global__ void __launch_bounds__(kThreads, (kMinBlocksPerSm<kTwoChunks, M>)) gemv_kernel(const __grid_constant__ GemvParams p) {
+template <typename T, int M, bool kGated>
+__global__ void __launch_bounds__(kThreads) gemv_kernel(const __grid_constant__ GemvParams p) {
   constexpr int kWeightRows = kGated ? 2 * kRowsPerWarp : kRowsPerWarp;
   const int lane = threadIdx.x % 32;
   const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
@@ -78,12 +70,11 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocksPerSm<kTwoChunks, M>)) ge
   // weights never depend on it, so under PDL their latency hides behind that kernel's tail.
   uint4 wv[kWeightRows][kUnroll];
   load_weight_chunk<kWeightRows>(wv, w_rows, lane, k_vecs);
-  allow_dependent_launch();
   wait_for_prior_grid();
+  allow_dependent_launch();  // after the wait: see pdl.cuh
 
   float acc[kWeightRows][M] = {};
-  // Multiplies the chunk held in `chunk` (vectors base, base + 32, ...) into acc.
-  auto consume = [&](const uint4 (&chunk)[kWeightRows][kUnroll], int base) {
+  for (int base = lane; base < k_vecs; base += 32 * kUnroll) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int vec = base + u * 32;
@@ -92,29 +83,10 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocksPerSm<kTwoChunks, M>)) ge
       for (int m = 0; m < M; ++m) {
         const uint4 xv = *reinterpret_cast<const uint4*>(x + m * p.ldx + vec * kVecElems);
 #pragma unroll
-        for (int r = 0; r < kWeightRows; ++r) fma_vec<T>(chunk[r][u], xv, acc[r][m]);
+        for (int r = 0; r < kWeightRows; ++r) fma_vec<T>(wv[r][u], xv, acc[r][m]);
       }
     }
-  };
-  constexpr int kStep = 32 * kUnroll;  // vectors per chunk, over the warp
-  if constexpr (!kTwoChunks) {
-    // Four weight rows per warp (gated) already keep enough bytes in flight, and a second
-    // buffer of them would cost occupancy: one chunk at a time.
-    for (int base = lane; base < k_vecs; base += kStep) {
-      consume(wv, base);
-      if (base + kStep < k_vecs) load_weight_chunk<kWeightRows>(wv, w_rows, base + kStep, k_vecs);
-    }
-  } else {
-    // Two chunks in flight: the next chunk's loads are issued before this one is consumed, so
-    // a warp never waits a full memory latency between chunks (small K: o_proj, qkv).
-    uint4 wv_next[kWeightRows][kUnroll];
-    for (int base = lane; base < k_vecs; base += 2 * kStep) {
-      if (base + kStep < k_vecs) load_weight_chunk<kWeightRows>(wv_next, w_rows, base + kStep, k_vecs);
-      consume(wv, base);
-      if (base + kStep >= k_vecs) break;
-      if (base + 2 * kStep < k_vecs) load_weight_chunk<kWeightRows>(wv, w_rows, base + 2 * kStep, k_vecs);
-      consume(wv_next, base + kStep);
-    }
+    if (base + 32 * kUnroll < k_vecs) load_weight_chunk<kWeightRows>(wv, w_rows, base + 32 * kUnroll, k_vecs);
   }
 
 #pragma unroll
@@ -151,26 +123,11 @@ __global__ void __launch_bounds__(kThreads, (kMinBlocksPerSm<kTwoChunks, M>)) ge
   }
 }
 
-// TEMPORARY A/B switch (device measurement of the two-chunk pipeline): RTPLLM_GEMV_ONE_CHUNK=1
-// restores one chunk in flight for the plain GEMV.
-bool two_chunks_enabled() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("RTPLLM_GEMV_ONE_CHUNK");
-    return value == nullptr || value[0] != '1';
-  }();
-  return enabled;
-}
-
 template <typename T, int M, bool kGated>
 cudaError_t launch(const GemvParams& p, cudaStream_t stream) {
   const int warps = (p.n + kRowsPerWarp - 1) / kRowsPerWarp;
   const int blocks = (warps + kWarps - 1) / kWarps;
-  if constexpr (!kGated) {
-    if (two_chunks_enabled()) {
-      return launch_pdl(gemv_kernel<T, M, kGated, true>, dim3(blocks), dim3(kThreads), 0, stream, p);
-    }
-  }
-  return launch_pdl(gemv_kernel<T, M, kGated, false>, dim3(blocks), dim3(kThreads), 0, stream, p);
+  return launch_pdl(gemv_kernel<T, M, kGated>, dim3(blocks), dim3(kThreads), 0, stream, p);
 }
 
 template <bool kGated>

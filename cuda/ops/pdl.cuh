@@ -5,6 +5,17 @@
 // lets such a successor be scheduled as soon as all of its own blocks are running.
 //
 // Both are no-ops for kernels launched the ordinary way, so a kernel can carry them unconditionally.
+//
+// Every kernel here calls allow_dependent_launch() only *after* its wait_for_prior_grid(). Called
+// before, a chain of PDL kernels cascades: each successor triggers its own successor at once, so
+// kernels several steps ahead sit resident on the SMs (holding registers and shared memory, and
+// starting their weight loads) while the running kernel still needs them. After the wait, at
+// most one kernel runs ahead: it starts when the kernel before it has passed its own wait.
+//
+// What a kernel may touch before its wait: constants (weights, norm weights, cos/sin tables) and
+// the step's inputs that host copies wrote before the forward began (positions, slot mappings,
+// sequence lengths, block tables), since a normally launched kernel (the embedding, a torch op)
+// always stands between those copies and any PDL kernel. Never the previous kernels' outputs.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -19,7 +19,6 @@ constexpr int kMinThreadsPerBlock = 128;
 // finishes; nothing the previous kernels touch is read or written before wait_for_prior_grid().
 template <typename T, bool kAddResidual, int kVecsPerThread>
 __global__ void rms_norm_kernel(const __grid_constant__ RmsNormParams p) {
-  allow_dependent_launch();  // the next projection (a PDL-launched GEMV) may start loading weights
   __shared__ float warp_sums[32];
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   // Rows past the end still join the barrier below.
@@ -33,6 +32,7 @@ __global__ void rms_norm_kernel(const __grid_constant__ RmsNormParams p) {
     if (vec < num_vecs) weight[i] = load_vec(static_cast<const T*>(p.weight) + vec * kVecElems);
   }
   wait_for_prior_grid();
+  allow_dependent_launch();  // the next projection (a PDL-launched GEMV) may start loading weights
 
   float vals[kVecsPerThread][kVecElems];
   float sum_sq = 0.f;

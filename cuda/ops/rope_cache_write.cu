@@ -42,11 +42,11 @@ __device__ __forceinline__ void rotate_slice(const T* src, T* dst, int half, int
 // forward began, so they are read while the projection that produces q/k/v finishes.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) rope_cache_write_kernel(const __grid_constant__ RopeCacheWriteParams p) {
-  allow_dependent_launch();  // decode attention may start reading its block tables and old K/V
   const int64_t token = blockIdx.x;
   const int64_t pos = p.positions[token];
   const int64_t slot = p.slot_mapping[token];
   wait_for_prior_grid();
+  allow_dependent_launch();  // decode attention may start reading its block tables and old K/V
   const bool write_cache = slot >= 0;
   const bool pos_ok = pos >= 0 && pos < p.max_position;
 

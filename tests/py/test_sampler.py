@@ -302,3 +302,15 @@ def test_sampler_never_waits_for_the_gpu():
         sampler(logits, batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_unchanged_row_values_reuse_the_previous_steps_tensors():
+    params = [SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=0.0)]
+    first = SamplingBatch.build(params, [[1], [2]], [[], []], [None, None], "cpu")
+    same = SamplingBatch.build(params, [[1], [2]], [[3], [4]], [None, None], "cpu", previous=first)
+    assert same.temperature is first.temperature and same.top_k is first.top_k and same.greedy is first.greedy
+    changed = SamplingBatch.build([params[0], SamplingParams(temperature=0.5)], [[1], [2]], [[], []], [None, None],
+                                  "cpu", previous=same)
+    assert changed.temperature is not same.temperature
+    assert changed.temperature.tolist() == pytest.approx([0.7, 0.5])
+    assert changed.greedy.tolist() == [False, False]

@@ -26,7 +26,7 @@ from rtpllm.engine.prompt_logprobs import PromptLogprobCollector
 from rtpllm.engine.request_state import RequestGroup, SequenceState
 from rtpllm.engine.sampling_inputs import build_sampling_batch, sampled_logprobs
 from rtpllm.engine.stats import EngineStats
-from rtpllm.layers.sampling_batch import make_request_generator
+from rtpllm.layers.sampling_batch import SamplingBatch, make_request_generator
 from rtpllm.loader import load_model_and_tokenizer
 from rtpllm.outputs import RequestMetrics, RequestOutput
 from rtpllm.sampling_params import SamplingParams
@@ -74,6 +74,7 @@ class Engine:
                        else self.device.type == "cuda")
         self._in_flight: Optional[InFlightStep] = None  # launched and committed, tokens not read back
         self._readback = TokenReadback(self.device, config.scheduler.max_num_seqs)
+        self._last_sampling_batch: Optional[SamplingBatch] = None  # its row tensors may be reused
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
 
@@ -166,7 +167,9 @@ class Engine:
             outputs += self._resolve(previous)
         pending = pending_inputs(batch, previous)
         sampling_batch = (build_sampling_batch(sampled_seqs, self.eos_token_ids, self._generator, self.device,
-                                               self.arch.vocab_size) if sampled_seqs else None)
+                                               self.arch.vocab_size, previous=self._last_sampling_batch)
+                          if sampled_seqs else None)
+        self._last_sampling_batch = sampling_batch or self._last_sampling_batch
         result = self.runner.execute(batch, sampling_batch, collector.seq_indices, pending)
         collector.collect(result.prompt_logprobs)
 

@@ -25,19 +25,20 @@ class TokenReadback:
     def __init__(self, device: torch.device, max_rows: int, depth: int = 3):
         self.device = device
         self._cuda = device.type == "cuda"
-        self._buffers = [torch.empty(max(max_rows, 1), dtype=torch.int32, pin_memory=self._cuda) for _ in range(depth)]
+        # int64, the sampler's dtype: the copy then needs no cast kernel on the device.
+        self._buffers = [torch.empty(max(max_rows, 1), dtype=torch.int64, pin_memory=self._cuda) for _ in range(depth)]
         self._next = 0
 
     def start(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
         n = token_ids.shape[0]
         if n > self._buffers[0].numel():
-            self._buffers = [torch.empty(n, dtype=torch.int32, pin_memory=self._cuda) for _ in self._buffers]
+            self._buffers = [torch.empty(n, dtype=torch.int64, pin_memory=self._cuda) for _ in self._buffers]
         host = self._buffers[self._next][:n]
         self._next = (self._next + 1) % len(self._buffers)
         if not self._cuda:
             host.copy_(token_ids)
             return host, None
-        host.copy_(token_ids.to(torch.int32), non_blocking=True)
+        host.copy_(token_ids.to(torch.int64), non_blocking=True)
         done = torch.cuda.Event()
         done.record()
         return host, done

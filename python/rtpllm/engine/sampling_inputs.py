@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -12,8 +12,10 @@ from rtpllm.outputs import TokenLogprobs
 
 
 def build_sampling_batch(seqs: Sequence, eos_token_ids: Sequence[int], default_generator: torch.Generator,
-                         device: torch.device, vocab_size: int) -> SamplingBatch:
+                         device: torch.device, vocab_size: int,
+                         previous: Optional[SamplingBatch] = None) -> SamplingBatch:
     """One row per sequence sampled this step, in the order of the batch's logits rows.
+    `previous` (the last step's batch) lets unchanged per-row values skip their device copy.
 
     Below `min_tokens`, EOS (unless ignored) and the stop ids are banned, so the sequence cannot end early.
     """
@@ -27,7 +29,7 @@ def build_sampling_batch(seqs: Sequence, eos_token_ids: Sequence[int], default_g
     return SamplingBatch.build(
         [seq.params for seq in seqs], [seq.group.prompt_ids for seq in seqs], [seq.output_ids for seq in seqs],
         [seq.generator for seq in seqs], device, default_generator=default_generator,
-        banned_token_ids=banned, vocab_size=vocab_size)
+        banned_token_ids=banned, vocab_size=vocab_size, previous=previous)
 
 
 def sampled_logprobs(seqs: Sequence, sampled: SamplerOutput) -> dict[int, list[TokenLogprobs]]:

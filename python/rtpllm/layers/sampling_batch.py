@@ -65,6 +65,9 @@ class SamplingBatch:
     use_min_p: bool
     use_penalties: bool
     max_num_logprobs: Optional[int]  # largest requested `logprobs`; None when no row asked
+    # Host copy of the per-row values above (one float32 row per field), so that the next step
+    # can tell whether its values are the same and reuse these tensors (see `build(previous=)`).
+    row_values: Optional[np.ndarray] = None
 
     @property
     def num_rows(self) -> int:
@@ -80,7 +83,8 @@ class SamplingBatch:
               *,
               default_generator: Optional[torch.Generator] = None,
               banned_token_ids: Optional[Sequence[Optional[TokenIds]]] = None,
-              vocab_size: Optional[int] = None) -> "SamplingBatch":
+              vocab_size: Optional[int] = None,
+              previous: Optional["SamplingBatch"] = None) -> "SamplingBatch":
         """One row per sampled sequence, in the order of the logits rows.
 
         prompt_ids_list / output_ids_list: every row's prompt ids and output ids so far (lists or
@@ -92,6 +96,9 @@ class SamplingBatch:
             engine passes EOS/stop ids while a row is below `min_tokens`); None or empty = none.
         vocab_size: when given, every id above is checked to be in [0, vocab_size) here, on the
             host, instead of failing inside a device kernel.
+        previous: the last step's batch. Where its per-row values (temperature ... top-k, greedy)
+            equal this step's, as they do over a steady run of decode steps, its device tensors
+            are reused (they are never written) instead of copied and converted again.
         Raises ValueError naming the bad argument.
         """
         device = torch.device(device)
@@ -142,17 +149,15 @@ class SamplingBatch:
         # or above 2^24 keeps the whole vocabulary, as does 2^24 itself).
         packed = np.asarray([temperature, top_p, min_p, rep, pres, freq, [min(k, 1 << 24) for k in top_k], greedy],
                             dtype=np.float32)
-        rows = _to_device(packed, device)
+        if (previous is not None and previous.row_values is not None and previous.temperature.device == device
+                and np.array_equal(previous.row_values, packed)):
+            row_tensors = {name: getattr(previous, name) for name in _ROW_FIELDS}
+        else:
+            rows = _to_device(packed, device)
+            row_tensors = dict(zip(_ROW_FIELDS[:6], rows[:6]), top_k=rows[6].long(), greedy=rows[7] > 0)
         requested = [p.logprobs for p in params_list if p.logprobs is not None]
         return cls(
-            temperature=rows[0],
-            top_p=rows[1],
-            min_p=rows[2],
-            repetition_penalty=rows[3],
-            presence_penalty=rows[4],
-            frequency_penalty=rows[5],
-            top_k=rows[6].long(),
-            greedy=rows[7] > 0,
+            **row_tensors,
             repetition_tokens=repetition_tokens,
             output_tokens=output_tokens,
             banned_tokens=banned_tokens,
@@ -166,6 +171,7 @@ class SamplingBatch:
             use_min_p=any(m > 0.0 for m in min_p),
             use_penalties=any(uses_rep) or any(uses_output),
             max_num_logprobs=max(requested) if requested else None,
+            row_values=packed,
         )
 
 
@@ -190,6 +196,11 @@ def _flatten_ids(parts_per_row: Sequence[Sequence[tuple[str, TokenIds]]], vocab_
                          f"got min {arrays[part].min()} max {arrays[part].max()}")
     row_of_each_id = np.repeat(np.asarray(rows, dtype=np.int64), lengths)
     return _to_device(np.stack([row_of_each_id, ids]), device)
+
+
+# The per-row tensors, in the order of the packed host array's rows.
+_ROW_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+               "top_k", "greedy")
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
