@@ -22,6 +22,6 @@ records = list(itertools.islice(iter_records(default_sharegpt_path()), 2400))
 json.dump(records, open(".device/sharegpt.json", "w"))
 print(f".device/sharegpt.json: {len(records)} records")
 PY
-../shared/tools/device-wheels gguf fastapi uvicorn pydantic pydantic-core starlette annotated-types \
+../shared/tools/device-wheels gguf fastapi uvicorn httptools pydantic pydantic-core starlette annotated-types \
   typing-inspection opentelemetry-api typing-extensions >/dev/null
 du -sh .device .whl

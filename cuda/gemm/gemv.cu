@@ -3,8 +3,6 @@
 // any arithmetic, accumulating in float32, then reduce across the warp with shuffles.
 #include "cuda/gemm/gemv.h"
 
-#include <cstdlib>
-
 #include "cuda/ops/pdl.cuh"
 #include "cuda/ops/vec.cuh"
 
@@ -53,8 +51,11 @@ __device__ __forceinline__ int weight_row(const GemvParams& p, int row0, int r) 
   return kGated && r >= kRowsPerWarp ? p.n + out_row : out_row;
 }
 
-template <typename T, int M, bool kGated, bool kTriggerEarly>
-__global__ void __launch_bounds__(kThreads) gemv_kernel(const __grid_constant__ GemvParams p) {
+// NOTE: the explicit minimum of one CTA per SM matters. Without it ptxas caps registers for
+// occupancy (80 instead of 96 at M = 4) and schedules the weight loads worse: down_proj at M = 4
+// took 61 us instead of 45 us (H100, bench_gemv.py), the same at M = 1.
+template <typename T, int M, bool kGated>
+__global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const __grid_constant__ GemvParams p) {
   constexpr int kWeightRows = kGated ? 2 * kRowsPerWarp : kRowsPerWarp;
   const int lane = threadIdx.x % 32;
   const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
@@ -72,9 +73,8 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const __grid_constant__ 
   // weights never depend on it, so under PDL their latency hides behind that kernel's tail.
   uint4 wv[kWeightRows][kUnroll];
   load_weight_chunk<kWeightRows>(wv, w_rows, lane, k_vecs);
-  if (kTriggerEarly) allow_dependent_launch();
   wait_for_prior_grid();
-  if (!kTriggerEarly) allow_dependent_launch();  // after the wait: see pdl.cuh
+  allow_dependent_launch();  // after the wait: see pdl.cuh
 
   float acc[kWeightRows][M] = {};
   for (int base = lane; base < k_vecs; base += 32 * kUnroll) {
@@ -126,22 +126,11 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const __grid_constant__ 
   }
 }
 
-// TEMPORARY A/B switch (device measurement): RTPLLM_GEMV_TRIGGER_EARLY=1 lets the next kernel
-// launch before this one's wait, as before the PDL rework.
-bool trigger_early() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("RTPLLM_GEMV_TRIGGER_EARLY");
-    return value != nullptr && value[0] == '1';
-  }();
-  return enabled;
-}
-
 template <typename T, int M, bool kGated>
 cudaError_t launch(const GemvParams& p, cudaStream_t stream) {
   const int warps = (p.n + kRowsPerWarp - 1) / kRowsPerWarp;
   const int blocks = (warps + kWarps - 1) / kWarps;
-  if (trigger_early()) return launch_pdl(gemv_kernel<T, M, kGated, true>, dim3(blocks), dim3(kThreads), 0, stream, p);
-  return launch_pdl(gemv_kernel<T, M, kGated, false>, dim3(blocks), dim3(kThreads), 0, stream, p);
+  return launch_pdl(gemv_kernel<T, M, kGated>, dim3(blocks), dim3(kThreads), 0, stream, p);
 }
 
 template <bool kGated>
