@@ -100,7 +100,9 @@ def decode_graph_ms(llm: LLM, context: int = 640, replays: int = 50) -> float:
 
 
 def decode_kernel_table(llm: LLM, top: int = 12) -> str:
-    """Which kernels a batch-1 decode graph replay spends its time in (torch profiler)."""
+    """Which kernels a batch-1 decode graph replay spends its time in (torch profiler). Kernels
+    launched with PDL start before their predecessor ends, so their durations include the wait
+    and overlap: read this table for what runs, the graph's replay time for what it costs."""
     from torch.profiler import ProfilerActivity, profile
 
     graph = llm.engine.runner.graphs._graphs[1]

@@ -11,6 +11,8 @@
 // kernels several steps ahead sit resident on the SMs (holding registers and shared memory, and
 // starting their weight loads) while the running kernel still needs them. After the wait, at
 // most one kernel runs ahead: it starts when the kernel before it has passed its own wait.
+// Measured on an H100, batch-1 Llama-8B decode graph: 5.96 ms with the triggers before the
+// waits, 5.69 ms after (5.82 ms before the norm, RoPE and attention kernels used PDL at all).
 //
 // What a kernel may touch before its wait: constants (weights, norm weights, cos/sin tables) and
 // the step's inputs that host copies wrote before the forward began (positions, slot mappings,
