@@ -363,7 +363,7 @@ class AsyncEngine(AsyncEngineBase):
 
     @property
     def vocab_size(self) -> int:
-        return getattr(self.engine.arch, "vocab_size", None) or len(self.engine.tokenizer)
+        return self.engine.vocab_size
 
     # ------------------------------------------------------------------ backend hooks
     def _launch(self) -> None:

@@ -28,7 +28,6 @@ class DecodeInputs:
     def __init__(self, max_batch: int, max_blocks_per_seq: int, device: torch.device, ring: int = 2):
         self.max_batch = max_batch
         self.max_blocks_per_seq = max_blocks_per_seq
-        self.device = device
         b, w = max_batch, max_blocks_per_seq
         self._offsets: dict[str, int] = {}
         offset = 0

@@ -54,6 +54,8 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.model_name = config.model.served_model_name or _basename(self.model_path)
         self.max_model_len = self._max_model_len(config.model.max_model_len)
+        # The logits' width: the architecture's vocabulary, else (where it names none) the tokenizer's.
+        self.vocab_size = getattr(self.arch, "vocab_size", None) or len(self.tokenizer)
         self.eos_token_ids = _eos_ids(loaded.generation_config, self.tokenizer, self.arch)
         self.runner = ModelRunner(loaded.model, self.arch, config, self.device, self.dtype, self.max_model_len)
         self.scheduler = _C.Scheduler(

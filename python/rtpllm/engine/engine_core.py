@@ -153,7 +153,7 @@ def serve(sock: socket.socket) -> int:
         return 1
     freeze_startup_heap()
     send_blocking(sock, ("ready", EngineInfo(engine.model_name, engine.max_model_len,
-                                             getattr(engine.arch, "vocab_size", None) or len(engine.tokenizer),
+                                             engine.vocab_size,
                                              engine.stats(), engine.tokenizer)))
     sock.setblocking(False)
     loop = EngineCoreLoop(engine, sock)
