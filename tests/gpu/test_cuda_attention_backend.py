@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rtpllm.layers import cuda_ops
-from rtpllm.layers.attention_metadata import AttentionMetadata
+from rtpllm.layers.attention_metadata import AttentionMetadata, leading_decodes
 from rtpllm.layers.cuda_attention import CudaAttentionBackend
 from rtpllm.layers.rotary import RopeConfig, RotaryEmbedding
 from rtpllm.layers.torch_attention import TorchAttentionBackend
@@ -48,6 +48,8 @@ class Step:
             num_computed=torch.tensor(cached, dtype=torch.int32, device=DEVICE),
             block_tables=self.block_tables.to(DEVICE),
             max_query_len=max(new), max_seq_len=max(seq_lens))
+        self.meta.num_decodes, self.meta.decode_max_seq_len = leading_decodes(
+            self.meta.query_start_loc.cpu().numpy(), self.meta.seq_lens.cpu().numpy())
 
     def caches(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(bf16 cache for the CUDA backend, fp32 copy for the reference), cached contexts filled."""
@@ -102,9 +104,26 @@ def test_decode_step_matches_torch_backend(rotary, backend):
 def test_mixed_prefill_step_matches_torch_backend(rotary, backend):
     """New prompts, a later chunk on a cached prefix and decodes in one step: the prefill kernel."""
     step = Step(cached=[0, 300, 17, 0, 2000], new=[33, 64, 1, 1, 1])
+    assert step.meta.num_decodes == 0  # no decode at the front: nothing to split off
     out, expected, _, _ = run_both(step, rotary, backend)
     assert step.meta.plan is None
     assert_close_rel(out, expected, 1e-2)
+
+
+def test_mixed_step_with_decodes_first_matches_torch_backend(rotary, backend):
+    """The scheduler's order: decodes first (the decode kernel), then prompt chunks and a
+    one-token chunk behind them (the prefill kernel), each writing only its own rows."""
+    step = Step(cached=[4096, 0, 999, 17, 0, 300, 5], new=[1, 1, 1, 1, 57, 64, 1])
+    assert (step.meta.num_decodes, step.meta.decode_max_seq_len) == (4, 4097)
+    cache, ref_cache = step.caches()
+    q, k, v = step.qkv()
+    scale = HEAD_DIM ** -0.5
+    expected = TorchAttentionBackend().forward(q.float(), k.float(), v.float(), step.positions, rotary, ref_cache,
+                                               step.meta, scale)
+    out = backend.forward(q, k, v, step.positions, rotary, cache, step.meta, scale)
+    assert step.meta.plan.num_seqs == 4
+    assert_close_rel(out[:4], expected[:4], 1e-2)
+    assert_close_rel(out[4:], expected[4:], 1e-2)
 
 
 def test_decode_step_replays_in_cuda_graph(rotary, backend):

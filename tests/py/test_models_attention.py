@@ -109,3 +109,17 @@ def test_rejects_a_non_contiguous_cache():
     x = torch.zeros(positions.numel(), 2, 16)
     with pytest.raises(ValueError, match="kv_cache: must be contiguous"):
         TorchAttentionBackend().forward(x, x, x, positions, RotaryEmbedding(16, RopeConfig(), 256), cache, meta, 1.0)
+
+
+@pytest.mark.parametrize("query_lens, seq_lens, expected", [
+    ([1, 1, 1, 57, 1], [40, 4097, 9, 57, 300], (3, 4097)),  # decodes first, a one-token chunk later
+    ([19, 1, 1], [19, 50, 60], (0, 0)),  # a prefill at the front: no leading decodes
+    ([1, 1], [5, 6], (2, 6)),  # all decodes
+])
+def test_leading_decodes(query_lens, seq_lens, expected):
+    import numpy as np
+
+    from rtpllm.layers.attention_metadata import leading_decodes
+
+    query_start_loc = np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)
+    assert leading_decodes(query_start_loc, np.array(seq_lens, dtype=np.int32)) == expected

@@ -16,7 +16,7 @@ from rtpllm.engine.cuda_graph import DecodeGraphs
 from rtpllm.engine.host_to_device import HostToDevice
 from rtpllm.engine.in_flight import PendingInputs
 from rtpllm.engine.kv_cache import allocate_kv_caches, kv_bytes_per_block, num_blocks_for_device
-from rtpllm.layers.attention_metadata import AttentionMetadata
+from rtpllm.layers.attention_metadata import AttentionMetadata, leading_decodes
 from rtpllm.layers.sampler import Sampler, SamplerOutput
 
 
@@ -58,6 +58,7 @@ class ModelRunner:
                 max_blocks_per_seq=-(-max_model_len // self.block_size), max_model_len=max_model_len, device=device)
 
     def build_metadata(self, batch) -> AttentionMetadata:
+        num_decodes, decode_max_seq_len = leading_decodes(batch.query_start_loc, batch.seq_lens)
         return AttentionMetadata(
             slot_mapping=self._to_device("slot_mapping", batch.slot_mapping),
             query_start_loc=self._to_device("query_start_loc", batch.query_start_loc),
@@ -66,6 +67,8 @@ class ModelRunner:
             block_tables=self._to_device("block_tables", batch.block_tables),
             max_query_len=int(batch.max_query_len),
             max_seq_len=int(batch.max_seq_len),
+            num_decodes=num_decodes,
+            decode_max_seq_len=decode_max_seq_len,
         )
 
     @torch.inference_mode()

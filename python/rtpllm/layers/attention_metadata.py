@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
+import numpy as np
 import torch
 
 
@@ -24,6 +25,11 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # int32 [num_seqs, max_blocks_per_seq], padded with 0
     max_query_len: int  # host copy: the longest run of new tokens of one sequence
     max_seq_len: int  # host copy: the longest context
+    # Host copies: how many sequences at the front of the step have exactly one new token (the
+    # scheduler puts decodes first), and their longest context. In a mixed step a backend may run
+    # those through its decode kernel and only the rest through prefill (see `leading_decodes`).
+    num_decodes: int = 0
+    decode_max_seq_len: int = 0
     # Backend-specific plan (e.g. split-KV work partition for CUDA decode), built on the host
     # before the step so that a CUDA graph can replay the launch.
     plan: Optional[object] = None
@@ -51,3 +57,11 @@ class AttentionBackend(Protocol):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                 rotary: object, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float) -> torch.Tensor: ...
+
+
+def leading_decodes(query_start_loc: np.ndarray, seq_lens: np.ndarray) -> tuple[int, int]:
+    """(count, longest context) of the sequences at the front of a step with one new token each,
+    from the host copies of `query_start_loc` and `seq_lens`."""
+    others = np.flatnonzero(np.diff(query_start_loc) != 1)
+    count = int(others[0]) if others.size else len(seq_lens)
+    return count, int(seq_lens[:count].max()) if count else 0

@@ -4,7 +4,10 @@ Per layer and step:
   1. one fused kernel rotates q in place and writes RoPE(k) and v into the paged cache;
   2. decode-only steps (one new token per sequence) run the split-KV paged decode kernel;
      any other step (prefill, chunked prefill, mixed) runs the prefill/extend kernel, which reads
-     every sequence's context, new tokens included, from the cache.
+     every sequence's context, new tokens included, from the cache. In a mixed step the decodes
+     at the front of the batch (`meta.num_decodes`) go to the decode kernel instead: the prefill
+     grid is sized by the longest chunk, so each decode there would cost a column of mostly empty
+     CTAs per KV head, and its one query row would fill a 128-row tile.
 
 CUDA graphs: decode launches depend only on the host-side `DecodePlan` and on device memory
 (seq_lens, block_tables), so the model runner plans before capturing a batch-size bucket,
@@ -83,5 +86,21 @@ class CudaAttentionBackend:
                 raise ValueError(f"meta.plan: planned for contexts up to {plan.max_seq_len}, "
                                  f"this step has {meta.max_seq_len}")
             return cuda_ops.paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale, plan)
-        return prefill_attention(q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                                 meta.max_query_len, scale)
+        d = meta.num_decodes
+        if d == 0:
+            return prefill_attention(q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                                     meta.max_query_len, scale)
+        # Mixed step: the first d sequences (one token each, so tokens 0..d-1) through the decode
+        # kernel, the rest through prefill. The prefill kernel addresses q and out by the absolute
+        # offsets in query_start_loc, so it takes the whole tensors and the tail of the index arrays.
+        plan = meta.plan
+        if (not isinstance(plan, cuda_ops.DecodePlan) or plan.num_seqs != d
+                or plan.max_seq_len < meta.decode_max_seq_len):
+            plan = meta.plan = cuda_ops.plan_paged_decode(d, self.num_heads, self.num_kv_heads, self.head_dim,
+                                                          self.block_size, self.dtype, meta.decode_max_seq_len,
+                                                          self.decode_workspace)  # once per step, not per layer
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        cuda_ops.paged_decode_attention(q[:d], kv_cache, meta.block_tables[:d], meta.seq_lens[:d], scale, plan,
+                                        out=out[:d])
+        return prefill_attention(q, kv_cache, meta.query_start_loc[d:], meta.seq_lens[d:], meta.block_tables[d:],
+                                 meta.max_query_len, scale, out=out)
