@@ -5,8 +5,9 @@ Runs N random 1024/128 requests (the prefill-heavy workload of the throughput ta
 OFFLINE_CONFIGS ("max_num_batched_tokens/max_num_seqs[/nosplit]", space-separated; "nosplit"
 runs a mixed step's decodes through the prefill kernel, as before the decode split). Every
 `ModelRunner.execute` call is bracketed with CUDA events, so without a profiler's overhead the
-run splits into device time of decode-only steps, device time of steps with prefill tokens, and
-device idle between steps (the host's part: scheduling, reading tokens back, bookkeeping).
+run splits into the time before the first step (adding the requests: tokenization), device time of decode-only
+steps, device time of steps with prefill tokens, device idle between steps (the host's part:
+scheduling, reading tokens back, bookkeeping), and what is left after the last step.
 A step's device time includes stalls inside it (an eager step whose launches fall behind).
 
 Usage: python3 bench/gpu/bench_offline_steps.py [--json PATH] [--quick]
@@ -37,6 +38,7 @@ class StepRecord:
     num_seqs: int
     num_tokens: int
     host_ms: float  # inside execute(): input copies, launches (eager steps), sampling launch
+    host_start: float  # perf_counter() when execute() was called
     start: torch.cuda.Event
     end: torch.cuda.Event
 
@@ -64,10 +66,13 @@ class StepTimeline:
         result = self._execute(batch, *args, **kwargs)
         end.record()
         self.records.append(StepRecord(int(batch.max_query_len) == 1, int(batch.num_seqs),
-                                       len(batch.input_token_ids), (time.perf_counter() - t0) * 1e3, start, end))
+                                       len(batch.input_token_ids), (time.perf_counter() - t0) * 1e3, t0,
+                                       start, end))
         return result
 
-    def summary(self, wall_s: float) -> dict:
+    def summary(self, started: float, wall_s: float) -> dict:
+        """`started`: perf_counter() when generate() was called (its requests are added before
+        the first step: tokenization and queueing)."""
         torch.cuda.synchronize()
         sums = {"decode": 0.0, "prefill": 0.0}
         counts = {"decode": 0, "prefill": 0}
@@ -82,8 +87,11 @@ class StepTimeline:
                 idle_ms += max(0.0, r.end.elapsed_time(self.records[i + 1].start))
         tokens = [r.num_tokens for r in self.records if not r.decode_only]
         seqs = [r.num_seqs for r in self.records if r.decode_only]
+        before = self.records[0].host_start - started
+        device = (sums["decode"] + sums["prefill"] + idle_ms) / 1e3
         return {
-            "wall_s": wall_s, "steps_decode": counts["decode"], "steps_prefill": counts["prefill"],
+            "wall_s": wall_s, "before_first_step_s": before, "after_steps_s": wall_s - before - device,
+            "steps_decode": counts["decode"], "steps_prefill": counts["prefill"],
             "device_decode_s": sums["decode"] / 1e3, "device_prefill_s": sums["prefill"] / 1e3,
             "idle_between_steps_s": idle_ms / 1e3,
             "host_in_execute_decode_ms": host["decode"] / max(counts["decode"], 1),
@@ -105,7 +113,7 @@ def run_config(path, spec: str, num: int) -> dict:
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
     wall = time.perf_counter() - start
-    result = {"config": spec, "rps": len(outputs) / wall, **timeline.summary(wall)}
+    result = {"config": spec, "rps": len(outputs) / wall, **timeline.summary(start, wall)}
     del llm, timeline
     gc.collect()
     torch.cuda.empty_cache()
@@ -123,10 +131,10 @@ def main() -> None:
     for spec in configs:
         r = run_config(path, spec, num)
         print(f"[{card}] random 1024/128 x{num} {spec}: {r['rps']:.2f} req/s ({r['rps'] / ref:.3f} of vLLM {ref}); "
-              f"wall {r['wall_s']:.1f} s = decode steps {r['device_decode_s']:.1f} s ({r['steps_decode']}, "
+              f"wall {r['wall_s']:.1f} s = before the first step {r['before_first_step_s']:.2f} s + decode steps {r['device_decode_s']:.1f} s ({r['steps_decode']}, "
               f"mean batch {r['mean_decode_batch']:.0f}) + prefill steps {r['device_prefill_s']:.1f} s "
               f"({r['steps_prefill']}, mean {r['mean_prefill_step_tokens']:.0f} tokens) + idle between steps "
-              f"{r['idle_between_steps_s']:.1f} s; host in execute {r['host_in_execute_decode_ms']:.2f} / "
+              f"{r['idle_between_steps_s']:.1f} s + after {r['after_steps_s']:.2f} s; host in execute {r['host_in_execute_decode_ms']:.2f} / "
               f"{r['host_in_execute_prefill_ms']:.2f} ms per decode / prefill step", flush=True)
         rows.append(dict(name=f"random 1024/128 x{num}, {spec}", value=r["rps"], unit="req/s",
                          ceiling=f"vLLM 0.26 {ref}", ratio=r["rps"] / ref, **r))

@@ -48,9 +48,12 @@ class LLM:
     def _run(self, prompts: list, params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine
         request_ids = [f"offline-{next(self._ids)}" for _ in prompts]
+        texts = [p for p in prompts if isinstance(p, str) and p]
+        encoded = iter(engine.encode_prompts(texts))
         try:
             for request_id, prompt, params in zip(request_ids, prompts, params_list):
-                engine.add_request(request_id, prompt, params, stream=False)
+                ids = next(encoded) if isinstance(prompt, str) and prompt else None
+                engine.add_request(request_id, prompt, params, stream=False, prompt_token_ids=ids)
             finished = self._drain(set(request_ids), use_tqdm)
         except BaseException:
             # Never leave half-done requests holding KV blocks behind a failed call.
