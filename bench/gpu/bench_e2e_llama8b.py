@@ -31,6 +31,9 @@ from rtpllm.benchmarks.datasets import sample_random, sample_sharegpt  # noqa: E
 from rtpllm.layers import gemm_dispatch  # noqa: E402
 
 SHAPE = "llama-3.1-8b"
+# The scheduler's sequence limit for every LLM here: 384 ran random 1024/128 fastest among 256, 384 and
+# 512 (bench_offline_steps.py, H100: 28.96 / 29.29 / 28.08 req/s); E2E_MAX_NUM_SEQS overrides it.
+MAX_NUM_SEQS = int(os.environ.get("E2E_MAX_NUM_SEQS", 384))
 # vLLM 0.26 measured on this workplace's cards (the reference numbers).
 VLLM = {"H100": {"decode_ms": 6.48, "sharegpt_rps": 44.9, "sharegpt_otps": 13287, "random_rps": 28.6},
         "H200": {"decode_ms": 4.99, "sharegpt_rps": 51.2, "sharegpt_otps": 15172, "random_rps": 30.0}}
@@ -180,7 +183,9 @@ def throughput(llm: LLM, requests) -> dict:
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     in_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     return {"rps": len(outputs) / elapsed, "otps": out_tokens / elapsed, "ttps": (in_tokens + out_tokens) / elapsed,
-            "elapsed_s": elapsed, "input_tokens": in_tokens, "output_tokens": out_tokens}
+            "elapsed_s": elapsed, "input_tokens": in_tokens, "output_tokens": out_tokens,
+            "max_num_seqs": llm.engine.config.scheduler.max_num_seqs,
+            "max_num_batched_tokens": llm.engine.config.scheduler.max_num_batched_tokens}
 
 
 def main() -> None:
@@ -202,7 +207,7 @@ def main() -> None:
     # The same decode step with every GEMM on cuBLAS: the A/B for our GEMM dispatch.
     os.environ["RTPLLM_GEMM"] = "cublas"
     gemm_dispatch.choose.cache_clear()
-    llm = LLM(model=str(path), max_model_len=4096, max_num_seqs=512, max_num_batched_tokens=8192)
+    llm = LLM(model=str(path), max_model_len=4096, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=8192)
     cublas_step, cublas_graph = decode_step_ms(llm), decode_graph_ms(llm)
     del llm
     gc.collect()
@@ -211,7 +216,7 @@ def main() -> None:
     gemm_dispatch.choose.cache_clear()
 
     start = time.perf_counter()
-    llm = LLM(model=str(path), max_model_len=4096, max_num_seqs=512, max_num_batched_tokens=8192)
+    llm = LLM(model=str(path), max_model_len=4096, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=8192)
     record("LLM() load + KV profile + graph capture", time.perf_counter() - start, "s")
 
     step = decode_step_ms(llm)
