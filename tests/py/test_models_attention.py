@@ -6,21 +6,24 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from rtpllm.layers.attention_metadata import AttentionMetadata
+from rtpllm.layers.attention_metadata import AttentionMetadata, leading_decodes
 from rtpllm.layers.rotary import RopeConfig, RotaryEmbedding
 from rtpllm.layers.torch_attention import TorchAttentionBackend
 
 # (num_computed before the step, new tokens) per sequence.
 SEQUENCES = [(0, 19), (33, 7), (16, 1), (0, 1), (99, 1)]
+# The scheduler's order: decodes first (attended apart from the prompt chunks), a one-token chunk later.
+DECODES_FIRST = [(40, 1), (0, 1), (99, 1), (0, 19), (33, 7), (16, 1)]
 
 
-def _build_step(block_size: int, num_blocks: int, generator: torch.Generator):
+def _build_step(block_size: int, num_blocks: int, generator: torch.Generator, sequences=SEQUENCES):
     order = torch.randperm(num_blocks, generator=generator).tolist()  # scattered, block 0 included
     tables, slots, positions, query_start, seq_lens, computed = [], [], [], [0], [], []
-    for done, new in SEQUENCES:
+    for done, new in sequences:
         total = done + new
         table = [order.pop() for _ in range(-(-total // block_size))]
         tables.append(table)
@@ -35,16 +38,17 @@ def _build_step(block_size: int, num_blocks: int, generator: torch.Generator):
         slot_mapping=torch.tensor(slots), query_start_loc=torch.tensor(query_start, dtype=torch.int32),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32), num_computed=torch.tensor(computed, dtype=torch.int32),
         block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-        max_query_len=max(n for _, n in SEQUENCES), max_seq_len=max(seq_lens))
+        max_query_len=max(n for _, n in sequences), max_seq_len=max(seq_lens))
+    meta.num_decodes, meta.decode_max_seq_len = leading_decodes(meta.query_start_loc.numpy(), meta.seq_lens.numpy())
     return torch.tensor(positions), tables, meta
 
 
-def _reference(q, cache_k, cache_v, tables, block_size, scale):
+def _reference(q, cache_k, cache_v, tables, block_size, scale, sequences):
     """Each token of each sequence attends to its own context positions 0..p, in float64."""
     out = torch.empty(q.shape, dtype=torch.float64)
     group = q.shape[1] // cache_k.shape[2]
     token = 0
-    for (done, new), table in zip(SEQUENCES, tables):
+    for (done, new), table in zip(sequences, tables):
         for i in range(new):
             p = done + i
             slots = [table[j // block_size] * block_size + j % block_size for j in range(p + 1)]
@@ -56,17 +60,19 @@ def _reference(q, cache_k, cache_v, tables, block_size, scale):
     return out
 
 
+@pytest.mark.parametrize("sequences", [SEQUENCES, DECODES_FIRST], ids=["mixed", "decodes_first"])
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, block_size", [
     (9, 3, 64, 16), (4, 4, 128, 1), (8, 1, 32, 4)])
-def test_matches_direct_reference(num_heads, num_kv_heads, head_dim, block_size):
+def test_matches_direct_reference(num_heads, num_kv_heads, head_dim, block_size, sequences):
     generator = torch.Generator().manual_seed(num_heads * 100 + block_size)
-    num_blocks = 160 // block_size + 40
-    positions, tables, meta = _build_step(block_size, num_blocks, generator)
+    num_blocks = sum(done + new for done, new in sequences) // block_size + 40
+    positions, tables, meta = _build_step(block_size, num_blocks, generator, sequences)
+    assert meta.num_decodes == (3 if sequences is DECODES_FIRST else 0)
     num_tokens = positions.numel()
     rotary = RotaryEmbedding(head_dim, RopeConfig(theta=10000.0), max_positions=256)
     cache = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan"))
     # Fill the context computed in earlier steps (and only that) with finite values.
-    for (done, _), table in zip(SEQUENCES, tables):
+    for (done, _), table in zip(sequences, tables):
         for pos in range(done):
             cache[:, table[pos // block_size], pos % block_size] = torch.randn(2, num_kv_heads, head_dim,
                                                                                generator=generator)
@@ -81,7 +87,7 @@ def test_matches_direct_reference(num_heads, num_kv_heads, head_dim, block_size)
     q_rot, k_rot = rotary(positions, q, k)
     k_slots, v_slots = cache[0].flatten(0, 1), cache[1].flatten(0, 1)
     assert torch.equal(k_slots[meta.slot_mapping], k_rot) and torch.equal(v_slots[meta.slot_mapping], v)
-    expected = _reference(q_rot, cache[0], cache[1], tables, block_size, scale)
+    expected = _reference(q_rot, cache[0], cache[1], tables, block_size, scale, sequences)
     assert out.shape == (num_tokens, num_heads, head_dim) and out.dtype == torch.float32
     assert (out.double() - expected).abs().max().item() < 1e-5
 
@@ -117,9 +123,5 @@ def test_rejects_a_non_contiguous_cache():
     ([1, 1], [5, 6], (2, 6)),  # all decodes
 ])
 def test_leading_decodes(query_lens, seq_lens, expected):
-    import numpy as np
-
-    from rtpllm.layers.attention_metadata import leading_decodes
-
     query_start_loc = np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)
     assert leading_decodes(query_start_loc, np.array(seq_lens, dtype=np.int32)) == expected

@@ -8,13 +8,17 @@ token at position p sees context positions 0..p of its own sequence (p = num_com
 index among the sequence's new tokens). Cost is O(num_seqs * max_query_len * max_seq_len), so
 this is a correctness reference and a CPU fallback, not the fast path.
 
+In a mixed step the decodes at the front (`meta.num_decodes`) attend apart from the prompt
+chunks: padded together, every decode would carry max_query_len query rows (a step admitting
+32-token prompts beside 500 decodes did 32x the decodes' attention work).
+
 The index tensors of that layout depend only on the step, so the first layer builds them and
 the others reuse them: an AttentionMetadata is treated as immutable once its step has started.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -82,23 +86,52 @@ def gather_context(kv_cache: torch.Tensor, layout: StepLayout) -> tuple[torch.Te
     return k, v
 
 
+def split_decodes(meta: AttentionMetadata) -> list[tuple[slice, AttentionMetadata]]:
+    """The step as (token range, metadata) parts: the leading decodes and the rest apart when
+    the step mixes them, else the whole step."""
+    d = meta.num_decodes
+    if d == 0 or d == meta.num_seqs:
+        return [(slice(None), meta)]
+    decodes = replace(meta, slot_mapping=meta.slot_mapping[:d], query_start_loc=meta.query_start_loc[:d + 1],
+                      seq_lens=meta.seq_lens[:d], num_computed=meta.num_computed[:d],
+                      block_tables=meta.block_tables[:d], max_query_len=1, max_seq_len=meta.decode_max_seq_len,
+                      num_decodes=d, plan=None)
+    # The rest keeps the step's max_seq_len (its own is not known on the host): only padding.
+    rest = replace(meta, slot_mapping=meta.slot_mapping[d:], query_start_loc=meta.query_start_loc[d:] - d,
+                   seq_lens=meta.seq_lens[d:], num_computed=meta.num_computed[d:], block_tables=meta.block_tables[d:],
+                   num_decodes=0, decode_max_seq_len=0, plan=None)
+    return [(slice(0, d), decodes), (slice(d, None), rest)]
+
+
 class TorchAttentionBackend:
     """AttentionBackend in plain torch; exact in float32 (up to summation order)."""
 
     def __init__(self) -> None:
-        # The layout of the step being run, built by its first layer and reused by the others.
-        self._layout: Optional[tuple[AttentionMetadata, StepLayout]] = None
+        # The layouts of the step being run, built by its first layer and reused by the others.
+        self._layouts: Optional[tuple[AttentionMetadata, list[tuple[slice, AttentionMetadata, StepLayout]]]] = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                 rotary: RotaryEmbedding, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float) -> torch.Tensor:
-        num_tokens, num_heads, head_dim = q.shape
         q, k = rotary(positions, q, k)
         write_kv_cache(kv_cache, k, v, meta.slot_mapping)
 
-        if self._layout is None or self._layout[0] is not meta:
-            self._layout = (meta, step_layout(meta, kv_cache.shape[2], num_tokens))
-        layout = self._layout[1]
+        if self._layouts is None or self._layouts[0] is not meta:
+            parts = [(tokens, part, step_layout(part, kv_cache.shape[2], q[tokens].shape[0]))
+                     for tokens, part in split_decodes(meta)]
+            self._layouts = (meta, parts)
+        parts = self._layouts[1]
+        if len(parts) == 1:
+            return self._attend(q, kv_cache, parts[0][1], parts[0][2], scale)
+        out = torch.empty_like(q)
+        for tokens, part, layout in parts:
+            out[tokens] = self._attend(q[tokens], kv_cache, part, layout, scale)
+        return out
+
+    @staticmethod
+    def _attend(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, layout: StepLayout,
+                scale: float) -> torch.Tensor:
+        num_heads, head_dim = q.shape[1:]
         q_padded = q.new_zeros(meta.num_seqs * meta.max_query_len, num_heads, head_dim)
         q_padded.index_copy_(0, layout.padded_row, q)
         q_padded = q_padded.view(meta.num_seqs, meta.max_query_len, num_heads, head_dim)
