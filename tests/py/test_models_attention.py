@@ -92,6 +92,25 @@ def test_matches_direct_reference(num_heads, num_kv_heads, head_dim, block_size,
     assert (out.double() - expected).abs().max().item() < 1e-5
 
 
+def test_many_decodes_attend_in_length_buckets():
+    """300 decodes of scattered lengths behind a prompt chunk: on the CPU the decodes attend in
+    buckets sorted by length, and each still gets exactly its own context."""
+    rng = torch.Generator().manual_seed(3)
+    sequences = [(int(n), 1) for n in torch.randint(0, 90, (300,), generator=rng)] + [(5, 11)]
+    block_size, heads, kv_heads, dim = 16, 4, 2, 32
+    num_blocks = sum(-(-(done + new) // block_size) for done, new in sequences) + 8
+    positions, tables, meta = _build_step(block_size, num_blocks, rng, sequences)
+    assert meta.num_decodes == 300
+    rotary = RotaryEmbedding(dim, RopeConfig(theta=10000.0), max_positions=256)
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, dim, generator=rng)
+    q = torch.randn(positions.numel(), heads, dim, generator=rng)
+    k = torch.randn(positions.numel(), kv_heads, dim, generator=rng)
+    v = torch.randn(positions.numel(), kv_heads, dim, generator=rng)
+    out = TorchAttentionBackend().forward(q, k, v, positions, rotary, cache, meta, dim ** -0.5)
+    expected = _reference(rotary(positions, q, k)[0], cache[0], cache[1], tables, block_size, dim ** -0.5, sequences)
+    assert (out.double() - expected).abs().max().item() < 1e-5
+
+
 def test_bfloat16_stays_close_to_float32():
     generator = torch.Generator().manual_seed(7)
     block_size, num_blocks, heads, kv_heads, dim = 16, 50, 9, 3, 64
