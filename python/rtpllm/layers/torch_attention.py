@@ -48,10 +48,13 @@ class StepLayout:
     padded_row: torch.Tensor  # int64 [num_tokens]: row of each new token in [num_seqs * max_query_len]
     context_slots: torch.Tensor  # int64 [num_seqs, max_seq_len]: cache slot of each context position
     padding: torch.Tensor  # int64: flat indices into [num_seqs * max_seq_len] of positions >= seq_len
-    mask: torch.Tensor  # bool [num_seqs, 1, max_query_len, max_seq_len]: who may attend to whom
+    # bool [num_seqs, 1, max_query_len * group, max_seq_len]: who may attend to whom, one row per
+    # (new token, query head of a KV head's group); a single row (decodes) broadcasts instead.
+    mask: torch.Tensor
 
 
-def step_layout(meta: AttentionMetadata, block_size: int, num_tokens: int) -> StepLayout:
+def step_layout(meta: AttentionMetadata, block_size: int, num_tokens: int, group: int = 1) -> StepLayout:
+    """`group`: query heads per KV head."""
     device = meta.slot_mapping.device
     query_start = meta.query_start_loc.long()
     token_seq = torch.repeat_interleave(torch.arange(meta.num_seqs, device=device),
@@ -67,6 +70,8 @@ def step_layout(meta: AttentionMetadata, block_size: int, num_tokens: int) -> St
     # Causal within the sequence's own context. Padding rows (past a sequence's new tokens) still
     # see at least position 0, so no softmax row is empty and nothing turns NaN.
     mask = (key_positions <= query_positions.unsqueeze(-1)) & valid.unsqueeze(1)
+    if meta.max_query_len > 1:
+        mask = mask.repeat_interleave(group, dim=1)
     padding = torch.nonzero(~valid.flatten()).flatten()
     return StepLayout(token_seq * meta.max_query_len + token_row, context_slots, padding, mask.unsqueeze(1))
 
@@ -160,7 +165,8 @@ class TorchAttentionBackend:
         write_kv_cache(kv_cache, k, v, meta.slot_mapping)
 
         if self._layouts is None or self._layouts[0] is not meta:
-            parts = [(tokens, part, step_layout(part, kv_cache.shape[2], q[tokens].shape[0]))
+            group = q.shape[1] // kv_cache.shape[3]
+            parts = [(tokens, part, step_layout(part, kv_cache.shape[2], q[tokens].shape[0], group))
                      for tokens, part in attention_parts(meta)]
             self._layouts = (meta, parts)
         parts = self._layouts[1]
@@ -178,11 +184,16 @@ class TorchAttentionBackend:
     def _attend(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, layout: StepLayout,
                 scale: float) -> torch.Tensor:
         num_heads, head_dim = q.shape[1:]
-        q_padded = q.new_zeros(meta.num_seqs * meta.max_query_len, num_heads, head_dim)
+        num_seqs, q_len, kv_heads = meta.num_seqs, meta.max_query_len, kv_cache.shape[3]
+        group = num_heads // kv_heads
+        q_padded = q.new_zeros(num_seqs * q_len, num_heads, head_dim)
         q_padded.index_copy_(0, layout.padded_row, q)
-        q_padded = q_padded.view(meta.num_seqs, meta.max_query_len, num_heads, head_dim)
+        # A KV head's query heads attend as extra query rows of that head ([seqs, kv_heads,
+        # q_len * group, dim]): SDPA's own GQA path repeats K and V per query head (~1.4x slower).
+        q_rows = (q_padded.view(num_seqs, q_len, kv_heads, group, head_dim).permute(0, 2, 1, 3, 4)
+                  .reshape(num_seqs, kv_heads, q_len * group, head_dim))
         k_ctx, v_ctx = gather_context(kv_cache, layout)
-        out = F.scaled_dot_product_attention(
-            q_padded.transpose(1, 2), k_ctx.to(q.dtype).transpose(1, 2), v_ctx.to(q.dtype).transpose(1, 2),
-            attn_mask=layout.mask, scale=scale, enable_gqa=num_heads != k_ctx.shape[2])
-        return out.transpose(1, 2).flatten(0, 1).index_select(0, layout.padded_row)
+        out = F.scaled_dot_product_attention(q_rows, k_ctx.to(q.dtype).transpose(1, 2),
+                                             v_ctx.to(q.dtype).transpose(1, 2), attn_mask=layout.mask, scale=scale)
+        out = out.view(num_seqs, kv_heads, q_len, group, head_dim).permute(0, 2, 1, 3, 4)
+        return out.reshape(num_seqs * q_len, num_heads, head_dim).index_select(0, layout.padded_row)
