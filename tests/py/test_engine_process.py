@@ -117,6 +117,35 @@ def model_path():
     return checkpoint_path("llama3")
 
 
+def test_text_decoded_beside_the_server_equals_the_engines_own(model_path):
+    """A stream the engine sends as token ids only (detokenize=False), decoded by the server's
+    OutputDeltaDecoder, reads the same text at every step as the engine's own incremental text,
+    for every sample of an n=2 request, and through an abort."""
+    sampled = SamplingParams(max_tokens=10, temperature=0.9, seed=3, n=2, skip_special_tokens=False)
+    requests = [("a", "Once upon a time", GREEDY), ("b", [5, 300, 17], sampled), ("c", "def main():", sampled)]
+    engines = [LLM(model=model_path, num_blocks=64).engine for _ in range(2)]
+    encoder, decoder = OutputDeltaEncoder(), OutputDeltaDecoder(engines[1].tokenizer)
+    for request_id, prompt, params in requests:
+        engines[0].add_request(request_id, prompt, params)
+        engines[1].add_request(request_id, prompt, params, detokenize=False)
+        decoder.decode_text_of(request_id, params.skip_special_tokens)
+    steps = 0
+    while engines[0].has_unfinished_requests():
+        steps += 1
+        if steps == 4:
+            for engine in engines:
+                engine.abort_request("c")
+        own = engines[0].step()
+        sent = engines[1].step()
+        assert all(c.text == "" for o in sent for c in o.outputs)  # the engine decoded nothing
+        decoded = decoder.decode(FrameReader().feed(encode_frame(encoder.encode(sent)))[0])
+        assert [(o.request_id, [(c.text, c.token_ids, c.finish_reason) for c in o.outputs]) for o in decoded] == \
+            [(o.request_id, [(c.text, c.token_ids, c.finish_reason) for c in o.outputs]) for o in own]
+    assert not engines[1].has_unfinished_requests()
+    with pytest.raises(ValueError, match="stop"):
+        engines[1].add_request("d", "x", SamplingParams(stop=["."]), detokenize=False)
+
+
 async def _collect(engine, prompt, params, request_id):
     outputs = [output async for output in engine.generate(prompt, params, request_id)]
     return outputs

@@ -83,15 +83,19 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams,
                     arrival_time: Optional[float] = None, stream: bool = True,
-                    prompt_token_ids: Optional[list[int]] = None) -> None:
+                    prompt_token_ids: Optional[list[int]] = None, detokenize: bool = True) -> None:
         """Queues a request. Raises ValueError naming the problem; the engine is unchanged then.
 
         With `stream`, `step()` reports the request every time it moves; without, only once it
         finishes (and its text is decoded once, at the end: much cheaper for offline batches).
         `prompt_token_ids` are a string prompt's ids where the caller already has them
-        (`encode_prompts`); the string is then kept only for the output."""
+        (`encode_prompts`); the string is then kept only for the output. With `detokenize=False`
+        the outputs carry token ids and no text: the caller decodes them (the server does, so that
+        its engine process spends no time on text); stop strings need the engine's text."""
         if request_id in self._groups:
             raise ValueError(f"request_id: {request_id!r} is already running")
+        if not detokenize and params.stop_strings:
+            raise ValueError("stop: stop strings need the engine to decode the text (detokenize=False given)")
         if prompt_token_ids is not None and isinstance(prompt, str) and prompt:
             prompt_text, prompt_ids = prompt, list(prompt_token_ids)
         else:
@@ -111,7 +115,7 @@ class Engine:
         added: list[int] = []
         try:
             for index in range(params.n):
-                seq = self._new_sequence(group, index)
+                seq = self._new_sequence(group, index, detokenize)
                 self.scheduler.add_request(_C.RequestSpec(
                     request_id=seq.seq_id, prompt_token_ids=prompt_ids, max_new_tokens=max_new,
                     stop_token_ids=stop_ids, ignore_eos=params.ignore_eos, min_new_tokens=params.min_tokens,
@@ -254,7 +258,7 @@ class Engine:
         return self.scheduler.num_free_blocks == self.runner.num_blocks
 
     # ------------------------------------------------------------------ helpers
-    def _new_sequence(self, group: RequestGroup, index: int) -> SequenceState:
+    def _new_sequence(self, group: RequestGroup, index: int, detokenize: bool = True) -> SequenceState:
         params = group.params
         generator = None
         if params.seed is not None:
@@ -265,7 +269,8 @@ class Engine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, group.prompt_ids, params.skip_special_tokens),
             stop_checker=(StopStringChecker(params.stop_strings, params.include_stop_str_in_output)
                           if params.stop_strings else None),
-            generator=generator, incremental=group.stream or bool(params.stop_strings))
+            generator=generator, incremental=detokenize and (group.stream or bool(params.stop_strings)),
+            detokenize=detokenize)
 
     def _tokenize(self, prompt: Prompt) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, str):

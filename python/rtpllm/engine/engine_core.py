@@ -7,7 +7,7 @@ the engine has an interpreter of its own, as vLLM's engine core and SGLang's sch
 
 Protocol (frames.py: pickled tuples, both ends non-blocking):
     server -> engine: ("init", config, log_level) first, then
-        ("add", tag, request_id, prompt, params, arrival_time, stream), ("abort", request_id),
+        ("add", tag, request_id, prompt, params, arrival_time, stream, detokenize), ("abort", request_id),
         ("call", tag, fn), ("stop",)
     engine -> server: ("ready", EngineInfo) or ("failed", exception, traceback text) once, then
         ("step", answers, deltas, stats, call_results) after every step or batch of commands,
@@ -84,9 +84,10 @@ class EngineCoreLoop:
             for command in commands:
                 kind = command[0]
                 if kind == "add":
-                    _, tag, request_id, prompt, params, arrival_time, stream = command
+                    _, tag, request_id, prompt, params, arrival_time, stream, detokenize = command
                     try:
-                        engine.add_request(request_id, prompt, params, arrival_time, stream=stream)
+                        engine.add_request(request_id, prompt, params, arrival_time, stream=stream,
+                                           detokenize=detokenize)
                         answers.append((tag, None))
                     except Exception as exc:  # noqa: BLE001 - a bad request fails alone
                         answers.append((tag, picklable_error(exc)))

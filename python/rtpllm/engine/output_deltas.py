@@ -5,6 +5,11 @@ logprobs. Sent as they are, a request of n tokens would cost O(n^2) bytes over i
 engine side (`OutputDeltaEncoder`) sends only what changed since the request's previous output;
 the server side (`OutputDeltaDecoder`) rebuilds the cumulative outputs, equal to the engine's.
 
+For requests registered with `decode_text_of` (streams without stop strings), the engine sends
+token ids only and the decoder turns them into text, with the same incremental detokenizer the
+engine would have run: that per-token work then happens beside the server's event loop instead of
+inside the engine's step loop (as vLLM's front-end process detokenizes for its engine core).
+
 A delta is a plain tuple (cheap to pickle):
     (request_id, header, completions, prompt_logprobs, num_cached_tokens, finished, metrics)
     header: (prompt, prompt_token_ids) in a request's first delta, else None
@@ -17,8 +22,9 @@ A delta is a plain tuple (cheap to pickle):
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
+from rtpllm.engine.detokenizer import IncrementalDetokenizer
 from rtpllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 Delta = tuple
@@ -76,35 +82,69 @@ class OutputDeltaEncoder:
 
 
 class _Mirror:
-    __slots__ = ("prompt", "prompt_token_ids", "samples", "prompt_logprobs")
+    __slots__ = ("prompt", "prompt_token_ids", "samples", "prompt_logprobs", "detokenizers", "skip_special_tokens")
 
-    def __init__(self, prompt: Optional[str], prompt_token_ids: list[int]) -> None:
+    def __init__(self, prompt: Optional[str], prompt_token_ids: list[int],
+                 skip_special_tokens: Optional[bool]) -> None:
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.samples: dict[int, CompletionOutput] = {}
         self.prompt_logprobs: Optional[list] = None
+        # Set when this side decodes the text: one detokenizer per sample, made on its first tokens.
+        self.skip_special_tokens = skip_special_tokens
+        self.detokenizers: dict[int, IncrementalDetokenizer] = {}
 
 
 class OutputDeltaDecoder:
     """Server side: rebuilds cumulative outputs. Outputs already handed out are never changed
-    (every output gets its own lists, as the engine's own outputs do)."""
+    (every output gets its own lists, as the engine's own outputs do). `tokenizer` decodes the
+    text of the requests registered with `decode_text_of`."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokenizer: Any = None) -> None:
+        self._tokenizer = tokenizer
         self._requests: dict[str, _Mirror] = {}
+        self._decode_here: dict[str, bool] = {}  # request id -> skip_special_tokens, until its first delta
+
+    def decode_text_of(self, request_id: str, skip_special_tokens: bool) -> None:
+        """The engine will send this request's token ids without text: decode them here."""
+        if self._tokenizer is None:
+            raise ValueError("tokenizer: needed to decode a request's text on this side")
+        self._decode_here[request_id] = skip_special_tokens
+
+    def forget(self, request_id: str) -> None:
+        """The request never started (the engine refused it)."""
+        self._decode_here.pop(request_id, None)
+
+    def _text(self, mirror: _Mirror, index: int, previous: Optional[CompletionOutput], keep: int, piece: str,
+              new_ids: list[int], finish_reason: Optional[str]) -> str:
+        if mirror.skip_special_tokens is None:  # the engine's own text
+            if previous is None:
+                return piece
+            text = previous.text
+            return (text if keep == len(text) else text[:keep]) + piece
+        detokenizer = mirror.detokenizers.get(index)
+        if detokenizer is None:
+            detokenizer = mirror.detokenizers[index] = IncrementalDetokenizer(
+                self._tokenizer, mirror.prompt_token_ids, mirror.skip_special_tokens)
+        text = ("" if previous is None else previous.text) + detokenizer.push(new_ids)
+        if finish_reason is not None and (previous is None or previous.finish_reason is None):
+            text += detokenizer.flush()
+        return text
 
     def decode(self, deltas: list[Delta]) -> list[RequestOutput]:
         outputs = []
         for request_id, header, completions, prompt_logprobs, num_cached, finished, metrics in deltas:
             if header is not None:
-                mirror = self._requests[request_id] = _Mirror(*header)
+                mirror = self._requests[request_id] = _Mirror(*header, self._decode_here.pop(request_id, None))
             else:
                 mirror = self._requests[request_id]
             samples = []
             for index, keep, piece, new_ids, cumulative, new_logprobs, finish_reason, stop_reason in completions:
                 previous = mirror.samples.get(index)
                 if previous is None:
-                    sample = CompletionOutput(index, piece, new_ids, cumulative, new_logprobs, finish_reason,
-                                              stop_reason)
+                    sample = CompletionOutput(index, self._text(mirror, index, None, keep, piece, new_ids,
+                                                                finish_reason),
+                                              new_ids, cumulative, new_logprobs, finish_reason, stop_reason)
                 else:
                     text = previous.text
                     if not piece and keep == len(text) and not new_ids and finish_reason == previous.finish_reason:
@@ -113,7 +153,8 @@ class OutputDeltaDecoder:
                     logprobs = previous.logprobs
                     if new_logprobs is not None:
                         logprobs = (logprobs or []) + new_logprobs
-                    sample = CompletionOutput(index, (text if keep == len(text) else text[:keep]) + piece,
+                    sample = CompletionOutput(index, self._text(mirror, index, previous, keep, piece, new_ids,
+                                                                finish_reason),
                                               previous.token_ids + new_ids, cumulative, logprobs, finish_reason,
                                               stop_reason)
                 mirror.samples[index] = sample

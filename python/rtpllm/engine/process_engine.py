@@ -48,7 +48,7 @@ class ProcessEngine(AsyncEngineBase):
         self._reader = FrameReader()
         self._writer = FrameWriter(sock)
         self._watching_write = False
-        self._decoder = OutputDeltaDecoder()
+        self._decoder = OutputDeltaDecoder(info.tokenizer)
         self._tags = itertools.count()
         self._unanswered: dict[int, Union[AddCommand, CallCommand]] = {}
         self._stopping = False
@@ -116,8 +116,13 @@ class ProcessEngine(AsyncEngineBase):
     def _submit(self, command: Union[AddCommand, AbortCommand, CallCommand]) -> None:
         if isinstance(command, AddCommand):
             tag = next(self._tags)
+            # A stream without stop strings is decoded into text here, off the engine's step loop
+            # (stop strings must end the sequence in the engine, which then decodes it itself).
+            decode_here = command.stream and not command.params.stop_strings
+            if decode_here:
+                self._decoder.decode_text_of(command.request_id, command.params.skip_special_tokens)
             message = ("add", tag, command.request_id, command.prompt, command.params, command.arrival_time,
-                       command.stream)
+                       command.stream, not decode_here)
         elif isinstance(command, AbortCommand):
             tag, message = None, ("abort", command.request_id)
         else:
@@ -192,6 +197,9 @@ class ProcessEngine(AsyncEngineBase):
                 else:
                     call.result.set_exception(value)
             added = [(self._unanswered.pop(tag), error) for tag, error in answers]
+            for command, error in added:
+                if error is not None:
+                    self._decoder.forget(command.request_id)
             self._hand_over(added, self._decoder.decode(deltas))
         elif kind == "dead":
             self._stopping = True

@@ -33,6 +33,9 @@ class SequenceState:
     generator: Optional[torch.Generator]
     # Without streaming or stop strings nobody reads the text before the end: decode it once then.
     incremental: bool = True
+    # False: the caller decodes the streamed token ids itself (the server, for its engine process),
+    # so the engine never decodes this sequence's text (it has no stop strings).
+    detokenize: bool = True
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # all complete text so far, before stop-string truncation
     visible_text: str = ""  # what may be shown now: stop strings cut, possible stop prefixes held back
@@ -83,6 +86,8 @@ class SequenceState:
             return
         self.finish_reason = reason
         self.stop_reason = stop_reason
+        if not self.detokenize:
+            return
         if not self.incremental:
             self.text = self.detokenizer.push(self.output_ids) + self.detokenizer.flush()
             self.visible_text = self.text
