@@ -126,8 +126,10 @@ def attention_parts(meta: AttentionMetadata) -> list[tuple[Tokens, AttentionMeta
     d = meta.num_decodes or (meta.num_seqs if meta.max_query_len == 1 else 0)
     if d == 0:
         return [(slice(None), meta)]
-    parts: list[tuple[Tokens, AttentionMetadata]] = []
     buckets = _length_buckets(meta.seq_lens[:d]) if meta.seq_lens.device.type == "cpu" else None
+    if buckets is None and d == meta.num_seqs:
+        return [(slice(None), meta)]  # a decode step that needs no buckets
+    parts: list[tuple[Tokens, AttentionMetadata]] = []
     if buckets is not None:
         lengths = meta.seq_lens[:d]
         for idx in buckets:
