@@ -69,38 +69,49 @@ class FrameReader:
 
 
 class FrameWriter:
-    """Sends frames on a non-blocking socket, keeping what the socket did not take."""
+    """Sends frames on a non-blocking socket, keeping what the socket did not take.
+
+    The unsent bytes are `_pending[_sent:]`: a send advances the offset, and the buffer is
+    compacted only once the sent part is at least half of it, so a backlog that the reader works
+    off in many small sends costs O(bytes), not a memmove of the whole backlog per send."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._pending = bytearray()
+        self._sent = 0
 
     @property
     def pending(self) -> bool:
-        return bool(self._pending)
+        return self._sent < len(self._pending)
 
     def write(self, frame: bytes) -> bool:
         """Queues and sends `frame`; True when nothing is left unsent."""
-        if not self._pending:
+        if not self.pending:
             try:
                 sent = self._sock.send(frame)
             except BlockingIOError:
                 sent = 0
             if sent == len(frame):
                 return True
-            self._pending += memoryview(frame)[sent:]
+            self._pending = bytearray(memoryview(frame)[sent:])
+            self._sent = 0
             return False
         self._pending += frame
         return self.flush()
 
     def flush(self) -> bool:
         """Sends what it can of the queued bytes; True when nothing is left unsent."""
-        while self._pending:
-            try:
-                sent = self._sock.send(self._pending)
-            except BlockingIOError:
-                return False
-            del self._pending[:sent]
+        try:
+            with memoryview(self._pending) as view:
+                while self._sent < len(view):
+                    self._sent += self._sock.send(view[self._sent:])
+        except BlockingIOError:
+            if self._sent * 2 >= len(self._pending):
+                del self._pending[:self._sent]
+                self._sent = 0
+            return False
+        self._pending.clear()
+        self._sent = 0
         return True
 
 
