@@ -105,6 +105,17 @@ def test_a_bad_prompt_in_a_batch_adds_none_of_it(llm):
     assert llm.engine.check_kv_pool_free() and not llm.engine.has_unfinished_requests()
 
 
+def test_a_batch_larger_than_one_slice_joins_in_slices(llm):
+    """`generate` adds a long batch a slice at a time between steps: every request still comes
+    back, in order; a bad prompt in a later slice raises and leaves nothing running."""
+    prompts = [f"prompt number {i}" for i in range(300)]
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True))
+    assert [o.prompt for o in outputs] == prompts and all(len(o.outputs[0].token_ids) == 2 for o in outputs)
+    with pytest.raises(ValueError, match="prompt"):
+        llm.generate(prompts[:280] + [""], SamplingParams(max_tokens=2))
+    assert llm.engine.check_kv_pool_free() and not llm.engine.has_unfinished_requests()
+
+
 def test_abort_frees_blocks_and_reports_abort(llm):
     engine = llm.engine
     engine.add_request("to-abort", "some prompt that runs", SamplingParams(max_tokens=50, ignore_eos=True))

@@ -48,13 +48,10 @@ class LLM:
     def _run(self, prompts: list, params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine
         request_ids = [f"offline-{next(self._ids)}" for _ in prompts]
-        texts = [p for p in prompts if isinstance(p, str) and p]
-        encoded = iter(engine.encode_prompts(texts))
+        queue = _RequestQueue(engine, list(zip(request_ids, prompts, params_list)))
         try:
-            for request_id, prompt, params in zip(request_ids, prompts, params_list):
-                ids = next(encoded) if isinstance(prompt, str) and prompt else None
-                engine.add_request(request_id, prompt, params, stream=False, prompt_token_ids=ids)
-            finished = self._drain(set(request_ids), use_tqdm)
+            queue.add_next()
+            finished = self._drain(set(request_ids), use_tqdm, queue)
         except BaseException:
             # Never leave half-done requests holding KV blocks behind a failed call.
             for request_id in request_ids:
@@ -64,7 +61,7 @@ class LLM:
             raise
         return [finished[request_id] for request_id in request_ids]
 
-    def _drain(self, waiting_for: set[str], use_tqdm: bool) -> dict[str, RequestOutput]:
+    def _drain(self, waiting_for: set[str], use_tqdm: bool, queue: "_RequestQueue") -> dict[str, RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         progress = None
         if use_tqdm:
@@ -72,7 +69,7 @@ class LLM:
 
             progress = tqdm(total=len(waiting_for), desc="Processed prompts", dynamic_ncols=True)
         while len(finished) < len(waiting_for):
-            if not self.engine.has_unfinished_requests():
+            if not self.engine.has_unfinished_requests() and not queue.add_next():
                 missing = sorted(waiting_for - set(finished))
                 raise RuntimeError(f"engine went idle with requests unfinished: {missing[:5]}")
             for output in self.engine.step():
@@ -80,9 +77,37 @@ class LLM:
                     finished[output.request_id] = output
                     if progress is not None:
                         progress.update(1)
+            queue.add_next()
         if progress is not None:
             progress.close()
         return finished
+
+
+class _RequestQueue:
+    """An offline batch's requests, added to the engine a slice at a time: the first before the
+    first step, each next one right after a step. On a GPU a step runs asynchronously, so the
+    next slice is tokenized (in one batch: the fast tokenizer uses every core) while the device
+    works; tokenizing 1000 prompts of 1K tokens before the first step kept an H100 idle ~0.5 s.
+    A slice is larger than one step admits, so the scheduler never runs short of waiting requests."""
+
+    SLICE = 256
+
+    def __init__(self, engine, requests: list[tuple[str, PromptInput, SamplingParams]]):
+        self._engine = engine
+        self._requests = requests
+        self._next = 0
+
+    def add_next(self) -> bool:
+        """Adds the next slice; False when every request was already added."""
+        if self._next >= len(self._requests):
+            return False
+        chunk = self._requests[self._next:self._next + self.SLICE]
+        self._next += len(chunk)
+        encoded = iter(self._engine.encode_prompts([p for _, p, _ in chunk if isinstance(p, str) and p]))
+        for request_id, prompt, params in chunk:
+            ids = next(encoded) if isinstance(prompt, str) and prompt else None
+            self._engine.add_request(request_id, prompt, params, stream=False, prompt_token_ids=ids)
+        return True
 
 
 def apply_chat_template(tokenizer, messages: ChatMessages, add_generation_prompt: bool = True,
