@@ -88,20 +88,22 @@ class _RequestQueue:
     first step, each next one right after a step. On a GPU a step runs asynchronously, so the
     next slice is tokenized (in one batch: the fast tokenizer uses every core) while the device
     works; tokenizing 1000 prompts of 1K tokens before the first step kept an H100 idle ~0.5 s.
-    A slice is larger than one step admits, so the scheduler never runs short of waiting requests."""
+    A slice holds at least as many requests as one step may admit (max_num_seqs), so the
+    scheduler never runs short of waiting requests."""
 
-    SLICE = 256
+    MIN_SLICE = 256
 
     def __init__(self, engine, requests: list[tuple[str, PromptInput, SamplingParams]]):
         self._engine = engine
         self._requests = requests
         self._next = 0
+        self._slice = max(self.MIN_SLICE, engine.config.scheduler.max_num_seqs)
 
     def add_next(self) -> bool:
         """Adds the next slice; False when every request was already added."""
         if self._next >= len(self._requests):
             return False
-        chunk = self._requests[self._next:self._next + self.SLICE]
+        chunk = self._requests[self._next:self._next + self._slice]
         self._next += len(chunk)
         encoded = iter(self._engine.encode_prompts([p for _, p, _ in chunk if isinstance(p, str) and p]))
         for request_id, prompt, params in chunk:
