@@ -16,7 +16,6 @@ Usage: python bench/serving/ttft_interleaved.py MODEL_DIR PORT [BLOCKS] [OUTPUT_
 
 from __future__ import annotations
 
-import asyncio
 import json
 import statistics
 import sys

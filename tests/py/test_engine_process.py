@@ -20,7 +20,8 @@ from rtpllm.engine.async_engine import EngineDeadError
 from rtpllm.engine.frames import FrameReader, FrameWriter, encode_frame
 from rtpllm.engine.output_deltas import OutputDeltaDecoder, OutputDeltaEncoder
 from rtpllm.engine.process_engine import ProcessEngine
-from rtpllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from rtpllm.engine.request_state import RequestGroup, SequenceState
+from rtpllm.outputs import RequestMetrics
 from server_harness import check_kv_pool_free, run_engine
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -75,52 +76,53 @@ def test_frame_writer_keeps_what_a_full_socket_did_not_take():
     right.close()
 
 
-def _random_outputs(rng: random.Random, steps: int):
-    """Cumulative outputs of a few requests over several steps, as the engine produces them:
-    n > 1, logprobs, prompt logprobs filled in over chunks, a stop string cutting text, finishes."""
-    requests = {}
+def _random_groups(rng: random.Random, steps: int):
+    """The requests a few engine steps move, as the engine's live state: n > 1, logprobs, prompt
+    logprobs filled in over chunks, a stop string cutting text, finishes."""
+    params = SamplingParams()
+    groups: dict[str, RequestGroup] = {}
     for step in range(steps):
-        outputs = []
+        moved = []
         for rid in [f"r{i}" for i in range(4)]:
-            state = requests.setdefault(rid, {"n": rng.randint(1, 3), "ids": {}, "text": {}, "lp": {}, "done": set(),
-                                              "plp": [], "logprobs": rng.random() < 0.5})
-            samples = []
-            for index in range(state["n"]):
-                ids, text = state["ids"].setdefault(index, []), state["text"].get(index, "")
-                lp = state["lp"].setdefault(index, [])
-                finish = None
-                if index not in state["done"]:
-                    new = [rng.randint(0, 999) for _ in range(rng.randint(0, 3))]
-                    ids += new
-                    lp += [{t: -rng.random()} for t in new]
-                    text += "".join(f"<{t}>" for t in new)
-                    if rng.random() < 0.15:
-                        text = text[:max(0, len(text) - rng.randint(1, 6))]  # a stop string cut it
-                        finish = "stop"
-                        state["done"].add(index)
-                else:
-                    finish = "stop"
-                state["text"][index] = text
-                samples.append(CompletionOutput(index, text, ids[:], -1.5 if state["logprobs"] else None,
-                                                lp[:] if state["logprobs"] else None, finish,
-                                                "x" if finish else None))
-            if len(state["plp"]) < 6:
-                state["plp"] += [None] if not state["plp"] else [{1: -0.5}]
-            finished = len(state["done"]) == state["n"]
-            outputs.append(RequestOutput(rid, f"prompt {rid}", [1, 2, 3], samples, finished, state["plp"][:], 2,
-                                         RequestMetrics(1.0, 2.0, 3.0, 4.0 + step, 9.0 if finished else None)))
-            if finished:
-                del requests[rid]
-        yield outputs
+            group = groups.get(rid)
+            if group is None:
+                group = groups[rid] = RequestGroup(rid, f"prompt {rid}", [1, 2, 3], params,
+                                                   RequestMetrics(1.0, 2.0, 3.0), num_cached_tokens=2)
+                with_logprobs = rng.random() < 0.5
+                for index in range(rng.randint(1, 3)):
+                    group.seqs.append(SequenceState(index, index, group, params, None, None, None,
+                                                    logprobs=[] if with_logprobs else None))
+            for seq in group.seqs:
+                if seq.finished:
+                    continue
+                new = [rng.randint(0, 999) for _ in range(rng.randint(0, 3))]
+                seq.output_ids += new
+                if seq.logprobs is not None:
+                    seq.logprobs += [{t: -rng.random()} for t in new]
+                    seq.cumulative_logprob -= 0.5 * len(new)
+                seq.visible_text += "".join(f"<{t}>" for t in new)
+                if rng.random() < 0.15:  # a stop string cuts the text
+                    seq.visible_text = seq.visible_text[:max(0, len(seq.visible_text) - rng.randint(1, 6))]
+                    seq.finish_reason, seq.stop_reason = "stop", "x"
+            chunk_logprobs = group.prompt_logprobs or []
+            if len(chunk_logprobs) < 6:  # prompt logprobs grow over the prompt's chunks
+                group.prompt_logprobs = chunk_logprobs + ([{1: -0.5}] if chunk_logprobs else [None])
+            group.metrics.last_token_time = 4.0 + step
+            if group.finished:
+                group.metrics.finished_time = 9.0
+                del groups[rid]
+            moved.append(group)
+        yield moved
 
 
 def test_output_deltas_rebuild_the_engines_cumulative_outputs():
     rng = random.Random(1)
     encoder, decoder = OutputDeltaEncoder(), OutputDeltaDecoder()
     handed_out = []
-    for outputs in _random_outputs(rng, 60):
-        decoded = decoder.decode(FrameReader().feed(encode_frame(encoder.encode(outputs)))[0])
-        assert decoded == outputs
+    for moved in _random_groups(rng, 60):
+        frame = encode_frame(encoder.encode(moved))
+        decoded = decoder.decode(FrameReader().feed(frame)[0])
+        assert decoded == [group.to_output() for group in moved]
         handed_out.append((decoded, [repr(o) for o in decoded]))
     # An output handed out earlier never changes afterwards.
     assert all([repr(o) for o in decoded] == snapshot for decoded, snapshot in handed_out)
@@ -151,9 +153,9 @@ def test_text_decoded_beside_the_server_equals_the_engines_own(model_path):
             for engine in engines:
                 engine.abort_request("c")
         own = engines[0].step()
-        sent = engines[1].step()
-        assert all(c.text == "" for o in sent for c in o.outputs)  # the engine decoded nothing
-        decoded = decoder.decode(FrameReader().feed(encode_frame(encoder.encode(sent)))[0])
+        moved = engines[1].step_groups()
+        assert all(seq.visible_text == "" for group in moved for seq in group.seqs)  # the engine decoded nothing
+        decoded = decoder.decode(FrameReader().feed(encode_frame(encoder.encode(moved)))[0])
         assert [(o.request_id, [(c.text, c.token_ids, c.finish_reason) for c in o.outputs]) for o in decoded] == \
             [(o.request_id, [(c.text, c.token_ids, c.finish_reason) for c in o.outputs]) for o in own]
     assert not engines[1].has_unfinished_requests()

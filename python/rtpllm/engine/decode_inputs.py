@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 
 from rtpllm.engine.in_flight import PendingInputs

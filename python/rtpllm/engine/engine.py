@@ -71,7 +71,7 @@ class Engine:
         self._seq_ids = itertools.count(1)
         # Unseeded requests draw from one engine-wide generator, so a run is reproducible as a whole.
         self._generator = torch.Generator(device=self.device).manual_seed(config.model.seed)
-        self._pending: list[RequestOutput] = []  # outputs owed to callers (aborts) at the next step
+        self._pending: list[RequestGroup] = []  # requests owed to callers (aborts) at the next step
         self._async = (config.scheduler.async_scheduling if config.scheduler.async_scheduling is not None
                        else self.device.type == "cuda")
         self._in_flight: Optional[InFlightStep] = None  # launched and committed, tokens not read back
@@ -151,7 +151,7 @@ class Engine:
                 seq.finish("abort")
             self._seqs.pop(seq.seq_id, None)
         group.metrics.finished_time = time.monotonic()
-        self._pending.append(group.to_output())
+        self._pending.append(group)
 
     def has_unfinished_requests(self) -> bool:
         # A step still in flight once every request has finished only computed past a stop: the
@@ -163,6 +163,16 @@ class Engine:
         """Runs one step. With asynchronous scheduling the step is launched, committed, and the
         previous step's tokens are read back while the device works on this one: outputs then
         arrive one step later, and a request that stops has run one extra step for nothing."""
+        return [group.to_output() for group in self.step_groups()]
+
+    def step_groups(self) -> list[RequestGroup]:
+        """`step()` without building its outputs: the requests it would report, each once, as
+        their live state (read it before the next step). The engine process encodes these into
+        deltas directly (output_deltas.py), without a cumulative RequestOutput per request."""
+        groups = self._step()
+        return list(dict.fromkeys(groups)) if len(groups) > 1 else groups  # resolve + apply may both move one
+
+    def _step(self) -> list[RequestGroup]:
         outputs, self._pending = self._pending, []
         batch = self.scheduler.schedule()
         previous = self._in_flight
@@ -208,12 +218,12 @@ class Engine:
             logprobs_by_seq = sampled_logprobs(sampled_seqs, result.sampled)
         return outputs + self._apply(self.scheduler.update(batch, token_ids), logprobs_by_seq)
 
-    def _resolve(self, step: "InFlightStep") -> list[RequestOutput]:
+    def _resolve(self, step: "InFlightStep") -> list[RequestGroup]:
         return self._apply(self.scheduler.resolve(step.batch, step.host_tokens()), {})
 
-    def _apply(self, step_outputs, logprobs_by_seq: dict) -> list[RequestOutput]:
-        """Hands a step's scheduler outputs to the requests; returns what callers should see."""
-        outputs: list[RequestOutput] = []
+    def _apply(self, step_outputs, logprobs_by_seq: dict) -> list[RequestGroup]:
+        """Hands a step's scheduler outputs to the requests; returns those callers should see."""
+        outputs: list[RequestGroup] = []
         moved: dict[str, RequestGroup] = {}
         now = time.monotonic()
         for out in step_outputs:
@@ -240,7 +250,7 @@ class Engine:
                 self._groups.pop(group.request_id, None)
             elif not group.stream:
                 continue
-            outputs.append(group.to_output())
+            outputs.append(group)
         return outputs
 
     # ------------------------------------------------------------------ introspection

@@ -97,9 +97,9 @@ class EngineCoreLoop:
                     call_results.append(self._call(command[1], command[2]))
                 elif kind == "stop":
                     stop = True
-            outputs = engine.step() if engine.has_unfinished_requests() else []
-            if commands or outputs:
-                self.writer.write(encode_frame(("step", answers, self.encoder.encode(outputs), engine.stats(),
+            moved = engine.step_groups() if engine.has_unfinished_requests() else []
+            if commands or moved:
+                self.writer.write(encode_frame(("step", answers, self.encoder.encode(moved), engine.stats(),
                                                 call_results)))
             if stop:
                 self._flush_blocking()

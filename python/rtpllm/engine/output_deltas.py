@@ -2,8 +2,9 @@
 
 `RequestOutput`s are cumulative: every step repeats each request's whole text, token ids and
 logprobs. Sent as they are, a request of n tokens would cost O(n^2) bytes over its life. The
-engine side (`OutputDeltaEncoder`) sends only what changed since the request's previous output;
-the server side (`OutputDeltaDecoder`) rebuilds the cumulative outputs, equal to the engine's.
+engine side (`OutputDeltaEncoder`) sends only what changed since the request's previous output,
+read off the engine's request state; the server side (`OutputDeltaDecoder`) rebuilds the
+cumulative outputs, equal to the engine's own (`RequestGroup.to_output()`).
 
 For requests registered with `decode_text_of` (streams without stop strings), the engine sends
 token ids only and the decoder turns them into text, with the same incremental detokenizer the
@@ -22,10 +23,13 @@ A delta is a plain tuple (cheap to pickle):
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from rtpllm.engine.detokenizer import IncrementalDetokenizer
 from rtpllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+if TYPE_CHECKING:
+    from rtpllm.engine.request_state import RequestGroup
 
 Delta = tuple
 
@@ -41,43 +45,47 @@ class _Sent:
 
 
 class OutputDeltaEncoder:
-    """Engine side: turns each step's cumulative outputs into deltas."""
+    """Engine side: turns the requests a step moved (`Engine.step_groups()`) into deltas, reading
+    their live state: the output the decoder rebuilds is `group.to_output()` at encode time, but
+    no cumulative RequestOutput (and no copy of its lists) is built per request and step."""
 
     def __init__(self) -> None:
         self._sent: dict[str, _Sent] = {}
 
-    def encode(self, outputs: list[RequestOutput]) -> list[Delta]:
+    def encode(self, groups: list["RequestGroup"]) -> list[Delta]:
         deltas = []
-        for output in outputs:
-            sent = self._sent.get(output.request_id)
+        for group in groups:
+            sent = self._sent.get(group.request_id)
             header = None
             if sent is None:
-                sent = self._sent[output.request_id] = _Sent()
-                header = (output.prompt, output.prompt_token_ids)
+                sent = self._sent[group.request_id] = _Sent()
+                header = (group.prompt, group.prompt_ids)
             completions = []
-            for completion in output.outputs:
-                num_ids, num_logprobs, text = sent.samples.get(completion.index, (0, 0, ""))
-                new_text = completion.text
+            finished = True
+            for seq in group.seqs:
+                num_ids, num_logprobs, text = sent.samples.get(seq.index, (0, 0, ""))
+                new_text = seq.visible_text
                 keep = len(text) if new_text.startswith(text) else 0
-                logprobs = completion.logprobs
-                completions.append((completion.index, keep, new_text[keep:], completion.token_ids[num_ids:],
-                                    completion.cumulative_logprob,
+                ids = seq.output_ids
+                logprobs = seq.logprobs
+                completions.append((seq.index, keep, new_text[keep:], ids[num_ids:],
+                                    None if logprobs is None else seq.cumulative_logprob,
                                     None if logprobs is None else logprobs[num_logprobs:],
-                                    completion.finish_reason, completion.stop_reason))
-                sent.samples[completion.index] = (len(completion.token_ids),
-                                                  0 if logprobs is None else len(logprobs), new_text)
+                                    seq.finish_reason, seq.stop_reason))
+                sent.samples[seq.index] = (len(ids), 0 if logprobs is None else len(logprobs), new_text)
+                finished = finished and seq.finish_reason is not None
             prompt_logprobs = None
-            if output.prompt_logprobs is not None:
-                prompt_logprobs = (sent.prompt_logprobs, output.prompt_logprobs[sent.prompt_logprobs:])
-                sent.prompt_logprobs = len(output.prompt_logprobs)
-            metrics = output.metrics
-            deltas.append((output.request_id, header, completions, prompt_logprobs, output.num_cached_tokens,
-                           output.finished,
+            if group.prompt_logprobs is not None:
+                prompt_logprobs = (sent.prompt_logprobs, group.prompt_logprobs[sent.prompt_logprobs:])
+                sent.prompt_logprobs = len(group.prompt_logprobs)
+            metrics = group.metrics
+            deltas.append((group.request_id, header, completions, prompt_logprobs, group.num_cached_tokens,
+                           finished,
                            None if metrics is None else (metrics.arrival_time, metrics.first_scheduled_time,
                                                          metrics.first_token_time, metrics.last_token_time,
                                                          metrics.finished_time)))
-            if output.finished:
-                del self._sent[output.request_id]
+            if finished:
+                del self._sent[group.request_id]
         return deltas
 
 
