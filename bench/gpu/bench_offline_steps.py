@@ -11,7 +11,8 @@ scheduling, reading tokens back, bookkeeping), and what is left after the last s
 A step's device time includes stalls inside it (an eager step whose launches fall behind).
 
 Usage: python3 bench/gpu/bench_offline_steps.py [--json PATH] [--quick]
-Env:   OFFLINE_CONFIGS (default "8192/512/nosplit 8192/512 16384/1024"), OFFLINE_REQUESTS (1000).
+Env:   OFFLINE_CONFIGS (default "8192/256 8192/384 8192/512": the sequence limits around the best
+       measured, H100 2026-11-27), OFFLINE_REQUESTS (1000).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def main() -> None:
     card = device_name()
     ref = VLLM["H200" if "H200" in card else "H100"]["random_rps"]
     num = int(os.environ.get("OFFLINE_REQUESTS", 300 if args.quick else 1000))
-    configs = os.environ.get("OFFLINE_CONFIGS", "8192/512/nosplit 8192/512 16384/1024").split()
+    configs = os.environ.get("OFFLINE_CONFIGS", "8192/256 8192/384 8192/512").split()
     path = checkpoint_dir()
     rows = []
     for spec in configs:
