@@ -2,9 +2,7 @@
 memory floor (and the same with every GEMM on cuBLAS, and the graph's device time alone), offline
 throughput (ShareGPT and random 1024/128), and `rtpllm serve` start-up time.
 E2E_SKIP_SERVE=1 / E2E_SKIP_THROUGHPUT=1 leave those parts out; E2E_PROFILE_RANDOM=N profiles an
-offline run of N random 1024/128 requests (kernel table, device busy time); E2E_L2_PREFETCH_MB="0 8
-16" also times the decode step with each of those GEMV L2 prefetch budgets (default "0": the A/B
-against no prefetch).
+offline run of N random 1024/128 requests (kernel table, device busy time).
 
 The checkpoint is written by `python -m rtpllm.tools.random_checkpoint` (cached in
 $RTPLLM_BENCH_DIR, default /root/scratch). ShareGPT prompts come from $RTPLLM_SHAREGPT (a
@@ -30,7 +28,7 @@ from bench_util import device_name, measure_copy_tbps, parse_args, write_json  #
 
 from rtpllm import LLM, SamplingParams  # noqa: E402
 from rtpllm.benchmarks.datasets import sample_random, sample_sharegpt  # noqa: E402
-from rtpllm.layers import cuda_gemm, gemm_dispatch  # noqa: E402
+from rtpllm.layers import gemm_dispatch  # noqa: E402
 
 SHAPE = "llama-3.1-8b"
 # The scheduler's sequence limit for every LLM here: 384 ran random 1024/128 fastest among 256, 384 and
@@ -107,13 +105,8 @@ def decode_graph_ms(llm: LLM, context: int = 640, replays: int = 50) -> float:
 def decode_with_env(path: Path, env: dict[str, str]) -> tuple[float, float]:
     """Decode step and graph replay time of a fresh LLM built (and its graphs captured) with `env` set."""
     saved = {name: os.environ.get(name) for name in env}
-
-    def reread_settings() -> None:
-        gemm_dispatch.choose.cache_clear()
-        cuda_gemm.l2_prefetch_bytes.cache_clear()
-
     os.environ.update(env)
-    reread_settings()
+    gemm_dispatch.choose.cache_clear()
     try:
         llm = LLM(model=str(path), max_model_len=4096, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=8192)
         timings = decode_step_ms(llm), decode_graph_ms(llm)
@@ -125,7 +118,7 @@ def decode_with_env(path: Path, env: dict[str, str]) -> tuple[float, float]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        reread_settings()
+        gemm_dispatch.choose.cache_clear()
         gc.collect()
         torch.cuda.empty_cache()
 
@@ -232,11 +225,9 @@ def main() -> None:
     if os.environ.get("E2E_SKIP_SERVE") != "1":
         record("rtpllm serve start -> first response (8B)", serve_startup_seconds(path), "s")
 
-    # The same decode step with every GEMM on cuBLAS (the A/B for our GEMM dispatch) and with other
-    # GEMV L2 prefetch budgets; each needs its own LLM, so they run before the main one exists.
+    # The same decode step with every GEMM on cuBLAS: the A/B for our GEMM dispatch. It needs its own
+    # LLM, so it runs before the main one exists.
     cublas_step, cublas_graph = decode_with_env(path, {"RTPLLM_GEMM": "cublas"})
-    prefetch_budgets = os.environ.get("E2E_L2_PREFETCH_MB", "0").split()
-    prefetch_runs = {mb: decode_with_env(path, {"RTPLLM_GEMV_L2_PREFETCH_MB": mb}) for mb in prefetch_budgets}
 
     start = time.perf_counter()
     llm = LLM(model=str(path), max_model_len=4096, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=8192)
@@ -253,10 +244,6 @@ def main() -> None:
            host_overhead_ms=step - graph_ms)
     record("decode step with every GEMM on cuBLAS", cublas_step, "ms", f"ours {step:.3f} ms", cublas_step / step,
            graph_ms=cublas_graph)
-    default_mb = cuda_gemm.l2_prefetch_bytes() / 2**20
-    for mb, (budget_step, budget_graph) in prefetch_runs.items():
-        record(f"decode step, GEMV L2 prefetch {mb} MB (default {default_mb:g} MB)", budget_step, "ms",
-               f"floor {floor:.2f} ms", budget_step / floor, graph_ms=budget_graph, graph_ratio=budget_graph / floor)
     print(decode_kernel_table(llm), flush=True)
     print(step_kernel_table(llm), flush=True)
     print(host_profile(llm), flush=True)

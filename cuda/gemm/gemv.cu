@@ -1,15 +1,7 @@
 // See gemv.h. One warp owns kRowsPerWarp consecutive output rows (in gated mode also their rows
 // of the up half); its lanes walk K in 16-byte vectors, kUnroll vectors per row in flight before
 // any arithmetic, accumulating in float32, then reduce across the warp with shuffles.
-//
-// L2 prefetch: in a decode step the GEMVs alternate with small latency-bound kernels (norms, RoPE,
-// attention at batch 1) during which DRAM sits idle. Launched with PDL, a GEMV's blocks become
-// resident while the kernel before it still runs; before waiting for it they ask L2 for the head
-// of their weight rows (one bulk prefetch per row), so those bytes stream in during the idle
-// stretch and the GEMV itself reads them from L2.
 #include "cuda/gemm/gemv.h"
-
-#include <algorithm>
 
 #include "cuda/ops/pdl.cuh"
 #include "cuda/ops/vec.cuh"
@@ -23,14 +15,6 @@ constexpr int kRowsPerWarp = 2;
 constexpr int kUnroll = 4;
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
-// Asks L2 for `bytes` (a multiple of 16) from a 16-byte aligned address; the load happens in the
-// background and nothing waits for it.
-__device__ __forceinline__ void prefetch_l2(const void* ptr, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
-#endif
-}
 
 // Weights are read once: stream them past L1 so the activation rows stay cached there.
 __device__ __forceinline__ uint4 load_streaming(const void* ptr) {
@@ -70,16 +54,8 @@ __device__ __forceinline__ int weight_row(const GemvParams& p, int row0, int r) 
 // NOTE: the explicit minimum of one CTA per SM matters. Without it ptxas caps registers for
 // occupancy (80 instead of 96 at M = 4) and schedules the weight loads worse: down_proj at M = 4
 // took 61 us instead of 45 us (H100, bench_gemv.py), the same at M = 1.
-// How a launch spends GemvParams::l2_prefetch_bytes: blocks [0, blocks) each prefetch `row_bytes`
-// of every weight row they own, starting after the first chunk (which they load outright).
-struct L2PrefetchPlan {
-  int blocks = 0;
-  uint32_t row_bytes = 0;
-};
-
 template <typename T, int M, bool kGated>
-__global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const __grid_constant__ GemvParams p,
-                                                           const L2PrefetchPlan prefetch) {
+__global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const __grid_constant__ GemvParams p) {
   constexpr int kWeightRows = kGated ? 2 * kRowsPerWarp : kRowsPerWarp;
   const int lane = threadIdx.x % 32;
   const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
@@ -97,13 +73,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const __grid_constant
   // weights never depend on it, so under PDL their latency hides behind that kernel's tail.
   uint4 wv[kWeightRows][kUnroll];
   load_weight_chunk<kWeightRows>(wv, w_rows, lane, k_vecs);
-  if (static_cast<int>(blockIdx.x) < prefetch.blocks) {
-    // Lane r prefetches row r (a constant index per unrolled step keeps w_rows in registers).
-#pragma unroll
-    for (int r = 0; r < kWeightRows; ++r) {
-      if (lane == r) prefetch_l2(w_rows[r] + 32 * kUnroll * kVecElems, prefetch.row_bytes);
-    }
-  }
   wait_for_prior_grid();
   allow_dependent_launch();  // after the wait: see pdl.cuh
 
@@ -157,47 +126,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const __grid_constant
   }
 }
 
-// Blocks of gemv_kernel<T, M, kGated> the whole GPU holds at once (the first wave). Cached per
-// instantiation: every GPU of a process is assumed to be the same model.
-template <typename T, int M, bool kGated>
-int resident_blocks() {
-  static const int blocks = [] {
-    int device = 0, sms = 0, per_sm = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<T, M, kGated>, kThreads, 0) !=
-            cudaSuccess) {
-      cudaGetLastError();  // a failed query only turns the prefetch off
-      return 0;
-    }
-    return sms * per_sm;
-  }();
-  return blocks;
-}
-
-// Splits the prefetch budget evenly over the first wave's weight rows: only blocks resident while
-// the previous kernel runs can prefetch during it; later blocks would only duplicate their loads.
-template <typename T, bool kGated>
-L2PrefetchPlan plan_prefetch(const GemvParams& p, int blocks, int resident) {
-  constexpr int kChunkBytes = 32 * kUnroll * kVecElems * static_cast<int>(sizeof(T));
-  const int64_t rest_of_row = static_cast<int64_t>(p.k) * sizeof(T) - kChunkBytes;
-  L2PrefetchPlan plan;
-  if (p.l2_prefetch_bytes <= 0 || resident <= 0 || rest_of_row <= 0) return plan;
-  plan.blocks = std::min(blocks, resident);
-  const int rows_per_block = kWarps * kRowsPerWarp * (kGated ? 2 : 1);
-  const int64_t per_row = p.l2_prefetch_bytes / (static_cast<int64_t>(plan.blocks) * rows_per_block);
-  plan.row_bytes = static_cast<uint32_t>(std::min(per_row, rest_of_row) / 16 * 16);
-  if (plan.row_bytes == 0) plan.blocks = 0;
-  return plan;
-}
-
 template <typename T, int M, bool kGated>
 cudaError_t launch(const GemvParams& p, cudaStream_t stream) {
   const int warps = (p.n + kRowsPerWarp - 1) / kRowsPerWarp;
   const int blocks = (warps + kWarps - 1) / kWarps;
-  const L2PrefetchPlan prefetch =
-      plan_prefetch<T, kGated>(p, blocks, p.l2_prefetch_bytes > 0 ? resident_blocks<T, M, kGated>() : 0);
-  return launch_pdl(gemv_kernel<T, M, kGated>, dim3(blocks), dim3(kThreads), 0, stream, p, prefetch);
+  return launch_pdl(gemv_kernel<T, M, kGated>, dim3(blocks), dim3(kThreads), 0, stream, p);
 }
 
 template <bool kGated>

@@ -26,9 +26,6 @@ struct GemvParams {
   int k;               // a multiple of 8
   int64_t ldx;         // a multiple of 8
   int64_t ldy;
-  // Bytes of the weights the launch may prefetch into L2 before it waits for the kernel that
-  // produces x (see gemv.cu); 0 for none. Spread over the blocks of the first wave.
-  int64_t l2_prefetch_bytes = 0;
 };
 
 // cudaErrorInvalidValue for unsupported sizes, strides, alignment or dtype.

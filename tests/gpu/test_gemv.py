@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rtpllm.layers import cuda_gemm, cuda_ops
+from rtpllm.layers import cuda_ops
 from rtpllm.layers.cuda_gemm import gemv, gemv_applies, gemv_silu_and_mul
 
 
@@ -66,22 +66,3 @@ def test_gemv_silu_and_mul_rejects_odd_rows():
     with pytest.raises(ValueError, match="gate_up:"):
         gemv_silu_and_mul(torch.randn(1, 64, device="cuda", dtype=torch.bfloat16),
                           torch.randn(33, 64, device="cuda", dtype=torch.bfloat16))
-
-
-@pytest.mark.parametrize("m", [1, 4])
-@pytest.mark.parametrize("n, k", [(17, 64), (4096, 4096), (6145, 520), (14336, 4096)])
-@pytest.mark.parametrize("gated", [False, True])
-def test_l2_prefetch_changes_no_output(monkeypatch, m, n, k, gated):
-    """The prefetch is a hint: any budget (none, part of the first wave's rows, more than the
-    weights) gives the same bits, for grids of one wave and of several."""
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(2 * n if gated else n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
-    run = gemv_silu_and_mul if gated else gemv
-    outputs = []
-    for mb in ("0", "0.25", "16", "1024"):
-        monkeypatch.setenv("RTPLLM_GEMV_L2_PREFETCH_MB", mb)
-        cuda_gemm.l2_prefetch_bytes.cache_clear()
-        outputs.append(run(x, w))
-    cuda_gemm.l2_prefetch_bytes.cache_clear()
-    for out in outputs[1:]:
-        assert torch.equal(out, outputs[0])

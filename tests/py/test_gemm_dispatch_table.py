@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from rtpllm.layers import cuda_gemm, gemm_dispatch
+from rtpllm.layers import gemm_dispatch
 from rtpllm.layers.gemm_dispatch import CUBLAS, GEMV, M_BUCKETS, GemmChoice, GemmTable, m_bucket
 
 
@@ -65,25 +65,3 @@ def test_unknown_shapes_fall_back_by_size():
 def test_cpu_linear_is_torch():
     x, w, b = torch.randn(3, 16), torch.randn(8, 16), torch.randn(8)
     torch.testing.assert_close(gemm_dispatch.linear(x, w, b), torch.nn.functional.linear(x, w, b))
-
-
-@pytest.mark.parametrize("text, expected", [("", int(cuda_gemm.DEFAULT_L2_PREFETCH_MB * 2**20)), ("0", 0),
-                                            ("2.5", int(2.5 * 2**20))])
-def test_gemv_l2_prefetch_budget_from_the_environment(monkeypatch, text, expected):
-    monkeypatch.setenv("RTPLLM_GEMV_L2_PREFETCH_MB", text)
-    cuda_gemm.l2_prefetch_bytes.cache_clear()
-    try:
-        assert cuda_gemm.l2_prefetch_bytes() == expected
-    finally:
-        cuda_gemm.l2_prefetch_bytes.cache_clear()
-
-
-@pytest.mark.parametrize("text", ["-1", "lots", "4096"])
-def test_bad_gemv_l2_prefetch_budget_names_the_variable(monkeypatch, text):
-    monkeypatch.setenv("RTPLLM_GEMV_L2_PREFETCH_MB", text)
-    cuda_gemm.l2_prefetch_bytes.cache_clear()
-    try:
-        with pytest.raises(ValueError, match="RTPLLM_GEMV_L2_PREFETCH_MB"):
-            cuda_gemm.l2_prefetch_bytes()
-    finally:
-        cuda_gemm.l2_prefetch_bytes.cache_clear()

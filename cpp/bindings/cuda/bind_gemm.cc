@@ -15,22 +15,21 @@ namespace py = pybind11;
 namespace rtpllm::bindings {
 namespace {
 
-// The GEMV entry points share one signature: y, x, w, bias, sizes, strides, dtype, stream, and the
-// L2 prefetch budget in bytes.
+// The GEMV entry points share one signature: y, x, w, bias, sizes, strides, dtype, stream.
 template <cudaError_t (*Launch)(const cuda::GemvParams&, cuda::ScalarType, cudaStream_t)>
 void bind_gemv(py::module_& m, const char* name, const char* doc) {
   m.def(
       name,
       [name](uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t bias, int rows, int n, int k, int64_t ldx, int64_t ldy,
-             cuda::ScalarType dtype, uintptr_t stream, int64_t l2_prefetch_bytes) {
+             cuda::ScalarType dtype, uintptr_t stream) {
         const cuda::GemvParams params{reinterpret_cast<void*>(y), reinterpret_cast<const void*>(x),
                                       reinterpret_cast<const void*>(w), reinterpret_cast<const void*>(bias),
-                                      rows, n, k, ldx, ldy, l2_prefetch_bytes};
+                                      rows, n, k, ldx, ldy};
         throw_if_error(Launch(params, dtype, reinterpret_cast<cudaStream_t>(stream)), name,
                        "m=" + std::to_string(rows) + ", n=" + std::to_string(n) + ", k=" + std::to_string(k));
       },
       py::arg("y"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("m"), py::arg("n"), py::arg("k"),
-      py::arg("ldx"), py::arg("ldy"), py::arg("dtype"), py::arg("stream"), py::arg("l2_prefetch_bytes") = 0, doc);
+      py::arg("ldx"), py::arg("ldy"), py::arg("dtype"), py::arg("stream"), doc);
 }
 
 }  // namespace

@@ -3,15 +3,11 @@
 At decode batch sizes (a few rows of activations) a projection is one pass over its weight
 matrix; the kernel streams it at close to copy bandwidth, where cuBLAS reaches ~70% of it.
 Which shapes it serves is decided by gemm_dispatch.py.
-
-RTPLLM_GEMV_L2_PREFETCH_MB sets how much of its weights a GEMV may prefetch into L2 while the
-kernel before it still runs (see cuda/gemm/gemv.cu); 0 turns the prefetch off.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
@@ -20,27 +16,9 @@ from rtpllm.layers.cuda_dispatch import use_cuda_kernels
 from rtpllm.layers.cuda_ops import kernel_ops, scalar_type
 
 
-# Ran the batch-1 Llama-8B decode step fastest in bench_e2e_llama8b.py's sweep (E2E_L2_PREFETCH_MB).
-DEFAULT_L2_PREFETCH_MB = 16.0
-
-
 @functools.cache
 def max_rows() -> int:
     return int(kernel_ops().GEMV_MAX_ROWS)
-
-
-@functools.cache
-def l2_prefetch_bytes() -> int:
-    """The L2 prefetch budget of every GEMV launch: RTPLLM_GEMV_L2_PREFETCH_MB, else the default.
-    Read once (cache_clear() rereads it); a CUDA graph keeps the budget it was captured with."""
-    text = os.environ.get("RTPLLM_GEMV_L2_PREFETCH_MB", "")
-    try:
-        mb = float(text) if text else DEFAULT_L2_PREFETCH_MB
-    except ValueError:
-        mb = -1.0
-    if not 0.0 <= mb <= 1024.0:
-        raise ValueError(f"RTPLLM_GEMV_L2_PREFETCH_MB: expected megabytes between 0 and 1024, got {text!r}")
-    return int(mb * (1 << 20))
 
 
 def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -67,7 +45,7 @@ def _launch(kernel, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     kernel(y.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), x.shape[0], n,
            weight.shape[1], x.stride(0), y.stride(0), scalar_type(x.dtype),
-           torch.cuda.current_stream(x.device).cuda_stream, l2_prefetch_bytes())
+           torch.cuda.current_stream(x.device).cuda_stream)
     return y
 
 
