@@ -22,11 +22,36 @@ __device__ __forceinline__ uint4 load_streaming(const void* ptr) {
 }
 
 template <typename T>
-__device__ __forceinline__ void fma_vec(const uint4& wbits, const uint4& xbits, float& acc) {
+__device__ __forceinline__ void fma_vec(const uint4& wbits, const float (&x)[kVecElems], float& acc) {
   const Vec8<T>& wv = *reinterpret_cast<const Vec8<T>*>(&wbits);
-  const Vec8<T>& xv = *reinterpret_cast<const Vec8<T>*>(&xbits);
 #pragma unroll
-  for (int i = 0; i < kVecElems; ++i) acc = fmaf(to_float(wv.v[i]), to_float(xv.v[i]), acc);
+  for (int i = 0; i < kVecElems; ++i) acc = fmaf(to_float(wv.v[i]), x[i], acc);
+}
+
+// One 16-byte vector of activation row m, as the product takes it: x itself, or with the norm
+// prologue (x + residual) * norm_weight, whose squares it adds to sum_sq (and whose sum x + residual
+// it stores to residual_out when `store_residual`).
+template <typename T, bool kNormed>
+__device__ __forceinline__ void load_activation(const GemvParams& p, int m, int vec, const float (&norm_w)[kVecElems],
+                                                bool store_residual, float (&out)[kVecElems], float& sum_sq) {
+  vec_to_float(load_vec(static_cast<const T*>(p.x) + m * p.ldx + vec * kVecElems), out);
+  if constexpr (kNormed) {
+    if (p.residual != nullptr) {
+      float r[kVecElems];
+      vec_to_float(load_vec(static_cast<const T*>(p.residual) + m * p.ld_residual + vec * kVecElems), r);
+#pragma unroll
+      for (int i = 0; i < kVecElems; ++i) out[i] = round_to<T>(out[i] + r[i]);
+      if (store_residual) {
+        store_vec(static_cast<T*>(p.residual_out) + static_cast<int64_t>(m) * p.k + vec * kVecElems,
+                  float_to_vec<T>(out));
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kVecElems; ++i) {
+      sum_sq = fmaf(out[i], out[i], sum_sq);
+      out[i] *= norm_w[i];
+    }
+  }
 }
 
 // kUnroll 16-byte vectors of each of the warp's weight rows, starting at vector `base` (this lane's),
@@ -54,7 +79,7 @@ __device__ __forceinline__ int weight_row(const GemvParams& p, int row0, int r) 
 // NOTE: the explicit minimum of one CTA per SM matters. Without it ptxas caps registers for
 // occupancy (80 instead of 96 at M = 4) and schedules the weight loads worse: down_proj at M = 4
 // took 61 us instead of 45 us (H100, bench_gemv.py), the same at M = 1.
-template <typename T, int M, bool kGated>
+template <typename T, int M, bool kGated, bool kNormed>
 __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const __grid_constant__ GemvParams p) {
   constexpr int kWeightRows = kGated ? 2 * kRowsPerWarp : kRowsPerWarp;
   const int lane = threadIdx.x % 32;
@@ -62,7 +87,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const __grid_constant
   const int row0 = warp * kRowsPerWarp;
   if (row0 >= p.n) return;
   const T* w = static_cast<const T*>(p.w);
-  const T* x = static_cast<const T*>(p.x);
   const int k_vecs = p.k / kVecElems;
   // Rows past N (the last warp of an odd N) re-read row N-1 and are never stored.
   const T* w_rows[kWeightRows];
@@ -77,14 +101,20 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const __grid_constant
   allow_dependent_launch();  // after the wait: see pdl.cuh
 
   float acc[kWeightRows][M] = {};
+  float sum_sq[M] = {};
+  // Warp 0 sees every vector of x exactly once: it writes the residual stream.
+  const bool store_residual = kNormed && warp == 0;
   for (int base = lane; base < k_vecs; base += 32 * kUnroll) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int vec = base + u * 32;
       if (vec >= k_vecs) break;
+      float norm_w[kVecElems];
+      if constexpr (kNormed) vec_to_float(load_vec(static_cast<const T*>(p.norm_weight) + vec * kVecElems), norm_w);
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const uint4 xv = *reinterpret_cast<const uint4*>(x + m * p.ldx + vec * kVecElems);
+        float xv[kVecElems];
+        load_activation<T, kNormed>(p, m, vec, norm_w, store_residual, xv, sum_sq[m]);
 #pragma unroll
         for (int r = 0; r < kWeightRows; ++r) fma_vec<T>(wv[r][u], xv, acc[r][m]);
       }
@@ -95,11 +125,14 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const __grid_constant
 #pragma unroll
   for (int r = 0; r < kWeightRows; ++r) {
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float v = acc[r][m];
+    for (int m = 0; m < M; ++m) acc[r][m] = warp_sum(acc[r][m]);
+  }
+  if constexpr (kNormed) {
 #pragma unroll
-      for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-      acc[r][m] = v;
+    for (int m = 0; m < M; ++m) {
+      const float inv_rms = rsqrtf(warp_sum(sum_sq[m]) / static_cast<float>(p.k) + p.eps);
+#pragma unroll
+      for (int r = 0; r < kWeightRows; ++r) acc[r][m] *= inv_rms;
     }
   }
   if (lane != 0) return;
@@ -130,13 +163,25 @@ template <typename T, int M, bool kGated>
 cudaError_t launch(const GemvParams& p, cudaStream_t stream) {
   const int warps = (p.n + kRowsPerWarp - 1) / kRowsPerWarp;
   const int blocks = (warps + kWarps - 1) / kWarps;
-  return launch_pdl(gemv_kernel<T, M, kGated>, dim3(blocks), dim3(kThreads), 0, stream, p);
+  if (p.norm_weight != nullptr) {
+    return launch_pdl(gemv_kernel<T, M, kGated, true>, dim3(blocks), dim3(kThreads), 0, stream, p);
+  }
+  return launch_pdl(gemv_kernel<T, M, kGated, false>, dim3(blocks), dim3(kThreads), 0, stream, p);
+}
+
+bool norm_operands_ok(const GemvParams& p) {
+  if (p.norm_weight == nullptr) return p.residual == nullptr && p.residual_out == nullptr;
+  if (!aligned16(p.norm_weight) || !(p.eps >= 0.0f)) return false;
+  if (p.residual == nullptr) return p.residual_out == nullptr;
+  return p.residual_out != nullptr && aligned16(p.residual) && aligned16(p.residual_out) &&
+         p.ld_residual % kVecElems == 0 && p.ld_residual >= p.k;
 }
 
 template <bool kGated>
 cudaError_t dispatch(const GemvParams& p, ScalarType dtype, cudaStream_t stream) {
   if (p.m < 1 || p.m > kGemvMaxRows || p.n < 1 || p.k < kVecElems || p.k % kVecElems != 0 ||
-      p.ldx % kVecElems != 0 || p.ldx < p.k || p.ldy < p.n || !aligned16(p.x) || !aligned16(p.w)) {
+      p.ldx % kVecElems != 0 || p.ldx < p.k || p.ldy < p.n || !aligned16(p.x) || !aligned16(p.w) ||
+      !norm_operands_ok(p)) {
     return cudaErrorInvalidValue;
   }
   return dispatch_half_types(dtype, [&](auto tag) -> cudaError_t {
