@@ -13,6 +13,8 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRowsPerWarp = 2;
 constexpr int kUnroll = 4;
+// The norm prologue keeps M rows of K in shared memory: K up to 25,600 at M = 4 (Hopper allows 227 KB).
+constexpr size_t kNormPrologueMaxSmem = 200 * 1024;
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
@@ -22,35 +24,59 @@ __device__ __forceinline__ uint4 load_streaming(const void* ptr) {
 }
 
 template <typename T>
-__device__ __forceinline__ void fma_vec(const uint4& wbits, const float (&x)[kVecElems], float& acc) {
+__device__ __forceinline__ void fma_vec(const uint4& wbits, const uint4& xbits, float& acc) {
   const Vec8<T>& wv = *reinterpret_cast<const Vec8<T>*>(&wbits);
+  const Vec8<T>& xv = *reinterpret_cast<const Vec8<T>*>(&xbits);
 #pragma unroll
-  for (int i = 0; i < kVecElems; ++i) acc = fmaf(to_float(wv.v[i]), x[i], acc);
+  for (int i = 0; i < kVecElems; ++i) acc = fmaf(to_float(wv.v[i]), to_float(xv.v[i]), acc);
 }
 
-// One 16-byte vector of activation row m, as the product takes it: x itself, or with the norm
-// prologue (x + residual) * norm_weight, whose squares it adds to sum_sq (and whose sum x + residual
-// it stores to residual_out when `store_residual`).
-template <typename T, bool kNormed>
-__device__ __forceinline__ void load_activation(const GemvParams& p, int m, int vec, const float (&norm_w)[kVecElems],
-                                                bool store_residual, float (&out)[kVecElems], float& sum_sq) {
-  vec_to_float(load_vec(static_cast<const T*>(p.x) + m * p.ldx + vec * kVecElems), out);
-  if constexpr (kNormed) {
-    if (p.residual != nullptr) {
-      float r[kVecElems];
-      vec_to_float(load_vec(static_cast<const T*>(p.residual) + m * p.ld_residual + vec * kVecElems), r);
+// The RMSNorm prologue (gemv.h), done once per block into shared memory: xs[m] = (x + residual) *
+// norm_weight, rounded to T, and the inverse RMS of each row of x + residual into inv_rms. Block 0
+// also writes x + residual to residual_out. The main loop then reads its activations from xs.
+template <typename T, int M>
+__device__ __forceinline__ void norm_prologue(const GemvParams& p, T* xs, float (&inv_rms)[M]) {
+  __shared__ float partial[kWarps][M];
+  const int k_vecs = p.k / kVecElems;
+  const bool store_residual = p.residual != nullptr && blockIdx.x == 0;
+  float sum_sq[M] = {};
+  for (int vec = threadIdx.x; vec < k_vecs; vec += kThreads) {
+    float norm_w[kVecElems];
+    vec_to_float(load_vec(static_cast<const T*>(p.norm_weight) + vec * kVecElems), norm_w);
 #pragma unroll
-      for (int i = 0; i < kVecElems; ++i) out[i] = round_to<T>(out[i] + r[i]);
-      if (store_residual) {
-        store_vec(static_cast<T*>(p.residual_out) + static_cast<int64_t>(m) * p.k + vec * kVecElems,
-                  float_to_vec<T>(out));
+    for (int m = 0; m < M; ++m) {
+      float h[kVecElems];
+      vec_to_float(load_vec(static_cast<const T*>(p.x) + m * p.ldx + vec * kVecElems), h);
+      if (p.residual != nullptr) {
+        float r[kVecElems];
+        vec_to_float(load_vec(static_cast<const T*>(p.residual) + m * p.ld_residual + vec * kVecElems), r);
+#pragma unroll
+        for (int i = 0; i < kVecElems; ++i) h[i] = round_to<T>(h[i] + r[i]);
+        if (store_residual) {
+          store_vec(static_cast<T*>(p.residual_out) + static_cast<int64_t>(m) * p.k + vec * kVecElems,
+                    float_to_vec<T>(h));
+        }
       }
-    }
 #pragma unroll
-    for (int i = 0; i < kVecElems; ++i) {
-      sum_sq = fmaf(out[i], out[i], sum_sq);
-      out[i] *= norm_w[i];
+      for (int i = 0; i < kVecElems; ++i) {
+        sum_sq[m] = fmaf(h[i], h[i], sum_sq[m]);
+        h[i] *= norm_w[i];
+      }
+      store_vec(xs + m * p.k + vec * kVecElems, float_to_vec<T>(h));
     }
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const float warp_total = warp_sum(sum_sq[m]);
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32][m] = warp_total;
+  }
+  __syncthreads();  // also publishes xs
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total += partial[w][m];
+    inv_rms[m] = rsqrtf(total / static_cast<float>(p.k) + p.eps);
   }
 }
 
@@ -85,7 +111,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const __grid_constant
   const int lane = threadIdx.x % 32;
   const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
   const int row0 = warp * kRowsPerWarp;
-  if (row0 >= p.n) return;
+  // With the norm prologue every warp joins the block's barrier first.
+  if (!kNormed && row0 >= p.n) return;
   const T* w = static_cast<const T*>(p.w);
   const int k_vecs = p.k / kVecElems;
   // Rows past N (the last warp of an odd N) re-read row N-1 and are never stored.
@@ -100,21 +127,26 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const __grid_constant
   wait_for_prior_grid();
   allow_dependent_launch();  // after the wait: see pdl.cuh
 
+  const T* x = static_cast<const T*>(p.x);
+  int64_t ldx = p.ldx;
+  float inv_rms[M];
+  if constexpr (kNormed) {
+    extern __shared__ uint4 normed_x[];  // [M, K] of T
+    norm_prologue<T, M>(p, reinterpret_cast<T*>(normed_x), inv_rms);
+    if (row0 >= p.n) return;
+    x = reinterpret_cast<const T*>(normed_x);
+    ldx = p.k;
+  }
+
   float acc[kWeightRows][M] = {};
-  float sum_sq[M] = {};
-  // Warp 0 sees every vector of x exactly once: it writes the residual stream.
-  const bool store_residual = kNormed && warp == 0;
   for (int base = lane; base < k_vecs; base += 32 * kUnroll) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int vec = base + u * 32;
       if (vec >= k_vecs) break;
-      float norm_w[kVecElems];
-      if constexpr (kNormed) vec_to_float(load_vec(static_cast<const T*>(p.norm_weight) + vec * kVecElems), norm_w);
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        float xv[kVecElems];
-        load_activation<T, kNormed>(p, m, vec, norm_w, store_residual, xv, sum_sq[m]);
+        const uint4 xv = *reinterpret_cast<const uint4*>(x + m * ldx + vec * kVecElems);
 #pragma unroll
         for (int r = 0; r < kWeightRows; ++r) fma_vec<T>(wv[r][u], xv, acc[r][m]);
       }
@@ -130,9 +162,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const __grid_constant
   if constexpr (kNormed) {
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      const float inv_rms = rsqrtf(warp_sum(sum_sq[m]) / static_cast<float>(p.k) + p.eps);
 #pragma unroll
-      for (int r = 0; r < kWeightRows; ++r) acc[r][m] *= inv_rms;
+      for (int r = 0; r < kWeightRows; ++r) acc[r][m] *= inv_rms[m];
     }
   }
   if (lane != 0) return;
@@ -164,7 +195,14 @@ cudaError_t launch(const GemvParams& p, cudaStream_t stream) {
   const int warps = (p.n + kRowsPerWarp - 1) / kRowsPerWarp;
   const int blocks = (warps + kWarps - 1) / kWarps;
   if (p.norm_weight != nullptr) {
-    return launch_pdl(gemv_kernel<T, M, kGated, true>, dim3(blocks), dim3(kThreads), 0, stream, p);
+    const auto kernel = gemv_kernel<T, M, kGated, true>;
+    const size_t smem = static_cast<size_t>(M) * p.k * sizeof(T);
+    if (smem > kNormPrologueMaxSmem) return cudaErrorInvalidValue;
+    // Above the default 48 KB a kernel must opt in (once per process and kernel).
+    static const cudaError_t opted_in =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kNormPrologueMaxSmem));
+    if (opted_in != cudaSuccess) return opted_in;
+    return launch_pdl(kernel, dim3(blocks), dim3(kThreads), smem, stream, p);
   }
   return launch_pdl(gemv_kernel<T, M, kGated, false>, dim3(blocks), dim3(kThreads), 0, stream, p);
 }

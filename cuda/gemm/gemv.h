@@ -39,12 +39,12 @@ struct GemvParams {
 
 // cudaErrorInvalidValue for unsupported sizes, strides, alignment or dtype.
 //
-// With the RMSNorm prologue, the norm's 1/rms factors out of each dot product: the kernel multiplies
-// the weights by (x + residual) * norm_weight in float32 and scales the sums by 1/rms at the end,
-// while every warp, which walks all of K anyway, sums the squares on the way. So the norm costs no
-// pass and no kernel of its own. It rounds less than a separate norm (which rounds the normalized
-// row to T before the weight multiply and the product), so results differ from that path in the
-// last bits of T.
+// With the RMSNorm prologue each block first builds (x + residual) * norm_weight in shared memory
+// (M * K * sizeof(T) bytes, at most 200 KB) and each row's 1/rms; 1/rms factors out of the dot
+// products and scales the sums at the end. The norm so costs no kernel (and no trip of its output
+// through memory) of its own. It rounds differently from a separate norm (once, after the weight
+// multiply, where Hugging Face rounds the normalized row and again after the multiply), so results
+// differ from that path in the last bits of T.
 cudaError_t gemv(const GemvParams& params, ScalarType dtype, cudaStream_t stream);
 
 // The gate/up projection of a gated MLP fused with its activation: w is [2 * N, K], gate rows then

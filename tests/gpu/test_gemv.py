@@ -121,3 +121,17 @@ def test_gemv_rms_norm_rejects_mismatched_norm_operands():
     with pytest.raises(ValueError, match="norm_weight:"):
         gemv_rms_norm(x, torch.randn(2, 64, device="cuda", dtype=torch.bfloat16),
                       torch.ones(64, device="cuda", dtype=torch.bfloat16), 1e-6, w)
+
+
+def test_gemv_rms_norm_takes_rows_up_to_its_shared_memory():
+    """Four rows of 25,600 fill the prologue's 200 KB of shared memory (beyond the default 48 KB)."""
+    x = torch.randn(4, 25600, device="cuda", dtype=torch.bfloat16)
+    norm_weight = torch.rand(25600, device="cuda", dtype=torch.bfloat16) + 0.5
+    w = torch.randn(40, 25600, device="cuda", dtype=torch.bfloat16) / 160
+    y, _ = gemv_rms_norm(x, None, norm_weight, 1e-6, w)
+    expected = norm_reference(x, None, norm_weight, 1e-6)[1] @ w.float().T
+    assert ((y.float() - expected).norm() / expected.norm()).item() < 8e-3
+    with pytest.raises(ValueError, match="norm_weight:"):
+        gemv_rms_norm(torch.randn(4, 25608, device="cuda", dtype=torch.bfloat16), None,
+                      torch.ones(25608, device="cuda", dtype=torch.bfloat16), 1e-6,
+                      torch.randn(8, 25608, device="cuda", dtype=torch.bfloat16))

@@ -71,9 +71,14 @@ def gemv_silu_and_mul(x: torch.Tensor, gate_up: torch.Tensor, bias: Optional[tor
     return _launch(kernel_ops().gemv_silu_and_mul, x, gate_up, bias, gate_up.shape[0] // 2)
 
 
+# The norm prologue keeps x's rows in shared memory (cuda/gemm/gemv.cu).
+_NORM_PROLOGUE_MAX_BYTES = 200 * 1024
+
+
 def norm_prologue_applies(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor) -> bool:
-    """Whether `gemv_rms_norm` can take this norm: the weight and residual rows laid out like x's."""
-    return (norm_weight.shape == (x.shape[1],) and norm_weight.dtype == x.dtype and norm_weight.is_contiguous()
+    """Whether `gemv_rms_norm` can take this norm: x's rows fit in shared memory, and the norm
+    weight and residual rows are laid out like x's."""
+    return (x.numel() * x.element_size() <= _NORM_PROLOGUE_MAX_BYTES and norm_weight.shape == (x.shape[1],) and norm_weight.dtype == x.dtype and norm_weight.is_contiguous()
             and norm_weight.data_ptr() % 16 == 0
             and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype
                                       and residual.stride(1) == 1 and residual.stride(0) % 8 == 0
@@ -90,8 +95,9 @@ def gemv_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight
     kernel = "gemv_rms_norm_silu_and_mul" if gated else "gemv_rms_norm"
     _checked_rows(x, weight, bias, kernel, "weight")
     if not norm_prologue_applies(x, residual, norm_weight):
-        raise ValueError(f"norm_weight: {kernel} takes a contiguous [{x.shape[1]}] {x.dtype} norm weight and a "
-                         f"residual shaped and typed like x with 16-byte aligned rows; got norm_weight "
+        raise ValueError(f"norm_weight: {kernel} takes x rows of {_NORM_PROLOGUE_MAX_BYTES} bytes in all at most, "
+                         f"a contiguous [{x.shape[1]}] {x.dtype} norm weight and a residual shaped and typed like "
+                         f"x with 16-byte aligned rows; got x {tuple(x.shape)}, norm_weight "
                          f"{tuple(norm_weight.shape)} {norm_weight.dtype}, residual "
                          f"{None if residual is None else (tuple(residual.shape), residual.dtype)}")
     if gated:
