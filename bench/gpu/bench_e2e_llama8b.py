@@ -107,7 +107,6 @@ def decode_with_env(path: Path, env: dict[str, str]) -> tuple[float, float]:
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     gemm_dispatch.choose.cache_clear()
-    gemm_dispatch.norm_prologue_enabled.cache_clear()
     try:
         llm = LLM(model=str(path), max_model_len=4096, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=8192)
         timings = decode_step_ms(llm), decode_graph_ms(llm)
@@ -120,7 +119,6 @@ def decode_with_env(path: Path, env: dict[str, str]) -> tuple[float, float]:
             else:
                 os.environ[name] = value
         gemm_dispatch.choose.cache_clear()
-        gemm_dispatch.norm_prologue_enabled.cache_clear()
         gc.collect()
         torch.cuda.empty_cache()
 
@@ -230,7 +228,6 @@ def main() -> None:
     # The same decode step with every GEMM on cuBLAS: the A/B for our GEMM dispatch. It needs its own
     # LLM, so it runs before the main one exists.
     cublas_step, cublas_graph = decode_with_env(path, {"RTPLLM_GEMM": "cublas"})
-    unfused_step, unfused_graph = decode_with_env(path, {"RTPLLM_NORM_PROLOGUE": "0"})
 
     start = time.perf_counter()
     llm = LLM(model=str(path), max_model_len=4096, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=8192)
@@ -247,8 +244,6 @@ def main() -> None:
            host_overhead_ms=step - graph_ms)
     record("decode step with every GEMM on cuBLAS", cublas_step, "ms", f"ours {step:.3f} ms", cublas_step / step,
            graph_ms=cublas_graph)
-    record("decode step with the norms as kernels of their own", unfused_step, "ms", f"ours {step:.3f} ms",
-           unfused_step / step, graph_ms=unfused_graph)
     print(decode_kernel_table(llm), flush=True)
     print(step_kernel_table(llm), flush=True)
     print(host_profile(llm), flush=True)

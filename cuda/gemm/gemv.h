@@ -26,25 +26,9 @@ struct GemvParams {
   int k;               // a multiple of 8
   int64_t ldx;         // a multiple of 8
   int64_t ldy;
-  // The RMSNorm prologue (used when norm_weight is set): the product is taken with
-  //   rms_norm(x + residual) * norm_weight   instead of x,
-  // and x + residual (rounded to T) is written to residual_out, the layer's next residual stream.
-  // Without residual there is no add and nothing is written.
-  const void* norm_weight = nullptr;  // [K], 16-byte aligned
-  float eps = 0.0f;
-  const void* residual = nullptr;     // [M, K], row stride ld_residual (a multiple of 8); 16-byte aligned
-  int64_t ld_residual = 0;
-  void* residual_out = nullptr;       // [M, K] contiguous, 16-byte aligned; needed with residual
 };
 
 // cudaErrorInvalidValue for unsupported sizes, strides, alignment or dtype.
-//
-// With the RMSNorm prologue each block first builds (x + residual) * norm_weight in shared memory
-// (M * K * sizeof(T) bytes, at most 200 KB) and each row's 1/rms; 1/rms factors out of the dot
-// products and scales the sums at the end. The norm so costs no kernel (and no trip of its output
-// through memory) of its own. It rounds differently from a separate norm (once, after the weight
-// multiply, where Hugging Face rounds the normalized row and again after the multiply), so results
-// differ from that path in the last bits of T.
 cudaError_t gemv(const GemvParams& params, ScalarType dtype, cudaStream_t stream);
 
 // The gate/up projection of a gated MLP fused with its activation: w is [2 * N, K], gate rows then

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rtpllm.layers import cuda_ops
-from rtpllm.layers.cuda_gemm import gemv, gemv_rms_norm, gemv_silu_and_mul
+from rtpllm.layers.cuda_gemm import gemv, gemv_applies, gemv_silu_and_mul
 
 
 def reference(x, w, bias):
@@ -66,72 +66,3 @@ def test_gemv_silu_and_mul_rejects_odd_rows():
     with pytest.raises(ValueError, match="gate_up:"):
         gemv_silu_and_mul(torch.randn(1, 64, device="cuda", dtype=torch.bfloat16),
                           torch.randn(33, 64, device="cuda", dtype=torch.bfloat16))
-
-
-def norm_reference(x, residual, norm_weight, eps):
-    """The residual stream (rounded to x's dtype, as the layers keep it) and its RMSNorm in fp32."""
-    stream = x if residual is None else x + residual
-    h = stream.float()
-    return stream, h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m", [1, 3, 4])
-@pytest.mark.parametrize("n, k", [(17, 64), (1000, 4096), (6145, 520)])
-@pytest.mark.parametrize("with_residual", [False, True])
-@pytest.mark.parametrize("gated", [False, True])
-def test_gemv_rms_norm_matches_fp32_reference(dtype, m, n, k, with_residual, gated):
-    x = torch.randn(m, k, device="cuda", dtype=dtype) * 3
-    residual = torch.randn(m, k, device="cuda", dtype=dtype) * 3 if with_residual else None
-    norm_weight = (1 + 0.2 * torch.randn(k, device="cuda")).to(dtype)
-    w = torch.randn(2 * n if gated else n, k, device="cuda", dtype=dtype) / k ** 0.5
-    bias = torch.randn(w.shape[0], device="cuda", dtype=dtype)
-    x_before = x.clone()
-    y, stream = gemv_rms_norm(x, residual, norm_weight, 1e-5, w, bias, gated=gated)
-    expected_stream, normed = norm_reference(x, residual, norm_weight, 1e-5)
-    assert torch.equal(stream, expected_stream), "the residual stream is x + residual rounded to the dtype"
-    assert torch.equal(x, x_before), "x is not overwritten"
-    expected = normed @ w.float().T + bias.float()
-    if gated:
-        gate, up = expected.chunk(2, dim=-1)
-        expected = torch.nn.functional.silu(gate) * up
-    assert not y.isnan().any(), "every output element is written"
-    error = ((y.float() - expected).norm() / expected.norm()).item()
-    assert error < (1.5e-2 if gated else 8e-3), f"relative error {error:.2e}"
-
-
-def test_gemv_rms_norm_reads_strided_residual_rows():
-    base = torch.randn(2, 4096 + 64, device="cuda", dtype=torch.bfloat16)
-    residual = base[:, :4096]
-    x = torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16)
-    norm_weight = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5
-    w = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16) / 64
-    y, stream = gemv_rms_norm(x, residual, norm_weight, 1e-6, w)
-    expected_stream, normed = norm_reference(x, residual, norm_weight, 1e-6)
-    assert torch.equal(stream, expected_stream)
-    expected = normed @ w.float().T
-    assert ((y.float() - expected).norm() / expected.norm()).item() < 8e-3
-
-
-def test_gemv_rms_norm_rejects_mismatched_norm_operands():
-    x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="norm_weight:"):
-        gemv_rms_norm(x, None, torch.ones(32, device="cuda", dtype=torch.bfloat16), 1e-6, w)
-    with pytest.raises(ValueError, match="norm_weight:"):
-        gemv_rms_norm(x, torch.randn(2, 64, device="cuda", dtype=torch.bfloat16),
-                      torch.ones(64, device="cuda", dtype=torch.bfloat16), 1e-6, w)
-
-
-def test_gemv_rms_norm_takes_rows_up_to_its_shared_memory():
-    """Four rows of 25,600 fill the prologue's 200 KB of shared memory (beyond the default 48 KB)."""
-    x = torch.randn(4, 25600, device="cuda", dtype=torch.bfloat16)
-    norm_weight = torch.rand(25600, device="cuda", dtype=torch.bfloat16) + 0.5
-    w = torch.randn(40, 25600, device="cuda", dtype=torch.bfloat16) / 160
-    y, _ = gemv_rms_norm(x, None, norm_weight, 1e-6, w)
-    expected = norm_reference(x, None, norm_weight, 1e-6)[1] @ w.float().T
-    assert ((y.float() - expected).norm() / expected.norm()).item() < 8e-3
-    with pytest.raises(ValueError, match="norm_weight:"):
-        gemv_rms_norm(torch.randn(4, 25608, device="cuda", dtype=torch.bfloat16), None,
-                      torch.ones(25608, device="cuda", dtype=torch.bfloat16), 1e-6,
-                      torch.randn(8, 25608, device="cuda", dtype=torch.bfloat16))

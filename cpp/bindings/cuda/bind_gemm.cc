@@ -15,29 +15,21 @@ namespace py = pybind11;
 namespace rtpllm::bindings {
 namespace {
 
-// The GEMV entry points share one signature: y, x, w, bias, sizes, strides, dtype, stream, then the
-// optional RMSNorm prologue (norm weight and eps; residual, its row stride and the residual output).
+// The GEMV entry points share one signature: y, x, w, bias, sizes, strides, dtype, stream.
 template <cudaError_t (*Launch)(const cuda::GemvParams&, cuda::ScalarType, cudaStream_t)>
 void bind_gemv(py::module_& m, const char* name, const char* doc) {
   m.def(
       name,
       [name](uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t bias, int rows, int n, int k, int64_t ldx, int64_t ldy,
-             cuda::ScalarType dtype, uintptr_t stream, uintptr_t norm_weight, float eps, uintptr_t residual,
-             int64_t ld_residual, uintptr_t residual_out) {
-        cuda::GemvParams params{reinterpret_cast<void*>(y), reinterpret_cast<const void*>(x),
-                                reinterpret_cast<const void*>(w), reinterpret_cast<const void*>(bias),
-                                rows, n, k, ldx, ldy};
-        params.norm_weight = reinterpret_cast<const void*>(norm_weight);
-        params.eps = eps;
-        params.residual = reinterpret_cast<const void*>(residual);
-        params.ld_residual = ld_residual;
-        params.residual_out = reinterpret_cast<void*>(residual_out);
+             cuda::ScalarType dtype, uintptr_t stream) {
+        const cuda::GemvParams params{reinterpret_cast<void*>(y), reinterpret_cast<const void*>(x),
+                                      reinterpret_cast<const void*>(w), reinterpret_cast<const void*>(bias),
+                                      rows, n, k, ldx, ldy};
         throw_if_error(Launch(params, dtype, reinterpret_cast<cudaStream_t>(stream)), name,
                        "m=" + std::to_string(rows) + ", n=" + std::to_string(n) + ", k=" + std::to_string(k));
       },
       py::arg("y"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("m"), py::arg("n"), py::arg("k"),
-      py::arg("ldx"), py::arg("ldy"), py::arg("dtype"), py::arg("stream"), py::arg("norm_weight") = 0,
-      py::arg("eps") = 0.0f, py::arg("residual") = 0, py::arg("ld_residual") = 0, py::arg("residual_out") = 0, doc);
+      py::arg("ldx"), py::arg("ldy"), py::arg("dtype"), py::arg("stream"), doc);
 }
 
 }  // namespace

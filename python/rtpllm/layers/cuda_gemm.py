@@ -41,18 +41,12 @@ def _checked_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         raise ValueError(f"bias: expected a contiguous [{rows}] {x.dtype} tensor, got {tuple(bias.shape)} {bias.dtype}")
 
 
-def _launch(kernel, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], n: int,
-            **norm_prologue) -> torch.Tensor:
+def _launch(kernel, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], n: int) -> torch.Tensor:
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     kernel(y.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), x.shape[0], n,
            weight.shape[1], x.stride(0), y.stride(0), scalar_type(x.dtype),
-           torch.cuda.current_stream(x.device).cuda_stream, **norm_prologue)
+           torch.cuda.current_stream(x.device).cuda_stream)
     return y
-
-
-def _checked_gate_up(gate_up: torch.Tensor) -> None:
-    if gate_up.shape[0] % 2 != 0:
-        raise ValueError(f"gate_up: needs an even number of rows (gate then up), got {gate_up.shape[0]}")
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -67,46 +61,6 @@ def gemv_silu_and_mul(x: torch.Tensor, gate_up: torch.Tensor, bias: Optional[tor
     Rounds where gemv + silu_and_mul round, so the fused and unfused decode paths agree bit for bit.
     """
     _checked_rows(x, gate_up, bias, "gemv_silu_and_mul", "gate_up")
-    _checked_gate_up(gate_up)
+    if gate_up.shape[0] % 2 != 0:
+        raise ValueError(f"gate_up: needs an even number of rows (gate then up), got {gate_up.shape[0]}")
     return _launch(kernel_ops().gemv_silu_and_mul, x, gate_up, bias, gate_up.shape[0] // 2)
-
-
-# The norm prologue keeps x's rows in shared memory (cuda/gemm/gemv.cu).
-_NORM_PROLOGUE_MAX_BYTES = 200 * 1024
-
-
-def norm_prologue_applies(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor) -> bool:
-    """Whether `gemv_rms_norm` can take this norm: x's rows fit in shared memory, and the norm
-    weight and residual rows are laid out like x's."""
-    return (x.numel() * x.element_size() <= _NORM_PROLOGUE_MAX_BYTES and norm_weight.shape == (x.shape[1],) and norm_weight.dtype == x.dtype and norm_weight.is_contiguous()
-            and norm_weight.data_ptr() % 16 == 0
-            and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype
-                                      and residual.stride(1) == 1 and residual.stride(0) % 8 == 0
-                                      and residual.data_ptr() % 16 == 0)))
-
-
-def gemv_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
-                  weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                  gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """A projection with the RMSNorm before it fused in: with h = x + residual (or x alone),
-    returns (rms_norm(h) * norm_weight @ weight.T (+ bias), h), h being the next residual stream.
-    `gated`: weight is a gated MLP's gate | up, and the first output is silu(gate) * up as in
-    `gemv_silu_and_mul`. Matches the separate norm + GEMV to the last bits of x's dtype (gemv.h)."""
-    kernel = "gemv_rms_norm_silu_and_mul" if gated else "gemv_rms_norm"
-    _checked_rows(x, weight, bias, kernel, "weight")
-    if not norm_prologue_applies(x, residual, norm_weight):
-        raise ValueError(f"norm_weight: {kernel} takes x rows of {_NORM_PROLOGUE_MAX_BYTES} bytes in all at most, "
-                         f"a contiguous [{x.shape[1]}] {x.dtype} norm weight and a residual shaped and typed like "
-                         f"x with 16-byte aligned rows; got x {tuple(x.shape)}, norm_weight "
-                         f"{tuple(norm_weight.shape)} {norm_weight.dtype}, residual "
-                         f"{None if residual is None else (tuple(residual.shape), residual.dtype)}")
-    if gated:
-        _checked_gate_up(weight)
-    ops = kernel_ops()
-    stream_out = x if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    y = _launch(ops.gemv_silu_and_mul if gated else ops.gemv, x, weight, bias,
-                weight.shape[0] // 2 if gated else weight.shape[0], norm_weight=norm_weight.data_ptr(), eps=eps,
-                residual=0 if residual is None else residual.data_ptr(),
-                ld_residual=0 if residual is None else residual.stride(0),
-                residual_out=0 if residual is None else stream_out.data_ptr())
-    return y, stream_out

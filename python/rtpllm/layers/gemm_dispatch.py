@@ -12,15 +12,11 @@ and cuBLAS otherwise.
     linear_silu_and_mul(x, gate_up, bias=None)
                                         a gated MLP's gate/up projection and activation; fused into
                                         one GEMV pass where the table picks the GEMV
-    norm_linear(norm, x, residual, weight, bias=None, gated=False)
-                                        a decoder layer's residual add + RMSNorm and the projection
-                                        after it; the GEMV takes the norm as its prologue
     choose(m, n, k, dtype)              -> GemmChoice, for tests and benchmarks
 
 RTPLLM_GEMM=cublas sends every GEMM to cuBLAS (for A/B runs), RTPLLM_GEMM=sm90 every shape our
 CUTLASS kernels can take to one of them (so end-to-end tests cover them on any model);
-RTPLLM_GEMM_TABLE=PATH reads another table; RTPLLM_NORM_PROLOGUE=0 runs norm_linear's norm as a
-kernel of its own everywhere (for A/B runs).
+RTPLLM_GEMM_TABLE=PATH reads another table.
 """
 
 from __future__ import annotations
@@ -37,7 +33,7 @@ import torch
 
 from rtpllm.layers.cuda_dispatch import cuda_kernels_built, use_cuda_kernels
 from rtpllm.layers.activation import silu_and_mul
-from rtpllm.layers.cuda_gemm import gemv, gemv_applies, gemv_rms_norm, gemv_silu_and_mul, norm_prologue_applies
+from rtpllm.layers.cuda_gemm import gemv, gemv_applies, gemv_silu_and_mul
 from rtpllm.layers.sm90_gemm import kernels, sm90_gemm, sm90_gemm_applies
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -137,28 +133,6 @@ def linear_silu_and_mul(x: torch.Tensor, gate_up: torch.Tensor, bias: Optional[t
             and choose(x.shape[0], gate_up.shape[0], gate_up.shape[1], x.dtype) == GEMV):
         return gemv_silu_and_mul(x, gate_up, bias)
     return silu_and_mul(linear(x, gate_up, bias))
-
-
-@functools.cache
-def norm_prologue_enabled() -> bool:
-    return os.environ.get("RTPLLM_NORM_PROLOGUE", "1") != "0"
-
-
-def norm_linear(norm: torch.nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
-                bias: Optional[torch.Tensor] = None, gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residual add, RMSNorm `norm` (its .weight and .eps) and projection of a decoder layer:
-    returns (linear(norm(x + residual)), x + residual), x itself as the stream when residual is None;
-    `gated` applies linear_silu_and_mul instead. Where the table picks the GEMV, one kernel does
-    all of it (the norm costs no pass of its own); elsewhere the norm runs first."""
-    if (use_cuda_kernels(x) and x.dim() == 2 and gemv_applies(x, weight) and norm_prologue_enabled()
-            and choose(x.shape[0], weight.shape[0], weight.shape[1], x.dtype) == GEMV
-            and norm_prologue_applies(x, residual, norm.weight)):
-        return gemv_rms_norm(x, residual, norm.weight, norm.eps, weight, bias, gated=gated)
-    if residual is None:
-        hidden, residual = norm(x), x
-    else:
-        hidden, residual = norm(x, residual)
-    return (linear_silu_and_mul if gated else linear)(hidden, weight, bias), residual
 
 
 def _bias_ok(bias: Optional[torch.Tensor]) -> bool:

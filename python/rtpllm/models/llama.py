@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from rtpllm.layers.attention_metadata import AttentionBackend, AttentionMetadata
-from rtpllm.layers.gemm_dispatch import linear, norm_linear
+from rtpllm.layers.gemm_dispatch import linear, linear_silu_and_mul
 from rtpllm.layers.linear import Embedding, FusedLinear, Linear, copy_checked
 from rtpllm.layers.norm import RMSNorm
 from rtpllm.layers.rotary import RotaryEmbedding
@@ -53,18 +53,16 @@ class LlamaAttention(nn.Module):
         self._rotary = (rotary,)
         self.backend = backend
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor], norm: RMSNorm,
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention over norm(hidden + residual); returns its output and the new residual stream."""
-        qkv, residual = norm_linear(norm, hidden, residual, self.qkv_proj.weight, self.qkv_proj.bias)
-        q, k, v = self.qkv_proj.split(qkv)
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
         q = q.unflatten(-1, (self.num_heads, self.head_dim))
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         out = self.backend.forward(q, k, v, positions, self._rotary[0], kv_cache, meta, self.scale)
-        return self.o_proj(out.flatten(1)), residual
+        return self.o_proj(out.flatten(1))
 
 
 class LlamaMLP(nn.Module):
@@ -75,12 +73,9 @@ class LlamaMLP(nn.Module):
                                         bias=arch.mlp_bias, dtype=dtype)
         self.down_proj = Linear(size, arch.hidden_size, bias=arch.mlp_bias, dtype=dtype)
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor,
-                norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MLP of norm(hidden + residual); returns its output and the new residual stream."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj
-        act, residual = norm_linear(norm, hidden, residual, gate_up.weight, gate_up.bias, gated=True)
-        return self.down_proj(act), residual
+        return self.down_proj(linear_silu_and_mul(x, gate_up.weight, gate_up.bias))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -94,11 +89,15 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        # `residual` carries the un-normalized stream (None before the first layer); each norm adds
-        # the previous block's output to it. The norms travel with the projections they feed, which
-        # take them as a prologue at decode sizes (gemm_dispatch.norm_linear).
-        hidden, residual = self.self_attn(positions, hidden, residual, self.input_layernorm, kv_cache, meta)
-        return self.mlp(hidden, residual, self.post_attention_layernorm)
+        # `residual` carries the un-normalized stream; each norm adds the previous block's output to it.
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
