@@ -57,7 +57,6 @@ __device__ __forceinline__ int weight_row(const GemvParams& p, int row0, int r) 
 template <typename T, int M, bool kGated>
 __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const __grid_constant__ GemvParams p) {
   constexpr int kWeightRows = kGated ? 2 * kRowsPerWarp : kRowsPerWarp;
-  constexpr bool kPipelined = !kGated;
   const int lane = threadIdx.x % 32;
   const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
   const int row0 = warp * kRowsPerWarp;
@@ -79,13 +78,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const __grid_constant
 
   float acc[kWeightRows][M] = {};
   for (int base = lane; base < k_vecs; base += 32 * kUnroll) {
-    const int next_base = base + 32 * kUnroll;
-    // Two rows per warp leave registers for a second chunk: it is requested before this one is
-    // used, so a warp always has loads in flight (the gated kernel's four rows already do).
-    uint4 next[kPipelined ? kWeightRows : 1][kUnroll];
-    if constexpr (kPipelined) {
-      if (next_base < k_vecs) load_weight_chunk<kWeightRows>(next, w_rows, next_base, k_vecs);
-    }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int vec = base + u * 32;
@@ -97,15 +89,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(const __grid_constant
         for (int r = 0; r < kWeightRows; ++r) fma_vec<T>(wv[r][u], xv, acc[r][m]);
       }
     }
-    if constexpr (kPipelined) {
-#pragma unroll
-      for (int r = 0; r < kWeightRows; ++r) {
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) wv[r][u] = next[r][u];
-      }
-    } else if (next_base < k_vecs) {
-      load_weight_chunk<kWeightRows>(wv, w_rows, next_base, k_vecs);
-    }
+    if (base + 32 * kUnroll < k_vecs) load_weight_chunk<kWeightRows>(wv, w_rows, base + 32 * kUnroll, k_vecs);
   }
 
 #pragma unroll
