@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rtpllm.layers import cuda_ops
-from rtpllm.layers.cuda_gemm import gemv, gemv_applies, gemv_silu_and_mul
+from rtpllm.layers.cuda_gemm import gemv, gemv_silu_and_mul
 
 
 def reference(x, w, bias):
