@@ -102,13 +102,17 @@ def decode_graph_ms(llm: LLM, context: int = 640, replays: int = 50) -> float:
     return start.elapsed_time(end) / replays
 
 
+def new_llm(path: Path) -> LLM:
+    return LLM(model=str(path), max_model_len=4096, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=8192)
+
+
 def decode_with_env(path: Path, env: dict[str, str]) -> tuple[float, float]:
     """Decode step and graph replay time of a fresh LLM built (and its graphs captured) with `env` set."""
     saved = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     gemm_dispatch.choose.cache_clear()
     try:
-        llm = LLM(model=str(path), max_model_len=4096, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=8192)
+        llm = new_llm(path)
         timings = decode_step_ms(llm), decode_graph_ms(llm)
         del llm
         return timings
@@ -230,7 +234,7 @@ def main() -> None:
     cublas_step, cublas_graph = decode_with_env(path, {"RTPLLM_GEMM": "cublas"})
 
     start = time.perf_counter()
-    llm = LLM(model=str(path), max_model_len=4096, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=8192)
+    llm = new_llm(path)
     record("LLM() load + KV profile + graph capture", time.perf_counter() - start, "s")
 
     step = decode_step_ms(llm)
