@@ -115,12 +115,7 @@ def test_mixed_step_with_decodes_first_matches_torch_backend(rotary, backend):
     one-token chunk behind them (the prefill kernel), each writing only its own rows."""
     step = Step(cached=[4096, 0, 999, 17, 0, 300, 5], new=[1, 1, 1, 1, 57, 64, 1])
     assert (step.meta.num_decodes, step.meta.decode_max_seq_len) == (4, 4097)
-    cache, ref_cache = step.caches()
-    q, k, v = step.qkv()
-    scale = HEAD_DIM ** -0.5
-    expected = TorchAttentionBackend().forward(q.float(), k.float(), v.float(), step.positions, rotary, ref_cache,
-                                               step.meta, scale)
-    out = backend.forward(q, k, v, step.positions, rotary, cache, step.meta, scale)
+    out, expected, _, _ = run_both(step, rotary, backend)
     assert step.meta.plan.num_seqs == 4
     assert_close_rel(out[:4], expected[:4], 1e-2)
     assert_close_rel(out[4:], expected[4:], 1e-2)
