@@ -36,19 +36,38 @@ cudaError_t dispatch_decode(ScalarType dtype, int head_dim, int block_size, Fn&&
   });
 }
 
+bool aligned(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
 // Opts the kernel into its dynamic shared memory (above the 48 KB default). Cheap, and done
 // on every launch because the attribute is per device and launches may target several.
-template <typename T, int kHeadDim, int kBlockSize>
+template <typename T, int kHeadDim, int kBlockSize, bool kRope>
 cudaError_t configure_kernel() {
-  return cudaFuncSetAttribute(decode::paged_decode_kernel<T, kHeadDim, kBlockSize>,
+  return cudaFuncSetAttribute(decode::paged_decode_kernel<T, kHeadDim, kBlockSize, kRope>,
                               cudaFuncAttributeMaxDynamicSharedMemorySize, decode::DecodeSmem<T, kHeadDim>::kBytes);
+}
+
+template <typename T, int kHeadDim, int kBlockSize, bool kRope>
+cudaError_t launch(const PagedDecodeParams& p, dim3 grid, cudaStream_t stream) {
+  const cudaError_t err = configure_kernel<T, kHeadDim, kBlockSize, kRope>();
+  if (err != cudaSuccess) return err;
+  return launch_pdl(decode::paged_decode_kernel<T, kHeadDim, kBlockSize, kRope>, grid, dim3(kThreads),
+                    decode::DecodeSmem<T, kHeadDim>::kBytes, stream, p);
+}
+
+// The fused-RoPE inputs (all or nothing: cos_sin_cache decides), checked like the rest.
+cudaError_t check_rope(const DecodeRopeParams& r) {
+  if (r.cos_sin_cache == nullptr) return cudaSuccess;
+  if (r.k == nullptr || r.v == nullptr || r.positions == nullptr || r.slot_mapping == nullptr ||
+      r.max_position <= 0 || r.k_stride % 8 != 0 || r.v_stride % 8 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (!aligned(r.k, 16) || !aligned(r.v, 16) || !aligned(r.cos_sin_cache, 16)) return cudaErrorMisalignedAddress;
+  return cudaSuccess;
 }
 
 int head_tiles(int num_heads, int num_kv_heads) {
   return (num_heads / num_kv_heads + kRows - 1) / kRows;
 }
-
-bool aligned(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
 
 // Estimated time, in units of "one token streamed", of cutting contexts of max_seq_len tokens
 // into `splits` pieces. Decode is bandwidth-bound, so what counts is the work of the busiest SM:
@@ -60,9 +79,10 @@ bool aligned(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr
 constexpr int kCtaOverheadTokens = 64;
 constexpr int kMergeOverheadTokens = 96;
 
-long long split_cost(int splits, int max_seq_len, long long base_ctas, long long sm_count) {
+long long split_cost(int splits, int max_seq_len, long long base_ctas, long long sm_count, int min_split_tokens) {
   const long long tokens = (static_cast<long long>(max_seq_len) + splits - 1) / splits;
-  const long long rounded = (tokens + kSplitGranularity - 1) / kSplitGranularity * kSplitGranularity;
+  const long long rounded =
+      std::max<long long>((tokens + kSplitGranularity - 1) / kSplitGranularity * kSplitGranularity, min_split_tokens);
   const long long ctas_per_sm = (base_ctas * splits + sm_count - 1) / sm_count;
   return ctas_per_sm * (rounded + kCtaOverheadTokens) + (splits > 1 ? kMergeOverheadTokens : 0);
 }
@@ -87,13 +107,15 @@ cudaError_t plan_paged_decode(const PagedDecodePlanInputs& in, int* num_splits) 
 
   const long long base_ctas =
       static_cast<long long>(in.num_seqs) * in.num_kv_heads * head_tiles(in.num_heads, in.num_kv_heads);
-  // More splits than granules of context only adds empty CTAs.
-  const int useful = std::max(1, (in.max_seq_len + kSplitGranularity - 1) / kSplitGranularity);
+  // Splits shorter than the kernel's minimum would exit at once (see split_range).
+  const int min_split_tokens = in.head_dim == 64 ? decode::DecodeSmem<__half, 64>::kMinSplitTokens
+                                                 : decode::DecodeSmem<__half, 128>::kMinSplitTokens;
+  const int useful = std::max(1, (in.max_seq_len + min_split_tokens - 1) / min_split_tokens);
   const int limit = std::min({in.max_splits, useful, decode::kMaxSplits});
   int best = 1;
   long long best_cost = LLONG_MAX;
   for (int s = 1; s <= limit; ++s) {
-    const long long cost = split_cost(s, in.max_seq_len, base_ctas, sm_count);
+    const long long cost = split_cost(s, in.max_seq_len, base_ctas, sm_count, min_split_tokens);
     if (cost < best_cost) {  // strict: ties keep fewer splits
       best_cost = cost;
       best = s;
@@ -116,6 +138,7 @@ cudaError_t paged_decode_attention(const PagedDecodeParams& p, ScalarType dtype,
       !aligned(p.partial_out, 16)) {
     return cudaErrorMisalignedAddress;
   }
+  if (const cudaError_t err = check_rope(p.rope); err != cudaSuccess) return err;
   if (p.num_seqs == 0) return cudaSuccess;
   const long long grid_y = static_cast<long long>(p.num_kv_heads) * head_tiles(p.num_heads, p.num_kv_heads);
   if (grid_y > 65535) return cudaErrorInvalidValue;
@@ -124,11 +147,9 @@ cudaError_t paged_decode_attention(const PagedDecodeParams& p, ScalarType dtype,
     using T = decltype(type_tag);
     constexpr int kHeadDim = decltype(head_dim_tag)::value;
     constexpr int kBlockSize = decltype(block_tag)::value;
-    cudaError_t err = configure_kernel<T, kHeadDim, kBlockSize>();
-    if (err != cudaSuccess) return err;
     const dim3 grid(p.num_splits, static_cast<unsigned>(grid_y), p.num_seqs);
-    return launch_pdl(decode::paged_decode_kernel<T, kHeadDim, kBlockSize>, grid, dim3(kThreads),
-                      decode::DecodeSmem<T, kHeadDim>::kBytes, stream, p);
+    return p.rope.cos_sin_cache != nullptr ? launch<T, kHeadDim, kBlockSize, true>(p, grid, stream)
+                                           : launch<T, kHeadDim, kBlockSize, false>(p, grid, stream);
   });
 }
 

@@ -23,10 +23,28 @@
 
 namespace rtpllm::cuda {
 
+// Optional: RoPE and this step's cache write, fused into the decode launch (decode-only steps of
+// models whose rotary embedding spans the whole head). When `cos_sin_cache` is set, `q` holds
+// the step's queries before RoPE, which the kernel rotates in registers, and `k` / `v` the new
+// token's key (before RoPE) and value: the kernel uses them for context position seq_len - 1
+// and writes them (K rotated) into the cache at slot_mapping[seq], or nowhere where that slot is
+// negative (a padded CUDA-graph slot). Same rotation and rounding as rope_and_cache_write.
+struct DecodeRopeParams {
+  const void* k;                // [num_seqs, num_kv_heads, head_dim], sequence stride k_stride
+  const void* v;                // [num_seqs, num_kv_heads, head_dim], sequence stride v_stride
+  const int64_t* positions;     // [num_seqs]: the new token's position
+  const float* cos_sin_cache;   // [max_position, head_dim]: cos | sin halves (see rope_cache_write.h)
+  const int64_t* slot_mapping;  // [num_seqs]: cache slot of the new token; negative = do not write
+  int64_t max_position;         // a position outside [0, max_position) yields NaN
+  int64_t k_stride;             // elements; multiple of 8
+  int64_t v_stride;             // elements; multiple of 8
+};
+
 struct PagedDecodeParams {
   const void* q;                // [num_seqs, num_heads, head_dim], sequence stride q_stride (elements)
-  const void* k_cache;          // [num_blocks, block_size, num_kv_heads, head_dim]: the layer's K plane
-  const void* v_cache;          // [num_blocks, block_size, num_kv_heads, head_dim]: the layer's V plane
+  void* k_cache;                // [num_blocks, block_size, num_kv_heads, head_dim]: the layer's K plane
+                                // (written only with fused RoPE: the new token's row)
+  void* v_cache;                // [num_blocks, block_size, num_kv_heads, head_dim]: the layer's V plane
   const int32_t* block_tables;  // [num_seqs, block_table_stride]: physical block of each logical block
   const int32_t* seq_lens;      // [num_seqs]: context length including the token being decoded
   void* out;                    // [num_seqs, num_heads, head_dim], sequence stride out_stride (elements)
@@ -47,6 +65,7 @@ struct PagedDecodeParams {
   int64_t out_stride;           // elements; multiple of 8
   int num_splits;               // from plan_paged_decode; at most 64
   float scale;                  // softmax scale, usually 1 / sqrt(head_dim)
+  DecodeRopeParams rope;        // all zero: q is already rotated and the new K/V already cached
 };
 
 struct PagedDecodePlanInputs {

@@ -10,6 +10,9 @@
 //     softmax in registers, O[16 x head_dim] += P·V (V via ldmatrix.trans);
 //   - at the end the 4 warps' (max, sum, O) are merged through shared memory; with several
 //     splits per sequence, the last split to finish merges them all (paged_decode_split_merge.cuh).
+// With kRope the kernel also applies RoPE to q and to the new token's K, and writes the new K/V
+// row into the cache itself (paged_decode_rope.cuh); it then loads its first tiles before the
+// PDL wait instead of only prefetching them into L2.
 // Shared-memory rows are swizzled (16-byte chunk c of token row r sits at c ^ (r % 8)) so that
 // ldmatrix's 8 row addresses fall in 8 different bank groups.
 #pragma once
@@ -23,6 +26,7 @@
 #include "cuda/attention/paged_decode_attention.h"
 #include "cuda/ops/pdl.cuh"
 #include "cuda/attention/paged_decode_mma.cuh"
+#include "cuda/attention/paged_decode_rope.cuh"
 #include "cuda/attention/paged_decode_split_merge.cuh"
 #include "cuda/ops/vec.cuh"
 
@@ -45,24 +49,38 @@ struct DecodeSmem {
   static constexpr int kMergeBytes = (kWarps * kRows * kMergeStride + 2 * kWarps * kRows) * 4;
   static constexpr int kBytes = kPipelineBytes > kMergeBytes ? kPipelineBytes : kMergeBytes;
   static_assert(kBytes >= kRows * kMaxSplits * 4, "the split merge stages its log-sum-exps here");
+  // The shortest split: what a CTA's warps load before their PDL wait (the pipeline's first
+  // kStages - 1 tiles each). A shorter split shortens no CTA's critical path, only adds CTAs to
+  // the merge: measured on an H100 (batch-1 Llama-8B decode graph, 640-token contexts), 64-token
+  // splits 5.63 ms, 128-token 5.59 ms, 256-token 5.66 ms.
+  static constexpr int kMinSplitTokens = kWarps * (kStages - 1) * kTileTokens;
+  static_assert(kMinSplitTokens % kSplitGranularity == 0, "splits start on whole granules");
 };
 
 __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-// The token range [begin, end) of a split. Every sequence is cut into num_splits equal pieces
-// of its own length (rounded to kSplitGranularity), read from device memory, so one captured
-// launch serves any lengths.
-__device__ __forceinline__ void split_range(int seq_len, int num_splits, int split, int* begin, int* end) {
-  const int split_tokens = ceil_div(ceil_div(seq_len, num_splits), kSplitGranularity) * kSplitGranularity;
-  *begin = split * split_tokens;
-  *end = min(seq_len, *begin + split_tokens);
+// How a sequence's context is cut: into at most num_splits equal pieces of its own length (read
+// from device memory, so one captured launch serves any lengths), rounded up to
+// kSplitGranularity and never shorter than kMinSplitTokens. `active` of the launch's splits get
+// tokens (at least one, so an empty sequence still gets its zero output); the others exit at
+// once and take no part in the merge.
+struct SplitRange {
+  int begin, end, active;
+};
+
+template <int kMinSplitTokens>
+__device__ __forceinline__ SplitRange split_range(int seq_len, int num_splits, int split) {
+  const int even = ceil_div(ceil_div(seq_len, num_splits), kSplitGranularity) * kSplitGranularity;
+  const int split_tokens = max(even, kMinSplitTokens);
+  const int begin = split * split_tokens;
+  return {begin, min(seq_len, begin + split_tokens), max(1, ceil_div(seq_len, split_tokens))};
 }
 
 __device__ __forceinline__ uint32_t load_pair(const void* base, int64_t elem_offset, bool valid) {
   return valid ? *reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(base) + elem_offset) : 0u;
 }
 
-template <typename T, int kHeadDim, int kBlockSize>
+template <typename T, int kHeadDim, int kBlockSize, bool kRope>
 __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const __grid_constant__ PagedDecodeParams p) {
   using Smem = DecodeSmem<T, kHeadDim>;
   constexpr int kStages = Smem::kStages;
@@ -85,11 +103,15 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const __grid_con
   const int split = blockIdx.x;
 
   // Launched with PDL: until wait_for_prior_grid() the kernel touches only what the step's host
-  // copies wrote before the forward began (seq_lens, block tables) and K/V rows of earlier steps,
-  // which it prefetches into L2 while the kernel writing this step's q and K/V finishes. (The
-  // prefetch also covers the row being written now: harmless, L2 is where writes land.)
-  int begin, end;
-  split_range(p.seq_lens[seq], p.num_splits, split, &begin, &end);
+  // copies wrote before the forward began (seq_lens, block tables, positions), constants (the
+  // cos/sin table) and K/V rows of earlier steps, which it loads (kRope) or prefetches into L2
+  // while the kernel producing this step's q and K/V finishes. (Without kRope the prefetch also
+  // covers the row being written now: harmless, L2 is where writes land.)
+  const int seq_len = p.seq_lens[seq];
+  const SplitRange range = split_range<Smem::kMinSplitTokens>(seq_len, p.num_splits, split);
+  const int begin = range.begin, end = range.end, active_splits = range.active;
+  if (split >= active_splits) return;
+  const bool direct = active_splits == 1;  // the one split writes the output: no partials, no merge
   const int num_tiles = begin < end ? ceil_div(end - begin, kTileTokens) : 0;
   const int my_tiles = num_tiles > warp ? ceil_div(num_tiles - warp, kWarps) : 0;
   const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * kHeadDim;
@@ -102,7 +124,46 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const __grid_con
     const int64_t block = block_table[start / kBlockSize];
     return (block * kBlockSize + start % kBlockSize) * token_stride + kv_head * kHeadDim;
   };
-  {
+  T* const warp_smem = reinterpret_cast<T*>(smem) + warp * kStages * Smem::kStageElems;
+
+  // Issues the copies of this warp's i-th tile into `stage` (and always commits a group, so
+  // that the wait counts below stay uniform at the tail).
+  auto load_tile = [&](int i, int stage) {
+    if (i < my_tiles) {
+      const int start = begin + (warp + i * kWarps) * kTileTokens;
+      const int64_t base = tile_base(i);
+      T* const k_tile = warp_smem + stage * Smem::kStageElems;
+      T* const v_tile = k_tile + Smem::kTileElems;
+#pragma unroll
+      for (int c = 0; c < kCopiesPerLane; ++c) {
+        const int idx = c * 32 + lane;
+        const int r = idx / kChunks;
+        const int chunk = idx % kChunks;
+        const bool valid = start + r < end;
+        const int64_t src = base + r * token_stride + chunk * 8;
+        const int dst = r * kHeadDim + ((chunk ^ (r % 8)) * 8);
+        cp_async_16(smem_addr(k_tile + dst), valid ? k_cache + src : k_cache, valid);
+        cp_async_16(smem_addr(v_tile + dst), valid ? v_cache + src : v_cache, valid);
+      }
+    }
+    cp_async_commit();
+  };
+
+  // Fused RoPE: the warp whose tile holds the new token (position seq_len - 1) patches its row.
+  const int new_offset = seq_len - 1 - begin;
+  const bool holds_new =
+      kRope && new_offset >= 0 && seq_len - 1 < end && (new_offset / kTileTokens) % kWarps == warp;
+  const int new_tile = new_offset / kTileTokens / kWarps;  // this warp's tile index (if holds_new)
+  QRopeAngles<kHeadDim> q_angles;
+  NewTokenRow<T, kHeadDim> new_row;
+  if constexpr (kRope) {
+    const float* angles = rope_row(p.rope, seq, kHeadDim);
+    q_angles.load(angles, (lane % 4) * 2);
+    if (holds_new) new_row.load_angles(angles, lane);
+    // Every row but the new token's is final already: fill the pipeline now.
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) load_tile(s, s);
+  } else {
     // The pipeline's first stages only: prefetching a long split whole would evict its own start.
     constexpr int kLinesPerRow = kHeadDim * static_cast<int>(sizeof(T)) / 128;
     static_assert(kTileTokens * kLinesPerRow <= 32, "one prefetch per lane and plane covers a tile");
@@ -137,51 +198,27 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const __grid_con
     }
   }
 
-  if (begin >= end) {
-    // An empty split still reports in (with lse = -inf, which the merge skips); an empty
-    // sequence (a padded CUDA-graph slot) gets a zero output rather than uninitialised memory.
-    const int64_t first_pair = static_cast<int64_t>(seq) * p.num_heads + head0;
-    if (p.num_splits == 1) {
-      if (threadIdx.x < rows) {
-        T* out = static_cast<T*>(p.out) + seq * p.out_stride + (head0 + threadIdx.x) * kHeadDim;
-        for (int d = 0; d < kHeadDim; ++d) out[d] = from_float<T>(0.f);
+  if constexpr (kRope) {
+    q_angles.template rotate<T>(q_frag);
+    if (holds_new) {
+      new_row.build(p.rope, seq, kv_head, lane);
+      const int64_t slot = p.rope.slot_mapping[seq];
+      if (slot >= 0 && head_tile == 0) {  // one CTA per KV head writes the row
+        new_row.store_global(static_cast<T*>(p.k_cache), static_cast<T*>(p.v_cache),
+                             slot * token_stride + kv_head * kHeadDim, lane);
       }
-      return;
     }
-    if (threadIdx.x < rows) p.partial_lse[(first_pair + threadIdx.x) * p.num_splits + split] = -INFINITY;
-    for (int i = threadIdx.x; i < rows * kHeadDim / 4; i += kThreads) {
-      const int row = i / (kHeadDim / 4);
-      float* const dst = p.partial_out + ((first_pair + row) * p.num_splits + split) * kHeadDim;
-      reinterpret_cast<float4*>(dst)[i % (kHeadDim / 4)] = make_float4(0.f, 0.f, 0.f, 0.f);
-    }
-    merge_splits_if_last<T, kHeadDim>(p, seq, head0, rows, reinterpret_cast<float*>(smem));
-    return;
   }
 
-  T* const warp_smem = reinterpret_cast<T*>(smem) + warp * kStages * Smem::kStageElems;
-
-  // Issues the copies of this warp's i-th tile into `stage` (and always commits a group, so
-  // that the wait counts below stay uniform at the tail).
-  auto load_tile = [&](int i, int stage) {
-    if (i < my_tiles) {
-      const int start = begin + (warp + i * kWarps) * kTileTokens;
-      const int64_t base = tile_base(i);
-      T* const k_tile = warp_smem + stage * Smem::kStageElems;
-      T* const v_tile = k_tile + Smem::kTileElems;
-#pragma unroll
-      for (int c = 0; c < kCopiesPerLane; ++c) {
-        const int idx = c * 32 + lane;
-        const int r = idx / kChunks;
-        const int chunk = idx % kChunks;
-        const bool valid = start + r < end;
-        const int64_t src = base + r * token_stride + chunk * 8;
-        const int dst = r * kHeadDim + ((chunk ^ (r % 8)) * 8);
-        cp_async_16(smem_addr(k_tile + dst), valid ? k_cache + src : k_cache, valid);
-        cp_async_16(smem_addr(v_tile + dst), valid ? v_cache + src : v_cache, valid);
-      }
+  if (begin >= end) {
+    // Only an empty sequence (a padded CUDA-graph slot; one active split) has an empty split:
+    // it gets a zero output rather than uninitialised memory.
+    if (threadIdx.x < rows) {
+      T* out = static_cast<T*>(p.out) + seq * p.out_stride + (head0 + threadIdx.x) * kHeadDim;
+      for (int d = 0; d < kHeadDim; ++d) out[d] = from_float<T>(0.f);
     }
-    cp_async_commit();
-  };
+    return;
+  }
 
   const float scale_log2 = p.scale * 1.4426950408889634f;  // softmax in base 2: exp(x) = 2^(x log2 e)
   float o[kOutTiles][4];
@@ -190,12 +227,19 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const __grid_con
   float row_max[2] = {-INFINITY, -INFINITY};  // rows frag_row and frag_row + 8
   float row_sum[2] = {0.f, 0.f};              // this lane's share; summed over the quad at the end
 
+  if constexpr (!kRope) {
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) load_tile(s, s);
+    for (int s = 0; s < kStages - 1; ++s) load_tile(s, s);
+  }
 
   for (int i = 0; i < my_tiles; ++i) {
     cp_async_wait<kStages - 2>();
     __syncwarp();  // tile i visible to all lanes; every lane is done with tile i - 1's stage
+    if (holds_new && i == new_tile) {
+      T* const k_tile = warp_smem + (i % kStages) * Smem::kStageElems;
+      new_row.store_tile_row(k_tile, k_tile + Smem::kTileElems, new_offset % kTileTokens, lane);
+      __syncwarp();
+    }
     load_tile(i + kStages - 1, (i + kStages - 1) % kStages);
 
     const int stage = i % kStages;
@@ -333,7 +377,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const __grid_con
     }
 
     const int head = head0 + row;
-    if (p.num_splits == 1) {
+    if (direct) {
       store_row<T, kCols>(static_cast<T*>(p.out) + seq * p.out_stride + head * kHeadDim + col0, acc);
     } else {
       const int64_t slot = (static_cast<int64_t>(seq) * p.num_heads + head) * p.num_splits + split;
@@ -345,7 +389,9 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel(const __grid_con
       if (col0 == 0) p.partial_lse[slot] = max_all + log2f(denom);
     }
   }
-  if (p.num_splits > 1) merge_splits_if_last<T, kHeadDim>(p, seq, head0, rows, reinterpret_cast<float*>(smem));
+  if (!direct) {
+    merge_splits_if_last<T, kHeadDim>(p, seq, head0, rows, active_splits, reinterpret_cast<float*>(smem));
+  }
 }
 
 }  // namespace rtpllm::cuda::decode

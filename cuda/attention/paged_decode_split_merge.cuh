@@ -2,12 +2,12 @@
 // finish combines every split's partial result, so a split launch is still one kernel (one
 // graph node, no second launch's latency on the small batches that need splitting).
 //
-// Protocol (the CUDA "threadFenceReduction" pattern): each CTA writes its partial output and
-// log-sum-exp, fences, then counts itself in with an atomic on its group's counter; the CTA that
-// sees the count reach num_splits - 1 is the last, reads every split's partials from L2 and
-// writes the output, then puts the counter back to 0, so the next launch (next layer, next graph
-// replay) finds it zeroed. Empty splits count in too, with lse = -inf and a zero partial output
-// (zero, not left stale: the merge multiplies every partial by its weight, and 0 * NaN is NaN).
+// Protocol (the CUDA "threadFenceReduction" pattern): each of the sequence's active splits (see
+// split_range) writes its partial output and log-sum-exp, fences, then counts itself in with an
+// atomic on its group's counter; the CTA that sees the count reach active - 1 is the last, reads
+// the active splits' partials from L2 and writes the output, then puts the counter back to 0, so
+// the next launch (next layer, next graph replay) finds it zeroed. Every active split holds
+// tokens, so every partial is finite.
 #pragma once
 
 #include <cmath>
@@ -36,17 +36,19 @@ __device__ __forceinline__ void store_row(T* dst, const float (&vals)[kCols]) {
   }
 }
 
-// Called by every thread of every CTA of a split launch, after the CTA wrote its partials.
-// `scratch` is free shared memory for kRows * kMaxSplits floats.
+// Called by every thread of every active CTA of a split launch, after the CTA wrote its partials
+// (at [.., split] of the num_splits-wide partial arrays). `scratch` is free shared memory for
+// kRows * kMaxSplits floats.
 template <typename T, int kHeadDim>
-__device__ void merge_splits_if_last(const PagedDecodeParams& p, int seq, int head0, int rows, float* scratch) {
+__device__ void merge_splits_if_last(const PagedDecodeParams& p, int seq, int head0, int rows, int active,
+                                     float* scratch) {
   constexpr int kCols = kHeadDim / kThreadsPerRow;
   __shared__ bool is_last;
   __threadfence();  // this thread's partial writes are visible device-wide before the count
   __syncthreads();
   if (threadIdx.x == 0) {
     int* const counter = p.split_counters + static_cast<int64_t>(seq) * gridDim.y + blockIdx.y;
-    is_last = atomicAdd(counter, 1) == p.num_splits - 1;
+    is_last = atomicAdd(counter, 1) == active - 1;
     if (is_last) *counter = 0;  // every other split has counted in: safe to rearm
   }
   __syncthreads();
@@ -56,19 +58,21 @@ __device__ void merge_splits_if_last(const PagedDecodeParams& p, int seq, int he
   // NOTE: other CTAs wrote the partials; __ldcg reads them from L2, never from a stale L1 line.
   // Every load below is independent of the others, so they overlap instead of queueing behind
   // one another: this runs on the critical path of the whole launch.
-  const int num_splits = p.num_splits;
+  const int stride = p.num_splits;  // the partial arrays' split dimension; the first `active` are used
   const int64_t first_pair = static_cast<int64_t>(seq) * p.num_heads + head0;
-  const float* const lse = p.partial_lse + first_pair * num_splits;  // [rows, num_splits], contiguous
-  for (int i = threadIdx.x; i < rows * num_splits; i += kThreads) scratch[i] = __ldcg(lse + i);
+  const float* const lse = p.partial_lse + first_pair * stride;  // [rows, stride], contiguous
+  for (int i = threadIdx.x; i < rows * active; i += kThreads) {
+    scratch[i] = __ldcg(lse + (i / active) * stride + i % active);
+  }
   __syncthreads();
 
   // Each query head's 8 threads (consecutive lanes of one warp) turn its log-sum-exps into weights.
   const int row = threadIdx.x / kThreadsPerRow;
   const int sub = threadIdx.x % kThreadsPerRow;
-  float* const weights = scratch + row * num_splits;
+  float* const weights = scratch + row * active;
   float max_lse = -INFINITY;
   if (row < rows) {
-    for (int j = sub; j < num_splits; j += kThreadsPerRow) max_lse = fmaxf(max_lse, weights[j]);
+    for (int j = sub; j < active; j += kThreadsPerRow) max_lse = fmaxf(max_lse, weights[j]);
   }
 #pragma unroll
   for (int offset = 1; offset < kThreadsPerRow; offset <<= 1) {
@@ -76,8 +80,8 @@ __device__ void merge_splits_if_last(const PagedDecodeParams& p, int seq, int he
   }
   float denom = 0.f;
   if (row < rows) {
-    for (int j = sub; j < num_splits; j += kThreadsPerRow) {
-      const float w = max_lse == -INFINITY ? 0.f : exp2f(weights[j] - max_lse);  // empty split: 0
+    for (int j = sub; j < active; j += kThreadsPerRow) {
+      const float w = max_lse == -INFINITY ? 0.f : exp2f(weights[j] - max_lse);  // (a NaN-free guard)
       weights[j] = w;
       denom += w;
     }
@@ -91,10 +95,10 @@ __device__ void merge_splits_if_last(const PagedDecodeParams& p, int seq, int he
 
   const int col0 = sub * kCols;
   const float4* const src =
-      reinterpret_cast<const float4*>(p.partial_out + (first_pair + row) * num_splits * kHeadDim + col0);
+      reinterpret_cast<const float4*>(p.partial_out + (first_pair + row) * stride * kHeadDim + col0);
   float acc[kCols] = {};
 #pragma unroll 4
-  for (int j = 0; j < num_splits; ++j) {
+  for (int j = 0; j < active; ++j) {
     const float w = weights[j];
 #pragma unroll
     for (int c = 0; c < kCols / 4; ++c) {

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "cuda/ops/pdl.cuh"
+#include "cuda/ops/rope.cuh"
 #include "cuda/ops/vec.cuh"
 
 namespace rtpllm::cuda {
@@ -26,10 +27,7 @@ __device__ __forceinline__ void rotate_slice(const T* src, T* dst, int half, int
   vec_to_float(load_vec(src + offset), x1);
   vec_to_float(load_vec(src + half + offset), x2);
 #pragma unroll
-  for (int j = 0; j < kVecElems; ++j) {
-    y1[j] = x1[j] * cos[j] - x2[j] * sin[j];
-    y2[j] = x2[j] * cos[j] + x1[j] * sin[j];
-  }
+  for (int j = 0; j < kVecElems; ++j) rope_rotate(x1[j], x2[j], cos[j], sin[j], y1[j], y2[j]);
   store_vec(dst + offset, float_to_vec<T>(y1));
   store_vec(dst + half + offset, float_to_vec<T>(y2));
 }

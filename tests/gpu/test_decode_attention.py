@@ -121,11 +121,13 @@ def test_decode_matches_reference(max_ctx, batch, num_heads, num_kv_heads, block
 @pytest.mark.parametrize("num_splits", [1, 2, 5, 16, 64])
 @pytest.mark.parametrize("num_heads,num_kv_heads,block_size", [(40, 2, 64), (32, 8, 16)])
 def test_decode_forced_splits(num_splits, num_heads, num_kv_heads, block_size, workspace):
-    """Every split count gives the same answer: the merge is exact, empty splits are skipped.
+    """Every split count gives the same answer: the merge is exact, and the splits a short
+    context does not need (splits are at least 128 tokens) stay out of it.
     40/2 heads puts 20 query heads on one KV head: two 16-row head tiles per KV head."""
     gen = torch.Generator().manual_seed(num_splits)
     lengths = random_lengths(7, 4097, gen)
-    lengths[3] = 1  # a one-token context next to a long one: most of its splits are empty
+    lengths[3] = 1  # a one-token context next to a long one: one active split, no merge
+    lengths[4], lengths[5] = 128, 129  # one full minimum split; two splits, the second of one token
     case = DecodeCase(lengths, num_heads, num_kv_heads, 128, block_size, torch.bfloat16)
     plan = case.plan(4097, workspace, num_splits=num_splits)
     assert plan.num_splits == num_splits

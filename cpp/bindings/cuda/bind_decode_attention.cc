@@ -43,10 +43,20 @@ void bind_decode_attention(py::module_& m) {
       [](uintptr_t out, uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t block_tables,
          uintptr_t seq_lens, uintptr_t partial_out, uintptr_t partial_lse, uintptr_t split_counters, int num_seqs,
          int num_heads, int num_kv_heads, int head_dim, int block_size, int block_table_stride, int64_t q_stride,
-         int64_t out_stride, int num_splits, float scale, cuda::ScalarType dtype, uintptr_t stream) {
+         int64_t out_stride, int num_splits, float scale, cuda::ScalarType dtype, uintptr_t stream, uintptr_t rope_k,
+         uintptr_t rope_v, uintptr_t positions, uintptr_t cos_sin_cache, uintptr_t slot_mapping, int64_t max_position,
+         int64_t k_stride, int64_t v_stride) {
+        const cuda::DecodeRopeParams rope{reinterpret_cast<const void*>(rope_k),
+                                          reinterpret_cast<const void*>(rope_v),
+                                          reinterpret_cast<const int64_t*>(positions),
+                                          reinterpret_cast<const float*>(cos_sin_cache),
+                                          reinterpret_cast<const int64_t*>(slot_mapping),
+                                          max_position,
+                                          k_stride,
+                                          v_stride};
         const cuda::PagedDecodeParams params{reinterpret_cast<const void*>(q),
-                                             reinterpret_cast<const void*>(k_cache),
-                                             reinterpret_cast<const void*>(v_cache),
+                                             reinterpret_cast<void*>(k_cache),
+                                             reinterpret_cast<void*>(v_cache),
                                              reinterpret_cast<const int32_t*>(block_tables),
                                              reinterpret_cast<const int32_t*>(seq_lens),
                                              reinterpret_cast<void*>(out),
@@ -62,7 +72,8 @@ void bind_decode_attention(py::module_& m) {
                                              q_stride,
                                              out_stride,
                                              num_splits,
-                                             scale};
+                                             scale,
+                                             rope};
         throw_if_error(cuda::paged_decode_attention(params, dtype, reinterpret_cast<cudaStream_t>(stream)),
                        "paged_decode_attention", describe(dtype, head_dim, block_size, num_heads, num_kv_heads));
       },
@@ -71,7 +82,11 @@ void bind_decode_attention(py::module_& m) {
       py::arg("num_seqs"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("block_size"),
       py::arg("block_table_stride"),
       py::arg("q_stride"), py::arg("out_stride"), py::arg("num_splits"), py::arg("scale"), py::arg("dtype"),
-      py::arg("stream"), "One query token per sequence over the paged KV cache; CUDA-graph capturable");
+      py::arg("stream"), py::arg("rope_k") = 0, py::arg("rope_v") = 0, py::arg("positions") = 0,
+      py::arg("cos_sin_cache") = 0, py::arg("slot_mapping") = 0, py::arg("max_position") = 0,
+      py::arg("k_stride") = 0, py::arg("v_stride") = 0,
+      "One query token per sequence over the paged KV cache; CUDA-graph capturable. With cos_sin_cache "
+      "set, q and rope_k are pre-RoPE and the kernel rotates them and writes the new K/V row itself");
 }
 
 }  // namespace rtpllm::bindings

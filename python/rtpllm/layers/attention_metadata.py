@@ -46,7 +46,7 @@ class AttentionMetadata:
 class AttentionBackend(Protocol):
     """Applies rotary embeddings to q and k, writes the step's K/V into the paged cache, then
     attends causally over each sequence's context. Owning RoPE lets a backend fuse it with the
-    cache write.
+    cache write, or (CUDA decode steps) into the attention kernel itself.
 
     q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim] (pre-RoPE);
     positions: int64 [num_tokens]; rotary: layers.rotary.RotaryEmbedding (cos/sin cache);

@@ -1,10 +1,12 @@
 """The CUDA attention backend: the `AttentionBackend` protocol on our own kernels.
 
 Per layer and step:
-  1. one fused kernel rotates q in place and writes RoPE(k) and v into the paged cache;
-  2. decode-only steps (one new token per sequence) run the split-KV paged decode kernel;
-     any other step (prefill, chunked prefill, mixed) runs the prefill/extend kernel, which reads
-     every sequence's context, new tokens included, from the cache. In a mixed step the decodes
+  - decode-only steps (one new token per sequence) run one kernel, the split-KV paged decode
+    kernel, which also rotates q and the new k and writes the new K/V row into the cache (where
+    the rotary embedding spans the whole head; otherwise a RoPE + cache-write kernel runs first);
+  - any other step (prefill, chunked prefill, mixed) first rotates q in place and writes RoPE(k)
+    and v into the cache (one fused kernel), then runs the prefill/extend kernel, which reads
+    every sequence's context, new tokens included, from the cache. In a mixed step the decodes
      at the front of the batch (`meta.num_decodes`) go to the decode kernel instead: the prefill
      grid is sized by the longest chunk, so each decode there would cost a column of mostly empty
      CTAs per KV head, and its one query row would fill a 128-row tile.
@@ -74,10 +76,9 @@ class CudaAttentionBackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                 rotary: RotaryEmbedding, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float) -> torch.Tensor:
-        """See `AttentionBackend`. NOTE: q is rotated in place (it is the projection's scratch)."""
+        """See `AttentionBackend`. NOTE: q may be rotated in place (it is the projection's scratch)."""
         if q.shape[1:] != (self.num_heads, self.head_dim):
             raise ValueError(f"q: expected [tokens, {self.num_heads}, {self.head_dim}], got {tuple(q.shape)}")
-        cuda_ops.rope_and_cache_write(q, k, v, positions, rotary.cos_sin_cache, kv_cache, meta.slot_mapping)
         if meta.is_decode_only:
             plan = meta.plan
             if not isinstance(plan, cuda_ops.DecodePlan) or plan.num_seqs != meta.num_seqs:
@@ -85,7 +86,14 @@ class CudaAttentionBackend:
             elif plan.max_seq_len < meta.max_seq_len:
                 raise ValueError(f"meta.plan: planned for contexts up to {plan.max_seq_len}, "
                                  f"this step has {meta.max_seq_len}")
-            return cuda_ops.paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale, plan)
+            rope = None
+            if rotary.cos_sin_cache.shape[1] == self.head_dim:
+                rope = cuda_ops.DecodeRope(k, v, positions, rotary.cos_sin_cache, meta.slot_mapping)
+            else:
+                cuda_ops.rope_and_cache_write(q, k, v, positions, rotary.cos_sin_cache, kv_cache, meta.slot_mapping)
+            return cuda_ops.paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale, plan,
+                                                   rope=rope)
+        cuda_ops.rope_and_cache_write(q, k, v, positions, rotary.cos_sin_cache, kv_cache, meta.slot_mapping)
         d = meta.num_decodes
         if d == 0:
             return prefill_attention(q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,

@@ -14,7 +14,8 @@ Paged decode attention (plan on the host, then launch):
     workspace = allocate_decode_workspace(device)
     plan = plan_paged_decode(num_seqs, num_heads, num_kv_heads, head_dim, block_size, dtype,
                              max_seq_len, workspace)
-    out = paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale, plan, out=None)
+    out = paged_decode_attention(q, kv_cache, block_tables, seq_lens, scale, plan, out=None, rope=None)
+    (rope=DecodeRope(k, v, positions, cos_sin_cache, slot_mapping): RoPE and the cache write fused in)
 """
 
 from __future__ import annotations
@@ -304,12 +305,52 @@ def plan_paged_decode(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim
                       workspace.split_counters[:groups])
 
 
+@dataclass(frozen=True)
+class DecodeRope:
+    """The step's RoPE and cache write, for `paged_decode_attention` to do itself (models whose
+    rotary embedding spans the whole head): q is then passed before RoPE, and the new token's
+    K (rotated) and V are written into the cache and used for the last context position."""
+
+    k: torch.Tensor  # [num_seqs, num_kv_heads, head_dim], before RoPE (a view into a fused qkv is fine)
+    v: torch.Tensor  # [num_seqs, num_kv_heads, head_dim]
+    positions: torch.Tensor  # int64 [num_seqs]
+    cos_sin_cache: torch.Tensor  # float32 [max_position, head_dim]: cos | sin (RotaryEmbedding.cos_sin_cache)
+    slot_mapping: torch.Tensor  # int64 [num_seqs]; a negative slot (graph padding) is not written
+
+
+def _rope_args(rope: Optional[DecodeRope], q: torch.Tensor, num_kv_heads: int) -> tuple:
+    """The binding's trailing fused-RoPE arguments (all zero without `rope`), checked."""
+    if rope is None:
+        return 0, 0, 0, 0, 0, 0, 0, 0
+    _require(isinstance(rope, DecodeRope), "rope", lambda: f"expected a DecodeRope, got {type(rope).__name__}")
+    num_seqs, _, head_dim = q.shape
+    for name, t in (("rope.k", rope.k), ("rope.v", rope.v)):
+        _check_tensor(t, name, device=q.device, dtypes=(q.dtype,), ndim=3)
+        _check_shape(t, name, (num_seqs, num_kv_heads, head_dim))
+        _check_heads(t, name)
+    for name, t in (("rope.positions", rope.positions), ("rope.slot_mapping", rope.slot_mapping)):
+        _check_tensor(t, name, device=q.device, dtypes=(torch.int64,), ndim=1)
+        _check_shape(t, name, (num_seqs,))
+        _require(t.is_contiguous(), name, "must be contiguous")
+    table = rope.cos_sin_cache
+    _check_tensor(table, "rope.cos_sin_cache", device=q.device, dtypes=(torch.float32,), ndim=2)
+    _require(table.shape[1] == head_dim, "rope.cos_sin_cache",
+             lambda: f"width (rotary dim) must equal head_dim={head_dim} for the fused kernel, got {table.shape[1]} "
+             "(use rope_and_cache_write for partial rotary embeddings)")
+    _require(table.is_contiguous() and table.data_ptr() % 16 == 0, "rope.cos_sin_cache",
+             "must be contiguous and 16-byte aligned")
+    strides = (rope.k.stride(0), rope.v.stride(0)) if num_seqs > 1 else (0, 0)
+    return (rope.k.data_ptr(), rope.v.data_ptr(), rope.positions.data_ptr(), table.data_ptr(),
+            rope.slot_mapping.data_ptr(), table.shape[0], *strides)
+
+
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, plan: DecodePlan,
-                           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           out: Optional[torch.Tensor] = None, rope: Optional[DecodeRope] = None) -> torch.Tensor:
     """One query token per sequence attends over its whole context in the paged cache.
 
-    q [num_seqs, num_heads, head_dim] (already rotated; a view into a fused qkv is fine);
+    q [num_seqs, num_heads, head_dim] (already rotated, unless `rope` is given; a view into a
+    fused qkv is fine);
     kv_cache [2, num_blocks, block_size, num_kv_heads, head_dim]; block_tables int32
     [num_seqs, max_blocks_per_seq]; seq_lens int32 [num_seqs] (context length including this
     token; read on the device, so it may change between CUDA-graph replays within the plan's
@@ -349,9 +390,11 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     partial_out = plan.partial_out.data_ptr() if split else 0
     partial_lse = plan.partial_lse.data_ptr() if split else 0
     split_counters = plan.split_counters.data_ptr() if split else 0
+    rope_args = _rope_args(rope, q, num_kv_heads)
     k_plane, v_plane = _kv_planes(kv_cache)
     kernel_ops().paged_decode_attention(
         out.data_ptr(), q.data_ptr(), k_plane, v_plane, block_tables.data_ptr(), seq_lens.data_ptr(), partial_out,
         partial_lse, split_counters, num_seqs, num_heads, num_kv_heads, head_dim, block_size, block_tables.stride(0),
-        q.stride(0), out.stride(0), plan.num_splits, float(scale), scalar_type(q.dtype), _stream(q.device))
+        q.stride(0), out.stride(0), plan.num_splits, float(scale), scalar_type(q.dtype), _stream(q.device),
+        *rope_args)
     return out
