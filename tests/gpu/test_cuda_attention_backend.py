@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from cuda_graphs import capture
 from rtpllm.layers import cuda_ops
 from rtpllm.layers.attention_metadata import AttentionMetadata, leading_decodes
 from rtpllm.layers.cuda_attention import CudaAttentionBackend
@@ -136,14 +137,7 @@ def test_decode_step_replays_in_cuda_graph(rotary, backend):
         q_in.copy_(q)  # the backend rotates q in place
         out.copy_(backend.forward(q_in, k, v, step.positions, rotary, cache, step.meta, scale))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        forward()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        forward()
+    graph = capture(forward)
 
     replay = Step(cached=[4000, 2, 1500], new=[1, 1, 1])
     for name in ("slot_mapping", "seq_lens", "num_computed", "block_tables"):

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from cuda_graphs import capture
 from rtpllm.layers import cuda_ops
 
 DEVICE = "cuda"
@@ -176,14 +177,7 @@ def test_decode_replays_in_cuda_graph(workspace):
     def launch():
         cuda_ops.paged_decode_attention(case.q, case.kv_cache, case.block_tables, case.seq_lens, scale, plan, out=out)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        launch()  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        launch()
+    graph = capture(launch)
     for trial in range(3):
         lengths = [1, 17, 4097, 1000, 64, 65, 2048] if trial == 0 else random_lengths(7, 4097, gen)
         case.refill(lengths)

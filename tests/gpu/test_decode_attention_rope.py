@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from cuda_graphs import capture
 from rtpllm.layers import cuda_ops
 from rtpllm.layers.rotary import RopeConfig, RotaryEmbedding
 
@@ -79,6 +80,17 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(torch.int16), b.view(torch.int16))  # NaN poison compares equal to itself
 
 
+def assert_fused_matches_unfused(case: FusedCase, plan: cuda_ops.DecodePlan) -> None:
+    """Same output bits, same cache bits, and the projection output left as it was."""
+    expected_out, expected_cache = case.unfused(plan)
+    q_before = case.q.clone()
+    out = case.fused(plan)
+    assert not out.isnan().any()
+    assert same_bits(out, expected_out), f"max |diff| {(out.float() - expected_out.float()).abs().max().item():.3e}"
+    assert same_bits(case.cache, expected_cache), "the fused kernel wrote a different cache"
+    assert torch.equal(case.q, q_before), "the fused path must leave the projection output alone"
+
+
 @pytest.fixture(scope="module")
 def workspace():
     return cuda_ops.allocate_decode_workspace(DEVICE)
@@ -96,13 +108,7 @@ def test_fused_rope_matches_unfused_path(num_splits, num_heads, num_kv_heads, bl
     case = FusedCase(lengths, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=num_heads + block_size)
     plan = cuda_ops.plan_paged_decode(len(lengths), num_heads, num_kv_heads, head_dim, block_size, dtype,
                                       max(lengths), workspace, num_splits=num_splits)
-    expected_out, expected_cache = case.unfused(plan)
-    q_before = case.q.clone()
-    out = case.fused(plan)
-    assert not out.isnan().any()
-    assert same_bits(out, expected_out), f"max |diff| {(out.float() - expected_out.float()).abs().max().item():.3e}"
-    assert same_bits(case.cache, expected_cache), "the fused kernel wrote a different cache"
-    assert torch.equal(case.q, q_before), "the fused path must leave the projection output alone"
+    assert_fused_matches_unfused(case, plan)
 
 
 def test_fused_rope_single_sequence_at_decode_shapes(workspace):
@@ -110,9 +116,7 @@ def test_fused_rope_single_sequence_at_decode_shapes(workspace):
     for length in (2, 640, 4096):
         case = FusedCase([length], 32, 8, 128, 16, torch.bfloat16, seed=length)
         plan = cuda_ops.plan_paged_decode(1, 32, 8, 128, 16, torch.bfloat16, 4096, workspace)
-        expected_out, expected_cache = case.unfused(plan)
-        assert same_bits(case.fused(plan), expected_out)
-        assert same_bits(case.cache, expected_cache)
+        assert_fused_matches_unfused(case, plan)
 
 
 def test_fused_rope_takes_k_and_v_with_their_own_strides(workspace):
@@ -120,9 +124,7 @@ def test_fused_rope_takes_k_and_v_with_their_own_strides(workspace):
     case = FusedCase([5, 300, 77], 16, 2, 128, 16, torch.bfloat16)
     case.k = case.k.contiguous()
     plan = cuda_ops.plan_paged_decode(3, 16, 2, 128, 16, torch.bfloat16, 300, workspace)
-    expected_out, expected_cache = case.unfused(plan)
-    assert same_bits(case.fused(plan), expected_out)
-    assert same_bits(case.cache, expected_cache)
+    assert_fused_matches_unfused(case, plan)
 
 
 def test_fused_rope_negative_slot_writes_nothing(workspace):
@@ -150,14 +152,7 @@ def test_fused_rope_replays_in_cuda_graph(workspace):
                                         out=out, rope=rope)
 
     pristine = case.cache.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        launch()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        launch()
+    graph = capture(launch)
     for trial in range(3):
         case.cache.copy_(pristine)
         case.qkv.copy_(torch.randn_like(case.qkv))
