@@ -12,8 +12,10 @@
 //      once the bytes are in B's memory (a put is flushed to the peer before its notice is sent).
 //
 // Contract on failure (the rule that no caller ever hangs):
-//   - every wait has a deadline (TransferOptions::timeout_s): connect() throws, a transfer ends
-//     FAILED, a silent peer is declared FAILED when nothing (heartbeats included) arrived in time;
+//   - every wait has a deadline (TransferOptions::timeout_s): connect() throws; a transfer still
+//     unfinished after timeout_s fails, and with it its peer (bytes already on the wire cannot be
+//     recalled, only the connection can be closed); a peer that sent nothing (heartbeats
+//     included) for timeout_s is FAILED;
 //   - a peer that closes or dies is FAILED within the timeout; all its transfers end FAILED and
 //     later calls naming it throw std::runtime_error;
 //   - a transfer is reported final only when the engine no longer touches the local blocks it

@@ -258,6 +258,7 @@ TransferHandle UcxTransfer::submit(PeerId peer_id, const TransferRequest& reques
   transfer->deadline = Clock::now() + seconds_to_ms(options_.timeout_s);
   const TransferHandle handle = transfer->handle;
   transfers_.emplace(handle, std::move(transfer));
+  last_activity_ = Clock::now();
   wake();
   return handle;
 }
@@ -309,6 +310,7 @@ void UcxTransfer::run(std::function<void()> thread_init) {
 
 void UcxTransfer::progress_once_locked() {
   while (ucp_worker_progress(ucx_.worker()) != 0) {
+    last_activity_ = Clock::now();
   }
   for (auto& [id, peer] : peers_) {
     if (peer->state == PeerState::CONNECTED && peer->endpoint_status != UCS_OK) {
@@ -376,6 +378,10 @@ void UcxTransfer::read_peers_locked() {
       if (frame.type == MessageType::NOTICE) {
         try {
           NoticeMessage notice = decode_notice(frame.payload);
+          // The receiver acts on these ids (frees or schedules those blocks): they must be ours.
+          for (BlockId b : notice.blocks) {
+            if (b < 0 || b >= layout_.num_blocks) throw std::runtime_error("block id " + std::to_string(b) + " out of range");
+          }
           notices_.push_back({peer.id, notice.request_id, notice.layer, std::move(notice.blocks), notice.num_tokens});
           ++stats_.notices_received;
           changed_.notify_all();
@@ -530,14 +536,20 @@ bool UcxTransfer::has_in_flight_locked() const {
 
 void UcxTransfer::wait_for_events() {
   std::vector<pollfd> fds;
+  int timeout_ms = 0;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (stopping_) return;
-    // While transfers are in flight, spin: some transports (CUDA IPC) complete without events.
-    if (has_in_flight_locked() || ucp_worker_arm(ucx_.worker()) == UCS_ERR_BUSY) {
+    const bool in_flight = has_in_flight_locked();
+    // Spin while a transfer is moving: some transports (CUDA IPC) complete without an event. Once
+    // nothing has progressed for a while (a slow or dead peer), sleep in short naps instead.
+    if (in_flight && Clock::now() - last_activity_ < kSpinWindow) {
       sched_yield();
       return;
     }
+    if (ucp_worker_arm(ucx_.worker()) == UCS_ERR_BUSY) return;  // events pending: progress first
+    // Idle: wake at least twice per heartbeat to send pings and check deadlines.
+    timeout_ms = in_flight ? 1 : static_cast<int>(std::max<int64_t>(1, heartbeat_.count() / 2));
     fds.push_back({wake_fd_, POLLIN, 0});
     fds.push_back({listener_.fd(), POLLIN, 0});
     fds.push_back({ucx_.event_fd(), POLLIN, 0});
@@ -546,8 +558,7 @@ void UcxTransfer::wait_for_events() {
       if (peer->connection) fds.push_back({peer->connection->fd(), POLLIN, 0});
     }
   }
-  // Wake at least twice per heartbeat to send pings and check deadlines.
-  ::poll(fds.data(), fds.size(), static_cast<int>(std::max<int64_t>(1, heartbeat_.count() / 2)));
+  ::poll(fds.data(), fds.size(), timeout_ms);
   uint64_t drained = 0;
   while (read(wake_fd_, &drained, sizeof(drained)) > 0) {
   }

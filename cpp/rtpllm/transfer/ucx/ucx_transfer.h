@@ -4,8 +4,9 @@
 //
 // Threads: one progress thread per engine drives ucp_worker_progress, the control sockets
 // (accept, handshakes, notices, heartbeats) and every deadline; it sleeps on the worker's event fd
-// and the sockets when nothing is in flight and spins while transfers are. Callers' threads only
-// validate, plan and queue. One mutex guards all state and every UCX call.
+// and the sockets when nothing is in flight, spins while transfers move, and naps 1 ms at a time
+// while they are stalled. Callers' threads only validate, plan and queue. One mutex guards all
+// state and every UCX call.
 #pragma once
 
 #include <condition_variable>
@@ -86,6 +87,8 @@ class UcxTransfer final : public KVTransfer {
   TransferStats stats_;
   PeerId next_peer_ = 1;
   TransferHandle next_handle_ = 1;
+  SteadyTime last_activity_;  // the worker last made progress, or a transfer was queued
+  static constexpr std::chrono::milliseconds kSpinWindow{5};
   std::thread thread_;
 };
 
