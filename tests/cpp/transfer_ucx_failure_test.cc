@@ -38,34 +38,45 @@ class UcxTransferFailureTest : public ::testing::Test {
   }
 };
 
-TEST_F(UcxTransferFailureTest, HungPeerFailsItsTransferAndItselfWithinTheTimeout) {
-  HostKVPool pool(KVShape{}, 8, 4);
-  HostKVPool hung_pool(KVShape{}, 8, 4);
-  UcxTransfer engine(options("engine"));
-  engine.register_kv(pool.layout());
-
-  // The hung peer: a real worker and registration, a completed handshake, then nothing.
+// A peer built from the engine's parts: a real worker and registration and a completed handshake,
+// after which the test decides what (if anything) it sends.
+struct FakePeer {
+  explicit FakePeer(int32_t port)
+      : pool(KVShape{}, 8, 4), registration(worker.context(), pool.layout()),
+        connection(ControlConnection::connect_to("127.0.0.1", port, Clock::now() + std::chrono::seconds(5))) {
+    PeerDescriptor self;
+    self.name = "fake";
+    self.identity = "tiny";
+    self.worker_address = worker.address();
+    self.layout = pool.layout();
+    self.regions = registration.regions();
+    const auto deadline = Clock::now() + std::chrono::seconds(5);
+    std::string error;
+    Frame reply;
+    EXPECT_TRUE(connection.send(MessageType::HELLO, encode_descriptor(self), deadline, &error)) << error;
+    EXPECT_TRUE(connection.receive_one(&reply, deadline, &error)) << error;
+    EXPECT_EQ(reply.type, MessageType::HELLO);
+  }
+  HostKVPool pool;
   UcxWorker worker;
-  UcxRegistration registration(worker.context(), hung_pool.layout());
-  PeerDescriptor self;
-  self.name = "hung";
-  self.identity = "tiny";
-  self.worker_address = worker.address();
-  self.layout = hung_pool.layout();
-  self.regions = registration.regions();
-  const auto deadline = Clock::now() + std::chrono::seconds(5);
-  ControlConnection connection = ControlConnection::connect_to("127.0.0.1", engine.listen_port(), deadline);
-  std::string error;
-  Frame reply;
-  ASSERT_TRUE(connection.send(MessageType::HELLO, encode_descriptor(self), deadline, &error)) << error;
-  ASSERT_TRUE(connection.receive_one(&reply, deadline, &error)) << error;
-  ASSERT_EQ(reply.type, MessageType::HELLO);
+  UcxRegistration registration;
+  ControlConnection connection;
+};
 
-  PeerId peer = 0;
-  for (int i = 0; i < 200 && peer == 0; ++i) {
-    if (!engine.peers().empty()) peer = engine.peers().front().id;
+PeerId first_peer(UcxTransfer& engine) {
+  for (int i = 0; i < 200; ++i) {
+    if (!engine.peers().empty()) return engine.peers().front().id;
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
+  return 0;
+}
+
+TEST_F(UcxTransferFailureTest, HungPeerFailsItsTransferAndItselfWithinTheTimeout) {
+  HostKVPool pool(KVShape{}, 8, 4);
+  UcxTransfer engine(options("engine"));
+  engine.register_kv(pool.layout());
+  FakePeer hung(engine.listen_port());  // handshakes, then never progresses nor pings
+  const PeerId peer = first_peer(engine);
   ASSERT_NE(peer, 0u);
   const auto start = Clock::now();
   std::vector<BlockId> blocks = {0, 1, 2, 3, 4, 5, 6, 7};
@@ -76,6 +87,24 @@ TEST_F(UcxTransferFailureTest, HungPeerFailsItsTransferAndItselfWithinTheTimeout
   EXPECT_LT(seconds_since(start), 2.5 * kTimeout);
   EXPECT_EQ(engine.peers().front().state, PeerState::FAILED);
   EXPECT_EQ(engine.stats().failed, 1u);
+}
+
+TEST_F(UcxTransferFailureTest, NoticeNamingForeignBlocksFailsThePeer) {
+  HostKVPool pool(KVShape{}, 8, 4);
+  UcxTransfer engine(options("engine"));
+  engine.register_kv(pool.layout());
+  FakePeer liar(engine.listen_port());
+  ASSERT_NE(first_peer(engine), 0u);
+  std::string error;
+  ASSERT_TRUE(liar.connection.send(MessageType::NOTICE, encode_notice({1, -1, 4, {8}}),
+                                   Clock::now() + std::chrono::seconds(1), &error));
+  const auto start = Clock::now();
+  while (engine.peers().front().state == PeerState::CONNECTED && seconds_since(start) < 2 * kTimeout) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  EXPECT_EQ(engine.peers().front().state, PeerState::FAILED);
+  EXPECT_NE(engine.peers().front().error.find("out of range"), std::string::npos) << engine.peers().front().error;
+  EXPECT_TRUE(engine.take_notices(0).empty());
 }
 
 TEST_F(UcxTransferFailureTest, GarbageOnTheControlPortIsDroppedAndTheEngineStillServes) {
