@@ -8,14 +8,12 @@
 #include <algorithm>
 #include <stdexcept>
 
+#include "rtpllm/transfer/ucx/ucx_transfer_state.h"
+
 namespace rtpllm {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-std::chrono::milliseconds seconds_to_ms(double seconds) {
-  return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000.0));
-}
 
 // plan_transfer names its lists src/dst; the caller of put/get knows them as local/remote.
 [[noreturn]] void rethrow_with_local_names(const std::invalid_argument& error, bool is_put) {
@@ -29,47 +27,10 @@ std::chrono::milliseconds seconds_to_ms(double seconds) {
 
 }  // namespace
 
-struct UcxTransfer::Peer {
-  PeerId id = 0;
-  PeerDescriptor remote;
-  std::unique_ptr<ControlConnection> connection;
-  ucp_ep_h ep = nullptr;
-  std::vector<ucp_rkey_h> rkeys;  // parallel to remote.regions
-  PeerState state = PeerState::CONNECTED;
-  std::string error;
-  ucs_status_t endpoint_status = UCS_OK;  // set by UCX's error callback, handled after progress
-  SteadyTime last_heard;
-  SteadyTime last_sent;
-
-  // The rkey of the region holding [address, address + bytes), or nullptr.
-  ucp_rkey_h rkey_for(uint64_t address, uint64_t bytes) const {
-    for (size_t i = 0; i < remote.regions.size(); ++i) {
-      const RemoteRegion& r = remote.regions[i];
-      if (address >= r.base && address + bytes <= r.base + r.length) return rkeys[i];
-    }
-    return nullptr;
-  }
-};
-
-struct UcxTransfer::Transfer {
-  enum class Phase { QUEUED, ISSUED, FINAL };
-  TransferHandle handle = 0;
-  PeerId peer = 0;
-  bool is_put = true;
-  bool notify = false;
-  NoticeMessage notice;
-  std::vector<CopyOp> copies;
-  uint64_t bytes = 0;
-  Phase phase = Phase::QUEUED;
-  int64_t outstanding = 0;  // UCX requests not yet completed
-  std::string error;
-  SteadyTime deadline;
-};
-
 UcxTransfer::UcxTransfer(TransferOptions options, std::function<void()> thread_init)
     : options_((options.validate(), std::move(options))),
       heartbeat_(std::max<std::chrono::milliseconds>(
-          std::chrono::milliseconds(10), std::min(std::chrono::milliseconds(1000), seconds_to_ms(options_.timeout_s / 4)))),
+          std::chrono::milliseconds(10), std::min(std::chrono::milliseconds(1000), ucx_seconds_to_ms(options_.timeout_s / 4)))),
       listener_(options_.listen_host, options_.listen_port) {
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   thread_ = std::thread([this, init = std::move(thread_init)] { run(init); });
@@ -112,108 +73,6 @@ void UcxTransfer::register_kv(const KVLayout& layout) {
 
 int32_t UcxTransfer::listen_port() const { return listener_.port(); }
 
-std::string UcxTransfer::refusal_reason(const PeerDescriptor& remote) const {
-  if (descriptor_.empty()) return "not ready: the engine has not registered its KV memory";
-  if (remote.identity != options_.identity) {
-    return "cache identity mismatch: this engine has '" + options_.identity + "', the peer '" + remote.identity + "'";
-  }
-  if (remote.worker_address.empty()) return "the peer sent no UCX worker address";
-  try {
-    check_layout(remote.layout);
-    check_compatible(layout_, remote.layout);
-  } catch (const std::invalid_argument& error) {
-    return std::string("incompatible KV layout: ") + error.what();
-  }
-  // Every plane the peer may address must lie in a region it sent a key for.
-  const uint64_t plane = static_cast<uint64_t>(remote.layout.num_blocks - 1) * remote.layout.block_stride_bytes +
-                         remote.layout.block_bytes();
-  for (const KVLayerAddress& a : remote.layout.layers) {
-    for (uint64_t base : {a.k_base, a.v_base}) {
-      const bool covered = std::any_of(remote.regions.begin(), remote.regions.end(), [&](const RemoteRegion& r) {
-        return base >= r.base && base + plane <= r.base + r.length;
-      });
-      if (!covered) return "the peer's registered regions do not cover its KV layout";
-    }
-  }
-  return "";
-}
-
-PeerId UcxTransfer::add_peer_locked(ControlConnection connection, PeerDescriptor remote) {
-  auto peer = std::make_unique<Peer>();
-  peer->id = next_peer_++;
-  peer->remote = std::move(remote);
-  peer->connection = std::make_unique<ControlConnection>(std::move(connection));
-  ucp_ep_params_t params{};
-  params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
-                      UCP_EP_PARAM_FIELD_ERR_HANDLER;
-  params.address = reinterpret_cast<const ucp_address_t*>(peer->remote.worker_address.data());
-  params.err_mode = UCP_ERR_HANDLING_MODE_PEER;  // a dead peer fails its requests instead of hanging them
-  params.err_handler.cb = &UcxTransfer::on_endpoint_error;
-  params.err_handler.arg = peer.get();
-  check_ucs(ucp_ep_create(ucx_.worker(), &params, &peer->ep), "ucp_ep_create");
-  for (const RemoteRegion& region : peer->remote.regions) {
-    ucp_rkey_h rkey = nullptr;
-    const ucs_status_t status = ucp_ep_rkey_unpack(peer->ep, region.rkey.data(), &rkey);
-    if (status != UCS_OK) {
-      close_endpoint_locked(*peer);
-      check_ucs(status, "ucp_ep_rkey_unpack");
-    }
-    peer->rkeys.push_back(rkey);
-  }
-  peer->last_heard = peer->last_sent = Clock::now();
-  const PeerId id = peer->id;
-  peers_.emplace(id, std::move(peer));
-  return id;
-}
-
-PeerId UcxTransfer::connect(const std::string& host, int32_t port) {
-  const SteadyTime deadline = Clock::now() + seconds_to_ms(options_.timeout_s);
-  const std::string where = host + ":" + std::to_string(port);
-  std::string self;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (descriptor_.empty()) throw std::runtime_error("connect: call register_kv before connecting");
-    self = descriptor_;
-  }
-  ControlConnection connection = ControlConnection::connect_to(host, port, deadline);
-  std::string error;
-  Frame reply;
-  if (!connection.send(MessageType::HELLO, self, deadline, &error) || !connection.receive_one(&reply, deadline, &error)) {
-    throw std::runtime_error("connect to " + where + ": " + error);
-  }
-  if (reply.type == MessageType::REFUSE) throw std::runtime_error(where + " refused the connection: " + reply.payload);
-  if (reply.type != MessageType::HELLO) throw std::runtime_error("connect to " + where + ": protocol error (no HELLO)");
-  PeerDescriptor remote = decode_descriptor(reply.payload);
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (stopping_) throw std::runtime_error("connect: the engine is shutting down");
-  if (const std::string reason = refusal_reason(remote); !reason.empty()) {
-    connection.send(MessageType::REFUSE, reason, deadline, &error);
-    throw std::runtime_error("refusing " + where + ": " + reason);
-  }
-  const PeerId id = add_peer_locked(std::move(connection), std::move(remote));
-  wake();
-  return id;
-}
-
-std::vector<PeerInfo> UcxTransfer::peers() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  std::vector<PeerInfo> out;
-  for (const auto& [id, peer] : peers_) {
-    out.push_back({id, peer->remote.name, peer->state, peer->error, peer->remote.layout});
-  }
-  return out;
-}
-
-void UcxTransfer::disconnect(PeerId id) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  auto it = peers_.find(id);
-  if (it == peers_.end() || it->second->state != PeerState::CONNECTED) return;
-  std::string ignored;
-  it->second->connection->send(MessageType::BYE, "", Clock::now() + std::chrono::milliseconds(100), &ignored);
-  fail_peer_locked(*it->second, "disconnected by this engine");
-  finish_transfers_locked();
-}
-
 TransferHandle UcxTransfer::put(PeerId peer, const TransferRequest& request) { return submit(peer, request, true); }
 
 TransferHandle UcxTransfer::get(PeerId peer, const TransferRequest& request) { return submit(peer, request, false); }
@@ -255,7 +114,7 @@ TransferHandle UcxTransfer::submit(PeerId peer_id, const TransferRequest& reques
   transfer->notify = is_put && request.notify;
   transfer->notice = {request.request_id, request.layer, num_tokens, request.remote_blocks};
   for (const CopyOp& copy : transfer->copies) transfer->bytes += copy.bytes;
-  transfer->deadline = Clock::now() + seconds_to_ms(options_.timeout_s);
+  transfer->deadline = Clock::now() + ucx_seconds_to_ms(options_.timeout_s);
   const TransferHandle handle = transfer->handle;
   transfers_.emplace(handle, std::move(transfer));
   last_activity_ = Clock::now();
@@ -271,7 +130,7 @@ TransferStatus UcxTransfer::wait(TransferHandle handle, double timeout_s) {
   if (it == transfers_.end()) throw std::invalid_argument("handle: unknown transfer handle " + std::to_string(handle));
   Transfer& transfer = *it->second;
   if (timeout_s > 0) {
-    changed_.wait_for(lock, seconds_to_ms(timeout_s), [&] { return transfer.phase == Transfer::Phase::FINAL; });
+    changed_.wait_for(lock, ucx_seconds_to_ms(timeout_s), [&] { return transfer.phase == Transfer::Phase::FINAL; });
   }
   if (transfer.phase != Transfer::Phase::FINAL) return {TransferState::PENDING, ""};
   TransferStatus status{transfer.error.empty() ? TransferState::DONE : TransferState::FAILED, transfer.error};
@@ -282,7 +141,7 @@ TransferStatus UcxTransfer::wait(TransferHandle handle, double timeout_s) {
 std::vector<TransferNotice> UcxTransfer::take_notices(double wait_s) {
   std::unique_lock<std::mutex> lock(mutex_);
   if (notices_.empty() && wait_s > 0) {
-    changed_.wait_for(lock, seconds_to_ms(wait_s), [&] { return !notices_.empty() || stopping_; });
+    changed_.wait_for(lock, ucx_seconds_to_ms(wait_s), [&] { return !notices_.empty() || stopping_; });
   }
   std::vector<TransferNotice> out;
   out.swap(notices_);
@@ -323,96 +182,6 @@ void UcxTransfer::progress_once_locked() {
     if (transfer->phase == Transfer::Phase::QUEUED) issue_locked(*transfer);
   }
   finish_transfers_locked();
-}
-
-void UcxTransfer::accept_and_handshake_locked() {
-  const SteadyTime now = Clock::now();
-  for (int fd = listener_.accept_one(); fd >= 0; fd = listener_.accept_one()) {
-    handshakes_.emplace_back(ControlConnection(fd), now + seconds_to_ms(options_.timeout_s));
-  }
-  for (auto it = handshakes_.begin(); it != handshakes_.end();) {
-    ControlConnection& connection = it->first;
-    std::vector<Frame> frames;
-    std::string error;
-    const bool open = connection.receive_available(&frames, &error);
-    if (frames.empty()) {
-      it = (!open || now > it->second) ? handshakes_.erase(it) : it + 1;  // dropped: closed or silent
-      continue;
-    }
-    const SteadyTime deadline = now + seconds_to_ms(options_.timeout_s);
-    std::string reason;
-    PeerDescriptor remote;
-    if (frames.front().type != MessageType::HELLO) {
-      reason = "protocol error: the first message must be HELLO";
-    } else {
-      try {
-        remote = decode_descriptor(frames.front().payload);
-        reason = refusal_reason(remote);
-      } catch (const std::runtime_error& e) {
-        reason = std::string("malformed descriptor: ") + e.what();
-      }
-    }
-    if (reason.empty() && connection.send(MessageType::HELLO, descriptor_, deadline, &error)) {
-      try {
-        add_peer_locked(std::move(connection), std::move(remote));
-      } catch (const std::runtime_error&) {
-        // UCX could not reach the peer's worker: dropping the socket tells the peer.
-      }
-    } else if (!reason.empty()) {
-      connection.send(MessageType::REFUSE, reason, deadline, &error);
-    }
-    it = handshakes_.erase(it);
-  }
-}
-
-void UcxTransfer::read_peers_locked() {
-  const SteadyTime now = Clock::now();
-  for (auto& [id, peer_ptr] : peers_) {
-    Peer& peer = *peer_ptr;
-    if (peer.state != PeerState::CONNECTED) continue;
-    std::vector<Frame> frames;
-    std::string error;
-    const bool open = peer.connection->receive_available(&frames, &error);
-    if (!frames.empty()) peer.last_heard = now;
-    for (const Frame& frame : frames) {
-      if (frame.type == MessageType::NOTICE) {
-        try {
-          NoticeMessage notice = decode_notice(frame.payload);
-          // The receiver acts on these ids (frees or schedules those blocks): they must be ours.
-          for (BlockId b : notice.blocks) {
-            if (b < 0 || b >= layout_.num_blocks) throw std::runtime_error("block id " + std::to_string(b) + " out of range");
-          }
-          notices_.push_back({peer.id, notice.request_id, notice.layer, std::move(notice.blocks), notice.num_tokens});
-          ++stats_.notices_received;
-          changed_.notify_all();
-        } catch (const std::runtime_error& e) {
-          error = std::string("malformed notice: ") + e.what();
-          break;
-        }
-      } else if (frame.type == MessageType::BYE) {
-        error = "connection closed by peer";
-        break;
-      } else if (frame.type != MessageType::PING) {
-        error = "protocol error: unexpected message after the handshake";
-        break;
-      }
-    }
-    if (!open || !error.empty()) {
-      fail_peer_locked(peer, error);
-      continue;
-    }
-    if (now - peer.last_heard > seconds_to_ms(options_.timeout_s)) {
-      fail_peer_locked(peer, "no message from the peer in " + std::to_string(options_.timeout_s) + " s");
-      continue;
-    }
-    if (now - peer.last_sent >= heartbeat_) {
-      if (!peer.connection->send(MessageType::PING, "", now + seconds_to_ms(options_.timeout_s), &error)) {
-        fail_peer_locked(peer, error);
-        continue;
-      }
-      peer.last_sent = now;
-    }
-  }
 }
 
 void UcxTransfer::issue_locked(Transfer& transfer) {
@@ -475,7 +244,7 @@ void UcxTransfer::finish_transfers_locked() {
     }
     if (t.error.empty() && t.notify) {
       std::string error;
-      if (!peer.connection->send(MessageType::NOTICE, encode_notice(t.notice), now + seconds_to_ms(options_.timeout_s),
+      if (!peer.connection->send(MessageType::NOTICE, encode_notice(t.notice), now + ucx_seconds_to_ms(options_.timeout_s),
                                  &error)) {
         t.error = "sending the completion notice: " + error;
         fail_peer_locked(peer, error);
@@ -493,40 +262,6 @@ void UcxTransfer::finish_transfers_locked() {
     }
     changed_.notify_all();
   }
-}
-
-void UcxTransfer::fail_peer_locked(Peer& peer, const std::string& reason) {
-  if (peer.state == PeerState::FAILED) return;
-  peer.state = PeerState::FAILED;
-  peer.error = reason;
-  ++stats_.peers_failed;
-  for (auto& [handle, transfer] : transfers_) {
-    if (transfer->peer == peer.id && transfer->phase != Transfer::Phase::FINAL && transfer->error.empty()) {
-      transfer->error = "peer '" + peer.remote.name + "' failed: " + reason;
-    }
-  }
-  close_endpoint_locked(peer);
-  peer.connection.reset();  // the peer's reader sees the close at once
-  changed_.notify_all();
-}
-
-void UcxTransfer::close_endpoint_locked(Peer& peer) {
-  if (peer.ep == nullptr) return;
-  for (ucp_rkey_h rkey : peer.rkeys) ucp_rkey_destroy(rkey);
-  peer.rkeys.clear();
-  // FORCE: no flush with a peer that may be dead; outstanding requests complete with an error.
-  ucp_request_param_t param{};
-  param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-  param.flags = UCP_EP_CLOSE_FLAG_FORCE;
-  ucs_status_ptr_t request = ucp_ep_close_nbx(peer.ep, &param);
-  if (UCS_PTR_IS_PTR(request)) {
-    const SteadyTime deadline = Clock::now() + seconds_to_ms(options_.timeout_s);
-    while (ucp_request_check_status(request) == UCS_INPROGRESS && Clock::now() < deadline) {
-      ucp_worker_progress(ucx_.worker());
-    }
-    ucp_request_free(request);
-  }
-  peer.ep = nullptr;
 }
 
 bool UcxTransfer::has_in_flight_locked() const {
@@ -574,10 +309,6 @@ void UcxTransfer::on_request_done(void* request, ucs_status_t status, void* user
   if (status != UCS_OK && transfer->error.empty()) transfer->error = std::string("UCX: ") + ucs_status_string(status);
   --transfer->outstanding;
   ucp_request_free(request);
-}
-
-void UcxTransfer::on_endpoint_error(void* arg, ucp_ep_h, ucs_status_t status) {
-  static_cast<Peer*>(arg)->endpoint_status = status;
 }
 
 }  // namespace rtpllm
