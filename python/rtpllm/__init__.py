@@ -5,9 +5,22 @@
     outputs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
 """
 
-from rtpllm.config import EngineConfig
-from rtpllm.outputs import CompletionOutput, RequestOutput
-from rtpllm.sampling_params import SamplingParams
+
+def _load_native_dependencies() -> None:
+    # rtpllm._C links UCX (the KV transfer engine) from the libucx wheel, whose libraries are not on
+    # the loader's path: load them first, as the wheel intends (libucx.load_library).
+    try:
+        import libucx
+    except ImportError:
+        return
+    libucx.load_library()
+
+
+_load_native_dependencies()
+
+from rtpllm.config import EngineConfig  # noqa: E402
+from rtpllm.outputs import CompletionOutput, RequestOutput  # noqa: E402
+from rtpllm.sampling_params import SamplingParams  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig"]

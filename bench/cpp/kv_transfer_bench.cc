@@ -1,0 +1,259 @@
+// KV transfer bandwidth: UcxTransfer put and get of block lists between two processes, against a
+// local copy of the same bytes in the same pattern (memcpy on host memory, cudaMemcpy D2D on GPU
+// memory) measured in the same run: the ceiling a transfer could reach on this machine.
+//
+//   kv_transfer_bench [--memory host|cuda] [--device D] [--layers L] [--iters N]
+//
+// The receiver is a forked child (so CUDA IPC and shared memory are on the table, as between a
+// prefill and a decode process); UCX picks the transports (UCX_TLS). KV shape: Llama-3-8B's
+// 8 KV heads x 128 dims in bf16 (2 KiB per token per plane), L layers (default 4). Block ids are
+// random on both sides, as a long-running pool's are.
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "rtpllm/transfer/transfer_plan.h"
+#include "rtpllm/transfer/ucx/ucx_transfer.h"
+#ifdef RTPLLM_BENCH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace rtpllm {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr int32_t kHeads = 8, kHeadDim = 128, kElementBytes = 2;
+constexpr int32_t kPoolBlocks = 256;
+
+struct Args {
+  MemoryKind memory = MemoryKind::HOST;
+  int device = 0;
+  int32_t layers = 4;
+  int iters = 0;  // 0: enough to move ~512 MiB per measurement
+};
+
+void die(const std::string& message) {
+  std::fprintf(stderr, "kv_transfer_bench: %s\n", message.c_str());
+  std::exit(1);
+}
+
+#ifdef RTPLLM_BENCH_CUDA
+void cuda_check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) die(std::string(what) + ": " + cudaGetErrorString(status));
+}
+#endif
+
+// One allocation holding every layer's [K, V][num_blocks][block] planes.
+struct Pool {
+  Pool(const Args& args, int32_t block_tokens) : memory(args.memory) {
+    layout.memory = args.memory;
+    layout.device_index = args.device;
+    layout.num_blocks = kPoolBlocks;
+    layout.block_size = block_tokens;
+    layout.num_kv_heads = kHeads;
+    layout.head_dim = kHeadDim;
+    layout.element_bytes = kElementBytes;
+    layout.block_stride_bytes = layout.block_bytes();
+    const size_t plane = static_cast<size_t>(kPoolBlocks) * layout.block_bytes();
+    bytes = plane * 2 * args.layers;
+    if (memory == MemoryKind::CUDA) {
+#ifdef RTPLLM_BENCH_CUDA
+      cuda_check(cudaSetDevice(args.device), "cudaSetDevice");
+      cuda_check(cudaMalloc(&base, bytes), "cudaMalloc");
+      cuda_check(cudaMemset(base, 1, bytes), "cudaMemset");
+#else
+      die("--memory cuda needs a build with RTPLLM_CUDA=ON");
+#endif
+    } else {
+      base = std::aligned_alloc(4096, bytes);
+      std::memset(base, 1, bytes);
+    }
+    const uint64_t b = reinterpret_cast<uint64_t>(base);
+    for (int32_t l = 0; l < args.layers; ++l) layout.layers.push_back({b + 2 * l * plane, b + (2 * l + 1) * plane});
+  }
+  ~Pool() {
+#ifdef RTPLLM_BENCH_CUDA
+    if (memory == MemoryKind::CUDA) {
+      cudaFree(base);
+      return;
+    }
+#endif
+    std::free(base);
+  }
+  MemoryKind memory;
+  void* base = nullptr;
+  size_t bytes = 0;
+  KVLayout layout;
+};
+
+std::function<void()> device_init(const Args& args) {
+#ifdef RTPLLM_BENCH_CUDA
+  if (args.memory == MemoryKind::CUDA) return [device = args.device] { cudaSetDevice(device); };
+#endif
+  (void)args;
+  return {};
+}
+
+TransferOptions bench_options(const char* name) {
+  TransferOptions options;
+  options.name = name;
+  options.identity = "bench";
+  options.timeout_s = 60;
+  return options;
+}
+
+// The receiver: registers its pool, reports its port, serves until the parent closes the pipe.
+[[noreturn]] void run_receiver(const Args& args, int32_t block_tokens, int port_fd, int quit_fd) {
+  Pool pool(args, block_tokens);
+  UcxTransfer engine(bench_options("receiver"), device_init(args));
+  engine.register_kv(pool.layout);
+  const int32_t port = engine.listen_port();
+  if (write(port_fd, &port, sizeof(port)) != sizeof(port)) die("pipe");
+  char byte;
+  while (read(quit_fd, &byte, 1) > 0) {
+  }
+  std::exit(0);
+}
+
+std::vector<BlockId> random_blocks(int32_t count, std::mt19937& rng) {
+  std::vector<BlockId> all(kPoolBlocks);
+  std::iota(all.begin(), all.end(), 0);
+  std::shuffle(all.begin(), all.end(), rng);
+  all.resize(count);
+  return all;
+}
+
+double seconds(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+double time_transfers(UcxTransfer& engine, PeerId peer, const TransferRequest& request, bool is_put, int iters) {
+  auto once = [&] {
+    const TransferHandle handle = is_put ? engine.put(peer, request) : engine.get(peer, request);
+    const TransferStatus status = engine.wait(handle, 120);
+    if (status.state != TransferState::DONE) die("transfer failed: " + status.error);
+  };
+  once();  // warm-up: endpoint wire-up, rkey caches
+  const auto start = Clock::now();
+  for (int i = 0; i < iters; ++i) once();
+  return seconds(start) / iters;
+}
+
+// The same copies a transfer makes, done locally: the ceiling.
+double time_local_copies(const std::vector<CopyOp>& copies, MemoryKind memory, int iters) {
+  auto once = [&] {
+    if (memory == MemoryKind::CUDA) {
+#ifdef RTPLLM_BENCH_CUDA
+      for (const CopyOp& c : copies) {
+        cuda_check(cudaMemcpyAsync(reinterpret_cast<void*>(c.dst), reinterpret_cast<const void*>(c.src), c.bytes,
+                                   cudaMemcpyDeviceToDevice),
+                   "cudaMemcpyAsync");
+      }
+      cuda_check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+#endif
+    } else {
+      for (const CopyOp& c : copies) {
+        std::memcpy(reinterpret_cast<void*>(c.dst), reinterpret_cast<const void*>(c.src), c.bytes);
+      }
+    }
+  };
+  once();
+  const auto start = Clock::now();
+  for (int i = 0; i < iters; ++i) once();
+  return seconds(start) / iters;
+}
+
+void bench_block_size(const Args& args, int32_t block_tokens) {
+  int port_pipe[2], quit_pipe[2];
+  if (pipe(port_pipe) != 0 || pipe(quit_pipe) != 0) die("pipe");
+  const pid_t child = fork();  // before this process touches CUDA or UCX
+  if (child == 0) {
+    close(port_pipe[0]);
+    close(quit_pipe[1]);
+    run_receiver(args, block_tokens, port_pipe[1], quit_pipe[0]);
+  }
+  close(port_pipe[1]);
+  close(quit_pipe[0]);
+  int32_t port = 0;
+  if (read(port_pipe[0], &port, sizeof(port)) != sizeof(port)) die("the receiver did not start");
+  {
+    Pool local(args, block_tokens);
+    Pool baseline(args, block_tokens);
+    UcxTransfer engine(bench_options("sender"), device_init(args));
+    engine.register_kv(local.layout);
+    const PeerId peer = engine.connect("127.0.0.1", port);
+    std::mt19937 rng(7);
+    for (int32_t count : {1, 4, 16, 64, 256}) {
+      const std::vector<BlockId> src = random_blocks(count, rng), dst = random_blocks(count, rng);
+      const int64_t tokens = static_cast<int64_t>(count) * block_tokens;
+      const TransferRequest request{1, src, dst, tokens, -1, true};
+      const auto copies =
+          plan_copies(local.layout, baseline.layout, plan_transfer(local.layout, src, baseline.layout, dst, tokens), -1);
+      uint64_t bytes = 0;
+      for (const CopyOp& c : copies) bytes += c.bytes;
+      const int iters = args.iters > 0 ? args.iters : static_cast<int>(std::clamp<uint64_t>((512u << 20) / bytes, 3, 200));
+      const double put_s = time_transfers(engine, peer, request, true, iters);
+      const double get_s = time_transfers(engine, peer, request, false, iters);
+      const double copy_s = time_local_copies(copies, args.memory, iters);
+      const double gb = static_cast<double>(bytes) / 1e9;
+      std::printf("%-5s %6d %6d %9.2f %8zu %9.2f %9.2f %9.2f %8.2f %8.2f %9.1f\n",
+                  args.memory == MemoryKind::CUDA ? "cuda" : "host", block_tokens, count, bytes / 1048576.0,
+                  copies.size(), gb / put_s, gb / get_s, gb / copy_s, copy_s / put_s, copy_s / get_s, put_s * 1e6);
+      std::fflush(stdout);
+    }
+  }
+  close(quit_pipe[1]);
+  int status = 0;
+  waitpid(child, &status, 0);
+}
+
+Args parse(int argc, char** argv) {
+  Args args;
+  for (int i = 1; i < argc; ++i) {
+    const std::string flag = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) die("missing value for " + flag);
+      return argv[++i];
+    };
+    if (flag == "--memory") {
+      const std::string m = value();
+      if (m != "host" && m != "cuda") die("--memory: host or cuda");
+      args.memory = m == "cuda" ? MemoryKind::CUDA : MemoryKind::HOST;
+    } else if (flag == "--device") {
+      args.device = std::atoi(value().c_str());
+    } else if (flag == "--layers") {
+      args.layers = std::max(1, std::atoi(value().c_str()));
+    } else if (flag == "--iters") {
+      args.iters = std::max(1, std::atoi(value().c_str()));
+    } else {
+      die("unknown flag " + flag + " (--memory host|cuda, --device D, --layers L, --iters N)");
+    }
+  }
+  return args;
+}
+
+}  // namespace
+}  // namespace rtpllm
+
+int main(int argc, char** argv) {
+  using namespace rtpllm;
+  const Args args = parse(argc, argv);
+  const char* tls = std::getenv("UCX_TLS");
+  std::printf("# KV transfer between two processes, UCX_TLS=%s, %d layers, 2 KiB per token per plane\n",
+              tls ? tls : "(UCX default)", args.layers);
+  std::printf("# copy = the same copies done locally (%s); ratio = transfer rate / copy rate\n",
+              args.memory == MemoryKind::CUDA ? "cudaMemcpyAsync D2D" : "memcpy");
+  std::printf("%-5s %6s %6s %9s %8s %9s %9s %9s %8s %8s %9s\n", "mem", "block", "blocks", "MiB", "copies",
+              "put GB/s", "get GB/s", "copy GB/s", "put/cp", "get/cp", "put us");
+  for (int32_t block_tokens : {16, 64}) bench_block_size(args, block_tokens);
+  return 0;
+}

@@ -1,0 +1,207 @@
+// The KV transfer engine (cpp/rtpllm/transfer): the KV layout it registers, the transfer plan, and
+// UcxTransfer when built with UCX (_C.has_ucx). Blocking calls release the GIL.
+//
+// NOTE: KVLayout, MemoryKind and TransferState belong to the kvstore seam; they are bound here
+// only if no other binding file registered them first.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+#include <typeinfo>
+
+#include "rtpllm/kvstore/kv_layout.h"
+#include "rtpllm/transfer/kv_transfer.h"
+#include "rtpllm/transfer/transfer_plan.h"
+#ifdef RTPLLM_WITH_UCX
+#include "rtpllm/transfer/ucx/ucx_transfer.h"
+#endif
+#ifdef RTPLLM_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace py = pybind11;
+
+namespace rtpllm::bindings {
+namespace {
+
+template <typename T>
+bool already_bound() {
+  return py::detail::get_type_info(typeid(T)) != nullptr;
+}
+
+void bind_layout(py::module_& m) {
+  if (!already_bound<MemoryKind>()) {
+    py::enum_<MemoryKind>(m, "MemoryKind").value("HOST", MemoryKind::HOST).value("CUDA", MemoryKind::CUDA);
+  }
+  if (!already_bound<KVLayerAddress>()) {
+    py::class_<KVLayerAddress>(m, "KVLayerAddress", "Base addresses of one layer's K and V planes")
+        .def(py::init([](uint64_t k_base, uint64_t v_base) { return KVLayerAddress{k_base, v_base}; }),
+             py::arg("k_base"), py::arg("v_base"))
+        .def_readwrite("k_base", &KVLayerAddress::k_base)
+        .def_readwrite("v_base", &KVLayerAddress::v_base);
+  }
+  if (!already_bound<KVLayout>()) {
+    py::class_<KVLayout>(m, "KVLayout", "Where the paged KV pool lives (C++ holds addresses, never ownership)")
+        .def(py::init([](MemoryKind memory, int32_t device_index, int32_t num_blocks, int32_t block_size,
+                         int32_t num_kv_heads, int32_t head_dim, int32_t element_bytes, int64_t block_stride_bytes,
+                         std::vector<KVLayerAddress> layers) {
+               return KVLayout{memory, device_index, num_blocks, block_size, num_kv_heads, head_dim,
+                               element_bytes, block_stride_bytes, std::move(layers)};
+             }),
+             py::kw_only(), py::arg("memory"), py::arg("device_index") = 0, py::arg("num_blocks"),
+             py::arg("block_size"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("element_bytes"),
+             py::arg("block_stride_bytes"), py::arg("layers"))
+        .def_readwrite("memory", &KVLayout::memory)
+        .def_readwrite("device_index", &KVLayout::device_index)
+        .def_readwrite("num_blocks", &KVLayout::num_blocks)
+        .def_readwrite("block_size", &KVLayout::block_size)
+        .def_readwrite("num_kv_heads", &KVLayout::num_kv_heads)
+        .def_readwrite("head_dim", &KVLayout::head_dim)
+        .def_readwrite("element_bytes", &KVLayout::element_bytes)
+        .def_readwrite("block_stride_bytes", &KVLayout::block_stride_bytes)
+        .def_readwrite("layers", &KVLayout::layers)
+        .def_property_readonly("num_layers", &KVLayout::num_layers)
+        .def("block_bytes", &KVLayout::block_bytes)
+        .def("bytes_per_block", &KVLayout::bytes_per_block);
+  }
+  if (!already_bound<TransferState>()) {
+    py::enum_<TransferState>(m, "TransferState")
+        .value("PENDING", TransferState::PENDING)
+        .value("DONE", TransferState::DONE)
+        .value("FAILED", TransferState::FAILED);
+  }
+}
+
+void bind_plan(py::module_& m) {
+  py::class_<TransferSegment>(m, "TransferSegment", "A run of tokens inside one source and one destination block")
+      .def_readonly("src_block", &TransferSegment::src_block)
+      .def_readonly("src_token", &TransferSegment::src_token)
+      .def_readonly("dst_block", &TransferSegment::dst_block)
+      .def_readonly("dst_token", &TransferSegment::dst_token)
+      .def_readonly("num_tokens", &TransferSegment::num_tokens);
+  m.def("plan_transfer", &plan_transfer, py::arg("src"), py::arg("src_blocks"), py::arg("dst"), py::arg("dst_blocks"),
+        py::arg("num_tokens"), "Token ranges of src_blocks -> dst_blocks (ValueError naming the bad field)");
+  m.def("check_kv_layout", &check_layout, py::arg("layout"), "ValueError naming the bad field");
+  m.def("make_block_major_layout", &make_block_major_layout, py::kw_only(), py::arg("base"), py::arg("memory"),
+        py::arg("num_blocks"), py::arg("num_layers"), py::arg("block_size"), py::arg("num_kv_heads"),
+        py::arg("head_dim"), py::arg("element_bytes"),
+        "A layout over one buffer of whole blocks, [num_blocks][num_layers][K, V][block_size, heads, head_dim]");
+}
+
+void bind_engine_types(py::module_& m) {
+  py::class_<TransferOptions>(m, "TransferOptions")
+      .def(py::init([](std::string name, std::string identity, std::string listen_host, int32_t listen_port,
+                       double timeout_s, int32_t max_blocks_per_transfer) {
+             TransferOptions o{std::move(name), std::move(identity), std::move(listen_host), listen_port, timeout_s,
+                               max_blocks_per_transfer};
+             o.validate();
+             return o;
+           }),
+           py::kw_only(), py::arg("name") = "rtpllm", py::arg("identity") = "", py::arg("listen_host") = "127.0.0.1",
+           py::arg("listen_port") = 0, py::arg("timeout_s") = 10.0, py::arg("max_blocks_per_transfer") = 1 << 16)
+      .def_readonly("name", &TransferOptions::name)
+      .def_readonly("identity", &TransferOptions::identity)
+      .def_readonly("listen_host", &TransferOptions::listen_host)
+      .def_readonly("listen_port", &TransferOptions::listen_port)
+      .def_readonly("timeout_s", &TransferOptions::timeout_s)
+      .def_readonly("max_blocks_per_transfer", &TransferOptions::max_blocks_per_transfer);
+
+  py::class_<TransferRequest>(m, "TransferRequest", "Tokens [0, num_tokens) of local_blocks <-> remote_blocks")
+      .def(py::init([](uint64_t request_id, std::vector<BlockId> local_blocks, std::vector<BlockId> remote_blocks,
+                       int64_t num_tokens, int32_t layer, bool notify) {
+             return TransferRequest{request_id, std::move(local_blocks), std::move(remote_blocks), num_tokens, layer,
+                                    notify};
+           }),
+           py::kw_only(), py::arg("request_id"), py::arg("local_blocks"), py::arg("remote_blocks"),
+           py::arg("num_tokens") = -1, py::arg("layer") = -1, py::arg("notify") = true)
+      .def_readonly("request_id", &TransferRequest::request_id)
+      .def_readonly("local_blocks", &TransferRequest::local_blocks)
+      .def_readonly("remote_blocks", &TransferRequest::remote_blocks)
+      .def_readonly("num_tokens", &TransferRequest::num_tokens)
+      .def_readonly("layer", &TransferRequest::layer)
+      .def_readonly("notify", &TransferRequest::notify);
+
+  py::class_<TransferStatus>(m, "TransferStatus")
+      .def_readonly("state", &TransferStatus::state)
+      .def_readonly("error", &TransferStatus::error)
+      .def("__repr__", [](const TransferStatus& s) {
+        const char* names[] = {"PENDING", "DONE", "FAILED"};
+        return std::string("TransferStatus(") + names[static_cast<int>(s.state)] +
+               (s.error.empty() ? "" : ", error=" + s.error) + ")";
+      });
+
+  py::class_<TransferNotice>(m, "TransferNotice", "A put that landed in this engine's memory")
+      .def_readonly("peer", &TransferNotice::peer)
+      .def_readonly("request_id", &TransferNotice::request_id)
+      .def_readonly("layer", &TransferNotice::layer)
+      .def_readonly("blocks", &TransferNotice::blocks)
+      .def_readonly("num_tokens", &TransferNotice::num_tokens);
+
+  py::enum_<PeerState>(m, "PeerState").value("CONNECTED", PeerState::CONNECTED).value("FAILED", PeerState::FAILED);
+
+  py::class_<PeerInfo>(m, "PeerInfo")
+      .def_readonly("id", &PeerInfo::id)
+      .def_readonly("name", &PeerInfo::name)
+      .def_readonly("state", &PeerInfo::state)
+      .def_readonly("error", &PeerInfo::error)
+      .def_readonly("layout", &PeerInfo::layout);
+
+  py::class_<TransferStats>(m, "TransferStats")
+      .def_readonly("puts", &TransferStats::puts)
+      .def_readonly("gets", &TransferStats::gets)
+      .def_readonly("failed", &TransferStats::failed)
+      .def_readonly("bytes_put", &TransferStats::bytes_put)
+      .def_readonly("bytes_got", &TransferStats::bytes_got)
+      .def_readonly("notices_received", &TransferStats::notices_received)
+      .def_readonly("peers_failed", &TransferStats::peers_failed);
+}
+
+#ifdef RTPLLM_WITH_UCX
+void bind_ucx_transfer(py::module_& m) {
+  using Release = py::call_guard<py::gil_scoped_release>;
+  py::class_<UcxTransfer>(m, "UcxTransfer",
+                          "KV transfer engine over UCX (see cpp/rtpllm/transfer/kv_transfer.h for the contract)")
+      .def(py::init([](const TransferOptions& options, std::optional<int> cuda_device) {
+             std::function<void()> thread_init;
+             if (cuda_device) {
+#ifdef RTPLLM_WITH_CUDA
+               // UCX's CUDA transports act on the progress thread's current device.
+               thread_init = [device = *cuda_device] { cudaSetDevice(device); };
+#else
+               throw std::invalid_argument("cuda_device: rtpllm._C was built without CUDA");
+#endif
+             }
+             return std::make_unique<UcxTransfer>(options, std::move(thread_init));
+           }),
+           py::arg("options"), py::kw_only(), py::arg("cuda_device") = std::nullopt)
+      .def("register_kv", &UcxTransfer::register_kv, py::arg("layout"), Release(),
+           "Registers the KV memory (the caller keeps it alive for the engine's lifetime)")
+      .def_property_readonly("listen_port", &UcxTransfer::listen_port)
+      .def("connect", &UcxTransfer::connect, py::arg("host"), py::arg("port"), Release())
+      .def("peers", &UcxTransfer::peers)
+      .def("disconnect", &UcxTransfer::disconnect, py::arg("peer"), Release())
+      .def("put", &UcxTransfer::put, py::arg("peer"), py::arg("request"), Release())
+      .def("get", &UcxTransfer::get, py::arg("peer"), py::arg("request"), Release())
+      .def("poll", &UcxTransfer::poll, py::arg("handle"))
+      .def("wait", &UcxTransfer::wait, py::arg("handle"), py::arg("timeout_s"), Release())
+      .def("take_notices", &UcxTransfer::take_notices, py::arg("wait_s") = 0.0, Release())
+      .def("stats", &UcxTransfer::stats);
+}
+#endif
+
+}  // namespace
+
+void bind_transfer(py::module_& m) {
+  bind_layout(m);
+  bind_plan(m);
+  bind_engine_types(m);
+#ifdef RTPLLM_WITH_UCX
+  bind_ucx_transfer(m);
+  m.attr("has_ucx") = true;
+#else
+  m.attr("has_ucx") = false;
+#endif
+}
+
+}  // namespace rtpllm::bindings

@@ -1,0 +1,160 @@
+#include "rtpllm/transfer/transfer_messages.h"
+
+#include <cstring>
+#include <stdexcept>
+
+namespace rtpllm {
+namespace {
+
+class ByteWriter {
+ public:
+  template <typename T>
+  void put(T value) {
+    out_.append(reinterpret_cast<const char*>(&value), sizeof(T));
+  }
+  void put_bytes(const std::string& bytes) {
+    put<uint32_t>(static_cast<uint32_t>(bytes.size()));
+    out_ += bytes;
+  }
+  std::string take() { return std::move(out_); }
+
+ private:
+  std::string out_;
+};
+
+class ByteReader {
+ public:
+  explicit ByteReader(const std::string& in) : in_(in) {}
+  template <typename T>
+  T get() {
+    need(sizeof(T));
+    T value;
+    std::memcpy(&value, in_.data() + pos_, sizeof(T));
+    pos_ += sizeof(T);
+    return value;
+  }
+  std::string get_bytes() {
+    const uint32_t size = get<uint32_t>();
+    need(size);
+    std::string bytes = in_.substr(pos_, size);
+    pos_ += size;
+    return bytes;
+  }
+  // A count of items of at least item_bytes each must fit in what is left (a corrupt count must
+  // not make us reserve gigabytes).
+  uint32_t get_count(size_t item_bytes) {
+    const uint32_t count = get<uint32_t>();
+    need(static_cast<size_t>(count) * item_bytes);
+    return count;
+  }
+  void expect_end() const {
+    if (pos_ != in_.size()) throw std::runtime_error("malformed message: trailing bytes");
+  }
+
+ private:
+  void need(size_t bytes) const {
+    if (bytes > in_.size() - pos_) throw std::runtime_error("malformed message: truncated");
+  }
+  const std::string& in_;
+  size_t pos_ = 0;
+};
+
+}  // namespace
+
+std::string encode_descriptor(const PeerDescriptor& d) {
+  ByteWriter w;
+  w.put<uint32_t>(d.protocol_version);
+  w.put_bytes(d.name);
+  w.put_bytes(d.identity);
+  w.put_bytes(d.worker_address);
+  const KVLayout& l = d.layout;
+  w.put<uint8_t>(static_cast<uint8_t>(l.memory));
+  w.put<int32_t>(l.device_index);
+  w.put<int32_t>(l.num_blocks);
+  w.put<int32_t>(l.block_size);
+  w.put<int32_t>(l.num_kv_heads);
+  w.put<int32_t>(l.head_dim);
+  w.put<int32_t>(l.element_bytes);
+  w.put<int64_t>(l.block_stride_bytes);
+  w.put<uint32_t>(static_cast<uint32_t>(l.layers.size()));
+  for (const KVLayerAddress& a : l.layers) {
+    w.put<uint64_t>(a.k_base);
+    w.put<uint64_t>(a.v_base);
+  }
+  w.put<uint32_t>(static_cast<uint32_t>(d.regions.size()));
+  for (const RemoteRegion& r : d.regions) {
+    w.put<uint64_t>(r.base);
+    w.put<uint64_t>(r.length);
+    w.put_bytes(r.rkey);
+  }
+  return w.take();
+}
+
+PeerDescriptor decode_descriptor(const std::string& payload) {
+  ByteReader r(payload);
+  PeerDescriptor d;
+  d.protocol_version = r.get<uint32_t>();
+  if (d.protocol_version != 1) {
+    throw std::runtime_error("unsupported transfer protocol version " + std::to_string(d.protocol_version));
+  }
+  d.name = r.get_bytes();
+  d.identity = r.get_bytes();
+  d.worker_address = r.get_bytes();
+  KVLayout& l = d.layout;
+  l.memory = static_cast<MemoryKind>(r.get<uint8_t>());
+  l.device_index = r.get<int32_t>();
+  l.num_blocks = r.get<int32_t>();
+  l.block_size = r.get<int32_t>();
+  l.num_kv_heads = r.get<int32_t>();
+  l.head_dim = r.get<int32_t>();
+  l.element_bytes = r.get<int32_t>();
+  l.block_stride_bytes = r.get<int64_t>();
+  const uint32_t num_layers = r.get_count(2 * sizeof(uint64_t));
+  l.layers.resize(num_layers);
+  for (KVLayerAddress& a : l.layers) {
+    a.k_base = r.get<uint64_t>();
+    a.v_base = r.get<uint64_t>();
+  }
+  const uint32_t num_regions = r.get_count(2 * sizeof(uint64_t) + sizeof(uint32_t));
+  d.regions.resize(num_regions);
+  for (RemoteRegion& region : d.regions) {
+    region.base = r.get<uint64_t>();
+    region.length = r.get<uint64_t>();
+    region.rkey = r.get_bytes();
+  }
+  r.expect_end();
+  return d;
+}
+
+std::string encode_notice(const NoticeMessage& n) {
+  ByteWriter w;
+  w.put<uint64_t>(n.request_id);
+  w.put<int32_t>(n.layer);
+  w.put<int64_t>(n.num_tokens);
+  w.put<uint32_t>(static_cast<uint32_t>(n.blocks.size()));
+  for (BlockId b : n.blocks) w.put<int32_t>(b);
+  return w.take();
+}
+
+NoticeMessage decode_notice(const std::string& payload) {
+  ByteReader r(payload);
+  NoticeMessage n;
+  n.request_id = r.get<uint64_t>();
+  n.layer = r.get<int32_t>();
+  n.num_tokens = r.get<int64_t>();
+  const uint32_t count = r.get_count(sizeof(int32_t));
+  n.blocks.resize(count);
+  for (BlockId& b : n.blocks) b = r.get<int32_t>();
+  r.expect_end();
+  return n;
+}
+
+std::string frame_message(MessageType type, const std::string& payload) {
+  if (payload.size() > kMaxMessageBytes) throw std::invalid_argument("message too large for the control channel");
+  ByteWriter w;
+  w.put<uint32_t>(static_cast<uint32_t>(type));
+  w.put<uint32_t>(static_cast<uint32_t>(payload.size()));
+  return w.take() + payload;
+}
+
+}  // namespace rtpllm

@@ -1,0 +1,61 @@
+// The typed messages of the transfer engine's control channel and their byte encoding.
+//
+// A frame is [u32 type][u32 payload length][payload], integers little endian (every platform we
+// build for). Decoding checks every length against the bytes present and throws
+// std::runtime_error on a malformed payload; the connection that sent it is then failed, so a
+// corrupt or hostile peer costs one connection, never the process.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "rtpllm/core/types.h"
+#include "rtpllm/kvstore/kv_layout.h"
+
+namespace rtpllm {
+
+enum class MessageType : uint32_t {
+  HELLO = 1,   // PeerDescriptor: the first message each side sends
+  REFUSE = 2,  // reason (string): the HELLO was not accepted; the sender closes
+  NOTICE = 3,  // NoticeMessage: a put's data has landed
+  PING = 4,    // empty: keeps a quiet connection alive (liveness)
+  BYE = 5,     // empty: orderly close
+};
+
+inline constexpr uint32_t kMaxMessageBytes = 16u << 20;  // larger frames are a protocol error
+
+// One registered span of the sender's memory and the UCX remote key that grants access to it.
+struct RemoteRegion {
+  uint64_t base = 0;
+  uint64_t length = 0;
+  std::string rkey;  // packed by ucp_rkey_pack, opaque here
+};
+
+// What a peer needs to address this engine's KV memory.
+struct PeerDescriptor {
+  uint32_t protocol_version = 1;
+  std::string name;
+  std::string identity;
+  std::string worker_address;  // ucp_worker_get_address, opaque here
+  KVLayout layout;
+  std::vector<RemoteRegion> regions;
+};
+
+struct NoticeMessage {
+  uint64_t request_id = 0;
+  int32_t layer = -1;
+  int64_t num_tokens = 0;
+  std::vector<BlockId> blocks;
+};
+
+std::string encode_descriptor(const PeerDescriptor& descriptor);
+PeerDescriptor decode_descriptor(const std::string& payload);
+
+std::string encode_notice(const NoticeMessage& notice);
+NoticeMessage decode_notice(const std::string& payload);
+
+// [type][length][payload] ready to write to the socket.
+std::string frame_message(MessageType type, const std::string& payload);
+
+}  // namespace rtpllm

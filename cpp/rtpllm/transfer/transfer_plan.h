@@ -1,0 +1,79 @@
+// Pure functions that turn a transfer of token ranges between two KV layouts into byte copies.
+//
+// Inside one plane (K or V) of one layer a block holds block_size tokens, each token
+// num_kv_heads * head_dim * element_bytes contiguous bytes ([block_size, num_kv_heads, head_dim]).
+// So two layouts with the same per-token shape but different block sizes (prefill 64, decode 16)
+// map onto each other token range by token range:
+//   plan_transfer  (src blocks, dst blocks, num_tokens) -> segments, each inside one src block and
+//                  one dst block;
+//   plan_copies    segments x layers x {K, V} -> (src address, dst address, bytes) copies, adjacent
+//                  copies merged (consecutive blocks of a contiguous plane become one copy).
+// Nothing here touches memory or the network.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "rtpllm/core/types.h"
+#include "rtpllm/kvstore/kv_layout.h"
+
+namespace rtpllm {
+
+// A run of tokens inside one source block and one destination block.
+struct TransferSegment {
+  BlockId src_block = 0;
+  int32_t src_token = 0;  // first token inside src_block
+  BlockId dst_block = 0;
+  int32_t dst_token = 0;
+  int32_t num_tokens = 0;
+};
+
+struct CopyOp {
+  uint64_t src = 0;
+  uint64_t dst = 0;
+  uint64_t bytes = 0;
+};
+
+// A span of registered memory.
+struct MemoryRegion {
+  uint64_t base = 0;
+  uint64_t length = 0;
+};
+
+// Bytes of one token in one plane of one layer.
+int64_t token_bytes(const KVLayout& layout);
+
+// Throws std::invalid_argument naming the bad field: non-positive sizes, no layers, null bases,
+// a stride shorter than a block, an invalid memory kind.
+void check_layout(const KVLayout& layout);
+
+// Throws std::invalid_argument naming the first field in which the two layouts cannot exchange
+// tokens (layers, KV heads, head dim, element size); block size, count and stride may differ.
+void check_compatible(const KVLayout& src, const KVLayout& dst);
+
+// Maps tokens [0, num_tokens) stored in src_blocks onto the same tokens stored in dst_blocks.
+// Each list must hold exactly ceil(num_tokens / block_size) blocks of its layout, every id in
+// [0, num_blocks); std::invalid_argument (naming "src_blocks", "dst_blocks" or "num_tokens")
+// otherwise (dst_blocks must also be distinct: two segments must not write one block).
+std::vector<TransferSegment> plan_transfer(const KVLayout& src, const std::vector<BlockId>& src_blocks,
+                                           const KVLayout& dst, const std::vector<BlockId>& dst_blocks,
+                                           int64_t num_tokens);
+
+// The byte copies for segments, for one layer (0 <= layer < num_layers) or every layer (-1), K and
+// V planes both. A copy continues the previous one when its source and destination both start
+// where the previous ended.
+std::vector<CopyOp> plan_copies(const KVLayout& src, const KVLayout& dst, const std::vector<TransferSegment>& segments,
+                                int32_t layer);
+
+// The memory a layout spans, as few regions as possible: every layer's K and V plane
+// [base, base + (num_blocks - 1) * stride + block_bytes), sorted, overlapping or touching spans
+// merged (a per-layer [2, num_blocks, ...] tensor is one region; a block-major host region is one).
+std::vector<MemoryRegion> layout_regions(const KVLayout& layout);
+
+// A layout over one contiguous host (or device) buffer that holds whole blocks one after another,
+// each block [num_layers][K, V][block_size, num_kv_heads, head_dim]: the shape of a KV store's
+// buffer, where a block (all its layers) is the unit stored and moved.
+KVLayout make_block_major_layout(uint64_t base, MemoryKind memory, int32_t num_blocks, int32_t num_layers,
+                                 int32_t block_size, int32_t num_kv_heads, int32_t head_dim, int32_t element_bytes);
+
+}  // namespace rtpllm

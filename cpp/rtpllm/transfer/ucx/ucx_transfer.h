@@ -1,0 +1,95 @@
+// KVTransfer over UCX (UCP): puts and gets are ucp_put_nbx / ucp_get_nbx on the peer's registered
+// memory; a put with a notice is flushed (ucp_ep_flush_nbx: remote completion) before its NOTICE
+// goes out on the control channel, so the receiver never sees a notice before the bytes.
+//
+// Threads: one progress thread per engine drives ucp_worker_progress, the control sockets
+// (accept, handshakes, notices, heartbeats) and every deadline; it sleeps on the worker's event fd
+// and the sockets when nothing is in flight, spins while transfers move, and naps 1 ms at a time
+// while they are stalled. Callers' threads only validate, plan and queue. One mutex guards all
+// state and every UCX call.
+#pragma once
+
+#include <condition_variable>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "rtpllm/transfer/control_channel.h"
+#include "rtpllm/transfer/kv_transfer.h"
+#include "rtpllm/transfer/transfer_plan.h"
+#include "rtpllm/transfer/ucx/ucx_memory.h"
+
+namespace rtpllm {
+
+class UcxTransfer final : public KVTransfer {
+ public:
+  // Starts listening and the progress thread. thread_init runs first on the progress thread
+  // (the CUDA build makes the KV pool's device current there: UCX's CUDA transports need it).
+  explicit UcxTransfer(TransferOptions options, std::function<void()> thread_init = {});
+  ~UcxTransfer() override;  // closes every peer (they see "closed by peer"), fails what is in flight
+
+  void register_kv(const KVLayout& layout) override;
+  int32_t listen_port() const override;
+  PeerId connect(const std::string& host, int32_t port) override;
+  std::vector<PeerInfo> peers() const override;
+  void disconnect(PeerId peer) override;
+  TransferHandle put(PeerId peer, const TransferRequest& request) override;
+  TransferHandle get(PeerId peer, const TransferRequest& request) override;
+  TransferStatus poll(TransferHandle handle) override;
+  TransferStatus wait(TransferHandle handle, double timeout_s) override;
+  std::vector<TransferNotice> take_notices(double wait_s) override;
+  TransferStats stats() const override;
+
+ private:
+  struct Peer;
+  struct Transfer;
+
+  // Checked descriptor of the remote side, or a reason to refuse it.
+  std::string refusal_reason(const PeerDescriptor& remote) const;
+  PeerId add_peer_locked(ControlConnection connection, PeerDescriptor remote);
+  TransferHandle submit(PeerId peer, const TransferRequest& request, bool is_put);
+
+  // Progress thread.
+  void run(std::function<void()> thread_init);
+  void progress_once_locked();
+  void accept_and_handshake_locked();
+  void read_peers_locked();
+  void issue_locked(Transfer& transfer);
+  void finish_transfers_locked();
+  void fail_peer_locked(Peer& peer, const std::string& reason);
+  void close_endpoint_locked(Peer& peer);
+  bool has_in_flight_locked() const;
+  void wait_for_events();
+  void wake();
+
+  static void on_request_done(void* request, ucs_status_t status, void* user_data);
+  static void on_endpoint_error(void* arg, ucp_ep_h ep, ucs_status_t status);
+
+  const TransferOptions options_;
+  const std::chrono::milliseconds heartbeat_;
+  UcxWorker ucx_;
+  ControlListener listener_;
+  int wake_fd_ = -1;
+
+  mutable std::mutex mutex_;
+  std::condition_variable changed_;  // a transfer finished or a notice arrived
+  bool stopping_ = false;
+  KVLayout layout_;
+  std::unique_ptr<UcxRegistration> registration_;
+  std::string descriptor_;  // this engine's encoded PeerDescriptor, once registered
+  std::vector<std::pair<ControlConnection, SteadyTime>> handshakes_;  // accepted, no HELLO yet
+  std::map<PeerId, std::unique_ptr<Peer>> peers_;
+  std::map<TransferHandle, std::unique_ptr<Transfer>> transfers_;
+  std::vector<TransferNotice> notices_;
+  TransferStats stats_;
+  PeerId next_peer_ = 1;
+  TransferHandle next_handle_ = 1;
+  SteadyTime last_activity_;  // the worker last made progress, or a transfer was queued
+  static constexpr std::chrono::milliseconds kSpinWindow{5};
+  std::thread thread_;
+};
+
+}  // namespace rtpllm

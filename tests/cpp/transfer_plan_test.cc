@@ -1,0 +1,189 @@
+// The transfer plan: token ranges between layouts of different block sizes, the byte copies, the
+// registered regions, and the control channel's message encoding. No UCX here: the copies are
+// applied with memcpy, so a wrong address shows up as a wrong token.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <stdexcept>
+
+#include "host_kv_pool.h"
+#include "rtpllm/transfer/transfer_messages.h"
+#include "rtpllm/transfer/transfer_plan.h"
+
+namespace rtpllm {
+namespace {
+
+using testing::HostKVPool;
+using testing::KVShape;
+
+void apply(const std::vector<CopyOp>& copies) {
+  for (const CopyOp& c : copies) {
+    std::memcpy(reinterpret_cast<void*>(c.dst), reinterpret_cast<const void*>(c.src), c.bytes);
+  }
+}
+
+std::vector<BlockId> ids(std::initializer_list<BlockId> list) { return list; }
+
+TEST(TransferPlan, SameBlockSizeIsOneSegmentPerBlock) {
+  HostKVPool src(KVShape{}, 8, 4);
+  HostKVPool dst(KVShape{}, 8, 4);
+  const auto segments = plan_transfer(src.layout(), ids({5, 1, 2}), dst.layout(), ids({0, 7, 3}), 11);
+  ASSERT_EQ(segments.size(), 3u);
+  EXPECT_EQ(segments[0].src_block, 5);
+  EXPECT_EQ(segments[0].dst_block, 0);
+  EXPECT_EQ(segments[2].num_tokens, 3);  // partial last block
+}
+
+TEST(TransferPlan, LargeToSmallBlocksSplitsEachSourceBlock) {
+  // Prefill 64-token blocks into decode 16-token blocks: 4 segments per source block.
+  HostKVPool src(KVShape{}, 4, 64);
+  HostKVPool dst(KVShape{}, 16, 16);
+  const std::vector<BlockId> src_blocks = {2, 0};
+  const std::vector<BlockId> dst_blocks = {9, 1, 4, 3, 15, 0, 7, 8};
+  const auto segments = plan_transfer(src.layout(), src_blocks, dst.layout(), dst_blocks, 128);
+  ASSERT_EQ(segments.size(), 8u);
+  for (size_t i = 0; i < segments.size(); ++i) {
+    EXPECT_EQ(segments[i].src_block, src_blocks[i / 4]);
+    EXPECT_EQ(segments[i].src_token, static_cast<int32_t>(i % 4) * 16);
+    EXPECT_EQ(segments[i].dst_block, dst_blocks[i]);
+    EXPECT_EQ(segments[i].dst_token, 0);
+    EXPECT_EQ(segments[i].num_tokens, 16);
+  }
+}
+
+// Every pair of block sizes, odd token counts: the bytes of each token land where the destination
+// layout says that token lives, and nothing else in the destination changes.
+TEST(TransferPlan, CopiesMoveEveryTokenBetweenAnyBlockSizes) {
+  for (int32_t src_size : {1, 3, 16, 64}) {
+    for (int32_t dst_size : {1, 5, 16, 64}) {
+      for (int64_t tokens : {1, 19, 130}) {
+        HostKVPool src(KVShape{}, 160, src_size);
+        HostKVPool dst(KVShape{}, 160, dst_size);
+        std::vector<BlockId> src_blocks, dst_blocks;
+        for (int64_t i = 0; i < (tokens + src_size - 1) / src_size; ++i) src_blocks.push_back(static_cast<BlockId>((i * 7 + 3) % 160));
+        for (int64_t i = 0; i < (tokens + dst_size - 1) / dst_size; ++i) dst_blocks.push_back(static_cast<BlockId>(159 - i));
+        src.fill_sequence(src_blocks, tokens, 42);
+        const uint64_t untouched = dst.checksum_except(dst_blocks);
+        const auto segments = plan_transfer(src.layout(), src_blocks, dst.layout(), dst_blocks, tokens);
+        apply(plan_copies(src.layout(), dst.layout(), segments, -1));
+        SCOPED_TRACE("src " + std::to_string(src_size) + " dst " + std::to_string(dst_size) + " tokens " +
+                     std::to_string(tokens));
+        EXPECT_EQ(dst.mismatches_all_layers(dst_blocks, tokens, 42), 0);
+        EXPECT_EQ(dst.checksum_except(dst_blocks), untouched);
+      }
+    }
+  }
+}
+
+TEST(TransferPlan, OneLayerTouchesOnlyThatLayer) {
+  HostKVPool src(KVShape{}, 6, 4);
+  HostKVPool dst(KVShape{}, 6, 8);
+  const std::vector<BlockId> s = {1, 2, 3}, d = {4, 0};
+  src.fill_sequence(s, 10, 7);
+  apply(plan_copies(src.layout(), dst.layout(), plan_transfer(src.layout(), s, dst.layout(), d, 10), 1));
+  EXPECT_EQ(dst.mismatches(d, 10, 7, 1, 0), 0);
+  EXPECT_EQ(dst.mismatches(d, 10, 7, 1, 1), 0);
+  EXPECT_EQ(dst.mismatches(d, 10, 7, 0, 0), 10);
+  EXPECT_EQ(dst.mismatches(d, 10, 7, 2, 1), 10);
+}
+
+TEST(TransferPlan, ConsecutiveBlocksMergeIntoOneCopy) {
+  HostKVPool src(KVShape{}, 8, 4);
+  HostKVPool dst(KVShape{}, 8, 4);
+  // Blocks 2,3,4 -> 5,6,7 are contiguous on both sides: one copy per layer and plane.
+  const auto segments = plan_transfer(src.layout(), ids({2, 3, 4}), dst.layout(), ids({5, 6, 7}), 12);
+  const auto copies = plan_copies(src.layout(), dst.layout(), segments, -1);
+  ASSERT_EQ(copies.size(), 3u * 2u);
+  EXPECT_EQ(copies[0].bytes, static_cast<uint64_t>(3 * src.layout().block_bytes()));
+}
+
+TEST(TransferPlan, RejectsBadBlockListsNamingTheField) {
+  HostKVPool src(KVShape{}, 4, 8);
+  HostKVPool dst(KVShape{}, 4, 4);
+  auto expect_error = [&](const std::vector<BlockId>& s, const std::vector<BlockId>& d, int64_t tokens,
+                          const std::string& field) {
+    try {
+      plan_transfer(src.layout(), s, dst.layout(), d, tokens);
+      ADD_FAILURE() << "no error for " << field;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_EQ(std::string(e.what()).rfind(field, 0), 0u) << e.what();
+    }
+  };
+  expect_error({0}, {0, 1, 2}, 8, "dst_blocks");     // 8 tokens need 2 destination blocks
+  expect_error({0, 1}, {0, 1}, 8, "src_blocks");     // ... and 1 source block
+  expect_error({4}, {0, 1}, 8, "src_blocks");        // out of range
+  expect_error({0}, {0, -1}, 8, "dst_blocks");
+  expect_error({0}, {1, 1}, 8, "dst_blocks");        // written twice
+  expect_error({0}, {0, 1}, 0, "num_tokens");
+  EXPECT_THROW(plan_copies(src.layout(), dst.layout(), {}, 3), std::invalid_argument);  // layer
+}
+
+TEST(TransferPlan, RejectsIncompatibleLayouts) {
+  HostKVPool a(KVShape{3, 2, 5, 2}, 4, 8);
+  HostKVPool heads(KVShape{3, 4, 5, 2}, 4, 8);
+  HostKVPool layers(KVShape{2, 2, 5, 2}, 4, 8);
+  HostKVPool dtype(KVShape{3, 2, 5, 4}, 4, 8);
+  EXPECT_THROW(check_compatible(a.layout(), heads.layout()), std::invalid_argument);
+  EXPECT_THROW(check_compatible(a.layout(), layers.layout()), std::invalid_argument);
+  EXPECT_THROW(check_compatible(a.layout(), dtype.layout()), std::invalid_argument);
+  EXPECT_THROW(plan_transfer(a.layout(), {0}, heads.layout(), {0}, 8), std::invalid_argument);
+  KVLayout broken = a.layout();
+  broken.block_stride_bytes = 1;
+  EXPECT_THROW(check_layout(broken), std::invalid_argument);
+  broken = a.layout();
+  broken.layers[1].v_base = 0;
+  EXPECT_THROW(check_layout(broken), std::invalid_argument);
+}
+
+TEST(TransferPlan, RegionsMergeEachLayersPlanes) {
+  HostKVPool pool(KVShape{}, 4, 8);
+  const auto regions = layout_regions(pool.layout());
+  // K and V of one layer are one buffer here; layers are separate allocations (they may touch).
+  ASSERT_GE(regions.size(), 1u);
+  ASSERT_LE(regions.size(), 3u);
+  uint64_t total = 0;
+  for (const auto& r : regions) total += r.length;
+  EXPECT_EQ(total, 3u * 2u * 4u * static_cast<uint64_t>(pool.layout().block_bytes()));
+
+  std::vector<uint8_t> store(7 * 2 * 3 * 8 * 20);
+  const KVLayout block_major =
+      make_block_major_layout(reinterpret_cast<uint64_t>(store.data()), MemoryKind::HOST, 7, 3, 8, 2, 5, 2);
+  const auto one = layout_regions(block_major);
+  ASSERT_EQ(one.size(), 1u);
+  EXPECT_EQ(one[0].length, store.size());
+  EXPECT_EQ(block_major.bytes_per_block(), block_major.block_stride_bytes);
+}
+
+TEST(TransferMessages, RoundTripAndRejectTruncation) {
+  HostKVPool pool(KVShape{}, 4, 8);
+  PeerDescriptor d;
+  d.name = "prefill-0";
+  d.identity = "llama|bf16";
+  d.worker_address = std::string("\0\1\2worker", 9);
+  d.layout = pool.layout();
+  d.regions = {{1, 2, "key-one"}, {3, 4, ""}};
+  const std::string bytes = encode_descriptor(d);
+  const PeerDescriptor back = decode_descriptor(bytes);
+  EXPECT_EQ(back.name, d.name);
+  EXPECT_EQ(back.worker_address, d.worker_address);
+  EXPECT_EQ(back.layout.layers.size(), 3u);
+  EXPECT_EQ(back.layout.layers[2].v_base, d.layout.layers[2].v_base);
+  EXPECT_EQ(back.regions[0].rkey, "key-one");
+  for (size_t cut : {size_t{0}, size_t{3}, bytes.size() / 2, bytes.size() - 1}) {
+    EXPECT_THROW(decode_descriptor(bytes.substr(0, cut)), std::runtime_error) << cut;
+  }
+  EXPECT_THROW(decode_descriptor(bytes + "x"), std::runtime_error);
+
+  const NoticeMessage n{77, 2, 19, {4, 0, 9}};
+  const NoticeMessage m = decode_notice(encode_notice(n));
+  EXPECT_EQ(m.request_id, 77u);
+  EXPECT_EQ(m.layer, 2);
+  EXPECT_EQ(m.num_tokens, 19);
+  EXPECT_EQ(m.blocks, n.blocks);
+  std::string huge_count = encode_notice(n);
+  huge_count[20] = '\xff';  // the block count claims far more blocks than the payload holds
+  EXPECT_THROW(decode_notice(huge_count), std::runtime_error);
+}
+
+}  // namespace
+}  // namespace rtpllm

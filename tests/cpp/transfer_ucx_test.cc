@@ -1,0 +1,238 @@
+// UcxTransfer end to end: two engines in one process over TCP loopback (UCX_TLS=tcp), host pools
+// of different block sizes, bytes compared token by token; bad input and dead peers.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <memory>
+#include <stdexcept>
+#include <thread>
+
+#include "host_kv_pool.h"
+#include "rtpllm/transfer/transfer_plan.h"
+#include "rtpllm/transfer/ucx/ucx_transfer.h"
+
+namespace rtpllm {
+namespace {
+
+using testing::HostKVPool;
+using testing::KVShape;
+using Clock = std::chrono::steady_clock;
+
+constexpr double kTimeout = 2.0;
+
+TransferOptions options(const std::string& name, const std::string& identity = "tiny-llama|fp16") {
+  TransferOptions o;
+  o.name = name;
+  o.identity = identity;
+  o.timeout_s = kTimeout;
+  o.max_blocks_per_transfer = 64;
+  return o;
+}
+
+// A status that is final within the timeout (plus slack for the loaded CI machine).
+TransferStatus finish(KVTransfer& engine, TransferHandle handle) {
+  const TransferStatus status = engine.wait(handle, 3 * kTimeout);
+  EXPECT_NE(status.state, TransferState::PENDING) << "transfer still pending after the timeout";
+  return status;
+}
+
+class UcxTransferTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    // CI and this test: TCP over loopback (UCX's choice otherwise); the caller's setting wins.
+    setenv("UCX_TLS", "tcp", 0);
+    setenv("UCX_NET_DEVICES", "lo", 0);
+  }
+
+  // prefill-like (block 8) and decode-like (block 3) pools with the same per-token shape.
+  void start(int32_t a_block = 8, int32_t b_block = 3) {
+    pool_a_ = std::make_unique<HostKVPool>(KVShape{}, 16, a_block);
+    pool_b_ = std::make_unique<HostKVPool>(KVShape{}, 48, b_block);
+    a_ = std::make_unique<UcxTransfer>(options("prefill"));
+    b_ = std::make_unique<UcxTransfer>(options("decode"));
+    a_->register_kv(pool_a_->layout());
+    b_->register_kv(pool_b_->layout());
+    peer_ = a_->connect("127.0.0.1", b_->listen_port());
+  }
+
+  // B's id for A (B learns of A when A connects).
+  PeerId peer_of_b() {
+    for (int i = 0; i < 200; ++i) {
+      auto peers = b_->peers();
+      if (!peers.empty()) return peers.front().id;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    ADD_FAILURE() << "B never saw A";
+    return 0;
+  }
+
+  std::unique_ptr<HostKVPool> pool_a_, pool_b_;
+  std::unique_ptr<UcxTransfer> a_, b_;
+  PeerId peer_ = 0;
+};
+
+TEST_F(UcxTransferTest, PutMapsBlockSizesAndNotifiesAfterTheBytes) {
+  start(8, 3);
+  const std::vector<BlockId> src = {7, 2, 11};                 // 19 tokens in blocks of 8
+  const std::vector<BlockId> dst = {40, 3, 17, 0, 22, 9, 31};  // ... in blocks of 3
+  pool_a_->fill_sequence(src, 19, 5);
+  const uint64_t untouched = pool_b_->checksum_except(dst);
+  TransferRequest request{1234, src, dst, 19, -1, true};
+  const TransferStatus status = finish(*a_, a_->put(peer_, request));
+  ASSERT_EQ(status.state, TransferState::DONE) << status.error;
+  const auto notices = b_->take_notices(kTimeout);
+  ASSERT_EQ(notices.size(), 1u);
+  EXPECT_EQ(notices[0].request_id, 1234u);
+  EXPECT_EQ(notices[0].layer, -1);
+  EXPECT_EQ(notices[0].blocks, dst);
+  EXPECT_EQ(notices[0].num_tokens, 19);
+  EXPECT_EQ(pool_b_->mismatches_all_layers(dst, 19, 5), 0);
+  EXPECT_EQ(pool_b_->checksum_except(dst), untouched);
+  const TransferStats stats = a_->stats();
+  EXPECT_EQ(stats.puts, 1u);
+  EXPECT_EQ(stats.bytes_put, 19u * 20u * 2u * 3u);
+  EXPECT_THROW(a_->poll(1), std::invalid_argument);  // reported once, then forgotten
+}
+
+TEST_F(UcxTransferTest, LayerByLayerPushesOnlyThatLayer) {
+  start(8, 8);
+  const std::vector<BlockId> src = {1, 4}, dst = {9, 2};
+  pool_a_->fill_sequence(src, 13, 9);
+  for (int32_t layer = 0; layer < 3; ++layer) {
+    const TransferStatus status = finish(*a_, a_->put(peer_, {77, src, dst, 13, layer, true}));
+    ASSERT_EQ(status.state, TransferState::DONE) << status.error;
+    const auto notices = b_->take_notices(kTimeout);
+    ASSERT_EQ(notices.size(), 1u);
+    EXPECT_EQ(notices[0].layer, layer);
+    for (int32_t l = 0; l < 3; ++l) {
+      const int64_t expected_bad = l <= layer ? 0 : 13;
+      EXPECT_EQ(pool_b_->mismatches(dst, 13, 9, l, 0), expected_bad) << "after layer " << layer << ", layer " << l;
+      EXPECT_EQ(pool_b_->mismatches(dst, 13, 9, l, 1), expected_bad);
+    }
+  }
+}
+
+TEST_F(UcxTransferTest, GetReadsBlocksFromABlockMajorStore) {
+  // A store holds whole blocks in one host buffer; a client gets them into its paged pool.
+  const KVShape shape{};
+  const int32_t block = 4, blocks = 9;
+  std::vector<uint8_t> store(static_cast<size_t>(blocks) * 2 * shape.num_layers * block * 20);
+  const KVLayout store_layout = make_block_major_layout(reinterpret_cast<uint64_t>(store.data()), MemoryKind::HOST,
+                                                        blocks, shape.num_layers, block, shape.num_kv_heads,
+                                                        shape.head_dim, shape.element_bytes);
+  // Fill the store's blocks 8, 0, 5 through a pool view of the same memory layout.
+  HostKVPool client(shape, 6, block);
+  UcxTransfer store_engine(options("store"));
+  UcxTransfer client_engine(options("client"));
+  store_engine.register_kv(store_layout);
+  client_engine.register_kv(client.layout());
+  const PeerId store_peer = client_engine.connect("127.0.0.1", store_engine.listen_port());
+  // Put a known sequence into the store, then read it back into other blocks.
+  client.fill_sequence({0, 1, 2}, 11, 3);
+  ASSERT_EQ(finish(client_engine, client_engine.put(store_peer, {1, {0, 1, 2}, {8, 0, 5}, 11, -1, false})).state,
+            TransferState::DONE);
+  const std::vector<BlockId> local = {5, 3, 4};
+  const TransferStatus status = finish(client_engine, client_engine.get(store_peer, {2, local, {8, 0, 5}, 11, -1, false}));
+  ASSERT_EQ(status.state, TransferState::DONE) << status.error;
+  EXPECT_EQ(client.mismatches_all_layers(local, 11, 3), 0);
+  EXPECT_TRUE(store_engine.take_notices(0).empty());  // notify=false
+}
+
+TEST_F(UcxTransferTest, BadInputThrowsAndLeavesTheEngineWorking) {
+  start(8, 3);
+  const std::vector<BlockId> src = {0, 1}, dst = {0, 1, 2, 3, 4, 5};
+  EXPECT_THROW(a_->put(999, {1, src, dst, 16, -1, true}), std::invalid_argument);  // unknown peer
+  EXPECT_THROW(a_->put(peer_, {1, {0, 99}, dst, 16, -1, true}), std::invalid_argument);  // local id out of range
+  EXPECT_THROW(a_->put(peer_, {1, src, {0, 1, 2, 3, 4, 48}, 16, -1, true}), std::invalid_argument);  // remote id
+  EXPECT_THROW(a_->put(peer_, {1, src, {0, 1, 2}, 16, -1, true}), std::invalid_argument);  // too few remote blocks
+  EXPECT_THROW(a_->put(peer_, {1, src, dst, 16, 3, true}), std::invalid_argument);         // layer
+  EXPECT_THROW(a_->put(peer_, {1, src, dst, -5, -1, true}), std::invalid_argument);        // num_tokens
+  std::vector<BlockId> oversized(65, 0);
+  try {
+    a_->put(peer_, {1, oversized, dst, 16, -1, true});
+    ADD_FAILURE() << "oversized block list accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("local_blocks"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(a_->poll(12345), std::invalid_argument);
+  EXPECT_THROW(a_->register_kv(pool_a_->layout()), std::runtime_error);  // twice
+  // Nothing was queued and the engine still works.
+  pool_a_->fill_sequence(src, 16, 8);
+  ASSERT_EQ(finish(*a_, a_->put(peer_, {2, src, dst, 16, -1, true})).state, TransferState::DONE);
+  EXPECT_EQ(pool_b_->mismatches_all_layers(dst, 16, 8), 0);
+  EXPECT_EQ(a_->stats().failed, 0u);
+}
+
+TEST_F(UcxTransferTest, MismatchedPeersAreRefused) {
+  HostKVPool pool(KVShape{}, 4, 8);
+  HostKVPool other_heads(KVShape{3, 4, 5, 2}, 4, 8);
+  UcxTransfer server(options("server"));
+  server.register_kv(pool.layout());
+  UcxTransfer wrong_shape(options("client"));
+  wrong_shape.register_kv(other_heads.layout());
+  EXPECT_THROW(wrong_shape.connect("127.0.0.1", server.listen_port()), std::runtime_error);
+  UcxTransfer wrong_model(options("client", "another-model|fp16"));
+  wrong_model.register_kv(pool.layout());
+  try {
+    wrong_model.connect("127.0.0.1", server.listen_port());
+    ADD_FAILURE() << "identity mismatch accepted";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("identity"), std::string::npos) << e.what();
+  }
+  UcxTransfer unregistered(options("client"));
+  EXPECT_THROW(unregistered.connect("127.0.0.1", server.listen_port()), std::runtime_error);
+  EXPECT_TRUE(server.peers().empty());
+}
+
+TEST_F(UcxTransferTest, UnreachablePeerFailsFast) {
+  HostKVPool pool(KVShape{}, 4, 8);
+  UcxTransfer engine(options("lonely"));
+  engine.register_kv(pool.layout());
+  int32_t closed_port = 0;
+  {
+    UcxTransfer gone(options("gone"));
+    closed_port = gone.listen_port();
+  }
+  const auto start = Clock::now();
+  EXPECT_THROW(engine.connect("127.0.0.1", closed_port), std::runtime_error);
+  EXPECT_LT(std::chrono::duration<double>(Clock::now() - start).count(), kTimeout + 1);
+}
+
+TEST_F(UcxTransferTest, PeerThatGoesAwayIsAnErrorWithinTheTimeout) {
+  start(8, 3);
+  ASSERT_NE(peer_of_b(), 0u);  // B accepted A before it goes away
+  b_.reset();                   // the decode side goes away (its sockets close)
+  const auto start = Clock::now();
+  PeerState state = PeerState::CONNECTED;
+  while (Clock::now() - start < std::chrono::duration<double>(kTimeout + 1)) {
+    state = a_->peers().front().state;
+    if (state == PeerState::FAILED) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_EQ(state, PeerState::FAILED);
+  EXPECT_FALSE(a_->peers().front().error.empty());
+  EXPECT_THROW(a_->put(peer_, {1, {0}, {0, 1, 2}, 8, -1, true}), std::runtime_error);
+  EXPECT_EQ(a_->stats().peers_failed, 1u);
+}
+
+TEST_F(UcxTransferTest, InFlightTransfersFailWhenThePeerDisconnects) {
+  start(8, 3);
+  // Queue several puts and close the connection at once: each ends, DONE or FAILED, never PENDING.
+  std::vector<TransferHandle> handles;
+  for (int i = 0; i < 8; ++i) handles.push_back(a_->put(peer_, {static_cast<uint64_t>(i), {0, 1}, {0, 1, 2, 3, 4, 5}, 16, -1, true}));
+  const PeerId a_seen_by_b = peer_of_b();
+  b_->disconnect(a_seen_by_b);
+  for (TransferHandle h : handles) finish(*a_, h);
+  // A sees B's close within the timeout; further puts are refused.
+  const auto start = Clock::now();
+  while (a_->peers().front().state == PeerState::CONNECTED &&
+         Clock::now() - start < std::chrono::duration<double>(kTimeout + 1)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(a_->peers().front().state, PeerState::FAILED);
+  EXPECT_THROW(a_->put(peer_, {1, {0}, {0, 1, 2}, 8, -1, true}), std::runtime_error);
+}
+
+}  // namespace
+}  // namespace rtpllm

@@ -1,0 +1,69 @@
+"""The transfer engine's bindings in one process: typed objects, errors naming the bad field, the
+block-size plan, and a put/get between two engines over TCP loopback."""
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("UCX_TLS", "tcp")
+os.environ.setdefault("UCX_NET_DEVICES", "lo")
+
+from rtpllm import _C  # noqa: E402
+from transfer_peer import HostPool, make_engine  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not _C.has_ucx, reason="rtpllm._C built without UCX")
+
+
+def test_plan_maps_prefill_blocks_onto_decode_blocks():
+    prefill, decode = HostPool(4, 64), HostPool(16, 16)
+    segments = _C.plan_transfer(prefill.layout, [3, 1], decode.layout, [8, 2, 5, 0, 9, 7, 1, 4], 120)
+    assert [(s.src_block, s.src_token, s.dst_block, s.num_tokens) for s in segments][:5] == [
+        (3, 0, 8, 16), (3, 16, 2, 16), (3, 32, 5, 16), (3, 48, 0, 16), (1, 0, 9, 16)]
+    assert segments[-1].num_tokens == 120 - 7 * 16
+    with pytest.raises(ValueError, match="dst_blocks"):
+        _C.plan_transfer(prefill.layout, [3, 1], decode.layout, [8, 2], 120)
+
+
+def test_bad_options_and_layouts_name_the_field():
+    with pytest.raises(ValueError, match="timeout_s"):
+        _C.TransferOptions(timeout_s=0)
+    layout = HostPool(4, 8).layout
+    layout.block_stride_bytes = 3
+    with pytest.raises(ValueError, match="block_stride_bytes"):
+        _C.check_kv_layout(layout)
+    engine = make_engine("lonely")
+    with pytest.raises(ValueError, match="block_stride_bytes"):
+        engine.register_kv(layout)
+
+
+def test_put_then_get_across_block_sizes_in_one_process():
+    prefill_pool, decode_pool = HostPool(8, 16), HostPool(32, 4)
+    prefill, decode = make_engine("prefill"), make_engine("decode")
+    prefill.register_kv(prefill_pool.layout)
+    decode.register_kv(decode_pool.layout)
+    peer = prefill.connect("127.0.0.1", decode.listen_port)
+    src, dst = [5, 0, 2], list(range(31, 19, -1))  # 45 tokens: 3 blocks of 16, 12 blocks of 4
+    prefill_pool.fill(src, 45, seed=4)
+    status = prefill.wait(prefill.put(peer, _C.TransferRequest(request_id=9, local_blocks=src, remote_blocks=dst,
+                                                               num_tokens=45)), 5.0)
+    assert status.state == _C.TransferState.DONE, status.error
+    (notice,) = decode.take_notices(2.0)
+    assert (notice.request_id, notice.layer, list(notice.blocks), notice.num_tokens) == (9, -1, dst, 45)
+    np.testing.assert_array_equal(decode_pool.tokens(dst, 45), prefill_pool.tokens(src, 45))
+
+    # Read them back into other blocks.
+    back = [7, 6, 4]
+    status = prefill.wait(prefill.get(peer, _C.TransferRequest(request_id=10, local_blocks=back, remote_blocks=dst,
+                                                               num_tokens=45)), 5.0)
+    assert status.state == _C.TransferState.DONE, status.error
+    np.testing.assert_array_equal(prefill_pool.tokens(back, 45), prefill_pool.tokens(src, 45))
+    stats = prefill.stats()
+    assert (stats.puts, stats.gets, stats.failed) == (1, 1, 0)
+
+    with pytest.raises(ValueError, match="peer"):
+        prefill.put(12345, _C.TransferRequest(request_id=1, local_blocks=src, remote_blocks=dst))
+    with pytest.raises(ValueError, match="remote_blocks"):
+        prefill.put(peer, _C.TransferRequest(request_id=1, local_blocks=src, remote_blocks=[99] * 12, num_tokens=45))
+    with pytest.raises(ValueError, match="handle"):
+        prefill.poll(424242)
