@@ -76,9 +76,9 @@ class StepTimer:
 class InstanceReporter:
     """Owns the engine's KV event log and step timer."""
 
-    def __init__(self, scheduler, block_size: int):
+    def __init__(self, scheduler, block_size: int, log_capacity: int = KV_EVENT_LOG_CAPACITY):
         self._scheduler = scheduler
-        self._log = _C.KVEventLog(KV_EVENT_LOG_CAPACITY)
+        self._log = _C.KVEventLog(log_capacity)
         scheduler.set_kv_event_log(self._log)
         self.step_timer = StepTimer()
         # NOTE: the root becomes a per-model identity hash once the tiered KV store keys on it; the

@@ -41,6 +41,8 @@ class Ticket:
             b.pending_prefill_tokens -= self.prompt_tokens
             b.long_prefills -= self.long
             b.decoding += 1
+            if self.long:
+                b.released.set()  # a long-prefill slot freed up
 
     def close(self) -> None:
         if self.closed:
