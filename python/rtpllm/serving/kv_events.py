@@ -30,10 +30,12 @@ from typing import TYPE_CHECKING, Optional
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.requests import Request
+from starlette.responses import Response
 
 from rtpllm.engine.instance_report import REMOVED, STORED, TIER_NAMES, CacheIdentity, KVEventBatch
 from rtpllm.engine.instance_report import cache_identity as _cache_identity
 from rtpllm.engine.instance_report import instance_load
+from rtpllm.serving.streaming import ClientDisconnected, cancel_on_disconnect
 
 if TYPE_CHECKING:
     from rtpllm.engine.async_engine import AsyncEngineBase
@@ -130,7 +132,7 @@ def add_kv_event_routes(app: FastAPI, engine: "AsyncEngineBase", ring_size: int 
                                        "code": None}}, status_code=400)
 
     @app.get("/kv_events")
-    async def kv_events(request: Request) -> JSONResponse:
+    async def kv_events(request: Request) -> Response:
         try:
             cursor = _int_param(request, "cursor")
             timeout = float(request.query_params.get("timeout", 5.0))
@@ -139,8 +141,11 @@ def add_kv_event_routes(app: FastAPI, engine: "AsyncEngineBase", ring_size: int 
         if not 0 <= timeout <= _MAX_WAIT_S:
             return bad(f"timeout: must be in [0, {_MAX_WAIT_S:.0f}] seconds, got {timeout}", "timeout")
         instance_id = request.query_params.get("instance_id")
-        if cursor is not None and instance_id == hub.instance_id:
-            await hub.wait_past(cursor, timeout)
+        if cursor == hub.cursor and instance_id == hub.instance_id:  # up to date: wait for news
+            try:
+                await cancel_on_disconnect(request, hub.wait_past(cursor, timeout))
+            except ClientDisconnected:
+                return Response(status_code=499)  # the subscriber went away (a router that stopped)
         facts = await cache_facts()
         body = hub.read(cursor, instance_id)
         body.update(block_size=facts["block_size"], root_block_hash=facts["root_block_hash"],
