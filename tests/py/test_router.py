@@ -79,6 +79,21 @@ def test_requests_sharing_a_prefix_land_on_the_instance_that_holds_it(router, in
         assert sum(gained) == gained[holder], f"group {group}: hits on other instances {gained}"
 
 
+def test_chats_sharing_a_system_prompt_land_together(router, instances):
+    rng = random.Random(4)
+    words = ["alpha", "river", "stone", "cloud", "maple", "quartz", "ember", "lotus", "cedar", "delta"]
+    system = " ".join(rng.choice(words) for _ in range(120))
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0)
+    ask = lambda q: client.chat.completions.create(  # noqa: E731
+        model=MODEL, max_tokens=2, messages=[{"role": "system", "content": system}, {"role": "user", "content": q}])
+    ask("first question")
+    before = hits(instances)
+    for question in ("what now", "and then", "why so"):
+        ask(question)
+    gained = [after - b for after, b in zip(hits(instances), before)]
+    assert max(gained) >= 3 * 4 * BLOCK and sum(gained) == max(gained), gained
+
+
 def test_load_spreads_when_prefixes_differ(router, instances):
     rng = random.Random(2)
     before = prompt_tokens(instances)
@@ -111,11 +126,13 @@ def test_results_are_token_exact_with_a_single_instance(client, instances):
 def test_client_disconnect_aborts_the_request_on_the_instance(router, instances):
     body = {"model": MODEL, "prompt": "Tell me a long story", "max_tokens": 400, "ignore_eos": True,
             "stream": True}
+    generated = sum(s.metric("generation_tokens_total") for s in instances)
     with httpx.stream("POST", router.url + "/v1/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
         next(response.iter_raw())  # the first token arrived; now walk away
     wait_until(lambda: all(s.engine.stats().num_running == 0 for s in instances), what="the abort")
     assert all(s.call_in_engine_thread(check_kv_pool_free) for s in instances)
+    assert sum(s.metric("generation_tokens_total") for s in instances) - generated < 200  # cut short, not finished
     wait_until(lambda: all(b["in_flight"] == 0 for b in router.state()["backends"]), what="the router's release")
 
 

@@ -137,7 +137,12 @@ class _PassThrough(SSEResponse):
 
     def __init__(self, content: AsyncIterator[bytes], upstream: aiohttp.ClientResponse, ticket: Ticket):
         def close() -> None:
-            upstream.close()
+            # A stream read to its end leaves a reusable connection; one cut short must be closed
+            # (that is what aborts the request on the instance).
+            if upstream.content.at_eof():
+                upstream.release()
+            else:
+                upstream.close()
             ticket.close()
 
         super().__init__(content, on_close=close)
