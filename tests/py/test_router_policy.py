@@ -125,3 +125,19 @@ def test_a_long_prompt_waits_in_the_router_for_a_slot():
 def test_bad_options_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=f"^{field}"):
         config(**overrides)
+
+
+def test_the_cli_maps_onto_the_config_and_refuses_pd_pools(capsys, monkeypatch):
+    from rtpllm.router.cli import config_from_args
+    from rtpllm.serving.cli import build_parser, main
+
+    monkeypatch.setenv("RTPLLM_API_KEY", "from-env")
+    args = build_parser().parse_args(["router", "--backend", "http://a:1/", "--backend", "http://b:1",
+                                      "--long-lane", "http://b:1", "--policy", "least_loaded",
+                                      "--long-prompt-threshold", "0", "--allowed-hosts", "localhost, 127.0.0.1"])
+    cfg = config_from_args(args)
+    assert cfg.backends == ("http://a:1", "http://b:1") and cfg.long_lane == ("http://b:1",)
+    assert cfg.policy == "least_loaded" and cfg.long_prompt_threshold is None and cfg.api_key == "from-env"
+    assert cfg.allowed_hosts == ("localhost", "127.0.0.1")
+    assert main(["router", "--prefill", "http://p:1", "--decode", "http://d:1"]) == 2
+    assert "prefill-decode routing" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from rtpllm.router.config import RouterConfig
 from rtpllm.router.kv_view import KVView
 
 logger = logging.getLogger(__name__)
-_KV_POLL_WAIT_S = 5.0  # the long poll's wait on the instance
+_KV_POLL_WAIT_S = 2.0  # the long poll's wait on the instance (also how long it can delay the instance's shutdown)
 _KV_POLL_GAP_S = 0.005  # between polls: lets a busy instance batch a few steps' events per reply
 
 
