@@ -48,7 +48,7 @@ class Proxy:
                       stream: bool) -> Response:
         tried = []
         last: Optional[_Retry] = None
-        for attempt in range(self.config.max_retries + 1):
+        for _ in range(self.config.max_retries + 1):
             choice = await self.policy.route(routing, exclude=tried)
             if choice is None:
                 break
