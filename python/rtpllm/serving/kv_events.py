@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
+from rtpllm.engine.async_engine import EngineDeadError
 from rtpllm.engine.instance_report import REMOVED, STORED, TIER_NAMES, CacheIdentity, KVEventBatch
 from rtpllm.engine.instance_report import cache_identity as _cache_identity
 from rtpllm.engine.instance_report import instance_load
@@ -131,6 +132,10 @@ def add_kv_event_routes(app: FastAPI, engine: "AsyncEngineBase", ring_size: int 
         return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param,
                                        "code": None}}, status_code=400)
 
+    def unavailable(exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": {"message": str(exc), "type": "service_unavailable", "param": None,
+                                       "code": 503}}, status_code=503)
+
     @app.get("/kv_events")
     async def kv_events(request: Request) -> Response:
         try:
@@ -146,7 +151,10 @@ def add_kv_event_routes(app: FastAPI, engine: "AsyncEngineBase", ring_size: int 
                 await cancel_on_disconnect(request, hub.wait_past(cursor, timeout))
             except ClientDisconnected:
                 return Response(status_code=499)  # the subscriber went away (a router that stopped)
-        facts = await cache_facts()
+        try:
+            facts = await cache_facts()
+        except EngineDeadError as exc:
+            return unavailable(exc)
         body = hub.read(cursor, instance_id)
         body.update(block_size=facts["block_size"], root_block_hash=facts["root_block_hash"],
                     extra_key=facts["extra_key"])
@@ -154,8 +162,11 @@ def add_kv_event_routes(app: FastAPI, engine: "AsyncEngineBase", ring_size: int 
 
     @app.get("/load")
     async def load() -> JSONResponse:
-        facts = await cache_facts()
-        body = asdict(await engine.call_in_engine_thread(instance_load))
+        try:
+            facts = await cache_facts()
+            body = asdict(await engine.call_in_engine_thread(instance_load))
+        except EngineDeadError as exc:
+            return unavailable(exc)
         body.update(facts, num_in_flight=engine.num_in_flight, instance_id=hub.instance_id,
                     model=engine.model_name)
         return JSONResponse(body)
