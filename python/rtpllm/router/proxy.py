@@ -49,7 +49,8 @@ class Proxy:
         tried = []
         last: Optional[_Retry] = None
         for _ in range(self.config.max_retries + 1):
-            choice = await self.policy.route(routing, exclude=tried)
+            # A long prompt may wait here for a slot: a client that leaves meanwhile ends the wait.
+            choice = await cancel_on_disconnect(request, self.policy.route(routing, exclude=tried))
             if choice is None:
                 break
             backend = choice.backend
