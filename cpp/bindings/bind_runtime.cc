@@ -8,6 +8,7 @@ void bind_types(py::module_& m);
 void bind_options(py::module_& m);
 void bind_request(py::module_& m);
 void bind_block_hash(py::module_& m);
+void bind_kv_event_log(py::module_& m);
 void bind_scheduled_batch(py::module_& m);
 void bind_scheduler(py::module_& m);
 void bind_transfer(py::module_& m);
@@ -17,6 +18,7 @@ void bind_runtime(py::module_& m) {
   bind_options(m);
   bind_request(m);
   bind_block_hash(m);
+  bind_kv_event_log(m);
   bind_scheduled_batch(m);
   bind_scheduler(m);
   bind_transfer(m);

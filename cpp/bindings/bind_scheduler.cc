@@ -86,7 +86,12 @@ void bind_scheduler(py::module_& m) {
             return *r;
           },
           py::arg("request_id"), "A snapshot of an unfinished request, or None")
-      .def("check_invariants", &Scheduler::check_invariants);
+      .def("check_invariants", &Scheduler::check_invariants)
+      .def("set_kv_event_log", &Scheduler::set_kv_event_log, py::arg("log").none(true), py::keep_alive<1, 2>(),
+           "Records stored and evicted block hashes into `log` (None detaches)")
+      .def("cached_block_hashes", [](const Scheduler& s) {
+        return py::array_t<uint64_t>(py::cast(s.cached_block_hashes()));
+      });
 }
 
 }  // namespace rtpllm::bindings

@@ -50,6 +50,7 @@ void BlockPool::link_before(BlockId block_id, int32_t position) {
 void BlockPool::evict(BlockId block_id) {
   Block& b = blocks_[block_id];
   if (listener_ != nullptr) listener_->on_block_evicted(block_id, b.hash);
+  if (event_log_ != nullptr) event_log_->record(KVEventKind::kRemoved, KVTier::kDevice, b.hash);
   cached_.erase(b.hash);
   b.has_hash = false;
   b.hash = 0;
@@ -96,7 +97,17 @@ bool BlockPool::cache(BlockId block_id, BlockHash hash) {
   if (!cached_.insert(hash, block_id)) return false;
   b.has_hash = true;
   b.hash = hash;
+  if (event_log_ != nullptr) event_log_->record(KVEventKind::kStored, KVTier::kDevice, hash);
   return true;
+}
+
+std::vector<BlockHash> BlockPool::cached_hashes() const {
+  std::vector<BlockHash> hashes;
+  hashes.reserve(cached_.size());
+  for (BlockId id = 0; id < num_blocks_; ++id) {
+    if (blocks_[id].has_hash) hashes.push_back(blocks_[id].hash);
+  }
+  return hashes;
 }
 
 std::optional<BlockHash> BlockPool::hash_of(BlockId block_id) const {

@@ -15,6 +15,7 @@
 
 #include "rtpllm/cache/block_hash_index.h"
 #include "rtpllm/cache/eviction_listener.h"
+#include "rtpllm/cache/kv_event_log.h"
 #include "rtpllm/core/types.h"
 
 namespace rtpllm {
@@ -55,6 +56,10 @@ class BlockPool {
 
   // Not owned; nullptr to detach. See BlockEvictionListener for the contract.
   void set_eviction_listener(BlockEvictionListener* listener) { listener_ = listener; }
+  // Not owned; nullptr to detach. Hears of every hash registered (cache) and evicted.
+  void set_event_log(KVEventLog* log) { event_log_ = log; }
+  // Every hash registered now, in block id order (the snapshot a KVEventLog reader resyncs from).
+  std::vector<BlockHash> cached_hashes() const;
 
   // Free list, counters and hash index agree with each other; throws std::logic_error otherwise.
   void check_invariants() const;
@@ -81,6 +86,7 @@ class BlockPool {
   std::vector<Block> blocks_;  // num_blocks_ blocks + the free-list sentinel
   BlockHashIndex cached_;
   BlockEvictionListener* listener_ = nullptr;
+  KVEventLog* event_log_ = nullptr;
 };
 
 }  // namespace rtpllm

@@ -53,6 +53,7 @@ class KVCacheManager {
   void free(Request& request);
 
   void set_eviction_listener(BlockEvictionListener* listener) { pool_.set_eviction_listener(listener); }
+  void set_event_log(KVEventLog* log) { pool_.set_event_log(log); }
   const BlockPool& pool() const { return pool_; }
 
  private:

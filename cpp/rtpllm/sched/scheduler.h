@@ -95,6 +95,9 @@ class Scheduler {
 
   // Forwarded to the block pool (see BlockEvictionListener).
   void set_eviction_listener(BlockEvictionListener* listener) { kv_.set_eviction_listener(listener); }
+  // Forwarded to the block pool (see KVEventLog): stored and evicted block hashes, for the router.
+  void set_kv_event_log(KVEventLog* log) { kv_.set_event_log(log); }
+  std::vector<BlockHash> cached_block_hashes() const { return kv_.pool().cached_hashes(); }
 
   // Verifies block ownership and request bookkeeping; throws std::logic_error on a violation.
   // Also runs after every call that changes state in builds with RTPLLM_CHECK_INVARIANTS.

@@ -102,6 +102,8 @@ class AsyncEngineBase:
         self._stats = stats
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._idle = asyncio.Event()
+        # Called on the event loop with each step's KVEventBatch (serving/kv_events.py sets it).
+        self.kv_event_sink: Optional[Callable[[Any], None]] = None
 
     # ------------------------------------------------------------------ what the server reads
     @property
@@ -308,6 +310,10 @@ class AsyncEngineBase:
             # After the streams' consumers (already woken above): the metrics need not delay a token.
             self._loop.call_soon(self.observer.on_step, first_token_latencies, inter_token_latencies, finished)
 
+    def _publish_kv_events(self, batch) -> None:
+        if batch is not None and self.kv_event_sink is not None:
+            self.kv_event_sink(batch)
+
     def _fail_all(self, error: BaseException) -> None:
         for request_id in list(self._streams):
             self._forget(request_id).fail(error)
@@ -404,6 +410,9 @@ class AsyncEngine(AsyncEngineBase):
                 outputs = engine.step() if engine.has_unfinished_requests() else []
                 # Counters first: admission control must already count what the hand-over reveals.
                 self._stats = engine.stats()
+                kv_events = engine.reporter.drain_kv_events()
+                if kv_events is not None:
+                    loop.call_soon_threadsafe(self._publish_kv_events, kv_events)
                 if answers or outputs:
                     # One hand-over per step, after it: woken earlier, the event loop would compete
                     # for the GIL with the very step its callers wait for.

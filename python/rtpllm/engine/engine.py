@@ -20,6 +20,7 @@ from rtpllm.config import EngineConfig
 from rtpllm.engine.default_model import resolve_model_path
 from rtpllm.engine.detokenizer import IncrementalDetokenizer, StopStringChecker
 from rtpllm.engine.device import attention_backend_factory, resolve_device, resolve_dtype
+from rtpllm.engine.instance_report import InstanceReporter
 from rtpllm.engine.in_flight import InFlightStep, TokenReadback, pending_inputs
 from rtpllm.engine.model_runner import ModelRunner
 from rtpllm.engine.prompt_logprobs import PromptLogprobCollector
@@ -66,6 +67,7 @@ class Engine:
                 max_model_len=self.max_model_len),
             _C.CacheOptions(num_blocks=self.runner.num_blocks, block_size=config.cache.block_size,
                             enable_prefix_caching=config.cache.enable_prefix_caching))
+        self.reporter = InstanceReporter(self.scheduler, config.cache.block_size)  # KV events, step time
         self._groups: dict[str, RequestGroup] = {}
         self._seqs: dict[int, SequenceState] = {}
         self._seq_ids = itertools.count(1)
@@ -169,7 +171,9 @@ class Engine:
         """`step()` without building its outputs: the requests it would report, each once, as
         their live state (read it before the next step). The engine process encodes these into
         deltas directly (output_deltas.py), without a cumulative RequestOutput per request."""
+        started = time.perf_counter()
         groups = self._step()
+        self.reporter.step_timer.observe(time.perf_counter() - started)
         return list(dict.fromkeys(groups)) if len(groups) > 1 else groups  # resolve + apply may both move one
 
     def _step(self) -> list[RequestGroup]:
@@ -261,6 +265,10 @@ class Engine:
             kv_blocks_total=s.blocks_total, prefix_cache_queries=s.prefix_queries,
             prefix_cache_hits=s.prefix_hits, num_preemptions=s.num_preempted_total,
             prompt_tokens_total=self._prompt_tokens_total, generation_tokens_total=self._generation_tokens_total)
+
+    def tokens_in_flight(self) -> int:
+        """Prompt and generated tokens of the unfinished sequences."""
+        return sum(len(seq.group.prompt_ids) + len(seq.output_ids) for seq in self._seqs.values())
 
     def check_kv_pool_free(self) -> bool:
         """True when no block is held by a request (cached free blocks count as free)."""

@@ -10,10 +10,10 @@ Protocol (frames.py: pickled tuples, both ends non-blocking):
         ("add", tag, request_id, prompt, params, arrival_time, stream, detokenize), ("abort", request_id),
         ("call", tag, fn), ("stop",)
     engine -> server: ("ready", EngineInfo) or ("failed", exception, traceback text) once, then
-        ("step", answers, deltas, stats, call_results) after every step or batch of commands,
+        ("step", answers, deltas, stats, call_results, kv_events) after every step or batch of commands,
         ("dead", description) if the step loop fails.
     answers: (tag, error or None) per add; call_results: (tag, ok, value or exception);
-    deltas: output_deltas.py.
+    deltas: output_deltas.py; kv_events: instance_report.KVEventBatch or None.
 The engine exits after "stop", and when the server's end of the socket closes (the server died).
 It ignores SIGINT: Ctrl-C in a terminal reaches the whole process group, and the server decides
 how requests end.
@@ -100,7 +100,7 @@ class EngineCoreLoop:
             moved = engine.step_groups() if engine.has_unfinished_requests() else []
             if commands or moved:
                 self.writer.write(encode_frame(("step", answers, self.encoder.encode(moved), engine.stats(),
-                                                call_results)))
+                                                call_results, engine.reporter.drain_kv_events())))
             if stop:
                 self._flush_blocking()
                 return 0

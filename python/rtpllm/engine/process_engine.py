@@ -188,8 +188,9 @@ class ProcessEngine(AsyncEngineBase):
     def _handle(self, message: tuple) -> None:
         kind = message[0]
         if kind == "step":
-            _, answers, deltas, stats, call_results = message
+            _, answers, deltas, stats, call_results, kv_events = message
             self._stats = stats  # first: admission control must count what the hand-over reveals
+            self._publish_kv_events(kv_events)
             for tag, ok, value in call_results:
                 call = self._unanswered.pop(tag)
                 if ok:

@@ -5,6 +5,7 @@
     rtpllm bench serve      --base-url http://127.0.0.1:8000 --dataset-name random ...
     rtpllm bench throughput [--model PATH] --dataset-name random ...
     rtpllm bench latency    [--model PATH] --input-len 32 --output-len 128 --batch-size 8
+    rtpllm router --backend URL [--backend URL ...] [--policy cache_aware|round_robin|least_loaded]
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from rtpllm.router.cli import add_router_parser
 from rtpllm.serving.engine_args import add_engine_args, engine_config_from_args, engine_kwargs_from_args
 
 
@@ -98,10 +100,11 @@ def _add_bench(subparsers) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtpllm", description="rtp-llm: serve, run and benchmark LLMs.")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,bench}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,bench,router}")
     _add_serve(subparsers)
     _add_generate(subparsers)
     _add_bench(subparsers)
+    add_router_parser(subparsers)
     return parser
 
 

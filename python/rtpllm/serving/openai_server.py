@@ -36,6 +36,7 @@ from rtpllm.serving.completions import create_completion
 from rtpllm.serving.context import ServingContext
 from rtpllm.serving.errors import OpenAIError, bad_request, from_validation_error, to_openai_error
 from rtpllm.serving.hot_routes import HotRoutes
+from rtpllm.serving.kv_events import add_kv_event_routes
 from rtpllm.serving.metrics import ServerMetrics
 from rtpllm.serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
@@ -172,6 +173,8 @@ def build_app(engine: AsyncEngineBase, metrics: Optional[ServerMetrics] = None,
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    add_kv_event_routes(app, engine)  # GET /kv_events and /load, for rtpllm router
 
     return app
 

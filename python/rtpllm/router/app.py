@@ -1,0 +1,160 @@
+"""The router's HTTP front: the OpenAI API, proxied to the instance the policy picks.
+
+    app = build_router_app(RouterConfig(backends=("http://a:8000", "http://b:8000")))
+    run_router(config)                            # what `rtpllm router` does
+
+Generation (POST /v1/completions, /v1/chat/completions) is routed per request (proxy.py); GET
+/v1/models and POST /tokenize, /detokenize go to any instance that is up; /health answers 200 while
+at least one instance is; /metrics are the router's own (metrics.py); GET /router/state shows the
+pool as the router sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from typing import Any, Optional
+
+import aiohttp
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import Request
+from starlette.responses import Response
+
+from rtpllm.router.access import AccessControl, read_body_limited
+from rtpllm.router.backend import BackendPool
+from rtpllm.router.config import RouterConfig
+from rtpllm.router.metrics import RouterMetrics
+from rtpllm.router.policy import RoutingPolicy
+from rtpllm.router.prompts import PromptReader, load_tokenizer
+from rtpllm.router.proxy import Proxy
+from rtpllm.serving.errors import OpenAIError, to_openai_error
+from rtpllm.serving.streaming import ClientDisconnected
+
+logger = logging.getLogger(__name__)
+_GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+# Bodies above this are tokenized in a worker thread (a 2k-token prompt takes ~2 ms to tokenize,
+# which would otherwise hold up every other stream the router relays).
+_TOKENIZE_INLINE_BYTES = 4096
+
+
+class RouterState:
+    def __init__(self, config: RouterConfig, tokenizer: Optional[Any] = None):
+        self.config = config
+        self.pool = BackendPool(config)
+        self.policy = RoutingPolicy(config, self.pool)
+        self.metrics = RouterMetrics(self.pool)
+        self.proxy = Proxy(self.pool, self.policy, self.metrics)
+        self.prompts = PromptReader(tokenizer)
+
+    async def start(self) -> None:
+        await self.pool.start()
+        if self.prompts.tokenizer is None:
+            self.prompts = PromptReader(await asyncio.to_thread(self._find_tokenizer))
+
+    def _find_tokenizer(self) -> Optional[Any]:
+        if self.config.tokenizer is not None:
+            return load_tokenizer(self.config.tokenizer)  # asked for: failing to load it is an error
+        _, model_path = self.pool.model_info()
+        if model_path is not None:
+            try:
+                return load_tokenizer(model_path)
+            except (OSError, ValueError) as exc:
+                logger.warning("cannot load the tokenizer from the instance's model path %s (%s)", model_path, exc)
+        logger.warning("routing without a tokenizer: no cache-aware placement, lanes by estimated length "
+                       "(give --tokenizer)")
+        return None
+
+    def snapshot(self) -> dict:
+        return {"policy": self.config.policy, "tokenizer": self.prompts.tokenizer is not None,
+                "backends": [{"url": b.url, "healthy": b.healthy, "long_lane": b.long_lane,
+                              "in_flight": b.in_flight, "pending_prefill_tokens": b.pending_prefill_tokens,
+                              "decoding": b.decoding, "long_prefills": b.long_prefills,
+                              "routed_total": b.routed_total, "cached_blocks": len(b.view.held.get("device", ())),
+                              "kv_cursor": b.view.cursor, "kv_resyncs": b.view.num_resyncs, "load": b.load}
+                             for b in self.pool.backends]}
+
+
+def build_router_app(config: RouterConfig, tokenizer: Optional[Any] = None) -> FastAPI:
+    state = RouterState(config, tokenizer)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.pool.stop()
+
+    app = FastAPI(title="rtp-llm router", lifespan=lifespan)
+    app.state.router = state
+
+    async def generate(request: Request) -> Response:
+        try:
+            body = await read_body_limited(request, config.max_request_bytes)
+            if len(body) > _TOKENIZE_INLINE_BYTES:  # a long prompt: tokenize it off the event loop
+                routing, stream = await asyncio.to_thread(state.prompts.read, request.url.path, body)
+            else:
+                routing, stream = state.prompts.read(request.url.path, body)
+            return await state.proxy.forward(request, request.url.path, body, routing, stream)
+        except ClientDisconnected:
+            return Response(status_code=499)
+        except Exception as exc:  # noqa: BLE001 - answered, never raised into the server
+            return to_openai_error(exc).response()
+
+    for path in _GENERATION_PATHS:
+        app.add_api_route(path, generate, methods=["POST"])
+
+    async def any_instance(method: str, path: str, body: bytes = b"") -> Response:
+        for backend in state.pool.healthy():
+            try:
+                async with state.pool.session.request(method, backend.url + path, data=body or None,
+                                                      headers={"Content-Type": "application/json"},
+                                                      timeout=aiohttp.ClientTimeout(total=30)) as upstream:
+                    payload = await upstream.read()
+                    return Response(payload, status_code=upstream.status,
+                                    media_type=upstream.headers.get("Content-Type", "application/json"))
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                backend.mark_down(f"{method} {path} failed ({exc!r})")
+        return OpenAIError("no instance is available", status=503, type="service_unavailable").response()
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return await any_instance("GET", "/v1/models")
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await any_instance("POST", "/tokenize", await read_body_limited(request, config.max_request_bytes))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return await any_instance("POST", "/detokenize", await read_body_limited(request, config.max_request_bytes))
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.pool.healthy():
+            return Response(status_code=200)
+        return OpenAIError("no instance is up", status=503, type="service_unavailable").response()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/router/state")
+    async def router_state() -> JSONResponse:
+        return JSONResponse(state.snapshot())
+
+    app.add_middleware(AccessControl, api_key=config.api_key, max_request_bytes=config.max_request_bytes,
+                       allowed_hosts=config.allowed_hosts)
+    return app
+
+
+def run_router(config: RouterConfig, log_level: str = "info", access_log: bool = False) -> None:
+    app = build_router_app(config)
+    logger.info("routing %s over %d instances on http://%s:%d", config.policy, len(config.backends),
+                config.host, config.port)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, access_log=access_log,
+                timeout_keep_alive=30)

@@ -1,0 +1,103 @@
+"""The router's options: one frozen dataclass, validated on construction (the CLI maps onto it)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+POLICIES = ("cache_aware", "round_robin", "least_loaded")
+
+
+def _url(value: str, param: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(f"{param}: expected an http:// or https:// URL, got {value!r}")
+    return value.rstrip("/")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    # Colocated instances (each runs prefill and decode: `rtpllm serve`).
+    backends: tuple[str, ...] = ()
+    # Prefill and decode pools (issue 20's roles). The policy layer routes within one pool at a
+    # time, so a PD flow picks a prefill and a decode instance with it; the flow itself (KV hand-off
+    # between the two) is not built yet, and the router refuses these options until it is.
+    prefill: tuple[str, ...] = ()
+    decode: tuple[str, ...] = ()
+
+    policy: str = "cache_aware"
+    # cache_aware cost of an instance, in prompt tokens of work ahead of the request:
+    #   cache_weight * (prompt tokens it would have to compute, i.e. not cached there)
+    #   + load_weight * (prompt tokens still to prefill for requests already sent there
+    #                    + decode_weight * requests decoding there)
+    cache_weight: float = 1.0
+    load_weight: float = 1.0
+    decode_weight: float = 16.0
+    # Hashes of a prompt just routed count as cached on its instance for this long (until its own
+    # KV events confirm them), so that a burst sharing a new prefix lands together.
+    predicted_ttl_s: float = 10.0
+
+    # Lanes: prompts longer than this many tokens are "long". They go to `long_lane` instances
+    # when given (short prompts then avoid those); otherwise an instance takes at most
+    # `max_long_per_instance` long prefills at once and at least one instance stays free of long
+    # prefills (more long prompts wait in the router), so short requests always find one.
+    long_prompt_threshold: Optional[int] = 2048
+    long_lane: tuple[str, ...] = ()
+    max_long_per_instance: int = 1
+
+    tokenizer: Optional[str] = None  # default: the model path the first instance reports
+
+    health_interval_s: float = 1.0
+    health_timeout_s: float = 2.0
+    load_interval_s: float = 0.25
+    max_retries: int = 2  # other instances tried after a 503 or connection failure before any output
+    connect_timeout_s: float = 5.0
+
+    # Access control: clients need `api_key` (Authorization: Bearer ...) everywhere but /health;
+    # the router reaches instances with `backend_api_key`.
+    api_key: Optional[str] = field(default=None, repr=False)
+    backend_api_key: Optional[str] = field(default=None, repr=False)
+    max_request_bytes: int = 16 << 20
+    allowed_hosts: tuple[str, ...] = ("*",)
+
+    host: str = "127.0.0.1"
+    port: int = 8100
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "backends", tuple(_url(u, "backend") for u in self.backends))
+        object.__setattr__(self, "long_lane", tuple(_url(u, "long_lane") for u in self.long_lane))
+        if self.prefill or self.decode:
+            raise ValueError("prefill/decode: prefill-decode routing needs the PD roles of `rtpllm serve` "
+                             "(issue 20), which are not built yet; use --backend for colocated instances")
+        if not self.backends:
+            raise ValueError("backend: give at least one instance URL")
+        if len(set(self.backends)) != len(self.backends):
+            raise ValueError("backend: the same URL is given twice")
+        unknown = [u for u in self.long_lane if u not in self.backends]
+        if unknown:
+            raise ValueError(f"long_lane: {unknown[0]} is not one of the backends")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, got {self.policy!r}")
+        for name in ("cache_weight", "load_weight", "decode_weight", "predicted_ttl_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.long_prompt_threshold is not None and self.long_prompt_threshold < 1:
+            raise ValueError(f"long_prompt_threshold: must be >= 1, got {self.long_prompt_threshold}")
+        if self.max_long_per_instance < 1:
+            raise ValueError(f"max_long_per_instance: must be >= 1, got {self.max_long_per_instance}")
+        for name in ("health_interval_s", "health_timeout_s", "load_interval_s", "connect_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries: must be >= 0, got {self.max_retries}")
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes: must be positive, got {self.max_request_bytes}")
+        if self.api_key == "":
+            raise ValueError("api_key: empty")
+
+    @classmethod
+    def from_env(cls, **kwargs) -> "RouterConfig":
+        """As the constructor; `api_key` defaults to $RTPLLM_API_KEY."""
+        if kwargs.get("api_key") is None and os.environ.get("RTPLLM_API_KEY"):
+            kwargs["api_key"] = os.environ["RTPLLM_API_KEY"]
+        return cls(**kwargs)

@@ -1,0 +1,54 @@
+"""The router's Prometheus metrics (`rtpllm_router:`): what it routed where, with what expected
+cache hit, and how its instances are doing."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from rtpllm.router.backend import BackendPool
+
+PREFIX = "rtpllm_router:"
+
+
+class _BackendCollector(Collector):
+    def __init__(self, pool: BackendPool):
+        self._pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        gauges = {
+            "backend_healthy": ("1 while the instance is in the pool.", lambda b: float(b.healthy)),
+            "backend_in_flight": ("Requests the router has in flight there.", lambda b: b.in_flight),
+            "backend_pending_prefill_tokens": ("Prompt tokens sent there that await their first token.",
+                                               lambda b: b.pending_prefill_tokens),
+            "backend_cached_blocks": ("Device-tier blocks the router believes the instance caches.",
+                                      lambda b: len(b.view.held.get("device", ()))),
+        }
+        for name, (doc, value) in gauges.items():
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=["backend"])
+            for b in self._pool.backends:
+                family.add_metric([b.url], value(b))
+            yield family
+
+
+class RouterMetrics:
+    def __init__(self, pool: BackendPool):
+        self.registry = CollectorRegistry()
+        self.routed = Counter(PREFIX + "requests", "Requests sent to an instance (retries count again).",
+                              ["backend", "lane"], registry=self.registry)
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens routed.", ["backend"],
+                                     registry=self.registry)
+        self.expected_hit_tokens = Counter(PREFIX + "expected_hit_tokens",
+                                           "Prompt tokens expected to be cached where they were routed.",
+                                           ["backend"], registry=self.registry)
+        self.retries = Counter(PREFIX + "retries", "Requests tried again on another instance.", ["reason"],
+                               registry=self.registry)
+        self.failures = Counter(PREFIX + "failures", "Requests the router answered with an error itself.",
+                                ["reason"], registry=self.registry)
+        self.registry.register(_BackendCollector(pool))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

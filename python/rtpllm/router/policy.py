@@ -1,0 +1,135 @@
+"""Which instance serves a request: lanes narrow the candidates, the policy picks among them.
+
+Policies (`RouterConfig.policy`):
+- round_robin: the next candidate in turn.
+- least_loaded: fewest requests in flight from this router, then fewest prompt tokens to prefill.
+- cache_aware: least work ahead of the request, counted in prompt tokens:
+      cache_weight * (its prompt tokens not cached there)
+    + load_weight * (prompt tokens queued there for prefill + decode_weight * requests decoding there
+                     + decode_weight * requests there that this router did not send)
+  "Cached there" comes from the instance's KV events (kv_view.py): the prompt is hashed block by
+  block with the instance's own chain, and the leading blocks it holds count as hits.
+
+Lanes (`long_prompt_threshold`): a long prompt goes to the long-lane instances when some are
+configured (short prompts then stay off them while another instance is up). Otherwise an instance
+takes at most `max_long_per_instance` long prefills at once, and long prefills never occupy every
+instance: a long prompt that finds no slot waits in the router until one frees up, so short
+requests always have an instance without a long prefill in front of them.
+
+A PD pool (issue 20) would call `choose` once per pool (prefill, then decode) with that pool's
+instances as candidates; only colocated instances exist today.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from rtpllm.router.backend import Backend, BackendPool
+from rtpllm.router.config import RouterConfig
+from rtpllm.router.kv_view import prefix_block_hashes
+
+
+@dataclass
+class RoutingInput:
+    token_ids: Optional[list[int]]  # the (first) prompt's tokens; None when the router could not tokenize
+    num_prompt_tokens: int
+
+
+@dataclass
+class Choice:
+    backend: Backend
+    hit_tokens: int  # prompt tokens expected to be cached there
+    hashes: list[int]  # the prompt's block hashes on that instance's chain (to predict its cache)
+
+
+class LaneGate:
+    def __init__(self, config: RouterConfig):
+        self.config = config
+
+    def is_long(self, request: RoutingInput) -> bool:
+        threshold = self.config.long_prompt_threshold
+        return threshold is not None and request.num_prompt_tokens > threshold
+
+    def candidates(self, healthy: Sequence[Backend], long: bool) -> list[Backend]:
+        """The instances this request may go to now; empty: a long prompt must wait for a slot."""
+        if self.config.long_lane:
+            lane = [b for b in healthy if b.long_lane == long]
+            return lane or list(healthy)  # a lane with nobody up borrows the other lane
+        if not long or len(healthy) <= 1:
+            if long:
+                return [b for b in healthy if b.long_prefills < self.config.max_long_per_instance]
+            return list(healthy)
+        occupied = sum(1 for b in healthy if b.long_prefills > 0)
+        return [b for b in healthy
+                if b.long_prefills < self.config.max_long_per_instance
+                and (b.long_prefills > 0 or occupied + 1 < len(healthy))]
+
+
+class RoutingPolicy:
+    def __init__(self, config: RouterConfig, pool: BackendPool):
+        self.config = config
+        self.pool = pool
+        self.lanes = LaneGate(config)
+        self._turn = itertools.count()
+
+    async def route(self, request: RoutingInput, exclude: Sequence[Backend] = ()) -> Optional[Choice]:
+        """The instance for `request`, skipping `exclude` (instances already tried); waits while
+        a long prompt has no slot. None when no instance is up."""
+        long = self.lanes.is_long(request)
+        while True:
+            healthy = [b for b in self.pool.healthy() if b not in exclude]
+            if not healthy:
+                return None
+            candidates = self.lanes.candidates(healthy, long)
+            if candidates:
+                return self.choose(request, candidates)
+            await self._wait_for_slot(healthy)
+
+    def choose(self, request: RoutingInput, candidates: Sequence[Backend]) -> Choice:
+        hashes_by_identity: dict = {}
+
+        def hashes_for(backend: Backend) -> list[int]:
+            identity = backend.view.identity
+            if request.token_ids is None or identity is None:
+                return []
+            if identity not in hashes_by_identity:
+                hashes_by_identity[identity] = prefix_block_hashes(request.token_ids, *identity)
+            return hashes_by_identity[identity]
+
+        policy = self.config.policy
+        if policy == "round_robin":
+            backend = candidates[next(self._turn) % len(candidates)]
+        elif policy == "least_loaded":
+            backend = min(candidates, key=lambda b: (b.in_flight, b.pending_prefill_tokens, b.routed_total))
+        else:
+            return min((self._cache_aware(request, b, hashes_for(b)) for b in candidates),
+                       key=lambda scored: scored[0])[1]
+        hashes = hashes_for(backend)
+        return Choice(backend, self._hit_tokens(backend, hashes), hashes)
+
+    def _hit_tokens(self, backend: Backend, hashes: list[int]) -> int:
+        return backend.view.matched_blocks(hashes) * (backend.view.block_size or 0) if hashes else 0
+
+    def _cache_aware(self, request: RoutingInput, backend: Backend, hashes: list[int]) -> tuple[tuple, Choice]:
+        c = self.config
+        hit = self._hit_tokens(backend, hashes)
+        reported = backend.load.get("num_running", 0) + backend.load.get("num_waiting", 0)
+        foreign = max(0, reported - backend.in_flight)  # requests other clients sent there
+        queue = backend.pending_prefill_tokens + c.decode_weight * (backend.decoding + foreign)
+        cost = c.cache_weight * (request.num_prompt_tokens - hit) + c.load_weight * queue
+        # Ties (an idle pool, no hits anywhere): the instance that got the fewest requests so far.
+        return (cost, backend.in_flight, backend.routed_total), Choice(backend, hit, hashes)
+
+    async def _wait_for_slot(self, healthy: Sequence[Backend]) -> None:
+        waits = [asyncio.ensure_future(b.released.wait()) for b in healthy]
+        waits.append(asyncio.ensure_future(self.pool.changed.wait()))
+        try:
+            await asyncio.wait(waits, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        for b in healthy:
+            b.released.clear()
