@@ -27,9 +27,11 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 
 class TPGroup:
     def __init__(self, rank: int, world_size: int, device: torch.device):
+        """The group's shape, known before joining (a model can be built and loaded meanwhile)."""
         self.rank = rank
         self.world_size = world_size
         self.device = device
+        self.joined = False
 
     @staticmethod
     def create_store(rank: int, world_size: int, port: int = 0, host: str = "127.0.0.1") -> dist.TCPStore:
@@ -38,9 +40,9 @@ class TPGroup:
         return dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=COLLECTIVE_TIMEOUT,
                              wait_for_workers=False)
 
-    @classmethod
-    def init(cls, rank: int, world_size: int, device: torch.device, store: dist.Store) -> "TPGroup":
+    def join(self, store: dist.Store) -> None:
         """Joins the group (blocks until every rank has joined)."""
+        rank, world_size, device = self.rank, self.world_size, self.device
         if dist.is_initialized():
             raise RuntimeError("tensor_parallel_size: this process already belongs to a process group "
                                "(one tensor-parallel engine per process; shut the other down first)")
@@ -52,7 +54,7 @@ class TPGroup:
         else:
             dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                                     timeout=COLLECTIVE_TIMEOUT)
-        return cls(rank, world_size, device)
+        self.joined = True
 
     @property
     def backend(self) -> str:
@@ -83,12 +85,13 @@ class TPGroup:
     def abort(self) -> None:
         """Breaks collectives blocked on a dead peer (NCCL kernels would otherwise wait forever);
         gloo notices a dead peer by itself. Best effort: called while failing."""
-        if self.backend == "nccl" and dist.is_initialized():
+        if self.backend == "nccl" and self.joined:
             try:
                 dist.distributed_c10d._abort_process_group()
             except Exception:  # noqa: BLE001 - already failing; the caller reports the cause
                 pass
 
     def destroy(self) -> None:
-        if dist.is_initialized():
+        if self.joined:
+            self.joined = False
             dist.destroy_process_group()

@@ -54,8 +54,8 @@ class MultiprocExecutor(Executor):
             threads = max(1, (os.cpu_count() or 1) // world)
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(threads)
-        store = TPGroup.create_store(0, world)
-        spec = dataclasses.replace(spec, store_port=store.port)
+        self._store = TPGroup.create_store(0, world)
+        spec = dataclasses.replace(spec, store_port=self._store.port)
         self.worker = Worker(spec)
         self._procs: list[WorkerProcess] = []
         try:
@@ -69,17 +69,14 @@ class MultiprocExecutor(Executor):
         self._monitor = WorkerMonitor(self._procs, lambda error: (on_failure() or _ignore)(error))
         # Workers never outlive an executor that is dropped without shutdown() (or the interpreter).
         self._finalizer = weakref.finalize(self, _release, self._monitor, self._procs)
-        try:
-            self._monitor.wait_for("hello", STARTUP_TIMEOUT_S)
-            self.worker.join_group(store)
-        except BaseException:
-            self.shutdown()
-            raise
 
     def load_model(self) -> LoadedModel:
+        """Every rank loads its shard at once; the group forms once all have (a rank that fails
+        to load is reported by the monitor, not waited for inside the group)."""
         with self._shutdown_on_error():
             loaded = self.worker.load_model()
             self._monitor.wait_for("loaded", STARTUP_TIMEOUT_S)
+            self.worker.join_group(self._store)
         return loaded
 
     def init_runner(self, max_model_len: int) -> None:

@@ -42,18 +42,19 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
 class Worker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
-        self.tp: Optional[TPGroup] = None
+        self.tp = TPGroup(spec.rank, spec.world_size, spec.device) if spec.world_size > 1 else None
         self.loaded: Optional[LoadedModel] = None
         self.runner: Optional[ModelRunner] = None
         # Rank > 0: the tokens rank 0 sampled last step (placeholders of the next step read them).
         self.last_sampled: Optional[torch.Tensor] = None
 
     def join_group(self, store=None) -> None:
-        """Joins the tensor-parallel group (rank 0 passes the store it hosts)."""
+        """Joins the tensor-parallel group (rank 0 passes the store it hosts). Loading needs no
+        group, so ranks load first and join after: a rank that fails to load is seen before
+        anyone waits in the group for it."""
         spec = self.spec
-        if spec.world_size > 1:
-            store = store or TPGroup.create_store(spec.rank, spec.world_size, spec.store_port)
-            self.tp = TPGroup.init(spec.rank, spec.world_size, spec.device, store)
+        if self.tp is not None:
+            self.tp.join(store or TPGroup.create_store(spec.rank, spec.world_size, spec.store_port))
 
     def load_model(self) -> LoadedModel:
         spec = self.spec
@@ -92,4 +93,3 @@ class Worker:
     def close(self) -> None:
         if self.tp is not None:
             self.tp.destroy()
-            self.tp = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 import sys
@@ -32,10 +33,9 @@ def serve(sock: socket.socket) -> int:
 
     worker = Worker(spec)
     try:
-        send_blocking(sock, ("hello", spec.rank))
-        worker.join_group()
         worker.load_model()
         send_blocking(sock, ("loaded", spec.rank))
+        worker.join_group()
         while True:
             try:
                 message = recv_blocking(sock)
@@ -74,4 +74,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skips the interpreter's teardown (torch's, gloo's threads): it took seconds on a busy host,
+    # and the engine waits for the exit. Nothing is left to flush or close.
+    os._exit(code)

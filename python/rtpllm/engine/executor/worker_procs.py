@@ -5,8 +5,8 @@ an inherited socket in frames (engine/frames.py):
     engine -> worker: ("init", WorkerSpec) first, then ("init_runner", max_model_len),
         ("step", StepArrays, prompt_logprob_seqs, pending_positions or None, pending_rows or None),
         ("stop",)
-    worker -> engine: ("hello", rank) before joining the group, ("loaded", rank) once its shard is
-        loaded, ("ready", rank, num_blocks) after init_runner; ("error", description, traceback)
+    worker -> engine: ("loaded", rank) once its shard is loaded (it then joins the group),
+        ("ready", rank, num_blocks) after init_runner; ("error", description, traceback)
         before it exits on a failure.
 Steps are not answered: the ranks meet in the model's collectives, and rank 0 samples.
 
