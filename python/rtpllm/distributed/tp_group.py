@@ -11,10 +11,13 @@ Every rank must issue the same collectives in the same order; the model's forwar
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 # A collective waits at most this long for its peers (a dead peer is reported at once; this
 # bounds a peer that hangs without dying).
@@ -92,6 +95,10 @@ class TPGroup:
                 pass
 
     def destroy(self) -> None:
+        """Leaves the group (so that this process may join another later)."""
         if self.joined:
             self.joined = False
-            dist.destroy_process_group()
+            try:
+                dist.destroy_process_group()
+            except Exception as exc:  # noqa: BLE001 - e.g. after an abort: the group is gone either way
+                logger.warning("tensor-parallel group: destroy failed after an error (%s)", exc)

@@ -51,7 +51,8 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = kv_size // arch.head_dim
         self.head_dim = arch.head_dim
         self.scale = arch.head_dim ** -0.5
-        self.qkv_proj = FusedLinear(arch.hidden_size, [("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)],
+        self.qkv_proj = FusedLinear(arch.hidden_size,
+                                    [("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)],
                                     bias=arch.qkv_bias, dtype=dtype)
         self.o_proj = _output_projection(q_size, arch.hidden_size, arch.o_bias, dtype, tp)
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype) if arch.qk_norm else None

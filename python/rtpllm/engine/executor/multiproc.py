@@ -114,6 +114,7 @@ class MultiprocExecutor(Executor):
         self._finalizer.detach()
         _release(self._monitor, self._procs)
         self.worker.close()
+        self._store = None
         if self._threads_before is not None:
             torch.set_num_threads(self._threads_before)
 

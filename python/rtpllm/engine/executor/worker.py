@@ -8,6 +8,7 @@ collectives inside line up.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -71,7 +72,13 @@ class Worker:
         count), captures the CUDA graphs; returns the number of KV blocks."""
         spec = self.spec
         arch = rank_local_arch(self.loaded.arch, spec.rank, spec.world_size)
-        self.runner = ModelRunner(self.loaded.model, arch, spec.config, spec.device, spec.dtype, max_model_len,
+        config = spec.config
+        if spec.device.type == "cpu" and spec.world_size > 1:
+            # The ranks share the host's memory: cpu_kv_cache_gib is the pool of them all (each
+            # rank's blocks hold only its KV heads, so the block count stays about TP=1's).
+            cache = dataclasses.replace(config.cache, cpu_kv_cache_gib=config.cache.cpu_kv_cache_gib / spec.world_size)
+            config = config.replace(cache=cache)
+        self.runner = ModelRunner(self.loaded.model, arch, config, spec.device, spec.dtype, max_model_len,
                                   agree_num_blocks=self.tp.min if self.tp is not None else None)
         return self.runner.num_blocks
 
