@@ -121,10 +121,14 @@ class MultiprocExecutor(Executor):
     # ------------------------------------------------------------------ failures
     @contextlib.contextmanager
     def _shutdown_on_error(self):
-        """A start-up step failed on some rank: no engine will follow, so the workers stop now."""
+        """A start-up step failed on some rank: no engine will follow, so the workers end now
+        (killed: they may be waiting in a collective for the rank that failed)."""
         try:
             yield
         except BaseException:
+            self._monitor.stop()
+            for proc in self._procs:
+                proc.kill()
             self.shutdown()
             raise
 
