@@ -6,7 +6,7 @@ serves.
 
 Each engine starts its workers (a few seconds on 2 cores), so each case runs one engine through
 several scheduling situations at once: chunked prefill mixed with decodes, a prefix-cache hit,
-a seeded sampled request with logprobs.
+a seeded sampled request with logprobs and prompt logprobs.
 """
 
 import os
@@ -29,7 +29,8 @@ from rtpllm.layers.parallel import RowParallelLinear, VocabParallelEmbedding
 
 NEW_TOKENS = 8
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2)
+SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2,
+                         prompt_logprobs=1)  # every prompt position's logits, on every rank
 ENGINE = dict(num_blocks=64, block_size=8, max_num_batched_tokens=32)  # 32: prompts prefill in chunks
 
 # Beyond tests/py/checkpoints.py: vocabularies that 2 and 4 do not divide (521 with q/k/v biases,
@@ -68,7 +69,7 @@ def _run(llm: LLM, prompts: list[list[int]]) -> dict:
     cached = llm.generate(prompts[4:], GREEDY)
     sampled = first[-1].outputs[0]
     return dict(greedy=[list(o.outputs[0].token_ids) for o in first[:4] + cached],
-                sampled=list(sampled.token_ids), logprobs=sampled.logprobs,
+                sampled=list(sampled.token_ids), logprobs=sampled.logprobs + first[-1].prompt_logprobs[1:],
                 prefix_hits=llm.engine.stats().prefix_cache_hits, pool_free=llm.engine.check_kv_pool_free())
 
 
