@@ -44,6 +44,8 @@ class Worker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self.tp = TPGroup(spec.rank, spec.world_size, spec.device) if spec.world_size > 1 else None
+        if spec.device.type == "cuda" and self.tp is not None:
+            torch.cuda.set_device(spec.device)  # kernels, graphs and streams that use the current device
         self.loaded: Optional[LoadedModel] = None
         self.runner: Optional[ModelRunner] = None
         # Rank > 0: the tokens rank 0 sampled last step (placeholders of the next step read them).
