@@ -165,18 +165,20 @@ def test_a_worker_killed_mid_generation_is_reported_and_the_engine_stops(paths):
         except BaseException as exc:  # noqa: BLE001 - the test inspects it
             errors.append(exc)
 
-    thread = threading.Thread(target=generate)
-    thread.start()
-    time.sleep(1.0)
-    os.kill(workers[victim - 1], signal.SIGKILL)  # workers are started in rank order
-    thread.join(timeout=30)
-    assert not thread.is_alive(), "the engine hung on a dead worker"
-    assert len(errors) == 1 and isinstance(errors[0], WorkerFailedError), errors
-    assert errors[0].rank == victim and f"rank {victim} exited unexpectedly (exit code -9)" in str(errors[0])
-    with pytest.raises(WorkerFailedError):
-        llm.generate([[5, 6]], GREEDY)  # the engine stays failed, fast
-    started = time.monotonic()
-    llm.engine.shutdown()
+    try:
+        thread = threading.Thread(target=generate)
+        thread.start()
+        time.sleep(1.0)
+        os.kill(workers[victim - 1], signal.SIGKILL)  # workers are started in rank order
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the engine hung on a dead worker"
+        assert len(errors) == 1 and isinstance(errors[0], WorkerFailedError), errors
+        assert errors[0].rank == victim and f"rank {victim} exited unexpectedly (exit code -9)" in str(errors[0])
+        with pytest.raises(WorkerFailedError):
+            llm.generate([[5, 6]], GREEDY)  # the engine stays failed, fast
+    finally:
+        started = time.monotonic()
+        llm.engine.shutdown()
     assert time.monotonic() - started < 15
     assert not _children() & set(workers), "every worker process has ended"
     assert not torch.distributed.is_initialized()
