@@ -93,7 +93,7 @@ class Worker:
             if batch.num_sampled == 0:
                 self.last_sampled = None
             elif self.spec.rank == 0:
-                self.tp.broadcast(result.sampled.token_ids, src=0)
+                self.tp.broadcast(result.sampled.token_ids.contiguous(), src=0)
             else:
                 tokens = torch.empty(batch.num_sampled, dtype=torch.int64, device=self.spec.device)
                 self.last_sampled = self.tp.broadcast(tokens, src=0)
