@@ -64,7 +64,8 @@ def test_graphs_equal_eager_and_tokens_agree_with_one_gpu(path, tp):
     assert graphed == eager
     same = sum(a == b for x, y in zip(graphed, one_gpu) for a, b in zip(x, y))
     print(f"TP={tp}: {same} of {sum(map(len, one_gpu))} greedy tokens equal one GPU's")
-    first_parting = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(graphed, one_gpu)]
+    first_parting = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
+                     for x, y in zip(graphed, one_gpu)]
     # bf16 greedy on a random model parts at near-ties; the first token of every prompt (the prefill's
     # argmax) must agree.
     assert min(first_parting) >= 1, f"tokens parting from one GPU's at: {first_parting}"

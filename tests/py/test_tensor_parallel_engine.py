@@ -22,7 +22,7 @@ import httpx
 import pytest
 import torch
 
-from checkpoints import VARIANTS, Variant, build_checkpoint, checkpoint_path
+from checkpoints import Variant, build_checkpoint, checkpoint_path
 from rtpllm import LLM, SamplingParams
 from rtpllm.engine.executor import WorkerFailedError
 from rtpllm.layers.parallel import RowParallelLinear, VocabParallelEmbedding

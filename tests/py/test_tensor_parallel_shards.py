@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from checkpoints import checkpoint_path
+from rtpllm.config import EngineConfig
 from rtpllm.distributed.partition import split_heads, split_vocab
 from rtpllm.engine.executor import create_executor
-from rtpllm.config import EngineConfig
 from rtpllm.loader.hf_checkpoint import iter_safetensors, read_json, safetensors_files
 from rtpllm.models.llama_arch import LlamaArch
 from rtpllm.models.llama_shards import check_tensor_parallel, llama_tensor_shard, rank_local_arch

@@ -35,7 +35,8 @@ class TensorShard:
 
     def index(self, ndim: int) -> tuple[slice, ...]:
         """The slice of the checkpoint tensor, e.g. for safetensors' `get_slice(name)[index]`."""
-        return (slice(None),) * self.dim + (slice(self.start, self.stop),) + (slice(None),) * (ndim - self.dim - 1)
+        before, after = (slice(None),) * self.dim, (slice(None),) * (ndim - self.dim - 1)
+        return before + (slice(self.start, self.stop),) + after
 
     def take(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         """The rank's part of `tensor`, which is either the whole checkpoint tensor or already just

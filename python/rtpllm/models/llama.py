@@ -112,8 +112,11 @@ class LlamaModel(nn.Module):
     def __init__(self, arch: LlamaArch, backend: AttentionBackend, dtype: Optional[torch.dtype],
                  tp: Optional[TPGroup] = None):
         super().__init__()
-        self.embed_tokens = (Embedding(arch.vocab_size, arch.hidden_size, dtype) if tp is None else
-                             VocabParallelEmbedding(vocab_rows(arch, tp.rank, tp.world_size), arch.hidden_size, dtype, tp))
+        if tp is None:
+            self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, dtype)
+        else:
+            self.embed_tokens = VocabParallelEmbedding(vocab_rows(arch, tp.rank, tp.world_size), arch.hidden_size,
+                                                       dtype, tp)
         self.rotary = RotaryEmbedding(arch.head_dim, arch.rope, arch.max_position_embeddings)
         self.layers = nn.ModuleList(LlamaDecoderLayer(arch, self.rotary, backend, dtype, tp)
                                     for _ in range(arch.num_layers))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import os
 import weakref
 from typing import Optional
@@ -31,8 +30,6 @@ from rtpllm.engine.frames import encode_frame
 from rtpllm.engine.in_flight import PendingInputs
 from rtpllm.engine.model_runner import StepResult
 from rtpllm.loader import LoadedModel
-
-logger = logging.getLogger(__name__)
 
 # Joining the group, loading a shard, profiling and capturing graphs: generous, but bounded.
 STARTUP_TIMEOUT_S = 900.0

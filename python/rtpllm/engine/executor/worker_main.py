@@ -22,8 +22,6 @@ import torch
 from rtpllm.engine.frames import recv_blocking, send_blocking
 from rtpllm.engine.in_flight import PendingInputs
 
-logger = logging.getLogger(__name__)
-
 
 def serve(sock: socket.socket) -> int:
     _, spec = recv_blocking(sock)
