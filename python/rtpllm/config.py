@@ -89,6 +89,9 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """Tensor parallelism: the model split over `tensor_parallel_size` ranks, one GPU each (at most
+    the visible GPUs), or on the CPU one process each (gloo). 1 runs in the engine's process."""
+
     tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:

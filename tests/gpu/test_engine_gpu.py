@@ -3,7 +3,7 @@
 - Random Llama (head_dim 128, GQA 4:1) and Qwen3 (head_dim 64, q/k norm, tied embeddings)
   checkpoints, teacher-forced over 512 positions (a 256-token prefill, then 256 decode steps):
   next-token agreement >= 99% and logits relative error < 2e-2 against transformers in float32.
-- The engine with CUDA graphs gives exactly the eager engine's tokens.
+- The engine with CUDA graphs gives exactly the eager engine's tokens (through the one-GPU executor).
 - SmolLM2 (GGUF) greedy on the GPU equals the CPU float32 engine for 16 tokens of 3 prompts, or
   parts from it only at a near-tie (the float32 top-2 logits within 0.5), reported.
 """
@@ -77,6 +77,8 @@ def test_cuda_graphs_give_the_eager_tokens(checkpoint):
     params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
     graphed = LLM(model=path, gpu_memory_utilization=0.3, max_num_seqs=8)
     assert graphed.engine.runner.graphs is not None
+    # One GPU runs through the executor interface, which hands the engine the runner's own method.
+    assert graphed.engine.executor.execute == graphed.engine.runner.execute
     with_graphs = [o.outputs[0].token_ids for o in graphed.generate(prompts, params)]
     assert graphed.engine.check_kv_pool_free()
     del graphed

@@ -19,16 +19,15 @@ from rtpllm import _C
 from rtpllm.config import EngineConfig
 from rtpllm.engine.default_model import resolve_model_path
 from rtpllm.engine.detokenizer import IncrementalDetokenizer, StopStringChecker
-from rtpllm.engine.device import attention_backend_factory, resolve_device, resolve_dtype
+from rtpllm.engine.device import resolve_device, resolve_dtype
+from rtpllm.engine.executor import create_executor
 from rtpllm.engine.instance_report import InstanceReporter
 from rtpllm.engine.in_flight import InFlightStep, TokenReadback, pending_inputs
-from rtpllm.engine.model_runner import ModelRunner
 from rtpllm.engine.prompt_logprobs import PromptLogprobCollector
 from rtpllm.engine.request_state import RequestGroup, SequenceState
 from rtpllm.engine.sampling_inputs import build_sampling_batch, sampled_logprobs
 from rtpllm.engine.stats import EngineStats
 from rtpllm.layers.sampling_batch import SamplingBatch, make_request_generator
-from rtpllm.loader import load_model_and_tokenizer
 from rtpllm.outputs import RequestMetrics, RequestOutput
 from rtpllm.sampling_params import SamplingParams
 
@@ -48,9 +47,9 @@ class Engine:
         self.device = resolve_device(config.device.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         torch.manual_seed(config.model.seed)
-        loaded = load_model_and_tokenizer(self.model_path, dtype=self.dtype, device=self.device,
-                                          attn_backend_factory=attention_backend_factory(
-                                              self.device, self.dtype, config.cache.block_size))
+        # Runs the model: in this process, or over tensor-parallel ranks in worker processes it starts.
+        self.executor = create_executor(config, self.model_path, self.device, self.dtype)
+        loaded = self.executor.load_model()
         self.arch = loaded.arch
         self.tokenizer = loaded.tokenizer
         self.model_name = config.model.served_model_name or _basename(self.model_path)
@@ -58,14 +57,15 @@ class Engine:
         # The logits' width: the architecture's vocabulary, else (where it names none) the tokenizer's.
         self.vocab_size = getattr(self.arch, "vocab_size", None) or len(self.tokenizer)
         self.eos_token_ids = _eos_ids(loaded.generation_config, self.tokenizer, self.arch)
-        self.runner = ModelRunner(loaded.model, self.arch, config, self.device, self.dtype, self.max_model_len)
+        self.executor.init_runner(self.max_model_len)
+        self.runner = self.executor.runner  # rank 0's: the model, its KV pool and CUDA graphs
         self.scheduler = _C.Scheduler(
             _C.SchedulerOptions(
                 max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
                 max_num_seqs=config.scheduler.max_num_seqs,
                 enable_chunked_prefill=config.scheduler.enable_chunked_prefill,
                 max_model_len=self.max_model_len),
-            _C.CacheOptions(num_blocks=self.runner.num_blocks, block_size=config.cache.block_size,
+            _C.CacheOptions(num_blocks=self.executor.num_blocks, block_size=config.cache.block_size,
                             enable_prefix_caching=config.cache.enable_prefix_caching))
         self.reporter = InstanceReporter(self.scheduler, config.cache.block_size)  # KV events, step time
         self._groups: dict[str, RequestGroup] = {}
@@ -204,7 +204,7 @@ class Engine:
                                                self.arch.vocab_size, previous=self._last_sampling_batch)
                           if sampled_seqs else None)
         self._last_sampling_batch = sampling_batch or self._last_sampling_batch
-        result = self.runner.execute(batch, sampling_batch, collector.seq_indices, pending)
+        result = self.executor.execute(batch, sampling_batch, collector.seq_indices, pending)
         collector.collect(result.prompt_logprobs)
 
         if overlap:
@@ -273,7 +273,12 @@ class Engine:
     def check_kv_pool_free(self) -> bool:
         """True when no block is held by a request (cached free blocks count as free)."""
         self.scheduler.check_invariants()
-        return self.scheduler.num_free_blocks == self.runner.num_blocks
+        return self.scheduler.num_free_blocks == self.executor.num_blocks
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel worker processes, if any (idempotent; they also stop when
+        this process exits, or when the executor is garbage-collected)."""
+        self.executor.shutdown()
 
     # ------------------------------------------------------------------ helpers
     def _new_sequence(self, group: RequestGroup, index: int, detokenize: bool = True) -> SequenceState:

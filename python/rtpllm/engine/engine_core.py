@@ -168,6 +168,8 @@ def serve(sock: socket.socket) -> int:
         except OSError:
             pass  # the server is gone too
         return 1
+    finally:
+        engine.shutdown()  # its tensor-parallel workers, if any
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -7,7 +7,7 @@ device in one copy each, runs the model, and samples from the rows the scheduler
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -35,7 +35,9 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, arch, config: EngineConfig, device: torch.device,
-                 dtype: torch.dtype, max_model_len: int):
+                 dtype: torch.dtype, max_model_len: int, agree_num_blocks: Optional[Callable[[int], int]] = None):
+        """`arch` gives the KV pool's layout (under tensor parallelism: the rank's KV heads);
+        `agree_num_blocks` turns this rank's KV block count into the one every rank uses."""
         self.model = model
         self.arch = arch
         self.device = device
@@ -47,6 +49,8 @@ class ModelRunner:
         bytes_per_block = kv_bytes_per_block(arch.num_layers, arch.num_kv_heads, arch.head_dim,
                                              self.block_size, dtype)
         self.num_blocks = num_blocks_for_device(config.cache, bytes_per_block, device, peak)
+        if agree_num_blocks is not None:
+            self.num_blocks = agree_num_blocks(self.num_blocks)
         self.kv_caches = allocate_kv_caches(arch.num_layers, self.num_blocks, self.block_size,
                                             arch.num_kv_heads, arch.head_dim, dtype, device)
         self._to_device = HostToDevice(device)
@@ -76,11 +80,14 @@ class ModelRunner:
                 pending: Optional[PendingInputs] = None) -> StepResult:
         """Runs one step. `prompt_logprob_seqs` are batch indices of sequences whose new tokens
         all need logits (prompt logprobs); every other sequence only computes its sampled row.
-        `pending` names input tokens still on the device (sampled by the step in flight)."""
+        `pending` names input tokens still on the device (sampled by the step in flight).
+        Without `sampling_batch` (a tensor-parallel rank > 0) the logits are computed, for their
+        collectives, but not sampled."""
         if self.graphs is not None and not prompt_logprob_seqs and self.graphs.can_run(batch):
             # A decode step: every sequence samples its one row, in batch order.
             logits = self.graphs.run(batch, pending)
-            return StepResult(sampled=self.sampler(logits, sampling_batch), prompt_logprobs={})
+            sampled = self.sampler(logits, sampling_batch) if sampling_batch is not None else None
+            return StepResult(sampled=sampled, prompt_logprobs={})
         self._to_device.begin_step()
         input_ids = self._to_device("input_ids", batch.input_token_ids).long()
         if pending is not None:
@@ -96,7 +103,7 @@ class ModelRunner:
         sampled = None
         if batch.num_sampled > 0:
             logits = self.model.compute_logits(hidden.index_select(0, logits_indices))
-            sampled = self.sampler(logits, sampling_batch)
+            sampled = self.sampler(logits, sampling_batch) if sampling_batch is not None else None
 
         prompt_logprobs: dict[int, torch.Tensor] = {}
         starts = batch.query_start_loc

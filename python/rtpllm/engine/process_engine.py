@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import socket
 import subprocess
 import sys
 from typing import TYPE_CHECKING, Optional, Union
 
+from rtpllm.distributed.env import DISTRIBUTED_ENV
 from rtpllm.engine.async_engine import (AbortCommand, AddCommand, AsyncEngineBase, CallCommand, EngineDeadError,
                                        StepObserver)
 from rtpllm.engine.engine_core import EngineInfo
@@ -61,7 +63,8 @@ class ProcessEngine(AsyncEngineBase):
         server_end, engine_end = socket.socketpair()
         try:
             process = subprocess.Popen([sys.executable, "-m", "rtpllm.engine.engine_core", "--fd",
-                                        str(engine_end.fileno())], pass_fds=(engine_end.fileno(),))
+                                        str(engine_end.fileno())], pass_fds=(engine_end.fileno(),),
+                                       env={**os.environ, **DISTRIBUTED_ENV})  # NVLink multicast off
         finally:
             engine_end.close()
         try:

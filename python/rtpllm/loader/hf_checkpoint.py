@@ -6,7 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -63,14 +63,21 @@ def safetensors_files(folder: str) -> list[str]:
     raise FileNotFoundError(f"weights: no {SINGLE_WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {folder}{hint}")
 
 
-def iter_safetensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(files: list[str], shard_of: Optional[Callable[[str], Any]] = None
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (name, CPU tensor) for every tensor of every file, reading one tensor at a time
-    (memory-mapped), so peak host memory stays near one tensor."""
+    (memory-mapped), so peak host memory stays near one tensor. `shard_of(name)` (tensor
+    parallelism) names the slice to read of a tensor (a TensorShard; None: all of it)."""
     for path in files:
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    shard = shard_of(name) if shard_of is not None else None
+                    if shard is None:
+                        yield name, f.get_tensor(name)
+                    else:
+                        part = f.get_slice(name)
+                        yield name, part[shard.index(len(part.get_shape()))]
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{os.path.basename(path)}: not a valid safetensors file ({e}) in {path}") from None
 

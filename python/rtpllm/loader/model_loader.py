@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from transformers import AutoTokenizer
 
+from rtpllm.distributed.tp_group import TPGroup
 from rtpllm.layers.attention_metadata import AttentionBackend
 from rtpllm.loader.gguf_checkpoint import GGUFCheckpoint
 from rtpllm.loader.gguf_tokenizer import load_gguf_tokenizer
@@ -16,6 +17,7 @@ from rtpllm.loader.hf_checkpoint import (CONFIG_FILE, check_tokenizer_files, ite
                                          read_json, safetensors_files)
 from rtpllm.models.llama import LlamaForCausalLM
 from rtpllm.models.llama_arch import LlamaArch
+from rtpllm.models.llama_shards import llama_tensor_shard
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -32,13 +34,15 @@ def load_model_and_tokenizer(path: str, dtype: torch.dtype = torch.float32,
                              device: Union[str, torch.device] = "cpu",
                              attn_backend: Optional[AttentionBackend] = None,
                              tokenizer_path: Optional[str] = None,
-                             attn_backend_factory: Optional[Callable[[LlamaArch], AttentionBackend]] = None
-                             ) -> LoadedModel:
+                             attn_backend_factory: Optional[Callable[[LlamaArch], AttentionBackend]] = None,
+                             tensor_parallel: Optional[TPGroup] = None) -> LoadedModel:
     """Loads a Hugging Face model folder (config.json + safetensors) or a `.gguf` file.
 
     `attn_backend` defaults to the torch reference backend; `attn_backend_factory`, when given, builds
     one from the checkpoint's architecture instead (kernels need head counts before the weights load);
     `tokenizer_path` overrides where the tokenizer comes from (a folder `AutoTokenizer` reads).
+    With `tensor_parallel`, the model is this rank's shard, and safetensors files are read only
+    where the rank's slices lie (a GGUF file is dequantized whole, then sliced).
     Raises FileNotFoundError for a missing path or file and ValueError for a corrupt file or an
     unsupported model, naming the problem.
     """
@@ -54,9 +58,9 @@ def load_model_and_tokenizer(path: str, dtype: torch.dtype = torch.float32,
         return attn_backend if attn_backend_factory is None else attn_backend_factory(arch)
 
     if os.path.isdir(path):
-        loaded = _load_hf_folder(path, dtype, device, backend_for)
+        loaded = _load_hf_folder(path, dtype, device, backend_for, tensor_parallel)
     elif path.endswith(".gguf"):
-        loaded = _load_gguf(path, dtype, device, backend_for)
+        loaded = _load_gguf(path, dtype, device, backend_for, tensor_parallel)
     else:
         raise ValueError(f"model: {path} is neither a Hugging Face model folder nor a .gguf file")
     if tokenizer_path is not None:
@@ -67,19 +71,22 @@ def load_model_and_tokenizer(path: str, dtype: torch.dtype = torch.float32,
 BackendFor = Callable[[LlamaArch], Optional[AttentionBackend]]
 
 
-def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device, backend_for: BackendFor) -> LoadedModel:
+def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device, backend_for: BackendFor,
+                    tp: Optional[TPGroup] = None) -> LoadedModel:
     arch = LlamaArch.from_hf_config(read_json(os.path.join(folder, CONFIG_FILE)), source=CONFIG_FILE)
     files = safetensors_files(folder)
     generation_config = read_generation_config(folder)
     check_tokenizer_files(folder)
-    model = build_model(arch, dtype, device, iter_safetensors(files), backend_for(arch))
+    shard_of = None if tp is None else (lambda name: llama_tensor_shard(name, arch, tp.rank, tp.world_size))
+    model = build_model(arch, dtype, device, iter_safetensors(files, shard_of), backend_for(arch), tp)
     return LoadedModel(model, arch, _load_tokenizer(folder), generation_config)
 
 
-def _load_gguf(path: str, dtype: torch.dtype, device: torch.device, backend_for: BackendFor) -> LoadedModel:
+def _load_gguf(path: str, dtype: torch.dtype, device: torch.device, backend_for: BackendFor,
+               tp: Optional[TPGroup] = None) -> LoadedModel:
     checkpoint = GGUFCheckpoint(path)
     arch = checkpoint.arch()
-    model = build_model(arch, dtype, device, checkpoint.weights(arch, device), backend_for(arch))
+    model = build_model(arch, dtype, device, checkpoint.weights(arch, device), backend_for(arch), tp)
     try:
         tokenizer = load_gguf_tokenizer(path)
     except Exception as e:
@@ -90,11 +97,11 @@ def _load_gguf(path: str, dtype: torch.dtype, device: torch.device, backend_for:
 
 def build_model(arch: LlamaArch, dtype: torch.dtype, device: torch.device,
                 weights: Iterable[tuple[str, torch.Tensor]],
-                attn_backend: Optional[AttentionBackend] = None) -> LlamaForCausalLM:
+                attn_backend: Optional[AttentionBackend] = None, tp: Optional[TPGroup] = None) -> LlamaForCausalLM:
     """Creates the model directly on `device` in `dtype` (no host copy of the weights, no
     throwaway initialization) and copies the checkpoint tensors in."""
     with torch.device(device):
-        model = LlamaForCausalLM(arch, attn_backend=attn_backend, dtype=dtype)
+        model = LlamaForCausalLM(arch, attn_backend=attn_backend, dtype=dtype, tp=tp)
     model.load_weights(weights)
     return model.eval()
 

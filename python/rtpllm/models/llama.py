@@ -9,6 +9,10 @@ Forward contract (see docs/architecture.md, "Models"):
     hidden = model(input_ids [T] int64, positions [T] int64, kv_caches, meta)   # [T, hidden_size]
     logits = model.compute_logits(hidden[rows])                                 # [n, vocab] float32
 with one kv cache [2, num_blocks, block_size, num_kv_heads, head_dim] per layer.
+
+With a tensor-parallel group (`tp`), each rank builds and loads its shard (models/llama_shards.py,
+layers/parallel.py): its heads (and KV caches of its KV heads), its part of the MLP, its slice of
+the vocabulary; `compute_logits` still returns the whole vocabulary on every rank.
 """
 
 from __future__ import annotations
@@ -19,13 +23,16 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from rtpllm.distributed.tp_group import TPGroup
 from rtpllm.layers.attention_metadata import AttentionBackend, AttentionMetadata
 from rtpllm.layers.gemm_dispatch import linear, linear_silu_and_mul
 from rtpllm.layers.linear import Embedding, FusedLinear, Linear, copy_checked
 from rtpllm.layers.norm import RMSNorm
+from rtpllm.layers.parallel import RowParallelLinear, VocabParallelEmbedding, gather_vocab_logits
 from rtpllm.layers.rotary import RotaryEmbedding
 from rtpllm.layers.torch_attention import TorchAttentionBackend
 from rtpllm.models.llama_arch import LlamaArch
+from rtpllm.models.llama_shards import check_tensor_parallel, kv_rows, llama_tensor_shard, mlp_rows, q_rows, vocab_rows
 
 # Checkpoint projection -> our fused projection that holds it as a shard of the same name.
 _FUSED_INTO = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
@@ -37,16 +44,17 @@ _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 class LlamaAttention(nn.Module):
     def __init__(self, arch: LlamaArch, rotary: RotaryEmbedding, backend: AttentionBackend,
-                 dtype: Optional[torch.dtype]):
+                 dtype: Optional[torch.dtype], tp: Optional[TPGroup] = None):
         super().__init__()
-        self.num_heads = arch.num_heads
-        self.num_kv_heads = arch.num_kv_heads
+        q_size, kv_size = _local_rows(q_rows, arch, tp), _local_rows(kv_rows, arch, tp)
+        self.num_heads = q_size // arch.head_dim
+        self.num_kv_heads = kv_size // arch.head_dim
         self.head_dim = arch.head_dim
         self.scale = arch.head_dim ** -0.5
         self.qkv_proj = FusedLinear(arch.hidden_size,
-                                    [("q_proj", arch.q_size), ("k_proj", arch.kv_size), ("v_proj", arch.kv_size)],
+                                    [("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)],
                                     bias=arch.qkv_bias, dtype=dtype)
-        self.o_proj = Linear(arch.q_size, arch.hidden_size, bias=arch.o_bias, dtype=dtype)
+        self.o_proj = _output_projection(q_size, arch.hidden_size, arch.o_bias, dtype, tp)
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype) if arch.qk_norm else None
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype) if arch.qk_norm else None
         # Shared by every layer; kept out of the module tree so it is not registered once per layer.
@@ -66,12 +74,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, arch: LlamaArch, dtype: Optional[torch.dtype]):
+    def __init__(self, arch: LlamaArch, dtype: Optional[torch.dtype], tp: Optional[TPGroup] = None):
         super().__init__()
-        size = arch.intermediate_size
+        size = _local_rows(mlp_rows, arch, tp)
         self.gate_up_proj = FusedLinear(arch.hidden_size, [("gate_proj", size), ("up_proj", size)],
                                         bias=arch.mlp_bias, dtype=dtype)
-        self.down_proj = Linear(size, arch.hidden_size, bias=arch.mlp_bias, dtype=dtype)
+        self.down_proj = _output_projection(size, arch.hidden_size, arch.mlp_bias, dtype, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj
@@ -80,12 +88,12 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, arch: LlamaArch, rotary: RotaryEmbedding, backend: AttentionBackend,
-                 dtype: Optional[torch.dtype]):
+                 dtype: Optional[torch.dtype], tp: Optional[TPGroup] = None):
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(arch, rotary, backend, dtype)
+        self.self_attn = LlamaAttention(arch, rotary, backend, dtype, tp)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
-        self.mlp = LlamaMLP(arch, dtype)
+        self.mlp = LlamaMLP(arch, dtype, tp)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor],
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,29 +109,41 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: LlamaArch, backend: AttentionBackend, dtype: Optional[torch.dtype]):
+    def __init__(self, arch: LlamaArch, backend: AttentionBackend, dtype: Optional[torch.dtype],
+                 tp: Optional[TPGroup] = None):
         super().__init__()
-        self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, dtype)
+        if tp is None:
+            self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, dtype)
+        else:
+            self.embed_tokens = VocabParallelEmbedding(vocab_rows(arch, tp.rank, tp.world_size), arch.hidden_size,
+                                                       dtype, tp)
         self.rotary = RotaryEmbedding(arch.head_dim, arch.rope, arch.max_position_embeddings)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, self.rotary, backend, dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, self.rotary, backend, dtype, tp)
                                     for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
 
 
 class LlamaForCausalLM(nn.Module):
     """Build it on the target device and in the target dtype (`with torch.device(...)`), then
-    `load_weights`: parameters start uninitialized."""
+    `load_weights`: parameters start uninitialized. With `tp`, it is this rank's shard (the
+    attention backend then serves the rank's heads: see llama_shards.rank_local_arch)."""
 
     def __init__(self, arch: LlamaArch, attn_backend: Optional[AttentionBackend] = None,
-                 dtype: Optional[torch.dtype] = None):
+                 dtype: Optional[torch.dtype] = None, tp: Optional[TPGroup] = None):
         super().__init__()
+        if tp is not None and tp.world_size == 1:
+            tp = None  # one rank: the plain layers, no collectives
+        if tp is not None:
+            check_tensor_parallel(arch, tp.world_size)
         self.arch = arch
+        self.tp = tp
         self.attn_backend = attn_backend if attn_backend is not None else TorchAttentionBackend()
-        self.model = LlamaModel(arch, self.attn_backend, dtype)
+        self.model = LlamaModel(arch, self.attn_backend, dtype, tp)
         if arch.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = Linear(arch.hidden_size, arch.vocab_size, bias=False, dtype=dtype)
+            vocab = arch.vocab_size if tp is None else vocab_rows(arch, tp.rank, tp.world_size).size
+            self.lm_head = Linear(arch.hidden_size, vocab, bias=False, dtype=dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -139,14 +159,17 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden_size] -> [n, vocab_size] float32."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.tp is not None:
+            return gather_vocab_logits(linear(hidden, weight), self.tp, self.arch.vocab_size)
         return linear(hidden, weight).float()
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies checkpoint tensors named as in Hugging Face Llama checkpoints
         (`model.layers.0.self_attn.q_proj.weight`, ...) into the parameters, converting dtype and
-        device. Raises ValueError on an unknown tensor, a shape mismatch, a tensor given twice, or
-        any parameter left unloaded."""
+        device. Under tensor parallelism each tensor may be the whole checkpoint tensor or already
+        this rank's shard (`checkpoint_shard`). Raises ValueError on an unknown tensor, a shape
+        mismatch, a tensor given twice, or any parameter left unloaded."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -155,6 +178,9 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name in loaded:
                 raise ValueError(f"{name}: appears twice in the checkpoint")
+            shard = self.checkpoint_shard(name)
+            if shard is not None:
+                tensor = shard.take(tensor, name)
             fused = _FUSED_NAME.match(name)
             if fused and f"{fused.group(1)}.{_FUSED_INTO[fused.group(2)]}.weight" in params:
                 prefix, projection, kind = fused.groups()
@@ -170,6 +196,10 @@ class LlamaForCausalLM(nn.Module):
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
 
+    def checkpoint_shard(self, name: str):
+        """The slice of checkpoint tensor `name` this rank holds (a TensorShard), or None: whole."""
+        return None if self.tp is None else llama_tensor_shard(name, self.arch, self.tp.rank, self.tp.world_size)
+
     def checkpoint_tensor_names(self) -> list[str]:
         """The Hugging Face names of every tensor this configuration needs from a checkpoint."""
         names = []
@@ -181,3 +211,16 @@ class LlamaForCausalLM(nn.Module):
             else:
                 names += [f"{name}.{kind}" for kind in kinds]
         return names
+
+
+def _local_rows(rows_of, arch: LlamaArch, tp: Optional[TPGroup]) -> int:
+    """Rows this rank holds of a column-parallel projection (all of them without a group)."""
+    return rows_of(arch, 0, 1).size if tp is None else rows_of(arch, tp.rank, tp.world_size).size
+
+
+def _output_projection(in_features: int, out_features: int, bias: bool, dtype: Optional[torch.dtype],
+                       tp: Optional[TPGroup]) -> Linear:
+    """o_proj / down_proj: row-parallel (an all-reduce of the partial sums) under tensor parallelism."""
+    if tp is None:
+        return Linear(in_features, out_features, bias=bias, dtype=dtype)
+    return RowParallelLinear(in_features, out_features, bias, dtype, tp)

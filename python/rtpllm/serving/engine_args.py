@@ -32,7 +32,7 @@ _HELP = {
     "max_num_batched_tokens": "Token budget of one scheduler step.",
     "max_num_seqs": "Most sequences in one step's batch.",
     "enable_chunked_prefill": "Split long prompts across steps, batched with decodes.",
-    "tensor_parallel_size": "GPUs to shard the model over.",
+    "tensor_parallel_size": "GPUs to shard the model over (with --device cpu: processes).",
     "device": "Where to run the model.",
     "enforce_eager": "Turn CUDA graphs off.",
     "max_queued_requests": "Waiting requests beyond which the server answers 503 at once (default: no limit).",

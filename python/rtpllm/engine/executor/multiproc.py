@@ -1,0 +1,162 @@
+"""Tensor parallelism on one host: rank 0 in the engine's process, ranks 1..N-1 in worker processes.
+
+Each step: rank 0 sends the step's batch (plain arrays, `StepArrays`) to every worker, then runs its
+own shard; the ranks meet in the model's all-reduces and the logits' all-gather, rank 0 samples
+and broadcasts the sampled tokens (the next step's placeholders on every rank read them).
+
+Failure: a worker that dies or raises is seen at once by the monitor thread, which kills the other
+workers (so no rank stays blocked in a collective) and aborts rank 0's communicator (NCCL; gloo
+fails on a closed peer by itself). The step in progress and every later one raise
+WorkerFailedError naming the rank; `shutdown()` stops (or, after a timeout, kills) the workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import weakref
+from typing import Optional
+
+import torch
+
+from rtpllm.distributed.env import apply_distributed_env
+from rtpllm.distributed.tp_group import TPGroup
+from rtpllm.engine.executor.base import Executor, WorkerFailedError
+from rtpllm.engine.executor.step_arrays import StepArrays
+from rtpllm.engine.executor.worker import Worker, WorkerSpec, rank_device
+from rtpllm.engine.executor.worker_procs import WorkerMonitor, WorkerProcess, stop_workers
+from rtpllm.engine.frames import encode_frame
+from rtpllm.engine.in_flight import PendingInputs
+from rtpllm.engine.model_runner import StepResult
+from rtpllm.loader import LoadedModel
+
+# Joining the group, loading a shard, profiling and capturing graphs: generous, but bounded.
+STARTUP_TIMEOUT_S = 900.0
+STOP_TIMEOUT_S = 10.0
+# After a collective failed, how long to wait for the monitor to name the rank that died.
+FAILURE_REPORT_S = 5.0
+_STOP_FRAME = encode_frame(("stop",))
+
+
+class MultiprocExecutor(Executor):
+    def __init__(self, spec: WorkerSpec):
+        apply_distributed_env()
+        world = spec.world_size
+        self._closed = False
+        self._threads_before: Optional[int] = None
+        threads = 0
+        if spec.device.type == "cpu":
+            # N ranks share the host's cores: one thread pool each of cores / N, no oversubscription.
+            threads = max(1, (os.cpu_count() or 1) // world)
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+        self._store = TPGroup.create_store(0, world)
+        spec = dataclasses.replace(spec, store_port=self._store.port)
+        self.worker = Worker(spec)
+        self._procs: list[WorkerProcess] = []
+        try:
+            for rank in range(1, world):
+                rank_spec = dataclasses.replace(spec, rank=rank, device=rank_device(spec.device, rank))
+                self._procs.append(WorkerProcess.start(rank_spec, threads or 1))
+        except BaseException:
+            stop_workers(self._procs, _STOP_FRAME, STOP_TIMEOUT_S)
+            raise
+        on_failure = weakref.WeakMethod(self._on_failure)  # the monitor thread must not keep us alive
+        self._monitor = WorkerMonitor(self._procs, lambda error: (on_failure() or _ignore)(error))
+        # Workers never outlive an executor that is dropped without shutdown() (or the interpreter).
+        self._finalizer = weakref.finalize(self, _release, self._monitor, self._procs)
+
+    def load_model(self) -> LoadedModel:
+        """Every rank loads its shard at once; the group forms once all have (a rank that fails
+        to load is reported by the monitor, not waited for inside the group)."""
+        with self._shutdown_on_error():
+            loaded = self.worker.load_model()
+            self._monitor.wait_for("loaded", STARTUP_TIMEOUT_S)
+            self.worker.join_group(self._store)
+        return loaded
+
+    def init_runner(self, max_model_len: int) -> None:
+        with self._shutdown_on_error():
+            self._init_runner(max_model_len)
+
+    def _init_runner(self, max_model_len: int) -> None:
+        self._send(encode_frame(("init_runner", max_model_len)))
+        try:
+            num_blocks = self.worker.init_runner(max_model_len)
+        except RuntimeError as exc:
+            raise self._failure_behind(exc) from exc
+        replies = self._monitor.wait_for("ready", STARTUP_TIMEOUT_S)
+        disagree = {reply[1]: reply[2] for reply in replies if reply[2] != num_blocks}
+        if disagree:
+            raise RuntimeError(f"tensor-parallel ranks disagree on the KV block count: rank 0 has {num_blocks}, "
+                               f"others {disagree}")
+        self.runner = self.worker.runner
+
+    def execute(self, batch, sampling_batch, prompt_logprob_seqs: list[int],
+                pending: Optional[PendingInputs] = None) -> StepResult:
+        if self._monitor.failure is not None:
+            raise self._monitor.failure
+        positions, rows = (pending.positions, pending.rows) if pending is not None else (None, None)
+        self._send(encode_frame(("step", StepArrays.of(batch), prompt_logprob_seqs, positions, rows)))
+        try:
+            return self.worker.execute(batch, sampling_batch, prompt_logprob_seqs, pending)
+        except RuntimeError as exc:
+            raise self._failure_behind(exc) from exc
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer.detach()
+        _release(self._monitor, self._procs)
+        self.worker.close()
+        self._store = None
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+
+    # ------------------------------------------------------------------ failures
+    @contextlib.contextmanager
+    def _shutdown_on_error(self):
+        """A start-up step failed on some rank: no engine will follow, so the workers end now
+        (killed: they may be waiting in a collective for the rank that failed)."""
+        try:
+            yield
+        except BaseException:
+            self._monitor.stop()
+            for proc in self._procs:
+                proc.kill()
+            self.shutdown()
+            raise
+
+    def _send(self, frame: bytes) -> None:
+        if self._closed:
+            raise RuntimeError("executor: used after shutdown()")
+        for proc in self._procs:
+            try:
+                proc.send(frame)
+            except OSError as exc:
+                raise (self._monitor.wait_for_failure(FAILURE_REPORT_S)
+                       or WorkerFailedError(proc.rank, f"cannot be reached ({exc})")) from exc
+
+    def _failure_behind(self, exc: RuntimeError) -> RuntimeError:
+        """The worker failure that made a collective fail, if one is seen shortly; else `exc`."""
+        if isinstance(exc, WorkerFailedError):
+            return exc
+        return self._monitor.wait_for_failure(FAILURE_REPORT_S) or exc
+
+    def _on_failure(self, error: WorkerFailedError) -> None:
+        """Monitor thread: a rank is gone, so the group is. Free every rank stuck in a collective."""
+        for proc in self._procs:
+            proc.kill()
+        if self.worker.tp is not None:
+            self.worker.tp.abort()
+
+
+def _ignore(error: WorkerFailedError) -> None:
+    pass
+
+
+def _release(monitor: WorkerMonitor, procs: list[WorkerProcess]) -> None:
+    monitor.stop()
+    stop_workers(procs, _STOP_FRAME, STOP_TIMEOUT_S)
