@@ -1,0 +1,61 @@
+"""The interface every proposer implements, and what it is given."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from rtpllm.sampling_params import SamplingParams
+
+
+@dataclass
+class SpecSequence:
+    """One sequence of a scheduled batch that got lookahead slots."""
+
+    seq_id: int
+    token_ids: np.ndarray  # int64: every known token (prompt + outputs); the last one is not computed yet
+    num_drafts: int  # lookahead slots granted (>= 1)
+    batch_index: int  # its index among the batch's sequences (block table row, query range)
+    params: SamplingParams
+    generator: Optional[torch.Generator]
+
+
+@dataclass
+class Proposal:
+    """Drafts for every lookahead slot of a batch, sequence after sequence (batch.draft_token_indices order)."""
+
+    token_ids: torch.Tensor  # int64 [num_draft_tokens], on the model's device
+    # float32 [num_draft_tokens, vocab]: the distribution q each draft was drawn from, after the
+    # sequence's own temperature / top-k / top-p / min-p (rejection sampling needs it). None: every
+    # draft is deterministic (a point mass), as n-gram drafts and greedy drafts are.
+    probs: Optional[torch.Tensor] = None
+
+
+class Proposer(ABC):
+    """Guesses the next tokens of decoding sequences.
+
+    Per step the engine first asks `max_drafts` for every decoding sequence (before scheduling: it
+    decides the lookahead slots to ask for), then `propose` for the sequences that got slots, with
+    the scheduled batch (block tables for proposers with a KV cache of their own). `release` says a
+    sequence is gone. Proposers never touch the scheduler or the target's KV cache.
+    """
+
+    name: str = "proposer"
+
+    def max_drafts(self, seq_id: int, token_ids: np.ndarray, k: int) -> int:
+        """How many of k drafts this proposer can offer for the sequence now (k by default)."""
+        return k
+
+    @abstractmethod
+    def propose(self, batch, seqs: list[SpecSequence]) -> Proposal:
+        """Drafts for every lookahead slot of `batch`; `seqs` are its sequences with slots, in batch order."""
+
+    def observe(self, batch, hidden: torch.Tensor, output_token_ids: torch.Tensor) -> None:
+        """The target's final hidden states of the step (for feature-based proposers); default: unused."""
+
+    def release(self, live_seq_ids: set[int]) -> None:
+        """Forget the state of every sequence not in `live_seq_ids`."""
