@@ -45,6 +45,10 @@ class Proposer(ABC):
     """
 
     name: str = "proposer"
+    kv_bytes_per_block: int = 0  # a proposer with its own KV pool mirrors the target's block ids
+
+    def bind(self, num_blocks: int) -> None:
+        """Called once the target's KV pool is sized (a proposer with KV allocates its pool)."""
 
     def max_drafts(self, seq_id: int, token_ids: np.ndarray, k: int) -> int:
         """How many of k drafts this proposer can offer for the sequence now (k by default)."""
@@ -56,6 +60,9 @@ class Proposer(ABC):
 
     def observe(self, batch, hidden: torch.Tensor, output_token_ids: torch.Tensor) -> None:
         """The target's final hidden states of the step (for feature-based proposers); default: unused."""
+
+    def verified(self, seq_id: int, num_accepted: int) -> None:
+        """The target accepted the first num_accepted drafts of the sequence's last proposal."""
 
     def release(self, live_seq_ids: set[int]) -> None:
         """Forget the state of every sequence not in `live_seq_ids`."""
