@@ -134,8 +134,9 @@ class DraftModelProposer(Proposer):
         if all(seq.params.greedy for seq in seqs):
             return None
         n = len(seqs)
-        return SamplingBatch.build([seq.params for seq in seqs], [[]] * n, [[]] * n, [None] * n, self.device,
-                                   default_generator=self._generator)
+        # Seeded sequences draw their drafts from their own generator: a seeded run stays reproducible.
+        return SamplingBatch.build([seq.params for seq in seqs], [[]] * n, [[]] * n, [seq.generator for seq in seqs],
+                                   self.device, default_generator=self._generator)
 
     def _draw(self, logits: torch.Tensor, sampling: Optional[SamplingBatch], seq_rows: list[int]
               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -147,6 +148,9 @@ class DraftModelProposer(Proposer):
         rows = torch.as_tensor(seq_rows, dtype=torch.int64, device=self.device)
         q = filtered_probs(logits, sampling, rows)
         uniform = torch.rand(logits.shape[0], device=self.device, generator=self._generator)
+        for i, row in enumerate(seq_rows):
+            if sampling.generators[row] is not None:
+                uniform[i].uniform_(generator=sampling.generators[row])
         greedy = sampling.greedy.index_select(0, rows)
         drawn = torch.where(greedy, argmax, sample_with(q, uniform, argmax))
         # A greedy row's q is the point mass at its argmax: rejection sampling then reduces to
