@@ -68,7 +68,7 @@ class Engine:
         self.runner = ModelRunner(loaded.model, self.arch, config, self.device, self.dtype, self.max_model_len,
                                   extra_kv_bytes_per_block=self.spec.kv_bytes_per_block if self.spec else 0)
         if self.spec is not None:
-            self.spec.bind(self.runner.num_blocks)
+            self.spec.bind(self.runner)
         self.scheduler = _C.Scheduler(
             _C.SchedulerOptions(
                 max_num_batched_tokens=config.scheduler.max_num_batched_tokens,

@@ -7,7 +7,7 @@ device in one copy each, runs the model, and samples from the rows the scheduler
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -56,6 +56,9 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(arch.num_layers, self.num_blocks, self.block_size,
                                             arch.num_kv_heads, arch.head_dim, dtype, device)
         self._to_device = HostToDevice(device)
+        # Called after every target forward with the step's slot mapping (device): EAGLE-3 keeps
+        # the target's features per KV slot (spec/eagle3.py). Set before the graphs are captured.
+        self.after_forward: Optional[Callable[[torch.Tensor], None]] = None
         self.graphs: Optional[DecodeGraphs] = None
         backend = getattr(model, "attn_backend", None)
         if device.type == "cuda" and not config.device.enforce_eager and hasattr(backend, "plan"):
@@ -88,6 +91,8 @@ class ModelRunner:
         if drafts is None and self.graphs is not None and not prompt_logprob_seqs and self.graphs.can_run(batch):
             # A decode step: every sequence samples its one row, in batch order.
             logits = self.graphs.run(batch, pending)
+            if self.after_forward is not None:
+                self.after_forward(self.graphs.inputs.slot_mapping[:batch.num_seqs])
             return StepResult(sampled=self.sampler(logits, sampling_batch), prompt_logprobs={})
         self._to_device.begin_step()
         input_ids = self._to_device("input_ids", batch.input_token_ids).long()
@@ -103,6 +108,8 @@ class ModelRunner:
                                          else batch.logits_indices).long()
         self._to_device.end_step()
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if self.after_forward is not None:
+            self.after_forward(meta.slot_mapping)
 
         sampled = verify_logits = None
         if drafts is not None:

@@ -51,8 +51,11 @@ class SpeculativeDecoder:
     def kv_bytes_per_block(self) -> int:
         return self.proposer.kv_bytes_per_block
 
-    def bind(self, num_blocks: int) -> None:
-        self.proposer.bind(num_blocks)
+    def bind(self, runner) -> None:
+        """Once the target's runner exists: the proposer's KV pool and feature hook."""
+        self.proposer.bind(runner.num_blocks)
+        if self.proposer.needs_target_features:
+            runner.after_forward = self.proposer.record_features
 
     # ------------------------------------------------------------------ before schedule()
     def wants_lookahead(self, num_running: int) -> bool:

@@ -188,21 +188,31 @@ class DraftModelProposer(Proposer):
 
     def _run(self, token_ids: torch.Tensor, positions: np.ndarray, seq_of_token: np.ndarray, computed: np.ndarray,
              lens: np.ndarray, rows: list[np.ndarray]) -> torch.Tensor:
-        bs = self.block_size
-        width = max(r.shape[0] for r in rows)
-        tables = np.zeros((len(rows), width), dtype=np.int32)
-        for i, r in enumerate(rows):
-            tables[i, :r.shape[0]] = r
-        slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
-        seq_lens = (computed + lens).astype(np.int32)
-        query_start = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
-        decode_only = bool((lens == 1).all())
-        dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, non_blocking=True)  # noqa: E731
-        meta = AttentionMetadata(
-            slot_mapping=dev(slots), query_start_loc=dev(query_start), seq_lens=dev(seq_lens),
-            num_computed=dev(computed.astype(np.int32)), block_tables=dev(tables),
-            max_query_len=int(lens.max()), max_seq_len=int(seq_lens.max()),
-            num_decodes=len(rows) if decode_only else 0, decode_max_seq_len=int(seq_lens.max()) if decode_only else 0)
-        hidden = self.model(token_ids, dev(positions), self.kv_caches, meta)
-        last = torch.from_numpy(query_start[1:].astype(np.int64) - 1).to(self.device, non_blocking=True)
+        meta, positions_dev, last = draft_metadata(positions, seq_of_token, computed, lens, rows, self.block_size,
+                                                   self.device)
+        hidden = self.model(token_ids, positions_dev, self.kv_caches, meta)
         return self.model.compute_logits(hidden.index_select(0, last))
+
+
+def draft_metadata(positions: np.ndarray, seq_of_token: np.ndarray, computed: np.ndarray, lens: np.ndarray,
+                   rows: list[np.ndarray], block_size: int, device: torch.device
+                   ) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
+    """Attention metadata for a proposer's own forward over the target's block tables: each
+    sequence computes `lens[i]` tokens from position `computed[i]`. Returns (meta, positions as an
+    int64 device tensor, the index of each sequence's last token)."""
+    width = max(r.shape[0] for r in rows)
+    tables = np.zeros((len(rows), width), dtype=np.int32)
+    for i, r in enumerate(rows):
+        tables[i, :r.shape[0]] = r
+    slots = tables[seq_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    seq_lens = (computed + lens).astype(np.int32)
+    query_start = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    decode_only = bool((lens == 1).all())
+    dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)  # noqa: E731
+    meta = AttentionMetadata(
+        slot_mapping=dev(slots), query_start_loc=dev(query_start), seq_lens=dev(seq_lens),
+        num_computed=dev(computed.astype(np.int32)), block_tables=dev(tables),
+        max_query_len=int(lens.max()), max_seq_len=int(seq_lens.max()),
+        num_decodes=len(rows) if decode_only else 0, decode_max_seq_len=int(seq_lens.max()) if decode_only else 0)
+    last = dev(query_start[1:].astype(np.int64) - 1)
+    return meta, dev(positions.astype(np.int64)), last

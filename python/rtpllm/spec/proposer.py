@@ -46,6 +46,10 @@ class Proposer(ABC):
 
     name: str = "proposer"
     kv_bytes_per_block: int = 0  # a proposer with its own KV pool mirrors the target's block ids
+    needs_target_features = False  # True: record_features(slot_mapping) runs after every target forward
+
+    def record_features(self, slot_mapping: torch.Tensor) -> None:
+        """The target just computed the tokens of these KV slots (its aux hidden states are on the model)."""
 
     def bind(self, num_blocks: int) -> None:
         """Called once the target's KV pool is sized (a proposer with KV allocates its pool)."""
