@@ -21,11 +21,13 @@ class StepCostModel:
     """Time of one step as a function of the tokens the target computes, separately for plain and
     speculative steps. Measured online (an EMA per power-of-two bucket of token counts, from the
     engine's step-to-step times) with a prior where nothing is measured yet: a plain step costs
-    max(1, tokens / knee_tokens) decode steps; a speculative one adds `spec_overhead` and
-    `draft_step_cost` per sequential draft step."""
+    max(1, tokens / knee_tokens) + tokens * token_cost decode steps; a speculative one adds
+    `spec_overhead` and `draft_step_cost` per sequential draft step."""
 
-    def __init__(self, knee_tokens: float, spec_overhead: float, draft_step_cost: float, decay: float = 0.9):
+    def __init__(self, knee_tokens: float, spec_overhead: float, draft_step_cost: float, decay: float = 0.9,
+                 token_cost: float = 0.0):
         self.knee_tokens = knee_tokens
+        self.token_cost = token_cost
         self.spec_overhead = spec_overhead
         self.draft_step_cost = draft_step_cost
         self.decay = decay
@@ -41,7 +43,7 @@ class StepCostModel:
         self._measured[key] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
 
     def prior(self, num_tokens: int) -> float:
-        return max(1.0, num_tokens / self.knee_tokens)
+        return max(1.0, num_tokens / self.knee_tokens) + num_tokens * self.token_cost
 
     def plain(self, num_tokens: int) -> float:
         return self.prior(num_tokens)
@@ -55,6 +57,10 @@ class StepCostModel:
         if spec is None or plain is None:
             return prior
         return spec / plain * self.plain(plain_tokens)
+
+
+# A draft less likely than this to be accepted is never verified, however cheap the row looks.
+MIN_DRAFT_GAIN = 0.05
 
 
 @dataclass
@@ -117,7 +123,7 @@ class AdaptiveSpeculation:
         expected = float(batch)  # tokens emitted by a plain step
         base = expected / self.cost.plain(batch)
         drafts = {s: 0 for s in rates}
-        heap = [(-rate, s) for s, rate in rates.items() if rate > 0]
+        heap = [(-rate, s) for s, rate in rates.items() if rate >= MIN_DRAFT_GAIN]
         heapq.heapify(heap)
         best_value, best_plan = base, {}
         max_k = 0
@@ -132,7 +138,7 @@ class AdaptiveSpeculation:
                 best_value, best_plan = value, {q: k for q, k in drafts.items() if k}
             elif value < best_value * 0.9:
                 break  # past the knee: further drafts only cost more
-            if drafts[s] < self.max_drafts:
+            if drafts[s] < self.max_drafts and -neg_gain * rates[s] >= MIN_DRAFT_GAIN:
                 heapq.heappush(heap, (neg_gain * rates[s], s))
         return best_plan
 
@@ -142,7 +148,8 @@ def default_cost_model(device_type: str, draft_param_ratio: Optional[float]) -> 
     step loses the host/device overlap (~5%); on the CPU every token costs. A draft model's step
     costs about its share of the parameters."""
     if device_type == "cuda":
-        return StepCostModel(knee_tokens=128.0, spec_overhead=0.05, draft_step_cost=(draft_param_ratio or 0.0) + 0.02)
+        return StepCostModel(knee_tokens=128.0, spec_overhead=0.05, draft_step_cost=(draft_param_ratio or 0.0) + 0.02,
+                             token_cost=0.001)
     return StepCostModel(knee_tokens=1.0, spec_overhead=0.0, draft_step_cost=draft_param_ratio or 0.0)
 
 
