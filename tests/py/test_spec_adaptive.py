@@ -75,3 +75,15 @@ def test_metrics_expose_the_counters_per_proposer():
     accepted = families["rtpllm:spec_decode_num_accepted_tokens"].samples[0]
     assert accepted.value == 6 and accepted.labels == {"model_name": "m", "method": "ngram"}
     assert families["rtpllm:spec_decode_mean_accepted_length"].samples[0].value == 2.5
+
+
+def test_a_proposer_that_never_offers_stops_being_asked_but_is_retried():
+    c = gpu_controller()
+    for _ in range(40):
+        c.record_offers(8, 0)
+    asked = sum(c.worth_trying(8) for _ in range(64))
+    assert 1 <= asked <= 3  # only the exploration steps
+    c.record_offers(8, 8)
+    for _ in range(20):
+        c.record_offers(8, 8)
+    assert c.worth_trying(8)

@@ -59,6 +59,8 @@ class StepCostModel:
         return spec / plain * self.plain(plain_tokens)
 
 
+EXPLORE_EVERY = 32
+
 # A draft less likely than this to be accepted is never verified, however cheap the row looks.
 MIN_DRAFT_GAIN = 0.05
 
@@ -83,6 +85,10 @@ class AdaptiveSpeculation:
         self.decay = decay
         self._seqs: dict[int, _Acceptance] = {}
         self._global = _Acceptance(prior_rate * 2, 2.0)
+        # How often the proposer had drafts for a sequence it was asked about (an n-gram proposer
+        # often has none): a step that asks costs the host/device overlap even when nothing comes.
+        self._offer_rate = 1.0
+        self._skipped = 0
 
     def acceptance(self, seq_id: int) -> float:
         state = self._seqs.get(seq_id)
@@ -100,12 +106,25 @@ class AdaptiveSpeculation:
         for seq_id in [s for s in self._seqs if s not in live_seq_ids]:
             del self._seqs[seq_id]
 
+    def record_offers(self, num_asked: int, num_offered: int) -> None:
+        if num_asked:
+            self._offer_rate = self.decay * self._offer_rate + (1 - self.decay) * num_offered / num_asked
+
     def worth_trying(self, num_decoding: int) -> bool:
-        """Whether a sequence with the best acceptance seen would get a draft in a batch this size."""
+        """Whether a step should ask for drafts: a sequence with the best acceptance seen would get
+        one in a batch this size, counting how often the proposer has any. When not, every
+        EXPLORE_EVERY-th step asks anyway, so that a change (drafts start matching) is noticed."""
         if not self.adaptive:
             return True
-        best = max([s.rate for s in self._seqs.values()] + [self._global.rate, self.prior_rate])
-        return bool(self._plan_rates({-1: best}, max(num_decoding, 1)))
+        best = max([s.rate for s in self._seqs.values()] + [self._global.rate])
+        if self._plan_rates({-1: best * self._offer_rate}, max(num_decoding, 1)):
+            self._skipped = 0
+            return True
+        self._skipped += 1
+        if self._skipped >= EXPLORE_EVERY:
+            self._skipped = 0
+            return True
+        return False
 
     def plan(self, seq_ids: list[int]) -> dict[int, int]:
         """Drafts per sequence for a step in which these sequences decode (absent: none)."""

@@ -68,14 +68,17 @@ class SpeculativeDecoder:
         self.release({seq.seq_id for seq in seqs})
         candidates = [seq for seq in seqs if not seq.finished and seq.output_ids and can_speculate(seq.params)]
         plan = self.adaptive.plan([seq.seq_id for seq in candidates])
-        granted = 0
+        granted = asked = offered = 0
         for seq in candidates:
             k = plan.get(seq.seq_id, 0)
             if k == 0:
                 continue
             k = self.proposer.max_drafts(seq.seq_id, _token_array(seq), k)
+            asked += 1
             if k:
+                offered += 1
                 granted += scheduler.set_lookahead(seq.seq_id, k)
+        self.adaptive.record_offers(asked, offered)
         return granted
 
     def step_started(self, speculative: bool, num_tokens: int) -> None:
