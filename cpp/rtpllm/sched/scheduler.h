@@ -84,7 +84,7 @@ class Scheduler {
 
   // Asks for up to `num_tokens` lookahead slots in the request's next step (speculation.h);
   // returns how many it gets: 0 unless it is running with one known token left to compute and
-  // nothing in flight, capped so that accepting all stays within max_new_tokens and the context
+  // no token pending, capped so that accepting all stays within max_new_tokens and the context
   // limit. The next schedule() may grant fewer (token budget, free blocks) and forgets the rest.
   int32_t set_lookahead(RequestId request_id, int32_t num_tokens);
 

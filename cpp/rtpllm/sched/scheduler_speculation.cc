@@ -1,5 +1,6 @@
 // Scheduler members for speculative decoding (see speculation.h): lookahead requests, scheduling
 // a decode with its lookahead slots, applying verified tokens, rolling back a dropped step.
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -13,9 +14,9 @@ int32_t Scheduler::set_lookahead(RequestId request_id, int32_t num_tokens) {
   const auto it = requests_.find(request_id);
   if (it == requests_.end()) return 0;
   Request* r = it->second.get();
-  // Only a plain decode qualifies: running, one known token left to compute, nothing in flight.
-  if (r->status != RequestStatus::RUNNING || r->num_pending_tokens > 0 || r->num_steps_referencing > 0 ||
-      r->num_tokens() - r->num_computed_tokens != 1) {
+  // Only a plain decode qualifies: running, one known token left to compute, no token pending.
+  // (A scheduled, uncommitted step may still name it: the next schedule() drops that step.)
+  if (r->status != RequestStatus::RUNNING || r->num_pending_tokens > 0 || r->num_tokens() - r->num_computed_tokens != 1) {
     return 0;
   }
   const int32_t granted = std::min(num_tokens, max_lookahead(*r, max_context_len_));
@@ -25,7 +26,8 @@ int32_t Scheduler::set_lookahead(RequestId request_id, int32_t num_tokens) {
 }
 
 void Scheduler::schedule_decode(Request* request, int32_t& budget, bool& preempted) {
-  const int32_t k = std::min(request->num_lookahead_tokens, budget - 1);
+  // The limits again: the request may have gained tokens since set_lookahead().
+  const int32_t k = std::min({request->num_lookahead_tokens, budget - 1, max_lookahead(*request, max_context_len_)});
   request->num_lookahead_tokens = 0;
   // Lookahead slots are never worth a preemption: short of blocks, decode without them.
   if (k > 0 && kv_.allocate_slots(*request, 1 + k)) {
