@@ -54,6 +54,7 @@ class SpeculativeDecoder:
     def bind(self, runner) -> None:
         """Once the target's runner exists: the proposer's KV pool and feature hook."""
         self.proposer.bind(runner.num_blocks)
+        self.proposer.capture_graphs(runner)
         if self.proposer.needs_target_features:
             runner.after_forward = self.proposer.record_features
 

@@ -18,11 +18,14 @@ in steady state), then runs one step per draft. A block table that changed under
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from rtpllm.engine.cuda_graph import DecodeGraphs
+from rtpllm.engine.in_flight import PendingInputs
 from rtpllm.engine.kv_cache import allocate_kv_caches, kv_bytes_per_block
 from rtpllm.layers.attention_metadata import AttentionMetadata
 from rtpllm.layers.sampler import argmax_rows, filtered_probs
@@ -58,6 +61,7 @@ class DraftModelProposer(Proposer):
         self.kv_bytes_per_block = kv_bytes_per_block(arch.num_layers, arch.num_kv_heads, arch.head_dim, block_size,
                                                      dtype)
         self.kv_caches: Optional[list[torch.Tensor]] = None
+        self.graphs: Optional[DecodeGraphs] = None  # decode graphs of the draft (GPU), see capture_graphs
         self._states: dict[int, _DraftState] = {}
         self._generator = torch.Generator(device=device).manual_seed(0x5eed)
 
@@ -182,9 +186,29 @@ class DraftModelProposer(Proposer):
         return self._run(token_ids, positions, seq_of_token, np.asarray(starts, dtype=np.int64), lens, rows)
 
     def _forward_tokens(self, token_ids: torch.Tensor, positions: list[int], rows: list[np.ndarray]) -> torch.Tensor:
+        """One token per sequence (a draft decode step): replays the draft's decode CUDA graph when it has them."""
         n = len(positions)
         pos = np.asarray(positions, dtype=np.int64)
+        if self.graphs is not None:
+            tables, slots = host_layout(pos, np.arange(n), rows, self.block_size)
+            step = SimpleNamespace(num_seqs=n, max_query_len=1, input_token_ids=np.full(n, -1, dtype=np.int64),
+                                   positions=pos, slot_mapping=slots, seq_lens=(pos + 1).astype(np.int32),
+                                   block_tables=tables)
+            if self.graphs.can_run(step):
+                index = np.arange(n, dtype=np.int64)
+                return self.graphs.run(step, PendingInputs(index, index, token_ids))
         return self._run(token_ids, pos, np.arange(n), pos, np.ones(n, dtype=np.int64), rows)
+
+    def capture_graphs(self, runner) -> None:
+        """CUDA graphs for the draft's one-token steps, in the target's batch-size buckets (when the target has them)."""
+        target_graphs = getattr(runner, "graphs", None)
+        backend = getattr(self.model, "attn_backend", None)
+        if target_graphs is None or not hasattr(backend, "plan") or not hasattr(self.model, "compute_logits"):
+            return
+        max_blocks = target_graphs.max_blocks_per_seq
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, backend.plan, max_batch=target_graphs.max_batch,
+                                   max_blocks_per_seq=max_blocks, max_model_len=max_blocks * self.block_size,
+                                   device=self.device)
 
     def _run(self, token_ids: torch.Tensor, positions: np.ndarray, seq_of_token: np.ndarray, computed: np.ndarray,
              lens: np.ndarray, rows: list[np.ndarray]) -> torch.Tensor:
@@ -194,17 +218,24 @@ class DraftModelProposer(Proposer):
         return self.model.compute_logits(hidden.index_select(0, last))
 
 
+def host_layout(positions: np.ndarray, seq_of_token: np.ndarray, rows: list[np.ndarray], block_size: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(block tables int32 [num_seqs, width], slot of every token int64) from the target's rows."""
+    width = max(r.shape[0] for r in rows)
+    tables = np.zeros((len(rows), width), dtype=np.int32)
+    for i, r in enumerate(rows):
+        tables[i, :r.shape[0]] = r
+    slots = tables[seq_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    return tables, slots
+
+
 def draft_metadata(positions: np.ndarray, seq_of_token: np.ndarray, computed: np.ndarray, lens: np.ndarray,
                    rows: list[np.ndarray], block_size: int, device: torch.device
                    ) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
     """Attention metadata for a proposer's own forward over the target's block tables: each
     sequence computes `lens[i]` tokens from position `computed[i]`. Returns (meta, positions as an
     int64 device tensor, the index of each sequence's last token)."""
-    width = max(r.shape[0] for r in rows)
-    tables = np.zeros((len(rows), width), dtype=np.int32)
-    for i, r in enumerate(rows):
-        tables[i, :r.shape[0]] = r
-    slots = tables[seq_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    tables, slots = host_layout(positions, seq_of_token, rows, block_size)
     seq_lens = (computed + lens).astype(np.int32)
     query_start = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
     decode_only = bool((lens == 1).all())

@@ -198,6 +198,9 @@ class Eagle3Proposer(DraftModelProposer):
         head.to(device)
         return cls(head, arch, target_model, aux, device, dtype, block_size)
 
+    def capture_graphs(self, runner) -> None:
+        pass  # the head runs eagerly (its forward takes the features as well as the tokens)
+
     def bind(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_caches(1, num_blocks, self.block_size, self.arch.num_kv_heads, self.arch.head_dim,
                                             self.dtype, self.device)

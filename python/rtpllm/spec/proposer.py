@@ -48,6 +48,9 @@ class Proposer(ABC):
     kv_bytes_per_block: int = 0  # a proposer with its own KV pool mirrors the target's block ids
     needs_target_features = False  # True: record_features(slot_mapping) runs after every target forward
 
+    def capture_graphs(self, runner) -> None:
+        """Called once after bind(): a proposer with its own model may capture CUDA graphs (GPU)."""
+
     def record_features(self, slot_mapping: torch.Tensor) -> None:
         """The target just computed the tokens of these KV slots (its aux hidden states are on the model)."""
 
