@@ -154,7 +154,7 @@ def test_async_scheduling_alternates_with_speculative_steps(target, baseline):
     assert llm.engine.check_kv_pool_free()
 
 
-def test_stop_strings_and_stop_tokens_cut_accepted_runs(target, baseline):
+def test_stop_tokens_cut_accepted_runs(target, baseline):
     llm = make(target, spec("ngram", 5))
     full = [p + t for p, t in zip(baseline["mixed"], baseline["expected"])]
     llm.engine.spec.proposer = OracleProposer(full, torch.device("cpu"), 1.0)
