@@ -14,7 +14,7 @@ import torch
 from rtpllm.config import SpeculativeConfig
 from rtpllm.layers.sampler import Sampler
 from rtpllm.spec.adaptive import AdaptiveSpeculation, default_cost_model
-from rtpllm.spec.proposer import Proposer, SpecSequence
+from rtpllm.spec.proposer import Proposer, SpecSequence, to_device
 from rtpllm.spec.stats import SpecCounters
 from rtpllm.spec.verifier import VerifyLayout, verify
 
@@ -98,16 +98,17 @@ class SpeculativeDecoder:
                                   batch_index=int(index), params=seq.params, generator=seq.generator)
                      for seq, k, index in zip(sampled_seqs, draft_counts, _batch_index_of_sampled(batch))
                      if k > 0]
+        # Index tensors first, while the device is idle: nothing later waits on a host copy.
+        layout = VerifyLayout.build(draft_counts, self.device)
+        first_rows = to_device(layout.first_rows, self.device)
+        no_drafts = to_device(draft_counts == 0, self.device)
         proposal = self.proposer.propose(batch, spec_seqs)
         result = runner.execute(batch, None, prompt_logprob_seqs, None, drafts=proposal.token_ids)
-        layout = VerifyLayout.build(draft_counts, self.device)
         logits = result.verify_logits
         tokens, num_accepted = verify(logits, layout, sampling_batch, proposal.token_ids, proposal.probs)
         # Sequences without drafts take exactly what the plain sampler gives them (penalties,
         # banned ids and logprobs apply there); their generators advance as without speculation.
-        first_rows = torch.from_numpy(layout.first_rows).to(self.device, non_blocking=True)
         first = self._sampler(logits.index_select(0, first_rows), sampling_batch)
-        no_drafts = torch.from_numpy(draft_counts == 0).to(self.device, non_blocking=True)
         tokens[first_rows] = torch.where(no_drafts, first.token_ids, tokens[first_rows])
         self.proposer.observe(batch, result.hidden, tokens)
         host = torch.cat([tokens, num_accepted]).cpu().numpy()  # the step's one device-to-host sync

@@ -31,7 +31,7 @@ from rtpllm.layers.attention_metadata import AttentionMetadata
 from rtpllm.layers.sampler import argmax_rows, filtered_probs
 from rtpllm.layers.sampling_batch import SamplingBatch
 from rtpllm.loader import load_model_and_tokenizer
-from rtpllm.spec.proposer import Proposal, Proposer, SpecSequence
+from rtpllm.spec.proposer import Proposal, Proposer, SpecSequence, to_device
 from rtpllm.spec.verifier import sample_with
 
 
@@ -99,7 +99,7 @@ class DraftModelProposer(Proposer):
             # Sequences still wanting drafts feed their previous draft at position n + j - 1.
             keep = [i for i, pos in enumerate(active) if seqs[pos].num_drafts > j]
             active = [active[i] for i in keep]
-            prev = steps_tokens[-1][torch.as_tensor(keep, device=self.device)] if len(keep) != len(steps_tokens[-1]) \
+            prev = steps_tokens[-1][to_device(keep, self.device, torch.int64)] if len(keep) != len(steps_tokens[-1]) \
                 else steps_tokens[-1]
             logits = self._forward_tokens(prev, [lengths[i] + j - 1 for i in active], [rows[i] for i in active])
             drafts, probs = self._draw(logits, sampling, active)
@@ -149,7 +149,7 @@ class DraftModelProposer(Proposer):
         argmax = argmax_rows(logits)
         if sampling is None:
             return argmax, None
-        rows = torch.as_tensor(seq_rows, dtype=torch.int64, device=self.device)
+        rows = to_device(seq_rows, self.device, torch.int64)
         q = filtered_probs(logits, sampling, rows)
         uniform = torch.rand(logits.shape[0], device=self.device, generator=self._generator)
         for i, row in enumerate(seq_rows):
@@ -171,7 +171,7 @@ class DraftModelProposer(Proposer):
                 # of sequences before it that are still active at step j.
                 order.append((j, sum(1 for t in seqs[:s] if t.num_drafts > j)))
         flat_offsets = np.cumsum([0] + [t.shape[0] for t in steps_tokens])
-        index = torch.as_tensor([flat_offsets[j] + r for j, r in order], dtype=torch.int64, device=self.device)
+        index = to_device([flat_offsets[j] + r for j, r in order], self.device, torch.int64)
         tokens = torch.cat(steps_tokens).index_select(0, index)
         probs = None if steps_probs[0] is None else torch.cat(steps_probs).index_select(0, index)
         return Proposal(token_ids=tokens, probs=probs)
@@ -181,7 +181,7 @@ class DraftModelProposer(Proposer):
         of each sequence's last input."""
         lens = np.array([x.shape[0] for x in inputs], dtype=np.int64)
         positions = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)])
-        token_ids = torch.from_numpy(np.concatenate(inputs).astype(np.int64)).to(self.device, non_blocking=True)
+        token_ids = to_device(np.concatenate(inputs).astype(np.int64), self.device)
         seq_of_token = np.repeat(np.arange(len(inputs)), lens)
         return self._run(token_ids, positions, seq_of_token, np.asarray(starts, dtype=np.int64), lens, rows)
 
@@ -239,7 +239,7 @@ def draft_metadata(positions: np.ndarray, seq_of_token: np.ndarray, computed: np
     seq_lens = (computed + lens).astype(np.int32)
     query_start = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
     decode_only = bool((lens == 1).all())
-    dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)  # noqa: E731
+    dev = lambda a: to_device(a, device)  # noqa: E731
     meta = AttentionMetadata(
         slot_mapping=dev(slots), query_start_loc=dev(query_start), seq_lens=dev(seq_lens),
         num_computed=dev(computed.astype(np.int32)), block_tables=dev(tables),

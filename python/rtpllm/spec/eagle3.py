@@ -40,7 +40,7 @@ from rtpllm.loader.hf_checkpoint import iter_safetensors, safetensors_files
 from rtpllm.models.llama import LlamaAttention, LlamaMLP
 from rtpllm.models.llama_arch import LlamaArch
 from rtpllm.spec.draft_model import DraftModelProposer, _DraftState, draft_metadata
-from rtpllm.spec.proposer import Proposal, SpecSequence
+from rtpllm.spec.proposer import Proposal, SpecSequence, to_device
 
 _FIELD = "speculative_config.model"
 _FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
@@ -227,7 +227,7 @@ class Eagle3Proposer(DraftModelProposer):
         inputs = [seq.token_ids[s + 1:n] for seq, s, n in zip(seqs, starts, lengths)]
         lens = np.array([x.shape[0] for x in inputs], dtype=np.int64)
         positions = np.concatenate([np.arange(s, s + m) for s, m in zip(starts, lens)])
-        token_ids = torch.from_numpy(np.concatenate(inputs).astype(np.int64)).to(self.device, non_blocking=True)
+        token_ids = to_device(np.concatenate(inputs).astype(np.int64), self.device)
         meta, pos, last = draft_metadata(positions, np.repeat(np.arange(len(seqs)), lens),
                                          np.asarray(starts, dtype=np.int64), lens, rows, self.block_size, self.device)
         features = self.features.index_select(0, meta.slot_mapping)
@@ -240,7 +240,7 @@ class Eagle3Proposer(DraftModelProposer):
         for j in range(1, max(seq.num_drafts for seq in seqs)):
             keep = [i for i, s in enumerate(active) if seqs[s].num_drafts > j]
             active = [active[i] for i in keep]
-            index = torch.as_tensor(keep, dtype=torch.int64, device=self.device)
+            index = to_device(keep, self.device, torch.int64)
             prev, hidden = steps_tokens[-1].index_select(0, index), hidden.index_select(0, index)
             pos_np = np.array([lengths[i] - 2 + j for i in active], dtype=np.int64)
             meta, pos, _ = draft_metadata(pos_np, np.arange(len(active)), pos_np, np.ones(len(active), dtype=np.int64),

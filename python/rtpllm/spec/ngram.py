@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from rtpllm.spec.proposer import Proposal, Proposer, SpecSequence
+from rtpllm.spec.proposer import Proposal, Proposer, SpecSequence, to_device
 
 # Only the most recent tokens are searched, so a step's host work stays bounded on long contexts.
 _SEARCH_WINDOW = 4096
@@ -55,8 +55,7 @@ class NgramProposer(Proposer):
                 raise RuntimeError(f"ngram: sequence {seq.seq_id} got {seq.num_drafts} slots but only "
                                    f"{found.shape[0]} drafts exist")
             parts.append(found[:seq.num_drafts])
-        host = torch.from_numpy(np.concatenate(parts).astype(np.int64))
-        return Proposal(token_ids=host.to(self.device, non_blocking=True))
+        return Proposal(token_ids=to_device(np.concatenate(parts).astype(np.int64), self.device))
 
     def release(self, live_seq_ids: set[int]) -> None:
         self._found.clear()

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from rtpllm.spec.proposer import Proposal, Proposer, SpecSequence
+from rtpllm.spec.proposer import Proposal, Proposer, SpecSequence, to_device
 
 
 class OracleProposer(Proposer):
@@ -47,7 +47,7 @@ class OracleProposer(Proposer):
 
     def propose(self, batch, seqs: list[SpecSequence]) -> Proposal:
         drafts = np.concatenate([self._drafts.pop(s.seq_id)[:s.num_drafts] for s in seqs])
-        return Proposal(token_ids=torch.from_numpy(drafts).to(self.device, non_blocking=True))
+        return Proposal(token_ids=to_device(drafts, self.device))
 
     def release(self, live_seq_ids: set[int]) -> None:
         self._drafts.clear()

@@ -12,6 +12,16 @@ import torch
 from rtpllm.sampling_params import SamplingParams
 
 
+def to_device(values, device: torch.device, dtype=None) -> torch.Tensor:
+    """A small host array (numpy or list) on `device` without waiting for the device: a copy from
+    pageable memory would first drain the stream (the work already queued), so on CUDA the array
+    goes through pinned memory and the copy is queued behind that work instead."""
+    tensor = torch.as_tensor(np.ascontiguousarray(values), dtype=dtype)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class SpecSequence:
     """One sequence of a scheduled batch that got lookahead slots."""

@@ -23,6 +23,7 @@ import torch
 
 from rtpllm.layers.sampler import argmax_rows, filtered_probs
 from rtpllm.layers.sampling_batch import SamplingBatch
+from rtpllm.spec.proposer import to_device
 
 
 @dataclass
@@ -48,7 +49,7 @@ class VerifyLayout:
         row_seq = np.repeat(np.arange(counts.shape[0]), rows_per_seq)
         row_pos = np.arange(offsets[-1]) - offsets[row_seq]
         draft_rows = np.flatnonzero(row_pos < counts[row_seq])
-        packed = torch.from_numpy(np.concatenate([row_seq, row_pos, draft_rows])).to(device, non_blocking=True)
+        packed = to_device(np.concatenate([row_seq, row_pos, draft_rows]).astype(np.int64), device)
         n = row_seq.shape[0]
         return cls(row_seq=packed[:n], row_pos=packed[n:2 * n], draft_rows=packed[2 * n:], draft_counts=counts,
                    first_rows=offsets[:-1], max_rows=int(rows_per_seq.max()) if counts.size else 1)
