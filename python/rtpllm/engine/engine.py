@@ -185,7 +185,7 @@ class Engine:
 
     def _step(self) -> list[RequestGroup]:
         outputs, self._pending = self._pending, []
-        if self.spec is not None and self.spec.wants_lookahead(self.scheduler.num_running):
+        if self.spec is not None and self.spec.wants_lookahead(self.scheduler.num_running, self._seqs):
             if self._in_flight is not None:  # drafts follow the last tokens: they must be on the host
                 previous, self._in_flight = self._in_flight, None
                 outputs += self._resolve(previous)

@@ -19,6 +19,9 @@ from rtpllm.spec.stats import SpecCounters
 from rtpllm.spec.verifier import VerifyLayout, verify
 
 
+_FORGET_EVERY = 256
+
+
 def can_speculate(params) -> bool:
     """Sequences whose sampling reads the host's history (penalties, min_tokens' banned ids,
     logprobs) decode one token per step: their distribution at a draft position would depend on
@@ -46,6 +49,7 @@ class SpeculativeDecoder:
         self.counters = SpecCounters(method=config.method)
         self._sampler = Sampler()
         self._last_step: Optional[tuple[bool, int, float]] = None  # (speculative, tokens, start time)
+        self._calls = 0
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -59,7 +63,12 @@ class SpeculativeDecoder:
             runner.after_forward = self.proposer.record_features
 
     # ------------------------------------------------------------------ before schedule()
-    def wants_lookahead(self, num_running: int) -> bool:
+    def wants_lookahead(self, num_running: int, live_seqs: Optional[dict] = None) -> bool:
+        """Whether this step should ask for drafts. `live_seqs` (seq id -> state): now and then the
+        state of finished sequences is dropped here, also while speculation stays off."""
+        self._calls += 1
+        if live_seqs is not None and self._calls % _FORGET_EVERY == 0:
+            self.release(set(live_seqs))
         return self.adaptive.worth_trying(num_running)
 
     def request_lookahead(self, scheduler, seqs: Iterable) -> int:
