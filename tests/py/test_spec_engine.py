@@ -171,6 +171,8 @@ def test_stop_tokens_cut_accepted_runs(target, baseline):
 def test_bad_speculative_config_fails_at_start(target):
     with pytest.raises(ValueError, match="speculative_config.model"):
         make(target, spec("draft_model", 2, model=checkpoint_path("qwen2")))  # another vocabulary size
+    with pytest.raises(ValueError, match="max_model_len"):  # a draft with a shorter context (512) than the target's
+        make(target, spec("draft_model", 2, model=checkpoint_path("mistral")))
     with pytest.raises(ValueError, match="speculative_config.method"):
         make(target, dict(method="medusa", num_speculative_tokens=2))
     with pytest.raises(ValueError, match="num_speculative_tokens"):

@@ -63,7 +63,7 @@ class Engine:
             from rtpllm.spec.factory import build_speculative_decoder
             self.spec = build_speculative_decoder(
                 config.speculative_config, target_model=loaded.model, target_arch=self.arch, device=self.device,
-                dtype=self.dtype, block_size=config.cache.block_size,
+                dtype=self.dtype, block_size=config.cache.block_size, max_model_len=self.max_model_len,
                 attn_backend_factory=attention_backend_factory(self.device, self.dtype, config.cache.block_size))
         self.runner = ModelRunner(loaded.model, self.arch, config, self.device, self.dtype, self.max_model_len,
                                   extra_kv_bytes_per_block=self.spec.kv_bytes_per_block if self.spec else 0)
