@@ -29,6 +29,8 @@ from rtpllm.tools.eagle3_checkpoint import write_eagle3_checkpoint  # noqa: E402
 VOCAB = 1024
 NEW_TOKENS = 48
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+# Small fixed pools: several engines live at once in this file (the default sizing takes 90% of the card).
+POOL = dict(max_model_len=1024, num_blocks=1024, max_num_seqs=16)
 
 
 def write_checkpoint(path, hidden, layers, heads, kv_heads, seed):
@@ -57,7 +59,7 @@ def models(tmp_path_factory):
     rng = random.Random(0)
     prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (7, 64, 200, 333)]
     prompts.append(prompts[0] * 6)
-    plain = LLM(model=target, max_model_len=1024)
+    plain = LLM(model=target, **POOL)
     expected = [list(o.outputs[0].token_ids) for o in plain.generate(prompts, GREEDY)]
     del plain
     return dict(target=target, draft=draft, eagle=eagle, reference=reference, prompts=prompts, expected=expected)
@@ -85,7 +87,7 @@ def test_greedy_agrees_with_plain_decoding_graphs_on(models, method):
         config["model"] = models["target"]
     elif method == "eagle3":
         config["model"] = models["eagle"]
-    llm = LLM(model=models["target"], max_model_len=1024, speculative_config=config)
+    llm = LLM(model=models["target"], speculative_config=config, **POOL)
     assert llm.engine.runner.graphs is not None
     outputs = llm.generate(models["prompts"], GREEDY)
     assert_agrees(models, outputs)
@@ -97,8 +99,8 @@ def test_greedy_agrees_with_plain_decoding_graphs_on(models, method):
 
 
 def test_oracle_full_acceptance_on_the_gpu(models):
-    llm = LLM(model=models["target"], max_model_len=1024,
-              speculative_config=dict(method="ngram", num_speculative_tokens=4, adaptive=False))
+    llm = LLM(model=models["target"], speculative_config=dict(method="ngram", num_speculative_tokens=4, adaptive=False),
+              **POOL)
     full = [p + e for p, e in zip(models["prompts"], models["expected"])]
     llm.engine.spec.proposer = OracleProposer(full, torch.device("cuda"), 1.0)
     assert_agrees(models, llm.generate(models["prompts"], GREEDY))
@@ -107,9 +109,8 @@ def test_oracle_full_acceptance_on_the_gpu(models):
 
 
 def test_random_sampling_with_speculation_runs(models):
-    llm = LLM(model=models["target"], max_model_len=1024,
-              speculative_config=dict(method="draft_model", model=models["target"], num_speculative_tokens=3,
-                                      adaptive=False))
+    llm = LLM(model=models["target"], speculative_config=dict(method="draft_model", model=models["target"],
+                                                              num_speculative_tokens=3, adaptive=False), **POOL)
     params = SamplingParams(temperature=0.8, top_p=0.95, top_k=50, max_tokens=NEW_TOKENS, ignore_eos=True, seed=3)
     outputs = llm.generate(models["prompts"], params)
     assert all(len(o.outputs[0].token_ids) == NEW_TOKENS for o in outputs)
