@@ -9,6 +9,7 @@ adaptive choice keeps.
    k = 4: decode output tokens/s against no speculation (goal at 100%: >= 3.5x).
 3. Adaptive (oracle at 70%, and n-gram on random prompts, which almost never match) at batch
    1 .. 256: output tokens/s against no speculation (goal: >= 0.98x everywhere).
+2b. The 100% row again with the opt-in verify-step CUDA graphs (spec/verify_graphs.py).
 4. SmolLM2-135M-Instruct (the built-in model) with n-gram (k = 4) on ShareGPT questions and on
    prompts that quote their input (summarize / rewrite / fix code), 8 sequences at a time:
    acceptance, mean accepted length and speedup, fixed k and adaptive.
@@ -42,6 +43,7 @@ from rtpllm.spec.decoder import SpeculativeDecoder  # noqa: E402
 from rtpllm.spec.ngram import NgramProposer  # noqa: E402
 from rtpllm.spec.oracle import OracleProposer  # noqa: E402
 from rtpllm.spec.verifier import VerifyLayout, verify  # noqa: E402
+from rtpllm.spec.verify_graphs import VerifyGraphs  # noqa: E402
 
 SHAPE = "llama-3.1-8b"
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -172,7 +174,7 @@ def decode_otps(llm: LLM, prompts, max_tokens) -> tuple[float, list[list[int]]]:
     return tokens / (last - first), [p + list(o.outputs[0].token_ids) for p, o in zip(prompts, outputs)]
 
 
-def oracle_speedup(llm: LLM, bench: Bench, acceptances, k=4, max_tokens=256):
+def oracle_speedup(llm: LLM, bench: Bench, acceptances, k=4, max_tokens=256, label=""):
     vocab = llm.engine.vocab_size
     prompts = random_prompts(1, 512, vocab, seed=7)
     plain(llm)
@@ -183,9 +185,24 @@ def oracle_speedup(llm: LLM, bench: Bench, acceptances, k=4, max_tokens=256):
         set_spec(llm, OracleProposer(full, llm.engine.device, acc, vocab), k, adaptive=False)
         otps, _ = decode_otps(llm, prompts, max_tokens)
         counters = llm.engine.spec.counters
-        bench.record(f"oracle {acc:.0%} acceptance, batch 1, k={k}", otps, "tok/s", f"no spec {base:.1f} tok/s",
+        bench.record(f"oracle {acc:.0%} acceptance, batch 1, k={k}{label}", otps, "tok/s", f"no spec {base:.1f} tok/s",
                      otps / base, measured_acceptance=counters.acceptance_rate,
                      mean_accepted_length=counters.mean_accepted_length, goal=3.5 if acc == 1.0 else None)
+
+
+def with_verify_graphs(llm: LLM, bench: Bench, k: int = 4) -> bool:
+    """Captures the opt-in verify-step CUDA graphs (spec/verify_graphs.py) on the running engine."""
+    runner = llm.engine.runner
+    if runner.graphs is None:
+        return False
+    try:
+        runner.verify_graphs = VerifyGraphs(runner.model, runner.kv_caches, max_batch=16, max_k=k,
+                                            max_blocks_per_seq=runner.graphs.max_blocks_per_seq,
+                                            block_size=runner.block_size, device=runner.device)
+        return True
+    except Exception as exc:  # report, keep the eager results
+        bench.record("verify graphs: capture failed", 0.0, "", repr(exc)[:200])
+        return False
 
 
 def adaptive_sweep(llm: LLM, bench: Bench, batches, k=4, max_tokens=128, prompt_len=256):
@@ -273,6 +290,13 @@ def main() -> None:
     bench.save()
     oracle_speedup(llm, bench, (1.0, 0.7, 0.5), max_tokens=32 if small else 256)
     bench.save()
+    if with_verify_graphs(llm, bench):
+        try:
+            oracle_speedup(llm, bench, (1.0,), max_tokens=256, label=" (verify graphs)")
+        except Exception as exc:
+            bench.record("verify graphs: oracle run failed", 0.0, "", repr(exc)[:200])
+        llm.engine.runner.verify_graphs = None
+        bench.save()
     adaptive_sweep(llm, bench, (1, 32, 256) if quick else (1, 8, 32, 128, 256), max_tokens=16 if small else 128,
                    prompt_len=32 if small else 256)
     bench.save()

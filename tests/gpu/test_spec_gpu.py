@@ -108,6 +108,23 @@ def test_oracle_full_acceptance_on_the_gpu(models):
     assert counters.num_accepted_tokens >= 0.95 * counters.num_draft_tokens
 
 
+@pytest.mark.parametrize("method", ["oracle", "eagle3"])
+def test_verify_graphs_agree(models, method, monkeypatch):
+    """The opt-in verify-step CUDA graphs (RTPLLM_SPEC_VERIFY_GRAPHS=1) give the eager verify's answers."""
+    monkeypatch.setenv("RTPLLM_SPEC_VERIFY_GRAPHS", "1")
+    config = dict(method="ngram" if method == "oracle" else method, num_speculative_tokens=4, adaptive=False)
+    if method == "eagle3":
+        config["model"] = models["eagle"]
+    llm = LLM(model=models["target"], speculative_config=config, **POOL)
+    assert llm.engine.runner.verify_graphs is not None
+    if method == "oracle":
+        full = [p + e for p, e in zip(models["prompts"], models["expected"])]
+        llm.engine.spec.proposer = OracleProposer(full, torch.device("cuda"), 0.7, VOCAB)
+    assert_agrees(models, llm.generate(models["prompts"], GREEDY))
+    assert llm.engine.stats().spec.num_accepted_tokens > 0 or method == "eagle3"
+    assert llm.engine.check_kv_pool_free()
+
+
 def test_random_sampling_with_speculation_runs(models):
     llm = LLM(model=models["target"], speculative_config=dict(method="draft_model", model=models["target"],
                                                               num_speculative_tokens=3, adaptive=False), **POOL)

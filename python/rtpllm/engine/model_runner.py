@@ -60,6 +60,7 @@ class ModelRunner:
         # the target's features per KV slot (spec/eagle3.py). Set before the graphs are captured.
         self.after_forward: Optional[Callable[[torch.Tensor], None]] = None
         self.graphs: Optional[DecodeGraphs] = None
+        self.verify_graphs = None  # speculative verify steps' CUDA graphs (spec/verify_graphs.py), opt-in
         backend = getattr(model, "attn_backend", None)
         if device.type == "cuda" and not config.device.enforce_eager and hasattr(backend, "plan"):
             self.graphs = DecodeGraphs(
@@ -94,6 +95,12 @@ class ModelRunner:
             if self.after_forward is not None:
                 self.after_forward(self.graphs.inputs.slot_mapping[:batch.num_seqs])
             return StepResult(sampled=self.sampler(logits, sampling_batch), prompt_logprobs={})
+        if drafts is not None and self.verify_graphs is not None and not prompt_logprob_seqs \
+                and self.verify_graphs.can_run(batch):
+            logits, slots = self.verify_graphs.run(batch, drafts)
+            if self.after_forward is not None:
+                self.after_forward(slots)
+            return StepResult(sampled=None, prompt_logprobs={}, verify_logits=logits)
         self._to_device.begin_step()
         input_ids = self._to_device("input_ids", batch.input_token_ids).long()
         if pending is not None:

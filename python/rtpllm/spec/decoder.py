@@ -17,6 +17,7 @@ from rtpllm.spec.adaptive import AdaptiveSpeculation, default_cost_model
 from rtpllm.spec.proposer import Proposer, SpecSequence, to_device
 from rtpllm.spec.stats import SpecCounters
 from rtpllm.spec.verifier import VerifyLayout, verify
+from rtpllm.spec.verify_graphs import VerifyGraphs, verify_graphs_enabled
 
 
 _FORGET_EVERY = 256
@@ -59,6 +60,11 @@ class SpeculativeDecoder:
         """Once the target's runner exists: the proposer's KV pool and feature hook."""
         self.proposer.bind(runner.num_blocks)
         self.proposer.capture_graphs(runner)
+        if runner.graphs is not None and verify_graphs_enabled():
+            runner.verify_graphs = VerifyGraphs(
+                runner.model, runner.kv_caches, max_batch=min(16, runner.graphs.max_batch),
+                max_k=min(8, self.config.num_speculative_tokens), max_blocks_per_seq=runner.graphs.max_blocks_per_seq,
+                block_size=runner.block_size, device=runner.device)
         if self.proposer.needs_target_features:
             runner.after_forward = self.proposer.record_features
 
