@@ -4,7 +4,8 @@
 //
 // Scenarios: N running decode sequences (every step: one token each, KV blocks grow, full blocks
 // enter the prefix cache), and a mix where long prompts keep arriving and are chunk-prefilled
-// next to the decodes while finished requests leave. Batch and output buffers are reused, as a
+// next to the decodes while finished requests leave, and speculative decoding (every decode asks
+// for lookahead slots, half the drafts are accepted, the rest rolled back). Batch and output buffers are reused, as a
 // C++ caller would; the Python binding adds its own object overhead on top.
 #include <algorithm>
 #include <chrono>
@@ -34,6 +35,7 @@ struct Scenario {
   int32_t prompt_len;       // their prompt length
   int32_t prefill_arrival;  // > 0: keep one prompt of this length arriving (chunked prefill mix)
   int32_t token_budget;
+  int32_t lookahead = 0;  // > 0: every decode asks for this many draft slots and accepts half
 };
 
 constexpr TokenId kSampledToken = 7;  // never a stop token here
@@ -61,15 +63,22 @@ Result run(const Scenario& sc, int timed_steps) {
   ScheduledBatch batch;
   StepOutputs outputs;
   std::vector<TokenId> sampled;
+  RequestId next_id = 0;
   auto step = [&] {
+    for (RequestId id = 0; sc.lookahead > 0 && id < next_id; ++id) scheduler.set_lookahead(id, sc.lookahead);
     scheduler.schedule(batch);
-    sampled.assign(static_cast<size_t>(batch.num_sampled), kSampledToken);
+    // One token per verified row: per sequence its accepted drafts (half), one more, then -1.
+    sampled.assign(static_cast<size_t>(batch.num_sampled + batch.num_draft_tokens), -1);
+    for (int32_t k = 0; k < batch.num_sampled; ++k) {
+      const int32_t begin = batch.verify_offsets[k];
+      const int32_t keep = 1 + (batch.verify_offsets[k + 1] - begin - 1) / 2;
+      std::fill_n(sampled.begin() + begin, keep, kSampledToken);
+    }
     scheduler.update(batch, sampled.data(), sampled.size(), outputs);
   };
 
   // Warm up: prefill every decode sequence. In the mix they finish at staggered times and are
   // replaced, so the batch keeps churning.
-  RequestId next_id = 0;
   for (int32_t i = 0; i < sc.num_decodes; ++i) {
     const int32_t max_new = decode_len > 0 ? decode_len : 64 + static_cast<int32_t>(rng() % 192);
     scheduler.add_request(make_request(next_id++, sc.prompt_len, max_new, rng));
@@ -128,11 +137,12 @@ int main(int argc, char** argv) {
       {"decode 256 seqs, prompt 512", 256, 512, 0, 8192},
       {"decode 1024 seqs, prompt 512", 1024, 512, 0, 8192},
       {"decode 256 + chunked 4k prefill", 256, 512, 4096, 2048},
+      {"decode 256, 4 draft slots (2 accepted)", 256, 512, 0, 8192, 4},
   };
-  std::printf("%-36s %8s %10s %12s %10s %8s\n", "scenario", "seqs", "tokens", "median us", "p90 us", "steps");
+  std::printf("%-40s %8s %10s %12s %10s %8s\n", "scenario", "seqs", "tokens", "median us", "p90 us", "steps");
   for (const Scenario& sc : scenarios) {
     const rtpllm::Result r = rtpllm::run(sc, steps);
-    std::printf("%-36s %8.1f %10.1f %12.1f %10.1f %8d\n", r.name.c_str(), r.mean_seqs, r.mean_tokens, r.median_us, r.p90_us,
+    std::printf("%-40s %8.1f %10.1f %12.1f %10.1f %8d\n", r.name.c_str(), r.mean_seqs, r.mean_tokens, r.median_us, r.p90_us,
                 r.steps);
   }
   return 0;

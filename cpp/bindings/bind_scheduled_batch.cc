@@ -50,6 +50,11 @@ void bind_scheduled_batch(py::module_& m) {
       .def_property_readonly("slot_mapping", vector_view(&ScheduledBatch::slot_mapping))
       .def_property_readonly("logits_indices", vector_view(&ScheduledBatch::logits_indices))
       .def_property_readonly("sampled_request_ids", vector_view(&ScheduledBatch::sampled_request_ids))
+      .def_readonly("num_draft_tokens", &ScheduledBatch::num_draft_tokens)
+      .def_property_readonly("draft_counts", vector_view(&ScheduledBatch::draft_counts))
+      .def_property_readonly("verify_offsets", vector_view(&ScheduledBatch::verify_offsets))
+      .def_property_readonly("verify_logits_indices", vector_view(&ScheduledBatch::verify_logits_indices))
+      .def_property_readonly("draft_token_indices", vector_view(&ScheduledBatch::draft_token_indices))
       .def_property_readonly("block_tables",
                              [](py::object self) {
                                auto& batch = self.cast<ScheduledBatch&>();

@@ -69,6 +69,8 @@ void bind_scheduler(py::module_& m) {
       .def("resolve", &apply_sampled<&Scheduler::resolve>, py::arg("batch"), py::arg("sampled_token_ids"),
            "Fills the oldest committed batch's placeholders; returns its outputs as update() does")
       .def_property_readonly("num_committed_unresolved", &Scheduler::num_committed_unresolved)
+      .def("set_lookahead", &Scheduler::set_lookahead, py::arg("request_id"), py::arg("num_tokens"),
+           "Asks for lookahead (draft) slots in the request's next step; returns how many it gets")
       .def("abort", &Scheduler::abort, py::arg("request_id"), py::arg("reason") = FinishReason::ABORT)
       .def_property_readonly("num_running", &Scheduler::num_running)
       .def_property_readonly("num_waiting", &Scheduler::num_waiting)

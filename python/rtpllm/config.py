@@ -110,6 +110,70 @@ class DeviceConfig:
         _require(self.device in ("auto", "cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {self.device!r}")
 
 
+_SPEC_METHODS = ("ngram", "draft_model", "eagle3")
+MAX_SPECULATIVE_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's `speculative_config` spelling); see python/rtpllm/spec/.
+
+    method: "ngram" (prompt lookup: drafts copied from earlier context, no extra weights),
+    "draft_model" (a smaller checkpoint with the target's vocabulary, `model`), or "eagle3" (an
+    EAGLE-3 head checkpoint, `model`). num_speculative_tokens: the most drafts per step; with
+    `adaptive` the engine picks fewer (down to none) where speculation does not pay.
+    prompt_lookup_min/max: n-gram sizes tried, longest first (ngram only).
+    """
+
+    method: str
+    num_speculative_tokens: int
+    model: Optional[str] = None
+    prompt_lookup_min: Optional[int] = None
+    prompt_lookup_max: Optional[int] = None
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.method in _SPEC_METHODS, "speculative_config.method",
+                 f"must be one of {_SPEC_METHODS}, got {self.method!r}")
+        _require(isinstance(self.num_speculative_tokens, int)
+                 and 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS,
+                 "speculative_config.num_speculative_tokens",
+                 f"must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], got {self.num_speculative_tokens!r}")
+        if self.method == "ngram":
+            _require(self.model is None, "speculative_config.model", "ngram takes no model")
+            lo = 2 if self.prompt_lookup_min is None else self.prompt_lookup_min
+            hi = max(lo, 5) if self.prompt_lookup_max is None else self.prompt_lookup_max
+            _require(isinstance(lo, int) and lo >= 1, "speculative_config.prompt_lookup_min", f"must be >= 1, got {lo!r}")
+            _require(isinstance(hi, int) and hi >= lo, "speculative_config.prompt_lookup_max",
+                     f"must be >= prompt_lookup_min={lo}, got {hi!r}")
+            object.__setattr__(self, "prompt_lookup_min", lo)
+            object.__setattr__(self, "prompt_lookup_max", hi)
+        else:
+            _require(bool(self.model), "speculative_config.model", f"{self.method} needs a checkpoint path")
+            _require(self.prompt_lookup_min is None and self.prompt_lookup_max is None,
+                     "speculative_config.prompt_lookup_min", f"only applies to ngram, not {self.method}")
+
+    @classmethod
+    def parse(cls, value: Any) -> "SpeculativeConfig":
+        """From a SpeculativeConfig, a dict or a JSON string (the CLI's --speculative-config)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            import json
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config: not valid JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config: expected a JSON object, got {type(value).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        _require(not unknown, "speculative_config", f"unknown key(s) {unknown}; known: {sorted(known)}")
+        _require("method" in value and "num_speculative_tokens" in value, "speculative_config",
+                 "needs 'method' and 'num_speculative_tokens'")
+        return cls(**value)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -118,6 +182,14 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     max_queued_requests: Optional[int] = None  # beyond this the server answers 503 at once
+    speculative_config: Optional[SpeculativeConfig] = None
+
+    def __post_init__(self) -> None:
+        if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
+            object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
+        # The proposers run in the engine's process on rank 0's model; sharding them is not built yet.
+        _require(self.speculative_config is None or self.parallel.tensor_parallel_size == 1, "speculative_config",
+                 f"not supported with tensor_parallel_size={self.parallel.tensor_parallel_size} yet (use 1)")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":

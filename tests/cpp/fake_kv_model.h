@@ -8,6 +8,7 @@
 // preemption, chunking and prefix sharing must not change them.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -33,15 +34,23 @@ class FakeKVModel {
   void forget(RequestId id) { known_.erase(id); }
   const std::vector<TokenId>& tokens(RequestId id) const { return known_.at(id).tokens; }
 
+  // Proposed tokens for the lookahead slots of a speculative batch, per request, in order.
+  using Drafts = std::unordered_map<RequestId, std::vector<TokenId>>;
+
   // Runs one step: checks the batch against the requests' true tokens and the cache contents,
-  // writes the new tokens' fingerprints, and returns one sampled token per logits index.
-  std::vector<TokenId> run(const ScheduledBatch& batch) {
+  // writes the new tokens' fingerprints, and returns the model's token at every verified row
+  // (one per logits index without speculation). Lookahead slots take their tokens from `drafts`;
+  // their fingerprints are written like any other, so KV of a rejected draft that the scheduler
+  // wrongly kept would be read back later and fail the check.
+  std::vector<TokenId> run(const ScheduledBatch& batch, const Drafts* drafts = nullptr) {
     check_layout(batch);
     std::vector<TokenId> sampled;
     int32_t next_sampled = 0;
+    int32_t next_draft = 0;
     for (int32_t i = 0; i < batch.num_seqs; ++i) {
       const RequestId id = batch.request_ids[i];
       Known& k = known_.at(id);
+      const auto known_size = static_cast<int32_t>(k.tokens.size());
       const int32_t start = batch.num_computed[i];
       const int32_t end = batch.seq_lens[i];
       const int32_t* row = batch.block_tables.data() + static_cast<size_t>(i) * batch.max_blocks_per_seq;
@@ -55,26 +64,48 @@ class FakeKVModel {
       for (int32_t t = batch.query_start_loc[i]; t < batch.query_start_loc[i + 1]; ++t) {
         const int32_t pos = batch.positions[t];
         if (pos != start + (t - batch.query_start_loc[i])) fail("positions are not contiguous");
-        if (pos >= static_cast<int32_t>(k.tokens.size())) fail("computes a token that does not exist yet");
-        if (batch.input_token_ids[t] != k.tokens[pos]) {
+        TokenId token = batch.input_token_ids[t];
+        if (pos >= known_size) {
+          if (token != kDraftToken || drafts == nullptr || batch.draft_token_indices[next_draft++] != t) {
+            fail("computes a token that does not exist yet");
+          }
+          token = drafts->at(id).at(static_cast<size_t>(pos - known_size));
+        } else if (token != k.tokens[pos]) {
           fail("request " + std::to_string(id) + " has the wrong input token at position " + std::to_string(pos));
         }
         if (batch.slot_mapping[t] != slot(row, pos)) fail("slot mapping disagrees with the block table");
-        fp = mix(fp, static_cast<uint64_t>(batch.input_token_ids[t]));
+        fp = mix(fp, static_cast<uint64_t>(token));
         cache_[batch.slot_mapping[t]] = fp;
       }
-      const bool samples = end == static_cast<int32_t>(k.tokens.size());
-      if (samples) {
+      const int32_t num_drafts = std::max(0, end - known_size);
+      if (end - num_drafts == known_size) {
         if (next_sampled >= batch.num_sampled || batch.sampled_request_ids[next_sampled] != id ||
-            batch.logits_indices[next_sampled] != batch.query_start_loc[i + 1] - 1) {
+            batch.logits_indices[next_sampled] != batch.query_start_loc[i + 1] - 1 - num_drafts ||
+            batch.draft_counts[next_sampled] != num_drafts) {
           fail("request " + std::to_string(id) + " reached its last token but is not sampled at it");
         }
+        // The model's token at each verified position: the last known one, then each draft.
+        for (int32_t v = batch.verify_offsets[next_sampled]; v < batch.verify_offsets[next_sampled + 1]; ++v) {
+          const int32_t pos = batch.positions[batch.verify_logits_indices[v]];
+          sampled.push_back(static_cast<TokenId>(cache_[slot(row, pos)] % static_cast<uint64_t>(vocab_size_)));
+        }
         ++next_sampled;
-        sampled.push_back(static_cast<TokenId>(fp % static_cast<uint64_t>(vocab_size_)));
       }
     }
     if (next_sampled != batch.num_sampled) fail("samples a sequence that has not reached its last token");
+    if (next_draft != batch.num_draft_tokens) fail("lookahead slots outside the sampled sequences' tails");
     return sampled;
+  }
+
+  // The next n tokens a request produces from its current context (what a perfect proposer guesses).
+  std::vector<TokenId> continuation(RequestId id, int32_t n) {
+    Known k = known_.at(id);
+    std::vector<TokenId> out;
+    for (int32_t i = 0; i < n; ++i) {
+      out.push_back(static_cast<TokenId>(reference(k, static_cast<int32_t>(k.tokens.size()) - 1) % static_cast<uint64_t>(vocab_size_)));
+      k.tokens.push_back(out.back());
+    }
+    return out;
   }
 
   // The output a request must produce for a context, whatever the scheduler did.

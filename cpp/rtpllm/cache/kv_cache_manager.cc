@@ -89,6 +89,17 @@ void KVCacheManager::cache_computed_blocks(Request& request) {
   request.num_cached_blocks = num_full;
 }
 
+void KVCacheManager::truncate(Request& request, int32_t num_tokens) {
+  const auto keep = static_cast<size_t>((num_tokens + options_.block_size - 1) / options_.block_size);
+  if (request.block_table.size() <= keep) return;
+  if (static_cast<size_t>(request.num_cached_blocks) > keep) {
+    throw std::logic_error("truncate: request " + std::to_string(request.id) + " would lose a cached block");
+  }
+  const std::vector<BlockId> tail(request.block_table.begin() + static_cast<std::ptrdiff_t>(keep), request.block_table.end());
+  pool_.release(tail);
+  request.block_table.resize(keep);
+}
+
 void KVCacheManager::free(Request& request) {
   pool_.release(request.block_table);
   request.block_table.clear();

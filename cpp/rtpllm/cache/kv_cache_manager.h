@@ -49,6 +49,11 @@ class KVCacheManager {
   // Registers the full blocks covered by num_computed_tokens in the prefix cache.
   void cache_computed_blocks(Request& request);
 
+  // Releases the tail of the block table beyond the blocks that num_tokens tokens need (the
+  // rejected lookahead slots of a speculative step). Never touches a cached block: those hold
+  // computed tokens only, which stay below num_tokens.
+  void truncate(Request& request, int32_t num_tokens);
+
   // Releases the request's blocks; its cached full blocks stay findable until evicted.
   void free(Request& request);
 

@@ -68,6 +68,12 @@ struct Request {
   int64_t scheduled_step = -1;   // the step that last scheduled it (tracks the batch in flight)
   int32_t num_preemptions = 0;
 
+  // Speculative decoding (sched/speculation.h). Lookahead slots asked for the next step (consumed
+  // by schedule()), and the draft slots the scheduled step holds past the known tokens (KV
+  // positions computed for unverified tokens: rolled back when the step is applied or dropped).
+  int32_t num_lookahead_tokens = 0;
+  int32_t num_draft_slots = 0;
+
   int32_t num_tokens() const { return static_cast<int32_t>(token_ids.size()); }
   int32_t num_known_tokens() const { return num_tokens() - num_pending_tokens; }
   int32_t num_output_tokens() const { return num_tokens() - num_prompt_tokens; }

@@ -7,6 +7,7 @@ namespace rtpllm {
 
 using TokenId = int32_t;    // vocabulary index
 inline constexpr TokenId kPendingToken = -1;  // a sampled token not yet known to the host
+inline constexpr TokenId kDraftToken = -2;    // a lookahead slot: the runner puts a proposed token there
 using RequestId = int64_t;  // owned by the engine; unique among unfinished requests
 using BlockId = int32_t;    // index of a KV block in the pool, [0, num_blocks)
 using BlockHash = uint64_t; // prefix-cache key of a full block (see cache/block_hash.h)

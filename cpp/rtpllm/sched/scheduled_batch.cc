@@ -5,10 +5,11 @@
 namespace rtpllm {
 
 void build_scheduled_batch(const std::vector<ScheduledEntry>& entries, int32_t block_size, ScheduledBatch& batch) {
-  int32_t num_seqs = 0, num_tokens = 0, num_sampled = 0, max_query = 0, max_seq = 0, max_blocks = 0;
+  int32_t num_seqs = 0, num_tokens = 0, num_sampled = 0, max_query = 0, max_seq = 0, max_blocks = 0, num_drafts = 0;
   for (const ScheduledEntry& e : entries) {
     if (e.request == nullptr) continue;
     ++num_seqs;
+    num_drafts += e.num_draft_tokens;
     num_tokens += e.num_new_tokens;
     num_sampled += e.needs_sampling ? 1 : 0;
     max_query = std::max(max_query, e.num_new_tokens);
@@ -33,9 +34,15 @@ void build_scheduled_batch(const std::vector<ScheduledEntry>& entries, int32_t b
   batch.slot_mapping.resize(num_tokens);
   batch.logits_indices.resize(num_sampled);
   batch.sampled_request_ids.resize(num_sampled);
+  batch.num_draft_tokens = num_drafts;
+  batch.draft_counts.resize(num_sampled);
+  batch.verify_offsets.resize(static_cast<size_t>(num_sampled) + 1);
+  batch.verify_logits_indices.resize(static_cast<size_t>(num_sampled) + num_drafts);
+  batch.draft_token_indices.resize(num_drafts);
 
   batch.query_start_loc[0] = 0;
-  int32_t seq = 0, token = 0, sampled = 0;
+  batch.verify_offsets[0] = 0;
+  int32_t seq = 0, token = 0, sampled = 0, verified = 0, draft = 0;
   for (const ScheduledEntry& e : entries) {
     const Request* r = e.request;
     if (r == nullptr) continue;
@@ -47,16 +54,24 @@ void build_scheduled_batch(const std::vector<ScheduledEntry>& entries, int32_t b
     // One pass per row: the table, then zero padding (a reused buffer holds stale ids).
     const auto row = batch.block_tables.begin() + static_cast<size_t>(seq) * max_blocks;
     std::fill(std::copy(r->block_table.begin(), r->block_table.end(), row), row + max_blocks, 0);
-    std::copy(r->token_ids.begin() + start, r->token_ids.begin() + end, batch.input_token_ids.begin() + token);
+    // Lookahead slots follow the known tokens; the runner fills them with proposals.
+    const int32_t known_end = end - e.num_draft_tokens;
+    std::copy(r->token_ids.begin() + start, r->token_ids.begin() + known_end, batch.input_token_ids.begin() + token);
+    std::fill_n(batch.input_token_ids.begin() + token + (known_end - start), e.num_draft_tokens, kDraftToken);
     for (int32_t pos = start; pos < end; ++pos, ++token) {
       batch.positions[token] = pos;
       batch.slot_mapping[token] = static_cast<int64_t>(r->block_table[pos / block_size]) * block_size + pos % block_size;
     }
     batch.query_start_loc[seq + 1] = token;
     if (e.needs_sampling) {
-      batch.logits_indices[sampled] = token - 1;
+      const int32_t last_known = token - 1 - e.num_draft_tokens;
+      batch.logits_indices[sampled] = last_known;
       batch.sampled_request_ids[sampled] = r->id;
+      batch.draft_counts[sampled] = e.num_draft_tokens;
+      for (int32_t j = 0; j <= e.num_draft_tokens; ++j) batch.verify_logits_indices[verified++] = last_known + j;
+      for (int32_t j = 1; j <= e.num_draft_tokens; ++j) batch.draft_token_indices[draft++] = last_known + j;
       ++sampled;
+      batch.verify_offsets[sampled] = verified;
     }
     ++seq;
   }

@@ -63,7 +63,10 @@ ScheduledBatch Scheduler::schedule() {
 void Scheduler::schedule(ScheduledBatch& batch) {
   // A batch still in flight (never committed) is dropped: its tokens were never marked computed,
   // so they simply get scheduled again.
-  if (in_flight_) release_entries(entries_);
+  if (in_flight_) {
+    roll_back_lookahead(entries_);
+    release_entries(entries_);
+  }
   entries_.clear();
   ++step_;
   int32_t budget = options_.max_num_batched_tokens;
@@ -73,7 +76,7 @@ void Scheduler::schedule(ScheduledBatch& batch) {
   for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
     Request* r = running_[i];
     if (r->status == RequestStatus::RUNNING && !r->last_token_pending && r->num_tokens() - r->num_computed_tokens == 1) {
-      schedule_running(r, 1, budget, preempted);
+      schedule_decode(r, budget, preempted);
     }
   }
   // Then the next chunk of running prefills (or of a preempted request's recompute).
@@ -90,6 +93,7 @@ void Scheduler::schedule(ScheduledBatch& batch) {
   } else {
     admit_waiting(budget);
   }
+  clear_lookahead();
 
   // Drop the slots of entries whose request was preempted after being scheduled.
   entries_.erase(std::remove_if(entries_.begin(), entries_.end(), [](const ScheduledEntry& e) { return e.request == nullptr; }),
@@ -151,6 +155,7 @@ void Scheduler::preempt(Request* victim, int32_t& budget) {
   }
   kv_.free(*victim);
   victim->num_computed_tokens = 0;
+  victim->num_draft_slots = 0;
   victim->status = RequestStatus::PREEMPTED;
   ++victim->num_preemptions;
   ++num_preempted_total_;

@@ -70,13 +70,23 @@ class Scheduler {
   // Throws std::invalid_argument for a batch that is not this scheduler's latest, or a wrong count.
   void update(const ScheduledBatch& batch, const TokenId* sampled, size_t num_sampled, StepOutputs& outputs);
 
+  // Speculative decoding (speculation.h): `sampled` then holds one token per verified row
+  // (batch.verify_offsets): per sequence its accepted drafts and one more token, then -1s.
+
   // Marks the latest scheduled batch as run, its sampled tokens still unknown (see above).
-  // Throws std::invalid_argument for a batch that is not the latest scheduled one.
+  // Throws std::invalid_argument for a batch that is not the latest scheduled one, or one with
+  // lookahead slots (speculative steps apply synchronously, through update()).
   void commit(const ScheduledBatch& batch);
   // Fills the placeholders of the oldest committed batch with its sampled tokens; then as update().
   // Throws std::invalid_argument when `batch` is not the oldest committed one, or a wrong count.
   void resolve(const ScheduledBatch& batch, const TokenId* sampled, size_t num_sampled, StepOutputs& outputs);
   int32_t num_committed_unresolved() const { return static_cast<int32_t>(committed_.size()); }
+
+  // Asks for up to `num_tokens` lookahead slots in the request's next step (speculation.h);
+  // returns how many it gets: 0 unless it is running with one known token left to compute and
+  // no token pending, capped so that accepting all stays within max_new_tokens and the context
+  // limit. The next schedule() may grant fewer (token budget, free blocks) and forgets the rest.
+  int32_t set_lookahead(RequestId request_id, int32_t num_tokens);
 
   // Finishes a request now, whatever its state (also between schedule() and update()), and frees
   // its blocks. No StepOutput follows: the caller already knows. `reason` must not be NONE.
@@ -114,6 +124,12 @@ class Scheduler {
   void finish(Request* request, FinishReason reason);
   void remove_finished();
   void release_entries(const std::vector<ScheduledEntry>& entries);
+  void commit_step(const ScheduledBatch& batch);
+  // Speculation (scheduler_speculation.cc).
+  void schedule_decode(Request* request, int32_t& budget, bool& preempted);
+  void clear_lookahead();
+  void resolve_speculative(Request* request, const TokenId* row, int32_t num_slots, size_t index, StepOutputs& outputs);
+  void roll_back_lookahead(const std::vector<ScheduledEntry>& entries);
   void retire(std::unique_ptr<Request> request);
   void check_batch(const ScheduledBatch& batch) const;
   void maybe_check_invariants() const;
@@ -142,6 +158,7 @@ class Scheduler {
   uint64_t next_admission_order_ = 0;
   uint64_t num_preempted_total_ = 0;
   std::vector<RequestId> finished_scratch_;
+  std::vector<RequestId> lookahead_ids_;  // requests given lookahead slots since the last schedule()
 };
 
 }  // namespace rtpllm

@@ -53,7 +53,9 @@ void Scheduler::check_invariants() const {
     if (r->num_computed_tokens >= r->num_tokens()) fail(name(*r) + " has no token left to compute");
     const auto table_size = static_cast<int64_t>(r->block_table.size());
     if (table_size < ceil_div(r->num_computed_tokens, bs)) fail(name(*r) + " lacks blocks for its computed tokens");
-    if (table_size > ceil_div(r->num_tokens(), bs)) fail(name(*r) + " holds more blocks than its tokens need");
+    // Lookahead slots of the step in flight hold blocks past the known tokens until it is applied.
+    if (table_size > ceil_div(r->num_tokens() + r->num_draft_slots, bs)) fail(name(*r) + " holds more blocks than its tokens need");
+    if (r->num_draft_slots > 0 && r->num_steps_referencing == 0) fail(name(*r) + " holds lookahead slots outside a scheduled step");
     if (r->num_cached_blocks > table_size || static_cast<int64_t>(r->num_cached_blocks) * bs > r->num_computed_tokens) {
       fail(name(*r) + " registered blocks that are not computed");
     }

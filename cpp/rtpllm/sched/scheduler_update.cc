@@ -5,15 +5,24 @@
 #include <string>
 
 #include "rtpllm/sched/scheduler.h"
+#include "rtpllm/sched/speculation.h"
 
 namespace rtpllm {
 
 namespace {
 
 void check_sampled(const ScheduledBatch& batch, const TokenId* sampled, size_t num_sampled) {
-  if (num_sampled != static_cast<size_t>(batch.num_sampled)) {
-    throw std::invalid_argument("sampled_token_ids: expected " + std::to_string(batch.num_sampled) +
-                                " tokens (one per logits index), got " + std::to_string(num_sampled));
+  const size_t expected = static_cast<size_t>(batch.num_sampled) + static_cast<size_t>(batch.num_draft_tokens);
+  if (num_sampled != expected) {
+    throw std::invalid_argument("sampled_token_ids: expected " + std::to_string(expected) +
+                                " tokens (one per verified logits index), got " + std::to_string(num_sampled));
+  }
+  if (batch.num_draft_tokens > 0) {
+    for (int32_t s = 0; s < batch.num_sampled; ++s) {
+      const int32_t begin = batch.verify_offsets[s];
+      count_verified_tokens(sampled + begin, batch.verify_offsets[s + 1] - begin, static_cast<size_t>(begin));
+    }
+    return;
   }
   for (size_t k = 0; k < num_sampled; ++k) {
     if (sampled[k] < 0) {
@@ -37,12 +46,19 @@ void Scheduler::update(const ScheduledBatch& batch, const TokenId* sampled, size
     throw std::invalid_argument("batch: update() with committed steps unresolved; resolve() them first");
   }
   check_sampled(batch, sampled, num_sampled);  // before commit() changes anything
-  commit(batch);
+  commit_step(batch);
   resolve(batch, sampled, num_sampled, outputs);
 }
 
 void Scheduler::commit(const ScheduledBatch& batch) {
   check_batch(batch);
+  if (batch.num_draft_tokens > 0) {
+    throw std::invalid_argument("batch: has lookahead slots; speculative steps apply synchronously through update()");
+  }
+  commit_step(batch);
+}
+
+void Scheduler::commit_step(const ScheduledBatch& batch) {
   if (batch.empty()) return;
   if (!in_flight_ || batch.step_id != step_) {
     throw std::invalid_argument("batch: step " + std::to_string(batch.step_id) +
@@ -51,7 +67,7 @@ void Scheduler::commit(const ScheduledBatch& batch) {
   for (const ScheduledEntry& e : entries_) {
     Request* r = e.request;
     if (r->is_finished()) continue;  // aborted after schedule()
-    r->num_computed_tokens += e.num_new_tokens;
+    r->num_computed_tokens += e.num_new_tokens - e.num_draft_tokens;  // drafts count once verified
     kv_.cache_computed_blocks(*r);
     if (!e.needs_sampling) continue;
     r->token_ids.push_back(kPendingToken);
@@ -79,8 +95,15 @@ void Scheduler::resolve(const ScheduledBatch& batch, const TokenId* sampled, siz
   size_t k = 0;
   for (const ScheduledEntry& e : step.entries) {
     Request* r = e.request;
-    const TokenId token = e.needs_sampling ? sampled[k++] : -1;
-    if (!e.needs_sampling || r->is_finished()) continue;  // a finished request's token is dropped
+    if (!e.needs_sampling) continue;
+    const size_t row = k;
+    k += 1 + static_cast<size_t>(e.num_draft_tokens);
+    if (r->is_finished()) continue;  // a finished request's tokens are dropped
+    if (e.num_draft_tokens > 0) {
+      resolve_speculative(r, sampled + row, 1 + e.num_draft_tokens, row, outputs);
+      continue;
+    }
+    const TokenId token = sampled[row];
     // The oldest placeholder is this step's token; any later one belongs to a younger step.
     const int32_t pos = r->num_known_tokens();
     r->token_ids[static_cast<size_t>(pos)] = token;

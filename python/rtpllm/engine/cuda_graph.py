@@ -40,6 +40,7 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(self.max_batch + 1, dtype=torch.int32, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
+        self._aux: dict[int, list[torch.Tensor]] = {}  # the model's aux hidden states, per bucket (EAGLE-3)
         self._capture_all(plan, max_model_len)
 
     def can_run(self, batch) -> bool:
@@ -53,6 +54,8 @@ class DecodeGraphs:
         bucket = self.buckets[bisect.bisect_left(self.buckets, n)]
         self.inputs.load(batch, bucket, pending)
         self._graphs[bucket].replay()
+        if self._aux.get(bucket):
+            self.model.aux_hidden_states = [h[:n] for h in self._aux[bucket]]
         return self._logits[bucket][:n]
 
     def _meta(self, bucket: int, max_model_len: int) -> AttentionMetadata:
@@ -79,4 +82,5 @@ class DecodeGraphs:
             pool = graph.pool()
             self._graphs[bucket] = graph
             self._logits[bucket] = logits
+            self._aux[bucket] = list(getattr(self.model, "aux_hidden_states", []))
         torch.cuda.synchronize(self.device)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -19,7 +20,7 @@ from rtpllm import _C
 from rtpllm.config import EngineConfig
 from rtpllm.engine.default_model import resolve_model_path
 from rtpllm.engine.detokenizer import IncrementalDetokenizer, StopStringChecker
-from rtpllm.engine.device import resolve_device, resolve_dtype
+from rtpllm.engine.device import attention_backend_factory, resolve_device, resolve_dtype
 from rtpllm.engine.executor import create_executor
 from rtpllm.engine.instance_report import InstanceReporter
 from rtpllm.engine.in_flight import InFlightStep, TokenReadback, pending_inputs
@@ -57,8 +58,18 @@ class Engine:
         # The logits' width: the architecture's vocabulary, else (where it names none) the tokenizer's.
         self.vocab_size = getattr(self.arch, "vocab_size", None) or len(self.tokenizer)
         self.eos_token_ids = _eos_ids(loaded.generation_config, self.tokenizer, self.arch)
-        self.executor.init_runner(self.max_model_len)
+        self.spec = None  # speculative decoding (rtpllm/spec/), when configured
+        if config.speculative_config is not None:
+            from rtpllm.spec.factory import build_speculative_decoder
+            self.spec = build_speculative_decoder(
+                config.speculative_config, target_model=loaded.model, target_arch=self.arch, device=self.device,
+                dtype=self.dtype, block_size=config.cache.block_size, max_model_len=self.max_model_len,
+                attn_backend_factory=attention_backend_factory(self.device, self.dtype, config.cache.block_size))
+        self.executor.init_runner(self.max_model_len,
+                                  extra_kv_bytes_per_block=self.spec.kv_bytes_per_block if self.spec else 0)
         self.runner = self.executor.runner  # rank 0's: the model, its KV pool and CUDA graphs
+        if self.spec is not None:
+            self.spec.bind(self.runner)
         self.scheduler = _C.Scheduler(
             _C.SchedulerOptions(
                 max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
@@ -178,7 +189,14 @@ class Engine:
 
     def _step(self) -> list[RequestGroup]:
         outputs, self._pending = self._pending, []
+        if self.spec is not None and self.spec.wants_lookahead(self.scheduler.num_running, self._seqs):
+            if self._in_flight is not None:  # drafts follow the last tokens: they must be on the host
+                previous, self._in_flight = self._in_flight, None
+                outputs += self._resolve(previous)
+            self.spec.request_lookahead(self.scheduler, self._seqs.values())
         batch = self.scheduler.schedule()
+        if self.spec is not None:
+            self.spec.step_started(batch.num_draft_tokens > 0, batch.num_tokens)
         previous = self._in_flight
         if batch.num_seqs == 0:
             if previous is not None:
@@ -204,6 +222,11 @@ class Engine:
                                                self.arch.vocab_size, previous=self._last_sampling_batch)
                           if sampled_seqs else None)
         self._last_sampling_batch = sampling_batch or self._last_sampling_batch
+        if batch.num_draft_tokens > 0:  # speculative: applied synchronously (no step was in flight)
+            spec = self.spec.run_step(self.runner, batch, sampled_seqs, sampling_batch, collector.seq_indices)
+            collector.collect(spec.prompt_logprobs)
+            logprobs_by_seq = sampled_logprobs(sampled_seqs, spec.first_row_sampled)
+            return outputs + self._apply(self.scheduler.update(batch, spec.token_ids), logprobs_by_seq)
         result = self.executor.execute(batch, sampling_batch, collector.seq_indices, pending)
         collector.collect(result.prompt_logprobs)
 
@@ -239,7 +262,7 @@ class Engine:
                 self._generation_tokens_total += len(out.new_token_ids)
                 group.metrics.first_token_time = group.metrics.first_token_time or now
                 group.metrics.last_token_time = now
-                if seq.append_tokens(list(out.new_token_ids), logprobs_by_seq.get(seq.seq_id)):
+                if _append_tokens(seq, list(out.new_token_ids), logprobs_by_seq.get(seq.seq_id)):
                     self.scheduler.abort(seq.seq_id, _C.FinishReason.STOP)  # a stop string matched
             if out.finished and not seq.finished:
                 stop_token = out.stop_token_id if out.stop_token_id >= 0 else None
@@ -264,7 +287,8 @@ class Engine:
             num_running=s.num_running, num_waiting=s.num_waiting, kv_blocks_used=s.blocks_used,
             kv_blocks_total=s.blocks_total, prefix_cache_queries=s.prefix_queries,
             prefix_cache_hits=s.prefix_hits, num_preemptions=s.num_preempted_total,
-            prompt_tokens_total=self._prompt_tokens_total, generation_tokens_total=self._generation_tokens_total)
+            prompt_tokens_total=self._prompt_tokens_total, generation_tokens_total=self._generation_tokens_total,
+            spec=dataclasses.replace(self.spec.counters) if self.spec is not None else None)
 
     def tokens_in_flight(self) -> int:
         """Prompt and generated tokens of the unfinished sequences."""
@@ -318,6 +342,17 @@ class Engine:
         if requested > limit:
             raise ValueError(f"max_model_len: {requested} exceeds the model's max_position_embeddings={limit}")
         return requested
+
+
+def _append_tokens(seq: SequenceState, token_ids: list[int], logprobs) -> bool:
+    """seq.append_tokens; several tokens (a speculative step) go one at a time when stop strings
+    are watched, so that the tokens after a stop string are dropped as without speculation."""
+    if len(token_ids) == 1 or seq.stop_checker is None:
+        return seq.append_tokens(token_ids, logprobs)
+    for token in token_ids:
+        if seq.append_tokens([token], None):
+            return True
+    return False
 
 
 def _reads_host_history(params: SamplingParams) -> bool:

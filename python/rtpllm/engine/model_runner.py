@@ -31,13 +31,19 @@ class StepResult:
     # For sequences that asked for prompt logprobs: seq index in the batch -> log-softmax rows
     # [num_new_tokens, vocab] of this step's tokens (row j predicts the token after position j).
     prompt_logprobs: dict[int, torch.Tensor]
+    # Speculative steps (`drafts` given): logits float32 [rows, vocab] at every verified position
+    # (batch.verify_logits_indices) and the final hidden states of all tokens; nothing sampled.
+    verify_logits: Optional[torch.Tensor] = None
+    hidden: Optional[torch.Tensor] = None
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, arch, config: EngineConfig, device: torch.device,
-                 dtype: torch.dtype, max_model_len: int, agree_num_blocks: Optional[Callable[[int], int]] = None):
+                 dtype: torch.dtype, max_model_len: int, agree_num_blocks: Optional[Callable[[int], int]] = None,
+                 extra_kv_bytes_per_block: int = 0):
         """`arch` gives the KV pool's layout (under tensor parallelism: the rank's KV heads);
-        `agree_num_blocks` turns this rank's KV block count into the one every rank uses."""
+        `agree_num_blocks` turns this rank's KV block count into the one every rank uses;
+        `extra_kv_bytes_per_block` is KV kept beside each block by a draft model (spec/)."""
         self.model = model
         self.arch = arch
         self.device = device
@@ -48,13 +54,19 @@ class ModelRunner:
         peak = self._profile_peak_memory() if device.type == "cuda" else 0
         bytes_per_block = kv_bytes_per_block(arch.num_layers, arch.num_kv_heads, arch.head_dim,
                                              self.block_size, dtype)
+        # A draft model keeps its KV in blocks with the same ids (spec/draft_model.py): size the pool for both.
+        bytes_per_block += extra_kv_bytes_per_block
         self.num_blocks = num_blocks_for_device(config.cache, bytes_per_block, device, peak)
         if agree_num_blocks is not None:
             self.num_blocks = agree_num_blocks(self.num_blocks)
         self.kv_caches = allocate_kv_caches(arch.num_layers, self.num_blocks, self.block_size,
                                             arch.num_kv_heads, arch.head_dim, dtype, device)
         self._to_device = HostToDevice(device)
+        # Called after every target forward with the step's slot mapping (device): EAGLE-3 keeps
+        # the target's features per KV slot (spec/eagle3.py). Set before the graphs are captured.
+        self.after_forward: Optional[Callable[[torch.Tensor], None]] = None
         self.graphs: Optional[DecodeGraphs] = None
+        self.verify_graphs = None  # speculative verify steps' CUDA graphs (spec/verify_graphs.py), opt-in
         backend = getattr(model, "attn_backend", None)
         if device.type == "cuda" and not config.device.enforce_eager and hasattr(backend, "plan"):
             self.graphs = DecodeGraphs(
@@ -77,31 +89,48 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch, sampling_batch, prompt_logprob_seqs: list[int],
-                pending: Optional[PendingInputs] = None) -> StepResult:
+                pending: Optional[PendingInputs] = None, drafts: Optional[torch.Tensor] = None) -> StepResult:
         """Runs one step. `prompt_logprob_seqs` are batch indices of sequences whose new tokens
         all need logits (prompt logprobs); every other sequence only computes its sampled row.
         `pending` names input tokens still on the device (sampled by the step in flight).
         Without `sampling_batch` (a tensor-parallel rank > 0) the logits are computed, for their
-        collectives, but not sampled."""
-        if self.graphs is not None and not prompt_logprob_seqs and self.graphs.can_run(batch):
+        collectives, but not sampled. `drafts` (int64 [batch.num_draft_tokens], device) fill the
+        lookahead slots of a speculative step, whose verified rows' logits come back unsampled
+        (spec/decoder.py)."""
+        if drafts is None and self.graphs is not None and not prompt_logprob_seqs and self.graphs.can_run(batch):
             # A decode step: every sequence samples its one row, in batch order.
             logits = self.graphs.run(batch, pending)
+            if self.after_forward is not None:
+                self.after_forward(self.graphs.inputs.slot_mapping[:batch.num_seqs])
             sampled = self.sampler(logits, sampling_batch) if sampling_batch is not None else None
             return StepResult(sampled=sampled, prompt_logprobs={})
+        if drafts is not None and self.verify_graphs is not None and not prompt_logprob_seqs \
+                and self.verify_graphs.can_run(batch):
+            logits, slots = self.verify_graphs.run(batch, drafts)
+            if self.after_forward is not None:
+                self.after_forward(slots)
+            return StepResult(sampled=None, prompt_logprobs={}, verify_logits=logits)
         self._to_device.begin_step()
         input_ids = self._to_device("input_ids", batch.input_token_ids).long()
         if pending is not None:
             positions = self._to_device("pending_positions", pending.positions)
             rows = self._to_device("pending_rows", pending.rows)
             input_ids[positions] = pending.token_ids[rows].long()
+        if drafts is not None:
+            input_ids[self._to_device("draft_token_indices", batch.draft_token_indices).long()] = drafts
         positions = self._to_device("positions", batch.positions).long()
         meta = self.build_metadata(batch)
-        logits_indices = self._to_device("logits_indices", batch.logits_indices).long()
+        logits_indices = self._to_device("logits_indices", batch.verify_logits_indices if drafts is not None
+                                         else batch.logits_indices).long()
         self._to_device.end_step()
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if self.after_forward is not None:
+            self.after_forward(meta.slot_mapping)
 
-        sampled = None
-        if batch.num_sampled > 0:
+        sampled = verify_logits = None
+        if drafts is not None:
+            verify_logits = self.model.compute_logits(hidden.index_select(0, logits_indices))
+        elif batch.num_sampled > 0:
             logits = self.model.compute_logits(hidden.index_select(0, logits_indices))
             sampled = self.sampler(logits, sampling_batch) if sampling_batch is not None else None
 
@@ -110,7 +139,8 @@ class ModelRunner:
         for seq in prompt_logprob_seqs:
             rows = hidden[int(starts[seq]):int(starts[seq + 1])]
             prompt_logprobs[seq] = torch.log_softmax(self.model.compute_logits(rows), dim=-1)
-        return StepResult(sampled=sampled, prompt_logprobs=prompt_logprobs)
+        return StepResult(sampled=sampled, prompt_logprobs=prompt_logprobs, verify_logits=verify_logits,
+                          hidden=hidden if drafts is not None else None)
 
     @torch.inference_mode()
     def _profile_peak_memory(self) -> int:

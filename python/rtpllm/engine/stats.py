@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
+
+from rtpllm.spec.stats import SpecCounters
 
 
 @dataclass(frozen=True)
@@ -16,6 +19,7 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    spec: Optional[SpecCounters] = None  # speculative decoding counters, when it is on
 
     @property
     def kv_usage(self) -> float:

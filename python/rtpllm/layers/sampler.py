@@ -222,3 +222,23 @@ def _inverse_cdf_sample(probs: torch.Tensor, batch: SamplingBatch, argmax_ids: t
     # principle own a sliver of the range: never let a filtered token through.
     valid = probs.gather(1, token_ids) > 0
     return torch.where(valid.squeeze(1), token_ids.squeeze(1), argmax_ids)
+
+
+def filtered_probs(logits: torch.Tensor, batch: SamplingBatch, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The distribution the sampler draws a random row from: softmax(logits / temperature) after
+    top-k, then top-p and min-p, renormalized; float32 [n, vocab]. `rows` (int64 [n]) names each
+    logits row's row of `batch` (speculative verification scores several positions of a sequence,
+    and the draft model's q goes through the same filters). Penalties and banned ids are not
+    applied: the engine does not speculate for sequences that use them."""
+    def pick(values: torch.Tensor) -> torch.Tensor:
+        return values if rows is None else values.index_select(0, rows)
+
+    scaled = logits.float() / pick(batch.temperature).unsqueeze(1)
+    if batch.max_top_k > 0:
+        apply_top_k(scaled, pick(batch.top_k), batch.max_top_k)
+    probs = scaled.softmax(dim=-1)
+    if batch.use_top_p:
+        apply_top_p(probs, pick(batch.top_p))
+    if batch.use_min_p:
+        apply_min_p(probs, pick(batch.min_p))
+    return probs / probs.sum(dim=-1, keepdim=True)

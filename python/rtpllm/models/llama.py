@@ -139,6 +139,10 @@ class LlamaForCausalLM(nn.Module):
         self.tp = tp
         self.attn_backend = attn_backend if attn_backend is not None else TorchAttentionBackend()
         self.model = LlamaModel(arch, self.attn_backend, dtype, tp)
+        # EAGLE-3 drafting reads the residual stream entering these layers (spec/eagle3.py); each
+        # forward then leaves them in `aux_hidden_states`, [T, hidden_size] each.
+        self.aux_hidden_layers: tuple[int, ...] = ()
+        self.aux_hidden_states: list[torch.Tensor] = []
         if arch.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -151,8 +155,15 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"kv_caches: expected one cache per layer ({self.arch.num_layers}), got {len(kv_caches)}")
         hidden = self.model.embed_tokens(input_ids)
         residual = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
+        aux = self.aux_hidden_layers
+        captured: dict[int, torch.Tensor] = {}
+        for index, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches)):
+            if index in aux:
+                # A copy: the fused norm kernels update the residual stream in place.
+                captured[index] = hidden.clone() if residual is None else hidden + residual
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+        if aux:
+            self.aux_hidden_states = [captured[index] for index in aux]
         hidden, _ = self.model.norm(hidden, residual)
         return hidden
 

@@ -36,6 +36,8 @@ _HELP = {
     "device": "Where to run the model.",
     "enforce_eager": "Turn CUDA graphs off.",
     "max_queued_requests": "Waiting requests beyond which the server answers 503 at once (default: no limit).",
+    "speculative_config": ('Speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                           '(methods: ngram, draft_model, eagle3; "model": the draft/EAGLE-3 checkpoint).'),
 }
 _CHOICES = {"dtype": ("auto", "float32", "float16", "bfloat16"), "device": ("auto", "cpu", "cuda")}
 
@@ -55,10 +57,12 @@ def _option_fields() -> list[tuple[str, type]]:
 
 
 def _value_type(hint: Any) -> type:
-    """`Optional[int]` -> int; the CLI only ever holds plain values."""
+    """`Optional[int]` -> int; the CLI only ever holds plain values (a nested config as a JSON string)."""
+    if dataclasses.is_dataclass(hint):
+        return str
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) is typing.Union and len(args) == 1:
-        return args[0]
+        return _value_type(args[0])
     return hint
 
 

@@ -64,6 +64,20 @@ class _EngineStatsCollector(Collector):
         yield counter("num_preemptions", "Requests preempted to free KV blocks.", stats.num_preemptions)
         yield counter("prompt_tokens", "Prompt tokens admitted.", stats.prompt_tokens_total)
         yield counter("generation_tokens", "Tokens generated.", stats.generation_tokens_total)
+        if stats.spec is not None:  # speculative decoding, labelled by proposer (vLLM's metric names)
+            spec_labels = labels + ["method"]
+            for name, doc, value in (
+                    ("spec_decode_num_drafts", "Sequence-steps that verified drafts.", stats.spec.num_verified_seqs),
+                    ("spec_decode_num_draft_tokens", "Draft tokens proposed and verified.",
+                     stats.spec.num_draft_tokens),
+                    ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", stats.spec.num_accepted_tokens)):
+                family = CounterMetricFamily(PREFIX + name, doc, labels=spec_labels)
+                family.add_metric(values + [stats.spec.method], value)
+                yield family
+            family = GaugeMetricFamily(PREFIX + "spec_decode_mean_accepted_length",
+                                       "Tokens per verified sequence-step (accepted drafts + 1).", labels=spec_labels)
+            family.add_metric(values + [stats.spec.method], stats.spec.mean_accepted_length)
+            yield family
 
 
 class ServerMetrics:

@@ -34,7 +34,8 @@ class Executor(ABC):
     def load_model(self) -> LoadedModel: ...
 
     @abstractmethod
-    def init_runner(self, max_model_len: int) -> None: ...
+    def init_runner(self, max_model_len: int, extra_kv_bytes_per_block: int = 0) -> None:
+        """`extra_kv_bytes_per_block`: KV a draft model keeps beside each block (spec/)."""
 
     @property
     def num_blocks(self) -> int:

@@ -76,7 +76,9 @@ class MultiprocExecutor(Executor):
             self.worker.join_group(self._store)
         return loaded
 
-    def init_runner(self, max_model_len: int) -> None:
+    def init_runner(self, max_model_len: int, extra_kv_bytes_per_block: int = 0) -> None:
+        if extra_kv_bytes_per_block:
+            raise ValueError("speculative_config: a draft model's KV is not sharded across tensor-parallel ranks yet")
         with self._shutdown_on_error():
             self._init_runner(max_model_len)
 

@@ -69,7 +69,7 @@ class Worker:
                                                attn_backend_factory=factory, tensor_parallel=self.tp)
         return self.loaded
 
-    def init_runner(self, max_model_len: int) -> int:
+    def init_runner(self, max_model_len: int, extra_kv_bytes_per_block: int = 0) -> int:
         """Profiles, sizes and allocates the KV pool (every rank agrees on the smallest block
         count), captures the CUDA graphs; returns the number of KV blocks."""
         spec = self.spec
@@ -81,7 +81,8 @@ class Worker:
             cache = dataclasses.replace(config.cache, cpu_kv_cache_gib=config.cache.cpu_kv_cache_gib / spec.world_size)
             config = config.replace(cache=cache)
         self.runner = ModelRunner(self.loaded.model, arch, config, spec.device, spec.dtype, max_model_len,
-                                  agree_num_blocks=self.tp.min if self.tp is not None else None)
+                                  agree_num_blocks=self.tp.min if self.tp is not None else None,
+                                  extra_kv_bytes_per_block=extra_kv_bytes_per_block)
         return self.runner.num_blocks
 
     def execute(self, batch, sampling_batch, prompt_logprob_seqs: list[int],

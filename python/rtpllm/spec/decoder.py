@@ -1,0 +1,155 @@
+"""What the engine calls for speculative decoding: lookahead before scheduling, then one
+speculative step (propose -> target forward over k + 1 positions -> verify on the device ->
+one copy of the verified tokens to the host)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+
+from rtpllm.config import SpeculativeConfig
+from rtpllm.layers.sampler import Sampler
+from rtpllm.spec.adaptive import AdaptiveSpeculation, default_cost_model
+from rtpllm.spec.proposer import Proposer, SpecSequence, to_device
+from rtpllm.spec.stats import SpecCounters
+from rtpllm.spec.verifier import VerifyLayout, verify
+from rtpllm.spec.verify_graphs import VerifyGraphs, verify_graphs_enabled
+
+
+_FORGET_EVERY = 256
+
+
+def can_speculate(params) -> bool:
+    """Sequences whose sampling reads the host's history (penalties, min_tokens' banned ids,
+    logprobs) decode one token per step: their distribution at a draft position would depend on
+    the drafts before it."""
+    return (params.repetition_penalty == 1.0 and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
+            and params.min_tokens == 0 and params.logprobs is None)
+
+
+@dataclass
+class SpecStepResult:
+    token_ids: np.ndarray  # int32 [rows]: what Scheduler.update takes
+    first_row_sampled: Optional[object]  # SamplerOutput of the sequences' first rows (logprobs)
+    prompt_logprobs: dict
+
+
+class SpeculativeDecoder:
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer, device: torch.device,
+                 draft_param_ratio: Optional[float] = None):
+        self.config = config
+        self.proposer = proposer
+        self.device = device
+        self.adaptive = AdaptiveSpeculation(config.num_speculative_tokens,
+                                            default_cost_model(device.type, draft_param_ratio),
+                                            adaptive=config.adaptive)
+        self.counters = SpecCounters(method=config.method)
+        self._sampler = Sampler()
+        self._last_step: Optional[tuple[bool, int, float]] = None  # (speculative, tokens, start time)
+        self._calls = 0
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        return self.proposer.kv_bytes_per_block
+
+    def bind(self, runner) -> None:
+        """Once the target's runner exists: the proposer's KV pool and feature hook."""
+        self.proposer.bind(runner.num_blocks)
+        self.proposer.capture_graphs(runner)
+        if runner.graphs is not None and verify_graphs_enabled():
+            runner.verify_graphs = VerifyGraphs(
+                runner.model, runner.kv_caches, max_batch=min(16, runner.graphs.max_batch),
+                max_k=min(8, self.config.num_speculative_tokens), max_blocks_per_seq=runner.graphs.max_blocks_per_seq,
+                block_size=runner.block_size, device=runner.device)
+        if self.proposer.needs_target_features:
+            runner.after_forward = self.proposer.record_features
+
+    # ------------------------------------------------------------------ before schedule()
+    def wants_lookahead(self, num_running: int, live_seqs: Optional[dict] = None) -> bool:
+        """Whether this step should ask for drafts. `live_seqs` (seq id -> state): now and then the
+        state of finished sequences is dropped here, also while speculation stays off."""
+        self._calls += 1
+        if live_seqs is not None and self._calls % _FORGET_EVERY == 0:
+            self.release(set(live_seqs))
+        return self.adaptive.worth_trying(num_running)
+
+    def request_lookahead(self, scheduler, seqs: Iterable) -> int:
+        """Asks the scheduler for lookahead slots for the decoding sequences that should speculate;
+        returns the slots granted. Call with no step in flight (their last tokens known)."""
+        seqs = list(seqs)
+        self.release({seq.seq_id for seq in seqs})
+        candidates = [seq for seq in seqs if not seq.finished and seq.output_ids and can_speculate(seq.params)]
+        plan = self.adaptive.plan([seq.seq_id for seq in candidates])
+        granted = asked = offered = 0
+        for seq in candidates:
+            k = plan.get(seq.seq_id, 0)
+            if k == 0:
+                continue
+            k = self.proposer.max_drafts(seq.seq_id, _token_array(seq), k)
+            asked += 1
+            if k:
+                offered += 1
+                granted += scheduler.set_lookahead(seq.seq_id, k)
+        self.adaptive.record_offers(asked, offered)
+        return granted
+
+    def step_started(self, speculative: bool, num_tokens: int) -> None:
+        """Feeds the cost model: the time from one step's start to the next is its cost."""
+        now = time.perf_counter()
+        if self._last_step is not None:
+            was_spec, tokens, start = self._last_step
+            self.adaptive.cost.observe(was_spec, tokens, now - start)
+        self._last_step = (speculative, num_tokens, now)
+
+    # ------------------------------------------------------------------ the step
+    def run_step(self, runner, batch, sampled_seqs: list, sampling_batch, prompt_logprob_seqs: list[int]
+                 ) -> SpecStepResult:
+        draft_counts = batch.draft_counts.copy()
+        spec_seqs = [SpecSequence(seq_id=seq.seq_id, token_ids=_token_array(seq), num_drafts=int(k),
+                                  batch_index=int(index), params=seq.params, generator=seq.generator)
+                     for seq, k, index in zip(sampled_seqs, draft_counts, _batch_index_of_sampled(batch))
+                     if k > 0]
+        # Index tensors first, while the device is idle: nothing later waits on a host copy.
+        layout = VerifyLayout.build(draft_counts, self.device)
+        first_rows = to_device(layout.first_rows, self.device)
+        no_drafts = to_device(draft_counts == 0, self.device)
+        proposal = self.proposer.propose(batch, spec_seqs)
+        result = runner.execute(batch, None, prompt_logprob_seqs, None, drafts=proposal.token_ids)
+        logits = result.verify_logits
+        tokens, num_accepted = verify(logits, layout, sampling_batch, proposal.token_ids, proposal.probs)
+        # Sequences without drafts take exactly what the plain sampler gives them (penalties,
+        # banned ids and logprobs apply there); their generators advance as without speculation.
+        first = self._sampler(logits.index_select(0, first_rows), sampling_batch)
+        tokens[first_rows] = torch.where(no_drafts, first.token_ids, tokens[first_rows])
+        self.proposer.observe(batch, result.hidden, tokens)
+        host = torch.cat([tokens, num_accepted]).cpu().numpy()  # the step's one device-to-host sync
+        accepted = host[tokens.shape[0]:]
+        for seq, k, m in zip(sampled_seqs, draft_counts, accepted):
+            if k > 0:
+                self.adaptive.record(seq.seq_id, int(k), int(m))
+                self.proposer.verified(seq.seq_id, int(m))
+        speculating = draft_counts > 0
+        self.counters.record(int(speculating.sum()), int(draft_counts.sum()), int(accepted[speculating].sum()))
+        return SpecStepResult(token_ids=host[:tokens.shape[0]].astype(np.int32), first_row_sampled=first,
+                              prompt_logprobs=result.prompt_logprobs)
+
+    def release(self, live_seq_ids: set[int]) -> None:
+        self.proposer.release(live_seq_ids)
+        self.adaptive.forget(live_seq_ids)
+
+
+def _token_array(seq) -> np.ndarray:
+    prompt = seq.group.prompt_ids
+    out = np.empty(len(prompt) + len(seq.output_ids), dtype=np.int64)
+    out[:len(prompt)] = prompt
+    out[len(prompt):] = seq.output_ids
+    return out
+
+
+def _batch_index_of_sampled(batch) -> np.ndarray:
+    """The batch index (block table row) of each sampled sequence."""
+    return np.searchsorted(batch.query_start_loc, batch.logits_indices, side="right") - 1

@@ -1,0 +1,89 @@
+"""The adaptive choice of draft counts, and the speculative decoding metrics."""
+
+from types import SimpleNamespace
+
+from rtpllm.serving.metrics import _EngineStatsCollector
+from rtpllm.spec.adaptive import AdaptiveSpeculation, StepCostModel, default_cost_model, expected_tokens
+from rtpllm.spec.stats import SpecCounters
+
+
+def gpu_controller(k=4, adaptive=True):
+    return AdaptiveSpeculation(k, default_cost_model("cuda", None), adaptive=adaptive)
+
+
+def train(controller, seq_ids, k, accepted, steps=20):
+    for _ in range(steps):
+        for s in seq_ids:
+            controller.record(s, k, accepted)
+
+
+def test_fixed_length_when_not_adaptive():
+    c = gpu_controller(adaptive=False)
+    assert c.plan([1, 2, 3]) == {1: 4, 2: 4, 3: 4}
+    assert c.worth_trying(10_000)
+
+
+def test_small_batches_with_good_acceptance_speculate_fully():
+    c = gpu_controller()
+    train(c, [1], 4, 4)
+    assert c.plan([1]) == {1: 4}
+
+
+def test_large_batches_do_not_speculate():
+    """Past the step's flat region every extra token costs; with the speculative step's fixed
+    overhead no draft pays at 256 sequences even at 80% acceptance."""
+    c = gpu_controller()
+    seqs = list(range(256))
+    train(c, seqs, 4, 3)
+    assert c.plan(seqs) == {}
+    assert not c.worth_trying(256)
+    assert c.plan(seqs[:16])  # the same sequences in a small batch do
+
+
+def test_poor_acceptance_turns_speculation_off_per_sequence():
+    c = gpu_controller()
+    train(c, [1], 4, 4)
+    train(c, [2], 4, 0)
+    plan = c.plan([1, 2])
+    assert plan.get(1, 0) >= 3 and plan.get(2, 0) == 0
+
+
+def test_measured_costs_override_the_prior():
+    cost = StepCostModel(knee_tokens=128.0, spec_overhead=0.0, draft_step_cost=0.0)
+    c = AdaptiveSpeculation(4, cost)
+    train(c, [1], 4, 2)
+    assert c.plan([1])
+    for _ in range(10):  # speculative steps measured 3x as slow as plain ones (a CPU, say)
+        cost.observe(False, 1, 0.010)
+        for tokens in range(2, 6):
+            cost.observe(True, tokens, 0.030)
+    assert c.plan([1]) == {}
+
+
+def test_expected_tokens():
+    assert expected_tokens(1.0, 4) == 5.0
+    assert abs(expected_tokens(0.5, 2) - 1.75) < 1e-9
+
+
+def test_metrics_expose_the_counters_per_proposer():
+    counters = SpecCounters(method="ngram", num_spec_steps=3, num_verified_seqs=4, num_draft_tokens=12,
+                            num_accepted_tokens=6)
+    stats = SimpleNamespace(num_running=1, num_waiting=0, kv_blocks_used=1, kv_blocks_total=2, kv_usage=0.5,
+                            prefix_cache_queries=0, prefix_cache_hits=0, num_preemptions=0, prompt_tokens_total=1,
+                            generation_tokens_total=2, spec=counters)
+    families = {f.name: f for f in _EngineStatsCollector(SimpleNamespace(stats=lambda: stats), "m").collect()}
+    accepted = families["rtpllm:spec_decode_num_accepted_tokens"].samples[0]
+    assert accepted.value == 6 and accepted.labels == {"model_name": "m", "method": "ngram"}
+    assert families["rtpllm:spec_decode_mean_accepted_length"].samples[0].value == 2.5
+
+
+def test_a_proposer_that_never_offers_stops_being_asked_but_is_retried():
+    c = gpu_controller()
+    for _ in range(40):
+        c.record_offers(8, 0)
+    asked = sum(c.worth_trying(8) for _ in range(64))
+    assert 1 <= asked <= 3  # only the exploration steps
+    c.record_offers(8, 8)
+    for _ in range(20):
+        c.record_offers(8, 8)
+    assert c.worth_trying(8)
