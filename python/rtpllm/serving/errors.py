@@ -14,6 +14,9 @@ from rtpllm.serving.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
+# What a 503 tells clients to wait before retrying: a step or two frees batch slots.
+RETRY_AFTER_S = "1"
+
 # Our ValueErrors start with the offending field: "top_p: must be in (0, 1], got 2.0".
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\[\]]*): ")
 
@@ -29,13 +32,14 @@ class OpenAIError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.headers: dict[str, str] = {}  # extra response headers (Retry-After, WWW-Authenticate)
 
     def body(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
                                              code=self.code if self.code is not None else self.status))
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body().model_dump(), status_code=self.status)
+        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=self.headers or None)
 
 
 def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> OpenAIError:
@@ -69,7 +73,9 @@ def to_openai_error(error: BaseException) -> OpenAIError:
     if isinstance(error, OpenAIError):
         return error
     if isinstance(error, EngineOverloadedError):
-        return OpenAIError(str(error), status=503, type="server_overloaded", code="server_overloaded")
+        overloaded = OpenAIError(str(error), status=503, type="server_overloaded", code="server_overloaded")
+        overloaded.headers["Retry-After"] = RETRY_AFTER_S
+        return overloaded
     if isinstance(error, EngineDeadError):
         return OpenAIError(str(error), status=503, type="service_unavailable", code="engine_unavailable")
     logger.error("request failed", exc_info=error)

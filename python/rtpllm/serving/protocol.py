@@ -1,7 +1,8 @@
 """The OpenAI wire format: request bodies (validated strictly) and response bodies.
 
 Requests use strict types so that `"max_tokens": "5"` or `"stream": 1` is a 400 naming the field
-rather than a silent coercion. Unknown fields are ignored, as OpenAI-compatible servers do, so
+rather than a silent coercion, and refuse NaN and infinity in every float field (JSON has no such
+numbers, but Python's and pydantic's parsers accept `NaN` and `Infinity` literals). Unknown fields are ignored, as OpenAI-compatible servers do, so
 clients that send newer fields keep working. Fields past OpenAI's own (`top_k`, `min_p`,
 `repetition_penalty`, `ignore_eos`, `min_tokens`, `stop_token_ids`, ...) follow vLLM's names.
 """
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class StrictRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(StrictRequest):
@@ -85,6 +86,9 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: Optional[int] = None
     add_generation_prompt: bool = True
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    # A template of the request's own (vLLM's field; also accepted inside chat_template_kwargs): a 400
+    # unless the server runs with --trust-request-chat-template.
+    chat_template: Optional[str] = None
     # Accepted only in their "off" form; anything else is a 400 rather than silently ignored.
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
