@@ -157,3 +157,18 @@ def test_client_hanging_up_mid_upload_is_not_an_error(server, caplog):
 def test_docs_are_off_by_default(server):
     for path in ("/docs", "/redoc", "/openapi.json"):
         _assert_error(httpx.get(server.url + path, headers=AUTH), 404)
+
+
+@pytest.mark.parametrize("pieces", [1, 40], ids=["one-read", "trickled"])
+def test_oversized_headers_get_431(server, pieces):
+    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Filler: aaaaaaaaaa\r\n" * 5000 + b"\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        size = len(request) // pieces + 1
+        try:
+            for start in range(0, len(request), size):
+                sock.sendall(request[start:start + size])
+        except OSError:
+            pass  # refused while we were still sending
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 431") and b"request_header_too_large" in reply
+    assert httpx.get(server.url + "/health").status_code == 200

@@ -1,8 +1,9 @@
 """uvicorn, configured for the limits in ServerOptions, and a shutdown with a deadline.
 
 uvicorn closes idle keep-alive connections, but a connection that never finishes sending its
-request headers stays open forever (slowloris); `HeaderTimeout` closes it after
-`header_read_timeout_s`. `max_connections` is uvicorn's own cap (beyond it: its plain 503).
+request headers stays open forever (slowloris), and httptools takes headers of any size;
+`HeaderTimeout` closes the first after `header_read_timeout_s` and answers the second with a 431
+past `MAX_HEADER_BYTES`. `max_connections` is uvicorn's own cap (beyond it: its plain 503).
 
 At shutdown, uvicorn stops accepting and waits for open responses, then cancels what is left,
 which cuts streams without a word (and logs a traceback per request). `ServingServer` ends them
@@ -13,6 +14,7 @@ stream sends as its last event before `[DONE]`, and one line is logged.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any, Optional
 
@@ -26,6 +28,15 @@ logger = logging.getLogger(__name__)
 
 # uvicorn's own deadline comes this long after ours, so the error events we send can flush first.
 _SHUTDOWN_MARGIN_S = 5.0
+# A request line and headers beyond this get a 431 (nginx allows 32 KiB, h11 16 KiB).
+MAX_HEADER_BYTES = 64 * 1024
+
+
+def _refusal(status: int, reason: str, message: str, code: str) -> bytes:
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": code}}).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            f"connection: close\r\n\r\n").encode() + body
 
 
 class HeaderTimeout:
@@ -43,9 +54,26 @@ class HeaderTimeout:
     def data_received(self, data: bytes) -> None:
         if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
             self._arm_header_timer()  # the first bytes of a next request on a kept-alive connection
+        if self._header_timer is not None and not self._within_header_limit(data):
+            self._disarm_header_timer()
+            self.transport.write(_refusal(431, "Request Header Fields Too Large",
+                                          f"the request line and headers exceed {MAX_HEADER_BYTES} bytes",
+                                          "request_header_too_large"))
+            self.transport.close()
+            return
         super().data_received(data)
         if self._header_timer is not None and self.cycle is not self._cycle_when_armed:
             self._disarm_header_timer()  # a new request's headers are complete
+
+    def _within_header_limit(self, data: bytes) -> bool:
+        """Whether the headers still fit MAX_HEADER_BYTES with `data`: they end within the bytes
+        allowed (a body may follow in the same read), or all of `data` fits."""
+        allowed = MAX_HEADER_BYTES - self._header_bytes
+        if len(data) > allowed and b"\r\n\r\n" not in self._header_tail + data[:max(allowed, 0)]:
+            return False
+        self._header_bytes += len(data)
+        self._header_tail = data[-3:]
+        return True
 
     def connection_lost(self, exc) -> None:
         self._disarm_header_timer()
@@ -53,6 +81,8 @@ class HeaderTimeout:
 
     def _arm_header_timer(self) -> None:
         self._cycle_when_armed = self.cycle
+        self._header_bytes = 0
+        self._header_tail = b""
         self._header_timer = self.loop.call_later(self.header_read_timeout_s, self._on_header_timeout)
 
     def _disarm_header_timer(self) -> None:

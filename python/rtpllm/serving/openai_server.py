@@ -95,7 +95,8 @@ def build_app(engine: AsyncEngineBase, metrics: Optional[ServerMetrics] = None,
             ctx.renderer.close()
 
     docs = {} if options.enable_docs else dict(docs_url=None, redoc_url=None, openapi_url=None)
-    app = FastAPI(title="rtp-llm OpenAI-compatible server", lifespan=lifespan, **docs)
+    # No slash redirects: a 307 for `/v1/completions/` would make clients resend their body elsewhere.
+    app = FastAPI(title="rtp-llm OpenAI-compatible server", lifespan=lifespan, redirect_slashes=False, **docs)
     app.state.serving = ctx
     app.state.metrics = metrics
 
