@@ -59,9 +59,11 @@ class ServerOptions:
 
     def __post_init__(self) -> None:
         for name in ("max_request_body_bytes", "header_read_timeout_s", "body_read_timeout_s",
-                     "keep_alive_timeout_s", "shutdown_timeout_s"):
+                     "keep_alive_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if not self.shutdown_timeout_s >= 0:
+            raise ValueError(f"shutdown_timeout_s: must be >= 0, got {self.shutdown_timeout_s}")
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError(f"max_connections: must be at least 1, got {self.max_connections}")
         if self.api_key is not None and not self.api_key:
