@@ -27,8 +27,7 @@ async def create_chat_completion(ctx: ServingContext, http_request: Request, bod
                                  arrival_time: float) -> Response:
     rp.check_model(body.model, ctx.model_name)
     num_top = rp.chat_logprobs_count(body)
-    if body.stop_token_ids:
-        rp.check_token_ids(body.stop_token_ids, ctx.vocab_size, "stop_token_ids")
+    rp.check_stops(body, ctx.vocab_size)
     prompt = await rp.chat_prompt(body, ctx.renderer)
     requested, param = rp.chat_max_tokens(body)
     max_new = rp.max_new_tokens(requested, len(prompt), ctx.max_model_len, param, prompt_param="messages")

@@ -28,8 +28,7 @@ async def create_completion(ctx: ServingContext, http_request: Request, body: Co
                             arrival_time: float) -> Response:
     rp.check_model(body.model, ctx.model_name)
     num_top = rp.completion_logprobs_count(body)
-    if body.stop_token_ids:
-        rp.check_token_ids(body.stop_token_ids, ctx.vocab_size, "stop_token_ids")
+    rp.check_stops(body, ctx.vocab_size)
     prompts = await rp.completion_prompts(body, ctx.renderer, ctx.vocab_size, ctx.max_model_len)
     max_new = [rp.max_new_tokens(body.max_tokens, len(p), ctx.max_model_len) for p in prompts]
     rp.check_request_size(body, len(prompts), max_new, ctx.limits)

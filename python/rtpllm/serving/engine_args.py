@@ -35,7 +35,8 @@ _HELP = {
     "tensor_parallel_size": "GPUs to shard the model over.",
     "device": "Where to run the model.",
     "enforce_eager": "Turn CUDA graphs off.",
-    "max_queued_requests": "Waiting requests beyond which the server answers 503 at once (default: no limit).",
+    "max_queued_requests": "Sequences waiting for a batch slot beyond which the server answers 503 at once "
+                           "(default: no limit).",
 }
 _CHOICES = {"dtype": ("auto", "float32", "float16", "bfloat16"), "device": ("auto", "cpu", "cuda")}
 

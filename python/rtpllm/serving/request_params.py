@@ -22,6 +22,11 @@ MAX_LOGPROBS = 20
 # Seeds seed torch generators (64-bit); top_k ends up in an int64 tensor and means nothing past the vocabulary.
 SEED_RANGE = (-2**63, 2**63 - 1)
 TOP_K_MAX = 2**31 - 1
+# The engine checks every stop string and stop token at every generated token: bounded, so that one
+# request cannot slow every step of everyone's (OpenAI allows 4 stop strings).
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
 
 
 def check_model(requested: Optional[str], served_model_name: str) -> None:
@@ -89,9 +94,24 @@ def check_request_size(request: SamplingRequest, num_prompts: int, max_new_token
                           param="prompt")
     total = request.n * sum(max_new_tokens)
     if total > limits.kv_cache_tokens:
-        param = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) is not None else "max_tokens"
+        if getattr(request, "max_completion_tokens", None) is not None:
+            param = "max_completion_tokens"
+        else:
+            param = "max_tokens" if request.max_tokens is not None else "n"  # n x the rest of the context
         raise bad_request(f"{param}: n={request.n} sequences of up to {max(max_new_tokens)} new tokens make {total} "
                           f"tokens, more than this server's KV cache holds ({limits.kv_cache_tokens})", param=param)
+
+
+def check_stops(request: SamplingRequest, vocab_size: int) -> None:
+    stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
+    if len(stops) > MAX_STOP_STRINGS or any(len(stop) > MAX_STOP_STRING_CHARS for stop in stops):
+        raise bad_request(f"stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_CHARS} characters",
+                          param="stop")
+    if request.stop_token_ids:
+        if len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise bad_request(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {len(request.stop_token_ids)}",
+                              param="stop_token_ids")
+        check_token_ids(request.stop_token_ids, vocab_size, "stop_token_ids")
 
 
 def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
