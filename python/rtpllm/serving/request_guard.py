@@ -79,6 +79,47 @@ class HostPolicy:
         return name in self.names or name.endswith(self.suffixes)
 
 
+class _BodyDeadlines:
+    """One timer for every body being read, instead of one per request (a timer per request cost
+    more than the rest of the guard): each tick cancels the reads past their deadline."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._reads: dict[asyncio.Task, float] = {}
+        self._expired: set[asyncio.Task] = set()
+        self._ticking = False
+        self._tick_s = min(1.0, timeout_s / 4)
+
+    def start(self, task: asyncio.Task) -> None:
+        loop = asyncio.get_running_loop()
+        self._reads[task] = loop.time() + self.timeout_s
+        if not self._ticking:
+            self._ticking = True
+            loop.call_later(self._tick_s, self._tick, loop)
+
+    def stop(self, task: asyncio.Task) -> None:
+        self._reads.pop(task, None)
+
+    def expired(self, task: asyncio.Task) -> bool:
+        """Whether `task` was cancelled here (once: the answer is consumed)."""
+        if task in self._expired:
+            self._expired.discard(task)
+            return True
+        return False
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        for task, deadline in list(self._reads.items()):
+            if deadline <= now:
+                del self._reads[task]
+                self._expired.add(task)
+                task.cancel()
+        if self._reads:
+            loop.call_later(self._tick_s, self._tick, loop)
+        else:
+            self._ticking = False
+
+
 class RequestGuard:
     """ASGI middleware; add it outermost (after every other `add_middleware`)."""
 
@@ -89,13 +130,14 @@ class RequestGuard:
         self.public_paths = frozenset(options.public_paths)
         self.max_body = options.max_request_body_bytes
         self.body_timeout_s = options.body_read_timeout_s
+        self._deadlines = _BodyDeadlines(options.body_read_timeout_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         try:
-            headers = _headers(scope)
+            headers = _Headers(scope)
             self._check_headers(scope, headers)
             if scope["method"] in _BODY_METHODS:
                 body = await self._read_body(headers, receive)
@@ -111,49 +153,39 @@ class RequestGuard:
             return
         await self.app(scope, receive, send)
 
-    def _check_headers(self, scope: Scope, headers: dict[bytes, list[bytes]]) -> None:
-        hosts = headers.get(b"host", [])
-        if len(hosts) > 1 or not self.hosts.allows(hosts[0].decode("latin-1") if hosts else None):
+    def _check_headers(self, scope: Scope, headers: "_Headers") -> None:
+        if headers.hosts > 1 or not self.hosts.allows(headers.host):
             raise _Refusal(OpenAIError("Host: this server does not answer to that host name (see --allowed-hosts)",
                                        status=400, param="Host", code="invalid_host"))
         if self.api_key is not None and scope["path"] not in self.public_paths:
-            authorization = headers.get(b"authorization", [b""])[-1]
-            scheme, _, key = authorization.partition(b" ")
+            scheme, _, key = headers.authorization.partition(b" ")
             if scheme.lower() != b"bearer" or not secrets.compare_digest(key.strip(), self.api_key):
                 error = OpenAIError("invalid or missing API key: send `Authorization: Bearer <key>`", status=401,
                                     code="invalid_api_key")
                 error.headers["WWW-Authenticate"] = "Bearer"
                 raise _Refusal(error)
         if scope["method"] in _BODY_METHODS:
-            content_type = headers.get(b"content-type", [b""])[-1].decode("latin-1").lower()
-            media_type, _, parameters = content_type.partition(";")
-            charset = parameters.replace(" ", "").partition("charset=")[2].strip('"')
-            if media_type.strip() != "application/json" or charset not in ("", "utf-8", "utf8"):
-                raise _Refusal(OpenAIError(
-                    f"Content-Type: request bodies must be application/json (UTF-8), got {content_type!r}"[:300],
-                    status=415, param="Content-Type", code="unsupported_media_type"))
+            content_type = headers.content_type.decode("latin-1").lower()
+            if content_type != "application/json":  # the common case, without parsing
+                media_type, _, parameters = content_type.partition(";")
+                charset = parameters.replace(" ", "").partition("charset=")[2].strip('"')
+                if media_type.strip() != "application/json" or charset not in ("", "utf-8", "utf8"):
+                    raise _Refusal(OpenAIError(
+                        f"Content-Type: request bodies must be application/json (UTF-8), got {content_type!r}"[:300],
+                        status=415, param="Content-Type", code="unsupported_media_type"))
 
-    async def _read_body(self, headers: dict[bytes, list[bytes]], receive: Receive) -> Optional[bytes]:
+    async def _read_body(self, headers: "_Headers", receive: Receive) -> Optional[bytes]:
         """The whole body, or None when the client hung up first."""
-        lengths = headers.get(b"content-length")
-        if lengths:
+        if headers.content_length is not None:
             try:
-                declared = int(lengths[-1])
+                declared = int(headers.content_length)
             except ValueError:
                 raise _Refusal(OpenAIError("Content-Length: not a number", status=400, param="Content-Length"),
                                close=True) from None
             if declared > self.max_body:
                 raise _Refusal(self._too_large(), close=True)
         task = asyncio.current_task()
-        timed_out = False
-
-        def on_timeout() -> None:
-            nonlocal timed_out
-            timed_out = True
-            task.cancel()
-
-        # One timer for the whole body (a wait_for per message would cost a task per message).
-        timer = asyncio.get_running_loop().call_later(self.body_timeout_s, on_timeout)
+        self._deadlines.start(task)
         chunks, size = [], 0
         try:
             while True:
@@ -168,25 +200,40 @@ class RequestGuard:
                 if not message.get("more_body", False):
                     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
         except asyncio.CancelledError:
-            if not timed_out:
+            if not self._deadlines.expired(task):
                 raise
             if hasattr(task, "uncancel"):  # Python 3.11+: the cancel was ours, not the server's
                 task.uncancel()
             raise _Refusal(OpenAIError(f"the request body did not arrive within {self.body_timeout_s:g}s",
                                        status=408, code="request_timeout"), close=True) from None
         finally:
-            timer.cancel()
+            self._deadlines.stop(task)
 
     def _too_large(self) -> OpenAIError:
         return OpenAIError(f"the request body is larger than this server's limit of {self.max_body} bytes "
                            "(--max-request-body-bytes)", status=413, code="request_too_large")
 
 
-def _headers(scope: Scope) -> dict[bytes, list[bytes]]:
-    headers: dict[bytes, list[bytes]] = {}
-    for name, value in scope["headers"]:
-        headers.setdefault(name, []).append(value)
-    return headers
+class _Headers:
+    """The request headers the guard reads, in one pass over the scope's list."""
+
+    __slots__ = ("host", "hosts", "authorization", "content_type", "content_length")
+
+    def __init__(self, scope: Scope):
+        self.host: Optional[str] = None
+        self.hosts = 0
+        self.authorization = self.content_type = b""
+        self.content_length: Optional[bytes] = None
+        for name, value in scope["headers"]:
+            if name == b"host":
+                self.host = value.decode("latin-1")
+                self.hosts += 1
+            elif name == b"authorization":
+                self.authorization = value
+            elif name == b"content-type":
+                self.content_type = value
+            elif name == b"content-length":
+                self.content_length = value
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
