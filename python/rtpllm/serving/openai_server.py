@@ -156,7 +156,7 @@ def build_app(engine: AsyncEngineBase, metrics: Optional[ServerMetrics] = None,
     async def detokenize(request: Request) -> Response:
         body = await parse_body(request, DetokenizeRequest)
         rp.check_model(body.model, ctx.model_name)
-        await ctx.renderer.run(rp.check_token_ids, body.tokens, ctx.vocab_size, "tokens")
+        await ctx.renderer.run(len(body.tokens), rp.check_token_ids, body.tokens, ctx.vocab_size, "tokens")
         return JSONResponse(DetokenizeResponse(prompt=await ctx.renderer.decode(body.tokens)).model_dump())
 
     @app.get("/metrics")

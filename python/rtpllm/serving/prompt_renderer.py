@@ -5,9 +5,11 @@
     text = await renderer.render_chat(messages, add_generation_prompt=True, kwargs={}, request_template=None)
 
 Tokenizing a long prompt or rendering a chat template can take seconds; on the event loop that
-would stall every other request (and the health check). Both run in a small thread pool (the
-tokenizer releases the GIL while it works, templates are Python and share it in 5 ms slices). Text
-of at most `_INLINE_CHARS` characters is tokenized in place: it takes less time than the hand-off.
+would stall every other request (and the health check). Both run in thread pools (the tokenizer
+releases the GIL while it works, templates are Python and share it in 5 ms slices): work on more
+than `_LARGE_CHARS` characters in a pool of its own, so that a few huge requests queue behind each
+other and never ahead of ordinary ones. Text of at most `_INLINE_CHARS` characters is tokenized in
+place: that takes less time than the hand-off.
 
 A prompt far over the context is refused before all of it is tokenized: its first
 `_CHARS_PER_TOKEN * max_model_len` characters are tokenized first, and if they alone overflow the
@@ -29,6 +31,7 @@ from rtpllm.serving.deadline_thread import DeadlineExceeded, run_with_deadline
 from rtpllm.serving.errors import OpenAIError, bad_request
 
 _INLINE_CHARS = 256  # about 0.2 ms of tokenizing, what a thread hand-off costs on a busy 2-core machine
+_LARGE_CHARS = 64 * 1024  # about 50 ms of tokenizing
 _CHARS_PER_TOKEN = 8  # real tokenizers average 3 to 5 characters per token
 REQUEST_TEMPLATE_TIMEOUT_S = 5.0
 _MAX_CONCURRENT_REQUEST_TEMPLATES = 4
@@ -41,6 +44,7 @@ class PromptRenderer:
         self.max_model_len = max_model_len
         self.trust_request_chat_template = trust_request_chat_template
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rtpllm-tokenize")
+        self._large_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtpllm-tokenize-large")
         self._request_templates = asyncio.Semaphore(_MAX_CONCURRENT_REQUEST_TEMPLATES)
         # apply_chat_template's own parameters are not template variables a request may set.
         apply = getattr(tokenizer, "apply_chat_template", None)
@@ -49,10 +53,12 @@ class PromptRenderer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._large_pool.shutdown(wait=False, cancel_futures=True)
 
-    async def run(self, fn, *args):
-        """`fn(*args)` in the pool: for other work on request data that grows with the body."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    async def run(self, size: int, fn, *args):
+        """`fn(*args)` off the event loop, for work on about `size` characters of request data."""
+        pool = self._large_pool if size > _LARGE_CHARS else self._pool
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     async def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt",
                      context_limit: bool = False) -> list[int]:
@@ -62,14 +68,14 @@ class PromptRenderer:
             return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
         head_chars = _CHARS_PER_TOKEN * self.max_model_len
         if context_limit and len(text) > head_chars:
-            head = await self.run(self._encode, text[:head_chars], add_special_tokens)
+            head = await self.run(head_chars, self._encode, text[:head_chars], add_special_tokens)
             # +1: the cut may split what the whole text tokenizes as one token.
             if len(head) > self.max_model_len + 1:
                 raise OpenAIError(
                     f"{param}: longer than this model's maximum context length of {self.max_model_len} tokens "
                     f"(its first {head_chars} characters alone are {len(head)} tokens)",
                     param=param, code="context_length_exceeded")
-        return await self.run(self._encode, text, add_special_tokens)
+        return await self.run(len(text), self._encode, text, add_special_tokens)
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
@@ -77,7 +83,8 @@ class PromptRenderer:
     async def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
         if len(token_ids) <= _INLINE_CHARS // 4:
             return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
-        return await self.run(lambda: self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens))
+        return await self.run(4 * len(token_ids),
+                              lambda: self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens))
 
     async def render_chat(self, conversation: list[dict], add_generation_prompt: bool,
                           kwargs: Optional[dict[str, Any]], request_template: Optional[str],
@@ -102,7 +109,8 @@ class PromptRenderer:
         if not getattr(self.tokenizer, "chat_template", None):
             raise bad_request(f"{param}: this model's tokenizer has no chat template", param=param)
         try:
-            return await self.run(self._apply_template, conversation, add_generation_prompt, kwargs, None)
+            size = sum(len(message["content"]) for message in conversation)
+            return await self.run(size, self._apply_template, conversation, add_generation_prompt, kwargs, None)
         except Exception as exc:  # noqa: BLE001 - template errors come from the client's messages
             raise bad_request(f"{param}: the chat template rejected the conversation: {exc}", param=param) from exc
 
