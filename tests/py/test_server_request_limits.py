@@ -3,6 +3,7 @@ request chat templates (unless trusted, then bounded in time), prompts far over 
 unbounded `n`, NaN and infinity, out-of-range integers; and tokenizing and templates run off the
 event loop, and a queue limit counts only what really waits."""
 
+import asyncio
 import concurrent.futures
 import threading
 import time
@@ -44,8 +45,11 @@ def _error(response: httpx.Response, param: str, status: int = 400) -> dict:
     return error
 
 
-def _max_health_latency_while(server, work) -> tuple[float, object]:
-    """Runs `work()` in a thread and polls /health meanwhile; the slowest health answer and work's result."""
+def _max_health_latency_while(server, work) -> tuple[float, object, float]:
+    """Runs `work()` in a thread and polls /health meanwhile: the slowest health answer, work's result
+    and how long it took. (With the event loop blocked, the slowest answer would take about as
+    long as the work; the tests compare the two, so that a loaded machine does not fail them.)"""
+    began = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(work)
         latencies = []
@@ -55,7 +59,7 @@ def _max_health_latency_while(server, work) -> tuple[float, object]:
                 assert client.get(server.url + "/health").status_code == 200
                 latencies.append(time.monotonic() - start)
                 time.sleep(0.01)
-        return max(latencies, default=0.0), future.result()
+        return max(latencies, default=0.0), future.result(), time.monotonic() - began
 
 
 @pytest.mark.parametrize("where", ["chat_template_kwargs", "top level"])
@@ -86,13 +90,12 @@ def test_trusted_request_templates_render_off_the_loop_within_a_deadline(trustin
     monkeypatch.setattr(prompt_renderer, "REQUEST_TEMPLATE_TIMEOUT_S", 1.0)
     slow = {**body, "chat_template_kwargs": {"chat_template": SLOW_TEMPLATE}}
     del slow["chat_template"]
-    start = time.monotonic()
-    worst, response = _max_health_latency_while(
+    worst, response, elapsed = _max_health_latency_while(
         server, lambda: httpx.post(server.url + "/v1/chat/completions", json=slow, timeout=30))
-    assert time.monotonic() - start < 5.0
+    assert elapsed < 5.0
     error = _error(response, "chat_template_kwargs.chat_template")
     assert "longer than 1s" in error["message"]
-    assert worst < 0.5, f"/health took {worst:.2f}s while the template ran"
+    assert worst < elapsed / 3, f"/health took {worst:.2f}s while the template ran for {elapsed:.2f}s"
 
 
 def test_docs_can_be_turned_on(trusting_server):
@@ -113,26 +116,38 @@ def test_a_prompt_far_over_the_context_is_refused_without_tokenizing_it_all(serv
     assert _error(ids, "prompt")["code"] == "context_length_exceeded"
 
 
-def test_tokenize_runs_off_the_event_loop_and_never_ahead_of_ordinary_requests(server):
-    text = "hello world, this is a test. " * 40_000  # about a second of tokenizing on this machine
+def test_tokenize_runs_off_the_event_loop(server):
+    text = "hello world, this is a test. " * 80_000  # 2.3 MB: about 2 s of tokenizing on this machine
+    worst, response, elapsed = _max_health_latency_while(
+        server, lambda: httpx.post(server.url + "/tokenize", json={"prompt": text}, timeout=60))
+    assert response.status_code == 200 and response.json()["count"] > 200_000
+    assert worst < elapsed / 3, f"/health took {worst:.2f}s while tokenizing for {elapsed:.2f}s"
 
-    def two_big_ones():
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            return list(pool.map(lambda _: httpx.post(server.url + "/tokenize", json={"prompt": text}, timeout=60),
-                                 range(2)))
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        big = pool.submit(_max_health_latency_while, server, two_big_ones)
-        time.sleep(0.2)
-        start = time.monotonic()
-        chat = httpx.post(server.url + "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 1}, timeout=60)
-        chat_s = time.monotonic() - start
-        big_still_running = not big.done()
-        worst, responses = big.result()
-    assert chat.status_code == 200 and chat_s < 0.5, f"a chat request took {chat_s:.2f}s"
-    assert big_still_running  # else the test proved nothing
-    assert all(r.status_code == 200 and r.json()["count"] > 100_000 for r in responses)
-    assert worst < 0.5, f"/health took {worst:.2f}s while tokenizing"
+def test_huge_prompts_never_queue_ahead_of_ordinary_ones():
+    class SlowTokenizer:
+        """Takes a second per 100k characters, without holding the GIL (as the real one mostly does)."""
+        chat_template = None
+
+        def encode(self, text, add_special_tokens=True):
+            time.sleep(len(text) / 100_000)
+            return [1] * 10
+
+    async def main():
+        renderer = prompt_renderer.PromptRenderer(SlowTokenizer(), max_model_len=10**9)
+        try:
+            huge = [asyncio.ensure_future(renderer.encode("x" * 150_000)) for _ in range(3)]
+            await asyncio.sleep(0.05)
+            start = time.monotonic()
+            await renderer.encode("y" * 1000)  # 10 ms of work
+            ordinary_s = time.monotonic() - start
+            assert not any(task.done() for task in huge)
+            await asyncio.gather(*huge)
+            return ordinary_s
+        finally:
+            renderer.close()
+
+    assert asyncio.run(main()) < 0.5
 
 
 def test_n_is_bounded_by_the_batch_and_the_kv_cache(server):
