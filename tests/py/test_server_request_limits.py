@@ -117,10 +117,10 @@ def test_a_prompt_far_over_the_context_is_refused_without_tokenizing_it_all(serv
 
 
 def test_tokenize_runs_off_the_event_loop(server):
-    text = "hello world, this is a test. " * 80_000  # 2.3 MB: about 2 s of tokenizing on this machine
+    text = "hello world, this is a test. " * 40_000  # 1.2 MB: about a second of tokenizing
     worst, response, elapsed = _max_health_latency_while(
         server, lambda: httpx.post(server.url + "/tokenize", json={"prompt": text}, timeout=60))
-    assert response.status_code == 200 and response.json()["count"] > 200_000
+    assert response.status_code == 200 and response.json()["count"] > 100_000
     assert worst < elapsed / 3, f"/health took {worst:.2f}s while tokenizing for {elapsed:.2f}s"
 
 

@@ -41,7 +41,8 @@ def _refusal(status: int, reason: str, message: str, code: str) -> bytes:
 
 class HeaderTimeout:
     """Mixin for uvicorn's HTTP protocols: a connection that has not completed a request's headers
-    `header_read_timeout_s` after it opened (or after its first byte of a next request) is closed.
+    `header_read_timeout_s` after it opened (or after its first byte of a next request) is closed,
+    and one whose request line and headers pass MAX_HEADER_BYTES gets a 431 and is closed.
     uvicorn's keep-alive timer covers idle time between requests; this covers the headers."""
 
     header_read_timeout_s = 20.0
