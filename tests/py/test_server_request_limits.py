@@ -163,6 +163,9 @@ def test_n_is_bounded_by_the_batch_and_the_kv_cache(server):
                       json={"messages": MESSAGES, "n": 16, "max_completion_tokens": 100}), "max_completion_tokens")
     batch = {"prompt": ["a", "b", "c", "d", "e"], "n": 4, "max_tokens": 1}
     _error(httpx.post(server.url + "/v1/completions", json=batch), "prompt")
+    start = time.monotonic()  # 200k short prompts: refused by their count, none of them tokenized
+    _error(httpx.post(server.url + "/v1/completions", json={"prompt": ["hi"] * 200_000, "max_tokens": 1}), "prompt")
+    assert time.monotonic() - start < 1.5
     fits = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "n": 16, "max_tokens": 8})
     assert fits.status_code == 200 and len(fits.json()["choices"]) == 16
 

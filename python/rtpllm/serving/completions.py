@@ -29,7 +29,7 @@ async def create_completion(ctx: ServingContext, http_request: Request, body: Co
     rp.check_model(body.model, ctx.model_name)
     num_top = rp.completion_logprobs_count(body)
     rp.check_stops(body, ctx.vocab_size)
-    prompts = await rp.completion_prompts(body, ctx.renderer, ctx.vocab_size, ctx.max_model_len)
+    prompts = await rp.completion_prompts(body, ctx.renderer, ctx.vocab_size, ctx.max_model_len, ctx.limits)
     max_new = [rp.max_new_tokens(body.max_tokens, len(p), ctx.max_model_len) for p in prompts]
     rp.check_request_size(body, len(prompts), max_new, ctx.limits)
     params_list = [rp.sampling_params(body, tokens, num_top) for tokens in max_new]

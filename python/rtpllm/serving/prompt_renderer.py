@@ -32,6 +32,7 @@ from rtpllm.serving.errors import OpenAIError, bad_request
 
 _INLINE_CHARS = 256  # about 0.2 ms of tokenizing, what a thread hand-off costs on a busy 2-core machine
 _LARGE_CHARS = 64 * 1024  # about 50 ms of tokenizing
+_CHARS_PER_MESSAGE = 64  # what rendering one chat message costs, in characters of tokenizing
 _CHARS_PER_TOKEN = 8  # real tokenizers average 3 to 5 characters per token
 REQUEST_TEMPLATE_TIMEOUT_S = 5.0
 _MAX_CONCURRENT_REQUEST_TEMPLATES = 4
@@ -109,7 +110,8 @@ class PromptRenderer:
         if not getattr(self.tokenizer, "chat_template", None):
             raise bad_request(f"{param}: this model's tokenizer has no chat template", param=param)
         try:
-            size = sum(len(message["content"]) for message in conversation)
+            # Each message costs the template some work of its own, whatever its length.
+            size = sum(len(message["content"]) + _CHARS_PER_MESSAGE for message in conversation)
             return await self.run(size, self._apply_template, conversation, add_generation_prompt, kwargs, None)
         except Exception as exc:  # noqa: BLE001 - template errors come from the client's messages
             raise bad_request(f"{param}: the chat template rejected the conversation: {exc}", param=param) from exc

@@ -36,9 +36,10 @@ def check_model(requested: Optional[str], served_model_name: str) -> None:
 
 
 async def completion_prompts(request: CompletionRequest, renderer: PromptRenderer, vocab_size: int,
-                             max_model_len: int) -> list[list[int]]:
+                             max_model_len: int, limits: Optional[EngineLimits] = None) -> list[list[int]]:
     """The request's prompts as token ids (text gets the tokenizer's special tokens, like BOS).
-    A prompt longer than the context is refused before it is tokenized or scanned in full."""
+    A prompt longer than the context, or a batch with more sequences than `limits` allow, is
+    refused before anything is tokenized or scanned in full."""
     prompt = request.prompt
     if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
         prompts = [prompt]
@@ -46,6 +47,7 @@ async def completion_prompts(request: CompletionRequest, renderer: PromptRendere
         prompts = list(prompt)
     if not prompts:
         raise bad_request("prompt: empty list", param="prompt")
+    _check_num_sequences(request, len(prompts), limits)
     token_lists = []
     for i, item in enumerate(prompts):
         where = "prompt" if len(prompts) == 1 else f"prompt.{i}"
@@ -85,13 +87,7 @@ def check_request_size(request: SamplingRequest, num_prompts: int, max_new_token
     every later request), nor for more output tokens than the whole KV cache holds."""
     if limits is None:
         return
-    if request.n > limits.max_num_seqs:
-        raise bad_request(f"n: must be at most {limits.max_num_seqs} (this server's max_num_seqs), got {request.n}",
-                          param="n")
-    if num_prompts * request.n > limits.max_num_seqs:
-        raise bad_request(f"prompt: {num_prompts} prompts x n={request.n} make {num_prompts * request.n} sequences; "
-                          f"at most {limits.max_num_seqs} (this server's max_num_seqs) fit one request",
-                          param="prompt")
+    _check_num_sequences(request, num_prompts, limits)
     total = request.n * sum(max_new_tokens)
     if total > limits.kv_cache_tokens:
         if getattr(request, "max_completion_tokens", None) is not None:
@@ -100,6 +96,18 @@ def check_request_size(request: SamplingRequest, num_prompts: int, max_new_token
             param = "max_tokens" if request.max_tokens is not None else "n"  # n x the rest of the context
         raise bad_request(f"{param}: n={request.n} sequences of up to {max(max_new_tokens)} new tokens make {total} "
                           f"tokens, more than this server's KV cache holds ({limits.kv_cache_tokens})", param=param)
+
+
+def _check_num_sequences(request: SamplingRequest, num_prompts: int, limits: Optional[EngineLimits]) -> None:
+    if limits is None:
+        return
+    if request.n > limits.max_num_seqs:
+        raise bad_request(f"n: must be at most {limits.max_num_seqs} (this server's max_num_seqs), got {request.n}",
+                          param="n")
+    if num_prompts * request.n > limits.max_num_seqs:
+        raise bad_request(f"prompt: {num_prompts} prompts x n={request.n} make {num_prompts * request.n} sequences; "
+                          f"at most {limits.max_num_seqs} (this server's max_num_seqs) fit one request",
+                          param="prompt")
 
 
 def check_stops(request: SamplingRequest, vocab_size: int) -> None:
