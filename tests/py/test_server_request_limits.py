@@ -206,3 +206,18 @@ def test_queue_limit_counts_only_requests_that_wait(server):
         statuses = list(pool.map(send, range(12)))
     assert statuses == [200] * 12
     assert server.call_in_engine_thread(check_kv_pool_free)
+
+
+@pytest.mark.parametrize("endpoint, body", [
+    ("/v1/chat/completions", b'{"messages": [' + b",".join([b'{"role":"user"}'] * 900_000) + b"]}"),
+    ("/v1/completions", b'{"prompt": [' + b",".join([b"[1]"] * 3_000_000) + b"]}"),
+    ("/detokenize", b'{"tokens": [' + b",".join([b'"a"'] * 3_000_000) + b"]}"),
+    ("/v1/completions", b'{"prompt": "a", "stop_token_ids": [' + b",".join([b'"a"'] * 3_000_000) + b"]}"),
+], ids=["900k messages", "3M one-token prompts", "3M bad token ids", "3M bad stop ids"])
+def test_bodies_that_take_long_to_validate_are_refused_quickly(server, endpoint, body):
+    # Validated in full, each of these took 5 to 30 s of the event loop.
+    start = time.monotonic()
+    response = httpx.post(server.url + endpoint, content=body, headers={"Content-Type": "application/json"},
+                          timeout=60)
+    assert response.status_code == 400, response.text[:300]
+    assert time.monotonic() - start < 2.0

@@ -55,14 +55,16 @@ def from_value_error(error: ValueError, default_param: Optional[str] = None) -> 
 
 def from_validation_error(error: ValidationError) -> OpenAIError:
     """A 400 naming the first invalid field of a request body."""
-    first = error.errors(include_url=False)[0]
+    errors = error.errors(include_url=False, include_input=False)
+    # Of a union's errors, ours (a bound) says more than "Input should be a valid string".
+    first = next((e for e in errors if e["type"] == "value_error"), errors[0])
     if first["type"] == "json_invalid":
         return bad_request(f"request body is not valid JSON: {first['msg']}", code="invalid_json")
     location = [str(part) for part in first["loc"]]
     # Union members show up as extra path parts ("prompt.str", "prompt.list[int]"): keep the field path.
     location = [p for p in location if not (p in {"str", "int", "float", "bool"} or "[" in p)]
     param = ".".join(location) or None
-    detail = first["msg"]
+    detail = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         detail = "field required"
     return bad_request(f"{param}: {detail}" if param else detail, param=param)

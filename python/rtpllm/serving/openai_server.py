@@ -38,7 +38,8 @@ from rtpllm.serving.hot_routes import HotRoutes
 from rtpllm.serving.http_server import ServingServer, uvicorn_config
 from rtpllm.serving.metrics import ServerMetrics
 from rtpllm.serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                     DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
+                                     DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
+                                     check_json_containers)
 from rtpllm.serving.request_guard import RequestGuard
 from rtpllm.serving.server_options import ServerOptions
 from rtpllm.serving.streaming import ClientDisconnected
@@ -50,6 +51,10 @@ Body = TypeVar("Body", bound=BaseModel)
 
 async def parse_body(request: Request, model: type[Body]) -> Body:
     raw = await request.body()
+    try:
+        check_json_containers(raw)
+    except ValueError as exc:
+        raise bad_request(str(exc), code="request_too_complex") from exc
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
