@@ -28,4 +28,4 @@ echo "== Python tests (pytest)"
 python3 -m pytest -q tests/py
 echo "== the server suites again, with the engine in a process of its own (as \`rtpllm serve\` runs it)"
 RTPLLM_TEST_ENGINE=process python3 -m pytest -q tests/py/test_server_openai.py tests/py/test_server_bad_input.py \
-  tests/py/test_server_lifecycle.py tests/py/test_router_kv_events.py
+  tests/py/test_server_lifecycle.py tests/py/test_server_request_limits.py tests/py/test_router_kv_events.py

@@ -28,7 +28,8 @@ from rtpllm.config import EngineConfig
 from rtpllm.engine.async_engine import AsyncEngine, AsyncEngineBase
 from rtpllm.engine.engine import Engine
 from rtpllm.engine.process_engine import ProcessEngine
-from rtpllm.serving.openai_server import build_app
+from rtpllm.serving.http_server import uvicorn_config
+from rtpllm.serving.openai_server import ServerOptions, build_app
 
 T = TypeVar("T")
 
@@ -64,9 +65,9 @@ def run_engine(engine: AsyncEngineBase, body: Callable[[AsyncEngineBase], Awaita
 
 
 class RunningServer:
-    def __init__(self, engine: AsyncEngineBase):
+    def __init__(self, engine: AsyncEngineBase, options: ServerOptions = ServerOptions()):
         self.engine = engine
-        self.app = build_app(engine)
+        self.app = build_app(engine, options=options)
         # NOTE: IPPROTO_TCP, not 0: asyncio turns Nagle off only on sockets that say they are TCP,
         # and with Nagle on every small SSE chunk would wait for the client's delayed ACK (40 ms).
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -74,7 +75,7 @@ class RunningServer:
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", access_log=False))
+        self._server = uvicorn.Server(uvicorn_config(self.app, options, log_level="warning", access_log=False))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
     def __enter__(self) -> "RunningServer":

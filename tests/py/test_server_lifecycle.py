@@ -1,6 +1,7 @@
 """Server behaviour under stress: disconnects free KV blocks, a full queue answers 503 at once,
 and SIGTERM/SIGINT shut `rtpllm serve` down cleanly."""
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -103,6 +104,7 @@ def test_full_queue_answers_503_at_once_and_recovers(server):
         assert rejected.status_code == 503
         error = rejected.json()["error"]
         assert error["code"] == "server_overloaded" and "overloaded" in error["message"]
+        assert rejected.headers["retry-after"] == "1"
     # Closing the two streams aborted them; the queued request runs next.
     queued.join(timeout=60)
     assert queued_result["response"].status_code == 200
@@ -115,6 +117,59 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _start_serve(port: int, *flags: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "rtpllm.serving.cli", "serve", "--model", checkpoint_path("llama3"),
+               "--port", str(port), "--disable-uvicorn-access-log", *flags]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "server did not come up"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
+def test_shutdown_deadline_ends_open_requests_with_an_error():
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = _start_serve(port, "--max-model-len", "1024", "--num-blocks", "1100", "--shutdown-timeout", "0.5")
+    # 4 requests x 4 sequences x 1000 tokens: several seconds of work on a CPU, far past the deadline.
+    long = {"prompt": "Tell me a story", "max_tokens": 1000, "n": 4, "ignore_eos": True}
+    try:
+        with httpx.Client(timeout=60) as client, contextlib.ExitStack() as stack:
+            streams = []
+            for _ in range(3):
+                response = stack.enter_context(client.stream("POST", url + "/v1/completions",
+                                                             json={**long, "stream": True}))
+                streams.append(response.iter_lines())
+                next(line for line in streams[-1] if line.startswith("data: "))
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                plain = pool.submit(httpx.post, url + "/v1/completions", json=long, timeout=60)
+                time.sleep(0.3)
+                start = time.monotonic()
+                process.send_signal(signal.SIGTERM)
+                for lines in streams:
+                    rest = [line for line in lines if line]
+                    assert rest[-1] == "data: [DONE]"
+                    error = json.loads(rest[-2][6:])["error"]
+                    assert error["code"] == "engine_unavailable" and "--shutdown-timeout" in error["message"]
+                response = plain.result()
+            assert time.monotonic() - start < 4.0
+            assert response.status_code == 503 and "--shutdown-timeout" in response.json()["error"]["message"]
+        assert process.wait(timeout=60) == 0
+        log = process.stdout.read()
+        assert log.count("ended 4 unfinished requests with an error") == 1, log
+        assert "Traceback" not in log and "ERROR" not in log, log
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 @pytest.mark.parametrize("sig, engine_process",

@@ -6,9 +6,11 @@
   (process_engine.py) in a process of its own, so that HTTP handling and the step loop do not
   share one GIL.
 
-Admission control: with `max_queued_requests` set, a request that would make the scheduler's
-waiting queue longer than that is refused at once with `EngineOverloadedError` (the server's 503)
-instead of piling up behind the running ones.
+Admission control: with `max_queued_requests` set, a request that would have to wait behind more
+than that many sequences is refused at once with `EngineOverloadedError` (the server's 503)
+instead of piling up behind the running ones. What counts is what really waits: the scheduler's
+waiting queue as of the last step, plus the requests on their way to the engine that the free
+batch slots (`max_num_seqs` minus the running and waiting sequences) cannot take at once.
 """
 
 from __future__ import annotations
@@ -38,7 +40,15 @@ T = TypeVar("T")
 
 
 class EngineOverloadedError(RuntimeError):
-    """The waiting queue is full; the caller should retry later (HTTP 503)."""
+    """The waiting queue is full; the caller should retry later (HTTP 503 with Retry-After)."""
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What one request may ask of the engine: the sequences of one batch and the KV pool's tokens."""
+
+    max_num_seqs: int
+    kv_cache_tokens: int
 
 
 class EngineDeadError(RuntimeError):
@@ -86,19 +96,22 @@ class AsyncEngineBase:
     """
 
     def __init__(self, stats: "EngineStats", max_queued_requests: Optional[int] = None,
-                 observer: Optional[StepObserver] = None, stream_interval: int = 1):
+                 observer: Optional[StepObserver] = None, stream_interval: int = 1,
+                 limits: Optional[EngineLimits] = None):
         if max_queued_requests is not None and max_queued_requests < 1:
             raise ValueError(f"max_queued_requests: must be >= 1, got {max_queued_requests}")
         if stream_interval < 1:
             raise ValueError(f"stream_interval: must be >= 1, got {stream_interval}")
         self.max_queued_requests = max_queued_requests
         self.stream_interval = stream_interval
+        self.limits = limits
         self.observer = observer
         self._streams: dict[str, RequestStream] = {}
         self._started = False
         self._accepting = False
         self._dead_error: Optional[EngineDeadError] = None
-        self._pending_adds = 0  # adds sent to the engine and not yet answered
+        self._pending_seqs = 0  # sequences of the adds sent to the engine and not yet answered
+        self._end_error: Optional[BaseException] = None  # set by end_in_flight
         self._stats = stats
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._idle = asyncio.Event()
@@ -192,18 +205,40 @@ class AsyncEngineBase:
         if request_id in self._streams:
             raise ValueError(f"request_id: {request_id!r} is already running")
         if self.max_queued_requests is not None:
-            queued = self._stats.num_waiting + self._pending_adds
-            if queued >= self.max_queued_requests:
+            queued = self._queued_sequences(params.n)
+            if queued > self.max_queued_requests:
                 raise EngineOverloadedError(
-                    f"server overloaded: {queued} requests already waiting "
-                    f"(max_queued_requests={self.max_queued_requests}); retry later")
+                    f"server overloaded: {queued} sequences would wait for a batch slot, more than "
+                    f"max_queued_requests={self.max_queued_requests}; retry later")
         self._streams[request_id] = RequestStream(request_id, self.stream_interval)
         self._idle.clear()
-        self._pending_adds += 1
+        self._pending_seqs += params.n
         accepted = self._loop.create_future()
         accepted.add_done_callback(functools.partial(self._abort_if_cancelled, request_id))
         self._submit(AddCommand(request_id, prompt, params, arrival_time or time.monotonic(), stream, accepted))
         return accepted
+
+    def _queued_sequences(self, new_seqs: int) -> int:
+        """The sequences that would wait for a batch slot with `new_seqs` more on their way: those
+        waiting at the last step, plus those on their way that the free slots cannot take."""
+        stats = self._stats
+        max_num_seqs = self.limits.max_num_seqs if self.limits is not None else 0
+        free_slots = max(0, max_num_seqs - stats.num_running - stats.num_waiting)
+        return stats.num_waiting + max(0, self._pending_seqs + new_seqs - free_slots)
+
+    def end_in_flight(self, error: BaseException) -> int:
+        """Ends every unfinished request now with `error` (its consumer raises it) and aborts it in
+        the engine, which frees its KV blocks; refuses new requests from then on. For a shutdown
+        deadline. Returns the number of requests ended."""
+        self._accepting = False
+        self._end_error = error
+        ended = list(self._streams)
+        for request_id in ended:
+            stream = self._forget(request_id)
+            if self._started and self._dead_error is None:
+                self._submit(AbortCommand(request_id))
+            stream.fail(error)
+        return len(ended)
 
     async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str,
                        arrival_time: Optional[float] = None) -> AsyncIterator[RequestOutput]:
@@ -274,13 +309,15 @@ class AsyncEngineBase:
             self.abort(request_id)  # the add may be in the engine already; the abort queued behind it undoes it
 
     def _on_added(self, command: AddCommand, error: Optional[BaseException]) -> None:
-        self._pending_adds -= 1
+        self._pending_seqs -= command.params.n
         if command.accepted.done():
             return  # cancelled by its caller
         request_stream = self._streams.get(command.request_id)
         if error is not None:
             self._forget(command.request_id)
             command.accepted.set_exception(error)
+        elif request_stream is None and self._end_error is not None:
+            command.accepted.set_exception(self._end_error)  # ended by end_in_flight before the engine took it
         elif request_stream is None:
             command.accepted.cancel()  # aborted before the engine took it
         else:
@@ -341,7 +378,10 @@ class AsyncEngine(AsyncEngineBase):
 
     def __init__(self, engine: "Engine", max_queued_requests: Optional[int] = None,
                  observer: Optional[StepObserver] = None, stream_interval: int = 1):
-        super().__init__(engine.stats(), max_queued_requests, observer, stream_interval)
+        stats = engine.stats()
+        limits = EngineLimits(max_num_seqs=engine.config.scheduler.max_num_seqs,
+                              kv_cache_tokens=stats.kv_blocks_total * engine.config.cache.block_size)
+        super().__init__(stats, max_queued_requests, observer, stream_interval, limits)
         self.engine = engine
         self._commands: list[Union[AddCommand, AbortCommand, CallCommand]] = []
         self._wakeup = threading.Condition()

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Optional, Union
 
 from rtpllm.distributed.env import DISTRIBUTED_ENV
 from rtpllm.engine.async_engine import (AbortCommand, AddCommand, AsyncEngineBase, CallCommand, EngineDeadError,
-                                       StepObserver)
+                                       EngineLimits, StepObserver)
 from rtpllm.engine.engine_core import EngineInfo
 from rtpllm.engine.frames import FrameReader, FrameWriter, encode_frame, recv_blocking, send_blocking
 from rtpllm.engine.output_deltas import OutputDeltaDecoder
@@ -42,8 +42,8 @@ class EngineProcessError(RuntimeError):
 class ProcessEngine(AsyncEngineBase):
     def __init__(self, process: subprocess.Popen, sock: socket.socket, info: EngineInfo,
                  max_queued_requests: Optional[int] = None, observer: Optional[StepObserver] = None,
-                 stream_interval: int = 1):
-        super().__init__(info.stats, max_queued_requests, observer, stream_interval)
+                 stream_interval: int = 1, limits: Optional[EngineLimits] = None):
+        super().__init__(info.stats, max_queued_requests, observer, stream_interval, limits)
         self._process = process
         self._sock = sock
         self._info = info
@@ -80,7 +80,10 @@ class ProcessEngine(AsyncEngineBase):
             process.wait()
             logger.debug("engine process failed to start:\n%s", reply[2])
             raise reply[1]
-        return cls(process, server_end, reply[1], config.max_queued_requests, observer, stream_interval)
+        info = reply[1]
+        limits = EngineLimits(max_num_seqs=config.scheduler.max_num_seqs,
+                              kv_cache_tokens=info.stats.kv_blocks_total * config.cache.block_size)
+        return cls(process, server_end, info, config.max_queued_requests, observer, stream_interval, limits)
 
     @property
     def tokenizer(self):

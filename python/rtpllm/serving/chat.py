@@ -27,12 +27,12 @@ async def create_chat_completion(ctx: ServingContext, http_request: Request, bod
                                  arrival_time: float) -> Response:
     rp.check_model(body.model, ctx.model_name)
     num_top = rp.chat_logprobs_count(body)
-    if body.stop_token_ids:
-        rp.check_token_ids(body.stop_token_ids, ctx.vocab_size, "stop_token_ids")
-    prompt = rp.chat_prompt(body.messages, ctx.tokenizer, body.add_generation_prompt, body.chat_template_kwargs)
+    rp.check_stops(body, ctx.vocab_size)
+    prompt = await rp.chat_prompt(body, ctx.renderer)
     requested, param = rp.chat_max_tokens(body)
-    params = rp.sampling_params(body, rp.max_new_tokens(requested, len(prompt), ctx.max_model_len, param,
-                                                        prompt_param="messages"), num_top)
+    max_new = rp.max_new_tokens(requested, len(prompt), ctx.max_model_len, param, prompt_param="messages")
+    rp.check_request_size(body, 1, [max_new], ctx.limits)
+    params = rp.sampling_params(body, max_new, num_top)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     futures = submit_all(ctx.engine, [completion_id], [prompt], [params], arrival_time, body.stream)
     if body.stream:

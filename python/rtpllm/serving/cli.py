@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 from rtpllm.router.cli import add_router_parser
 from rtpllm.serving.engine_args import add_engine_args, engine_config_from_args, engine_kwargs_from_args
+from rtpllm.serving.server_options import add_server_args, server_option_kwargs
 
 
 def _add_serve(subparsers) -> None:
@@ -24,7 +25,7 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0 for all).")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
-                        help="Seconds in-flight requests get to finish after SIGINT/SIGTERM before they are aborted.")
+                        help="Seconds in-flight requests get to finish after SIGINT/SIGTERM before they end with an error.")
     parser.add_argument("--stream-interval", type=int, default=1,
                         help="Tokens per streamed chunk after the first; > 1 trades smoothness for throughput.")
     parser.add_argument("--disable-uvicorn-access-log", action="store_true",
@@ -38,6 +39,7 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--no-engine-process", action="store_true",
                         help="Step the engine in a thread of the server's process instead of a process of its own "
                              "(they then share one GIL).")
+    add_server_args(parser)
     add_engine_args(parser)
     parser.set_defaults(handler=_serve)
 
@@ -48,7 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
     options = ServerOptions(host=args.host, port=args.port, shutdown_timeout_s=args.shutdown_timeout,
                             access_log=not args.disable_uvicorn_access_log, log_level=args.uvicorn_log_level,
                             stream_interval=args.stream_interval, http=args.http, loop=args.loop,
-                            engine_process=not args.no_engine_process)
+                            engine_process=not args.no_engine_process, **server_option_kwargs(args))
     run_server(engine_config_from_args(args), options)
     return 0
 

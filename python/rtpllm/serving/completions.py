@@ -28,14 +28,14 @@ async def create_completion(ctx: ServingContext, http_request: Request, body: Co
                             arrival_time: float) -> Response:
     rp.check_model(body.model, ctx.model_name)
     num_top = rp.completion_logprobs_count(body)
-    if body.stop_token_ids:
-        rp.check_token_ids(body.stop_token_ids, ctx.vocab_size, "stop_token_ids")
-    prompts = rp.completion_prompts(body, ctx.tokenizer, ctx.vocab_size)
-    params_list = [rp.sampling_params(body, rp.max_new_tokens(body.max_tokens, len(p), ctx.max_model_len), num_top)
-                   for p in prompts]
+    rp.check_stops(body, ctx.vocab_size)
+    prompts = await rp.completion_prompts(body, ctx.renderer, ctx.vocab_size, ctx.max_model_len, ctx.limits)
+    max_new = [rp.max_new_tokens(body.max_tokens, len(p), ctx.max_model_len) for p in prompts]
+    rp.check_request_size(body, len(prompts), max_new, ctx.limits)
+    params_list = [rp.sampling_params(body, tokens, num_top) for tokens in max_new]
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     request_ids = [f"{completion_id}-{i}" for i in range(len(prompts))]
-    echo_texts = [ctx.tokenizer.decode(p, skip_special_tokens=True) if body.echo else "" for p in prompts]
+    echo_texts = [await ctx.renderer.decode(p, skip_special_tokens=True) if body.echo else "" for p in prompts]
     futures = submit_all(ctx.engine, request_ids, prompts, params_list, arrival_time, body.stream)
     if body.stream:
         # Returned before the engine has even accepted the requests: the status line and headers

@@ -35,7 +35,8 @@ _HELP = {
     "tensor_parallel_size": "GPUs to shard the model over (with --device cpu: processes).",
     "device": "Where to run the model.",
     "enforce_eager": "Turn CUDA graphs off.",
-    "max_queued_requests": "Waiting requests beyond which the server answers 503 at once (default: no limit).",
+    "max_queued_requests": "Sequences waiting for a batch slot beyond which the server answers 503 at once "
+                           "(default: no limit).",
     "speculative_config": ('Speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                            '(methods: ngram, draft_model, eagle3; "model": the draft/EAGLE-3 checkpoint).'),
 }

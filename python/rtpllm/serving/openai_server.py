@@ -5,7 +5,8 @@
 
 Request bodies are parsed here rather than by FastAPI, so that every kind of bad input (invalid
 UTF-8, malformed JSON, wrong types, bad values) answers 400 with OpenAI's error body instead of
-FastAPI's 422 layout.
+FastAPI's 422 layout. Before any handler, `RequestGuard` (request_guard.py) checks the Host, the
+API key, the content type and the body's size; docs/security.md describes the whole policy.
 """
 
 from __future__ import annotations
@@ -15,16 +16,14 @@ import logging
 import signal
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Awaitable, Callable, Optional, TypeVar
 
-import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from rtpllm.config import EngineConfig
@@ -36,36 +35,27 @@ from rtpllm.serving.completions import create_completion
 from rtpllm.serving.context import ServingContext
 from rtpllm.serving.errors import OpenAIError, bad_request, from_validation_error, to_openai_error
 from rtpllm.serving.hot_routes import HotRoutes
+from rtpllm.serving.http_server import ServingServer, uvicorn_config
 from rtpllm.serving.kv_events import add_kv_event_routes
 from rtpllm.serving.metrics import ServerMetrics
 from rtpllm.serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                     DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
+                                     DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
+                                     check_json_containers)
+from rtpllm.serving.request_guard import RequestGuard
+from rtpllm.serving.server_options import ServerOptions
 from rtpllm.serving.streaming import ClientDisconnected
 
+__all__ = ["ServerOptions", "build_app", "run_server"]
 logger = logging.getLogger(__name__)
 Body = TypeVar("Body", bound=BaseModel)
 
 
-@dataclass(frozen=True)
-class ServerOptions:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    # In-flight requests get this long to finish after SIGINT/SIGTERM; the rest are aborted.
-    shutdown_timeout_s: float = 30.0
-    access_log: bool = True
-    log_level: str = "info"
-    # Stream a chunk per this many new tokens (the first token always goes out at once).
-    stream_interval: int = 1
-    # uvicorn's HTTP parser ("auto": httptools when installed, else h11) and event loop ("auto":
-    # uvloop when installed, else asyncio).
-    http: str = "auto"
-    loop: str = "auto"
-    # Step the engine in a process of its own (default), or in a thread of the server's process.
-    engine_process: bool = True
-
-
 async def parse_body(request: Request, model: type[Body]) -> Body:
     raw = await request.body()
+    try:
+        check_json_containers(raw)
+    except ValueError as exc:
+        raise bad_request(str(exc), code="request_too_complex") from exc
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -83,7 +73,7 @@ def _openai_errors(handler: Callable[..., Awaitable[Response]]) -> Callable[...,
     async def wrapped(*args, **kwargs) -> Response:
         try:
             return await handler(*args, **kwargs)
-        except ClientDisconnected:
+        except (ClientDisconnected, ClientDisconnect):
             return Response(status_code=499)  # nobody reads it; nginx's code for "client closed request"
         except Exception as exc:  # noqa: BLE001 - answered, never raised into the server
             return to_openai_error(exc).response()
@@ -92,10 +82,11 @@ def _openai_errors(handler: Callable[..., Awaitable[Response]]) -> Callable[...,
 
 
 def build_app(engine: AsyncEngineBase, metrics: Optional[ServerMetrics] = None,
-              shutdown_grace_period_s: float = 0.0) -> FastAPI:
-    """The app for one engine. Its lifespan starts the engine's step thread and stops it at exit,
-    giving unfinished requests `shutdown_grace_period_s` before aborting them."""
-    ctx = ServingContext.for_engine(engine)
+              shutdown_grace_period_s: float = 0.0, options: ServerOptions = ServerOptions()) -> FastAPI:
+    """The app for one engine, guarded as `options` say. Its lifespan starts the engine's step
+    thread and stops it at exit, giving unfinished requests `shutdown_grace_period_s` before
+    aborting them."""
+    ctx = ServingContext.for_engine(engine, options.trust_request_chat_template)
     metrics = metrics or ServerMetrics(ctx.model_name)
     metrics.attach(engine)
 
@@ -107,8 +98,11 @@ def build_app(engine: AsyncEngineBase, metrics: Optional[ServerMetrics] = None,
             yield
         finally:
             await engine.shutdown(shutdown_grace_period_s)
+            ctx.renderer.close()
 
-    app = FastAPI(title="rtp-llm OpenAI-compatible server", lifespan=lifespan)
+    docs = {} if options.enable_docs else dict(docs_url=None, redoc_url=None, openapi_url=None)
+    # No slash redirects: a 307 for `/v1/completions/` would make clients resend their body elsewhere.
+    app = FastAPI(title="rtp-llm OpenAI-compatible server", lifespan=lifespan, redirect_slashes=False, **docs)
     app.state.serving = ctx
     app.state.metrics = metrics
 
@@ -154,11 +148,12 @@ def build_app(engine: AsyncEngineBase, metrics: Optional[ServerMetrics] = None,
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("prompt: give exactly one of `prompt` and `messages`", param="prompt")
         if body.prompt is not None:
-            tokens = list(ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False))
+            tokens = await ctx.renderer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
         else:
             # The template places its own special tokens; the tokenizer adds more only when asked.
-            text = rp.render_chat(body.messages, ctx.tokenizer, body.add_generation_prompt)
-            tokens = list(ctx.tokenizer.encode(text, add_special_tokens=body.add_special_tokens is True))
+            text = await ctx.renderer.render_chat(rp.conversation(body.messages), body.add_generation_prompt,
+                                                  None, None)
+            tokens = await ctx.renderer.encode(text, add_special_tokens=body.add_special_tokens is True)
         return JSONResponse(TokenizeResponse(count=len(tokens), max_model_len=ctx.max_model_len,
                                              tokens=tokens).model_dump())
 
@@ -167,36 +162,33 @@ def build_app(engine: AsyncEngineBase, metrics: Optional[ServerMetrics] = None,
     async def detokenize(request: Request) -> Response:
         body = await parse_body(request, DetokenizeRequest)
         rp.check_model(body.model, ctx.model_name)
-        rp.check_token_ids(body.tokens, ctx.vocab_size, "tokens")
-        return JSONResponse(DetokenizeResponse(prompt=ctx.tokenizer.decode(body.tokens)).model_dump())
+        await ctx.renderer.run(len(body.tokens), rp.check_token_ids, body.tokens, ctx.vocab_size, "tokens")
+        return JSONResponse(DetokenizeResponse(prompt=await ctx.renderer.decode(body.tokens)).model_dump())
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     add_kv_event_routes(app, engine)  # GET /kv_events and /load, for rtpllm router
-
+    app.add_middleware(RequestGuard, options=options)  # outermost: before HotRoutes and FastAPI
     return app
 
 
 def run_server(config: EngineConfig, options: ServerOptions = ServerOptions()) -> None:
     """Loads the model, serves until SIGINT/SIGTERM, then shuts down gracefully: the listening
-    socket closes, in-flight requests get `options.shutdown_timeout_s` to finish, the rest are
-    aborted (freeing their KV blocks), and the step thread stops."""
+    socket closes, in-flight requests get `options.shutdown_timeout_s` to finish, the rest end
+    with a 503 error (streams: an error event and [DONE]) and are aborted (freeing their KV
+    blocks), and the step thread stops."""
     if options.engine_process:
         from rtpllm.engine.process_engine import ProcessEngine
 
         engine: AsyncEngineBase = ProcessEngine.from_config(config, stream_interval=options.stream_interval)
     else:
         engine = AsyncEngine.from_config(config, stream_interval=options.stream_interval)
-    app = build_app(engine)
-    uvicorn_config = uvicorn.Config(
-        app, host=options.host, port=options.port, log_level=options.log_level, access_log=options.access_log,
-        timeout_graceful_shutdown=options.shutdown_timeout_s, timeout_keep_alive=30, http=options.http,
-        loop=options.loop)
-    server = uvicorn.Server(uvicorn_config)
-    logger.info("serving %s (max_model_len=%d) on http://%s:%d", engine.model_name, engine.max_model_len,
-                options.host, options.port)
+    app = build_app(engine, options=options)
+    server = ServingServer(uvicorn_config(app, options), engine, options.shutdown_timeout_s)
+    logger.info("serving %s (max_model_len=%d) on http://%s:%d%s", engine.model_name, engine.max_model_len,
+                options.host, options.port, "" if options.api_key else " without an API key")
     # uvicorn re-raises the signal it caught once its graceful shutdown is done, so that the signal's
     # previous handler runs. The shutdown above already finished cleanly: swallow it and exit 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -1,7 +1,12 @@
 """The OpenAI wire format: request bodies (validated strictly) and response bodies.
 
 Requests use strict types so that `"max_tokens": "5"` or `"stream": 1` is a 400 naming the field
-rather than a silent coercion. Unknown fields are ignored, as OpenAI-compatible servers do, so
+rather than a silent coercion, and refuse NaN and infinity in every float field (JSON has no such
+numbers, but Python's and pydantic's parsers accept `NaN` and `Infinity` literals). Parsing runs
+on the event loop, so its cost is bounded: lists stop at their first bad item (a million bad items
+would make a million error objects, seconds of work), and a body may hold at most
+`MAX_JSON_CONTAINERS` arrays and objects (a million messages would take seconds to validate),
+which `check_json_containers` checks on the raw bytes first. Unknown fields are ignored, as OpenAI-compatible servers do, so
 clients that send newer fields keep working. Fields past OpenAI's own (`top_k`, `min_p`,
 `repetition_penalty`, `ignore_eos`, `min_tokens`, `stop_token_ids`, ...) follow vLLM's names.
 """
@@ -9,13 +14,50 @@ clients that send newer fields keep working. Fields past OpenAI's own (`top_k`, 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# About 0.1 s of validation at worst (16k chat messages); real requests hold a few dozen of each.
+MAX_JSON_CONTAINERS = 16384
+MAX_JSON_STRINGS = 65536
+
+
+def check_json_containers(raw: bytes, max_containers: int = MAX_JSON_CONTAINERS,
+                          max_strings: int = MAX_JSON_STRINGS) -> None:
+    """Raises ValueError when the JSON text `raw` holds more than `max_containers` arrays and
+    objects (brackets inside strings do not count). Bytes operations and at most `max_strings`
+    steps: tens of milliseconds for 16 MB, whatever the body."""
+    if raw.count(b"[") + raw.count(b"{") <= max_containers:
+        return  # the common case: fewer brackets than the limit, even counting those in strings
+    # Drop escaped backslashes, then escaped quotes: every `"` left delimits a string (in valid JSON).
+    text = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    containers = strings = position = 0
+    while True:
+        opening = text.find(b'"', position)
+        end = len(text) if opening < 0 else opening
+        containers += text.count(b"[", position, end) + text.count(b"{", position, end)
+        if containers > max_containers:
+            raise ValueError(f"request body: more than {max_containers} JSON arrays and objects")
+        if opening < 0:
+            return
+        strings += 1
+        if strings > max_strings:
+            raise ValueError(f"request body: more than {max_containers} JSON arrays and objects, or "
+                             f"{max_strings} strings, with brackets inside strings")
+        closing = text.find(b'"', opening + 1)
+        if closing < 0:
+            return  # an unterminated string: the parser refuses it
+        position = closing + 1
+
+
+IntList = Annotated[list[int], Field(fail_fast=True)]
+StrList = Annotated[list[str], Field(fail_fast=True)]
+Prompt = Union[str, StrList, IntList, Annotated[list[IntList], Field(fail_fast=True)]]
+
 
 class StrictRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(StrictRequest):
@@ -37,8 +79,8 @@ class SamplingRequest(StrictRequest):
     frequency_penalty: Optional[float] = None
     repetition_penalty: Optional[float] = None
     seed: Optional[int] = None
-    stop: Optional[Union[str, list[str]]] = None
-    stop_token_ids: Optional[list[int]] = None
+    stop: Optional[Union[str, StrList]] = None
+    stop_token_ids: Optional[IntList] = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -53,7 +95,7 @@ class SamplingRequest(StrictRequest):
 
 class CompletionRequest(SamplingRequest):
     # One prompt or a batch, each as text or token ids.
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Prompt
     logprobs: Optional[int] = None  # the number of top alternatives per position
     echo: bool = False
     suffix: Optional[str] = None
@@ -67,7 +109,7 @@ class TextContentPart(StrictRequest):
 
 class ChatMessage(StrictRequest):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Optional[Union[str, list[TextContentPart]]] = None
+    content: Optional[Union[str, Annotated[list[TextContentPart], Field(fail_fast=True)]]] = None
     name: Optional[str] = None
 
     def text(self) -> str:
@@ -78,13 +120,19 @@ class ChatMessage(StrictRequest):
         return "".join(part.text for part in self.content)
 
 
+Messages = Annotated[list[ChatMessage], Field(fail_fast=True)]
+
+
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage]
+    messages: Messages
     max_completion_tokens: Optional[int] = None  # OpenAI's newer name for max_tokens; wins when both are set
     logprobs: bool = False
     top_logprobs: Optional[int] = None
     add_generation_prompt: bool = True
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    # A template of the request's own (vLLM's field; also accepted inside chat_template_kwargs): a 400
+    # unless the server runs with --trust-request-chat-template.
+    chat_template: Optional[str] = None
     # Accepted only in their "off" form; anything else is a 400 rather than silently ignored.
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
@@ -94,14 +142,14 @@ class ChatCompletionRequest(SamplingRequest):
 class TokenizeRequest(StrictRequest):
     model: Optional[str] = None
     prompt: Optional[str] = None
-    messages: Optional[list[ChatMessage]] = None
+    messages: Optional[Messages] = None
     add_special_tokens: Optional[bool] = None  # default: True for a prompt, False for messages
     add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(StrictRequest):
     model: Optional[str] = None
-    tokens: list[int]
+    tokens: IntList
 
 
 # ---------------------------------------------------------------------------- responses
@@ -209,7 +257,7 @@ class ModelList(BaseModel):
 class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
-    tokens: list[int]
+    tokens: IntList
 
 
 class DetokenizeResponse(BaseModel):

@@ -2,19 +2,31 @@
 
 Everything the client can get wrong is checked here, before the engine sees the request, so the
 answer is a 400 naming the field: the model name, empty prompts, token ids outside the vocabulary,
-a prompt that fills the context, `max_tokens` that do not fit, and the sampling ranges (which
-`SamplingParams` validates with messages that start with the field name).
+a prompt that fills the context, `max_tokens` that do not fit, more sequences than the engine can
+batch (`check_request_size`), integers the engine cannot hold (`seed`, `top_k`), and the sampling
+ranges (which `SamplingParams` validates with messages that start with the field name; NaN and
+infinity never get that far: protocol.py refuses them).
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+from rtpllm.engine.async_engine import EngineLimits
 from rtpllm.sampling_params import SamplingParams
 from rtpllm.serving.errors import OpenAIError, bad_request, from_value_error
+from rtpllm.serving.prompt_renderer import PromptRenderer
 from rtpllm.serving.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingRequest
 
 MAX_LOGPROBS = 20
+# Seeds seed torch generators (64-bit); top_k ends up in an int64 tensor and means nothing past the vocabulary.
+SEED_RANGE = (-2**63, 2**63 - 1)
+TOP_K_MAX = 2**31 - 1
+# The engine checks every stop string and stop token at every generated token: bounded, so that one
+# request cannot slow every step of everyone's (OpenAI allows 4 stop strings).
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
 
 
 def check_model(requested: Optional[str], served_model_name: str) -> None:
@@ -23,8 +35,11 @@ def check_model(requested: Optional[str], served_model_name: str) -> None:
                           param="model", code="model_not_found")
 
 
-def completion_prompts(request: CompletionRequest, tokenizer, vocab_size: int) -> list[list[int]]:
-    """The request's prompts as token ids (text gets the tokenizer's special tokens, like BOS)."""
+async def completion_prompts(request: CompletionRequest, renderer: PromptRenderer, vocab_size: int,
+                             max_model_len: int, limits: Optional[EngineLimits] = None) -> list[list[int]]:
+    """The request's prompts as token ids (text gets the tokenizer's special tokens, like BOS).
+    A prompt longer than the context, or a batch with more sequences than `limits` allow, is
+    refused before anything is tokenized or scanned in full."""
     prompt = request.prompt
     if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
         prompts = [prompt]
@@ -32,43 +47,79 @@ def completion_prompts(request: CompletionRequest, tokenizer, vocab_size: int) -
         prompts = list(prompt)
     if not prompts:
         raise bad_request("prompt: empty list", param="prompt")
+    _check_num_sequences(request, len(prompts), limits)
     token_lists = []
     for i, item in enumerate(prompts):
         where = "prompt" if len(prompts) == 1 else f"prompt.{i}"
         if isinstance(item, str):
             if not item:
                 raise bad_request(f"{where}: empty string", param=where)
-            ids = list(tokenizer.encode(item))
+            ids = await renderer.encode(item, param=where, context_limit=True)
         else:
             if not item:
                 raise bad_request(f"{where}: empty token list", param=where)
+            if len(item) >= max_model_len:
+                _raise_prompt_too_long(where, len(item), max_model_len)
             check_token_ids(item, vocab_size, where)
             ids = list(item)
         token_lists.append(ids)
     return token_lists
 
 
-def render_chat(messages: list[ChatMessage], tokenizer, add_generation_prompt: bool = True,
-                chat_template_kwargs: Optional[dict] = None, param: str = "messages") -> str:
-    """The conversation as text through the model's chat template."""
+def conversation(messages: list[ChatMessage], param: str = "messages") -> list[dict]:
+    """The messages as the chat template reads them."""
     if not messages:
         raise bad_request(f"{param}: must hold at least one message", param=param)
-    if not getattr(tokenizer, "chat_template", None):
-        raise bad_request(f"{param}: this model's tokenizer has no chat template", param=param)
-    conversation = [{"role": m.role, "content": m.text()} for m in messages]
-    try:
-        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             **(chat_template_kwargs or {}))
-    except Exception as exc:  # noqa: BLE001 - template errors come from the client's messages
-        raise bad_request(f"{param}: the chat template rejected the conversation: {exc}", param=param) from exc
+    return [{"role": m.role, "content": m.text()} for m in messages]
 
 
-def chat_prompt(messages: list[ChatMessage], tokenizer, add_generation_prompt: bool = True,
-                chat_template_kwargs: Optional[dict] = None) -> list[int]:
+async def chat_prompt(request: ChatCompletionRequest, renderer: PromptRenderer) -> list[int]:
     """The conversation as prompt token ids."""
-    text = render_chat(messages, tokenizer, add_generation_prompt, chat_template_kwargs)
+    text = await renderer.render_chat(conversation(request.messages), request.add_generation_prompt,
+                                      request.chat_template_kwargs, request.chat_template)
     # The template already placed BOS and every other special token it wants.
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return await renderer.encode(text, add_special_tokens=False, param="messages", context_limit=True)
+
+
+def check_request_size(request: SamplingRequest, num_prompts: int, max_new_tokens: list[int],
+                       limits: Optional[EngineLimits]) -> None:
+    """A request may not ask for more sequences than one batch holds (they would all wait ahead of
+    every later request), nor for more output tokens than the whole KV cache holds."""
+    if limits is None:
+        return
+    _check_num_sequences(request, num_prompts, limits)
+    total = request.n * sum(max_new_tokens)
+    if total > limits.kv_cache_tokens:
+        if getattr(request, "max_completion_tokens", None) is not None:
+            param = "max_completion_tokens"
+        else:
+            param = "max_tokens" if request.max_tokens is not None else "n"  # n x the rest of the context
+        raise bad_request(f"{param}: n={request.n} sequences of up to {max(max_new_tokens)} new tokens make {total} "
+                          f"tokens, more than this server's KV cache holds ({limits.kv_cache_tokens})", param=param)
+
+
+def _check_num_sequences(request: SamplingRequest, num_prompts: int, limits: Optional[EngineLimits]) -> None:
+    if limits is None:
+        return
+    if request.n > limits.max_num_seqs:
+        raise bad_request(f"n: must be at most {limits.max_num_seqs} (this server's max_num_seqs), got {request.n}",
+                          param="n")
+    if num_prompts * request.n > limits.max_num_seqs:
+        raise bad_request(f"prompt: {num_prompts} prompts x n={request.n} make {num_prompts * request.n} sequences; "
+                          f"at most {limits.max_num_seqs} (this server's max_num_seqs) fit one request",
+                          param="prompt")
+
+
+def check_stops(request: SamplingRequest, vocab_size: int) -> None:
+    stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
+    if len(stops) > MAX_STOP_STRINGS or any(len(stop) > MAX_STOP_STRING_CHARS for stop in stops):
+        raise bad_request(f"stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_CHARS} characters",
+                          param="stop")
+    if request.stop_token_ids:
+        if len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise bad_request(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {len(request.stop_token_ids)}",
+                              param="stop_token_ids")
+        check_token_ids(request.stop_token_ids, vocab_size, "stop_token_ids")
 
 
 def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
@@ -81,9 +132,7 @@ def max_new_tokens(requested: Optional[int], prompt_len: int, max_model_len: int
                    param: str = "max_tokens", prompt_param: str = "prompt") -> int:
     """The output budget: what was asked for, or the rest of the context when nothing was."""
     if prompt_len >= max_model_len:
-        raise OpenAIError(
-            f"{prompt_param}: {prompt_len} tokens leave no room to generate; this model's maximum "
-            f"context length is {max_model_len} tokens", param=prompt_param, code="context_length_exceeded")
+        _raise_prompt_too_long(prompt_param, prompt_len, max_model_len)
     if requested is None:
         return max_model_len - prompt_len
     if requested < 1:
@@ -96,11 +145,21 @@ def max_new_tokens(requested: Optional[int], prompt_len: int, max_model_len: int
     return requested
 
 
+def _raise_prompt_too_long(param: str, prompt_len: int, max_model_len: int) -> None:
+    raise OpenAIError(f"{param}: {prompt_len} tokens leave no room to generate; this model's maximum "
+                      f"context length is {max_model_len} tokens", param=param, code="context_length_exceeded")
+
+
 def sampling_params(request: SamplingRequest, max_tokens: int, logprobs: Optional[int]) -> SamplingParams:
     """SamplingParams for one prompt of the request; OpenAI's defaults where the body is silent."""
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         name = "top_logprobs" if isinstance(request, ChatCompletionRequest) else "logprobs"
         raise bad_request(f"{name}: must be in [0, {MAX_LOGPROBS}], got {logprobs}", param=name)
+    if request.seed is not None and not SEED_RANGE[0] <= request.seed <= SEED_RANGE[1]:
+        raise bad_request(f"seed: must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (a signed 64-bit integer), "
+                          f"got {request.seed}", param="seed")
+    if request.top_k is not None and not -1 <= request.top_k <= TOP_K_MAX:
+        raise bad_request(f"top_k: must be -1 or 0 (off) or in [1, {TOP_K_MAX}], got {request.top_k}", param="top_k")
     try:
         return SamplingParams(
             n=request.n,
