@@ -36,9 +36,6 @@ from rtpllm.serving.streaming import ClientDisconnected
 
 logger = logging.getLogger(__name__)
 _GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
-# Bodies above this are tokenized in a worker thread (a 2k-token prompt takes ~2 ms to tokenize,
-# which would otherwise hold up every other stream the router relays).
-_TOKENIZE_INLINE_BYTES = 4096
 
 
 class RouterState:
@@ -88,6 +85,7 @@ def build_router_app(config: RouterConfig, tokenizer: Optional[Any] = None) -> F
             yield
         finally:
             await state.pool.stop()
+            state.prompts.close()
 
     app = FastAPI(title="rtp-llm router", lifespan=lifespan)
     app.state.router = state
@@ -95,10 +93,7 @@ def build_router_app(config: RouterConfig, tokenizer: Optional[Any] = None) -> F
     async def generate(request: Request) -> Response:
         try:
             body = await read_body_limited(request, config.max_request_bytes)
-            if len(body) > _TOKENIZE_INLINE_BYTES:  # a long prompt: tokenize it off the event loop
-                routing, stream = await asyncio.to_thread(state.prompts.read, request.url.path, body)
-            else:
-                routing, stream = state.prompts.read(request.url.path, body)
+            routing, stream = await state.prompts.read(request.url.path, body)
             return await state.proxy.forward(request, request.url.path, body, routing, stream)
         except ClientDisconnected:
             return Response(status_code=499)

@@ -9,6 +9,7 @@ answers it with its own 400); it is routed as a prompt of unknown tokens.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from pydantic import ValidationError
 from rtpllm.router.policy import RoutingInput
 from rtpllm.serving import request_params as rp
 from rtpllm.serving.errors import OpenAIError
+from rtpllm.serving.prompt_renderer import PromptRenderer
 from rtpllm.serving.protocol import ChatCompletionRequest, CompletionRequest
 
 logger = logging.getLogger(__name__)
@@ -37,15 +39,28 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+# Bodies past this size are parsed off the event loop (their tokenizing always is, by the renderer).
+_PARSE_INLINE_BYTES = 4096
+# The router does not know the instances' context length; the instance enforces it.
+_NO_CONTEXT_LIMIT = 1 << 30
+
+
 class PromptReader:
     def __init__(self, tokenizer: Optional[Any]):
         self.tokenizer = tokenizer
         self._vocab = len(tokenizer) if tokenizer is not None else 1 << 31
+        # The server's own renderer: off-loop tokenizing, and request chat templates never rendered
+        # here (such a request is routed without its tokens; the instance answers it).
+        self._renderer = PromptRenderer(tokenizer, _NO_CONTEXT_LIMIT) if tokenizer is not None else None
 
-    def read(self, path: str, raw: bytes) -> tuple[RoutingInput, bool]:
+    def close(self) -> None:
+        if self._renderer is not None:
+            self._renderer.close()
+
+    async def read(self, path: str, raw: bytes) -> tuple[RoutingInput, bool]:
         """(what routing needs, whether the client asked for a stream)."""
         try:
-            body = json.loads(raw)
+            body = json.loads(raw) if len(raw) <= _PARSE_INLINE_BYTES else await asyncio.to_thread(json.loads, raw)
         except ValueError:
             return RoutingInput(None, 0), False
         stream = isinstance(body, dict) and body.get("stream") is True
@@ -54,10 +69,10 @@ class PromptReader:
         try:
             if path.endswith("/chat/completions"):
                 chat = ChatCompletionRequest.model_validate(body)
-                tokens = rp.chat_prompt(chat.messages, self.tokenizer, chat.add_generation_prompt,
-                                        chat.chat_template_kwargs)
+                tokens = await rp.chat_prompt(chat, self._renderer)
                 return RoutingInput(tokens, len(tokens)), stream
-            prompts = rp.completion_prompts(CompletionRequest.model_validate(body), self.tokenizer, self._vocab)
+            prompts = await rp.completion_prompts(CompletionRequest.model_validate(body), self._renderer, self._vocab,
+                                                  _NO_CONTEXT_LIMIT)
             return RoutingInput(prompts[0], sum(len(p) for p in prompts)), stream
         except (ValidationError, OpenAIError, ValueError, TypeError) as exc:
             logger.debug("routing %s without its tokens: %s", path, exc)
