@@ -65,11 +65,16 @@ class FusedLinear(Linear):
 
     def load_shard(self, shard: str, kind: str, loaded: torch.Tensor, name: str) -> None:
         """Copies checkpoint tensor `name` (a weight or a bias, per `kind`) into its rows."""
+        copy_checked(self.shard_view(shard, kind, name), loaded, name)
+
+    def shard_view(self, shard: str, kind: str, name: str) -> torch.Tensor:
+        """The rows of the weight (or bias, per `kind`) that projection `shard` (checkpoint tensor
+        `name`) fills: a contiguous view of the fused parameter."""
         param = self.weight if kind == "weight" else self.bias
         if param is None:
             raise ValueError(f"{name}: the checkpoint has a bias but the model's config says this "
                              "projection has none")
-        copy_checked(param[self.shard_rows[shard]], loaded, name)
+        return param[self.shard_rows[shard]]
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Splits the fused output [..., sum(sizes)] back into one view per projection."""
