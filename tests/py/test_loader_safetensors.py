@@ -285,3 +285,18 @@ def test_dummy_format_reads_no_weights(tmp_path):
 def test_unknown_load_format():
     with pytest.raises(ValueError, match="load_format: must be one of"):
         load_model_and_tokenizer(checkpoint_path(_BASE), load_format="pt")
+
+
+def test_dummy_format_through_llm_and_cli(tmp_path):
+    from rtpllm.engine.llm import LLM
+    from rtpllm.sampling_params import SamplingParams
+    from rtpllm.serving.cli import build_parser
+    from rtpllm.serving.engine_args import engine_config_from_args
+
+    args = build_parser().parse_args(["generate", "--load-format", "dummy", "hi"])
+    assert engine_config_from_args(args).model.load_format == "dummy"
+    folder = shutil.copytree(checkpoint_path(_BASE), tmp_path / "no-weights",
+                             ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    llm = LLM(model=str(folder), load_format="dummy", device="cpu", num_blocks=16)
+    out = llm.generate(["hello"], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 3

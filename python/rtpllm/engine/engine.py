@@ -48,6 +48,7 @@ class Engine:
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         torch.manual_seed(config.model.seed)
         loaded = load_model_and_tokenizer(self.model_path, dtype=self.dtype, device=self.device,
+                                          load_format=config.model.load_format,
                                           attn_backend_factory=attention_backend_factory(
                                               self.device, self.dtype, config.cache.block_size))
         self.arch = loaded.arch

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from transformers import AutoTokenizer
 
+from rtpllm.config import LOAD_FORMATS
 from rtpllm.layers.attention_metadata import AttentionBackend
 from rtpllm.loader.gguf_checkpoint import GGUFCheckpoint
 from rtpllm.loader.gguf_tokenizer import load_gguf_tokenizer
@@ -19,7 +20,6 @@ from rtpllm.models.llama import LlamaForCausalLM
 from rtpllm.models.llama_arch import LlamaArch
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-LOAD_FORMATS = ("auto", "dummy")
 # Dummy weights: uniform in [-x, x], small enough that activations stay finite (vLLM's choice).
 _DUMMY_RANGE = 1e-3
 
