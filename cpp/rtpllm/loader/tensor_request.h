@@ -9,6 +9,8 @@
 //     begin = c0 * esize, row_bytes = (c1 - c0) * esize, rows = R, src_stride = C * esize,
 //     dst_stride = row_bytes (or the destination's own row pitch).
 // Byte offsets are relative to the tensor's first byte; the loader checks them against the header.
+// A request with an empty `tensor` reads raw bytes of any file (offsets from the file's start,
+// checked against its size): how GGUF files, which have their own header format, are read.
 #pragma once
 
 #include <cstdint>
@@ -21,7 +23,7 @@ namespace rtpllm::loader {
 
 struct TensorRequest {
   std::string file;         // path of the safetensors file that holds the tensor
-  std::string tensor;       // the tensor's name in that file's header
+  std::string tensor;       // the tensor's name in that file's header; empty: raw file bytes
   uint64_t begin = 0;       // byte offset inside the tensor of the first byte of row 0
   uint64_t row_bytes = 0;   // bytes copied per row
   uint64_t rows = 1;        // > 1 for a strided (column-slice) request
@@ -47,6 +49,10 @@ struct ReadSpan {
 // the destination is large enough) and turns it into spans, one per row. Throws LoadError
 // (kBadRequest) naming the file and the tensor.
 void append_spans(const TensorRequest& request, const SafetensorsHeader& header, uint32_t file_index,
+                  uint32_t request_index, std::vector<ReadSpan>& out);
+
+// The same for a request whose bytes lie in `extent` (a tensor, or for raw requests the whole file).
+void append_spans(const TensorRequest& request, const TensorInfo& extent, uint32_t file_index,
                   uint32_t request_index, std::vector<ReadSpan>& out);
 
 }  // namespace rtpllm::loader

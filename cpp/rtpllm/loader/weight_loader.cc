@@ -1,6 +1,10 @@
 #include "rtpllm/loader/weight_loader.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <chrono>
 #include <stdexcept>
 
@@ -8,6 +12,15 @@
 
 namespace rtpllm::loader {
 namespace {
+
+uint64_t file_size(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) throw LoadError(LoadErrorKind::kNotFound, path + ": no such file");
+    throw LoadError(LoadErrorKind::kIo, path + ": cannot stat (" + std::strerror(errno) + ")");
+  }
+  return static_cast<uint64_t>(st.st_size);
+}
 
 double now_seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -41,20 +54,34 @@ std::unique_ptr<LoadJob> WeightLoader::start(const std::vector<TensorRequest>& r
   job->requests_ = requests;
   job->started_ = now_seconds();
 
-  // Files in order of first appearance; spans validated against their headers.
+  // Files in order of first appearance; spans validated against their headers (or, for raw
+  // requests, against the file's size).
   std::unordered_map<std::string, uint32_t> file_index;
-  std::vector<const SafetensorsHeader*> headers;
+  std::vector<TensorInfo> extents;  // per file: the whole file as one raw extent
+  std::vector<const SafetensorsHeader*> headers;  // per file; nullptr for files read raw only
   std::vector<ReadSpan> spans;
   for (size_t r = 0; r < requests.size(); ++r) {
     const TensorRequest& request = requests[r];
     auto [it, added] = file_index.emplace(request.file, static_cast<uint32_t>(headers.size()));
-    if (added) headers.push_back(&header(request.file));
-    append_spans(request, *headers[it->second], it->second, static_cast<uint32_t>(r), spans);
+    const uint32_t f = it->second;
+    if (added) {
+      headers.push_back(request.tensor.empty() ? nullptr : &header(request.file));
+      TensorInfo whole;
+      whole.offset = 0;
+      whole.nbytes = headers.back() ? headers.back()->file_size() : file_size(request.file);
+      extents.push_back(whole);
+    } else if (!request.tensor.empty() && headers[f] == nullptr) {
+      headers[f] = &header(request.file);
+    }
+    if (request.tensor.empty()) append_spans(request, extents[f], f, static_cast<uint32_t>(r), spans);
+    else append_spans(request, *headers[f], f, static_cast<uint32_t>(r), spans);
   }
   for (const ReadSpan& span : spans) job->total_bytes_ += span.bytes;
   job->chunks_ = plan_reads(std::move(spans), options_.plan);
-  for (const SafetensorsHeader* h : headers)
-    job->files_.push_back(std::make_unique<ChunkFile>(h->file(), h->file_size(), options_.direct_io));
+  std::vector<std::string> paths(file_index.size());
+  for (const auto& [path, f] : file_index) paths[f] = path;
+  for (uint32_t f = 0; f < paths.size(); ++f)
+    job->files_.push_back(std::make_unique<ChunkFile>(paths[f], extents[f].nbytes, options_.direct_io));
 
   const size_t threads = std::max<size_t>(1, std::min(options_.num_threads, job->chunks_.size()));
   const size_t slots = threads * options_.buffers_per_thread;

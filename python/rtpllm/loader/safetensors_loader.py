@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from rtpllm import _C
+from rtpllm.loader.reader import LoaderSettings, Progress, make_loader, run_requests
 
 logger = logging.getLogger(__name__)
 
@@ -36,19 +37,6 @@ _TORCH_DTYPES = {
 }
 # Staging for dtype conversion is converted and freed in batches of about this many bytes.
 _CONVERSION_BATCH_BYTES = 1 << 30
-# The progress bar appears only for loads that run longer than this (seconds).
-_PROGRESS_DELAY_S = 2.0
-
-
-@dataclass(frozen=True)
-class LoaderSettings:
-    """Knobs of the C++ reader; the defaults suit NVMe disks and the page cache alike."""
-
-    num_threads: int = 8
-    chunk_bytes: int = 16 << 20
-    buffers_per_thread: int = 2
-    direct_io: str = "auto"  # auto (per file: O_DIRECT unless mostly cached), always, never
-    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -128,19 +116,19 @@ def load_into_model(checkpoint: SafetensorsCheckpoint,
     if len(devices) > 1:
         raise ValueError(f"destinations: all on one device, got {sorted(map(str, devices))}")
     device = devices.pop() if devices else torch.device("cpu")
-    loader = _make_loader(device, settings)
+    loader = make_loader(device, settings)
     start = time.perf_counter()
     direct = [t for t in transfers if _is_direct(t)]
     converted = [t for t in transfers if not _is_direct(t)]
     batches = _conversion_batches(converted)
     total = checkpoint_bytes = sum(t.tensor.nbytes for t in transfers)
-    with _Progress(total, settings.progress) as progress:
+    with Progress(total, settings.progress) as progress:
         # The first job also carries every tensor that needs no conversion.
         for index, batch in enumerate(batches or [[]]):
             jobs = (direct if index == 0 else []) + batch
             for transfer in batch:
                 transfer.staging = torch.empty(transfer.tensor.nbytes, dtype=torch.uint8, device=device)
-            _run(loader, [_request(t) for t in jobs], progress)
+            run_requests(loader, [_request(t) for t in jobs], progress)
             for transfer in batch:
                 raw = transfer.staging.view(transfer.tensor.dtype).view(transfer.tensor.shape)
                 transfer.destination.copy_(raw)
@@ -171,57 +159,6 @@ def _request(transfer: _Transfer):
     target = transfer.staging if transfer.staging is not None else transfer.destination
     nbytes = target.numel() * target.element_size()
     return _C.loader.TensorRequest(transfer.tensor.file, transfer.tensor.name, target.data_ptr(), nbytes)
-
-
-def _make_loader(device: torch.device, settings: LoaderSettings):
-    cuda_device = None
-    if device.type == "cuda":
-        if not getattr(_C, "has_cuda", False):
-            raise ValueError("device: loading onto a GPU needs rtpllm built with RTPLLM_CUDA=1")
-        cuda_device = device.index if device.index is not None else torch.cuda.current_device()
-        # The reader copies on a stream of its own: nothing queued on torch's may touch the parameters.
-        torch.cuda.current_stream(device).synchronize()
-    elif device.type != "cpu":
-        raise ValueError(f"device: the safetensors loader supports cpu and cuda, got {device}")
-    return _C.loader.WeightLoader(num_threads=settings.num_threads, chunk_bytes=settings.chunk_bytes,
-                                  buffers_per_thread=settings.buffers_per_thread, direct_io=settings.direct_io,
-                                  cuda_device=cuda_device)
-
-
-def _run(loader, requests: list, progress: "_Progress") -> None:
-    if not requests:
-        return
-    job = loader.start(requests)
-    done_before = progress.done
-    while not job.wait_for(0.1):
-        progress.update_to(done_before + job.bytes_done)
-    job.finish()
-    progress.update_to(done_before + job.total_bytes)
-
-
-class _Progress:
-    """A tqdm bar in bytes (with its GB/s rate) that shows up only when a load takes a while."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.done = 0
-        self._bar = None
-        if enabled and total > 0:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="Loading weights",
-                             delay=_PROGRESS_DELAY_S, leave=False, dynamic_ncols=True)
-
-    def update_to(self, done: int) -> None:
-        if self._bar is not None and done > self.done:
-            self._bar.update(done - self.done)
-        self.done = max(self.done, done)
-
-    def __enter__(self) -> "_Progress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 def read_tensors(files: Iterable[str], names: Optional[Iterable[str]] = None,
