@@ -11,6 +11,7 @@ real block.
 from __future__ import annotations
 
 import bisect
+import time
 from typing import Callable, Optional
 
 import torch
@@ -40,7 +41,9 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(self.max_batch + 1, dtype=torch.int32, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
+        start = time.perf_counter()
         self._capture_all(plan, max_model_len)
+        self.capture_seconds = time.perf_counter() - start
 
     def can_run(self, batch) -> bool:
         return (batch.max_query_len == 1 and batch.num_seqs <= self.max_batch

@@ -25,6 +25,7 @@ from rtpllm.engine.model_runner import ModelRunner
 from rtpllm.engine.prompt_logprobs import PromptLogprobCollector
 from rtpllm.engine.request_state import RequestGroup, SequenceState
 from rtpllm.engine.sampling_inputs import build_sampling_batch, sampled_logprobs
+from rtpllm.engine.startup_phases import StartupPhases
 from rtpllm.engine.stats import EngineStats
 from rtpllm.layers.sampling_batch import SamplingBatch, make_request_generator
 from rtpllm.loader import load_model_and_tokenizer
@@ -41,16 +42,20 @@ _FINISH_REASONS = {
 
 
 class Engine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, startup: Optional[StartupPhases] = None):
+        """`startup` carries the phases timed before the engine (the engine process's imports);
+        the engine adds its own and logs them all once it is ready."""
         self.config = config
+        self.startup = startup or StartupPhases("engine")
         self.model_path = resolve_model_path(config.model.model)
         self.device = resolve_device(config.device.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         torch.manual_seed(config.model.seed)
-        loaded = load_model_and_tokenizer(self.model_path, dtype=self.dtype, device=self.device,
-                                          load_format=config.model.load_format,
-                                          attn_backend_factory=attention_backend_factory(
-                                              self.device, self.dtype, config.cache.block_size))
+        with self.startup.phase("model and tokenizer"):
+            loaded = load_model_and_tokenizer(self.model_path, dtype=self.dtype, device=self.device,
+                                              load_format=config.model.load_format,
+                                              attn_backend_factory=attention_backend_factory(
+                                                  self.device, self.dtype, config.cache.block_size))
         self.arch = loaded.arch
         self.tokenizer = loaded.tokenizer
         self.model_name = config.model.served_model_name or _basename(self.model_path)
@@ -58,7 +63,12 @@ class Engine:
         # The logits' width: the architecture's vocabulary, else (where it names none) the tokenizer's.
         self.vocab_size = getattr(self.arch, "vocab_size", None) or len(self.tokenizer)
         self.eos_token_ids = _eos_ids(loaded.generation_config, self.tokenizer, self.arch)
-        self.runner = ModelRunner(loaded.model, self.arch, config, self.device, self.dtype, self.max_model_len)
+        with self.startup.phase("kv cache profile and allocation"):
+            self.runner = ModelRunner(loaded.model, self.arch, config, self.device, self.dtype, self.max_model_len)
+        if self.runner.graphs is not None:  # captured inside the runner: report it apart
+            capture = self.runner.graphs.capture_seconds
+            self.startup.phases[-1] = (self.startup.phases[-1][0], self.startup.phases[-1][1] - capture)
+            self.startup.add(f"cuda graphs ({len(self.runner.graphs.buckets)} batch sizes)", capture)
         self.scheduler = _C.Scheduler(
             _C.SchedulerOptions(
                 max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
@@ -80,6 +90,7 @@ class Engine:
         self._last_sampling_batch: Optional[SamplingBatch] = None  # its row tensors may be reused
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
+        self.startup.log()
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams,

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
-from transformers import AutoTokenizer
 
 from rtpllm.config import LOAD_FORMATS
 from rtpllm.layers.attention_metadata import AttentionBackend
@@ -82,30 +82,35 @@ def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device, backe
     files = safetensors_files(folder) if load_format != "dummy" else []  # dummy needs no weight files
     generation_config = read_generation_config(folder)
     check_tokenizer_files(folder)
-    model = _empty_model(arch, dtype, device, backend_for(arch))
-    if load_format == "dummy":
-        _fill_dummy(model)
-    else:
-        # Headers are read and checked (and the index against them) before any weight moves.
-        checkpoint = SafetensorsCheckpoint(files, read_weight_map(folder))
-        model.check_all_loaded(load_into_model(checkpoint, model.weight_destination, settings))
-    return LoadedModel(model.eval(), arch, _load_tokenizer(folder), generation_config)
+    # The tokenizer (and the transformers import it needs) loads on a thread while the C++ reader,
+    # which does not hold the GIL, moves the weights.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtpllm-tokenizer") as pool:
+        tokenizer = pool.submit(_load_tokenizer, folder)
+        model = _empty_model(arch, dtype, device, backend_for(arch))
+        if load_format == "dummy":
+            _fill_dummy(model)
+        else:
+            # Headers are read and checked (and the index against them) before any weight moves.
+            checkpoint = SafetensorsCheckpoint(files, read_weight_map(folder))
+            model.check_all_loaded(load_into_model(checkpoint, model.weight_destination, settings))
+        return LoadedModel(model.eval(), arch, tokenizer.result(), generation_config)
 
 
 def _load_gguf(path: str, dtype: torch.dtype, device: torch.device, backend_for: BackendFor,
                load_format: str) -> LoadedModel:
     checkpoint = GGUFCheckpoint(path)
     arch = checkpoint.arch()
-    if load_format == "dummy":
-        model = _fill_dummy(_empty_model(arch, dtype, device, backend_for(arch))).eval()
-    else:
-        model = build_model(arch, dtype, device, checkpoint.weights(arch, device), backend_for(arch))
-    try:
-        tokenizer = load_gguf_tokenizer(path)
-    except Exception as e:
-        raise ValueError(f"{checkpoint.name}: cannot build the tokenizer from the GGUF metadata "
-                         f"({type(e).__name__}: {e})") from None
-    return LoadedModel(model, arch, tokenizer, checkpoint.generation_config(arch))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtpllm-tokenizer") as pool:
+        tokenizer = pool.submit(load_gguf_tokenizer, path)  # overlaps the weights' reading and dequantizing
+        if load_format == "dummy":
+            model = _fill_dummy(_empty_model(arch, dtype, device, backend_for(arch))).eval()
+        else:
+            model = build_model(arch, dtype, device, checkpoint.weights(arch, device), backend_for(arch))
+        try:
+            return LoadedModel(model, arch, tokenizer.result(), checkpoint.generation_config(arch))
+        except Exception as e:
+            raise ValueError(f"{checkpoint.name}: cannot build the tokenizer from the GGUF metadata "
+                             f"({type(e).__name__}: {e})") from None
 
 
 def _empty_model(arch: LlamaArch, dtype: torch.dtype, device: torch.device,
@@ -139,6 +144,8 @@ def _load_tokenizer(folder: str):
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"tokenizer: {folder} does not exist")
     check_tokenizer_files(folder)
+    from transformers import AutoTokenizer  # 1-2 s of imports: only where a tokenizer is loaded
+
     try:
         return AutoTokenizer.from_pretrained(folder)
     except Exception as e:
