@@ -15,6 +15,7 @@ import struct
 import pytest
 import torch
 from checkpoints import checkpoint_path
+from sharded_checkpoints import BASE_VARIANT, sharded_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -22,62 +23,10 @@ from rtpllm import _C
 from rtpllm.loader import load_model_and_tokenizer
 from rtpllm.loader.safetensors_loader import LoaderSettings, read_tensors
 
-_BASE = "gqa9x3"  # GQA 9:3, head_dim 64: fused qkv rows of unequal sizes
+_BASE = BASE_VARIANT
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Small chunks and several threads, so even a tiny checkpoint is read in many pieces concurrently.
 _SETTINGS = LoaderSettings(num_threads=3, chunk_bytes=64 << 10, progress=False)
-
-
-def _fuse(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same weights with q|k|v and gate|up stored as one tensor each (as some exports do)."""
-    fused = {}
-    for name, tensor in state.items():
-        if ".q_proj." in name:
-            parts = [state[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
-            fused[name.replace("q_proj", "qkv_proj")] = torch.cat(parts)
-        elif ".gate_proj." in name:
-            fused[name.replace("gate_proj", "gate_up_proj")] = torch.cat([tensor, state[name.replace("gate", "up")]])
-        elif not any(f".{p}." in name for p in ("k_proj", "v_proj", "up_proj")):
-            fused[name] = tensor
-    return fused
-
-
-def _write_sharded(folder, state: dict[str, torch.Tensor], shard_bytes: int = 120_000) -> list[str]:
-    """Writes `state` as HF-style shards with an index; returns the shard paths."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor.contiguous()
-        size += nbytes
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for shard_name, shard in zip(names, shards):
-        save_file(shard, os.path.join(folder, shard_name), metadata={"format": "pt"})
-        weight_map.update({name: shard_name for name in shard})
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f)
-    return [os.path.join(folder, n) for n in names]
-
-
-def _checkpoint(tmp_path, dtype: torch.dtype, fused: bool):
-    """A copy of the base test checkpoint in `dtype`, sharded, fused or not."""
-    base = checkpoint_path(_BASE)
-    folder = tmp_path / f"ckpt-{dtype}-{fused}"
-    shutil.copytree(base, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
-    state = {}
-    for name in sorted(os.listdir(base)):
-        if name.endswith(".safetensors"):
-            state.update(load_file(os.path.join(base, name)))
-    state = {name: tensor.to(dtype) for name, tensor in state.items()}
-    if fused:
-        state = _fuse(state)
-    files = _write_sharded(str(folder), state)
-    assert len(files) > 2
-    return folder, files
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -87,7 +36,7 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("dtype_name", list(_DTYPES))
 def test_every_tensor_bit_identical_to_safetensors(tmp_path, dtype_name, fused):
-    _, files = _checkpoint(tmp_path, _DTYPES[dtype_name], fused)
+    _, files = sharded_checkpoint(tmp_path, _DTYPES[dtype_name], fused)
     ours = read_tensors(files, settings=_SETTINGS)
     count = 0
     for path in files:
@@ -104,7 +53,7 @@ def test_every_tensor_bit_identical_to_safetensors(tmp_path, dtype_name, fused):
 @pytest.mark.parametrize("dtype_name", list(_DTYPES))
 def test_model_parameters_hold_the_checkpoint_bytes(tmp_path, dtype_name, fused):
     dtype = _DTYPES[dtype_name]
-    folder, files = _checkpoint(tmp_path, dtype, fused)
+    folder, files = sharded_checkpoint(tmp_path, dtype, fused)
     model = load_model_and_tokenizer(str(folder), dtype=dtype, loader_settings=_SETTINGS).model
     stored = {}
     for path in files:
@@ -126,7 +75,7 @@ def test_model_parameters_hold_the_checkpoint_bytes(tmp_path, dtype_name, fused)
 
 
 def test_dtype_conversion_matches_torch(tmp_path):
-    folder, files = _checkpoint(tmp_path, torch.bfloat16, fused=False)
+    folder, files = sharded_checkpoint(tmp_path, torch.bfloat16, fused=False)
     model = load_model_and_tokenizer(str(folder), dtype=torch.float32, loader_settings=_SETTINGS).model
     stored = load_file(files[0]) | {k: v for f in files[1:] for k, v in load_file(f).items()}
     assert model.model.embed_tokens.weight.dtype == torch.float32
@@ -169,7 +118,7 @@ def test_request_past_the_tensor_names_file_and_tensor(tmp_path):
 # ------------------------------------------------------------------------------------------ errors
 @pytest.fixture
 def sharded(tmp_path):
-    folder, files = _checkpoint(tmp_path, torch.bfloat16, fused=False)
+    folder, files = sharded_checkpoint(tmp_path, torch.bfloat16, fused=False)
     return folder, files
 
 
