@@ -249,3 +249,17 @@ def test_dummy_format_through_llm_and_cli(tmp_path):
     llm = LLM(model=str(folder), load_format="dummy", device="cpu", num_blocks=16)
     out = llm.generate(["hello"], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_raw_byte_ranges_of_any_file(tmp_path):
+    """How GGUF tensors are read: byte ranges of a file with no safetensors header."""
+    from rtpllm.loader.reader import read_file_ranges
+
+    data = bytes(range(256)) * 40
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    first, second = read_file_ranges(str(path), [(5, 100), (9000, 1240)], "cpu", _SETTINGS)
+    assert first.numpy().tobytes() == data[5:105]
+    assert second.numpy().tobytes() == data[9000:]
+    with pytest.raises(ValueError, match=r"blob.bin: raw read: requested bytes \[10000, 10241\) reach past"):
+        read_file_ranges(str(path), [(10000, 241)], "cpu", _SETTINGS)

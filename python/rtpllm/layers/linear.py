@@ -50,7 +50,7 @@ class FusedLinear(Linear):
     """Several projections of one input stacked along the output dim, in the order given.
 
     `shards` names each projection and its output size, e.g. [("q_proj", 2048), ("k_proj", 512), ("v_proj", 512)];
-    the checkpoint's separate tensors are copied into their rows with `load_shard`.
+    the loader copies the checkpoint's separate tensors into their rows (`shard_view`).
     """
 
     def __init__(self, in_features: int, shards: Sequence[tuple[str, int]], bias: bool,
@@ -62,10 +62,6 @@ class FusedLinear(Linear):
         for shard, size in shards:
             self.shard_rows[shard] = slice(start, start + size)
             start += size
-
-    def load_shard(self, shard: str, kind: str, loaded: torch.Tensor, name: str) -> None:
-        """Copies checkpoint tensor `name` (a weight or a bias, per `kind`) into its rows."""
-        copy_checked(self.shard_view(shard, kind, name), loaded, name)
 
     def shard_view(self, shard: str, kind: str, name: str) -> torch.Tensor:
         """The rows of the weight (or bias, per `kind`) that projection `shard` (checkpoint tensor
