@@ -6,7 +6,10 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -69,6 +72,18 @@ def read_weight_map(folder: str) -> Optional[dict[str, str]]:
             raise FileNotFoundError(f"{WEIGHTS_INDEX_FILE}: missing shard {shard} (it holds tensor {name}) "
                                     f"in {folder}")
     return weight_map
+
+
+def iter_safetensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (name, CPU tensor) for every tensor of every file, reading one tensor at a time
+    (memory-mapped), so peak host memory stays near one tensor."""
+    for path in files:
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{os.path.basename(path)}: not a valid safetensors file ({e}) in {path}") from None
 
 
 def check_tokenizer_files(folder: str) -> None:
