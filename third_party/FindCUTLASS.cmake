@@ -1,5 +1,7 @@
 # Finds the CUTLASS and CuTe headers shipped in the `nvidia-cutlass` wheel
-# (cutlass_library/source/include). Set CUTLASS_INCLUDE_DIR to use another checkout.
+# (cutlass_library/source/include), as the build's Python sees it: under `pip install .` that is
+# pip's isolated build environment, where pyproject.toml's build requirements put the wheel when
+# RTPLLM_CUDA is set. Set CUTLASS_INCLUDE_DIR to use another checkout.
 # Defines CUTLASS_FOUND, CUTLASS_INCLUDE_DIR, CUTLASS_VERSION and the target CUTLASS::cutlass.
 include(RtpllmPythonPackage)
 
@@ -12,7 +14,8 @@ if(CUTLASS_INCLUDE_DIR AND EXISTS "${CUTLASS_INCLUDE_DIR}/cutlass/version.h")
 endif()
 
 include(FindPackageHandleStandardArgs)
-find_package_handle_standard_args(CUTLASS REQUIRED_VARS CUTLASS_INCLUDE_DIR VERSION_VAR CUTLASS_VERSION)
+find_package_handle_standard_args(CUTLASS REQUIRED_VARS CUTLASS_INCLUDE_DIR VERSION_VAR CUTLASS_VERSION
+  REASON_FAILURE_MESSAGE "no nvidia-cutlass wheel for ${Python_EXECUTABLE}: `pip install nvidia-cutlass` (needed with --no-build-isolation), or set CUTLASS_INCLUDE_DIR")
 
 if(CUTLASS_FOUND AND NOT TARGET CUTLASS::cutlass)
   add_library(CUTLASS::cutlass INTERFACE IMPORTED)

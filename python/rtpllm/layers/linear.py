@@ -50,7 +50,7 @@ class FusedLinear(Linear):
     """Several projections of one input stacked along the output dim, in the order given.
 
     `shards` names each projection and its output size, e.g. [("q_proj", 2048), ("k_proj", 512), ("v_proj", 512)];
-    the checkpoint's separate tensors are copied into their rows with `load_shard`.
+    the loader copies the checkpoint's separate tensors into their rows (`shard_view`).
     """
 
     def __init__(self, in_features: int, shards: Sequence[tuple[str, int]], bias: bool,
@@ -63,13 +63,14 @@ class FusedLinear(Linear):
             self.shard_rows[shard] = slice(start, start + size)
             start += size
 
-    def load_shard(self, shard: str, kind: str, loaded: torch.Tensor, name: str) -> None:
-        """Copies checkpoint tensor `name` (a weight or a bias, per `kind`) into its rows."""
+    def shard_view(self, shard: str, kind: str, name: str) -> torch.Tensor:
+        """The rows of the weight (or bias, per `kind`) that projection `shard` (checkpoint tensor
+        `name`) fills: a contiguous view of the fused parameter."""
         param = self.weight if kind == "weight" else self.bias
         if param is None:
             raise ValueError(f"{name}: the checkpoint has a bias but the model's config says this "
                              "projection has none")
-        copy_checked(param[self.shard_rows[shard]], loaded, name)
+        return param[self.shard_rows[shard]]
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Splits the fused output [..., sum(sizes)] back into one view per projection."""

@@ -1,19 +1,23 @@
-"""Reading a GGUF file (llama.cpp format) with the `gguf` package: metadata, architecture,
-weights (dequantized at load with our own kernels) and the tokenizer stored in the metadata."""
+"""Reading a GGUF file (llama.cpp format): metadata, architecture and tensor directory with the
+`gguf` package, the tensors' bytes with the C++ reader (straight to the device, in file order),
+dequantized there with our own kernels; the tokenizer is stored in the metadata."""
 
 from __future__ import annotations
 
 import os
 from typing import Any, Iterator, Union
 
-import numpy as np
 import torch
 from gguf import GGUFReader
 
 from rtpllm.loader.gguf_names import PERMUTED_QK_ARCHITECTURES, ROPE_FREQS_NAME, hf_name, unpermute_qk
 from rtpllm.loader.gguf_quants import dequantize
+from rtpllm.loader.reader import LoaderSettings, read_file_ranges
 from rtpllm.models.llama_arch import LlamaArch
 
+# Raw tensor bytes are read and dequantized in batches of about this many bytes (bounds the memory
+# held by raw copies on the device).
+_READ_BATCH_BYTES = 1 << 30
 # Metadata that only transformers' tokenizer builder needs; large arrays, not decoded here.
 _SKIPPED_METADATA = ("tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
 
@@ -60,24 +64,48 @@ class GGUFCheckpoint:
             config["eos_token_id"] = eos[0] if len(eos) == 1 else eos
         return config
 
-    def weights(self, arch: LlamaArch, device: Union[str, torch.device]) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(self, arch: LlamaArch, device: Union[str, torch.device],
+                settings: LoaderSettings = LoaderSettings()) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, float32 tensor on `device`) for every weight, dequantized on `device`."""
         unpermute = self.gguf_architecture in PERMUTED_QK_ARCHITECTURES
-        for gguf_name in self.tensors:
-            if gguf_name == ROPE_FREQS_NAME:
-                continue
-            name = hf_name(gguf_name)
-            tensor = self._dequantized(gguf_name, torch.device(device))
-            if unpermute and ".self_attn.q_proj." in name:
-                tensor = unpermute_qk(tensor, arch.num_heads)
-            elif unpermute and ".self_attn.k_proj." in name:
-                tensor = unpermute_qk(tensor, arch.num_kv_heads)
-            yield name, tensor
+        device = torch.device(device)
+        names = [name for name in self.tensors if name != ROPE_FREQS_NAME]
+        for batch in _batches(names, lambda name: int(self.tensors[name].n_bytes)):
+            raw = self._read_raw(batch, device, settings)
+            for gguf_name, tensor_bytes in zip(batch, raw):
+                name = hf_name(gguf_name)
+                tensor = self._dequantize(gguf_name, tensor_bytes)
+                if unpermute and ".self_attn.q_proj." in name:
+                    tensor = unpermute_qk(tensor, arch.num_heads)
+                elif unpermute and ".self_attn.k_proj." in name:
+                    tensor = unpermute_qk(tensor, arch.num_kv_heads)
+                yield name, tensor
 
-    def _dequantized(self, gguf_name: str, device: torch.device) -> torch.Tensor:
+    def _read_raw(self, names: list[str], device: torch.device, settings: LoaderSettings) -> list[torch.Tensor]:
+        ranges = [(int(self.tensors[n].data_offset), int(self.tensors[n].n_bytes)) for n in names]
+        try:
+            return read_file_ranges(self.path, ranges, device, settings)
+        except ValueError as e:
+            raise ValueError(f"{self.name}: tensor data out of the file's bounds ({e})") from None
+
+    def _dequantize(self, gguf_name: str, raw: torch.Tensor) -> torch.Tensor:
         tensor = self.tensors[gguf_name]
         # ggml lists dimensions fastest-first; the row-major (Hugging Face) shape is the reverse.
         shape = [int(dim) for dim in reversed(tensor.shape.tolist())]
-        # A private copy: the reader's arrays are read-only views of the memory-mapped file.
-        raw = np.array(tensor.data, copy=True).view(np.uint8)
-        return dequantize(torch.from_numpy(raw).to(device), tensor.tensor_type, shape, gguf_name)
+        return dequantize(raw, tensor.tensor_type, shape, gguf_name)
+
+    def _dequantized(self, gguf_name: str, device: torch.device) -> torch.Tensor:
+        return self._dequantize(gguf_name, self._read_raw([gguf_name], device, LoaderSettings(progress=False))[0])
+
+
+def _batches(names: list[str], nbytes) -> Iterator[list[str]]:
+    batch: list[str] = []
+    size = 0
+    for name in names:
+        if batch and size + nbytes(name) > _READ_BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(name)
+        size += nbytes(name)
+    if batch:
+        yield batch

@@ -14,9 +14,6 @@ import os
 import shutil
 import tempfile
 
-import transformers
-from transformers import AutoTokenizer
-
 logger = logging.getLogger(__name__)
 
 
@@ -26,6 +23,8 @@ def cache_root() -> str:
 
 
 def _cache_dir(path: str) -> str:
+    import transformers
+
     stat = os.stat(path)
     # A new transformers may convert differently: its version is part of the key.
     key = f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}"
@@ -34,6 +33,8 @@ def _cache_dir(path: str) -> str:
 
 def load_gguf_tokenizer(path: str):
     """The tokenizer and chat template stored in the GGUF metadata of `path`."""
+    from transformers import AutoTokenizer  # imported here: a thread loads the tokenizer at start-up
+
     cached = _cache_dir(path)
     if os.path.isdir(cached):
         try:

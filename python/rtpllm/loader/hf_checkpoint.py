@@ -41,17 +41,9 @@ def read_generation_config(folder: str) -> dict:
 
 def safetensors_files(folder: str) -> list[str]:
     """The weight files of the folder, in a stable order. Prefers the index when present."""
-    index_path = os.path.join(folder, WEIGHTS_INDEX_FILE)
-    if os.path.isfile(index_path):
-        index = read_json(index_path)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{WEIGHTS_INDEX_FILE}: has no 'weight_map' object in {index_path}")
-        files = [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
-        missing = [os.path.basename(f) for f in files if not os.path.isfile(f)]
-        if missing:
-            raise FileNotFoundError(f"{WEIGHTS_INDEX_FILE}: lists shard(s) missing from {folder}: {missing}")
-        return files
+    weight_map = read_weight_map(folder)
+    if weight_map is not None:
+        return [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
     single = os.path.join(folder, SINGLE_WEIGHTS_FILE)
     if os.path.isfile(single):
         return [single]
@@ -61,6 +53,25 @@ def safetensors_files(folder: str) -> list[str]:
     other = [os.path.basename(p) for pattern in ("*.bin", "*.pt") for p in glob.glob(os.path.join(folder, pattern))]
     hint = f" (found {other}: only safetensors weights are supported)" if other else ""
     raise FileNotFoundError(f"weights: no {SINGLE_WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {folder}{hint}")
+
+
+def read_weight_map(folder: str) -> Optional[dict[str, str]]:
+    """The index's tensor name -> shard file map, or None without an index. Raises
+    FileNotFoundError naming a shard the index lists but the folder lacks (and a tensor in it)."""
+    index_path = os.path.join(folder, WEIGHTS_INDEX_FILE)
+    if not os.path.isfile(index_path):
+        return None
+    index = read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{WEIGHTS_INDEX_FILE}: has no 'weight_map' object in {index_path}")
+    if not all(isinstance(shard, str) for shard in weight_map.values()):
+        raise ValueError(f"{WEIGHTS_INDEX_FILE}: 'weight_map' values must be file names in {index_path}")
+    for name, shard in weight_map.items():
+        if not os.path.isfile(os.path.join(folder, shard)):
+            raise FileNotFoundError(f"{WEIGHTS_INDEX_FILE}: missing shard {shard} (it holds tensor {name}) "
+                                    f"in {folder}")
+    return weight_map
 
 
 def iter_safetensors(files: list[str], shard_of: Optional[Callable[[str], Any]] = None

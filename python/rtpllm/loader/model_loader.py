@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
-from transformers import AutoTokenizer
 
+from rtpllm.config import LOAD_FORMATS
 from rtpllm.distributed.tp_group import TPGroup
 from rtpllm.layers.attention_metadata import AttentionBackend
 from rtpllm.loader.gguf_checkpoint import GGUFCheckpoint
 from rtpllm.loader.gguf_tokenizer import load_gguf_tokenizer
 from rtpllm.loader.hf_checkpoint import (CONFIG_FILE, check_tokenizer_files, iter_safetensors, read_generation_config,
-                                         read_json, safetensors_files)
+                                         read_json, read_weight_map, safetensors_files)
+from rtpllm.loader.safetensors_loader import LoaderSettings, SafetensorsCheckpoint, load_into_model
 from rtpllm.models.llama import LlamaForCausalLM
 from rtpllm.models.llama_arch import LlamaArch
 from rtpllm.models.llama_shards import llama_tensor_shard
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Dummy weights: uniform in [-x, x], small enough that activations stay finite (vLLM's choice).
+_DUMMY_RANGE = 1e-3
 
 
 @dataclass
@@ -35,12 +39,15 @@ def load_model_and_tokenizer(path: str, dtype: torch.dtype = torch.float32,
                              attn_backend: Optional[AttentionBackend] = None,
                              tokenizer_path: Optional[str] = None,
                              attn_backend_factory: Optional[Callable[[LlamaArch], AttentionBackend]] = None,
+                             load_format: str = "auto", loader_settings: LoaderSettings = LoaderSettings(),
                              tensor_parallel: Optional[TPGroup] = None) -> LoadedModel:
     """Loads a Hugging Face model folder (config.json + safetensors) or a `.gguf` file.
 
     `attn_backend` defaults to the torch reference backend; `attn_backend_factory`, when given, builds
     one from the checkpoint's architecture instead (kernels need head counts before the weights load);
     `tokenizer_path` overrides where the tokenizer comes from (a folder `AutoTokenizer` reads).
+    `load_format="dummy"` reads the architecture and tokenizer but no weights: parameters get small
+    random values (for benchmarks of everything but the weights).
     With `tensor_parallel`, the model is this rank's shard, and safetensors files are read only
     where the rank's slices lie (a GGUF file is dequantized whole, then sliced).
     Raises FileNotFoundError for a missing path or file and ValueError for a corrupt file or an
@@ -51,6 +58,8 @@ def load_model_and_tokenizer(path: str, dtype: torch.dtype = torch.float32,
     device = torch.device(device)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model: {path} does not exist")
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format: must be one of {LOAD_FORMATS}, got {load_format!r}")
     if attn_backend is not None and attn_backend_factory is not None:
         raise ValueError("attn_backend: give either a backend or a factory, not both")
 
@@ -58,9 +67,9 @@ def load_model_and_tokenizer(path: str, dtype: torch.dtype = torch.float32,
         return attn_backend if attn_backend_factory is None else attn_backend_factory(arch)
 
     if os.path.isdir(path):
-        loaded = _load_hf_folder(path, dtype, device, backend_for, tensor_parallel)
+        loaded = _load_hf_folder(path, dtype, device, backend_for, load_format, loader_settings, tensor_parallel)
     elif path.endswith(".gguf"):
-        loaded = _load_gguf(path, dtype, device, backend_for, tensor_parallel)
+        loaded = _load_gguf(path, dtype, device, backend_for, load_format, tensor_parallel)
     else:
         raise ValueError(f"model: {path} is neither a Hugging Face model folder nor a .gguf file")
     if tokenizer_path is not None:
@@ -72,36 +81,70 @@ BackendFor = Callable[[LlamaArch], Optional[AttentionBackend]]
 
 
 def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device, backend_for: BackendFor,
-                    tp: Optional[TPGroup] = None) -> LoadedModel:
+                    load_format: str, settings: LoaderSettings, tp: Optional[TPGroup] = None) -> LoadedModel:
     arch = LlamaArch.from_hf_config(read_json(os.path.join(folder, CONFIG_FILE)), source=CONFIG_FILE)
-    files = safetensors_files(folder)
+    files = safetensors_files(folder) if load_format != "dummy" else []  # dummy needs no weight files
     generation_config = read_generation_config(folder)
     check_tokenizer_files(folder)
-    shard_of = None if tp is None else (lambda name: llama_tensor_shard(name, arch, tp.rank, tp.world_size))
-    model = build_model(arch, dtype, device, iter_safetensors(files, shard_of), backend_for(arch), tp)
-    return LoadedModel(model, arch, _load_tokenizer(folder), generation_config)
+    # The tokenizer (and the transformers import it needs) loads on a thread while the C++ reader,
+    # which does not hold the GIL, moves the weights.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtpllm-tokenizer") as pool:
+        tokenizer = pool.submit(_load_tokenizer, folder)
+        model = _empty_model(arch, dtype, device, backend_for(arch), tp)
+        if load_format == "dummy":
+            _fill_dummy(model)
+        elif tp is not None:
+            # A tensor-parallel rank reads its slices through safetensors (the C++ reader's strided
+            # requests are not wired to the shard map yet).
+            model.load_weights(iter_safetensors(files, lambda name: llama_tensor_shard(name, arch, tp.rank,
+                                                                                      tp.world_size)))
+        else:
+            # Headers are read and checked (and the index against them) before any weight moves.
+            checkpoint = SafetensorsCheckpoint(files, read_weight_map(folder))
+            model.check_all_loaded(load_into_model(checkpoint, model.weight_destination, settings))
+        return LoadedModel(model.eval(), arch, tokenizer.result(), generation_config)
 
 
 def _load_gguf(path: str, dtype: torch.dtype, device: torch.device, backend_for: BackendFor,
-               tp: Optional[TPGroup] = None) -> LoadedModel:
+               load_format: str, tp: Optional[TPGroup] = None) -> LoadedModel:
     checkpoint = GGUFCheckpoint(path)
     arch = checkpoint.arch()
-    model = build_model(arch, dtype, device, checkpoint.weights(arch, device), backend_for(arch), tp)
-    try:
-        tokenizer = load_gguf_tokenizer(path)
-    except Exception as e:
-        raise ValueError(f"{checkpoint.name}: cannot build the tokenizer from the GGUF metadata "
-                         f"({type(e).__name__}: {e})") from None
-    return LoadedModel(model, arch, tokenizer, checkpoint.generation_config(arch))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtpllm-tokenizer") as pool:
+        tokenizer = pool.submit(load_gguf_tokenizer, path)  # overlaps the weights' reading and dequantizing
+        if load_format == "dummy":
+            model = _fill_dummy(_empty_model(arch, dtype, device, backend_for(arch), tp)).eval()
+        else:
+            model = build_model(arch, dtype, device, checkpoint.weights(arch, device), backend_for(arch), tp)
+        try:
+            return LoadedModel(model, arch, tokenizer.result(), checkpoint.generation_config(arch))
+        except Exception as e:
+            raise ValueError(f"{checkpoint.name}: cannot build the tokenizer from the GGUF metadata "
+                             f"({type(e).__name__}: {e})") from None
+
+
+def _empty_model(arch: LlamaArch, dtype: torch.dtype, device: torch.device,
+                 attn_backend: Optional[AttentionBackend], tp: Optional[TPGroup] = None) -> LlamaForCausalLM:
+    """The model (this rank's shard under `tp`) directly on `device` in `dtype`, parameters
+    uninitialized (no host copy, no throwaway initialization)."""
+    with torch.device(device):
+        return LlamaForCausalLM(arch, attn_backend=attn_backend, dtype=dtype, tp=tp)
+
+
+@torch.no_grad()
+def _fill_dummy(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    # A fixed seed of its own: dummy runs are reproducible without touching the global generator.
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(0)
+    for param in model.parameters():
+        param.uniform_(-_DUMMY_RANGE, _DUMMY_RANGE, generator=generator)
+    return model
 
 
 def build_model(arch: LlamaArch, dtype: torch.dtype, device: torch.device,
                 weights: Iterable[tuple[str, torch.Tensor]],
                 attn_backend: Optional[AttentionBackend] = None, tp: Optional[TPGroup] = None) -> LlamaForCausalLM:
-    """Creates the model directly on `device` in `dtype` (no host copy of the weights, no
-    throwaway initialization) and copies the checkpoint tensors in."""
-    with torch.device(device):
-        model = LlamaForCausalLM(arch, attn_backend=attn_backend, dtype=dtype, tp=tp)
+    """Creates the model on `device` in `dtype` and copies the (name, tensor) pairs in."""
+    model = _empty_model(arch, dtype, device, attn_backend, tp)
     model.load_weights(weights)
     return model.eval()
 
@@ -110,6 +153,8 @@ def _load_tokenizer(folder: str):
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"tokenizer: {folder} does not exist")
     check_tokenizer_files(folder)
+    from transformers import AutoTokenizer  # 1-2 s of imports: only where a tokenizer is loaded
+
     try:
         return AutoTokenizer.from_pretrained(folder)
     except Exception as e:

@@ -40,6 +40,7 @@ _FUSED_INTO = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
 _FUSED_NAME = re.compile(r"^(.*)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$")
 # Checkpoint tensors that carry nothing we use (precomputed RoPE frequencies in old exports).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+_FUSED_PROJECTIONS = (".qkv_proj", ".gate_up_proj")
 
 
 class LlamaAttention(nn.Module):
@@ -181,28 +182,46 @@ class LlamaForCausalLM(nn.Module):
         device. Under tensor parallelism each tensor may be the whole checkpoint tensor or already
         this rank's shard (`checkpoint_shard`). Raises ValueError on an unknown tensor, a shape
         mismatch, a tensor given twice, or any parameter left unloaded."""
-        params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
-            if name.endswith(_IGNORED_SUFFIXES) or (self.lm_head is None and name == "lm_head.weight"):
-                # A tied checkpoint may still store lm_head.weight (a copy of the embedding).
+            destination = self.weight_destination(name)
+            if destination is None:
                 continue
             if name in loaded:
                 raise ValueError(f"{name}: appears twice in the checkpoint")
             shard = self.checkpoint_shard(name)
             if shard is not None:
                 tensor = shard.take(tensor, name)
-            fused = _FUSED_NAME.match(name)
-            if fused and f"{fused.group(1)}.{_FUSED_INTO[fused.group(2)]}.weight" in params:
-                prefix, projection, kind = fused.groups()
-                self.get_submodule(f"{prefix}.{_FUSED_INTO[projection]}").load_shard(projection, kind, tensor, name)
-            elif name in params:
-                copy_checked(params[name], tensor, name)
-            else:
-                raise ValueError(f"{name}: unexpected tensor in the checkpoint (not part of this "
-                                 f"{self.arch.architecture} configuration)")
+            copy_checked(destination, tensor, name)
             loaded.add(name)
-        missing = [name for name in self.checkpoint_tensor_names() if name not in loaded]
+        self.check_all_loaded(loaded)
+
+    def weight_destination(self, name: str) -> Optional[torch.Tensor]:
+        """The storage checkpoint tensor `name` fills: its parameter, or its rows of a fused
+        parameter (a contiguous view, so a loader may write the bytes straight to its data_ptr).
+        None for a tensor we skip; raises ValueError for one this configuration does not have."""
+        if name.endswith(_IGNORED_SUFFIXES) or (self.lm_head is None and name == "lm_head.weight"):
+            # A tied checkpoint may still store lm_head.weight (a copy of the embedding).
+            return None
+        fused = _FUSED_NAME.match(name)
+        if fused and f"{fused.group(1)}.{_FUSED_INTO[fused.group(2)]}.weight" in self._params:
+            prefix, projection, kind = fused.groups()
+            return self.get_submodule(f"{prefix}.{_FUSED_INTO[projection]}").shard_view(projection, kind, name)
+        if name in self._params:
+            return self._params[name]
+        raise ValueError(f"{name}: unexpected tensor in the checkpoint (not part of this "
+                         f"{self.arch.architecture} configuration)")
+
+    def check_all_loaded(self, loaded: set[str]) -> None:
+        """Raises ValueError naming the checkpoint tensors this configuration needs that are not in
+        `loaded`. A checkpoint that stores a fused projection (`qkv_proj`) supplies all its shards."""
+        supplied = set(loaded)
+        for name in loaded:
+            module_name, _, kind = name.rpartition(".")
+            if module_name.endswith(_FUSED_PROJECTIONS):
+                owner = module_name.rpartition(".")[0]
+                supplied.update(f"{owner}.{shard}.{kind}" for shard in self.get_submodule(module_name).shard_rows)
+        missing = [name for name in self.checkpoint_tensor_names() if name not in supplied]
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
@@ -210,6 +229,13 @@ class LlamaForCausalLM(nn.Module):
     def checkpoint_shard(self, name: str):
         """The slice of checkpoint tensor `name` this rank holds (a TensorShard), or None: whole."""
         return None if self.tp is None else llama_tensor_shard(name, self.arch, self.tp.rank, self.tp.world_size)
+
+    @property
+    def _params(self) -> dict[str, torch.Tensor]:
+        # Built once: the parameters are fixed at construction (loading writes into them).
+        if "_param_index" not in self.__dict__:
+            self.__dict__["_param_index"] = dict(self.named_parameters())
+        return self.__dict__["_param_index"]
 
     def checkpoint_tensor_names(self) -> list[str]:
         """The Hugging Face names of every tensor this configuration needs from a checkpoint."""

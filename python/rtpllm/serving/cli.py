@@ -45,13 +45,35 @@ def _add_serve(subparsers) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from rtpllm.serving.openai_server import ServerOptions, run_server
+    from rtpllm.engine.startup_phases import StartupPhases, since_process_start
+
+    startup = StartupPhases("server")
+    startup.add("python start and imports", since_process_start() or 0.0)
+    config = engine_config_from_args(args)
+    launch = None
+    if not args.no_engine_process:
+        # The engine process loads the model while this one imports the HTTP stack.
+        from rtpllm.engine.process_engine import ProcessEngine
+
+        launch = ProcessEngine.launch(config)
+    try:
+        with startup.phase("server imports"):
+            from rtpllm.serving.openai_server import ServerOptions, run_server
+
+            if launch is not None:
+                # The engine's tokenizer arrives pickled: import what unpickling it needs while the
+                # engine is still loading, not after.
+                import transformers  # noqa: F401
+    except BaseException:
+        if launch is not None:
+            launch.kill()
+        raise
 
     options = ServerOptions(host=args.host, port=args.port, shutdown_timeout_s=args.shutdown_timeout,
                             access_log=not args.disable_uvicorn_access_log, log_level=args.uvicorn_log_level,
                             stream_interval=args.stream_interval, http=args.http, loop=args.loop,
                             engine_process=not args.no_engine_process, **server_option_kwargs(args))
-    run_server(engine_config_from_args(args), options)
+    run_server(config, options, launch, startup)
     return 0
 
 

@@ -13,7 +13,8 @@ import dataclasses
 import typing
 from typing import Any
 
-from rtpllm.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from rtpllm.config import (LOAD_FORMATS, CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig,
+                           SchedulerConfig)
 
 _CONFIG_CLASSES = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig, DeviceConfig, EngineConfig)
 
@@ -23,6 +24,7 @@ _HELP = {
     "dtype": "Weight and activation precision (auto: float32 on the CPU, bfloat16 on a GPU).",
     "max_model_len": "Context length: prompt plus output tokens (default: the model's).",
     "seed": "Seed of the engine-wide sampling generator.",
+    "load_format": "How to get the weights: auto (read the checkpoint) or dummy (random values, no reading).",
     "served_model_name": "The model name clients send and /v1/models lists (default: the path's basename).",
     "block_size": "Tokens per KV cache block (a power of two).",
     "gpu_memory_utilization": "Fraction of GPU memory for weights, activations and the KV cache.",
@@ -40,7 +42,8 @@ _HELP = {
     "speculative_config": ('Speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                            '(methods: ngram, draft_model, eagle3; "model": the draft/EAGLE-3 checkpoint).'),
 }
-_CHOICES = {"dtype": ("auto", "float32", "float16", "bfloat16"), "device": ("auto", "cpu", "cuda")}
+_CHOICES = {"dtype": ("auto", "float32", "float16", "bfloat16"), "device": ("auto", "cpu", "cuda"),
+            "load_format": LOAD_FORMATS}
 
 
 def _option_fields() -> list[tuple[str, type]]:

@@ -16,7 +16,7 @@ import logging
 import signal
 import time
 from contextlib import asynccontextmanager
-from typing import Awaitable, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Awaitable, Callable, Optional, TypeVar
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -29,6 +29,7 @@ from starlette.responses import Response
 from rtpllm.config import EngineConfig
 from rtpllm.engine.async_engine import AsyncEngine, AsyncEngineBase
 from rtpllm.engine.gc_heap import freeze_startup_heap
+from rtpllm.engine.startup_phases import StartupPhases
 from rtpllm.serving import request_params as rp
 from rtpllm.serving.chat import create_chat_completion
 from rtpllm.serving.completions import create_completion
@@ -46,6 +47,9 @@ from rtpllm.serving.server_options import ServerOptions
 from rtpllm.serving.streaming import ClientDisconnected
 
 __all__ = ["ServerOptions", "build_app", "run_server"]
+if TYPE_CHECKING:
+    from rtpllm.engine.process_engine import EngineLaunch
+
 logger = logging.getLogger(__name__)
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -174,21 +178,28 @@ def build_app(engine: AsyncEngineBase, metrics: Optional[ServerMetrics] = None,
     return app
 
 
-def run_server(config: EngineConfig, options: ServerOptions = ServerOptions()) -> None:
+def run_server(config: EngineConfig, options: ServerOptions = ServerOptions(),
+               engine_launch: Optional["EngineLaunch"] = None, startup: Optional[StartupPhases] = None) -> None:
     """Loads the model, serves until SIGINT/SIGTERM, then shuts down gracefully: the listening
     socket closes, in-flight requests get `options.shutdown_timeout_s` to finish, the rest end
     with a 503 error (streams: an error event and [DONE]) and are aborted (freeing their KV
-    blocks), and the step thread stops."""
-    if options.engine_process:
-        from rtpllm.engine.process_engine import ProcessEngine
+    blocks), and the step thread stops. `engine_launch` is an engine process the caller already
+    started (so that it loads while the caller imports this module)."""
+    startup = startup or StartupPhases("server")
+    with startup.phase("waiting for the engine"):
+        if engine_launch is not None:
+            engine: AsyncEngineBase = engine_launch.wait(stream_interval=options.stream_interval)
+        elif options.engine_process:
+            from rtpllm.engine.process_engine import ProcessEngine
 
-        engine: AsyncEngineBase = ProcessEngine.from_config(config, stream_interval=options.stream_interval)
-    else:
-        engine = AsyncEngine.from_config(config, stream_interval=options.stream_interval)
+            engine = ProcessEngine.from_config(config, stream_interval=options.stream_interval)
+        else:
+            engine = AsyncEngine.from_config(config, stream_interval=options.stream_interval)
     app = build_app(engine, options=options)
     server = ServingServer(uvicorn_config(app, options), engine, options.shutdown_timeout_s)
     logger.info("serving %s (max_model_len=%d) on http://%s:%d%s", engine.model_name, engine.max_model_len,
                 options.host, options.port, "" if options.api_key else " without an API key")
+    startup.log()
     # uvicorn re-raises the signal it caught once its graceful shutdown is done, so that the signal's
     # previous handler runs. The shutdown above already finished cleanly: swallow it and exit 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}

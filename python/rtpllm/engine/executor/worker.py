@@ -66,7 +66,8 @@ class Worker:
             base, rank, world = factory, spec.rank, spec.world_size
             factory = lambda arch: base(rank_local_arch(arch, rank, world))  # noqa: E731 - the rank's heads
         self.loaded = load_model_and_tokenizer(spec.model_path, dtype=spec.dtype, device=spec.device,
-                                               attn_backend_factory=factory, tensor_parallel=self.tp)
+                                               attn_backend_factory=factory, tensor_parallel=self.tp,
+                                               load_format=spec.config.model.load_format)
         return self.loaded
 
     def init_runner(self, max_model_len: int, extra_kv_bytes_per_block: int = 0) -> int:
