@@ -10,6 +10,7 @@ void bind_request(py::module_& m);
 void bind_block_hash(py::module_& m);
 void bind_scheduled_batch(py::module_& m);
 void bind_scheduler(py::module_& m);
+void bind_kvstore(py::module_& m);
 
 void bind_runtime(py::module_& m) {
   bind_types(m);
@@ -18,5 +19,6 @@ void bind_runtime(py::module_& m) {
   bind_block_hash(m);
   bind_scheduled_batch(m);
   bind_scheduler(m);
+  bind_kvstore(m);
 }
 }  // namespace rtpllm::bindings
