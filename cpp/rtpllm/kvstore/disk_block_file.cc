@@ -112,50 +112,72 @@ DiskBlockCheck check_block_file(const uint8_t* file, size_t file_size, uint64_t 
   return DiskBlockCheck::OK;
 }
 
-int write_whole_file(const std::string& path, const uint8_t* buffer, size_t bytes) {
-  const int fd = open_maybe_direct(path, O_WRONLY | O_CREAT | O_TRUNC, direct_io_possible(buffer, bytes));
-  if (fd < 0) return errno;
-  int error = 0;
+namespace {
+
+// One pass of a whole-file write or read on an open descriptor; 0 or an errno value.
+int write_all(int fd, const uint8_t* buffer, size_t bytes) {
   size_t done = 0;
   while (done < bytes) {
     const ssize_t n = ::pwrite(fd, buffer + done, bytes - done, static_cast<off_t>(done));
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      error = n < 0 ? errno : ENOSPC;  // a zero-length write means no room
-      break;
-    }
+    if (n < 0) return errno;
+    if (n == 0) return ENOSPC;  // a zero-length write means no room
     done += static_cast<size_t>(n);
   }
-  if (::close(fd) != 0 && error == 0) error = errno;
-  return error;
+  return 0;
 }
 
-int read_file_prefix(const std::string& path, uint8_t* buffer, size_t bytes, size_t* file_size) {
-  const int fd = open_maybe_direct(path, O_RDONLY, direct_io_possible(buffer, bytes));
-  if (fd < 0) return errno;
-  struct stat st;
-  if (::fstat(fd, &st) != 0) {
-    const int error = errno;
-    ::close(fd);
-    return error;
-  }
-  *file_size = static_cast<size_t>(st.st_size);
-  const size_t want = bytes < *file_size ? bytes : *file_size;
-  int error = 0;
+int read_upto(int fd, uint8_t* buffer, size_t bytes, size_t want) {
   size_t done = 0;
   while (done < want) {
-    // O_DIRECT reads must be whole pages: ask for the rest of the buffer, the file ends it.
+    // O_DIRECT reads must be whole pages: ask for the rest of the buffer, the file's end stops it.
     const ssize_t n = ::pread(fd, buffer + done, bytes - done, static_cast<off_t>(done));
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      error = errno;
-      break;
-    }
+    if (n < 0) return errno;
     if (n == 0) break;
     done += static_cast<size_t>(n);
   }
-  ::close(fd);
-  return error;
+  return 0;
+}
+
+}  // namespace
+
+int write_whole_file(const std::string& path, const uint8_t* buffer, size_t bytes) {
+  bool direct = direct_io_possible(buffer, bytes);
+  while (true) {
+    const int fd = open_maybe_direct(path, O_WRONLY | O_CREAT | O_TRUNC, direct);
+    if (fd < 0) return errno;
+    int error = write_all(fd, buffer, bytes);
+    if (::close(fd) != 0 && error == 0) error = errno;
+    // Some file systems accept O_DIRECT at open() and refuse it at the first write.
+    if (error == EINVAL && direct) {
+      direct = false;
+      continue;
+    }
+    return error;
+  }
+}
+
+int read_file_prefix(const std::string& path, uint8_t* buffer, size_t bytes, size_t* file_size) {
+  bool direct = direct_io_possible(buffer, bytes);
+  while (true) {
+    const int fd = open_maybe_direct(path, O_RDONLY, direct);
+    if (fd < 0) return errno;
+    struct stat st;
+    if (::fstat(fd, &st) != 0) {
+      const int error = errno;
+      ::close(fd);
+      return error;
+    }
+    *file_size = static_cast<size_t>(st.st_size);
+    const int error = read_upto(fd, buffer, bytes, bytes < *file_size ? bytes : *file_size);
+    ::close(fd);
+    if (error == EINVAL && direct) {
+      direct = false;
+      continue;
+    }
+    return error;
+  }
 }
 
 }  // namespace rtpllm

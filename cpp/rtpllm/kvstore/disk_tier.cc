@@ -40,7 +40,9 @@ DiskTier::DiskTier(std::shared_ptr<KVCopyEngine> engine, DiskTierOptions options
     stop_writes("capacity_bytes " + std::to_string(options_.capacity_bytes) + " is less than one block file (" +
                 std::to_string(file_bytes_) + " bytes)");
   }
-  for (int32_t i = 0; i < options_.writer_threads; ++i) threads_.emplace_back([this] { writer_loop(); });
+  for (int32_t i = 0; i < options_.writer_threads; ++i) write_staging_.emplace_back(engine_->host_allocator(), file_bytes_);
+  for (int32_t i = 0; i < options_.load_chunk_blocks; ++i) read_staging_.emplace_back(engine_->host_allocator(), file_bytes_);
+  for (HostBuffer& staging : write_staging_) threads_.emplace_back([this, data = staging.data()] { writer_loop(data); });
   threads_.emplace_back([this] { reader_loop(); });
 }
 
@@ -237,8 +239,7 @@ void DiskTier::finish_save_copy(const std::shared_ptr<Status>& save, bool ok) {
 
 // ---- writers ----
 
-void DiskTier::writer_loop() {
-  HostBuffer staging(engine_->host_allocator(), file_bytes_);
+void DiskTier::writer_loop(uint8_t* staging) {
   std::unique_lock<std::mutex> lock(mutex_);
   while (true) {
     write_cv_.wait(lock, [&] { return stopping_ || !write_queue_.empty(); });
@@ -247,7 +248,7 @@ void DiskTier::writer_loop() {
     write_queue_.pop_front();
     ++writes_in_progress_;
     lock.unlock();
-    write_block(job, staging.data());
+    write_block(job, staging);
     lock.lock();
     --writes_in_progress_;
     idle_cv_.notify_all();
@@ -296,8 +297,6 @@ void DiskTier::write_block(WriteJob& job, uint8_t* staging) {
 // ---- reader ----
 
 void DiskTier::reader_loop() {
-  std::vector<HostBuffer> staging;
-  for (int32_t i = 0; i < options_.load_chunk_blocks; ++i) staging.emplace_back(engine_->host_allocator(), file_bytes_);
   std::unique_lock<std::mutex> lock(mutex_);
   while (true) {
     load_cv_.wait(lock, [&] { return stopping_ || !load_queue_.empty(); });
@@ -305,7 +304,7 @@ void DiskTier::reader_loop() {
     LoadJob job = std::move(load_queue_.front());
     load_queue_.pop_front();
     lock.unlock();
-    const bool ok = load_blocks(job, staging);
+    const bool ok = load_blocks(job);
     lock.lock();
     for (BlockHash hash : job.hashes) {
       auto it = index_.find(hash);
@@ -321,8 +320,8 @@ void DiskTier::reader_loop() {
   }
 }
 
-bool DiskTier::load_blocks(const LoadJob& job, std::vector<HostBuffer>& staging) {
-  const size_t chunk = staging.size();
+bool DiskTier::load_blocks(const LoadJob& job) {
+  const size_t chunk = read_staging_.size();
   for (size_t first = 0; first < job.hashes.size(); first += chunk) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -330,7 +329,7 @@ bool DiskTier::load_blocks(const LoadJob& job, std::vector<HostBuffer>& staging)
     }
     std::vector<BlockCopy> copies;
     for (size_t i = first; i < job.hashes.size() && i < first + chunk; ++i) {
-      uint8_t* file = staging[i - first].data();
+      uint8_t* file = read_staging_[i - first].data();
       size_t file_size = 0;
       const int error = read_file_prefix(path_of(job.hashes[i]), file, file_bytes_, &file_size);
       const DiskBlockCheck check = error != 0 ? DiskBlockCheck::TRUNCATED

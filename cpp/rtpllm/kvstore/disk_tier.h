@@ -99,10 +99,10 @@ class DiskTier final : public KVTier, public KVBlockSink {
   };
 
   void scan_directory();
-  void writer_loop();
+  void writer_loop(uint8_t* staging);
   void reader_loop();
   void write_block(WriteJob& job, uint8_t* staging);
-  bool load_blocks(const LoadJob& job, std::vector<HostBuffer>& staging);
+  bool load_blocks(const LoadJob& job);
   void finish_save_copy(const std::shared_ptr<Status>& save, bool ok);  // mutex_ held
   bool reserve_bytes(std::unique_lock<std::mutex>& lock);               // mutex_ held
   void insert_entry(BlockHash hash);                                    // mutex_ held
@@ -135,6 +135,10 @@ class DiskTier final : public KVTier, public KVBlockSink {
   uint64_t write_sequence_ = 0;  // names temporary files
   KVTierStats stats_;
 
+  // Allocated up front (pinned on CUDA builds), so that running out of memory is an error of the
+  // constructor and never of a background thread.
+  std::vector<HostBuffer> write_staging_;  // one file image per writer thread
+  std::vector<HostBuffer> read_staging_;   // load_chunk_blocks file images for the reader
   std::vector<std::thread> threads_;
 };
 
