@@ -1,7 +1,10 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <filesystem>
+#include <random>
+#include <thread>
 #include <fstream>
 #include <stdexcept>
 #include <vector>
@@ -211,6 +214,63 @@ TEST_F(DiskTierTest, HostTierWritesThroughToDisk) {
   ASSERT_EQ(poll_until_done(*disk, disk->load({1, 5}, {10, 11})), TransferState::DONE);
   EXPECT_TRUE(pool.holds(10, 1) && pool.holds(11, 5));
   host.check_invariants();
+}
+
+// Writer threads fed by several offering threads while the test thread loads and a small capacity
+// keeps evicting: every accepted offer is released exactly once, every DONE load has the right
+// bytes, and index, LRU list and byte count agree throughout.
+TEST_F(DiskTierTest, ConcurrentOffersLoadsAndEvictions) {
+  auto tier = open(6);
+  const size_t block = static_cast<size_t>(pool.layout().bytes_per_block());
+  // Host copies of blocks 1..24, made by saving pool contents through the engine.
+  std::vector<HostBuffer> host;
+  for (BlockHash h = 1; h <= 24; ++h) {
+    host.emplace_back(engine->host_allocator(), block);
+    pool.fill(0, h);
+    ASSERT_EQ(engine->wait(engine->submit(CopyDirection::POOL_TO_HOST, {BlockCopy{0, host.back().data()}})), TransferState::DONE);
+  }
+  std::atomic<int> accepted{0};
+  std::atomic<int> released{0};
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> producers;
+  for (int t = 0; t < 3; ++t) {
+    producers.emplace_back([&, t] {
+      std::mt19937 rng(static_cast<uint32_t>(t));
+      while (!stop.load()) {
+        const BlockHash h = 1 + rng() % 24;
+        if (tier->offer(h, host[h - 1].data(), [&] { released.fetch_add(1); })) accepted.fetch_add(1);
+        std::this_thread::yield();
+      }
+    });
+  }
+  std::mt19937 rng(99);
+  int loads_done = 0;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  for (int round = 0; (round < 150 || accepted.load() < 60 || loads_done < 20) && std::chrono::steady_clock::now() < deadline;
+       ++round) {
+    std::vector<BlockHash> hashes;
+    for (BlockHash h = 1 + rng() % 24; hashes.size() < 3 && h <= 24; ++h) hashes.push_back(h);
+    const int32_t hits = tier->match(hashes);
+    if (hits > 0) {
+      hashes.resize(static_cast<size_t>(hits));
+      std::vector<BlockId> targets;
+      for (int32_t i = 0; i < hits; ++i) targets.push_back(8 + i);
+      if (poll_until_done(*tier, tier->load(hashes, targets)) == TransferState::DONE) {
+        ++loads_done;
+        for (int32_t i = 0; i < hits; ++i) ASSERT_TRUE(pool.holds(targets[i], hashes[i])) << "round " << round;
+      }
+    }
+    tier->check_invariants();
+  }
+  stop = true;
+  for (auto& producer : producers) producer.join();
+  tier->flush();
+  tier->check_invariants();
+  EXPECT_EQ(released.load(), accepted.load());
+  EXPECT_GT(loads_done, 10);
+  EXPECT_LE(tier->used_bytes(), 6 * tier->file_bytes_per_block());
+  EXPECT_GT(tier->stats()[0].evicted_blocks, 0u);
+  EXPECT_EQ(warnings.count(), 0u);
 }
 
 TEST(DiskBlockFile, NamesRoundTrip) {
