@@ -155,6 +155,7 @@ void bind_tiers(py::module_& m) {
            py::arg("engine"), py::arg("options"), py::call_guard<py::gil_scoped_release>())
       .def("flush", &DiskTier::flush, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("used_bytes", &DiskTier::used_bytes)
+      .def("take_warnings", &DiskTier::take_warnings, "Warnings (corrupt files, a full disk) since the last call; also on stderr")
       .def_property_readonly("file_bytes_per_block", &DiskTier::file_bytes_per_block)
       .def("check_invariants", &DiskTier::check_invariants);
 

@@ -14,6 +14,24 @@ void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string("CudaKVCopyEngine: ") + what + ": " + cudaGetErrorString(err));
 }
 
+// Makes `device` current for the scope and restores the caller's device after: the engine runs on
+// the scheduler's and the tiers' threads and must not move their current device.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
+    check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    if (previous_ >= 0) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
 // A copy kernel that touched pageable memory would fault and take the CUDA context down with it:
 // refuse such pointers up front.
 bool is_memory_of_type(const void* ptr, cudaMemoryType type) {
@@ -36,7 +54,7 @@ CudaKVCopyEngine::CudaKVCopyEngine(KVLayout layout, uintptr_t compute_stream, Cu
   layout_.validate();
   if (layout_.memory != MemoryKind::CUDA) throw std::invalid_argument("CudaKVCopyEngine: KVLayout.memory must be CUDA");
   if (max_ctas_ < 1) throw std::invalid_argument("CudaKVCopyEngine: max_ctas must be at least 1");
-  check_cuda(cudaSetDevice(layout_.device_index), "cudaSetDevice");
+  DeviceGuard device(layout_.device_index);
   for (const KVLayerAddress& layer : layout_.layers) {
     for (uint64_t base : {layer.k_base, layer.v_base}) {
       if (!is_memory_of_type(reinterpret_cast<const void*>(base), cudaMemoryTypeDevice)) {
@@ -57,6 +75,8 @@ CudaKVCopyEngine::CudaKVCopyEngine(KVLayout layout, uintptr_t compute_stream, Cu
 }
 
 CudaKVCopyEngine::~CudaKVCopyEngine() {
+  int previous = -1;
+  cudaGetDevice(&previous);
   cudaSetDevice(layout_.device_index);
   if (copy_stream_ != nullptr) cudaStreamSynchronize(copy_stream_);
   for (auto& [ticket, entry] : tickets_) {
@@ -66,6 +86,7 @@ CudaKVCopyEngine::~CudaKVCopyEngine() {
   if (compute_ready_ != nullptr) cudaEventDestroy(compute_ready_);
   if (copy_stream_ != nullptr) cudaStreamDestroy(copy_stream_);
   cudaFree(layer_bases_device_);
+  if (previous >= 0) cudaSetDevice(previous);
 }
 
 cudaEvent_t CudaKVCopyEngine::take_event() {
@@ -103,7 +124,7 @@ CopyTicket CudaKVCopyEngine::submit(CopyDirection direction, const std::vector<B
   args.to_host = direction == CopyDirection::POOL_TO_HOST;
 
   std::lock_guard<std::mutex> lock(mutex_);
-  check_cuda(cudaSetDevice(layout_.device_index), "cudaSetDevice");
+  DeviceGuard device(layout_.device_index);
   const CopyTicket ticket = next_ticket_++;
   Ticket entry;
   cudaError_t err = cudaEventRecord(compute_ready_, compute_stream_);

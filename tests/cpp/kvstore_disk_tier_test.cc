@@ -101,6 +101,8 @@ TEST_F(DiskTierTest, CorruptBlockFailsTheLoadWithOneWarning) {
   EXPECT_EQ(tier->match({1, 2}), 1);  // dropped, and deleted
   EXPECT_FALSE(fs::exists(path(2)));
   EXPECT_EQ(tier->stats()[0].failed_loads, 1u);
+  EXPECT_EQ(tier->take_warnings(), warnings.lines);
+  EXPECT_TRUE(tier->take_warnings().empty());
   tier->check_invariants();
 }
 

@@ -113,3 +113,22 @@ def test_bad_tier_arguments_raise_value_error(pool, tmp_path):
         _C.DiskTier(engine, options)
     with pytest.raises(ValueError, match="load_timeout_s"):
         _C.TieredKVConnector([_C.HostTier(engine, 1 << 20)], load_timeout_s=0.0)
+
+
+def test_corrupt_block_file_is_a_failed_load_with_one_warning(pool, tmp_path):
+    tiers, host, disk = make_tiers(pool, tmp_path, host_blocks=1)
+    for block, h in enumerate((1, 2)):
+        assert poll(tiers, tiers.save([h], [block])) == _C.TransferState.DONE
+        disk.flush()
+    assert not host.contains(1)  # only on disk now
+    (path,) = [p for p in tmp_path.iterdir() if p.name == f"{1:016x}.kvb"]
+    data = bytearray(path.read_bytes())
+    data[5000] ^= 0xFF
+    path.write_bytes(bytes(data))
+    before = block_of(pool, 9).clone()
+    assert poll(tiers, tiers.load([1], [9])) == _C.TransferState.FAILED
+    assert torch.equal(block_of(pool, 9), before)  # the bad bytes never reached the pool
+    (warning,) = disk.take_warnings()
+    assert "checksum" in warning
+    assert tiers.match([1]) == 0 and not path.exists()
+    assert tiers.stats()[1].failed_loads == 1

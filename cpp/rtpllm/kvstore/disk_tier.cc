@@ -13,6 +13,7 @@ namespace rtpllm {
 namespace {
 
 constexpr size_t kMaxPendingLatencies = 4096;
+constexpr size_t kMaxRecentWarnings = 64;
 
 }  // namespace
 
@@ -65,6 +66,20 @@ DiskTier::~DiskTier() {
   write_cv_.notify_all();
   load_cv_.notify_all();
   for (std::thread& thread : threads_) thread.join();
+}
+
+void DiskTier::warn(const std::string& message) {
+  logger_(message);
+  std::lock_guard<std::mutex> lock(warnings_mutex_);
+  if (recent_warnings_.size() == kMaxRecentWarnings) recent_warnings_.pop_front();
+  recent_warnings_.push_back(message);
+}
+
+std::vector<std::string> DiskTier::take_warnings() {
+  std::lock_guard<std::mutex> lock(warnings_mutex_);
+  std::vector<std::string> warnings(recent_warnings_.begin(), recent_warnings_.end());
+  recent_warnings_.clear();
+  return warnings;
 }
 
 std::string DiskTier::path_of(BlockHash hash) const { return options_.directory + "/" + block_file_name(hash); }
@@ -229,7 +244,7 @@ bool DiskTier::reserve_bytes(std::unique_lock<std::mutex>&) {
 void DiskTier::stop_writes(const std::string& why) {
   if (!writes_enabled_) return;
   writes_enabled_ = false;
-  logger_("disk tier " + options_.directory + ": writes stopped (" + why + "); cached blocks are still served");
+  warn("disk tier " + options_.directory + ": writes stopped (" + why + "); cached blocks are still served");
 }
 
 void DiskTier::finish_save_copy(const std::shared_ptr<Status>& save, bool ok) {
@@ -336,7 +351,7 @@ bool DiskTier::load_blocks(const LoadJob& job) {
                                               : check_block_file(file, file_size, options_.cache_identity, job.hashes[i], payload_bytes_);
       if (check != DiskBlockCheck::OK) {
         const std::string why = error != 0 ? std::string("cannot read: ") + std::strerror(error) : to_string(check);
-        logger_("disk tier: block file " + path_of(job.hashes[i]) + " is unusable (" + why + "); treated as a miss");
+        warn("disk tier: block file " + path_of(job.hashes[i]) + " is unusable (" + why + "); treated as a miss");
         std::lock_guard<std::mutex> lock(mutex_);
         // Ours and broken: delete it. A foreign file under our name is left alone.
         remove_entry(job.hashes[i], check != DiskBlockCheck::FOREIGN && error == 0);

@@ -69,6 +69,9 @@ class DiskTier final : public KVTier, public KVBlockSink {
   // Blocks until every accepted write has been written (or dropped). For tests and shutdown paths.
   void flush();
   int64_t used_bytes();
+  // The warnings logged since the last call (at most the latest 64), for callers that report them
+  // their own way (the Python engine's logger).
+  std::vector<std::string> take_warnings();
   int64_t file_bytes_per_block() const { return static_cast<int64_t>(file_bytes_); }
   // Index, LRU list and byte count agree; throws std::logic_error otherwise. For tests.
   void check_invariants();
@@ -109,6 +112,7 @@ class DiskTier final : public KVTier, public KVBlockSink {
   void remove_entry(BlockHash hash, bool delete_file);                  // mutex_ held
   void stop_writes(const std::string& why);                             // mutex_ held
   std::string path_of(BlockHash hash) const;
+  void warn(const std::string& message);  // to the logger and take_warnings()
   TransferHandle add_handle(std::shared_ptr<Status> status);
 
   const std::shared_ptr<KVCopyEngine> engine_;
@@ -140,6 +144,9 @@ class DiskTier final : public KVTier, public KVBlockSink {
   std::vector<HostBuffer> write_staging_;  // one file image per writer thread
   std::vector<HostBuffer> read_staging_;   // load_chunk_blocks file images for the reader
   std::vector<std::thread> threads_;
+
+  std::mutex warnings_mutex_;  // separate: warn() runs with or without mutex_ held
+  std::deque<std::string> recent_warnings_;
 };
 
 }  // namespace rtpllm

@@ -71,7 +71,7 @@ void DiskTier::scan_directory() {
       continue;
     }
     if (check != DiskBlockCheck::OK) {
-      logger_("disk tier: block file " + path + " is unusable (" + to_string(check) + "); deleted");
+      warn("disk tier: block file " + path + " is unusable (" + to_string(check) + "); deleted");
       ::unlink(path.c_str());
       continue;
     }
@@ -79,7 +79,7 @@ void DiskTier::scan_directory() {
   }
   ::closedir(dir);
   if (foreign > 0) {
-    logger_("disk tier: ignored " + std::to_string(foreign) + " block file(s) of another cache identity in " +
+    warn("disk tier: ignored " + std::to_string(foreign) + " block file(s) of another cache identity in " +
             options_.directory);
   }
 
