@@ -145,6 +145,7 @@ void bind_tiers(py::module_& m) {
       .def_readwrite("capacity_bytes", &DiskTierOptions::capacity_bytes)
       .def_readwrite("cache_identity", &DiskTierOptions::cache_identity)
       .def_readwrite("writer_threads", &DiskTierOptions::writer_threads)
+      .def_readwrite("reader_threads", &DiskTierOptions::reader_threads)
       .def_readwrite("max_queued_writes", &DiskTierOptions::max_queued_writes)
       .def_readwrite("load_chunk_blocks", &DiskTierOptions::load_chunk_blocks)
       .def("validate", &DiskTierOptions::validate);

@@ -21,6 +21,7 @@ void DiskTierOptions::validate() const {
   if (directory.empty()) throw std::invalid_argument("DiskTierOptions.directory must not be empty");
   if (capacity_bytes <= 0) throw std::invalid_argument("DiskTierOptions.capacity_bytes must be positive");
   if (writer_threads < 1) throw std::invalid_argument("DiskTierOptions.writer_threads must be at least 1");
+  if (reader_threads < 1) throw std::invalid_argument("DiskTierOptions.reader_threads must be at least 1");
   if (max_queued_writes < 1) throw std::invalid_argument("DiskTierOptions.max_queued_writes must be at least 1");
   if (load_chunk_blocks < 1) throw std::invalid_argument("DiskTierOptions.load_chunk_blocks must be at least 1");
 }
@@ -42,9 +43,12 @@ DiskTier::DiskTier(std::shared_ptr<KVCopyEngine> engine, DiskTierOptions options
                 std::to_string(file_bytes_) + " bytes)");
   }
   for (int32_t i = 0; i < options_.writer_threads; ++i) write_staging_.emplace_back(engine_->host_allocator(), file_bytes_);
-  for (int32_t i = 0; i < options_.load_chunk_blocks; ++i) read_staging_.emplace_back(engine_->host_allocator(), file_bytes_);
+  read_staging_.resize(static_cast<size_t>(options_.reader_threads));
+  for (auto& staging : read_staging_) {
+    for (int32_t i = 0; i < options_.load_chunk_blocks; ++i) staging.emplace_back(engine_->host_allocator(), file_bytes_);
+  }
   for (HostBuffer& staging : write_staging_) threads_.emplace_back([this, data = staging.data()] { writer_loop(data); });
-  threads_.emplace_back([this] { reader_loop(); });
+  for (auto& staging : read_staging_) threads_.emplace_back([this, buffers = &staging] { reader_loop(buffers); });
 }
 
 DiskTier::~DiskTier() {
@@ -311,7 +315,7 @@ void DiskTier::write_block(WriteJob& job, uint8_t* staging) {
 
 // ---- reader ----
 
-void DiskTier::reader_loop() {
+void DiskTier::reader_loop(std::vector<HostBuffer>* staging) {
   std::unique_lock<std::mutex> lock(mutex_);
   while (true) {
     load_cv_.wait(lock, [&] { return stopping_ || !load_queue_.empty(); });
@@ -319,7 +323,7 @@ void DiskTier::reader_loop() {
     LoadJob job = std::move(load_queue_.front());
     load_queue_.pop_front();
     lock.unlock();
-    const bool ok = load_blocks(job);
+    const bool ok = load_blocks(job, *staging);
     lock.lock();
     for (BlockHash hash : job.hashes) {
       auto it = index_.find(hash);
@@ -335,8 +339,8 @@ void DiskTier::reader_loop() {
   }
 }
 
-bool DiskTier::load_blocks(const LoadJob& job) {
-  const size_t chunk = read_staging_.size();
+bool DiskTier::load_blocks(const LoadJob& job, std::vector<HostBuffer>& staging) {
+  const size_t chunk = staging.size();
   for (size_t first = 0; first < job.hashes.size(); first += chunk) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -344,7 +348,7 @@ bool DiskTier::load_blocks(const LoadJob& job) {
     }
     std::vector<BlockCopy> copies;
     for (size_t i = first; i < job.hashes.size() && i < first + chunk; ++i) {
-      uint8_t* file = read_staging_[i - first].data();
+      uint8_t* file = staging[i - first].data();
       size_t file_size = 0;
       const int error = read_file_prefix(path_of(job.hashes[i]), file, file_bytes_, &file_size);
       const DiskBlockCheck check = error != 0 ? DiskBlockCheck::TRUNCATED

@@ -6,7 +6,8 @@
 // the GPU pool (save(), for a disk-only setup), and run on writer threads: a block is copied into
 // a page-aligned staging buffer, sealed with its header and checksum and written as one large
 // O_DIRECT write (buffered where the file system refuses O_DIRECT, e.g. tmpfs) under a temporary
-// name, then renamed. Loads run on a reader thread: files are read into staging buffers, verified
+// name, then renamed. Loads run on reader threads (one load each, several loads in parallel):
+// files are read into staging buffers, verified
 // (header, size, checksum) and only then copied into the GPU blocks, a few blocks per copy. A
 // truncated, corrupt or foreign file is a miss (at the scan) or a FAILED load (found at load time:
 // the scheduler recomputes), with one warning, and our broken files are deleted.
@@ -40,6 +41,7 @@ struct DiskTierOptions {
   int64_t capacity_bytes = 0;    // of block files, headers and padding included
   uint64_t cache_identity = 0;   // every file carries it; files of another identity are ignored
   int32_t writer_threads = 2;
+  int32_t reader_threads = 2;       // loads served in parallel
   int32_t max_queued_writes = 256;  // offers and saves beyond this many waiting writes are refused
   int32_t load_chunk_blocks = 8;    // blocks read (and staged in host memory) per copy into the pool
 
@@ -103,9 +105,9 @@ class DiskTier final : public KVTier, public KVBlockSink {
 
   void scan_directory();
   void writer_loop(uint8_t* staging);
-  void reader_loop();
+  void reader_loop(std::vector<HostBuffer>* staging);
   void write_block(WriteJob& job, uint8_t* staging);
-  bool load_blocks(const LoadJob& job);
+  bool load_blocks(const LoadJob& job, std::vector<HostBuffer>& staging);
   void finish_save_copy(const std::shared_ptr<Status>& save, bool ok);  // mutex_ held
   bool reserve_bytes(std::unique_lock<std::mutex>& lock);               // mutex_ held
   void insert_entry(BlockHash hash);                                    // mutex_ held
@@ -142,7 +144,7 @@ class DiskTier final : public KVTier, public KVBlockSink {
   // Allocated up front (pinned on CUDA builds), so that running out of memory is an error of the
   // constructor and never of a background thread.
   std::vector<HostBuffer> write_staging_;  // one file image per writer thread
-  std::vector<HostBuffer> read_staging_;   // load_chunk_blocks file images for the reader
+  std::vector<std::vector<HostBuffer>> read_staging_;  // per reader thread: load_chunk_blocks file images
   std::vector<std::thread> threads_;
 
   std::mutex warnings_mutex_;  // separate: warn() runs with or without mutex_ held
