@@ -1,6 +1,8 @@
 #include <gtest/gtest.h>
 
+#include <condition_variable>
 #include <map>
+#include <mutex>
 #include <random>
 #include <set>
 #include <stdexcept>
@@ -43,6 +45,39 @@ struct StuckTier : KVTier {
   std::vector<KVTierStats> stats() override { return {KVTierStats{}}; }
   bool contains(BlockHash hash) override { return held.count(hash) != 0; }
   void cancel(TransferHandle handle) override { cancelled.at(handle) = true; }
+};
+
+// A copy engine whose loads (host -> pool) wait at a gate until the test opens it: a slow device.
+struct GatedEngine : KVCopyEngine {
+  std::shared_ptr<CpuKVCopyEngine> inner;
+  std::mutex mutex;
+  std::condition_variable cv;
+  bool open = false;
+  int waiting = 0;
+  explicit GatedEngine(std::shared_ptr<CpuKVCopyEngine> engine) : inner(std::move(engine)) {}
+  std::string name() const override { return "gated"; }
+  const KVLayout& layout() const override { return inner->layout(); }
+  std::shared_ptr<HostAllocator> host_allocator() const override { return inner->host_allocator(); }
+  CopyTicket submit(CopyDirection direction, const std::vector<BlockCopy>& copies) override {
+    if (direction == CopyDirection::HOST_TO_POOL) {
+      std::unique_lock<std::mutex> lock(mutex);
+      ++waiting;
+      cv.notify_all();
+      cv.wait(lock, [&] { return open; });
+    }
+    return inner->submit(direction, copies);
+  }
+  TransferState query(CopyTicket ticket) override { return inner->query(ticket); }
+  TransferState wait(CopyTicket ticket) override { return inner->wait(ticket); }
+  void wait_for_waiter() {
+    std::unique_lock<std::mutex> lock(mutex);
+    cv.wait(lock, [&] { return waiting > 0; });
+  }
+  void release() {
+    std::lock_guard<std::mutex> lock(mutex);
+    open = true;
+    cv.notify_all();
+  }
 };
 
 struct TieredTest : ::testing::Test {
@@ -121,6 +156,42 @@ TEST_F(TieredTest, LoadPastItsDeadlineIsCancelledAndFails) {
   const auto stats = tiers.stats();
   EXPECT_EQ(stats[1].timed_out_loads, 1u);
   EXPECT_EQ(tiers.num_pending(), 0u);
+}
+
+// A real disk tier behind a stuck device: a load queued behind it is cancelled at its deadline
+// and never touches its GPU blocks; the one in progress finishes its chunk, then fails.
+TEST_F(TieredTest, DiskLoadsPastTheirDeadlineNeverWriteTheirBlocks) {
+  auto gated = std::make_shared<GatedEngine>(engine);
+  DiskTierOptions options;
+  options.directory = dir.path();
+  options.capacity_bytes = 64 * static_cast<int64_t>(disk_block_file_bytes(block));
+  options.cache_identity = 42;
+  options.reader_threads = 1;
+  options.load_chunk_blocks = 1;
+  auto disk = std::make_shared<DiskTier>(gated, options, warnings.logger());
+  TieredKVConnector tiers({disk}, 0.02);
+  for (BlockHash h = 1; h <= 4; ++h) pool.fill(static_cast<BlockId>(h), h);
+  ASSERT_EQ(poll_until_done(tiers, tiers.save({1, 2, 3, 4}, {1, 2, 3, 4})), TransferState::DONE);
+  disk->flush();
+  for (BlockId b = 10; b < 14; ++b) pool.fill(b, 777);
+
+  const TransferHandle first = tiers.load({1, 2}, {10, 11});   // the reader blocks in its first copy
+  const TransferHandle second = tiers.load({3, 4}, {12, 13});  // queued behind it
+  gated->wait_for_waiter();
+  std::this_thread::sleep_for(std::chrono::milliseconds(40));
+  EXPECT_EQ(tiers.poll(second), TransferState::PENDING);  // past the deadline: cancelled now
+  EXPECT_EQ(tiers.poll(first), TransferState::PENDING);   // cancelled, its copy still in flight
+  gated->release();
+  EXPECT_EQ(poll_until_done(tiers, first), TransferState::FAILED);
+  EXPECT_EQ(poll_until_done(tiers, second), TransferState::FAILED);
+  EXPECT_TRUE(pool.holds(10, 1));    // the chunk in flight landed
+  EXPECT_TRUE(pool.holds(11, 777));  // the rest of the cancelled load did not
+  EXPECT_TRUE(pool.holds(12, 777) && pool.holds(13, 777));
+  const KVTierStats stats = tiers.stats()[0];
+  EXPECT_EQ(stats.timed_out_loads, 2u);
+  EXPECT_EQ(stats.failed_loads, 2u);
+  EXPECT_EQ(tiers.match({1, 2, 3, 4}), 4);  // a timeout is not a broken file
+  disk->check_invariants();
 }
 
 // Random saves and loads through host (small) and disk (small) tiers, as a scheduler would issue
