@@ -5,6 +5,9 @@
 //   load()   splits the blocks by the first tier (in chain order) that holds each one, one
 //            sub-load per tier, and ends DONE when all of them did;
 //   save()   goes to the first tier, which hands blocks down the chain itself (write-through);
+//            saving blocks that were loaded from a lower tier puts them back in the first tier
+//            (tiers skip hashes they hold), so a caller that saves every block it caches, loaded
+//            or computed, gets promotion for free;
 //   poll()   combines the sub-transfers; a load still pending at its deadline is cancelled in its
 //            tiers and ends FAILED as soon as no tier copies into its GPU blocks any more;
 //   stats()  one entry per tier (its query counters are kept here: the tiers are asked through
