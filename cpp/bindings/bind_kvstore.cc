@@ -19,7 +19,7 @@
 #include "rtpllm/kvstore/host_tier.h"
 #include "rtpllm/kvstore/kv_connector.h"
 #include "rtpllm/kvstore/kv_layout.h"
-#include "rtpllm/kvstore/kv_tier.h"
+#include "rtpllm/kvstore/kv_store_tier.h"
 #include "rtpllm/kvstore/tiered_connector.h"
 
 namespace py = pybind11;
@@ -113,9 +113,9 @@ void bind_connector(py::module_& m) {
       .def("save", &KVConnector::save, py::arg("hashes"), py::arg("gpu_blocks"))
       .def("poll", &KVConnector::poll, py::arg("handle"))
       .def("stats", &KVConnector::stats);
-  py::class_<KVTier, KVConnector, std::shared_ptr<KVTier>>(m, "KVTier")
-      .def("contains", &KVTier::contains, py::arg("hash"))
-      .def("cancel", &KVTier::cancel, py::arg("handle"));
+  py::class_<KVStoreTier, KVConnector, std::shared_ptr<KVStoreTier>>(m, "KVStoreTier")
+      .def("contains", &KVStoreTier::contains, py::arg("hash"))
+      .def("cancel", &KVStoreTier::cancel, py::arg("handle"));
 }
 
 void bind_copy_engines(py::module_& m) {
@@ -154,7 +154,7 @@ void bind_copy_engines(py::module_& m) {
 }
 
 void bind_tiers(py::module_& m) {
-  py::class_<HostTier, KVTier, std::shared_ptr<HostTier>>(m, "HostTier", "Host-memory tier; writes every saved block through to next_tier")
+  py::class_<HostTier, KVStoreTier, std::shared_ptr<HostTier>>(m, "HostTier", "Host-memory tier; writes every saved block through to next_tier")
       .def(py::init([](std::shared_ptr<KVCopyEngine> engine, int64_t capacity_bytes, std::shared_ptr<DiskTier> next_tier) {
              return std::make_shared<HostTier>(std::move(engine), capacity_bytes, std::shared_ptr<KVBlockSink>(std::move(next_tier)));
            }),
@@ -172,7 +172,7 @@ void bind_tiers(py::module_& m) {
       .def_readwrite("max_queued_writes", &DiskTierOptions::max_queued_writes)
       .def_readwrite("load_chunk_blocks", &DiskTierOptions::load_chunk_blocks)
       .def("validate", &DiskTierOptions::validate);
-  py::class_<DiskTier, KVTier, std::shared_ptr<DiskTier>>(m, "DiskTier", "Local-disk tier (one checksummed file per block)")
+  py::class_<DiskTier, KVStoreTier, std::shared_ptr<DiskTier>>(m, "DiskTier", "Local-disk tier (one checksummed file per block)")
       .def(py::init([](std::shared_ptr<KVCopyEngine> engine, DiskTierOptions options) {
              return std::make_shared<DiskTier>(std::move(engine), std::move(options));
            }),
@@ -185,7 +185,7 @@ void bind_tiers(py::module_& m) {
 
   py::class_<TieredKVConnector, KVConnector, std::shared_ptr<TieredKVConnector>>(m, "TieredKVConnector",
                                                                                  "Chains tiers (fastest first) behind one connector")
-      .def(py::init<std::vector<std::shared_ptr<KVTier>>, double>(), py::arg("tiers"), py::arg("load_timeout_s"))
+      .def(py::init<std::vector<std::shared_ptr<KVStoreTier>>, double>(), py::arg("tiers"), py::arg("load_timeout_s"))
       .def_property_readonly("num_pending", &TieredKVConnector::num_pending);
 }
 

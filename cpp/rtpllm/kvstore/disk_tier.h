@@ -32,7 +32,7 @@
 #include <vector>
 
 #include "rtpllm/kvstore/copy_engine.h"
-#include "rtpllm/kvstore/kv_tier.h"
+#include "rtpllm/kvstore/kv_store_tier.h"
 
 namespace rtpllm {
 
@@ -49,7 +49,7 @@ struct DiskTierOptions {
   void validate() const;
 };
 
-class DiskTier final : public KVTier, public KVBlockSink {
+class DiskTier final : public KVStoreTier, public KVBlockSink {
  public:
   // Scans options.directory (see above). Throws std::invalid_argument for bad options and
   // std::runtime_error if the directory cannot be created or read. logger: nullptr for stderr.

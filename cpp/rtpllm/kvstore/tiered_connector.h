@@ -21,14 +21,14 @@
 #include <unordered_map>
 #include <vector>
 
-#include "rtpllm/kvstore/kv_tier.h"
+#include "rtpllm/kvstore/kv_store_tier.h"
 
 namespace rtpllm {
 
 class TieredKVConnector final : public KVConnector {
  public:
   // tiers: at least one, fastest first. load_timeout_s > 0: how long a load may take.
-  TieredKVConnector(std::vector<std::shared_ptr<KVTier>> tiers, double load_timeout_s);
+  TieredKVConnector(std::vector<std::shared_ptr<KVStoreTier>> tiers, double load_timeout_s);
 
   std::string name() const override { return "tiered"; }
   int32_t match(const std::vector<BlockHash>& hashes) override;
@@ -62,7 +62,7 @@ class TieredKVConnector final : public KVConnector {
   // The first tier that holds `hash`, or tiers_.size().
   size_t find_tier(BlockHash hash);
 
-  const std::vector<std::shared_ptr<KVTier>> tiers_;
+  const std::vector<std::shared_ptr<KVStoreTier>> tiers_;
   const std::chrono::steady_clock::duration load_timeout_;
   std::vector<QueryCounters> counters_;  // per tier
   std::unordered_map<TransferHandle, Transfer> transfers_;
