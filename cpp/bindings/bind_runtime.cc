@@ -13,6 +13,7 @@ void bind_scheduled_batch(py::module_& m);
 void bind_scheduler(py::module_& m);
 void bind_transfer(py::module_& m);
 void bind_loader(py::module_& m);
+void bind_kvstore(py::module_& m);
 
 void bind_runtime(py::module_& m) {
   bind_types(m);
@@ -22,6 +23,7 @@ void bind_runtime(py::module_& m) {
   bind_kv_event_log(m);
   bind_scheduled_batch(m);
   bind_scheduler(m);
+  bind_kvstore(m);  // before bind_transfer: both use KVLayout, and kvstore's binding is the full one
   bind_transfer(m);
   bind_loader(m);
 }
