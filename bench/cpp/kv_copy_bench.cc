@@ -33,7 +33,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/kvstore/cuda_copy_engine.h"
-#include "cuda/kvstore/cuda_host_allocator.h"
+#include "cuda/memory/cuda_host_allocator.h"
 #endif
 
 namespace rtpllm {

@@ -15,13 +15,14 @@
 #include <string>
 #include <vector>
 
-#include "rtpllm/loader/aligned_host_allocator.h"
+#include "rtpllm/core/host_allocator.h"
 #include "rtpllm/loader/chunk_sink.h"
 #include "rtpllm/loader/weight_loader.h"
 
 namespace {
 
 using namespace rtpllm::loader;
+using rtpllm::AlignedHostAllocator;
 
 // Reads only: the chunks are dropped once read.
 class DiscardSink final : public ChunkSink {

@@ -15,7 +15,7 @@
 #include "rtpllm/kvstore/copy_engine.h"
 #include "rtpllm/kvstore/cpu_copy_engine.h"
 #include "rtpllm/kvstore/disk_tier.h"
-#include "rtpllm/kvstore/host_allocator.h"
+#include "rtpllm/core/host_allocator.h"
 #include "rtpllm/kvstore/host_tier.h"
 #include "rtpllm/kvstore/kv_connector.h"
 #include "rtpllm/kvstore/kv_layout.h"

@@ -8,14 +8,14 @@
 #include <optional>
 #include <string>
 
-#include "rtpllm/loader/aligned_host_allocator.h"
+#include "rtpllm/core/host_allocator.h"
 #include "rtpllm/loader/load_error.h"
 #include "rtpllm/loader/memcpy_sink.h"
 #include "rtpllm/loader/safetensors_header.h"
 #include "rtpllm/loader/weight_loader.h"
 #ifdef RTPLLM_WITH_CUDA
 #include "cuda/loader/cuda_copy_sink.h"
-#include "cuda/loader/cuda_host_allocator.h"
+#include "cuda/memory/cuda_host_allocator.h"
 #endif
 
 namespace py = pybind11;

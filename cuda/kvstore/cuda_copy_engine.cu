@@ -4,7 +4,7 @@
 #include <string>
 #include <utility>
 
-#include "cuda/kvstore/cuda_host_allocator.h"
+#include "cuda/memory/cuda_host_allocator.h"
 #include "cuda/kvstore/kv_block_copy.h"
 
 namespace rtpllm::cuda {

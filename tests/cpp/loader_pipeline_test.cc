@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "rtpllm/loader/aligned_host_allocator.h"
+#include "rtpllm/core/host_allocator.h"
 #include "rtpllm/loader/load_error.h"
 #include "rtpllm/loader/memcpy_sink.h"
 #include "rtpllm/loader/weight_loader.h"

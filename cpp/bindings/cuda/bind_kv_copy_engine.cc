@@ -5,7 +5,7 @@
 #include <memory>
 
 #include "cuda/kvstore/cuda_copy_engine.h"
-#include "cuda/kvstore/cuda_host_allocator.h"
+#include "cuda/memory/cuda_host_allocator.h"
 
 namespace py = pybind11;
 

@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "rtpllm/kvstore/host_allocator.h"
+#include "rtpllm/core/host_allocator.h"
 #include "rtpllm/kvstore/kv_connector.h"
 #include "rtpllm/kvstore/kv_layout.h"
 

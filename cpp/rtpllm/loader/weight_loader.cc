@@ -32,6 +32,10 @@ WeightLoader::WeightLoader(LoaderOptions options, HostAllocator& allocator, Chun
     : options_(options), allocator_(allocator), sink_(sink) {
   if (options_.num_threads == 0) throw std::invalid_argument("num_threads must be at least 1");
   if (options_.buffers_per_thread == 0) throw std::invalid_argument("buffers_per_thread must be at least 1");
+  // Staging buffers come aligned to kHostBufferAlignment; O_DIRECT reads need the plan's alignment.
+  if (options_.plan.alignment > kHostBufferAlignment)
+    throw std::invalid_argument("alignment must be at most " + std::to_string(kHostBufferAlignment) + ", got " +
+                                std::to_string(options_.plan.alignment));
   // plan_reads checks the rest of the plan options; fail here rather than at the first load.
   plan_reads({}, options_.plan);
 }
@@ -86,7 +90,7 @@ std::unique_ptr<LoadJob> WeightLoader::start(const std::vector<TensorRequest>& r
   const size_t threads = std::max<size_t>(1, std::min(options_.num_threads, job->chunks_.size()));
   const size_t slots = threads * options_.buffers_per_thread;
   while (buffers_.size() < slots)
-    buffers_.push_back(static_cast<uint8_t*>(allocator_.allocate(options_.plan.chunk_bytes, options_.plan.alignment)));
+    buffers_.push_back(static_cast<uint8_t*>(allocator_.allocate(options_.plan.chunk_bytes)));
   job->buffers_.assign(buffers_.begin(), buffers_.begin() + static_cast<std::ptrdiff_t>(slots));
   sink_.prepare(slots);
 

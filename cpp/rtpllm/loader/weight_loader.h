@@ -24,7 +24,7 @@
 
 #include "rtpllm/loader/chunk_file.h"
 #include "rtpllm/loader/chunk_sink.h"
-#include "rtpllm/loader/host_allocator.h"
+#include "rtpllm/core/host_allocator.h"
 #include "rtpllm/loader/read_planner.h"
 #include "rtpllm/loader/safetensors_header.h"
 #include "rtpllm/loader/tensor_request.h"

@@ -1,10 +1,11 @@
-// Pinned, device-mapped, portable host memory (cudaHostAlloc): what the CUDA copy engine's kernel
-// reads and writes directly, and what lets cudaMemcpyAsync run asynchronously.
+// Pinned, device-mapped, portable host memory (cudaHostAlloc): what the KV copy engine's kernel
+// reads and writes directly, and what lets cudaMemcpyAsync (the weight loader's copies) run
+// asynchronously.
 #pragma once
 
 #include <string>
 
-#include "rtpllm/kvstore/host_allocator.h"
+#include "rtpllm/core/host_allocator.h"
 
 namespace rtpllm::cuda {
 

@@ -1,4 +1,4 @@
-#include "rtpllm/kvstore/host_allocator.h"
+#include "rtpllm/core/host_allocator.h"
 
 #include <cstdlib>
 #include <new>

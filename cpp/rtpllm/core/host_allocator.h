@@ -2,7 +2,7 @@
 //
 // Injectable so that the copy engine decides what host memory it can use: the CPU engine takes
 // ordinary page-aligned memory (AlignedHostAllocator, below); the CUDA engine needs pinned,
-// device-mapped memory (cuda/kvstore/cuda_host_allocator.h), since its copy kernel reads and writes
+// device-mapped memory (cuda/memory/cuda_host_allocator.h), since its copy kernel reads and writes
 // host buffers directly. Every buffer is at least kHostBufferAlignment aligned, which is also what
 // O_DIRECT file I/O needs.
 #pragma once

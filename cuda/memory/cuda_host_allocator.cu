@@ -1,4 +1,4 @@
-#include "cuda/kvstore/cuda_host_allocator.h"
+#include "cuda/memory/cuda_host_allocator.h"
 
 #include <cuda_runtime.h>
 
