@@ -9,6 +9,7 @@ void bind_options(py::module_& m);
 void bind_request(py::module_& m);
 void bind_block_hash(py::module_& m);
 void bind_scheduled_batch(py::module_& m);
+void bind_kv_connector(py::module_& m);
 void bind_scheduler(py::module_& m);
 
 void bind_runtime(py::module_& m) {
@@ -17,6 +18,7 @@ void bind_runtime(py::module_& m) {
   bind_request(m);
   bind_block_hash(m);
   bind_scheduled_batch(m);
+  bind_kv_connector(m);
   bind_scheduler(m);
 }
 }  // namespace rtpllm::bindings

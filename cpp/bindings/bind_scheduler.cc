@@ -48,6 +48,11 @@ void bind_scheduler(py::module_& m) {
       .def_readonly("prefix_hits", &SchedulerStats::prefix_hits)
       .def_readonly("kv_usage", &SchedulerStats::kv_usage)
       .def_readonly("num_steps", &SchedulerStats::num_steps)
+      .def_readonly("num_waiting_for_kv", &SchedulerStats::num_waiting_for_kv)
+      .def_readonly("kv_tier_hit_blocks", &SchedulerStats::kv_tier_hit_blocks)
+      .def_readonly("kv_tier_failed_loads", &SchedulerStats::kv_tier_failed_loads)
+      .def_readonly("kv_tier_saved_blocks", &SchedulerStats::kv_tier_saved_blocks)
+      .def_readonly("kv_transfer_held_blocks", &SchedulerStats::kv_transfer_held_blocks)
       .def("__repr__", [](const SchedulerStats& s) {
         return "SchedulerStats(num_running=" + std::to_string(s.num_running) + ", num_waiting=" +
                std::to_string(s.num_waiting) + ", num_preempted_total=" + std::to_string(s.num_preempted_total) +
@@ -86,6 +91,10 @@ void bind_scheduler(py::module_& m) {
             return *r;
           },
           py::arg("request_id"), "A snapshot of an unfinished request, or None")
+      .def("set_kv_connector", &Scheduler::set_kv_connector, py::arg("connector"), py::arg("load_timeout_s") = 30.0,
+           "Attaches the tiers below the GPU pool (None detaches); only while nothing is unfinished")
+      .def_property_readonly("num_waiting_for_kv", &Scheduler::num_waiting_for_kv)
+      .def("has_pending_kv_transfers", &Scheduler::has_pending_kv_transfers)
       .def("check_invariants", &Scheduler::check_invariants);
 }
 

@@ -8,6 +8,8 @@
 // preemption, chunking and prefix sharing must not change them.
 #pragma once
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -75,6 +77,15 @@ class FakeKVModel {
     }
     if (next_sampled != batch.num_sampled) fail("samples a sequence that has not reached its last token");
     return sampled;
+  }
+
+  // A block's KV (one fingerprint per slot), as a tier's copy engine reads and writes it.
+  std::vector<uint64_t> read_block(BlockId block) const {
+    const auto first = cache_.begin() + static_cast<std::ptrdiff_t>(block) * block_size_;
+    return std::vector<uint64_t>(first, first + block_size_);
+  }
+  void write_block(BlockId block, const std::vector<uint64_t>& kv) {
+    std::copy(kv.begin(), kv.end(), cache_.begin() + static_cast<std::ptrdiff_t>(block) * block_size_);
   }
 
   // The output a request must produce for a context, whatever the scheduler did.

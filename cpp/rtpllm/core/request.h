@@ -67,6 +67,7 @@ struct Request {
   uint64_t admission_order = 0;  // tie-break after arrival_time: later added = preempted first
   int64_t scheduled_step = -1;   // the step that last scheduled it (tracks the batch in flight)
   int32_t num_preemptions = 0;
+  bool skip_kv_tiers = false;  // a load from the tiers failed: recompute instead of asking again
 
   int32_t num_tokens() const { return static_cast<int32_t>(token_ids.size()); }
   int32_t num_known_tokens() const { return num_tokens() - num_pending_tokens; }
