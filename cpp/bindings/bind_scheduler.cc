@@ -91,8 +91,18 @@ void bind_scheduler(py::module_& m) {
             return *r;
           },
           py::arg("request_id"), "A snapshot of an unfinished request, or None")
-      .def("set_kv_connector", &Scheduler::set_kv_connector, py::arg("connector"), py::arg("load_timeout_s") = 30.0,
-           "Attaches the tiers below the GPU pool (None detaches); only while nothing is unfinished")
+      .def(
+          "set_kv_connector",
+          [](Scheduler& s, std::shared_ptr<KVConnector> connector, double load_timeout_s, py::object) {
+            s.set_kv_connector(std::move(connector), load_timeout_s);
+          },
+          py::arg("connector"), py::arg("load_timeout_s") = 30.0, py::arg("memory_owner") = py::none(),
+          // The connector, and the Python objects owning the memory it copies (the KV tensors), live
+          // at least as long as the scheduler: C++ holds their addresses, not their ownership.
+          py::keep_alive<1, 2>(), py::keep_alive<1, 4>(),
+          "Attaches the tiers below the GPU pool (None detaches); only while nothing is unfinished")
+      .def("poll_kv_transfers", &Scheduler::poll_kv_transfers,
+           "Submits the saves of newly cached blocks and polls every transfer (schedule() does it too)")
       .def_property_readonly("num_waiting_for_kv", &Scheduler::num_waiting_for_kv)
       .def("has_pending_kv_transfers", &Scheduler::has_pending_kv_transfers)
       .def("check_invariants", &Scheduler::check_invariants);

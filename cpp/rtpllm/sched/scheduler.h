@@ -109,6 +109,9 @@ class Scheduler {
   // load_timeout_s is given up and its tokens recomputed. Throws std::logic_error while requests
   // or transfers are unfinished.
   void set_kv_connector(std::shared_ptr<KVConnector> connector, double load_timeout_s = 30.0);
+  // Submits the saves of newly cached blocks and polls every transfer (schedule() starts with
+  // this); for callers that wait for transfers with no step to run.
+  void poll_kv_transfers();
   int32_t num_waiting_for_kv() const { return transfers_ ? transfers_->num_waiting_requests() : 0; }
   // Loads or saves under way (they hold GPU blocks), or blocks cached since the last schedule()
   // and not yet submitted for saving: schedule() submits and polls them, also with no request.
@@ -134,7 +137,6 @@ class Scheduler {
   // scheduler_kv.cc
   enum class TierAdmission : uint8_t { NOT_FROM_TIERS, WAITING_FOR_KV, NO_ROOM };
   TierAdmission admit_from_tiers(Request* request, const PrefixHit& hit);
-  void poll_kv_transfers();
   void check_kv_invariants(std::vector<int32_t>& holders) const;
   void add_kv_stats(SchedulerStats& stats) const;
   void maybe_check_invariants() const;

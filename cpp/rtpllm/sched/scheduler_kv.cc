@@ -47,6 +47,7 @@ Scheduler::TierAdmission Scheduler::admit_from_tiers(Request* r, const PrefixHit
 }
 
 void Scheduler::poll_kv_transfers() {
+  if (!transfers_) return;
   transfers_->save_newly_cached();
   ended_loads_.clear();
   transfers_->poll(ended_loads_);
@@ -67,6 +68,7 @@ void Scheduler::poll_kv_transfers() {
     r->status = r->num_preemptions > 0 ? RequestStatus::PREEMPTED : RequestStatus::WAITING;
     waiting_.push_preempted(r);
   }
+  maybe_check_invariants();
 }
 
 void Scheduler::check_kv_invariants(std::vector<int32_t>& holders) const {

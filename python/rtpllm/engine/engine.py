@@ -17,10 +17,12 @@ import torch
 
 from rtpllm import _C
 from rtpllm.config import EngineConfig
+from rtpllm.engine.cache_identity import cache_identity
 from rtpllm.engine.default_model import resolve_model_path
 from rtpllm.engine.detokenizer import IncrementalDetokenizer, StopStringChecker
 from rtpllm.engine.device import attention_backend_factory, resolve_device, resolve_dtype
 from rtpllm.engine.in_flight import InFlightStep, TokenReadback, pending_inputs
+from rtpllm.engine.kv_tiers import attach_kv_tiers, drain_kv_transfers
 from rtpllm.engine.model_runner import ModelRunner
 from rtpllm.engine.prompt_logprobs import PromptLogprobCollector
 from rtpllm.engine.request_state import RequestGroup, SequenceState
@@ -58,6 +60,10 @@ class Engine:
         self.vocab_size = getattr(self.arch, "vocab_size", None) or len(self.tokenizer)
         self.eos_token_ids = _eos_ids(loaded.generation_config, self.tokenizer, self.arch)
         self.runner = ModelRunner(loaded.model, self.arch, config, self.device, self.dtype, self.max_model_len)
+        # Root of the block-hash chain: copies of KV outside the pool never mix models or layouts.
+        self.cache_root_hash = cache_identity(
+            self.model_path, kv_dtype=self.dtype, block_size=config.cache.block_size,
+            num_layers=self.arch.num_layers, num_kv_heads=self.arch.num_kv_heads, head_dim=self.arch.head_dim)
         self.scheduler = _C.Scheduler(
             _C.SchedulerOptions(
                 max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
@@ -65,7 +71,10 @@ class Engine:
                 enable_chunked_prefill=config.scheduler.enable_chunked_prefill,
                 max_model_len=self.max_model_len),
             _C.CacheOptions(num_blocks=self.runner.num_blocks, block_size=config.cache.block_size,
-                            enable_prefix_caching=config.cache.enable_prefix_caching))
+                            enable_prefix_caching=config.cache.enable_prefix_caching,
+                            root_hash=self.cache_root_hash))
+        self.kv_tiers = attach_kv_tiers(self.scheduler, config.cache, self.runner.kv_caches, self.cache_root_hash,
+                                        self.device)
         self._groups: dict[str, RequestGroup] = {}
         self._seqs: dict[int, SequenceState] = {}
         self._seq_ids = itertools.count(1)
@@ -177,6 +186,8 @@ class Engine:
         batch = self.scheduler.schedule()
         previous = self._in_flight
         if batch.num_seqs == 0:
+            if previous is None and self.kv_tiers is not None and self.scheduler.has_pending_kv_transfers():
+                time.sleep(0.0005)  # only loads or saves under way: leave the cores to their copies
             if previous is not None:
                 self._in_flight = None
                 outputs += self._resolve(previous)
@@ -260,10 +271,34 @@ class Engine:
             num_running=s.num_running, num_waiting=s.num_waiting, kv_blocks_used=s.blocks_used,
             kv_blocks_total=s.blocks_total, prefix_cache_queries=s.prefix_queries,
             prefix_cache_hits=s.prefix_hits, num_preemptions=s.num_preempted_total,
-            prompt_tokens_total=self._prompt_tokens_total, generation_tokens_total=self._generation_tokens_total)
+            prompt_tokens_total=self._prompt_tokens_total, generation_tokens_total=self._generation_tokens_total,
+            num_waiting_for_kv=s.num_waiting_for_kv, kv_tier_hit_tokens=s.kv_tier_hit_blocks * self.runner.block_size,
+            kv_tier_failed_loads=s.kv_tier_failed_loads,
+            kv_tiers=self.kv_tiers.snapshot() if self.kv_tiers is not None else ())
+
+    def has_pending_kv_transfers(self) -> bool:
+        """Loads or saves of the KV tiers under way: `step()` polls them, also with no request."""
+        return self.scheduler.has_pending_kv_transfers()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Aborts what still runs, lets the KV tiers finish their transfers and background writes
+        (so that a restarted engine finds every saved block on disk) and detaches them."""
+        if self.kv_tiers is None:
+            return
+        for request_id in list(self._groups):
+            self.abort_request(request_id)
+        while self.has_unfinished_requests() or self._in_flight is not None:
+            self.step()
+        if not drain_kv_transfers(self.scheduler, timeout_s):
+            logger.warning("close: KV tier transfers still under way after %.0f s", timeout_s)
+        self.kv_tiers.flush()
+        self.scheduler.set_kv_connector(None)
+        self.kv_tiers = None
 
     def check_kv_pool_free(self) -> bool:
-        """True when no block is held by a request (cached free blocks count as free)."""
+        """True when no block is held by a request (cached free blocks count as free). Waits for
+        the KV tiers' transfers first: they hold the blocks they copy."""
+        drain_kv_transfers(self.scheduler, 30.0)
         self.scheduler.check_invariants()
         return self.scheduler.num_free_blocks == self.runner.num_blocks
 
