@@ -23,7 +23,7 @@ class DictKVConnector(_C.KVConnector):
         self.next_handle = 1
         self.latency_polls = 0
         self.fail_loads = False
-        self.hang_loads = False
+        self.hang_loads = False  # loads submitted while set stay PENDING until release_hung_loads()
         self.counters = dict(queries=0, hit_blocks=0, loaded_blocks=0, saved_blocks=0, failed_loads=0)
 
     def name(self) -> str:
@@ -47,8 +47,8 @@ class DictKVConnector(_C.KVConnector):
         if handle not in self.open:
             raise ValueError(f"unknown handle {handle}")
         transfer = self.open[handle]
-        kind, hashes, blocks, polls_left = transfer
-        if kind == "load" and self.hang_loads:
+        kind, hashes, blocks, polls_left, hung = transfer
+        if hung:
             return _C.TransferState.PENDING
         if polls_left > 0:
             transfer[3] -= 1
@@ -80,14 +80,19 @@ class DictKVConnector(_C.KVConnector):
         assert len(hashes) == len(blocks)
         handle = self.next_handle
         self.next_handle += 1
-        self.open[handle] = [kind, list(hashes), list(blocks), self.latency_polls]
+        self.open[handle] = [kind, list(hashes), list(blocks), self.latency_polls, kind == "load" and self.hang_loads]
         return handle
 
+    def release_hung_loads(self) -> None:
+        self.hang_loads = False
+        for transfer in self.open.values():
+            transfer[4] = False
 
-def attach_fake_tier(engine) -> DictKVConnector:
-    """Replaces the engine's tiers (build it with kv_host_cache_gib=0) by a DictKVConnector."""
+
+def attach_fake_tier(engine, load_timeout_s: float = 5.0) -> DictKVConnector:
+    """Gives an engine built without tiers (kv_host_cache_gib=0) a DictKVConnector instead."""
     assert engine.kv_tiers is None, "build the engine with kv_host_cache_gib=0"
     fake = DictKVConnector(engine.runner.kv_caches)
     engine.kv_tiers = KVTiers(fake, [], engine.runner.kv_caches, 0, [])
-    engine.scheduler.set_kv_connector(fake, 5.0, memory_owner=engine.kv_tiers)
+    engine.scheduler.set_kv_connector(fake, load_timeout_s, memory_owner=engine.kv_tiers)
     return fake
