@@ -11,6 +11,7 @@ void bind_block_hash(py::module_& m);
 void bind_scheduled_batch(py::module_& m);
 void bind_kv_connector(py::module_& m);
 void bind_scheduler(py::module_& m);
+void bind_kvstore(py::module_& m);
 
 void bind_runtime(py::module_& m) {
   bind_types(m);
@@ -20,5 +21,6 @@ void bind_runtime(py::module_& m) {
   bind_scheduled_batch(m);
   bind_kv_connector(m);
   bind_scheduler(m);
+  bind_kvstore(m);
 }
 }  // namespace rtpllm::bindings

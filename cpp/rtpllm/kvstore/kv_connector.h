@@ -40,10 +40,13 @@ struct KVTierStats {
   uint64_t load_bytes = 0;        // bytes moved tier -> GPU
   uint64_t save_bytes = 0;        // bytes moved GPU (or the tier above) -> tier
   uint64_t failed_loads = 0;      // load() handles that ended FAILED
+  uint64_t timed_out_loads = 0;   // of those, cut short by the coordinator's load deadline
   uint64_t evicted_blocks = 0;    // dropped for capacity
   uint64_t capacity_blocks = 0;   // current
   uint64_t used_blocks = 0;       // current
-  bool enabled = true;            // false once the tier stopped itself (a full disk, an I/O error)
+  // false once the tier stopped itself (a full disk, an I/O error): it accepts no more saves, but
+  // keeps serving match() and load() for the blocks it holds.
+  bool enabled = true;
   std::vector<double> load_latency_s;  // latencies of loads finished since the last stats() call
 };
 

@@ -1,0 +1,178 @@
+// The hierarchical KV store (cpp/rtpllm/kvstore): KV layout registration, copy engines, the host
+// and disk tiers and the coordinator that chains them. Everything is held by std::shared_ptr, so
+// the scheduler can hold the coordinator as a std::shared_ptr<KVConnector>. Calls that may block
+// (wait, flush) release the GIL; no background thread of the store ever calls into Python.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "rtpllm/kvstore/copy_engine.h"
+#include "rtpllm/kvstore/cpu_copy_engine.h"
+#include "rtpllm/kvstore/disk_tier.h"
+#include "rtpllm/kvstore/host_allocator.h"
+#include "rtpllm/kvstore/host_tier.h"
+#include "rtpllm/kvstore/kv_connector.h"
+#include "rtpllm/kvstore/kv_layout.h"
+#include "rtpllm/kvstore/kv_tier.h"
+#include "rtpllm/kvstore/tiered_connector.h"
+
+namespace py = pybind11;
+
+namespace rtpllm::bindings {
+namespace {
+
+std::vector<BlockCopy> block_copies(const std::vector<BlockId>& pool_blocks, const std::vector<uintptr_t>& host_addresses) {
+  if (pool_blocks.size() != host_addresses.size()) {
+    throw py::value_error("pool_blocks and host_addresses differ in length (" + std::to_string(pool_blocks.size()) + " vs " +
+                          std::to_string(host_addresses.size()) + ")");
+  }
+  std::vector<BlockCopy> copies;
+  for (size_t i = 0; i < pool_blocks.size(); ++i) {
+    copies.push_back(BlockCopy{pool_blocks[i], reinterpret_cast<uint8_t*>(host_addresses[i])});
+  }
+  return copies;
+}
+
+void bind_layout(py::module_& m) {
+  py::enum_<MemoryKind>(m, "MemoryKind", "Where the KV pool lives").value("HOST", MemoryKind::HOST).value("CUDA", MemoryKind::CUDA);
+  py::class_<KVLayerAddress>(m, "KVLayerAddress", "One layer's K and V base addresses (block 0)")
+      .def(py::init([](uint64_t k_base, uint64_t v_base) { return KVLayerAddress{k_base, v_base}; }), py::arg("k_base"),
+           py::arg("v_base"))
+      .def_readwrite("k_base", &KVLayerAddress::k_base)
+      .def_readwrite("v_base", &KVLayerAddress::v_base);
+  py::class_<KVLayout>(m, "KVLayout", "Where each layer's K/V blocks live; Python keeps owning the memory")
+      .def(py::init<>())
+      .def_readwrite("memory", &KVLayout::memory)
+      .def_readwrite("device_index", &KVLayout::device_index)
+      .def_readwrite("num_blocks", &KVLayout::num_blocks)
+      .def_readwrite("block_size", &KVLayout::block_size)
+      .def_readwrite("num_kv_heads", &KVLayout::num_kv_heads)
+      .def_readwrite("head_dim", &KVLayout::head_dim)
+      .def_readwrite("element_bytes", &KVLayout::element_bytes)
+      .def_readwrite("block_stride_bytes", &KVLayout::block_stride_bytes)
+      .def_readwrite("layers", &KVLayout::layers)
+      .def_property_readonly("num_layers", &KVLayout::num_layers)
+      .def_property_readonly("block_bytes", &KVLayout::block_bytes)
+      .def_property_readonly("bytes_per_block", &KVLayout::bytes_per_block)
+      .def("validate", &KVLayout::validate, "Raises ValueError naming the bad field");
+}
+
+void bind_connector(py::module_& m) {
+  py::enum_<TransferState>(m, "TransferState")
+      .value("PENDING", TransferState::PENDING)
+      .value("DONE", TransferState::DONE)
+      .value("FAILED", TransferState::FAILED);
+  py::class_<KVTierStats>(m, "KVTierStats", "Counters of one tier (cumulative unless said otherwise)")
+      .def_readonly("name", &KVTierStats::name)
+      .def_readonly("queries", &KVTierStats::queries)
+      .def_readonly("query_blocks", &KVTierStats::query_blocks)
+      .def_readonly("hit_blocks", &KVTierStats::hit_blocks)
+      .def_readonly("loaded_blocks", &KVTierStats::loaded_blocks)
+      .def_readonly("saved_blocks", &KVTierStats::saved_blocks)
+      .def_readonly("load_bytes", &KVTierStats::load_bytes)
+      .def_readonly("save_bytes", &KVTierStats::save_bytes)
+      .def_readonly("failed_loads", &KVTierStats::failed_loads)
+      .def_readonly("timed_out_loads", &KVTierStats::timed_out_loads)
+      .def_readonly("evicted_blocks", &KVTierStats::evicted_blocks)
+      .def_readonly("capacity_blocks", &KVTierStats::capacity_blocks)
+      .def_readonly("used_blocks", &KVTierStats::used_blocks)
+      .def_readonly("enabled", &KVTierStats::enabled)
+      .def_readonly("load_latency_s", &KVTierStats::load_latency_s);
+  py::class_<KVConnector, std::shared_ptr<KVConnector>>(m, "KVConnector", "A place KV can live besides the GPU pool")
+      .def_property_readonly("name", &KVConnector::name)
+      .def("match", &KVConnector::match, py::arg("hashes"))
+      .def("load", &KVConnector::load, py::arg("hashes"), py::arg("gpu_blocks"))
+      .def("save", &KVConnector::save, py::arg("hashes"), py::arg("gpu_blocks"))
+      .def("poll", &KVConnector::poll, py::arg("handle"))
+      .def("stats", &KVConnector::stats);
+  py::class_<KVTier, KVConnector, std::shared_ptr<KVTier>>(m, "KVTier")
+      .def("contains", &KVTier::contains, py::arg("hash"))
+      .def("cancel", &KVTier::cancel, py::arg("handle"));
+}
+
+void bind_copy_engines(py::module_& m) {
+  py::class_<HostAllocator, std::shared_ptr<HostAllocator>>(m, "HostAllocator").def_property_readonly("name", &HostAllocator::name);
+  py::class_<AlignedHostAllocator, HostAllocator, std::shared_ptr<AlignedHostAllocator>>(m, "AlignedHostAllocator").def(py::init<>());
+  py::class_<HostBuffer, std::shared_ptr<HostBuffer>>(m, "HostBuffer", py::buffer_protocol(),
+                                                      "Host memory from an allocator; a uint8 buffer (numpy.asarray)")
+      .def(py::init([](std::shared_ptr<HostAllocator> allocator, size_t nbytes) {
+             return std::make_shared<HostBuffer>(std::move(allocator), nbytes);
+           }),
+           py::arg("allocator"), py::arg("nbytes"))
+      .def_property_readonly("address", [](const HostBuffer& b) { return reinterpret_cast<uintptr_t>(b.data()); })
+      .def_property_readonly("nbytes", &HostBuffer::size)
+      .def_buffer([](HostBuffer& b) {
+        return py::buffer_info(b.data(), 1, py::format_descriptor<uint8_t>::format(), 1, {b.size()}, {size_t{1}});
+      });
+
+  py::enum_<CopyDirection>(m, "CopyDirection")
+      .value("POOL_TO_HOST", CopyDirection::POOL_TO_HOST)
+      .value("HOST_TO_POOL", CopyDirection::HOST_TO_POOL);
+  py::class_<KVCopyEngine, std::shared_ptr<KVCopyEngine>>(m, "KVCopyEngine",
+                                                          "Batched async block copies between the KV pool and host buffers")
+      .def_property_readonly("name", &KVCopyEngine::name)
+      .def_property_readonly("layout", &KVCopyEngine::layout)
+      .def_property_readonly("host_allocator", &KVCopyEngine::host_allocator)
+      .def(
+          "submit",
+          [](KVCopyEngine& engine, CopyDirection direction, const std::vector<BlockId>& pool_blocks,
+             const std::vector<uintptr_t>& host_addresses) { return engine.submit(direction, block_copies(pool_blocks, host_addresses)); },
+          py::arg("direction"), py::arg("pool_blocks"), py::arg("host_addresses"),
+          "Host buffer i (bytes_per_block bytes, layer-major, K then V) <-> pool block i; returns a ticket")
+      .def("query", &KVCopyEngine::query, py::arg("ticket"))
+      .def("wait", &KVCopyEngine::wait, py::arg("ticket"), py::call_guard<py::gil_scoped_release>());
+  py::class_<CpuKVCopyEngine, KVCopyEngine, std::shared_ptr<CpuKVCopyEngine>>(m, "CpuKVCopyEngine")
+      .def(py::init<KVLayout, std::shared_ptr<HostAllocator>>(), py::arg("layout"), py::arg("allocator") = nullptr);
+}
+
+void bind_tiers(py::module_& m) {
+  py::class_<HostTier, KVTier, std::shared_ptr<HostTier>>(m, "HostTier", "Host-memory tier; writes every saved block through to next_tier")
+      .def(py::init([](std::shared_ptr<KVCopyEngine> engine, int64_t capacity_bytes, std::shared_ptr<DiskTier> next_tier) {
+             return std::make_shared<HostTier>(std::move(engine), capacity_bytes, std::shared_ptr<KVBlockSink>(std::move(next_tier)));
+           }),
+           py::arg("engine"), py::arg("capacity_bytes"), py::arg("next_tier") = nullptr)
+      .def_property_readonly("capacity_blocks", &HostTier::capacity_blocks)
+      .def("check_invariants", &HostTier::check_invariants);
+
+  py::class_<DiskTierOptions>(m, "DiskTierOptions")
+      .def(py::init<>())
+      .def_readwrite("directory", &DiskTierOptions::directory)
+      .def_readwrite("capacity_bytes", &DiskTierOptions::capacity_bytes)
+      .def_readwrite("cache_identity", &DiskTierOptions::cache_identity)
+      .def_readwrite("writer_threads", &DiskTierOptions::writer_threads)
+      .def_readwrite("reader_threads", &DiskTierOptions::reader_threads)
+      .def_readwrite("max_queued_writes", &DiskTierOptions::max_queued_writes)
+      .def_readwrite("load_chunk_blocks", &DiskTierOptions::load_chunk_blocks)
+      .def("validate", &DiskTierOptions::validate);
+  py::class_<DiskTier, KVTier, std::shared_ptr<DiskTier>>(m, "DiskTier", "Local-disk tier (one checksummed file per block)")
+      .def(py::init([](std::shared_ptr<KVCopyEngine> engine, DiskTierOptions options) {
+             return std::make_shared<DiskTier>(std::move(engine), std::move(options));
+           }),
+           py::arg("engine"), py::arg("options"), py::call_guard<py::gil_scoped_release>())
+      .def("flush", &DiskTier::flush, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("used_bytes", &DiskTier::used_bytes)
+      .def("take_warnings", &DiskTier::take_warnings, "Warnings (corrupt files, a full disk) since the last call; also on stderr")
+      .def_property_readonly("file_bytes_per_block", &DiskTier::file_bytes_per_block)
+      .def("check_invariants", &DiskTier::check_invariants);
+
+  py::class_<TieredKVConnector, KVConnector, std::shared_ptr<TieredKVConnector>>(m, "TieredKVConnector",
+                                                                                 "Chains tiers (fastest first) behind one connector")
+      .def(py::init<std::vector<std::shared_ptr<KVTier>>, double>(), py::arg("tiers"), py::arg("load_timeout_s"))
+      .def_property_readonly("num_pending", &TieredKVConnector::num_pending);
+}
+
+}  // namespace
+
+void bind_kvstore(py::module_& m) {
+  bind_layout(m);
+  bind_connector(m);
+  bind_copy_engines(m);
+  bind_tiers(m);
+}
+
+}  // namespace rtpllm::bindings
