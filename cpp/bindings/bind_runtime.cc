@@ -9,7 +9,6 @@ void bind_options(py::module_& m);
 void bind_request(py::module_& m);
 void bind_block_hash(py::module_& m);
 void bind_scheduled_batch(py::module_& m);
-void bind_kv_connector(py::module_& m);
 void bind_scheduler(py::module_& m);
 void bind_kvstore(py::module_& m);
 
@@ -19,8 +18,7 @@ void bind_runtime(py::module_& m) {
   bind_request(m);
   bind_block_hash(m);
   bind_scheduled_batch(m);
-  bind_kv_connector(m);
+  bind_kvstore(m);  // before the scheduler, whose set_kv_connector takes a KVConnector
   bind_scheduler(m);
-  bind_kvstore(m);
 }
 }  // namespace rtpllm::bindings

@@ -125,7 +125,7 @@ def build_kv_tiers(cache: CacheConfig, kv_caches: list[torch.Tensor], root_hash:
     if not cache.enable_prefix_caching or (host_bytes == 0 and cache.kv_disk_cache_dir is None):
         return None
     layout = kv_layout(kv_caches, cache.block_size)
-    bytes_per_block = layout.bytes_per_block()
+    bytes_per_block = layout.bytes_per_block
     engine = _copy_engine(layout, stream)
     parts: list = [engine]
     disk = None
@@ -150,7 +150,7 @@ def build_kv_tiers(cache: CacheConfig, kv_caches: list[torch.Tensor], root_hash:
         return None
     connector = _C.TieredKVConnector(tiers, cache.kv_load_timeout_s)
     logger.info("KV tiers: %s (%d bytes per block)", ", ".join(
-        f"{s.name} {s.capacity_blocks} blocks" for s in connector.stats()), bytes_per_block)
+        f"{t.name} {t.capacity_blocks} blocks" for t in connector.stats()), bytes_per_block)
     return KVTiers(connector, parts, kv_caches, bytes_per_block, [disk] if disk is not None else [])
 
 
