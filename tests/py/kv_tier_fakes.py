@@ -93,6 +93,6 @@ def attach_fake_tier(engine, load_timeout_s: float = 5.0) -> DictKVConnector:
     """Gives an engine built without tiers (kv_host_cache_gib=0) a DictKVConnector instead."""
     assert engine.kv_tiers is None, "build the engine with kv_host_cache_gib=0"
     fake = DictKVConnector(engine.runner.kv_caches)
-    engine.kv_tiers = KVTiers(fake, [], engine.runner.kv_caches, 0, [])
+    engine.kv_tiers = KVTiers(fake, {}, engine.runner.kv_caches, 0)
     engine.scheduler.set_kv_connector(fake, load_timeout_s, memory_owner=engine.kv_tiers)
     return fake

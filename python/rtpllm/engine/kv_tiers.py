@@ -5,7 +5,7 @@ Ownership: Python allocates the pool (kv_cache.py) and stays its only owner. C++
 only (`kv_layout`): the copy engine reads and writes blocks there on its own thread (CPU) or
 stream (CUDA). So the pool must outlive every C++ object that holds the layout: `KVTiers` keeps
 the tensors referenced, `Scheduler.set_kv_connector` keeps the connector and the tensors alive as
-long as the scheduler, and `close()` drains the transfers before anything is let go.
+long as the scheduler, and `Engine.close()` drains the transfers before anything is let go.
 """
 
 from __future__ import annotations
@@ -71,12 +71,11 @@ def kv_layout(kv_caches: list[torch.Tensor], block_size: int) -> "_C.KVLayout":
 class KVTiers:
     """The connector the scheduler uses, the tiers behind it, and their counters."""
 
-    def __init__(self, connector: "_C.KVConnector", parts: list, kv_caches: list[torch.Tensor],
-                 bytes_per_block: int, flushers: list):
+    def __init__(self, connector: "_C.KVConnector", tiers: dict, kv_caches: list[torch.Tensor],
+                 bytes_per_block: int):
         # NOTE: the C++ objects first and the tensors last: attributes are released in this order.
         self.connector = connector
-        self._parts = parts  # copy engine and tiers: the connector shares them
-        self._flushers = flushers  # tiers with a flush() that waits for their background writes
+        self.tiers = tiers  # name -> tier ("host", "disk"), fastest first; the connector shares them
         self.bytes_per_block = bytes_per_block
         self._latency: dict[str, tuple[list[int], float, int]] = {}
         self._kv_caches = kv_caches
@@ -112,8 +111,15 @@ class KVTiers:
 
     def flush(self) -> None:
         """Waits until the background writes (the disk tier's) have landed."""
-        for tier in self._flushers:
-            tier.flush()
+        for tier in self.tiers.values():
+            if hasattr(tier, "flush"):
+                tier.flush()
+
+    def check_invariants(self) -> None:
+        """Each tier's own bookkeeping (slots, index, LRU, files); raises on a violation."""
+        for tier in self.tiers.values():
+            if hasattr(tier, "check_invariants"):
+                tier.check_invariants()
 
 
 def build_kv_tiers(cache: CacheConfig, kv_caches: list[torch.Tensor], root_hash: int,
@@ -126,8 +132,13 @@ def build_kv_tiers(cache: CacheConfig, kv_caches: list[torch.Tensor], root_hash:
         return None
     layout = kv_layout(kv_caches, cache.block_size)
     bytes_per_block = layout.bytes_per_block
+    if layout.memory == _C.MemoryKind.CUDA and not hasattr(_C, "CudaKVCopyEngine"):
+        if cache.kv_host_cache_gib is None and cache.kv_disk_cache_dir is None:
+            logger.warning("KV tiers off: this build has no CUDA copy engine (build with RTPLLM_CUDA=1)")
+            return None
+        raise ValueError("kv_host_cache_gib: KV tiers on CUDA need rtpllm built with RTPLLM_CUDA=1 (the CUDA copy "
+                         "engine); pass kv_host_cache_gib=0 and no kv_disk_cache_dir to run without them")
     engine = _copy_engine(layout, stream)
-    parts: list = [engine]
     disk = None
     if cache.kv_disk_cache_dir is not None:
         options = _C.DiskTierOptions()
@@ -135,30 +146,24 @@ def build_kv_tiers(cache: CacheConfig, kv_caches: list[torch.Tensor], root_hash:
         options.capacity_bytes = int(cache.kv_disk_cache_gib * 2**30)
         options.cache_identity = root_hash
         disk = _C.DiskTier(engine, options)
-        parts.append(disk)
-    tiers = []
+    tiers = {}
     if host_bytes >= bytes_per_block:
-        host = _C.HostTier(engine, host_bytes, disk)
-        parts.append(host)
-        tiers.append(host)
+        tiers["host"] = _C.HostTier(engine, host_bytes, disk)  # writes every saved block through to disk
     elif host_bytes > 0:
         logger.warning("kv_host_cache_gib: %.3g GiB holds no block of %d bytes; host tier off",
                        host_bytes / 2**30, bytes_per_block)
     if disk is not None:
-        tiers.append(disk)
+        tiers["disk"] = disk
     if not tiers:
         return None
-    connector = _C.TieredKVConnector(tiers, cache.kv_load_timeout_s)
+    connector = _C.TieredKVConnector(list(tiers.values()), cache.kv_load_timeout_s)
     logger.info("KV tiers: %s (%d bytes per block)", ", ".join(
         f"{t.name} {t.capacity_blocks} blocks" for t in connector.stats()), bytes_per_block)
-    return KVTiers(connector, parts, kv_caches, bytes_per_block, [disk] if disk is not None else [])
+    return KVTiers(connector, tiers, kv_caches, bytes_per_block)
 
 
 def _copy_engine(layout, stream: Optional[int]):
     if layout.memory == _C.MemoryKind.CUDA:
-        if not hasattr(_C, "CudaKVCopyEngine"):
-            raise RuntimeError("KV tiers on CUDA need rtpllm built with RTPLLM_CUDA=1 (the CUDA copy engine); "
-                               "pass kv_host_cache_gib=0 and no kv_disk_cache_dir to run without them")
         return _C.CudaKVCopyEngine(layout, stream or 0)
     return _C.CpuKVCopyEngine(layout)
 
