@@ -87,7 +87,8 @@ def checkpoint_dir(tiny: bool) -> Path:
     name = "llama-3.1-8b" + ("-tiny" if tiny else "")
     path = Path(os.environ.get("RTPLLM_BENCH_DIR", "/root/scratch")) / name
     if not (path / "config.json").exists():
-        command = [sys.executable, "-m", "rtpllm.tools.random_checkpoint", "--shape", "llama-3.1-8b", "--out", str(path)]
+        command = [sys.executable, "-m", "rtpllm.tools.random_checkpoint", "--shape", "llama-3.1-8b",
+                   "--out", str(path)]
         subprocess.run(command + (["--tiny", "--device", "cpu"] if tiny else []), check=True)
     return path
 

@@ -239,6 +239,22 @@ TEST(SchedulerKVTier, SavesHoldTheirBlocksSoEvictionNeverRacesACopy) {
   EXPECT_EQ(fresh.h.scheduler.stats().kv_tier_hit_blocks, 5u);
 }
 
+TEST(SchedulerKVTier, TightPoolLoadsWhatFitsAndComputesTheRest) {
+  auto tiers = std::make_shared<FakeKVConnector>(nullptr);
+  const std::vector<TokenId> prompt = prompt_of(30, 21);
+  const std::vector<TokenId> expected = run_to_warm(tiers, prompt, 3);  // 7 loadable blocks
+  TierHarness t(12, 64, 0, tiers);
+  t.h.add(make_spec(2, prompt_of(30, 22), 8));
+  t.h.step();  // request 2 holds 8 blocks: 4 free
+  t.h.add(make_spec(1, prompt, 3));
+  t.h.step();
+  ASSERT_EQ(t.status(1), RequestStatus::WAITING_FOR_KV);
+  EXPECT_EQ(t.h.scheduler.find(1)->block_table.size(), 4u);
+  t.drain();
+  EXPECT_EQ(t.h.generated.at(1), expected);
+  EXPECT_GE(t.h.scheduler.stats().kv_tier_hit_blocks, 4u);  // more if it was preempted and came back
+}
+
 TEST(SchedulerKVTier, AnotherRootHashNeverMatches) {
   auto tiers = std::make_shared<FakeKVConnector>(nullptr);
   const std::vector<TokenId> prompt = prompt_of(24, 18);

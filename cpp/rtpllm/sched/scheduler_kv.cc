@@ -1,6 +1,7 @@
 // The Scheduler's use of the tiers below the GPU pool (see "Tiers below the GPU pool" in
 // scheduler.h): admission through a load, polling loads and saves, their invariants and stats.
 // The bookkeeping of transfers themselves lives in KVTransfers.
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -31,10 +32,14 @@ Scheduler::TierAdmission Scheduler::admit_from_tiers(Request* r, const PrefixHit
   const auto first = static_cast<int32_t>(hit.blocks.size());
   if (first >= max_blocks) return TierAdmission::NOT_FROM_TIERS;
   const std::vector<BlockHash>& hashes = kv_.hash_full_blocks(*r, max_blocks);
-  const int32_t count = transfers_->match(std::vector<BlockHash>(hashes.begin() + first, hashes.end()));
+  int32_t count = transfers_->match(std::vector<BlockHash>(hashes.begin() + first, hashes.end()));
   if (count == 0) return TierAdmission::NOT_FROM_TIERS;
   // Blocks for the hit and the loaded part; the rest of the prompt gets its blocks once it runs.
-  if (!kv_.allocate_slots(*r, count * bs, &hit)) return TierAdmission::NO_ROOM;
+  // A pool too full for the whole part loads what fits rather than wait: the rest is computed.
+  int32_t revived = 0;  // hit blocks nobody holds cost free blocks too
+  for (BlockId b : hit.blocks) revived += kv_.pool().ref_count(b) == 0 ? 1 : 0;
+  count = std::min(count, kv_.num_free_blocks() - revived);
+  if (count <= 0 || !kv_.allocate_slots(*r, count * bs, &hit)) return TierAdmission::NO_ROOM;
   if (!transfers_->start_load(*r, first, count)) {
     kv_.free(*r);  // the connector refused: admit it the ordinary way
     r->num_computed_tokens = 0;

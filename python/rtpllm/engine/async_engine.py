@@ -398,11 +398,11 @@ class AsyncEngine(AsyncEngineBase):
                     while not self._commands and not busy and not self._stop_requested:
                         self._wakeup.wait()
                     if self._stop_requested and not self._commands:
-                        engine.close()  # the KV tiers' last saves and disk writes
-                        return
+                        break
                     commands, self._commands = self._commands, []
                 answers = [a for a in (self._apply(engine, command) for command in commands) if a is not None]
-                outputs = engine.step() if engine.has_unfinished_requests() or engine.has_pending_kv_transfers() else []
+                work = engine.has_unfinished_requests() or engine.has_pending_kv_transfers()
+                outputs = engine.step() if work else []
                 # Counters first: admission control must already count what the hand-over reveals.
                 self._stats = engine.stats()
                 if answers or outputs:
@@ -411,6 +411,7 @@ class AsyncEngine(AsyncEngineBase):
                     loop.call_soon_threadsafe(self._hand_over, answers, outputs)
                 answers = []
                 busy = engine.has_unfinished_requests() or engine.has_pending_kv_transfers()
+            engine.close()  # stopped: the KV tiers' last saves and disk writes land
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiting requests
             logger.exception("engine step loop failed")
             if not loop.is_closed():

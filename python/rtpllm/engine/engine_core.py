@@ -97,7 +97,8 @@ class EngineCoreLoop:
                     call_results.append(self._call(command[1], command[2]))
                 elif kind == "stop":
                     stop = True
-            moved = engine.step_groups() if engine.has_unfinished_requests() or engine.has_pending_kv_transfers() else []
+            work = engine.has_unfinished_requests() or engine.has_pending_kv_transfers()
+            moved = engine.step_groups() if work else []
             if commands or moved:
                 self.writer.write(encode_frame(("step", answers, self.encoder.encode(moved), engine.stats(),
                                                 call_results)))
