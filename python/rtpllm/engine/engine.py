@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
 import time
+import weakref
 from typing import Optional, Union
 
 import numpy as np
@@ -75,6 +77,9 @@ class Engine:
                             root_hash=self.cache_root_hash))
         self.kv_tiers = attach_kv_tiers(self.scheduler, config.cache, self.runner.kv_caches, self.cache_root_hash,
                                         self.device)
+        if self.kv_tiers is not None and "disk" in self.kv_tiers.tiers:
+            # An offline run that ends with the interpreter still gets its last blocks onto disk.
+            atexit.register(_close_at_exit, weakref.ref(self))
         self._groups: dict[str, RequestGroup] = {}
         self._seqs: dict[int, SequenceState] = {}
         self._seq_ids = itertools.count(1)
@@ -340,6 +345,15 @@ class Engine:
         if requested > limit:
             raise ValueError(f"max_model_len: {requested} exceeds the model's max_position_embeddings={limit}")
         return requested
+
+
+def _close_at_exit(engine_ref: "weakref.ref[Engine]") -> None:
+    engine = engine_ref()
+    if engine is not None and engine.kv_tiers is not None:
+        try:
+            engine.close(timeout_s=10.0)
+        except Exception:  # noqa: BLE001 - exiting anyway; the disk tier drops what it could not write
+            logger.exception("closing the KV tiers at exit failed")
 
 
 def _reads_host_history(params: SamplingParams) -> bool:
