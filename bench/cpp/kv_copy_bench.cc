@@ -1,6 +1,7 @@
 // Block copies of the KV copy engine against a plain copy of the same bytes, in the same run.
 //
 //   kv_copy_bench [--layers 32] [--kv-heads 8] [--head-dim 128] [--pool-blocks 256] [--reps 5]
+//                 [--disk-dir PATH] [--disk-blocks 128]
 //
 // For each block size (tokens per block) and block count: save (pool -> host buffers) and load
 // (host buffers -> pool) of randomly scattered pool blocks, timed from submit() to the end of
@@ -8,19 +9,25 @@
 // a host pool with memcpy (baseline: one memcpy). The CUDA build (RTPLLM_CUDA=ON) copies a device
 // pool to and from pinned host buffers with both methods of CudaKVCopyEngine (baseline: one
 // cudaMemcpyAsync of the same bytes between a device buffer and pinned memory, H2D and D2H).
+// With --disk-dir, also the disk tier on that file system: --disk-blocks 16-token blocks saved from
+// the pool (copy, checksum, O_DIRECT write) and loaded back (O_DIRECT read, verify, copy).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <numeric>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "rtpllm/kvstore/cpu_copy_engine.h"
+#include "rtpllm/kvstore/disk_block_file.h"
+#include "rtpllm/kvstore/disk_tier.h"
 
 #ifdef RTPLLM_WITH_CUDA
 #include <cuda_runtime.h>
@@ -36,6 +43,8 @@ using Clock = std::chrono::steady_clock;
 
 struct Shape {
   int32_t layers = 32, kv_heads = 8, head_dim = 128, element_bytes = 2, pool_blocks = 256, reps = 5;
+  std::string disk_dir;  // empty: no disk measurement
+  int32_t disk_blocks = 128;
 };
 
 double median_seconds(int reps, const std::function<void()>& fn) {
@@ -110,6 +119,44 @@ void run_engine(KVCopyEngine& engine, const Shape& shape, const std::vector<int3
   }
 }
 
+TransferState finish(KVConnector& tier, TransferHandle handle) {
+  TransferState state;
+  while ((state = tier.poll(handle)) == TransferState::PENDING) std::this_thread::sleep_for(std::chrono::microseconds(50));
+  return state;
+}
+
+// Disk tier throughput: write (save from the pool, until flushed) and read back (load into the pool).
+void run_disk(const std::shared_ptr<KVCopyEngine>& engine, const Shape& shape) {
+  const int32_t count = std::min(shape.disk_blocks, engine->layout().num_blocks);
+  DiskTierOptions options;
+  options.directory = shape.disk_dir + "/kv_copy_bench";
+  options.capacity_bytes = static_cast<int64_t>(2 * count) * static_cast<int64_t>(disk_block_file_bytes(engine->layout().bytes_per_block()));
+  options.cache_identity = static_cast<uint64_t>(Clock::now().time_since_epoch().count());  // never finds old files
+  options.max_queued_writes = count;
+  std::vector<BlockHash> hashes;
+  std::vector<BlockId> blocks;
+  for (int32_t i = 0; i < count; ++i) {
+    hashes.push_back(static_cast<BlockHash>(i + 1));
+    blocks.push_back(i);
+  }
+  const double bytes = static_cast<double>(engine->layout().bytes_per_block()) * count;
+  {
+    DiskTier disk(engine, options);
+    auto start = Clock::now();
+    const TransferState saved = finish(disk, disk.save(hashes, blocks));
+    disk.flush();
+    const double write_s = std::chrono::duration<double>(Clock::now() - start).count();
+    start = Clock::now();
+    const TransferState loaded = finish(disk, disk.load(hashes, blocks));
+    const double read_s = std::chrono::duration<double>(Clock::now() - start).count();
+    const bool ok = saved == TransferState::DONE && loaded == TransferState::DONE && disk.stats()[0].saved_blocks == static_cast<uint64_t>(count);
+    std::printf("disk tier (%s, %d writer / %d reader threads) %d blocks, %.0f MiB: write %.2f GB/s, read %.2f GB/s%s\n",
+                options.directory.c_str(), options.writer_threads, options.reader_threads, count, bytes / (1 << 20),
+                bytes / write_s / 1e9, bytes / read_s / 1e9, ok ? "" : " (FAILED: see warnings)");
+  }
+  std::filesystem::remove_all(options.directory);
+}
+
 #ifndef RTPLLM_WITH_CUDA
 void run_cpu(const Shape& shape, const std::vector<int32_t>& block_sizes, const std::vector<int32_t>& counts) {
   for (int32_t block_size : block_sizes) {
@@ -120,12 +167,13 @@ void run_cpu(const Shape& shape, const std::vector<int32_t>& block_sizes, const 
       plane.assign(static_cast<size_t>(block_bytes * shape.pool_blocks), 2);
       planes.push_back(plane.data());
     }
-    CpuKVCopyEngine engine(make_layout(shape, block_size, MemoryKind::HOST, planes));
-    const size_t max_bytes = static_cast<size_t>(engine.layout().bytes_per_block()) * *std::max_element(counts.begin(), counts.end());
+    auto engine = std::make_shared<CpuKVCopyEngine>(make_layout(shape, block_size, MemoryKind::HOST, planes));
+    const size_t max_bytes = static_cast<size_t>(engine->layout().bytes_per_block()) * *std::max_element(counts.begin(), counts.end());
     std::vector<uint8_t> src(max_bytes, 3), dst(max_bytes, 4);
-    run_engine(engine, shape, counts, [&](int64_t bytes, bool) {
+    run_engine(*engine, shape, counts, [&](int64_t bytes, bool) {
       return median_seconds(shape.reps, [&] { std::memcpy(dst.data(), src.data(), static_cast<size_t>(bytes)); });
     });
+    if (!shape.disk_dir.empty() && block_size == 16) run_disk(engine, shape);
   }
 }
 
@@ -165,8 +213,9 @@ void run_cuda(const Shape& shape, const std::vector<int32_t>& block_sizes, const
       });
     };
     for (auto method : {cuda::CudaCopyMethod::KERNEL, cuda::CudaCopyMethod::MEMCPY}) {
-      cuda::CudaKVCopyEngine engine(layout, reinterpret_cast<uintptr_t>(stream), method);
-      run_engine(engine, shape, counts, baseline);
+      auto engine = std::make_shared<cuda::CudaKVCopyEngine>(layout, reinterpret_cast<uintptr_t>(stream), method);
+      run_engine(*engine, shape, counts, baseline);
+      if (!shape.disk_dir.empty() && block_size == 16 && method == cuda::CudaCopyMethod::KERNEL) run_disk(engine, shape);
     }
     pinned.deallocate(host);
     cudaFree(device);
@@ -183,6 +232,13 @@ int parse_int(int argc, char** argv, const char* flag, int fallback) {
   return fallback;
 }
 
+std::string parse_string(int argc, char** argv, const char* flag) {
+  for (int i = 1; i + 1 < argc; ++i) {
+    if (std::strcmp(argv[i], flag) == 0) return argv[i + 1];
+  }
+  return "";
+}
+
 }  // namespace
 }  // namespace rtpllm
 
@@ -194,6 +250,8 @@ int main(int argc, char** argv) {
   shape.head_dim = parse_int(argc, argv, "--head-dim", shape.head_dim);
   shape.pool_blocks = parse_int(argc, argv, "--pool-blocks", shape.pool_blocks);
   shape.reps = parse_int(argc, argv, "--reps", shape.reps);
+  shape.disk_dir = parse_string(argc, argv, "--disk-dir");
+  shape.disk_blocks = parse_int(argc, argv, "--disk-blocks", shape.disk_blocks);
   const std::vector<int32_t> block_sizes = {16, 64};
   std::vector<int32_t> counts;
   for (int32_t count : {1, 8, 32, 128}) {

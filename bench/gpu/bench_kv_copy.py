@@ -47,15 +47,12 @@ def main() -> None:
     counts = (16, 64) if args.quick else (1, 4, 16, 64, 256)
     pool = [torch.zeros(2, POOL_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
             for _ in range(LAYERS)]
-    layout = _C.KVLayout()
-    layout.memory = _C.MemoryKind.CUDA
-    layout.device_index = torch.cuda.current_device()
-    layout.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim = POOL_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM
-    layout.element_bytes = 2
-    layout.block_stride_bytes = pool[0].stride(1) * 2
-    layout.layers = [_C.KVLayerAddress(t[0].data_ptr(), t[1].data_ptr()) for t in pool]
+    layout = _C.KVLayout(memory=_C.MemoryKind.CUDA, device_index=torch.cuda.current_device(), num_blocks=POOL_BLOCKS,
+                         block_size=BLOCK_SIZE, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, element_bytes=2,
+                         block_stride_bytes=pool[0].stride(1) * 2,
+                         layers=[_C.KVLayerAddress(t[0].data_ptr(), t[1].data_ptr()) for t in pool])
     compute_stream = torch.cuda.current_stream().cuda_stream
-    block_bytes = layout.bytes_per_block
+    block_bytes = layout.bytes_per_block()
     allocator = _C.CudaHostAllocator()
     host = _C.HostBuffer(allocator, block_bytes * max(counts))
     generator = torch.Generator().manual_seed(0)

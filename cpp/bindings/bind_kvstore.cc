@@ -9,6 +9,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <typeinfo>
 #include <vector>
 
 #include "rtpllm/kvstore/copy_engine.h"
@@ -18,7 +19,7 @@
 #include "rtpllm/kvstore/host_tier.h"
 #include "rtpllm/kvstore/kv_connector.h"
 #include "rtpllm/kvstore/kv_layout.h"
-#include "rtpllm/kvstore/kv_tier.h"
+#include "rtpllm/kvstore/kv_store_tier.h"
 #include "rtpllm/kvstore/tiered_connector.h"
 
 namespace py = pybind11;
@@ -38,28 +39,48 @@ std::vector<BlockCopy> block_copies(const std::vector<BlockId>& pool_blocks, con
   return copies;
 }
 
+// KVLayout, KVLayerAddress, MemoryKind and TransferState are shared with the KV transfer bindings
+// (bind_transfer.cc), which register them too if they come first: one Python API, either order.
+template <typename T>
+bool already_bound() {
+  return py::detail::get_type_info(typeid(T)) != nullptr;
+}
+
 void bind_layout(py::module_& m) {
-  py::enum_<MemoryKind>(m, "MemoryKind", "Where the KV pool lives").value("HOST", MemoryKind::HOST).value("CUDA", MemoryKind::CUDA);
-  py::class_<KVLayerAddress>(m, "KVLayerAddress", "One layer's K and V base addresses (block 0)")
-      .def(py::init([](uint64_t k_base, uint64_t v_base) { return KVLayerAddress{k_base, v_base}; }), py::arg("k_base"),
-           py::arg("v_base"))
-      .def_readwrite("k_base", &KVLayerAddress::k_base)
-      .def_readwrite("v_base", &KVLayerAddress::v_base);
-  py::class_<KVLayout>(m, "KVLayout", "Where each layer's K/V blocks live; Python keeps owning the memory")
-      .def(py::init<>())
-      .def_readwrite("memory", &KVLayout::memory)
-      .def_readwrite("device_index", &KVLayout::device_index)
-      .def_readwrite("num_blocks", &KVLayout::num_blocks)
-      .def_readwrite("block_size", &KVLayout::block_size)
-      .def_readwrite("num_kv_heads", &KVLayout::num_kv_heads)
-      .def_readwrite("head_dim", &KVLayout::head_dim)
-      .def_readwrite("element_bytes", &KVLayout::element_bytes)
-      .def_readwrite("block_stride_bytes", &KVLayout::block_stride_bytes)
-      .def_readwrite("layers", &KVLayout::layers)
-      .def_property_readonly("num_layers", &KVLayout::num_layers)
-      .def_property_readonly("block_bytes", &KVLayout::block_bytes)
-      .def_property_readonly("bytes_per_block", &KVLayout::bytes_per_block)
-      .def("validate", &KVLayout::validate, "Raises ValueError naming the bad field");
+  if (!already_bound<MemoryKind>()) {
+    py::enum_<MemoryKind>(m, "MemoryKind", "Where the KV pool lives").value("HOST", MemoryKind::HOST).value("CUDA", MemoryKind::CUDA);
+  }
+  if (!already_bound<KVLayerAddress>()) {
+    py::class_<KVLayerAddress>(m, "KVLayerAddress", "Base addresses of one layer's K and V planes (block 0)")
+        .def(py::init([](uint64_t k_base, uint64_t v_base) { return KVLayerAddress{k_base, v_base}; }), py::arg("k_base"),
+             py::arg("v_base"))
+        .def_readwrite("k_base", &KVLayerAddress::k_base)
+        .def_readwrite("v_base", &KVLayerAddress::v_base);
+  }
+  if (!already_bound<KVLayout>()) {
+    py::class_<KVLayout>(m, "KVLayout", "Where the paged KV pool lives (C++ holds addresses, never ownership)")
+        .def(py::init([](MemoryKind memory, int32_t device_index, int32_t num_blocks, int32_t block_size, int32_t num_kv_heads,
+                         int32_t head_dim, int32_t element_bytes, int64_t block_stride_bytes, std::vector<KVLayerAddress> layers) {
+               return KVLayout{memory, device_index, num_blocks, block_size, num_kv_heads, head_dim,
+                               element_bytes, block_stride_bytes, std::move(layers)};
+             }),
+             py::kw_only(), py::arg("memory"), py::arg("device_index") = 0, py::arg("num_blocks"), py::arg("block_size"),
+             py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("element_bytes"), py::arg("block_stride_bytes"),
+             py::arg("layers"))
+        .def_readwrite("memory", &KVLayout::memory)
+        .def_readwrite("device_index", &KVLayout::device_index)
+        .def_readwrite("num_blocks", &KVLayout::num_blocks)
+        .def_readwrite("block_size", &KVLayout::block_size)
+        .def_readwrite("num_kv_heads", &KVLayout::num_kv_heads)
+        .def_readwrite("head_dim", &KVLayout::head_dim)
+        .def_readwrite("element_bytes", &KVLayout::element_bytes)
+        .def_readwrite("block_stride_bytes", &KVLayout::block_stride_bytes)
+        .def_readwrite("layers", &KVLayout::layers)
+        .def_property_readonly("num_layers", &KVLayout::num_layers)
+        .def("block_bytes", &KVLayout::block_bytes)
+        .def("bytes_per_block", &KVLayout::bytes_per_block)
+        .def("validate", &KVLayout::validate, "Raises ValueError naming the bad field");
+  }
 }
 
 // Calls into a Python subclass of KVConnector (tests, experiments); the scheduler calls its
@@ -79,10 +100,12 @@ class PyKVConnector : public KVConnector {
 };
 
 void bind_connector(py::module_& m) {
-  py::enum_<TransferState>(m, "TransferState")
-      .value("PENDING", TransferState::PENDING)
-      .value("DONE", TransferState::DONE)
-      .value("FAILED", TransferState::FAILED);
+  if (!already_bound<TransferState>()) {
+    py::enum_<TransferState>(m, "TransferState")
+        .value("PENDING", TransferState::PENDING)
+        .value("DONE", TransferState::DONE)
+        .value("FAILED", TransferState::FAILED);
+  }
   py::class_<KVTierStats>(m, "KVTierStats", "Counters of one tier (cumulative unless said otherwise)")
       .def(py::init<>())
       .def_readwrite("name", &KVTierStats::name)
@@ -116,9 +139,9 @@ void bind_connector(py::module_& m) {
       .def("save", &KVConnector::save, py::arg("hashes"), py::arg("gpu_blocks"))
       .def("poll", &KVConnector::poll, py::arg("handle"))
       .def("stats", &KVConnector::stats);
-  py::class_<KVTier, KVConnector, std::shared_ptr<KVTier>>(m, "KVTier")
-      .def("contains", &KVTier::contains, py::arg("hash"))
-      .def("cancel", &KVTier::cancel, py::arg("handle"));
+  py::class_<KVStoreTier, KVConnector, std::shared_ptr<KVStoreTier>>(m, "KVStoreTier")
+      .def("contains", &KVStoreTier::contains, py::arg("hash"))
+      .def("cancel", &KVStoreTier::cancel, py::arg("handle"));
 }
 
 void bind_copy_engines(py::module_& m) {
@@ -157,7 +180,7 @@ void bind_copy_engines(py::module_& m) {
 }
 
 void bind_tiers(py::module_& m) {
-  py::class_<HostTier, KVTier, std::shared_ptr<HostTier>>(m, "HostTier", "Host-memory tier; writes every saved block through to next_tier")
+  py::class_<HostTier, KVStoreTier, std::shared_ptr<HostTier>>(m, "HostTier", "Host-memory tier; writes every saved block through to next_tier")
       .def(py::init([](std::shared_ptr<KVCopyEngine> engine, int64_t capacity_bytes, std::shared_ptr<DiskTier> next_tier) {
              return std::make_shared<HostTier>(std::move(engine), capacity_bytes, std::shared_ptr<KVBlockSink>(std::move(next_tier)));
            }),
@@ -175,7 +198,7 @@ void bind_tiers(py::module_& m) {
       .def_readwrite("max_queued_writes", &DiskTierOptions::max_queued_writes)
       .def_readwrite("load_chunk_blocks", &DiskTierOptions::load_chunk_blocks)
       .def("validate", &DiskTierOptions::validate);
-  py::class_<DiskTier, KVTier, std::shared_ptr<DiskTier>>(m, "DiskTier", "Local-disk tier (one checksummed file per block)")
+  py::class_<DiskTier, KVStoreTier, std::shared_ptr<DiskTier>>(m, "DiskTier", "Local-disk tier (one checksummed file per block)")
       .def(py::init([](std::shared_ptr<KVCopyEngine> engine, DiskTierOptions options) {
              return std::make_shared<DiskTier>(std::move(engine), std::move(options));
            }),
@@ -188,7 +211,7 @@ void bind_tiers(py::module_& m) {
 
   py::class_<TieredKVConnector, KVConnector, std::shared_ptr<TieredKVConnector>>(m, "TieredKVConnector",
                                                                                  "Chains tiers (fastest first) behind one connector")
-      .def(py::init<std::vector<std::shared_ptr<KVTier>>, double>(), py::arg("tiers"), py::arg("load_timeout_s"))
+      .def(py::init<std::vector<std::shared_ptr<KVStoreTier>>, double>(), py::arg("tiers"), py::arg("load_timeout_s"))
       .def_property_readonly("num_pending", &TieredKVConnector::num_pending);
 }
 

@@ -23,7 +23,7 @@ using testing::TempDir;
 using testing::WarningLog;
 
 // A tier whose loads never finish until cancelled: a stuck disk.
-struct StuckTier : KVTier {
+struct StuckTier : KVStoreTier {
   std::set<BlockHash> held;
   std::map<TransferHandle, bool> cancelled;
   TransferHandle next = 1;

@@ -28,16 +28,11 @@ def make_pool(layers, blocks, block_size, heads, head_dim, dtype, pad_tokens):
 
 def layout_of(pool):
     first = pool[0]
-    layout = _C.KVLayout()
-    layout.memory = _C.MemoryKind.CUDA
-    layout.device_index = first.device.index or 0
-    _, layout.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim = first.shape
-    layout.element_bytes = first.element_size()
-    layout.block_stride_bytes = first.stride(1) * first.element_size()
-    layout.layers = [_C.KVLayerAddress(t[0].data_ptr(), t[1].data_ptr()) for t in pool]
-    layout.validate()
-    return layout
-
+    _, num_blocks, block_size, num_kv_heads, head_dim = first.shape
+    return _C.KVLayout(memory=_C.MemoryKind.CUDA, device_index=first.device.index or 0, num_blocks=num_blocks,
+                       block_size=block_size, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                       element_bytes=first.element_size(), block_stride_bytes=first.stride(1) * first.element_size(),
+                       layers=[_C.KVLayerAddress(t[0].data_ptr(), t[1].data_ptr()) for t in pool])
 
 def block_of(pool, block):
     """One block's K and V of every layer, layer-major, K then V (the host buffer's order), as bytes."""
@@ -55,7 +50,7 @@ def test_round_trip_gpu_pool_pinned_host(method, shape):
     full, pool = make_pool(layers, 37, block_size, heads, head_dim, dtype, pad)
     padding_before = [t[:, :, block_size:].clone() for t in full]
     engine = _C.CudaKVCopyEngine(layout_of(pool), torch.cuda.current_stream().cuda_stream, getattr(_C.CudaCopyMethod, method))
-    nbytes = engine.layout.bytes_per_block
+    nbytes = engine.layout.bytes_per_block()
     sources = [36, 0, 17, 5, 33, 8, 21]  # odd count, scattered, both ends of the pool
     buffers = [_C.HostBuffer(engine.host_allocator, nbytes) for _ in sources]
     ticket = engine.submit(_C.CopyDirection.POOL_TO_HOST, sources, [b.address for b in buffers])
@@ -80,7 +75,7 @@ def test_save_waits_for_the_compute_stream(method):
     _, pool = make_pool(2, 8, 16, 8, 128, torch.bfloat16, 0)
     compute = torch.cuda.Stream()
     engine = _C.CudaKVCopyEngine(layout_of(pool), compute.cuda_stream, getattr(_C.CudaCopyMethod, method))
-    buffer = _C.HostBuffer(engine.host_allocator, engine.layout.bytes_per_block)
+    buffer = _C.HostBuffer(engine.host_allocator, engine.layout.bytes_per_block())
     torch.cuda.synchronize()
     with torch.cuda.stream(compute):
         torch.cuda._sleep(50_000_000)  # the "forward pass" still runs when the save is submitted
@@ -94,7 +89,7 @@ def test_save_waits_for_the_compute_stream(method):
 def test_rejects_pageable_host_memory_and_host_pools():
     _, pool = make_pool(1, 4, 16, 8, 128, torch.bfloat16, 0)
     engine = _C.CudaKVCopyEngine(layout_of(pool), torch.cuda.current_stream().cuda_stream)
-    pageable = _C.HostBuffer(_C.AlignedHostAllocator(), engine.layout.bytes_per_block)
+    pageable = _C.HostBuffer(_C.AlignedHostAllocator(), engine.layout.bytes_per_block())
     with pytest.raises(ValueError, match="pinned"):
         engine.submit(_C.CopyDirection.POOL_TO_HOST, [0], [pageable.address])
     with pytest.raises(ValueError, match="outside"):
@@ -121,7 +116,7 @@ def test_host_and_disk_tiers_on_the_gpu_pool(tmp_path):
     options.capacity_bytes = 64 << 20
     options.cache_identity = 1
     disk = _C.DiskTier(engine, options)
-    host = _C.HostTier(engine, 4 * engine.layout.bytes_per_block, disk)
+    host = _C.HostTier(engine, 4 * engine.layout.bytes_per_block(), disk)
     tiers = _C.TieredKVConnector([host, disk], load_timeout_s=10.0)
     hashes = list(range(100, 110))
     want = {h: block_of(pool, b) for b, h in enumerate(hashes)}

@@ -18,16 +18,12 @@ def make_pool(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: i
 def layout_of(pool: list[torch.Tensor]) -> _C.KVLayout:
     """The C++ view of the pool: addresses only; the tensors stay the owners and must outlive it."""
     first = pool[0]
-    layout = _C.KVLayout()
-    layout.memory = _C.MemoryKind.CUDA if first.is_cuda else _C.MemoryKind.HOST
-    layout.device_index = first.device.index or 0
-    _, layout.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim = first.shape
-    layout.element_bytes = first.element_size()
-    layout.block_stride_bytes = first.stride(1) * first.element_size()
-    layout.layers = [_C.KVLayerAddress(t[0].data_ptr(), t[1].data_ptr()) for t in pool]
-    layout.validate()
-    return layout
-
+    _, num_blocks, block_size, num_kv_heads, head_dim = first.shape
+    return _C.KVLayout(memory=_C.MemoryKind.CUDA if first.is_cuda else _C.MemoryKind.HOST,
+                       device_index=first.device.index or 0, num_blocks=num_blocks, block_size=block_size,
+                       num_kv_heads=num_kv_heads, head_dim=head_dim, element_bytes=first.element_size(),
+                       block_stride_bytes=first.stride(1) * first.element_size(),
+                       layers=[_C.KVLayerAddress(t[0].data_ptr(), t[1].data_ptr()) for t in pool])
 
 def block_of(pool: list[torch.Tensor], block: int) -> torch.Tensor:
     """All K and V of one block, layer-major, K then V: the host tiers' byte order."""

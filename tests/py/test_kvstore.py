@@ -27,11 +27,11 @@ def pool():
 
 def test_layout_describes_the_pool_and_rejects_bad_fields(pool):
     layout = layout_of(pool)
-    assert (layout.num_layers, layout.block_bytes) == (3, 4 * 3 * 10 * 2)
-    assert layout.bytes_per_block == 2 * 3 * layout.block_bytes
+    assert (layout.num_layers, layout.block_bytes()) == (3, 4 * 3 * 10 * 2)
+    assert layout.bytes_per_block() == 2 * 3 * layout.block_bytes()
     layout.head_dim = 0
-    with pytest.raises(ValueError, match="head_dim"):
-        layout.validate()
+    with pytest.raises(ValueError, match="head_dim"):  # every engine validates the layout it is given
+        _C.CpuKVCopyEngine(layout)
     with pytest.raises(ValueError, match="HOST"):
         bad = layout_of(pool)
         bad.memory = _C.MemoryKind.CUDA
@@ -40,7 +40,7 @@ def test_layout_describes_the_pool_and_rejects_bad_fields(pool):
 
 def test_copy_engine_round_trip_through_host_buffers(pool):
     engine = _C.CpuKVCopyEngine(layout_of(pool))
-    nbytes = engine.layout.bytes_per_block
+    nbytes = engine.layout.bytes_per_block()
     buffers = [_C.HostBuffer(engine.host_allocator, nbytes) for _ in range(3)]
     ticket = engine.submit(_C.CopyDirection.POOL_TO_HOST, [7, 0, 11], [b.address for b in buffers])
     assert engine.wait(ticket) == _C.TransferState.DONE
@@ -62,9 +62,9 @@ def make_tiers(pool, directory, host_blocks=2, disk_blocks=16, identity=7):
     options = _C.DiskTierOptions()
     options.directory = str(directory)
     options.cache_identity = identity
-    options.capacity_bytes = disk_blocks * (4096 + engine.layout.bytes_per_block + 4096)
+    options.capacity_bytes = disk_blocks * (4096 + engine.layout.bytes_per_block() + 4096)
     disk = _C.DiskTier(engine, options)
-    host = _C.HostTier(engine, host_blocks * engine.layout.bytes_per_block, disk)
+    host = _C.HostTier(engine, host_blocks * engine.layout.bytes_per_block(), disk)
     return _C.TieredKVConnector([host, disk], load_timeout_s=5.0), host, disk
 
 

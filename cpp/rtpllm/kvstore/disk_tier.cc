@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <stdexcept>
@@ -61,7 +62,7 @@ DiskTier::~DiskTier() {
       writing_.erase(job.hash);
       if (job.save) finish_save_copy(job.save, false);
     }
-    for (LoadJob& job : load_queue_) job.status->state = TransferState::FAILED;
+    for (LoadJob& job : load_queue_) finish_chunk(job, false);
     load_queue_.clear();
   }
   for (WriteJob& job : dropped) {
@@ -128,8 +129,16 @@ TransferHandle DiskTier::load(const std::vector<BlockHash>& hashes, const std::v
     status->state = TransferState::DONE;
   } else {
     for (BlockHash hash : hashes) ++index_.at(hash).readers;
-    load_queue_.push_back(LoadJob{hashes, gpu_blocks, status});
-    load_cv_.notify_one();
+    auto group = std::make_shared<LoadGroup>();
+    group->hashes = hashes;
+    group->gpu_blocks = gpu_blocks;
+    group->status = status;
+    const size_t chunk = static_cast<size_t>(options_.load_chunk_blocks);
+    for (size_t first = 0; first < hashes.size(); first += chunk) {
+      load_queue_.push_back(LoadJob{group, first, std::min(chunk, hashes.size() - first)});
+      ++group->chunks_left;
+    }
+    load_cv_.notify_all();
   }
   return add_handle(std::move(status));
 }
@@ -323,49 +332,55 @@ void DiskTier::reader_loop(std::vector<HostBuffer>* staging) {
     LoadJob job = std::move(load_queue_.front());
     load_queue_.pop_front();
     lock.unlock();
-    const bool ok = load_blocks(job, *staging);
+    const bool ok = load_chunk(job, *staging);
     lock.lock();
-    for (BlockHash hash : job.hashes) {
-      auto it = index_.find(hash);
-      if (it == index_.end()) continue;  // dropped as broken meanwhile
-      if (it->second.readers > 0) --it->second.readers;
-      if (ok) lru_.splice(lru_.end(), lru_, it->second.lru_pos);  // most recently used
-    }
-    if (ok) {
-      stats_.loaded_blocks += job.hashes.size();
-      stats_.load_bytes += job.hashes.size() * payload_bytes_;
-    }
-    job.status->state = ok ? TransferState::DONE : TransferState::FAILED;
+    finish_chunk(job, ok);
   }
 }
 
-bool DiskTier::load_blocks(const LoadJob& job, std::vector<HostBuffer>& staging) {
-  const size_t chunk = staging.size();
-  for (size_t first = 0; first < job.hashes.size(); first += chunk) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (job.status->cancelled || stopping_) return false;  // nothing of this chunk touched the GPU
-    }
-    std::vector<BlockCopy> copies;
-    for (size_t i = first; i < job.hashes.size() && i < first + chunk; ++i) {
-      uint8_t* file = staging[i - first].data();
-      size_t file_size = 0;
-      const int error = read_file_prefix(path_of(job.hashes[i]), file, file_bytes_, &file_size);
-      const DiskBlockCheck check = error != 0 ? DiskBlockCheck::TRUNCATED
-                                              : check_block_file(file, file_size, options_.cache_identity, job.hashes[i], payload_bytes_);
-      if (check != DiskBlockCheck::OK) {
-        const std::string why = error != 0 ? std::string("cannot read: ") + std::strerror(error) : to_string(check);
-        warn("disk tier: block file " + path_of(job.hashes[i]) + " is unusable (" + why + "); treated as a miss");
-        std::lock_guard<std::mutex> lock(mutex_);
-        // Ours and broken: delete it. A foreign file under our name is left alone.
-        remove_entry(job.hashes[i], check != DiskBlockCheck::FOREIGN && error == 0);
-        return false;
-      }
-      copies.push_back(BlockCopy{job.gpu_blocks[i], file + kDiskBlockHeaderBytes});
-    }
-    if (engine_->wait(engine_->submit(CopyDirection::HOST_TO_POOL, copies)) != TransferState::DONE) return false;
+void DiskTier::finish_chunk(const LoadJob& job, bool ok) {
+  LoadGroup& group = *job.group;
+  if (!ok) group.failed = true;
+  if (--group.chunks_left > 0) return;
+  // The last chunk: nothing copies into the load's GPU blocks any more.
+  for (BlockHash hash : group.hashes) {
+    auto it = index_.find(hash);
+    if (it == index_.end()) continue;  // dropped as broken meanwhile
+    if (it->second.readers > 0) --it->second.readers;
+    if (!group.failed) lru_.splice(lru_.end(), lru_, it->second.lru_pos);  // most recently used
   }
-  return true;
+  if (!group.failed) {
+    stats_.loaded_blocks += group.hashes.size();
+    stats_.load_bytes += group.hashes.size() * payload_bytes_;
+  }
+  group.status->state = group.failed ? TransferState::FAILED : TransferState::DONE;
+}
+
+bool DiskTier::load_chunk(const LoadJob& job, std::vector<HostBuffer>& staging) {
+  const LoadGroup& group = *job.group;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (group.failed || group.status->cancelled || stopping_) return false;  // this chunk never touches the GPU
+  }
+  std::vector<BlockCopy> copies;
+  for (size_t i = 0; i < job.count; ++i) {
+    const BlockHash hash = group.hashes[job.first + i];
+    uint8_t* file = staging[i].data();
+    size_t file_size = 0;
+    const int error = read_file_prefix(path_of(hash), file, file_bytes_, &file_size);
+    const DiskBlockCheck check =
+        error != 0 ? DiskBlockCheck::TRUNCATED : check_block_file(file, file_size, options_.cache_identity, hash, payload_bytes_);
+    if (check != DiskBlockCheck::OK) {
+      const std::string why = error != 0 ? std::string("cannot read: ") + std::strerror(error) : to_string(check);
+      warn("disk tier: block file " + path_of(hash) + " is unusable (" + why + "); treated as a miss");
+      std::lock_guard<std::mutex> lock(mutex_);
+      // Ours and broken: delete it. A foreign file under our name is left alone.
+      remove_entry(hash, check != DiskBlockCheck::FOREIGN && error == 0);
+      return false;
+    }
+    copies.push_back(BlockCopy{group.gpu_blocks[job.first + i], file + kDiskBlockHeaderBytes});
+  }
+  return engine_->wait(engine_->submit(CopyDirection::HOST_TO_POOL, copies)) == TransferState::DONE;
 }
 
 void DiskTier::check_invariants() {

@@ -6,8 +6,8 @@
 // the GPU pool (save(), for a disk-only setup), and run on writer threads: a block is copied into
 // a page-aligned staging buffer, sealed with its header and checksum and written as one large
 // O_DIRECT write (buffered where the file system refuses O_DIRECT, e.g. tmpfs) under a temporary
-// name, then renamed. Loads run on reader threads (one load each, several loads in parallel):
-// files are read into staging buffers, verified
+// name, then renamed. Loads are cut into chunks that reader threads serve in parallel: files are
+// read into staging buffers, verified
 // (header, size, checksum) and only then copied into the GPU blocks, a few blocks per copy. A
 // truncated, corrupt or foreign file is a miss (at the scan) or a FAILED load (found at load time:
 // the scheduler recomputes), with one warning, and our broken files are deleted.
@@ -32,7 +32,7 @@
 #include <vector>
 
 #include "rtpllm/kvstore/copy_engine.h"
-#include "rtpllm/kvstore/kv_tier.h"
+#include "rtpllm/kvstore/kv_store_tier.h"
 
 namespace rtpllm {
 
@@ -41,15 +41,15 @@ struct DiskTierOptions {
   int64_t capacity_bytes = 0;    // of block files, headers and padding included
   uint64_t cache_identity = 0;   // every file carries it; files of another identity are ignored
   int32_t writer_threads = 2;
-  int32_t reader_threads = 2;       // loads served in parallel
+  int32_t reader_threads = 4;       // chunks of loads read in parallel (NVMe wants several in flight)
   int32_t max_queued_writes = 256;  // offers and saves beyond this many waiting writes are refused
-  int32_t load_chunk_blocks = 8;    // blocks read (and staged in host memory) per copy into the pool
+  int32_t load_chunk_blocks = 4;    // blocks read (and staged in host memory) per copy into the pool
 
   // Throws std::invalid_argument naming the bad field.
   void validate() const;
 };
 
-class DiskTier final : public KVTier, public KVBlockSink {
+class DiskTier final : public KVStoreTier, public KVBlockSink {
  public:
   // Scans options.directory (see above). Throws std::invalid_argument for bad options and
   // std::runtime_error if the directory cannot be created or read. logger: nullptr for stderr.
@@ -97,17 +97,25 @@ class DiskTier final : public KVTier, public KVBlockSink {
     BlockId pool_block = -1;  // save(): copied out of the pool by the writer
     std::shared_ptr<Status> save;
   };
-  struct LoadJob {
+  struct LoadGroup {  // one load(); its chunks are read by any reader thread, in parallel
     std::vector<BlockHash> hashes;
     std::vector<BlockId> gpu_blocks;
     std::shared_ptr<Status> status;
+    size_t chunks_left = 0;  // guarded by mutex_
+    bool failed = false;     // guarded by mutex_: a chunk failed or was cancelled; skip the rest
+  };
+  struct LoadJob {  // one chunk: at most load_chunk_blocks blocks, one copy into the pool
+    std::shared_ptr<LoadGroup> group;
+    size_t first = 0;
+    size_t count = 0;
   };
 
   void scan_directory();
   void writer_loop(uint8_t* staging);
   void reader_loop(std::vector<HostBuffer>* staging);
   void write_block(WriteJob& job, uint8_t* staging);
-  bool load_blocks(const LoadJob& job, std::vector<HostBuffer>& staging);
+  bool load_chunk(const LoadJob& job, std::vector<HostBuffer>& staging);
+  void finish_chunk(const LoadJob& job, bool ok);                       // mutex_ held
   void finish_save_copy(const std::shared_ptr<Status>& save, bool ok);  // mutex_ held
   bool reserve_bytes(std::unique_lock<std::mutex>& lock);               // mutex_ held
   void insert_entry(BlockHash hash);                                    // mutex_ held

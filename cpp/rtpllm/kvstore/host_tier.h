@@ -21,11 +21,11 @@
 #include <vector>
 
 #include "rtpllm/kvstore/copy_engine.h"
-#include "rtpllm/kvstore/kv_tier.h"
+#include "rtpllm/kvstore/kv_store_tier.h"
 
 namespace rtpllm {
 
-class HostTier final : public KVTier {
+class HostTier final : public KVStoreTier {
  public:
   // capacity_bytes / engine->layout().bytes_per_block() buffers (at least one: throws
   // std::invalid_argument otherwise), allocated up front from the engine's host allocator.

@@ -5,7 +5,7 @@
 
 namespace rtpllm {
 
-TieredKVConnector::TieredKVConnector(std::vector<std::shared_ptr<KVTier>> tiers, double load_timeout_s)
+TieredKVConnector::TieredKVConnector(std::vector<std::shared_ptr<KVStoreTier>> tiers, double load_timeout_s)
     : tiers_(std::move(tiers)),
       load_timeout_(std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(load_timeout_s))),
       counters_(tiers_.size()) {

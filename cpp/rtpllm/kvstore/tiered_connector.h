@@ -5,6 +5,9 @@
 //   load()   splits the blocks by the first tier (in chain order) that holds each one, one
 //            sub-load per tier, and ends DONE when all of them did;
 //   save()   goes to the first tier, which hands blocks down the chain itself (write-through);
+//            saving blocks that were loaded from a lower tier puts them back in the first tier
+//            (tiers skip hashes they hold), so a caller that saves every block it caches, loaded
+//            or computed, gets promotion for free;
 //   poll()   combines the sub-transfers; a load still pending at its deadline is cancelled in its
 //            tiers and ends FAILED as soon as no tier copies into its GPU blocks any more;
 //   stats()  one entry per tier (its query counters are kept here: the tiers are asked through
@@ -18,14 +21,14 @@
 #include <unordered_map>
 #include <vector>
 
-#include "rtpllm/kvstore/kv_tier.h"
+#include "rtpllm/kvstore/kv_store_tier.h"
 
 namespace rtpllm {
 
 class TieredKVConnector final : public KVConnector {
  public:
   // tiers: at least one, fastest first. load_timeout_s > 0: how long a load may take.
-  TieredKVConnector(std::vector<std::shared_ptr<KVTier>> tiers, double load_timeout_s);
+  TieredKVConnector(std::vector<std::shared_ptr<KVStoreTier>> tiers, double load_timeout_s);
 
   std::string name() const override { return "tiered"; }
   int32_t match(const std::vector<BlockHash>& hashes) override;
@@ -59,7 +62,7 @@ class TieredKVConnector final : public KVConnector {
   // The first tier that holds `hash`, or tiers_.size().
   size_t find_tier(BlockHash hash);
 
-  const std::vector<std::shared_ptr<KVTier>> tiers_;
+  const std::vector<std::shared_ptr<KVStoreTier>> tiers_;
   const std::chrono::steady_clock::duration load_timeout_;
   std::vector<QueryCounters> counters_;  // per tier
   std::unordered_map<TransferHandle, Transfer> transfers_;

@@ -1,4 +1,4 @@
-#include "rtpllm/kvstore/kv_tier.h"
+#include "rtpllm/kvstore/kv_store_tier.h"
 
 #include <cstdio>
 

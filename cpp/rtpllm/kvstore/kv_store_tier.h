@@ -15,7 +15,7 @@ namespace rtpllm {
 using KVStoreLogger = std::function<void(const std::string& message)>;
 KVStoreLogger default_kvstore_logger();
 
-class KVTier : public KVConnector {
+class KVStoreTier : public KVConnector {
  public:
   // Whether a load() of this one hash can be served now. Unlike match(), not counted in stats.
   virtual bool contains(BlockHash hash) = 0;
