@@ -54,16 +54,12 @@ def kv_layout(kv_caches: list[torch.Tensor], block_size: int) -> "_C.KVLayout":
     for t in kv_caches:
         if not t.is_contiguous() or t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
             raise ValueError("kv_caches: every layer must be one contiguous tensor of the same shape, dtype and device")
-    layout = _C.KVLayout()
-    layout.memory = _C.MemoryKind.CUDA if first.device.type == "cuda" else _C.MemoryKind.HOST
-    layout.device_index = first.device.index or 0
-    layout.num_blocks = num_blocks
-    layout.block_size = block_size
-    layout.num_kv_heads = num_kv_heads
-    layout.head_dim = head_dim
-    layout.element_bytes = first.element_size()
-    layout.block_stride_bytes = first.stride(1) * first.element_size()
-    layout.layers = [_C.KVLayerAddress(t[0].data_ptr(), t[1].data_ptr()) for t in kv_caches]
+    layout = _C.KVLayout(
+        memory=_C.MemoryKind.CUDA if first.device.type == "cuda" else _C.MemoryKind.HOST,
+        device_index=first.device.index or 0, num_blocks=num_blocks, block_size=block_size, num_kv_heads=num_kv_heads,
+        head_dim=head_dim, element_bytes=first.element_size(),
+        block_stride_bytes=first.stride(1) * first.element_size(),
+        layers=[_C.KVLayerAddress(t[0].data_ptr(), t[1].data_ptr()) for t in kv_caches])
     layout.validate()
     return layout
 
@@ -131,7 +127,7 @@ def build_kv_tiers(cache: CacheConfig, kv_caches: list[torch.Tensor], root_hash:
     if not cache.enable_prefix_caching or (host_bytes == 0 and cache.kv_disk_cache_dir is None):
         return None
     layout = kv_layout(kv_caches, cache.block_size)
-    bytes_per_block = layout.bytes_per_block
+    bytes_per_block = layout.bytes_per_block()
     if layout.memory == _C.MemoryKind.CUDA and not hasattr(_C, "CudaKVCopyEngine"):
         if cache.kv_host_cache_gib is None and cache.kv_disk_cache_dir is None:
             logger.warning("KV tiers off: this build has no CUDA copy engine (build with RTPLLM_CUDA=1)")
