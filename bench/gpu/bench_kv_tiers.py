@@ -2,8 +2,9 @@
 
 1. A multi-turn chat trace at a fixed conversation arrival rate, whose working set is about 4x
    the GPU KV pool (capped with num_blocks): every conversation has its own system prompt, each
-   turn re-sends the whole history (prompt + earlier answers + the new user message), so a turn
-   hits the prefix cache only if its conversation's blocks survived since its last turn. Prefix
+   turn re-sends the whole history (prompt + earlier answers + the new user message) a think time
+   after the previous answer, so a turn hits the prefix cache only if its conversation's blocks
+   survived the other conversations' traffic since its last turn. Prefix
    hit rate (GPU prefix cache + blocks loaded from the tiers, over prompt tokens) and TTFT p50/p95
    with tiers off, host memory, and a small host tier over disk.
 2. No reuse (random 1024/128, offline): throughput with the host tier on vs off.
@@ -52,6 +53,7 @@ class Sizes:
     user_tokens: int
     answer_tokens: int
     conversations_per_s: float
+    think_s: float  # between an answer and the conversation's next turn: other conversations churn the pool
     num_blocks: int  # the GPU pool, capped
     host_gib: float  # the "host" configuration's host tier (holds the whole working set)
     small_host_gib: float  # the "host+disk" configuration's host tier (a fraction of it)
@@ -64,14 +66,15 @@ class Sizes:
         return self.system_tokens + self.turns * self.user_tokens + (self.turns - 1) * self.answer_tokens
 
 
-GPU = Sizes(num_conversations=48, turns=4, system_tokens=512, user_tokens=128, answer_tokens=64,
-            conversations_per_s=4.0, num_blocks=800, host_gib=12.0, small_host_gib=2.0, disk_gib=24.0,
+GPU = Sizes(num_conversations=40, turns=4, system_tokens=512, user_tokens=128, answer_tokens=64,
+            conversations_per_s=4.0, think_s=2.5, num_blocks=700, host_gib=12.0, small_host_gib=2.0, disk_gib=24.0,
             random_requests=400, max_num_seqs=256)
-GPU_QUICK = Sizes(num_conversations=32, turns=4, system_tokens=512, user_tokens=128, answer_tokens=64,
-                  conversations_per_s=4.0, num_blocks=540, host_gib=12.0, small_host_gib=1.0, disk_gib=24.0,
+GPU_QUICK = Sizes(num_conversations=24, turns=3, system_tokens=512, user_tokens=128, answer_tokens=64,
+                  conversations_per_s=4.0, think_s=2.0, num_blocks=400, host_gib=12.0, small_host_gib=1.0,
+                  disk_gib=24.0,
                   random_requests=200, max_num_seqs=256)
 CPU_SMOKE = Sizes(num_conversations=8, turns=3, system_tokens=96, user_tokens=16, answer_tokens=8,
-                  conversations_per_s=4.0, num_blocks=24, host_gib=0.05, small_host_gib=0.0002,
+                  conversations_per_s=4.0, think_s=0.5, num_blocks=24, host_gib=0.05, small_host_gib=0.0002,
                   disk_gib=0.05, random_requests=8, max_num_seqs=16)
 
 
@@ -101,8 +104,8 @@ def make_trace(sizes: Sizes, vocab: int, seed: int = 0) -> list[Conversation]:
 
 
 def run_trace(llm: LLM, sizes: Sizes, vocab: int) -> dict:
-    """Conversations arrive at a fixed rate (Poisson, seeded); a conversation's next turn is sent as
-    soon as its previous answer is complete. Returns hit rates and TTFT percentiles."""
+    """Conversations arrive at a fixed rate (Poisson, seeded); a conversation's next turn is sent
+    think_s after its previous answer completed. Returns hit rates and TTFT percentiles."""
     engine = llm.engine
     conversations = make_trace(sizes, vocab)
     gaps = np.random.default_rng(0).exponential(1.0 / sizes.conversations_per_s, size=len(conversations))
@@ -131,8 +134,9 @@ def run_trace(llm: LLM, sizes: Sizes, vocab: int) -> dict:
             ttfts.append(metrics.first_token_time - metrics.arrival_time)
             conv.history += list(output.outputs[0].token_ids)
             conv.turn += 1
-            if conv.turn < sizes.turns:
-                _send_turn(engine, conv, int(output.request_id.split("-")[1]), live, params)
+            if conv.turn < sizes.turns:  # the user reads, thinks, and sends the next turn
+                index = int(output.request_id.split("-")[1])
+                heapq.heappush(arrivals, (time.monotonic() - start + sizes.think_s, index))
     elapsed = time.monotonic() - start
     after = engine.stats()
     queries = after.prefix_cache_queries - before.prefix_cache_queries
