@@ -83,6 +83,22 @@ void bind_layout(py::module_& m) {
   }
 }
 
+// Calls into a Python subclass of KVConnector (tests, experiments); the scheduler calls its
+// connector with the GIL held.
+class PyKVConnector : public KVConnector {
+ public:
+  std::string name() const override { PYBIND11_OVERRIDE_PURE(std::string, KVConnector, name); }
+  int32_t match(const std::vector<BlockHash>& hashes) override { PYBIND11_OVERRIDE_PURE(int32_t, KVConnector, match, hashes); }
+  TransferHandle load(const std::vector<BlockHash>& hashes, const std::vector<BlockId>& gpu_blocks) override {
+    PYBIND11_OVERRIDE_PURE(TransferHandle, KVConnector, load, hashes, gpu_blocks);
+  }
+  TransferHandle save(const std::vector<BlockHash>& hashes, const std::vector<BlockId>& gpu_blocks) override {
+    PYBIND11_OVERRIDE_PURE(TransferHandle, KVConnector, save, hashes, gpu_blocks);
+  }
+  TransferState poll(TransferHandle handle) override { PYBIND11_OVERRIDE_PURE(TransferState, KVConnector, poll, handle); }
+  std::vector<KVTierStats> stats() override { PYBIND11_OVERRIDE_PURE(std::vector<KVTierStats>, KVConnector, stats); }
+};
+
 void bind_connector(py::module_& m) {
   if (!already_bound<TransferState>()) {
     py::enum_<TransferState>(m, "TransferState")
@@ -91,22 +107,32 @@ void bind_connector(py::module_& m) {
         .value("FAILED", TransferState::FAILED);
   }
   py::class_<KVTierStats>(m, "KVTierStats", "Counters of one tier (cumulative unless said otherwise)")
-      .def_readonly("name", &KVTierStats::name)
-      .def_readonly("queries", &KVTierStats::queries)
-      .def_readonly("query_blocks", &KVTierStats::query_blocks)
-      .def_readonly("hit_blocks", &KVTierStats::hit_blocks)
-      .def_readonly("loaded_blocks", &KVTierStats::loaded_blocks)
-      .def_readonly("saved_blocks", &KVTierStats::saved_blocks)
-      .def_readonly("load_bytes", &KVTierStats::load_bytes)
-      .def_readonly("save_bytes", &KVTierStats::save_bytes)
-      .def_readonly("failed_loads", &KVTierStats::failed_loads)
-      .def_readonly("timed_out_loads", &KVTierStats::timed_out_loads)
-      .def_readonly("evicted_blocks", &KVTierStats::evicted_blocks)
-      .def_readonly("capacity_blocks", &KVTierStats::capacity_blocks)
-      .def_readonly("used_blocks", &KVTierStats::used_blocks)
-      .def_readonly("enabled", &KVTierStats::enabled)
-      .def_readonly("load_latency_s", &KVTierStats::load_latency_s);
-  py::class_<KVConnector, std::shared_ptr<KVConnector>>(m, "KVConnector", "A place KV can live besides the GPU pool")
+      .def(py::init<>())
+      .def_readwrite("name", &KVTierStats::name)
+      .def_readwrite("queries", &KVTierStats::queries)
+      .def_readwrite("query_blocks", &KVTierStats::query_blocks)
+      .def_readwrite("hit_blocks", &KVTierStats::hit_blocks)
+      .def_readwrite("loaded_blocks", &KVTierStats::loaded_blocks)
+      .def_readwrite("saved_blocks", &KVTierStats::saved_blocks)
+      .def_readwrite("load_bytes", &KVTierStats::load_bytes)
+      .def_readwrite("save_bytes", &KVTierStats::save_bytes)
+      .def_readwrite("failed_loads", &KVTierStats::failed_loads)
+      .def_readwrite("timed_out_loads", &KVTierStats::timed_out_loads)
+      .def_readwrite("evicted_blocks", &KVTierStats::evicted_blocks)
+      .def_readwrite("capacity_blocks", &KVTierStats::capacity_blocks)
+      .def_readwrite("used_blocks", &KVTierStats::used_blocks)
+      .def_readwrite("enabled", &KVTierStats::enabled)
+      .def_readwrite("load_latency_s", &KVTierStats::load_latency_s)
+      .def("__repr__", [](const KVTierStats& s) {
+        return "KVTierStats(name='" + s.name + "', queries=" + std::to_string(s.queries) + ", hit_blocks=" +
+               std::to_string(s.hit_blocks) + ", loaded_blocks=" + std::to_string(s.loaded_blocks) + ", saved_blocks=" +
+               std::to_string(s.saved_blocks) + ", used_blocks=" + std::to_string(s.used_blocks) + "/" +
+               std::to_string(s.capacity_blocks) + ", enabled=" + (s.enabled ? "True" : "False") + ")";
+      });
+  // Subclassable from Python (PyKVConnector): a Python subclass defines name() as a method.
+  py::class_<KVConnector, PyKVConnector, std::shared_ptr<KVConnector>>(m, "KVConnector",
+                                                                      "A place KV can live besides the GPU pool")
+      .def(py::init<>())
       .def_property_readonly("name", &KVConnector::name)
       .def("match", &KVConnector::match, py::arg("hashes"))
       .def("load", &KVConnector::load, py::arg("hashes"), py::arg("gpu_blocks"))

@@ -31,18 +31,20 @@ void bind_options(py::module_& m) {
       });
 
   py::class_<CacheOptions>(m, "CacheOptions")
-      .def(py::init([](int32_t num_blocks, int32_t block_size, bool enable_prefix_caching) {
-             return CacheOptions{num_blocks, block_size, enable_prefix_caching};
+      .def(py::init([](int32_t num_blocks, int32_t block_size, bool enable_prefix_caching, uint64_t root_hash) {
+             return CacheOptions{num_blocks, block_size, enable_prefix_caching, root_hash};
            }),
            py::kw_only(), py::arg("num_blocks") = 1024, py::arg("block_size") = 16,
-           py::arg("enable_prefix_caching") = true)
+           py::arg("enable_prefix_caching") = true, py::arg("root_hash") = 0)
       .def_readwrite("num_blocks", &CacheOptions::num_blocks)
       .def_readwrite("block_size", &CacheOptions::block_size)
       .def_readwrite("enable_prefix_caching", &CacheOptions::enable_prefix_caching)
+      .def_readwrite("root_hash", &CacheOptions::root_hash)
       .def("validate", &CacheOptions::validate)
       .def("__repr__", [](const CacheOptions& o) {
         return "CacheOptions(num_blocks=" + std::to_string(o.num_blocks) + ", block_size=" + std::to_string(o.block_size) +
-               ", enable_prefix_caching=" + (o.enable_prefix_caching ? "True" : "False") + ")";
+               ", enable_prefix_caching=" + (o.enable_prefix_caching ? "True" : "False") +
+               ", root_hash=" + std::to_string(o.root_hash) + ")";
       });
 }
 

@@ -52,6 +52,7 @@ void bind_request(py::module_& m) {
       })
       .def_readonly("num_computed_tokens", &Request::num_computed_tokens)
       .def_readonly("block_table", &Request::block_table)
+      .def_readonly("block_hashes", &Request::block_hashes)
       .def_readonly("status", &Request::status)
       .def_readonly("priority", &Request::priority)
       .def_readonly("num_preemptions", &Request::num_preemptions);

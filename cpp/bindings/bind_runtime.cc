@@ -22,9 +22,9 @@ void bind_runtime(py::module_& m) {
   bind_block_hash(m);
   bind_kv_event_log(m);
   bind_scheduled_batch(m);
+  bind_kvstore(m);  // before the scheduler, whose set_kv_connector takes a KVConnector
   bind_scheduler(m);
-  bind_kvstore(m);  // before bind_transfer: both use KVLayout, and kvstore's binding is the full one
-  bind_transfer(m);
+  bind_transfer(m);  // after bind_kvstore: both use KVLayout, and kvstore's binding is the full one
   bind_loader(m);
 }
 }  // namespace rtpllm::bindings

@@ -48,6 +48,11 @@ void bind_scheduler(py::module_& m) {
       .def_readonly("prefix_hits", &SchedulerStats::prefix_hits)
       .def_readonly("kv_usage", &SchedulerStats::kv_usage)
       .def_readonly("num_steps", &SchedulerStats::num_steps)
+      .def_readonly("num_waiting_for_kv", &SchedulerStats::num_waiting_for_kv)
+      .def_readonly("kv_tier_hit_blocks", &SchedulerStats::kv_tier_hit_blocks)
+      .def_readonly("kv_tier_failed_loads", &SchedulerStats::kv_tier_failed_loads)
+      .def_readonly("kv_tier_saved_blocks", &SchedulerStats::kv_tier_saved_blocks)
+      .def_readonly("kv_transfer_held_blocks", &SchedulerStats::kv_transfer_held_blocks)
       .def("__repr__", [](const SchedulerStats& s) {
         return "SchedulerStats(num_running=" + std::to_string(s.num_running) + ", num_waiting=" +
                std::to_string(s.num_waiting) + ", num_preempted_total=" + std::to_string(s.num_preempted_total) +
@@ -88,12 +93,27 @@ void bind_scheduler(py::module_& m) {
             return *r;
           },
           py::arg("request_id"), "A snapshot of an unfinished request, or None")
-      .def("check_invariants", &Scheduler::check_invariants)
       .def("set_kv_event_log", &Scheduler::set_kv_event_log, py::arg("log").none(true), py::keep_alive<1, 2>(),
            "Records stored and evicted block hashes into `log` (None detaches)")
       .def("cached_block_hashes", [](const Scheduler& s) {
         return py::array_t<uint64_t>(py::cast(s.cached_block_hashes()));
-      });
+      })
+
+      .def(
+          "set_kv_connector",
+          [](Scheduler& s, std::shared_ptr<KVConnector> connector, double load_timeout_s, py::object) {
+            s.set_kv_connector(std::move(connector), load_timeout_s);
+          },
+          py::arg("connector"), py::arg("load_timeout_s") = 30.0, py::arg("memory_owner") = py::none(),
+          // The connector, and the Python objects owning the memory it copies (the KV tensors), live
+          // at least as long as the scheduler: C++ holds their addresses, not their ownership.
+          py::keep_alive<1, 2>(), py::keep_alive<1, 4>(),
+          "Attaches the tiers below the GPU pool (None detaches); only while nothing is unfinished")
+      .def("poll_kv_transfers", &Scheduler::poll_kv_transfers,
+           "Submits the saves of newly cached blocks and polls every transfer (schedule() does it too)")
+      .def_property_readonly("num_waiting_for_kv", &Scheduler::num_waiting_for_kv)
+      .def("has_pending_kv_transfers", &Scheduler::has_pending_kv_transfers)
+      .def("check_invariants", &Scheduler::check_invariants);
 }
 
 }  // namespace rtpllm::bindings

@@ -18,7 +18,8 @@ void bind_types(py::module_& m) {
       .value("WAITING", RequestStatus::WAITING)
       .value("RUNNING", RequestStatus::RUNNING)
       .value("PREEMPTED", RequestStatus::PREEMPTED)
-      .value("FINISHED", RequestStatus::FINISHED);
+      .value("FINISHED", RequestStatus::FINISHED)
+      .value("WAITING_FOR_KV", RequestStatus::WAITING_FOR_KV);
 }
 
 }  // namespace rtpllm::bindings

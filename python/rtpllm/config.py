@@ -63,6 +63,14 @@ class CacheConfig:
     cpu_kv_cache_gib: float = 2.0
     num_blocks: Optional[int] = None
     enable_prefix_caching: bool = True
+    # Tiers below the pool (engine/kv_tiers.py): full prefix blocks are copied there, and a prompt
+    # whose prefix left the pool loads it back instead of recomputing it. Host memory: None sizes it
+    # min(4 GiB, 1/8 of available memory); 0 turns it off. Local disk: off unless a directory is
+    # given; it survives restarts. A load pending longer than kv_load_timeout_s is recomputed.
+    kv_host_cache_gib: Optional[float] = None
+    kv_disk_cache_dir: Optional[str] = None
+    kv_disk_cache_gib: float = 16.0
+    kv_load_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         _require(self.block_size > 0, "block_size", f"must be positive, got {self.block_size}")
@@ -73,6 +81,15 @@ class CacheConfig:
         _require(self.cpu_kv_cache_gib > 0, "cpu_kv_cache_gib", f"must be positive, got {self.cpu_kv_cache_gib}")
         if self.num_blocks is not None:
             _require(self.num_blocks > 0, "num_blocks", f"must be positive, got {self.num_blocks}")
+        if self.kv_host_cache_gib is not None:
+            _require(self.kv_host_cache_gib >= 0, "kv_host_cache_gib",
+                     f"must be >= 0 (0 turns the host tier off), got {self.kv_host_cache_gib}")
+        _require(self.kv_disk_cache_gib > 0, "kv_disk_cache_gib", f"must be positive, got {self.kv_disk_cache_gib}")
+        _require(self.kv_load_timeout_s > 0, "kv_load_timeout_s", f"must be positive, got {self.kv_load_timeout_s}")
+        if self.kv_disk_cache_dir is not None:
+            _require(bool(self.kv_disk_cache_dir.strip()), "kv_disk_cache_dir", "must be a directory path, got ''")
+            _require(self.enable_prefix_caching, "kv_disk_cache_dir",
+                     "the disk tier keeps prefix-cache blocks: it needs enable_prefix_caching")
 
 
 @dataclass(frozen=True)
@@ -196,6 +213,11 @@ class EngineConfig:
         # The proposers run in the engine's process on rank 0's model; sharding them is not built yet.
         _require(self.speculative_config is None or self.parallel.tensor_parallel_size == 1, "speculative_config",
                  f"not supported with tensor_parallel_size={self.parallel.tensor_parallel_size} yet (use 1)")
+        # The KV tiers copy one pool; each tensor-parallel rank has its own (sharded heads).
+        _require(self.parallel.tensor_parallel_size == 1 or (not self.cache.kv_host_cache_gib
+                                                             and self.cache.kv_disk_cache_dir is None),
+                 "kv_host_cache_gib", f"KV tiers (host, disk) are not supported with tensor_parallel_size="
+                 f"{self.parallel.tensor_parallel_size} yet: leave kv_host_cache_gib and kv_disk_cache_dir unset")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":

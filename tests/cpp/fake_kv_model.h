@@ -9,6 +9,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -106,6 +107,13 @@ class FakeKVModel {
       k.tokens.push_back(out.back());
     }
     return out;
+  // A block's KV (one fingerprint per slot), as a tier's copy engine reads and writes it.
+  std::vector<uint64_t> read_block(BlockId block) const {
+    const auto first = cache_.begin() + static_cast<std::ptrdiff_t>(block) * block_size_;
+    return std::vector<uint64_t>(first, first + block_size_);
+  }
+  void write_block(BlockId block, const std::vector<uint64_t>& kv) {
+    std::copy(kv.begin(), kv.end(), cache_.begin() + static_cast<std::ptrdiff_t>(block) * block_size_);
   }
 
   // The output a request must produce for a context, whatever the scheduler did.

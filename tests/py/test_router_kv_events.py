@@ -106,7 +106,7 @@ def test_the_hub_resyncs_subscribers_that_fell_behind_its_ring():
 
 def test_an_overflowing_engine_log_sends_a_snapshot_that_replaces_the_mirror():
     driver = Driver(num_blocks=32, block_size=4)
-    reporter = InstanceReporter(driver.scheduler, block_size=4, log_capacity=3)
+    reporter = InstanceReporter(driver.scheduler, block_size=4, root_block_hash=_C.ROOT_BLOCK_HASH, log_capacity=3)
     driver.add(1, list(range(1, 30)), max_new_tokens=2)
     driver.run_until_done()
     batch = reporter.drain_kv_events()

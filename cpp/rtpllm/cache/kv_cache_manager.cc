@@ -23,7 +23,7 @@ void KVCacheManager::hash_blocks_up_to(Request& request, int32_t num_full_blocks
   const int32_t bs = options_.block_size;
   auto& hashes = request.block_hashes;
   for (auto i = static_cast<int32_t>(hashes.size()); i < num_full_blocks; ++i) {
-    const BlockHash parent = i == 0 ? kRootBlockHash : hashes[i - 1];
+    const BlockHash parent = i == 0 ? options_.root_hash : hashes[i - 1];
     hashes.push_back(hash_block_tokens(parent, request.token_ids.data() + static_cast<size_t>(i) * bs,
                                        static_cast<size_t>(bs), request.extra_key));
   }
@@ -77,14 +77,22 @@ bool KVCacheManager::allocate_slots(Request& request, int32_t num_new_tokens, co
   return true;
 }
 
-void KVCacheManager::cache_computed_blocks(Request& request) {
+const std::vector<BlockHash>& KVCacheManager::hash_full_blocks(Request& request, int32_t num_full_blocks) const {
+  hash_blocks_up_to(request, std::min(num_full_blocks, request.num_known_tokens() / options_.block_size));
+  return request.block_hashes;
+}
+
+void KVCacheManager::cache_computed_blocks(Request& request, bool record) {
   if (!options_.enable_prefix_caching) return;
   // Blocks holding a pending (not yet known) token cannot be hashed yet.
   const int32_t num_full = std::min(request.num_computed_tokens, request.num_known_tokens()) / options_.block_size;
   if (num_full <= request.num_cached_blocks) return;
   hash_blocks_up_to(request, num_full);
   for (int32_t i = request.num_cached_blocks; i < num_full; ++i) {
-    pool_.cache(request.block_table[i], request.block_hashes[i]);
+    // A block not registered (another block holds the prefix) is not recorded: that one is.
+    if (pool_.cache(request.block_table[i], request.block_hashes[i]) && record && record_cached_) {
+      newly_cached_.emplace_back(request.block_hashes[i], request.block_table[i]);
+    }
   }
   request.num_cached_blocks = num_full;
 }
@@ -98,6 +106,15 @@ void KVCacheManager::truncate(Request& request, int32_t num_tokens) {
   const std::vector<BlockId> tail(request.block_table.begin() + static_cast<std::ptrdiff_t>(keep), request.block_table.end());
   pool_.release(tail);
   request.block_table.resize(keep);
+}
+
+void KVCacheManager::take_newly_cached(std::vector<std::pair<BlockHash, BlockId>>& out) {
+  out.insert(out.end(), newly_cached_.begin(), newly_cached_.end());
+  newly_cached_.clear();
+}
+
+void KVCacheManager::hold(const std::vector<BlockId>& blocks) {
+  for (BlockId b : blocks) pool_.touch(b);
 }
 
 void KVCacheManager::free(Request& request) {

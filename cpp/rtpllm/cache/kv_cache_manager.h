@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "rtpllm/cache/block_pool.h"
@@ -46,8 +47,22 @@ class KVCacheManager {
   // short of free blocks (cached free blocks count as free; they are evicted on demand).
   bool allocate_slots(Request& request, int32_t num_new_tokens, const PrefixHit* admission_hit = nullptr);
 
-  // Registers the full blocks covered by num_computed_tokens in the prefix cache.
-  void cache_computed_blocks(Request& request);
+  // Hashes of the request's first num_full_blocks full blocks (computed now where missing).
+  const std::vector<BlockHash>& hash_full_blocks(Request& request, int32_t num_full_blocks) const;
+
+  // Registers the full blocks covered by num_computed_tokens in the prefix cache. With recording
+  // on (set_record_cached_blocks) and `record` true, every newly registered block is also noted
+  // for take_newly_cached(): the scheduler saves those to the tiers below the GPU.
+  void cache_computed_blocks(Request& request, bool record = true);
+  void set_record_cached_blocks(bool on) { record_cached_ = on; }
+  // The (hash, block) pairs registered since the last call, oldest first.
+  void take_newly_cached(std::vector<std::pair<BlockHash, BlockId>>& out);
+  bool has_newly_cached() const { return !newly_cached_.empty(); }
+
+  // Extra references on blocks (a transfer that reads or writes them): they stay out of the free
+  // list, so they are neither reused nor evicted, until released.
+  void hold(const std::vector<BlockId>& blocks);
+  void release(const std::vector<BlockId>& blocks) { pool_.release(blocks); }
 
   // Releases the tail of the block table beyond the blocks that num_tokens tokens need (the
   // rejected lookahead slots of a speculative step). Never touches a cached block: those hold
@@ -66,6 +81,8 @@ class KVCacheManager {
 
   CacheOptions options_;
   BlockPool pool_;
+  bool record_cached_ = false;
+  std::vector<std::pair<BlockHash, BlockId>> newly_cached_;
   uint64_t prefix_query_tokens_ = 0;
   uint64_t prefix_hit_tokens_ = 0;
 };

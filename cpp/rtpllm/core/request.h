@@ -67,6 +67,7 @@ struct Request {
   uint64_t admission_order = 0;  // tie-break after arrival_time: later added = preempted first
   int64_t scheduled_step = -1;   // the step that last scheduled it (tracks the batch in flight)
   int32_t num_preemptions = 0;
+  bool skip_kv_tiers = false;  // a load from the tiers failed: recompute instead of asking again
 
   // Speculative decoding (sched/speculation.h). Lookahead slots asked for the next step (consumed
   // by schedule()), and the draft slots the scheduled step holds past the known tokens (KV

@@ -8,6 +8,7 @@ const char* to_string(RequestStatus status) {
     case RequestStatus::RUNNING: return "RUNNING";
     case RequestStatus::PREEMPTED: return "PREEMPTED";
     case RequestStatus::FINISHED: return "FINISHED";
+    case RequestStatus::WAITING_FOR_KV: return "WAITING_FOR_KV";
   }
   return "UNKNOWN";
 }

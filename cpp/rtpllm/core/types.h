@@ -17,6 +17,9 @@ enum class RequestStatus : uint8_t {
   RUNNING,    // holds KV blocks; scheduled every step its token budget allows
   PREEMPTED,  // evicted by recompute: back in the waiting queue, no blocks, outputs kept
   FINISHED,
+  // Admitted with blocks allocated; a tier below the GPU (KVConnector) is loading part of its
+  // prefix into them. Neither running nor in the waiting queue until the load ends.
+  WAITING_FOR_KV,
 };
 
 enum class FinishReason : uint8_t {

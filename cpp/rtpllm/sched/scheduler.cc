@@ -68,6 +68,7 @@ void Scheduler::schedule(ScheduledBatch& batch) {
     release_entries(entries_);
   }
   entries_.clear();
+  if (transfers_) poll_kv_transfers();  // first: no block may be allocated before saves hold theirs
   ++step_;
   int32_t budget = options_.max_num_batched_tokens;
   bool preempted = false;
@@ -163,10 +164,16 @@ void Scheduler::preempt(Request* victim, int32_t& budget) {
 }
 
 void Scheduler::admit_waiting(int32_t& budget) {
-  while (!waiting_.empty() && budget > 0 && running_.size() < static_cast<size_t>(options_.max_num_seqs)) {
+  while (!waiting_.empty() && budget > 0 &&
+         running_.size() + static_cast<size_t>(num_waiting_for_kv()) < static_cast<size_t>(options_.max_num_seqs)) {
     Request* r = waiting_.front();
     if (r->num_pending_tokens > 0) break;  // preempted before its last token was resolved: next step
     const PrefixHit hit = kv_.find_cached_prefix(*r);
+    if (transfers_) {
+      const TierAdmission tier = admit_from_tiers(r, hit);
+      if (tier == TierAdmission::NO_ROOM) break;
+      if (tier == TierAdmission::WAITING_FOR_KV) continue;  // costs no budget: the next one may come in
+    }
     const int32_t chunk = chunk_size(r->num_tokens() - hit.num_tokens, budget);
     if (chunk == 0 || !kv_.allocate_slots(*r, chunk, &hit)) break;  // the head waits; nobody overtakes it
     waiting_.pop_front();
@@ -186,6 +193,9 @@ bool Scheduler::abort(RequestId request_id, FinishReason reason) {
   Request* r = it->second.get();
   if (r->status == RequestStatus::RUNNING) {
     running_.erase(std::find(running_.begin(), running_.end(), r));
+    kv_.free(*r);
+  } else if (r->status == RequestStatus::WAITING_FOR_KV) {
+    transfers_->detach(*r);  // the load keeps its own hold on the blocks until it ends
     kv_.free(*r);
   } else {
     waiting_.remove(r);
@@ -217,6 +227,7 @@ SchedulerStats Scheduler::stats() const {
   s.prefix_hits = kv_.num_prefix_hit_tokens();
   s.kv_usage = kv_.usage();
   s.num_steps = static_cast<uint64_t>(step_);
+  if (transfers_) add_kv_stats(s);
   return s;
 }
 

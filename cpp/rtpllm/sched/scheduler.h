@@ -31,6 +31,13 @@
 // once more for nothing, and that step's result for it is dropped. Length limits need no token
 // value, so a sequence at its limit is not scheduled again. update() is commit() + resolve().
 //
+// Tiers below the GPU pool (set_kv_connector; host memory, disk, ...): admission looks a
+// request's prefix up there after the GPU prefix cache. When the tiers hold more, the request
+// gets its GPU blocks and waits (WAITING_FOR_KV) while they load, without holding up the step
+// loop or the queue behind it; once loaded, only the rest of its prompt is computed. A failed or
+// timed-out load means recomputing those tokens. Blocks newly registered in the prefix cache are
+// saved to the tiers. (scheduler_kv.cc, kv_transfers.h)
+//
 // Not thread-safe: the engine calls it from its step loop (from Python the GIL serializes calls).
 #pragma once
 
@@ -43,6 +50,8 @@
 #include "rtpllm/cache/kv_cache_manager.h"
 #include "rtpllm/core/request.h"
 #include "rtpllm/core/step_output.h"
+#include "rtpllm/kvstore/kv_connector.h"
+#include "rtpllm/sched/kv_transfers.h"
 #include "rtpllm/sched/scheduled_batch.h"
 #include "rtpllm/sched/scheduler_options.h"
 #include "rtpllm/sched/scheduler_stats.h"
@@ -109,6 +118,18 @@ class Scheduler {
   void set_kv_event_log(KVEventLog* log) { kv_.set_event_log(log); }
   std::vector<BlockHash> cached_block_hashes() const { return kv_.pool().cached_hashes(); }
 
+  // Attaches the tiers below the GPU pool (nullptr detaches). A load pending longer than
+  // load_timeout_s is given up and its tokens recomputed. Throws std::logic_error while requests
+  // or transfers are unfinished.
+  void set_kv_connector(std::shared_ptr<KVConnector> connector, double load_timeout_s = 30.0);
+  // Submits the saves of newly cached blocks and polls every transfer (schedule() starts with
+  // this); for callers that wait for transfers with no step to run.
+  void poll_kv_transfers();
+  int32_t num_waiting_for_kv() const { return transfers_ ? transfers_->num_waiting_requests() : 0; }
+  // Loads or saves under way (they hold GPU blocks), or blocks cached since the last schedule()
+  // and not yet submitted for saving: schedule() submits and polls them, also with no request.
+  bool has_pending_kv_transfers() const { return transfers_ && (transfers_->has_pending() || kv_.has_newly_cached()); }
+
   // Verifies block ownership and request bookkeeping; throws std::logic_error on a violation.
   // Also runs after every call that changes state in builds with RTPLLM_CHECK_INVARIANTS.
   void check_invariants() const;
@@ -132,6 +153,11 @@ class Scheduler {
   void roll_back_lookahead(const std::vector<ScheduledEntry>& entries);
   void retire(std::unique_ptr<Request> request);
   void check_batch(const ScheduledBatch& batch) const;
+  // scheduler_kv.cc
+  enum class TierAdmission : uint8_t { NOT_FROM_TIERS, WAITING_FOR_KV, NO_ROOM };
+  TierAdmission admit_from_tiers(Request* request, const PrefixHit& hit);
+  void check_kv_invariants(std::vector<int32_t>& holders) const;
+  void add_kv_stats(SchedulerStats& stats) const;
   void maybe_check_invariants() const;
 
   SchedulerOptions options_;
@@ -159,6 +185,8 @@ class Scheduler {
   uint64_t num_preempted_total_ = 0;
   std::vector<RequestId> finished_scratch_;
   std::vector<RequestId> lookahead_ids_;  // requests given lookahead slots since the last schedule()
+  std::unique_ptr<KVTransfers> transfers_;  // null without a KV connector
+  std::vector<KVTransfers::EndedLoad> ended_loads_;  // scratch
 };
 
 }  // namespace rtpllm

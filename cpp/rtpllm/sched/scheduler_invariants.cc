@@ -23,11 +23,14 @@ void Scheduler::check_invariants() const {
   const int32_t bs = kv_.block_size();
   const int32_t num_blocks = kv_.num_blocks();
 
-  if (running_.size() + waiting_.size() != requests_.size()) {
+  const auto num_loading = static_cast<size_t>(num_waiting_for_kv());
+  if (running_.size() + waiting_.size() + num_loading != requests_.size()) {
     fail(std::to_string(requests_.size()) + " requests, but " + std::to_string(running_.size()) + " running + " +
-         std::to_string(waiting_.size()) + " waiting");
+         std::to_string(waiting_.size()) + " waiting + " + std::to_string(num_loading) + " waiting for KV");
   }
-  if (running_.size() > static_cast<size_t>(options_.max_num_seqs)) fail("more running sequences than max_num_seqs");
+  if (running_.size() + num_loading > static_cast<size_t>(options_.max_num_seqs)) {
+    fail("more running (or loading) sequences than max_num_seqs");
+  }
 
   // With the counts equal, every queued request registered and none queued twice, the queues
   // hold exactly the registered requests.
@@ -80,18 +83,19 @@ void Scheduler::check_invariants() const {
   std::sort(seen.begin(), seen.end());
   if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) fail("a request is queued twice");
 
+  check_kv_invariants(holders);  // requests waiting for KV, and transfers' holds
   for (BlockId b = 0; b < num_blocks; ++b) {
     const int32_t refs = kv_.pool().ref_count(b);
     if (refs != holders[b]) {
       fail("block " + std::to_string(b) + " has ref count " + std::to_string(refs) + " but " + std::to_string(holders[b]) +
-           " block tables hold it" + (refs > holders[b] ? " (leaked)" : " (double free)"));
+           " block tables and transfers hold it" + (refs > holders[b] ? " (leaked)" : " (double free)"));
     }
   }
 
   // Cached block hashes chain correctly (spot-checks the lazy hashing).
   for (const Request* r : running_) {
     for (size_t i = 0; i < r->block_hashes.size(); ++i) {
-      const BlockHash parent = i == 0 ? kRootBlockHash : r->block_hashes[i - 1];
+      const BlockHash parent = i == 0 ? kv_.options().root_hash : r->block_hashes[i - 1];
       if (hash_block_tokens(parent, r->token_ids.data() + i * bs, static_cast<size_t>(bs), r->extra_key) != r->block_hashes[i]) {
         fail(name(*r) + " has a stale hash for block " + std::to_string(i));
       }

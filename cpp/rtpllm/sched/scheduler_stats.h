@@ -18,6 +18,12 @@ struct SchedulerStats {
   uint64_t prefix_hits = 0;     // of those, tokens found in the prefix cache
   double kv_usage = 0.0;        // blocks_used / blocks_total
   uint64_t num_steps = 0;       // schedule() calls
+  // Tiers below the GPU pool (zero without a KV connector).
+  int32_t num_waiting_for_kv = 0;        // requests whose prefix is loading (not in num_waiting)
+  uint64_t kv_tier_hit_blocks = 0;       // blocks loaded from the tiers instead of computed
+  uint64_t kv_tier_failed_loads = 0;     // loads that failed or timed out: their tokens recomputed
+  uint64_t kv_tier_saved_blocks = 0;     // blocks submitted for saving
+  int32_t kv_transfer_held_blocks = 0;   // GPU block references held by transfers under way
 };
 
 }  // namespace rtpllm

@@ -444,10 +444,11 @@ class AsyncEngine(AsyncEngineBase):
                     while not self._commands and not busy and not self._stop_requested:
                         self._wakeup.wait()
                     if self._stop_requested and not self._commands:
-                        return
+                        break
                     commands, self._commands = self._commands, []
                 answers = [a for a in (self._apply(engine, command) for command in commands) if a is not None]
-                outputs = engine.step() if engine.has_unfinished_requests() else []
+                work = engine.has_unfinished_requests() or engine.has_pending_kv_transfers()
+                outputs = engine.step() if work else []
                 # Counters first: admission control must already count what the hand-over reveals.
                 self._stats = engine.stats()
                 kv_events = engine.reporter.drain_kv_events()
@@ -458,7 +459,8 @@ class AsyncEngine(AsyncEngineBase):
                     # for the GIL with the very step its callers wait for.
                     loop.call_soon_threadsafe(self._hand_over, answers, outputs)
                 answers = []
-                busy = engine.has_unfinished_requests()
+                busy = engine.has_unfinished_requests() or engine.has_pending_kv_transfers()
+            engine.close()  # stopped: the KV tiers' last saves and disk writes land
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiting requests
             logger.exception("engine step loop failed")
             if not loop.is_closed():

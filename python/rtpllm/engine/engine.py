@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 import dataclasses
+import atexit
 import itertools
 import logging
 import os
 import time
+import weakref
 from typing import Optional, Union
 
 import numpy as np
@@ -18,12 +20,14 @@ import torch
 
 from rtpllm import _C
 from rtpllm.config import EngineConfig
+from rtpllm.engine.cache_identity import cache_identity
 from rtpllm.engine.default_model import resolve_model_path
 from rtpllm.engine.detokenizer import IncrementalDetokenizer, StopStringChecker
 from rtpllm.engine.device import attention_backend_factory, resolve_device, resolve_dtype
 from rtpllm.engine.executor import create_executor
 from rtpllm.engine.instance_report import InstanceReporter
 from rtpllm.engine.in_flight import InFlightStep, TokenReadback, pending_inputs
+from rtpllm.engine.kv_tiers import attach_kv_tiers, drain_kv_transfers
 from rtpllm.engine.prompt_logprobs import PromptLogprobCollector
 from rtpllm.engine.request_state import RequestGroup, SequenceState
 from rtpllm.engine.sampling_inputs import build_sampling_batch, sampled_logprobs
@@ -80,6 +84,10 @@ class Engine:
             self.startup.add(f"cuda graphs ({len(self.runner.graphs.buckets)} batch sizes)", capture)
         if self.spec is not None:
             self.spec.bind(self.runner)
+        # Root of the block-hash chain: copies of KV outside the pool never mix models or layouts.
+        self.cache_root_hash = cache_identity(
+            self.model_path, kv_dtype=self.dtype, block_size=config.cache.block_size,
+            num_layers=self.arch.num_layers, num_kv_heads=self.arch.num_kv_heads, head_dim=self.arch.head_dim)
         self.scheduler = _C.Scheduler(
             _C.SchedulerOptions(
                 max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
@@ -87,8 +95,17 @@ class Engine:
                 enable_chunked_prefill=config.scheduler.enable_chunked_prefill,
                 max_model_len=self.max_model_len),
             _C.CacheOptions(num_blocks=self.executor.num_blocks, block_size=config.cache.block_size,
-                            enable_prefix_caching=config.cache.enable_prefix_caching))
-        self.reporter = InstanceReporter(self.scheduler, config.cache.block_size)  # KV events, step time
+                            enable_prefix_caching=config.cache.enable_prefix_caching,
+                            root_hash=self.cache_root_hash))
+        # KV events and step time, for routers.
+        self.reporter = InstanceReporter(self.scheduler, config.cache.block_size, self.cache_root_hash)
+        self.kv_tiers = None
+        if config.parallel.tensor_parallel_size == 1:  # the tiers copy rank 0's pool only (config.py refuses TP + tiers)
+            self.kv_tiers = attach_kv_tiers(self.scheduler, config.cache, self.runner.kv_caches, self.cache_root_hash,
+                                            self.device)
+        if self.kv_tiers is not None and "disk" in self.kv_tiers.tiers:
+            # An offline run that ends with the interpreter still gets its last blocks onto disk.
+            atexit.register(_close_at_exit, weakref.ref(self))
         self._groups: dict[str, RequestGroup] = {}
         self._seqs: dict[int, SequenceState] = {}
         self._seq_ids = itertools.count(1)
@@ -210,6 +227,8 @@ class Engine:
             self.spec.step_started(batch.num_draft_tokens > 0, batch.num_tokens)
         previous = self._in_flight
         if batch.num_seqs == 0:
+            if previous is None and self.kv_tiers is not None and self.scheduler.has_pending_kv_transfers():
+                time.sleep(0.0005)  # only loads or saves under way: leave the cores to their copies
             if previous is not None:
                 self._in_flight = None
                 outputs += self._resolve(previous)
@@ -299,14 +318,38 @@ class Engine:
             kv_blocks_total=s.blocks_total, prefix_cache_queries=s.prefix_queries,
             prefix_cache_hits=s.prefix_hits, num_preemptions=s.num_preempted_total,
             prompt_tokens_total=self._prompt_tokens_total, generation_tokens_total=self._generation_tokens_total,
-            spec=dataclasses.replace(self.spec.counters) if self.spec is not None else None)
+            spec=dataclasses.replace(self.spec.counters) if self.spec is not None else None,
+            num_waiting_for_kv=s.num_waiting_for_kv, kv_tier_hit_tokens=s.kv_tier_hit_blocks * self.runner.block_size,
+            kv_tier_failed_loads=s.kv_tier_failed_loads,
+            kv_tiers=self.kv_tiers.snapshot() if self.kv_tiers is not None else ())
 
     def tokens_in_flight(self) -> int:
         """Prompt and generated tokens of the unfinished sequences."""
         return sum(len(seq.group.prompt_ids) + len(seq.output_ids) for seq in self._seqs.values())
 
+    def has_pending_kv_transfers(self) -> bool:
+        """Loads or saves of the KV tiers under way: `step()` polls them, also with no request."""
+        return self.scheduler.has_pending_kv_transfers()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Aborts what still runs, lets the KV tiers finish their transfers and background writes
+        (so that a restarted engine finds every saved block on disk) and detaches them."""
+        if self.kv_tiers is None:
+            return
+        for request_id in list(self._groups):
+            self.abort_request(request_id)
+        while self.has_unfinished_requests() or self._in_flight is not None:
+            self.step()
+        if not drain_kv_transfers(self.scheduler, timeout_s):
+            logger.warning("close: KV tier transfers still under way after %.0f s", timeout_s)
+        self.kv_tiers.flush()
+        self.scheduler.set_kv_connector(None)
+        self.kv_tiers = None
+
     def check_kv_pool_free(self) -> bool:
-        """True when no block is held by a request (cached free blocks count as free)."""
+        """True when no block is held by a request (cached free blocks count as free). Waits for
+        the KV tiers' transfers first: they hold the blocks they copy."""
+        drain_kv_transfers(self.scheduler, 30.0)
         self.scheduler.check_invariants()
         return self.scheduler.num_free_blocks == self.executor.num_blocks
 
@@ -364,6 +407,15 @@ def _append_tokens(seq: SequenceState, token_ids: list[int], logprobs) -> bool:
         if seq.append_tokens([token], None):
             return True
     return False
+
+
+def _close_at_exit(engine_ref: "weakref.ref[Engine]") -> None:
+    engine = engine_ref()
+    if engine is not None and engine.kv_tiers is not None:
+        try:
+            engine.close(timeout_s=10.0)
+        except Exception:  # noqa: BLE001 - exiting anyway; the disk tier drops what it could not write
+            logger.exception("closing the KV tiers at exit failed")
 
 
 def _reads_host_history(params: SamplingParams) -> bool:

@@ -97,14 +97,16 @@ class EngineCoreLoop:
                     call_results.append(self._call(command[1], command[2]))
                 elif kind == "stop":
                     stop = True
-            moved = engine.step_groups() if engine.has_unfinished_requests() else []
+            work = engine.has_unfinished_requests() or engine.has_pending_kv_transfers()
+            moved = engine.step_groups() if work else []
             if commands or moved:
                 self.writer.write(encode_frame(("step", answers, self.encoder.encode(moved), engine.stats(),
                                                 call_results, engine.reporter.drain_kv_events())))
             if stop:
                 self._flush_blocking()
+                engine.close()  # the KV tiers' last saves and disk writes
                 return 0
-            busy = engine.has_unfinished_requests()
+            busy = engine.has_unfinished_requests() or engine.has_pending_kv_transfers()
 
     def _call(self, tag: int, fn) -> tuple:
         try:

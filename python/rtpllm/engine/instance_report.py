@@ -76,14 +76,14 @@ class StepTimer:
 class InstanceReporter:
     """Owns the engine's KV event log and step timer."""
 
-    def __init__(self, scheduler, block_size: int, log_capacity: int = KV_EVENT_LOG_CAPACITY):
+    def __init__(self, scheduler, block_size: int, root_block_hash: int, log_capacity: int = KV_EVENT_LOG_CAPACITY):
         self._scheduler = scheduler
         self._log = _C.KVEventLog(log_capacity)
         scheduler.set_kv_event_log(self._log)
         self.step_timer = StepTimer()
-        # NOTE: the root becomes a per-model identity hash once the tiered KV store keys on it; the
-        # router takes it from here, so it stays right when that changes.
-        self.identity = CacheIdentity(block_size=block_size, root_block_hash=int(_C.ROOT_BLOCK_HASH))
+        # The chain's root is the engine's cache identity (model, dtype, layout): the router hashes
+        # prompts from it, so its hashes are the ones this instance stores.
+        self.identity = CacheIdentity(block_size=block_size, root_block_hash=int(root_block_hash))
 
     def drain_kv_events(self) -> Optional[KVEventBatch]:
         """The events since the last call, or None when there were none."""

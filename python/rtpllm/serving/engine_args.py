@@ -31,6 +31,11 @@ _HELP = {
     "cpu_kv_cache_gib": "KV cache size on the CPU, in GiB.",
     "num_blocks": "KV cache blocks, overriding the memory-based sizing.",
     "enable_prefix_caching": "Reuse the KV blocks of shared prompt prefixes.",
+    "kv_host_cache_gib": "Host-memory KV tier below the GPU pool, in GiB (default: min(4, 1/8 of available "
+                         "memory); 0 turns it off).",
+    "kv_disk_cache_dir": "Directory of the local-disk KV tier (kept across restarts; default: no disk tier).",
+    "kv_disk_cache_gib": "Size cap of the disk KV tier, in GiB.",
+    "kv_load_timeout_s": "Seconds a KV load from the tiers may take before its tokens are recomputed.",
     "max_num_batched_tokens": "Token budget of one scheduler step.",
     "max_num_seqs": "Most sequences in one step's batch.",
     "enable_chunked_prefill": "Split long prompts across steps, batched with decodes.",

@@ -15,9 +15,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from rtpllm.engine.stats import LOAD_LATENCY_BUCKETS
 from rtpllm.outputs import RequestOutput
 
 if TYPE_CHECKING:
@@ -78,6 +79,55 @@ class _EngineStatsCollector(Collector):
                                        "Tokens per verified sequence-step (accepted drafts + 1).", labels=spec_labels)
             family.add_metric(values + [stats.spec.method], stats.spec.mean_accepted_length)
             yield family
+        yield gauge("num_requests_waiting_for_kv", "Requests whose prefix is loading from a KV tier.",
+                    stats.num_waiting_for_kv)
+        yield counter("kv_tier_hit_tokens", "Prompt tokens loaded from a KV tier instead of computed.",
+                      stats.kv_tier_hit_tokens)
+        yield counter("kv_tier_recomputes", "KV tier loads that failed or timed out; their tokens were recomputed.",
+                      stats.kv_tier_failed_loads)
+        if stats.kv_tiers:
+            yield from _tier_metrics(self._model_name, stats.kv_tiers)
+
+
+def _tier_metrics(model_name: str, tiers) -> Iterator[Metric]:
+    """Per tier below the KV pool (label `tier`: host, disk, ...)."""
+    labels = ["model_name", "tier"]
+
+    def family(kind, name: str, doc: str, value_of) -> Metric:
+        metric = kind(PREFIX + name, doc, labels=labels)
+        for t in tiers:
+            metric.add_metric([model_name, t.name], value_of(t))
+        return metric
+
+    yield family(CounterMetricFamily, "kv_tier_queries", "Prefix lookups in the tier.", lambda t: t.queries)
+    yield family(CounterMetricFamily, "kv_tier_query_blocks", "Blocks looked up in the tier.",
+                 lambda t: t.query_blocks)
+    yield family(CounterMetricFamily, "kv_tier_hit_blocks", "Blocks the tier held when looked up.",
+                 lambda t: t.hit_blocks)
+    yield family(CounterMetricFamily, "kv_tier_loaded_blocks", "Blocks copied from the tier into the KV pool.",
+                 lambda t: t.loaded_blocks)
+    yield family(CounterMetricFamily, "kv_tier_saved_blocks", "Blocks copied into the tier.", lambda t: t.saved_blocks)
+    yield family(CounterMetricFamily, "kv_tier_load_bytes", "Bytes moved from the tier to the KV pool.",
+                 lambda t: t.load_bytes)
+    yield family(CounterMetricFamily, "kv_tier_save_bytes", "Bytes moved into the tier.", lambda t: t.save_bytes)
+    yield family(CounterMetricFamily, "kv_tier_failed_loads", "Loads from the tier that failed.",
+                 lambda t: t.failed_loads)
+    yield family(CounterMetricFamily, "kv_tier_evicted_blocks", "Blocks dropped from the tier for room.",
+                 lambda t: t.evicted_blocks)
+    yield family(GaugeMetricFamily, "kv_tier_capacity_bytes", "The tier's capacity.",
+                 lambda t: t.capacity_blocks * t.bytes_per_block)
+    yield family(GaugeMetricFamily, "kv_tier_used_bytes", "Bytes of KV the tier holds.",
+                 lambda t: t.used_blocks * t.bytes_per_block)
+    yield family(GaugeMetricFamily, "kv_tier_usage_perc", "Fraction of the tier's capacity in use (0 to 1).",
+                 lambda t: t.used_blocks / t.capacity_blocks if t.capacity_blocks else 0.0)
+    yield family(GaugeMetricFamily, "kv_tier_enabled", "1 while the tier accepts writes, 0 once it stopped "
+                 "itself (a full disk, an I/O error).", lambda t: 1.0 if t.enabled else 0.0)
+    latency = HistogramMetricFamily(PREFIX + "kv_tier_load_latency_seconds", "Time from a load's start to its end.",
+                                    labels=labels)
+    bounds = [str(b) for b in LOAD_LATENCY_BUCKETS] + ["+Inf"]
+    for t in tiers:
+        latency.add_metric([model_name, t.name], list(zip(bounds, t.load_latency_buckets)), t.load_latency_sum)
+    yield latency
 
 
 class ServerMetrics:

@@ -3,17 +3,20 @@ default) stays close to it. Skipped without a GPU; run on the device machine."""
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 
 import pytest
 import torch
 
 import gguf
 
-from checkpoints import VARIANTS, checkpoint_path, load_hf_reference
-from gguf_checkpoints import write_gguf
-from paged_batch import PagedKV, reference_logits
-from rtpllm.loader import load_model_and_tokenizer
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "py"))
+from checkpoints import VARIANTS, checkpoint_path, load_hf_reference  # noqa: E402
+from gguf_checkpoints import write_gguf  # noqa: E402
+from paged_batch import PagedKV, reference_logits  # noqa: E402
+from rtpllm.loader import load_model_and_tokenizer  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
