@@ -107,6 +107,8 @@ class FakeKVModel {
       k.tokens.push_back(out.back());
     }
     return out;
+  }
+
   // A block's KV (one fingerprint per slot), as a tier's copy engine reads and writes it.
   std::vector<uint64_t> read_block(BlockId block) const {
     const auto first = cache_.begin() + static_cast<std::ptrdiff_t>(block) * block_size_;
