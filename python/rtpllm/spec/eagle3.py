@@ -117,7 +117,7 @@ class Eagle3Head(nn.Module):
             parts = name.rsplit(".", 2)
             if len(parts) == 3 and parts[1] in _FUSED:
                 module = self.get_submodule(f"{parts[0]}.{_FUSED[parts[1]]}")
-                module.load_shard(parts[1], parts[2], tensor, name)
+                copy_checked(module.shard_view(parts[1], parts[2], name), tensor, name)
             elif name == "d2t":
                 if tensor.shape != self.d2t.shape:
                     raise ValueError(f"{_FIELD}: {source}: d2t has shape {list(tensor.shape)}, expected "
