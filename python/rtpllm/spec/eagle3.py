@@ -188,9 +188,10 @@ class Eagle3Proposer(DraftModelProposer):
         for name, _ in iter_safetensors(files):
             names.add(name.removeprefix("model."))
         backend = attn_backend_factory(arch) if attn_backend_factory is not None else TorchAttentionBackend()
-        rotary = RotaryEmbedding(arch.head_dim, arch.rope,
-                                 max(arch.max_position_embeddings, target_arch.max_position_embeddings))
         with torch.device(device):
+            # On the device from the start: the CUDA attention backend reads its cos/sin table as built.
+            rotary = RotaryEmbedding(arch.head_dim, arch.rope,
+                                     max(arch.max_position_embeddings, target_arch.max_position_embeddings))
             head = Eagle3Head(arch, target_hidden, int(config.get("draft_vocab_size") or vocab), vocab,
                               bool(config.get("norm_before_residual", False)), "embed_tokens.weight" in names,
                               rotary, backend, dtype)
