@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+from rtpllm.engine.stats import EngineStats
 from rtpllm.serving.metrics import _EngineStatsCollector
 from rtpllm.spec.adaptive import AdaptiveSpeculation, StepCostModel, default_cost_model, expected_tokens
 from rtpllm.spec.stats import SpecCounters
@@ -68,9 +69,9 @@ def test_expected_tokens():
 def test_metrics_expose_the_counters_per_proposer():
     counters = SpecCounters(method="ngram", num_spec_steps=3, num_verified_seqs=4, num_draft_tokens=12,
                             num_accepted_tokens=6)
-    stats = SimpleNamespace(num_running=1, num_waiting=0, kv_blocks_used=1, kv_blocks_total=2, kv_usage=0.5,
-                            prefix_cache_queries=0, prefix_cache_hits=0, num_preemptions=0, prompt_tokens_total=1,
-                            generation_tokens_total=2, spec=counters)
+    stats = EngineStats(num_running=1, num_waiting=0, kv_blocks_used=1, kv_blocks_total=2, prefix_cache_queries=0,
+                        prefix_cache_hits=0, num_preemptions=0, prompt_tokens_total=1, generation_tokens_total=2,
+                        spec=counters)
     families = {f.name: f for f in _EngineStatsCollector(SimpleNamespace(stats=lambda: stats), "m").collect()}
     accepted = families["rtpllm:spec_decode_num_accepted_tokens"].samples[0]
     assert accepted.value == 6 and accepted.labels == {"model_name": "m", "method": "ngram"}

@@ -70,6 +70,9 @@ class RequestStream:
         output, self._latest = self._latest, None
         if output.finished:
             self._done = True
+        elif self._error is not None:
+            # It failed with this output still unread: the error is next, with no further wake-up.
+            self._ready = True
         return output
 
 
