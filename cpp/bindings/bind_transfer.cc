@@ -1,14 +1,13 @@
 // The KV transfer engine (cpp/rtpllm/transfer): the KV layout it registers, the transfer plan, and
 // UcxTransfer when built with UCX (_C.has_ucx). Blocking calls release the GIL.
 //
-// NOTE: KVLayout, MemoryKind and TransferState belong to the kvstore seam; they are bound here
-// only if no other binding file registered them first.
+// NOTE: KVLayout, MemoryKind and TransferState belong to the kvstore seam and are bound there
+// (bind_kvstore.cc, which bind_runtime.cc runs first).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <optional>
 #include <string>
-#include <typeinfo>
 
 #include "rtpllm/kvstore/kv_layout.h"
 #include "rtpllm/transfer/kv_transfer.h"
@@ -24,54 +23,6 @@ namespace py = pybind11;
 
 namespace rtpllm::bindings {
 namespace {
-
-template <typename T>
-bool already_bound() {
-  return py::detail::get_type_info(typeid(T)) != nullptr;
-}
-
-void bind_layout(py::module_& m) {
-  if (!already_bound<MemoryKind>()) {
-    py::enum_<MemoryKind>(m, "MemoryKind").value("HOST", MemoryKind::HOST).value("CUDA", MemoryKind::CUDA);
-  }
-  if (!already_bound<KVLayerAddress>()) {
-    py::class_<KVLayerAddress>(m, "KVLayerAddress", "Base addresses of one layer's K and V planes")
-        .def(py::init([](uint64_t k_base, uint64_t v_base) { return KVLayerAddress{k_base, v_base}; }),
-             py::arg("k_base"), py::arg("v_base"))
-        .def_readwrite("k_base", &KVLayerAddress::k_base)
-        .def_readwrite("v_base", &KVLayerAddress::v_base);
-  }
-  if (!already_bound<KVLayout>()) {
-    py::class_<KVLayout>(m, "KVLayout", "Where the paged KV pool lives (C++ holds addresses, never ownership)")
-        .def(py::init([](MemoryKind memory, int32_t device_index, int32_t num_blocks, int32_t block_size,
-                         int32_t num_kv_heads, int32_t head_dim, int32_t element_bytes, int64_t block_stride_bytes,
-                         std::vector<KVLayerAddress> layers) {
-               return KVLayout{memory, device_index, num_blocks, block_size, num_kv_heads, head_dim,
-                               element_bytes, block_stride_bytes, std::move(layers)};
-             }),
-             py::kw_only(), py::arg("memory"), py::arg("device_index") = 0, py::arg("num_blocks"),
-             py::arg("block_size"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("element_bytes"),
-             py::arg("block_stride_bytes"), py::arg("layers"))
-        .def_readwrite("memory", &KVLayout::memory)
-        .def_readwrite("device_index", &KVLayout::device_index)
-        .def_readwrite("num_blocks", &KVLayout::num_blocks)
-        .def_readwrite("block_size", &KVLayout::block_size)
-        .def_readwrite("num_kv_heads", &KVLayout::num_kv_heads)
-        .def_readwrite("head_dim", &KVLayout::head_dim)
-        .def_readwrite("element_bytes", &KVLayout::element_bytes)
-        .def_readwrite("block_stride_bytes", &KVLayout::block_stride_bytes)
-        .def_readwrite("layers", &KVLayout::layers)
-        .def_property_readonly("num_layers", &KVLayout::num_layers)
-        .def("block_bytes", &KVLayout::block_bytes)
-        .def("bytes_per_block", &KVLayout::bytes_per_block);
-  }
-  if (!already_bound<TransferState>()) {
-    py::enum_<TransferState>(m, "TransferState")
-        .value("PENDING", TransferState::PENDING)
-        .value("DONE", TransferState::DONE)
-        .value("FAILED", TransferState::FAILED);
-  }
-}
 
 void bind_plan(py::module_& m) {
   py::class_<TransferSegment>(m, "TransferSegment", "A run of tokens inside one source and one destination block")
@@ -193,7 +144,6 @@ void bind_ucx_transfer(py::module_& m) {
 }  // namespace
 
 void bind_transfer(py::module_& m) {
-  bind_layout(m);
   bind_plan(m);
   bind_engine_types(m);
 #ifdef RTPLLM_WITH_UCX
