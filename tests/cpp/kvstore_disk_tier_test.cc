@@ -145,7 +145,11 @@ TEST_F(DiskTierTest, ForeignIdentityIsIgnoredNotDeleted) {
 
 TEST_F(DiskTierTest, CapacityEvictsLeastRecentlyUsedFiles) {
   auto tier = open(3);
-  save(*tier, {1, 2, 3}, {0, 1, 2});
+  // One at a time: the writer threads of one save() may finish its blocks in any order, and a
+  // block's recency starts when its file is written.
+  save(*tier, {1}, {0});
+  save(*tier, {2}, {1});
+  save(*tier, {3}, {2});
   ASSERT_EQ(poll_until_done(*tier, tier->load({1}, {9})), TransferState::DONE);  // 1 most recent
   save(*tier, {4}, {3});
   EXPECT_TRUE(tier->contains(1));
