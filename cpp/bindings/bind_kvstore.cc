@@ -9,7 +9,6 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
-#include <typeinfo>
 #include <vector>
 
 #include "rtpllm/kvstore/copy_engine.h"
@@ -39,48 +38,37 @@ std::vector<BlockCopy> block_copies(const std::vector<BlockId>& pool_blocks, con
   return copies;
 }
 
-// KVLayout, KVLayerAddress, MemoryKind and TransferState are shared with the KV transfer bindings
-// (bind_transfer.cc), which register them too if they come first: one Python API, either order.
-template <typename T>
-bool already_bound() {
-  return py::detail::get_type_info(typeid(T)) != nullptr;
-}
-
+// KVLayout, KVLayerAddress, MemoryKind and TransferState are bound here only; the KV transfer
+// bindings (bind_transfer.cc, bound after these) use them too.
 void bind_layout(py::module_& m) {
-  if (!already_bound<MemoryKind>()) {
-    py::enum_<MemoryKind>(m, "MemoryKind", "Where the KV pool lives").value("HOST", MemoryKind::HOST).value("CUDA", MemoryKind::CUDA);
-  }
-  if (!already_bound<KVLayerAddress>()) {
-    py::class_<KVLayerAddress>(m, "KVLayerAddress", "Base addresses of one layer's K and V planes (block 0)")
-        .def(py::init([](uint64_t k_base, uint64_t v_base) { return KVLayerAddress{k_base, v_base}; }), py::arg("k_base"),
-             py::arg("v_base"))
-        .def_readwrite("k_base", &KVLayerAddress::k_base)
-        .def_readwrite("v_base", &KVLayerAddress::v_base);
-  }
-  if (!already_bound<KVLayout>()) {
-    py::class_<KVLayout>(m, "KVLayout", "Where the paged KV pool lives (C++ holds addresses, never ownership)")
-        .def(py::init([](MemoryKind memory, int32_t device_index, int32_t num_blocks, int32_t block_size, int32_t num_kv_heads,
-                         int32_t head_dim, int32_t element_bytes, int64_t block_stride_bytes, std::vector<KVLayerAddress> layers) {
-               return KVLayout{memory, device_index, num_blocks, block_size, num_kv_heads, head_dim,
-                               element_bytes, block_stride_bytes, std::move(layers)};
-             }),
-             py::kw_only(), py::arg("memory"), py::arg("device_index") = 0, py::arg("num_blocks"), py::arg("block_size"),
-             py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("element_bytes"), py::arg("block_stride_bytes"),
-             py::arg("layers"))
-        .def_readwrite("memory", &KVLayout::memory)
-        .def_readwrite("device_index", &KVLayout::device_index)
-        .def_readwrite("num_blocks", &KVLayout::num_blocks)
-        .def_readwrite("block_size", &KVLayout::block_size)
-        .def_readwrite("num_kv_heads", &KVLayout::num_kv_heads)
-        .def_readwrite("head_dim", &KVLayout::head_dim)
-        .def_readwrite("element_bytes", &KVLayout::element_bytes)
-        .def_readwrite("block_stride_bytes", &KVLayout::block_stride_bytes)
-        .def_readwrite("layers", &KVLayout::layers)
-        .def_property_readonly("num_layers", &KVLayout::num_layers)
-        .def("block_bytes", &KVLayout::block_bytes)
-        .def("bytes_per_block", &KVLayout::bytes_per_block)
-        .def("validate", &KVLayout::validate, "Raises ValueError naming the bad field");
-  }
+  py::enum_<MemoryKind>(m, "MemoryKind", "Where the KV pool lives").value("HOST", MemoryKind::HOST).value("CUDA", MemoryKind::CUDA);
+  py::class_<KVLayerAddress>(m, "KVLayerAddress", "Base addresses of one layer's K and V planes (block 0)")
+      .def(py::init([](uint64_t k_base, uint64_t v_base) { return KVLayerAddress{k_base, v_base}; }), py::arg("k_base"),
+           py::arg("v_base"))
+      .def_readwrite("k_base", &KVLayerAddress::k_base)
+      .def_readwrite("v_base", &KVLayerAddress::v_base);
+  py::class_<KVLayout>(m, "KVLayout", "Where the paged KV pool lives (C++ holds addresses, never ownership)")
+      .def(py::init([](MemoryKind memory, int32_t device_index, int32_t num_blocks, int32_t block_size, int32_t num_kv_heads,
+                       int32_t head_dim, int32_t element_bytes, int64_t block_stride_bytes, std::vector<KVLayerAddress> layers) {
+             return KVLayout{memory, device_index, num_blocks, block_size, num_kv_heads, head_dim,
+                             element_bytes, block_stride_bytes, std::move(layers)};
+           }),
+           py::kw_only(), py::arg("memory"), py::arg("device_index") = 0, py::arg("num_blocks"), py::arg("block_size"),
+           py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("element_bytes"), py::arg("block_stride_bytes"),
+           py::arg("layers"))
+      .def_readwrite("memory", &KVLayout::memory)
+      .def_readwrite("device_index", &KVLayout::device_index)
+      .def_readwrite("num_blocks", &KVLayout::num_blocks)
+      .def_readwrite("block_size", &KVLayout::block_size)
+      .def_readwrite("num_kv_heads", &KVLayout::num_kv_heads)
+      .def_readwrite("head_dim", &KVLayout::head_dim)
+      .def_readwrite("element_bytes", &KVLayout::element_bytes)
+      .def_readwrite("block_stride_bytes", &KVLayout::block_stride_bytes)
+      .def_readwrite("layers", &KVLayout::layers)
+      .def_property_readonly("num_layers", &KVLayout::num_layers)
+      .def("block_bytes", &KVLayout::block_bytes)
+      .def("bytes_per_block", &KVLayout::bytes_per_block)
+      .def("validate", &KVLayout::validate, "Raises ValueError naming the bad field");
 }
 
 // Calls into a Python subclass of KVConnector (tests, experiments); the scheduler calls its
@@ -100,12 +88,10 @@ class PyKVConnector : public KVConnector {
 };
 
 void bind_connector(py::module_& m) {
-  if (!already_bound<TransferState>()) {
-    py::enum_<TransferState>(m, "TransferState")
-        .value("PENDING", TransferState::PENDING)
-        .value("DONE", TransferState::DONE)
-        .value("FAILED", TransferState::FAILED);
-  }
+  py::enum_<TransferState>(m, "TransferState")
+      .value("PENDING", TransferState::PENDING)
+      .value("DONE", TransferState::DONE)
+      .value("FAILED", TransferState::FAILED);
   py::class_<KVTierStats>(m, "KVTierStats", "Counters of one tier (cumulative unless said otherwise)")
       .def(py::init<>())
       .def_readwrite("name", &KVTierStats::name)
