@@ -97,9 +97,13 @@ class EngineCoreLoop:
                     call_results.append(self._call(command[1], command[2]))
                 elif kind == "stop":
                     stop = True
-            work = engine.has_unfinished_requests() or engine.has_pending_kv_transfers()
+            transfers = engine.has_pending_kv_transfers()
+            work = engine.has_unfinished_requests() or transfers
             moved = engine.step_groups() if work else []
-            if commands or moved:
+            # The last KV tier transfers ending frees the blocks they held: the server's counters
+            # (KV usage, admission) must hear of it although no request moved.
+            transfers_ended = transfers and not engine.has_pending_kv_transfers()
+            if commands or moved or transfers_ended:
                 self.writer.write(encode_frame(("step", answers, self.encoder.encode(moved), engine.stats(),
                                                 call_results, engine.reporter.drain_kv_events())))
             if stop:
