@@ -3,38 +3,19 @@ runs instances), and a few helpers the router suites share."""
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from typing import Callable
 
 import httpx
 import uvicorn
 
+from server_harness import UvicornThread
 
-class RunningApp:
+
+class RunningApp(UvicornThread):
     def __init__(self, app):
         self.app = app
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
-
-    def __enter__(self) -> "RunningApp":
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the router did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=30)
-        self._sock.close()
+        super().__init__(uvicorn.Config(app, log_level="warning", access_log=False))
 
     def state(self, headers=None) -> dict:
         return httpx.get(self.url + "/router/state", headers=headers).json()

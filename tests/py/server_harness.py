@@ -64,10 +64,11 @@ def run_engine(engine: AsyncEngineBase, body: Callable[[AsyncEngineBase], Awaita
             engine.close()
 
 
-class RunningServer:
-    def __init__(self, engine: AsyncEngineBase, options: ServerOptions = ServerOptions()):
-        self.engine = engine
-        self.app = build_app(engine, options=options)
+class UvicornThread:
+    """An ASGI app served by uvicorn, in a thread of the test process, on a free loopback port
+    (`url`, `port`). `config` is the app's uvicorn configuration; the socket is given to it."""
+
+    def __init__(self, config: uvicorn.Config):
         # NOTE: IPPROTO_TCP, not 0: asyncio turns Nagle off only on sockets that say they are TCP,
         # and with Nagle on every small SSE chunk would wait for the client's delayed ACK (40 ms).
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -75,15 +76,15 @@ class RunningServer:
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self._server = uvicorn.Server(uvicorn_config(self.app, options, log_level="warning", access_log=False))
+        self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
-    def __enter__(self) -> "RunningServer":
+    def __enter__(self):
         self._thread.start()
         deadline = time.monotonic() + 30
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
+                raise RuntimeError(f"the test server ({type(self).__name__}) did not start")
             time.sleep(0.01)
         return self
 
@@ -91,6 +92,16 @@ class RunningServer:
         self._server.should_exit = True
         self._thread.join(timeout=30)
         self._sock.close()
+
+
+class RunningServer(UvicornThread):
+    def __init__(self, engine: AsyncEngineBase, options: ServerOptions = ServerOptions()):
+        self.engine = engine
+        self.app = build_app(engine, options=options)
+        super().__init__(uvicorn_config(self.app, options, log_level="warning", access_log=False))
+
+    def __exit__(self, *exc_info) -> None:
+        super().__exit__(*exc_info)
         if isinstance(self.engine, ProcessEngine):
             self.engine.close()  # already stopped by the app's shutdown, unless that failed
 
