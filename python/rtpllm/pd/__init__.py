@@ -1,0 +1,1 @@
+"""Prefill-decode disaggregation: the instance roles' side of the hand-off (see protocol.py)."""

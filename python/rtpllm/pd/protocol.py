@@ -1,0 +1,161 @@
+"""The prefill-decode hand-off between the router and the two instances, as typed messages.
+
+One request, three parties (`rtpllm router --prefill P --decode D`):
+
+1. router -> decode  `POST /internal/pd/decode` with a `DecodeRequest`. The decode instance
+   tokenizes the request exactly as `/v1/<endpoint>` would, allocates KV blocks for the whole
+   prompt (a local prefix hit counts), and parks the request in WAITING_FOR_KV. It answers with a
+   server-sent-event stream whose first event is `{"pd_reserved": <KVDestination>}`; after that
+   come the same chunks `/v1/<endpoint>` streams (with `stream: false` in the original request:
+   one event holding the complete response JSON), then `data: [DONE]`. An error before or after
+   the reservation is one `{"error": {...}}` event (OpenAI error body) followed by `[DONE]`.
+   Closing this stream aborts the request and frees its blocks.
+2. router -> prefill `POST /internal/pd/prefill` with a `PrefillRequest` (the same body plus the
+   decode side's `KVDestination`). The prefill instance computes the prompt, writes each layer's
+   KV into the decode instance's blocks as soon as that layer is computed (the transfer engine's
+   put; block sizes may differ on the two sides), then sends the first sampled token with the
+   last write's notice. It answers with a `PrefillResult` JSON (200), or an OpenAI error body
+   (4xx for bad input, 503 when it cannot take the request now, 504 when the transfer timed out).
+3. decode: once every layer and the first token have arrived, the request runs on as if it had
+   been prefilled locally; its stream (1.) carries the tokens to the router and the client.
+
+Failure policy: every wait is bounded (`pd_timeout_s`). A decode request whose KV does not arrive
+in time ends with an error event and frees its blocks; a prefill whose writes fail (decode gone)
+frees its blocks and answers 503/504; the router then ends the client's request with that error,
+or, with `--pd-retry`, asks another prefill instance once. Never a hang, never a silent
+recompute; each outcome is counted on both instances' /metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+ENDPOINTS = ("completions", "chat")
+Endpoint = Literal["completions", "chat"]
+
+
+def _need(data: dict, key: str, kind: type, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object")
+    if key not in data:
+        raise ValueError(f"{where}.{key}: missing")
+    value = data[key]
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise ValueError(f"{where}.{key}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class KVDestination:
+    """Where a prefill instance writes one request's KV: the decode instance's reservation."""
+
+    pd_request_id: str          # chosen by the router, unique among its requests in flight
+    transfer_host: str          # the decode instance's transfer engine
+    transfer_port: int
+    cache_identity: str         # model, dtype, KV layout: the prefill side refuses a mismatch
+    block_size: int             # the decode pool's tokens per block
+    blocks: list[int]           # decode-side block ids covering tokens [0, num_prompt_tokens)
+    num_prompt_tokens: int
+    num_cached_tokens: int = 0  # decode's own prefix hit: tokens [0, this) need no write
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "destination") -> "KVDestination":
+        blocks = _need(data, "blocks", list, where)
+        if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks):
+            raise ValueError(f"{where}.blocks: expected non-negative block ids")
+        dest = cls(pd_request_id=_need(data, "pd_request_id", str, where),
+                   transfer_host=_need(data, "transfer_host", str, where),
+                   transfer_port=_need(data, "transfer_port", int, where),
+                   cache_identity=_need(data, "cache_identity", str, where),
+                   block_size=_need(data, "block_size", int, where),
+                   blocks=list(blocks),
+                   num_prompt_tokens=_need(data, "num_prompt_tokens", int, where),
+                   num_cached_tokens=int(data.get("num_cached_tokens", 0)))
+        if dest.block_size <= 0:
+            raise ValueError(f"{where}.block_size: must be positive, got {dest.block_size}")
+        if not 0 < dest.transfer_port < 65536:
+            raise ValueError(f"{where}.transfer_port: out of range: {dest.transfer_port}")
+        if dest.num_prompt_tokens <= 0:
+            raise ValueError(f"{where}.num_prompt_tokens: must be positive")
+        if not 0 <= dest.num_cached_tokens < dest.num_prompt_tokens:
+            raise ValueError(f"{where}.num_cached_tokens: must lie in [0, num_prompt_tokens)")
+        needed = -(-dest.num_prompt_tokens // dest.block_size)
+        if len(dest.blocks) != needed:
+            raise ValueError(f"{where}.blocks: {len(dest.blocks)} blocks do not cover "
+                             f"{dest.num_prompt_tokens} tokens of {dest.block_size} per block")
+        return dest
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """router -> decode: reserve blocks for `request` and stream its output."""
+
+    pd_request_id: str
+    endpoint: Endpoint          # which OpenAI endpoint `request` is a body of
+    request: dict               # the client's body, unchanged
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "body") -> "DecodeRequest":
+        endpoint = _need(data, "endpoint", str, where)
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"{where}.endpoint: must be one of {ENDPOINTS}, got {endpoint!r}")
+        return cls(pd_request_id=_need(data, "pd_request_id", str, where), endpoint=endpoint,
+                   request=_need(data, "request", dict, where))
+
+
+@dataclass(frozen=True)
+class PrefillRequest:
+    """router -> prefill: compute `request`'s prompt and write its KV to `destination`."""
+
+    pd_request_id: str
+    endpoint: Endpoint
+    request: dict
+    destination: KVDestination
+
+    def to_json(self) -> dict:
+        return {"pd_request_id": self.pd_request_id, "endpoint": self.endpoint,
+                "request": self.request, "destination": self.destination.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "body") -> "PrefillRequest":
+        head = DecodeRequest.from_json(data, where)
+        dest = KVDestination.from_json(_need(data, "destination", dict, where), where + ".destination")
+        if dest.pd_request_id != head.pd_request_id:
+            raise ValueError(f"{where}.destination.pd_request_id: does not match pd_request_id")
+        return cls(pd_request_id=head.pd_request_id, endpoint=head.endpoint, request=head.request,
+                   destination=dest)
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """prefill -> router, once every write has landed (the decode side has the first token)."""
+
+    pd_request_id: str
+    prompt_tokens: int
+    first_token: int
+    transferred_blocks: int = 0
+    transferred_bytes: int = 0
+    prefill_s: float = 0.0      # from admission to the last layer computed
+    transfer_s: float = 0.0     # from the first write to the last notice acknowledged
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "result") -> "PrefillResult":
+        return cls(pd_request_id=_need(data, "pd_request_id", str, where),
+                   prompt_tokens=_need(data, "prompt_tokens", int, where),
+                   first_token=_need(data, "first_token", int, where),
+                   transferred_blocks=int(data.get("transferred_blocks", 0)),
+                   transferred_bytes=int(data.get("transferred_bytes", 0)),
+                   prefill_s=float(data.get("prefill_s", 0.0)),
+                   transfer_s=float(data.get("transfer_s", 0.0)),
+                   extra=dict(data.get("extra", {})))
