@@ -6,7 +6,9 @@
 #        RTPLLM_SKIP_BUILD=1 skips the build when rtpllm._C with the kernels is already importable;
 #        GPU_TESTS / GPU_BENCHES narrow the run (default: tests/gpu/test_*.py and bench/gpu/bench_*.py;
 #        "none" runs none);
-#        RTPLLM_COMMIT names the commit where the tree is a copy without .git (the device tool's).
+#        RTPLLM_COMMIT names the commit where the tree is a copy without .git (the device tool's);
+#        GPU_DEADLINE_S (default 560) bounds the whole run: each test file or benchmark gets what is
+#        left and the rest are skipped, so the summary is written before a caller's time limit.
 # Results go to $OUT when it is set (the device tool's output folder), else to
 # bench/results/tmp/gpu-<date>/: summary.md, results.json (one JSON of everything, with the card,
 # date and commit) and logs.tar.gz (build, test and benchmark logs, per-benchmark JSON).
@@ -24,6 +26,10 @@ export PYTHONUNBUFFERED=1
 # (GNU nproc honours OMP_NUM_THREADS, which benchmarks set to 1; the build should use every core)
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"
 status=0
+run_start=$(date +%s)
+deadline="${GPU_DEADLINE_S:-560}"
+# Seconds left before the deadline (0 or less: none).
+left() { echo $(( deadline - ($(date +%s) - run_start) )); }
 
 bundle() { tar -czf "$out_dir/logs.tar.gz" -C "$work" . 2>/dev/null; }
 
@@ -53,7 +59,8 @@ for test_file in ${GPU_TESTS:-tests/gpu/test_*.py}; do
   [ "$test_file" = "none" ] && continue
   name="$(basename "$test_file" .py)"
   echo "== $name"
-  python3 -m pytest "$test_file" -q -p no:cacheprovider --junitxml="$work/junit_$name.xml" >"$work/$name.log" 2>&1 \
+  if [ "$(left)" -le 5 ]; then echo "skipped: GPU_DEADLINE_S reached"; status=1; continue; fi
+  timeout "$(left)" python3 -m pytest "$test_file" -q -p no:cacheprovider --junitxml="$work/junit_$name.xml" >"$work/$name.log" 2>&1 \
     || status=1
   tail -15 "$work/$name.log"
   bundle
@@ -64,7 +71,8 @@ for bench in ${GPU_BENCHES:-bench/gpu/bench_*.py}; do
   name="$(basename "$bench" .py)"
   [ "$name" = "bench_util" ] && continue  # the benchmarks' shared helpers, not a benchmark
   echo "== $name"
-  if ! python3 "$bench" --json "$work/$name.json" $quick 2>&1 | tee "$work/$name.log"; then
+  if [ "$(left)" -le 5 ]; then echo "skipped: GPU_DEADLINE_S reached"; status=1; continue; fi
+  if ! timeout "$(left)" python3 "$bench" --json "$work/$name.json" $quick 2>&1 | tee "$work/$name.log"; then
     status=1
     echo "$name FAILED" | tee -a "$work/$name.log"
   fi
