@@ -18,7 +18,7 @@ from rtpllm import LLM, SamplingParams
 from rtpllm.config import EngineConfig
 from rtpllm.engine.async_engine import EngineDeadError
 from rtpllm.engine.frames import FrameReader, FrameWriter, encode_frame
-from rtpllm.engine.link.messages import AddAnswer, EngineDead, StepOutputs
+from rtpllm.engine.link.messages import AddAnswer, EngineDead, OutputDeltas, StepOutputs
 from rtpllm.engine.output_deltas import OutputDeltaDecoder, OutputDeltaEncoder
 from rtpllm.engine.process_engine import ProcessEngine
 from rtpllm.engine.request_state import RequestGroup, SequenceState
@@ -30,7 +30,8 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 # ---------------------------------------------------------------------- wire format
 def test_frames_survive_any_split_of_the_byte_stream():
-    messages = [StepOutputs([AddAnswer(1, None)], list(range(n)), {"x": "y" * n}, [], None) for n in (0, 1, 300, 70000)]
+    messages = [StepOutputs([AddAnswer(1, None)], OutputDeltas.empty(), {"x": "y" * n}, [], None) for n in (0, 1, 300)]
+    messages += [EngineDead("z" * 70000)]
     stream = b"".join(encode_frame(m) for m in messages)
     rng = random.Random(0)
     for _ in range(20):

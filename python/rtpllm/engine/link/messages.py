@@ -15,10 +15,10 @@ are the only code that knows this. `from_wire` checks the name, the number of fi
 type of every field declared with a plain type, so a message from a mismatched peer fails with
 `MalformedMessage` naming the message and field instead of being misread.
 
-NOTE: speed. StepOutputs goes out after every engine step, with one entry per running request.
-Pickling any object other than builtin containers and scalars costs about 1 us more per object on
-each side, so the per-request entries inside it (output deltas, output_deltas.py) stay plain tuples
-of builtins, and the per-request answers are NamedTuples (built once per request, not per token).
+NOTE: speed. StepOutputs goes out after every engine step, with the outputs of every running
+request. Pickling an object other than builtin containers and scalars costs about 1 us more per
+object on each side, so its OutputDeltas are columns (one list of builtins per field, not one
+object per request), and only what comes once per request (AddAnswer, PromptHeader) is a NamedTuple.
 """
 
 from __future__ import annotations
@@ -108,10 +108,91 @@ class CallResult(NamedTuple):
     value: Any  # the return value, or the exception when not ok
 
 
+class PromptHeader(NamedTuple):
+    """Sent with a request's first delta."""
+
+    prompt: Optional[str]
+    prompt_token_ids: list
+
+
+class PromptLogprobsDelta(NamedTuple):
+    keep: int  # entries of the previous prompt logprobs that stay (the rest are replaced)
+    entries: list  # the entries after those
+
+
+@dataclass(slots=True)
+class OutputDeltas(LinkMessage):
+    """What changed in the outputs of the requests one step moved, since each one's previous delta
+    (output_deltas.py builds and applies them), column by column: one list per field costs far
+    less to pickle than one object per request. `check()` names the first column that is not a
+    list of the right length (the decoder calls it when its strict zips find one).
+
+    NOTE: not frozen, unlike the other messages: its columns are filled in place by the encoder
+    anyway, and a frozen class's __init__ costs about 0.2 us per field, per step on each side."""
+
+    # Per request, in order:
+    request_ids: list
+    num_samples: list  # how many entries of the per-sample columns are this request's (its n)
+    num_cached_tokens: list
+    finished: list
+    # RequestMetrics, per request
+    arrival_time: list
+    first_scheduled_time: list
+    first_token_time: list
+    last_token_time: list
+    finished_time: list
+    # Sparse: what only some of the requests above send.
+    headers: dict  # request id -> PromptHeader, in a request's first delta
+    prompt_logprobs: dict  # request id -> PromptLogprobsDelta, while prompt logprobs grow
+    # Per sample: request 0's samples, then request 1's, ... The text is text[:text_keep] + text_piece
+    # (text only grows, except where a stop string cuts it); token ids and logprobs only grow.
+    sample_index: list
+    text_keep: list
+    text_piece: list
+    new_token_ids: list
+    cumulative_logprob: list  # None without logprobs
+    new_logprobs: list  # None without logprobs
+    finish_reason: list
+    stop_reason: list
+
+    @classmethod
+    def empty(cls) -> "OutputDeltas":
+        return cls([], [], [], [], [], [], [], [], [], {}, {}, [], [], [], [], [], [], [], [])
+
+    def check(self) -> None:
+        """MalformedMessage naming the first column that is not a list of the right length."""
+        for name in self.__dataclass_fields__:
+            expected = dict if name in ("headers", "prompt_logprobs") else list
+            if type(getattr(self, name)) is not expected:
+                raise MalformedMessage(f"OutputDeltas.{name}: expected a {expected.__name__}, "
+                                       f"got {type(getattr(self, name)).__name__}")
+        per_request = len(self.request_ids)
+        if list(map(len, _PER_REQUEST(self))).count(per_request) != len(_PER_REQUEST_NAMES):
+            name = next(n for n in _PER_REQUEST_NAMES if len(getattr(self, n)) != per_request)
+            raise MalformedMessage(f"OutputDeltas.{name}: {len(getattr(self, name))} entries for "
+                                   f"{per_request} requests")
+        num_samples = sum(self.num_samples)
+        if list(map(len, _PER_SAMPLE(self))).count(num_samples) != len(_PER_SAMPLE_NAMES):
+            name = next(n for n in _PER_SAMPLE_NAMES if len(getattr(self, n)) != num_samples)
+            raise MalformedMessage(f"OutputDeltas.{name}: {len(getattr(self, name))} entries for "
+                                   f"{num_samples} samples")
+        for name, sparse in (("headers", self.headers), ("prompt_logprobs", self.prompt_logprobs)):
+            if sparse and not set(sparse) <= set(self.request_ids):
+                raise MalformedMessage(f"OutputDeltas.{name}: request ids {sorted(set(sparse) - set(self.request_ids))} "
+                                       "are not among request_ids")
+
+
+_PER_REQUEST_NAMES = ("num_samples", "num_cached_tokens", "finished", "arrival_time", "first_scheduled_time",
+                      "first_token_time", "last_token_time", "finished_time")
+_PER_SAMPLE_NAMES = ("sample_index", "text_keep", "text_piece", "new_token_ids", "cumulative_logprob", "new_logprobs",
+                     "finish_reason", "stop_reason")
+_PER_REQUEST, _PER_SAMPLE = attrgetter(*_PER_REQUEST_NAMES), attrgetter(*_PER_SAMPLE_NAMES)
+
+
 @dataclass(frozen=True, slots=True)
 class StepOutputs(LinkMessage):
     answers: list  # [AddAnswer] for the adds among the commands this step took
-    deltas: list  # output deltas of the requests the step moved (output_deltas.py)
+    deltas: OutputDeltas  # of the requests the step moved
     stats: Any  # EngineStats
     call_results: list  # [CallResult]
     kv_events: Any  # instance_report.KVEventBatch, or None when there were none
@@ -171,6 +252,7 @@ class _Spec(NamedTuple):
     fields: tuple[str, ...]
     values: Any  # message -> tuple of its field values
     checks: tuple[tuple[int, str, tuple[type, ...]], ...]  # (position, field, accepted types)
+    nested: tuple[int, ...]  # positions of fields that hold a message (sent in wire form too)
 
 
 _BY_CLASS: dict[type, tuple[str, _Spec]] = {}
@@ -197,8 +279,12 @@ def _accepted_types(hint: Any) -> Optional[tuple[type, ...]]:
 def _register(cls: type) -> type:
     fields = tuple(f.name for f in dataclasses.fields(cls))
     hints = typing.get_type_hints(cls)
-    checks = tuple((i, name, accepted) for i, name in enumerate(fields)
-                   if (accepted := _accepted_types(hints[name])) is not None)
+    nested = tuple(i for i, name in enumerate(fields) if hints[name] in _BY_CLASS)
+    # A message with a check() of its own is checked where it is read (OutputDeltas: by the decoder,
+    # whose strict zips find a bad column for free, then ask check() for its name).
+    checks = () if hasattr(cls, "check") else tuple(
+        (i, name, accepted) for i, name in enumerate(fields)
+        if i not in nested and (accepted := _accepted_types(hints[name])) is not None)
     getter = attrgetter(*fields) if len(fields) > 1 else None
     if len(fields) == 1:
         values = (lambda get: lambda message: (get(message),))(attrgetter(fields[0]))
@@ -206,14 +292,14 @@ def _register(cls: type) -> type:
         values = getter
     else:
         values = lambda message: ()  # noqa: E731
-    spec = _Spec(cls, fields, values, checks)
+    spec = _Spec(cls, fields, values, checks, nested)
     _BY_CLASS[cls] = (cls.__name__, spec)
     _BY_NAME[cls.__name__] = spec
     return cls
 
 
-for _cls in (InitEngine, AddRequest, AbortRequest, CallInEngine, StopEngine, EngineReady, EngineFailed, StepOutputs,
-             EngineDead, InitWorker, InitRunner, WorkerStep, StopWorker, WorkerLoaded, WorkerReady, WorkerError):
+for _cls in (InitEngine, AddRequest, AbortRequest, CallInEngine, StopEngine, EngineReady, EngineFailed, OutputDeltas,
+             StepOutputs, EngineDead, InitWorker, InitRunner, WorkerStep, StopWorker, WorkerLoaded, WorkerReady, WorkerError):
     _register(_cls)
 
 
@@ -223,7 +309,12 @@ def to_wire(message: LinkMessage) -> tuple:
         name, spec = _BY_CLASS[type(message)]
     except KeyError:
         raise TypeError(f"link message: {type(message).__name__} is not a registered message class") from None
-    return (name, *spec.values(message))
+    values = spec.values(message)
+    if spec.nested:
+        values = list(values)
+        for i in spec.nested:
+            values[i] = to_wire(values[i])
+    return (name, *values)
 
 
 def from_wire(wire: Any) -> LinkMessage:
@@ -240,4 +331,9 @@ def from_wire(wire: Any) -> LinkMessage:
         if not isinstance(value, accepted):
             raise MalformedMessage(f"{wire[0]}.{name}: expected {' or '.join(t.__name__ for t in accepted)}, "
                                    f"got {type(value).__name__}")
-    return spec.cls(*wire[1:])
+    values = wire[1:]
+    if spec.nested:
+        values = list(values)
+        for i in spec.nested:
+            values[i] = from_wire(values[i])
+    return spec.cls(*values)
