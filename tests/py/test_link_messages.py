@@ -147,3 +147,33 @@ def test_the_wire_form_is_the_name_and_the_fields():
     assert to_wire(AbortRequest("r")) == ("AbortRequest", "r")
     assert to_wire(StopEngine()) == ("StopEngine",)
     assert from_wire(("WorkerReady", 2, 10)) == WorkerReady(2, 10)
+
+
+def test_a_malformed_frame_from_the_engine_process_fails_its_requests():
+    """The server side of the link: the waiting request fails with EngineDeadError naming the bad
+    message (no hang, no misread), and the engine process is ended."""
+    import asyncio
+    import socket
+    import subprocess
+    import sys
+
+    from rtpllm.engine.async_engine import EngineDeadError
+    from rtpllm.engine.process_engine import ProcessEngine
+
+    server_end, engine_end = socket.socketpair()
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    engine = ProcessEngine(process, server_end, EngineInfo("m", 128, 1000, STATS, None))
+
+    async def main():
+        engine.start()
+        added = engine.add_request("r", [1, 2], SamplingParams(max_tokens=2), stream=False)
+        engine_end.sendall(_frame_of(("AddRequest", 1)))  # not what an engine sends, and short
+        with pytest.raises(EngineDeadError, match="AddRequest: expected 7 fields"):
+            await asyncio.wait_for(added, 10)
+
+    try:
+        asyncio.run(main())
+        assert process.wait(timeout=10) != 0  # killed
+    finally:
+        engine.close()
+        engine_end.close()

@@ -183,17 +183,20 @@ class ProcessEngine(AsyncEngineBase):
         # A reset means the engine process is gone as surely as a clean close does.
         try:
             messages, closed = self._reader.receive(self._sock, error_closes=True)
+            for message in messages:
+                self._handle(message)
         except MalformedMessage as exc:  # a peer that speaks another protocol: nothing more it sends can be trusted
-            logger.error("the engine process sent a malformed message: %s", exc)
-            self._stopping = True
-            self._process.kill()
-            self._mark_dead(EngineDeadError(f"the engine process sent a malformed message: {exc}"))
-            self._detach()
+            self._give_up(exc)
             return
-        for message in messages:
-            self._handle(message)
         if closed:
             self._on_engine_exit()
+
+    def _give_up(self, exc: MalformedMessage) -> None:
+        logger.error("the engine process sent a malformed message: %s", exc)
+        self._stopping = True
+        self._process.kill()
+        self._mark_dead(EngineDeadError(f"the engine process sent a malformed message: {exc}"))
+        self._detach()
 
     def _handle(self, message: LinkMessage) -> None:
         if type(message) is StepOutputs:
