@@ -170,10 +170,11 @@ class OutputDeltaDecoder:
         samples_in = zip(deltas.sample_index, deltas.text_keep, deltas.text_piece, deltas.new_token_ids,
                          deltas.cumulative_logprob, deltas.new_logprobs, deltas.finish_reason, deltas.stop_reason,
                          strict=True)
+        requests_in = zip(deltas.request_ids, deltas.num_samples, deltas.num_cached_tokens, deltas.finished,
+                          deltas.arrival_time, deltas.first_scheduled_time, deltas.first_token_time,
+                          deltas.last_token_time, deltas.finished_time, strict=True)
         for request_id, num_samples, num_cached, finished, arrival, scheduled, first_token, last_token, finished_time \
-                in zip(deltas.request_ids, deltas.num_samples, deltas.num_cached_tokens, deltas.finished,
-                       deltas.arrival_time, deltas.first_scheduled_time, deltas.first_token_time, deltas.last_token_time,
-                       deltas.finished_time, strict=True):
+                in requests_in:
             if headers and request_id in headers:
                 header = headers[request_id]
                 mirror = self._requests[request_id] = _Mirror(header.prompt, header.prompt_token_ids,

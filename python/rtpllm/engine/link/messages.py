@@ -178,8 +178,8 @@ class OutputDeltas(LinkMessage):
                                    f"{num_samples} samples")
         for name, sparse in (("headers", self.headers), ("prompt_logprobs", self.prompt_logprobs)):
             if sparse and not set(sparse) <= set(self.request_ids):
-                raise MalformedMessage(f"OutputDeltas.{name}: request ids {sorted(set(sparse) - set(self.request_ids))} "
-                                       "are not among request_ids")
+                strangers = sorted(set(sparse) - set(self.request_ids))
+                raise MalformedMessage(f"OutputDeltas.{name}: request ids {strangers} are not among request_ids")
 
 
 _PER_REQUEST_NAMES = ("num_samples", "num_cached_tokens", "finished", "arrival_time", "first_scheduled_time",
@@ -276,7 +276,7 @@ def _accepted_types(hint: Any) -> Optional[tuple[type, ...]]:
     return (hint,) if isinstance(hint, type) else None
 
 
-def _register(cls: type) -> type:
+def _register(cls: type) -> None:
     fields = tuple(f.name for f in dataclasses.fields(cls))
     hints = typing.get_type_hints(cls)
     nested = tuple(i for i, name in enumerate(fields) if hints[name] in _BY_CLASS)
@@ -285,21 +285,21 @@ def _register(cls: type) -> type:
     checks = () if hasattr(cls, "check") else tuple(
         (i, name, accepted) for i, name in enumerate(fields)
         if i not in nested and (accepted := _accepted_types(hints[name])) is not None)
-    getter = attrgetter(*fields) if len(fields) > 1 else None
-    if len(fields) == 1:
-        values = (lambda get: lambda message: (get(message),))(attrgetter(fields[0]))
-    elif fields:
-        values = getter
+    # attrgetter of several names gives their values as a tuple (in C: this runs for every frame).
+    if len(fields) > 1:
+        values = attrgetter(*fields)
     else:
-        values = lambda message: ()  # noqa: E731
+        get = attrgetter(*fields) if fields else None
+        values = (lambda message: (get(message),)) if fields else (lambda message: ())
     spec = _Spec(cls, fields, values, checks, nested)
     _BY_CLASS[cls] = (cls.__name__, spec)
     _BY_NAME[cls.__name__] = spec
-    return cls
 
 
+# NOTE: a message holding another (StepOutputs.deltas) registers after it.
 for _cls in (InitEngine, AddRequest, AbortRequest, CallInEngine, StopEngine, EngineReady, EngineFailed, OutputDeltas,
-             StepOutputs, EngineDead, InitWorker, InitRunner, WorkerStep, StopWorker, WorkerLoaded, WorkerReady, WorkerError):
+             StepOutputs, EngineDead, InitWorker, InitRunner, WorkerStep, StopWorker, WorkerLoaded, WorkerReady,
+             WorkerError):
     _register(_cls)
 
 
