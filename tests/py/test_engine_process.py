@@ -18,6 +18,7 @@ from rtpllm import LLM, SamplingParams
 from rtpllm.config import EngineConfig
 from rtpllm.engine.async_engine import EngineDeadError
 from rtpllm.engine.frames import FrameReader, FrameWriter, encode_frame
+from rtpllm.engine.link.messages import AddAnswer, EngineDead, OutputDeltas, StepOutputs
 from rtpllm.engine.output_deltas import OutputDeltaDecoder, OutputDeltaEncoder
 from rtpllm.engine.process_engine import ProcessEngine
 from rtpllm.engine.request_state import RequestGroup, SequenceState
@@ -29,7 +30,8 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 # ---------------------------------------------------------------------- wire format
 def test_frames_survive_any_split_of_the_byte_stream():
-    messages = [("step", [(1, None)], list(range(n)), {"x": "y" * n}) for n in (0, 1, 300, 70000)]
+    messages = [StepOutputs([AddAnswer(1, None)], OutputDeltas.empty(), {"x": "y" * n}, [], None) for n in (0, 1, 300)]
+    messages += [EngineDead("z" * 70000)]
     stream = b"".join(encode_frame(m) for m in messages)
     rng = random.Random(0)
     for _ in range(20):
@@ -46,7 +48,7 @@ def test_frame_writer_keeps_what_a_full_socket_did_not_take():
     left.setblocking(False)
     right.setblocking(False)
     writer = FrameWriter(left)
-    frames = [encode_frame(("big", os.urandom(1 << 20))) for _ in range(8)]  # more than the socket buffers
+    frames = [encode_frame(EngineDead(os.urandom(1 << 19).hex())) for _ in range(8)]  # more than the socket buffers
     done = [writer.write(frame) for frame in frames]
     assert not all(done) and writer.pending
     reader, received = FrameReader(), []
@@ -60,7 +62,7 @@ def test_frame_writer_keeps_what_a_full_socket_did_not_take():
     # More frames while the backlog drains in small, uneven reads: order and bytes survive the
     # writer's partial sends and compactions.
     rng = random.Random(2)
-    frames = [encode_frame(("f", i, os.urandom(rng.randint(1, 300000)))) for i in range(40)]
+    frames = [encode_frame(EngineDead(f"{i}:" + os.urandom(rng.randint(1, 150000)).hex())) for i in range(40)]
     received, queued = [], 0
     while len(received) < len(frames):
         if queued < len(frames) and rng.random() < 0.5:
@@ -120,8 +122,8 @@ def test_output_deltas_rebuild_the_engines_cumulative_outputs():
     encoder, decoder = OutputDeltaEncoder(), OutputDeltaDecoder()
     handed_out = []
     for moved in _random_groups(rng, 60):
-        frame = encode_frame(encoder.encode(moved))
-        decoded = decoder.decode(FrameReader().feed(frame)[0])
+        frame = encode_frame(StepOutputs([], encoder.encode(moved), None, [], None))
+        decoded = decoder.decode(FrameReader().feed(frame)[0].deltas)
         assert decoded == [group.to_output() for group in moved]
         handed_out.append((decoded, [repr(o) for o in decoded]))
     # An output handed out earlier never changes afterwards.
@@ -155,7 +157,8 @@ def test_text_decoded_beside_the_server_equals_the_engines_own(model_path):
         own = engines[0].step()
         moved = engines[1].step_groups()
         assert all(seq.visible_text == "" for group in moved for seq in group.seqs)  # the engine decoded nothing
-        decoded = decoder.decode(FrameReader().feed(encode_frame(encoder.encode(moved)))[0])
+        decoded = decoder.decode(FrameReader().feed(encode_frame(StepOutputs([], encoder.encode(moved), None, [],
+                                                                             None)))[0].deltas)
         assert [(o.request_id, [(c.text, c.token_ids, c.finish_reason) for c in o.outputs]) for o in decoded] == \
             [(o.request_id, [(c.text, c.token_ids, c.finish_reason) for c in o.outputs]) for o in own]
     assert not engines[1].has_unfinished_requests()

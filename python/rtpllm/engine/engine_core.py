@@ -5,16 +5,11 @@ Why a process: in the server's process the step loop and the HTTP event loop sha
 every microsecond of HTTP, SSE and client bookkeeping is a microsecond the step waits for. Here
 the engine has an interpreter of its own, as vLLM's engine core and SGLang's scheduler do.
 
-Protocol (frames.py: pickled tuples, both ends non-blocking):
-    server -> engine: ("init", config, log_level) first, then
-        ("add", tag, request_id, prompt, params, arrival_time, stream, detokenize), ("abort", request_id),
-        ("call", tag, fn), ("stop",)
-    engine -> server: ("ready", EngineInfo) or ("failed", exception, traceback text) once, then
-        ("step", answers, deltas, stats, call_results, kv_events) after every step or batch of commands,
-        ("dead", description) if the step loop fails.
-    answers: (tag, error or None) per add; call_results: (tag, ok, value or exception);
-    deltas: output_deltas.py; kv_events: instance_report.KVEventBatch or None.
-The engine exits after "stop", and when the server's end of the socket closes (the server died).
+Protocol: the typed messages of link/messages.py (InitEngine first, then AddRequest, AbortRequest,
+CallInEngine, StopEngine; answered by EngineReady or EngineFailed once, then StepOutputs after
+every step or batch of commands, EngineDead if the step loop fails), in frames (frames.py, both
+ends non-blocking); StepOutputs.deltas: output_deltas.py.
+The engine exits after StopEngine, and when the server's end of the socket closes (the server died).
 It ignores SIGINT: Ctrl-C in a terminal reaches the whole process group, and the server decides
 how requests end.
 """
@@ -29,25 +24,15 @@ import signal
 import socket
 import sys
 import traceback
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 from rtpllm.engine.frames import FrameReader, FrameWriter, encode_frame, recv_blocking, send_blocking
 from rtpllm.engine.gc_heap import freeze_startup_heap
+from rtpllm.engine.link.messages import (AbortRequest, AddAnswer, AddRequest, CallInEngine, CallResult, EngineDead,
+                                         EngineFailed, EngineInfo, EngineReady, InitEngine, StepOutputs, StopEngine)
 from rtpllm.engine.output_deltas import OutputDeltaEncoder
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineInfo:
-    """What the server needs to know about the served model."""
-
-    model_name: str
-    max_model_len: int
-    vocab_size: int
-    stats: Any  # EngineStats
-    tokenizer: Any  # pickled across: the server tokenizes chat templates and /tokenize itself
 
 
 def picklable_error(exc: BaseException) -> BaseException:
@@ -61,7 +46,7 @@ def picklable_error(exc: BaseException) -> BaseException:
 
 class EngineCoreLoop:
     """The engine process's loop: take every command that arrived, run one engine step while any
-    request is unfinished, send one "step" frame with what both produced; sleep in select when idle."""
+    request is unfinished, send one StepOutputs frame with what both produced; sleep in select when idle."""
 
     def __init__(self, engine, sock: socket.socket):
         self.engine = engine
@@ -82,21 +67,22 @@ class EngineCoreLoop:
                 return 0  # the server is gone
             answers, call_results, stop = [], [], False
             for command in commands:
-                kind = command[0]
-                if kind == "add":
-                    _, tag, request_id, prompt, params, arrival_time, stream, detokenize = command
+                kind = type(command)
+                if kind is AddRequest:
                     try:
-                        engine.add_request(request_id, prompt, params, arrival_time, stream=stream,
-                                           detokenize=detokenize)
-                        answers.append((tag, None))
+                        engine.add_request(command.request_id, command.prompt, command.params, command.arrival_time,
+                                           stream=command.stream, detokenize=command.detokenize)
+                        answers.append(AddAnswer(command.tag, None))
                     except Exception as exc:  # noqa: BLE001 - a bad request fails alone
-                        answers.append((tag, picklable_error(exc)))
-                elif kind == "abort":
-                    engine.abort_request(command[1])
-                elif kind == "call":
-                    call_results.append(self._call(command[1], command[2]))
-                elif kind == "stop":
+                        answers.append(AddAnswer(command.tag, picklable_error(exc)))
+                elif kind is AbortRequest:
+                    engine.abort_request(command.request_id)
+                elif kind is CallInEngine:
+                    call_results.append(self._call(command.tag, command.fn))
+                elif kind is StopEngine:
                     stop = True
+                else:
+                    raise TypeError(f"engine process: {kind.__name__} is not a command")
             transfers = engine.has_pending_kv_transfers()
             work = engine.has_unfinished_requests() or transfers
             moved = engine.step_groups() if work else []
@@ -104,21 +90,21 @@ class EngineCoreLoop:
             # (KV usage, admission) must hear of it although no request moved.
             transfers_ended = transfers and not engine.has_pending_kv_transfers()
             if commands or moved or transfers_ended:
-                self.writer.write(encode_frame(("step", answers, self.encoder.encode(moved), engine.stats(),
-                                                call_results, engine.reporter.drain_kv_events())))
+                self.writer.write(encode_frame(StepOutputs(answers, self.encoder.encode(moved), engine.stats(),
+                                                           call_results, engine.reporter.drain_kv_events())))
             if stop:
                 self._flush_blocking()
                 engine.close()  # the KV tiers' last saves and disk writes
                 return 0
             busy = engine.has_unfinished_requests() or engine.has_pending_kv_transfers()
 
-    def _call(self, tag: int, fn) -> tuple:
+    def _call(self, tag: int, fn) -> CallResult:
         try:
             result = fn(self.engine)
             pickle.dumps(result)
-            return tag, True, result
+            return CallResult(tag, True, result)
         except Exception as exc:  # noqa: BLE001 - handed to the caller
-            return tag, False, picklable_error(exc)
+            return CallResult(tag, False, picklable_error(exc))
 
     def _receive(self, block: bool) -> Optional[list]:
         """The commands that arrived (waiting for one when `block`); None when the server closed.
@@ -149,7 +135,9 @@ class EngineCoreLoop:
 
 def serve(sock: socket.socket) -> int:
     init = recv_blocking(sock)
-    _, config, log_level = init
+    if not isinstance(init, InitEngine):
+        raise TypeError(f"engine process: expected InitEngine first, got {type(init).__name__}")
+    config, log_level = init.config, init.log_level
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
     try:
         from rtpllm.engine.engine import Engine
@@ -159,12 +147,11 @@ def serve(sock: socket.socket) -> int:
         startup.add("python start and imports", since_process_start() or 0.0)
         engine = Engine(config, startup)
     except BaseException as exc:  # noqa: BLE001 - reported to the server, which raises it
-        send_blocking(sock, ("failed", picklable_error(exc), traceback.format_exc()))
+        send_blocking(sock, EngineFailed(picklable_error(exc), traceback.format_exc()))
         return 1
     freeze_startup_heap()
-    send_blocking(sock, ("ready", EngineInfo(engine.model_name, engine.max_model_len,
-                                             engine.vocab_size,
-                                             engine.stats(), engine.tokenizer)))
+    send_blocking(sock, EngineReady(EngineInfo(engine.model_name, engine.max_model_len, engine.vocab_size,
+                                               engine.stats(), engine.tokenizer)))
     sock.setblocking(False)
     loop = EngineCoreLoop(engine, sock)
     try:
@@ -172,7 +159,7 @@ def serve(sock: socket.socket) -> int:
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the waiting requests
         logger.exception("engine step loop failed")
         try:
-            loop.writer.write(encode_frame(("dead", f"the engine step loop failed: {exc!r}")))
+            loop.writer.write(encode_frame(EngineDead(f"the engine step loop failed: {exc!r}")))
             loop._flush_blocking()
         except OSError:
             pass  # the server is gone too
@@ -192,8 +179,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the module under its import name, so that what it pickles (EngineInfo) names
-    # rtpllm.engine.engine_core rather than __main__.
+    # Run the module under its import name, so that anything it defines names
+    # rtpllm.engine.engine_core rather than __main__ (e.g. in a pickled traceback).
     from rtpllm.engine import engine_core
 
     sys.exit(engine_core.main())

@@ -1,4 +1,6 @@
-"""Length-prefixed pickled messages over a stream socket, for the server and its engine process.
+"""Length-prefixed pickled messages over a stream socket, for the server and its engine process
+(and the engine and its tensor-parallel workers). The messages are the typed ones of
+link/messages.py; a frame holds one, in the wire form `to_wire` gives it.
 
 Both ends keep their socket non-blocking: a writer that cannot send everything keeps the rest
 and sends it when the socket is writable again, so neither side can stall the other (an engine
@@ -13,13 +15,24 @@ import socket
 import struct
 from typing import Any
 
+from rtpllm.engine.link.messages import LinkMessage, MalformedMessage, from_wire, to_wire
+
 _HEADER = struct.Struct("<Q")
 _RECV_BYTES = 1 << 20
 
 
-def encode_frame(message: Any) -> bytes:
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+def encode_frame(message: LinkMessage) -> bytes:
+    payload = pickle.dumps(to_wire(message), protocol=pickle.HIGHEST_PROTOCOL)
     return _HEADER.pack(len(payload)) + payload
+
+
+def decode_payload(payload: Any) -> LinkMessage:
+    """The message in one frame's payload; MalformedMessage when it holds none."""
+    try:
+        wire = pickle.loads(payload)
+    except Exception as exc:  # noqa: BLE001 - garbage, or a class this side does not have
+        raise MalformedMessage(f"link frame: cannot unpickle its {len(payload)} bytes: {exc!r}") from exc
+    return from_wire(wire)
 
 
 class FrameReader:
@@ -28,7 +41,7 @@ class FrameReader:
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[Any]:
+    def feed(self, data: bytes) -> list[LinkMessage]:
         buffer = self._buffer
         buffer += data
         messages = []
@@ -40,7 +53,7 @@ class FrameReader:
                 if end - start - _HEADER.size < length:
                     break
                 begin = start + _HEADER.size
-                messages.append(pickle.loads(view[begin:begin + length]))
+                messages.append(decode_payload(view[begin:begin + length]))
                 start = begin + length
         finally:
             view.release()
@@ -49,7 +62,7 @@ class FrameReader:
         return messages
 
 
-    def receive(self, sock: socket.socket, error_closes: bool = False) -> tuple[list[Any], bool]:
+    def receive(self, sock: socket.socket, error_closes: bool = False) -> tuple[list[LinkMessage], bool]:
         """Reads everything a non-blocking socket holds now; returns the complete messages and
         whether the other end has closed. Other socket errors are raised, or with `error_closes`
         count as a close (the messages read before them are still returned)."""
@@ -115,15 +128,15 @@ class FrameWriter:
         return True
 
 
-def send_blocking(sock: socket.socket, message: Any) -> None:
+def send_blocking(sock: socket.socket, message: LinkMessage) -> None:
     sock.sendall(encode_frame(message))
 
 
-def recv_blocking(sock: socket.socket) -> Any:
+def recv_blocking(sock: socket.socket) -> LinkMessage:
     """One message from a blocking socket; EOFError when the other end closed first."""
     header = _recv_exactly(sock, _HEADER.size)
     (length,) = _HEADER.unpack(header)
-    return pickle.loads(_recv_exactly(sock, length))
+    return decode_payload(_recv_exactly(sock, length))
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:

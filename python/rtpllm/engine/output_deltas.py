@@ -11,27 +11,21 @@ token ids only and the decoder turns them into text, with the same incremental d
 engine would have run: that per-token work then happens beside the server's event loop instead of
 inside the engine's step loop (as vLLM's front-end process detokenizes for its engine core).
 
-A delta is a plain tuple (cheap to pickle):
-    (request_id, header, completions, prompt_logprobs, num_cached_tokens, finished, metrics)
-    header: (prompt, prompt_token_ids) in a request's first delta, else None
-    completions: per sample (index, text_keep, text_piece, new_token_ids, cumulative_logprob,
-                 new_logprobs, finish_reason, stop_reason); the text is text[:text_keep] + piece
-                 (text only grows, except where a stop string cuts it), token ids and logprobs only grow
-    prompt_logprobs: (keep, new entries) or None
-    metrics: the RequestMetrics fields as a tuple, or None
+The deltas of one step travel as one `OutputDeltas` message (link/messages.py: its fields say
+what each column holds).
 """
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Optional
 
 from rtpllm.engine.detokenizer import IncrementalDetokenizer
+from rtpllm.engine.link.messages import MalformedMessage, OutputDeltas, PromptHeader, PromptLogprobsDelta
 from rtpllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 if TYPE_CHECKING:
     from rtpllm.engine.request_state import RequestGroup
-
-Delta = tuple
 
 
 class _Sent:
@@ -52,15 +46,23 @@ class OutputDeltaEncoder:
     def __init__(self) -> None:
         self._sent: dict[str, _Sent] = {}
 
-    def encode(self, groups: list["RequestGroup"]) -> list[Delta]:
-        deltas = []
+    def encode(self, groups: list["RequestGroup"]) -> OutputDeltas:
+        deltas = OutputDeltas.empty()
+        # NOTE: per-token work: the columns' appends are bound once per step.
+        add_request_id, add_num_samples = deltas.request_ids.append, deltas.num_samples.append
+        add_num_cached, add_finished = deltas.num_cached_tokens.append, deltas.finished.append
+        add_arrival, add_scheduled = deltas.arrival_time.append, deltas.first_scheduled_time.append
+        add_first_token, add_last_token = deltas.first_token_time.append, deltas.last_token_time.append
+        add_finished_time = deltas.finished_time.append
+        add_index, add_keep, add_piece = deltas.sample_index.append, deltas.text_keep.append, deltas.text_piece.append
+        add_ids, add_cumulative = deltas.new_token_ids.append, deltas.cumulative_logprob.append
+        add_logprobs, add_finish = deltas.new_logprobs.append, deltas.finish_reason.append
+        add_stop = deltas.stop_reason.append
         for group in groups:
             sent = self._sent.get(group.request_id)
-            header = None
             if sent is None:
                 sent = self._sent[group.request_id] = _Sent()
-                header = (group.prompt, group.prompt_ids)
-            completions = []
+                deltas.headers[group.request_id] = PromptHeader(group.prompt, group.prompt_ids)
             finished = True
             for seq in group.seqs:
                 num_ids, num_logprobs, text = sent.samples.get(seq.index, (0, 0, ""))
@@ -68,22 +70,34 @@ class OutputDeltaEncoder:
                 keep = len(text) if new_text.startswith(text) else 0
                 ids = seq.output_ids
                 logprobs = seq.logprobs
-                completions.append((seq.index, keep, new_text[keep:], ids[num_ids:],
-                                    None if logprobs is None else seq.cumulative_logprob,
-                                    None if logprobs is None else logprobs[num_logprobs:],
-                                    seq.finish_reason, seq.stop_reason))
+                add_index(seq.index)
+                add_keep(keep)
+                add_piece(new_text[keep:])
+                add_ids(ids[num_ids:])
+                if logprobs is None:
+                    add_cumulative(None)
+                    add_logprobs(None)
+                else:
+                    add_cumulative(seq.cumulative_logprob)
+                    add_logprobs(logprobs[num_logprobs:])
+                add_finish(seq.finish_reason)
+                add_stop(seq.stop_reason)
                 sent.samples[seq.index] = (len(ids), 0 if logprobs is None else len(logprobs), new_text)
                 finished = finished and seq.finish_reason is not None
-            prompt_logprobs = None
             if group.prompt_logprobs is not None:
-                prompt_logprobs = (sent.prompt_logprobs, group.prompt_logprobs[sent.prompt_logprobs:])
+                deltas.prompt_logprobs[group.request_id] = PromptLogprobsDelta(
+                    sent.prompt_logprobs, group.prompt_logprobs[sent.prompt_logprobs:])
                 sent.prompt_logprobs = len(group.prompt_logprobs)
             metrics = group.metrics
-            deltas.append((group.request_id, header, completions, prompt_logprobs, group.num_cached_tokens,
-                           finished,
-                           None if metrics is None else (metrics.arrival_time, metrics.first_scheduled_time,
-                                                         metrics.first_token_time, metrics.last_token_time,
-                                                         metrics.finished_time)))
+            add_request_id(group.request_id)
+            add_num_samples(len(group.seqs))
+            add_num_cached(group.num_cached_tokens)
+            add_finished(finished)
+            add_arrival(metrics.arrival_time)
+            add_scheduled(metrics.first_scheduled_time)
+            add_first_token(metrics.first_token_time)
+            add_last_token(metrics.last_token_time)
+            add_finished_time(metrics.finished_time)
             if finished:
                 del self._sent[group.request_id]
         return deltas
@@ -139,15 +153,39 @@ class OutputDeltaDecoder:
             text += detokenizer.flush()
         return text
 
-    def decode(self, deltas: list[Delta]) -> list[RequestOutput]:
+    def decode(self, deltas: OutputDeltas) -> list[RequestOutput]:
+        """The cumulative outputs. MalformedMessage naming the column when a column is not a list
+        of the right length (the requests before it are decoded then: the caller gives up the link)."""
+        try:
+            return self._decode(deltas)
+        except (TypeError, ValueError):
+            deltas.check()  # names the bad column, if a column is what was bad
+            raise
+
+    def _decode(self, deltas: OutputDeltas) -> list[RequestOutput]:
+        if sum(deltas.num_samples) != len(deltas.sample_index):
+            deltas.check()
         outputs = []
-        for request_id, header, completions, prompt_logprobs, num_cached, finished, metrics in deltas:
-            if header is not None:
-                mirror = self._requests[request_id] = _Mirror(*header, self._decode_here.pop(request_id, None))
+        headers, prompt_logprobs = deltas.headers, deltas.prompt_logprobs
+        samples_in = zip(deltas.sample_index, deltas.text_keep, deltas.text_piece, deltas.new_token_ids,
+                         deltas.cumulative_logprob, deltas.new_logprobs, deltas.finish_reason, deltas.stop_reason,
+                         strict=True)
+        requests_in = zip(deltas.request_ids, deltas.num_samples, deltas.num_cached_tokens, deltas.finished,
+                          deltas.arrival_time, deltas.first_scheduled_time, deltas.first_token_time,
+                          deltas.last_token_time, deltas.finished_time, strict=True)
+        for request_id, num_samples, num_cached, finished, arrival, scheduled, first_token, last_token, finished_time \
+                in requests_in:
+            if headers and request_id in headers:
+                header = headers[request_id]
+                mirror = self._requests[request_id] = _Mirror(header.prompt, header.prompt_token_ids,
+                                                              self._decode_here.pop(request_id, None))
             else:
-                mirror = self._requests[request_id]
+                mirror = self._requests.get(request_id)
+                if mirror is None:
+                    raise MalformedMessage(f"OutputDeltas.request_ids: {request_id!r} has no header and is not running")
             samples = []
-            for index, keep, piece, new_ids, cumulative, new_logprobs, finish_reason, stop_reason in completions:
+            rows = (next(samples_in),) if num_samples == 1 else islice(samples_in, num_samples)
+            for index, keep, piece, new_ids, cumulative, new_logprobs, finish_reason, stop_reason in rows:
                 previous = mirror.samples.get(index)
                 if previous is None:
                     sample = CompletionOutput(index, self._text(mirror, index, None, keep, piece, new_ids,
@@ -167,12 +205,12 @@ class OutputDeltaDecoder:
                                               stop_reason)
                 mirror.samples[index] = sample
                 samples.append(sample)
-            if prompt_logprobs is not None:
-                keep, new_entries = prompt_logprobs
-                mirror.prompt_logprobs = (mirror.prompt_logprobs or [])[:keep] + new_entries
+            if prompt_logprobs and request_id in prompt_logprobs:
+                grown = prompt_logprobs[request_id]
+                mirror.prompt_logprobs = (mirror.prompt_logprobs or [])[:grown.keep] + grown.entries
             outputs.append(RequestOutput(request_id, mirror.prompt, mirror.prompt_token_ids, samples, finished,
                                          mirror.prompt_logprobs, num_cached,
-                                         None if metrics is None else RequestMetrics(*metrics)))
+                                         RequestMetrics(arrival, scheduled, first_token, last_token, finished_time)))
             if finished:
                 del self._requests[request_id]
         return outputs

@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Optional, Union
 from rtpllm.distributed.env import DISTRIBUTED_ENV
 from rtpllm.engine.async_engine import (AbortCommand, AddCommand, AsyncEngineBase, CallCommand, EngineDeadError,
                                        EngineLimits, StepObserver)
-from rtpllm.engine.engine_core import EngineInfo
 from rtpllm.engine.frames import FrameReader, FrameWriter, encode_frame, recv_blocking, send_blocking
+from rtpllm.engine.link.messages import (AbortRequest, AddRequest, CallInEngine, EngineDead, EngineFailed, EngineInfo,
+                                         EngineReady, InitEngine, LinkMessage, MalformedMessage, StepOutputs,
+                                         StopEngine)
 from rtpllm.engine.output_deltas import OutputDeltaDecoder
 
 if TYPE_CHECKING:
@@ -74,7 +76,7 @@ class ProcessEngine(AsyncEngineBase):
         finally:
             engine_end.close()
         try:
-            send_blocking(server_end, ("init", config, logging.getLogger().getEffectiveLevel()))
+            send_blocking(server_end, InitEngine(config, logging.getLogger().getEffectiveLevel()))
         except OSError:
             pass  # the process died at once: `wait` reports it
         return EngineLaunch(process, server_end, config)
@@ -121,13 +123,13 @@ class ProcessEngine(AsyncEngineBase):
             decode_here = command.stream and not command.params.stop_strings
             if decode_here:
                 self._decoder.decode_text_of(command.request_id, command.params.skip_special_tokens)
-            message = ("add", tag, command.request_id, command.prompt, command.params, command.arrival_time,
-                       command.stream, not decode_here)
+            message = AddRequest(tag, command.request_id, command.prompt, command.params, command.arrival_time,
+                                 command.stream, not decode_here)
         elif isinstance(command, AbortCommand):
-            tag, message = None, ("abort", command.request_id)
+            tag, message = None, AbortRequest(command.request_id)
         else:
             tag = next(self._tags)
-            message = ("call", tag, command.fn)
+            message = CallInEngine(tag, command.fn)
         try:
             frame = encode_frame(message)
         except Exception as exc:  # noqa: BLE001 - e.g. a lambda given to call_in_engine_thread
@@ -142,7 +144,7 @@ class ProcessEngine(AsyncEngineBase):
     async def _stop(self) -> None:
         self._stopping = True
         if self._process.poll() is None and self._sock.fileno() >= 0:
-            self._send(encode_frame(("stop",)))
+            self._send(encode_frame(StopEngine()))
             try:
                 await asyncio.wait_for(asyncio.to_thread(self._process.wait), _STOP_TIMEOUT_S)
             except asyncio.TimeoutError:
@@ -179,32 +181,43 @@ class ProcessEngine(AsyncEngineBase):
 
     def _on_readable(self) -> None:
         # A reset means the engine process is gone as surely as a clean close does.
-        messages, closed = self._reader.receive(self._sock, error_closes=True)
-        for message in messages:
-            self._handle(message)
+        try:
+            messages, closed = self._reader.receive(self._sock, error_closes=True)
+            for message in messages:
+                self._handle(message)
+        except MalformedMessage as exc:  # a peer that speaks another protocol: nothing more it sends can be trusted
+            self._give_up(exc)
+            return
         if closed:
             self._on_engine_exit()
 
-    def _handle(self, message: tuple) -> None:
-        kind = message[0]
-        if kind == "step":
-            _, answers, deltas, stats, call_results, kv_events = message
-            self._stats = stats  # first: admission control must count what the hand-over reveals
-            self._publish_kv_events(kv_events)
-            for tag, ok, value in call_results:
-                call = self._unanswered.pop(tag)
-                if ok:
-                    call.result.set_result(value)
+    def _give_up(self, exc: MalformedMessage) -> None:
+        logger.error("the engine process sent a malformed message: %s", exc)
+        self._stopping = True
+        self._process.kill()
+        self._mark_dead(EngineDeadError(f"the engine process sent a malformed message: {exc}"))
+        self._detach()
+
+    def _handle(self, message: LinkMessage) -> None:
+        if type(message) is StepOutputs:
+            self._stats = message.stats  # first: admission control must count what the hand-over reveals
+            self._publish_kv_events(message.kv_events)
+            for result in message.call_results:
+                call = self._unanswered.pop(result.tag)
+                if result.ok:
+                    call.result.set_result(result.value)
                 else:
-                    call.result.set_exception(value)
-            added = [(self._unanswered.pop(tag), error) for tag, error in answers]
+                    call.result.set_exception(result.value)
+            added = [(self._unanswered.pop(answer.tag), answer.error) for answer in message.answers]
             for command, error in added:
                 if error is not None:
                     self._decoder.forget(command.request_id)
-            self._hand_over(added, self._decoder.decode(deltas))
-        elif kind == "dead":
+            self._hand_over(added, self._decoder.decode(message.deltas))
+        elif type(message) is EngineDead:
             self._stopping = True
-            self._mark_dead(EngineDeadError(message[1]))
+            self._mark_dead(EngineDeadError(message.reason))
+        else:
+            logger.error("the engine process sent %s after it was ready: ignored", type(message).__name__)
 
     def _on_engine_exit(self) -> None:
         self._detach()
@@ -246,12 +259,17 @@ class EngineLaunch:
             code = process.wait()
             raise EngineProcessError(f"the engine process exited with code {code} while loading the model "
                                      "(its log is above)") from exc
-        if reply[0] == "failed":
+        except MalformedMessage as exc:
+            reply = exc
+        if isinstance(reply, EngineFailed):
             server_end.close()
             process.wait()
-            logger.debug("engine process failed to start:\n%s", reply[2])
-            raise reply[1]
-        info, config = reply[1], self._config
+            logger.debug("engine process failed to start:\n%s", reply.traceback)
+            raise reply.error
+        if not isinstance(reply, EngineReady):  # a peer that speaks another protocol
+            self.kill()
+            raise EngineProcessError(f"the engine process answered its start with {reply!r}, not EngineReady")
+        info, config = reply.info, self._config
         limits = EngineLimits(max_num_seqs=config.scheduler.max_num_seqs,
                               kv_cache_tokens=info.stats.kv_blocks_total * config.cache.block_size)
         return ProcessEngine(process, server_end, info, config.max_queued_requests, observer, stream_interval,

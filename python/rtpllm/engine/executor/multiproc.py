@@ -27,6 +27,7 @@ from rtpllm.engine.executor.step_arrays import StepArrays
 from rtpllm.engine.executor.worker import Worker, WorkerSpec, rank_device
 from rtpllm.engine.executor.worker_procs import WorkerMonitor, WorkerProcess, stop_workers
 from rtpllm.engine.frames import encode_frame
+from rtpllm.engine.link.messages import InitRunner, StopWorker, WorkerLoaded, WorkerReady, WorkerStep
 from rtpllm.engine.in_flight import PendingInputs
 from rtpllm.engine.model_runner import StepResult
 from rtpllm.loader import LoadedModel
@@ -36,7 +37,7 @@ STARTUP_TIMEOUT_S = 900.0
 STOP_TIMEOUT_S = 10.0
 # After a collective failed, how long to wait for the monitor to name the rank that died.
 FAILURE_REPORT_S = 5.0
-_STOP_FRAME = encode_frame(("stop",))
+_STOP_FRAME = encode_frame(StopWorker())
 
 
 class MultiprocExecutor(Executor):
@@ -72,7 +73,7 @@ class MultiprocExecutor(Executor):
         to load is reported by the monitor, not waited for inside the group)."""
         with self._shutdown_on_error():
             loaded = self.worker.load_model()
-            self._monitor.wait_for("loaded", STARTUP_TIMEOUT_S)
+            self._monitor.wait_for(WorkerLoaded, STARTUP_TIMEOUT_S)
             self.worker.join_group(self._store)
         return loaded
 
@@ -83,13 +84,13 @@ class MultiprocExecutor(Executor):
             self._init_runner(max_model_len)
 
     def _init_runner(self, max_model_len: int) -> None:
-        self._send(encode_frame(("init_runner", max_model_len)))
+        self._send(encode_frame(InitRunner(max_model_len)))
         try:
             num_blocks = self.worker.init_runner(max_model_len)
         except RuntimeError as exc:
             raise self._failure_behind(exc) from exc
-        replies = self._monitor.wait_for("ready", STARTUP_TIMEOUT_S)
-        disagree = {reply[1]: reply[2] for reply in replies if reply[2] != num_blocks}
+        replies = self._monitor.wait_for(WorkerReady, STARTUP_TIMEOUT_S)
+        disagree = {reply.rank: reply.num_blocks for reply in replies if reply.num_blocks != num_blocks}
         if disagree:
             raise RuntimeError(f"tensor-parallel ranks disagree on the KV block count: rank 0 has {num_blocks}, "
                                f"others {disagree}")
@@ -100,7 +101,7 @@ class MultiprocExecutor(Executor):
         if self._monitor.failure is not None:
             raise self._monitor.failure
         positions, rows = (pending.positions, pending.rows) if pending is not None else (None, None)
-        self._send(encode_frame(("step", StepArrays.of(batch), prompt_logprob_seqs, positions, rows)))
+        self._send(encode_frame(WorkerStep(StepArrays.of(batch), prompt_logprob_seqs, positions, rows)))
         try:
             return self.worker.execute(batch, sampling_batch, prompt_logprob_seqs, pending)
         except RuntimeError as exc:

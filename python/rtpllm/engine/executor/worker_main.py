@@ -1,7 +1,7 @@
 """A tensor-parallel worker process: one rank > 0 (started by MultiprocExecutor as
 `python -m rtpllm.engine.executor.worker_main --fd N`; protocol in worker_procs.py).
 
-It exits after ("stop",), when the engine's end of the socket closes (the engine is gone), and
+It exits after StopWorker, when the engine's end of the socket closes (the engine is gone), and
 after any failure, which it reports first. It ignores SIGINT: Ctrl-C reaches the whole process
 group, and the engine decides how to stop.
 """
@@ -21,10 +21,15 @@ import torch
 
 from rtpllm.engine.frames import recv_blocking, send_blocking
 from rtpllm.engine.in_flight import PendingInputs
+from rtpllm.engine.link.messages import (InitRunner, InitWorker, StopWorker, WorkerError, WorkerLoaded, WorkerReady,
+                                         WorkerStep)
 
 
 def serve(sock: socket.socket) -> int:
-    _, spec = recv_blocking(sock)
+    init = recv_blocking(sock)
+    if not isinstance(init, InitWorker):
+        raise TypeError(f"worker: expected InitWorker first, got {type(init).__name__}")
+    spec = init.spec
     logging.basicConfig(level=logging.WARNING,
                         format=f"%(asctime)s %(levelname)s %(name)s [tp rank {spec.rank}]: %(message)s")
     from rtpllm.engine.executor.worker import Worker
@@ -32,27 +37,28 @@ def serve(sock: socket.socket) -> int:
     worker = Worker(spec)
     try:
         worker.load_model()
-        send_blocking(sock, ("loaded", spec.rank))
+        send_blocking(sock, WorkerLoaded(spec.rank))
         worker.join_group()
         while True:
             try:
                 message = recv_blocking(sock)
             except EOFError:
                 return 0  # the engine is gone
-            kind = message[0]
-            if kind == "step":
-                _, batch, prompt_logprob_seqs, positions, rows = message
-                pending = None if positions is None else PendingInputs(positions, rows, worker.last_sampled)
-                worker.execute(batch, None, prompt_logprob_seqs, pending)
-            elif kind == "init_runner":
-                send_blocking(sock, ("ready", spec.rank, worker.init_runner(message[1])))
-            elif kind == "stop":
+            kind = type(message)
+            if kind is WorkerStep:
+                pending = None
+                if message.pending_positions is not None:
+                    pending = PendingInputs(message.pending_positions, message.pending_rows, worker.last_sampled)
+                worker.execute(message.batch, None, message.prompt_logprob_seqs, pending)
+            elif kind is InitRunner:
+                send_blocking(sock, WorkerReady(spec.rank, worker.init_runner(message.max_model_len)))
+            elif kind is StopWorker:
                 return 0
             else:
-                raise ValueError(f"worker: unknown command {kind!r}")
+                raise TypeError(f"worker: {kind.__name__} is not a command")
     except BaseException as exc:  # noqa: BLE001 - reported to the engine, which names this rank
         try:
-            send_blocking(sock, ("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            send_blocking(sock, WorkerError(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         except OSError:
             pass  # the engine is gone too
         return 1

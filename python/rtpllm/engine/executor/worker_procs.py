@@ -1,13 +1,10 @@
 """The engine's side of the worker processes: starting and stopping them, and watching them.
 
 Each worker is `python -m rtpllm.engine.executor.worker_main --fd N`, talking to the engine over
-an inherited socket in frames (engine/frames.py):
-    engine -> worker: ("init", WorkerSpec) first, then ("init_runner", max_model_len),
-        ("step", StepArrays, prompt_logprob_seqs, pending_positions or None, pending_rows or None),
-        ("stop",)
-    worker -> engine: ("loaded", rank) once its shard is loaded (it then joins the group),
-        ("ready", rank, num_blocks) after init_runner; ("error", description, traceback)
-        before it exits on a failure.
+an inherited socket in frames (engine/frames.py) of the messages in engine/link/messages.py:
+    engine -> worker: InitWorker first, then InitRunner, WorkerStep per step, StopWorker
+    worker -> engine: WorkerLoaded once its shard is loaded (it then joins the group),
+        WorkerReady after InitRunner; WorkerError before it exits on a failure.
 Steps are not answered: the ranks meet in the model's collectives, and rank 0 samples.
 
 `WorkerMonitor` is the only reader of the workers' sockets: a thread that queues replies and turns
@@ -25,12 +22,15 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 from rtpllm.distributed.env import worker_env
 from rtpllm.engine.executor.base import WorkerFailedError
 from rtpllm.engine.executor.worker import WorkerSpec
 from rtpllm.engine.frames import FrameReader, send_blocking
+from rtpllm.engine.link.messages import InitWorker, LinkMessage, MalformedMessage, WorkerError
+
+Reply = TypeVar("Reply", bound=LinkMessage)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class WorkerProcess:
         finally:
             worker_end.close()
         handle = cls(spec.rank, process, engine_end)
-        send_blocking(engine_end, ("init", spec))
+        send_blocking(engine_end, InitWorker(spec))
         return handle
 
     def send(self, frame: bytes) -> None:
@@ -88,28 +88,28 @@ class WorkerMonitor:
     def __init__(self, workers: list[WorkerProcess], on_failure: Callable[[WorkerFailedError], None]):
         self.workers = workers
         self.failure: Optional[WorkerFailedError] = None
-        self.replies: "queue.Queue[tuple]" = queue.Queue()
+        self.replies: "queue.Queue[Optional[LinkMessage]]" = queue.Queue()  # None: a failure was seen
         self._on_failure = on_failure
         self._stopping = False
         self._wake_recv, self._wake_send = socket.socketpair()
         self._thread = threading.Thread(target=self._run, name="tp-worker-monitor", daemon=True)
         self._thread.start()
 
-    def wait_for(self, kind: str, timeout_s: float) -> list[tuple]:
+    def wait_for(self, kind: type[Reply], timeout_s: float) -> list[Reply]:
         """One `kind` reply from every worker (in any order). Raises the failure if a worker
         fails first, TimeoutError if one stays silent past `timeout_s`."""
         deadline = time.monotonic() + timeout_s
-        replies: list[tuple] = []
+        replies: list[Reply] = []
         while len(replies) < len(self.workers):
             if self.failure is not None:
                 raise self.failure
             try:
                 reply = self.replies.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                silent = sorted({w.rank for w in self.workers} - {r[1] for r in replies})
-                raise TimeoutError(f"tensor-parallel workers: rank(s) {silent} sent no {kind!r} within "
+                silent = sorted({w.rank for w in self.workers} - {r.rank for r in replies})
+                raise TimeoutError(f"tensor-parallel workers: rank(s) {silent} sent no {kind.__name__} within "
                                    f"{timeout_s:.0f} s") from None
-            if reply[0] == kind:
+            if type(reply) is kind:
                 replies.append(reply)
         if self.failure is not None:
             raise self.failure
@@ -156,10 +156,15 @@ class WorkerMonitor:
                     self._fail(WorkerFailedError(worker.rank, "exited unexpectedly "
                                                               f"(exit code {worker.exit_code(wait_s=2.0)})"))
                     continue
-                for message in readers[worker.rank].feed(data):
-                    if message[0] == "error":
-                        logger.error("tensor-parallel worker rank %d failed:\n%s", worker.rank, message[2])
-                        self._fail(WorkerFailedError(worker.rank, f"failed: {message[1]}"))
+                try:
+                    messages = readers[worker.rank].feed(data)
+                except MalformedMessage as exc:
+                    self._fail(WorkerFailedError(worker.rank, f"sent a malformed message: {exc}"))
+                    continue
+                for message in messages:
+                    if type(message) is WorkerError:
+                        logger.error("tensor-parallel worker rank %d failed:\n%s", worker.rank, message.traceback)
+                        self._fail(WorkerFailedError(worker.rank, f"failed: {message.description}"))
                     else:
                         self.replies.put(message)
 
@@ -168,5 +173,5 @@ class WorkerMonitor:
             return
         logger.error("%s", error)
         self.failure = error
-        self.replies.put(("failed",))
+        self.replies.put(None)
         self._on_failure(error)
