@@ -14,6 +14,7 @@ import torch
 from rtpllm.config import SpeculativeConfig
 from rtpllm.layers.sampler import Sampler
 from rtpllm.spec.adaptive import AdaptiveSpeculation, default_cost_model
+from rtpllm.spec.history import TokenHistory
 from rtpllm.spec.proposer import Proposer, SpecSequence, to_device
 from rtpllm.spec.stats import SpecCounters
 from rtpllm.spec.verifier import VerifyLayout, verify
@@ -49,8 +50,13 @@ class SpeculativeDecoder:
                                             adaptive=config.adaptive)
         self.counters = SpecCounters(method=config.method)
         self._sampler = Sampler()
+        self.history = TokenHistory()  # each sequence's tokens, appended to step by step
         self._last_step: Optional[tuple[bool, int, float]] = None  # (speculative, tokens, start time)
         self._calls = 0
+
+    @property
+    def _proposer_tracks_acceptance(self) -> bool:
+        return type(self.proposer).verified is not Proposer.verified
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -89,7 +95,7 @@ class SpeculativeDecoder:
             k = plan.get(seq.seq_id, 0)
             if k == 0:
                 continue
-            k = self.proposer.max_drafts(seq.seq_id, _token_array(seq), k)
+            k = self.proposer.max_drafts(seq.seq_id, self.history.tokens(seq), k)
             asked += 1
             if k:
                 offered += 1
@@ -109,7 +115,7 @@ class SpeculativeDecoder:
     def run_step(self, runner, batch, sampled_seqs: list, sampling_batch, prompt_logprob_seqs: list[int]
                  ) -> SpecStepResult:
         draft_counts = batch.draft_counts.copy()
-        spec_seqs = [SpecSequence(seq_id=seq.seq_id, token_ids=_token_array(seq), num_drafts=int(k),
+        spec_seqs = [SpecSequence(seq_id=seq.seq_id, token_ids=self.history.tokens(seq), num_drafts=int(k),
                                   batch_index=int(index), params=seq.params, generator=seq.generator)
                      for seq, k, index in zip(sampled_seqs, draft_counts, _batch_index_of_sampled(batch))
                      if k > 0]
@@ -128,11 +134,13 @@ class SpeculativeDecoder:
         self.proposer.observe(batch, result.hidden, tokens)
         host = torch.cat([tokens, num_accepted]).cpu().numpy()  # the step's one device-to-host sync
         accepted = host[tokens.shape[0]:]
-        for seq, k, m in zip(sampled_seqs, draft_counts, accepted):
-            if k > 0:
-                self.adaptive.record(seq.seq_id, int(k), int(m))
-                self.proposer.verified(seq.seq_id, int(m))
         speculating = draft_counts > 0
+        if self.adaptive.adaptive or self._proposer_tracks_acceptance:
+            for seq_id, k, m in zip(batch.sampled_request_ids[speculating].tolist(), draft_counts[speculating].tolist(),
+                                    accepted[speculating].tolist()):
+                if self.adaptive.adaptive:
+                    self.adaptive.record(seq_id, k, m)
+                self.proposer.verified(seq_id, m)
         self.counters.record(int(speculating.sum()), int(draft_counts.sum()), int(accepted[speculating].sum()))
         return SpecStepResult(token_ids=host[:tokens.shape[0]].astype(np.int32), first_row_sampled=first,
                               prompt_logprobs=result.prompt_logprobs)
@@ -140,14 +148,7 @@ class SpeculativeDecoder:
     def release(self, live_seq_ids: set[int]) -> None:
         self.proposer.release(live_seq_ids)
         self.adaptive.forget(live_seq_ids)
-
-
-def _token_array(seq) -> np.ndarray:
-    prompt = seq.group.prompt_ids
-    out = np.empty(len(prompt) + len(seq.output_ids), dtype=np.int64)
-    out[:len(prompt)] = prompt
-    out[len(prompt):] = seq.output_ids
-    return out
+        self.history.release(live_seq_ids)
 
 
 def _batch_index_of_sampled(batch) -> np.ndarray:
