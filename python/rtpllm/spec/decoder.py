@@ -17,6 +17,7 @@ from rtpllm.spec.adaptive import AdaptiveSpeculation, default_cost_model
 from rtpllm.spec.history import TokenHistory
 from rtpllm.spec.proposer import Proposer, SpecSequence, to_device
 from rtpllm.spec.stats import SpecCounters
+from rtpllm.spec.verified_logprobs import LogprobRows
 from rtpllm.spec.verifier import VerifyLayout, verify
 from rtpllm.spec.verify_graphs import VerifyGraphs, verify_graphs_enabled
 
@@ -24,18 +25,20 @@ from rtpllm.spec.verify_graphs import VerifyGraphs, verify_graphs_enabled
 _FORGET_EVERY = 256
 
 
-def can_speculate(params) -> bool:
-    """Sequences whose sampling reads the host's history (penalties, min_tokens' banned ids,
-    logprobs) decode one token per step: their distribution at a draft position would depend on
-    the drafts before it."""
+def can_speculate(seq) -> bool:
+    """Sequences with penalties decode one token per step: their distribution at a draft position
+    would depend on the drafts before it. A sequence below its min_tokens waits until it has them
+    (till then stop ids are banned, which the verified rows do not apply). Logprobs speculate: they
+    are read from the verified rows (verified_logprobs.py)."""
+    params = seq.params
     return (params.repetition_penalty == 1.0 and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
-            and params.min_tokens == 0 and params.logprobs is None)
+            and len(seq.output_ids) >= params.min_tokens)
 
 
 @dataclass
 class SpecStepResult:
     token_ids: np.ndarray  # int32 [rows]: what Scheduler.update takes
-    first_row_sampled: Optional[object]  # SamplerOutput of the sequences' first rows (logprobs)
+    logprobs_by_seq: dict  # seq_id -> one TokenLogprobs per emitted token (sequences that asked)
     prompt_logprobs: dict
 
 
@@ -88,7 +91,7 @@ class SpeculativeDecoder:
         returns the slots granted. Call with no step in flight (their last tokens known)."""
         seqs = list(seqs)
         self.release({seq.seq_id for seq in seqs})
-        candidates = [seq for seq in seqs if not seq.finished and seq.output_ids and can_speculate(seq.params)]
+        candidates = [seq for seq in seqs if not seq.finished and seq.output_ids and can_speculate(seq)]
         plan = self.adaptive.plan([seq.seq_id for seq in candidates])
         granted = asked = offered = 0
         for seq in candidates:
@@ -127,13 +130,20 @@ class SpeculativeDecoder:
         result = runner.execute(batch, None, prompt_logprob_seqs, None, drafts=proposal.token_ids)
         logits = result.verify_logits
         tokens, num_accepted = verify(logits, layout, sampling_batch, proposal.token_ids, proposal.probs)
-        # Sequences without drafts take exactly what the plain sampler gives them (penalties,
-        # banned ids and logprobs apply there); their generators advance as without speculation.
+        # Sequences without drafts take exactly what the plain sampler gives them (penalties and
+        # banned ids apply there); their generators advance as without speculation.
         first = self._sampler(logits.index_select(0, first_rows), sampling_batch)
         tokens[first_rows] = torch.where(no_drafts, first.token_ids, tokens[first_rows])
         self.proposer.observe(batch, result.hidden, tokens)
-        host = torch.cat([tokens, num_accepted]).cpu().numpy()  # the step's one device-to-host sync
-        accepted = host[tokens.shape[0]:]
+        logprob_rows = LogprobRows.find(sampled_seqs, draft_counts)
+        extra = logprob_rows.on_device(logits, tokens) if logprob_rows is not None else []
+        host = torch.cat([tokens, num_accepted, *extra]).cpu().numpy()  # the step's one device-to-host sync
+        num_rows, num_seqs = tokens.shape[0], num_accepted.shape[0]
+        accepted = host[num_rows:num_rows + num_seqs]
+        logprobs_by_seq = {}
+        if logprob_rows is not None:
+            logprobs_by_seq = logprob_rows.entries(host[num_rows + num_seqs:], sampled_seqs, host[:num_rows],
+                                                   accepted + 1)
         speculating = draft_counts > 0
         if self.adaptive.adaptive or self._proposer_tracks_acceptance:
             for seq_id, k, m in zip(batch.sampled_request_ids[speculating].tolist(), draft_counts[speculating].tolist(),
@@ -142,7 +152,7 @@ class SpeculativeDecoder:
                     self.adaptive.record(seq_id, k, m)
                 self.proposer.verified(seq_id, m)
         self.counters.record(int(speculating.sum()), int(draft_counts.sum()), int(accepted[speculating].sum()))
-        return SpecStepResult(token_ids=host[:tokens.shape[0]].astype(np.int32), first_row_sampled=first,
+        return SpecStepResult(token_ids=host[:num_rows].astype(np.int32), logprobs_by_seq=logprobs_by_seq,
                               prompt_logprobs=result.prompt_logprobs)
 
     def release(self, live_seq_ids: set[int]) -> None:
