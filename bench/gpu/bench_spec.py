@@ -4,13 +4,17 @@ adaptive choice keeps.
 1. Cost (Llama-3.1-8B-shaped random checkpoint): one verify step (k + 1 positions per sequence,
    logits at all of them, device-side verification, one copy back) for k = 1..8 against one
    plain decode step (CUDA graph) at batch 1, 8, 32, 128, 256; contexts of 512 tokens.
-2. Speedup with an oracle proposer (the target's own greedy continuation, recorded in a plain run
-   and re-recorded until the speculative run follows it: see oracle_run; each draft corrupted with
-   probability 1 - acceptance) at 100 / 70 / 50% acceptance, batch 1, k = 4: decode output tokens/s
-   and engine step time against no speculation (goal at 100%: >= 3.5x); then at 100% for batch
-   1 / 8 / 32 and k = 1 .. 8. Every row carries the measured acceptance: a row whose oracle
-   diverged (`diverged` > 0) measured less than it says.
-3. Adaptive (oracle at 70%, and n-gram on random prompts, which almost never match) at batch
+2. Speedup with an oracle proposer (the target's own greedy continuation, recorded in a plain run;
+   each draft corrupted with probability 1 - acceptance) at 100 / 70 / 50% acceptance, batch 1,
+   k = 4: decode output tokens/s and engine step time against no speculation (goal at 100%:
+   >= 3.5x); then at 100% for batch 1 / 8 / 32 and k = 1 .. 8. On this random checkpoint a bf16
+   near-tie can break differently in a verify step than in a decode step, after which a plain
+   oracle stops proposing (what the old 0.92x measured), so rows come two ways: "acceptance
+   forced" (the device verifies, then the oracle's answer replaces the result: exactly the asked
+   acceptance, one pass; see forced_acceptance) and verified for real (the run re-recorded from
+   its own output until it follows the recording; see oracle_run). Every row carries the measured
+   acceptance; a real row with `diverged` > 0 measured less than it says.
+3. Adaptive (oracle at 70%, forced, and n-gram on random prompts, which almost never match) at batch
    1 .. 256: output tokens/s against no speculation (goal: >= 0.98x everywhere).
 2b. Parts 1 and 2 again at batch 1 / 8 with the verify-step CUDA graphs (spec/verify_graphs.py).
 All decode rates are timed from the step at which every sequence has its first token to the end,
@@ -29,6 +33,7 @@ SPEC_BENCH_SKIP=4 skips part 4.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import os
@@ -51,6 +56,7 @@ from rtpllm.spec.adaptive import AdaptiveSpeculation, default_cost_model  # noqa
 from rtpllm.spec.decoder import SpeculativeDecoder  # noqa: E402
 from rtpllm.spec.ngram import NgramProposer  # noqa: E402
 from rtpllm.spec.oracle import OracleProposer  # noqa: E402
+from rtpllm.spec.proposer import to_device  # noqa: E402
 from rtpllm.spec.verifier import VerifyLayout, verify  # noqa: E402
 from rtpllm.spec.verify_graphs import VerifyGraphs  # noqa: E402
 
@@ -215,12 +221,12 @@ _RUN_IDS = itertools.count()
 
 def oracle_run(llm: LLM, prompts, recorded: list, k: int, acceptance: float, max_tokens: int,
                max_passes: int = 8) -> tuple[DecodeRun, SpeculativeDecoder, int]:
-    """A speculative run with the oracle at `acceptance`. The oracle follows the recorded greedy
-    continuation only while the run agrees with it; on this random checkpoint's flat logits a bf16
-    near-tie often breaks differently in a verify step (k + 1 rows) than in a decode step, and the
-    oracle then stops proposing (the old 0.92x: two speculative steps per run, the rest plain but
-    synchronous). So the run is recorded again from its own output until no sequence diverges;
-    each pass agrees at least one step further. Returns (run, decoder, passes)."""
+    """A speculative run with the oracle at `acceptance`, verified for real. The oracle follows the
+    recorded greedy continuation only while the run agrees with it; on this random checkpoint's
+    flat logits a bf16 near-tie often breaks differently in a verify step (k + 1 rows) than in a
+    decode step, and the oracle then stops proposing (the old 0.92x: two speculative steps per
+    run, the rest plain but synchronous). So the run is recorded again from its own output until
+    no sequence diverges; each pass agrees at least one step further. Returns (run, decoder, passes)."""
     vocab = llm.engine.vocab_size
     for passes in range(1, max_passes + 1):
         oracle = OracleProposer(recorded, llm.engine.device, acceptance, vocab)
@@ -232,9 +238,36 @@ def oracle_run(llm: LLM, prompts, recorded: list, k: int, acceptance: float, max
     return run, decoder, passes
 
 
-def oracle_speedup(llm: LLM, bench: Bench, acceptances, batches=(1,), ks=(4,), max_tokens=256, label=""):
+@contextlib.contextmanager
+def forced_acceptance(oracle: OracleProposer):
+    """Verification as if the target always chose the recorded token: the device verifies as
+    usual (same kernels, same copy), then its answer is replaced by the oracle's (one small
+    host-to-device copy). Every step then has exactly the acceptance pattern asked for and the run
+    never leaves the recording: the cost of a speculative step at a given acceptance, in one pass.
+    (The output is the recording, not necessarily what this checkpoint would produce.)"""
+    import rtpllm.spec.decoder as decoder_module
+    real = decoder_module.verify
+
+    def verify(logits, layout, sampling, draft_ids, draft_probs, uniforms=None):
+        tokens, accepted = real(logits, layout, sampling, draft_ids, draft_probs, uniforms)
+        forced_tokens, forced_accepted = oracle.forced_result(layout.draft_counts)
+        forced_tokens = to_device(forced_tokens, tokens.device)
+        forced_accepted = to_device(forced_accepted, tokens.device)
+        return (torch.where(forced_tokens >= -1, forced_tokens, tokens),
+                torch.where(forced_accepted >= 0, forced_accepted, accepted))
+
+    decoder_module.verify = verify
+    try:
+        yield
+    finally:
+        decoder_module.verify = real
+
+
+def oracle_speedup(llm: LLM, bench: Bench, acceptances, batches=(1,), ks=(4,), max_tokens=256, label="",
+                   forced=False):
     """Engine step time and decode tokens/s with the oracle, against plain decoding of the same
-    prompts (CUDA graphs and the asynchronous step on)."""
+    prompts (CUDA graphs and the asynchronous step on). `forced`: acceptance forced to the
+    recording (forced_acceptance) instead of re-recorded until followed (oracle_run)."""
     vocab = llm.engine.vocab_size
     for batch_size in batches:
         prompts = random_prompts(batch_size, 512, vocab, seed=7 + batch_size)
@@ -245,16 +278,23 @@ def oracle_speedup(llm: LLM, bench: Bench, acceptances, batches=(1,), ks=(4,), m
                      batch=batch_size, step_ms=base.step_ms)
         for k in ks:
             for acc in acceptances:
-                run, decoder, passes = oracle_run(llm, prompts, base.full, k, acc, max_tokens)
+                if forced:
+                    oracle = OracleProposer(base.full, llm.engine.device, acc, vocab)
+                    decoder = set_spec(llm, oracle, k, adaptive=False)
+                    with forced_acceptance(oracle):
+                        run = decode_run(llm, prompts, max_tokens)
+                    passes = 0
+                else:
+                    run, decoder, passes = oracle_run(llm, prompts, base.full, k, acc, max_tokens)
                 c = decoder.counters
-                spec_ms = run.step_ms
-                bench.record(f"oracle {acc:.0%} acceptance, batch {batch_size}, k={k}{label}", run.otps, "tok/s",
-                             f"no spec {base.otps:.1f} tok/s", run.otps / base.otps, batch=batch_size, k=k,
+                mode = ", acceptance forced" if forced else ""
+                bench.record(f"oracle {acc:.0%} acceptance, batch {batch_size}, k={k}{mode}{label}", run.otps,
+                             "tok/s", f"no spec {base.otps:.1f} tok/s", run.otps / base.otps, batch=batch_size, k=k,
                              measured_acceptance=c.acceptance_rate, mean_accepted_length=c.mean_accepted_length,
-                             spec_steps=c.num_spec_steps, steps=run.steps, step_ms=spec_ms,
-                             step_ms_over_decode=spec_ms / base.step_ms, recording_passes=passes,
-                             diverged=decoder.proposer.diverged, goal=3.5 if acc == 1.0 and k == 4 and batch_size == 1
-                             else None)
+                             spec_steps=c.num_spec_steps, steps=run.steps, step_ms=run.step_ms,
+                             step_ms_over_decode=run.step_ms / base.step_ms, recording_passes=passes,
+                             diverged=decoder.proposer.diverged, forced=forced,
+                             goal=3.5 if acc == 1.0 and k == 4 and batch_size == 1 else None)
 
 
 def with_verify_graphs(llm: LLM, bench: Bench) -> bool:
@@ -276,13 +316,12 @@ def adaptive_sweep(llm: LLM, bench: Bench, batches, k=4, max_tokens=128, prompt_
         plain(llm)
         decode_run(llm, prompts, 8)  # warm-up at this batch size
         base = decode_run(llm, prompts, max_tokens)
-        # The oracle's recording of this batch (at 100%, so that the 70% run diverges rarely).
-        recorded = oracle_run(llm, prompts, base.full, k, 1.0, max_tokens, max_passes=4)[0].full
-        oracle = OracleProposer(recorded, llm.engine.device, 0.7, vocab)
+        oracle = OracleProposer(base.full, llm.engine.device, 0.7, vocab)
         spec = set_spec(llm, oracle, k, adaptive=True)
-        run = decode_run(llm, prompts, max_tokens)
+        with forced_acceptance(oracle):  # exactly 70% per draft, whatever the bf16 near-ties do
+            run = decode_run(llm, prompts, max_tokens)
         c = spec.counters
-        bench.record(f"adaptive, oracle 70%, batch {batch_size}", run.otps, "tok/s", f"no spec {base.otps:.1f} tok/s",
+        bench.record(f"adaptive, oracle 70% (forced), batch {batch_size}", run.otps, "tok/s", f"no spec {base.otps:.1f} tok/s",
                      run.otps / base.otps, goal=0.98, batch=batch_size,
                      drafts_per_seq_step=c.num_draft_tokens / max(1, c.num_verified_seqs), spec_steps=c.num_spec_steps,
                      steps=run.steps, base_steps=base.steps, measured_acceptance=c.acceptance_rate,
@@ -368,15 +407,17 @@ def main() -> None:
             step_costs(llm, bench, batches, (1, 2, 4, 8) if quick else range(1, 9), context=context, reps=reps)
             bench.save()
         if "2" in parts:
-            oracle_speedup(llm, bench, (1.0, 0.7, 0.5), max_tokens=tokens)
+            oracle_speedup(llm, bench, (1.0, 0.7, 0.5), max_tokens=tokens, forced=True)
+            oracle_speedup(llm, bench, (1.0,), max_tokens=tokens // 2)  # verified for real, re-recorded
             oracle_speedup(llm, bench, (1.0,), batches=(1, 8, 32), ks=(1, 2, 8) if quick else (1, 2, 3, 4, 6, 8),
-                           max_tokens=tokens // 2)
+                           max_tokens=tokens // 2, forced=True)
             bench.save()
         if "2b" in parts and with_verify_graphs(llm, bench):
             try:
                 step_costs(llm, bench, (1, 8), (1, 2, 4, 8), context=context, reps=reps, label=" (verify graphs)")
                 oracle_speedup(llm, bench, (1.0, 0.7), batches=(1, 8), ks=(2, 4, 8), max_tokens=tokens,
-                               label=" (verify graphs)")
+                               label=" (verify graphs)", forced=True)
+                oracle_speedup(llm, bench, (1.0,), max_tokens=tokens // 2, label=" (verify graphs)")
             except Exception as exc:
                 bench.record("verify graphs: run failed", 0.0, "", repr(exc)[:200])
             llm.engine.runner.verify_graphs = None

@@ -68,3 +68,13 @@ def test_oracle_follows_its_recording_and_counts_divergence():
     a.max_drafts(1, np.array([1]), 8)
     b.max_drafts(7, np.array([1]), 8)
     assert a._drafts[1].tolist() == b._drafts[7].tolist() != recording[1:]
+
+
+def test_oracle_forced_result_is_the_verifier_layout_of_the_recording():
+    recording = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    oracle = OracleProposer([recording], torch.device("cpu"), acceptance=1.0)
+    oracle._drafts_of[0][5] = 0  # the draft for position 5 is wrong
+    assert oracle.max_drafts(1, np.array([1, 2, 3]), 4) == 4  # drafts 4, 5, 0, 7
+    oracle.propose(None, [SimpleNamespace(seq_id=1, num_drafts=4)])
+    tokens, accepted = oracle.forced_result(np.array([0, 4]))  # a sequence without drafts first
+    assert tokens.tolist() == [-2, 4, 5, 6, -1, -1] and accepted.tolist() == [-2, 2]

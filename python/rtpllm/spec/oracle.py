@@ -48,6 +48,8 @@ class OracleProposer(Proposer):
             self._drafts_of.append(drafts)
         self._follow: dict[int, _Follow] = {}
         self._drafts: dict[int, np.ndarray] = {}
+        self._truth: dict[int, np.ndarray] = {}  # the recorded tokens at the drafts' positions and one more
+        self._step: list[tuple[np.ndarray, np.ndarray]] = []  # (drafts, truth) of the last propose()
         self.diverged = 0  # sequences whose tokens left their recording
 
     def _position(self, seq_id: int, tokens: np.ndarray) -> Optional[_Follow]:
@@ -76,13 +78,38 @@ class OracleProposer(Proposer):
         n = token_ids.shape[0]
         drafts = self._drafts_of[follow.recording][n:n + k]
         self._drafts[seq_id] = drafts
+        self._truth[seq_id] = self.sequences[follow.recording][n:n + k + 1]
         return int(drafts.shape[0])
 
     def propose(self, batch, seqs: list[SpecSequence]) -> Proposal:
-        drafts = np.concatenate([self._drafts.pop(s.seq_id)[:s.num_drafts] for s in seqs])
-        return Proposal(token_ids=to_device(drafts, self.device))
+        self._step = [(self._drafts.pop(s.seq_id)[:s.num_drafts], self._truth.pop(s.seq_id)[:s.num_drafts + 1])
+                      for s in seqs]
+        return Proposal(token_ids=to_device(np.concatenate([d for d, _ in self._step]), self.device))
+
+    def forced_result(self, draft_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What verification would give if the target always chose the recorded token, for the last
+        propose(): (tokens int64 [rows], num_accepted int64 [sequences]) in the verifier's layout,
+        -2 where the real result stands (sequences without drafts, or past the recording's end).
+        For timing runs only (bench_spec.py): the device still verifies, its answer is replaced."""
+        rows = int(np.sum(draft_counts) + draft_counts.shape[0])
+        tokens = np.full(rows, -2, dtype=np.int64)
+        accepted = np.full(draft_counts.shape[0], -2, dtype=np.int64)
+        step = iter(self._step)
+        row = 0
+        for i, k in enumerate(draft_counts.tolist()):
+            if k > 0:
+                drafts, truth = next(step)
+                if truth.shape[0] == k + 1:
+                    wrong = np.flatnonzero(drafts != truth[:k])
+                    m = int(wrong[0]) if wrong.size else k
+                    tokens[row:row + k + 1] = -1
+                    tokens[row:row + m + 1] = truth[:m + 1]
+                    accepted[i] = m
+            row += k + 1
+        return tokens, accepted
 
     def release(self, live_seq_ids: set[int]) -> None:
         self._drafts.clear()
+        self._truth.clear()
         for seq_id in [s for s in self._follow if s not in live_seq_ids]:
             del self._follow[seq_id]
