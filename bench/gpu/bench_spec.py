@@ -58,7 +58,6 @@ from rtpllm.spec.ngram import NgramProposer  # noqa: E402
 from rtpllm.spec.oracle import OracleProposer  # noqa: E402
 from rtpllm.spec.proposer import to_device  # noqa: E402
 from rtpllm.spec.verifier import VerifyLayout, verify  # noqa: E402
-from rtpllm.spec.verify_graphs import VerifyGraphs  # noqa: E402
 
 SHAPE = "llama-3.1-8b"
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -321,7 +320,8 @@ def adaptive_sweep(llm: LLM, bench: Bench, batches, k=4, max_tokens=128, prompt_
         with forced_acceptance(oracle):  # exactly 70% per draft, whatever the bf16 near-ties do
             run = decode_run(llm, prompts, max_tokens)
         c = spec.counters
-        bench.record(f"adaptive, oracle 70% (forced), batch {batch_size}", run.otps, "tok/s", f"no spec {base.otps:.1f} tok/s",
+        bench.record(f"adaptive, oracle 70% (forced), batch {batch_size}", run.otps, "tok/s",
+                     f"no spec {base.otps:.1f} tok/s",
                      run.otps / base.otps, goal=0.98, batch=batch_size,
                      drafts_per_seq_step=c.num_draft_tokens / max(1, c.num_verified_seqs), spec_steps=c.num_spec_steps,
                      steps=run.steps, base_steps=base.steps, measured_acceptance=c.acceptance_rate,

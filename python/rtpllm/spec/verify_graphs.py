@@ -101,9 +101,9 @@ class VerifyGraphs:
         b = self.buckets[-1]
         self.inputs = VerifyInputs(b * (max_k + 1), b, max_blocks_per_seq, device)
         views = self.inputs.views
-        self.input_ids, self.positions, self.slot_mapping = views["input_ids"], views["positions"], views["slot_mapping"]
-        self.seq_lens, self.num_computed, self.block_tables = views["seq_lens"], views["num_computed"], \
-            views["block_tables"]
+        self.input_ids, self.positions = views["input_ids"], views["positions"]
+        self.slot_mapping, self.seq_lens = views["slot_mapping"], views["seq_lens"]
+        self.num_computed, self.block_tables = views["num_computed"], views["block_tables"]
         self.slot_mapping.fill_(-1)
         self._logits: Optional[torch.Tensor] = None  # [max rows, vocab] float32, written by every graph
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
