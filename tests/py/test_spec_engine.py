@@ -92,7 +92,7 @@ def test_oracle_runs_are_exact_and_fast(target, baseline, acceptance):
 
 
 def test_mixed_batch_of_greedy_random_penalized_and_logprob_requests(target, baseline):
-    """Only plain sequences speculate; the others sample one token per step as without it."""
+    """Penalized sequences sample one token per step as without speculation; the others speculate."""
     plain = LLM(model=target, num_blocks=128, block_size=16)
     llm = make(target, spec("draft_model", 3))
     ps = baseline["mixed"][:4]
@@ -106,6 +106,36 @@ def test_mixed_batch_of_greedy_random_penalized_and_logprob_requests(target, bas
     assert len(got[3].outputs[0].token_ids) == NEW_TOKENS
     for a, b in zip(got[2].outputs[0].logprobs, want[2].outputs[0].logprobs):
         assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-4 for t in a)
+    assert llm.engine.check_kv_pool_free()
+
+
+@pytest.mark.parametrize("stop_string", [False, True])
+def test_logprobs_and_min_tokens_speculate(target, baseline, stop_string):
+    """Sequences asking for logprobs, and sequences past their min_tokens, speculate: every emitted
+    token's logprob (and top-N) equals decoding without speculation, across long accepted runs."""
+    ps = baseline["mixed"][:3]
+    params = [SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=3),
+              SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0, min_tokens=9),
+              SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=12)]
+    if stop_string:  # tokens go to the request one at a time, each with its own logprobs
+        params[0] = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=3,
+                                   stop=["never appears \x00"])
+    want = LLM(model=target, num_blocks=128, block_size=16).generate(ps, params)
+    llm = make(target, spec("ngram", 4))
+    full = [p + list(o.outputs[0].token_ids) for p, o in zip(ps, want)]
+    llm.engine.spec.proposer = OracleProposer(full, torch.device("cpu"), 1.0, vocab_size=512)
+    got = llm.generate(ps, params)
+    assert tokens(got) == tokens(want)
+    for g, w in zip(got[:2], want[:2]):
+        assert len(g.outputs[0].logprobs) == len(w.outputs[0].logprobs) == NEW_TOKENS
+        for a, b in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+            assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-4 for t in a)
+        assert abs(g.outputs[0].cumulative_logprob - w.outputs[0].cumulative_logprob) < 1e-3
+    counters = llm.engine.stats().spec
+    # All three speculate (the last two once past their min_tokens): the third takes 11 one-token
+    # steps after its prefill, then about 3 steps of 5 tokens.
+    assert counters.num_accepted_tokens == counters.num_draft_tokens >= 30
+    assert llm.engine.scheduler.stats().num_steps <= 1 + 11 + 5
     assert llm.engine.check_kv_pool_free()
 
 

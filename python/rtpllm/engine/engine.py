@@ -255,8 +255,7 @@ class Engine:
         if batch.num_draft_tokens > 0:  # speculative: applied synchronously (no step was in flight)
             spec = self.spec.run_step(self.runner, batch, sampled_seqs, sampling_batch, collector.seq_indices)
             collector.collect(spec.prompt_logprobs)
-            logprobs_by_seq = sampled_logprobs(sampled_seqs, spec.first_row_sampled)
-            return outputs + self._apply(self.scheduler.update(batch, spec.token_ids), logprobs_by_seq)
+            return outputs + self._apply(self.scheduler.update(batch, spec.token_ids), spec.logprobs_by_seq)
         result = self.executor.execute(batch, sampling_batch, collector.seq_indices, pending)
         collector.collect(result.prompt_logprobs)
 
@@ -400,11 +399,15 @@ class Engine:
 
 def _append_tokens(seq: SequenceState, token_ids: list[int], logprobs) -> bool:
     """seq.append_tokens; several tokens (a speculative step) go one at a time when stop strings
-    are watched, so that the tokens after a stop string are dropped as without speculation."""
+    are watched, so that the tokens after a stop string are dropped as without speculation.
+    A speculative step's logprobs cover every token it emitted; the scheduler may have kept fewer
+    (a stop token, max_tokens)."""
+    if logprobs is not None and len(logprobs) > len(token_ids):
+        logprobs = logprobs[:len(token_ids)]
     if len(token_ids) == 1 or seq.stop_checker is None:
         return seq.append_tokens(token_ids, logprobs)
-    for token in token_ids:
-        if seq.append_tokens([token], None):
+    for i, token in enumerate(token_ids):
+        if seq.append_tokens([token], logprobs[i:i + 1] if logprobs is not None else None):
             return True
     return False
 

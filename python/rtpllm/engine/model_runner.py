@@ -66,7 +66,7 @@ class ModelRunner:
         # the target's features per KV slot (spec/eagle3.py). Set before the graphs are captured.
         self.after_forward: Optional[Callable[[torch.Tensor], None]] = None
         self.graphs: Optional[DecodeGraphs] = None
-        self.verify_graphs = None  # speculative verify steps' CUDA graphs (spec/verify_graphs.py), opt-in
+        self.verify_graphs = None  # speculative verify steps' CUDA graphs (spec/verify_graphs.py)
         backend = getattr(model, "attn_backend", None)
         if device.type == "cuda" and not config.device.enforce_eager and hasattr(backend, "plan"):
             # Capture only batch sizes a decode step can have: at most max_num_seqs sequences, one token

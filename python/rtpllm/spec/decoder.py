@@ -14,8 +14,10 @@ import torch
 from rtpllm.config import SpeculativeConfig
 from rtpllm.layers.sampler import Sampler
 from rtpllm.spec.adaptive import AdaptiveSpeculation, default_cost_model
+from rtpllm.spec.history import TokenHistory
 from rtpllm.spec.proposer import Proposer, SpecSequence, to_device
 from rtpllm.spec.stats import SpecCounters
+from rtpllm.spec.verified_logprobs import LogprobRows
 from rtpllm.spec.verifier import VerifyLayout, verify
 from rtpllm.spec.verify_graphs import VerifyGraphs, verify_graphs_enabled
 
@@ -23,18 +25,20 @@ from rtpllm.spec.verify_graphs import VerifyGraphs, verify_graphs_enabled
 _FORGET_EVERY = 256
 
 
-def can_speculate(params) -> bool:
-    """Sequences whose sampling reads the host's history (penalties, min_tokens' banned ids,
-    logprobs) decode one token per step: their distribution at a draft position would depend on
-    the drafts before it."""
+def can_speculate(seq) -> bool:
+    """Sequences with penalties decode one token per step: their distribution at a draft position
+    would depend on the drafts before it. A sequence below its min_tokens waits until it has them
+    (till then stop ids are banned, which the verified rows do not apply). Logprobs speculate: they
+    are read from the verified rows (verified_logprobs.py)."""
+    params = seq.params
     return (params.repetition_penalty == 1.0 and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
-            and params.min_tokens == 0 and params.logprobs is None)
+            and len(seq.output_ids) >= params.min_tokens)
 
 
 @dataclass
 class SpecStepResult:
     token_ids: np.ndarray  # int32 [rows]: what Scheduler.update takes
-    first_row_sampled: Optional[object]  # SamplerOutput of the sequences' first rows (logprobs)
+    logprobs_by_seq: dict  # seq_id -> one TokenLogprobs per emitted token (sequences that asked)
     prompt_logprobs: dict
 
 
@@ -49,8 +53,13 @@ class SpeculativeDecoder:
                                             adaptive=config.adaptive)
         self.counters = SpecCounters(method=config.method)
         self._sampler = Sampler()
+        self.history = TokenHistory()  # each sequence's tokens, appended to step by step
         self._last_step: Optional[tuple[bool, int, float]] = None  # (speculative, tokens, start time)
         self._calls = 0
+
+    @property
+    def _proposer_tracks_acceptance(self) -> bool:
+        return type(self.proposer).verified is not Proposer.verified
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -82,14 +91,14 @@ class SpeculativeDecoder:
         returns the slots granted. Call with no step in flight (their last tokens known)."""
         seqs = list(seqs)
         self.release({seq.seq_id for seq in seqs})
-        candidates = [seq for seq in seqs if not seq.finished and seq.output_ids and can_speculate(seq.params)]
+        candidates = [seq for seq in seqs if not seq.finished and seq.output_ids and can_speculate(seq)]
         plan = self.adaptive.plan([seq.seq_id for seq in candidates])
         granted = asked = offered = 0
         for seq in candidates:
             k = plan.get(seq.seq_id, 0)
             if k == 0:
                 continue
-            k = self.proposer.max_drafts(seq.seq_id, _token_array(seq), k)
+            k = self.proposer.max_drafts(seq.seq_id, self.history.tokens(seq), k)
             asked += 1
             if k:
                 offered += 1
@@ -109,7 +118,7 @@ class SpeculativeDecoder:
     def run_step(self, runner, batch, sampled_seqs: list, sampling_batch, prompt_logprob_seqs: list[int]
                  ) -> SpecStepResult:
         draft_counts = batch.draft_counts.copy()
-        spec_seqs = [SpecSequence(seq_id=seq.seq_id, token_ids=_token_array(seq), num_drafts=int(k),
+        spec_seqs = [SpecSequence(seq_id=seq.seq_id, token_ids=self.history.tokens(seq), num_drafts=int(k),
                                   batch_index=int(index), params=seq.params, generator=seq.generator)
                      for seq, k, index in zip(sampled_seqs, draft_counts, _batch_index_of_sampled(batch))
                      if k > 0]
@@ -121,33 +130,35 @@ class SpeculativeDecoder:
         result = runner.execute(batch, None, prompt_logprob_seqs, None, drafts=proposal.token_ids)
         logits = result.verify_logits
         tokens, num_accepted = verify(logits, layout, sampling_batch, proposal.token_ids, proposal.probs)
-        # Sequences without drafts take exactly what the plain sampler gives them (penalties,
-        # banned ids and logprobs apply there); their generators advance as without speculation.
+        # Sequences without drafts take exactly what the plain sampler gives them (penalties and
+        # banned ids apply there); their generators advance as without speculation.
         first = self._sampler(logits.index_select(0, first_rows), sampling_batch)
         tokens[first_rows] = torch.where(no_drafts, first.token_ids, tokens[first_rows])
         self.proposer.observe(batch, result.hidden, tokens)
-        host = torch.cat([tokens, num_accepted]).cpu().numpy()  # the step's one device-to-host sync
-        accepted = host[tokens.shape[0]:]
-        for seq, k, m in zip(sampled_seqs, draft_counts, accepted):
-            if k > 0:
-                self.adaptive.record(seq.seq_id, int(k), int(m))
-                self.proposer.verified(seq.seq_id, int(m))
+        logprob_rows = LogprobRows.find(sampled_seqs, draft_counts)
+        extra = logprob_rows.on_device(logits, tokens) if logprob_rows is not None else []
+        host = torch.cat([tokens, num_accepted, *extra]).cpu().numpy()  # the step's one device-to-host sync
+        num_rows, num_seqs = tokens.shape[0], num_accepted.shape[0]
+        accepted = host[num_rows:num_rows + num_seqs]
+        logprobs_by_seq = {}
+        if logprob_rows is not None:
+            logprobs_by_seq = logprob_rows.entries(host[num_rows + num_seqs:], sampled_seqs, host[:num_rows],
+                                                   accepted + 1)
         speculating = draft_counts > 0
+        if self.adaptive.adaptive or self._proposer_tracks_acceptance:
+            for seq_id, k, m in zip(batch.sampled_request_ids[speculating].tolist(), draft_counts[speculating].tolist(),
+                                    accepted[speculating].tolist()):
+                if self.adaptive.adaptive:
+                    self.adaptive.record(seq_id, k, m)
+                self.proposer.verified(seq_id, m)
         self.counters.record(int(speculating.sum()), int(draft_counts.sum()), int(accepted[speculating].sum()))
-        return SpecStepResult(token_ids=host[:tokens.shape[0]].astype(np.int32), first_row_sampled=first,
+        return SpecStepResult(token_ids=host[:num_rows].astype(np.int32), logprobs_by_seq=logprobs_by_seq,
                               prompt_logprobs=result.prompt_logprobs)
 
     def release(self, live_seq_ids: set[int]) -> None:
         self.proposer.release(live_seq_ids)
         self.adaptive.forget(live_seq_ids)
-
-
-def _token_array(seq) -> np.ndarray:
-    prompt = seq.group.prompt_ids
-    out = np.empty(len(prompt) + len(seq.output_ids), dtype=np.int64)
-    out[:len(prompt)] = prompt
-    out[len(prompt):] = seq.output_ids
-    return out
+        self.history.release(live_seq_ids)
 
 
 def _batch_index_of_sampled(batch) -> np.ndarray:

@@ -17,18 +17,33 @@ _SEARCH_WINDOW = 4096
 
 def find_ngram_continuation(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> np.ndarray:
     """The up to k tokens that followed the most recent earlier occurrence of the context's last
-    n tokens, trying n from max_n down to min_n. Empty when none occurs."""
+    n tokens, for the largest n in [min_n, max_n] that occurs. Empty when none occurs.
+
+    One pass over the window finds where the last token occurred before (the only places a match
+    can end); the match lengths there are then extended backwards a token at a time, over those
+    candidates only: O(window + candidates * max_n) instead of a window scan per n."""
     tokens = tokens[-_SEARCH_WINDOW:]
     length = tokens.shape[0]
-    for n in range(min(max_n, length - 1), min_n - 1, -1):
-        pattern = tokens[length - n:]
-        # Windows starting at 0 .. length - n - 1 (the suffix itself excluded).
-        windows = np.lib.stride_tricks.sliding_window_view(tokens[:length - 1], n)
-        hits = np.flatnonzero((windows == pattern).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
-            return tokens[start:start + k]
-    return tokens[:0]
+    max_n = min(max_n, length - 1)
+    if max_n < min_n or min_n < 1:
+        return tokens[:0]
+    ends = np.flatnonzero(tokens[:length - 1] == tokens[length - 1])  # the suffix itself excluded
+    if ends.size == 0:
+        return tokens[:0]
+    matched = np.ones(ends.shape[0], dtype=np.int64)  # suffix tokens matched, ending at each candidate
+    alive = np.ones(ends.shape[0], dtype=bool)
+    for j in range(1, max_n):
+        before = ends - j
+        alive &= before >= 0
+        alive[alive] = tokens[before[alive]] == tokens[length - 1 - j]
+        if not alive.any():
+            break
+        matched += alive
+    best = int(matched.max())
+    if best < min_n:
+        return tokens[:0]
+    start = int(ends[np.flatnonzero(matched >= best)[-1]]) + 1
+    return tokens[start:start + k]
 
 
 class NgramProposer(Proposer):

@@ -1,29 +1,91 @@
-"""CUDA graphs for the target's verify steps (opt-in: RTPLLM_SPEC_VERIFY_GRAPHS=1; not yet
-validated on a GPU, so off by default).
+"""CUDA graphs for the target's verify steps (on by default on CUDA; RTPLLM_SPEC_VERIFY_GRAPHS=0
+turns them off).
 
-A graph serves a bucket of B sequences with k + 1 query rows each (every sequence decodes with up
-to k drafts). Sequences with fewer drafts, and padding sequences, fill their extra rows with slot
--1 (no K/V written) and positions clamped to their last real one; their context length is set as
-if they had k drafts, so the extend kernel places the real rows at the right positions, and the
-extra rows' outputs are never read. The prefill/extend kernel reads query_start_loc, seq_lens and
-block tables from device memory, so one capture per (B, k) replays any step of that shape.
+An eager verify step of an 8B model is bound by the host launching its ~400 kernels (12.5 ms
+against a 5.7 ms decode step on an H100 at batch 1); replaying a graph costs what the device work
+costs. A graph serves a bucket of B sequences with k + 1 query rows each (every sequence decodes
+with up to k drafts). Sequences with fewer drafts, and padding sequences, fill their extra rows
+with slot -1 (no K/V written) and positions clamped to their last real one; their context length
+is set as if they had k drafts, so the extend kernel places the real rows at the right positions,
+and the extra rows' outputs are never read. The prefill/extend kernel reads query_start_loc,
+seq_lens and block tables from device memory, so one capture per (B, k) replays any step of that
+shape.
+
+Inputs travel as in decode_inputs.py: every array of a step is packed on the host into one pinned
+buffer and moved with one copy; the graphs read views of its device twin. Every graph writes its
+logits into one shared output buffer, so the graphs' memory pool holds one step's activations,
+not a logits tensor per (B, k).
 """
 
 from __future__ import annotations
 
 import bisect
 import os
+from typing import Optional
+
 import numpy as np
 import torch
 
 from rtpllm.layers.attention_metadata import AttentionMetadata
-from rtpllm.spec.proposer import to_device
 
 BUCKETS = (1, 2, 4, 8, 16)
 
+_INT64_FIELDS = ("input_ids", "positions", "slot_mapping", "draft_rows", "verified")  # one per row
+_INT32_FIELDS = ("seq_lens", "num_computed")  # one per sequence
+
 
 def verify_graphs_enabled() -> bool:
-    return os.environ.get("RTPLLM_SPEC_VERIFY_GRAPHS", "0") == "1"
+    return os.environ.get("RTPLLM_SPEC_VERIFY_GRAPHS", "1") != "0"
+
+
+class VerifyInputs:
+    """A verify step's index arrays in one device byte buffer, filled by one copy per step from a
+    ring of pinned staging buffers (the host packs step N+1 while step N's copy may still read
+    the other one)."""
+
+    def __init__(self, max_rows: int, max_batch: int, max_blocks: int, device: torch.device, ring: int = 2):
+        self.max_rows, self.max_batch, self.max_blocks = max_rows, max_batch, max_blocks
+        self._layout: dict[str, tuple[int, int, torch.dtype]] = {}  # name -> (offset, count, dtype)
+        offset = 0
+        for name in _INT64_FIELDS:
+            self._layout[name] = (offset, max_rows, torch.int64)
+            offset += 8 * max_rows
+        for name in _INT32_FIELDS:
+            self._layout[name] = (offset, max_batch, torch.int32)
+            offset += 4 * max_batch
+        self._tables_offset = (offset + 15) // 16 * 16
+        self.nbytes = self._tables_offset + 4 * max_batch * max_blocks
+        self.device_bytes = torch.zeros(self.nbytes, dtype=torch.uint8, device=device)
+        self.views = self._views(self.device_bytes)
+        pin = device.type == "cuda"
+        self._staging = [torch.zeros(self.nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(ring)]
+        self._host = [{name: t.numpy() for name, t in self._views(buf).items()} for buf in self._staging]
+        self._copied = [torch.cuda.Event() if pin else None for _ in range(ring)]
+        self._next = 0
+
+    def _views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        views = {name: buf[offset:offset + count * (8 if dtype == torch.int64 else 4)].view(dtype)
+                 for name, (offset, count, dtype) in self._layout.items()}
+        start = self._tables_offset
+        views["block_tables"] = buf[start:start + 4 * self.max_batch * self.max_blocks].view(torch.int32).view(
+            self.max_batch, self.max_blocks)
+        return views
+
+    def staging(self) -> dict[str, np.ndarray]:
+        """The next staging buffer's numpy views, free to fill."""
+        slot = self._next
+        if self._copied[slot] is not None:
+            self._copied[slot].synchronize()  # its previous copy has left the buffer
+        return self._host[slot]
+
+    def upload(self, bucket: int) -> None:
+        """Copies the staging buffer just filled (block tables of `bucket` rows) to the device."""
+        slot = self._next
+        self._next = (self._next + 1) % len(self._staging)
+        used = self._tables_offset + 4 * bucket * self.max_blocks
+        self.device_bytes[:used].copy_(self._staging[slot][:used], non_blocking=True)
+        if self._copied[slot] is not None:
+            self._copied[slot].record()
 
 
 class VerifyGraphs:
@@ -36,15 +98,15 @@ class VerifyGraphs:
         self.max_k = max_k
         self.max_blocks = max_blocks_per_seq
         self.block_size = block_size
-        b, rows = self.buckets[-1], self.buckets[-1] * (max_k + 1)
-        self.input_ids = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((rows,), -1, dtype=torch.int64, device=device)
-        self.seq_lens = torch.ones(b, dtype=torch.int32, device=device)
-        self.num_computed = torch.zeros(b, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(b, max_blocks_per_seq, dtype=torch.int32, device=device)
+        b = self.buckets[-1]
+        self.inputs = VerifyInputs(b * (max_k + 1), b, max_blocks_per_seq, device)
+        views = self.inputs.views
+        self.input_ids, self.positions = views["input_ids"], views["positions"]
+        self.slot_mapping, self.seq_lens = views["slot_mapping"], views["seq_lens"]
+        self.num_computed, self.block_tables = views["num_computed"], views["block_tables"]
+        self.slot_mapping.fill_(-1)
+        self._logits: Optional[torch.Tensor] = None  # [max rows, vocab] float32, written by every graph
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self._logits: dict[tuple[int, int], torch.Tensor] = {}
         self._aux: dict[tuple[int, int], list[torch.Tensor]] = {}
         self._query_start = {k: torch.arange(b + 1, dtype=torch.int32, device=device) * (k + 1)
                              for k in range(1, max_k + 1)}
@@ -69,43 +131,42 @@ class VerifyGraphs:
         bucket = self.buckets[bisect.bisect_left(self.buckets, n)]
         width = k + 1
         rows = bucket * width
-        starts = batch.query_start_loc[:-1].astype(np.int64)
-        computed = batch.num_computed.astype(np.int64)
         t = np.arange(width)
-        real = t[None, :] <= counts[:, None]  # [n, width]
-        pos = computed[:, None] + np.minimum(t[None, :], counts[:, None])
-        src = starts[:, None] + np.minimum(t[None, :], counts[:, None])  # the step's token index of each row
-        ids = np.where(real, batch.input_token_ids[src], 0).astype(np.int64)
-        slots = np.where(real, batch.slot_mapping[src], -1).astype(np.int64)
-        host_ids = np.zeros(rows, dtype=np.int64)
-        host_pos = np.tile(t, bucket).astype(np.int64)
-        host_slots = np.full(rows, -1, dtype=np.int64)
-        host_ids[:n * width] = ids.ravel()
-        host_pos[:n * width] = pos.ravel()
-        host_slots[:n * width] = slots.ravel()
-        seq_lens = np.full(bucket, width, dtype=np.int32)
-        seq_lens[:n] = computed + width
-        num_computed = np.zeros(bucket, dtype=np.int32)
-        num_computed[:n] = computed
-        tables = np.zeros((bucket, self.max_blocks), dtype=np.int32)
-        tables[:n, :batch.block_tables.shape[1]] = batch.block_tables
-        self.input_ids[:rows].copy_(to_device(host_ids, self.device), non_blocking=True)
-        self.positions[:rows].copy_(to_device(host_pos, self.device), non_blocking=True)
-        self.slot_mapping[:rows].copy_(to_device(host_slots, self.device), non_blocking=True)
-        self.seq_lens[:bucket].copy_(to_device(seq_lens, self.device), non_blocking=True)
-        self.num_computed[:bucket].copy_(to_device(num_computed, self.device), non_blocking=True)
-        self.block_tables[:bucket].copy_(to_device(tables, self.device), non_blocking=True)
-        # The drafts: row i * width + t of sequence i holds its draft t (1 <= t <= k_i).
-        seq_of_draft = np.repeat(np.arange(n), counts)
-        t_of_draft = np.concatenate([np.arange(1, c + 1) for c in counts]) if counts.sum() else np.zeros(0, np.int64)
-        draft_rows = to_device((seq_of_draft * width + t_of_draft).astype(np.int64), self.device)
-        self.input_ids.index_copy_(0, draft_rows, drafts.to(torch.int64))
+        clamped = np.minimum(t[None, :], counts[:, None])  # [n, width]
+        real = t[None, :] <= counts[:, None]
+        src = batch.query_start_loc[:-1].astype(np.int64)[:, None] + clamped  # the step's token of each row
+        computed = batch.num_computed.astype(np.int64)
+        grid = np.arange(n * width).reshape(n, width)
+        verified = grid[real]  # rows with a real token, sequence after sequence
+        draft_rows = grid[real & (t[None, :] >= 1)]  # row of draft t of sequence i: i * width + t
+
+        host = self.inputs.staging()
+        used = n * width
+        host["input_ids"][:used] = np.where(real, batch.input_token_ids[src], 0).ravel()
+        host["input_ids"][used:rows] = 0
+        host["positions"][:used] = (computed[:, None] + clamped).ravel()
+        host["positions"][used:rows] = np.tile(t, bucket - n)
+        host["slot_mapping"][:used] = np.where(real, batch.slot_mapping[src], -1).ravel()
+        host["slot_mapping"][used:rows] = -1
+        host["seq_lens"][:n] = computed + width
+        host["seq_lens"][n:bucket] = width
+        host["num_computed"][:n] = computed
+        host["num_computed"][n:bucket] = 0
+        host["block_tables"][:n, :batch.block_tables.shape[1]] = batch.block_tables
+        host["block_tables"][:n, batch.block_tables.shape[1]:] = 0
+        host["block_tables"][n:bucket] = 0
+        host["draft_rows"][:draft_rows.shape[0]] = draft_rows
+        host["verified"][:verified.shape[0]] = verified
+        self.inputs.upload(bucket)
+
+        views = self.inputs.views
+        self.input_ids.index_copy_(0, views["draft_rows"][:draft_rows.shape[0]], drafts.to(torch.int64))
         self._graphs[(bucket, k)].replay()
-        verified = to_device((np.arange(n)[:, None] * width + t[None, :])[real].astype(np.int64), self.device)
+        verified_rows = views["verified"][:verified.shape[0]]
         aux = self._aux.get((bucket, k))
         if aux:
-            self.model.aux_hidden_states = [h.index_select(0, verified) for h in aux]
-        return self._logits[(bucket, k)].index_select(0, verified), self.slot_mapping.index_select(0, verified)
+            self.model.aux_hidden_states = [h.index_select(0, verified_rows) for h in aux]
+        return self._logits.index_select(0, verified_rows), self.slot_mapping.index_select(0, verified_rows)
 
     def _meta(self, bucket: int, k: int) -> AttentionMetadata:
         rows = bucket * (k + 1)
@@ -125,13 +186,16 @@ class VerifyGraphs:
                 self.slot_mapping[:rows].fill_(-1)
                 self.seq_lens[:bucket].fill_(k + 1)
                 args = (self.input_ids[:rows], self.positions[:rows], self.kv_caches, meta)
-                self.model.compute_logits(self.model(*args))  # warm-up outside the graph
+                warm = self.model.compute_logits(self.model(*args))  # warm-up outside the graph
+                if self._logits is None:
+                    self._logits = torch.empty(self.inputs.max_rows, warm.shape[1], dtype=warm.dtype,
+                                               device=self.device)
+                del warm
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    logits = self.model.compute_logits(self.model(*args))
+                    self._logits[:rows].copy_(self.model.compute_logits(self.model(*args)))
                 pool = graph.pool()
                 self._graphs[(bucket, k)] = graph
-                self._logits[(bucket, k)] = logits
                 self._aux[(bucket, k)] = list(getattr(self.model, "aux_hidden_states", []))
         torch.cuda.synchronize(self.device)

@@ -1,0 +1,94 @@
+"""The verify-step CUDA graphs' host side on the CPU: how a step is packed into the graphs' one
+input buffer (token ids, positions, KV slots, block tables, draft rows, padding) and which output
+rows come back. The graph is replaced by an eager forward over the same device views, so a wrong
+offset, row or padding value changes the greedy output, which must stay token-exact."""
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoints import checkpoint_path
+from rtpllm import LLM, SamplingParams
+from rtpllm.layers.attention_metadata import AttentionMetadata
+from rtpllm.spec.oracle import OracleProposer
+from rtpllm.spec.verify_graphs import VerifyGraphs, VerifyInputs
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+PROMPTS = [[5 + i for i in range(n)] for n in (3, 11, 30)] + [[7, 9, 11] * 6, [400, 3, 17]]
+
+
+class EagerVerifyGraphs(VerifyGraphs):
+    """Replays each (bucket, k) "graph" as an eager forward of its real rows (slot >= 0), read from
+    the same packed views the captured graph would read."""
+
+    def _capture(self) -> None:
+        self.replays = 0
+        self._logits = torch.full((self.inputs.max_rows, self.model.arch.vocab_size), float("nan"))
+        for bucket in self.buckets:
+            for k in range(1, self.max_k + 1):
+                self._graphs[(bucket, k)] = _Replay(self, bucket, k)
+
+
+class _Replay:
+    def __init__(self, graphs: EagerVerifyGraphs, bucket: int, k: int):
+        self.graphs, self.bucket, self.k = graphs, bucket, k
+
+    def replay(self) -> None:
+        g, width = self.graphs, self.k + 1
+        rows = self.bucket * width
+        real = g.slot_mapping[:rows] >= 0
+        counts = real.view(self.bucket, width).sum(dim=1)
+        seqs = counts > 0
+        # Padding: every padded row of a real sequence repeats its last position, padding sequences
+        # have context width (as the extend kernel is told) and no row writes K/V.
+        assert torch.equal(g.seq_lens[:self.bucket][seqs], g.num_computed[:self.bucket][seqs] + width)
+        assert torch.all(g.seq_lens[:self.bucket][~seqs] == width)
+        meta = AttentionMetadata(
+            slot_mapping=g.slot_mapping[:rows][real],
+            query_start_loc=torch.cat([torch.zeros(1, dtype=torch.int32), counts[seqs].cumsum(0).int()]),
+            seq_lens=(g.num_computed[:self.bucket][seqs] + counts[seqs]).int(),
+            num_computed=g.num_computed[:self.bucket][seqs], block_tables=g.block_tables[:self.bucket][seqs],
+            max_query_len=int(counts.max()), max_seq_len=int((g.num_computed[:self.bucket] + counts).max()))
+        hidden = g.model(g.input_ids[:rows][real], g.positions[:rows][real], g.kv_caches, meta)
+        g._logits.fill_(float("nan"))  # rows the step does not compute must never be read
+        g._logits[:rows][real] = g.model.compute_logits(hidden)
+        g.replays += 1
+
+
+@pytest.fixture(scope="module")
+def target():
+    return checkpoint_path("llama3")
+
+
+@pytest.mark.parametrize("acceptance", [1.0, 0.5])
+def test_packed_verify_inputs_give_the_eager_answers(target, acceptance):
+    want = [list(o.outputs[0].token_ids) for o in LLM(model=target, num_blocks=128).generate(PROMPTS, GREEDY)]
+    llm = LLM(model=target, num_blocks=128,
+              speculative_config=dict(method="ngram", num_speculative_tokens=4, adaptive=False))
+    runner = llm.engine.runner
+    graphs = EagerVerifyGraphs(runner.model, runner.kv_caches, max_batch=4, max_k=4, max_blocks_per_seq=8,
+                               block_size=runner.block_size, device=runner.device)
+    runner.verify_graphs = graphs
+    llm.engine.spec.proposer = OracleProposer([p + w for p, w in zip(PROMPTS, want)], runner.device, acceptance,
+                                              vocab_size=512)
+    assert [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS[:4], GREEDY)] == want[:4]
+    assert [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, GREEDY)] == want  # 5 > max_batch: eager too
+    assert graphs.replays > 0
+    spec = llm.engine.stats().spec
+    assert spec.num_accepted_tokens > 0 and (acceptance < 1 or spec.num_accepted_tokens == spec.num_draft_tokens)
+    assert llm.engine.check_kv_pool_free()
+
+
+def test_verify_inputs_upload_is_one_copy_of_the_used_prefix():
+    inputs = VerifyInputs(max_rows=10, max_batch=2, max_blocks=3, device=torch.device("cpu"))
+    host = inputs.staging()
+    host["input_ids"][:4] = [1, 2, 3, 4]
+    host["seq_lens"][:2] = [7, 8]
+    host["block_tables"][:2] = [[1, 2, 3], [4, 5, 6]]
+    inputs.upload(bucket=1)  # the block table's second row is not copied
+    views = inputs.views
+    assert views["input_ids"][:4].tolist() == [1, 2, 3, 4]
+    assert views["seq_lens"].tolist() == [7, 8]
+    assert views["block_tables"].tolist() == [[1, 2, 3], [0, 0, 0]]
+    assert inputs.staging() is not host  # a ring: the next step packs into the other buffer
+    np.testing.assert_array_equal(host["input_ids"][:4], [1, 2, 3, 4])
