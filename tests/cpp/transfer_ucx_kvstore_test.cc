@@ -14,6 +14,9 @@
 #include <thread>
 
 #include "host_kv_pool.h"
+#include "rtpllm/kvstore/cpu_copy_engine.h"
+#include "rtpllm/kvstore/host_tier.h"
+#include "rtpllm/kvstore/tiered_connector.h"
 #include "rtpllm/kvstore/remote/kv_store_server.h"
 #include "rtpllm/kvstore/remote/remote_store_tier.h"
 #include "rtpllm/kvstore/remote/store_protocol.h"
@@ -124,6 +127,29 @@ TEST_F(KVStoreTest, ASecondInstanceLoadsWhatTheFirstSaved) {
   EXPECT_EQ(server_->stats().used_blocks, 3);
   EXPECT_EQ(server_->stats().pinned_blocks, 0);
   server_->check_invariants();
+}
+
+TEST_F(KVStoreTest, BehindAHostTierEverySaveReachesTheStoreToo) {
+  start_server(16);
+  HostKVPool pool_a(KVShape{}, 8, kBlockSize);
+  auto host = std::make_shared<HostTier>(std::make_shared<CpuKVCopyEngine>(pool_a.layout()),
+                                         4 * pool_a.layout().bytes_per_block());
+  std::shared_ptr<RemoteStoreTier> remote = client(pool_a);
+  TieredKVConnector tiered({host, remote}, 5.0);
+  pool_a.fill_sequence({0, 1}, 2 * kBlockSize, 5);
+  EXPECT_EQ(finish(tiered, tiered.save({21, 22}, {0, 1})), TransferState::DONE);
+  EXPECT_EQ(tiered.match({21, 22}), 2);  // the host tier has them
+  const std::vector<KVTierStats> stats = tiered.stats();
+  ASSERT_EQ(stats.size(), 2u);
+  EXPECT_EQ(stats[0].saved_blocks, 2u);
+  EXPECT_EQ(stats[1].name, "remote");
+  EXPECT_EQ(stats[1].saved_blocks, 2u);
+
+  HostKVPool pool_b(KVShape{}, 8, kBlockSize);  // another instance: only the store has them
+  auto b = client(pool_b);
+  ASSERT_TRUE(eventually_matches(*b, {21, 22}, 2));
+  EXPECT_EQ(finish(*b, b->load({21, 22}, {4, 5})), TransferState::DONE);
+  EXPECT_EQ(pool_b.mismatches_all_layers({4, 5}, 2 * kBlockSize, 5), 0);
 }
 
 TEST_F(KVStoreTest, EvictsLeastRecentlyUsedBlocksAndMissesThemAfterwards) {
@@ -247,6 +273,36 @@ TEST_F(KVStoreTest, AStoreThatGoesAwayIsAMissAndComesBack) {
   EXPECT_TRUE(tier->wait_connected(5.0));
   EXPECT_EQ(finish(*tier, tier->save({1}, {0})), TransferState::DONE);
   EXPECT_TRUE(eventually_matches(*tier, {1}, 1));
+}
+
+TEST_F(KVStoreTest, TransfersInFlightWhenTheStoreDiesEndWithinTheTimeout) {
+  start_server(64);
+  HostKVPool pool(KVShape{}, 64, kBlockSize);
+  auto tier = client(pool);
+  std::vector<BlockHash> hashes;
+  std::vector<BlockId> blocks;
+  for (int32_t i = 0; i < 32; ++i) {
+    hashes.push_back(1000 + static_cast<BlockHash>(i));
+    blocks.push_back(i);
+  }
+  // A save names at most max_blocks_per_request (16) blocks: a longer one keeps its leading blocks.
+  ASSERT_EQ(finish(*tier, tier->save(hashes, blocks)), TransferState::DONE);
+  ASSERT_TRUE(eventually_matches(*tier, hashes, 16));
+  ASSERT_EQ(finish(*tier, tier->save({hashes.begin() + 16, hashes.end()}, {blocks.begin() + 16, blocks.end()})),
+            TransferState::DONE);
+  ASSERT_TRUE(eventually_matches(*tier, hashes, 32));
+  std::vector<TransferHandle> handles;
+  for (int32_t i = 0; i < 8; ++i) {
+    std::vector<BlockHash> h(hashes.begin() + 4 * i, hashes.begin() + 4 * i + 4);
+    std::vector<BlockId> b = {32 + 4 * i, 33 + 4 * i, 34 + 4 * i, 35 + 4 * i};
+    handles.push_back(tier->load(h, b));
+  }
+  handles.push_back(tier->save({7, 8}, {0, 1}));
+  server_.reset();  // the store dies with loads and a save in flight
+  const auto start = Clock::now();
+  for (TransferHandle handle : handles) EXPECT_NE(finish(*tier, handle, 10.0), TransferState::PENDING);
+  EXPECT_LT(std::chrono::duration<double>(Clock::now() - start).count(), 10.0);
+  EXPECT_EQ(tier->match(hashes), 0);
 }
 
 TEST_F(KVStoreTest, AnInstanceStartsBeforeItsStore) {
