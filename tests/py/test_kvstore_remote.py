@@ -97,13 +97,15 @@ def test_a_killed_store_means_recompute_not_a_stall(store):
     generate(first, batch)
     first.engine.kv_tiers.flush()
     second = remote_llm(store)
-    store.kill()
+    assert generate(second, batch[:3]) == expected_outputs()[:3]
+    assert tier_stats(second)["remote"].loaded_blocks > 0
+    store.kill()  # between two waves: the next one finds it gone, or loads from it and fails
     start = time.monotonic()
-    assert generate(second, batch) == expected_outputs()[:6]
-    assert time.monotonic() - start < 30
+    assert generate(second, prompts()[3:]) == expected_outputs()[3:]
+    assert time.monotonic() - start < 60
     assert not tier_stats(second)["remote"].enabled
     # It keeps answering, the store still gone.
-    assert generate(second, prompts()[6:9]) == expected_outputs()[6:9]
+    assert generate(second, batch[:3]) == expected_outputs()[:3]
     assert_idle(second)
 
 
