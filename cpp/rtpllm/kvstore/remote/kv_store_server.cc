@@ -5,45 +5,13 @@
 #include <poll.h>
 #include <unistd.h>
 
-#include <cinttypes>
-#include <cstdio>
-#include <map>
 #include <stdexcept>
-#include <unordered_set>
-#include <vector>
 
-#include "rtpllm/core/host_allocator.h"
-#include "rtpllm/kvstore/cpu_copy_engine.h"
 #include "rtpllm/kvstore/disk_block_file.h"
-#include "rtpllm/kvstore/disk_tier.h"
-#include "rtpllm/kvstore/remote/store_index.h"
-#include "rtpllm/kvstore/remote/store_protocol.h"
-#include "rtpllm/transfer/control_channel.h"
+#include "rtpllm/kvstore/remote/kv_store_server_impl.h"
 #include "rtpllm/transfer/transfer_plan.h"
 
 namespace rtpllm {
-namespace {
-
-using Clock = std::chrono::steady_clock;
-
-std::string hex(uint64_t value) {
-  char text[24];
-  std::snprintf(text, sizeof(text), "%016" PRIx64, value);
-  return text;
-}
-
-std::chrono::steady_clock::duration seconds(double s) {
-  return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s));
-}
-
-// Slots the disk tier finished reading (its release callbacks run on its threads).
-struct ReleasedSlots {
-  std::mutex mutex;
-  std::vector<int32_t> slots;
-  int wake_fd = -1;
-};
-
-}  // namespace
 
 void KVStoreServerOptions::validate() const {
   if (capacity_bytes <= 0) throw std::invalid_argument("capacity_bytes: must be positive");
@@ -54,516 +22,283 @@ void KVStoreServerOptions::validate() const {
   if (max_clients <= 0) throw std::invalid_argument("max_clients: must be positive");
 }
 
-struct KVStoreServer::Impl {
-  struct Reservation {
-    std::vector<BlockHash> hashes;
-    std::vector<int32_t> slots;
-  };
-  struct Client {
-    explicit Client(ControlConnection c) : connection(std::move(c)) {}
-    ControlConnection connection;
-    std::string name = "?";
-    bool welcomed = false;
-    Clock::time_point hello_deadline;
-    std::map<uint64_t, std::vector<int32_t>> pins;
-    std::map<uint64_t, Reservation> reservations;
-  };
-  // A PIN waiting for blocks read back from disk.
-  struct DiskPin {
-    uint64_t client = 0;
-    uint64_t request_id = 0;
-    std::vector<BlockHash> hashes;
-    std::vector<int32_t> slots;  // -1 at the positions the disk fills
-    std::vector<size_t> disk_positions;
-    std::vector<int32_t> disk_slots;  // reserved, filled by the disk tier
-    TransferHandle handle = 0;
-  };
+KVStoreServer::Impl::Impl(KVStoreServerOptions o, TransferFactory f, KVStoreLogger l)
+    : options((o.validate(), std::move(o))),
+      make_transfer(std::move(f)),
+      logger(l ? std::move(l) : default_kvstore_logger()),
+      listener(options.host, options.port),
+      released(std::make_shared<ReleasedSlots>()) {
+  int fds[2];
+  if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) throw std::runtime_error("KVStoreServer: pipe failed");
+  wake_read = fds[0];
+  wake_write = fds[1];
+  released->wake_fd = wake_write;
+  thread = std::thread([this] { run(); });
+}
 
-  Impl(KVStoreServerOptions o, TransferFactory f, KVStoreLogger l)
-      : options((o.validate(), std::move(o))),
-        make_transfer(std::move(f)),
-        logger(l ? std::move(l) : default_kvstore_logger()),
-        listener(options.host, options.port),
-        released(std::make_shared<ReleasedSlots>()) {
-    int fds[2];
-    if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) throw std::runtime_error("KVStoreServer: pipe failed");
-    wake_read = fds[0];
-    wake_write = fds[1];
-    released->wake_fd = wake_write;
-    thread = std::thread([this] { run(); });
-  }
+KVStoreServer::Impl::~Impl() {
+  stopping = true;
+  wake();
+  thread.join();
+  clients.clear();  // closes the sockets: clients see the store gone
+  disk.reset();     // releases its pins through `released`, which outlives it
+  copy_engine.reset();
+  transfer.reset();
+  ::close(wake_read);
+  ::close(wake_write);
+}
 
-  ~Impl() {
-    stopping = true;
-    wake();
-    thread.join();
-    clients.clear();  // closes the sockets: clients see the store gone
-    disk.reset();     // releases its pins through `released`, which outlives it
-    copy_engine.reset();
-    transfer.reset();
-    ::close(wake_read);
-    ::close(wake_write);
-  }
+void KVStoreServer::Impl::wake() const {
+  const char byte = 1;
+  [[maybe_unused]] ssize_t n = ::write(wake_write, &byte, 1);
+}
 
-  void wake() const {
-    const char byte = 1;
-    [[maybe_unused]] ssize_t n = ::write(wake_write, &byte, 1);
-  }
+StoreClock::duration KVStoreServer::Impl::grace() const {
+  return store_seconds(2 * options.transfer_timeout_s);
+}
 
-  Clock::duration grace() const { return seconds(2 * options.transfer_timeout_s); }
-
-  // ---- the thread ----
-
-  void run() {
-    auto next_sweep = Clock::now() + std::chrono::seconds(10);
-    while (!stopping) {
-      std::vector<pollfd> fds{{listener.fd(), POLLIN, 0}, {wake_read, POLLIN, 0}};
-      int timeout_ms = 200;
-      {
-        std::lock_guard<std::mutex> lock(mutex);
-        for (auto& [id, client] : clients) fds.push_back({client->connection.fd(), POLLIN, 0});
-        if (!disk_pins.empty()) timeout_ms = 1;
-        else if (index && index->has_deferred()) timeout_ms = 50;
-      }
-      ::poll(fds.data(), fds.size(), timeout_ms);
-      char drain[64];
-      while (::read(wake_read, drain, sizeof(drain)) > 0) {
-      }
-      std::lock_guard<std::mutex> lock(mutex);
-      const Clock::time_point now = Clock::now();
-      accept_clients(now);
-      read_clients(now);
-      finish_disk_pins();
-      unpin_released();
-      if (index) index->expire(now);
-      if (disk && now >= next_sweep) {
-        sweep_disk();
-        next_sweep = now + std::chrono::seconds(10);
-      }
-      broadcast_changes();
-    }
-  }
-
-  void accept_clients(Clock::time_point now) {
-    for (int fd = listener.accept_one(); fd >= 0; fd = listener.accept_one()) {
-      auto client = std::make_unique<Client>(ControlConnection(fd));
-      if (static_cast<int32_t>(clients.size()) >= options.max_clients) {
-        send(*client, encode_store_error(StoreMessage::REFUSE, {0, "the store serves at most " +
-                                                                       std::to_string(options.max_clients) + " clients"}));
-        ++stats.refused_clients;
-        continue;
-      }
-      client->hello_deadline = now + seconds(options.transfer_timeout_s);
-      clients.emplace(next_client++, std::move(client));
-    }
-  }
-
-  void read_clients(Clock::time_point now) {
-    std::vector<uint64_t> gone;
-    for (auto& [id, client] : clients) {
-      std::vector<Frame> frames;
-      std::string error;
-      bool alive = client->connection.receive_available(&frames, &error);
-      for (const Frame& frame : frames) {
-        if (!alive) break;
-        try {
-          if (frame.type != MessageType::STORE) throw std::runtime_error("not a store frame");
-          alive = handle(id, *client, frame.payload);
-        } catch (const std::exception& e) {  // malformed: this connection is done
-          ++stats.bad_requests;
-          logger("kvstore: dropping client '" + client->name + "': " + e.what());
-          send(*client, encode_store_error(StoreMessage::ERROR, {0, std::string("malformed message: ") + e.what()}));
-          alive = false;
-        }
-      }
-      if (alive && !client->welcomed && now > client->hello_deadline) alive = false;
-      if (!alive) gone.push_back(id);
-    }
-    for (uint64_t id : gone) drop_client(id);
-  }
-
-  void drop_client(uint64_t id) {
-    auto it = clients.find(id);
-    Client& client = *it->second;
-    // Its gets and puts may still be on the wire: keep the slots as they are for a while.
-    const Clock::time_point until = Clock::now() + grace();
-    for (auto& [request, slots] : client.pins) {
-      for (int32_t slot : slots) index->unpin_at(slot, until);
-    }
-    for (auto& [request, reservation] : client.reservations) {
-      for (int32_t slot : reservation.slots) {
-        if (slot >= 0) index->abandon_at(slot, until);
-      }
-    }
-    clients.erase(it);
-  }
-
-  bool send(Client& client, const std::string& payload) {
-    // A client that does not read its socket must not hold the store up for long.
-    std::string error;
-    return client.connection.send(MessageType::STORE, payload, Clock::now() + std::chrono::seconds(1), &error);
-  }
-
-  bool send_error(Client& client, uint64_t request_id, const std::string& message) {
-    ++stats.bad_requests;
-    return send(client, encode_store_error(StoreMessage::ERROR, {request_id, message}));
-  }
-
-  // False: drop the client.
-  bool handle(uint64_t id, Client& client, const std::string& payload) {
-    const StoreMessage type = store_message_type(payload);
-    if (!client.welcomed && type != StoreMessage::HELLO) throw std::runtime_error("the first message must be HELLO");
-    switch (type) {
-      case StoreMessage::HELLO: return handle_hello(client, decode_store_hello(payload));
-      case StoreMessage::PIN: return handle_pin(id, client, decode_store_request(payload));
-      case StoreMessage::UNPIN: return handle_unpin(client, decode_store_release(payload));
-      case StoreMessage::RESERVE: return handle_reserve(client, decode_store_request(payload));
-      case StoreMessage::COMMIT: return handle_commit(client, decode_store_release(payload));
-      default: throw std::runtime_error("unexpected message type " + std::to_string(static_cast<uint32_t>(type)));
-    }
-  }
-
-  bool refuse(Client& client, const std::string& reason) {
-    ++stats.refused_clients;
-    logger("kvstore: refused client '" + client.name + "': " + reason);
-    send(client, encode_store_error(StoreMessage::REFUSE, {0, reason}));
-    return false;
-  }
-
-  bool handle_hello(Client& client, const StoreHello& hello) {
-    if (client.welcomed) throw std::runtime_error("HELLO sent twice");
-    client.name = hello.name.substr(0, 128);
-    if (hello.protocol_version != kStoreProtocolVersion) {
-      return refuse(client, "protocol version " + std::to_string(hello.protocol_version) + "; this store speaks " +
-                                std::to_string(kStoreProtocolVersion));
-    }
-    const KVBlockShape& s = hello.shape;
-    if (s.num_layers <= 0 || s.block_size <= 0 || s.num_kv_heads <= 0 || s.head_dim <= 0 || s.element_bytes <= 0) {
-      return refuse(client, "invalid KV block shape (" + s.describe() + ")");
-    }
-    if (hello.identity == 0) return refuse(client, "identity: 0 is not a cache identity");
-    const uint64_t expected = pool_identity != 0 ? pool_identity : options.identity;
-    if (expected != 0 && hello.identity != expected) {
-      return refuse(client, "cache identity mismatch: the store holds KV of identity " + hex(expected) +
-                                ", the client's is " + hex(hello.identity) +
-                                " (another model, dtype, block size or KV layout)");
-    }
-    if (pool_identity != 0 && !(s == shape)) {
-      return refuse(client, "KV block shape mismatch: the store holds " + shape.describe() + ", the client has " +
-                                s.describe());
-    }
-    if (pool_identity == 0) {
-      try {
-        build_pool(hello.identity, s);
-      } catch (const std::exception& e) {
-        return refuse(client, e.what());
-      }
-    }
-    StoreWelcome welcome{transfer->listen_port(), index->num_slots(), options.max_blocks_per_request,
-                         options.transfer_timeout_s};
-    client.welcomed = true;
-    StoreIndexUpdate all;
-    all.added.assign(visible.begin(), visible.end());
-    all.used_blocks = index->num_held();
-    return send(client, encode_store_welcome(welcome)) && send(client, encode_store_index(all));
-  }
-
-  void build_pool(uint64_t identity, const KVBlockShape& s) {
-    const int64_t bytes_per_block = s.bytes_per_block();
-    const int64_t num_slots = options.capacity_bytes / bytes_per_block;
-    if (num_slots <= 0) {
-      throw std::runtime_error("capacity_bytes " + std::to_string(options.capacity_bytes) +
-                               " holds no block of " + std::to_string(bytes_per_block) + " bytes");
-    }
-    if (num_slots > INT32_MAX / 2) throw std::runtime_error("capacity_bytes: too many blocks");
-    buffer = HostBuffer(std::make_shared<AlignedHostAllocator>(), static_cast<size_t>(num_slots * bytes_per_block));
-    layout = make_block_major_layout(reinterpret_cast<uint64_t>(buffer.data()), MemoryKind::HOST,
-                                     static_cast<int32_t>(num_slots), s.num_layers, s.block_size, s.num_kv_heads,
-                                     s.head_dim, s.element_bytes);
-    TransferOptions transfer_options;
-    transfer_options.name = "kvstore";
-    transfer_options.identity = hex(identity);
-    transfer_options.listen_host = options.host;
-    transfer_options.timeout_s = options.transfer_timeout_s;
-    transfer_options.max_blocks_per_transfer = options.max_blocks_per_request;
-    transfer = make_transfer(transfer_options);
-    transfer->register_kv(layout);
-    index = std::make_unique<StoreIndex>(static_cast<int32_t>(num_slots));
-    if (!options.disk_dir.empty()) {
-      copy_engine = std::make_shared<CpuKVCopyEngine>(layout);
-      DiskTierOptions disk_options;
-      disk_options.directory = options.disk_dir;
-      disk_options.capacity_bytes = options.disk_capacity_bytes;
-      disk_options.cache_identity = identity;
-      disk = std::make_shared<DiskTier>(copy_engine, disk_options, logger);
-      scan_disk();
-    }
-    shape = s;
-    pool_identity = identity;
-    logger("kvstore: serving identity " + hex(identity) + " (" + s.describe() + "), " + std::to_string(num_slots) +
-           " blocks of " + std::to_string(bytes_per_block) + " bytes in memory" +
-           (disk ? ", " + std::to_string(on_disk.size()) + " on disk at " + options.disk_dir : std::string()));
-  }
-
-  // The disk tier indexed the directory's blocks of this identity; learn their hashes.
-  void scan_disk() {
-    DIR* dir = ::opendir(options.disk_dir.c_str());
-    if (!dir) return;
-    while (dirent* entry = ::readdir(dir)) {
-      BlockHash hash = 0;
-      if (parse_block_file_name(entry->d_name, &hash) && disk->contains(hash)) {
-        on_disk.insert(hash);
-        refresh(hash);
-      }
-    }
-    ::closedir(dir);
-  }
-
-  // Forgets disk blocks the disk tier evicted or lost.
-  void sweep_disk() {
-    std::vector<BlockHash> gone;
-    for (BlockHash hash : on_disk) {
-      if (!disk->contains(hash)) gone.push_back(hash);
-    }
-    for (BlockHash hash : gone) {
-      on_disk.erase(hash);
-      refresh(hash);
-    }
-  }
-
-  // Keeps `visible` (what clients are told the store holds: memory or disk) current for hash.
-  void refresh(BlockHash hash) {
-    const bool held = index->contains(hash) || on_disk.count(hash) > 0;
-    if (held && visible.insert(hash).second) pending_added.push_back(hash);
-    if (!held && visible.erase(hash) > 0) pending_removed.push_back(hash);
-  }
-
-  void broadcast_changes() {
-    if (!index) return;
-    std::vector<BlockHash> added, removed;
-    index->take_changes(&added, &removed);
-    for (BlockHash hash : added) refresh(hash);
-    for (BlockHash hash : removed) refresh(hash);
-    if (pending_added.empty() && pending_removed.empty()) return;
-    StoreIndexUpdate update{std::move(pending_added), std::move(pending_removed), index->num_held()};
-    pending_added.clear();
-    pending_removed.clear();
-    const std::string payload = encode_store_index(update);
-    std::vector<uint64_t> gone;
-    for (auto& [id, client] : clients) {
-      if (client->welcomed && !send(*client, payload)) gone.push_back(id);
-    }
-    for (uint64_t id : gone) drop_client(id);
-  }
-
-  // False (after an ERROR reply) when the request is not acceptable; the connection stays.
-  bool check_request(Client& client, const StoreBlockRequest& request, bool in_use) {
-    if (request.hashes.empty() || static_cast<int64_t>(request.hashes.size()) > options.max_blocks_per_request) {
-      send_error(client, request.request_id, "hashes: " + std::to_string(request.hashes.size()) +
-                                                 " blocks; a request names at least 1 and at most " +
-                                                 std::to_string(options.max_blocks_per_request));
-      return false;
-    }
-    if (in_use) {
-      send_error(client, request.request_id, "request_id " + std::to_string(request.request_id) + " is in use");
-      return false;
-    }
-    return true;
-  }
-
-  bool handle_pin(uint64_t client_id, Client& client, const StoreBlockRequest& request) {
-    bool in_use = client.pins.count(request.request_id) > 0;
-    for (const DiskPin& p : disk_pins) in_use = in_use || (p.client == client_id && p.request_id == request.request_id);
-    if (!check_request(client, request, in_use)) return true;
-    ++stats.pin_requests;
-    DiskPin pin{client_id, request.request_id, request.hashes, std::vector<int32_t>(request.hashes.size(), -1), {}, {}, 0};
-    std::string missing;
-    for (size_t i = 0; i < request.hashes.size() && missing.empty(); ++i) {
-      const BlockHash hash = request.hashes[i];
-      pin.slots[i] = index->pin(hash);
-      if (pin.slots[i] >= 0) continue;
-      if (disk && on_disk.count(hash) && disk->contains(hash)) {
-        pin.disk_positions.push_back(i);
-        continue;
-      }
-      on_disk.erase(hash);
-      refresh(hash);
-      missing = "block " + hex(hash) + " is not held by the store (evicted, or never saved)";
-    }
-    for (size_t k = 0; k < pin.disk_positions.size() && missing.empty(); ++k) {
-      std::vector<BlockHash> evicted;
-      const int32_t slot = index->reserve(&evicted);
-      if (slot < 0) missing = "every slot of the store is pinned or being written";
-      else pin.disk_slots.push_back(slot);
-    }
-    if (!missing.empty()) {
-      for (int32_t slot : pin.slots) {
-        if (slot >= 0) index->unpin(slot);
-      }
-      for (int32_t slot : pin.disk_slots) index->abandon(slot);
-      ++stats.pin_misses;
-      return send(client, encode_store_slots(StoreMessage::PINNED, {request.request_id, {}, missing}));
-    }
-    if (pin.disk_positions.empty()) {
-      stats.pinned_hits += pin.slots.size();
-      client.pins.emplace(request.request_id, pin.slots);
-      return send(client, encode_store_slots(StoreMessage::PINNED, {request.request_id, pin.slots, ""}));
-    }
-    std::vector<BlockHash> disk_hashes;
-    for (size_t i : pin.disk_positions) disk_hashes.push_back(pin.hashes[i]);
-    pin.handle = disk->load(disk_hashes, pin.disk_slots);
-    disk_pins.push_back(std::move(pin));
-    return true;
-  }
-
-  void finish_disk_pins() {
-    for (size_t p = 0; p < disk_pins.size();) {
-      DiskPin& pin = disk_pins[p];
-      const TransferState state = disk->poll(pin.handle);
-      if (state == TransferState::PENDING) {
-        ++p;
-        continue;
-      }
-      std::string error;
-      for (size_t k = 0; k < pin.disk_positions.size(); ++k) {
-        const BlockHash hash = pin.hashes[pin.disk_positions[k]];
-        const int32_t slot = pin.disk_slots[k];
-        if (state == TransferState::FAILED) {
-          index->abandon(slot);
-          on_disk.erase(hash);
-          refresh(hash);
-          error = "block " + hex(hash) + " could not be read back from the store's disk";
-          continue;
-        }
-        ++stats.disk_reads;
-        if (index->commit(slot, hash)) {
-          index->pin_slot(slot);
-          pin.slots[pin.disk_positions[k]] = slot;
-        } else {  // saved by a client meanwhile
-          pin.slots[pin.disk_positions[k]] = index->pin(hash);
-        }
-      }
-      auto client = clients.find(pin.client);
-      if (!error.empty() || client == clients.end()) {
-        for (int32_t slot : pin.slots) {
-          if (slot >= 0) index->unpin(slot);
-        }
-        if (!error.empty()) ++stats.pin_misses;
-        if (client != clients.end()) send(*client->second, encode_store_slots(StoreMessage::PINNED, {pin.request_id, {}, error}));
-      } else {
-        stats.pinned_hits += pin.slots.size();
-        client->second->pins.emplace(pin.request_id, pin.slots);
-        send(*client->second, encode_store_slots(StoreMessage::PINNED, {pin.request_id, pin.slots, ""}));
-      }
-      disk_pins.erase(disk_pins.begin() + static_cast<std::ptrdiff_t>(p));
-    }
-  }
-
-  bool handle_unpin(Client& client, const StoreRelease& release) {
-    auto it = client.pins.find(release.request_id);
-    if (it == client.pins.end()) {
-      return send_error(client, release.request_id, "UNPIN: unknown request_id " + std::to_string(release.request_id));
-    }
-    for (int32_t slot : it->second) index->unpin(slot);
-    client.pins.erase(it);
-    return true;
-  }
-
-  bool handle_reserve(Client& client, const StoreBlockRequest& request) {
-    if (!check_request(client, request, client.reservations.count(request.request_id) > 0)) return true;
-    Reservation reservation{request.hashes, std::vector<int32_t>(request.hashes.size(), -1)};
-    std::unordered_set<BlockHash> seen;
-    for (size_t i = 0; i < request.hashes.size(); ++i) {
-      const BlockHash hash = request.hashes[i];
-      if (visible.count(hash) || !seen.insert(hash).second) {
-        ++stats.skipped_blocks;
-        continue;
-      }
-      std::vector<BlockHash> evicted;
-      reservation.slots[i] = index->reserve(&evicted);
-      if (reservation.slots[i] < 0) ++stats.skipped_blocks;
-    }
-    const std::vector<int32_t> slots = reservation.slots;
-    client.reservations.emplace(request.request_id, std::move(reservation));
-    return send(client, encode_store_slots(StoreMessage::RESERVED, {request.request_id, slots, ""}));
-  }
-
-  bool handle_commit(Client& client, const StoreRelease& commit) {
-    auto it = client.reservations.find(commit.request_id);
-    if (it == client.reservations.end()) {
-      return send_error(client, commit.request_id, "COMMIT: unknown request_id " + std::to_string(commit.request_id));
-    }
-    const Reservation& r = it->second;
-    const Clock::time_point until = Clock::now() + grace();
-    for (size_t i = 0; i < r.slots.size(); ++i) {
-      const int32_t slot = r.slots[i];
-      if (slot < 0) continue;
-      if (!commit.ok) {
-        index->abandon_at(slot, until);  // a failed put may still land in it
-        continue;
-      }
-      if (!index->commit(slot, r.hashes[i])) continue;
-      ++stats.saved_blocks;
-      if (disk) offer_to_disk(slot, r.hashes[i]);
-    }
-    client.reservations.erase(it);
-    return true;
-  }
-
-  void offer_to_disk(int32_t slot, BlockHash hash) {
-    index->pin_slot(slot);  // until the disk has copied it
-    const uint8_t* data = buffer.data() + static_cast<size_t>(slot) * static_cast<size_t>(layout.block_stride_bytes);
-    std::shared_ptr<ReleasedSlots> sink = released;
-    if (disk->offer(hash, data, [sink, slot] {
-          std::lock_guard<std::mutex> lock(sink->mutex);
-          sink->slots.push_back(slot);
-          const char byte = 1;
-          [[maybe_unused]] ssize_t n = ::write(sink->wake_fd, &byte, 1);
-        })) {
-      on_disk.insert(hash);
-    } else {
-      index->unpin(slot);
-    }
-  }
-
-  void unpin_released() {
-    std::vector<int32_t> slots;
+// ---- the thread ----
+void KVStoreServer::Impl::run() {
+  auto next_sweep = Clock::now() + std::chrono::seconds(10);
+  while (!stopping) {
+    std::vector<pollfd> fds{{listener.fd(), POLLIN, 0}, {wake_read, POLLIN, 0}};
+    int timeout_ms = 200;
     {
-      std::lock_guard<std::mutex> lock(released->mutex);
-      slots.swap(released->slots);
+      std::lock_guard<std::mutex> lock(mutex);
+      for (auto& [id, client] : clients) fds.push_back({client->connection.fd(), POLLIN, 0});
+      if (!disk_pins.empty()) timeout_ms = 1;
+      else if (index && index->has_deferred()) timeout_ms = 50;
     }
-    for (int32_t slot : slots) index->unpin(slot);
+    ::poll(fds.data(), fds.size(), timeout_ms);
+    char drain[64];
+    while (::read(wake_read, drain, sizeof(drain)) > 0) {
+    }
+    std::lock_guard<std::mutex> lock(mutex);
+    const Clock::time_point now = Clock::now();
+    accept_clients(now);
+    read_clients(now);
+    finish_disk_pins();
+    unpin_released();
+    if (index) index->expire(now);
+    if (disk && now >= next_sweep) {
+      sweep_disk();
+      next_sweep = now + std::chrono::seconds(10);
+    }
+    broadcast_changes();
   }
+}
 
-  const KVStoreServerOptions options;
-  const TransferFactory make_transfer;
-  const KVStoreLogger logger;
-  ControlListener listener;
-  int wake_read = -1;
-  int wake_write = -1;
-  std::atomic<bool> stopping{false};
+void KVStoreServer::Impl::accept_clients(Clock::time_point now) {
+  for (int fd = listener.accept_one(); fd >= 0; fd = listener.accept_one()) {
+    auto client = std::make_unique<Client>(ControlConnection(fd));
+    if (static_cast<int32_t>(clients.size()) >= options.max_clients) {
+      send(*client, encode_store_error(StoreMessage::REFUSE, {0, "the store serves at most " +
+                                                                     std::to_string(options.max_clients) + " clients"}));
+      ++stats.refused_clients;
+      continue;
+    }
+    client->hello_deadline = now + store_seconds(options.transfer_timeout_s);
+    clients.emplace(next_client++, std::move(client));
+  }
+}
 
-  mutable std::mutex mutex;  // guards everything below; the store thread holds it while it works
-  // Destroyed in reverse order: the disk tier first (it reads the buffer), the buffer last.
-  HostBuffer buffer;
-  KVLayout layout;
-  std::unique_ptr<KVTransfer> transfer;
-  std::shared_ptr<CpuKVCopyEngine> copy_engine;
-  std::shared_ptr<DiskTier> disk;
-  std::shared_ptr<ReleasedSlots> released;
-  std::unique_ptr<StoreIndex> index;
-  uint64_t pool_identity = 0;
-  KVBlockShape shape;
-  std::unordered_set<BlockHash> on_disk;
-  std::unordered_set<BlockHash> visible;
-  std::vector<BlockHash> pending_added;
-  std::vector<BlockHash> pending_removed;
-  std::map<uint64_t, std::unique_ptr<Client>> clients;
-  uint64_t next_client = 1;
-  std::vector<DiskPin> disk_pins;
-  KVStoreServerStats stats;
-  std::thread thread;  // last: started when everything above exists
-};
+void KVStoreServer::Impl::read_clients(Clock::time_point now) {
+  std::vector<uint64_t> gone;
+  for (auto& [id, client] : clients) {
+    std::vector<Frame> frames;
+    std::string error;
+    bool alive = client->connection.receive_available(&frames, &error);
+    for (const Frame& frame : frames) {
+      if (!alive) break;
+      try {
+        if (frame.type != MessageType::STORE) throw std::runtime_error("not a store frame");
+        alive = handle(id, *client, frame.payload);
+      } catch (const std::exception& e) {  // malformed: this connection is done
+        ++stats.bad_requests;
+        logger("kvstore: dropping client '" + client->name + "': " + e.what());
+        send(*client, encode_store_error(StoreMessage::ERROR, {0, std::string("malformed message: ") + e.what()}));
+        alive = false;
+      }
+    }
+    if (alive && !client->welcomed && now > client->hello_deadline) alive = false;
+    if (!alive) gone.push_back(id);
+  }
+  for (uint64_t id : gone) drop_client(id);
+}
+
+void KVStoreServer::Impl::drop_client(uint64_t id) {
+  auto it = clients.find(id);
+  Client& client = *it->second;
+  // Its gets and puts may still be on the wire: keep the slots as they are for a while.
+  const Clock::time_point until = Clock::now() + grace();
+  for (auto& [request, slots] : client.pins) {
+    for (int32_t slot : slots) index->unpin_at(slot, until);
+  }
+  for (auto& [request, reservation] : client.reservations) {
+    for (int32_t slot : reservation.slots) {
+      if (slot >= 0) index->abandon_at(slot, until);
+    }
+  }
+  clients.erase(it);
+}
+
+bool KVStoreServer::Impl::send(Client& client, const std::string& payload) {
+  // A client that does not read its socket must not hold the store up for long.
+  std::string error;
+  return client.connection.send(MessageType::STORE, payload, Clock::now() + std::chrono::seconds(1), &error);
+}
+
+bool KVStoreServer::Impl::send_error(Client& client, uint64_t request_id, const std::string& message) {
+  ++stats.bad_requests;
+  return send(client, encode_store_error(StoreMessage::ERROR, {request_id, message}));
+}
+
+// False: drop the client.
+bool KVStoreServer::Impl::handle(uint64_t id, Client& client, const std::string& payload) {
+  const StoreMessage type = store_message_type(payload);
+  if (!client.welcomed && type != StoreMessage::HELLO) throw std::runtime_error("the first message must be HELLO");
+  switch (type) {
+    case StoreMessage::HELLO: return handle_hello(client, decode_store_hello(payload));
+    case StoreMessage::PIN: return handle_pin(id, client, decode_store_request(payload));
+    case StoreMessage::UNPIN: return handle_unpin(client, decode_store_release(payload));
+    case StoreMessage::RESERVE: return handle_reserve(client, decode_store_request(payload));
+    case StoreMessage::COMMIT: return handle_commit(client, decode_store_release(payload));
+    default: throw std::runtime_error("unexpected message type " + std::to_string(static_cast<uint32_t>(type)));
+  }
+}
+
+bool KVStoreServer::Impl::refuse(Client& client, const std::string& reason) {
+  ++stats.refused_clients;
+  logger("kvstore: refused client '" + client.name + "': " + reason);
+  send(client, encode_store_error(StoreMessage::REFUSE, {0, reason}));
+  return false;
+}
+
+bool KVStoreServer::Impl::handle_hello(Client& client, const StoreHello& hello) {
+  if (client.welcomed) throw std::runtime_error("HELLO sent twice");
+  client.name = hello.name.substr(0, 128);
+  if (hello.protocol_version != kStoreProtocolVersion) {
+    return refuse(client, "protocol version " + std::to_string(hello.protocol_version) + "; this store speaks " +
+                              std::to_string(kStoreProtocolVersion));
+  }
+  const KVBlockShape& s = hello.shape;
+  if (s.num_layers <= 0 || s.block_size <= 0 || s.num_kv_heads <= 0 || s.head_dim <= 0 || s.element_bytes <= 0) {
+    return refuse(client, "invalid KV block shape (" + s.describe() + ")");
+  }
+  if (hello.identity == 0) return refuse(client, "identity: 0 is not a cache identity");
+  const uint64_t expected = pool_identity != 0 ? pool_identity : options.identity;
+  if (expected != 0 && hello.identity != expected) {
+    return refuse(client, "cache identity mismatch: the store holds KV of identity " + store_hex(expected) +
+                              ", the client's is " + store_hex(hello.identity) +
+                              " (another model, dtype, block size or KV layout)");
+  }
+  if (pool_identity != 0 && !(s == shape)) {
+    return refuse(client, "KV block shape mismatch: the store holds " + shape.describe() + ", the client has " +
+                              s.describe());
+  }
+  if (pool_identity == 0) {
+    try {
+      build_pool(hello.identity, s);
+    } catch (const std::exception& e) {
+      return refuse(client, e.what());
+    }
+  }
+  StoreWelcome welcome{transfer->listen_port(), index->num_slots(), options.max_blocks_per_request,
+                       options.transfer_timeout_s};
+  client.welcomed = true;
+  StoreIndexUpdate all;
+  all.added.assign(visible.begin(), visible.end());
+  all.used_blocks = index->num_held();
+  return send(client, encode_store_welcome(welcome)) && send(client, encode_store_index(all));
+}
+
+void KVStoreServer::Impl::build_pool(uint64_t identity, const KVBlockShape& s) {
+  const int64_t bytes_per_block = s.bytes_per_block();
+  const int64_t num_slots = options.capacity_bytes / bytes_per_block;
+  if (num_slots <= 0) {
+    throw std::runtime_error("capacity_bytes " + std::to_string(options.capacity_bytes) +
+                             " holds no block of " + std::to_string(bytes_per_block) + " bytes");
+  }
+  if (num_slots > INT32_MAX / 2) throw std::runtime_error("capacity_bytes: too many blocks");
+  buffer = HostBuffer(std::make_shared<AlignedHostAllocator>(), static_cast<size_t>(num_slots * bytes_per_block));
+  layout = make_block_major_layout(reinterpret_cast<uint64_t>(buffer.data()), MemoryKind::HOST,
+                                   static_cast<int32_t>(num_slots), s.num_layers, s.block_size, s.num_kv_heads,
+                                   s.head_dim, s.element_bytes);
+  TransferOptions transfer_options;
+  transfer_options.name = "kvstore";
+  transfer_options.identity = store_hex(identity);
+  transfer_options.listen_host = options.host;
+  transfer_options.timeout_s = options.transfer_timeout_s;
+  transfer_options.max_blocks_per_transfer = options.max_blocks_per_request;
+  transfer = make_transfer(transfer_options);
+  transfer->register_kv(layout);
+  index = std::make_unique<StoreIndex>(static_cast<int32_t>(num_slots));
+  if (!options.disk_dir.empty()) {
+    copy_engine = std::make_shared<CpuKVCopyEngine>(layout);
+    DiskTierOptions disk_options;
+    disk_options.directory = options.disk_dir;
+    disk_options.capacity_bytes = options.disk_capacity_bytes;
+    disk_options.cache_identity = identity;
+    disk = std::make_shared<DiskTier>(copy_engine, disk_options, logger);
+    scan_disk();
+  }
+  shape = s;
+  pool_identity = identity;
+  logger("kvstore: serving identity " + store_hex(identity) + " (" + s.describe() + "), " + std::to_string(num_slots) +
+         " blocks of " + std::to_string(bytes_per_block) + " bytes in memory" +
+         (disk ? ", " + std::to_string(on_disk.size()) + " on disk at " + options.disk_dir : std::string()));
+}
+
+// The disk tier indexed the directory's blocks of this identity; learn their hashes.
+void KVStoreServer::Impl::scan_disk() {
+  DIR* dir = ::opendir(options.disk_dir.c_str());
+  if (!dir) return;
+  while (dirent* entry = ::readdir(dir)) {
+    BlockHash hash = 0;
+    if (parse_block_file_name(entry->d_name, &hash) && disk->contains(hash)) {
+      on_disk.insert(hash);
+      refresh(hash);
+    }
+  }
+  ::closedir(dir);
+}
+
+// Forgets disk blocks the disk tier evicted or lost.
+void KVStoreServer::Impl::sweep_disk() {
+  std::vector<BlockHash> gone;
+  for (BlockHash hash : on_disk) {
+    if (!disk->contains(hash)) gone.push_back(hash);
+  }
+  for (BlockHash hash : gone) {
+    on_disk.erase(hash);
+    refresh(hash);
+  }
+}
+
+// Keeps `visible` (what clients are told the store holds: memory or disk) current for hash.
+void KVStoreServer::Impl::refresh(BlockHash hash) {
+  const bool held = index->contains(hash) || on_disk.count(hash) > 0;
+  if (held && visible.insert(hash).second) pending_added.push_back(hash);
+  if (!held && visible.erase(hash) > 0) pending_removed.push_back(hash);
+}
+
+void KVStoreServer::Impl::broadcast_changes() {
+  if (!index) return;
+  std::vector<BlockHash> added, removed;
+  index->take_changes(&added, &removed);
+  for (BlockHash hash : added) refresh(hash);
+  for (BlockHash hash : removed) refresh(hash);
+  if (pending_added.empty() && pending_removed.empty()) return;
+  StoreIndexUpdate update{std::move(pending_added), std::move(pending_removed), index->num_held()};
+  pending_added.clear();
+  pending_removed.clear();
+  const std::string payload = encode_store_index(update);
+  std::vector<uint64_t> gone;
+  for (auto& [id, client] : clients) {
+    if (client->welcomed && !send(*client, payload)) gone.push_back(id);
+  }
+  for (uint64_t id : gone) drop_client(id);
+}
 
 KVStoreServer::KVStoreServer(KVStoreServerOptions options, TransferFactory make_transfer, KVStoreLogger logger)
     : impl_(std::make_unique<Impl>(std::move(options), std::move(make_transfer), std::move(logger))) {}
