@@ -89,6 +89,7 @@ def test_a_second_instance_loads_the_prefixes_the_first_computed(store):
     assert_idle(second)
     log = store.stop()
     assert "refused clients 0," in log and "saved 0," not in log
+    assert "(0 pinned," in log, "every pin was released"
 
 
 def test_a_killed_store_means_recompute_not_a_stall(store):
