@@ -5,6 +5,7 @@ recompute, not a stall; a client of another identity and garbage on the store's 
 while the store keeps serving. The C++ tests (tests/cpp/transfer_ucx_kvstore_test.cc) cover
 pinning, eviction, the disk behind the store and bad requests in depth."""
 
+import argparse
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ import pytest
 
 from rtpllm import _C
 from rtpllm.config import CacheConfig
+from rtpllm.serving.engine_args import add_engine_args, engine_config_from_args
 from kv_tier_workload import assert_idle, expected_outputs, generate, make_llm, prompts, tier_stats
 
 os.environ.setdefault("UCX_TLS", "tcp")  # CI: TCP over loopback; the store process inherits it
@@ -165,6 +167,12 @@ def test_garbage_on_the_store_port_is_refused_and_the_store_keeps_serving(store)
     llm = remote_llm(store)
     assert tier_stats(llm)["remote"].enabled
     assert generate(llm, prompts()[:3]) == expected_outputs()[:3]
+
+
+def test_kv_store_flag_maps_onto_the_config():
+    parser = add_engine_args(argparse.ArgumentParser())
+    assert engine_config_from_args(parser.parse_args(["--kv-store", "10.0.0.7:8200"])).cache.kv_store == "10.0.0.7:8200"
+    assert engine_config_from_args(parser.parse_args([])).cache.kv_store is None
 
 
 def test_kv_store_option_is_checked():
