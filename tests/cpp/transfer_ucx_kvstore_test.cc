@@ -125,6 +125,8 @@ TEST_F(KVStoreTest, ASecondInstanceLoadsWhatTheFirstSaved) {
   EXPECT_EQ(finish(*b, b->save(hashes, b_blocks)), TransferState::DONE);
   EXPECT_EQ(b->stats().front().saved_blocks, 0u);
   EXPECT_EQ(server_->stats().used_blocks, 3);
+  // The client sends UNPIN once its get is final; the store applies it a moment later.
+  for (int i = 0; i < 400 && server_->stats().pinned_blocks != 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   EXPECT_EQ(server_->stats().pinned_blocks, 0);
   server_->check_invariants();
 }
