@@ -112,6 +112,23 @@ def test_a_killed_store_means_recompute_not_a_stall(store):
     assert_idle(second)
 
 
+def test_a_hung_store_is_dropped_within_the_timeout(store):
+    batch = prompts()[:3]
+    first = remote_llm(store)
+    generate(first, batch)
+    first.engine.kv_tiers.flush()
+    second = remote_llm(store)
+    store.proc.send_signal(signal.SIGSTOP)  # alive, sockets open, answering nothing
+    try:
+        start = time.monotonic()
+        assert generate(second, batch) == expected_outputs()[:3]
+        assert time.monotonic() - start < 60
+        assert not tier_stats(second)["remote"].enabled
+        assert_idle(second)
+    finally:
+        store.proc.send_signal(signal.SIGCONT)
+
+
 def test_an_instance_starts_before_its_store_and_serves_meanwhile():
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
