@@ -115,7 +115,7 @@ void KVStoreServer::Impl::read_clients(Clock::time_point now) {
         alive = handle(id, *client, frame.payload);
       } catch (const std::exception& e) {  // malformed: this connection is done
         ++stats.bad_requests;
-        logger("kvstore: dropping client '" + client->name + "': " + e.what());
+        logger("dropping client '" + client->name + "': " + e.what());
         send(*client, encode_store_error(StoreMessage::ERROR, {0, std::string("malformed message: ") + e.what()}));
         alive = false;
       }
@@ -129,6 +129,7 @@ void KVStoreServer::Impl::read_clients(Clock::time_point now) {
 void KVStoreServer::Impl::drop_client(uint64_t id) {
   auto it = clients.find(id);
   Client& client = *it->second;
+  if (client.welcomed) logger("client '" + client.name + "' disconnected");
   // Its gets and puts may still be on the wire: keep the slots as they are for a while.
   const Clock::time_point until = Clock::now() + grace();
   for (auto& [request, slots] : client.pins) {
@@ -169,7 +170,7 @@ bool KVStoreServer::Impl::handle(uint64_t id, Client& client, const std::string&
 
 bool KVStoreServer::Impl::refuse(Client& client, const std::string& reason) {
   ++stats.refused_clients;
-  logger("kvstore: refused client '" + client.name + "': " + reason);
+  logger("refused client '" + client.name + "': " + reason);
   send(client, encode_store_error(StoreMessage::REFUSE, {0, reason}));
   return false;
 }
@@ -206,6 +207,7 @@ bool KVStoreServer::Impl::handle_hello(Client& client, const StoreHello& hello) 
   StoreWelcome welcome{transfer->listen_port(), index->num_slots(), options.max_blocks_per_request,
                        options.transfer_timeout_s};
   client.welcomed = true;
+  logger("client '" + client.name + "' connected");
   StoreIndexUpdate all;
   all.added.assign(visible.begin(), visible.end());
   all.used_blocks = index->num_held();
@@ -244,7 +246,7 @@ void KVStoreServer::Impl::build_pool(uint64_t identity, const KVBlockShape& s) {
   }
   shape = s;
   pool_identity = identity;
-  logger("kvstore: serving identity " + store_hex(identity) + " (" + s.describe() + "), " + std::to_string(num_slots) +
+  logger("serving identity " + store_hex(identity) + " (" + s.describe() + "), " + std::to_string(num_slots) +
          " blocks of " + std::to_string(bytes_per_block) + " bytes in memory" +
          (disk ? ", " + std::to_string(on_disk.size()) + " on disk at " + options.disk_dir : std::string()));
 }
