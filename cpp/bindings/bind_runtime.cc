@@ -14,6 +14,7 @@ void bind_scheduler(py::module_& m);
 void bind_transfer(py::module_& m);
 void bind_loader(py::module_& m);
 void bind_kvstore(py::module_& m);
+void bind_kvstore_remote(py::module_& m);
 
 void bind_runtime(py::module_& m) {
   bind_types(m);
@@ -25,6 +26,7 @@ void bind_runtime(py::module_& m) {
   bind_kvstore(m);  // before the scheduler, whose set_kv_connector takes a KVConnector
   bind_scheduler(m);
   bind_transfer(m);  // after bind_kvstore: both use KVLayout, and kvstore's binding is the full one
+  bind_kvstore_remote(m);  // after both: a KVStoreTier over the transfer engine
   bind_loader(m);
 }
 }  // namespace rtpllm::bindings

@@ -71,6 +71,9 @@ class CacheConfig:
     kv_disk_cache_dir: Optional[str] = None
     kv_disk_cache_gib: float = 16.0
     kv_load_timeout_s: float = 10.0
+    # A shared KV store (`rtpllm kvstore serve`) at HOST:PORT, chained after host and disk: prefixes
+    # another instance computed load from it, and this instance's full blocks are saved into it.
+    kv_store: Optional[str] = None
 
     def __post_init__(self) -> None:
         _require(self.block_size > 0, "block_size", f"must be positive, got {self.block_size}")
@@ -90,6 +93,12 @@ class CacheConfig:
             _require(bool(self.kv_disk_cache_dir.strip()), "kv_disk_cache_dir", "must be a directory path, got ''")
             _require(self.enable_prefix_caching, "kv_disk_cache_dir",
                      "the disk tier keeps prefix-cache blocks: it needs enable_prefix_caching")
+        if self.kv_store is not None:
+            host, _, port = self.kv_store.rpartition(":")
+            _require(bool(host) and port.isdigit() and 0 < int(port) < 65536, "kv_store",
+                     f"must be HOST:PORT of a KV store (rtpllm kvstore serve), got {self.kv_store!r}")
+            _require(self.enable_prefix_caching, "kv_store",
+                     "the KV store keeps prefix-cache blocks: it needs enable_prefix_caching")
 
 
 @dataclass(frozen=True)
@@ -214,6 +223,8 @@ class EngineConfig:
         _require(self.speculative_config is None or self.parallel.tensor_parallel_size == 1, "speculative_config",
                  f"not supported with tensor_parallel_size={self.parallel.tensor_parallel_size} yet (use 1)")
         # The KV tiers copy one pool; each tensor-parallel rank has its own (sharded heads).
+        _require(self.parallel.tensor_parallel_size == 1 or self.cache.kv_store is None, "kv_store",
+                 f"a KV store is not supported with tensor_parallel_size={self.parallel.tensor_parallel_size} yet")
         _require(self.parallel.tensor_parallel_size == 1 or (not self.cache.kv_host_cache_gib
                                                              and self.cache.kv_disk_cache_dir is None),
                  "kv_host_cache_gib", f"KV tiers (host, disk) are not supported with tensor_parallel_size="

@@ -25,6 +25,10 @@ class KVStoreTier : public KVConnector {
   // once nothing is copying into the load's GPU blocks any more, so that the caller may reuse them
   // at once. No-op for an unknown or finished handle.
   virtual void cancel(TransferHandle handle) = 0;
+
+  // True for a tier that copies its saves straight out of the GPU pool rather than being fed by
+  // the tier above it (the remote store): the coordinator then hands it every save as well.
+  virtual bool saves_from_pool() const { return false; }
 };
 
 // A tier below another: receives block copies the upper tier already holds in host memory.

@@ -77,6 +77,9 @@ TransferHandle TieredKVConnector::load(const std::vector<BlockHash>& hashes, con
 TransferHandle TieredKVConnector::save(const std::vector<BlockHash>& hashes, const std::vector<BlockId>& gpu_blocks) {
   Transfer transfer;
   transfer.parts.push_back(Part{0, tiers_[0]->save(hashes, gpu_blocks)});
+  for (size_t t = 1; t < tiers_.size(); ++t) {
+    if (tiers_[t]->saves_from_pool()) transfer.parts.push_back(Part{t, tiers_[t]->save(hashes, gpu_blocks)});
+  }
   const TransferHandle handle = next_handle_++;
   transfers_.emplace(handle, std::move(transfer));
   return handle;

@@ -8,6 +8,7 @@
 //            saving blocks that were loaded from a lower tier puts them back in the first tier
 //            (tiers skip hashes they hold), so a caller that saves every block it caches, loaded
 //            or computed, gets promotion for free;
+//            a tier that saves_from_pool() (the remote store) gets every save too;
 //   poll()   combines the sub-transfers; a load still pending at its deadline is cancelled in its
 //            tiers and ends FAILED as soon as no tier copies into its GPU blocks any more;
 //   stats()  one entry per tier (its query counters are kept here: the tiers are asked through

@@ -187,7 +187,7 @@ bool ControlConnection::parse_frames(std::vector<Frame>* frames, std::string* er
     uint32_t length = 0;
     std::memcpy(&type, buffer_.data() + pos, sizeof(type));
     std::memcpy(&length, buffer_.data() + pos + sizeof(type), sizeof(length));
-    if (type < static_cast<uint32_t>(MessageType::HELLO) || type > static_cast<uint32_t>(MessageType::BYE) ||
+    if (type < static_cast<uint32_t>(MessageType::HELLO) || type > static_cast<uint32_t>(kLastMessageType) ||
         length > kMaxMessageBytes) {
       *error = "malformed frame from peer (type " + std::to_string(type) + ", length " + std::to_string(length) + ")";
       return false;

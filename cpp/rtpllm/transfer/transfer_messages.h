@@ -21,7 +21,9 @@ enum class MessageType : uint32_t {
   NOTICE = 3,  // NoticeMessage: a put's data has landed
   PING = 4,    // empty: keeps a quiet connection alive (liveness)
   BYE = 5,     // empty: orderly close
+  STORE = 6,   // a KV store protocol message (kvstore/remote/store_protocol.h), opaque here
 };
+inline constexpr MessageType kLastMessageType = MessageType::STORE;
 
 inline constexpr uint32_t kMaxMessageBytes = 16u << 20;  // larger frames are a protocol error
 

@@ -19,6 +19,7 @@ import torch
 
 from rtpllm import _C
 from rtpllm.config import CacheConfig
+from rtpllm.engine.kv_store_client import remote_store_tier
 from rtpllm.engine.stats import LOAD_LATENCY_BUCKETS, KVTierSnapshot
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class KVTiers:
                  bytes_per_block: int):
         # NOTE: the C++ objects first and the tensors last: attributes are released in this order.
         self.connector = connector
-        self.tiers = tiers  # name -> tier ("host", "disk"), fastest first; the connector shares them
+        self.tiers = tiers  # name -> tier ("host", "disk", "remote"), fastest first; the connector shares them
         self.bytes_per_block = bytes_per_block
         self._latency: dict[str, tuple[list[int], float, int]] = {}
         self._kv_caches = kv_caches
@@ -120,21 +121,26 @@ class KVTiers:
 
 def build_kv_tiers(cache: CacheConfig, kv_caches: list[torch.Tensor], root_hash: int,
                    stream: Optional[int] = None) -> Optional[KVTiers]:
-    """The tiers `cache` asks for over this pool, chained host -> disk, or None when there are
-    none (both off, or prefix caching off: only cached prefixes are kept). `stream` is the
+    """The tiers `cache` asks for over this pool, chained host -> disk -> remote store, or None when
+    there are none (both off, or prefix caching off: only cached prefixes are kept). `stream` is the
     compute stream's handle on CUDA: copies out of the pool wait for the work queued on it."""
     host_bytes = host_cache_bytes(cache)
-    if not cache.enable_prefix_caching or (host_bytes == 0 and cache.kv_disk_cache_dir is None):
+    if not cache.enable_prefix_caching or (host_bytes == 0 and cache.kv_disk_cache_dir is None
+                                           and cache.kv_store is None):
         return None
     layout = kv_layout(kv_caches, cache.block_size)
     bytes_per_block = layout.bytes_per_block()
     if layout.memory == _C.MemoryKind.CUDA and not hasattr(_C, "CudaKVCopyEngine"):
         if cache.kv_host_cache_gib is None and cache.kv_disk_cache_dir is None:
-            logger.warning("KV tiers off: this build has no CUDA copy engine (build with RTPLLM_CUDA=1)")
-            return None
-        raise ValueError("kv_host_cache_gib: KV tiers on CUDA need rtpllm built with RTPLLM_CUDA=1 (the CUDA copy "
-                         "engine); pass kv_host_cache_gib=0 and no kv_disk_cache_dir to run without them")
-    engine = _copy_engine(layout, stream)
+            # The remote store moves blocks over UCX, without the copy engine.
+            if cache.kv_store is None:
+                logger.warning("KV tiers off: this build has no CUDA copy engine (build with RTPLLM_CUDA=1)")
+                return None
+            host_bytes = 0
+        elif host_bytes > 0 or cache.kv_disk_cache_dir is not None:
+            raise ValueError("kv_host_cache_gib: KV tiers on CUDA need rtpllm built with RTPLLM_CUDA=1 (the CUDA "
+                             "copy engine); pass kv_host_cache_gib=0 and no kv_disk_cache_dir to run without them")
+    engine = _copy_engine(layout, stream) if host_bytes > 0 or cache.kv_disk_cache_dir is not None else None
     disk = None
     if cache.kv_disk_cache_dir is not None:
         options = _C.DiskTierOptions()
@@ -150,6 +156,8 @@ def build_kv_tiers(cache: CacheConfig, kv_caches: list[torch.Tensor], root_hash:
                        host_bytes / 2**30, bytes_per_block)
     if disk is not None:
         tiers["disk"] = disk
+    if cache.kv_store is not None:
+        tiers["remote"] = remote_store_tier(cache, layout, root_hash, stream)
     if not tiers:
         return None
     connector = _C.TieredKVConnector(list(tiers.values()), cache.kv_load_timeout_s)

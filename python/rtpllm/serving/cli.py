@@ -6,6 +6,7 @@
     rtpllm bench throughput [--model PATH] --dataset-name random ...
     rtpllm bench latency    [--model PATH] --input-len 32 --output-len 128 --batch-size 8
     rtpllm router --backend URL [--backend URL ...] [--policy cache_aware|round_robin|least_loaded]
+    rtpllm kvstore serve --capacity-gib N [--disk-dir D] [--host H] [--port P]
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from rtpllm.kvstore.cli import add_kvstore_parser
 from rtpllm.router.cli import add_router_parser
 from rtpllm.serving.engine_args import add_engine_args, engine_config_from_args, engine_kwargs_from_args
 from rtpllm.serving.server_options import add_server_args, server_option_kwargs
@@ -124,11 +126,12 @@ def _add_bench(subparsers) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtpllm", description="rtp-llm: serve, run and benchmark LLMs.")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,bench,router}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,bench,router,kvstore}")
     _add_serve(subparsers)
     _add_generate(subparsers)
     _add_bench(subparsers)
     add_router_parser(subparsers)
+    add_kvstore_parser(subparsers)
     return parser
 
 

@@ -36,6 +36,8 @@ _HELP = {
     "kv_disk_cache_dir": "Directory of the local-disk KV tier (kept across restarts; default: no disk tier).",
     "kv_disk_cache_gib": "Size cap of the disk KV tier, in GiB.",
     "kv_load_timeout_s": "Seconds a KV load from the tiers may take before its tokens are recomputed.",
+    "kv_store": "HOST:PORT of a shared KV store (rtpllm kvstore serve), a tier after host and disk that "
+                "instances share (default: none).",
     "max_num_batched_tokens": "Token budget of one scheduler step.",
     "max_num_seqs": "Most sequences in one step's batch.",
     "enable_chunked_prefill": "Split long prompts across steps, batched with decodes.",
