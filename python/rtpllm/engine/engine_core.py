@@ -48,6 +48,7 @@ class EngineInfo:
     vocab_size: int
     stats: Any  # EngineStats
     tokenizer: Any  # pickled across: the server tokenizes chat templates and /tokenize itself
+    startup: Optional[dict] = None  # the engine's start-up phases (StartupPhases.as_dict), for the server's log
 
 
 def picklable_error(exc: BaseException) -> BaseException:
@@ -155,7 +156,7 @@ def serve(sock: socket.socket) -> int:
         from rtpllm.engine.engine import Engine
         from rtpllm.engine.startup_phases import StartupPhases, since_process_start
 
-        startup = StartupPhases("engine")
+        startup = StartupPhases("engine", level=logging.DEBUG)  # the server logs it in its own line
         startup.add("python start and imports", since_process_start() or 0.0)
         engine = Engine(config, startup)
     except BaseException as exc:  # noqa: BLE001 - reported to the server, which raises it
@@ -164,7 +165,7 @@ def serve(sock: socket.socket) -> int:
     freeze_startup_heap()
     send_blocking(sock, ("ready", EngineInfo(engine.model_name, engine.max_model_len,
                                              engine.vocab_size,
-                                             engine.stats(), engine.tokenizer)))
+                                             engine.stats(), engine.tokenizer, engine.startup.as_dict())))
     sock.setblocking(False)
     loop = EngineCoreLoop(engine, sock)
     try:

@@ -84,6 +84,11 @@ class ProcessEngine(AsyncEngineBase):
         return self._info.tokenizer
 
     @property
+    def startup_report(self) -> Optional[dict]:
+        """The engine process's start-up phases (StartupPhases.as_dict)."""
+        return getattr(self._info, "startup", None)
+
+    @property
     def max_model_len(self) -> int:
         return self._info.max_model_len
 

@@ -74,6 +74,13 @@ class StartupPhases:
     def add_parallel(self, name: str, seconds: float) -> None:
         self.parallel.append((name, seconds))
 
+    def absorb(self, name: str, other: Optional["StartupPhases"]) -> None:
+        """Phase `name` was `other`'s phases (a load's breakdown): they become its details, and
+        `other`'s work on threads is counted as this one's."""
+        if other is not None:
+            self.detail(name, other.phases)
+            self.parallel.extend(other.parallel)
+
     def add_process(self, report: Optional[dict]) -> None:
         if report:
             self.processes.append(report)

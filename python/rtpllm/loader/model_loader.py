@@ -14,8 +14,6 @@ from rtpllm.config import LOAD_FORMATS
 from rtpllm.distributed.tp_group import TPGroup
 from rtpllm.engine.startup_phases import StartupPhases
 from rtpllm.layers.attention_metadata import AttentionBackend
-from rtpllm.loader.gguf_checkpoint import GGUFCheckpoint
-from rtpllm.loader.gguf_tokenizer import load_gguf_tokenizer
 from rtpllm.loader.hf_checkpoint import (CONFIG_FILE, check_tokenizer_files, iter_safetensors, read_generation_config,
                                          read_json, read_weight_map, safetensors_files)
 from rtpllm.loader.safetensors_loader import LoaderSettings, SafetensorsCheckpoint, load_into_model
@@ -129,6 +127,10 @@ def _timed(phases: StartupPhases, name: str, load: Callable, *args):
 
 def _load_gguf(path: str, dtype: torch.dtype, device: torch.device, backend_for: BackendFor,
                load_format: str, tp: Optional[TPGroup] = None) -> LoadedModel:
+    # Imported here: the gguf package costs a Hugging Face folder's start-up nothing.
+    from rtpllm.loader.gguf_checkpoint import GGUFCheckpoint
+    from rtpllm.loader.gguf_tokenizer import load_gguf_tokenizer
+
     phases = StartupPhases("load")
     with phases.phase("gguf metadata"):
         checkpoint = GGUFCheckpoint(path)
