@@ -14,12 +14,11 @@ from rtpllm.config import LOAD_FORMATS
 from rtpllm.distributed.tp_group import TPGroup
 from rtpllm.engine.startup_phases import StartupPhases
 from rtpllm.layers.attention_metadata import AttentionBackend
-from rtpllm.loader.hf_checkpoint import (CONFIG_FILE, check_tokenizer_files, iter_safetensors, read_generation_config,
+from rtpllm.loader.hf_checkpoint import (CONFIG_FILE, check_tokenizer_files, read_generation_config,
                                          read_json, read_weight_map, safetensors_files)
 from rtpllm.loader.safetensors_loader import LoaderSettings, SafetensorsCheckpoint, load_into_model
 from rtpllm.models.llama import LlamaForCausalLM
 from rtpllm.models.llama_arch import LlamaArch
-from rtpllm.models.llama_shards import llama_tensor_shard
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Dummy weights: uniform in [-x, x], small enough that activations stay finite (vLLM's choice).
@@ -99,18 +98,14 @@ def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device, backe
         if load_format == "dummy":
             with phases.phase("dummy weights"):
                 _fill_dummy(model)
-        elif tp is not None:
-            # A tensor-parallel rank reads its slices through safetensors (the C++ reader's strided
-            # requests are not wired to the shard map yet).
-            with phases.phase("weights (safetensors slices)"):
-                model.load_weights(iter_safetensors(files, lambda name: llama_tensor_shard(name, arch, tp.rank,
-                                                                                          tp.world_size)))
         else:
             # Headers are read and checked (and the index against them) before any weight moves.
             with phases.phase("headers"):
                 checkpoint = SafetensorsCheckpoint(files, read_weight_map(folder))
-            with phases.phase(f"weights {checkpoint.total_bytes / 1e9:.2f} GB"):
-                model.check_all_loaded(load_into_model(checkpoint, model.weight_destination, settings))
+            # A tensor-parallel rank reads only its slices (row ranges, strided column slices).
+            shard_of = model.checkpoint_shard if tp is not None else None
+            with phases.phase(f"weights {checkpoint.total_bytes / 1e9:.2f} GB" + (" (this rank's slices)" if tp else "")):
+                model.check_all_loaded(load_into_model(checkpoint, model.weight_destination, settings, shard_of))
         with phases.phase("waiting for the tokenizer"):
             result = tokenizer.result()
         return LoadedModel(model.eval(), arch, result, generation_config, phases)
