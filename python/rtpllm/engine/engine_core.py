@@ -150,7 +150,8 @@ class EngineCoreLoop:
 
 def serve(sock: socket.socket) -> int:
     init = recv_blocking(sock)
-    _, config, log_level = init
+    _, config, log_level, *rest = init
+    send_tokenizer = rest[0] if rest else True  # False: the server loaded its own copy
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
     try:
         from rtpllm.engine.engine import Engine
@@ -165,7 +166,8 @@ def serve(sock: socket.socket) -> int:
     freeze_startup_heap()
     send_blocking(sock, ("ready", EngineInfo(engine.model_name, engine.max_model_len,
                                              engine.vocab_size,
-                                             engine.stats(), engine.tokenizer, engine.startup.as_dict())))
+                                             engine.stats(), engine.tokenizer if send_tokenizer else None,
+                                             engine.startup.as_dict())))
     sock.setblocking(False)
     loop = EngineCoreLoop(engine, sock)
     try:

@@ -17,6 +17,7 @@ from rtpllm.layers.attention_metadata import AttentionBackend
 from rtpllm.loader.hf_checkpoint import (CONFIG_FILE, check_tokenizer_files, read_generation_config,
                                          read_json, read_weight_map, safetensors_files)
 from rtpllm.loader.safetensors_loader import LoaderSettings, SafetensorsCheckpoint, load_into_model
+from rtpllm.loader.tokenizer_loader import load_folder_tokenizer
 from rtpllm.models.llama import LlamaForCausalLM
 from rtpllm.models.llama_arch import LlamaArch
 
@@ -74,7 +75,7 @@ def load_model_and_tokenizer(path: str, dtype: torch.dtype = torch.float32,
     else:
         raise ValueError(f"model: {path} is neither a Hugging Face model folder nor a .gguf file")
     if tokenizer_path is not None:
-        loaded.tokenizer = _load_tokenizer(tokenizer_path)
+        loaded.tokenizer = load_folder_tokenizer(tokenizer_path)
     return loaded
 
 
@@ -92,7 +93,7 @@ def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device, backe
     # The tokenizer (and the transformers import it needs) loads on a thread while the C++ reader,
     # which does not hold the GIL, moves the weights.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtpllm-tokenizer") as pool:
-        tokenizer = pool.submit(_timed, phases, "tokenizer", _load_tokenizer, folder)
+        tokenizer = pool.submit(_timed, phases, "tokenizer", load_folder_tokenizer, folder)
         with phases.phase("model build"):
             model = _empty_model(arch, dtype, device, backend_for(arch), tp)
         if load_format == "dummy":
@@ -179,15 +180,3 @@ def build_model(arch: LlamaArch, dtype: torch.dtype, device: torch.device,
     model = _empty_model(arch, dtype, device, attn_backend, tp)
     model.load_weights(weights)
     return model.eval()
-
-
-def _load_tokenizer(folder: str):
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"tokenizer: {folder} does not exist")
-    check_tokenizer_files(folder)
-    from transformers import AutoTokenizer  # 1-2 s of imports: only where a tokenizer is loaded
-
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except Exception as e:
-        raise ValueError(f"tokenizer: cannot load the tokenizer in {folder} ({type(e).__name__}: {e})") from None
