@@ -6,8 +6,8 @@ device in one copy each, runs the model, and samples from the rows the scheduler
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
