@@ -7,8 +7,10 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "rtpllm/core/host_allocator.h"
+#include "rtpllm/loader/gguf_dequantize.h"
 #include "rtpllm/loader/load_error.h"
 #include "rtpllm/loader/memcpy_sink.h"
 #include "rtpllm/loader/safetensors_header.h"
@@ -100,6 +102,23 @@ void bind_loader(py::module_& parent) {
       .def_property_readonly("tensors", &SafetensorsHeader::tensors, "in file order");
   m.def("read_safetensors_header", &SafetensorsHeader::read, py::arg("path"),
         "The validated header of a safetensors file; FileNotFoundError / ValueError name the file and tensor.");
+
+  m.def(
+      "gguf_type_supported", [](uint32_t ggml_type) { return gguf_type_supported(ggml_type); }, py::arg("ggml_type"),
+      "True for the ggml types dequantize_gguf decodes (F32, F16, BF16, Q8_0, Q4_0, Q4_1).");
+  m.def(
+      "dequantize_gguf",
+      [](uint32_t ggml_type, uintptr_t src, uint64_t src_bytes, uintptr_t dst, uint64_t num_values,
+         size_t num_threads, std::optional<std::vector<uint64_t>> row_order, uint64_t row_values) {
+        py::gil_scoped_release release;
+        dequantize_gguf(ggml_type, reinterpret_cast<const uint8_t*>(src), src_bytes, reinterpret_cast<float*>(dst),
+                        num_values, num_threads, row_order ? row_order->data() : nullptr, row_values);
+      },
+      py::arg("ggml_type"), py::arg("src"), py::arg("src_bytes"), py::arg("dst"), py::arg("num_values"),
+      py::arg("num_threads") = 4, py::kw_only(), py::arg("row_order") = std::nullopt, py::arg("row_values") = 0,
+      "Host GGUF data at address `src` -> `num_values` float32 at address `dst`, in one pass over threads; "
+      "with `row_order`, source row r (of `row_values` values) lands in row row_order[r]. ValueError when the "
+      "byte count does not match, the rows do not fit or the type is not supported.");
 
   py::class_<TensorRequest>(m, "TensorRequest")
       .def(py::init([](std::string file, std::string tensor, uintptr_t dst, uint64_t dst_bytes, uint64_t begin,

@@ -14,7 +14,8 @@ import transformers
 from checkpoints import checkpoint_path, load_hf_reference
 from gguf_checkpoints import llama_cpp_permute, write_gguf
 from paged_batch import PagedKV, reference_logits
-from rtpllm.loader import load_model_and_tokenizer
+from rtpllm.loader import build_model, load_model_and_tokenizer
+from rtpllm.loader.gguf_checkpoint import GGUFCheckpoint
 from rtpllm.loader.gguf_names import unpermute_qk
 from rtpllm.loader.gguf_quants import dequantize
 
@@ -37,16 +38,26 @@ def _random_raw(qtype: Q, rows: int, cols: int, rng: np.random.Generator) -> np.
     return blocks.reshape(rows, -1)
 
 
+@pytest.mark.parametrize("host_decoder", [True, False], ids=["cpp", "torch"])
 @pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda t: t.name)
-def test_dequantize_matches_gguf_reference_bit_for_bit(qtype):
+def test_dequantize_matches_gguf_reference_bit_for_bit(qtype, host_decoder):
     rng = np.random.default_rng(int(qtype))
     rows, cols = 19, 96  # 3 blocks of 32 per row
     raw = _random_raw(qtype, 2 * rows, cols, rng)
     expected = gguf.quants.dequantize(raw[::2], qtype).astype(np.float32).reshape(rows, cols)
     every_other_row = torch.from_numpy(raw.view(np.uint8))[::2]  # a non-contiguous input
-    ours = dequantize(every_other_row, qtype, (rows, cols))
+    ours = dequantize(every_other_row, qtype, (rows, cols), host_decoder=host_decoder)
     assert ours.dtype == torch.float32
     assert torch.equal(ours, torch.from_numpy(expected))
+
+
+def test_host_decoder_converts_every_float16_bit_pattern():
+    # Subnormals, infinities and NaNs included: the C++ decoder converts float16 itself.
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    ours = dequantize(torch.from_numpy(bits.view(np.uint8)), Q.F16, (1 << 16,))
+    expected = torch.from_numpy(bits.view(np.float16).astype(np.float32))
+    assert torch.equal(ours.view(torch.int32)[~expected.isnan()], expected.view(torch.int32)[~expected.isnan()])
+    assert torch.equal(ours.isnan(), expected.isnan())
 
 
 def test_dequantize_rejects_wrong_byte_count():
@@ -123,3 +134,16 @@ def test_corrupt_and_truncated_gguf_files_are_rejected(tmp_path):
     truncated.write_bytes(whole[:len(whole) // 2])
     with pytest.raises(ValueError, match="truncated.gguf: not a valid GGUF file"):
         load_model_and_tokenizer(str(truncated))
+
+
+@pytest.mark.parametrize("matrix_type", [Q.Q4_1, Q.Q8_0, Q.F16], ids=lambda t: t.name)
+def test_host_load_into_parameters_matches_dequantize_then_copy(matrix_type, tmp_path):
+    # The CPU path decodes straight into the parameters (q/k rows un-permuted by the C++ decoder);
+    # the device path dequantizes with tensor ops, un-permutes, then copies: bit-identical weights.
+    path = write_gguf(checkpoint_path("llama3"), str(tmp_path / "llama3.gguf"), matrix_type=matrix_type)
+    checkpoint = GGUFCheckpoint(path)
+    arch = checkpoint.arch()
+    direct = load_model_and_tokenizer(path).model
+    copied = build_model(arch, torch.float32, torch.device("cpu"), checkpoint.weights(arch, "cpu"))
+    for (name, ours), (_, theirs) in zip(direct.named_parameters(), copied.named_parameters()):
+        assert torch.equal(ours, theirs), name

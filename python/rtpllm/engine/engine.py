@@ -60,6 +60,7 @@ class Engine:
         self.executor = create_executor(config, self.model_path, self.device, self.dtype)
         with self.startup.phase("model and tokenizer"):
             loaded = self.executor.load_model()
+        self.startup.absorb("model and tokenizer", getattr(loaded, "phases", None))
         self.arch = loaded.arch
         self.tokenizer = loaded.tokenizer
         self.model_name = config.model.served_model_name or _basename(self.model_path)
@@ -82,6 +83,8 @@ class Engine:
             capture = self.runner.graphs.capture_seconds
             self.startup.phases[-1] = (self.startup.phases[-1][0], self.startup.phases[-1][1] - capture)
             self.startup.add(f"cuda graphs ({len(self.runner.graphs.buckets)} batch sizes)", capture)
+        self.startup.detail("kv cache profile and allocation",
+                            [("profile forward", getattr(self.runner, "profile_seconds", 0.0))])
         if self.spec is not None:
             self.spec.bind(self.runner)
         # Root of the block-hash chain: copies of KV outside the pool never mix models or layouts.

@@ -143,7 +143,7 @@ def serve(sock: socket.socket) -> int:
         from rtpllm.engine.engine import Engine
         from rtpllm.engine.startup_phases import StartupPhases, since_process_start
 
-        startup = StartupPhases("engine")
+        startup = StartupPhases("engine", level=logging.DEBUG)  # the server logs it in its own line
         startup.add("python start and imports", since_process_start() or 0.0)
         engine = Engine(config, startup)
     except BaseException as exc:  # noqa: BLE001 - reported to the server, which raises it
@@ -151,7 +151,8 @@ def serve(sock: socket.socket) -> int:
         return 1
     freeze_startup_heap()
     send_blocking(sock, EngineReady(EngineInfo(engine.model_name, engine.max_model_len, engine.vocab_size,
-                                               engine.stats(), engine.tokenizer)))
+                                               engine.stats(), engine.tokenizer if init.send_tokenizer else None,
+                                               engine.startup.as_dict())))
     sock.setblocking(False)
     loop = EngineCoreLoop(engine, sock)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from rtpllm.config import CacheConfig
@@ -41,4 +42,13 @@ def allocate_kv_caches(num_layers: int, num_blocks: int, block_size: int, num_kv
     poison the reference path's matmul, so never hand out uninitialized memory.
     """
     shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    if device.type == "cpu":
+        return [_lazily_zeroed(shape, dtype) for _ in range(num_layers)]
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+
+def _lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros on the host that cost nothing until touched: numpy's calloc maps fresh zero pages,
+    where torch.zeros writes every byte of the pool at start-up (seconds for a few GiB)."""
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)

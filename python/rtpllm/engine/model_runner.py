@@ -6,6 +6,7 @@ device in one copy each, runs the model, and samples from the rows the scheduler
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -51,7 +52,9 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.max_num_batched_tokens = config.scheduler.max_num_batched_tokens
         self.sampler = Sampler()
+        started = time.perf_counter()
         peak = self._profile_peak_memory() if device.type == "cuda" else 0
+        self.profile_seconds = time.perf_counter() - started  # reported in the start-up phases
         bytes_per_block = kv_bytes_per_block(arch.num_layers, arch.num_kv_heads, arch.head_dim,
                                              self.block_size, dtype)
         # A draft model keeps its KV in blocks with the same ids (spec/draft_model.py): size the pool for both.

@@ -13,15 +13,18 @@ If the engine process dies, every waiting request fails with `EngineDeadError` (
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
 import socket
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Optional, Union
 
 from rtpllm.distributed.env import DISTRIBUTED_ENV
+from rtpllm.engine.default_model import resolve_model_path
 from rtpllm.engine.async_engine import (AbortCommand, AddCommand, AsyncEngineBase, CallCommand, EngineDeadError,
                                        EngineLimits, StepObserver)
 from rtpllm.engine.frames import FrameReader, FrameWriter, encode_frame, recv_blocking, send_blocking
@@ -29,6 +32,7 @@ from rtpllm.engine.link.messages import (AbortRequest, AddRequest, CallInEngine,
                                          EngineReady, InitEngine, LinkMessage, MalformedMessage, StepOutputs,
                                          StopEngine)
 from rtpllm.engine.output_deltas import OutputDeltaDecoder
+from rtpllm.loader.tokenizer_loader import load_tokenizer
 
 if TYPE_CHECKING:
     from rtpllm.config import EngineConfig
@@ -68,6 +72,10 @@ class ProcessEngine(AsyncEngineBase):
     def launch(config: "EngineConfig") -> "EngineLaunch":
         """Starts the engine process and returns at once: the caller does its own start-up (the
         server imports its HTTP stack) while the engine loads the model, then calls `wait`."""
+        # The server loads its own tokenizer meanwhile (the engine then does not pickle its own over).
+        tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtpllm-tokenizer")
+        tokenizer_future = tokenizer.submit(lambda: load_tokenizer(resolve_model_path(config.model.model)))
+        tokenizer.shutdown(wait=False)
         server_end, engine_end = socket.socketpair()
         try:
             process = subprocess.Popen([sys.executable, "-m", "rtpllm.engine.engine_core", "--fd",
@@ -76,14 +84,19 @@ class ProcessEngine(AsyncEngineBase):
         finally:
             engine_end.close()
         try:
-            send_blocking(server_end, InitEngine(config, logging.getLogger().getEffectiveLevel()))
+            send_blocking(server_end, InitEngine(config, logging.getLogger().getEffectiveLevel(), send_tokenizer=False))
         except OSError:
             pass  # the process died at once: `wait` reports it
-        return EngineLaunch(process, server_end, config)
+        return EngineLaunch(process, server_end, config, tokenizer_future)
 
     @property
     def tokenizer(self):
         return self._info.tokenizer
+
+    @property
+    def startup_report(self) -> Optional[dict]:
+        """The engine process's start-up phases (StartupPhases.as_dict)."""
+        return getattr(self._info, "startup", None)
 
     @property
     def max_model_len(self) -> int:
@@ -243,10 +256,12 @@ class ProcessEngine(AsyncEngineBase):
 class EngineLaunch:
     """An engine process that is loading its model (`ProcessEngine.launch`)."""
 
-    def __init__(self, process: subprocess.Popen, sock: socket.socket, config: "EngineConfig"):
+    def __init__(self, process: subprocess.Popen, sock: socket.socket, config: "EngineConfig",
+                 tokenizer: Optional[Future] = None):
         self._process = process
         self._sock = sock
         self._config = config
+        self._tokenizer = tokenizer  # the server's own copy, loading; None: the engine sends its own
 
     def wait(self, observer: Optional[StepObserver] = None, stream_interval: int = 1) -> ProcessEngine:
         """Blocks until the engine is ready. Raises what the engine raised (e.g. FileNotFoundError
@@ -270,6 +285,12 @@ class EngineLaunch:
             self.kill()
             raise EngineProcessError(f"the engine process answered its start with {reply!r}, not EngineReady")
         info, config = reply.info, self._config
+        if info.tokenizer is None and self._tokenizer is not None:
+            try:
+                info = dataclasses.replace(info, tokenizer=self._tokenizer.result())
+            except BaseException:
+                self.kill()
+                raise
         limits = EngineLimits(max_num_seqs=config.scheduler.max_num_seqs,
                               kv_cache_tokens=info.stats.kv_blocks_total * config.cache.block_size)
         return ProcessEngine(process, server_end, info, config.max_queued_requests, observer, stream_interval,

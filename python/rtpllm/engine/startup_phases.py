@@ -3,14 +3,22 @@
     phases = StartupPhases("engine")
     with phases.phase("weights"):
         ...
-    phases.log()   # engine start-up 9.8 s: imports 2.1 s, weights 4.2 s, kv cache 0.3 s, ...
+    phases.detail("weights", [("headers", 0.01), ("read", 0.8)])   # what the phase was made of
+    phases.add_parallel("tokenizer", 1.2)                          # ran on a thread meanwhile
+    phases.log()   # engine start-up 9.8 s since process start: imports 2.1 s, weights 4.2 s (headers ...), ...
 
 `since_process_start()` measures from the moment the OS started the process, so the interpreter's
 own start and the imports before any of our code ran are counted too.
+
+A server that runs its engine in a process of its own receives the engine's phases
+(`as_dict`, sent with the engine's "ready") and prints both in its one line (`add_process`).
+With $RTPLLM_STARTUP_REPORT set to a file, `log()` also appends the phases there as one JSON
+line per process (benchmarks read it: bench/gpu/bench_startup.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -18,6 +26,10 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 logger = logging.getLogger("rtpllm.startup")
+
+REPORT_ENV = "RTPLLM_STARTUP_REPORT"
+
+Parts = list[tuple[str, float]]
 
 
 def since_process_start() -> Optional[float]:
@@ -35,9 +47,13 @@ def since_process_start() -> Optional[float]:
 
 
 class StartupPhases:
-    def __init__(self, who: str):
+    def __init__(self, who: str, level: int = logging.INFO):
         self.who = who
-        self.phases: list[tuple[str, float]] = []
+        self.level = level  # an engine inside a server logs at DEBUG: the server's line carries it
+        self.phases: list[tuple[str, float]] = []  # in order, back to back
+        self.details: dict[str, Parts] = {}  # what a phase was made of, by phase name
+        self.parallel: Parts = []  # work on other threads, overlapped with the phases
+        self.processes: list[dict] = []  # other processes' phases (`as_dict`), e.g. the engine's
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -50,14 +66,66 @@ class StartupPhases:
     def add(self, name: str, seconds: float) -> None:
         self.phases.append((name, seconds))
 
+    def detail(self, name: str, parts: Parts) -> None:
+        """Records what phase `name` was made of (shown in brackets after it)."""
+        if parts:
+            self.details[name] = list(parts)
+
+    def add_parallel(self, name: str, seconds: float) -> None:
+        self.parallel.append((name, seconds))
+
+    def absorb(self, name: str, other: Optional["StartupPhases"]) -> None:
+        """Phase `name` was `other`'s phases (a load's breakdown): they become its details, and
+        `other`'s work on threads is counted as this one's."""
+        if other is not None:
+            self.detail(name, other.phases)
+            self.parallel.extend(other.parallel)
+
+    def add_process(self, report: Optional[dict]) -> None:
+        if report:
+            self.processes.append(report)
+
     def seconds(self, name: str) -> float:
         return sum(s for n, s in self.phases if n == name)
 
+    def as_dict(self) -> dict:
+        return {"who": self.who, "since_process_start": since_process_start(),
+                "phases": [{"name": n, "seconds": s, "parts": [{"name": pn, "seconds": ps}
+                                                               for pn, ps in self.details.get(n, [])]}
+                           for n, s in self.phases],
+                "parallel": [{"name": n, "seconds": s} for n, s in self.parallel],
+                "processes": list(self.processes)}
+
     def summary(self) -> str:
-        total = since_process_start()
-        parts = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.phases)
-        head = f"{self.who} start-up" + (f" {total:.2f} s since process start" if total is not None else "")
-        return f"{head}: {parts}"
+        return _summary(self.as_dict())
 
     def log(self) -> None:
-        logger.info("%s", self.summary())
+        report = self.as_dict()
+        logger.log(self.level, "%s", _summary(report))
+        path = os.environ.get(REPORT_ENV)
+        if path:
+            try:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(report) + "\n")
+            except OSError as e:
+                logger.warning("cannot append the start-up report to %s (%s)", path, e)
+
+
+def _summary(report: dict) -> str:
+    def parts(items: list[dict]) -> str:
+        return ", ".join(f"{item['name']} {item['seconds']:.2f} s" for item in items)
+
+    phases = []
+    for phase in report["phases"]:
+        text = f"{phase['name']} {phase['seconds']:.2f} s"
+        if phase["parts"]:
+            text += f" ({parts(phase['parts'])})"
+        phases.append(text)
+    total = report.get("since_process_start")
+    head = f"{report['who']} start-up" + (f" {total:.2f} s since process start" if total is not None else "")
+    line = f"{head}: {', '.join(phases)}"
+    if report["parallel"]:
+        line += f"; on threads meanwhile: {parts(report['parallel'])}"
+    for process in report.get("processes", []):
+        line += f" | {_summary(process)}"
+    return line

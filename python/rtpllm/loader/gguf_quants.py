@@ -5,15 +5,19 @@ Each quantized type packs 32 consecutive values of a row into one fixed-size blo
     Q4_0  (18 bytes): float16 scale d, 16 bytes of nibbles  -> d * (q - 8)
     Q4_1  (20 bytes): float16 scale d, float16 min m, 16 bytes of nibbles -> d * q + m
 In the nibble bytes, byte i holds value i in its low 4 bits and value i + 16 in its high 4 bits.
-The work runs on whatever device the raw bytes are on, so a GPU load dequantizes on the GPU.
+The work runs on whatever device the raw bytes are on, so a GPU load dequantizes on the GPU; on
+the CPU the C++ decoder (`_C.loader.dequantize_gguf`) does it in one pass over threads instead.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import torch
 from gguf import GGMLQuantizationType
+
+from rtpllm import _C
 
 _BLOCK_VALUES = 32
 
@@ -57,13 +61,15 @@ _DEQUANTIZERS: dict[GGMLQuantizationType, tuple[int, int, Callable[[torch.Tensor
     GGMLQuantizationType.Q4_1: (_BLOCK_VALUES, 20, _dequantize_q4_1),
 }
 SUPPORTED_TYPES = tuple(_DEQUANTIZERS)
+HOST_THREADS = min(8, os.cpu_count() or 1)
 
 
 def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType, shape: Sequence[int],
-               name: str = "tensor") -> torch.Tensor:
+               name: str = "tensor", host_decoder: bool = True) -> torch.Tensor:
     """Raw GGUF bytes (a uint8 tensor, any shape, contiguous) -> float32 tensor of `shape`
     (row-major, as Hugging Face lays out the weight). Raises ValueError naming `name` for an
-    unsupported type or a byte count that does not fit the shape."""
+    unsupported type or a byte count that does not fit the shape. Bytes on the host go through the
+    C++ decoder unless `host_decoder=False` (tests compare it with the tensor-op path devices use)."""
     if qtype not in _DEQUANTIZERS:
         supported = ", ".join(t.name for t in SUPPORTED_TYPES)
         raise ValueError(f"GGUF tensor {name}: type {_type_name(qtype)} is not supported (supported: {supported})")
@@ -76,7 +82,12 @@ def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType, shape: Sequence[i
     if num_values % values_per_block or raw.numel() != num_values // values_per_block * bytes_per_block:
         raise ValueError(f"GGUF tensor {name}: {raw.numel()} bytes do not hold a {_type_name(qtype)} tensor of "
                          f"shape {tuple(shape)} (the file is corrupt or truncated)")
-    return decode(raw.contiguous().reshape(-1)).reshape(tuple(shape))
+    raw = raw.contiguous().reshape(-1)
+    if raw.device.type == "cpu" and host_decoder:
+        out = torch.empty(num_values, dtype=torch.float32)
+        _C.loader.dequantize_gguf(int(qtype), raw.data_ptr(), raw.numel(), out.data_ptr(), num_values, HOST_THREADS)
+        return out.reshape(tuple(shape))
+    return decode(raw).reshape(tuple(shape))
 
 
 def _type_name(qtype: object) -> str:

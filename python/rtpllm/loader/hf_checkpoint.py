@@ -11,11 +11,12 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from safetensors import SafetensorError, safe_open
 
+from rtpllm.loader.tokenizer_loader import check_tokenizer_files  # noqa: F401 - re-exported
+
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def read_json(path: str) -> Any:
@@ -93,6 +94,3 @@ def iter_safetensors(files: list[str], shard_of: Optional[Callable[[str], Any]] 
             raise ValueError(f"{os.path.basename(path)}: not a valid safetensors file ({e}) in {path}") from None
 
 
-def check_tokenizer_files(folder: str) -> None:
-    if not any(os.path.isfile(os.path.join(folder, name)) for name in _TOKENIZER_FILES):
-        raise FileNotFoundError(f"tokenizer: none of {list(_TOKENIZER_FILES)} in {folder}")

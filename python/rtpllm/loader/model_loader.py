@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
 from rtpllm.config import LOAD_FORMATS
 from rtpllm.distributed.tp_group import TPGroup
+from rtpllm.engine.startup_phases import StartupPhases
 from rtpllm.layers.attention_metadata import AttentionBackend
-from rtpllm.loader.gguf_checkpoint import GGUFCheckpoint
-from rtpllm.loader.gguf_tokenizer import load_gguf_tokenizer
-from rtpllm.loader.hf_checkpoint import (CONFIG_FILE, check_tokenizer_files, iter_safetensors, read_generation_config,
+from rtpllm.loader.hf_checkpoint import (CONFIG_FILE, check_tokenizer_files, read_generation_config,
                                          read_json, read_weight_map, safetensors_files)
 from rtpllm.loader.safetensors_loader import LoaderSettings, SafetensorsCheckpoint, load_into_model
+from rtpllm.loader.tokenizer_loader import load_folder_tokenizer
 from rtpllm.models.llama import LlamaForCausalLM
 from rtpllm.models.llama_arch import LlamaArch
-from rtpllm.models.llama_shards import llama_tensor_shard
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Dummy weights: uniform in [-x, x], small enough that activations stay finite (vLLM's choice).
@@ -32,6 +32,8 @@ class LoadedModel:
     arch: LlamaArch
     tokenizer: Any  # a transformers fast tokenizer, chat template included when the model has one
     generation_config: dict  # generation_config.json, or the GGUF's bos/eos/pad ids; {} when absent
+    # Where the load's time went (config, model build, weights, tokenizer on its thread, ...).
+    phases: StartupPhases = field(default_factory=lambda: StartupPhases("load"))
 
 
 def load_model_and_tokenizer(path: str, dtype: torch.dtype = torch.float32,
@@ -73,7 +75,7 @@ def load_model_and_tokenizer(path: str, dtype: torch.dtype = torch.float32,
     else:
         raise ValueError(f"model: {path} is neither a Hugging Face model folder nor a .gguf file")
     if tokenizer_path is not None:
-        loaded.tokenizer = _load_tokenizer(tokenizer_path)
+        loaded.tokenizer = load_folder_tokenizer(tokenizer_path)
     return loaded
 
 
@@ -82,44 +84,75 @@ BackendFor = Callable[[LlamaArch], Optional[AttentionBackend]]
 
 def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device, backend_for: BackendFor,
                     load_format: str, settings: LoaderSettings, tp: Optional[TPGroup] = None) -> LoadedModel:
-    arch = LlamaArch.from_hf_config(read_json(os.path.join(folder, CONFIG_FILE)), source=CONFIG_FILE)
-    files = safetensors_files(folder) if load_format != "dummy" else []  # dummy needs no weight files
-    generation_config = read_generation_config(folder)
-    check_tokenizer_files(folder)
+    phases = StartupPhases("load")
+    with phases.phase("config"):
+        arch = LlamaArch.from_hf_config(read_json(os.path.join(folder, CONFIG_FILE)), source=CONFIG_FILE)
+        files = safetensors_files(folder) if load_format != "dummy" else []  # dummy needs no weight files
+        generation_config = read_generation_config(folder)
+        check_tokenizer_files(folder)
     # The tokenizer (and the transformers import it needs) loads on a thread while the C++ reader,
     # which does not hold the GIL, moves the weights.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtpllm-tokenizer") as pool:
-        tokenizer = pool.submit(_load_tokenizer, folder)
-        model = _empty_model(arch, dtype, device, backend_for(arch), tp)
+        tokenizer = pool.submit(_timed, phases, "tokenizer", load_folder_tokenizer, folder)
+        with phases.phase("model build"):
+            model = _empty_model(arch, dtype, device, backend_for(arch), tp)
         if load_format == "dummy":
-            _fill_dummy(model)
-        elif tp is not None:
-            # A tensor-parallel rank reads its slices through safetensors (the C++ reader's strided
-            # requests are not wired to the shard map yet).
-            model.load_weights(iter_safetensors(files, lambda name: llama_tensor_shard(name, arch, tp.rank,
-                                                                                      tp.world_size)))
+            with phases.phase("dummy weights"):
+                _fill_dummy(model)
         else:
             # Headers are read and checked (and the index against them) before any weight moves.
-            checkpoint = SafetensorsCheckpoint(files, read_weight_map(folder))
-            model.check_all_loaded(load_into_model(checkpoint, model.weight_destination, settings))
-        return LoadedModel(model.eval(), arch, tokenizer.result(), generation_config)
+            with phases.phase("headers"):
+                checkpoint = SafetensorsCheckpoint(files, read_weight_map(folder))
+            # A tensor-parallel rank reads only its slices (row ranges, strided column slices).
+            shard_of = model.checkpoint_shard if tp is not None else None
+            with phases.phase(f"weights {checkpoint.total_bytes / 1e9:.2f} GB" + (" (this rank's slices)" if tp else "")):
+                model.check_all_loaded(load_into_model(checkpoint, model.weight_destination, settings, shard_of))
+        with phases.phase("waiting for the tokenizer"):
+            result = tokenizer.result()
+        return LoadedModel(model.eval(), arch, result, generation_config, phases)
+
+
+def _timed(phases: StartupPhases, name: str, load: Callable, *args):
+    """Runs `load(*args)` (on a thread) and records its time as work done in parallel."""
+    start = time.perf_counter()
+    try:
+        return load(*args)
+    finally:
+        phases.add_parallel(name, time.perf_counter() - start)
 
 
 def _load_gguf(path: str, dtype: torch.dtype, device: torch.device, backend_for: BackendFor,
                load_format: str, tp: Optional[TPGroup] = None) -> LoadedModel:
-    checkpoint = GGUFCheckpoint(path)
-    arch = checkpoint.arch()
+    # Imported here: the gguf package costs a Hugging Face folder's start-up nothing.
+    from rtpllm.loader.gguf_checkpoint import GGUFCheckpoint
+    from rtpllm.loader.gguf_tokenizer import load_gguf_tokenizer
+
+    phases = StartupPhases("load")
+    with phases.phase("gguf metadata"):
+        checkpoint = GGUFCheckpoint(path)
+        arch = checkpoint.arch()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtpllm-tokenizer") as pool:
-        tokenizer = pool.submit(load_gguf_tokenizer, path)  # overlaps the weights' reading and dequantizing
+        # Overlaps the weights' reading and dequantizing.
+        tokenizer = pool.submit(_timed, phases, "tokenizer", load_gguf_tokenizer, path)
         if load_format == "dummy":
-            model = _fill_dummy(_empty_model(arch, dtype, device, backend_for(arch), tp)).eval()
+            with phases.phase("model build and dummy weights"):
+                model = _fill_dummy(_empty_model(arch, dtype, device, backend_for(arch), tp)).eval()
         else:
-            model = build_model(arch, dtype, device, checkpoint.weights(arch, device), backend_for(arch), tp)
+            with phases.phase(f"weights {checkpoint.total_bytes / 1e9:.2f} GB (read and dequantize)"):
+                if device.type == "cpu" and dtype == torch.float32 and tp is None:
+                    # Decoded straight into the parameters, on the host's threads.
+                    model = _empty_model(arch, dtype, device, backend_for(arch))
+                    model.check_all_loaded(checkpoint.load_into(arch, model.weight_destination))
+                    model.eval()
+                else:
+                    model = build_model(arch, dtype, device, checkpoint.weights(arch, device), backend_for(arch), tp)
         try:
-            return LoadedModel(model, arch, tokenizer.result(), checkpoint.generation_config(arch))
+            with phases.phase("waiting for the tokenizer"):
+                result = tokenizer.result()
         except Exception as e:
             raise ValueError(f"{checkpoint.name}: cannot build the tokenizer from the GGUF metadata "
                              f"({type(e).__name__}: {e})") from None
+        return LoadedModel(model, arch, result, checkpoint.generation_config(arch), phases)
 
 
 def _empty_model(arch: LlamaArch, dtype: torch.dtype, device: torch.device,
@@ -147,15 +180,3 @@ def build_model(arch: LlamaArch, dtype: torch.dtype, device: torch.device,
     model = _empty_model(arch, dtype, device, attn_backend, tp)
     model.load_weights(weights)
     return model.eval()
-
-
-def _load_tokenizer(folder: str):
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"tokenizer: {folder} does not exist")
-    check_tokenizer_files(folder)
-    from transformers import AutoTokenizer  # 1-2 s of imports: only where a tokenizer is loaded
-
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except Exception as e:
-        raise ValueError(f"tokenizer: cannot load the tokenizer in {folder} ({type(e).__name__}: {e})") from None

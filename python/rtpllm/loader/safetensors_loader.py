@@ -18,6 +18,7 @@ see cpp/rtpllm/loader/tensor_request.h.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from rtpllm import _C
+from rtpllm.distributed.partition import TensorShard
 from rtpllm.loader.reader import LoaderSettings, Progress, make_loader, run_requests
 
 logger = logging.getLogger(__name__)
@@ -94,24 +96,43 @@ def _read_header(path: str):
 class _Transfer:
     tensor: CheckpointTensor
     destination: torch.Tensor  # the model's storage for it
+    shard: Optional[TensorShard] = None  # the rows this rank holds along shard.dim (None: all of it)
     staging: Optional[torch.Tensor] = None  # raw bytes on the device when dtype or layout differ
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the transfer reads: the whole tensor, or the shard's slice of it."""
+        if self.shard is None:
+            return self.tensor.nbytes
+        return self.tensor.nbytes // self.shard.full * self.shard.length
 
 
 def load_into_model(checkpoint: SafetensorsCheckpoint,
                     destination_of: Callable[[str], Optional[torch.Tensor]],
-                    settings: LoaderSettings = LoaderSettings()) -> set[str]:
+                    settings: LoaderSettings = LoaderSettings(),
+                    shard_of: Optional[Callable[[str], Optional[TensorShard]]] = None) -> set[str]:
     """Loads every checkpoint tensor that `destination_of(name)` places (None: skip it) into that
-    tensor's storage; returns the names loaded. Raises ValueError naming the file and the tensor
-    for a shape mismatch, before any byte is read."""
+    tensor's storage; returns the names loaded. Under tensor parallelism `shard_of(name)` names the
+    slice this rank holds (None: the whole tensor): only its bytes are read, a row slice as one
+    range, a column slice as one strided request; a padded vocabulary shard's extra rows are zeroed.
+    Raises ValueError naming the file and the tensor for a shape mismatch, before any byte is read."""
     transfers = []
     for tensor in checkpoint.tensors:
         destination = destination_of(tensor.name)
         if destination is None:
             continue
-        if tuple(destination.shape) != tensor.shape:
+        shard = shard_of(tensor.name) if shard_of is not None else None
+        expected = list(tensor.shape)
+        if shard is not None:
+            if shard.dim >= len(expected) or expected[shard.dim] != shard.full:
+                raise ValueError(f"{tensor.name}: checkpoint shape {tensor.shape} cannot hold rows {shard.start}.."
+                                 f"{shard.stop} of {shard.full} along dim {shard.dim} "
+                                 f"(in {os.path.basename(tensor.file)})")
+            expected[shard.dim] = shard.size
+        if tuple(destination.shape) != tuple(expected):
             raise ValueError(f"{tensor.name}: checkpoint shape {tensor.shape} does not match the model's "
                              f"{tuple(destination.shape)} (in {os.path.basename(tensor.file)})")
-        transfers.append(_Transfer(tensor, destination))
+        transfers.append(_Transfer(tensor, destination, shard))
     devices = {t.destination.device for t in transfers}
     if len(devices) > 1:
         raise ValueError(f"destinations: all on one device, got {sorted(map(str, devices))}")
@@ -121,22 +142,37 @@ def load_into_model(checkpoint: SafetensorsCheckpoint,
     direct = [t for t in transfers if _is_direct(t)]
     converted = [t for t in transfers if not _is_direct(t)]
     batches = _conversion_batches(converted)
-    total = checkpoint_bytes = sum(t.tensor.nbytes for t in transfers)
+    total = checkpoint_bytes = sum(t.nbytes for t in transfers)
     with Progress(total, settings.progress) as progress:
         # The first job also carries every tensor that needs no conversion.
         for index, batch in enumerate(batches or [[]]):
             jobs = (direct if index == 0 else []) + batch
             for transfer in batch:
-                transfer.staging = torch.empty(transfer.tensor.nbytes, dtype=torch.uint8, device=device)
+                # Raw bytes in the checkpoint's dtype, laid out as the destination (the shard's rows).
+                staged = torch.empty(transfer.destination.shape, dtype=transfer.tensor.dtype, device=device)
+                transfer.staging = staged.view(-1).view(torch.uint8)
+            for transfer in jobs:
+                _zero_padding(transfer)
             run_requests(loader, [_request(t) for t in jobs], progress)
             for transfer in batch:
-                raw = transfer.staging.view(transfer.tensor.dtype).view(transfer.tensor.shape)
+                raw = transfer.staging.view(transfer.tensor.dtype).view(transfer.destination.shape)
                 transfer.destination.copy_(raw)
                 transfer.staging = None
     seconds = time.perf_counter() - start
     logger.info("loaded %d tensors, %.2f GB, in %.2f s (%.2f GB/s, %d files)", len(transfers),
                 checkpoint_bytes / 1e9, seconds, checkpoint_bytes / 1e9 / max(seconds, 1e-9), len(checkpoint.files))
     return {t.tensor.name for t in transfers}
+
+
+def _zero_padding(transfer: _Transfer) -> None:
+    """A padded vocabulary shard holds more rows than the checkpoint has: those stay zeros."""
+    shard = transfer.shard
+    if shard is None or shard.size == shard.length:
+        return
+    target = transfer.destination
+    if transfer.staging is not None:
+        target = transfer.staging.view(transfer.tensor.dtype).view(transfer.destination.shape)
+    target.narrow(shard.dim, shard.length, shard.size - shard.length).zero_()
 
 
 def _is_direct(transfer: _Transfer) -> bool:
@@ -158,7 +194,18 @@ def _conversion_batches(transfers: list[_Transfer]) -> list[list[_Transfer]]:
 def _request(transfer: _Transfer):
     target = transfer.staging if transfer.staging is not None else transfer.destination
     nbytes = target.numel() * target.element_size()
-    return _C.loader.TensorRequest(transfer.tensor.file, transfer.tensor.name, target.data_ptr(), nbytes)
+    tensor, shard = transfer.tensor, transfer.shard
+    if shard is None:
+        return _C.loader.TensorRequest(tensor.file, tensor.name, target.data_ptr(), nbytes)
+    # Bytes of one step along the shard's dim, and how many such slabs precede it (rows of a column slice).
+    slab = tensor.nbytes // math.prod(tensor.shape[:shard.dim + 1])
+    outer = math.prod(tensor.shape[:shard.dim])
+    if outer == 1:  # a row slice: one contiguous range
+        return _C.loader.TensorRequest(tensor.file, tensor.name, target.data_ptr(), nbytes, begin=shard.start * slab,
+                                       row_bytes=shard.length * slab)
+    return _C.loader.TensorRequest(tensor.file, tensor.name, target.data_ptr(), nbytes, begin=shard.start * slab,
+                                   row_bytes=shard.length * slab, rows=outer, src_stride=shard.full * slab,
+                                   dst_stride=shard.size * slab)
 
 
 def read_tensors(files: Iterable[str], names: Optional[Iterable[str]] = None,

@@ -195,6 +195,7 @@ def run_server(config: EngineConfig, options: ServerOptions = ServerOptions(),
             engine = ProcessEngine.from_config(config, stream_interval=options.stream_interval)
         else:
             engine = AsyncEngine.from_config(config, stream_interval=options.stream_interval)
+    startup.add_process(getattr(engine, "startup_report", None))
     app = build_app(engine, options=options)
     server = ServingServer(uvicorn_config(app, options), engine, options.shutdown_timeout_s)
     logger.info("serving %s (max_model_len=%d) on http://%s:%d%s", engine.model_name, engine.max_model_len,

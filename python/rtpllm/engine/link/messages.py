@@ -50,13 +50,15 @@ class EngineInfo:
     max_model_len: int
     vocab_size: int
     stats: Any  # EngineStats
-    tokenizer: Any  # pickled across: the server tokenizes chat templates and /tokenize itself
+    tokenizer: Any  # pickled across when the server has no copy of its own (see InitEngine.send_tokenizer)
+    startup: Optional[dict] = None  # the engine's start-up phases (StartupPhases.as_dict), for the server's log
 
 
 @dataclass(frozen=True, slots=True)
 class InitEngine(LinkMessage):
     config: Any  # EngineConfig
     log_level: int
+    send_tokenizer: bool = True  # False: the server loads its own copy, EngineInfo.tokenizer comes back None
 
 
 @dataclass(frozen=True, slots=True)
