@@ -330,5 +330,21 @@ TEST(SchedulerKVTier, SurvivesRandomTrafficWithTiers) {
   EXPECT_EQ(s.kv_transfer_held_blocks, 0);
 }
 
+TEST(SchedulerKVTier, StepsWithManyTokensTellTheConnectorWhatRecomputingCosts) {
+  TierHarness t(512, 512);
+  t.h.add(make_spec(1, prompt_of(100, 3), 2));  // steps of a few tokens say nothing about prefill
+  t.drain();
+  EXPECT_EQ(t.tiers->recompute_seconds_per_block, 0);
+  t.h.add(make_spec(2, prompt_of(200, 4), 2));  // one step of 400 prompt tokens, then decode
+  t.h.add(make_spec(3, prompt_of(200, 5), 2));
+  t.h.step();
+  EXPECT_EQ(t.h.batch.num_tokens, 400);
+  std::this_thread::sleep_for(std::chrono::milliseconds(4));  // the step "runs" 4 ms: 10 us a token
+  t.h.step();
+  EXPECT_GE(t.tiers->recompute_seconds_per_block, kBlockSize * 4e-3 / 400);
+  EXPECT_LT(t.tiers->recompute_seconds_per_block, 1.0);
+  t.drain();
+}
+
 }  // namespace
 }  // namespace rtpllm::testing

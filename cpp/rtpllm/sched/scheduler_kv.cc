@@ -53,7 +53,7 @@ Scheduler::TierAdmission Scheduler::admit_from_tiers(Request* r, const PrefixHit
 
 void Scheduler::poll_kv_transfers() {
   if (!transfers_) return;
-  transfers_->save_newly_cached();
+  transfers_->save_newly_cached(/*now=*/running_.empty());
   ended_loads_.clear();
   transfers_->poll(ended_loads_);
   for (const KVTransfers::EndedLoad& e : ended_loads_) {
