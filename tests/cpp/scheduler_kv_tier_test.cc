@@ -346,5 +346,33 @@ TEST(SchedulerKVTier, StepsWithManyTokensTellTheConnectorWhatRecomputingCosts) {
   t.drain();
 }
 
+TEST(SchedulerKVTier, DecodeBlocksAreSavedInBatchesWhileNothingIsEvicted) {
+  TierHarness t(512, 512);
+  // Prompts of 1 block + 3 tokens: the first block is cached at prefill, the second one 1 decode
+  // step later. Two requests keep running (max_new 40), so no step is "idle".
+  t.h.add(make_spec(1, prompt_of(7, 11), 40));
+  t.h.add(make_spec(2, prompt_of(7, 12), 40));
+  t.h.step();  // prefill: 2 blocks cached, fewer than a batch
+  t.h.step();  // decode: 2 more
+  t.h.step();
+  EXPECT_EQ(t.h.scheduler.stats().kv_tier_saved_blocks, 0u) << "a few blocks wait for more";
+  for (int i = 0; i < KVTransfers::kMaxSaveWaitPolls; ++i) t.h.step();
+  EXPECT_GE(t.h.scheduler.stats().kv_tier_saved_blocks, 4u) << "but not longer than kMaxSaveWaitPolls steps";
+  t.drain();
+}
+
+TEST(SchedulerKVTier, UnderEvictionBlocksAreSavedAtOnce) {
+  TierHarness t(6, 64);  // 6 blocks: the second request evicts the first one's cached blocks
+  t.h.add(make_spec(1, prompt_of(13, 21), 1));
+  t.drain();
+  const uint64_t saved = t.h.scheduler.stats().kv_tier_saved_blocks;
+  EXPECT_EQ(saved, 3u);  // the pool went idle: saved at once
+  t.h.add(make_spec(2, prompt_of(21, 22), 3));
+  t.h.step();  // prefill of 5 blocks evicts cached ones; its own 5 blocks are saved without waiting
+  t.h.step();
+  EXPECT_GE(t.h.scheduler.stats().kv_tier_saved_blocks, saved + 5);
+  t.drain();
+}
+
 }  // namespace
 }  // namespace rtpllm::testing

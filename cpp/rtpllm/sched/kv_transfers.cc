@@ -59,8 +59,11 @@ void KVTransfers::detach(const Request& request) {
 }
 
 void KVTransfers::save_newly_cached(bool now) {
+  const uint64_t evictions = kv_.pool().num_evictions();
+  const bool evicting = evictions != evictions_seen_;
+  evictions_seen_ = evictions;
   if (!kv_.has_newly_cached()) return;
-  if (!now && kv_.num_newly_cached() < kSaveBatchBlocks && ++save_wait_polls_ < kMaxSaveWaitPolls) return;
+  if (!now && !evicting && kv_.num_newly_cached() < kSaveBatchBlocks && ++save_wait_polls_ < kMaxSaveWaitPolls) return;
   save_wait_polls_ = 0;
   to_save_.clear();
   kv_.take_newly_cached(to_save_);

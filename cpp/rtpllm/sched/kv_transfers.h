@@ -53,7 +53,9 @@ class KVTransfers {
   // still cached under the same hash: none was evicted in between, but check rather than trust).
   // Decode fills a few blocks a step: they are gathered over up to kMaxSaveWaitPolls calls into
   // one save of at least kSaveBatchBlocks, so that a busy engine pays one copy submission every
-  // few steps, not every step. `now` saves whatever there is (no step will follow soon).
+  // few steps, not every step. Only while the pool evicts nothing: under pressure a block waiting
+  // for its save could be evicted first, and its copy lost. `now` saves whatever there is (no step
+  // will follow soon).
   void save_newly_cached(bool now = false);
   static constexpr size_t kSaveBatchBlocks = 32;
   static constexpr int32_t kMaxSaveWaitPolls = 8;
@@ -110,6 +112,7 @@ class KVTransfers {
   int32_t num_waiting_ = 0;
   std::vector<std::pair<BlockHash, BlockId>> to_save_;  // scratch
   int32_t save_wait_polls_ = 0;  // calls since blocks started waiting to be saved
+  uint64_t evictions_seen_ = 0;  // the pool's eviction count at the last call
   Clock::time_point last_step_at_{};
   int32_t last_step_tokens_ = 0;
   double seconds_per_token_ = 0;  // moving average over prefill-heavy steps; 0 until measured
