@@ -28,6 +28,7 @@ enum class CudaCopyMethod : uint8_t {
   KERNEL,  // one gather/scatter kernel reading/writing mapped host memory (default)
   MEMCPY,  // one cudaMemcpyAsync per block, layer and K/V
   STAGED,  // the kernel between the pool and a device staging buffer, cudaMemcpyAsync across PCIe
+  HYBRID,  // loads (latency) as KERNEL, saves (throughput, next to every step) as STAGED
 };
 
 // How many block images the STAGED method's device staging buffer holds (one round of copies).
@@ -43,7 +44,13 @@ class CudaKVCopyEngine final : public KVCopyEngine {
   ~CudaKVCopyEngine() override;  // waits for the copies in flight
 
   std::string name() const override {
-    return method_ == CudaCopyMethod::KERNEL ? "cuda_kernel" : method_ == CudaCopyMethod::MEMCPY ? "cuda_memcpy" : "cuda_staged";
+    switch (method_) {
+      case CudaCopyMethod::KERNEL: return "cuda_kernel";
+      case CudaCopyMethod::MEMCPY: return "cuda_memcpy";
+      case CudaCopyMethod::STAGED: return "cuda_staged";
+      case CudaCopyMethod::HYBRID: return "cuda_hybrid";
+    }
+    return "cuda";
   }
   const KVLayout& layout() const override { return layout_; }
   std::shared_ptr<HostAllocator> host_allocator() const override { return allocator_; }

@@ -31,7 +31,7 @@ def kernel_run():
     return _run(kv_host_cache_gib=0.05, kv_copy_method="kernel")
 
 
-@pytest.mark.parametrize("method", ["staged", "memcpy"])
+@pytest.mark.parametrize("method", ["staged", "hybrid", "memcpy"])
 def test_host_tier_copy_methods_give_the_kernel_tokens(kernel_run, method):
     expected, kernel_stats = kernel_run
     assert kernel_stats["host"].loaded_blocks >= 10
