@@ -8,7 +8,7 @@
    hit rate (GPU prefix cache + blocks loaded from the tiers, over prompt tokens) and TTFT p50/p95
    with tiers off, host memory, and a small host tier over disk.
 2. No reuse (random 1024/128, offline): throughput with the host tier on vs off, for each CUDA
-   copy method of the saves (`kv_copy_method`: kernel, staged).
+   copy method of the saves (`kv_copy_method`: kernel, hybrid = saves staged).
 3. The disk: the raw O_DIRECT read rate of the disk tier's file system (one thread, 8 MiB reads;
    and as many threads as the tier has readers, one block file per read), measured in this run,
    against the rate the tier's readers measured during the trace (all readers together) and the
@@ -19,7 +19,7 @@ metrics), so one model load serves each configuration and the whole run fits in 
 H100. `--cpu-smoke` runs the same code on the CPU with the tiny variant of the checkpoint, with
 sizes scaled down, to check the script without a GPU.
 
-    python bench/gpu/bench_kv_tiers.py [--json out.json] [--quick] [--cpu-smoke] [--copy-methods kernel,staged]
+    python bench/gpu/bench_kv_tiers.py [--json out.json] [--quick] [--cpu-smoke] [--copy-methods kernel,hybrid]
 
 Environment: RTPLLM_BENCH_DIR (checkpoint cache, default /root/scratch), KV_TIERS_DISK_DIR (the disk
 tier's directory, default a fresh folder under RTPLLM_BENCH_DIR).
@@ -261,7 +261,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here (bench/gpu/bench_util.py format)")
     parser.add_argument("--quick", action="store_true", help="a shorter trace")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny checkpoint on the CPU: checks the script")
-    parser.add_argument("--copy-methods", default="kernel,staged",
+    parser.add_argument("--copy-methods", default="kernel,hybrid",
                         help="kv_copy_method values to measure no-reuse throughput with (the trace uses the first)")
     args = parser.parse_args()
     methods = [m for m in args.copy_methods.split(",") if m]
