@@ -164,6 +164,25 @@ TEST_F(TieredTest, LoadPastItsDeadlineIsCancelledAndFails) {
   EXPECT_EQ(tiers.num_pending(), 0u);
 }
 
+TEST_F(TieredTest, KnownRecomputeCostShortensTheLoadDeadline) {
+  auto stuck = std::make_shared<StuckTier>();
+  stuck->held = {1, 2};
+  TieredKVConnector tiers({stuck}, 60.0);  // the configured deadline alone would wait a minute
+  tiers.set_recompute_seconds_per_block(0.001);  // budget: 0.5 s + 4 x 2 x 1 ms
+  const auto start = std::chrono::steady_clock::now();
+  const TransferHandle handle = tiers.load({1, 2}, {3, 4});
+  TransferState state = TransferState::PENDING;
+  while (state == TransferState::PENDING && std::chrono::steady_clock::now() - start < std::chrono::seconds(5)) {
+    state = tiers.poll(handle);
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_EQ(state, TransferState::FAILED);
+  EXPECT_GE(waited, TieredKVConnector::kMinLoadBudgetSeconds);
+  EXPECT_LT(waited, 2.0);
+  EXPECT_EQ(tiers.stats()[0].timed_out_loads, 1u);
+}
+
 // A real disk tier behind a stuck device: a load queued behind it is cancelled at its deadline
 // and never touches its GPU blocks; the one in progress finishes its chunk, then fails.
 TEST_F(TieredTest, DiskLoadsPastTheirDeadlineNeverWriteTheirBlocks) {

@@ -73,7 +73,12 @@ TransferHandle TieredKVConnector::load(const std::vector<BlockHash>& hashes, con
   }
   Transfer transfer;
   transfer.is_load = true;
-  transfer.deadline = std::chrono::steady_clock::now() + load_timeout_;
+  auto timeout = load_timeout_;
+  if (recompute_seconds_per_block_ > 0) {
+    const double budget = kMinLoadBudgetSeconds + kLoadBudgetFactor * recompute_seconds_per_block_ * static_cast<double>(hashes.size());
+    timeout = std::min(timeout, std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(budget)));
+  }
+  transfer.deadline = std::chrono::steady_clock::now() + timeout;
   if (!all_found) {
     ++counters_[0].failed_loads;  // evicted since match(): the caller recomputes
     transfer.parts.push_back(Part{0, 0, TransferState::FAILED});

@@ -16,6 +16,9 @@
 // (set_recompute_seconds_per_block), match() stops at the first block of a tier whose
 // expected_load_seconds() for its share of the run is above recomputing that share: a disk with a
 // long queue or a slow read rate then costs a recompute, never more (counted as skipped_blocks).
+// The same estimate shortens a load's deadline: a load may take kLoadBudgetFactor times what
+// recomputing its blocks would take, plus kMinLoadBudgetSeconds, and never more than
+// load_timeout_s: a disk that stalls mid-load costs a bounded wait, then the recompute.
 // Calls come from the scheduler thread only.
 #pragma once
 
@@ -43,6 +46,9 @@ class TieredKVConnector final : public KVConnector {
   void set_recompute_seconds_per_block(double seconds) override { recompute_seconds_per_block_ = seconds > 0 ? seconds : 0; }
 
   size_t num_pending() const { return transfers_.size(); }
+
+  static constexpr double kLoadBudgetFactor = 4.0;
+  static constexpr double kMinLoadBudgetSeconds = 0.5;
 
  private:
   struct Part {
