@@ -60,7 +60,10 @@ void Scheduler::poll_kv_transfers() {
     Request* r = e.request;
     if (e.end == KVTransfers::LoadEnd::DONE) {
       r->num_computed_tokens += e.num_blocks * kv_.block_size();
-      kv_.cache_computed_blocks(*r, /*record=*/false);  // findable on the GPU now; the tiers hold them
+      // Findable on the GPU now, and recorded for saving: the first tier skips what it holds, so
+      // only blocks that came from a lower tier (the disk) are copied up into it (promotion: the
+      // next time they leave the GPU, they come back from host memory).
+      kv_.cache_computed_blocks(*r, /*record=*/true);
       r->status = RequestStatus::RUNNING;
       running_.push_back(r);
       continue;
