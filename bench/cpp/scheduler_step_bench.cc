@@ -1,12 +1,16 @@
 // Times one scheduler step, schedule() + update(), as the engine's step loop drives it.
 //
-//   scheduler_step_bench [--steps N]
+//   scheduler_step_bench [--steps N] [--tiers]
 //
 // Scenarios: N running decode sequences (every step: one token each, KV blocks grow, full blocks
 // enter the prefix cache), and a mix where long prompts keep arriving and are chunk-prefilled
 // next to the decodes while finished requests leave, and speculative decoding (every decode asks
 // for lookahead slots, half the drafts are accepted, the rest rolled back). Batch and output buffers are reused, as a
 // C++ caller would; the Python binding adds its own object overhead on top.
+// --tiers: every scenario also with a host KV tier attached (TieredKVConnector over a HostTier
+// far smaller than the working set, CPU copy engine, 128-byte blocks so that the copies cost
+// nothing): what the tiers add to a step on the scheduler thread (hashing, save bookkeeping, the
+// tier's index and LRU churn) when nothing is ever reused.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -16,6 +20,9 @@
 #include <string>
 #include <vector>
 
+#include "rtpllm/kvstore/cpu_copy_engine.h"
+#include "rtpllm/kvstore/host_tier.h"
+#include "rtpllm/kvstore/tiered_connector.h"
 #include "rtpllm/sched/scheduler.h"
 
 namespace rtpllm {
@@ -52,13 +59,37 @@ RequestSpec make_request(RequestId id, int32_t prompt_len, int32_t max_new_token
   return spec;
 }
 
-Result run(const Scenario& sc, int timed_steps) {
+// A host tier of 4096 tiny blocks over a host-memory pool of `blocks` blocks (see --tiers).
+struct TinyTiers {
+  std::vector<uint8_t> k, v;
+  std::shared_ptr<TieredKVConnector> connector;
+  explicit TinyTiers(int32_t blocks) {
+    KVLayout layout;
+    layout.memory = MemoryKind::HOST;
+    layout.num_blocks = blocks;
+    layout.block_size = kBlockSize;
+    layout.num_kv_heads = 1;
+    layout.head_dim = 2;
+    layout.element_bytes = 2;
+    layout.block_stride_bytes = layout.block_bytes();
+    k.assign(static_cast<size_t>(layout.block_bytes() * blocks), 0);
+    v.assign(k.size(), 0);
+    layout.layers.push_back(KVLayerAddress{reinterpret_cast<uint64_t>(k.data()), reinterpret_cast<uint64_t>(v.data())});
+    auto engine = std::make_shared<CpuKVCopyEngine>(layout);
+    auto host = std::make_shared<HostTier>(engine, 4096 * layout.bytes_per_block());
+    connector = std::make_shared<TieredKVConnector>(std::vector<std::shared_ptr<KVStoreTier>>{host}, 10.0);
+  }
+};
+
+Result run(const Scenario& sc, int timed_steps, bool tiers) {
   const int32_t max_seqs = sc.num_decodes + (sc.prefill_arrival > 0 ? 8 : 0);
   // Room for the warm-up (prefilling every sequence) plus the timed steps, so nobody finishes.
   const int32_t decode_len = sc.prefill_arrival > 0 ? 0 : timed_steps + 1000;
   const int32_t max_len = std::max(sc.prompt_len + timed_steps + 1100, sc.prefill_arrival + 64);
   const int32_t blocks = (max_seqs + 2) * ((max_len + kBlockSize - 1) / kBlockSize);
   Scheduler scheduler({sc.token_budget, max_seqs, true, max_len}, {blocks, kBlockSize, true});
+  std::unique_ptr<TinyTiers> tiny = tiers ? std::make_unique<TinyTiers>(blocks) : nullptr;
+  if (tiny) scheduler.set_kv_connector(tiny->connector, 10.0);
   std::mt19937 rng(1234);
   ScheduledBatch batch;
   StepOutputs outputs;
@@ -106,7 +137,7 @@ Result run(const Scenario& sc, int timed_steps) {
   }
   std::sort(micros.begin(), micros.end());
   Result r;
-  r.name = sc.name;
+  r.name = sc.name + (tiers ? ", host tier" : "");
   r.steps = timed_steps;
   r.mean_seqs = seqs / timed_steps;
   r.mean_tokens = tokens / timed_steps;
@@ -120,11 +151,14 @@ Result run(const Scenario& sc, int timed_steps) {
 
 int main(int argc, char** argv) {
   int steps = 2000;
+  bool tiers = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--steps") == 0 && i + 1 < argc) {
       steps = std::atoi(argv[++i]);
+    } else if (std::strcmp(argv[i], "--tiers") == 0) {
+      tiers = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--steps N]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--steps N] [--tiers]\n", argv[0]);
       return 2;
     }
   }
@@ -139,11 +173,14 @@ int main(int argc, char** argv) {
       {"decode 256 + chunked 4k prefill", 256, 512, 4096, 2048},
       {"decode 256, 4 draft slots (2 accepted)", 256, 512, 0, 8192, 4},
   };
-  std::printf("%-40s %8s %10s %12s %10s %8s\n", "scenario", "seqs", "tokens", "median us", "p90 us", "steps");
+  std::printf("%-52s %8s %10s %12s %10s %8s\n", "scenario", "seqs", "tokens", "median us", "p90 us", "steps");
   for (const Scenario& sc : scenarios) {
-    const rtpllm::Result r = rtpllm::run(sc, steps);
-    std::printf("%-40s %8.1f %10.1f %12.1f %10.1f %8d\n", r.name.c_str(), r.mean_seqs, r.mean_tokens, r.median_us, r.p90_us,
-                r.steps);
+    for (bool with_tiers : {false, true}) {
+      if (with_tiers && !tiers) continue;
+      const rtpllm::Result r = rtpllm::run(sc, steps, with_tiers);
+      std::printf("%-52s %8.1f %10.1f %12.1f %10.1f %8d\n", r.name.c_str(), r.mean_seqs, r.mean_tokens, r.median_us,
+                  r.p90_us, r.steps);
+    }
   }
   return 0;
 }

@@ -7,14 +7,19 @@
    survived the other conversations' traffic since its last turn. Prefix
    hit rate (GPU prefix cache + blocks loaded from the tiers, over prompt tokens) and TTFT p50/p95
    with tiers off, host memory, and a small host tier over disk.
-2. No reuse (random 1024/128, offline): throughput with the host tier on vs off.
+2. No reuse (random 1024/128, offline): throughput with the host tier on vs off, for each CUDA
+   copy method of the saves (`kv_copy_method`: kernel, hybrid = saves staged).
+3. The disk: the raw O_DIRECT read rate of the disk tier's file system (one thread, 8 MiB reads;
+   and as many threads as the tier has readers, one block file per read), measured in this run,
+   against the rate the tier's readers measured during the trace (all readers together) and the
+   rate one load saw on average (bytes over load latency, queueing included).
 
 The trace is driven in-process through `Engine` (arrival times, TTFT from the engine's request
 metrics), so one model load serves each configuration and the whole run fits in ~4 minutes on an
 H100. `--cpu-smoke` runs the same code on the CPU with the tiny variant of the checkpoint, with
 sizes scaled down, to check the script without a GPU.
 
-    python bench/gpu/bench_kv_tiers.py [--json out.json] [--quick] [--cpu-smoke]
+    python bench/gpu/bench_kv_tiers.py [--json out.json] [--quick] [--cpu-smoke] [--copy-methods kernel,hybrid]
 
 Environment: RTPLLM_BENCH_DIR (checkpoint cache, default /root/scratch), KV_TIERS_DISK_DIR (the disk
 tier's directory, default a fresh folder under RTPLLM_BENCH_DIR).
@@ -150,9 +155,11 @@ def run_trace(llm: LLM, sizes: Sizes, vocab: int) -> dict:
             "recomputes": after.kv_tier_failed_loads - before.kv_tier_failed_loads,
             "preemptions": after.num_preemptions - before.num_preemptions,
             "tiers": {t.name: {"loaded_blocks": t.loaded_blocks, "saved_blocks": t.saved_blocks,
-                               "load_GBps": _gbps(t), "used_blocks": t.used_blocks,
-                               "capacity_blocks": t.capacity_blocks, "enabled": t.enabled}
-                      for t in after.kv_tiers}}
+                               "skipped_blocks": t.skipped_blocks, "load_GBps": _gbps(t),
+                               "used_blocks": t.used_blocks, "capacity_blocks": t.capacity_blocks,
+                               "enabled": t.enabled}
+                      for t in after.kv_tiers},
+            "disk_readers_GBps": _disk_readers_gbps(engine)}
 
 
 def _send_turn(engine, conv: Conversation, index: int, live: dict, params: SamplingParams) -> None:
@@ -168,6 +175,72 @@ def _gbps(tier) -> Optional[float]:
     if not tier.load_latency_count or not tier.load_latency_sum:
         return None
     return tier.load_bytes / tier.load_latency_sum / 1e9  # per second of load latency (a lower bound)
+
+
+def _disk_readers_gbps(engine) -> Optional[float]:
+    """The disk tier's read rate, all readers together, as its readers measured it (read + verify
+    per block, under the load they saw); None without a disk tier or before its first read."""
+    tiers = engine.kv_tiers
+    if tiers is None or "disk" not in tiers.tiers:
+        return None
+    blocks = 64
+    seconds = tiers.tiers["disk"].expected_load_seconds(blocks)  # the queue is empty after the trace
+    return blocks * tiers.bytes_per_block / seconds / 1e9 if seconds > 0 else None
+
+
+def raw_direct_read_gbps(directory: Path, file_bytes: int, threads: int, total_bytes: int = 1 << 30) -> Optional[dict]:
+    """O_DIRECT read rate of `directory`'s file system: one file of total_bytes written with
+    O_DIRECT, then read back with one thread in 8 MiB reads, and with `threads` threads one
+    file_bytes piece per read (what the disk tier's readers do). GB/s; None where the file system
+    refuses O_DIRECT (tmpfs)."""
+    try:
+        return _raw_direct_read_gbps(directory, file_bytes, threads, total_bytes)
+    except OSError as e:
+        print(f"raw O_DIRECT measurement skipped: {e}", flush=True)
+        return None
+
+
+def _raw_direct_read_gbps(directory: Path, file_bytes: int, threads: int, total_bytes: int) -> dict:
+    import mmap
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunk = 8 << 20
+    total_bytes = total_bytes // chunk * chunk
+    path = directory / "raw_direct_read.bin"
+    directory.mkdir(parents=True, exist_ok=True)
+    buffer = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT wants
+    buffer.write(os.urandom(chunk))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    try:
+        start = time.perf_counter()
+        for offset in range(0, total_bytes, chunk):
+            os.pwritev(fd, [buffer], offset)
+        os.fsync(fd)
+        write_s = time.perf_counter() - start
+    finally:
+        os.close(fd)
+
+    def read(request: int, offsets: list[int]) -> None:
+        piece = mmap.mmap(-1, request)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            for offset in offsets:
+                os.preadv(fd, [piece], offset)
+        finally:
+            os.close(fd)
+
+    start = time.perf_counter()
+    read(chunk, list(range(0, total_bytes, chunk)))
+    one_s = time.perf_counter() - start
+    request = (file_bytes + 4095) // 4096 * 4096
+    offsets = list(range(0, total_bytes - request + 1, request))
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda t: read(request, offsets[t::threads]), range(threads)))
+    many_s = time.perf_counter() - start
+    path.unlink()
+    return {"write_GBps": total_bytes / write_s / 1e9, "read_1_thread_GBps": total_bytes / one_s / 1e9,
+            f"read_{threads}_threads_GBps": len(offsets) * request / many_s / 1e9, "threads": threads}
 
 
 def offline_throughput(llm: LLM, sizes: Sizes, input_len: int, output_len: int) -> dict:
@@ -188,7 +261,10 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here (bench/gpu/bench_util.py format)")
     parser.add_argument("--quick", action="store_true", help="a shorter trace")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny checkpoint on the CPU: checks the script")
+    parser.add_argument("--copy-methods", default="kernel,hybrid",
+                        help="kv_copy_method values to measure no-reuse throughput with (the trace uses the first)")
     args = parser.parse_args()
+    methods = [m for m in args.copy_methods.split(",") if m]
     sizes = CPU_SMOKE if args.cpu_smoke else (GPU_QUICK if args.quick else GPU)
     device = "cpu" if args.cpu_smoke else "cuda"
     card = "CPU" if args.cpu_smoke else _card()
@@ -204,6 +280,8 @@ def main() -> None:
 
     common = dict(model=str(path), device=device, num_blocks=sizes.num_blocks, block_size=block_size,
                   max_num_seqs=sizes.max_num_seqs, max_model_len=4096 if not args.cpu_smoke else 1024)
+    if not args.cpu_smoke:
+        common["kv_copy_method"] = methods[0]
     configs = {
         "off": dict(kv_host_cache_gib=0),
         "host": dict(kv_host_cache_gib=sizes.host_gib),
@@ -224,21 +302,41 @@ def main() -> None:
               f"{r['tier_hit_rate']:.3f}), TTFT p50 {r['ttft_p50_ms']:.1f} ms p95 {r['ttft_p95_ms']:.1f} ms, "
               f"{r['recomputes']} recomputes, {r['preemptions']} preemptions, {r['elapsed_s']:.1f} s "
               f"(engine built in {load_s:.1f} s) {r['tiers']}", flush=True)
-        if name in ("off", "host"):
-            # No reuse: the pool at its usual size (profiled), only the tiers differ.
-            del llm
-            gc.collect()
-            _empty_cache(device)
-            tp_options = dict(common, num_blocks=None, max_num_seqs=384 if not args.cpu_smoke else 16)
-            llm = LLM(**tp_options, **({"kv_host_cache_gib": 0} if name == "off" else {}))
-            throughput[name] = offline_throughput(llm, sizes, 1024 if not args.cpu_smoke else 128,
-                                                  128 if not args.cpu_smoke else 8)
-            print(f"[{card}] random 1024/128 x{sizes.random_requests}, tiers {name}: "
-                  f"{throughput[name]['rps']:.2f} req/s", flush=True)
+        if name == "host+disk":
+            disk = results[name]
+            raw = raw_direct_read_gbps(disk_root / "raw", llm.engine.kv_tiers.tiers["disk"].file_bytes_per_block,
+                                       threads=8, total_bytes=(1 << 30) if not args.cpu_smoke else (64 << 20))
+            disk["raw_direct"] = raw
+            if raw is not None:
+                print(f"[{card}] disk: raw O_DIRECT read {raw['read_1_thread_GBps']:.2f} GB/s (1 thread, 8 MiB), "
+                      f"{raw['read_8_threads_GBps']:.2f} GB/s (8 threads, block files), write "
+                      f"{raw['write_GBps']:.2f} GB/s", flush=True)
+            print(f"[{card}] disk tier: readers {_fmt(disk['disk_readers_GBps'])} GB/s together, one load "
+                  f"{_fmt(disk['tiers']['disk']['load_GBps'])} GB/s on average", flush=True)
         llm.engine.close()
         del llm
         gc.collect()
         _empty_cache(device)
+        for tp_name in (["off"] if name == "off" else [f"host/{m}" for m in methods] if name == "host" else []):
+            # No reuse: the pool at its usual size (profiled), only the tiers (and their copy method) differ.
+            tp_options = dict(common, num_blocks=None, max_num_seqs=384 if not args.cpu_smoke else 16)
+            if tp_name == "off":
+                tp_options["kv_host_cache_gib"] = 0
+            elif not args.cpu_smoke:
+                tp_options["kv_copy_method"] = tp_name.split("/")[1]
+            try:
+                llm = LLM(**tp_options)
+                throughput[tp_name] = offline_throughput(llm, sizes, 1024 if not args.cpu_smoke else 128,
+                                                         128 if not args.cpu_smoke else 8)
+            except Exception as e:  # one copy method failing must not cost the other rows
+                print(f"[{card}] random 1024/128, tiers {tp_name}: FAILED: {e!r}", flush=True)
+                continue
+            print(f"[{card}] random 1024/128 x{sizes.random_requests}, tiers {tp_name}: "
+                  f"{throughput[tp_name]['rps']:.2f} req/s", flush=True)
+            llm.engine.close()
+            del llm
+            gc.collect()
+            _empty_cache(device)
 
     off = results["off"]
     for name, r in results.items():
@@ -248,9 +346,22 @@ def main() -> None:
         rows.append(dict(name=f"multi-turn TTFT p95, tiers {name}", value=r["ttft_p95_ms"], unit="ms",
                          ceiling="tiers off", ratio=r["ttft_p95_ms"] / off["ttft_p95_ms"], goal="<= 0.65x off",
                          ttft_p50_ms=r["ttft_p50_ms"], tiers=r["tiers"]))
-    rows.append(dict(name="random 1024/128 throughput, host tier on", value=throughput["host"]["rps"], unit="req/s",
-                     ceiling="tiers off", ratio=throughput["host"]["rps"] / throughput["off"]["rps"], goal=">= 0.98x",
-                     off_rps=throughput["off"]["rps"]))
+    for tp_name, tp in throughput.items():
+        if tp_name == "off":
+            continue
+        rows.append(dict(name=f"random 1024/128 throughput, host tier on ({tp_name.split('/')[1]} copies)",
+                         value=tp["rps"], unit="req/s", ceiling="tiers off", ratio=tp["rps"] / throughput["off"]["rps"],
+                         goal=">= 0.98x", off_rps=throughput["off"]["rps"], requests=sizes.random_requests))
+    disk = results["host+disk"]
+    raw = disk["raw_direct"]
+    for label, rate in (("tier readers (all together, as measured by them)", disk["disk_readers_GBps"]),
+                        ("one load on average (bytes / load latency, queueing included)",
+                         disk["tiers"]["disk"]["load_GBps"])):
+        if rate is not None:
+            rows.append(dict(name=f"disk read rate, {label}", value=rate, unit="GB/s",
+                             ceiling="raw O_DIRECT read, 8 threads",
+                             ratio=rate / raw["read_8_threads_GBps"] if raw else None, goal="near the raw rate",
+                             raw=raw))
     for row in rows:
         ratio = "" if row["ratio"] is None else f" ratio {row['ratio']:.3f}"
         print(f"[{card}] {row['name']}: {row['value']:.3f} {row['unit']}{ratio} (goal {row['goal']})", flush=True)
@@ -258,6 +369,10 @@ def main() -> None:
         _write_json(args.json, card, rows)
     if not os.environ.get("KV_TIERS_DISK_DIR"):
         shutil.rmtree(disk_root, ignore_errors=True)
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _card() -> str:

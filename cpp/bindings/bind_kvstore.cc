@@ -104,6 +104,7 @@ void bind_connector(py::module_& m) {
       .def_readwrite("save_bytes", &KVTierStats::save_bytes)
       .def_readwrite("failed_loads", &KVTierStats::failed_loads)
       .def_readwrite("timed_out_loads", &KVTierStats::timed_out_loads)
+      .def_readwrite("skipped_blocks", &KVTierStats::skipped_blocks)
       .def_readwrite("evicted_blocks", &KVTierStats::evicted_blocks)
       .def_readwrite("capacity_blocks", &KVTierStats::capacity_blocks)
       .def_readwrite("used_blocks", &KVTierStats::used_blocks)
@@ -124,10 +125,12 @@ void bind_connector(py::module_& m) {
       .def("load", &KVConnector::load, py::arg("hashes"), py::arg("gpu_blocks"))
       .def("save", &KVConnector::save, py::arg("hashes"), py::arg("gpu_blocks"))
       .def("poll", &KVConnector::poll, py::arg("handle"))
-      .def("stats", &KVConnector::stats);
+      .def("stats", &KVConnector::stats)
+      .def("set_recompute_seconds_per_block", &KVConnector::set_recompute_seconds_per_block, py::arg("seconds"));
   py::class_<KVStoreTier, KVConnector, std::shared_ptr<KVStoreTier>>(m, "KVStoreTier")
       .def("contains", &KVStoreTier::contains, py::arg("hash"))
-      .def("cancel", &KVStoreTier::cancel, py::arg("handle"));
+      .def("cancel", &KVStoreTier::cancel, py::arg("handle"))
+      .def("expected_load_seconds", &KVStoreTier::expected_load_seconds, py::arg("num_blocks"));
 }
 
 void bind_copy_engines(py::module_& m) {

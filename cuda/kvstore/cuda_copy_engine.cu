@@ -1,5 +1,6 @@
 #include "cuda/kvstore/cuda_copy_engine.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -67,6 +68,11 @@ CudaKVCopyEngine::CudaKVCopyEngine(KVLayout layout, uintptr_t compute_stream, Cu
   const size_t table_bytes = layer_bases_host_.size() * sizeof(uint64_t);
   check_cuda(cudaMalloc(&layer_bases_device_, table_bytes), "cudaMalloc");
   check_cuda(cudaMemcpy(layer_bases_device_, layer_bases_host_.data(), table_bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
+  if (method_ == CudaCopyMethod::STAGED || method_ == CudaCopyMethod::HYBRID) {
+    staging_blocks_ = std::min<int32_t>(kStagedCopyBlocks, layout_.num_blocks);
+    check_cuda(cudaMalloc(&staging_, static_cast<size_t>(staging_blocks_) * static_cast<size_t>(layout_.bytes_per_block())),
+               "cudaMalloc (staging)");
+  }
   int least_priority = 0;
   int greatest_priority = 0;
   check_cuda(cudaDeviceGetStreamPriorityRange(&least_priority, &greatest_priority), "cudaDeviceGetStreamPriorityRange");
@@ -86,6 +92,7 @@ CudaKVCopyEngine::~CudaKVCopyEngine() {
   if (compute_ready_ != nullptr) cudaEventDestroy(compute_ready_);
   if (copy_stream_ != nullptr) cudaStreamDestroy(copy_stream_);
   cudaFree(layer_bases_device_);
+  cudaFree(staging_);
   if (previous >= 0) cudaSetDevice(previous);
 }
 
@@ -105,7 +112,7 @@ CopyTicket CudaKVCopyEngine::submit(CopyDirection direction, const std::vector<B
   std::vector<int32_t> pool_blocks;
   std::vector<uint8_t*> host_blocks;
   for (const BlockCopy& copy : copies) {
-    if (method_ == CudaCopyMethod::KERNEL && !is_memory_of_type(copy.host, cudaMemoryTypeHost)) {
+    if (method_ != CudaCopyMethod::MEMCPY && !is_memory_of_type(copy.host, cudaMemoryTypeHost)) {
       throw std::invalid_argument("CudaKVCopyEngine: host buffer of pool block " + std::to_string(copy.pool_block) +
                                   " is not pinned memory (allocate it from host_allocator())");
     }
@@ -130,8 +137,14 @@ CopyTicket CudaKVCopyEngine::submit(CopyDirection direction, const std::vector<B
   cudaError_t err = cudaEventRecord(compute_ready_, compute_stream_);
   if (err == cudaSuccess) err = cudaStreamWaitEvent(copy_stream_, compute_ready_, 0);
   if (err == cudaSuccess) {
-    err = method_ == CudaCopyMethod::KERNEL ? launch_kv_block_copy_kernel(args, max_ctas_, copy_stream_)
-                                            : launch_kv_block_memcpy(args, copy_stream_);
+    CudaCopyMethod method = method_;
+    if (method == CudaCopyMethod::HYBRID) method = args.to_host ? CudaCopyMethod::STAGED : CudaCopyMethod::KERNEL;
+    switch (method) {
+      case CudaCopyMethod::HYBRID:  // resolved above
+      case CudaCopyMethod::KERNEL: err = launch_kv_block_copy_kernel(args, max_ctas_, copy_stream_); break;
+      case CudaCopyMethod::MEMCPY: err = launch_kv_block_memcpy(args, copy_stream_); break;
+      case CudaCopyMethod::STAGED: err = launch_kv_block_staged(args, staging_, staging_blocks_, max_ctas_, copy_stream_); break;
+    }
   }
   if (err == cudaSuccess) {
     entry.done = take_event();

@@ -27,7 +27,12 @@ namespace rtpllm::cuda {
 enum class CudaCopyMethod : uint8_t {
   KERNEL,  // one gather/scatter kernel reading/writing mapped host memory (default)
   MEMCPY,  // one cudaMemcpyAsync per block, layer and K/V
+  STAGED,  // the kernel between the pool and a device staging buffer, cudaMemcpyAsync across PCIe
+  HYBRID,  // loads (latency) as KERNEL, saves (throughput, next to every step) as STAGED
 };
+
+// How many block images the STAGED method's device staging buffer holds (one round of copies).
+inline constexpr int32_t kStagedCopyBlocks = 16;
 
 class CudaKVCopyEngine final : public KVCopyEngine {
  public:
@@ -38,7 +43,15 @@ class CudaKVCopyEngine final : public KVCopyEngine {
                    int32_t max_ctas = 32);
   ~CudaKVCopyEngine() override;  // waits for the copies in flight
 
-  std::string name() const override { return method_ == CudaCopyMethod::KERNEL ? "cuda_kernel" : "cuda_memcpy"; }
+  std::string name() const override {
+    switch (method_) {
+      case CudaCopyMethod::KERNEL: return "cuda_kernel";
+      case CudaCopyMethod::MEMCPY: return "cuda_memcpy";
+      case CudaCopyMethod::STAGED: return "cuda_staged";
+      case CudaCopyMethod::HYBRID: return "cuda_hybrid";
+    }
+    return "cuda";
+  }
   const KVLayout& layout() const override { return layout_; }
   std::shared_ptr<HostAllocator> host_allocator() const override { return allocator_; }
   CopyTicket submit(CopyDirection direction, const std::vector<BlockCopy>& copies) override;
@@ -63,6 +76,8 @@ class CudaKVCopyEngine final : public KVCopyEngine {
   const std::shared_ptr<HostAllocator> allocator_;
   std::vector<uint64_t> layer_bases_host_;  // [num_layers][2]
   uint64_t* layer_bases_device_ = nullptr;
+  uint8_t* staging_ = nullptr;  // STAGED: kStagedCopyBlocks block images in device memory
+  int32_t staging_blocks_ = 0;
   cudaStream_t copy_stream_ = nullptr;
 
   std::mutex mutex_;  // guards everything below (and orders launches on copy_stream_)

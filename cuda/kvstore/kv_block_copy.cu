@@ -1,6 +1,7 @@
 #include "cuda/kvstore/kv_block_copy.h"
 
 #include <algorithm>
+#include <vector>
 
 namespace rtpllm::cuda {
 namespace {
@@ -113,6 +114,43 @@ cudaError_t launch_kv_block_memcpy(const KVBlockCopyArgs& args, cudaStream_t str
                                            : cudaMemcpyAsync(pool, host, args.block_bytes, cudaMemcpyHostToDevice, stream);
       if (err != cudaSuccess) return err;
     }
+  }
+  return cudaSuccess;
+}
+
+cudaError_t launch_kv_block_staged(const KVBlockCopyArgs& args, uint8_t* staging, int32_t staging_blocks, int32_t max_ctas,
+                                   cudaStream_t stream) {
+  if (const cudaError_t err = check_args(args); err != cudaSuccess) return err;
+  if (staging == nullptr || staging_blocks <= 0) return cudaErrorInvalidValue;
+  const int64_t image_bytes = 2 * static_cast<int64_t>(args.num_layers) * args.block_bytes;  // one host buffer
+  std::vector<uint8_t*> images(static_cast<size_t>(staging_blocks));
+  for (int32_t i = 0; i < staging_blocks; ++i) images[static_cast<size_t>(i)] = staging + i * image_bytes;
+  const cudaMemcpyKind kind = args.to_host ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice;
+  // Host buffers first..first+n-1 crossed over PCIe, one cudaMemcpyAsync per run of adjacent buffers.
+  auto cross_pcie = [&](int32_t first, int32_t n) -> cudaError_t {
+    for (int32_t i = 0; i < n;) {
+      int32_t run = 1;
+      while (i + run < n && args.host_blocks[first + i + run] == args.host_blocks[first + i] + run * image_bytes) ++run;
+      uint8_t* host = args.host_blocks[first + i];
+      uint8_t* image = images[static_cast<size_t>(i)];
+      const size_t bytes = static_cast<size_t>(run * image_bytes);
+      const cudaError_t err = args.to_host ? cudaMemcpyAsync(host, image, bytes, kind, stream)
+                                           : cudaMemcpyAsync(image, host, bytes, kind, stream);
+      if (err != cudaSuccess) return err;
+      i += run;
+    }
+    return cudaSuccess;
+  };
+  for (int32_t first = 0; first < args.num_blocks; first += staging_blocks) {
+    const int32_t n = std::min(staging_blocks, args.num_blocks - first);
+    KVBlockCopyArgs round = args;
+    round.pool_blocks = args.pool_blocks + first;
+    round.host_blocks = images.data();
+    round.num_blocks = n;
+    cudaError_t err = args.to_host ? cudaSuccess : cross_pcie(first, n);
+    if (err == cudaSuccess) err = launch_kv_block_copy_kernel(round, max_ctas, stream);
+    if (err == cudaSuccess && args.to_host) err = cross_pcie(first, n);
+    if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
 }

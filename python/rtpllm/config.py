@@ -49,6 +49,9 @@ class ModelConfig:
             _require(self.max_model_len > 0, "max_model_len", f"must be positive, got {self.max_model_len}")
 
 
+KV_COPY_METHODS = ("kernel", "staged", "hybrid", "memcpy")  # CacheConfig.kv_copy_method
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """The paged KV cache.
@@ -74,6 +77,11 @@ class CacheConfig:
     # A shared KV store (`rtpllm kvstore serve`) at HOST:PORT, chained after host and disk: prefixes
     # another instance computed load from it, and this instance's full blocks are saved into it.
     kv_store: Optional[str] = None
+    # How the CUDA build copies blocks between the pool and host memory: "kernel" (SMs read and
+    # write mapped host memory: lowest latency), "staged" (SMs gather into device memory, the copy
+    # engines cross PCIe: the SMs stay free for the model), "hybrid" (loads as kernel, saves as
+    # staged) or "memcpy" (one copy per segment).
+    kv_copy_method: str = "kernel"
 
     def __post_init__(self) -> None:
         _require(self.block_size > 0, "block_size", f"must be positive, got {self.block_size}")
@@ -89,6 +97,8 @@ class CacheConfig:
                      f"must be >= 0 (0 turns the host tier off), got {self.kv_host_cache_gib}")
         _require(self.kv_disk_cache_gib > 0, "kv_disk_cache_gib", f"must be positive, got {self.kv_disk_cache_gib}")
         _require(self.kv_load_timeout_s > 0, "kv_load_timeout_s", f"must be positive, got {self.kv_load_timeout_s}")
+        _require(self.kv_copy_method in KV_COPY_METHODS, "kv_copy_method",
+                 f"must be one of {', '.join(KV_COPY_METHODS)}, got {self.kv_copy_method!r}")
         if self.kv_disk_cache_dir is not None:
             _require(bool(self.kv_disk_cache_dir.strip()), "kv_disk_cache_dir", "must be a directory path, got ''")
             _require(self.enable_prefix_caching, "kv_disk_cache_dir",

@@ -31,6 +31,7 @@ class FakeKVConnector : public KVConnector {
   bool hang_loads = false;    // loads stay PENDING while this is set
   bool throw_on_load = false; // load() refuses
   size_t capacity_blocks = SIZE_MAX;  // least recently saved/loaded beyond this are dropped
+  double recompute_seconds_per_block = 0;  // the latest set_recompute_seconds_per_block()
 
   std::string name() const override { return "fake"; }
 
@@ -67,6 +68,8 @@ class FakeKVConnector : public KVConnector {
     stats_.used_blocks = store_.size();
     return {stats_};
   }
+
+  void set_recompute_seconds_per_block(double seconds) override { recompute_seconds_per_block = seconds; }
 
   size_t num_open_transfers() const { return open_.size(); }
   size_t num_stored_blocks() const { return store_.size(); }

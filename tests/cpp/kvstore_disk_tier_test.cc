@@ -279,6 +279,38 @@ TEST_F(DiskTierTest, ConcurrentOffersLoadsAndEvictions) {
   EXPECT_EQ(warnings.count(), 0u);
 }
 
+TEST_F(DiskTierTest, ManyLoadsAtOnceShareTheStagingBuffersAndMeasureTheReads) {
+  DiskTierOptions options;
+  options.directory = dir.path();
+  options.capacity_bytes = 64 * static_cast<int64_t>(disk_block_file_bytes(pool.layout().bytes_per_block()));
+  options.cache_identity = kIdentity;
+  options.reader_threads = 2;  // 2 x 2 x 1 staging buffers for 12 blocks in flight
+  options.load_chunk_blocks = 1;
+  DiskTier tier(engine, options, warnings.logger());
+  std::vector<BlockHash> hashes;
+  std::vector<BlockId> blocks;
+  for (BlockId b = 0; b < 12; ++b) {
+    hashes.push_back(static_cast<BlockHash>(100 + b));
+    blocks.push_back(b);
+  }
+  save(tier, hashes, blocks);
+  EXPECT_EQ(tier.expected_load_seconds(4), 0);  // nothing read yet: no estimate
+  for (BlockId b : blocks) pool.fill(b, 999);    // the loads must bring the bytes back
+  std::vector<TransferHandle> loads;
+  for (size_t first = 0; first < 12; first += 3) {
+    loads.push_back(tier.load({hashes.begin() + first, hashes.begin() + first + 3}, {blocks.begin() + first, blocks.begin() + first + 3}));
+  }
+  for (TransferHandle load : loads) EXPECT_EQ(poll_until_done(tier, load), TransferState::DONE);
+  for (BlockId b : blocks) EXPECT_TRUE(pool.holds(b, hashes[static_cast<size_t>(b)])) << b;
+  EXPECT_TRUE(pool.padding_intact());
+  const double one = tier.expected_load_seconds(1);
+  EXPECT_GT(one, 0);
+  EXPECT_NEAR(tier.expected_load_seconds(8), 8 * one, 1e-12);  // nothing queued: linear in the blocks
+  EXPECT_EQ(tier.stats()[0].loaded_blocks, 12u);
+  tier.check_invariants();
+  EXPECT_EQ(warnings.count(), 0u);
+}
+
 TEST(DiskBlockFile, NamesRoundTrip) {
   BlockHash hash = 0;
   EXPECT_TRUE(parse_block_file_name(block_file_name(0xDEADBEEF01234567ULL), &hash));

@@ -47,6 +47,12 @@ struct StuckTier : KVStoreTier {
   void cancel(TransferHandle handle) override { cancelled.at(handle) = true; }
 };
 
+// Holds blocks, and says each one takes `seconds_per_block` to load: a disk of a given speed.
+struct SlowTier : StuckTier {
+  double seconds_per_block = 0;
+  double expected_load_seconds(int32_t num_blocks) override { return seconds_per_block * num_blocks; }
+};
+
 // A copy engine whose loads (host -> pool) wait at a gate until the test opens it: a slow device.
 struct GatedEngine : KVCopyEngine {
   std::shared_ptr<CpuKVCopyEngine> inner;
@@ -156,6 +162,25 @@ TEST_F(TieredTest, LoadPastItsDeadlineIsCancelledAndFails) {
   const auto stats = tiers.stats();
   EXPECT_EQ(stats[1].timed_out_loads, 1u);
   EXPECT_EQ(tiers.num_pending(), 0u);
+}
+
+TEST_F(TieredTest, KnownRecomputeCostShortensTheLoadDeadline) {
+  auto stuck = std::make_shared<StuckTier>();
+  stuck->held = {1, 2};
+  TieredKVConnector tiers({stuck}, 60.0);  // the configured deadline alone would wait a minute
+  tiers.set_recompute_seconds_per_block(0.001);  // budget: 0.5 s + 4 x 2 x 1 ms
+  const auto start = std::chrono::steady_clock::now();
+  const TransferHandle handle = tiers.load({1, 2}, {3, 4});
+  TransferState state = TransferState::PENDING;
+  while (state == TransferState::PENDING && std::chrono::steady_clock::now() - start < std::chrono::seconds(5)) {
+    state = tiers.poll(handle);
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_EQ(state, TransferState::FAILED);
+  EXPECT_GE(waited, TieredKVConnector::kMinLoadBudgetSeconds);
+  EXPECT_LT(waited, 2.0);
+  EXPECT_EQ(tiers.stats()[0].timed_out_loads, 1u);
 }
 
 // A real disk tier behind a stuck device: a load queued behind it is cancelled at its deadline
@@ -277,6 +302,31 @@ TEST_F(TieredTest, RandomTrafficKeepsInvariantsAndNeverGivesWrongBytes) {
   EXPECT_GT(stats[1].loaded_blocks, 0u);
   EXPECT_GT(stats[1].evicted_blocks, 0u);
   EXPECT_EQ(warnings.count(), 0u);
+}
+
+TEST_F(TieredTest, MatchLeavesOutATierSlowerThanRecomputing) {
+  auto host = std::make_shared<HostTier>(engine, 8 * block);
+  auto slow = std::make_shared<SlowTier>();
+  slow->held = {3, 4, 5};
+  slow->seconds_per_block = 0.010;
+  TieredKVConnector tiers({host, slow}, 5.0);
+  pool.fill(1, 1);
+  pool.fill(2, 2);
+  ASSERT_EQ(poll_until_done(tiers, tiers.save({1, 2}, {1, 2})), TransferState::DONE);
+  const std::vector<BlockHash> chain = {1, 2, 3, 4, 5, 6};
+  EXPECT_EQ(tiers.match(chain), 5);  // recomputing's cost unknown: every tier counts
+  tiers.set_recompute_seconds_per_block(0.020);
+  EXPECT_EQ(tiers.match(chain), 5);  // the slow tier still beats recomputing
+  tiers.set_recompute_seconds_per_block(0.005);
+  EXPECT_EQ(tiers.match(chain), 2);  // it does not: the run ends where its blocks begin
+  EXPECT_EQ(tiers.match({3, 4}), 0);
+  const std::vector<KVTierStats> stats = tiers.stats();
+  EXPECT_EQ(stats[0].hit_blocks, 6u);
+  EXPECT_EQ(stats[0].skipped_blocks, 0u);
+  EXPECT_EQ(stats[1].hit_blocks, 6u);
+  EXPECT_EQ(stats[1].skipped_blocks, 5u);
+  tiers.set_recompute_seconds_per_block(0);  // unknown again
+  EXPECT_EQ(tiers.match(chain), 5);
 }
 
 }  // namespace

@@ -330,5 +330,49 @@ TEST(SchedulerKVTier, SurvivesRandomTrafficWithTiers) {
   EXPECT_EQ(s.kv_transfer_held_blocks, 0);
 }
 
+TEST(SchedulerKVTier, StepsWithManyTokensTellTheConnectorWhatRecomputingCosts) {
+  TierHarness t(512, 512);
+  t.h.add(make_spec(1, prompt_of(100, 3), 2));  // steps of a few tokens say nothing about prefill
+  t.drain();
+  EXPECT_EQ(t.tiers->recompute_seconds_per_block, 0);
+  t.h.add(make_spec(2, prompt_of(200, 4), 2));  // one step of 400 prompt tokens, then decode
+  t.h.add(make_spec(3, prompt_of(200, 5), 2));
+  t.h.step();
+  EXPECT_EQ(t.h.batch.num_tokens, 400);
+  std::this_thread::sleep_for(std::chrono::milliseconds(4));  // the step "runs" 4 ms: 10 us a token
+  t.h.step();
+  EXPECT_GE(t.tiers->recompute_seconds_per_block, kBlockSize * 4e-3 / 400);
+  EXPECT_LT(t.tiers->recompute_seconds_per_block, 1.0);
+  t.drain();
+}
+
+TEST(SchedulerKVTier, DecodeBlocksAreSavedInBatchesWhileNothingIsEvicted) {
+  TierHarness t(512, 512);
+  // Prompts of 1 block + 3 tokens: the first block is cached at prefill, the second one 1 decode
+  // step later. Two requests keep running (max_new 40), so no step is "idle".
+  t.h.add(make_spec(1, prompt_of(7, 11), 40));
+  t.h.add(make_spec(2, prompt_of(7, 12), 40));
+  t.h.step();  // prefill: 2 blocks cached, fewer than a batch
+  t.h.step();  // decode: 2 more
+  t.h.step();
+  EXPECT_EQ(t.h.scheduler.stats().kv_tier_saved_blocks, 0u) << "a few blocks wait for more";
+  for (int i = 0; i < KVTransfers::kMaxSaveWaitPolls; ++i) t.h.step();
+  EXPECT_GE(t.h.scheduler.stats().kv_tier_saved_blocks, 4u) << "but not longer than kMaxSaveWaitPolls steps";
+  t.drain();
+}
+
+TEST(SchedulerKVTier, UnderEvictionBlocksAreSavedAtOnce) {
+  TierHarness t(6, 64);  // 6 blocks: the second request evicts the first one's cached blocks
+  t.h.add(make_spec(1, prompt_of(13, 21), 1));
+  t.drain();
+  const uint64_t saved = t.h.scheduler.stats().kv_tier_saved_blocks;
+  EXPECT_EQ(saved, 3u);  // the pool went idle: saved at once
+  t.h.add(make_spec(2, prompt_of(21, 22), 3));
+  t.h.step();  // prefill of 5 blocks evicts cached ones; its own 5 blocks are saved without waiting
+  t.h.step();
+  EXPECT_GE(t.h.scheduler.stats().kv_tier_saved_blocks, saved + 5);
+  t.drain();
+}
+
 }  // namespace
 }  // namespace rtpllm::testing

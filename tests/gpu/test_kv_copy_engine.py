@@ -13,7 +13,7 @@ import torch
 
 from rtpllm import _C
 
-METHODS = ["KERNEL", "MEMCPY"]  # _C.CudaCopyMethod members (absent from CPU builds, where these tests skip)
+METHODS = ["KERNEL", "MEMCPY", "STAGED", "HYBRID"]  # _C.CudaCopyMethod members (absent from CPU builds, where these tests skip)
 # (layers, block_size, kv_heads, head_dim, dtype, pad_tokens): 8B-like; odd sizes whose segments
 # are not 16-byte multiples (narrow accesses); fp32 with padded blocks (strided pool).
 SHAPES = [(4, 16, 8, 128, torch.bfloat16, 0), (3, 3, 3, 5, torch.bfloat16, 0), (2, 5, 1, 36, torch.float32, 2)]

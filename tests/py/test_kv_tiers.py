@@ -49,6 +49,22 @@ def test_restart_finds_the_disk_tier(tmp_path):
     assert_idle(second)
 
 
+def test_disk_hits_are_promoted_to_the_host_tier(tmp_path):
+    first = make_llm(kv_host_cache_gib=0.01, kv_disk_cache_dir=str(tmp_path))
+    batch = prompts()[:6]
+    assert generate(first, batch) == expected_outputs()[:6]
+    first.engine.close()
+
+    second = make_llm(kv_disk_cache_dir=str(tmp_path))
+    assert generate(second, batch[:1], wave=1) == expected_outputs()[:1]  # its prefix: 5 blocks from disk
+    assert tier_stats(second)["disk"].loaded_blocks == 5
+    assert generate(second, batch[1:5]) == expected_outputs()[1:5]  # other prefixes push it out of the pool
+    assert generate(second, batch[:1], wave=1) == expected_outputs()[:1]
+    host = tier_stats(second)["host"]
+    assert host.loaded_blocks >= 3, "the prefix loaded from disk was copied up into the host tier"
+    assert_idle(second)
+
+
 def test_metrics_report_each_tier():
     engine = build_async_engine(checkpoint_path("llama3"), num_blocks=16, max_num_seqs=3)
     with RunningServer(engine) as server:

@@ -20,7 +20,9 @@ void bind_kv_copy_engine(py::module_& m) {
       .def(py::init<>());
   py::enum_<CudaCopyMethod>(m, "CudaCopyMethod")
       .value("KERNEL", CudaCopyMethod::KERNEL)
-      .value("MEMCPY", CudaCopyMethod::MEMCPY);
+      .value("MEMCPY", CudaCopyMethod::MEMCPY)
+      .value("STAGED", CudaCopyMethod::STAGED)
+      .value("HYBRID", CudaCopyMethod::HYBRID);
   py::class_<CudaKVCopyEngine, KVCopyEngine, std::shared_ptr<CudaKVCopyEngine>>(
       m, "CudaKVCopyEngine", "Block copies on a stream of its own, ordered after the compute stream's work")
       .def(py::init<KVLayout, uintptr_t, CudaCopyMethod, int32_t>(), py::arg("layout"), py::arg("compute_stream"),

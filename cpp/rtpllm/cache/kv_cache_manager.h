@@ -58,6 +58,7 @@ class KVCacheManager {
   // The (hash, block) pairs registered since the last call, oldest first.
   void take_newly_cached(std::vector<std::pair<BlockHash, BlockId>>& out);
   bool has_newly_cached() const { return !newly_cached_.empty(); }
+  size_t num_newly_cached() const { return newly_cached_.size(); }
 
   // Extra references on blocks (a transfer that reads or writes them): they stay out of the free
   // list, so they are neither reused nor evicted, until released.

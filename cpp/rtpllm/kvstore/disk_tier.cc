@@ -44,12 +44,13 @@ DiskTier::DiskTier(std::shared_ptr<KVCopyEngine> engine, DiskTierOptions options
                 std::to_string(file_bytes_) + " bytes)");
   }
   for (int32_t i = 0; i < options_.writer_threads; ++i) write_staging_.emplace_back(engine_->host_allocator(), file_bytes_);
-  read_staging_.resize(static_cast<size_t>(options_.reader_threads));
-  for (auto& staging : read_staging_) {
-    for (int32_t i = 0; i < options_.load_chunk_blocks; ++i) staging.emplace_back(engine_->host_allocator(), file_bytes_);
+  for (int32_t i = 0; i < 2 * options_.reader_threads * options_.load_chunk_blocks; ++i) {
+    read_staging_.emplace_back(engine_->host_allocator(), file_bytes_);
+    free_staging_.push_back(read_staging_.back().data());
   }
   for (HostBuffer& staging : write_staging_) threads_.emplace_back([this, data = staging.data()] { writer_loop(data); });
-  for (auto& staging : read_staging_) threads_.emplace_back([this, buffers = &staging] { reader_loop(buffers); });
+  for (int32_t i = 0; i < options_.reader_threads; ++i) threads_.emplace_back([this] { reader_loop(); });
+  completion_thread_ = std::thread([this] { completion_loop(); });
 }
 
 DiskTier::~DiskTier() {
@@ -64,13 +65,22 @@ DiskTier::~DiskTier() {
     }
     for (LoadJob& job : load_queue_) finish_chunk(job, false);
     load_queue_.clear();
+    queued_load_blocks_ = 0;
   }
   for (WriteJob& job : dropped) {
     if (job.release) job.release();
   }
   write_cv_.notify_all();
   load_cv_.notify_all();
+  staging_cv_.notify_all();
   for (std::thread& thread : threads_) thread.join();
+  {
+    // Readers are gone: the completion thread waits for the copies they submitted, then ends.
+    std::lock_guard<std::mutex> lock(mutex_);
+    readers_stopped_ = true;
+  }
+  copies_cv_.notify_all();
+  completion_thread_.join();
 }
 
 void DiskTier::warn(const std::string& message) {
@@ -138,6 +148,7 @@ TransferHandle DiskTier::load(const std::vector<BlockHash>& hashes, const std::v
       load_queue_.push_back(LoadJob{group, first, std::min(chunk, hashes.size() - first)});
       ++group->chunks_left;
     }
+    queued_load_blocks_ += hashes.size();
     load_cv_.notify_all();
   }
   return add_handle(std::move(status));
@@ -267,10 +278,15 @@ void DiskTier::finish_save_copy(const std::shared_ptr<Status>& save, bool ok) {
 
 // ---- writers ----
 
+bool DiskTier::writers_may_run() const {
+  const bool reading = !load_queue_.empty() || reads_in_progress_ > 0;
+  return !reading || 2 * static_cast<int32_t>(write_queue_.size()) >= options_.max_queued_writes;
+}
+
 void DiskTier::writer_loop(uint8_t* staging) {
   std::unique_lock<std::mutex> lock(mutex_);
   while (true) {
-    write_cv_.wait(lock, [&] { return stopping_ || !write_queue_.empty(); });
+    write_cv_.wait(lock, [&] { return stopping_ || (!write_queue_.empty() && writers_may_run()); });
     if (stopping_) return;
     WriteJob job = std::move(write_queue_.front());
     write_queue_.pop_front();
@@ -320,67 +336,6 @@ void DiskTier::write_block(WriteJob& job, uint8_t* staging) {
   insert_entry(job.hash);
   ++stats_.saved_blocks;
   stats_.save_bytes += payload_bytes_;
-}
-
-// ---- reader ----
-
-void DiskTier::reader_loop(std::vector<HostBuffer>* staging) {
-  std::unique_lock<std::mutex> lock(mutex_);
-  while (true) {
-    load_cv_.wait(lock, [&] { return stopping_ || !load_queue_.empty(); });
-    if (stopping_) return;
-    LoadJob job = std::move(load_queue_.front());
-    load_queue_.pop_front();
-    lock.unlock();
-    const bool ok = load_chunk(job, *staging);
-    lock.lock();
-    finish_chunk(job, ok);
-  }
-}
-
-void DiskTier::finish_chunk(const LoadJob& job, bool ok) {
-  LoadGroup& group = *job.group;
-  if (!ok) group.failed = true;
-  if (--group.chunks_left > 0) return;
-  // The last chunk: nothing copies into the load's GPU blocks any more.
-  for (BlockHash hash : group.hashes) {
-    auto it = index_.find(hash);
-    if (it == index_.end()) continue;  // dropped as broken meanwhile
-    if (it->second.readers > 0) --it->second.readers;
-    if (!group.failed) lru_.splice(lru_.end(), lru_, it->second.lru_pos);  // most recently used
-  }
-  if (!group.failed) {
-    stats_.loaded_blocks += group.hashes.size();
-    stats_.load_bytes += group.hashes.size() * payload_bytes_;
-  }
-  group.status->state = group.failed ? TransferState::FAILED : TransferState::DONE;
-}
-
-bool DiskTier::load_chunk(const LoadJob& job, std::vector<HostBuffer>& staging) {
-  const LoadGroup& group = *job.group;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (group.failed || group.status->cancelled || stopping_) return false;  // this chunk never touches the GPU
-  }
-  std::vector<BlockCopy> copies;
-  for (size_t i = 0; i < job.count; ++i) {
-    const BlockHash hash = group.hashes[job.first + i];
-    uint8_t* file = staging[i].data();
-    size_t file_size = 0;
-    const int error = read_file_prefix(path_of(hash), file, file_bytes_, &file_size);
-    const DiskBlockCheck check =
-        error != 0 ? DiskBlockCheck::TRUNCATED : check_block_file(file, file_size, options_.cache_identity, hash, payload_bytes_);
-    if (check != DiskBlockCheck::OK) {
-      const std::string why = error != 0 ? std::string("cannot read: ") + std::strerror(error) : to_string(check);
-      warn("disk tier: block file " + path_of(hash) + " is unusable (" + why + "); treated as a miss");
-      std::lock_guard<std::mutex> lock(mutex_);
-      // Ours and broken: delete it. A foreign file under our name is left alone.
-      remove_entry(hash, check != DiskBlockCheck::FOREIGN && error == 0);
-      return false;
-    }
-    copies.push_back(BlockCopy{group.gpu_blocks[job.first + i], file + kDiskBlockHeaderBytes});
-  }
-  return engine_->wait(engine_->submit(CopyDirection::HOST_TO_POOL, copies)) == TransferState::DONE;
 }
 
 void DiskTier::check_invariants() {

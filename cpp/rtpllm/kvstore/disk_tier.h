@@ -6,11 +6,22 @@
 // the GPU pool (save(), for a disk-only setup), and run on writer threads: a block is copied into
 // a page-aligned staging buffer, sealed with its header and checksum and written as one large
 // O_DIRECT write (buffered where the file system refuses O_DIRECT, e.g. tmpfs) under a temporary
-// name, then renamed. Loads are cut into chunks that reader threads serve in parallel: files are
-// read into staging buffers, verified
-// (header, size, checksum) and only then copied into the GPU blocks, a few blocks per copy. A
-// truncated, corrupt or foreign file is a miss (at the scan) or a FAILED load (found at load time:
-// the scheduler recomputes), with one warning, and our broken files are deleted.
+// name, then renamed. Writers yield to loads: while a load is being read they wait, unless the
+// write queue is half full (then writing is the lesser evil than refusing blocks).
+//
+// Loads are cut into chunks that reader threads serve in parallel (one block file is one O_DIRECT
+// read; several readers keep several reads in flight, and each verifies the blocks it read, so
+// verification runs in parallel too). A chunk is read into staging buffers from a shared pool,
+// verified (header, size, checksum), and its copy into the GPU blocks is submitted without waiting:
+// the reader goes on with the next chunk while a completion thread waits for the copies (which on
+// CUDA also wait for the forward pass in flight) and hands their staging buffers back. A disk hit
+// goes disk -> staging -> GPU, never through the host tier. A truncated, corrupt or foreign file is
+// a miss (at the scan) or a FAILED load (found at load time: the scheduler recomputes), with one
+// warning, and our broken files are deleted.
+//
+// The tier measures its reads (seconds per block, per reader, under the load it saw) and offers an
+// estimate of how long a new load would take behind the loads already queued
+// (expected_load_seconds), so that the coordinator can skip the disk when recomputing is faster.
 //
 // A full disk (ENOSPC, EDQUOT), any other write error, or a capacity below one block file stops
 // writes for good, with one warning; stats().enabled then reads false. The tier keeps serving
@@ -41,9 +52,9 @@ struct DiskTierOptions {
   int64_t capacity_bytes = 0;    // of block files, headers and padding included
   uint64_t cache_identity = 0;   // every file carries it; files of another identity are ignored
   int32_t writer_threads = 2;
-  int32_t reader_threads = 4;       // chunks of loads read in parallel (NVMe wants several in flight)
+  int32_t reader_threads = 8;       // chunks of loads read (and verified) in parallel (NVMe wants several in flight)
   int32_t max_queued_writes = 256;  // offers and saves beyond this many waiting writes are refused
-  int32_t load_chunk_blocks = 4;    // blocks read (and staged in host memory) per copy into the pool
+  int32_t load_chunk_blocks = 2;    // blocks read (and staged in host memory) per copy into the pool
 
   // Throws std::invalid_argument naming the bad field.
   void validate() const;
@@ -75,6 +86,9 @@ class DiskTier final : public KVStoreTier, public KVBlockSink {
   // their own way (the Python engine's logger).
   std::vector<std::string> take_warnings();
   int64_t file_bytes_per_block() const { return static_cast<int64_t>(file_bytes_); }
+  // How long a load of num_blocks submitted now would take, behind the blocks already queued for
+  // reading, from the read times measured so far (0 before the first read: optimistic).
+  double expected_load_seconds(int32_t num_blocks) override;
   // Index, LRU list and byte count agree; throws std::logic_error otherwise. For tests.
   void check_invariants();
 
@@ -109,13 +123,20 @@ class DiskTier final : public KVStoreTier, public KVBlockSink {
     size_t first = 0;
     size_t count = 0;
   };
+  struct ChunkCopy {  // a verified chunk whose copy into the pool was submitted
+    LoadJob job;
+    CopyTicket ticket = 0;
+    std::vector<uint8_t*> staging;  // back to free_staging_ once the copy ended
+  };
 
   void scan_directory();
   void writer_loop(uint8_t* staging);
-  void reader_loop(std::vector<HostBuffer>* staging);
+  void reader_loop();
+  void completion_loop();
   void write_block(WriteJob& job, uint8_t* staging);
-  bool load_chunk(const LoadJob& job, std::vector<HostBuffer>& staging);
+  bool read_chunk(const LoadJob& job, const std::vector<uint8_t*>& staging, std::vector<BlockCopy>& copies);
   void finish_chunk(const LoadJob& job, bool ok);                       // mutex_ held
+  bool writers_may_run() const;                                         // mutex_ held
   void finish_save_copy(const std::shared_ptr<Status>& save, bool ok);  // mutex_ held
   bool reserve_bytes(std::unique_lock<std::mutex>& lock);               // mutex_ held
   void insert_entry(BlockHash hash);                                    // mutex_ held
@@ -140,6 +161,14 @@ class DiskTier final : public KVStoreTier, public KVBlockSink {
   std::unordered_set<BlockHash> writing_;    // accepted writes not yet in the index
   std::deque<WriteJob> write_queue_;
   std::deque<LoadJob> load_queue_;
+  size_t queued_load_blocks_ = 0;  // blocks of load_queue_
+  int32_t reads_in_progress_ = 0;  // chunks being read and verified
+  std::vector<uint8_t*> free_staging_;  // file images for readers
+  std::condition_variable staging_cv_;
+  std::deque<ChunkCopy> copies_in_flight_;  // submitted copies, oldest first
+  std::condition_variable copies_cv_;
+  bool readers_stopped_ = false;  // the completion thread drains copies_in_flight_, then ends
+  double read_seconds_per_block_ = 0;  // moving average of one reader's time per block (read + verify)
   std::unordered_map<TransferHandle, std::shared_ptr<Status>> handles_;
   int32_t writes_in_progress_ = 0;
   int64_t used_bytes_ = 0;  // indexed files + writes in progress
@@ -152,8 +181,9 @@ class DiskTier final : public KVStoreTier, public KVBlockSink {
   // Allocated up front (pinned on CUDA builds), so that running out of memory is an error of the
   // constructor and never of a background thread.
   std::vector<HostBuffer> write_staging_;  // one file image per writer thread
-  std::vector<std::vector<HostBuffer>> read_staging_;  // per reader thread: load_chunk_blocks file images
-  std::vector<std::thread> threads_;
+  std::vector<HostBuffer> read_staging_;  // 2 x load_chunk_blocks file images per reader: one chunk read while one copies
+  std::vector<std::thread> threads_;      // writers and readers
+  std::thread completion_thread_;
 
   std::mutex warnings_mutex_;  // separate: warn() runs with or without mutex_ held
   std::deque<std::string> recent_warnings_;

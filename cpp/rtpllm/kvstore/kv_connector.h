@@ -41,6 +41,8 @@ struct KVTierStats {
   uint64_t save_bytes = 0;        // bytes moved GPU (or the tier above) -> tier
   uint64_t failed_loads = 0;      // load() handles that ended FAILED
   uint64_t timed_out_loads = 0;   // of those, cut short by the coordinator's load deadline
+  uint64_t skipped_blocks = 0;    // held, but not offered by match(): loading them was expected to
+                                  // take longer than recomputing them
   uint64_t evicted_blocks = 0;    // dropped for capacity
   uint64_t capacity_blocks = 0;   // current
   uint64_t used_blocks = 0;       // current
@@ -74,6 +76,10 @@ class KVConnector {
 
   // Per tier (a coordinator reports one entry per tier it chains).
   virtual std::vector<KVTierStats> stats() = 0;
+
+  // What recomputing one block's KV costs now (seconds; 0: unknown), measured by the caller. A
+  // connector may then leave out of match() blocks it expects to load more slowly than that.
+  virtual void set_recompute_seconds_per_block(double /*seconds*/) {}
 };
 
 }  // namespace rtpllm

@@ -20,6 +20,11 @@ class KVStoreTier : public KVConnector {
   // Whether a load() of this one hash can be served now. Unlike match(), not counted in stats.
   virtual bool contains(BlockHash hash) = 0;
 
+  // How long a load() of num_blocks blocks started now is expected to take (behind the tier's own
+  // queue), in seconds; 0 when the tier cannot tell or is fast enough not to matter (host memory).
+  // The coordinator compares it with the time recomputing those blocks would take.
+  virtual double expected_load_seconds(int32_t /*num_blocks*/) { return 0; }
+
   // Asks a pending load to end early (the coordinator's deadline passed). The handle still ends
   // through poll(): FAILED, or DONE if the data had already arrived. A tier reports FAILED only
   // once nothing is copying into the load's GPU blocks any more, so that the caller may reuse them

@@ -1,5 +1,6 @@
 #include "rtpllm/kvstore/tiered_connector.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <utility>
 
@@ -24,23 +25,35 @@ size_t TieredKVConnector::find_tier(BlockHash hash) {
 }
 
 int32_t TieredKVConnector::match(const std::vector<BlockHash>& hashes) {
-  int32_t hits = 0;
   std::vector<uint64_t> asked(tiers_.size(), 0);
-  for (; hits < static_cast<int32_t>(hashes.size()); ++hits) {
-    const BlockHash hash = hashes[static_cast<size_t>(hits)];
+  match_tiers_.clear();
+  for (BlockHash hash : hashes) {
     size_t t = 0;
     for (; t < tiers_.size(); ++t) {
       ++asked[t];
       if (tiers_[t]->contains(hash)) break;
     }
     if (t == tiers_.size()) break;
-    ++counters_[t].hit_blocks;
+    match_tiers_.push_back(t);
   }
   for (size_t t = 0; t < tiers_.size(); ++t) {
     ++counters_[t].queries;
     counters_[t].query_blocks += asked[t];
   }
-  return hits;
+  size_t hits = match_tiers_.size();
+  if (recompute_seconds_per_block_ > 0 && hits > 0) {
+    // Each tier's share loads in parallel with the others': a tier is too slow when its share
+    // would take longer than recomputing it. The run then ends at that tier's first block.
+    std::vector<int32_t> share(tiers_.size(), 0);
+    for (size_t t : match_tiers_) ++share[t];
+    for (size_t t = 0; t < tiers_.size(); ++t) {
+      if (share[t] == 0 || tiers_[t]->expected_load_seconds(share[t]) <= share[t] * recompute_seconds_per_block_) continue;
+      hits = std::min(hits, static_cast<size_t>(std::find(match_tiers_.begin(), match_tiers_.end(), t) - match_tiers_.begin()));
+    }
+    for (size_t i = hits; i < match_tiers_.size(); ++i) ++counters_[match_tiers_[i]].skipped_blocks;
+  }
+  for (size_t i = 0; i < hits; ++i) ++counters_[match_tiers_[i]].hit_blocks;
+  return static_cast<int32_t>(hits);
 }
 
 TransferHandle TieredKVConnector::load(const std::vector<BlockHash>& hashes, const std::vector<BlockId>& gpu_blocks) {
@@ -60,7 +73,12 @@ TransferHandle TieredKVConnector::load(const std::vector<BlockHash>& hashes, con
   }
   Transfer transfer;
   transfer.is_load = true;
-  transfer.deadline = std::chrono::steady_clock::now() + load_timeout_;
+  auto timeout = load_timeout_;
+  if (recompute_seconds_per_block_ > 0) {
+    const double budget = kMinLoadBudgetSeconds + kLoadBudgetFactor * recompute_seconds_per_block_ * static_cast<double>(hashes.size());
+    timeout = std::min(timeout, std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(budget)));
+  }
+  transfer.deadline = std::chrono::steady_clock::now() + timeout;
   if (!all_found) {
     ++counters_[0].failed_loads;  // evicted since match(): the caller recomputes
     transfer.parts.push_back(Part{0, 0, TransferState::FAILED});
@@ -120,6 +138,7 @@ std::vector<KVTierStats> TieredKVConnector::stats() {
       stats.hit_blocks += counters_[t].hit_blocks;
       stats.failed_loads += counters_[t].failed_loads;
       stats.timed_out_loads += counters_[t].timed_out_loads;
+      stats.skipped_blocks += counters_[t].skipped_blocks;
       all.push_back(std::move(stats));
     }
   }

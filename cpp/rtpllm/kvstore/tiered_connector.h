@@ -13,6 +13,13 @@
 //            tiers and ends FAILED as soon as no tier copies into its GPU blocks any more;
 //   stats()  one entry per tier (its query counters are kept here: the tiers are asked through
 //            contains(), which they do not count).
+// Slow tiers: once the caller has said what recomputing a block costs
+// (set_recompute_seconds_per_block), match() stops at the first block of a tier whose
+// expected_load_seconds() for its share of the run is above recomputing that share: a disk with a
+// long queue or a slow read rate then costs a recompute, never more (counted as skipped_blocks).
+// The same estimate shortens a load's deadline: a load may take kLoadBudgetFactor times what
+// recomputing its blocks would take, plus kMinLoadBudgetSeconds, and never more than
+// load_timeout_s: a disk that stalls mid-load costs a bounded wait, then the recompute.
 // Calls come from the scheduler thread only.
 #pragma once
 
@@ -37,8 +44,12 @@ class TieredKVConnector final : public KVConnector {
   TransferHandle save(const std::vector<BlockHash>& hashes, const std::vector<BlockId>& gpu_blocks) override;
   TransferState poll(TransferHandle handle) override;
   std::vector<KVTierStats> stats() override;
+  void set_recompute_seconds_per_block(double seconds) override { recompute_seconds_per_block_ = seconds > 0 ? seconds : 0; }
 
   size_t num_pending() const { return transfers_.size(); }
+
+  static constexpr double kLoadBudgetFactor = 4.0;
+  static constexpr double kMinLoadBudgetSeconds = 0.5;
 
  private:
   struct Part {
@@ -58,6 +69,7 @@ class TieredKVConnector final : public KVConnector {
     uint64_t hit_blocks = 0;
     uint64_t failed_loads = 0;  // loads that failed before reaching the tier (block gone since match)
     uint64_t timed_out_loads = 0;
+    uint64_t skipped_blocks = 0;
   };
 
   // The first tier that holds `hash`, or tiers_.size().
@@ -68,6 +80,8 @@ class TieredKVConnector final : public KVConnector {
   std::vector<QueryCounters> counters_;  // per tier
   std::unordered_map<TransferHandle, Transfer> transfers_;
   TransferHandle next_handle_ = 1;
+  double recompute_seconds_per_block_ = 0;  // 0: unknown, no tier is skipped
+  std::vector<size_t> match_tiers_;          // scratch: the tier of each matched block
 };
 
 }  // namespace rtpllm

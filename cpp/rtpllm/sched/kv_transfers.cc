@@ -58,7 +58,13 @@ void KVTransfers::detach(const Request& request) {
   }
 }
 
-void KVTransfers::save_newly_cached() {
+void KVTransfers::save_newly_cached(bool now) {
+  const uint64_t evictions = kv_.pool().num_evictions();
+  const bool evicting = evictions != evictions_seen_;
+  evictions_seen_ = evictions;
+  if (!kv_.has_newly_cached()) return;
+  if (!now && !evicting && kv_.num_newly_cached() < kSaveBatchBlocks && ++save_wait_polls_ < kMaxSaveWaitPolls) return;
+  save_wait_polls_ = 0;
   to_save_.clear();
   kv_.take_newly_cached(to_save_);
   if (to_save_.empty()) return;
@@ -85,6 +91,25 @@ void KVTransfers::save_newly_cached() {
   kv_.hold(blocks);
   saved_blocks_ += blocks.size();
   saves_.push_back({handle, std::move(blocks)});
+}
+
+void KVTransfers::observe_step(int32_t num_tokens) {
+  // Steps of fewer tokens are mostly decode, whose time says little about prefill; a longer gap
+  // than kMaxStepSeconds was idle time, not a step.
+  constexpr int32_t kMinTokensToMeasure = 256;
+  constexpr double kMaxStepSeconds = 5.0;
+  constexpr double kNewestWeight = 0.2;
+  const Clock::time_point now = Clock::now();
+  if (last_step_tokens_ >= kMinTokensToMeasure && last_step_at_ != Clock::time_point{}) {
+    const double seconds = std::chrono::duration<double>(now - last_step_at_).count();
+    if (seconds > 0 && seconds < kMaxStepSeconds) {
+      const double per_token = seconds / last_step_tokens_;
+      seconds_per_token_ = seconds_per_token_ == 0 ? per_token : (1 - kNewestWeight) * seconds_per_token_ + kNewestWeight * per_token;
+      connector_->set_recompute_seconds_per_block(seconds_per_token_ * kv_.block_size());
+    }
+  }
+  last_step_at_ = now;
+  last_step_tokens_ = num_tokens;
 }
 
 TransferState KVTransfers::poll_handle(TransferHandle handle) {

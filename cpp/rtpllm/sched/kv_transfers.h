@@ -49,9 +49,21 @@ class KVTransfers {
   // The request no longer waits for its load (aborted); the load itself runs on until it ends.
   void detach(const Request& request);
 
-  // Submits one save of the blocks the KV cache manager registered since the last call (those
+  // Submits one save of the blocks the KV cache manager registered since the last save (those
   // still cached under the same hash: none was evicted in between, but check rather than trust).
-  void save_newly_cached();
+  // Decode fills a few blocks a step: they are gathered over up to kMaxSaveWaitPolls calls into
+  // one save of at least kSaveBatchBlocks, so that a busy engine pays one copy submission every
+  // few steps, not every step. Only while the pool evicts nothing: under pressure a block waiting
+  // for its save could be evicted first, and its copy lost. `now` saves whatever there is (no step
+  // will follow soon).
+  void save_newly_cached(bool now = false);
+  static constexpr size_t kSaveBatchBlocks = 32;
+  static constexpr int32_t kMaxSaveWaitPolls = 8;
+
+  // Called once per scheduled step with its token count. The time from a step with many tokens to
+  // the next call measures what computing a token costs; the connector is told what recomputing a
+  // block costs, so that it can leave out of match() tiers slower than that (a busy disk).
+  void observe_step(int32_t num_tokens);
 
   // Polls every transfer once. Appends each load that ended or timed out while a request waited
   // for it; releases the blocks of every transfer that ended.
@@ -99,6 +111,11 @@ class KVTransfers {
   std::vector<Save> saves_;
   int32_t num_waiting_ = 0;
   std::vector<std::pair<BlockHash, BlockId>> to_save_;  // scratch
+  int32_t save_wait_polls_ = 0;  // calls since blocks started waiting to be saved
+  uint64_t evictions_seen_ = 0;  // the pool's eviction count at the last call
+  Clock::time_point last_step_at_{};
+  int32_t last_step_tokens_ = 0;
+  double seconds_per_token_ = 0;  // moving average over prefill-heavy steps; 0 until measured
 
   uint64_t loaded_blocks_ = 0;
   uint64_t failed_loads_ = 0;

@@ -103,6 +103,7 @@ void Scheduler::schedule(ScheduledBatch& batch) {
   batch.scheduler_id = id_;
   batch.step_id = step_;
   in_flight_ = !entries_.empty();
+  if (transfers_) transfers_->observe_step(batch.num_tokens);  // what recomputing costs, against slow tiers
   maybe_check_invariants();
 }
 

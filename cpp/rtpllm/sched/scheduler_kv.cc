@@ -53,14 +53,17 @@ Scheduler::TierAdmission Scheduler::admit_from_tiers(Request* r, const PrefixHit
 
 void Scheduler::poll_kv_transfers() {
   if (!transfers_) return;
-  transfers_->save_newly_cached();
+  transfers_->save_newly_cached(/*now=*/running_.empty());
   ended_loads_.clear();
   transfers_->poll(ended_loads_);
   for (const KVTransfers::EndedLoad& e : ended_loads_) {
     Request* r = e.request;
     if (e.end == KVTransfers::LoadEnd::DONE) {
       r->num_computed_tokens += e.num_blocks * kv_.block_size();
-      kv_.cache_computed_blocks(*r, /*record=*/false);  // findable on the GPU now; the tiers hold them
+      // Findable on the GPU now, and recorded for saving: the first tier skips what it holds, so
+      // only blocks that came from a lower tier (the disk) are copied up into it (promotion: the
+      // next time they leave the GPU, they come back from host memory).
+      kv_.cache_computed_blocks(*r, /*record=*/true);
       r->status = RequestStatus::RUNNING;
       running_.push_back(r);
       continue;

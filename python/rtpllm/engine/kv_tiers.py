@@ -104,7 +104,7 @@ class KVTiers:
             save_bytes=s.save_bytes, failed_loads=s.failed_loads, evicted_blocks=s.evicted_blocks,
             capacity_blocks=s.capacity_blocks, used_blocks=s.used_blocks, enabled=s.enabled,
             bytes_per_block=self.bytes_per_block, load_latency_buckets=tuple(cumulative),
-            load_latency_sum=total, load_latency_count=n)
+            load_latency_sum=total, load_latency_count=n, skipped_blocks=s.skipped_blocks)
 
     def flush(self) -> None:
         """Waits until the background writes (the disk tier's) have landed."""
@@ -140,7 +140,8 @@ def build_kv_tiers(cache: CacheConfig, kv_caches: list[torch.Tensor], root_hash:
         elif host_bytes > 0 or cache.kv_disk_cache_dir is not None:
             raise ValueError("kv_host_cache_gib: KV tiers on CUDA need rtpllm built with RTPLLM_CUDA=1 (the CUDA "
                              "copy engine); pass kv_host_cache_gib=0 and no kv_disk_cache_dir to run without them")
-    engine = _copy_engine(layout, stream) if host_bytes > 0 or cache.kv_disk_cache_dir is not None else None
+    needs_copies = host_bytes > 0 or cache.kv_disk_cache_dir is not None
+    engine = _copy_engine(layout, stream, cache.kv_copy_method) if needs_copies else None
     disk = None
     if cache.kv_disk_cache_dir is not None:
         options = _C.DiskTierOptions()
@@ -166,9 +167,9 @@ def build_kv_tiers(cache: CacheConfig, kv_caches: list[torch.Tensor], root_hash:
     return KVTiers(connector, tiers, kv_caches, bytes_per_block)
 
 
-def _copy_engine(layout, stream: Optional[int]):
+def _copy_engine(layout, stream: Optional[int], method: str = "kernel"):
     if layout.memory == _C.MemoryKind.CUDA:
-        return _C.CudaKVCopyEngine(layout, stream or 0)
+        return _C.CudaKVCopyEngine(layout, stream or 0, getattr(_C.CudaCopyMethod, method.upper()))
     return _C.CpuKVCopyEngine(layout)
 
 

@@ -32,6 +32,7 @@ class KVTierSnapshot:
     load_latency_buckets: tuple[int, ...]  # cumulative count per LOAD_LATENCY_BUCKETS bound, then +Inf
     load_latency_sum: float
     load_latency_count: int
+    skipped_blocks: int = 0  # held, but left to recompute: loading them was expected to be slower
 
 
 @dataclass(frozen=True)

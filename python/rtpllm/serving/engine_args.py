@@ -13,8 +13,8 @@ import dataclasses
 import typing
 from typing import Any
 
-from rtpllm.config import (LOAD_FORMATS, CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig,
-                           SchedulerConfig)
+from rtpllm.config import (KV_COPY_METHODS, LOAD_FORMATS, CacheConfig, DeviceConfig, EngineConfig, ModelConfig,
+                           ParallelConfig, SchedulerConfig)
 
 _CONFIG_CLASSES = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig, DeviceConfig, EngineConfig)
 
@@ -38,6 +38,8 @@ _HELP = {
     "kv_load_timeout_s": "Seconds a KV load from the tiers may take before its tokens are recomputed.",
     "kv_store": "HOST:PORT of a shared KV store (rtpllm kvstore serve), a tier after host and disk that "
                 "instances share (default: none).",
+    "kv_copy_method": "CUDA copies between the KV pool and host memory: kernel (lowest latency), staged (device "
+                      "gather + DMA: leaves the SMs to the model), hybrid (loads kernel, saves staged) or memcpy.",
     "max_num_batched_tokens": "Token budget of one scheduler step.",
     "max_num_seqs": "Most sequences in one step's batch.",
     "enable_chunked_prefill": "Split long prompts across steps, batched with decodes.",
@@ -50,7 +52,7 @@ _HELP = {
                            '(methods: ngram, draft_model, eagle3; "model": the draft/EAGLE-3 checkpoint).'),
 }
 _CHOICES = {"dtype": ("auto", "float32", "float16", "bfloat16"), "device": ("auto", "cpu", "cuda"),
-            "load_format": LOAD_FORMATS}
+            "load_format": LOAD_FORMATS, "kv_copy_method": KV_COPY_METHODS}
 
 
 def _option_fields() -> list[tuple[str, type]]:

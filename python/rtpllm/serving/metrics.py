@@ -112,6 +112,8 @@ def _tier_metrics(model_name: str, tiers) -> Iterator[Metric]:
     yield family(CounterMetricFamily, "kv_tier_save_bytes", "Bytes moved into the tier.", lambda t: t.save_bytes)
     yield family(CounterMetricFamily, "kv_tier_failed_loads", "Loads from the tier that failed.",
                  lambda t: t.failed_loads)
+    yield family(CounterMetricFamily, "kv_tier_skipped_blocks", "Blocks the tier held but left to recompute, "
+                 "since loading them was expected to take longer.", lambda t: t.skipped_blocks)
     yield family(CounterMetricFamily, "kv_tier_evicted_blocks", "Blocks dropped from the tier for room.",
                  lambda t: t.evicted_blocks)
     yield family(GaugeMetricFamily, "kv_tier_capacity_bytes", "The tier's capacity.",
