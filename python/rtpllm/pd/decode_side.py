@@ -1,0 +1,174 @@
+"""The decode instance's side of a PD request, in the engine (its thread or its process).
+
+Life of one request:
+    admit()   the scheduler reserves blocks for the whole prompt (WAITING_FOR_KV); the server reads
+              the reservation (`reservation()`) and hands it to the router as a KVDestination;
+    poll()    every step: the transfer engine's notices are counted per request (one per layer);
+              once every layer and the first token (the last notice's payload) arrived, the
+              scheduler completes the request and it decodes on;
+    failure   no KV within pd_timeout_s, or the peer that was writing failed: the request ends with
+              an error (never a silent recompute) and its blocks stay held, so that a write still
+              under way lands in blocks nobody uses, until the writes are final (the last notice
+              came) or can no longer land (2 x pd_timeout_s after admission: the prefill side gives
+              up its request after pd_timeout_s and each write after pd_timeout_s more).
+    abort     (the router closed the stream) the same hold, counted as aborted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from rtpllm import _C
+from rtpllm.pd.kv_params import DecodeKV, decode_first_token, transfer_request_id
+
+logger = logging.getLogger(__name__)
+
+_FAILURES_KEPT = 1024  # reasons of recent failures, for the server's error event
+
+
+@dataclass
+class _Wait:
+    seq_id: int
+    pd_request_id: str
+    transfer_id: int
+    admitted: float
+    destination: dict
+    layers: set = field(default_factory=set)
+    first_token: Optional[int] = None
+    peer: int = 0
+
+
+@dataclass
+class _Hold:
+    hold_id: int
+    release_at: float
+    layers: set
+    final: bool = False
+
+
+class DecodeSide:
+    def __init__(self, scheduler, transfer, *, num_layers: int, block_size: int, host: str, identity: str,
+                 timeout_s: float, counters: dict):
+        self.scheduler = scheduler
+        self.transfer = transfer
+        self.num_layers = num_layers
+        self.block_size = block_size
+        self.host = host
+        self.identity = identity
+        self.timeout_s = timeout_s
+        self.counters = counters
+        self._waits: dict[int, _Wait] = {}  # by transfer id
+        self._by_seq: dict[int, _Wait] = {}
+        self._holds: dict[int, _Hold] = {}  # by transfer id: ended requests whose blocks a write may still reach
+        self._failures: dict[str, str] = {}  # pd_request_id -> why it failed (most recent last)
+
+    # ------------------------------------------------------------------ admission
+    def admit(self, seq_id: int, spec, kv: DecodeKV) -> bool:
+        """Reserves the blocks; False when the pool or the batch has no room now."""
+        transfer_id = transfer_request_id(kv.pd_request_id)
+        if transfer_id in self._waits or transfer_id in self._holds:
+            raise ValueError(f"pd_request_id: {kv.pd_request_id!r} is already in flight on this instance")
+        if not self.scheduler.add_remote_prefill(spec):
+            return False
+        request = self.scheduler.get_request(seq_id)
+        destination = dict(pd_request_id=kv.pd_request_id, transfer_host=self.host,
+                           transfer_port=self.transfer.listen_port, cache_identity=self.identity,
+                           block_size=self.block_size, blocks=list(request.block_table),
+                           num_prompt_tokens=len(spec.prompt_token_ids),
+                           num_cached_tokens=request.num_computed_tokens)
+        wait = _Wait(seq_id, kv.pd_request_id, transfer_id, time.monotonic(), destination)
+        self._waits[transfer_id] = wait
+        self._by_seq[seq_id] = wait
+        return True
+
+    def reservation(self, seq_id: int) -> Optional[dict]:
+        wait = self._by_seq.get(seq_id)
+        return None if wait is None else wait.destination
+
+    def failure(self, pd_request_id: str) -> Optional[str]:
+        return self._failures.get(pd_request_id)
+
+    def has_pending(self) -> bool:
+        return bool(self._waits) or bool(self._holds)
+
+    # ------------------------------------------------------------------ each step
+    def poll(self, idle: bool) -> tuple[list, list[int]]:
+        """Takes the notices that arrived (waiting briefly for one when `idle`: the step loop has
+        nothing else to do). Returns the scheduler outputs of completed requests and the sequence
+        ids that ended with an error (already aborted in the scheduler, blocks held)."""
+        outputs: list = []
+        failed: list[int] = []
+        notices = self.transfer.take_notices(0.002 if idle and self._waits else 0.0)
+        for notice in notices:
+            self._on_notice(notice, outputs, failed)
+        now = time.monotonic()
+        if self._waits:
+            failed_peers = self._failed_peers()
+            for wait in list(self._waits.values()):
+                if wait.peer and wait.peer in failed_peers:
+                    failed.append(self._fail(wait, "peer_failed", f"the prefill instance failed while writing the KV: "
+                                                                  f"{failed_peers[wait.peer]}"))
+                elif now - wait.admitted > self.timeout_s:
+                    failed.append(self._fail(wait, "timed_out", f"the prompt's KV did not arrive from the prefill "
+                                                                f"instance within pd_timeout_s={self.timeout_s:g}"))
+        for transfer_id, hold in list(self._holds.items()):
+            if hold.final or now >= hold.release_at:
+                self.scheduler.release_blocks(hold.hold_id)
+                del self._holds[transfer_id]
+        return outputs, failed
+
+    def before_abort(self, seq_id: int) -> None:
+        """The engine is about to abort this sequence (its client went away): hold its blocks."""
+        wait = self._by_seq.get(seq_id)
+        if wait is not None:
+            self._end(wait, "aborted", hold=True)
+
+    # ------------------------------------------------------------------ helpers
+    def _on_notice(self, notice, outputs: list, failed: list[int]) -> None:
+        wait = self._waits.get(notice.request_id)
+        if wait is None:
+            hold = self._holds.get(notice.request_id)
+            if hold is not None:  # an ended request: its writes become final with the last notice
+                hold.layers.update(range(self.num_layers) if notice.layer < 0 else (notice.layer,))
+                hold.final = hold.final or (bool(notice.payload) and len(hold.layers) == self.num_layers)
+            return
+        wait.peer = notice.peer
+        wait.layers.update(range(self.num_layers) if notice.layer < 0 else (notice.layer,))
+        if notice.payload:
+            wait.first_token = decode_first_token(notice.payload)
+            if wait.first_token is None:
+                failed.append(self._fail(wait, "peer_failed", "the prefill instance sent a malformed first token"))
+                return
+        if wait.first_token is None or len(wait.layers) < self.num_layers:
+            return
+        self._end(wait, "completed", hold=False)
+        moved = self.scheduler.complete_remote_prefill(wait.seq_id, wait.first_token)
+        if moved:
+            outputs += moved
+
+    def _failed_peers(self) -> dict[int, str]:
+        return {p.id: p.error for p in self.transfer.peers() if p.state == _C.PeerState.FAILED}
+
+    def _fail(self, wait: _Wait, outcome: str, why: str) -> int:
+        logger.warning("PD request %s: %s", wait.pd_request_id, why)
+        self._failures[wait.pd_request_id] = why
+        while len(self._failures) > _FAILURES_KEPT:
+            del self._failures[next(iter(self._failures))]
+        self._end(wait, outcome, hold=True)
+        self.scheduler.abort(wait.seq_id, _C.FinishReason.ERROR)
+        return wait.seq_id
+
+    def _end(self, wait: _Wait, outcome: str, hold: bool) -> None:
+        del self._waits[wait.transfer_id]
+        del self._by_seq[wait.seq_id]
+        self.counters[outcome] = self.counters.get(outcome, 0) + 1
+        if hold:
+            hold_id = self.scheduler.hold_blocks(wait.seq_id)
+            if hold_id:
+                self._holds[wait.transfer_id] = _Hold(hold_id, wait.admitted + 2 * self.timeout_s + 1.0,
+                                                      set(wait.layers),
+                                                      final=wait.first_token is not None
+                                                      and len(wait.layers) == self.num_layers)

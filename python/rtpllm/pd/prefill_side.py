@@ -1,0 +1,262 @@
+"""The prefill instance's side of a PD request, in the engine (its thread or its process).
+
+Life of one request (an ordinary request with max_tokens 1, plus a destination):
+    track()          connect to the decode instance's transfer engine (cached per host:port; a
+                     failed peer is dropped and reconnected), check the destination against it;
+    before_forward() the step computes the prompt's last chunk: hold its blocks (they must outlive
+                     the request, which ends with this step, until every write is final) and arm
+                     the model's layer hook;
+    layer hook       layer l ran: its KV (every earlier chunk's too) is in the pool; write it into
+                     the decode blocks now (CPU), or once the layer's CUDA event completed, from the
+                     pusher thread (GPU), so that the writes overlap the next layers' compute;
+    after_step()     the first token is known: write the last layer with it as the notice's payload;
+    poll()           every step: once every write is final, release the hold and record the outcome
+                     (PDOutcome) the server answers with.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from rtpllm import _C
+from rtpllm.pd.kv_params import (PDOutcome, PDUnavailableError, PrefillKV, aligned_start, encode_first_token,
+                                 transfer_request_id)
+
+logger = logging.getLogger(__name__)
+
+_OUTCOMES_KEPT = 1024
+STALL_ENV = "RTPLLM_PD_TEST_STALL_S"  # tests only: sleep this long between layers (a prefill killed mid-transfer)
+
+
+@dataclass
+class _Push:
+    seq: object                    # the engine's SequenceState
+    kv: PrefillKV
+    peer: int
+    transfer_id: int
+    admitted: float
+    local_blocks: list = field(default_factory=list)
+    remote_blocks: list = field(default_factory=list)
+    num_tokens: int = 0
+    hold_id: int = 0
+    handles: list = field(default_factory=list)   # issued puts not yet final
+    issued_layers: int = 0
+    last_issued: bool = False
+    error: str = ""
+    error_status: int = 503
+    bytes: int = 0
+    computed: float = 0.0          # the last layer was computed
+    first_put: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class PrefillSide:
+    def __init__(self, scheduler, transfer, model, *, num_layers: int, block_size: int, bytes_per_token_layer: int,
+                 identity: str, timeout_s: float, counters: dict, cuda: bool, stall_s: float = 0.0):
+        self.scheduler = scheduler
+        self.transfer = transfer
+        self.model = model
+        self.num_layers = num_layers
+        self.block_size = block_size
+        self.bytes_per_token_layer = bytes_per_token_layer  # K and V of one token in one layer
+        self.identity = identity
+        self.timeout_s = timeout_s
+        self.counters = counters
+        self.stall_s = stall_s
+        self._peers: dict[tuple[str, int], int] = {}
+        self._pushes: dict[int, _Push] = {}  # by seq id: tracked, not yet ended
+        self._armed: list[_Push] = []        # pushes of the forward under way
+        self._outcomes: dict[str, PDOutcome] = {}
+        self._pusher: Optional[_Pusher] = _Pusher(transfer) if cuda else None
+
+    # ------------------------------------------------------------------ admission
+    def track(self, seq, kv: PrefillKV, num_prompt_tokens: int) -> None:
+        """Checks the destination and connects; ValueError (the server's 400) for a bad destination,
+        ConnectionError (503) for an unreachable decode instance."""
+        dest = kv.destination
+        if dest.cache_identity != self.identity:
+            raise ValueError(f"destination.cache_identity: {dest.cache_identity!r} is not this instance's "
+                             f"{self.identity!r} (another model, dtype or KV shape)")
+        if dest.num_prompt_tokens != num_prompt_tokens:
+            raise ValueError(f"destination.num_prompt_tokens: {dest.num_prompt_tokens}, but the prompt has "
+                             f"{num_prompt_tokens} tokens here (the two instances tokenize differently)")
+        if kv.pd_request_id in self._outcomes or any(p.kv.pd_request_id == kv.pd_request_id
+                                                      for p in self._pushes.values()):
+            raise ValueError(f"pd_request_id: {kv.pd_request_id!r} is already in flight on this instance")
+        peer = self._connect(dest.transfer_host, dest.transfer_port)
+        layout = next(p.layout for p in self.transfer.peers() if p.id == peer)
+        if layout.block_size != dest.block_size:
+            raise ValueError(f"destination.block_size: {dest.block_size}, but the decode instance's pool has "
+                             f"{layout.block_size} tokens per block")
+        if max(dest.blocks) >= layout.num_blocks:
+            raise ValueError(f"destination.blocks: block {max(dest.blocks)} is out of range (the decode pool has "
+                             f"{layout.num_blocks} blocks)")
+        self._pushes[seq.seq_id] = _Push(seq, kv, peer, transfer_request_id(kv.pd_request_id), time.monotonic())
+
+    def forget(self, seq_id: int) -> None:
+        """Untracks a sequence the scheduler refused (nothing was held or written)."""
+        self._pushes.pop(seq_id, None)
+
+    def outcome(self, pd_request_id: str) -> Optional[PDOutcome]:
+        return self._outcomes.pop(pd_request_id, None)
+
+    def has_pending(self) -> bool:
+        return bool(self._pushes)
+
+    # ------------------------------------------------------------------ the step
+    def before_forward(self, batch) -> None:
+        if not self._pushes:
+            return
+        for seq_id in batch.sampled_request_ids.tolist():
+            push = self._pushes.get(seq_id)
+            if push is None or push.hold_id:
+                continue
+            request = self.scheduler.get_request(seq_id)
+            dest = push.kv.destination
+            start = aligned_start(dest.num_cached_tokens, self.block_size, dest.block_size)
+            end = dest.num_prompt_tokens
+            push.local_blocks = list(request.block_table[start // self.block_size:-(-end // self.block_size)])
+            push.remote_blocks = list(dest.blocks[start // dest.block_size:])
+            push.num_tokens = end - start
+            push.hold_id = self.scheduler.hold_blocks(seq_id)
+            self._armed.append(push)
+        if self._armed:
+            self.model.layer_hook = self._on_layer
+
+    def after_forward(self) -> None:
+        if self._armed:
+            self.model.layer_hook = None
+            for push in self._armed:
+                push.computed = time.monotonic()
+            self._armed = []
+
+    def after_step(self) -> None:
+        """Writes the last layer of every push whose first token is known, with the token."""
+        for push in self._pushes.values():
+            if push.hold_id and not push.last_issued and not push.error and push.seq.output_ids:
+                push.last_issued = True
+                self._put(push, self.num_layers - 1, encode_first_token(push.seq.output_ids[0]))
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        for seq_id, push in list(self._pushes.items()):
+            with push.lock:
+                handles = push.handles
+                still = []
+                for handle in handles:
+                    status = self.transfer.poll(handle)
+                    if status.state == _C.TransferState.PENDING:
+                        still.append(handle)
+                    elif status.state == _C.TransferState.FAILED and not push.error:
+                        push.error, push.error_status = self._write_error(status.error)
+                push.handles = still
+            if push.handles:
+                continue
+            if not push.hold_id:  # never reached its last chunk
+                if push.seq.finished:
+                    self._end(seq_id, push, PDOutcome(False, "the prefill request ended before its prompt was computed "
+                                                             f"({push.seq.finish_reason})", 503), "aborted")
+                continue
+            if push.error:
+                self._end(seq_id, push, PDOutcome(False, push.error, push.error_status), "failed")
+            elif push.last_issued and push.issued_layers == self.num_layers:
+                self._end(seq_id, push, PDOutcome(
+                    True, first_token=push.seq.output_ids[0],
+                    transferred_blocks=len(push.remote_blocks), transferred_bytes=push.bytes,
+                    prefill_s=push.computed - push.admitted, transfer_s=now - (push.first_put or now)), "completed")
+            elif push.seq.finished and not push.seq.output_ids:
+                self._end(seq_id, push, PDOutcome(False, f"the prefill request ended without a token "
+                                                         f"({push.seq.finish_reason})", 503), "aborted")
+            elif now - push.admitted > self.timeout_s:
+                self._end(seq_id, push, PDOutcome(False, "prefill did not finish within pd_timeout_s", 504), "failed")
+
+    # ------------------------------------------------------------------ helpers
+    def _on_layer(self, layer: int) -> None:
+        if self.stall_s:
+            time.sleep(self.stall_s)
+        if layer == self.num_layers - 1:
+            return  # written with the first token (after_step)
+        for push in self._armed:
+            if self._pusher is not None:
+                self._pusher.after_event(self, push, layer)
+            else:
+                self._put(push, layer, b"")
+
+    def _put(self, push: _Push, layer: int, payload: bytes) -> None:
+        if push.error:
+            return
+        request = _C.TransferRequest(request_id=push.transfer_id, local_blocks=push.local_blocks,
+                                     remote_blocks=push.remote_blocks, num_tokens=push.num_tokens, layer=layer,
+                                     payload=payload)
+        try:
+            handle = self.transfer.put(push.peer, request)
+        except (RuntimeError, ValueError) as exc:  # the peer failed (or was dropped) meanwhile
+            with push.lock:
+                push.error, push.error_status = self._write_error(str(exc))
+            return
+        with push.lock:
+            push.first_put = push.first_put or time.monotonic()
+            push.handles.append(handle)
+            push.issued_layers += 1
+            push.bytes += push.num_tokens * self.bytes_per_token_layer
+
+    def _write_error(self, why: str) -> tuple[str, int]:
+        timed_out = "time" in why.lower()
+        return f"writing the KV to the decode instance failed: {why}", 504 if timed_out else 503
+
+    def _end(self, seq_id: int, push: _Push, outcome: PDOutcome, counter: str) -> None:
+        del self._pushes[seq_id]
+        if push.hold_id:
+            self.scheduler.release_blocks(push.hold_id)
+        self.counters[counter] = self.counters.get(counter, 0) + 1
+        self._outcomes[push.kv.pd_request_id] = outcome
+        while len(self._outcomes) > _OUTCOMES_KEPT:
+            del self._outcomes[next(iter(self._outcomes))]
+        if not outcome.ok:
+            logger.warning("PD prefill %s: %s", push.kv.pd_request_id, outcome.error)
+
+    def _connect(self, host: str, port: int) -> int:
+        key = (host, port)
+        peer = self._peers.get(key)
+        if peer is not None:
+            state = next((p.state for p in self.transfer.peers() if p.id == peer), _C.PeerState.FAILED)
+            if state == _C.PeerState.CONNECTED:
+                return peer
+            self.transfer.disconnect(peer)  # dropped; connect afresh
+            del self._peers[key]
+        try:
+            peer = self.transfer.connect(host, port)
+        except RuntimeError as exc:
+            raise PDUnavailableError(f"destination: cannot reach the decode instance's transfer engine at "
+                                  f"{host}:{port}: {exc}") from exc
+        self._peers[key] = peer
+        return peer
+
+
+class _Pusher:
+    """GPU: a thread that issues layer l's write once the CUDA event recorded after layer l
+    completed, so that the step's stream is never synchronized for a write."""
+
+    def __init__(self, transfer):
+        import torch
+
+        self._torch = torch
+        self._queue: "queue.Queue" = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="rtpllm-pd-pusher", daemon=True)
+        self._thread.start()
+
+    def after_event(self, side: PrefillSide, push: _Push, layer: int) -> None:
+        event = self._torch.cuda.Event()
+        event.record()
+        self._queue.put((event, side, push, layer))
+
+    def _run(self) -> None:
+        while True:
+            event, side, push, layer = self._queue.get()
+            event.synchronize()
+            side._put(push, layer, b"")
