@@ -69,10 +69,10 @@ class Instance:
 
     def metric(self, name: str, **labels: str) -> float:
         text = httpx.get(self.url + "/metrics", timeout=10).text
-        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        want = [f'{k}="{v}"' for k, v in labels.items()]
         total = 0.0
         for line in text.splitlines():
-            if line.startswith(name) and (not want or want in line):
+            if line.startswith(name) and all(w in line for w in want):
                 key = line.split(" ")[0]
                 if key == name or key.startswith(name + "{"):
                     total += float(line.rsplit(" ", 1)[1])

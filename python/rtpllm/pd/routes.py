@@ -125,7 +125,16 @@ def add_pd_routes(app: FastAPI, ctx: "ServingContext") -> None:
         sub.engine = view
         handler = _HANDLERS[body.endpoint][1]
         task = asyncio.ensure_future(handler(sub, request, client, arrival_time))
-        events = _decode_events(engine, view, task, body.pd_request_id, bool(client.stream))
+        try:
+            destination = await _reservation(engine, view, task)
+        except BaseException as exc:  # noqa: BLE001 - no reservation: the error, with its status, as one event
+            _abort(engine, view, task)
+            if not isinstance(exc, Exception):
+                raise
+            error = to_openai_error(exc)
+            return Response(error_event(error) + SSE_DONE, status_code=error.status, media_type="text/event-stream",
+                            headers=error.headers or None)
+        events = _decode_events(engine, task, destination, body.pd_request_id, bool(client.stream))
         return SSEResponse(events, on_close=functools.partial(_abort, engine, view, task))
 
     @app.post("/internal/pd/prefill")
@@ -173,13 +182,8 @@ def _sse(payload: dict) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _decode_events(engine: "AsyncEngineBase", view: _PDEngineView, task: asyncio.Future, pd_request_id: str,
+async def _decode_events(engine: "AsyncEngineBase", task: asyncio.Future, destination: dict, pd_request_id: str,
                          stream: bool) -> AsyncIterator[bytes]:
-    try:
-        destination = await _reservation(engine, view, task)
-    except Exception as exc:  # noqa: BLE001 - before the reservation: one error event
-        yield error_event(exc) + SSE_DONE
-        return
     yield _sse({"pd_reserved": destination})
     try:
         response = await task
@@ -209,7 +213,10 @@ async def _reservation(engine: "AsyncEngineBase", view: _PDEngineView, task: asy
         raise _error_from_response(task.result())
     await asyncio.wait({view.accepted, task}, return_when=asyncio.FIRST_COMPLETED)
     if not view.accepted.done():
-        raise _error_from_response(task.result())
+        response = task.result()  # a streaming handler returns at once; others only on an error
+        if response.status_code >= 400:
+            raise _error_from_response(response)
+        await asyncio.wait({view.accepted})
     view.accepted.result()  # the engine's refusal (no room: 503; bad input: 400)
     destination = await engine.call_in_engine_thread(functools.partial(pd_reservation, view.request_id))
     if destination is None:
