@@ -15,14 +15,13 @@
 namespace rtpllm {
 
 bool Scheduler::add_remote_prefill(const RequestSpec& spec) {
-  if (running_.size() + static_cast<size_t>(num_waiting_for_kv()) >= static_cast<size_t>(options_.max_num_seqs)) {
-    return false;
-  }
   add_request(spec);  // validates; queued at the tail of the waiting queue
   Request* r = requests_.at(spec.request_id).get();
+  const bool seq_room =
+      running_.size() + static_cast<size_t>(num_waiting_for_kv()) < static_cast<size_t>(options_.max_num_seqs);
   // Blocks for every prompt token now: the peer writes them all (a local prefix hit it skips).
-  const PrefixHit hit = kv_.find_cached_prefix(*r);
-  if (!kv_.allocate_slots(*r, r->num_tokens() - hit.num_tokens, &hit)) {
+  const PrefixHit hit = seq_room ? kv_.find_cached_prefix(*r) : PrefixHit{};
+  if (!seq_room || !kv_.allocate_slots(*r, r->num_tokens() - hit.num_tokens, &hit)) {
     waiting_.remove(r);
     requests_.erase(spec.request_id);
     maybe_check_invariants();

@@ -59,7 +59,7 @@ struct TransferRequest {
   int64_t num_tokens = -1;            // -1: every token of local_blocks
   int32_t layer = -1;                 // -1: every layer; otherwise only this layer (layer-by-layer push)
   bool notify = true;                 // put only: send the peer a TransferNotice once the data landed
-  std::string payload;                // put with notify only: echoed in the notice (<= kMaxNoticePayloadBytes),
+  std::string payload = {};           // put with notify only: echoed in the notice (<= kMaxNoticePayloadBytes),
                                       // e.g. prefill's first sampled token with its last layer
 };
 
