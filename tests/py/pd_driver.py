@@ -28,13 +28,17 @@ def free_port() -> int:
 class Instance:
     """`rtpllm serve` in a process of its own (its engine in another one)."""
 
-    def __init__(self, *flags: str, env: Optional[dict] = None):
+    def __init__(self, *flags: str, env: Optional[dict] = None, model: Optional[str] = None, tcp: bool = True):
+        """`tcp`: KV over UCX's TCP transport on loopback (CPU tests); off, UCX picks (CUDA IPC on a GPU)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "rtpllm.serving.cli", "serve", "--model", checkpoint_path("llama3"),
-                   "--port", str(self.port), "--disable-uvicorn-access-log", "--num-blocks", "64", *flags]
+        command = [sys.executable, "-m", "rtpllm.serving.cli", "serve", "--model", model or checkpoint_path("llama3"),
+                   "--port", str(self.port), "--disable-uvicorn-access-log", *flags]
+        if "--num-blocks" not in flags and "--gpu-memory-utilization" not in flags:
+            command += ["--num-blocks", "64"]
+        base = ENV if tcp else {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env={**ENV, **(env or {})}, start_new_session=True)
+                                        env={**base, **(env or {})}, start_new_session=True)
         self.log: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 
