@@ -9,8 +9,10 @@ Life of one request:
     failure   no KV within pd_timeout_s, or the peer that was writing failed: the request ends with
               an error (never a silent recompute) and its blocks stay held, so that a write still
               under way lands in blocks nobody uses, until the writes are final (the last notice
-              came) or can no longer land (2 x pd_timeout_s after admission: the prefill side gives
-              up its request after pd_timeout_s and each write after pd_timeout_s more).
+              came) or can no longer land: the prefill side starts no write later than pd_timeout_s
+              after it took the request, and each write ends within pd_timeout_s more; the router
+              hands the request to prefill right after the reservation, so 3 x pd_timeout_s after
+              the reservation is past the last possible write.
     abort     (the router closed the stream) the same hold, counted as aborted.
 """
 
@@ -168,7 +170,7 @@ class DecodeSide:
         if hold:
             hold_id = self.scheduler.hold_blocks(wait.seq_id)
             if hold_id:
-                self._holds[wait.transfer_id] = _Hold(hold_id, wait.admitted + 2 * self.timeout_s + 1.0,
+                self._holds[wait.transfer_id] = _Hold(hold_id, wait.admitted + 3 * self.timeout_s + 1.0,
                                                       set(wait.layers),
                                                       final=wait.first_token is not None
                                                       and len(wait.layers) == self.num_layers)

@@ -66,7 +66,7 @@ class PDEngine:
         else:
             first = caches[0]
             token_bytes = 2 * first.shape[3] * first.shape[4] * first.element_size()
-            self.prefill = PrefillSide(engine.scheduler, self.transfer, runner.model,
+            self.prefill = PrefillSide(engine.scheduler, self.transfer, runner.model, engine.abort_request,
                                        num_layers=engine.arch.num_layers, block_size=block_size,
                                        bytes_per_token_layer=token_bytes, identity=self.identity,
                                        timeout_s=config.pd_timeout_s, counters=self.counters, cuda=cuda,

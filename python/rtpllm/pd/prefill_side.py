@@ -56,9 +56,11 @@ class _Push:
 
 
 class PrefillSide:
-    def __init__(self, scheduler, transfer, model, *, num_layers: int, block_size: int, bytes_per_token_layer: int,
-                 identity: str, timeout_s: float, counters: dict, cuda: bool, stall_s: float = 0.0):
+    def __init__(self, scheduler, transfer, model, abort_request, *, num_layers: int, block_size: int,
+                 bytes_per_token_layer: int, identity: str, timeout_s: float, counters: dict, cuda: bool,
+                 stall_s: float = 0.0):
         self.scheduler = scheduler
+        self.abort_request = abort_request  # Engine.abort_request: a request that could not start in time
         self.transfer = transfer
         self.model = model
         self.num_layers = num_layers
@@ -157,10 +159,14 @@ class PrefillSide:
                 push.handles = still
             if push.handles:
                 continue
-            if not push.hold_id:  # never reached its last chunk
+            if not push.hold_id:  # has not reached its last chunk
                 if push.seq.finished:
                     self._end(seq_id, push, PDOutcome(False, "the prefill request ended before its prompt was computed "
                                                              f"({push.seq.finish_reason})", 503), "aborted")
+                elif now - push.admitted > self.timeout_s:  # the decode side has given up on it by now
+                    self._end(seq_id, push, PDOutcome(False, f"the prompt was not computed within pd_timeout_s="
+                                                             f"{self.timeout_s:g}", 504), "failed")
+                    self.abort_request(push.seq.group.request_id)
                 continue
             if push.error:
                 self._end(seq_id, push, PDOutcome(False, push.error, push.error_status), "failed")
@@ -189,6 +195,12 @@ class PrefillSide:
 
     def _put(self, push: _Push, layer: int, payload: bytes) -> None:
         if push.error:
+            return
+        if time.monotonic() - push.admitted > self.timeout_s:
+            # No write starts later than pd_timeout_s after admission, so every write has landed or
+            # failed within 2 x pd_timeout_s: the decode side holds its blocks at least that long.
+            with push.lock:
+                push.error, push.error_status = f"the KV was not written within pd_timeout_s={self.timeout_s:g}", 504
             return
         request = _C.TransferRequest(request_id=push.transfer_id, local_blocks=push.local_blocks,
                                      remote_blocks=push.remote_blocks, num_tokens=push.num_tokens, layer=layer,
