@@ -40,12 +40,13 @@ def _reference_text(reply: dict) -> str:
 @pytest.mark.parametrize("endpoint,body", [
     ("completions", {"prompt": PROMPT, "max_tokens": 12, "temperature": 0}),
     ("chat", {"messages": CHAT, "max_tokens": 12, "temperature": 0}),
+    ("completions", {"prompt": PROMPT, "max_tokens": 12, "temperature": 0.9, "seed": 1234}),
 ])
 @pytest.mark.parametrize("stream", [False, True])
 def test_output_is_token_exact_against_colocated(instances, endpoint, body, stream):
     colocated, prefill, decode = instances
     expected = _reference(colocated.url, endpoint, body)
-    run = PDRun(prefill, decode, endpoint, {**body, "stream": stream}, f"exact-{endpoint}-{stream}").run()
+    run = PDRun(prefill, decode, endpoint, {**body, "stream": stream}, f"exact-{endpoint}-{stream}-{body.get('seed')}").run()
     assert run.reservation_error is None, run.reservation_error
     assert run.prefill_response.status_code == 200, run.prefill_response.text
     result = run.prefill_response.json()

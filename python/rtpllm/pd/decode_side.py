@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 from rtpllm import _C
 from rtpllm.pd.kv_params import DecodeKV, decode_first_token, transfer_request_id
 
@@ -41,6 +43,7 @@ class _Wait:
     layers: set = field(default_factory=set)
     first_token: Optional[int] = None
     peer: int = 0
+    generator: Optional[object] = None  # a seeded sampled sequence's: the peer drew its first number
 
 
 @dataclass
@@ -68,8 +71,9 @@ class DecodeSide:
         self._failures: dict[str, str] = {}  # pd_request_id -> why it failed (most recent last)
 
     # ------------------------------------------------------------------ admission
-    def admit(self, seq_id: int, spec, kv: DecodeKV) -> bool:
+    def admit(self, seq, spec, kv: DecodeKV) -> bool:
         """Reserves the blocks; False when the pool or the batch has no room now."""
+        seq_id = seq.seq_id
         transfer_id = transfer_request_id(kv.pd_request_id)
         if transfer_id in self._waits or transfer_id in self._holds:
             raise ValueError(f"pd_request_id: {kv.pd_request_id!r} is already in flight on this instance")
@@ -81,7 +85,8 @@ class DecodeSide:
                            block_size=self.block_size, blocks=list(request.block_table),
                            num_prompt_tokens=len(spec.prompt_token_ids),
                            num_cached_tokens=request.num_computed_tokens)
-        wait = _Wait(seq_id, kv.pd_request_id, transfer_id, time.monotonic(), destination)
+        wait = _Wait(seq_id, kv.pd_request_id, transfer_id, time.monotonic(), destination,
+                     generator=None if seq.params.greedy else seq.generator)
         self._waits[transfer_id] = wait
         self._by_seq[seq_id] = wait
         return True
@@ -147,6 +152,10 @@ class DecodeSide:
         if wait.first_token is None or len(wait.layers) < self.num_layers:
             return
         self._end(wait, "completed", hold=False)
+        if wait.generator is not None:
+            # A seeded sampled row draws one number per step (layers/sampler.py): the peer drew the
+            # first token's, so this stream skips it and the tokens match a colocated run.
+            torch.empty(1, device=wait.generator.device).uniform_(generator=wait.generator)
         moved = self.scheduler.complete_remote_prefill(wait.seq_id, wait.first_token)
         if moved:
             outputs += moved

@@ -81,7 +81,7 @@ class PDEngine:
         if isinstance(kv, DecodeKV):
             if self.decode is None:
                 raise ValueError(f"role: this instance is a {self.role} instance; it does not decode PD requests")
-            if not self.decode.admit(seq.seq_id, spec, kv):
+            if not self.decode.admit(seq, spec, kv):
                 raise PDUnavailableError("no room for the prompt's KV now (free blocks or batch slots); retry later")
         elif isinstance(kv, PrefillKV):
             if self.prefill is None:
