@@ -112,8 +112,9 @@ def test_bad_input_is_refused_with_4xx_and_breaks_nothing(instances):
             bad = {**decode_body, "request": {**body, "prompt": PROMPT + " longer"}, "destination": destination}
             reply = client.post(prefill.url + "/internal/pd/prefill", json=bad)
             assert reply.status_code == 400 and "num_prompt_tokens" in reply.text
-        # The stream closed: the reservation is aborted. Everything still works.
+        # The stream closed: the reservation is aborted (counted). Everything still works.
     run.run()
+    assert decode.metric("rtpllm:pd_requests_total", role="decode", outcome="aborted") >= 1
     assert run.reservation_error is None, run.reservation_error
     assert run.prefill_response.status_code == 200
     assert run.text() == _reference_text(_reference(colocated.url, "completions", body))

@@ -108,7 +108,7 @@ class DecodeSide:
         ids that ended with an error (already aborted in the scheduler, blocks held)."""
         outputs: list = []
         failed: list[int] = []
-        notices = self.transfer.take_notices(0.002 if idle and self._waits else 0.0)
+        notices = self.transfer.take_notices(0.002 if idle else 0.0)  # idle: a nap the next notice ends
         for notice in notices:
             self._on_notice(notice, outputs, failed)
         now = time.monotonic()

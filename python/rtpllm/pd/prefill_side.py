@@ -52,6 +52,7 @@ class _Push:
     bytes: int = 0
     computed: float = 0.0          # the last layer was computed
     first_put: float = 0.0
+    ended: bool = False            # decided (under lock): no put starts any more
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -87,9 +88,9 @@ class PrefillSide:
         if dest.num_prompt_tokens != num_prompt_tokens:
             raise ValueError(f"destination.num_prompt_tokens: {dest.num_prompt_tokens}, but the prompt has "
                              f"{num_prompt_tokens} tokens here (the two instances tokenize differently)")
-        if kv.pd_request_id in self._outcomes or any(p.kv.pd_request_id == kv.pd_request_id
-                                                      for p in self._pushes.values()):
+        if any(p.kv.pd_request_id == kv.pd_request_id for p in self._pushes.values()):
             raise ValueError(f"pd_request_id: {kv.pd_request_id!r} is already in flight on this instance")
+        self._outcomes.pop(kv.pd_request_id, None)  # an earlier use's, never collected (its client left)
         peer = self._connect(dest.transfer_host, dest.transfer_port)
         layout = next(p.layout for p in self.transfer.peers() if p.id == peer)
         if layout.block_size != dest.block_size:
@@ -147,39 +148,50 @@ class PrefillSide:
     def poll(self) -> None:
         now = time.monotonic()
         for seq_id, push in list(self._pushes.items()):
+            # NOTE: one critical section per push: the pusher thread (GPU) issues puts under the
+            # same lock, so a push is never ended (its blocks released) while a put it issued is
+            # still unpolled, and no put starts once it ended.
             with push.lock:
-                handles = push.handles
-                still = []
-                for handle in handles:
-                    status = self.transfer.poll(handle)
-                    if status.state == _C.TransferState.PENDING:
-                        still.append(handle)
-                    elif status.state == _C.TransferState.FAILED and not push.error:
-                        push.error, push.error_status = self._write_error(status.error)
-                push.handles = still
-            if push.handles:
-                continue
-            if not push.hold_id:  # has not reached its last chunk
-                if push.seq.finished:
-                    self._end(seq_id, push, PDOutcome(False, "the prefill request ended before its prompt was computed "
-                                                             f"({push.seq.finish_reason})", 503), "aborted")
-                elif now - push.admitted > self.timeout_s:  # the decode side has given up on it by now
-                    self._end(seq_id, push, PDOutcome(False, f"the prompt was not computed within pd_timeout_s="
-                                                             f"{self.timeout_s:g}", 504), "failed")
-                    self.abort_request(push.seq.group.request_id)
-                continue
-            if push.error:
-                self._end(seq_id, push, PDOutcome(False, push.error, push.error_status), "failed")
-            elif push.last_issued and push.issued_layers == self.num_layers:
-                self._end(seq_id, push, PDOutcome(
-                    True, first_token=push.seq.output_ids[0],
-                    transferred_blocks=len(push.remote_blocks), transferred_bytes=push.bytes,
-                    prefill_s=push.computed - push.admitted, transfer_s=now - (push.first_put or now)), "completed")
-            elif push.seq.finished and not push.seq.output_ids:
-                self._end(seq_id, push, PDOutcome(False, f"the prefill request ended without a token "
-                                                         f"({push.seq.finish_reason})", 503), "aborted")
-            elif now - push.admitted > self.timeout_s:
-                self._end(seq_id, push, PDOutcome(False, "prefill did not finish within pd_timeout_s", 504), "failed")
+                verdict = self._verdict(push, now)
+                if verdict is not None:
+                    push.ended = True
+            if verdict is not None:
+                self._end(seq_id, push, *verdict)
+                if verdict[1] == "failed" and not push.hold_id:
+                    self.abort_request(push.seq.group.request_id)  # never computed: the decode side gave up
+
+    def _verdict(self, push: _Push, now: float) -> Optional[tuple[PDOutcome, str]]:
+        """How the push ended, or None while it runs (called with push.lock held)."""
+        still = []
+        for handle in push.handles:
+            status = self.transfer.poll(handle)
+            if status.state == _C.TransferState.PENDING:
+                still.append(handle)
+            elif status.state == _C.TransferState.FAILED and not push.error:
+                push.error, push.error_status = self._write_error(status.error)
+        push.handles = still
+        if still:
+            return None
+        if not push.hold_id:  # has not reached its last chunk
+            if push.seq.finished:
+                return PDOutcome(False, "the prefill request ended before its prompt was computed "
+                                        f"({push.seq.finish_reason})", 503), "aborted"
+            if now - push.admitted > self.timeout_s:  # the decode side has given up on it by now
+                return PDOutcome(False, f"the prompt was not computed within pd_timeout_s={self.timeout_s:g}",
+                                 504), "failed"
+            return None
+        if push.error:
+            return PDOutcome(False, push.error, push.error_status), "failed"
+        if push.last_issued and push.issued_layers == self.num_layers:
+            return PDOutcome(True, first_token=push.seq.output_ids[0], transferred_blocks=len(push.remote_blocks),
+                             transferred_bytes=push.bytes, prefill_s=push.computed - push.admitted,
+                             transfer_s=now - (push.first_put or now)), "completed"
+        if push.seq.finished and not push.seq.output_ids:
+            return PDOutcome(False, f"the prefill request ended without a token ({push.seq.finish_reason})",
+                             503), "aborted"
+        if now - push.admitted > 2 * self.timeout_s + 1.0:  # a layer the pusher never issued
+            return PDOutcome(False, f"the KV was not written within pd_timeout_s={self.timeout_s:g}", 504), "failed"
+        return None
 
     # ------------------------------------------------------------------ helpers
     def _on_layer(self, layer: int) -> None:
@@ -194,24 +206,22 @@ class PrefillSide:
                 self._put(push, layer, b"")
 
     def _put(self, push: _Push, layer: int, payload: bytes) -> None:
-        if push.error:
-            return
-        if time.monotonic() - push.admitted > self.timeout_s:
-            # No write starts later than pd_timeout_s after admission, so every write has landed or
-            # failed within 2 x pd_timeout_s: the decode side holds its blocks at least that long.
-            with push.lock:
-                push.error, push.error_status = f"the KV was not written within pd_timeout_s={self.timeout_s:g}", 504
-            return
-        request = _C.TransferRequest(request_id=push.transfer_id, local_blocks=push.local_blocks,
-                                     remote_blocks=push.remote_blocks, num_tokens=push.num_tokens, layer=layer,
-                                     payload=payload)
-        try:
-            handle = self.transfer.put(push.peer, request)
-        except (RuntimeError, ValueError) as exc:  # the peer failed (or was dropped) meanwhile
-            with push.lock:
-                push.error, push.error_status = self._write_error(str(exc))
-            return
         with push.lock:
+            if push.error or push.ended:
+                return
+            if time.monotonic() - push.admitted > self.timeout_s:
+                # No write starts later than pd_timeout_s after admission, so every write has landed
+                # or failed within 2 x pd_timeout_s (the decode side holds its blocks longer).
+                push.error, push.error_status = f"the KV was not written within pd_timeout_s={self.timeout_s:g}", 504
+                return
+            request = _C.TransferRequest(request_id=push.transfer_id, local_blocks=push.local_blocks,
+                                         remote_blocks=push.remote_blocks, num_tokens=push.num_tokens, layer=layer,
+                                         payload=payload)
+            try:
+                handle = self.transfer.put(push.peer, request)  # never blocks on the network
+            except (RuntimeError, ValueError) as exc:  # the peer failed (or was dropped) meanwhile
+                push.error, push.error_status = self._write_error(str(exc))
+                return
             push.first_put = push.first_put or time.monotonic()
             push.handles.append(handle)
             push.issued_layers += 1
