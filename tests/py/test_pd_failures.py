@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from pd_driver import Instance, PDRun, sse_events
+from pd_driver import Instance, PDRun, free_port, sse_events
 
 pytestmark = pytest.mark.skipif(not __import__("rtpllm._C")._C.has_ucx, reason="rtpllm._C built without UCX")
 
@@ -56,6 +56,20 @@ def _in_thread(fn):
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, result
+
+
+def test_unreachable_decode_transfer_engine_is_a_503_and_frees_everything(instances):
+    prefill, decode, _ = instances
+    decode_body = {"pd_request_id": "nowhere-1", "endpoint": "completions", "request": BODY}
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", decode.url + "/internal/pd/decode", json=decode_body) as stream:
+            destination = next(sse_events(stream))["pd_reserved"]
+            reply = client.post(prefill.url + "/internal/pd/prefill",
+                                json={**decode_body, "destination": {**destination, "transfer_port": free_port()}})
+    assert reply.status_code == 503, reply.text
+    assert "cannot reach" in reply.json()["error"]["message"]
+    _wait_until(lambda: prefill.metric("rtpllm:kv_cache_usage_perc") == 0.0, 10, "the prefill's blocks to be freed")
+    assert prefill.metric("rtpllm:num_requests_running") == 0
 
 
 def test_decode_killed_mid_transfer_fails_the_prefill_which_frees_its_blocks(instances):

@@ -1,8 +1,9 @@
 """The prefill instance's side of a PD request, in the engine (its thread or its process).
 
 Life of one request (an ordinary request with max_tokens 1, plus a destination):
-    track()          connect to the decode instance's transfer engine (cached per host:port; a
-                     failed peer is dropped and reconnected), check the destination against it;
+    track()          check the destination against the decode instance's transfer engine; the
+                     connection is cached per host:port (a failed peer is dropped and redialled);
+                     a new one is dialled on a thread while the prompt computes (writes wait for it);
     before_forward() the step computes the prompt's last chunk: hold its blocks (they must outlive
                      the request, which ends with this step, until every write is final) and arm
                      the model's layer hook;
@@ -16,6 +17,7 @@ Life of one request (an ordinary request with max_tokens 1, plus a destination):
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -24,8 +26,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from rtpllm import _C
-from rtpllm.pd.kv_params import (PDOutcome, PDUnavailableError, PrefillKV, aligned_start, encode_first_token,
-                                 transfer_request_id)
+from rtpllm.pd.kv_params import PDOutcome, PrefillKV, aligned_start, encode_first_token, transfer_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ STALL_ENV = "RTPLLM_PD_TEST_STALL_S"  # tests only: sleep this long between laye
 class _Push:
     seq: object                    # the engine's SequenceState
     kv: PrefillKV
-    peer: int
+    peer: int                      # 0 while connecting
     transfer_id: int
     admitted: float
     local_blocks: list = field(default_factory=list)
@@ -53,6 +54,8 @@ class _Push:
     computed: float = 0.0          # the last layer was computed
     first_put: float = 0.0
     ended: bool = False            # decided (under lock): no put starts any more
+    connecting: Optional[concurrent.futures.Future] = None
+    deferred: list = field(default_factory=list)  # (layer, payload) computed before the peer connected
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -76,11 +79,14 @@ class PrefillSide:
         self._armed: list[_Push] = []        # pushes of the forward under way
         self._outcomes: dict[str, PDOutcome] = {}
         self._pusher: Optional[_Pusher] = _Pusher(transfer) if cuda else None
+        # Dialling a decode instance can take up to pd_timeout_s: never on the step loop.
+        self._dialler = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="rtpllm-pd-connect")
+        self._dialling: dict[tuple[str, int], concurrent.futures.Future] = {}
 
     # ------------------------------------------------------------------ admission
     def track(self, seq, kv: PrefillKV, num_prompt_tokens: int) -> None:
-        """Checks the destination and connects; ValueError (the server's 400) for a bad destination,
-        ConnectionError (503) for an unreachable decode instance."""
+        """Checks the destination (ValueError: the server's 400); with no connection to its decode
+        instance yet, starts dialling it (an unreachable one fails the request with 503 later)."""
         dest = kv.destination
         if dest.cache_identity != self.identity:
             raise ValueError(f"destination.cache_identity: {dest.cache_identity!r} is not this instance's "
@@ -91,7 +97,18 @@ class PrefillSide:
         if any(p.kv.pd_request_id == kv.pd_request_id for p in self._pushes.values()):
             raise ValueError(f"pd_request_id: {kv.pd_request_id!r} is already in flight on this instance")
         self._outcomes.pop(kv.pd_request_id, None)  # an earlier use's, never collected (its client left)
-        peer = self._connect(dest.transfer_host, dest.transfer_port)
+        key = (dest.transfer_host, dest.transfer_port)
+        peer = self._connected_peer(key)
+        push = _Push(seq, kv, peer, transfer_request_id(kv.pd_request_id), time.monotonic())
+        if peer:
+            self._check_destination(peer, dest)
+        else:
+            push.connecting = self._dialling.get(key)
+            if push.connecting is None:
+                push.connecting = self._dialling[key] = self._dialler.submit(self.transfer.connect, *key)
+        self._pushes[seq.seq_id] = push
+
+    def _check_destination(self, peer: int, dest) -> None:
         layout = next(p.layout for p in self.transfer.peers() if p.id == peer)
         if layout.block_size != dest.block_size:
             raise ValueError(f"destination.block_size: {dest.block_size}, but the decode instance's pool has "
@@ -99,7 +116,6 @@ class PrefillSide:
         if max(dest.blocks) >= layout.num_blocks:
             raise ValueError(f"destination.blocks: block {max(dest.blocks)} is out of range (the decode pool has "
                              f"{layout.num_blocks} blocks)")
-        self._pushes[seq.seq_id] = _Push(seq, kv, peer, transfer_request_id(kv.pd_request_id), time.monotonic())
 
     def forget(self, seq_id: int) -> None:
         """Untracks a sequence the scheduler refused (nothing was held or written)."""
@@ -148,6 +164,8 @@ class PrefillSide:
     def poll(self) -> None:
         now = time.monotonic()
         for seq_id, push in list(self._pushes.items()):
+            if push.connecting is not None and push.connecting.done():
+                self._connected(push)
             # NOTE: one critical section per push: the pusher thread (GPU) issues puts under the
             # same lock, so a push is never ended (its blocks released) while a put it issued is
             # still unpolled, and no put starts once it ended.
@@ -172,6 +190,8 @@ class PrefillSide:
         push.handles = still
         if still:
             return None
+        if push.error and not push.hold_id:  # could not connect: the prompt need not be computed
+            return PDOutcome(False, push.error, push.error_status), "failed"
         if not push.hold_id:  # has not reached its last chunk
             if push.seq.finished:
                 return PDOutcome(False, "the prefill request ended before its prompt was computed "
@@ -209,6 +229,9 @@ class PrefillSide:
         with push.lock:
             if push.error or push.ended:
                 return
+            if not push.peer:  # still dialling: written once connected
+                push.deferred.append((layer, payload))
+                return
             if time.monotonic() - push.admitted > self.timeout_s:
                 # No write starts later than pd_timeout_s after admission, so every write has landed
                 # or failed within 2 x pd_timeout_s (the decode side holds its blocks longer).
@@ -242,22 +265,42 @@ class PrefillSide:
         if not outcome.ok:
             logger.warning("PD prefill %s: %s", push.kv.pd_request_id, outcome.error)
 
-    def _connect(self, host: str, port: int) -> int:
-        key = (host, port)
+    def _connected_peer(self, key: tuple[str, int]) -> int:
+        """The cached connection to a decode instance, 0 when there is none (a failed one is dropped)."""
         peer = self._peers.get(key)
-        if peer is not None:
-            state = next((p.state for p in self.transfer.peers() if p.id == peer), _C.PeerState.FAILED)
-            if state == _C.PeerState.CONNECTED:
-                return peer
-            self.transfer.disconnect(peer)  # dropped; connect afresh
-            del self._peers[key]
+        if peer is None:
+            return 0
+        state = next((p.state for p in self.transfer.peers() if p.id == peer), _C.PeerState.FAILED)
+        if state == _C.PeerState.CONNECTED:
+            return peer
+        self.transfer.disconnect(peer)
+        del self._peers[key]
+        return 0
+
+    def _connected(self, push: _Push) -> None:
+        """The push's dial ended: check its destination, then write what was computed meanwhile."""
+        dest = push.kv.destination
+        key = (dest.transfer_host, dest.transfer_port)
+        future, push.connecting = push.connecting, None
+        if self._dialling.get(key) is future:
+            del self._dialling[key]
         try:
-            peer = self.transfer.connect(host, port)
-        except RuntimeError as exc:
-            raise PDUnavailableError(f"destination: cannot reach the decode instance's transfer engine at "
-                                  f"{host}:{port}: {exc}") from exc
-        self._peers[key] = peer
-        return peer
+            peer = future.result()
+            self._peers[key] = peer
+            self._check_destination(peer, dest)
+        except (RuntimeError, ValueError) as exc:
+            with push.lock:
+                if isinstance(exc, ValueError):
+                    push.error, push.error_status = str(exc), 400
+                else:
+                    push.error, push.error_status = (f"destination: cannot reach the decode instance's transfer "
+                                                     f"engine at {key[0]}:{key[1]}: {exc}", 503)
+            return
+        with push.lock:
+            push.peer = peer
+            deferred, push.deferred = push.deferred, []
+        for layer, payload in deferred:
+            self._put(push, layer, payload)
 
 
 class _Pusher:
