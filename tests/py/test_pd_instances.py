@@ -103,9 +103,15 @@ def test_bad_input_is_refused_with_4xx_and_breaks_nothing(instances):
             bad = {**decode_body, "destination": {**destination, "blocks": destination["blocks"] * 1000}}
             reply = client.post(prefill.url + "/internal/pd/prefill", json=bad)
             assert reply.status_code == 400 and "blocks" in reply.text
-            bad = {**decode_body, "destination": {**destination, "blocks": [10**6] * len(destination["blocks"])}}
+            far = list(range(10**6, 10**6 + len(destination["blocks"])))
+            bad = {**decode_body, "destination": {**destination, "blocks": far}}
             reply = client.post(prefill.url + "/internal/pd/prefill", json=bad)
             assert reply.status_code == 400 and "out of range" in reply.text
+            if len(destination["blocks"]) > 1:
+                twice = [destination["blocks"][0]] * len(destination["blocks"])
+                reply = client.post(prefill.url + "/internal/pd/prefill",
+                                    json={**decode_body, "destination": {**destination, "blocks": twice}})
+                assert reply.status_code == 400 and "twice" in reply.text
             bad = {**decode_body, "destination": {**destination, "pd_request_id": "someone-else"}}
             reply = client.post(prefill.url + "/internal/pd/prefill", json=bad)
             assert reply.status_code == 400 and "pd_request_id" in reply.text

@@ -109,6 +109,8 @@ class PrefillSide:
         self._pushes[seq.seq_id] = push
 
     def _check_destination(self, peer: int, dest) -> None:
+        if len(set(dest.blocks)) != len(dest.blocks):
+            raise ValueError("destination.blocks: a block appears twice")
         layout = next(p.layout for p in self.transfer.peers() if p.id == peer)
         if layout.block_size != dest.block_size:
             raise ValueError(f"destination.block_size: {dest.block_size}, but the decode instance's pool has "

@@ -151,6 +151,8 @@ def add_pd_routes(app: FastAPI, ctx: "ServingContext") -> None:
             if response.status_code >= 400 or view.request_id is None:
                 return response
             outcome = await _prefill_outcome(engine, body.pd_request_id)
+            if not outcome.ok and outcome.status == 400:  # the destination, checked once connected
+                raise bad_request(outcome.error, param="destination")
             if not outcome.ok:
                 raise PDTransferError(outcome.error, outcome.status)
             result = PrefillResult(pd_request_id=body.pd_request_id, prompt_tokens=body.destination.num_prompt_tokens,
