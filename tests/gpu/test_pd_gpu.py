@@ -17,6 +17,9 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "py"))
 from pd_driver import Instance, PDRun  # noqa: E402
 
+pytestmark = pytest.mark.skipif(not getattr(__import__("rtpllm._C")._C, "has_ucx", False),
+                                reason="rtpllm._C built without UCX (pip install libucx-cu13, then rebuild)")
+
 PROMPT = "Prefill and decode run in two processes on one GPU, and the KV cache moves between them " * 8
 MEMORY = ("--gpu-memory-utilization", "0.25")
 

@@ -36,7 +36,9 @@ class Instance:
                    "--port", str(self.port), "--disable-uvicorn-access-log", *flags]
         if "--num-blocks" not in flags and "--gpu-memory-utilization" not in flags:
             command += ["--num-blocks", "64"]
-        base = ENV if tcp else {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # Off TCP: whatever the caller's environment pinned, UCX picks its transports itself.
+        base = ENV if tcp else {**{k: v for k, v in os.environ.items() if k not in ("UCX_TLS", "UCX_NET_DEVICES")},
+                                "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         env={**base, **(env or {})}, start_new_session=True)
         self.log: list[str] = []
