@@ -1,5 +1,5 @@
-"""Prefill-decode disaggregation between two `rtpllm serve` processes (prefill block size 16, decode
-8), driven as `rtpllm router` drives them (pd_driver.py): the output is token-exact against one
+"""Prefill-decode disaggregation between two `rtpllm serve` processes (prefill block size 16 and
+chunked prefill, decode 8), driven as `rtpllm router` drives them (pd_driver.py): the output is token-exact against one
 colocated instance, for completions and chat, streamed and not; a decode prefix hit is honoured;
 bad input is refused with 4xx and breaks nothing."""
 
@@ -17,8 +17,10 @@ CHAT = [{"role": "user", "content": "Tell me about foxes and dogs."}]
 @pytest.fixture(scope="module")
 def instances():
     # The colocated reference steps its engine in a thread; prefill and decode in engine processes.
-    started = [Instance("--block-size", "16", "--no-engine-process", "--kv-host-cache-gib", "0"),
-               Instance("--role", "prefill", "--block-size", "16", "--kv-host-cache-gib", "0"),
+    # Prompts are longer than one step's budget: prefill computes them in chunks (as the reference).
+    chunked = ("--max-num-batched-tokens", "24")
+    started = [Instance("--block-size", "16", "--no-engine-process", "--kv-host-cache-gib", "0", *chunked),
+               Instance("--role", "prefill", "--block-size", "16", "--kv-host-cache-gib", "0", *chunked),
                Instance("--role", "decode", "--block-size", "8", "--pd-timeout-s", "10", "--kv-host-cache-gib", "0")]
     try:
         yield [i.wait_ready() for i in started]
