@@ -1,12 +1,15 @@
 """Prefill-decode disaggregation between two `rtpllm serve` processes (prefill block size 16 and
 chunked prefill, decode 8), driven as `rtpllm router` drives them (pd_driver.py): the output is token-exact against one
 colocated instance, for completions and chat, streamed and not; a decode prefix hit is honoured;
-bad input is refused with 4xx and breaks nothing."""
+bad input is refused with 4xx and breaks nothing; a reservation without room waits for it."""
+
+import threading
+import time
 
 import httpx
 import pytest
 
-from pd_driver import Instance, PDRun
+from pd_driver import Instance, PDRun, sse_events
 
 pytestmark = pytest.mark.skipif(not __import__("rtpllm._C")._C.has_ucx, reason="rtpllm._C built without UCX")
 
@@ -126,3 +129,27 @@ def test_bad_input_is_refused_with_4xx_and_breaks_nothing(instances):
     assert run.reservation_error is None, run.reservation_error
     assert run.prefill_response.status_code == 200
     assert run.text() == _reference_text(_reference(colocated.url, "completions", body))
+
+
+def test_reservation_without_room_queues_until_blocks_free_up(instances):
+    colocated, prefill, decode = instances  # decode: 64 blocks of 8 tokens
+    big = {"prompt": [(7 * i) % 500 + 3 for i in range(390)], "max_tokens": 3, "temperature": 0}  # 49 blocks
+    small = {"prompt": [(11 * i) % 500 + 5 for i in range(150)], "max_tokens": 3, "temperature": 0}  # 19 blocks
+    with httpx.Client(timeout=60) as client:
+        first_body = {"pd_request_id": "room-1", "endpoint": "completions", "request": big}
+        with client.stream("POST", decode.url + "/internal/pd/decode", json=first_body) as first:
+            first_events = sse_events(first)
+            first_destination = next(first_events)["pd_reserved"]
+            second = PDRun(prefill, decode, "completions", small, "room-2")
+            thread = threading.Thread(target=second.run, daemon=True)
+            thread.start()
+            time.sleep(1.0)
+            assert second.destination is None  # queued: no room for its 19 blocks yet
+            reply = client.post(prefill.url + "/internal/pd/prefill", json={**first_body,
+                                                                              "destination": first_destination})
+            assert reply.status_code == 200, reply.text
+            rest = list(first_events)
+    assert rest and "error" not in rest[-1]
+    thread.join(60)
+    assert second.prefill_response is not None and second.prefill_response.status_code == 200
+    assert second.text() == _reference_text(_reference(colocated.url, "completions", small))

@@ -2,7 +2,9 @@
 
 Life of one request:
     admit()   the scheduler reserves blocks for the whole prompt (WAITING_FOR_KV); the server reads
-              the reservation (`reservation()`) and hands it to the router as a KVDestination;
+              the reservation (`reservation()`) and hands it to the router as a KVDestination.
+              Without room (free blocks, batch slots) the request queues, first come first
+              served, until finished requests make room, for at most pd_timeout_s;
     poll()    every step: the transfer engine's notices are counted per request (one per layer);
               once every layer and the first token (the last notice's payload) arrived, the
               scheduler completes the request and it decodes on;
@@ -47,6 +49,17 @@ class _Wait:
 
 
 @dataclass
+class _Queued:
+    seq: object
+    spec: object
+    kv: DecodeKV
+    since: float
+
+
+QUEUED = "queued"  # reservation(): not reserved yet
+
+
+@dataclass
 class _Hold:
     hold_id: int
     release_at: float
@@ -69,16 +82,24 @@ class DecodeSide:
         self._by_seq: dict[int, _Wait] = {}
         self._holds: dict[int, _Hold] = {}  # by transfer id: ended requests whose blocks a write may still reach
         self._failures: dict[str, str] = {}  # pd_request_id -> why it failed (most recent last)
+        self._queued: list[_Queued] = []  # no room yet, oldest first
 
     # ------------------------------------------------------------------ admission
-    def admit(self, seq, spec, kv: DecodeKV) -> bool:
-        """Reserves the blocks; False when the pool or the batch has no room now."""
-        seq_id = seq.seq_id
+    def admit(self, seq, spec, kv: DecodeKV) -> None:
+        """Reserves the blocks now, or queues the request until there is room (ValueError for a bad
+        request: a duplicate id, a prompt the pool can never hold)."""
         transfer_id = transfer_request_id(kv.pd_request_id)
-        if transfer_id in self._waits or transfer_id in self._holds:
+        if (transfer_id in self._waits or transfer_id in self._holds
+                or any(q.kv.pd_request_id == kv.pd_request_id for q in self._queued)):
             raise ValueError(f"pd_request_id: {kv.pd_request_id!r} is already in flight on this instance")
+        if self._queued or not self._reserve(seq, spec, kv):
+            self._queued.append(_Queued(seq, spec, kv, time.monotonic()))
+
+    def _reserve(self, seq, spec, kv: DecodeKV) -> bool:
+        seq_id = seq.seq_id
         if not self.scheduler.add_remote_prefill(spec):
             return False
+        transfer_id = transfer_request_id(kv.pd_request_id)
         request = self.scheduler.get_request(seq_id)
         destination = dict(pd_request_id=kv.pd_request_id, transfer_host=self.host,
                            transfer_port=self.transfer.listen_port, cache_identity=self.identity,
@@ -91,15 +112,18 @@ class DecodeSide:
         self._by_seq[seq_id] = wait
         return True
 
-    def reservation(self, seq_id: int) -> Optional[dict]:
+    def reservation(self, seq_id: int):
+        """The KVDestination (JSON), QUEUED while waiting for room, None once ended."""
         wait = self._by_seq.get(seq_id)
-        return None if wait is None else wait.destination
+        if wait is not None:
+            return wait.destination
+        return QUEUED if any(q.seq.seq_id == seq_id for q in self._queued) else None
 
     def failure(self, pd_request_id: str) -> Optional[str]:
         return self._failures.get(pd_request_id)
 
     def has_pending(self) -> bool:
-        return bool(self._waits) or bool(self._holds)
+        return bool(self._waits) or bool(self._holds) or bool(self._queued)
 
     # ------------------------------------------------------------------ each step
     def poll(self, idle: bool) -> tuple[list, list[int]]:
@@ -108,6 +132,8 @@ class DecodeSide:
         ids that ended with an error (already aborted in the scheduler, blocks held)."""
         outputs: list = []
         failed: list[int] = []
+        if self._queued:
+            self._admit_queued(failed)
         notices = self.transfer.take_notices(0.002 if idle else 0.0)  # idle: a nap the next notice ends
         for notice in notices:
             self._on_notice(notice, outputs, failed)
@@ -129,11 +155,41 @@ class DecodeSide:
 
     def before_abort(self, seq_id: int) -> None:
         """The engine is about to abort this sequence (its client went away): hold its blocks."""
+        queued = [q for q in self._queued if q.seq.seq_id == seq_id]
+        if queued:
+            self._queued.remove(queued[0])
+            self.counters["aborted"] = self.counters.get("aborted", 0) + 1
+            return
         wait = self._by_seq.get(seq_id)
         if wait is not None:
             self._end(wait, "aborted", hold=True)
 
     # ------------------------------------------------------------------ helpers
+    def _admit_queued(self, failed: list[int]) -> None:
+        now = time.monotonic()
+        while self._queued:
+            head = self._queued[0]
+            if now - head.since > self.timeout_s:
+                self._queued.pop(0)
+                why = f"no room for the prompt's KV (free blocks, batch slots) within pd_timeout_s={self.timeout_s:g}"
+                logger.warning("PD request %s: %s", head.kv.pd_request_id, why)
+                self._remember_failure(head.kv.pd_request_id, why)
+                self.counters["timed_out"] = self.counters.get("timed_out", 0) + 1
+                failed.append(head.seq.seq_id)
+                continue
+            try:
+                if not self._reserve(head.seq, head.spec, head.kv):
+                    return  # first come, first served: the rest wait behind it
+            except ValueError as exc:  # queued unchecked behind others: refused now
+                self._remember_failure(head.kv.pd_request_id, str(exc))
+                failed.append(head.seq.seq_id)
+            self._queued.pop(0)
+
+    def _remember_failure(self, pd_request_id: str, why: str) -> None:
+        self._failures[pd_request_id] = why
+        while len(self._failures) > _FAILURES_KEPT:
+            del self._failures[next(iter(self._failures))]
+
     def _on_notice(self, notice, outputs: list, failed: list[int]) -> None:
         wait = self._waits.get(notice.request_id)
         if wait is None:
@@ -165,9 +221,7 @@ class DecodeSide:
 
     def _fail(self, wait: _Wait, outcome: str, why: str) -> int:
         logger.warning("PD request %s: %s", wait.pd_request_id, why)
-        self._failures[wait.pd_request_id] = why
-        while len(self._failures) > _FAILURES_KEPT:
-            del self._failures[next(iter(self._failures))]
+        self._remember_failure(wait.pd_request_id, why)
         self._end(wait, outcome, hold=True)
         self.scheduler.abort(wait.seq_id, _C.FinishReason.ERROR)
         return wait.seq_id

@@ -21,7 +21,7 @@ from rtpllm import _C
 from rtpllm.engine.cache_identity import cache_identity
 from rtpllm.engine.kv_tiers import kv_layout
 from rtpllm.pd.decode_side import DecodeSide
-from rtpllm.pd.kv_params import DecodeKV, PDOutcome, PDUnavailableError, PrefillKV
+from rtpllm.pd.kv_params import DecodeKV, PDOutcome, PrefillKV
 from rtpllm.pd.prefill_side import STALL_ENV, PrefillSide
 
 if TYPE_CHECKING:
@@ -76,13 +76,12 @@ class PDEngine:
 
     # ------------------------------------------------------------------ engine hooks
     def add(self, seq, spec, kv) -> None:
-        """Adds a PD sequence to the scheduler (instead of `Scheduler.add_request`). Raises
-        ValueError for a bad request, PDUnavailableError / ConnectionError when it cannot run now."""
+        """Adds a PD sequence to the scheduler (instead of `Scheduler.add_request`); ValueError for a
+        bad request."""
         if isinstance(kv, DecodeKV):
             if self.decode is None:
                 raise ValueError(f"role: this instance is a {self.role} instance; it does not decode PD requests")
-            if not self.decode.admit(seq, spec, kv):
-                raise PDUnavailableError("no room for the prompt's KV now (free blocks or batch slots); retry later")
+            self.decode.admit(seq, spec, kv)
         elif isinstance(kv, PrefillKV):
             if self.prefill is None:
                 raise ValueError(f"role: this instance is a {self.role} instance; it does not prefill PD requests")
@@ -134,9 +133,9 @@ def pd_role(engine: "Engine") -> str:
     return engine.config.pd.role
 
 
-def pd_reservation(request_id: str, engine: "Engine") -> Optional[dict]:
-    """The KVDestination (as JSON) of a decode request the engine accepted; None when it already
-    ended (aborted, or its KV timed out in between)."""
+def pd_reservation(request_id: str, engine: "Engine"):
+    """The KVDestination (as JSON) of a decode request the engine accepted; decode_side.QUEUED while
+    it waits for room; None when it already ended (aborted, or timed out in between)."""
     group = engine._groups.get(request_id)
     if engine.pd is None or engine.pd.decode is None or group is None:
         return None

@@ -14,7 +14,6 @@ import struct
 from dataclasses import dataclass
 from typing import Optional
 
-from rtpllm.engine.async_engine import EngineOverloadedError
 from rtpllm.pd.protocol import KVDestination
 
 
@@ -41,10 +40,6 @@ class PDOutcome:
     transferred_bytes: int = 0
     prefill_s: float = 0.0
     transfer_s: float = 0.0
-
-
-class PDUnavailableError(EngineOverloadedError):
-    """The instance cannot take the PD request now (no free blocks, no batch slot): HTTP 503."""
 
 
 def transfer_request_id(pd_request_id: str) -> int:

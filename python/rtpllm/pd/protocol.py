@@ -28,8 +28,10 @@ recompute; each outcome is counted on both instances' /metrics.
 Added by the instance side (pd/routes.py, pd/decode_side.py, pd/prefill_side.py), compatible with
 the above:
 - decode: an error before the reservation also carries its HTTP status (400 bad input or wrong
-  role, 503 no free blocks or batch slots now, with Retry-After); the body is still the one error
-  event and [DONE]. From the reservation on, the status is 200.
+  role, 503 engine gone; a reservation that found no room within pd_timeout_s is a 503 with
+  type pd_transfer_failed); the body is still the one error event and [DONE]. Without room the
+  reservation queues (first come, first served) until blocks free up, so the first event may take
+  up to pd_timeout_s. From the reservation on, the status is 200.
 - decode <-> prefill, over the transfer engine: the TransferRequest.request_id of every write is
   the first 8 bytes (little endian) of BLAKE2b(pd_request_id); one write (and notice) per layer;
   the last layer's notice carries the first sampled token as an 8-byte little-endian int64

@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from rtpllm.pd.decode_side import QUEUED
 from rtpllm.pd.engine_side import pd_decode_failure, pd_prefill_outcome, pd_reservation, pd_role
 from rtpllm.pd.kv_params import DecodeKV, PrefillKV
 from rtpllm.pd.protocol import DecodeRequest, PrefillRequest, PrefillResult
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 
 _HANDLERS = {"completions": (CompletionRequest, create_completion), "chat": (ChatCompletionRequest, create_chat_completion)}
 _OUTCOME_POLL_S = 0.002
+_RESERVATION_POLL_S = 0.005
 
 
 class PDTransferError(OpenAIError):
@@ -59,6 +61,7 @@ class _PDEngineView:
     def __init__(self, engine: "AsyncEngineBase", kv: Any, prefill: bool):
         self._engine = engine
         self._kv = kv
+        self.client_pd_request_id = kv.pd_request_id
         self._prefill = prefill
         self.request_id: Optional[str] = None
         self.accepted: Optional[asyncio.Future] = None
@@ -220,9 +223,16 @@ async def _reservation(engine: "AsyncEngineBase", view: _PDEngineView, task: asy
             raise _error_from_response(response)
         await asyncio.wait({view.accepted})
     view.accepted.result()  # the engine's refusal (no room: 503; bad input: 400)
-    destination = await engine.call_in_engine_thread(functools.partial(pd_reservation, view.request_id))
+    while True:  # queued while the pool has no room for the prompt (bounded by pd_timeout_s)
+        destination = await engine.call_in_engine_thread(functools.partial(pd_reservation, view.request_id))
+        if destination != QUEUED:
+            break
+        if task.done() and task.result().status_code >= 400:
+            raise _error_from_response(task.result())
+        await asyncio.sleep(_RESERVATION_POLL_S)
     if destination is None:
-        raise PDTransferError("the request ended before its reservation could be read")
+        why = await engine.call_in_engine_thread(functools.partial(pd_decode_failure, view.client_pd_request_id))
+        raise PDTransferError(why or "the request ended before its reservation could be read")
     return destination
 
 
