@@ -113,6 +113,25 @@ void bind_scheduler(py::module_& m) {
            "Submits the saves of newly cached blocks and polls every transfer (schedule() does it too)")
       .def_property_readonly("num_waiting_for_kv", &Scheduler::num_waiting_for_kv)
       .def("has_pending_kv_transfers", &Scheduler::has_pending_kv_transfers)
+      // Prefill-decode disaggregation (scheduler_pd.cc).
+      .def("add_remote_prefill", &Scheduler::add_remote_prefill, py::arg("spec"),
+           "Admits a request whose prompt KV a prefill peer writes (WAITING_FOR_KV); False when there is no room")
+      .def(
+          "complete_remote_prefill",
+          [](Scheduler& s, RequestId request_id, TokenId first_token) -> py::object {
+            StepOutputs outputs;
+            if (!s.complete_remote_prefill(request_id, first_token, outputs)) return py::none();
+            py::list result(outputs.size());
+            for (size_t i = 0; i < outputs.size(); ++i) result[i] = py::cast(outputs.materialize(i));
+            return result;
+          },
+          py::arg("request_id"), py::arg("first_token"),
+          "The peer's KV and first token arrived: the step outputs (as update()), or None when not waiting")
+      .def_property_readonly("num_waiting_for_remote_kv", &Scheduler::num_waiting_for_remote_kv)
+      .def("hold_blocks", &Scheduler::hold_blocks, py::arg("request_id"),
+           "An extra reference on the request's blocks now; the hold id (0: unknown request)")
+      .def("release_blocks", &Scheduler::release_blocks, py::arg("hold_id"))
+      .def_property_readonly("num_held_blocks", &Scheduler::num_held_blocks)
       .def("check_invariants", &Scheduler::check_invariants);
 }
 

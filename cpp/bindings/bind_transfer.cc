@@ -60,18 +60,20 @@ void bind_engine_types(py::module_& m) {
 
   py::class_<TransferRequest>(m, "TransferRequest", "Tokens [0, num_tokens) of local_blocks <-> remote_blocks")
       .def(py::init([](uint64_t request_id, std::vector<BlockId> local_blocks, std::vector<BlockId> remote_blocks,
-                       int64_t num_tokens, int32_t layer, bool notify) {
+                       int64_t num_tokens, int32_t layer, bool notify, py::bytes payload) {
              return TransferRequest{request_id, std::move(local_blocks), std::move(remote_blocks), num_tokens, layer,
-                                    notify};
+                                    notify, std::string(payload)};
            }),
            py::kw_only(), py::arg("request_id"), py::arg("local_blocks"), py::arg("remote_blocks"),
-           py::arg("num_tokens") = -1, py::arg("layer") = -1, py::arg("notify") = true)
+           py::arg("num_tokens") = -1, py::arg("layer") = -1, py::arg("notify") = true,
+           py::arg("payload") = py::bytes(), "payload: up to 4 KiB echoed in the peer's notice")
       .def_readonly("request_id", &TransferRequest::request_id)
       .def_readonly("local_blocks", &TransferRequest::local_blocks)
       .def_readonly("remote_blocks", &TransferRequest::remote_blocks)
       .def_readonly("num_tokens", &TransferRequest::num_tokens)
       .def_readonly("layer", &TransferRequest::layer)
-      .def_readonly("notify", &TransferRequest::notify);
+      .def_readonly("notify", &TransferRequest::notify)
+      .def_property_readonly("payload", [](const TransferRequest& r) { return py::bytes(r.payload); });
 
   py::class_<TransferStatus>(m, "TransferStatus")
       .def_readonly("state", &TransferStatus::state)
@@ -87,7 +89,8 @@ void bind_engine_types(py::module_& m) {
       .def_readonly("request_id", &TransferNotice::request_id)
       .def_readonly("layer", &TransferNotice::layer)
       .def_readonly("blocks", &TransferNotice::blocks)
-      .def_readonly("num_tokens", &TransferNotice::num_tokens);
+      .def_readonly("num_tokens", &TransferNotice::num_tokens)
+      .def_property_readonly("payload", [](const TransferNotice& n) { return py::bytes(n.payload); });
 
   py::enum_<PeerState>(m, "PeerState").value("CONNECTED", PeerState::CONNECTED).value("FAILED", PeerState::FAILED);
 

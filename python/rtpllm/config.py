@@ -216,6 +216,35 @@ class SpeculativeConfig:
         return cls(**value)
 
 
+ROLES = ("both", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class PDConfig:
+    """Prefill-decode disaggregation (rtpllm/pd/): what this instance does for `rtpllm router`.
+
+    both: an ordinary instance. prefill: also serves POST /internal/pd/prefill (computes prompts
+    and writes their KV into decode instances). decode: also serves POST /internal/pd/decode
+    (reserves blocks a prefill instance writes into, then decodes); its transfer engine listens on
+    pd_transfer_host:pd_transfer_port (0: any free port), and the host is what it advertises."""
+
+    role: str = "both"
+    pd_timeout_s: float = 30.0  # bound on every PD wait: the KV's arrival, one write, a connect
+    pd_transfer_host: str = "127.0.0.1"
+    pd_transfer_port: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.role in ROLES, "role", f"must be one of {ROLES}, got {self.role!r}")
+        _require(self.pd_timeout_s > 0, "pd_timeout_s", f"must be > 0, got {self.pd_timeout_s}")
+        _require(0 <= self.pd_transfer_port < 65536, "pd_transfer_port",
+                 f"must lie in [0, 65535], got {self.pd_transfer_port}")
+        _require(bool(self.pd_transfer_host), "pd_transfer_host", "must not be empty")
+
+    @property
+    def enabled(self) -> bool:
+        return self.role != "both"
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -225,6 +254,7 @@ class EngineConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     max_queued_requests: Optional[int] = None  # beyond this the server answers 503 at once
     speculative_config: Optional[SpeculativeConfig] = None
+    pd: PDConfig = field(default_factory=PDConfig)
 
     def __post_init__(self) -> None:
         if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
@@ -239,12 +269,18 @@ class EngineConfig:
                                                              and self.cache.kv_disk_cache_dir is None),
                  "kv_host_cache_gib", f"KV tiers (host, disk) are not supported with tensor_parallel_size="
                  f"{self.parallel.tensor_parallel_size} yet: leave kv_host_cache_gib and kv_disk_cache_dir unset")
+        # The transfer engine registers one pool and the layer hook runs on rank 0's model only.
+        _require(not self.pd.enabled or self.parallel.tensor_parallel_size == 1, "role",
+                 f"prefill-decode disaggregation (role {self.pd.role!r}) is not supported with "
+                 f"tensor_parallel_size={self.parallel.tensor_parallel_size} yet (use 1)")
+        _require(not self.pd.enabled or self.speculative_config is None, "role",
+                 f"prefill-decode disaggregation (role {self.pd.role!r}) is not supported with speculative decoding yet")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
         """Build from flat vLLM-style option names; unknown names raise a TypeError naming them."""
         groups = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-                  "parallel": ParallelConfig, "device": DeviceConfig}
+                  "parallel": ParallelConfig, "device": DeviceConfig, "pd": PDConfig}
         values: dict[str, dict[str, Any]] = {name: {} for name in groups}
         top: dict[str, Any] = {}
         owner = {f.name: group for group, klass in groups.items() for f in dataclasses.fields(klass)}

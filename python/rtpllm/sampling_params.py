@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 
 @dataclass
@@ -33,6 +33,9 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Prefill-decode disaggregation (rtpllm/pd/): a pd.engine_side.DecodeKV or PrefillKV, set by the
+    # server's /internal/pd endpoints only; None for an ordinary request.
+    kv_transfer_params: Optional[Any] = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -67,3 +67,26 @@ def test_put_then_get_across_block_sizes_in_one_process():
         prefill.put(peer, _C.TransferRequest(request_id=1, local_blocks=src, remote_blocks=[99] * 12, num_tokens=45))
     with pytest.raises(ValueError, match="handle"):
         prefill.poll(424242)
+
+
+def test_put_payload_is_echoed_in_the_notice_and_bounded():
+    prefill_pool, decode_pool = HostPool(4, 16), HostPool(8, 8)
+    prefill, decode = make_engine("prefill"), make_engine("decode")
+    prefill.register_kv(prefill_pool.layout)
+    decode.register_kv(decode_pool.layout)
+    peer = prefill.connect("127.0.0.1", decode.listen_port)
+    request = _C.TransferRequest(request_id=3, local_blocks=[1], remote_blocks=[4, 2], num_tokens=12, layer=1,
+                                 payload=b"\x07\x00token")
+    status = prefill.wait(prefill.put(peer, request), 5.0)
+    assert status.state == _C.TransferState.DONE, status.error
+    (notice,) = decode.take_notices(2.0)
+    assert (notice.request_id, notice.layer, notice.payload) == (3, 1, b"\x07\x00token")
+    with pytest.raises(ValueError, match="payload"):
+        prefill.put(peer, _C.TransferRequest(request_id=4, local_blocks=[1], remote_blocks=[4, 2], num_tokens=12,
+                                             payload=b"x" * 4097))
+    # Without a payload the notice carries none (and the wire format is the old one).
+    status = prefill.wait(prefill.put(peer, _C.TransferRequest(request_id=5, local_blocks=[1], remote_blocks=[4, 2],
+                                                               num_tokens=12)), 5.0)
+    assert status.state == _C.TransferState.DONE, status.error
+    (notice,) = decode.take_notices(2.0)
+    assert notice.payload == b""

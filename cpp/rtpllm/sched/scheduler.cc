@@ -196,7 +196,12 @@ bool Scheduler::abort(RequestId request_id, FinishReason reason) {
     running_.erase(std::find(running_.begin(), running_.end(), r));
     kv_.free(*r);
   } else if (r->status == RequestStatus::WAITING_FOR_KV) {
-    transfers_->detach(*r);  // the load keeps its own hold on the blocks until it ends
+    const auto remote = std::find(remote_waiting_.begin(), remote_waiting_.end(), r);
+    if (remote != remote_waiting_.end()) {
+      remote_waiting_.erase(remote);  // the caller holds the blocks (hold_blocks) while the peer may write
+    } else {
+      transfers_->detach(*r);  // the load keeps its own hold on the blocks until it ends
+    }
     kv_.free(*r);
   } else {
     waiting_.remove(r);
@@ -229,6 +234,8 @@ SchedulerStats Scheduler::stats() const {
   s.kv_usage = kv_.usage();
   s.num_steps = static_cast<uint64_t>(step_);
   if (transfers_) add_kv_stats(s);
+  s.num_waiting_for_kv += num_waiting_for_remote_kv();
+  s.kv_transfer_held_blocks += num_held_blocks();
   return s;
 }
 

@@ -38,6 +38,13 @@
 // timed-out load means recomputing those tokens. Blocks newly registered in the prefix cache are
 // saved to the tiers. (scheduler_kv.cc, kv_transfers.h)
 //
+// Prefill-decode disaggregation (scheduler_pd.cc): on a decode instance, add_remote_prefill()
+// admits a request whose whole prompt's KV a prefill peer writes: blocks for the whole prompt at
+// once (a local prefix hit counts), status WAITING_FOR_KV, never scheduled; complete_remote_prefill()
+// then makes it a running request with its prompt computed and the peer's first token appended.
+// Block holds (hold_blocks/release_blocks) keep a request's blocks out of the free list past its
+// end, while a transfer engine may still read (prefill) or write (decode) them.
+//
 // Not thread-safe: the engine calls it from its step loop (from Python the GIL serializes calls).
 #pragma once
 
@@ -125,10 +132,26 @@ class Scheduler {
   // Submits the saves of newly cached blocks and polls every transfer (schedule() starts with
   // this); for callers that wait for transfers with no step to run.
   void poll_kv_transfers();
-  int32_t num_waiting_for_kv() const { return transfers_ ? transfers_->num_waiting_requests() : 0; }
+  int32_t num_waiting_for_kv() const {
+    return (transfers_ ? transfers_->num_waiting_requests() : 0) + num_waiting_for_remote_kv();
+  }
   // Loads or saves under way (they hold GPU blocks), or blocks cached since the last schedule()
   // and not yet submitted for saving: schedule() submits and polls them, also with no request.
   bool has_pending_kv_transfers() const { return transfers_ && (transfers_->has_pending() || kv_.has_newly_cached()); }
+
+  // Prefill-decode disaggregation (see above). add_remote_prefill: false, changing nothing, when
+  // the pool or the batch has no room now; std::invalid_argument as add_request for a bad spec.
+  bool add_remote_prefill(const RequestSpec& spec);
+  // The peer wrote every layer and sampled `first_token`: the request runs on (or finishes: a stop
+  // token, max_new_tokens 1), reported into `outputs` as a step would. False for an id that is not
+  // waiting for a peer (aborted meanwhile).
+  bool complete_remote_prefill(RequestId request_id, TokenId first_token, StepOutputs& outputs);
+  int32_t num_waiting_for_remote_kv() const { return static_cast<int32_t>(remote_waiting_.size()); }
+  // One extra reference on each block of the request's block table now; returns the hold's id
+  // (> 0), or 0 for an unknown request. release_blocks: false for an unknown hold.
+  int64_t hold_blocks(RequestId request_id);
+  bool release_blocks(int64_t hold_id);
+  int32_t num_held_blocks() const;
 
   // Verifies block ownership and request bookkeeping; throws std::logic_error on a violation.
   // Also runs after every call that changes state in builds with RTPLLM_CHECK_INVARIANTS.
@@ -159,6 +182,8 @@ class Scheduler {
   void check_kv_invariants(std::vector<int32_t>& holders) const;
   void add_kv_stats(SchedulerStats& stats) const;
   void maybe_check_invariants() const;
+  // scheduler_pd.cc
+  void check_pd_invariants(std::vector<int32_t>& holders) const;
 
   SchedulerOptions options_;
   KVCacheManager kv_;
@@ -187,6 +212,9 @@ class Scheduler {
   std::vector<RequestId> lookahead_ids_;  // requests given lookahead slots since the last schedule()
   std::unique_ptr<KVTransfers> transfers_;  // null without a KV connector
   std::vector<KVTransfers::EndedLoad> ended_loads_;  // scratch
+  std::vector<Request*> remote_waiting_;  // WAITING_FOR_KV from a prefill peer, admission order
+  std::unordered_map<int64_t, std::vector<BlockId>> block_holds_;
+  int64_t next_hold_id_ = 1;
 };
 
 }  // namespace rtpllm

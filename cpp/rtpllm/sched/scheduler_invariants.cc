@@ -84,6 +84,7 @@ void Scheduler::check_invariants() const {
   if (std::adjacent_find(seen.begin(), seen.end()) != seen.end()) fail("a request is queued twice");
 
   check_kv_invariants(holders);  // requests waiting for KV, and transfers' holds
+  check_pd_invariants(holders);  // requests waiting for a prefill peer, and block holds
   for (BlockId b = 0; b < num_blocks; ++b) {
     const int32_t refs = kv_.pool().ref_count(b);
     if (refs != holders[b]) {

@@ -59,7 +59,11 @@ struct TransferRequest {
   int64_t num_tokens = -1;            // -1: every token of local_blocks
   int32_t layer = -1;                 // -1: every layer; otherwise only this layer (layer-by-layer push)
   bool notify = true;                 // put only: send the peer a TransferNotice once the data landed
+  std::string payload = {};           // put with notify only: echoed in the notice (<= kMaxNoticePayloadBytes),
+                                      // e.g. prefill's first sampled token with its last layer
 };
+
+inline constexpr size_t kMaxNoticePayloadBytes = 4096;
 
 struct TransferStatus {
   TransferState state = TransferState::PENDING;
@@ -73,6 +77,7 @@ struct TransferNotice {
   int32_t layer = -1;                 // -1: every layer
   std::vector<BlockId> blocks;        // the receiver's blocks (the put's remote_blocks)
   int64_t num_tokens = 0;
+  std::string payload;                // the put's TransferRequest::payload
 };
 
 enum class PeerState : uint8_t {

@@ -47,6 +47,7 @@ class ByteReader {
     need(static_cast<size_t>(count) * item_bytes);
     return count;
   }
+  bool at_end() const { return pos_ == in_.size(); }
   void expect_end() const {
     if (pos_ != in_.size()) throw std::runtime_error("malformed message: trailing bytes");
   }
@@ -133,6 +134,7 @@ std::string encode_notice(const NoticeMessage& n) {
   w.put<int64_t>(n.num_tokens);
   w.put<uint32_t>(static_cast<uint32_t>(n.blocks.size()));
   for (BlockId b : n.blocks) w.put<int32_t>(b);
+  if (!n.payload.empty()) w.put_bytes(n.payload);
   return w.take();
 }
 
@@ -145,6 +147,7 @@ NoticeMessage decode_notice(const std::string& payload) {
   const uint32_t count = r.get_count(sizeof(int32_t));
   n.blocks.resize(count);
   for (BlockId& b : n.blocks) b = r.get<int32_t>();
+  if (!r.at_end()) n.payload = r.get_bytes();
   r.expect_end();
   return n;
 }

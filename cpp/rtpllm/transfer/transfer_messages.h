@@ -49,6 +49,7 @@ struct NoticeMessage {
   int32_t layer = -1;
   int64_t num_tokens = 0;
   std::vector<BlockId> blocks;
+  std::string payload;  // optional trailer: absent on the wire when empty (older peers send none)
 };
 
 std::string encode_descriptor(const PeerDescriptor& descriptor);

@@ -106,6 +106,10 @@ class Engine:
         if config.parallel.tensor_parallel_size == 1:  # the tiers copy rank 0's pool only (config.py refuses TP + tiers)
             self.kv_tiers = attach_kv_tiers(self.scheduler, config.cache, self.runner.kv_caches, self.cache_root_hash,
                                             self.device)
+        self.pd = None  # prefill-decode disaggregation (rtpllm/pd/engine_side.py), for role prefill or decode
+        if config.pd.enabled:
+            from rtpllm.pd.engine_side import PDEngine
+            self.pd = PDEngine(self)
         if self.kv_tiers is not None and "disk" in self.kv_tiers.tiers:
             # An offline run that ends with the interpreter still gets its last blocks onto disk.
             atexit.register(_close_at_exit, weakref.ref(self))
@@ -160,12 +164,18 @@ class Engine:
         try:
             for index in range(params.n):
                 seq = self._new_sequence(group, index, detokenize)
-                self.scheduler.add_request(_C.RequestSpec(
+                spec = _C.RequestSpec(
                     request_id=seq.seq_id, prompt_token_ids=prompt_ids, max_new_tokens=max_new,
                     stop_token_ids=stop_ids, ignore_eos=params.ignore_eos, min_new_tokens=params.min_tokens,
                     priority=0, arrival_time=group.metrics.arrival_time,
                     # Prompt logprobs need every prompt position computed: a unique key opts out of cache hits.
-                    extra_key=seq.seq_id if params.prompt_logprobs is not None else 0))
+                    extra_key=seq.seq_id if params.prompt_logprobs is not None else 0)
+                if params.kv_transfer_params is None:
+                    self.scheduler.add_request(spec)
+                elif self.pd is None:
+                    raise ValueError("kv_transfer_params: this instance has no prefill-decode role (--role)")
+                else:
+                    self.pd.add(seq, spec, params.kv_transfer_params)
                 added.append(seq.seq_id)
                 group.seqs.append(seq)
         except ValueError:
@@ -191,6 +201,8 @@ class Engine:
             return
         for seq in group.seqs:
             if not seq.finished:
+                if self.pd is not None:
+                    self.pd.before_abort(seq.seq_id)  # a peer may still write its blocks: hold them
                 self.scheduler.abort(seq.seq_id, _C.FinishReason.ABORT)
                 seq.finish("abort")
             self._seqs.pop(seq.seq_id, None)
@@ -215,17 +227,23 @@ class Engine:
         deltas directly (output_deltas.py), without a cumulative RequestOutput per request."""
         started = time.perf_counter()
         groups = self._step()
+        if self.pd is not None:
+            self.pd.after_step()  # a prefill's first token goes out with its last layer's KV
         self.reporter.step_timer.observe(time.perf_counter() - started)
         return list(dict.fromkeys(groups)) if len(groups) > 1 else groups  # resolve + apply may both move one
 
     def _step(self) -> list[RequestGroup]:
         outputs, self._pending = self._pending, []
+        if self.pd is not None:
+            outputs += self._poll_pd()
         if self.spec is not None and self.spec.wants_lookahead(self.scheduler.num_running, self._seqs):
             if self._in_flight is not None:  # drafts follow the last tokens: they must be on the host
                 previous, self._in_flight = self._in_flight, None
                 outputs += self._resolve(previous)
             self.spec.request_lookahead(self.scheduler, self._seqs.values())
         batch = self.scheduler.schedule()
+        if self.pd is not None:
+            self.pd.before_forward(batch)
         if self.spec is not None:
             self.spec.step_started(batch.num_draft_tokens > 0, batch.num_tokens)
         previous = self._in_flight
@@ -260,6 +278,8 @@ class Engine:
             collector.collect(spec.prompt_logprobs)
             return outputs + self._apply(self.scheduler.update(batch, spec.token_ids), spec.logprobs_by_seq)
         result = self.executor.execute(batch, sampling_batch, collector.seq_indices, pending)
+        if self.pd is not None:
+            self.pd.after_forward()
         collector.collect(result.prompt_logprobs)
 
         if overlap:
@@ -276,6 +296,22 @@ class Engine:
             token_ids = result.sampled.token_ids.to(device="cpu", dtype=torch.int32).numpy()
             logprobs_by_seq = sampled_logprobs(sampled_seqs, result.sampled)
         return outputs + self._apply(self.scheduler.update(batch, token_ids), logprobs_by_seq)
+
+    def _poll_pd(self) -> list[RequestGroup]:
+        """PD requests whose KV arrived from the prefill peer (they run on) or failed to (error)."""
+        idle = self._in_flight is None and self.scheduler.num_running == 0 and self.scheduler.num_waiting == 0
+        completed, failed = self.pd.poll(idle)
+        outputs = self._apply(completed, {}) if completed else []
+        for seq_id in failed:  # already aborted in the scheduler
+            seq = self._seqs.pop(seq_id, None)
+            if seq is None or seq.finished:
+                continue
+            seq.finish("error")
+            if seq.group.finished:
+                seq.group.metrics.finished_time = time.monotonic()
+                self._groups.pop(seq.group.request_id, None)
+            outputs.append(seq.group)
+        return outputs
 
     def _resolve(self, step: "InFlightStep") -> list[RequestGroup]:
         return self._apply(self.scheduler.resolve(step.batch, step.host_tokens()), {})
@@ -323,7 +359,8 @@ class Engine:
             spec=dataclasses.replace(self.spec.counters) if self.spec is not None else None,
             num_waiting_for_kv=s.num_waiting_for_kv, kv_tier_hit_tokens=s.kv_tier_hit_blocks * self.runner.block_size,
             kv_tier_failed_loads=s.kv_tier_failed_loads,
-            kv_tiers=self.kv_tiers.snapshot() if self.kv_tiers is not None else ())
+            kv_tiers=self.kv_tiers.snapshot() if self.kv_tiers is not None else (),
+            pd=self.pd.snapshot() if self.pd is not None else ())
 
     def tokens_in_flight(self) -> int:
         """Prompt and generated tokens of the unfinished sequences."""
@@ -331,7 +368,7 @@ class Engine:
 
     def has_pending_kv_transfers(self) -> bool:
         """Loads or saves of the KV tiers under way: `step()` polls them, also with no request."""
-        return self.scheduler.has_pending_kv_transfers()
+        return self.scheduler.has_pending_kv_transfers() or (self.pd is not None and self.pd.has_pending())
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Aborts what still runs, lets the KV tiers finish their transfers and background writes

@@ -104,7 +104,9 @@ class ModelRunner:
         collectives, but not sampled. `drafts` (int64 [batch.num_draft_tokens], device) fill the
         lookahead slots of a speculative step, whose verified rows' logits come back unsampled
         (spec/decoder.py)."""
-        if drafts is None and self.graphs is not None and not prompt_logprob_seqs and self.graphs.can_run(batch):
+        # A layer hook (a PD prefill pushing each layer's KV) needs the layers run from Python: no graph.
+        if drafts is None and self.graphs is not None and not prompt_logprob_seqs and self.graphs.can_run(batch) \
+                and getattr(self.model, "layer_hook", None) is None:
             # A decode step: every sequence samples its one row, in batch order.
             logits = self.graphs.run(batch, pending)
             if self.after_forward is not None:

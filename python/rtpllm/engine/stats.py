@@ -52,6 +52,8 @@ class EngineStats:
     kv_tier_hit_tokens: int = 0  # prompt tokens loaded from a tier instead of computed
     kv_tier_failed_loads: int = 0  # loads that failed or timed out: recomputed
     kv_tiers: tuple[KVTierSnapshot, ...] = ()
+    # Prefill-decode disaggregation: (role, outcome, count) per outcome so far; () for role both.
+    pd: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def kv_usage(self) -> float:

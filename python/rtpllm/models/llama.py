@@ -18,7 +18,7 @@ the vocabulary; `compute_logits` still returns the whole vocabulary on every ran
 from __future__ import annotations
 
 import re
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -144,6 +144,9 @@ class LlamaForCausalLM(nn.Module):
         # forward then leaves them in `aux_hidden_states`, [T, hidden_size] each.
         self.aux_hidden_layers: tuple[int, ...] = ()
         self.aux_hidden_states: list[torch.Tensor] = []
+        # Called with each layer's index once that layer ran (its KV is in the cache): prefill-decode
+        # disaggregation pushes a layer's KV while the next layers compute (rtpllm/pd/layer_pusher.py).
+        self.layer_hook: Optional[Callable[[int], None]] = None
         if arch.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -163,6 +166,8 @@ class LlamaForCausalLM(nn.Module):
                 # A copy: the fused norm kernels update the residual stream in place.
                 captured[index] = hidden.clone() if residual is None else hidden + residual
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+            if self.layer_hook is not None:
+                self.layer_hook(index)
         if aux:
             self.aux_hidden_states = [captured[index] for index in aux]
         hidden, _ = self.model.norm(hidden, residual)

@@ -24,6 +24,23 @@ in time ends with an error event and frees its blocks; a prefill whose writes fa
 frees its blocks and answers 503/504; the router then ends the client's request with that error,
 or, with `--pd-retry`, asks another prefill instance once. Never a hang, never a silent
 recompute; each outcome is counted on both instances' /metrics.
+
+Added by the instance side (pd/routes.py, pd/decode_side.py, pd/prefill_side.py), compatible with
+the above:
+- decode: an error before the reservation also carries its HTTP status (400 bad input or wrong
+  role, 503 engine gone; a reservation that found no room within pd_timeout_s is a 503 with
+  type pd_transfer_failed); the body is still the one error event and [DONE]. Without room the
+  reservation queues (first come, first served) until blocks free up, so the first event may take
+  up to pd_timeout_s. From the reservation on, the status is 200.
+- decode <-> prefill, over the transfer engine: the TransferRequest.request_id of every write is
+  the first 8 bytes (little endian) of BLAKE2b(pd_request_id); one write (and notice) per layer;
+  the last layer's notice carries the first sampled token as an 8-byte little-endian int64
+  payload. KVDestination.cache_identity is the pool's cache identity without the block size, as
+  16 hex digits. Writes cover tokens [s, num_prompt_tokens) where s is num_cached_tokens rounded
+  down to a multiple of both block sizes.
+- a prefill instance starts no write later than pd_timeout_s after it took the request; a
+  decode instance keeps the blocks of a failed or aborted reservation for 3 x pd_timeout_s (or
+  until the last notice), so a late write never lands in reused blocks.
 """
 
 from __future__ import annotations

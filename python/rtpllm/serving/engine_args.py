@@ -13,10 +13,10 @@ import dataclasses
 import typing
 from typing import Any
 
-from rtpllm.config import (KV_COPY_METHODS, LOAD_FORMATS, CacheConfig, DeviceConfig, EngineConfig, ModelConfig,
-                           ParallelConfig, SchedulerConfig)
+from rtpllm.config import (KV_COPY_METHODS, LOAD_FORMATS, ROLES, CacheConfig, DeviceConfig, EngineConfig, ModelConfig,
+                           ParallelConfig, PDConfig, SchedulerConfig)
 
-_CONFIG_CLASSES = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig, DeviceConfig, EngineConfig)
+_CONFIG_CLASSES = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig, DeviceConfig, PDConfig, EngineConfig)
 
 _HELP = {
     "model": "Hugging Face checkpoint folder or .gguf file (default: the built-in SmolLM2-135M-Instruct).",
@@ -50,9 +50,14 @@ _HELP = {
                            "(default: no limit).",
     "speculative_config": ('Speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                            '(methods: ngram, draft_model, eagle3; "model": the draft/EAGLE-3 checkpoint).'),
+    "role": "Prefill-decode disaggregation: both (an ordinary instance), prefill or decode (behind "
+            "`rtpllm router --prefill ... --decode ...`).",
+    "pd_timeout_s": "Bound on every prefill-decode wait (the KV's arrival, one transfer, a connect), in seconds.",
+    "pd_transfer_host": "Decode: the host its KV transfer engine listens on and advertises to prefill instances.",
+    "pd_transfer_port": "Decode: the KV transfer engine's port (0: any free port).",
 }
 _CHOICES = {"dtype": ("auto", "float32", "float16", "bfloat16"), "device": ("auto", "cpu", "cuda"),
-            "load_format": LOAD_FORMATS, "kv_copy_method": KV_COPY_METHODS}
+            "load_format": LOAD_FORMATS, "kv_copy_method": KV_COPY_METHODS, "role": ROLES}
 
 
 def _option_fields() -> list[tuple[str, type]]:

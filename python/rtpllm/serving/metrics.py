@@ -87,6 +87,13 @@ class _EngineStatsCollector(Collector):
                       stats.kv_tier_failed_loads)
         if stats.kv_tiers:
             yield from _tier_metrics(self._model_name, stats.kv_tiers)
+        if stats.pd:  # prefill-decode disaggregation: how each PD request ended on this instance
+            family = CounterMetricFamily(PREFIX + "pd_requests", "PD requests by role and outcome (completed, "
+                                         "timed_out, peer_failed, failed, aborted).",
+                                         labels=["model_name", "role", "outcome"])
+            for role, outcome, count in stats.pd:
+                family.add_metric([self._model_name, role, outcome], count)
+            yield family
 
 
 def _tier_metrics(model_name: str, tiers) -> Iterator[Metric]:

@@ -38,6 +38,7 @@ from rtpllm.serving.errors import OpenAIError, bad_request, from_validation_erro
 from rtpllm.serving.hot_routes import HotRoutes
 from rtpllm.serving.http_server import ServingServer, uvicorn_config
 from rtpllm.serving.kv_events import add_kv_event_routes
+from rtpllm.pd.routes import add_pd_routes
 from rtpllm.serving.metrics import ServerMetrics
 from rtpllm.serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
@@ -174,6 +175,7 @@ def build_app(engine: AsyncEngineBase, metrics: Optional[ServerMetrics] = None,
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     add_kv_event_routes(app, engine)  # GET /kv_events and /load, for rtpllm router
+    add_pd_routes(app, ctx)  # POST /internal/pd/decode and /prefill, for rtpllm router --prefill/--decode
     app.add_middleware(RequestGuard, options=options)  # outermost: before HotRoutes and FastAPI
     return app
 

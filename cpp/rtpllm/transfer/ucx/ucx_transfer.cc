@@ -112,7 +112,11 @@ TransferHandle UcxTransfer::submit(PeerId peer_id, const TransferRequest& reques
   transfer->peer = peer_id;
   transfer->is_put = is_put;
   transfer->notify = is_put && request.notify;
-  transfer->notice = {request.request_id, request.layer, num_tokens, request.remote_blocks};
+  if (request.payload.size() > kMaxNoticePayloadBytes) {
+    throw std::invalid_argument("payload: " + std::to_string(request.payload.size()) + " bytes, more than " +
+                                std::to_string(kMaxNoticePayloadBytes));
+  }
+  transfer->notice = {request.request_id, request.layer, num_tokens, request.remote_blocks, request.payload};
   for (const CopyOp& copy : transfer->copies) transfer->bytes += copy.bytes;
   transfer->deadline = Clock::now() + ucx_seconds_to_ms(options_.timeout_s);
   const TransferHandle handle = transfer->handle;

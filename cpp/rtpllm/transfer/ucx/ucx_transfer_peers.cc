@@ -170,7 +170,8 @@ void UcxTransfer::read_peers_locked() {
           for (BlockId b : notice.blocks) {
             if (b < 0 || b >= layout_.num_blocks) throw std::runtime_error("block id " + std::to_string(b) + " out of range");
           }
-          notices_.push_back({peer.id, notice.request_id, notice.layer, std::move(notice.blocks), notice.num_tokens});
+          notices_.push_back({peer.id, notice.request_id, notice.layer, std::move(notice.blocks), notice.num_tokens,
+                              std::move(notice.payload)});
           ++stats_.notices_received;
           changed_.notify_all();
         } catch (const std::runtime_error& e) {

@@ -1,0 +1,173 @@
+"""Prefill-decode disaggregation on one GPU, Llama-3.1-8B-shaped:
+
+1. KV transfer bandwidth: a 4k-token prompt's KV (32 layers, 8 KV heads, head dim 128, bf16:
+   512 MiB) written layer by layer from one process's paged pool into another's (block size 64
+   into 16, as prefill and decode may differ), over UCX (CUDA IPC), against a device-to-device
+   copy measured in the same run (ratio = transfer bytes/s over copy bytes/s, one direction).
+2. Time to first token of a 4k-token prompt: `rtpllm serve` colocated, then through PD (prefill
+   and decode instances on the same GPU, half its memory each; the router's hand-off driven here),
+   both streamed, measured at the client from sending the request to the first content chunk.
+
+    python bench/gpu/bench_pd.py --json /tmp/bench_pd.json
+The checkpoint is bench_e2e_llama8b.py's random 8B-shaped one (cached in $RTPLLM_BENCH_DIR).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests", "py"))
+from bench_util import device_name, measure_copy_tbps, parse_args, row, write_json  # noqa: E402
+
+LAYERS, HEADS, HEAD_DIM = 32, 8, 128
+PROMPT_TOKENS = 4096
+REPEATS = 5
+
+
+# ---------------------------------------------------------------------- 1. transfer bandwidth
+def _pool(num_blocks: int, block_size: int) -> list[torch.Tensor]:
+    return [torch.randn(2, num_blocks, block_size, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+            for _ in range(LAYERS)]
+
+
+def _engine(name: str, pool: list[torch.Tensor]):
+    from rtpllm import _C
+    from rtpllm.engine.kv_tiers import kv_layout
+
+    engine = _C.UcxTransfer(_C.TransferOptions(name=name, identity="bench-pd", timeout_s=30.0),
+                            cuda_device=torch.cuda.current_device())
+    engine.register_kv(kv_layout(pool, pool[0].shape[2]))
+    return engine
+
+
+def receiver() -> None:
+    """The decode side of part 1, in a process of its own: a pool of 16-token blocks."""
+    pool = _pool(PROMPT_TOKENS // 16 + 8, 16)
+    engine = _engine("decode", pool)
+    print(json.dumps({"port": engine.listen_port}), flush=True)
+    sys.stdin.read()  # until the parent closes our stdin
+
+
+def transfer_rows(copy_tbps: float) -> list[dict]:
+    from rtpllm import _C
+
+    child = subprocess.Popen([sys.executable, __file__, "receiver"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        port = json.loads(child.stdout.readline())["port"]
+        pool = _pool(PROMPT_TOKENS // 64 + 2, 64)
+        engine = _engine("prefill", pool)
+        peer = engine.connect("127.0.0.1", port)
+        src = list(range(PROMPT_TOKENS // 64))
+        dst = list(range(PROMPT_TOKENS // 16))[::-1]
+        nbytes = PROMPT_TOKENS * LAYERS * 2 * HEADS * HEAD_DIM * 2
+        times = []
+        for repeat in range(REPEATS + 1):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            handles = [engine.put(peer, _C.TransferRequest(request_id=repeat, local_blocks=src, remote_blocks=dst,
+                                                           num_tokens=PROMPT_TOKENS, layer=layer))
+                       for layer in range(LAYERS)]
+            for handle in handles:
+                status = engine.wait(handle, 30.0)
+                assert status.state == _C.TransferState.DONE, status.error
+            if repeat:  # the first connects the memory handles
+                times.append(time.perf_counter() - start)
+        engine.take_notices(0.0)
+        seconds = statistics.median(times)
+        achieved = nbytes / seconds / 1e12
+        copy_one_way = copy_tbps / 2  # measure_copy_tbps counts bytes read plus written
+        print(f"transfer: {nbytes / 2**20:.0f} MiB in {seconds * 1e3:.2f} ms = {achieved:.3f} TB/s "
+              f"(device copy {copy_one_way:.3f} TB/s one way)")
+        return [row("kv_transfer_4k_prompt_layer_by_layer", achieved, "TB/s", "device copy (one way, same run)",
+                    achieved / copy_one_way, ms=seconds * 1e3, bytes=nbytes)]
+    finally:
+        child.stdin.close()
+        child.wait(timeout=60)
+
+
+# ---------------------------------------------------------------------- 2. TTFT through PD
+def _ttft_colocated(instance, prompt: list[int]) -> float:
+    import httpx
+
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=300) as client:
+        start = time.perf_counter()
+        with client.stream("POST", instance.url + "/v1/completions", json=body) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: {"):
+                    return time.perf_counter() - start
+    raise RuntimeError("no token")
+
+
+def _ttft_pd(prefill, decode, prompt: list[int], pd_request_id: str) -> tuple[float, dict]:
+    import httpx
+
+    body = {"pd_request_id": pd_request_id, "endpoint": "completions",
+            "request": {"prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": True}}
+    with httpx.Client(timeout=300) as client:
+        start = time.perf_counter()
+        with client.stream("POST", decode.url + "/internal/pd/decode", json=body) as stream:
+            lines = (line for line in stream.iter_lines() if line.startswith("data: {"))
+            destination = json.loads(next(lines)[len("data: "):])["pd_reserved"]
+            result = client.post(prefill.url + "/internal/pd/prefill", json={**body, "destination": destination})
+            assert result.status_code == 200, result.text
+            next(lines)
+            return time.perf_counter() - start, result.json()
+
+
+def ttft_rows(model: str) -> list[dict]:
+    import random
+
+    from pd_driver import Instance
+
+    prompts = [[random.Random(seed).randrange(1000, 100000) for _ in range(PROMPT_TOKENS)] for seed in range(REPEATS + 1)]
+    common = ("--device", "cuda", "--kv-host-cache-gib", "0", "--max-model-len", "8192")
+    colocated = Instance(*common, "--gpu-memory-utilization", "0.9", model=model, tcp=False).wait_ready(600)
+    try:
+        colocated_s = statistics.median([_ttft_colocated(colocated, p) for p in prompts][1:])
+    finally:
+        colocated.stop()
+    prefill = Instance(*common, "--role", "prefill", "--block-size", "64", "--gpu-memory-utilization", "0.45",
+                       model=model, tcp=False).wait_ready(600)
+    decode = Instance(*common, "--role", "decode", "--block-size", "16", "--gpu-memory-utilization", "0.45",
+                      model=model, tcp=False).wait_ready(600)
+    try:
+        runs = [_ttft_pd(prefill, decode, p, f"bench-{i}") for i, p in enumerate(prompts)][1:]
+    finally:
+        prefill.stop()
+        decode.stop()
+    pd_s = statistics.median(t for t, _ in runs)
+    transfer_s = statistics.median(r["transfer_s"] for _, r in runs)
+    print(f"TTFT 4k prompt: colocated {colocated_s * 1e3:.1f} ms, PD {pd_s * 1e3:.1f} ms "
+          f"(prefill's transfer tail {transfer_s * 1e3:.1f} ms)")
+    return [row("ttft_4k_colocated", colocated_s * 1e3, "ms", "-", None),
+            row("ttft_4k_pd", pd_s * 1e3, "ms", "colocated TTFT", colocated_s / pd_s,
+                transfer_s_median=transfer_s)]
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "receiver":
+        receiver()
+        return
+    args = parse_args(__doc__.splitlines()[0])
+    from bench_e2e_llama8b import checkpoint_dir
+
+    copy_tbps = measure_copy_tbps()
+    rows = transfer_rows(copy_tbps)
+    torch.cuda.empty_cache()
+    rows += ttft_rows(str(checkpoint_dir()))
+    print(f"device: {device_name()}")
+    write_json(args.json, "bench_pd", rows, copy_tbps=copy_tbps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""What the server hands the engine with a prefill-decode request, and the small shared rules.
+
+`SamplingParams.kv_transfer_params` carries one of these from the /internal/pd endpoints to the
+engine (in its thread or its process: they pickle):
+    DecodeKV   the request's prompt KV comes from a prefill peer (decode instance);
+    PrefillKV  compute the prompt and write its KV to `destination` (prefill instance).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from dataclasses import dataclass
+from typing import Optional
+
+from rtpllm.pd.protocol import KVDestination
+
+
+@dataclass(frozen=True)
+class DecodeKV:
+    pd_request_id: str
+
+
+@dataclass(frozen=True)
+class PrefillKV:
+    pd_request_id: str
+    destination: KVDestination
+
+
+@dataclass(frozen=True)
+class PDOutcome:
+    """How one PD request ended on this instance, for the server (`PrefillResult` or an error)."""
+
+    ok: bool
+    error: str = ""
+    status: int = 200            # the HTTP status the error maps to (503 peer gone, 504 timed out)
+    first_token: int = -1
+    transferred_blocks: int = 0
+    transferred_bytes: int = 0
+    prefill_s: float = 0.0
+    transfer_s: float = 0.0
+
+
+def transfer_request_id(pd_request_id: str) -> int:
+    """The transfer engine's 64-bit request id for a pd_request_id, the same on both sides (the
+    notices name it): the router's ids are unique among requests in flight, and 64 bits of
+    BLAKE2 make a collision between two of them negligible."""
+    return int.from_bytes(hashlib.blake2b(pd_request_id.encode(), digest_size=8).digest(), "little")
+
+
+def encode_first_token(token: int) -> bytes:
+    return struct.pack("<q", token)
+
+
+def decode_first_token(payload: bytes) -> Optional[int]:
+    return struct.unpack("<q", payload)[0] if len(payload) == 8 else None
+
+
+def aligned_start(num_cached_tokens: int, local_block_size: int, remote_block_size: int) -> int:
+    """The first token a prefill writes: decode's prefix hit rounded down to a boundary of both
+    block sizes (a transfer covers whole leading blocks on both sides), 0 when there is none."""
+    both = math.lcm(local_block_size, remote_block_size)
+    return num_cached_tokens // both * both

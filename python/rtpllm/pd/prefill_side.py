@@ -1,0 +1,329 @@
+"""The prefill instance's side of a PD request, in the engine (its thread or its process).
+
+Life of one request (an ordinary request with max_tokens 1, plus a destination):
+    track()          check the destination against the decode instance's transfer engine; the
+                     connection is cached per host:port (a failed peer is dropped and redialled);
+                     a new one is dialled on a thread while the prompt computes (writes wait for it);
+    before_forward() the step computes the prompt's last chunk: hold its blocks (they must outlive
+                     the request, which ends with this step, until every write is final) and arm
+                     the model's layer hook;
+    layer hook       layer l ran: its KV (every earlier chunk's too) is in the pool; write it into
+                     the decode blocks now (CPU), or once the layer's CUDA event completed, from the
+                     pusher thread (GPU), so that the writes overlap the next layers' compute;
+    after_step()     the first token is known: write the last layer with it as the notice's payload;
+    poll()           every step: once every write is final, release the hold and record the outcome
+                     (PDOutcome) the server answers with.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from rtpllm import _C
+from rtpllm.pd.kv_params import PDOutcome, PrefillKV, aligned_start, encode_first_token, transfer_request_id
+
+logger = logging.getLogger(__name__)
+
+_OUTCOMES_KEPT = 1024
+STALL_ENV = "RTPLLM_PD_TEST_STALL_S"  # tests only: sleep this long between layers (a prefill killed mid-transfer)
+
+
+@dataclass
+class _Push:
+    seq: object                    # the engine's SequenceState
+    kv: PrefillKV
+    peer: int                      # 0 while connecting
+    transfer_id: int
+    admitted: float
+    local_blocks: list = field(default_factory=list)
+    remote_blocks: list = field(default_factory=list)
+    num_tokens: int = 0
+    hold_id: int = 0
+    handles: list = field(default_factory=list)   # issued puts not yet final
+    issued_layers: int = 0
+    last_issued: bool = False
+    error: str = ""
+    error_status: int = 503
+    bytes: int = 0
+    computed: float = 0.0          # the last layer was computed
+    first_put: float = 0.0
+    ended: bool = False            # decided (under lock): no put starts any more
+    connecting: Optional[concurrent.futures.Future] = None
+    deferred: list = field(default_factory=list)  # (layer, payload) computed before the peer connected
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class PrefillSide:
+    def __init__(self, scheduler, transfer, model, abort_request, *, num_layers: int, block_size: int,
+                 bytes_per_token_layer: int, identity: str, timeout_s: float, counters: dict, cuda: bool,
+                 stall_s: float = 0.0):
+        self.scheduler = scheduler
+        self.abort_request = abort_request  # Engine.abort_request: a request that could not start in time
+        self.transfer = transfer
+        self.model = model
+        self.num_layers = num_layers
+        self.block_size = block_size
+        self.bytes_per_token_layer = bytes_per_token_layer  # K and V of one token in one layer
+        self.identity = identity
+        self.timeout_s = timeout_s
+        self.counters = counters
+        self.stall_s = stall_s
+        self._peers: dict[tuple[str, int], int] = {}
+        self._pushes: dict[int, _Push] = {}  # by seq id: tracked, not yet ended
+        self._armed: list[_Push] = []        # pushes of the forward under way
+        self._outcomes: dict[str, PDOutcome] = {}
+        self._pusher: Optional[_Pusher] = _Pusher(transfer) if cuda else None
+        # Dialling a decode instance can take up to pd_timeout_s: never on the step loop.
+        self._dialler = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="rtpllm-pd-connect")
+        self._dialling: dict[tuple[str, int], concurrent.futures.Future] = {}
+
+    # ------------------------------------------------------------------ admission
+    def track(self, seq, kv: PrefillKV, num_prompt_tokens: int) -> None:
+        """Checks the destination (ValueError: the server's 400); with no connection to its decode
+        instance yet, starts dialling it (an unreachable one fails the request with 503 later)."""
+        dest = kv.destination
+        if dest.cache_identity != self.identity:
+            raise ValueError(f"destination.cache_identity: {dest.cache_identity!r} is not this instance's "
+                             f"{self.identity!r} (another model, dtype or KV shape)")
+        if dest.num_prompt_tokens != num_prompt_tokens:
+            raise ValueError(f"destination.num_prompt_tokens: {dest.num_prompt_tokens}, but the prompt has "
+                             f"{num_prompt_tokens} tokens here (the two instances tokenize differently)")
+        if any(p.kv.pd_request_id == kv.pd_request_id for p in self._pushes.values()):
+            raise ValueError(f"pd_request_id: {kv.pd_request_id!r} is already in flight on this instance")
+        self._outcomes.pop(kv.pd_request_id, None)  # an earlier use's, never collected (its client left)
+        key = (dest.transfer_host, dest.transfer_port)
+        peer = self._connected_peer(key)
+        push = _Push(seq, kv, peer, transfer_request_id(kv.pd_request_id), time.monotonic())
+        if peer:
+            self._check_destination(peer, dest)
+        else:
+            push.connecting = self._dialling.get(key)
+            if push.connecting is None:
+                push.connecting = self._dialling[key] = self._dialler.submit(self.transfer.connect, *key)
+        self._pushes[seq.seq_id] = push
+
+    def _check_destination(self, peer: int, dest) -> None:
+        if len(set(dest.blocks)) != len(dest.blocks):
+            raise ValueError("destination.blocks: a block appears twice")
+        layout = next(p.layout for p in self.transfer.peers() if p.id == peer)
+        if layout.block_size != dest.block_size:
+            raise ValueError(f"destination.block_size: {dest.block_size}, but the decode instance's pool has "
+                             f"{layout.block_size} tokens per block")
+        if max(dest.blocks) >= layout.num_blocks:
+            raise ValueError(f"destination.blocks: block {max(dest.blocks)} is out of range (the decode pool has "
+                             f"{layout.num_blocks} blocks)")
+
+    def forget(self, seq_id: int) -> None:
+        """Untracks a sequence the scheduler refused (nothing was held or written)."""
+        self._pushes.pop(seq_id, None)
+
+    def outcome(self, pd_request_id: str) -> Optional[PDOutcome]:
+        return self._outcomes.pop(pd_request_id, None)
+
+    def has_pending(self) -> bool:
+        return bool(self._pushes)
+
+    # ------------------------------------------------------------------ the step
+    def before_forward(self, batch) -> None:
+        if not self._pushes:
+            return
+        for seq_id in batch.sampled_request_ids.tolist():
+            push = self._pushes.get(seq_id)
+            if push is None or push.hold_id:
+                continue
+            request = self.scheduler.get_request(seq_id)
+            dest = push.kv.destination
+            start = aligned_start(dest.num_cached_tokens, self.block_size, dest.block_size)
+            end = dest.num_prompt_tokens
+            push.local_blocks = list(request.block_table[start // self.block_size:-(-end // self.block_size)])
+            push.remote_blocks = list(dest.blocks[start // dest.block_size:])
+            push.num_tokens = end - start
+            push.hold_id = self.scheduler.hold_blocks(seq_id)
+            self._armed.append(push)
+        if self._armed:
+            self.model.layer_hook = self._on_layer
+
+    def after_forward(self) -> None:
+        if self._armed:
+            self.model.layer_hook = None
+            for push in self._armed:
+                push.computed = time.monotonic()
+            self._armed = []
+
+    def after_step(self) -> None:
+        """Writes the last layer of every push whose first token is known, with the token."""
+        for push in self._pushes.values():
+            if push.hold_id and not push.last_issued and not push.error and push.seq.output_ids:
+                push.last_issued = True
+                self._put(push, self.num_layers - 1, encode_first_token(push.seq.output_ids[0]))
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        for seq_id, push in list(self._pushes.items()):
+            if push.connecting is not None and push.connecting.done():
+                self._connected(push)
+            # NOTE: one critical section per push: the pusher thread (GPU) issues puts under the
+            # same lock, so a push is never ended (its blocks released) while a put it issued is
+            # still unpolled, and no put starts once it ended.
+            with push.lock:
+                verdict = self._verdict(push, now)
+                if verdict is not None:
+                    push.ended = True
+            if verdict is not None:
+                self._end(seq_id, push, *verdict)
+                if verdict[1] == "failed" and not push.hold_id:
+                    self.abort_request(push.seq.group.request_id)  # never computed: the decode side gave up
+
+    def _verdict(self, push: _Push, now: float) -> Optional[tuple[PDOutcome, str]]:
+        """How the push ended, or None while it runs (called with push.lock held)."""
+        still = []
+        for handle in push.handles:
+            status = self.transfer.poll(handle)
+            if status.state == _C.TransferState.PENDING:
+                still.append(handle)
+            elif status.state == _C.TransferState.FAILED and not push.error:
+                push.error, push.error_status = self._write_error(status.error)
+        push.handles = still
+        if still:
+            return None
+        if push.error and not push.hold_id:  # could not connect: the prompt need not be computed
+            return PDOutcome(False, push.error, push.error_status), "failed"
+        if not push.hold_id:  # has not reached its last chunk
+            if push.seq.finished:
+                return PDOutcome(False, "the prefill request ended before its prompt was computed "
+                                        f"({push.seq.finish_reason})", 503), "aborted"
+            if now - push.admitted > self.timeout_s:  # the decode side has given up on it by now
+                return PDOutcome(False, f"the prompt was not computed within pd_timeout_s={self.timeout_s:g}",
+                                 504), "failed"
+            return None
+        if push.error:
+            return PDOutcome(False, push.error, push.error_status), "failed"
+        if push.last_issued and push.issued_layers == self.num_layers:
+            return PDOutcome(True, first_token=push.seq.output_ids[0], transferred_blocks=len(push.remote_blocks),
+                             transferred_bytes=push.bytes, prefill_s=push.computed - push.admitted,
+                             transfer_s=now - (push.first_put or now)), "completed"
+        if push.seq.finished and not push.seq.output_ids:
+            return PDOutcome(False, f"the prefill request ended without a token ({push.seq.finish_reason})",
+                             503), "aborted"
+        if now - push.admitted > 2 * self.timeout_s + 1.0:  # a layer the pusher never issued
+            return PDOutcome(False, f"the KV was not written within pd_timeout_s={self.timeout_s:g}", 504), "failed"
+        return None
+
+    # ------------------------------------------------------------------ helpers
+    def _on_layer(self, layer: int) -> None:
+        if self.stall_s:
+            time.sleep(self.stall_s)
+        if layer == self.num_layers - 1:
+            return  # written with the first token (after_step)
+        for push in self._armed:
+            if self._pusher is not None:
+                self._pusher.after_event(self, push, layer)
+            else:
+                self._put(push, layer, b"")
+
+    def _put(self, push: _Push, layer: int, payload: bytes) -> None:
+        with push.lock:
+            if push.error or push.ended:
+                return
+            if not push.peer:  # still dialling: written once connected
+                push.deferred.append((layer, payload))
+                return
+            if time.monotonic() - push.admitted > self.timeout_s:
+                # No write starts later than pd_timeout_s after admission, so every write has landed
+                # or failed within 2 x pd_timeout_s (the decode side holds its blocks longer).
+                push.error, push.error_status = f"the KV was not written within pd_timeout_s={self.timeout_s:g}", 504
+                return
+            request = _C.TransferRequest(request_id=push.transfer_id, local_blocks=push.local_blocks,
+                                         remote_blocks=push.remote_blocks, num_tokens=push.num_tokens, layer=layer,
+                                         payload=payload)
+            try:
+                handle = self.transfer.put(push.peer, request)  # never blocks on the network
+            except (RuntimeError, ValueError) as exc:  # the peer failed (or was dropped) meanwhile
+                push.error, push.error_status = self._write_error(str(exc))
+                return
+            push.first_put = push.first_put or time.monotonic()
+            push.handles.append(handle)
+            push.issued_layers += 1
+            push.bytes += push.num_tokens * self.bytes_per_token_layer
+
+    def _write_error(self, why: str) -> tuple[str, int]:
+        timed_out = "time" in why.lower()
+        return f"writing the KV to the decode instance failed: {why}", 504 if timed_out else 503
+
+    def _end(self, seq_id: int, push: _Push, outcome: PDOutcome, counter: str) -> None:
+        del self._pushes[seq_id]
+        if push.hold_id:
+            self.scheduler.release_blocks(push.hold_id)
+        self.counters[counter] = self.counters.get(counter, 0) + 1
+        self._outcomes[push.kv.pd_request_id] = outcome
+        while len(self._outcomes) > _OUTCOMES_KEPT:
+            del self._outcomes[next(iter(self._outcomes))]
+        if not outcome.ok:
+            logger.warning("PD prefill %s: %s", push.kv.pd_request_id, outcome.error)
+
+    def _connected_peer(self, key: tuple[str, int]) -> int:
+        """The cached connection to a decode instance, 0 when there is none (a failed one is dropped)."""
+        peer = self._peers.get(key)
+        if peer is None:
+            return 0
+        state = next((p.state for p in self.transfer.peers() if p.id == peer), _C.PeerState.FAILED)
+        if state == _C.PeerState.CONNECTED:
+            return peer
+        self.transfer.disconnect(peer)
+        del self._peers[key]
+        return 0
+
+    def _connected(self, push: _Push) -> None:
+        """The push's dial ended: check its destination, then write what was computed meanwhile."""
+        dest = push.kv.destination
+        key = (dest.transfer_host, dest.transfer_port)
+        future, push.connecting = push.connecting, None
+        if self._dialling.get(key) is future:
+            del self._dialling[key]
+        try:
+            peer = future.result()
+            self._peers[key] = peer
+            self._check_destination(peer, dest)
+        except (RuntimeError, ValueError) as exc:
+            with push.lock:
+                if isinstance(exc, ValueError):
+                    push.error, push.error_status = str(exc), 400
+                else:
+                    push.error, push.error_status = (f"destination: cannot reach the decode instance's transfer "
+                                                     f"engine at {key[0]}:{key[1]}: {exc}", 503)
+            return
+        with push.lock:
+            push.peer = peer
+            deferred, push.deferred = push.deferred, []
+        for layer, payload in deferred:
+            self._put(push, layer, payload)
+
+
+class _Pusher:
+    """GPU: a thread that issues layer l's write once the CUDA event recorded after layer l
+    completed, so that the step's stream is never synchronized for a write."""
+
+    def __init__(self, transfer):
+        import torch
+
+        self._torch = torch
+        self._queue: "queue.Queue" = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="rtpllm-pd-pusher", daemon=True)
+        self._thread.start()
+
+    def after_event(self, side: PrefillSide, push: _Push, layer: int) -> None:
+        event = self._torch.cuda.Event()
+        event.record()
+        self._queue.put((event, side, push, layer))
+
+    def _run(self) -> None:
+        while True:
+            event, side, push, layer = self._queue.get()
+            event.synchronize()
+            side._put(push, layer, b"")

@@ -1,0 +1,60 @@
+"""Prefill-decode disaggregation on one GPU: prefill and decode as two `rtpllm serve` processes,
+each with part of the card's memory, the KV moving over UCX (CUDA IPC between the two processes),
+prefill block size 32, decode 16. The output is token-exact against a colocated instance, streamed
+and not; both pools are idle afterwards.
+
+    python -m pytest -q tests/gpu/test_pd_gpu.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import httpx
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "py"))
+from pd_driver import Instance, PDRun  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not getattr(__import__("rtpllm._C")._C, "has_ucx", False),
+                                reason="rtpllm._C built without UCX (pip install libucx-cu13, then rebuild)")
+
+PROMPT = "Prefill and decode run in two processes on one GPU, and the KV cache moves between them " * 8
+MEMORY = ("--gpu-memory-utilization", "0.25")
+
+
+@pytest.fixture(scope="module")
+def instances():
+    started = []
+    try:
+        # One at a time: each sizes its KV pool from the memory free when it starts.
+        for flags in (("--block-size", "16"), ("--role", "prefill", "--block-size", "32"),
+                      ("--role", "decode", "--block-size", "16", "--pd-timeout-s", "20")):
+            instance = Instance("--device", "cuda", "--kv-host-cache-gib", "0", *MEMORY, *flags, tcp=False)
+            started.append(instance)
+            instance.wait_ready(300)
+        yield started
+    finally:
+        for instance in started:
+            instance.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("endpoint,body", [
+    ("completions", {"prompt": PROMPT, "max_tokens": 32, "temperature": 0}),
+    ("chat", {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 32, "temperature": 0}),
+])
+def test_pd_on_one_gpu_is_token_exact_against_colocated(instances, endpoint, body, stream):
+    colocated, prefill, decode = instances
+    path = "/v1/completions" if endpoint == "completions" else "/v1/chat/completions"
+    expected = httpx.post(colocated.url + path, json=body, timeout=120).json()["choices"][0]
+    expected = expected["text"] if "text" in expected else expected["message"]["content"]
+    run = PDRun(prefill, decode, endpoint, {**body, "stream": stream}, f"gpu-{endpoint}-{stream}").run(120)
+    assert run.reservation_error is None, run.reservation_error
+    assert run.prefill_response.status_code == 200, run.prefill_response.text
+    assert run.prefill_response.json()["transferred_bytes"] > 0
+    assert run.text() == expected
+    for instance in (prefill, decode):
+        assert instance.metric("rtpllm:pd_requests_total", outcome="completed") >= 1
+        assert instance.metric("rtpllm:kv_cache_usage_perc") == 0.0

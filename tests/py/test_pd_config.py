@@ -1,0 +1,46 @@
+"""Prefill-decode options: validated with errors naming the field, mapped from the CLI, combinations
+that cannot work refused at start; and the small shared rules of the instance side."""
+
+import pytest
+
+from rtpllm.config import EngineConfig
+from rtpllm.pd.kv_params import aligned_start, decode_first_token, encode_first_token, transfer_request_id
+from rtpllm.serving.cli import build_parser
+from rtpllm.serving.engine_args import engine_config_from_args
+
+
+def test_cli_flags_map_onto_pd_config():
+    args = build_parser().parse_args(["serve", "--role", "decode", "--pd-timeout-s", "7.5",
+                                      "--pd-transfer-host", "10.0.0.2", "--pd-transfer-port", "5555"])
+    pd = engine_config_from_args(args).pd
+    assert (pd.role, pd.pd_timeout_s, pd.pd_transfer_host, pd.pd_transfer_port) == ("decode", 7.5, "10.0.0.2", 5555)
+    assert EngineConfig().pd.role == "both" and not EngineConfig().pd.enabled
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--role", "router"])
+
+
+@pytest.mark.parametrize("options,field", [
+    (dict(role="middle"), "role"),
+    (dict(role="decode", pd_timeout_s=0), "pd_timeout_s"),
+    (dict(role="decode", pd_transfer_port=70000), "pd_transfer_port"),
+    (dict(role="decode", pd_transfer_host=""), "pd_transfer_host"),
+    (dict(role="prefill", tensor_parallel_size=2), "role"),
+    (dict(role="decode", speculative_config={"method": "ngram", "num_speculative_tokens": 2}), "role"),
+])
+def test_bad_pd_options_name_the_field(options, field):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        EngineConfig.from_kwargs(**options)
+
+
+def test_writes_start_at_a_boundary_of_both_block_sizes():
+    assert aligned_start(0, 64, 16) == 0
+    assert aligned_start(48, 64, 16) == 0     # decode's hit is not a prefill block boundary: write it all
+    assert aligned_start(130, 64, 16) == 128
+    assert aligned_start(40, 8, 12) == 24     # lcm 24
+
+
+def test_transfer_ids_and_first_token_payload():
+    assert transfer_request_id("req-1") == transfer_request_id("req-1") != transfer_request_id("req-2")
+    assert 0 <= transfer_request_id("x") < 2**64
+    assert decode_first_token(encode_first_token(128001)) == 128001
+    assert decode_first_token(b"bad") is None
