@@ -37,6 +37,7 @@ class KVView:
         self.held: dict[str, set[int]] = {}
         self._predicted: dict[int, float] = {}  # hash -> expiry (monotonic seconds)
         self.num_resyncs = 0
+        self.clock = time.monotonic  # the routing simulator (tools/router_sim.py) runs it on its own time
 
     @property
     def identity(self) -> Optional[tuple[int, int, int]]:
@@ -70,7 +71,7 @@ class KVView:
         self.cursor = int(reply["cursor"])
 
     def predict(self, hashes: Sequence[int], ttl_s: float) -> None:
-        expiry = time.monotonic() + ttl_s
+        expiry = self.clock() + ttl_s
         device = self.held.get(DEVICE, ())
         for h in hashes:
             if h not in device:
@@ -81,7 +82,7 @@ class KVView:
     def matched_blocks(self, hashes: Sequence[int]) -> int:
         """Leading blocks of `hashes` this instance holds (on the device, or predicted)."""
         device = self.held.get(DEVICE, ())
-        now = time.monotonic()
+        now = self.clock()
         n = 0
         for h in hashes:
             if h in device:
@@ -94,5 +95,5 @@ class KVView:
         return n
 
     def _expire(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         self._predicted = {h: t for h, t in self._predicted.items() if t >= now}
