@@ -71,6 +71,39 @@ def test_cache_aware_prefers_the_holder_unless_its_queue_outweighs_the_saving():
     assert policy.choose(request, [a, b, c]).backend is not b
 
 
+def test_queued_work_counts_only_the_prompt_tokens_not_expected_cached():
+    cfg = config(policy="cache_aware", long_prompt_threshold=None)
+    policy = policy_with(cfg)
+    a, b, c = policy.pool.backends
+    tokens = list(range(1, 42))
+    b.view.apply(identity_reply(prefix_block_hashes(tokens, 4, 0), instance="b"))
+    request = RoutingInput(tokens, len(tokens))
+    # Three turns of the same conversation dispatched to its holder: 1 token of work each.
+    tickets = [policy.dispatch(policy.choose(request, [a, b, c]), request) for _ in range(3)]
+    assert [t.backend for t in tickets] == [b, b, b] and b.pending_prefill_tokens == 3
+    assert policy.choose(request, [a, b, c]).backend is b  # 3 tokens queued << 40 tokens saved
+    for t in tickets:
+        t.first_output()
+    assert b.pending_prefill_tokens == 0 and b.decoding == 3
+    for t in tickets:
+        t.close()
+    assert b.in_flight == 0 and b.decoding == 0
+
+
+def test_other_clients_load_is_read_against_the_routers_count_when_the_report_came():
+    policy = policy_with(config(policy="cache_aware", long_prompt_threshold=None))
+    a, b, _ = policy.pool.backends
+    tickets = [a.admit(10, False) for _ in range(4)]
+    a.take_load_report({"num_running": 4, "num_waiting": 2})
+    assert a.foreign_requests == 2  # two requests there did not come from this router
+    for t in tickets:
+        t.close()  # finished after the report: no phantom load from the stale count
+    assert a.foreign_requests == 2
+    b.take_load_report({"num_running": 0, "num_waiting": 0})
+    request = RoutingInput(list(range(1, 10)), 9)
+    assert policy.choose(request, [a, b]).backend is b  # a still carries the other clients' two
+
+
 def test_a_prompt_just_routed_counts_as_cached_there_until_it_expires():
     view = KVView()
     view.apply(identity_reply())
