@@ -38,9 +38,11 @@ def add_router_parser(subparsers) -> None:
     p.add_argument("--health-interval", type=float, default=1.0)
     p.add_argument("--api-key", default=None, help="Clients must send it (default: $RTPLLM_API_KEY).")
     p.add_argument("--backend-api-key", default=None, help="What the router sends to the instances.")
-    p.add_argument("--max-request-bytes", type=int, default=16 << 20)
-    p.add_argument("--allowed-hosts", default="*",
-                   help="Comma-separated Host header values to accept ('*': any).")
+    p.add_argument("--max-request-bytes", "--max-request-body-bytes", dest="max_request_bytes", type=int,
+                   default=16 << 20, help="Larger request bodies get a 413 (checked while reading).")
+    p.add_argument("--allowed-hosts", default="",
+                   help="Comma-separated Host header values to accept besides the bind address (and localhost "
+                        "when bound to loopback), as `rtpllm serve --allowed-hosts`; '*': any.")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug", "trace"))
     p.set_defaults(handler=run_from_args)

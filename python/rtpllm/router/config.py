@@ -53,12 +53,14 @@ class RouterConfig:
     max_retries: int = 2  # other instances tried after a 503 or connection failure before any output
     connect_timeout_s: float = 5.0
 
-    # Access control: clients need `api_key` (Authorization: Bearer ...) everywhere but /health;
-    # the router reaches instances with `backend_api_key`.
+    # Access control, as `rtpllm serve`'s (serving/request_guard.py): clients need `api_key`
+    # (Authorization: Bearer ...) everywhere but /health; Host headers must name the router (its
+    # bind address, loopback names when bound to loopback, `allowed_hosts`; "*": any). The router
+    # reaches instances with `backend_api_key`.
     api_key: Optional[str] = field(default=None, repr=False)
     backend_api_key: Optional[str] = field(default=None, repr=False)
     max_request_bytes: int = 16 << 20
-    allowed_hosts: tuple[str, ...] = ("*",)
+    allowed_hosts: tuple[str, ...] = ()
 
     host: str = "127.0.0.1"
     port: int = 8100
