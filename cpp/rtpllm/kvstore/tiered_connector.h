@@ -36,6 +36,8 @@ class TieredKVConnector final : public KVConnector {
   TransferHandle save(const std::vector<BlockHash>& hashes, const std::vector<BlockId>& gpu_blocks) override;
   TransferState poll(TransferHandle handle) override;
   std::vector<KVTierStats> stats() override;
+  void set_event_log(KVEventLog* log) override;
+  void held_blocks(std::vector<KVEvent>& out) override;
 
   size_t num_pending() const { return transfers_.size(); }
 
