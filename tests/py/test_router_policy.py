@@ -104,6 +104,26 @@ def test_other_clients_load_is_read_against_the_routers_count_when_the_report_ca
     assert policy.choose(request, [a, b]).backend is b  # a still carries the other clients' two
 
 
+def test_a_prefix_in_a_lower_tier_counts_as_a_weighted_hit():
+    cfg = config(policy="cache_aware", long_prompt_threshold=None, host_hit_weight=0.75, disk_hit_weight=0.25)
+    policy = policy_with(cfg)
+    a, b, c = policy.pool.backends
+    tokens = list(range(1, 42))
+    hashes = prefix_block_hashes(tokens, 4, 0)  # 10 blocks
+    b.view.apply({**identity_reply(instance="b"), "snapshot": {"device": hashes[:2], "host": hashes[:8]}})
+    c.view.apply({**identity_reply(instance="c"), "snapshot": {"disk": hashes}})
+    assert b.view.matched_by_tier(hashes) == {"device": 2, "host": 6}  # the host continues the device's run
+    assert c.view.matched_by_tier(hashes) == {"device": 0, "disk": 10}
+    request = RoutingInput(tokens, len(tokens))
+    choice = policy.choose(request, [a, b, c])
+    assert choice.backend is b and choice.hit_tokens == 4 * (2 + 0.75 * 6)  # 26 tokens vs c's 10
+    b.pending_prefill_tokens = 20  # its queue now outweighs the difference: c's disk copy wins
+    assert policy.choose(request, [a, b, c]).backend is c
+    # A hole in the chain ends the match, whatever the tiers below hold.
+    b.view.apply({**identity_reply(instance="b"), "snapshot": {"host": hashes[:3] + hashes[4:]}})
+    assert b.view.matched_by_tier(hashes) == {"device": 0, "host": 3}
+
+
 def test_a_prompt_just_routed_counts_as_cached_there_until_it_expires():
     view = KVView()
     view.apply(identity_reply())
@@ -154,6 +174,7 @@ def test_a_long_prompt_waits_in_the_router_for_a_slot():
     (dict(long_lane=("http://x:1",)), "long_lane"), (dict(backends=()), "backend"),
     (dict(backends=("a:1",)), "backend"), (dict(cache_weight=-1), "cache_weight"),
     (dict(max_long_per_instance=0), "max_long_per_instance"), (dict(api_key=""), "api_key"),
+    (dict(host_hit_weight=1.5), "host_hit_weight"), (dict(disk_hit_weight=-0.1), "disk_hit_weight"),
 ])
 def test_bad_options_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=f"^{field}"):

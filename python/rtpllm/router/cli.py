@@ -25,6 +25,10 @@ def add_router_parser(subparsers) -> None:
                    help="cache_aware: weight of the work already queued on an instance.")
     p.add_argument("--decode-weight", type=float, default=16.0,
                    help="cache_aware: prompt tokens one running request's decoding counts as.")
+    p.add_argument("--host-hit-weight", type=float, default=0.8,
+                   help="cache_aware: a prompt block in an instance's host tier, as a fraction of a device hit.")
+    p.add_argument("--disk-hit-weight", type=float, default=0.5,
+                   help="cache_aware: a prompt block in an instance's disk tier, as a fraction of a device hit.")
     p.add_argument("--long-prompt-threshold", type=int, default=2048,
                    help="Prompts over this many tokens take the long lane (0: no lanes).")
     p.add_argument("--long-lane", action="append", default=[], metavar="URL",
@@ -52,7 +56,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig.from_env(
         backends=tuple(args.backend), prefill=tuple(args.prefill), decode=tuple(args.decode),
         policy=args.policy, cache_weight=args.cache_weight, load_weight=args.load_weight,
-        decode_weight=args.decode_weight,
+        decode_weight=args.decode_weight, host_hit_weight=args.host_hit_weight,
+        disk_hit_weight=args.disk_hit_weight,
         long_prompt_threshold=args.long_prompt_threshold or None, long_lane=tuple(args.long_lane),
         max_long_per_instance=args.max_long_per_instance, tokenizer=args.tokenizer, max_retries=args.max_retries,
         health_interval_s=args.health_interval, api_key=args.api_key,

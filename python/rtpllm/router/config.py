@@ -33,6 +33,10 @@ class RouterConfig:
     cache_weight: float = 1.0
     load_weight: float = 1.0
     decode_weight: float = 16.0
+    # A prompt block an instance holds in its host (disk) tier saves its prefill too, but is copied
+    # up first: it counts as this fraction of a block on the device.
+    host_hit_weight: float = 0.8
+    disk_hit_weight: float = 0.5
     # Hashes of a prompt just routed count as cached on its instance for this long (until its own
     # KV events confirm them), so that a burst sharing a new prefix lands together.
     predicted_ttl_s: float = 10.0
@@ -83,6 +87,9 @@ class RouterConfig:
         for name in ("cache_weight", "load_weight", "decode_weight", "predicted_ttl_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("host_hit_weight", "disk_hit_weight"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
         if self.long_prompt_threshold is not None and self.long_prompt_threshold < 1:
             raise ValueError(f"long_prompt_threshold: must be >= 1, got {self.long_prompt_threshold}")
         if self.max_long_per_instance < 1:

@@ -3,7 +3,8 @@
 `KVView.apply(reply)` takes one `GET /kv_events` reply: events are applied in order; a resync reply
 (first subscription, an instance restart, or a subscriber that fell behind the instance's ring:
 "overflow: resync") replaces the whole view with the snapshot. Hashes of prompts the router just
-sent to the instance count as held for a while ("predicted") until its events report them.
+sent to the instance count as held for a while ("predicted") until its events report them. Events name a tier (device, host, disk, remote): a
+prompt prefix held below the device still saves its prefill, at the price of a copy up.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Optional, Sequence
 from rtpllm import _C
 
 DEVICE = "device"
+LOWER_TIERS = ("host", "disk", "remote")  # fastest first, as the engine's tiered connector asks them
 
 
 def prefix_block_hashes(token_ids: Sequence[int], block_size: int, root_hash: int, extra_key: int = 0) -> list[int]:
@@ -80,7 +82,7 @@ class KVView:
             self._expire()
 
     def matched_blocks(self, hashes: Sequence[int]) -> int:
-        """Leading blocks of `hashes` this instance holds (on the device, or predicted)."""
+        """Leading blocks of `hashes` this instance holds on the device (or predicted there)."""
         device = self.held.get(DEVICE, ())
         now = self.clock()
         n = 0
@@ -93,6 +95,20 @@ class KVView:
                 break
             n += 1
         return n
+
+    def matched_by_tier(self, hashes: Sequence[int]) -> dict[str, int]:
+        """Blocks of the longest prefix of `hashes` this instance can supply, by where each comes
+        from: the device prefix first (matched_blocks), then the blocks after it that a lower tier
+        holds, as the engine loads them (each from the fastest tier that has it)."""
+        n = self.matched_blocks(hashes)
+        counts = {DEVICE: n}
+        lower = [(tier, self.held[tier]) for tier in LOWER_TIERS if self.held.get(tier)]
+        for h in hashes[n:]:
+            tier = next((name for name, held in lower if h in held), None)
+            if tier is None:
+                break
+            counts[tier] = counts.get(tier, 0) + 1
+        return counts
 
     def _expire(self) -> None:
         now = self.clock()

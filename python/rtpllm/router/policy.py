@@ -8,7 +8,8 @@ Policies (`RouterConfig.policy`):
     + load_weight * (prompt tokens queued there for prefill, their expected hits excluded
                      + decode_weight * (requests decoding there + requests other clients put there))
   "Cached there" comes from the instance's KV events (kv_view.py): the prompt is hashed block by
-  block with the instance's own chain, and the leading blocks it holds count as hits.
+  block with the instance's own chain, and the leading blocks it holds count as hits (blocks in its
+  host or disk tier count `host_hit_weight` / `disk_hit_weight` of a device hit).
   The queue is the router's own bookkeeping (tickets: exact and immediate); only other clients'
   requests come from the polled load reports. Work already counts in the cost's units, so the cost
   itself bounds how far stickiness piles onto one instance: a holder wins only while its queue is
@@ -125,7 +126,15 @@ class RoutingPolicy:
         return ticket
 
     def _hit_tokens(self, backend: Backend, hashes: list[int]) -> int:
-        return backend.view.matched_blocks(hashes) * (backend.view.block_size or 0) if hashes else 0
+        """Prompt tokens the instance is expected not to compute: a device hit counts whole, a block
+        it would copy up from its host or disk tier counts `host_hit_weight`/`disk_hit_weight` of
+        one (the copy's cost against the compute it saves)."""
+        if not hashes:
+            return 0
+        weights = {"device": 1.0, "host": self.config.host_hit_weight, "disk": self.config.disk_hit_weight,
+                   "remote": self.config.disk_hit_weight}
+        blocks = sum(weights[tier] * n for tier, n in backend.view.matched_by_tier(hashes).items())
+        return int(blocks * (backend.view.block_size or 0))
 
     def _cache_aware(self, request: RoutingInput, backend: Backend, hashes: list[int]) -> tuple[tuple, Choice]:
         c = self.config
