@@ -284,15 +284,16 @@ def main() -> int:
     parser.add_argument("--json", help="write the results here (bench/gpu/run_all.sh format)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU, short trace")
     parser.add_argument("--instances", type=int, default=None, help="default: 4 (GPU), 3 (CPU)")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.2,
-                        help="each instance's share of the GPU's memory (0.2: about 400k tokens of KV each "
-                             "for the 1B shape, so that conversations' histories outlive their turn gaps)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.1,
+                        help="each instance's share of the GPU's memory (0.1: about 165k tokens of KV each for "
+                             "the 1B shape; a larger cache lets round-robin find more of a conversation's earlier "
+                             "turns and narrows the hit-rate gap, tools/router_sim.py shows how much)")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks per instance (overrides the share)")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--rate", type=float, default=None,
                         help="requests per second (default: --load times what round-robin sustains)")
     parser.add_argument("--load", type=float, default=0.8, help="the rate as a share of round-robin's capacity")
-    parser.add_argument("--probe-seconds", type=float, default=None, help="the capacity probe's length")
+    parser.add_argument("--probe-seconds", type=float, default=None, help="the capacity probe's length (GPU: 15)")
     parser.add_argument("--probe-concurrency", type=int, default=None, help="requests in flight while probing")
     parser.add_argument("--duration", type=float, default=None, help="seconds of trace per policy (GPU: 40)")
     parser.add_argument("--long-prompt-threshold", type=int, default=None)
@@ -305,7 +306,7 @@ def main() -> int:
     args.instances = args.instances or (3 if args.cpu_smoke else 4)
     args.max_model_len = args.max_model_len or (1024 if args.cpu_smoke else 16384)
     args.long_prompt_threshold = args.long_prompt_threshold or (256 if args.cpu_smoke else 4096)
-    args.probe_seconds = args.probe_seconds or (12.0 if args.cpu_smoke else 20.0)
+    args.probe_seconds = args.probe_seconds or (12.0 if args.cpu_smoke else 15.0)
     args.probe_concurrency = args.probe_concurrency or 16 * args.instances
     if args.cpu_smoke:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

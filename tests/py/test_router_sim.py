@@ -43,3 +43,13 @@ def test_cache_aware_meets_the_issue_goals_where_round_robin_queues():
     assert ca.hit_rate >= 1.9 * rr.hit_rate
     # Stickiness does not pile the load onto one instance.
     assert max(ca.per_instance) < 1.3 * min(ca.per_instance)
+
+
+def test_the_capacity_probe_counts_what_the_pool_finishes():
+    from rtpllm.tools.router_sim import capacity
+
+    shape = GPU_TRACE.with_(rate=30)
+    few = capacity("round_robin", shape, InstanceModel(), concurrency=2, seconds=4.0, long_prompt_threshold=4096)
+    many = capacity("round_robin", shape, InstanceModel(), concurrency=64, seconds=4.0, long_prompt_threshold=4096)
+    # Two clients leave the pool idle between requests; 64 keep every instance's batch full.
+    assert 0 < few < many / 2

@@ -15,6 +15,7 @@ stored/removed events, polled load reports); the instances are a queueing model 
   processes time-slicing one card do.
 
     python -m rtpllm.tools.router_sim --rates 10,40,60          # the GPU benchmark's trace
+    python -m rtpllm.tools.router_sim --load 0.8                # the benchmark's operating point
     python -m rtpllm.tools.router_sim --rates 50 --policies cache_aware,round_robin --duration 30
 
 The defaults model a Llama-3.2-1B-shaped checkpoint on an H100 (about 125k prompt tokens/s of
@@ -45,7 +46,7 @@ class InstanceModel:
     prefill_token_s: float = 8e-6
     decode_seq_s: float = 2e-5
     token_budget: int = 8192
-    cache_blocks: int = 10346
+    cache_blocks: int = 10346  # what a 0.1 share of an H100 gives the 1B shape (the benchmark's default)
     block_size: int = 16
     shared_gpu: bool = True
     overhead_s: float = 0.008  # HTTP, the router's hop, tokenizing: added to every TTFT
@@ -63,6 +64,7 @@ class SimRequest:
     remaining: Optional[int] = None  # prompt tokens still to compute (None: prefill not started)
     hit_tokens: int = 0
     left: int = 0  # tokens still to decode
+    arrived_s: float = 0.0
     ttft_s: Optional[float] = None
 
 
@@ -204,7 +206,7 @@ class SimInstance:
                 else:
                     self.cache[h] = None
                     stored.append(h)
-            request.ttft_s = now - request.trace.at_s + self.model.overhead_s
+            request.ttft_s = now - request.arrived_s + self.model.overhead_s
             request.ticket.first_output()
             request.left = request.max_tokens - 1
             if request.left > 0:
@@ -259,16 +261,45 @@ class Simulation:
             self.instances[backend.url] = SimInstance(self, backend)
         self.waiting_long: deque[SimRequest] = deque()
         self.unfinished = 0
+        self._on_finished: Callable[[SimRequest], None] = lambda request: None
+
+    def _requests(self, trace: Sequence[TraceRequest], max_tokens: int) -> list[SimRequest]:
+        return [SimRequest(i, t, prefix_block_hashes(t.tokens, self.model.block_size, 0), max_tokens)
+                for i, t in enumerate(trace)]
 
     def run(self, trace: Sequence[TraceRequest], max_tokens: int) -> list[SimRequest]:
-        requests = [SimRequest(i, t, prefix_block_hashes(t.tokens, self.model.block_size, 0), max_tokens)
-                    for i, t in enumerate(trace)]
+        """Open loop: every request at its arrival time."""
+        requests = self._requests(trace, max_tokens)
         for request in requests:
             self.clock.at(request.trace.at_s, lambda r=request: self._arrive(r))
         self.unfinished = len(requests)
         self.clock.at(0.0, self._poll_load)
         self.clock.run()
         return requests
+
+    def run_closed(self, trace: Sequence[TraceRequest], max_tokens: int, concurrency: int, seconds: float) -> float:
+        """Closed loop, as the benchmark's capacity probe: `concurrency` clients send the trace's
+        requests in order (arrival times ignored) for `seconds`; requests finished per second
+        after the first quarter."""
+        pending = iter(self._requests(trace, max_tokens))
+        done: list[float] = []
+
+        def send_next() -> None:
+            request = next(pending, None)
+            if request is not None and self.clock.now < seconds:
+                self.unfinished += 1
+                self._arrive(request)
+
+        def finished(request: SimRequest) -> None:
+            done.append(self.clock.now)
+            send_next()
+
+        self._on_finished = finished
+        for _ in range(concurrency):
+            self.clock.at(0.0, send_next)
+        self.clock.at(0.0, self._poll_load)
+        self.clock.run()
+        return sum(seconds / 4 <= t <= seconds for t in done) / (seconds * 3 / 4)
 
     def _poll_load(self) -> None:
         for backend in self.pool.backends:
@@ -277,6 +308,10 @@ class Simulation:
             self.clock.at(self.clock.now + self.model.load_interval_s, self._poll_load)
 
     def _arrive(self, request: SimRequest) -> None:
+        request.arrived_s = self.clock.now
+        self._route(request)
+
+    def _route(self, request: SimRequest) -> None:
         routing = RoutingInput(request.trace.tokens, len(request.trace.tokens))
         candidates = self.policy.lanes.candidates(self.pool.healthy(), self.policy.lanes.is_long(routing))
         if not candidates:
@@ -291,15 +326,28 @@ class Simulation:
         self.unfinished -= 1
         waiting, self.waiting_long = self.waiting_long, deque()
         for r in waiting:
-            self._arrive(r)
+            self._route(r)
+        self._on_finished(request)
+
+
+def _simulation(policy: str, model: InstanceModel, instances: int, **config) -> Simulation:
+    cfg = RouterConfig(backends=tuple(f"http://sim{i}:1" for i in range(instances)), policy=policy,
+                       load_interval_s=model.load_interval_s, **config)
+    return Simulation(cfg, model)
+
+
+def capacity(policy: str, shape: TraceShape, model: InstanceModel = InstanceModel(), instances: int = 4,
+             concurrency: Optional[int] = None, seconds: float = 20.0, seed: int = 0, **config) -> float:
+    """Requests per second `policy` sustains on the trace's requests (the benchmark's probe)."""
+    sim = _simulation(policy, model, instances, **config)
+    trace = build_trace(shape.with_(duration_s=10 * seconds), seed, salt=1000)
+    return sim.run_closed(trace, shape.max_tokens, concurrency or 16 * instances, seconds)
 
 
 def simulate(policy: str, shape: TraceShape, model: InstanceModel = InstanceModel(), instances: int = 4,
              seed: int = 0, **config) -> SimReport:
     """Replays the trace of `shape` through the router's `policy` over `instances` modelled instances."""
-    cfg = RouterConfig(backends=tuple(f"http://sim{i}:1" for i in range(instances)), policy=policy,
-                       load_interval_s=model.load_interval_s, **config)
-    sim = Simulation(cfg, model)
+    sim = _simulation(policy, model, instances, **config)
     requests = sim.run(build_trace(shape, seed), shape.max_tokens)
     queries = sum(i.query_tokens for i in sim.instances.values())
     hits = sum(i.hit_tokens for i in sim.instances.values())
@@ -311,6 +359,8 @@ def simulate(policy: str, shape: TraceShape, model: InstanceModel = InstanceMode
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="10,40,60", help="requests per second, comma-separated")
+    parser.add_argument("--load", type=float, default=None,
+                        help="instead of --rates: this share of what round_robin sustains (as the benchmark)")
     parser.add_argument("--policies", default="cache_aware,round_robin,least_loaded")
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--instances", type=int, default=4)
@@ -319,7 +369,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     model = replace(InstanceModel(), shared_gpu=not args.separate_gpus)
-    for rate in (float(r) for r in args.rates.split(",")):
+    rates = [float(r) for r in args.rates.split(",")]
+    if args.load is not None:
+        sustained = capacity("round_robin", GPU_TRACE, model, args.instances, seed=args.seed,
+                             long_prompt_threshold=args.long_prompt_threshold)
+        rates = [args.load * sustained]
+        print(f"round_robin sustains {sustained:.1f} req/s; running at {args.load:.2f}x that")
+    for rate in rates:
         shape = GPU_TRACE.with_(rate=rate, duration_s=args.duration)
         reports = {p: simulate(p, shape, model, args.instances, args.seed,
                                long_prompt_threshold=args.long_prompt_threshold)
