@@ -17,6 +17,12 @@ cache hit saves is time every later request waits less. `--rate` fixes the rate 
 The instances share one card, so no routing can spread work over more compute: what cache-aware
 routing changes is how much work there is (hits) and where it queues.
 
+The hit rate. This trace caps it near 0.64 (all requests on one instance with an unbounded cache:
+a turn reuses its previous turn's prompt, never the reply the model wrote); round-robin gets about
+0.3 (every instance soon holds every system prompt; a turn finds its history one time in four), so
+2x round-robin means cache_aware at the cap. A larger KV share per instance raises round-robin's
+rate (earlier turns stay cached everywhere) and narrows the ratio.
+
 The same arrival times and lengths for every policy; token contents salted per run, so no run
 reuses another's cache (the previous run's blocks, oldest in the LRU, go first).
 
