@@ -26,7 +26,7 @@ rate (earlier turns stay cached everywhere) and narrows the ratio.
 The same arrival times and lengths for every policy; token contents salted per run, so no run
 reuses another's cache (the previous run's blocks, oldest in the LRU, go first).
 
-    python bench/gpu/bench_router.py --json out.json          # H100: about 4 minutes
+    python bench/gpu/bench_router.py --json out.json          # H100: about 4 minutes (--quick: 3)
     python bench/gpu/bench_router.py --cpu-smoke              # a tiny model on the CPU, ~2 minutes
     python -m rtpllm.tools.router_sim                         # the same trace on a model of the pool
 """
@@ -288,6 +288,7 @@ def run_policy(args, policy: str, backends: list[str], trace: list[TraceRequest]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here (bench/gpu/run_all.sh format)")
+    parser.add_argument("--quick", action="store_true", help="shorter: 30 s of trace per policy, a 10 s probe")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU, short trace")
     parser.add_argument("--instances", type=int, default=None, help="default: 4 (GPU), 3 (CPU)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.1,
@@ -308,11 +309,13 @@ def main() -> int:
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds a policy's unfinished requests get after the trace ends (then: cut off)")
     args = parser.parse_args()
-    args.trace = (CPU_TRACE if args.cpu_smoke else GPU_TRACE.with_(duration_s=40)).with_(duration_s=args.duration)
+    gpu_seconds = 30 if args.quick else 40
+    args.trace = (CPU_TRACE if args.cpu_smoke else GPU_TRACE.with_(duration_s=gpu_seconds)).with_(
+        duration_s=args.duration)
     args.instances = args.instances or (3 if args.cpu_smoke else 4)
     args.max_model_len = args.max_model_len or (1024 if args.cpu_smoke else 16384)
     args.long_prompt_threshold = args.long_prompt_threshold or (256 if args.cpu_smoke else 4096)
-    args.probe_seconds = args.probe_seconds or (12.0 if args.cpu_smoke else 15.0)
+    args.probe_seconds = args.probe_seconds or (12.0 if args.cpu_smoke else 10.0 if args.quick else 15.0)
     args.probe_concurrency = args.probe_concurrency or 16 * args.instances
     if args.cpu_smoke:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
