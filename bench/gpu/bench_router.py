@@ -257,7 +257,8 @@ def get_json(url: str) -> dict:
 def probe_capacity(args, backends: list[str], logs: Path) -> float:
     """The request rate round-robin sustains on this trace's requests (its own salt: no cache shared
     with the measured runs)."""
-    trace = build_trace(args.trace.with_(duration_s=10 * args.probe_seconds), args.seed, salt=1000)
+    # Enough requests for 320 req/s; the closed loop takes them in arrival order.
+    trace = build_trace(args.trace.with_(rate=40.0, duration_s=8 * args.probe_seconds), args.seed, salt=1000)
     with RouterProcess(args, "round_robin", backends, logs) as router:
         return asyncio.run(closed_loop(router.url, router.model, trace, args.trace.max_tokens,
                                        args.probe_concurrency, args.probe_seconds))
