@@ -143,15 +143,20 @@ async def replay(url: str, model: str, trace: list[TraceRequest], max_tokens: in
 async def closed_loop(url: str, model: str, trace: list[TraceRequest], max_tokens: int, concurrency: int,
                       seconds: float) -> float:
     """Requests per second the pool completes with `concurrency` in flight (the trace's requests in
-    order, arrival times ignored), counted after the first quarter of `seconds`."""
+    order, arrival times ignored): completions after the first quarter of the run, which lasts
+    `seconds` and at least until 2 * `concurrency` requests completed (a slow pool still gets a
+    measurement)."""
     async with _session() as session:
         pending = iter(trace)
         finished: list[float] = []
         origin = time.perf_counter()
 
+        def more() -> bool:
+            return time.perf_counter() - origin < seconds or len(finished) < 2 * concurrency
+
         async def client() -> None:
             for request in pending:
-                if time.perf_counter() - origin > seconds:
+                if not more():
                     return
                 result = await send(session, url, model, request, max_tokens)
                 if not result.ok:
@@ -159,8 +164,12 @@ async def closed_loop(url: str, model: str, trace: list[TraceRequest], max_token
                 finished.append(time.perf_counter() - origin)
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
-    warm = seconds / 4
-    return sum(warm <= t <= seconds for t in finished) / (seconds - warm)
+    end = max(seconds, finished[2 * concurrency - 1]) if len(finished) >= 2 * concurrency else finished[-1]
+    warm = end / 4
+    counted = sum(warm <= t <= end for t in finished)
+    if counted == 0:
+        raise RuntimeError("the capacity probe saw no request complete (the trace ran out?)")
+    return counted / (end - warm)
 
 
 def free_port() -> int:
@@ -317,7 +326,7 @@ def main() -> int:
     args.max_model_len = args.max_model_len or (1024 if args.cpu_smoke else 16384)
     args.long_prompt_threshold = args.long_prompt_threshold or (256 if args.cpu_smoke else 4096)
     args.probe_seconds = args.probe_seconds or (12.0 if args.cpu_smoke else 10.0 if args.quick else 15.0)
-    args.probe_concurrency = args.probe_concurrency or 16 * args.instances
+    args.probe_concurrency = args.probe_concurrency or (4 if args.cpu_smoke else 16) * args.instances
     if args.cpu_smoke:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 

@@ -340,7 +340,7 @@ def capacity(policy: str, shape: TraceShape, model: InstanceModel = InstanceMode
              concurrency: Optional[int] = None, seconds: float = 20.0, seed: int = 0, **config) -> float:
     """Requests per second `policy` sustains on the trace's requests (the benchmark's probe)."""
     sim = _simulation(policy, model, instances, **config)
-    trace = build_trace(shape.with_(duration_s=10 * seconds), seed, salt=1000)
+    trace = build_trace(shape.with_(rate=40.0, duration_s=8 * seconds), seed, salt=1000)  # as the benchmark's
     return sim.run_closed(trace, shape.max_tokens, concurrency or 16 * instances, seconds)
 
 
