@@ -28,8 +28,8 @@ class RouterConfig:
     policy: str = "cache_aware"
     # cache_aware cost of an instance, in prompt tokens of work ahead of the request:
     #   cache_weight * (prompt tokens it would have to compute, i.e. not cached there)
-    #   + load_weight * (prompt tokens still to prefill for requests already sent there
-    #                    + decode_weight * requests decoding there)
+    #   + load_weight * (prompt tokens still to compute for requests already sent there
+    #                    + decode_weight * requests decoding there, or other clients' requests)
     cache_weight: float = 1.0
     load_weight: float = 1.0
     decode_weight: float = 16.0
