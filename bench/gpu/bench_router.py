@@ -1,19 +1,34 @@
 """`rtpllm router` on one GPU: several instances of a Llama-3.2-1B-shaped random checkpoint, each
-with its share of the GPU's memory, behind the router; a multi-tenant trace replayed at one fixed
-request rate under each policy (cache_aware, round_robin, least_loaded). Reports client-side TTFT
-p50/p95 and the instances' prefix-cache hit rate per policy, and cache_aware's against
-round_robin's (goals: TTFT p95 <= 0.65x, hit rate >= 2x).
+with its share of the GPU's memory, behind the router; a multi-tenant trace (rtpllm/tools/
+router_trace.py: system prompts shared by tenant groups, multi-turn conversations, a share of long
+one-off prompts) replayed at one request rate under each policy (cache_aware, round_robin,
+least_loaded). Reports client-side TTFT p50/p95, the instances' prefix-cache hit rate, how many
+requests each instance got and the instances' own mean queue time and TTFT, per policy; and
+cache_aware's TTFT p95 and hit rate against round_robin's (goals: <= 0.65x, >= 2x).
 
-The trace (the same arrival times and lengths for every policy; token contents salted per policy,
-so no run reuses another's cache, and the previous run's blocks, oldest in the LRU, go first):
-- tenant groups, each with a system prompt shared by its conversations;
-- multi-turn conversations: turn k's prompt is turn k-1's prompt + a reply + a new user message,
-  so its history is cached wherever turn k-1 ran;
-- a share of long one-off prompts (over the router's long-prompt threshold: the long lane).
-Prompts are token ids (the completions API), so that their lengths are exact.
+The rate. At a rate the card serves with room to spare (the first H100 run: 10 req/s, p50 about
+20 ms for every policy), TTFT is the fixed cost of a request (HTTP, the router's hop, an engine
+step) plus a short prefill, and routing can only trim the prefill: cache_aware's p95 was 0.91x
+round-robin's with twice the hit rate. The issue's comparison ("at equal load") is about the
+queue: so the benchmark first measures what round-robin sustains on this trace (a closed-loop probe:
+`--probe-concurrency` requests in flight for `--probe-seconds`), then replays the trace for every
+policy at `--load` (default 0.8) times that rate, where round-robin has a queue and the prefill a
+cache hit saves is time every later request waits less. `--rate` fixes the rate instead.
+The instances share one card, so no routing can spread work over more compute: what cache-aware
+routing changes is how much work there is (hits) and where it queues.
 
-    python bench/gpu/bench_router.py [--json out.json] [--quick]     # H100: about 5 minutes
-    python bench/gpu/bench_router.py --cpu-smoke                     # a tiny model on the CPU, ~1 minute
+The hit rate. This trace caps it near 0.64 (all requests on one instance with an unbounded cache:
+a turn reuses its previous turn's prompt, never the reply the model wrote); round-robin gets about
+0.3 (every instance soon holds every system prompt; a turn finds its history one time in four), so
+2x round-robin means cache_aware at the cap. A larger KV share per instance raises round-robin's
+rate (earlier turns stay cached everywhere) and narrows the ratio.
+
+The same arrival times and lengths for every policy; token contents salted per run, so no run
+reuses another's cache (the previous run's blocks, oldest in the LRU, go first).
+
+    python bench/gpu/bench_router.py --json out.json          # H100: about 4 minutes (--quick: 3)
+    python bench/gpu/bench_router.py --cpu-smoke              # a tiny model on the CPU, ~2 minutes
+    python -m rtpllm.tools.router_sim                         # the same trace on a model of the pool
 """
 
 from __future__ import annotations
@@ -22,7 +37,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import re
 import socket
 import subprocess
@@ -36,39 +50,10 @@ from typing import Optional
 
 import aiohttp
 
+from rtpllm.tools.router_trace import CPU_TRACE, GPU_TRACE, TraceRequest, build_trace
+
 POLICIES = ("cache_aware", "round_robin", "least_loaded")
 SHAPE = "llama-3.2-1b"
-
-
-@dataclass(frozen=True)
-class TraceShape:
-    duration_s: float
-    rate: float  # requests per second (Poisson arrivals)
-    groups: int
-    system_tokens: int
-    turns: int
-    user_tokens: tuple[int, int]  # new user message length range
-    reply_tokens: int  # synthetic assistant reply placed into the history
-    turn_gap_s: tuple[float, float]  # between a conversation's turns
-    long_share: float
-    long_tokens: tuple[int, int]
-    max_tokens: int  # generated per request
-    vocab: int
-
-
-GPU_TRACE = TraceShape(duration_s=60, rate=10.0, groups=16, system_tokens=256, turns=6, user_tokens=(200, 600),
-                       reply_tokens=200, turn_gap_s=(2.0, 6.0), long_share=0.1, long_tokens=(6000, 9000),
-                       max_tokens=32, vocab=128000)
-CPU_TRACE = TraceShape(duration_s=10, rate=3.0, groups=3, system_tokens=64, turns=3, user_tokens=(16, 48),
-                       reply_tokens=16, turn_gap_s=(0.5, 1.5), long_share=0.1, long_tokens=(300, 400),
-                       max_tokens=4, vocab=1000)
-
-
-@dataclass
-class TraceRequest:
-    at_s: float
-    tokens: list[int]
-    kind: str  # "turn" or "long"
 
 
 @dataclass
@@ -86,6 +71,9 @@ class RunReport:
     prefix_queries: float = 0.0
     prefix_hits: float = 0.0
     wall_s: float = 0.0
+    per_instance: list[int] = field(default_factory=list)  # requests the router sent to each instance
+    instance_queue_s: float = float("nan")  # the instances' mean wait before a request's first step
+    instance_ttft_s: float = float("nan")  # the instances' mean TTFT (from arrival there)
 
     def ttft(self, q: float, kind: Optional[str] = None) -> float:
         # A request still without its first token when the run was cut off counts as infinitely late.
@@ -100,68 +88,43 @@ class RunReport:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
 
-def build_trace(shape: TraceShape, seed: int, salt: int) -> list[TraceRequest]:
-    """Arrival times and lengths depend on `seed` only; token contents also on `salt`."""
-    timing = random.Random(seed)
-    content = random.Random(seed * 7919 + salt)
+async def send(session: aiohttp.ClientSession, url: str, model: str, request: TraceRequest, max_tokens: int,
+               on_first_token=lambda ttft: None) -> Result:
+    body = {"model": model, "prompt": request.tokens, "max_tokens": max_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream": True}
+    start = time.perf_counter()
+    ttft = None
+    try:
+        async with session.post(url + "/v1/completions", json=body) as response:
+            if response.status != 200:
+                return Result(None, False, request.kind, f"HTTP {response.status}: {await response.text()}")
+            async for line in response.content:
+                if ttft is None and line.startswith(b"data: {"):
+                    ttft = time.perf_counter() - start
+                    on_first_token(ttft)
+                if line.startswith(b'data: {"error"'):
+                    return Result(None, False, request.kind, line.decode()[:200])
+        return Result(ttft, ttft is not None, request.kind)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return Result(None, False, request.kind, repr(exc))
 
-    def tokens(n: int) -> list[int]:
-        return [content.randrange(10, shape.vocab) for _ in range(n)]
 
-    systems = [tokens(shape.system_tokens) for _ in range(shape.groups)]
-    # Sessions (a conversation, or one long prompt) arrive as a Poisson process whose rate makes the
-    # requests, turns included, arrive at `shape.rate` on average.
-    per_session = shape.long_share + (1 - shape.long_share) * shape.turns
-    requests: list[TraceRequest] = []
-    t = 0.0
-    while True:
-        t += timing.expovariate(shape.rate / per_session)
-        if t >= shape.duration_s:
-            break
-        if timing.random() < shape.long_share:
-            requests.append(TraceRequest(t, tokens(timing.randint(*shape.long_tokens)), "long"))
-            continue
-        prompt = systems[timing.randrange(shape.groups)] + tokens(timing.randint(*shape.user_tokens))
-        at = t
-        for _ in range(shape.turns):
-            if at >= shape.duration_s:
-                break
-            requests.append(TraceRequest(at, list(prompt), "turn"))
-            prompt += tokens(shape.reply_tokens) + tokens(timing.randint(*shape.user_tokens))
-            at += timing.uniform(*shape.turn_gap_s)
-    return sorted(requests, key=lambda r: r.at_s)
+def _session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600), connector=aiohttp.TCPConnector(limit=0))
 
 
 async def replay(url: str, model: str, trace: list[TraceRequest], max_tokens: int, drain_s: float) -> list[Result]:
-    timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+    """Open loop: every request at its arrival time, whatever the pool's backlog."""
+    async with _session() as session:
         first_tokens: dict[int, float] = {}
-
-        async def one(index: int, request: TraceRequest) -> Result:
-            body = {"model": model, "prompt": request.tokens, "max_tokens": max_tokens, "temperature": 0.0,
-                    "ignore_eos": True, "stream": True}
-            start = time.perf_counter()
-            ttft = None
-            try:
-                async with session.post(url + "/v1/completions", json=body) as response:
-                    if response.status != 200:
-                        return Result(None, False, request.kind, f"HTTP {response.status}: {await response.text()}")
-                    async for line in response.content:
-                        if ttft is None and line.startswith(b"data: {"):
-                            ttft = first_tokens[index] = time.perf_counter() - start
-                        if line.startswith(b'data: {"error"'):
-                            return Result(None, False, request.kind, line.decode()[:200])
-                return Result(ttft, ttft is not None, request.kind)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                return Result(None, False, request.kind, repr(exc))
-
         origin = time.perf_counter()
         tasks = []
         for index, request in enumerate(trace):
             delay = request.at_s - (time.perf_counter() - origin)
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one(index, request)))
+            tasks.append(asyncio.ensure_future(send(session, url, model, request, max_tokens,
+                                                    lambda ttft, i=index: first_tokens.__setitem__(i, ttft))))
         # A policy that falls behind would keep the benchmark waiting on its backlog: cut it off.
         await asyncio.wait(tasks, timeout=drain_s)
         results = []
@@ -175,6 +138,38 @@ async def replay(url: str, model: str, trace: list[TraceRequest], max_tokens: in
                 task.cancel()
                 results.append(Result(None, False, request.kind, "cut off"))
         return results
+
+
+async def closed_loop(url: str, model: str, trace: list[TraceRequest], max_tokens: int, concurrency: int,
+                      seconds: float) -> float:
+    """Requests per second the pool completes with `concurrency` in flight (the trace's requests in
+    order, arrival times ignored): completions after the first quarter of the run, which lasts
+    `seconds` and at least until 2 * `concurrency` requests completed (a slow pool still gets a
+    measurement)."""
+    async with _session() as session:
+        pending = iter(trace)
+        finished: list[float] = []
+        origin = time.perf_counter()
+
+        def more() -> bool:
+            return time.perf_counter() - origin < seconds or len(finished) < 2 * concurrency
+
+        async def client() -> None:
+            for request in pending:
+                if not more():
+                    return
+                result = await send(session, url, model, request, max_tokens)
+                if not result.ok:
+                    raise RuntimeError(f"the capacity probe's request failed: {result.error}")
+                finished.append(time.perf_counter() - origin)
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    end = max(seconds, finished[2 * concurrency - 1]) if len(finished) >= 2 * concurrency else finished[-1]
+    warm = end / 4
+    counted = sum(warm <= t <= end for t in finished)
+    if counted == 0:
+        raise RuntimeError("the capacity probe saw no request complete (the trace ran out?)")
+    return counted / (end - warm)
 
 
 def free_port() -> int:
@@ -233,64 +228,105 @@ def start_instances(args, model: Path, logs: Path) -> list[tuple[str, subprocess
     return instances
 
 
-def run_policy(args, policy: str, backends: list[str], trace: list[TraceRequest], logs: Path) -> RunReport:
-    port = free_port()
-    command = [sys.executable, "-m", "rtpllm.serving.cli", "--log-level", "WARNING", "router", "--port", str(port),
-               "--policy", policy, "--long-prompt-threshold", str(args.long_prompt_threshold),
-               "--uvicorn-log-level", "warning"]
-    for url in backends:
-        command += ["--backend", url]
-    url = f"http://127.0.0.1:{port}"
-    with open(logs / f"router-{policy}.log", "w") as log:
-        router = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+class RouterProcess:
+    """`rtpllm router` with `policy` over the instances, for one run."""
+
+    def __init__(self, args, policy: str, backends: list[str], logs: Path):
+        port = free_port()
+        command = [sys.executable, "-m", "rtpllm.serving.cli", "--log-level", "WARNING", "router", "--port", str(port),
+                   "--policy", policy, "--long-prompt-threshold", str(args.long_prompt_threshold),
+                   "--uvicorn-log-level", "warning"]
+        for url in backends:
+            command += ["--backend", url]
+        self.url = f"http://127.0.0.1:{port}"
+        self._log = open(logs / f"router-{policy}.log", "a")
+        self._process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def __enter__(self) -> "RouterProcess":
         try:
-            wait_healthy(url, router, 120, "the router")
+            wait_healthy(self.url, self._process, 120, "the router")
             time.sleep(1.0)  # its KV event subscriptions and first load polls
-            before = [(metric_sum(b, "prefix_cache_queries_total"), metric_sum(b, "prefix_cache_hits_total"))
-                      for b in backends]
-            with urllib.request.urlopen(url + "/v1/models", timeout=10) as response:
-                model = json.loads(response.read())["data"][0]["id"]
-            start = time.perf_counter()
-            results = asyncio.run(replay(url, model, trace, args.trace.max_tokens, args.drain_timeout))
-            report = RunReport(policy, results, wall_s=time.perf_counter() - start)
-            for b, (queries, hits) in zip(backends, before):
-                report.prefix_queries += metric_sum(b, "prefix_cache_queries_total") - queries
-                report.prefix_hits += metric_sum(b, "prefix_cache_hits_total") - hits
-        finally:
-            router.terminate()
-            router.wait(30)
+            self.model = get_json(self.url + "/v1/models")["data"][0]["id"]
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._process.terminate()
+        self._process.wait(30)
+        self._log.close()
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def probe_capacity(args, backends: list[str], logs: Path) -> float:
+    """The request rate round-robin sustains on this trace's requests (its own salt: no cache shared
+    with the measured runs)."""
+    # Enough requests for 320 req/s; the closed loop takes them in arrival order.
+    trace = build_trace(args.trace.with_(rate=40.0, duration_s=8 * args.probe_seconds), args.seed, salt=1000)
+    with RouterProcess(args, "round_robin", backends, logs) as router:
+        return asyncio.run(closed_loop(router.url, router.model, trace, args.trace.max_tokens,
+                                       args.probe_concurrency, args.probe_seconds))
+
+
+def _instance_counters(backends: list[str]) -> list[float]:
+    names = ("prefix_cache_queries_total", "prefix_cache_hits_total", "request_queue_time_seconds_sum",
+             "request_queue_time_seconds_count", "time_to_first_token_seconds_sum",
+             "time_to_first_token_seconds_count")
+    return [sum(metric_sum(b, name) for b in backends) for name in names]
+
+
+def run_policy(args, policy: str, backends: list[str], trace: list[TraceRequest], logs: Path) -> RunReport:
+    with RouterProcess(args, policy, backends, logs) as router:
+        before = _instance_counters(backends)
+        start = time.perf_counter()
+        results = asyncio.run(replay(router.url, router.model, trace, args.trace.max_tokens, args.drain_timeout))
+        report = RunReport(policy, results, wall_s=time.perf_counter() - start)
+        queries, hits, queue_sum, queue_n, ttft_sum, ttft_n = (
+            a - b for a, b in zip(_instance_counters(backends), before))
+        report.prefix_queries, report.prefix_hits = queries, hits
+        report.instance_queue_s = queue_sum / queue_n if queue_n else float("nan")
+        report.instance_ttft_s = ttft_sum / ttft_n if ttft_n else float("nan")
+        report.per_instance = [b["routed_total"] for b in get_json(router.url + "/router/state")["backends"]]
     return report
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here (bench/gpu/run_all.sh format)")
-    parser.add_argument("--quick", action="store_true", help="a shorter trace (40 s per policy)")
+    parser.add_argument("--quick", action="store_true", help="shorter: 30 s of trace per policy, a 10 s probe")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU, short trace")
     parser.add_argument("--instances", type=int, default=None, help="default: 4 (GPU), 3 (CPU)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.1,
-                        help="each instance's share of the GPU's memory")
+                        help="each instance's share of the GPU's memory (0.1: about 165k tokens of KV each for "
+                             "the 1B shape; a larger cache lets round-robin find more of a conversation's earlier "
+                             "turns and narrows the hit-rate gap, tools/router_sim.py shows how much)")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks per instance (overrides the share)")
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--rate", type=float, default=None, help="requests per second")
-    parser.add_argument("--duration", type=float, default=None, help="seconds of trace per policy")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="requests per second (default: --load times what round-robin sustains)")
+    parser.add_argument("--load", type=float, default=0.8, help="the rate as a share of round-robin's capacity")
+    parser.add_argument("--probe-seconds", type=float, default=None, help="the capacity probe's length (GPU: 15)")
+    parser.add_argument("--probe-concurrency", type=int, default=None, help="requests in flight while probing")
+    parser.add_argument("--duration", type=float, default=None, help="seconds of trace per policy (GPU: 40)")
     parser.add_argument("--long-prompt-threshold", type=int, default=None)
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--drain-timeout", type=float, default=45.0,
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds a policy's unfinished requests get after the trace ends (then: cut off)")
     args = parser.parse_args()
-    trace_shape = CPU_TRACE if args.cpu_smoke else GPU_TRACE
-    if args.quick:
-        trace_shape = TraceShape(**{**trace_shape.__dict__, "duration_s": min(trace_shape.duration_s, 40)})
-    if args.rate is not None:
-        trace_shape = TraceShape(**{**trace_shape.__dict__, "rate": args.rate})
-    if args.duration is not None:
-        trace_shape = TraceShape(**{**trace_shape.__dict__, "duration_s": args.duration})
-    args.trace = trace_shape
+    gpu_seconds = 30 if args.quick else 40
+    args.trace = (CPU_TRACE if args.cpu_smoke else GPU_TRACE.with_(duration_s=gpu_seconds)).with_(
+        duration_s=args.duration)
     args.instances = args.instances or (3 if args.cpu_smoke else 4)
     args.max_model_len = args.max_model_len or (1024 if args.cpu_smoke else 16384)
     args.long_prompt_threshold = args.long_prompt_threshold or (256 if args.cpu_smoke else 4096)
+    args.probe_seconds = args.probe_seconds or (12.0 if args.cpu_smoke else 10.0 if args.quick else 15.0)
+    args.probe_concurrency = args.probe_concurrency or (4 if args.cpu_smoke else 16) * args.instances
     if args.cpu_smoke:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
@@ -303,8 +339,16 @@ def main() -> int:
     print(f"{len(instances)} instances up in {time.perf_counter() - started:.0f} s, KV blocks each: "
           f"{', '.join(f'{b:.0f}' for b in blocks)} (logs: {logs})", flush=True)
     reports: dict[str, RunReport] = {}
+    capacity = None
     try:
         backends = [url for url, _ in instances]
+        if args.rate is None:
+            capacity = probe_capacity(args, backends, logs)
+            args.trace = args.trace.with_(rate=args.load * capacity)
+            print(f"round_robin sustains {capacity:.1f} req/s ({args.probe_concurrency} in flight); "
+                  f"every policy runs at {args.load:.2f}x that: {args.trace.rate:.1f} req/s", flush=True)
+        else:
+            args.trace = args.trace.with_(rate=args.rate)
         for salt, policy in enumerate(args.policies.split(",")):
             trace = build_trace(args.trace, args.seed, salt)
             report = run_policy(args, policy, backends, trace, logs)
@@ -314,7 +358,9 @@ def main() -> int:
             print(f"{policy:>13}: {len(report.results)} requests ({len(failed)} failed, {cut} cut off before their "
                   f"first token) in {report.wall_s:.0f} s, "
                   f"TTFT p50 {1e3 * report.ttft(0.5):.0f} ms p95 {1e3 * report.ttft(0.95):.0f} ms "
-                  f"(short p95 {1e3 * report.ttft(0.95, 'turn'):.0f} ms), hit rate {report.hit_rate:.3f}", flush=True)
+                  f"(short p95 {1e3 * report.ttft(0.95, 'turn'):.0f} ms), hit rate {report.hit_rate:.3f}; "
+                  f"instances: mean queue {1e3 * report.instance_queue_s:.1f} ms, mean TTFT "
+                  f"{1e3 * report.instance_ttft_s:.1f} ms, requests {report.per_instance}", flush=True)
             for r in failed[:3]:
                 print(f"   failed: {r.error}")
     finally:
@@ -328,24 +374,24 @@ def main() -> int:
 
     rows = []
     for policy, report in reports.items():
-        rows += [{"name": f"{policy} TTFT p50", "value": 1e3 * report.ttft(0.5), "unit": "ms", "ceiling": "",
-                  "ratio": None},
-                 {"name": f"{policy} TTFT p95", "value": 1e3 * report.ttft(0.95), "unit": "ms", "ceiling": "",
-                  "ratio": None},
-                 {"name": f"{policy} short-prompt TTFT p95", "value": 1e3 * report.ttft(0.95, "turn"), "unit": "ms",
-                  "ceiling": "", "ratio": None},
-                 {"name": f"{policy} prefix hit rate", "value": report.hit_rate, "unit": "", "ceiling": "",
-                  "ratio": None}]
-    summary = {}
+        for name, value, unit in ((f"{policy} TTFT p50", 1e3 * report.ttft(0.5), "ms"),
+                                  (f"{policy} TTFT p95", 1e3 * report.ttft(0.95), "ms"),
+                                  (f"{policy} short-prompt TTFT p95", 1e3 * report.ttft(0.95, "turn"), "ms"),
+                                  (f"{policy} prefix hit rate", report.hit_rate, ""),
+                                  (f"{policy} instances' mean queue time", 1e3 * report.instance_queue_s, "ms")):
+            rows.append({"name": name, "value": value, "unit": unit, "ceiling": "", "ratio": None})
+    summary = {"rate": args.trace.rate, "round_robin_capacity": capacity, "load": args.load if capacity else None,
+               "per_instance": {p: r.per_instance for p, r in reports.items()}}
     if "cache_aware" in reports and "round_robin" in reports:
         ca, rr = reports["cache_aware"], reports["round_robin"]
-        summary = {"ttft_p95_vs_round_robin": ca.ttft(0.95) / rr.ttft(0.95),
-                   "hit_rate_vs_round_robin": ca.hit_rate / rr.hit_rate if rr.hit_rate else float("inf")}
+        summary.update(ttft_p95_vs_round_robin=ca.ttft(0.95) / rr.ttft(0.95),
+                       hit_rate_vs_round_robin=ca.hit_rate / rr.hit_rate if rr.hit_rate else float("inf"))
         rows += [{"name": "cache_aware TTFT p95 / round_robin", "value": summary["ttft_p95_vs_round_robin"],
                   "unit": "x", "ceiling": "goal <= 0.65", "ratio": None},
                  {"name": "cache_aware hit rate / round_robin", "value": summary["hit_rate_vs_round_robin"],
                   "unit": "x", "ceiling": "goal >= 2", "ratio": None}]
-        print(f"cache_aware vs round_robin: TTFT p95 {summary['ttft_p95_vs_round_robin']:.2f}x (goal <= 0.65), "
+        print(f"cache_aware vs round_robin at {args.trace.rate:.1f} req/s: TTFT p95 "
+              f"{summary['ttft_p95_vs_round_robin']:.2f}x (goal <= 0.65), "
               f"hit rate {summary['hit_rate_vs_round_robin']:.2f}x (goal >= 2)")
     if args.json:
         device = "cpu" if args.cpu_smoke else _gpu_name()

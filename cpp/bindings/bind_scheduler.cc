@@ -95,6 +95,22 @@ void bind_scheduler(py::module_& m) {
           py::arg("request_id"), "A snapshot of an unfinished request, or None")
       .def("set_kv_event_log", &Scheduler::set_kv_event_log, py::arg("log").none(true), py::keep_alive<1, 2>(),
            "Records stored and evicted block hashes into `log` (None detaches)")
+      .def(
+          "tier_held_blocks",
+          [](Scheduler& s) {
+            const std::vector<KVEvent> held = s.tier_held_blocks();
+            const auto n = static_cast<py::ssize_t>(held.size());
+            py::array_t<uint64_t> hashes(n);
+            py::array_t<uint8_t> tiers(n);
+            auto h = hashes.mutable_unchecked<1>();
+            auto t = tiers.mutable_unchecked<1>();
+            for (py::ssize_t i = 0; i < n; ++i) {
+              h(i) = held[i].hash;
+              t(i) = static_cast<uint8_t>(held[i].tier);
+            }
+            return py::make_tuple(hashes, tiers);
+          },
+          "(hashes uint64[n], tiers uint8[n]): the blocks the KV connector's tiers hold now")
       .def("cached_block_hashes", [](const Scheduler& s) {
         return py::array_t<uint64_t>(py::cast(s.cached_block_hashes()));
       })

@@ -161,6 +161,31 @@ TEST_F(DiskTierTest, CapacityEvictsLeastRecentlyUsedFiles) {
   tier->check_invariants();
 }
 
+TEST_F(DiskTierTest, RecordsWrittenAndEvictedBlocksUnderItsTier) {
+  { save(*open(2), {1}, {0}); }
+  auto tier = open(2);  // a restart finds block 1 on disk
+  KVEventLog log(16);
+  tier->set_event_log(&log);
+  std::vector<KVEvent> held;
+  tier->held_blocks(held);
+  ASSERT_EQ(held.size(), 1u);
+  EXPECT_EQ(held[0].hash, 1u);
+  EXPECT_EQ(held[0].tier, KVTier::kDisk);
+  save(*tier, {2}, {1});
+  save(*tier, {3}, {2});  // capacity 2: evicts 1
+  std::vector<KVEvent> events;
+  ASSERT_FALSE(log.drain(events));
+  ASSERT_EQ(events.size(), 3u);
+  EXPECT_EQ(events[0].hash, 2u);
+  EXPECT_EQ(events[0].kind, KVEventKind::kStored);
+  EXPECT_EQ(events[1].hash, 1u);
+  EXPECT_EQ(events[1].kind, KVEventKind::kRemoved);
+  EXPECT_EQ(events[2].hash, 3u);
+  EXPECT_EQ(events[2].kind, KVEventKind::kStored);
+  for (const KVEvent& e : events) EXPECT_EQ(e.tier, KVTier::kDisk);
+  tier->set_event_log(nullptr);
+}
+
 TEST_F(DiskTierTest, CapacityBelowOneBlockStopsWritesButServing) {
   DiskTierOptions options;
   options.directory = dir.path();

@@ -59,6 +59,38 @@ TEST_F(HostTierTest, CapacityIsWholeBlocks) {
   EXPECT_THROW(HostTier(nullptr, block), std::invalid_argument);
 }
 
+std::vector<KVEvent> drained(KVEventLog& log) {
+  std::vector<KVEvent> events;
+  EXPECT_FALSE(log.drain(events));
+  return events;
+}
+
+TEST_F(HostTierTest, RecordsStoredAndEvictedBlocksUnderItsTier) {
+  HostTier tier(engine, 2 * block);
+  save(tier, {1}, {0});  // before the log: reported by held_blocks(), not as an event
+  KVEventLog log(16);
+  tier.set_event_log(&log);
+  std::vector<KVEvent> held;
+  tier.held_blocks(held);
+  ASSERT_EQ(held.size(), 1u);
+  EXPECT_EQ(held[0].hash, 1u);
+  EXPECT_EQ(held[0].tier, KVTier::kHost);
+  save(tier, {2}, {1});
+  save(tier, {3}, {2});  // full: evicts 1, the least recently used
+  const std::vector<KVEvent> events = drained(log);
+  ASSERT_EQ(events.size(), 3u);
+  EXPECT_EQ(events[0].hash, 2u);
+  EXPECT_EQ(events[0].kind, KVEventKind::kStored);
+  EXPECT_EQ(events[1].hash, 1u);
+  EXPECT_EQ(events[1].kind, KVEventKind::kRemoved);
+  EXPECT_EQ(events[2].hash, 3u);
+  EXPECT_EQ(events[2].kind, KVEventKind::kStored);
+  for (const KVEvent& e : events) EXPECT_EQ(e.tier, KVTier::kHost);
+  tier.set_event_log(nullptr);
+  save(tier, {4}, {3});
+  EXPECT_TRUE(drained(log).empty());
+}
+
 TEST_F(HostTierTest, SaveMatchLoadRoundTrip) {
   HostTier tier(engine, 8 * block);
   save(tier, {11, 12, 13}, {4, 9, 2});

@@ -140,8 +140,11 @@ def test_errors_from_the_instance_pass_through(router):
     response = httpx.post(router.url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": -1})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "max_tokens"
-    response = httpx.post(router.url + "/v1/completions", content=b"{not json")
+    response = httpx.post(router.url + "/v1/completions", content=b"{not json",
+                          headers={"Content-Type": "application/json"})
     assert response.status_code == 400
+    # The router's gate is serve's: bodies must be declared JSON.
+    assert httpx.post(router.url + "/v1/completions", content=b"{}").status_code == 415
 
 
 def test_router_metrics_count_routed_requests_and_expected_hits(router):

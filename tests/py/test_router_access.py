@@ -7,9 +7,9 @@ import pytest
 
 from checkpoints import checkpoint_path
 from router_harness import RunningApp, wait_until
-from rtpllm.router.access import AccessControl
 from rtpllm.router.app import build_router_app
 from rtpllm.router.config import RouterConfig
+from rtpllm.serving.server_options import ServerOptions
 from server_harness import RunningServer, build_async_engine
 
 KEY, BACKEND_KEY = "client-secret", "router-secret"
@@ -19,9 +19,9 @@ PROTECTED = [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/c
 
 @pytest.fixture(scope="module")
 def instance():
-    server = RunningServer(build_async_engine(checkpoint_path("llama3"), max_model_len=256, num_blocks=32))
-    # The instance takes only the router's key (`rtpllm serve --api-key` does this once it lands).
-    server.app.add_middleware(AccessControl, api_key=BACKEND_KEY, max_request_bytes=1 << 20)
+    # The instance takes only the router's key (`rtpllm serve --api-key`).
+    server = RunningServer(build_async_engine(checkpoint_path("llama3"), max_model_len=256, num_blocks=32),
+                           ServerOptions(api_key=BACKEND_KEY))
     with server:
         yield server
 
@@ -41,7 +41,7 @@ def test_every_endpoint_but_health_needs_the_key(router, method, path):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         response = httpx.request(method, router.url + path, json={}, headers=headers)
         assert response.status_code == 401, (path, headers)
-        assert response.json()["error"]["type"] == "authentication_error"
+        assert response.json()["error"]["code"] == "invalid_api_key"  # serve's guard, OpenAI's code
     assert httpx.get(router.url + "/health").status_code == 200
 
 
@@ -71,7 +71,8 @@ def test_oversized_bodies_get_413(router):
             yield b"x" * 1000
         yield b'"}'
 
-    response = httpx.post(router.url + "/v1/completions", headers=auth, content=chunked())
+    response = httpx.post(router.url + "/v1/completions", headers={**auth, "Content-Type": "application/json"},
+                          content=chunked())
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
 

@@ -7,7 +7,7 @@ import pytest
 
 from checkpoints import checkpoint_path
 from rtpllm import _C
-from rtpllm.engine.instance_report import REMOVED, STORED, InstanceReporter, KVEventBatch
+from rtpllm.engine.instance_report import REMOVED, STORED, InstanceReporter, KVEventBatch, TIER_NAMES
 from rtpllm.router.kv_view import KVView, prefix_block_hashes
 from rtpllm.serving.kv_events import KVEventHub
 from runtime_harness import Driver
@@ -44,10 +44,11 @@ def test_events_report_the_blocks_a_request_stored_under_the_routers_hash_chain(
     complete(server, prompt)
     reply = poll(server, first["cursor"], first["instance_id"])
     assert "resync" not in reply
-    stored = {h for k, h in zip(reply["events"]["kinds"], reply["events"]["hashes"]) if k == "stored"}
+    events = reply["events"]
+    stored = {h for k, t, h in zip(events["kinds"], events["tiers"], events["hashes"]) if k == "stored" and t == "device"}
     expected = prefix_block_hashes(prompt, reply["block_size"], reply["root_block_hash"], reply["extra_key"])
     assert len(expected) == 3 and set(expected) <= stored
-    assert set(reply["events"]["tiers"]) == {"device"}
+    assert set(events["tiers"]) <= {"device", "host"}  # the host tier (on by default) saves a copy
     # The router's view, fed the same replies, matches the whole prompt prefix.
     view = KVView()
     view.apply(first)
@@ -120,3 +121,37 @@ def test_an_overflowing_engine_log_sends_a_snapshot_that_replaces_the_mirror():
     hub.publish(batch)
     assert hub.held("device") == set(batch.reset.tolist())
     assert reporter.drain_kv_events() is None  # nothing new since
+
+
+def test_blocks_pushed_to_the_host_tier_are_reported_under_it():
+    # A 16-block pool with the host tier (on by default): early prompts' blocks leave the device,
+    # and stay held in host memory; the events say so, and the router's view counts them as hits.
+    with RunningServer(build_async_engine(checkpoint_path("llama3"), max_model_len=256, num_blocks=16)) as server:
+        start = poll(server)
+        prompts = [[200 + 11 * i + j for j in range(3 * BLOCK + 1)] for i in range(6)]
+        for prompt in prompts:
+            complete(server, prompt)
+        view = KVView()
+        view.apply(start)
+        server.wait_until(lambda: prefix_block_hashes(prompts[0], BLOCK, start["root_block_hash"])[0]
+                          in server.app.state.kv_events.held("host"), what="the first prompt's blocks in the host tier")
+        view.apply(poll(server, start["cursor"], start["instance_id"]))
+        assert set(view.held) >= {"device", "host"}
+        first = prefix_block_hashes(prompts[0], BLOCK, start["root_block_hash"])
+        assert view.matched_blocks(first) == 0  # evicted from the device...
+        assert view.matched_by_tier(first) == {"device": 0, "host": 3}  # ...still in host memory
+        assert view.held["host"] == server.app.state.kv_events.held("host")
+
+
+def test_a_resync_snapshot_carries_every_tier():
+    hub = KVEventHub()
+    hub.publish(KVEventBatch(np.array([5, 6], np.uint64), np.full(2, STORED, np.uint8),
+                             np.array([int(_C.KVTier.HOST), int(_C.KVTier.DISK)], np.uint8)))
+    assert hub.held("host") == {5} and hub.held("disk") == {6}
+    hub.publish(KVEventBatch(np.zeros(0, np.uint64), np.zeros(0, np.uint8), np.zeros(0, np.uint8),
+                             reset=np.array([1], np.uint64), reset_tier_hashes=np.array([7, 8], np.uint64),
+                             reset_tier_ids=np.array([int(_C.KVTier.HOST), int(_C.KVTier.HOST)], np.uint8)))
+    assert hub.held("device") == {1} and hub.held("host") == {7, 8} and hub.held("disk") == set()
+    snapshot = hub.read(None, None)["snapshot"]
+    assert snapshot == {"device": [1], "host": [7, 8]}
+    assert set(TIER_NAMES.values()) >= set(snapshot)

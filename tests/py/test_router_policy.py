@@ -71,6 +71,59 @@ def test_cache_aware_prefers_the_holder_unless_its_queue_outweighs_the_saving():
     assert policy.choose(request, [a, b, c]).backend is not b
 
 
+def test_queued_work_counts_only_the_prompt_tokens_not_expected_cached():
+    cfg = config(policy="cache_aware", long_prompt_threshold=None)
+    policy = policy_with(cfg)
+    a, b, c = policy.pool.backends
+    tokens = list(range(1, 42))
+    b.view.apply(identity_reply(prefix_block_hashes(tokens, 4, 0), instance="b"))
+    request = RoutingInput(tokens, len(tokens))
+    # Three turns of the same conversation dispatched to its holder: 1 token of work each.
+    tickets = [policy.dispatch(policy.choose(request, [a, b, c]), request) for _ in range(3)]
+    assert [t.backend for t in tickets] == [b, b, b] and b.pending_prefill_tokens == 3
+    assert policy.choose(request, [a, b, c]).backend is b  # 3 tokens queued << 40 tokens saved
+    for t in tickets:
+        t.first_output()
+    assert b.pending_prefill_tokens == 0 and b.decoding == 3
+    for t in tickets:
+        t.close()
+    assert b.in_flight == 0 and b.decoding == 0
+
+
+def test_other_clients_load_is_read_against_the_routers_count_when_the_report_came():
+    policy = policy_with(config(policy="cache_aware", long_prompt_threshold=None))
+    a, b, _ = policy.pool.backends
+    tickets = [a.admit(10, False) for _ in range(4)]
+    a.take_load_report({"num_running": 4, "num_waiting": 2})
+    assert a.foreign_requests == 2  # two requests there did not come from this router
+    for t in tickets:
+        t.close()  # finished after the report: no phantom load from the stale count
+    assert a.foreign_requests == 2
+    b.take_load_report({"num_running": 0, "num_waiting": 0})
+    request = RoutingInput(list(range(1, 10)), 9)
+    assert policy.choose(request, [a, b]).backend is b  # a still carries the other clients' two
+
+
+def test_a_prefix_in_a_lower_tier_counts_as_a_weighted_hit():
+    cfg = config(policy="cache_aware", long_prompt_threshold=None, host_hit_weight=0.75, disk_hit_weight=0.25)
+    policy = policy_with(cfg)
+    a, b, c = policy.pool.backends
+    tokens = list(range(1, 42))
+    hashes = prefix_block_hashes(tokens, 4, 0)  # 10 blocks
+    b.view.apply({**identity_reply(instance="b"), "snapshot": {"device": hashes[:2], "host": hashes[:8]}})
+    c.view.apply({**identity_reply(instance="c"), "snapshot": {"disk": hashes}})
+    assert b.view.matched_by_tier(hashes) == {"device": 2, "host": 6}  # the host continues the device's run
+    assert c.view.matched_by_tier(hashes) == {"device": 0, "disk": 10}
+    request = RoutingInput(tokens, len(tokens))
+    choice = policy.choose(request, [a, b, c])
+    assert choice.backend is b and choice.hit_tokens == 4 * (2 + 0.75 * 6)  # 26 tokens vs c's 10
+    b.pending_prefill_tokens = 20  # its queue now outweighs the difference: c's disk copy wins
+    assert policy.choose(request, [a, b, c]).backend is c
+    # A hole in the chain ends the match, whatever the tiers below hold.
+    b.view.apply({**identity_reply(instance="b"), "snapshot": {"host": hashes[:3] + hashes[4:]}})
+    assert b.view.matched_by_tier(hashes) == {"device": 0, "host": 3}
+
+
 def test_a_prompt_just_routed_counts_as_cached_there_until_it_expires():
     view = KVView()
     view.apply(identity_reply())
@@ -121,6 +174,7 @@ def test_a_long_prompt_waits_in_the_router_for_a_slot():
     (dict(long_lane=("http://x:1",)), "long_lane"), (dict(backends=()), "backend"),
     (dict(backends=("a:1",)), "backend"), (dict(cache_weight=-1), "cache_weight"),
     (dict(max_long_per_instance=0), "max_long_per_instance"), (dict(api_key=""), "api_key"),
+    (dict(host_hit_weight=1.5), "host_hit_weight"), (dict(disk_hit_weight=-0.1), "disk_hit_weight"),
 ])
 def test_bad_options_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=f"^{field}"):

@@ -7,12 +7,14 @@
 // reports `overflowed` on the next drain; a reader's mirror is then stale and must be rebuilt from
 // a snapshot of the cached hashes (Scheduler::cached_block_hashes()).
 //
-// Each event names its tier, so that the host/disk/remote tiers can record into the same log.
-// Not thread-safe (the pool records from the step loop, which also drains).
+// Each event names its tier: the host and disk tiers (kvstore/) record the blocks they store and
+// evict into the same log (KVConnector::set_event_log). Thread-safe: the disk tier records from
+// its writer threads while the step loop records and drains.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
 #include <vector>
 
 #include "rtpllm/core/types.h"
@@ -34,8 +36,8 @@ class KVEventLog {
   explicit KVEventLog(size_t capacity);
 
   size_t capacity() const { return capacity_; }
-  size_t size() const { return events_.size(); }
-  bool overflowed() const { return overflowed_; }
+  size_t size() const;
+  bool overflowed() const;
 
   void record(KVEventKind kind, KVTier tier, BlockHash hash);
 
@@ -46,6 +48,7 @@ class KVEventLog {
 
  private:
   size_t capacity_;
+  mutable std::mutex mutex_;  // guards the two below
   std::vector<KVEvent> events_;
   bool overflowed_ = false;
 };

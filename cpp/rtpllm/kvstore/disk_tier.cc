@@ -234,12 +234,23 @@ int64_t DiskTier::used_bytes() {
   return used_bytes_;
 }
 
+void DiskTier::set_event_log(KVEventLog* log) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  events_ = log;
+}
+
+void DiskTier::held_blocks(std::vector<KVEvent>& out) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (const auto& [hash, entry] : index_) out.push_back(KVEvent{hash, KVEventKind::kStored, KVTier::kDisk});
+}
+
 // ---- index (mutex_ held) ----
 
 void DiskTier::insert_entry(BlockHash hash) {
   Entry entry;
   entry.lru_pos = lru_.insert(lru_.end(), hash);
   index_.emplace(hash, entry);
+  if (events_ != nullptr) events_->record(KVEventKind::kStored, KVTier::kDisk, hash);
 }
 
 void DiskTier::remove_entry(BlockHash hash, bool delete_file) {
@@ -247,6 +258,7 @@ void DiskTier::remove_entry(BlockHash hash, bool delete_file) {
   if (it == index_.end()) return;
   lru_.erase(it->second.lru_pos);
   index_.erase(it);
+  if (events_ != nullptr) events_->record(KVEventKind::kRemoved, KVTier::kDisk, hash);
   used_bytes_ -= static_cast<int64_t>(file_bytes_);
   // Under the lock, so that a writer cannot put a new file under this name in between.
   if (delete_file) ::unlink(path_of(hash).c_str());

@@ -78,6 +78,10 @@ class DiskTier final : public KVStoreTier, public KVBlockSink {
   bool contains(BlockHash hash) override;
   void cancel(TransferHandle handle) override;
   bool offer(BlockHash hash, const uint8_t* data, std::function<void()> release) override;
+  // Stored: a block whose file is written (or was found on disk at start); removed: one evicted or
+  // dropped (corrupt, unreadable).
+  void set_event_log(KVEventLog* log) override;
+  void held_blocks(std::vector<KVEvent>& out) override;
 
   // Blocks until every accepted write has been written (or dropped). For tests and shutdown paths.
   void flush();
@@ -156,6 +160,7 @@ class DiskTier final : public KVStoreTier, public KVBlockSink {
   std::condition_variable write_cv_;
   std::condition_variable load_cv_;
   std::condition_variable idle_cv_;
+  KVEventLog* events_ = nullptr;
   std::unordered_map<BlockHash, Entry> index_;
   std::list<BlockHash> lru_;                 // every indexed block; front = least recently used
   std::unordered_set<BlockHash> writing_;    // accepted writes not yet in the index

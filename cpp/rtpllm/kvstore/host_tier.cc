@@ -33,6 +33,7 @@ struct HostTier::State {
   std::unordered_map<BlockHash, int32_t> index;  // FILLING and READY slots
   std::list<int32_t> lru;                        // READY, unpinned slots; front = least recently used
   KVTierStats stats;
+  KVEventLog* events = nullptr;  // READY blocks stored and evicted, for the router
 
   uint8_t* data(int32_t slot) const { return buffer.data() + static_cast<int64_t>(slot) * bytes_per_block; }
 
@@ -68,6 +69,7 @@ struct HostTier::State {
   std::optional<int32_t> take_slot() {
     if (free_slots.empty()) {
       if (lru.empty()) return std::nullopt;
+      if (events != nullptr) events->record(KVEventKind::kRemoved, KVTier::kHost, slots[lru.front()].hash);
       free_slot(lru.front());
       ++stats.evicted_blocks;
     }
@@ -217,8 +219,10 @@ void HostTier::finish_save(Transfer& transfer, bool ok) {
         state_->free_slot(id);
         continue;
       }
-      state_->slots[static_cast<size_t>(id)].kind = State::SlotKind::READY;
+      State::Slot& slot = state_->slots[static_cast<size_t>(id)];
+      slot.kind = State::SlotKind::READY;
       state_->make_evictable(id);
+      if (state_->events != nullptr) state_->events->record(KVEventKind::kStored, KVTier::kHost, slot.hash);
     }
     if (ok) {
       state_->stats.saved_blocks += transfer.slots.size();
@@ -226,6 +230,18 @@ void HostTier::finish_save(Transfer& transfer, bool ok) {
     }
   }
   if (ok && next_tier_) offer_to_next_tier(transfer.slots);
+}
+
+void HostTier::set_event_log(KVEventLog* log) {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  state_->events = log;
+}
+
+void HostTier::held_blocks(std::vector<KVEvent>& out) {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  for (const State::Slot& slot : state_->slots) {
+    if (slot.kind == State::SlotKind::READY) out.push_back(KVEvent{slot.hash, KVEventKind::kStored, KVTier::kHost});
+  }
 }
 
 void HostTier::finish_load(Transfer& transfer, bool ok) {

@@ -40,7 +40,10 @@ class HostTier final : public KVStoreTier {
   TransferState poll(TransferHandle handle) override;
   std::vector<KVTierStats> stats() override;
   bool contains(BlockHash hash) override;
-  void cancel(TransferHandle) override {}  // host copies are short: a pending load just finishes
+  void cancel(TransferHandle) override {}
+  // Stored: a block whose save completed; removed: a block evicted for room.
+  void set_event_log(KVEventLog* log) override;
+  void held_blocks(std::vector<KVEvent>& out) override;  // host copies are short: a pending load just finishes
 
   int32_t capacity_blocks() const;
   // Slots, index and LRU list agree; throws std::logic_error otherwise. For tests.

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "rtpllm/cache/kv_event_log.h"
 #include "rtpllm/core/types.h"
 
 namespace rtpllm {
@@ -80,6 +81,14 @@ class KVConnector {
   // What recomputing one block's KV costs now (seconds; 0: unknown), measured by the caller. A
   // connector may then leave out of match() blocks it expects to load more slowly than that.
   virtual void set_recompute_seconds_per_block(double /*seconds*/) {}
+
+  // From now on, records into `log` (nullptr: stop) the hashes this connector's tiers store and
+  // evict, under their tier. The log must outlive the connector or be unset first. Default:
+  // records nothing (a connector that keeps no copies).
+  virtual void set_event_log(KVEventLog* log) { (void)log; }
+  // Appends a kStored event for every block the tiers hold now (what a reader of the event log
+  // starts from, or resyncs from after the log overflowed).
+  virtual void held_blocks(std::vector<KVEvent>& out) { (void)out; }
 };
 
 }  // namespace rtpllm

@@ -129,6 +129,14 @@ TransferState TieredKVConnector::poll(TransferHandle handle) {
   return state;
 }
 
+void TieredKVConnector::set_event_log(KVEventLog* log) {
+  for (const auto& tier : tiers_) tier->set_event_log(log);
+}
+
+void TieredKVConnector::held_blocks(std::vector<KVEvent>& out) {
+  for (const auto& tier : tiers_) tier->held_blocks(out);
+}
+
 std::vector<KVTierStats> TieredKVConnector::stats() {
   std::vector<KVTierStats> all;
   for (size_t t = 0; t < tiers_.size(); ++t) {

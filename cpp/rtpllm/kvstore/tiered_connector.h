@@ -45,6 +45,8 @@ class TieredKVConnector final : public KVConnector {
   TransferState poll(TransferHandle handle) override;
   std::vector<KVTierStats> stats() override;
   void set_recompute_seconds_per_block(double seconds) override { recompute_seconds_per_block_ = seconds > 0 ? seconds : 0; }
+  void set_event_log(KVEventLog* log) override;
+  void held_blocks(std::vector<KVEvent>& out) override;
 
   size_t num_pending() const { return transfers_.size(); }
 

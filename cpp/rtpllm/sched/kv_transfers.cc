@@ -16,6 +16,17 @@ KVTransfers::KVTransfers(std::shared_ptr<KVConnector> connector, KVCacheManager&
   if (!(load_timeout_s > 0)) throw std::invalid_argument("load_timeout_s: must be positive, got " + std::to_string(load_timeout_s));
 }
 
+KVTransfers::~KVTransfers() { connector_->set_event_log(nullptr); }
+
+void KVTransfers::set_event_log(KVEventLog* log) {
+  connector_->set_event_log(log);
+  if (log == nullptr) return;
+  std::vector<KVEvent> held;
+  connector_->held_blocks(held);
+  // A block stored between the two calls is recorded twice: harmless for a reader's set.
+  for (const KVEvent& e : held) log->record(e.kind, e.tier, e.hash);
+}
+
 int32_t KVTransfers::match(const std::vector<BlockHash>& hashes) {
   if (hashes.empty()) return 0;
   int32_t n = 0;

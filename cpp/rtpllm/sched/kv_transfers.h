@@ -35,8 +35,15 @@ class KVTransfers {
   // `kv` must outlive this object. A load pending longer than load_timeout_s seconds is given up
   // (its request recomputes).
   KVTransfers(std::shared_ptr<KVConnector> connector, KVCacheManager& kv, double load_timeout_s);
+  // Unsets the connector's event log: the connector may outlive this object, the log may not.
+  ~KVTransfers();
+  KVTransfers(const KVTransfers&) = delete;
+  KVTransfers& operator=(const KVTransfers&) = delete;
 
   KVConnector& connector() { return *connector_; }
+  // The tiers record the blocks they store and evict into `log` (KVConnector::set_event_log),
+  // after a kStored event for each block they hold already.
+  void set_event_log(KVEventLog* log);
 
   // Leading hashes of `hashes` (a chain) the tiers hold.
   int32_t match(const std::vector<BlockHash>& hashes);

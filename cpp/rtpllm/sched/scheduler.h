@@ -121,9 +121,12 @@ class Scheduler {
 
   // Forwarded to the block pool (see BlockEvictionListener).
   void set_eviction_listener(BlockEvictionListener* listener) { kv_.set_eviction_listener(listener); }
-  // Forwarded to the block pool (see KVEventLog): stored and evicted block hashes, for the router.
-  void set_kv_event_log(KVEventLog* log) { kv_.set_event_log(log); }
+  // Forwarded to the block pool and the KV connector's tiers (see KVEventLog): stored and evicted
+  // block hashes per tier, for the router.
+  void set_kv_event_log(KVEventLog* log);
   std::vector<BlockHash> cached_block_hashes() const { return kv_.pool().cached_hashes(); }
+  // The blocks the KV connector's tiers hold now, as kStored events (empty without a connector).
+  std::vector<KVEvent> tier_held_blocks();
 
   // Attaches the tiers below the GPU pool (nullptr detaches). A load pending longer than
   // load_timeout_s is given up and its tokens recomputed. Throws std::logic_error while requests
@@ -210,6 +213,7 @@ class Scheduler {
   uint64_t num_preempted_total_ = 0;
   std::vector<RequestId> finished_scratch_;
   std::vector<RequestId> lookahead_ids_;  // requests given lookahead slots since the last schedule()
+  KVEventLog* kv_event_log_ = nullptr;
   std::unique_ptr<KVTransfers> transfers_;  // null without a KV connector
   std::vector<KVTransfers::EndedLoad> ended_loads_;  // scratch
   std::vector<Request*> remote_waiting_;  // WAITING_FOR_KV from a prefill peer, admission order

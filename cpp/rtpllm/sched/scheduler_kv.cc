@@ -21,7 +21,20 @@ void Scheduler::set_kv_connector(std::shared_ptr<KVConnector> connector, double 
     return;
   }
   transfers_ = std::make_unique<KVTransfers>(std::move(connector), kv_, load_timeout_s);
+  if (kv_event_log_ != nullptr) transfers_->set_event_log(kv_event_log_);
   kv_.set_record_cached_blocks(kv_.options().enable_prefix_caching);
+}
+
+std::vector<KVEvent> Scheduler::tier_held_blocks() {
+  std::vector<KVEvent> out;
+  if (transfers_) transfers_->connector().held_blocks(out);
+  return out;
+}
+
+void Scheduler::set_kv_event_log(KVEventLog* log) {
+  kv_event_log_ = log;
+  kv_.set_event_log(log);
+  if (transfers_) transfers_->set_event_log(log);
 }
 
 Scheduler::TierAdmission Scheduler::admit_from_tiers(Request* r, const PrefixHit& hit) {

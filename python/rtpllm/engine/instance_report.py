@@ -1,11 +1,12 @@
 """What an engine tells a router about itself: the block hashes it stored and evicted (KV events),
 its load, and the facts a router needs to hash prompts the way this engine does.
 
-The C++ block pool records stored/evicted hashes into a bounded `_C.KVEventLog`; the engine's step
+The C++ block pool and the KV tiers below it (host, disk: kvstore/) record stored/evicted hashes,
+each under its tier, into a bounded `_C.KVEventLog`; the engine's step
 loop drains it after every step into a `KVEventBatch`, which rides to the server with the step's
 frame (engine_core.py) and is published on `GET /kv_events` (serving/kv_events.py). After the log
 overflowed (more events between two drains than it holds) the batch carries a snapshot of every
-cached hash instead, so the server's mirror is exact again.
+cached hash, per tier, instead, so the server's mirror is exact again.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ class KVEventBatch:
     hashes: np.ndarray  # uint64 [n]
     kinds: np.ndarray  # uint8 [n]: STORED or REMOVED
     tiers: np.ndarray  # uint8 [n]: _C.KVTier values (TIER_NAMES)
-    # Set after the log overflowed: every device-tier hash cached now. It replaces the reader's
-    # device-tier view (and the arrays above are empty).
+    # Set after the log overflowed: every device-tier hash cached now, and every block the tiers
+    # below hold (hashes, tiers). They replace the reader's view (and the arrays above are empty).
     reset: Optional[np.ndarray] = None
+    reset_tier_hashes: Optional[np.ndarray] = None  # uint64 [m]
+    reset_tier_ids: Optional[np.ndarray] = None  # uint8 [m]: _C.KVTier values
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,9 @@ class InstanceReporter:
         """The events since the last call, or None when there were none."""
         overflowed, hashes, kinds, tiers = self._log.drain()
         if overflowed:
-            return KVEventBatch(hashes, kinds, tiers, reset=self._scheduler.cached_block_hashes())
+            tier_hashes, tier_ids = self._scheduler.tier_held_blocks()
+            return KVEventBatch(hashes, kinds, tiers, reset=self._scheduler.cached_block_hashes(),
+                                reset_tier_hashes=tier_hashes, reset_tier_ids=tier_ids)
         if len(hashes) == 0:
             return None
         return KVEventBatch(hashes, kinds, tiers)

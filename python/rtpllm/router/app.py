@@ -24,7 +24,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 
-from rtpllm.router.access import AccessControl, read_body_limited
 from rtpllm.router.backend import BackendPool
 from rtpllm.router.config import RouterConfig
 from rtpllm.router.metrics import RouterMetrics
@@ -32,10 +31,12 @@ from rtpllm.router.policy import RoutingPolicy
 from rtpllm.router.prompts import PromptReader, load_tokenizer
 from rtpllm.router.proxy import Proxy
 from rtpllm.serving.errors import OpenAIError, to_openai_error
+from rtpllm.serving.request_guard import AccessRules, RequestGuard
 from rtpllm.serving.streaming import ClientDisconnected
 
 logger = logging.getLogger(__name__)
 _GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+_PUBLIC_PATHS = ("/health",)  # everything else, /metrics included, needs the key
 
 
 class RouterState:
@@ -92,7 +93,7 @@ def build_router_app(config: RouterConfig, tokenizer: Optional[Any] = None) -> F
 
     async def generate(request: Request) -> Response:
         try:
-            body = await read_body_limited(request, config.max_request_bytes)
+            body = await request.body()  # read (and limited) by the guard
             routing, stream = await state.prompts.read(request.url.path, body)
             return await state.proxy.forward(request, request.url.path, body, routing, stream)
         except ClientDisconnected:
@@ -122,11 +123,11 @@ def build_router_app(config: RouterConfig, tokenizer: Optional[Any] = None) -> F
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
-        return await any_instance("POST", "/tokenize", await read_body_limited(request, config.max_request_bytes))
+        return await any_instance("POST", "/tokenize", await request.body())
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
-        return await any_instance("POST", "/detokenize", await read_body_limited(request, config.max_request_bytes))
+        return await any_instance("POST", "/detokenize", await request.body())
 
     @app.get("/health")
     async def health() -> Response:
@@ -142,8 +143,10 @@ def build_router_app(config: RouterConfig, tokenizer: Optional[Any] = None) -> F
     async def router_state() -> JSONResponse:
         return JSONResponse(state.snapshot())
 
-    app.add_middleware(AccessControl, api_key=config.api_key, max_request_bytes=config.max_request_bytes,
-                       allowed_hosts=config.allowed_hosts)
+    # The same gate as `rtpllm serve` (Host, API key, JSON bodies, body size and read deadline).
+    app.add_middleware(RequestGuard, rules=AccessRules(
+        bind_host=config.host, allowed_hosts=config.allowed_hosts, api_key=config.api_key, public_paths=_PUBLIC_PATHS,
+        max_request_body_bytes=config.max_request_bytes))
     return app
 
 

@@ -28,7 +28,7 @@ class Ticket:
     """One request routed to a backend, from dispatch to its last byte."""
 
     backend: "Backend"
-    prompt_tokens: int
+    prefill_tokens: int  # prompt tokens the instance is expected to compute (not cached there)
     long: bool
     prefilling: bool = True
     closed: bool = False
@@ -38,7 +38,7 @@ class Ticket:
         if self.prefilling and not self.closed:
             self.prefilling = False
             b = self.backend
-            b.pending_prefill_tokens -= self.prompt_tokens
+            b.pending_prefill_tokens -= self.prefill_tokens
             b.long_prefills -= self.long
             b.decoding += 1
             if self.long:
@@ -49,7 +49,7 @@ class Ticket:
             return
         b = self.backend
         if self.prefilling:
-            b.pending_prefill_tokens -= self.prompt_tokens
+            b.pending_prefill_tokens -= self.prefill_tokens
             b.long_prefills -= self.long
         else:
             b.decoding -= 1
@@ -69,18 +69,32 @@ class Backend:
         self.model_path: Optional[str] = None
         # What the router itself has sent there (exact and instant, unlike the polled load).
         self.in_flight = 0
-        self.pending_prefill_tokens = 0
+        self.pending_prefill_tokens = 0  # prompt tokens still to compute (expected cache hits excluded)
         self.decoding = 0
         self.long_prefills = 0
+        self.foreign_requests = 0  # requests other clients had there at the last load report
         self.released = asyncio.Event()  # set whenever a request there ends (wakes the long queue)
         self.routed_total = 0
 
-    def admit(self, prompt_tokens: int, long: bool) -> Ticket:
+    def admit(self, prompt_tokens: int, long: bool, cached_tokens: int = 0) -> Ticket:
+        """Books a request of `prompt_tokens`, `cached_tokens` of which the instance is expected to
+        hold: only the rest is prefill work queued there."""
+        prefill_tokens = max(0, prompt_tokens - cached_tokens)
         self.in_flight += 1
-        self.pending_prefill_tokens += prompt_tokens
+        self.pending_prefill_tokens += prefill_tokens
         self.long_prefills += long
         self.routed_total += 1
-        return Ticket(self, prompt_tokens, long)
+        return Ticket(self, prefill_tokens, long)
+
+    def take_load_report(self, report: dict) -> None:
+        """A GET /load reply. The instance counts every request it holds, this router's included;
+        the router's own count at the moment the reply arrived tells how many are someone else's
+        (comparing with the count at routing time instead would take requests finished since the
+        report for load other clients put there)."""
+        report["received_at"] = time.monotonic()
+        held = report.get("num_running", 0) + report.get("num_waiting", 0)
+        self.foreign_requests = max(0, held - self.in_flight)
+        self.load = report
 
     def mark_down(self, why: str) -> None:
         if self.healthy:
@@ -160,7 +174,8 @@ class BackendPool:
                 models = await self._get_json(backend, "/v1/models", timeout)
                 backend.model = models["data"][0]["id"]
                 load = await self._get_json(backend, "/load", timeout)
-                backend.model_path, backend.load = load.get("model_path"), load
+                backend.model_path = load.get("model_path")
+                backend.take_load_report(load)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, KeyError, IndexError, ValueError) as exc:
             backend.mark_down(f"health check failed ({type(exc).__name__}: {exc})")
             return
@@ -204,7 +219,6 @@ class BackendPool:
             if not backend.healthy:
                 continue
             try:
-                backend.load = await self._get_json(backend, "/load", self.config.health_timeout_s)
-                backend.load["received_at"] = time.monotonic()
+                backend.take_load_report(await self._get_json(backend, "/load", self.config.health_timeout_s))
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
                 logger.debug("load of %s: %r", backend.url, exc)

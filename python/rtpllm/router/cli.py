@@ -25,6 +25,10 @@ def add_router_parser(subparsers) -> None:
                    help="cache_aware: weight of the work already queued on an instance.")
     p.add_argument("--decode-weight", type=float, default=16.0,
                    help="cache_aware: prompt tokens one running request's decoding counts as.")
+    p.add_argument("--host-hit-weight", type=float, default=0.8,
+                   help="cache_aware: a prompt block in an instance's host tier, as a fraction of a device hit.")
+    p.add_argument("--disk-hit-weight", type=float, default=0.5,
+                   help="cache_aware: a prompt block in an instance's disk tier, as a fraction of a device hit.")
     p.add_argument("--long-prompt-threshold", type=int, default=2048,
                    help="Prompts over this many tokens take the long lane (0: no lanes).")
     p.add_argument("--long-lane", action="append", default=[], metavar="URL",
@@ -38,9 +42,11 @@ def add_router_parser(subparsers) -> None:
     p.add_argument("--health-interval", type=float, default=1.0)
     p.add_argument("--api-key", default=None, help="Clients must send it (default: $RTPLLM_API_KEY).")
     p.add_argument("--backend-api-key", default=None, help="What the router sends to the instances.")
-    p.add_argument("--max-request-bytes", type=int, default=16 << 20)
-    p.add_argument("--allowed-hosts", default="*",
-                   help="Comma-separated Host header values to accept ('*': any).")
+    p.add_argument("--max-request-bytes", "--max-request-body-bytes", dest="max_request_bytes", type=int,
+                   default=16 << 20, help="Larger request bodies get a 413 (checked while reading).")
+    p.add_argument("--allowed-hosts", default="",
+                   help="Comma-separated Host header values to accept besides the bind address (and localhost "
+                        "when bound to loopback), as `rtpllm serve --allowed-hosts`; '*': any.")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug", "trace"))
     p.set_defaults(handler=run_from_args)
@@ -50,7 +56,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig.from_env(
         backends=tuple(args.backend), prefill=tuple(args.prefill), decode=tuple(args.decode),
         policy=args.policy, cache_weight=args.cache_weight, load_weight=args.load_weight,
-        decode_weight=args.decode_weight,
+        decode_weight=args.decode_weight, host_hit_weight=args.host_hit_weight,
+        disk_hit_weight=args.disk_hit_weight,
         long_prompt_threshold=args.long_prompt_threshold or None, long_lane=tuple(args.long_lane),
         max_long_per_instance=args.max_long_per_instance, tokenizer=args.tokenizer, max_retries=args.max_retries,
         health_interval_s=args.health_interval, api_key=args.api_key,

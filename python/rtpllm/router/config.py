@@ -28,11 +28,15 @@ class RouterConfig:
     policy: str = "cache_aware"
     # cache_aware cost of an instance, in prompt tokens of work ahead of the request:
     #   cache_weight * (prompt tokens it would have to compute, i.e. not cached there)
-    #   + load_weight * (prompt tokens still to prefill for requests already sent there
-    #                    + decode_weight * requests decoding there)
+    #   + load_weight * (prompt tokens still to compute for requests already sent there
+    #                    + decode_weight * requests decoding there, or other clients' requests)
     cache_weight: float = 1.0
     load_weight: float = 1.0
     decode_weight: float = 16.0
+    # A prompt block an instance holds in its host (disk) tier saves its prefill too, but is copied
+    # up first: it counts as this fraction of a block on the device.
+    host_hit_weight: float = 0.8
+    disk_hit_weight: float = 0.5
     # Hashes of a prompt just routed count as cached on its instance for this long (until its own
     # KV events confirm them), so that a burst sharing a new prefix lands together.
     predicted_ttl_s: float = 10.0
@@ -53,12 +57,14 @@ class RouterConfig:
     max_retries: int = 2  # other instances tried after a 503 or connection failure before any output
     connect_timeout_s: float = 5.0
 
-    # Access control: clients need `api_key` (Authorization: Bearer ...) everywhere but /health;
-    # the router reaches instances with `backend_api_key`.
+    # Access control, as `rtpllm serve`'s (serving/request_guard.py): clients need `api_key`
+    # (Authorization: Bearer ...) everywhere but /health; Host headers must name the router (its
+    # bind address, loopback names when bound to loopback, `allowed_hosts`; "*": any). The router
+    # reaches instances with `backend_api_key`.
     api_key: Optional[str] = field(default=None, repr=False)
     backend_api_key: Optional[str] = field(default=None, repr=False)
     max_request_bytes: int = 16 << 20
-    allowed_hosts: tuple[str, ...] = ("*",)
+    allowed_hosts: tuple[str, ...] = ()
 
     host: str = "127.0.0.1"
     port: int = 8100
@@ -81,6 +87,9 @@ class RouterConfig:
         for name in ("cache_weight", "load_weight", "decode_weight", "predicted_ttl_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("host_hit_weight", "disk_hit_weight"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
         if self.long_prompt_threshold is not None and self.long_prompt_threshold < 1:
             raise ValueError(f"long_prompt_threshold: must be >= 1, got {self.long_prompt_threshold}")
         if self.max_long_per_instance < 1:

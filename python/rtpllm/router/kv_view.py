@@ -3,7 +3,8 @@
 `KVView.apply(reply)` takes one `GET /kv_events` reply: events are applied in order; a resync reply
 (first subscription, an instance restart, or a subscriber that fell behind the instance's ring:
 "overflow: resync") replaces the whole view with the snapshot. Hashes of prompts the router just
-sent to the instance count as held for a while ("predicted") until its events report them.
+sent to the instance count as held for a while ("predicted") until its events report them. Events name a tier (device, host, disk, remote): a
+prompt prefix held below the device still saves its prefill, at the price of a copy up.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Optional, Sequence
 from rtpllm import _C
 
 DEVICE = "device"
+LOWER_TIERS = ("host", "disk", "remote")  # fastest first, as the engine's tiered connector asks them
 
 
 def prefix_block_hashes(token_ids: Sequence[int], block_size: int, root_hash: int, extra_key: int = 0) -> list[int]:
@@ -37,6 +39,7 @@ class KVView:
         self.held: dict[str, set[int]] = {}
         self._predicted: dict[int, float] = {}  # hash -> expiry (monotonic seconds)
         self.num_resyncs = 0
+        self.clock = time.monotonic  # the routing simulator (tools/router_sim.py) runs it on its own time
 
     @property
     def identity(self) -> Optional[tuple[int, int, int]]:
@@ -70,7 +73,7 @@ class KVView:
         self.cursor = int(reply["cursor"])
 
     def predict(self, hashes: Sequence[int], ttl_s: float) -> None:
-        expiry = time.monotonic() + ttl_s
+        expiry = self.clock() + ttl_s
         device = self.held.get(DEVICE, ())
         for h in hashes:
             if h not in device:
@@ -79,9 +82,9 @@ class KVView:
             self._expire()
 
     def matched_blocks(self, hashes: Sequence[int]) -> int:
-        """Leading blocks of `hashes` this instance holds (on the device, or predicted)."""
+        """Leading blocks of `hashes` this instance holds on the device (or predicted there)."""
         device = self.held.get(DEVICE, ())
-        now = time.monotonic()
+        now = self.clock()
         n = 0
         for h in hashes:
             if h in device:
@@ -93,6 +96,20 @@ class KVView:
             n += 1
         return n
 
+    def matched_by_tier(self, hashes: Sequence[int]) -> dict[str, int]:
+        """Blocks of the longest prefix of `hashes` this instance can supply, by where each comes
+        from: the device prefix first (matched_blocks), then the blocks after it that a lower tier
+        holds, as the engine loads them (each from the fastest tier that has it)."""
+        n = self.matched_blocks(hashes)
+        counts = {DEVICE: n}
+        lower = [(tier, self.held[tier]) for tier in LOWER_TIERS if self.held.get(tier)]
+        for h in hashes[n:]:
+            tier = next((name for name, held in lower if h in held), None)
+            if tier is None:
+                break
+            counts[tier] = counts.get(tier, 0) + 1
+        return counts
+
     def _expire(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         self._predicted = {h: t for h, t in self._predicted.items() if t >= now}

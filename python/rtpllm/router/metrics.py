@@ -22,7 +22,7 @@ class _BackendCollector(Collector):
         gauges = {
             "backend_healthy": ("1 while the instance is in the pool.", lambda b: float(b.healthy)),
             "backend_in_flight": ("Requests the router has in flight there.", lambda b: b.in_flight),
-            "backend_pending_prefill_tokens": ("Prompt tokens sent there that await their first token.",
+            "backend_pending_prefill_tokens": ("Prompt tokens sent there, not expected cached, that await their first token.",
                                                lambda b: b.pending_prefill_tokens),
             "backend_cached_blocks": ("Device-tier blocks the router believes the instance caches.",
                                       lambda b: len(b.view.held.get("device", ()))),

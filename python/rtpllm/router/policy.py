@@ -5,10 +5,17 @@ Policies (`RouterConfig.policy`):
 - least_loaded: fewest requests in flight from this router, then fewest prompt tokens to prefill.
 - cache_aware: least work ahead of the request, counted in prompt tokens:
       cache_weight * (its prompt tokens not cached there)
-    + load_weight * (prompt tokens queued there for prefill + decode_weight * requests decoding there
-                     + decode_weight * requests there that this router did not send)
+    + load_weight * (prompt tokens queued there for prefill, their expected hits excluded
+                     + decode_weight * (requests decoding there + requests other clients put there))
   "Cached there" comes from the instance's KV events (kv_view.py): the prompt is hashed block by
-  block with the instance's own chain, and the leading blocks it holds count as hits.
+  block with the instance's own chain, and the leading blocks it holds count as hits (blocks in its
+  host or disk tier count `host_hit_weight` / `disk_hit_weight` of a device hit).
+  The queue is the router's own bookkeeping (tickets: exact and immediate); only other clients'
+  requests come from the polled load reports. Work already counts in the cost's units, so the cost
+  itself bounds how far stickiness piles onto one instance: a holder wins only while its queue is
+  shorter than the prefill the hit saves. (A separate bounded-load cap, "best hit among instances
+  within a factor of the least loaded", only lost hits and raised TTFT in the routing simulator,
+  tools/router_sim.py.)
 
 Lanes (`long_prompt_threshold`): a long prompt goes to the long-lane instances when some are
 configured (short prompts then stay off them while another instance is up). Otherwise an instance
@@ -27,7 +34,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from rtpllm.router.backend import Backend, BackendPool
+from rtpllm.router.backend import Backend, BackendPool, Ticket
 from rtpllm.router.config import RouterConfig
 from rtpllm.router.kv_view import prefix_block_hashes
 
@@ -110,15 +117,29 @@ class RoutingPolicy:
         hashes = hashes_for(backend)
         return Choice(backend, self._hit_tokens(backend, hashes), hashes)
 
+    def dispatch(self, choice: Choice, request: RoutingInput) -> Ticket:
+        """Books `request` on the chosen instance: the router's own load accounting (released by
+        the ticket) and the cache it predicts there."""
+        backend = choice.backend
+        ticket = backend.admit(request.num_prompt_tokens, self.lanes.is_long(request), choice.hit_tokens)
+        backend.view.predict(choice.hashes, self.config.predicted_ttl_s)
+        return ticket
+
     def _hit_tokens(self, backend: Backend, hashes: list[int]) -> int:
-        return backend.view.matched_blocks(hashes) * (backend.view.block_size or 0) if hashes else 0
+        """Prompt tokens the instance is expected not to compute: a device hit counts whole, a block
+        it would copy up from its host or disk tier counts `host_hit_weight`/`disk_hit_weight` of
+        one (the copy's cost against the compute it saves)."""
+        if not hashes:
+            return 0
+        weights = {"device": 1.0, "host": self.config.host_hit_weight, "disk": self.config.disk_hit_weight,
+                   "remote": self.config.disk_hit_weight}
+        blocks = sum(weights[tier] * n for tier, n in backend.view.matched_by_tier(hashes).items())
+        return int(blocks * (backend.view.block_size or 0))
 
     def _cache_aware(self, request: RoutingInput, backend: Backend, hashes: list[int]) -> tuple[tuple, Choice]:
         c = self.config
         hit = self._hit_tokens(backend, hashes)
-        reported = backend.load.get("num_running", 0) + backend.load.get("num_waiting", 0)
-        foreign = max(0, reported - backend.in_flight)  # requests other clients sent there
-        queue = backend.pending_prefill_tokens + c.decode_weight * (backend.decoding + foreign)
+        queue = backend.pending_prefill_tokens + c.decode_weight * (backend.decoding + backend.foreign_requests)
         cost = c.cache_weight * (request.num_prompt_tokens - hit) + c.load_weight * queue
         # Ties (an idle pool, no hits anywhere): the instance that got the fewest requests so far.
         return (cost, backend.in_flight, backend.routed_total), Choice(backend, hit, hashes)

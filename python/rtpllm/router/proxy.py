@@ -55,8 +55,7 @@ class Proxy:
                 break
             backend = choice.backend
             long = self.policy.lanes.is_long(routing)
-            ticket = backend.admit(routing.num_prompt_tokens, long)
-            backend.view.predict(choice.hashes, self.config.predicted_ttl_s)
+            ticket = self.policy.dispatch(choice, routing)
             self.metrics.routed.labels(backend.url, "long" if long else "short").inc()
             self.metrics.prompt_tokens.labels(backend.url).inc(routing.num_prompt_tokens)
             self.metrics.expected_hit_tokens.labels(backend.url).inc(choice.hit_tokens)

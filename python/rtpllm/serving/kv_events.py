@@ -69,7 +69,11 @@ class KVEventHub:
         if batch.reset is not None:
             # The engine's log overflowed: its snapshot replaces the mirror, and the ring restarts so
             # that every subscriber resyncs (the events it would have read are gone).
+            self._held = {tier: set() for tier in TIER_NAMES.values()}
             self._held[_DEVICE] = set(batch.reset.tolist())
+            if batch.reset_tier_hashes is not None:
+                for h, t in zip(batch.reset_tier_hashes.tolist(), batch.reset_tier_ids.tolist()):
+                    self._held[TIER_NAMES[t]].add(h)
             self._ring.clear()
             self.cursor += 1
             self.num_resets += 1

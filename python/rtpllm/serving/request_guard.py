@@ -7,6 +7,9 @@ server never grants), and a body of at most `max_request_body_bytes` that arrive
 `body_read_timeout_s`. The body is read here, counted as it arrives, and handed on whole, so
 handlers never wait on a slow client. A client that hangs up mid-upload is a debug line, not an
 error. Every refusal is an OpenAI-style JSON error.
+
+`rtpllm serve` and `rtpllm router` both put this guard in front of everything: each maps its own
+options (ServerOptions, RouterConfig) onto `AccessRules`.
 """
 
 from __future__ import annotations
@@ -15,18 +18,37 @@ import asyncio
 import ipaddress
 import logging
 import secrets
+from dataclasses import dataclass
 from typing import Optional
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rtpllm.serving.errors import OpenAIError
-from rtpllm.serving.server_options import ServerOptions
+from rtpllm.serving.server_options import DEFAULT_MAX_REQUEST_BODY_BYTES, ServerOptions
 
 logger = logging.getLogger(__name__)
 
 _WILDCARD_BINDS = {"", "0.0.0.0", "::"}
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+@dataclass(frozen=True)
+class AccessRules:
+    """What the guard enforces (see the module docstring)."""
+
+    bind_host: str = "127.0.0.1"  # with `allowed_hosts`, which Host headers name this server (HostPolicy)
+    allowed_hosts: tuple[str, ...] = ()
+    api_key: Optional[str] = None
+    public_paths: tuple[str, ...] = ("/health", "/metrics")  # served without the key
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    body_read_timeout_s: float = 60.0
+
+    @classmethod
+    def of_server(cls, options: ServerOptions) -> "AccessRules":
+        return cls(bind_host=options.host, allowed_hosts=options.allowed_hosts, api_key=options.api_key,
+                   public_paths=options.public_paths, max_request_body_bytes=options.max_request_body_bytes,
+                   body_read_timeout_s=options.body_read_timeout_s)
 
 
 class _Refusal(Exception):
@@ -121,16 +143,20 @@ class _BodyDeadlines:
 
 
 class RequestGuard:
-    """ASGI middleware; add it outermost (after every other `add_middleware`)."""
+    """ASGI middleware; add it outermost (after every other `add_middleware`), with the server's
+    `options` or explicit `rules`."""
 
-    def __init__(self, app: ASGIApp, options: ServerOptions):
+    def __init__(self, app: ASGIApp, options: Optional[ServerOptions] = None, rules: Optional[AccessRules] = None):
+        if (options is None) == (rules is None):
+            raise TypeError("RequestGuard: give either options or rules")
+        rules = rules if rules is not None else AccessRules.of_server(options)
         self.app = app
-        self.hosts = HostPolicy(options.host, options.allowed_hosts)
-        self.api_key = options.api_key.encode() if options.api_key else None
-        self.public_paths = frozenset(options.public_paths)
-        self.max_body = options.max_request_body_bytes
-        self.body_timeout_s = options.body_read_timeout_s
-        self._deadlines = _BodyDeadlines(options.body_read_timeout_s)
+        self.hosts = HostPolicy(rules.bind_host, rules.allowed_hosts)
+        self.api_key = rules.api_key.encode() if rules.api_key else None
+        self.public_paths = frozenset(rules.public_paths)
+        self.max_body = rules.max_request_body_bytes
+        self.body_timeout_s = rules.body_read_timeout_s
+        self._deadlines = _BodyDeadlines(rules.body_read_timeout_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
