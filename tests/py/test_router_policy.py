@@ -181,7 +181,7 @@ def test_bad_options_name_the_field(overrides, field):
         config(**overrides)
 
 
-def test_the_cli_maps_onto_the_config_and_refuses_pd_pools(capsys, monkeypatch):
+def test_the_cli_maps_onto_the_config_and_refuses_mixed_modes(capsys, monkeypatch):
     from rtpllm.router.cli import config_from_args
     from rtpllm.serving.cli import build_parser, main
 
@@ -193,5 +193,26 @@ def test_the_cli_maps_onto_the_config_and_refuses_pd_pools(capsys, monkeypatch):
     assert cfg.backends == ("http://a:1", "http://b:1") and cfg.long_lane == ("http://b:1",)
     assert cfg.policy == "least_loaded" and cfg.long_prompt_threshold is None and cfg.api_key == "from-env"
     assert cfg.allowed_hosts == ("localhost", "127.0.0.1")
-    assert main(["router", "--prefill", "http://p:1", "--decode", "http://d:1"]) == 2
-    assert "prefill-decode routing" in capsys.readouterr().err
+    args = build_parser().parse_args(["router", "--prefill", "http://p:1", "http://p:2", "--decode", "http://d:1",
+                                      "--pd-retry", "--pd-prefill-timeout", "7", "--pd-reserve-timeout", "3"])
+    cfg = config_from_args(args)
+    assert cfg.pd and cfg.prefill == ("http://p:1", "http://p:2") and cfg.decode == ("http://d:1",)
+    assert cfg.pd_retry and cfg.pd_prefill_timeout_s == 7 and cfg.pd_reserve_timeout_s == 3
+    assert main(["router", "--backend", "http://a:1", "--prefill", "http://p:1", "--decode", "http://d:1"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_decode_picks_the_lowest_kv_usage_band_then_the_fewest_requests_in_flight():
+    from rtpllm.router.policy import least_loaded_decode
+
+    a, b, c = (Backend(u) for u in URLS)
+    a.load, b.load, c.load = {"kv_usage": 0.31}, {"kv_usage": 0.38}, {"kv_usage": 0.75}
+    assert least_loaded_decode([a, b, c]) is a
+    a.admit(100, long=False)  # within one 10% band the router's own count decides (the poll lags)
+    assert least_loaded_decode([a, b, c]) is b
+    b.admit(100, long=False)
+    b.admit(100, long=False)
+    assert least_loaded_decode([a, b, c]) is a
+    c.load = {}  # not polled yet: counts as empty
+    assert least_loaded_decode([a, b, c]) is c
+    assert least_loaded_decode([]) is None

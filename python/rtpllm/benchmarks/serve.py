@@ -37,7 +37,9 @@ logger = logging.getLogger(__name__)
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     target = parser.add_argument_group("target server")
-    target.add_argument("--base-url", default=None, help="e.g. http://127.0.0.1:8000 (default: from --host/--port)")
+    target.add_argument("--base-url", default=None,
+                        help="e.g. http://127.0.0.1:8000 (default: from --host/--port); a server or router with "
+                             "--api-key gets $OPENAI_API_KEY")
     target.add_argument("--host", default="127.0.0.1")
     target.add_argument("--port", type=int, default=8000)
     target.add_argument("--endpoint", default=COMPLETIONS, choices=(COMPLETIONS, CHAT_COMPLETIONS))
@@ -140,11 +142,18 @@ async def _run_conversation(session: aiohttp.ClientSession, spec: LoadSpec, requ
     return results
 
 
+def auth_headers() -> dict[str, str]:
+    """A server or router started with --api-key needs it: taken from $OPENAI_API_KEY, as the
+    OpenAI client and `vllm bench serve` do."""
+    key = os.environ.get("OPENAI_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 async def run_load(requests: list[SampleRequest], spec: LoadSpec) -> LoadRun:
     """Warms up, then sends `requests` on the arrival schedule and collects every result."""
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)  # concurrency is bounded below, not here
     timeout = aiohttp.ClientTimeout(total=spec.request_timeout_s)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=auth_headers()) as session:
         if spec.num_warmups:
             warmups = [requests[i % len(requests)] for i in range(spec.num_warmups)]
             warm = await asyncio.gather(*(_run_conversation(session, spec, r, None) for r in warmups))
@@ -179,7 +188,7 @@ async def run_load(requests: list[SampleRequest], spec: LoadSpec) -> LoadRun:
 
 
 async def _served_model_name(base_url: str) -> str:
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=auth_headers()) as session:
         async with session.get(base_url + "/v1/models") as response:
             if response.status != 200:
                 raise ValueError(f"served-model-name: {base_url}/v1/models answered HTTP {response.status}")

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import aiohttp
 
@@ -112,11 +112,15 @@ class Backend:
 
 
 class BackendPool:
-    """The backends and the loops that watch them; `start()` and `stop()` on the serving loop."""
+    """The backends and the loops that watch them; `start()` and `stop()` on the serving loop.
+    One pool per role: the colocated instances (`urls` defaults to `config.backends`), or in
+    prefill-decode mode one pool of prefill and one of decode instances."""
 
-    def __init__(self, config: RouterConfig):
+    def __init__(self, config: RouterConfig, urls: Optional[Sequence[str]] = None, role: str = "colocated"):
         self.config = config
-        self.backends = [Backend(url, url in config.long_lane) for url in config.backends]
+        self.role = role
+        urls = config.backends if urls is None else urls
+        self.backends = [Backend(url, url in config.long_lane) for url in urls]
         self.session: Optional[aiohttp.ClientSession] = None
         self._tasks: list[asyncio.Task] = []
         self.changed = asyncio.Event()  # a backend came back (wakes requests waiting for one)

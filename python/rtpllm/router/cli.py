@@ -9,13 +9,23 @@ from rtpllm.router.config import POLICIES, RouterConfig
 
 
 def add_router_parser(subparsers) -> None:
-    p = subparsers.add_parser("router", help="Route OpenAI requests across instances by cache hit and load.")
+    p = subparsers.add_parser("router", help="Route OpenAI requests across instances by cache hit and load "
+                                             "(colocated, or prefill and decode pools).")
     p.add_argument("--backend", action="append", default=[], metavar="URL",
                    help="A colocated instance (`rtpllm serve`); repeat for each.")
-    p.add_argument("--prefill", nargs="+", default=[], metavar="URL",
-                   help="Prefill instances (prefill-decode disaggregation: not available yet).")
-    p.add_argument("--decode", nargs="+", default=[], metavar="URL",
-                   help="Decode instances (prefill-decode disaggregation: not available yet).")
+    p.add_argument("--prefill", nargs="+", action="extend", default=[], metavar="URL",
+                   help="Prefill instances (`rtpllm serve --role prefill`); with --decode, instead of --backend.")
+    p.add_argument("--decode", nargs="+", action="extend", default=[], metavar="URL",
+                   help="Decode instances (`rtpllm serve --role decode`); with --prefill, instead of --backend.")
+    p.add_argument("--pd-retry", action="store_true",
+                   help="A failed prefill (5xx, connection, timeout) is tried once more on another prefill "
+                        "instance, into the same decode reservation, before the client gets the error.")
+    p.add_argument("--pd-reserve-timeout", type=float, default=30.0,
+                   help="Seconds a decode instance has to reserve KV blocks (then another is tried).")
+    p.add_argument("--pd-prefill-timeout", type=float, default=30.0,
+                   help="Seconds a prefill instance has to answer (KV written), and decode then to send output "
+                        "(keep it below the decode instances' --pd-timeout-s for --pd-retry to have time).")
+    p.add_argument("--connect-timeout", type=float, default=5.0, help="Seconds to connect to an instance.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8100)
     p.add_argument("--policy", default="cache_aware", choices=POLICIES)
@@ -32,8 +42,8 @@ def add_router_parser(subparsers) -> None:
     p.add_argument("--long-prompt-threshold", type=int, default=2048,
                    help="Prompts over this many tokens take the long lane (0: no lanes).")
     p.add_argument("--long-lane", action="append", default=[], metavar="URL",
-                   help="A backend reserved for long prompts (repeat); without any, each instance takes at "
-                        "most --max-long-per-instance long prefills and one instance stays free of them.")
+                   help="A backend (or prefill instance) reserved for long prompts (repeat); without any, each "
+                        "takes at most --max-long-per-instance long prefills and one instance stays free of them.")
     p.add_argument("--max-long-per-instance", type=int, default=1)
     p.add_argument("--tokenizer", default=None,
                    help="Tokenizer folder or .gguf (default: the model path the instances report).")
@@ -60,7 +70,9 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         disk_hit_weight=args.disk_hit_weight,
         long_prompt_threshold=args.long_prompt_threshold or None, long_lane=tuple(args.long_lane),
         max_long_per_instance=args.max_long_per_instance, tokenizer=args.tokenizer, max_retries=args.max_retries,
-        health_interval_s=args.health_interval, api_key=args.api_key,
+        health_interval_s=args.health_interval, api_key=args.api_key, pd_retry=args.pd_retry,
+        pd_reserve_timeout_s=args.pd_reserve_timeout, pd_prefill_timeout_s=args.pd_prefill_timeout,
+        connect_timeout_s=args.connect_timeout,
         backend_api_key=args.backend_api_key or os.environ.get("RTPLLM_BACKEND_API_KEY"),
         max_request_bytes=args.max_request_bytes,
         allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),

@@ -19,11 +19,24 @@ def _url(value: str, param: str) -> str:
 class RouterConfig:
     # Colocated instances (each runs prefill and decode: `rtpllm serve`).
     backends: tuple[str, ...] = ()
-    # Prefill and decode pools (issue 20's roles). The policy layer routes within one pool at a
-    # time, so a PD flow picks a prefill and a decode instance with it; the flow itself (KV hand-off
-    # between the two) is not built yet, and the router refuses these options until it is.
+    # Or prefill and decode pools (`rtpllm serve --role prefill|decode`; the hand-off is
+    # rtpllm/pd/protocol.py, the router's side pd_proxy.py): the policy below picks the prefill
+    # instance (cache hits and lanes matter there), the decode instance is the least loaded.
     prefill: tuple[str, ...] = ()
     decode: tuple[str, ...] = ()
+    # Bounds on the PD flow's waits (the connection itself: `connect_timeout_s`). Reservation: from
+    # sending the decode request to its `pd_reserved` event (a decode instance slower than that is
+    # given up and another one tried). Prefill: from sending the prefill request to its answer, and
+    # then to decode's first output (which needs the prefill's KV). The decode instance bounds its
+    # own wait for the KV too (`rtpllm serve --pd-timeout-s`, default 30 s) and ends the request
+    # with an error event when that passes first.
+    pd_reserve_timeout_s: float = 30.0
+    pd_prefill_timeout_s: float = 30.0
+    # A prefill instance that fails (5xx, connection, timeout) is replaced once by another one,
+    # writing into the same reservation, instead of failing the client's request. This helps while
+    # the reservation still waits: a failure before any write, within the decode side's bound (a
+    # prefill instance that dies mid-write makes the decode side end the reservation itself).
+    pd_retry: bool = False
 
     policy: str = "cache_aware"
     # cache_aware cost of an instance, in prompt tokens of work ahead of the request:
@@ -72,16 +85,29 @@ class RouterConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "backends", tuple(_url(u, "backend") for u in self.backends))
         object.__setattr__(self, "long_lane", tuple(_url(u, "long_lane") for u in self.long_lane))
+        object.__setattr__(self, "prefill", tuple(_url(u, "prefill") for u in self.prefill))
+        object.__setattr__(self, "decode", tuple(_url(u, "decode") for u in self.decode))
+        if self.backends and (self.prefill or self.decode):
+            raise ValueError("prefill: give either colocated instances (--backend) or prefill and decode "
+                             "pools (--prefill, --decode), not both")
         if self.prefill or self.decode:
-            raise ValueError("prefill/decode: prefill-decode routing needs the PD roles of `rtpllm serve` "
-                             "(issue 20), which are not built yet; use --backend for colocated instances")
-        if not self.backends:
+            for name in ("prefill", "decode"):
+                if not getattr(self, name):
+                    raise ValueError(f"{name}: prefill-decode routing needs at least one {name} instance URL")
+            if set(self.prefill) & set(self.decode):
+                raise ValueError(f"decode: {sorted(set(self.prefill) & set(self.decode))[0]} is also a "
+                                 "prefill instance (an instance has one role)")
+        elif not self.backends:
             raise ValueError("backend: give at least one instance URL")
-        if len(set(self.backends)) != len(self.backends):
-            raise ValueError("backend: the same URL is given twice")
-        unknown = [u for u in self.long_lane if u not in self.backends]
+        for name in ("backends", "prefill", "decode"):
+            urls = getattr(self, name)
+            if len(set(urls)) != len(urls):
+                raise ValueError(f"{name.rstrip('s')}: the same URL is given twice")
+        routed = self.prefill if self.pd else self.backends  # the pool the policy and lanes apply to
+        unknown = [u for u in self.long_lane if u not in routed]
         if unknown:
-            raise ValueError(f"long_lane: {unknown[0]} is not one of the backends")
+            pool = "prefill instances" if self.pd else "backends"
+            raise ValueError(f"long_lane: {unknown[0]} is not one of the {pool}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy: expected one of {', '.join(POLICIES)}, got {self.policy!r}")
         for name in ("cache_weight", "load_weight", "decode_weight", "predicted_ttl_s"):
@@ -94,7 +120,8 @@ class RouterConfig:
             raise ValueError(f"long_prompt_threshold: must be >= 1, got {self.long_prompt_threshold}")
         if self.max_long_per_instance < 1:
             raise ValueError(f"max_long_per_instance: must be >= 1, got {self.max_long_per_instance}")
-        for name in ("health_interval_s", "health_timeout_s", "load_interval_s", "connect_timeout_s"):
+        for name in ("health_interval_s", "health_timeout_s", "load_interval_s", "connect_timeout_s",
+                     "pd_reserve_timeout_s", "pd_prefill_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.max_retries < 0:
@@ -103,6 +130,11 @@ class RouterConfig:
             raise ValueError(f"max_request_bytes: must be positive, got {self.max_request_bytes}")
         if self.api_key == "":
             raise ValueError("api_key: empty")
+
+    @property
+    def pd(self) -> bool:
+        """Prefill-decode disaggregation (two pools) rather than colocated instances."""
+        return bool(self.prefill)
 
     @classmethod
     def from_env(cls, **kwargs) -> "RouterConfig":

@@ -1,11 +1,11 @@
 """The router's Prometheus metrics (`rtpllm_router:`): what it routed where, with what expected
-cache hit, and how its instances are doing."""
+cache hit, how its instances are doing, and (prefill-decode mode) how each request's hand-off went."""
 
 from __future__ import annotations
 
 from typing import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -15,8 +15,8 @@ PREFIX = "rtpllm_router:"
 
 
 class _BackendCollector(Collector):
-    def __init__(self, pool: BackendPool):
-        self._pool = pool
+    def __init__(self, pools: tuple[BackendPool, ...]):
+        self._pools = pools
 
     def collect(self) -> Iterator[Metric]:
         gauges = {
@@ -29,13 +29,13 @@ class _BackendCollector(Collector):
         }
         for name, (doc, value) in gauges.items():
             family = GaugeMetricFamily(PREFIX + name, doc, labels=["backend"])
-            for b in self._pool.backends:
+            for b in (b for pool in self._pools for b in pool.backends):
                 family.add_metric([b.url], value(b))
             yield family
 
 
 class RouterMetrics:
-    def __init__(self, pool: BackendPool):
+    def __init__(self, *pools: BackendPool):
         self.registry = CollectorRegistry()
         self.routed = Counter(PREFIX + "requests", "Requests sent to an instance (retries count again).",
                               ["backend", "lane"], registry=self.registry)
@@ -48,7 +48,22 @@ class RouterMetrics:
                                registry=self.registry)
         self.failures = Counter(PREFIX + "failures", "Requests the router answered with an error itself.",
                                 ["reason"], registry=self.registry)
-        self.registry.register(_BackendCollector(pool))
+        # Prefill-decode mode (pd_proxy.py).
+        self.pd_requests = Counter(PREFIX + "pd_requests", "Prefill-decode requests by how they ended: ok, "
+                                   "client_disconnected, prefill_failed, decode_error, decode_failed, stream_broken, "
+                                   "no_decode_instance, bad_request, internal_error.", ["outcome"],
+                                   registry=self.registry)
+        self.pd_prefill_failures = Counter(PREFIX + "pd_prefill_failures", "Prefill attempts that failed, by reason "
+                                           "(retried ones included).", ["reason"], registry=self.registry)
+        self.pd_decode_failures = Counter(PREFIX + "pd_decode_failures", "Decode attempts that failed, by reason "
+                                          "(retried ones included).", ["reason"], registry=self.registry)
+        self.pd_reserve_seconds = Histogram(PREFIX + "pd_reserve_seconds", "From the decode request to its "
+                                            "reservation.", registry=self.registry)
+        self.pd_prefill_seconds = Histogram(PREFIX + "pd_prefill_seconds", "From the prefill request to its answer "
+                                            "(KV written to the decode instance).", registry=self.registry)
+        self.pd_transferred_bytes = Counter(PREFIX + "pd_transferred_bytes", "KV bytes the prefill instances "
+                                            "reported writing.", registry=self.registry)
+        self.registry.register(_BackendCollector(pools))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -23,8 +23,8 @@ takes at most `max_long_per_instance` long prefills at once, and long prefills n
 instance: a long prompt that finds no slot waits in the router until one frees up, so short
 requests always have an instance without a long prefill in front of them.
 
-A PD pool (issue 20) would call `choose` once per pool (prefill, then decode) with that pool's
-instances as candidates; only colocated instances exist today.
+Prefill-decode pools (pd_proxy.py): the policy and lanes pick the prefill instance, where the
+prompt is computed and cached; the decode instance is `least_loaded_decode`'s pick.
 """
 
 from __future__ import annotations
@@ -154,3 +154,22 @@ class RoutingPolicy:
                 w.cancel()
         for b in healthy:
             b.released.clear()
+
+
+# KV usage within one band counts as equal, so the router's own in-flight count (exact and instant)
+# decides among them rather than a usage polled a moment ago.
+_KV_USAGE_BANDS = 10
+
+
+def least_loaded_decode(candidates: Sequence[Backend]) -> Optional[Backend]:
+    """The decode instance for a new request: decode is memory-bound and a reservation holds KV
+    blocks for the whole prompt, so its KV usage (from `GET /load`, in bands of 10%) matters most;
+    then the requests this router has in flight there, then the exact usage, then turns."""
+    if not candidates:
+        return None
+
+    def key(b: Backend) -> tuple:
+        usage = float(b.load.get("kv_usage", 0.0) or 0.0)
+        return min(int(usage * _KV_USAGE_BANDS), _KV_USAGE_BANDS - 1), b.in_flight, usage, b.routed_total
+
+    return min(candidates, key=key)

@@ -1,0 +1,474 @@
+"""Prefill-decode disaggregation, the router's side of the hand-off (rtpllm/pd/protocol.py).
+
+One client request (completions or chat, streamed or not) becomes one reservation and one prefill:
+
+    1. decode instance (`least_loaded_decode`) <- POST /internal/pd/decode (DecodeRequest);
+       its stream's first event is the reservation (KVDestination), within `pd_reserve_timeout_s`
+    2. prefill instance (the routing policy: cache-aware, lanes) <- POST /internal/pd/prefill
+       (PrefillRequest: the body and the reservation); answers PrefillResult within
+       `pd_prefill_timeout_s`. Meanwhile:
+    3. decode's stream goes to the client as it asked: SSE chunks as they come (the reservation
+       event dropped), or the one response JSON.
+
+Failure policy (each outcome counted: rtpllm_router:pd_requests{outcome} and the failure counters):
+- decode fails before anything reached the client (connection, 503, reservation timeout, stream
+  cut before its first output): the attempt is dropped (its connection closed, which frees the
+  reservation; the prefill, if sent, cancelled) and the request tried on another decode instance,
+  up to `max_retries` times, as colocated requests are;
+- prefill fails (error status, connection, timeout): the client gets an OpenAI error and the decode
+  connection is closed (decode frees the blocks); with `pd_retry`, a 5xx, connection failure or
+  timeout is first retried once on another prefill instance, into the same reservation;
+- an error event from decode before output (a bad request, decode's own KV wait timing out) is
+  the client's answer, with its status;
+- after output began, a broken decode stream ends with an error event and [DONE];
+- a client that leaves closes both upstream connections: both instances abort and free blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from typing import AsyncIterator, Optional, Sequence
+
+import aiohttp
+from starlette.requests import Request
+from starlette.responses import Response
+
+from rtpllm.pd.protocol import DecodeRequest, KVDestination, PrefillRequest, PrefillResult
+from rtpllm.router.backend import Backend, BackendPool, Ticket
+from rtpllm.router.metrics import RouterMetrics
+from rtpllm.router.policy import RoutingInput, RoutingPolicy, least_loaded_decode
+from rtpllm.router.sse import DONE, EventSplitter, event_data, event_json, is_done
+from rtpllm.serving.errors import OpenAIError
+from rtpllm.serving.sse_response import SSEResponse
+from rtpllm.serving.streaming import ClientDisconnected, cancel_on_disconnect
+
+logger = logging.getLogger(__name__)
+
+DECODE_PATH = "/internal/pd/decode"
+PREFILL_PATH = "/internal/pd/prefill"
+# TimeoutError is an OSError: aiohttp's own connect and read timeouts count as connection failures.
+_CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)
+_DRAIN_S = 1.0  # how long a finished non-streamed reply's `[DONE]` is waited for (keeps the connection)
+
+
+class _DecodeFailed(Exception):
+    """Decode failed before any output reached the client: another decode instance may serve it."""
+
+    def __init__(self, reason: str, error: Optional[OpenAIError] = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.error = error
+
+
+class PrefillFailed(OpenAIError):
+    """The prefill side failed; the client's answer unless `pd_retry` finds another instance."""
+
+    def __init__(self, reason: str, message: str, status: int, type: str, retryable: bool):
+        super().__init__(message, status=status, type=type)
+        self.reason = reason
+        self.retryable = retryable
+
+
+class _NoPrefillInstance(Exception):
+    pass
+
+
+def _upstream_error(status: int, payload: bytes, side: str) -> OpenAIError:
+    """An instance's error reply (a JSON error body, or an SSE stream whose first event is one) as
+    the client's error, with the instance's status. 401/403 mean the router's own key
+    (`backend_api_key`) was refused: that is the router's fault, a 502, not the client's."""
+    if status in (401, 403):
+        return OpenAIError(f"the {side} instance refused the router's key (--backend-api-key)", status=502,
+                           type="upstream_error")
+    try:
+        if payload.lstrip().startswith(b"data:"):
+            body = event_json(EventSplitter().feed(payload + b"\n\n")[0])
+        else:
+            body = json.loads(payload)
+        error = body["error"]
+        return OpenAIError(str(error.get("message", "")), status=status, type=str(error.get("type", "upstream_error")),
+                           param=error.get("param"), code=error.get("code"))
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return OpenAIError(f"the {side} instance answered HTTP {status}", status=status if status >= 400 else 502,
+                           type="upstream_error")
+
+
+# An error event carries no HTTP status: its code when that is one, else one by its type; a type
+# not listed is the instance's failure, not the client's (502).
+_STATUS_BY_TYPE = {"invalid_request_error": 400, "not_found_error": 404, "service_unavailable": 503,
+                   "server_overloaded": 503, "pd_transfer_failed": 503, "timeout": 504,
+                   "internal_server_error": 500}
+
+
+def _event_error(error: dict) -> OpenAIError:
+    """An error event's body as an error reply."""
+    code = error.get("code")
+    kind = str(error.get("type", "upstream_error"))
+    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600:
+        status = code
+    else:
+        status = _STATUS_BY_TYPE.get(kind, 502)
+    return OpenAIError(str(error.get("message", "")), status=status, type=kind, param=error.get("param"), code=code)
+
+
+def _consume_result(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("prefill after decode's output began: %r", task.exception())
+
+
+class _Flow:
+    """One attempt: a decode instance's reservation (its event stream) and the prefill task
+    filling it. Owns both connections; `close()` ends them."""
+
+    def __init__(self, decode: Backend, ticket: Ticket):
+        self.decode = decode
+        self.ticket = ticket
+        self.pd_request_id = f"pd-{uuid.uuid4().hex}"
+        self.upstream: Optional[aiohttp.ClientResponse] = None
+        self.splitter = EventSplitter()
+        self.events: deque[bytes] = deque()
+        self.prefill: Optional[asyncio.Task] = None
+
+    async def next_event(self) -> Optional[bytes]:
+        """Decode's next whole event; None when its stream ended. Raises on a broken connection."""
+        while not self.events:
+            data = await self.upstream.content.readany()
+            if not data:
+                return None
+            self.events.extend(self.splitter.feed(data))
+        return self.events.popleft()
+
+    def take_buffered(self) -> list[bytes]:
+        events = list(self.events)
+        self.events.clear()
+        return events
+
+    def close(self, abort_prefill: bool = True) -> None:
+        if self.prefill is not None and not self.prefill.done() and abort_prefill:
+            self.prefill.cancel()  # closes its connection: the prefill instance aborts
+        if self.upstream is not None:
+            if self.upstream.content.at_eof():
+                self.upstream.release()
+            else:
+                self.upstream.close()  # decode aborts the request and frees its blocks
+            self.upstream = None
+        self.ticket.close()
+
+
+class PDProxy:
+    def __init__(self, prefill_pool: BackendPool, decode_pool: BackendPool, policy: RoutingPolicy,
+                 metrics: RouterMetrics):
+        self.prefill_pool = prefill_pool
+        self.decode_pool = decode_pool
+        self.policy = policy
+        self.metrics = metrics
+        self.config = prefill_pool.config
+
+    def outcome(self, name: str) -> None:
+        self.metrics.pd_requests.labels(name).inc()
+
+    async def forward(self, request: Request, path: str, body: bytes, routing: RoutingInput,
+                      stream: bool) -> Response:
+        endpoint = "chat" if path.endswith("/chat/completions") else "completions"
+        try:
+            client_body = json.loads(body)
+        except ValueError:
+            client_body = None
+        if not isinstance(client_body, dict):
+            self.outcome("bad_request")
+            raise OpenAIError("request body must be a JSON object", status=400, code="invalid_json")
+        tried: list[Backend] = []
+        last: Optional[_DecodeFailed] = None
+        for _ in range(self.config.max_retries + 1):
+            decode = least_loaded_decode([b for b in self.decode_pool.healthy() if b not in tried])
+            if decode is None:
+                break
+            if last is not None:
+                self.metrics.retries.labels("pd_decode_" + last.reason).inc()
+            flow = _Flow(decode, decode.admit(routing.num_prompt_tokens, long=False))
+            self.metrics.routed.labels(decode.url, "decode").inc()
+            handed_over = False
+            try:
+                response = await cancel_on_disconnect(request, self._attempt(flow, endpoint, client_body, routing,
+                                                                             stream))
+                handed_over = isinstance(response, _PDStream)
+                return response
+            except _DecodeFailed as failed:
+                logger.info("decode attempt on %s failed before output (%s)", decode.url, failed.reason)
+                self.metrics.pd_decode_failures.labels(failed.reason).inc()
+                tried.append(decode)
+                last = failed
+            except ClientDisconnected:
+                self.outcome("client_disconnected")
+                raise
+            except OpenAIError:
+                raise  # its outcome was counted where it was raised
+            except Exception:
+                self.outcome("internal_error")
+                raise
+            finally:
+                if not handed_over:
+                    flow.close()
+        self.outcome("decode_failed" if last is not None else "no_decode_instance")
+        if last is not None and last.error is not None:
+            raise last.error
+        if last is not None:
+            raise OpenAIError(f"the decode instances failed to take the request ({last.reason})", status=503,
+                              type="service_unavailable")
+        raise OpenAIError("no decode instance is available to serve the request", status=503,
+                          type="service_unavailable")
+
+    async def _attempt(self, flow: _Flow, endpoint: str, client_body: dict, routing: RoutingInput,
+                       stream: bool) -> Response:
+        started = time.monotonic()
+        destination = await self._reserve(flow, DecodeRequest(flow.pd_request_id, endpoint, client_body))
+        self.metrics.pd_reserve_seconds.observe(time.monotonic() - started)
+        message = PrefillRequest(flow.pd_request_id, endpoint, client_body, destination)
+        flow.prefill = asyncio.ensure_future(self._prefill(message, routing))
+        flow.prefill.add_done_callback(_consume_result)
+        first = await self._first_output(flow)
+        flow.ticket.first_output()
+        if stream:
+            return _PDStream(self, flow, first)
+        return await self._whole_response(flow, first)
+
+    # -- 1. the reservation ------------------------------------------------------------------
+
+    async def _reserve(self, flow: _Flow, message: DecodeRequest) -> KVDestination:
+        try:
+            return await asyncio.wait_for(self._reserve_unbounded(flow, message), self.config.pd_reserve_timeout_s)
+        except asyncio.TimeoutError:
+            raise _DecodeFailed("reserve_timeout") from None
+
+    async def _reserve_unbounded(self, flow: _Flow, message: DecodeRequest) -> KVDestination:
+        decode = flow.decode
+        try:
+            flow.upstream = await self.decode_pool.session.post(decode.url + DECODE_PATH, json=message.to_json())
+        except _CONNECTION_ERRORS as exc:
+            decode.mark_down(f"connection failed ({type(exc).__name__}: {exc})")
+            raise _DecodeFailed("connection") from exc
+        upstream = flow.upstream
+        if upstream.status != 200 or not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+            error = _upstream_error(upstream.status if upstream.status != 200 else 502, await _read_or_empty(upstream),
+                                    "decode")
+            if upstream.status == 503:
+                raise _DecodeFailed("503", error)
+            self.outcome("decode_error")
+            raise error
+        try:
+            event = await flow.next_event()
+        except _CONNECTION_ERRORS as exc:
+            raise _DecodeFailed("connection") from exc
+        if event is None:
+            raise _DecodeFailed("connection")  # closed before reserving
+        data = event_json(event)
+        if isinstance(data, dict) and isinstance(data.get("error"), dict):
+            error = _event_error(data["error"])
+            if error.status == 503:
+                raise _DecodeFailed("503", error)
+            self.outcome("decode_error")
+            raise error
+        try:
+            if not isinstance(data, dict) or "pd_reserved" not in data:
+                raise ValueError("the first event is not a reservation")
+            destination = KVDestination.from_json(data["pd_reserved"], "pd_reserved")
+            if destination.pd_request_id != flow.pd_request_id:
+                raise ValueError("pd_reserved.pd_request_id: not this request's")
+        except ValueError as exc:
+            logger.warning("decode instance %s broke the protocol: %s", decode.url, exc)
+            raise _DecodeFailed("bad_reply", OpenAIError(f"the decode instance's reply is invalid: {exc}",
+                                                         status=502, type="upstream_error")) from exc
+        return destination
+
+    # -- 2. the prefill -----------------------------------------------------------------------
+
+    async def _prefill(self, message: PrefillRequest, routing: RoutingInput) -> PrefillResult:
+        payload = message.to_json()
+        timeout = self.config.pd_prefill_timeout_s
+        attempts = 2 if self.config.pd_retry else 1
+        tried: list[Backend] = []
+        failure: Optional[PrefillFailed] = None
+        for attempt in range(attempts):
+            try:
+                return await asyncio.wait_for(self._prefill_once(payload, routing, tried), timeout)
+            except _NoPrefillInstance:
+                if failure is not None:
+                    raise failure from None  # nobody else to ask: the first failure is the answer
+                raise PrefillFailed("no_instance", "no prefill instance is available to serve the request", 503,
+                                    "service_unavailable", retryable=False) from None
+            except asyncio.TimeoutError:
+                failure = PrefillFailed("timeout", f"the prefill instance did not answer within {timeout:g} s", 504,
+                                        "timeout", retryable=True)
+            except PrefillFailed as failed:
+                failure = failed
+            self.metrics.pd_prefill_failures.labels(failure.reason).inc()
+            if tried:
+                logger.info("prefill of %s on %s failed: %s", message.pd_request_id, tried[-1].url, failure.message)
+            if not failure.retryable or attempt + 1 == attempts:
+                raise failure
+            self.metrics.retries.labels("pd_prefill_" + failure.reason).inc()
+        raise AssertionError("unreachable")
+
+    async def _prefill_once(self, payload: dict, routing: RoutingInput, tried: list[Backend]) -> PrefillResult:
+        choice = await self.policy.route(routing, exclude=tried)
+        if choice is None:
+            raise _NoPrefillInstance()
+        backend = choice.backend
+        tried.append(backend)
+        long = self.policy.lanes.is_long(routing)
+        ticket = self.policy.dispatch(choice, routing)
+        self.metrics.routed.labels(backend.url, "long" if long else "short").inc()
+        self.metrics.prompt_tokens.labels(backend.url).inc(routing.num_prompt_tokens)
+        self.metrics.expected_hit_tokens.labels(backend.url).inc(choice.hit_tokens)
+        started = time.monotonic()
+        try:
+            async with self.prefill_pool.session.post(backend.url + PREFILL_PATH, json=payload) as reply:
+                status, body = reply.status, await reply.read()
+        except _CONNECTION_ERRORS as exc:
+            backend.mark_down(f"prefill connection failed ({type(exc).__name__}: {exc})")
+            raise PrefillFailed("connection", "the prefill instance could not be reached", 503,
+                                "service_unavailable", retryable=True) from exc
+        finally:
+            ticket.close()
+        if status == 200:
+            try:
+                result = PrefillResult.from_json(json.loads(body))
+            except ValueError as exc:
+                raise PrefillFailed("bad_reply", f"the prefill instance's reply is invalid: {exc}", 502,
+                                    "upstream_error", retryable=True) from exc
+            self.metrics.pd_prefill_seconds.observe(time.monotonic() - started)
+            self.metrics.pd_transferred_bytes.inc(result.transferred_bytes)
+            return result
+        error = _upstream_error(status, body, "prefill")
+        raise PrefillFailed(f"status_{status}", f"prefill failed: {error.message}", error.status, error.type,
+                            retryable=error.status >= 500)
+
+    # -- 3. decode's output -------------------------------------------------------------------
+
+    async def _first_output(self, flow: _Flow) -> list[bytes]:
+        """Decode's first output event and any read with it, watching the prefill meanwhile. Bounded:
+        the prefill by its own timeout, then the first output by `pd_prefill_timeout_s` more."""
+        loop = asyncio.get_running_loop()
+        deadline: Optional[float] = None
+        reading = asyncio.ensure_future(flow.next_event())
+        try:
+            while True:
+                waits = {reading} if flow.prefill.done() else {reading, flow.prefill}
+                timeout = None if deadline is None else max(0.0, deadline - loop.time())
+                done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    raise _DecodeFailed("first_output_timeout")
+                if flow.prefill.done() and deadline is None:
+                    failure = flow.prefill.exception()
+                    if failure is not None:
+                        self.outcome("prefill_failed")
+                        raise failure
+                    deadline = loop.time() + self.config.pd_prefill_timeout_s
+                if reading not in done:
+                    continue
+                try:
+                    event = reading.result()
+                except _CONNECTION_ERRORS as exc:
+                    raise _DecodeFailed("stream_broken") from exc
+                if event is None:
+                    raise _DecodeFailed("stream_broken")
+                data = event_json(event)
+                if isinstance(data, dict) and isinstance(data.get("error"), dict):
+                    # Decode ended the request (e.g. its wait for the KV timed out): a prefill error
+                    # that arrived meanwhile says more about why.
+                    failure = flow.prefill.exception() if flow.prefill.done() else None
+                    if failure is not None:
+                        self.outcome("prefill_failed")
+                        raise failure
+                    self.outcome("decode_error")
+                    raise _event_error(data["error"])
+                if is_done(event):
+                    raise _DecodeFailed("bad_reply", OpenAIError("the decode instance ended without output",
+                                                                 status=502, type="upstream_error"))
+                if data is None or (isinstance(data, dict) and "pd_reserved" in data):
+                    reading = asyncio.ensure_future(flow.next_event())  # a comment or a repeated reservation
+                    continue
+                return [event] + flow.take_buffered()
+        finally:
+            if not reading.done():
+                reading.cancel()
+
+    async def _whole_response(self, flow: _Flow, first: list[bytes]) -> Response:
+        payload = event_data(first[0])
+        try:
+            await asyncio.wait_for(_drain(flow), _DRAIN_S)  # to [DONE]: the connection is reused
+        except (asyncio.TimeoutError, *_CONNECTION_ERRORS):
+            pass  # the reply is whole; close() closes the connection
+        flow.close(abort_prefill=False)
+        self.outcome("ok")
+        return Response(payload, status_code=200, media_type="application/json")
+
+
+async def _drain(flow: _Flow) -> None:
+    while await flow.next_event() is not None:
+        pass
+
+
+async def _read_or_empty(upstream: aiohttp.ClientResponse) -> bytes:
+    try:
+        return await upstream.read()
+    except _CONNECTION_ERRORS:
+        return b""
+
+
+class _PDStream(SSEResponse):
+    """Decode's stream after its first output, relayed event by event; closing it (however it
+    ends) closes the decode connection and, unless the stream finished, the prefill's too."""
+
+    def __init__(self, proxy: PDProxy, flow: _Flow, first: Sequence[bytes]):
+        self.proxy = proxy
+        self.flow = flow
+        self.result = "client_disconnected"  # until the relay reaches an end
+        self.errored = False  # decode sent an error event
+        super().__init__(self._relay(list(first)), on_close=self._close)
+
+    def _batch(self, events: list[bytes]) -> tuple[bytes, bool]:
+        """The events up to and including [DONE], joined; whether [DONE] was among them. Sets the
+        result before the chunk goes out: the response stops iterating after a [DONE] chunk."""
+        for i, event in enumerate(events):
+            if event.startswith(b'data: {"error"'):
+                self.errored = True
+            if is_done(event):
+                self.result = "decode_error" if self.errored else "ok"
+                return b"".join(events[:i + 1]), True
+        return b"".join(events), False
+
+    async def _relay(self, first: list[bytes]) -> AsyncIterator[bytes]:
+        chunk, finished = self._batch(first)
+        yield chunk
+        if finished:
+            return
+        upstream = self.flow.upstream
+        try:
+            while True:
+                data = await upstream.content.readany()
+                if not data:
+                    break
+                events = self.flow.splitter.feed(data)
+                if events:
+                    chunk, finished = self._batch(events)
+                    yield chunk
+                    if finished:
+                        return
+        except _CONNECTION_ERRORS as exc:
+            logger.info("decode stream of %s broke off: %r", self.flow.pd_request_id, exc)
+        # The status line went out long ago: the error can only travel in the stream.
+        self.result = "stream_broken"
+        error = OpenAIError("the decode instance's stream broke off", status=502, type="upstream_error")
+        yield b"data: " + error.body().model_dump_json().encode() + b"\n\n" + DONE
+
+    def _close(self) -> None:
+        self.flow.close(abort_prefill=self.result != "ok")
+        if self.result == "stream_broken":
+            self.proxy.metrics.pd_decode_failures.labels("stream_broken_after_output").inc()
+        self.proxy.outcome(self.result)
