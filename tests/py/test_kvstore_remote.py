@@ -118,8 +118,11 @@ def test_a_hung_store_is_dropped_within_the_timeout(store):
     generate(first, batch)
     first.engine.kv_tiers.flush()
     second = remote_llm(store)
-    # First a load that works: the store's index has reached this instance, so the next prompts
-    # match in the store and their loads must meet the hung store (not just miss it).
+    # First the store's index reaches this instance (its copy arrives asynchronously) and a load
+    # works, so the next prompts match in the store and their loads must meet the hung store.
+    deadline = time.monotonic() + 30
+    while tier_stats(second)["remote"].used_blocks == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert generate(second, batch[:1]) == expected_outputs()[:1]
     assert tier_stats(second)["remote"].loaded_blocks > 0
     store.proc.send_signal(signal.SIGSTOP)  # alive, sockets open, answering nothing

@@ -135,7 +135,7 @@ def test_without_the_key_every_endpoint_but_health_answers_401(setup):
     for method, path in [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
                          ("GET", "/metrics"), ("GET", "/router/state")]:
         response = httpx.request(method, setup.router.url + path, json={"model": MODEL, "prompt": "x"})
-        assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(setup.router.url + "/health").status_code == 200
     assert not any(d.log for d in setup.decodes)  # nothing reached an instance
 
