@@ -15,9 +15,9 @@ import argparse
 import gc
 import time
 
-from rtpllm.engine.frames import FrameReader, encode_frame
+from rtpllm.engine.link.frames import FrameReader, encode_frame
 from rtpllm.engine.link.messages import StepOutputs
-from rtpllm.engine.output_deltas import OutputDeltaDecoder, OutputDeltaEncoder
+from rtpllm.engine.link.output_deltas import OutputDeltaDecoder, OutputDeltaEncoder
 from rtpllm.engine.request_state import RequestGroup, SequenceState
 from rtpllm.engine.stats import EngineStats
 from rtpllm.outputs import RequestMetrics

@@ -27,7 +27,7 @@ cpu_s() { awk '{printf "%.2f", ($14 + $15) / 100}' "/proc/$1/stat"; }
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
 for _ in $(seq 240); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.5; done
-engine=$(pgrep -P "$server" -f rtpllm.engine.engine_core || true)  # none with --no-engine-process
+engine=$(pgrep -P "$server" -f rtpllm.engine.link.engine_core || true)  # none with --no-engine-process
 
 samplers=()
 for pid in $server $engine; do

@@ -27,7 +27,7 @@ import uvicorn
 from rtpllm.config import EngineConfig
 from rtpllm.engine.async_engine import AsyncEngine, AsyncEngineBase
 from rtpllm.engine.engine import Engine
-from rtpllm.engine.process_engine import ProcessEngine
+from rtpllm.engine.link.process_engine import ProcessEngine
 from rtpllm.serving.http_server import uvicorn_config
 from rtpllm.serving.openai_server import ServerOptions, build_app
 

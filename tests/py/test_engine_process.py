@@ -17,10 +17,10 @@ from checkpoints import checkpoint_path
 from rtpllm import LLM, SamplingParams
 from rtpllm.config import EngineConfig
 from rtpllm.engine.async_engine import EngineDeadError
-from rtpllm.engine.frames import FrameReader, FrameWriter, encode_frame
+from rtpllm.engine.link.frames import FrameReader, FrameWriter, encode_frame
 from rtpllm.engine.link.messages import AddAnswer, EngineDead, OutputDeltas, StepOutputs
-from rtpllm.engine.output_deltas import OutputDeltaDecoder, OutputDeltaEncoder
-from rtpllm.engine.process_engine import ProcessEngine
+from rtpllm.engine.link.output_deltas import OutputDeltaDecoder, OutputDeltaEncoder
+from rtpllm.engine.link.process_engine import ProcessEngine
 from rtpllm.engine.request_state import RequestGroup, SequenceState
 from rtpllm.outputs import RequestMetrics
 from server_harness import check_kv_pool_free, run_engine

@@ -8,14 +8,14 @@ import struct
 import numpy as np
 import pytest
 
-from rtpllm.engine.frames import FrameReader, encode_frame
+from rtpllm.engine.link.frames import FrameReader, encode_frame
 from rtpllm.engine.instance_report import KVEventBatch
 from rtpllm.engine.link.messages import (AbortRequest, AddAnswer, AddRequest, CallInEngine, CallResult, EngineDead,
                                          EngineFailed, EngineInfo, EngineReady, InitEngine, InitRunner, InitWorker,
                                          MalformedMessage, OutputDeltas, PromptHeader, PromptLogprobsDelta,
                                          StepOutputs, StopEngine, StopWorker, WorkerError, WorkerLoaded, WorkerReady,
                                          WorkerStep, from_wire, to_wire)
-from rtpllm.engine.output_deltas import OutputDeltaDecoder
+from rtpllm.engine.link.output_deltas import OutputDeltaDecoder
 from rtpllm.engine.stats import EngineStats
 from rtpllm.sampling_params import SamplingParams
 
@@ -158,7 +158,7 @@ def test_a_malformed_frame_from_the_engine_process_fails_its_requests():
     import sys
 
     from rtpllm.engine.async_engine import EngineDeadError
-    from rtpllm.engine.process_engine import ProcessEngine
+    from rtpllm.engine.link.process_engine import ProcessEngine
 
     server_end, engine_end = socket.socketpair()
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -18,7 +18,7 @@ import pytest
 
 from checkpoints import checkpoint_path
 from rtpllm.config import EngineConfig
-from rtpllm.engine.process_engine import ProcessEngine
+from rtpllm.engine.link.process_engine import ProcessEngine
 from rtpllm.serving.openai_server import ServerOptions
 from server_harness import RunningServer, check_kv_pool_free
 

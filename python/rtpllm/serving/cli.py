@@ -55,7 +55,7 @@ def _serve(args: argparse.Namespace) -> int:
     launch = None
     if not args.no_engine_process:
         # The engine process loads the model while this one imports the HTTP stack.
-        from rtpllm.engine.process_engine import ProcessEngine
+        from rtpllm.engine.link.process_engine import ProcessEngine
 
         launch = ProcessEngine.launch(config)
     try:

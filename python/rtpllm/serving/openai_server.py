@@ -49,7 +49,7 @@ from rtpllm.serving.streaming import ClientDisconnected
 
 __all__ = ["ServerOptions", "build_app", "run_server"]
 if TYPE_CHECKING:
-    from rtpllm.engine.process_engine import EngineLaunch
+    from rtpllm.engine.link.process_engine import EngineLaunch
 
 logger = logging.getLogger(__name__)
 Body = TypeVar("Body", bound=BaseModel)
@@ -192,7 +192,7 @@ def run_server(config: EngineConfig, options: ServerOptions = ServerOptions(),
         if engine_launch is not None:
             engine: AsyncEngineBase = engine_launch.wait(stream_interval=options.stream_interval)
         elif options.engine_process:
-            from rtpllm.engine.process_engine import ProcessEngine
+            from rtpllm.engine.link.process_engine import ProcessEngine
 
             engine = ProcessEngine.from_config(config, stream_interval=options.stream_interval)
         else:

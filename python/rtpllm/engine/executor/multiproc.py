@@ -26,7 +26,7 @@ from rtpllm.engine.executor.base import Executor, WorkerFailedError
 from rtpllm.engine.executor.step_arrays import StepArrays
 from rtpllm.engine.executor.worker import Worker, WorkerSpec, rank_device
 from rtpllm.engine.executor.worker_procs import WorkerMonitor, WorkerProcess, stop_workers
-from rtpllm.engine.frames import encode_frame
+from rtpllm.engine.link.frames import encode_frame
 from rtpllm.engine.link.messages import InitRunner, StopWorker, WorkerLoaded, WorkerReady, WorkerStep
 from rtpllm.engine.in_flight import PendingInputs
 from rtpllm.engine.model_runner import StepResult

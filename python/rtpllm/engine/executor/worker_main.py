@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from rtpllm.engine.frames import recv_blocking, send_blocking
+from rtpllm.engine.link.frames import recv_blocking, send_blocking
 from rtpllm.engine.in_flight import PendingInputs
 from rtpllm.engine.link.messages import (InitRunner, InitWorker, StopWorker, WorkerError, WorkerLoaded, WorkerReady,
                                          WorkerStep)

@@ -1,7 +1,7 @@
 """The engine's side of the worker processes: starting and stopping them, and watching them.
 
 Each worker is `python -m rtpllm.engine.executor.worker_main --fd N`, talking to the engine over
-an inherited socket in frames (engine/frames.py) of the messages in engine/link/messages.py:
+an inherited socket in frames (engine/link/frames.py) of the messages in engine/link/messages.py:
     engine -> worker: InitWorker first, then InitRunner, WorkerStep per step, StopWorker
     worker -> engine: WorkerLoaded once its shard is loaded (it then joins the group),
         WorkerReady after InitRunner; WorkerError before it exits on a failure.
@@ -27,7 +27,7 @@ from typing import Callable, Optional, TypeVar
 from rtpllm.distributed.env import worker_env
 from rtpllm.engine.executor.base import WorkerFailedError
 from rtpllm.engine.executor.worker import WorkerSpec
-from rtpllm.engine.frames import FrameReader, send_blocking
+from rtpllm.engine.link.frames import FrameReader, send_blocking
 from rtpllm.engine.link.messages import InitWorker, LinkMessage, MalformedMessage, WorkerError
 
 Reply = TypeVar("Reply", bound=LinkMessage)

@@ -1,6 +1,6 @@
 """Every message that crosses a process link, as a frozen dataclass, and their one codec.
 
-Links (each a socket of length-prefixed frames, engine/frames.py):
+Links (each a socket of length-prefixed frames, engine/link/frames.py):
     server -> engine process (engine_core.py, process_engine.py):
         InitEngine first, then AddRequest, AbortRequest, CallInEngine, StopEngine
     engine process -> server:

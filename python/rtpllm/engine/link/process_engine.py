@@ -27,11 +27,11 @@ from rtpllm.distributed.env import DISTRIBUTED_ENV
 from rtpllm.engine.default_model import resolve_model_path
 from rtpllm.engine.async_engine import (AbortCommand, AddCommand, AsyncEngineBase, CallCommand, EngineDeadError,
                                        EngineLimits, StepObserver)
-from rtpllm.engine.frames import FrameReader, FrameWriter, encode_frame, recv_blocking, send_blocking
+from rtpllm.engine.link.frames import FrameReader, FrameWriter, encode_frame, recv_blocking, send_blocking
 from rtpllm.engine.link.messages import (AbortRequest, AddRequest, CallInEngine, EngineDead, EngineFailed, EngineInfo,
                                          EngineReady, InitEngine, LinkMessage, MalformedMessage, StepOutputs,
                                          StopEngine)
-from rtpllm.engine.output_deltas import OutputDeltaDecoder
+from rtpllm.engine.link.output_deltas import OutputDeltaDecoder
 from rtpllm.loader.tokenizer_loader import load_tokenizer
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ class ProcessEngine(AsyncEngineBase):
         tokenizer.shutdown(wait=False)
         server_end, engine_end = socket.socketpair()
         try:
-            process = subprocess.Popen([sys.executable, "-m", "rtpllm.engine.engine_core", "--fd",
+            process = subprocess.Popen([sys.executable, "-m", "rtpllm.engine.link.engine_core", "--fd",
                                         str(engine_end.fileno())], pass_fds=(engine_end.fileno(),),
                                        env={**os.environ, **DISTRIBUTED_ENV})  # NVLink multicast off
         finally:

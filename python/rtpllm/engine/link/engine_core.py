@@ -1,5 +1,5 @@
 """The engine process: steps one `Engine` and talks to the server over a socket (`ProcessEngine`
-starts it as `python -m rtpllm.engine.engine_core --fd N`).
+starts it as `python -m rtpllm.engine.link.engine_core --fd N`).
 
 Why a process: in the server's process the step loop and the HTTP event loop share one GIL, so
 every microsecond of HTTP, SSE and client bookkeeping is a microsecond the step waits for. Here
@@ -26,11 +26,11 @@ import sys
 import traceback
 from typing import Optional
 
-from rtpllm.engine.frames import FrameReader, FrameWriter, encode_frame, recv_blocking, send_blocking
+from rtpllm.engine.link.frames import FrameReader, FrameWriter, encode_frame, recv_blocking, send_blocking
 from rtpllm.engine.gc_heap import freeze_startup_heap
 from rtpllm.engine.link.messages import (AbortRequest, AddAnswer, AddRequest, CallInEngine, CallResult, EngineDead,
                                          EngineFailed, EngineInfo, EngineReady, InitEngine, StepOutputs, StopEngine)
-from rtpllm.engine.output_deltas import OutputDeltaEncoder
+from rtpllm.engine.link.output_deltas import OutputDeltaEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 if __name__ == "__main__":
     # Run the module under its import name, so that anything it defines names
-    # rtpllm.engine.engine_core rather than __main__ (e.g. in a pickled traceback).
-    from rtpllm.engine import engine_core
+    # rtpllm.engine.link.engine_core rather than __main__ (e.g. in a pickled traceback).
+    from rtpllm.engine.link import engine_core
 
     sys.exit(engine_core.main())
