@@ -1,66 +1,11 @@
 #include "rtpllm/transfer/transfer_messages.h"
 
+#include "rtpllm/core/byte_codec.h"
+
 #include <cstring>
 #include <stdexcept>
 
 namespace rtpllm {
-namespace {
-
-class ByteWriter {
- public:
-  template <typename T>
-  void put(T value) {
-    out_.append(reinterpret_cast<const char*>(&value), sizeof(T));
-  }
-  void put_bytes(const std::string& bytes) {
-    put<uint32_t>(static_cast<uint32_t>(bytes.size()));
-    out_ += bytes;
-  }
-  std::string take() { return std::move(out_); }
-
- private:
-  std::string out_;
-};
-
-class ByteReader {
- public:
-  explicit ByteReader(const std::string& in) : in_(in) {}
-  template <typename T>
-  T get() {
-    need(sizeof(T));
-    T value;
-    std::memcpy(&value, in_.data() + pos_, sizeof(T));
-    pos_ += sizeof(T);
-    return value;
-  }
-  std::string get_bytes() {
-    const uint32_t size = get<uint32_t>();
-    need(size);
-    std::string bytes = in_.substr(pos_, size);
-    pos_ += size;
-    return bytes;
-  }
-  // A count of items of at least item_bytes each must fit in what is left (a corrupt count must
-  // not make us reserve gigabytes).
-  uint32_t get_count(size_t item_bytes) {
-    const uint32_t count = get<uint32_t>();
-    need(static_cast<size_t>(count) * item_bytes);
-    return count;
-  }
-  bool at_end() const { return pos_ == in_.size(); }
-  void expect_end() const {
-    if (pos_ != in_.size()) throw std::runtime_error("malformed message: trailing bytes");
-  }
-
- private:
-  void need(size_t bytes) const {
-    if (bytes > in_.size() - pos_) throw std::runtime_error("malformed message: truncated");
-  }
-  const std::string& in_;
-  size_t pos_ = 0;
-};
-
-}  // namespace
 
 std::string encode_descriptor(const PeerDescriptor& d) {
   ByteWriter w;
@@ -92,7 +37,7 @@ std::string encode_descriptor(const PeerDescriptor& d) {
 }
 
 PeerDescriptor decode_descriptor(const std::string& payload) {
-  ByteReader r(payload);
+  ByteReader r(payload, "malformed message");
   PeerDescriptor d;
   d.protocol_version = r.get<uint32_t>();
   if (d.protocol_version != 1) {
@@ -139,7 +84,7 @@ std::string encode_notice(const NoticeMessage& n) {
 }
 
 NoticeMessage decode_notice(const std::string& payload) {
-  ByteReader r(payload);
+  ByteReader r(payload, "malformed message");
   NoticeMessage n;
   n.request_id = r.get<uint64_t>();
   n.layer = r.get<int32_t>();

@@ -1,78 +1,29 @@
 #include "rtpllm/kvstore/remote/store_protocol.h"
 
+#include "rtpllm/core/byte_codec.h"
+
 #include <cstring>
 #include <stdexcept>
 
 namespace rtpllm {
 namespace {
 
-class Writer {
- public:
-  explicit Writer(StoreMessage type) { put<uint32_t>(static_cast<uint32_t>(type)); }
-  template <typename T>
-  void put(T value) {
-    out_.append(reinterpret_cast<const char*>(&value), sizeof(T));
-  }
-  void put_string(const std::string& s) {
-    put<uint32_t>(static_cast<uint32_t>(s.size()));
-    out_ += s;
-  }
-  template <typename T>
-  void put_vector(const std::vector<T>& items) {
-    put<uint32_t>(static_cast<uint32_t>(items.size()));
-    if (!items.empty()) out_.append(reinterpret_cast<const char*>(items.data()), items.size() * sizeof(T));
-  }
-  std::string take() { return std::move(out_); }
+// A store message: its type first, then its fields.
+ByteWriter writer(StoreMessage type) {
+  ByteWriter w;
+  w.put<uint32_t>(static_cast<uint32_t>(type));
+  return w;
+}
 
- private:
-  std::string out_;
-};
-
-class Reader {
- public:
-  Reader(const std::string& in, StoreMessage expected, StoreMessage or_this) : in_(in) {
-    const StoreMessage type = store_message_type(in);
-    if (type != expected && type != or_this) {
-      throw std::runtime_error("malformed store message: type " + std::to_string(static_cast<uint32_t>(type)) +
-                               " where " + std::to_string(static_cast<uint32_t>(expected)) + " was expected");
-    }
-    pos_ = sizeof(uint32_t);
+// Reads the fields of a message of type `expected` (or `or_this`), after its type.
+ByteReader reader(const std::string& in, StoreMessage expected, StoreMessage or_this) {
+  const StoreMessage type = store_message_type(in);
+  if (type != expected && type != or_this) {
+    throw std::runtime_error("malformed store message: type " + std::to_string(static_cast<uint32_t>(type)) +
+                             " where " + std::to_string(static_cast<uint32_t>(expected)) + " was expected");
   }
-  template <typename T>
-  T get() {
-    need(sizeof(T));
-    T value;
-    std::memcpy(&value, in_.data() + pos_, sizeof(T));
-    pos_ += sizeof(T);
-    return value;
-  }
-  std::string get_string() {
-    const uint32_t size = get<uint32_t>();
-    need(size);
-    std::string s = in_.substr(pos_, size);
-    pos_ += size;
-    return s;
-  }
-  template <typename T>
-  std::vector<T> get_vector() {
-    const uint32_t count = get<uint32_t>();
-    need(static_cast<size_t>(count) * sizeof(T));  // a corrupt count never makes us allocate
-    std::vector<T> items(count);
-    if (count > 0) std::memcpy(items.data(), in_.data() + pos_, count * sizeof(T));
-    pos_ += count * sizeof(T);
-    return items;
-  }
-  void expect_end() const {
-    if (pos_ != in_.size()) throw std::runtime_error("malformed store message: trailing bytes");
-  }
-
- private:
-  void need(size_t bytes) const {
-    if (bytes > in_.size() - pos_) throw std::runtime_error("malformed store message: truncated");
-  }
-  const std::string& in_;
-  size_t pos_ = 0;
-};
+  return ByteReader(in, "malformed store message", sizeof(uint32_t));
+}
 
 }  // namespace
 
@@ -93,9 +44,9 @@ StoreMessage store_message_type(const std::string& payload) {
 }
 
 std::string encode_store_hello(const StoreHello& m) {
-  Writer w(StoreMessage::HELLO);
+  ByteWriter w = writer(StoreMessage::HELLO);
   w.put<uint32_t>(m.protocol_version);
-  w.put_string(m.name);
+  w.put_bytes(m.name);
   w.put<uint64_t>(m.identity);
   w.put<int32_t>(m.shape.num_layers);
   w.put<int32_t>(m.shape.block_size);
@@ -106,10 +57,10 @@ std::string encode_store_hello(const StoreHello& m) {
 }
 
 StoreHello decode_store_hello(const std::string& payload) {
-  Reader r(payload, StoreMessage::HELLO, StoreMessage::HELLO);
+  ByteReader r = reader(payload, StoreMessage::HELLO, StoreMessage::HELLO);
   StoreHello m;
   m.protocol_version = r.get<uint32_t>();
-  m.name = r.get_string();
+  m.name = r.get_bytes();
   m.identity = r.get<uint64_t>();
   m.shape.num_layers = r.get<int32_t>();
   m.shape.block_size = r.get<int32_t>();
@@ -121,7 +72,7 @@ StoreHello decode_store_hello(const std::string& payload) {
 }
 
 std::string encode_store_welcome(const StoreWelcome& m) {
-  Writer w(StoreMessage::WELCOME);
+  ByteWriter w = writer(StoreMessage::WELCOME);
   w.put<int32_t>(m.transfer_port);
   w.put<int64_t>(m.capacity_blocks);
   w.put<int32_t>(m.max_blocks_per_request);
@@ -130,7 +81,7 @@ std::string encode_store_welcome(const StoreWelcome& m) {
 }
 
 StoreWelcome decode_store_welcome(const std::string& payload) {
-  Reader r(payload, StoreMessage::WELCOME, StoreMessage::WELCOME);
+  ByteReader r = reader(payload, StoreMessage::WELCOME, StoreMessage::WELCOME);
   StoreWelcome m;
   m.transfer_port = r.get<int32_t>();
   m.capacity_blocks = r.get<int64_t>();
@@ -141,7 +92,7 @@ StoreWelcome decode_store_welcome(const std::string& payload) {
 }
 
 std::string encode_store_index(const StoreIndexUpdate& m) {
-  Writer w(StoreMessage::INDEX);
+  ByteWriter w = writer(StoreMessage::INDEX);
   w.put_vector(m.added);
   w.put_vector(m.removed);
   w.put<int64_t>(m.used_blocks);
@@ -149,7 +100,7 @@ std::string encode_store_index(const StoreIndexUpdate& m) {
 }
 
 StoreIndexUpdate decode_store_index(const std::string& payload) {
-  Reader r(payload, StoreMessage::INDEX, StoreMessage::INDEX);
+  ByteReader r = reader(payload, StoreMessage::INDEX, StoreMessage::INDEX);
   StoreIndexUpdate m;
   m.added = r.get_vector<BlockHash>();
   m.removed = r.get_vector<BlockHash>();
@@ -159,14 +110,14 @@ StoreIndexUpdate decode_store_index(const std::string& payload) {
 }
 
 std::string encode_store_request(StoreMessage type, const StoreBlockRequest& m) {
-  Writer w(type);
+  ByteWriter w = writer(type);
   w.put<uint64_t>(m.request_id);
   w.put_vector(m.hashes);
   return w.take();
 }
 
 StoreBlockRequest decode_store_request(const std::string& payload) {
-  Reader r(payload, StoreMessage::PIN, StoreMessage::RESERVE);
+  ByteReader r = reader(payload, StoreMessage::PIN, StoreMessage::RESERVE);
   StoreBlockRequest m;
   m.request_id = r.get<uint64_t>();
   m.hashes = r.get_vector<BlockHash>();
@@ -175,32 +126,32 @@ StoreBlockRequest decode_store_request(const std::string& payload) {
 }
 
 std::string encode_store_slots(StoreMessage type, const StoreSlotsReply& m) {
-  Writer w(type);
+  ByteWriter w = writer(type);
   w.put<uint64_t>(m.request_id);
   w.put_vector(m.slots);
-  w.put_string(m.error);
+  w.put_bytes(m.error);
   return w.take();
 }
 
 StoreSlotsReply decode_store_slots(const std::string& payload) {
-  Reader r(payload, StoreMessage::PINNED, StoreMessage::RESERVED);
+  ByteReader r = reader(payload, StoreMessage::PINNED, StoreMessage::RESERVED);
   StoreSlotsReply m;
   m.request_id = r.get<uint64_t>();
   m.slots = r.get_vector<int32_t>();
-  m.error = r.get_string();
+  m.error = r.get_bytes();
   r.expect_end();
   return m;
 }
 
 std::string encode_store_release(StoreMessage type, const StoreRelease& m) {
-  Writer w(type);
+  ByteWriter w = writer(type);
   w.put<uint64_t>(m.request_id);
   w.put<uint8_t>(m.ok ? 1 : 0);
   return w.take();
 }
 
 StoreRelease decode_store_release(const std::string& payload) {
-  Reader r(payload, StoreMessage::UNPIN, StoreMessage::COMMIT);
+  ByteReader r = reader(payload, StoreMessage::UNPIN, StoreMessage::COMMIT);
   StoreRelease m;
   m.request_id = r.get<uint64_t>();
   m.ok = r.get<uint8_t>() != 0;
@@ -209,17 +160,17 @@ StoreRelease decode_store_release(const std::string& payload) {
 }
 
 std::string encode_store_error(StoreMessage type, const StoreError& m) {
-  Writer w(type);
+  ByteWriter w = writer(type);
   w.put<uint64_t>(m.request_id);
-  w.put_string(m.message);
+  w.put_bytes(m.message);
   return w.take();
 }
 
 StoreError decode_store_error(const std::string& payload) {
-  Reader r(payload, StoreMessage::ERROR, StoreMessage::REFUSE);
+  ByteReader r = reader(payload, StoreMessage::ERROR, StoreMessage::REFUSE);
   StoreError m;
   m.request_id = r.get<uint64_t>();
-  m.message = r.get_string();
+  m.message = r.get_bytes();
   r.expect_end();
   return m;
 }
