@@ -24,6 +24,7 @@
 
 #include "rtpllm/transfer/transfer_plan.h"
 #include "rtpllm/transfer/ucx/ucx_transfer.h"
+#include "bench_kv_pool.h"
 #ifdef RTPLLM_BENCH_CUDA
 #include <cuda_runtime_api.h>
 #endif
@@ -33,7 +34,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-constexpr int32_t kHeads = 8, kHeadDim = 128, kElementBytes = 2;
 constexpr int32_t kPoolBlocks = 256;
 
 struct Args {
@@ -49,52 +49,13 @@ void die(const std::string& message) {
 }
 
 #ifdef RTPLLM_BENCH_CUDA
-void cuda_check(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) die(std::string(what) + ": " + cudaGetErrorString(status));
-}
+using kvbench::cuda_check;
 #endif
 
-// One allocation holding every layer's [K, V][num_blocks][block] planes.
-struct Pool {
-  Pool(const Args& args, int32_t block_tokens) : memory(args.memory) {
-    layout.memory = args.memory;
-    layout.device_index = args.device;
-    layout.num_blocks = kPoolBlocks;
-    layout.block_size = block_tokens;
-    layout.num_kv_heads = kHeads;
-    layout.head_dim = kHeadDim;
-    layout.element_bytes = kElementBytes;
-    layout.block_stride_bytes = layout.block_bytes();
-    const size_t plane = static_cast<size_t>(kPoolBlocks) * layout.block_bytes();
-    bytes = plane * 2 * args.layers;
-    if (memory == MemoryKind::CUDA) {
-#ifdef RTPLLM_BENCH_CUDA
-      cuda_check(cudaSetDevice(args.device), "cudaSetDevice");
-      cuda_check(cudaMalloc(&base, bytes), "cudaMalloc");
-      cuda_check(cudaMemset(base, 1, bytes), "cudaMemset");
-#else
-      die("--memory cuda needs a build with RTPLLM_CUDA=ON");
-#endif
-    } else {
-      base = std::aligned_alloc(4096, bytes);
-      std::memset(base, 1, bytes);
-    }
-    const uint64_t b = reinterpret_cast<uint64_t>(base);
-    for (int32_t l = 0; l < args.layers; ++l) layout.layers.push_back({b + 2 * l * plane, b + (2 * l + 1) * plane});
-  }
-  ~Pool() {
-#ifdef RTPLLM_BENCH_CUDA
-    if (memory == MemoryKind::CUDA) {
-      cudaFree(base);
-      return;
-    }
-#endif
-    std::free(base);
-  }
-  MemoryKind memory;
-  void* base = nullptr;
-  size_t bytes = 0;
-  KVLayout layout;
+// The pool blocks move out of and into (bench_kv_pool.h).
+struct Pool : kvbench::KVPool {
+  Pool(const Args& args, int32_t block_tokens)
+      : kvbench::KVPool(args.memory, args.device, args.layers, kPoolBlocks, block_tokens) {}
 };
 
 std::function<void()> device_init(const Args& args) {
