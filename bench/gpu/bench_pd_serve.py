@@ -23,7 +23,6 @@ import json
 import os
 import random
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+from bench_util import free_port, wait_healthy  # run as a script: bench/gpu is on sys.path
 from rtpllm.benchmarks.datasets import SampleRequest, sample_random, sample_sharegpt
 from rtpllm.benchmarks.request_client import COMPLETIONS
 from rtpllm.benchmarks.serve import LoadSpec, run_load
@@ -40,27 +40,6 @@ from rtpllm.benchmarks.serve_metrics import calculate_metrics, output_token_coun
 from rtpllm.benchmarks.tokenizer import load_tokenizer
 
 PERCENTILES = [50.0, 99.0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {process.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{what} did not become healthy within {timeout_s:.0f} s")
 
 
 def checkpoint(args, root: Path) -> Path:

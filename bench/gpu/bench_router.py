@@ -38,7 +38,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from typing import Optional
 
 import aiohttp
 
+from bench_util import free_port, wait_healthy  # run as a script: bench/gpu is on sys.path
 from rtpllm.tools.router_trace import CPU_TRACE, GPU_TRACE, TraceRequest, build_trace
 
 POLICIES = ("cache_aware", "round_robin", "least_loaded")
@@ -170,27 +170,6 @@ async def closed_loop(url: str, model: str, trace: list[TraceRequest], max_token
     if counted == 0:
         raise RuntimeError("the capacity probe saw no request complete (the trace ran out?)")
     return counted / (end - warm)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {process.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{what} did not become healthy within {timeout_s:.0f} s")
 
 
 def metric_sum(url: str, name: str) -> float:

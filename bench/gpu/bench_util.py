@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import statistics
+import subprocess
+import time
+import urllib.request
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -120,3 +124,25 @@ def write_json(path: Optional[str], bench: str, rows: list[dict], **extra) -> No
     if path:
         with open(path, "w") as f:
             json.dump({"bench": bench, "device": device_name(), "rows": rows, **extra}, f, indent=1)
+
+
+# ---------------------------------------------------------------- servers the benchmarks start
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} did not become healthy within {timeout_s:.0f} s")
