@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_load import (checkpoint_dir, disk_floor_gbps, drop_page_cache, fastsafetensors_seconds,  # noqa: E402
                         h2d_floor_gbps, our_load_seconds, transformers_seconds, warm_page_cache, _free)
-from bench_util import row, write_json  # noqa: E402
+from bench_util import free_port, row, write_json  # noqa: E402
 
 from rtpllm.loader import load_model_and_tokenizer  # noqa: E402
 from rtpllm.loader.hf_checkpoint import read_json, safetensors_files  # noqa: E402
@@ -71,9 +70,7 @@ def load_phases(path: str, device: str, dtype: torch.dtype) -> tuple[float, dict
 def serve_until_first_response(model: Optional[str], extra_args: list[str]) -> tuple[float, list[dict]]:
     """Launches `rtpllm serve`, waits for its first answered completion; returns the seconds and
     the start-up reports the server and engine processes appended ($RTPLLM_STARTUP_REPORT)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     report = tempfile.NamedTemporaryFile(prefix="rtpllm-startup-", suffix=".jsonl", delete=False)
     report.close()
     command = [sys.executable, "-m", "rtpllm.serving.cli", "serve", "--port", str(port)]
