@@ -14,6 +14,7 @@
 #include "rtpllm/kvstore/remote/kv_store_server.h"
 #include "rtpllm/kvstore/remote/remote_store_tier.h"
 #include "rtpllm/transfer/ucx/ucx_transfer.h"
+#include "ucx_thread_init.h"
 #endif
 #ifdef RTPLLM_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -25,16 +26,8 @@ namespace rtpllm::bindings {
 #ifdef RTPLLM_WITH_UCX
 namespace {
 
-// UCX's CUDA transports act on the progress thread's current device.
 KVStoreServer::TransferFactory ucx_factory(std::optional<int> cuda_device) {
-  std::function<void()> thread_init;
-  if (cuda_device) {
-#ifdef RTPLLM_WITH_CUDA
-    thread_init = [device = *cuda_device] { cudaSetDevice(device); };
-#else
-    throw std::invalid_argument("cuda_device: rtpllm._C was built without CUDA");
-#endif
-  }
+  std::function<void()> thread_init = ucx_thread_init(cuda_device);
   return [thread_init](const TransferOptions& options) { return std::make_unique<UcxTransfer>(options, thread_init); };
 }
 

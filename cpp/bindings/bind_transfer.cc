@@ -14,9 +14,7 @@
 #include "rtpllm/transfer/transfer_plan.h"
 #ifdef RTPLLM_WITH_UCX
 #include "rtpllm/transfer/ucx/ucx_transfer.h"
-#endif
-#ifdef RTPLLM_WITH_CUDA
-#include <cuda_runtime_api.h>
+#include "ucx_thread_init.h"
 #endif
 
 namespace py = pybind11;
@@ -117,16 +115,7 @@ void bind_ucx_transfer(py::module_& m) {
   py::class_<UcxTransfer>(m, "UcxTransfer",
                           "KV transfer engine over UCX (see cpp/rtpllm/transfer/kv_transfer.h for the contract)")
       .def(py::init([](const TransferOptions& options, std::optional<int> cuda_device) {
-             std::function<void()> thread_init;
-             if (cuda_device) {
-#ifdef RTPLLM_WITH_CUDA
-               // UCX's CUDA transports act on the progress thread's current device.
-               thread_init = [device = *cuda_device] { cudaSetDevice(device); };
-#else
-               throw std::invalid_argument("cuda_device: rtpllm._C was built without CUDA");
-#endif
-             }
-             return std::make_unique<UcxTransfer>(options, std::move(thread_init));
+             return std::make_unique<UcxTransfer>(options, ucx_thread_init(cuda_device));
            }),
            py::arg("options"), py::kw_only(), py::arg("cuda_device") = std::nullopt)
       .def("register_kv", &UcxTransfer::register_kv, py::arg("layout"), Release(),
