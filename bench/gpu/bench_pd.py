@@ -3,10 +3,12 @@
 1. KV transfer bandwidth: a 4k-token prompt's KV (32 layers, 8 KV heads, head dim 128, bf16:
    512 MiB) written layer by layer from one process's paged pool into another's (block size 64
    into 16, as prefill and decode may differ), over UCX (CUDA IPC), against a device-to-device
-   copy measured in the same run (ratio = transfer bytes/s over copy bytes/s, one direction).
+   copy measured in the same run (ratio = transfer bytes/s over copy bytes/s, one direction);
+   into consecutive decode blocks (few large writes) and into reversed ones (one write per block).
 2. Time to first token of a 4k-token prompt: `rtpllm serve` colocated, then through PD (prefill
    and decode instances on the same GPU, half its memory each; the router's hand-off driven here),
-   both streamed, measured at the client from sending the request to the first content chunk.
+   both streamed, measured at the client from sending the request to the first content chunk,
+   with PD's time split into decode's reservation, the prefill call and the first token's way back.
 
     python bench/gpu/bench_pd.py --json /tmp/bench_pd.json
 The checkpoint is bench_e2e_llama8b.py's random 8B-shaped one (cached in $RTPLLM_BENCH_DIR).
@@ -67,28 +69,33 @@ def transfer_rows(copy_tbps: float) -> list[dict]:
         engine = _engine("prefill", pool)
         peer = engine.connect("127.0.0.1", port)
         src = list(range(PROMPT_TOKENS // 64))
-        dst = list(range(PROMPT_TOKENS // 16))[::-1]
         nbytes = PROMPT_TOKENS * LAYERS * 2 * HEADS * HEAD_DIM * 2
-        times = []
-        for repeat in range(REPEATS + 1):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            handles = [engine.put(peer, _C.TransferRequest(request_id=repeat, local_blocks=src, remote_blocks=dst,
-                                                           num_tokens=PROMPT_TOKENS, layer=layer))
-                       for layer in range(LAYERS)]
-            for handle in handles:
-                status = engine.wait(handle, 30.0)
-                assert status.state == _C.TransferState.DONE, status.error
-            if repeat:  # the first connects the memory handles
-                times.append(time.perf_counter() - start)
-        engine.take_notices(0.0)
-        seconds = statistics.median(times)
-        achieved = nbytes / seconds / 1e12
         copy_one_way = copy_tbps / 2  # measure_copy_tbps counts bytes read plus written
-        print(f"transfer: {nbytes / 2**20:.0f} MiB in {seconds * 1e3:.2f} ms = {achieved:.3f} TB/s "
-              f"(device copy {copy_one_way:.3f} TB/s one way)")
-        return [row("kv_transfer_4k_prompt_layer_by_layer", achieved, "TB/s", "device copy (one way, same run)",
-                    achieved / copy_one_way, ms=seconds * 1e3, bytes=nbytes)]
+        rows = []
+        # Consecutive decode blocks (a fresh pool hands them out in order: few large writes) and
+        # reversed ones (the worst case: one write per 16-token block, layer and plane).
+        for order, dst in (("consecutive", list(range(PROMPT_TOKENS // 16))),
+                           ("reversed", list(range(PROMPT_TOKENS // 16))[::-1])):
+            times = []
+            for repeat in range(REPEATS + 1):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                handles = [engine.put(peer, _C.TransferRequest(request_id=repeat, local_blocks=src, remote_blocks=dst,
+                                                               num_tokens=PROMPT_TOKENS, layer=layer))
+                           for layer in range(LAYERS)]
+                for handle in handles:
+                    status = engine.wait(handle, 30.0)
+                    assert status.state == _C.TransferState.DONE, status.error
+                if repeat:  # the first connects the memory handles
+                    times.append(time.perf_counter() - start)
+            engine.take_notices(0.0)
+            seconds = statistics.median(times)
+            achieved = nbytes / seconds / 1e12
+            print(f"transfer ({order} decode blocks): {nbytes / 2**20:.0f} MiB in {seconds * 1e3:.2f} ms = "
+                  f"{achieved:.3f} TB/s (device copy {copy_one_way:.3f} TB/s one way)")
+            rows.append(row(f"kv_transfer_4k_prompt_layer_by_layer_{order}", achieved, "TB/s",
+                            "device copy (one way, same run)", achieved / copy_one_way, ms=seconds * 1e3, bytes=nbytes))
+        return rows
     finally:
         child.stdin.close()
         child.wait(timeout=60)
@@ -118,10 +125,16 @@ def _ttft_pd(prefill, decode, prompt: list[int], pd_request_id: str) -> tuple[fl
         with client.stream("POST", decode.url + "/internal/pd/decode", json=body) as stream:
             lines = (line for line in stream.iter_lines() if line.startswith("data: {"))
             destination = json.loads(next(lines)[len("data: "):])["pd_reserved"]
+            reserved = time.perf_counter()
             result = client.post(prefill.url + "/internal/pd/prefill", json={**body, "destination": destination})
             assert result.status_code == 200, result.text
+            prefilled = time.perf_counter()
             next(lines)
-            return time.perf_counter() - start, result.json()
+            end = time.perf_counter()
+            # Where the time went, at the client: decode's reservation, the prefill call, and from
+            # the prefill's answer to decode's first token.
+            phases = {"reserve_s": reserved - start, "prefill_call_s": prefilled - reserved, "first_token_s": end - prefilled}
+            return end - start, {**result.json(), **phases}
 
 
 def ttft_rows(model: str) -> list[dict]:
@@ -146,12 +159,16 @@ def ttft_rows(model: str) -> list[dict]:
         prefill.stop()
         decode.stop()
     pd_s = statistics.median(t for t, _ in runs)
-    transfer_s = statistics.median(r["transfer_s"] for _, r in runs)
-    print(f"TTFT 4k prompt: colocated {colocated_s * 1e3:.1f} ms, PD {pd_s * 1e3:.1f} ms "
-          f"(prefill's transfer tail {transfer_s * 1e3:.1f} ms)")
+    phases = {key: statistics.median(r[key] for _, r in runs)
+              for key in ("reserve_s", "prefill_call_s", "first_token_s", "prefill_s", "transfer_s")}
+    print(f"TTFT 4k prompt: colocated {colocated_s * 1e3:.1f} ms, PD {pd_s * 1e3:.1f} ms; medians: "
+          f"decode reservation {phases['reserve_s'] * 1e3:.1f} ms, prefill call {phases['prefill_call_s'] * 1e3:.1f} ms "
+          f"(its engine: admission to last layer {phases['prefill_s'] * 1e3:.1f} ms, first write to last notice "
+          f"{phases['transfer_s'] * 1e3:.1f} ms), prefill's answer to decode's first token "
+          f"{phases['first_token_s'] * 1e3:.1f} ms")
     return [row("ttft_4k_colocated", colocated_s * 1e3, "ms", "-", None),
             row("ttft_4k_pd", pd_s * 1e3, "ms", "colocated TTFT", colocated_s / pd_s,
-                transfer_s_median=transfer_s)]
+                **{f"{key}_median": value for key, value in phases.items()})]
 
 
 def main() -> None:

@@ -126,18 +126,17 @@ cudaError_t launch_kv_block_staged(const KVBlockCopyArgs& args, uint8_t* staging
   std::vector<uint8_t*> images(static_cast<size_t>(staging_blocks));
   for (int32_t i = 0; i < staging_blocks; ++i) images[static_cast<size_t>(i)] = staging + i * image_bytes;
   const cudaMemcpyKind kind = args.to_host ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice;
-  // Host buffers first..first+n-1 crossed over PCIe, one cudaMemcpyAsync per run of adjacent buffers.
+  // Host buffers first..first+n-1 crossed over PCIe, one cudaMemcpyAsync per buffer (a block image
+  // is 1-2 MiB on real models, long enough to run at PCIe speed). Adjacent buffers are never merged:
+  // they may be separate pinned allocations, and a copy across two of them fails.
   auto cross_pcie = [&](int32_t first, int32_t n) -> cudaError_t {
-    for (int32_t i = 0; i < n;) {
-      int32_t run = 1;
-      while (i + run < n && args.host_blocks[first + i + run] == args.host_blocks[first + i] + run * image_bytes) ++run;
+    for (int32_t i = 0; i < n; ++i) {
       uint8_t* host = args.host_blocks[first + i];
       uint8_t* image = images[static_cast<size_t>(i)];
-      const size_t bytes = static_cast<size_t>(run * image_bytes);
+      const size_t bytes = static_cast<size_t>(image_bytes);
       const cudaError_t err = args.to_host ? cudaMemcpyAsync(host, image, bytes, kind, stream)
                                            : cudaMemcpyAsync(image, host, bytes, kind, stream);
       if (err != cudaSuccess) return err;
-      i += run;
     }
     return cudaSuccess;
   };

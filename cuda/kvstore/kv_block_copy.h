@@ -35,7 +35,7 @@ cudaError_t launch_kv_block_memcpy(const KVBlockCopyArgs& args, cudaStream_t str
 
 // The same copies through `staging` (device memory, staging_blocks host-layout block images): the
 // kernel gathers (scatters) up to staging_blocks blocks between the pool and staging at device
-// memory speed, and one cudaMemcpyAsync per run of adjacent host buffers crosses PCIe on the copy
+// memory speed, and one cudaMemcpyAsync per host buffer crosses PCIe on the copy
 // engines. The SMs are then busy for the device-memory pass only (microseconds per block), not for
 // the whole PCIe transfer as with the direct kernel, so a stream of saves disturbs the model's
 // kernels far less. Rounds of staging_blocks run one after the other on `stream`.

@@ -30,7 +30,7 @@ def checkpoint(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("llama"))
     tokenizer = build_bpe_tokenizer(VOCAB, add_bos=False)
     config = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                                      num_attention_heads=8, num_key_value_heads=2, vocab_size=VOCAB,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
                                       max_position_embeddings=2048, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)

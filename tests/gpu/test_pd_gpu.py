@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "py"))
+from checkpoints import checkpoint_path  # noqa: E402
 from pd_driver import Instance, PDRun  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not getattr(__import__("rtpllm._C")._C, "has_ucx", False),
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.skipif(not getattr(__import__("rtpllm._C")._C, "has_ucx
 
 PROMPT = "Prefill and decode run in two processes on one GPU, and the KV cache moves between them " * 8
 MEMORY = ("--gpu-memory-utilization", "0.25")
+MODEL = checkpoint_path("gqa9x3")  # head_dim 64: the CUDA attention kernels take 64 or 128
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def instances():
         # One at a time: each sizes its KV pool from the memory free when it starts.
         for flags in (("--block-size", "16"), ("--role", "prefill", "--block-size", "32"),
                       ("--role", "decode", "--block-size", "16", "--pd-timeout-s", "20")):
-            instance = Instance("--device", "cuda", "--kv-host-cache-gib", "0", *MEMORY, *flags, tcp=False)
+            instance = Instance("--device", "cuda", "--kv-host-cache-gib", "0", *MEMORY, *flags, model=MODEL, tcp=False)
             started.append(instance)
             instance.wait_ready(300)
         yield started

@@ -26,9 +26,10 @@ def prompts(seed: int = 1, count: int = 12) -> list[list[int]]:
     return [systems[i % 6] + [rng.randrange(3, 500) for _ in range(rng.randrange(3, 20))] for i in range(count)]
 
 
-def make_llm(**options) -> LLM:
+def make_llm(model: str = MODEL, **options) -> LLM:
+    """`model`: a tests/py/checkpoints.py variant (the GPU tests need the CUDA kernels' head_dim 64 or 128)."""
     options.setdefault("num_blocks", NUM_BLOCKS)
-    return LLM(model=checkpoint_path(MODEL), block_size=BLOCK_SIZE, max_num_seqs=3, **options)
+    return LLM(model=checkpoint_path(model), block_size=BLOCK_SIZE, max_num_seqs=3, **options)
 
 
 def generate(llm: LLM, batch: list[list[int]], wave: int = 3) -> list[list[int]]:

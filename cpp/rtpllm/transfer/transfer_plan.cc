@@ -116,6 +116,9 @@ std::vector<CopyOp> plan_copies(const KVLayout& src, const KVLayout& dst, const 
   std::vector<CopyOp> copies;
   for (int32_t l = first; l < last; ++l) {
     for (int plane = 0; plane < 2; ++plane) {
+      // Copies merge only within a plane: two planes may touch in memory but belong to different
+      // allocations, and one copy across an allocation boundary fails (CUDA IPC: invalid argument).
+      const size_t plane_first = copies.size();
       const uint64_t src_base = plane_base(src, l, plane);
       const uint64_t dst_base = plane_base(dst, l, plane);
       for (const TransferSegment& seg : segments) {
@@ -124,7 +127,7 @@ std::vector<CopyOp> plan_copies(const KVLayout& src, const KVLayout& dst, const 
         const uint64_t to = dst_base + static_cast<uint64_t>(seg.dst_block) * dst.block_stride_bytes +
                             static_cast<uint64_t>(seg.dst_token) * bytes_per_token;
         const uint64_t bytes = static_cast<uint64_t>(seg.num_tokens) * bytes_per_token;
-        if (!copies.empty() && copies.back().src + copies.back().bytes == from &&
+        if (copies.size() > plane_first && copies.back().src + copies.back().bytes == from &&
             copies.back().dst + copies.back().bytes == to) {
           copies.back().bytes += bytes;
         } else {
@@ -147,7 +150,10 @@ std::vector<MemoryRegion> layout_regions(const KVLayout& layout) {
   std::sort(spans.begin(), spans.end(), [](const MemoryRegion& a, const MemoryRegion& b) { return a.base < b.base; });
   std::vector<MemoryRegion> merged;
   for (const MemoryRegion& span : spans) {
-    if (!merged.empty() && span.base <= merged.back().base + merged.back().length) {
+    // Only overlapping spans merge (a block-major buffer's planes interleave). Spans that merely
+    // touch stay apart: separate allocations can be adjacent, and one registration across two of
+    // them gives the peer a CUDA IPC handle that covers only the first.
+    if (!merged.empty() && span.base < merged.back().base + merged.back().length) {
       merged.back().length = std::max(merged.back().length, span.base + span.length - merged.back().base);
     } else {
       merged.push_back(span);

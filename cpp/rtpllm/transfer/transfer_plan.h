@@ -7,7 +7,8 @@
 //   plan_transfer  (src blocks, dst blocks, num_tokens) -> segments, each inside one src block and
 //                  one dst block;
 //   plan_copies    segments x layers x {K, V} -> (src address, dst address, bytes) copies, adjacent
-//                  copies merged (consecutive blocks of a contiguous plane become one copy).
+//                  copies merged within a plane (consecutive blocks of a plane become one copy;
+//                  never across planes, which may be separate allocations that touch).
 // Nothing here touches memory or the network.
 #pragma once
 
@@ -65,9 +66,10 @@ std::vector<TransferSegment> plan_transfer(const KVLayout& src, const std::vecto
 std::vector<CopyOp> plan_copies(const KVLayout& src, const KVLayout& dst, const std::vector<TransferSegment>& segments,
                                 int32_t layer);
 
-// The memory a layout spans, as few regions as possible: every layer's K and V plane
-// [base, base + (num_blocks - 1) * stride + block_bytes), sorted, overlapping or touching spans
-// merged (a per-layer [2, num_blocks, ...] tensor is one region; a block-major host region is one).
+// The memory a layout spans, for registration: every layer's K and V plane
+// [base, base + (num_blocks - 1) * stride + block_bytes), sorted, overlapping spans merged (a
+// block-major host region is one). Spans that only touch stay apart: two allocations can be
+// adjacent, and a region across both would give the peer an IPC handle for the first only.
 std::vector<MemoryRegion> layout_regions(const KVLayout& layout);
 
 // A layout over one contiguous host (or device) buffer that holds whole blocks one after another,
