@@ -61,6 +61,24 @@ def test_measured_costs_override_the_prior():
     assert c.plan([1]) == {}
 
 
+def test_speculative_steps_timed_without_a_plain_one_turn_off_until_a_plain_step_is_timed():
+    """A run that speculates from its first step: once its speculative steps are timed, a plain
+    step runs to be timed too, and from then on the measured ratio decides (eager verify steps on
+    an H100 measured 3.2-3.8x a CUDA-graph decode step: no draft pays at 70% acceptance)."""
+    cost = default_cost_model("cuda", None)
+    c = AdaptiveSpeculation(4, cost)
+    train(c, [1], 4, 2)  # about 70% per draft
+    plan = c.plan([1])
+    assert plan == {1: 4}  # the prior: verifying is nearly free on a GPU
+    cost.observe(True, 1 + plan[1], 0.0210)
+    assert c.plan([1]) == {}  # no plain step timed yet: run one
+    cost.observe(False, 1, 0.0055)
+    assert c.plan([1]) == {}  # every draft count costs at least 3.8x (k=1..3 are never cheaper)
+    for _ in range(40):  # then verify graphs: 1.25x a decode step
+        cost.observe(True, 1 + 4, 0.0069)
+    assert c.plan([1]) == {1: 4}
+
+
 def test_expected_tokens():
     assert expected_tokens(1.0, 4) == 5.0
     assert abs(expected_tokens(0.5, 2) - 1.75) < 1e-9

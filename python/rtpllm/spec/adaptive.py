@@ -52,10 +52,20 @@ class StepCostModel:
         """Relative to plain(plain_tokens)'s units; measured ratios replace the prior where both
         buckets were seen."""
         prior = self.prior(num_tokens) * (1 + self.spec_overhead) + self.draft_step_cost * draft_steps
-        spec = self._measured.get((True, self._bucket(num_tokens)))
+        # A bucket not seen yet costs what the nearest measured one did (the lower on a tie): a
+        # verify step's cost is mostly fixed (launches, syncs) or flat in tokens below the knee.
+        # With none measured, the prior.
+        bucket = self._bucket(num_tokens)
+        seen = [b for (speculative, b) in self._measured if speculative]
+        spec = self._measured[(True, min(seen, key=lambda b: (abs(b - bucket), b)))] if seen else None
         plain = self._measured.get((False, self._bucket(plain_tokens)))
-        if spec is None or plain is None:
+        if spec is None:
             return prior
+        if plain is None:
+            # Speculative steps were timed but no plain one at this batch size: nothing says they
+            # pay, so the next step runs plain and is timed (a run that starts speculating would
+            # otherwise trust the prior forever).
+            return math.inf
         return spec / plain * self.plain(plain_tokens)
 
 
