@@ -26,13 +26,11 @@ _FORGET_EVERY = 256
 
 
 def can_speculate(seq) -> bool:
-    """Sequences with penalties decode one token per step: their distribution at a draft position
-    would depend on the drafts before it. A sequence below its min_tokens waits until it has them
-    (till then stop ids are banned, which the verified rows do not apply). Logprobs speculate: they
-    are read from the verified rows (verified_logprobs.py)."""
-    params = seq.params
-    return (params.repetition_penalty == 1.0 and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
-            and len(seq.output_ids) >= params.min_tokens)
+    """A sequence below its min_tokens waits until it has them (till then stop ids are banned,
+    which the verified rows do not apply). Penalties speculate: each verified row is penalised
+    with the drafts before it (penalties.py). Logprobs speculate: they are read from the verified
+    rows (verified_logprobs.py)."""
+    return len(seq.output_ids) >= seq.params.min_tokens
 
 
 @dataclass
@@ -119,7 +117,8 @@ class SpeculativeDecoder:
                  ) -> SpecStepResult:
         draft_counts = batch.draft_counts.copy()
         spec_seqs = [SpecSequence(seq_id=seq.seq_id, token_ids=self.history.tokens(seq), num_drafts=int(k),
-                                  batch_index=int(index), params=seq.params, generator=seq.generator)
+                                  batch_index=int(index), params=seq.params, generator=seq.generator,
+                                  num_prompt_tokens=len(seq.group.prompt_ids))
                      for seq, k, index in zip(sampled_seqs, draft_counts, _batch_index_of_sampled(batch))
                      if k > 0]
         # Index tensors first, while the device is idle: nothing later waits on a host copy.
