@@ -16,7 +16,8 @@ adaptive choice keeps.
    acceptance; a real row with `diverged` > 0 measured less than it says.
 3. Adaptive (oracle at 70%, forced, and n-gram on random prompts, which almost never match) at batch
    1 .. 256: output tokens/s against no speculation (goal: >= 0.98x everywhere).
-2b. Parts 1 and 2 again at batch 1 / 8 with the verify-step CUDA graphs (spec/verify_graphs.py).
+2b. Parts 1 and 2 again with the verify-step CUDA graphs (spec/verify_graphs.py): their capture time
+   and memory, verify-step cost at batch 1 / 8 / 32 / 64, oracle speedup at batch 1 / 8.
 All decode rates are timed from the step at which every sequence has its first token to the end,
 so prefill (and prefix hits when the same prompts run again) stays out of the comparison.
 4. SmolLM2-135M-Instruct (the built-in model) with n-gram (k = 4) on ShareGPT questions and on
@@ -304,6 +305,9 @@ def with_verify_graphs(llm: LLM, bench: Bench) -> bool:
         bench.record("verify graphs: none captured (RTPLLM_SPEC_VERIFY_GRAPHS=0 or no decode graphs)", 0.0, "")
         return False
     llm.engine.runner.verify_graphs = graphs
+    bench.record(f"verify graphs: capture of {len(graphs.shapes)} shapes (batch <= {graphs.buckets[-1]}, "
+                 f"k <= {graphs.max_k})", graphs.capture_seconds, "s", f"{graphs.capture_bytes / 2**20:.0f} MiB reserved",
+                 capture_mib=graphs.capture_bytes / 2**20, shapes=len(graphs.shapes))
     return True
 
 
@@ -401,7 +405,7 @@ def main() -> None:
                   max_num_batched_tokens=8192,
                   speculative_config=dict(method="ngram", num_speculative_tokens=8))
         llm.engine.spec_template = llm.engine.spec
-        # Verify graphs (captured at start, batch <= 16) only in part 2b: the others measure eager verify steps.
+        # Verify graphs (captured at start, batch <= 128) only in part 2b: the others measure eager verify steps.
         llm.engine.verify_graphs_aside, llm.engine.runner.verify_graphs = llm.engine.runner.verify_graphs, None
         if "1" in parts:
             step_costs(llm, bench, batches, (1, 2, 4, 8) if quick else range(1, 9), context=context, reps=reps)
@@ -414,7 +418,9 @@ def main() -> None:
             bench.save()
         if "2b" in parts and with_verify_graphs(llm, bench):
             try:
-                step_costs(llm, bench, (1, 8), (1, 2, 4, 8), context=context, reps=reps, label=" (verify graphs)")
+                # Graphs reach batch 128 within 256 rows: at 32 up to k = 7, at 64 up to k = 3 (eager beyond).
+                step_costs(llm, bench, (1, 8, 32, 64), (1, 2, 3, 4, 8), context=context, reps=reps,
+                           label=" (verify graphs)")
                 oracle_speedup(llm, bench, (1.0, 0.7), batches=(1, 8), ks=(2, 4, 8), max_tokens=tokens,
                                label=" (verify graphs)", forced=True)
                 oracle_speedup(llm, bench, (1.0,), max_tokens=tokens // 2, label=" (verify graphs)")

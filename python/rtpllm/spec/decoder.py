@@ -4,6 +4,7 @@ one copy of the verified tokens to the host)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -21,6 +22,7 @@ from rtpllm.spec.verified_logprobs import LogprobRows
 from rtpllm.spec.verifier import VerifyLayout, verify
 from rtpllm.spec.verify_graphs import VerifyGraphs, verify_graphs_enabled
 
+logger = logging.getLogger(__name__)
 
 _FORGET_EVERY = 256
 
@@ -67,11 +69,15 @@ class SpeculativeDecoder:
         """Once the target's runner exists: the proposer's KV pool and feature hook."""
         self.proposer.bind(runner.num_blocks)
         self.proposer.capture_graphs(runner)
-        if runner.graphs is not None and verify_graphs_enabled():
-            runner.verify_graphs = VerifyGraphs(
-                runner.model, runner.kv_caches, max_batch=min(16, runner.graphs.max_batch),
+        max_batch = min(self.config.verify_graph_max_batch, runner.graphs.max_batch) if runner.graphs else 0
+        if max_batch > 0 and verify_graphs_enabled():
+            graphs = runner.verify_graphs = VerifyGraphs(
+                runner.model, runner.kv_caches, max_batch=max_batch,
                 max_k=min(8, self.config.num_speculative_tokens), max_blocks_per_seq=runner.graphs.max_blocks_per_seq,
                 block_size=runner.block_size, device=runner.device)
+            logger.info("verify-step cuda graphs: %d shapes (batch <= %d, k <= %d) in %.1f s, %.0f MiB",
+                        len(graphs.shapes), graphs.buckets[-1], graphs.max_k, graphs.capture_seconds,
+                        graphs.capture_bytes / 2**20)
         if self.proposer.needs_target_features:
             runner.after_forward = self.proposer.record_features
 
