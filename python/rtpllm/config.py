@@ -165,6 +165,7 @@ class SpeculativeConfig:
     EAGLE-3 head checkpoint, `model`). num_speculative_tokens: the most drafts per step; with
     `adaptive` the engine picks fewer (down to none) where speculation does not pay.
     prompt_lookup_min/max: n-gram sizes tried, longest first (ngram only).
+    verify_graph_max_batch: the largest batch whose verify steps replay CUDA graphs (GPU); 0: none.
     """
 
     method: str
@@ -173,6 +174,7 @@ class SpeculativeConfig:
     prompt_lookup_min: Optional[int] = None
     prompt_lookup_max: Optional[int] = None
     adaptive: bool = True
+    verify_graph_max_batch: int = 128
 
     def __post_init__(self) -> None:
         _require(self.method in _SPEC_METHODS, "speculative_config.method",
@@ -181,6 +183,9 @@ class SpeculativeConfig:
                  and 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS,
                  "speculative_config.num_speculative_tokens",
                  f"must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], got {self.num_speculative_tokens!r}")
+        _require(isinstance(self.verify_graph_max_batch, int) and 0 <= self.verify_graph_max_batch <= 256,
+                 "speculative_config.verify_graph_max_batch",
+                 f"must be an integer in [0, 256], got {self.verify_graph_max_batch!r}")
         if self.method == "ngram":
             _require(self.model is None, "speculative_config.model", "ngram takes no model")
             lo = 2 if self.prompt_lookup_min is None else self.prompt_lookup_min

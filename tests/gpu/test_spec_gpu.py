@@ -164,3 +164,101 @@ def test_rejection_sampling_preserves_the_distribution_on_the_device():
         emitted = tokens[:, position][tokens[:, position] >= 0]
         stat, dof = chi_square(emitted, p)
         assert stat < CHI2_CRITICAL[dof]
+
+
+# ---------------------------------------------------------------------------- penalties
+# Values that reward repetition make a random model loop on its recent tokens, where a verify row
+# that ignored the drafts before it would pick differently (see tests/py/test_spec_penalties.py).
+PENALISED = [SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, **p) for p in (
+    dict(repetition_penalty=0.6), dict(presence_penalty=-1.5), dict(frequency_penalty=-1.0),
+    dict(repetition_penalty=1.3, presence_penalty=0.8, frequency_penalty=0.6), {})]
+
+
+def assert_agrees_penalised(models, outputs, want_outputs, params) -> bool:
+    """As assert_agrees, against a plain run with the same penalties; the near-tie is judged on
+    the float32 reference's logits after those penalties."""
+    from rtpllm.layers.sampler import apply_penalties
+    exact = True
+    for prompt, want, out, p in zip(models["prompts"], want_outputs, outputs, params):
+        got = list(out.outputs[0].token_ids)
+        if got == want:
+            continue
+        exact = False
+        j = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+        with torch.inference_mode():
+            logits = models["reference"](torch.tensor([prompt + want[:j]], device="cuda")).logits[0, -1:].float()
+        batch = SamplingBatch.build([p], [prompt], [want[:j]], [None], "cuda")
+        if batch.use_penalties:
+            apply_penalties(logits, batch)
+        top2 = logits[0].topk(2).values
+        assert float(top2[0] - top2[1]) < 0.5, f"diverged at output {j} without a near-tie ({top2.tolist()})"
+    return exact
+
+
+@pytest.mark.parametrize("method", ["oracle", "draft_model_self"])
+def test_penalised_greedy_agrees_with_plain_decoding(models, method):
+    """Penalised sequences speculate (verify graphs on): the same tokens as decoding without
+    speculation, and a proposer that knows the penalised continuation is accepted in full."""
+    plain = LLM(model=models["target"], **POOL)
+    want = [list(o.outputs[0].token_ids) for o in plain.generate(models["prompts"], PENALISED)]
+    del plain
+    config = dict(method="ngram", num_speculative_tokens=4, adaptive=False)
+    if method == "draft_model_self":
+        config.update(method="draft_model", model=models["target"])
+    llm = LLM(model=models["target"], speculative_config=config, **POOL)
+    assert llm.engine.runner.verify_graphs is not None
+    if method == "oracle":
+        full = [p + w for p, w in zip(models["prompts"], want)]
+        llm.engine.spec.proposer = OracleProposer(full, torch.device("cuda"), 1.0)
+    exact = assert_agrees_penalised(models, llm.generate(models["prompts"], PENALISED), want, PENALISED)
+    counters = llm.engine.stats().spec
+    assert counters.num_accepted_tokens >= full_acceptance_floor(exact) * counters.num_draft_tokens > 0, counters
+    assert llm.engine.check_kv_pool_free()
+
+
+def test_penalised_verify_rows_on_the_device_match_the_cpu():
+    from rtpllm.spec.penalties import penalize_verify_rows
+    rng = np.random.default_rng(0)
+    vocab, counts = 32000, np.array([3, 0, 2, 8, 1, 5])
+    params = [SamplingParams(repetition_penalty=1.4), SamplingParams(),
+              SamplingParams(presence_penalty=0.7, frequency_penalty=0.3),
+              SamplingParams(repetition_penalty=0.8, presence_penalty=-0.4, frequency_penalty=0.9),
+              SamplingParams(frequency_penalty=1.1), SamplingParams(repetition_penalty=1.1)]
+    prompts = [rng.integers(0, vocab, size=n).tolist() for n in (50, 3, 900, 1, 40, 7)]
+    outputs = [rng.integers(0, 64, size=n).tolist() for n in (40, 2, 0, 700, 3, 30)]  # repeats: small id range
+    drafts = torch.from_numpy(rng.integers(0, 64, size=int(counts.sum())))
+    logits = torch.randn(int(counts.sum() + counts.size), vocab) * 3
+    results = []
+    for device in ("cpu", "cuda"):
+        layout = VerifyLayout.build(counts, torch.device(device))
+        sampling = SamplingBatch.build(params, prompts, outputs, [None] * len(params), device)
+        results.append(penalize_verify_rows(logits.to(device), layout, sampling, drafts.to(device)).cpu())
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- verify graphs, large batches
+def test_verify_graphs_above_batch_16(models):
+    """40 sequences with 4 drafts each replay the (48, 4) verify graph (batch <= 128 within 256 rows);
+    greedy agrees with plain decoding. Prints the capture's time and memory."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(VOCAB) for _ in range(rng.randrange(5, 120))] for _ in range(40)]
+    pool = dict(POOL, max_num_seqs=64)
+    plain = LLM(model=models["target"], **pool)
+    want = [list(o.outputs[0].token_ids) for o in plain.generate(prompts, GREEDY)]
+    del plain
+    llm = LLM(model=models["target"], speculative_config=dict(method="ngram", num_speculative_tokens=4,
+                                                              adaptive=False), **pool)
+    graphs = llm.engine.runner.verify_graphs
+    assert graphs is not None and (48, 4) in graphs.shapes and graphs.buckets[-1] == 64  # max_num_seqs caps it
+    print(f"verify graphs: {len(graphs.shapes)} shapes, batch <= {graphs.buckets[-1]}, "
+          f"{graphs.capture_seconds:.2f} s, {graphs.capture_bytes / 2**20:.0f} MiB")
+    replayed = []
+    run = graphs.run
+    graphs.run = lambda batch, drafts: replayed.append(batch.num_seqs) or run(batch, drafts)
+    llm.engine.spec.proposer = OracleProposer([p + w for p, w in zip(prompts, want)], torch.device("cuda"), 1.0)
+    outputs = llm.generate(prompts, GREEDY)
+    exact = assert_agrees(dict(models, prompts=prompts, expected=want), outputs)
+    assert max(replayed) > 16, replayed
+    counters = llm.engine.stats().spec
+    assert counters.num_accepted_tokens >= full_acceptance_floor(exact) * counters.num_draft_tokens > 0, counters
+    assert llm.engine.check_kv_pool_free()

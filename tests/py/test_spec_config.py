@@ -37,6 +37,8 @@ def test_llm_style_dict_and_defaults():
      "prompt_lookup_min"),
     ({"method": "ngram", "num_speculative_tokens": 2, "typo": 1}, "unknown key"),
     ({"method": "ngram"}, "num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "verify_graph_max_batch": 300}, "verify_graph_max_batch"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "verify_graph_max_batch": -1}, "verify_graph_max_batch"),
     ("{not json", "not valid JSON"),
     ("[1, 2]", "JSON object"),
 ])

@@ -122,6 +122,20 @@ def test_greedy_is_token_exact_in_every_situation(target, head):
     assert small.engine.check_kv_pool_free()
 
 
+def test_penalised_greedy_is_token_exact(target, head):
+    """The head's own steps see the penalised view (history + its earlier drafts), the verifier
+    penalises every row with the drafts before it: the output equals decoding without speculation."""
+    ps = prompts(4)
+    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, **p) for p in (
+        dict(repetition_penalty=0.5), dict(presence_penalty=-2.0, frequency_penalty=-1.0), {},
+        dict(repetition_penalty=1.3, frequency_penalty=0.6))]
+    want = tokens(LLM(model=target, num_blocks=128, block_size=16).generate(ps, params))
+    llm = LLM(model=target, num_blocks=128, block_size=16, speculative_config=eagle(head, k=4))
+    assert tokens(llm.generate(ps, params)) == want
+    assert llm.engine.stats().spec.num_draft_tokens > 0
+    assert llm.engine.check_kv_pool_free()
+
+
 def test_bad_heads_fail_at_start(target, head, tmp_path):
     config = json.load(open(os.path.join(head, "config.json")))
     bad = tmp_path / "vocab"

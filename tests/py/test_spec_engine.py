@@ -92,7 +92,7 @@ def test_oracle_runs_are_exact_and_fast(target, baseline, acceptance):
 
 
 def test_mixed_batch_of_greedy_random_penalized_and_logprob_requests(target, baseline):
-    """Penalized sequences sample one token per step as without speculation; the others speculate."""
+    """Every kind speculates (penalties too: tests/py/test_spec_penalties.py); greedy ones stay exact."""
     plain = LLM(model=target, num_blocks=128, block_size=16)
     llm = make(target, spec("draft_model", 3))
     ps = baseline["mixed"][:4]

@@ -229,7 +229,7 @@ def filtered_probs(logits: torch.Tensor, batch: SamplingBatch, rows: Optional[to
     top-k, then top-p and min-p, renormalized; float32 [n, vocab]. `rows` (int64 [n]) names each
     logits row's row of `batch` (speculative verification scores several positions of a sequence,
     and the draft model's q goes through the same filters). Penalties and banned ids are not
-    applied: the engine does not speculate for sequences that use them."""
+    applied here: speculation penalises each verified row itself (spec/penalties.py)."""
     def pick(values: torch.Tensor) -> torch.Tensor:
         return values if rows is None else values.index_select(0, rows)
 

@@ -4,6 +4,7 @@ one copy of the verified tokens to the host)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -21,18 +22,17 @@ from rtpllm.spec.verified_logprobs import LogprobRows
 from rtpllm.spec.verifier import VerifyLayout, verify
 from rtpllm.spec.verify_graphs import VerifyGraphs, verify_graphs_enabled
 
+logger = logging.getLogger(__name__)
 
 _FORGET_EVERY = 256
 
 
 def can_speculate(seq) -> bool:
-    """Sequences with penalties decode one token per step: their distribution at a draft position
-    would depend on the drafts before it. A sequence below its min_tokens waits until it has them
-    (till then stop ids are banned, which the verified rows do not apply). Logprobs speculate: they
-    are read from the verified rows (verified_logprobs.py)."""
-    params = seq.params
-    return (params.repetition_penalty == 1.0 and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
-            and len(seq.output_ids) >= params.min_tokens)
+    """A sequence below its min_tokens waits until it has them (till then stop ids are banned,
+    which the verified rows do not apply). Penalties speculate: each verified row is penalised
+    with the drafts before it (penalties.py). Logprobs speculate: they are read from the verified
+    rows (verified_logprobs.py)."""
+    return len(seq.output_ids) >= seq.params.min_tokens
 
 
 @dataclass
@@ -69,11 +69,15 @@ class SpeculativeDecoder:
         """Once the target's runner exists: the proposer's KV pool and feature hook."""
         self.proposer.bind(runner.num_blocks)
         self.proposer.capture_graphs(runner)
-        if runner.graphs is not None and verify_graphs_enabled():
-            runner.verify_graphs = VerifyGraphs(
-                runner.model, runner.kv_caches, max_batch=min(16, runner.graphs.max_batch),
+        max_batch = min(self.config.verify_graph_max_batch, runner.graphs.max_batch) if runner.graphs else 0
+        if max_batch > 0 and verify_graphs_enabled():
+            graphs = runner.verify_graphs = VerifyGraphs(
+                runner.model, runner.kv_caches, max_batch=max_batch,
                 max_k=min(8, self.config.num_speculative_tokens), max_blocks_per_seq=runner.graphs.max_blocks_per_seq,
                 block_size=runner.block_size, device=runner.device)
+            logger.info("verify-step cuda graphs: %d shapes (batch <= %d, k <= %d) in %.1f s, %.0f MiB",
+                        len(graphs.shapes), graphs.buckets[-1], graphs.max_k, graphs.capture_seconds,
+                        graphs.capture_bytes / 2**20)
         if self.proposer.needs_target_features:
             runner.after_forward = self.proposer.record_features
 
@@ -119,7 +123,8 @@ class SpeculativeDecoder:
                  ) -> SpecStepResult:
         draft_counts = batch.draft_counts.copy()
         spec_seqs = [SpecSequence(seq_id=seq.seq_id, token_ids=self.history.tokens(seq), num_drafts=int(k),
-                                  batch_index=int(index), params=seq.params, generator=seq.generator)
+                                  batch_index=int(index), params=seq.params, generator=seq.generator,
+                                  num_prompt_tokens=len(seq.group.prompt_ids))
                      for seq, k, index in zip(sampled_seqs, draft_counts, _batch_index_of_sampled(batch))
                      if k > 0]
         # Index tensors first, while the device is idle: nothing later waits on a host copy.

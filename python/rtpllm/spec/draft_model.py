@@ -31,6 +31,7 @@ from rtpllm.layers.attention_metadata import AttentionMetadata
 from rtpllm.layers.sampler import argmax_rows, filtered_probs
 from rtpllm.layers.sampling_batch import SamplingBatch
 from rtpllm.loader import load_model_and_tokenizer
+from rtpllm.spec.penalties import DraftPenalties
 from rtpllm.spec.proposer import Proposal, Proposer, SpecSequence, to_device
 from rtpllm.spec.verifier import sample_with
 
@@ -63,6 +64,7 @@ class DraftModelProposer(Proposer):
         self.kv_caches: Optional[list[torch.Tensor]] = None
         self.graphs: Optional[DecodeGraphs] = None  # decode graphs of the draft (GPU), see capture_graphs
         self._states: dict[int, _DraftState] = {}
+        self._penalties: Optional[DraftPenalties] = None  # the proposal under way's, when it has penalties
         self._generator = torch.Generator(device=device).manual_seed(0x5eed)
 
     @classmethod
@@ -87,6 +89,7 @@ class DraftModelProposer(Proposer):
         starts = [self._valid_prefix(seq, row) for seq, row in zip(seqs, rows)]
         lengths = [seq.token_ids.shape[0] for seq in seqs]
         sampling = self._sampling_batch(seqs)
+        self._penalties = DraftPenalties.build(seqs, self.device)  # drafts see the penalised view too
         # Step 1: catch up from the valid prefix to the last known token; its logits give draft 1.
         inputs = [seq.token_ids[start:n] for seq, start, n in zip(seqs, starts, lengths)]
         logits = self._forward(inputs, starts, rows)
@@ -145,7 +148,17 @@ class DraftModelProposer(Proposer):
     def _draw(self, logits: torch.Tensor, sampling: Optional[SamplingBatch], seq_rows: list[int]
               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Greedy sequences take the argmax (a point mass); others draw from q, the draft's
-        distribution after the sequence's own temperature and filters, which verification needs."""
+        distribution after the sequence's own penalties, temperature and filters, which verification
+        needs. `seq_rows` are the sequences still drafting, in order (one logits row each)."""
+        if self._penalties is not None:
+            logits = self._penalties.apply(logits)
+        drawn, q = self._draw_from(logits, sampling, seq_rows)
+        if self._penalties is not None:
+            self._penalties.record(drawn)
+        return drawn, q
+
+    def _draw_from(self, logits: torch.Tensor, sampling: Optional[SamplingBatch], seq_rows: list[int]
+                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         argmax = argmax_rows(logits)
         if sampling is None:
             return argmax, None

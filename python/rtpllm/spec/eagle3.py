@@ -40,6 +40,7 @@ from rtpllm.loader.hf_checkpoint import iter_safetensors, safetensors_files
 from rtpllm.models.llama import LlamaAttention, LlamaMLP
 from rtpllm.models.llama_arch import LlamaArch
 from rtpllm.spec.draft_model import DraftModelProposer, _DraftState, draft_metadata
+from rtpllm.spec.penalties import DraftPenalties
 from rtpllm.spec.proposer import Proposal, SpecSequence, to_device
 
 _FIELD = "speculative_config.model"
@@ -225,6 +226,7 @@ class Eagle3Proposer(DraftModelProposer):
         # Row i reads token i + 1: rows start .. n - 2 catch up with the target's features.
         starts = [min(self._valid_prefix(seq, row), n - 2) for seq, row, n in zip(seqs, rows, lengths)]
         sampling = self._sampling_batch(seqs)
+        self._penalties = DraftPenalties.build(seqs, self.device)  # drafts see the penalised view too
         inputs = [seq.token_ids[s + 1:n] for seq, s, n in zip(seqs, starts, lengths)]
         lens = np.array([x.shape[0] for x in inputs], dtype=np.int64)
         positions = np.concatenate([np.arange(s, s + m) for s, m in zip(starts, lens)])

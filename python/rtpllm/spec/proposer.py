@@ -32,6 +32,7 @@ class SpecSequence:
     batch_index: int  # its index among the batch's sequences (block table row, query range)
     params: SamplingParams
     generator: Optional[torch.Generator]
+    num_prompt_tokens: int = 0  # token_ids[:num_prompt_tokens] is the prompt (penalties tell it apart)
 
 
 @dataclass

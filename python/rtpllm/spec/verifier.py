@@ -6,7 +6,9 @@ rejection sampling (Leviathan et al. 2023; Chen et al. 2023): draft d drawn from
 with probability min(1, p(d) / q(d)); at the first rejection the token is drawn from
 norm(max(0, p - q)); when every draft is accepted a bonus token is drawn from the last position's
 p. Each output token is then distributed exactly as p, the target's distribution after the same
-temperature / top-k / top-p / min-p the sampler applies (a deterministic draft is a point mass q).
+penalties / temperature / top-k / top-p / min-p the sampler applies (a deterministic draft is a
+point mass q). Penalties see, at row j, the history plus drafts 0 .. j-1 (spec/penalties.py): the
+tokens that precede row j whenever row j's token is emitted.
 
 Rows: every verified position of every sampled sequence (batch.verify_logits_indices), sequence
 after sequence; the output holds, per sequence, its accepted drafts, one more token, then -1
@@ -23,6 +25,7 @@ import torch
 
 from rtpllm.layers.sampler import argmax_rows, filtered_probs
 from rtpllm.layers.sampling_batch import SamplingBatch
+from rtpllm.spec.penalties import draft_prefix_pairs, penalize_verify_rows
 from rtpllm.spec.proposer import to_device
 
 
@@ -33,6 +36,11 @@ class VerifyLayout:
     row_seq: torch.Tensor  # int64 [R]: the sampled sequence of each row
     row_pos: torch.Tensor  # int64 [R]: 0 .. k within its sequence
     draft_rows: torch.Tensor  # int64 [D]: rows followed by a draft (row r verifies the draft at r + 1)
+    seq_first_row: torch.Tensor  # int64 [S]: each sequence's first row
+    seq_drafts: torch.Tensor  # int64 [S]: each sequence's draft count
+    # Every row paired with each draft before it (penalties count those drafts): int64 [P] each.
+    prefix_rows: torch.Tensor
+    prefix_drafts: torch.Tensor  # index into the step's draft ids
     draft_counts: np.ndarray  # host int [S]
     first_rows: np.ndarray  # host int [S]: each sequence's first row (its ordinary sampled position)
     max_rows: int  # largest k + 1
@@ -49,9 +57,12 @@ class VerifyLayout:
         row_seq = np.repeat(np.arange(counts.shape[0]), rows_per_seq)
         row_pos = np.arange(offsets[-1]) - offsets[row_seq]
         draft_rows = np.flatnonzero(row_pos < counts[row_seq])
-        packed = to_device(np.concatenate([row_seq, row_pos, draft_rows]).astype(np.int64), device)
-        n = row_seq.shape[0]
-        return cls(row_seq=packed[:n], row_pos=packed[n:2 * n], draft_rows=packed[2 * n:], draft_counts=counts,
+        prefix_rows, prefix_drafts = draft_prefix_pairs(counts)
+        parts = [row_seq, row_pos, draft_rows, offsets[:-1], counts, prefix_rows, prefix_drafts]
+        packed = to_device(np.concatenate(parts).astype(np.int64), device)  # one copy for all of them
+        views = torch.split(packed, [p.shape[0] for p in parts])
+        return cls(row_seq=views[0], row_pos=views[1], draft_rows=views[2], seq_first_row=views[3],
+                   seq_drafts=views[4], prefix_rows=views[5], prefix_drafts=views[6], draft_counts=counts,
                    first_rows=offsets[:-1], max_rows=int(rows_per_seq.max()) if counts.size else 1)
 
 
@@ -80,10 +91,12 @@ def sample_with(probs: torch.Tensor, uniform: torch.Tensor, fallback: torch.Tens
 def verify(logits: torch.Tensor, layout: VerifyLayout, sampling: SamplingBatch, draft_ids: torch.Tensor,
            draft_probs: Optional[torch.Tensor], uniforms: Optional[torch.Tensor] = None
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits: float [R, vocab] at the verified rows; draft_ids: int64 [D]; draft_probs: float32
-    [D, vocab] or None (point masses). Returns (tokens int64 [R]: per sequence its accepted drafts,
+    """logits: float [R, vocab] at the verified rows (raw: penalties are applied here, per row with
+    the drafts before it); draft_ids: int64 [D]; draft_probs: float32 [D, vocab] or None (point masses). Returns (tokens int64 [R]: per sequence its accepted drafts,
     one more token, then -1; num_accepted int64 [S])."""
     num_rows = logits.shape[0]
+    if sampling.use_penalties:  # each row as decoding would see it: history plus the drafts before it
+        logits = penalize_verify_rows(logits, layout, sampling, draft_ids)
     argmax = argmax_rows(logits)
     next_draft = torch.full((num_rows,), -1, dtype=torch.int64, device=logits.device)
     next_draft[layout.draft_rows] = draft_ids

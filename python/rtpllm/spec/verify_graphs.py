@@ -9,7 +9,9 @@ with slot -1 (no K/V written) and positions clamped to their last real one; thei
 is set as if they had k drafts, so the extend kernel places the real rows at the right positions,
 and the extra rows' outputs are never read. The prefill/extend kernel reads query_start_loc,
 seq_lens and block tables from device memory, so one capture per (B, k) replays any step of that
-shape.
+shape. Which (B, k) are captured (`verify_graph_shapes`): every batch bucket up to
+`SpeculativeConfig.verify_graph_max_batch` (128 by default) with every k whose graph computes at
+most MAX_GRAPH_ROWS rows; a step without a graph of its shape verifies eagerly.
 
 Inputs travel as in decode_inputs.py: every array of a step is packed on the host into one pinned
 buffer and moved with one copy; the graphs read views of its device twin. Every graph writes its
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import time
 from typing import Optional
 
 import numpy as np
@@ -28,7 +31,14 @@ import torch
 
 from rtpllm.layers.attention_metadata import AttentionMetadata
 
-BUCKETS = (1, 2, 4, 8, 16)
+# Batch sizes captured (those up to the configured bound, `SpeculativeConfig.verify_graph_max_batch`).
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# The most query rows (batch x (k + 1)) a captured graph computes. The adaptive policy keeps a large
+# batch's verified rows near the GPU cost knee (~128 tokens): at batch 32 it gives k <= 3, at 64
+# k = 1, beyond ~120 no drafts at all (adaptive.py, prior cost model), so graphs with more rows
+# would rarely replay; and the largest graph sizes the pool all graphs share, and the logits
+# buffer (rows x vocab float32: 131 MB at 256 rows of a 128K vocabulary).
+MAX_GRAPH_ROWS = 256
 
 _INT64_FIELDS = ("input_ids", "positions", "slot_mapping", "draft_rows", "verified")  # one per row
 _INT32_FIELDS = ("seq_lens", "num_computed")  # one per sequence
@@ -88,18 +98,31 @@ class VerifyInputs:
             self._copied[slot].record()
 
 
+def verify_graph_shapes(max_batch: int, max_k: int, max_rows: int = MAX_GRAPH_ROWS) -> list[tuple[int, int]]:
+    """The (batch bucket, k) pairs to capture: every bucket up to max_batch with every k up to max_k
+    whose graph computes at most max_rows query rows (so small batches get every k, and large
+    ones the few drafts the adaptive policy gives them). Largest row count first: the first
+    capture sizes the memory pool the others reuse."""
+    buckets = [b for b in BUCKETS if b <= max_batch] or [1]
+    shapes = [(b, k) for b in buckets for k in range(1, max_k + 1) if b * (k + 1) <= max_rows]
+    return sorted(shapes, key=lambda shape: (-shape[0] * (shape[1] + 1), -shape[0]))
+
+
 class VerifyGraphs:
     def __init__(self, model, kv_caches: list[torch.Tensor], max_batch: int, max_k: int, max_blocks_per_seq: int,
-                 block_size: int, device: torch.device):
+                 block_size: int, device: torch.device, max_rows: int = MAX_GRAPH_ROWS):
         self.model = model
         self.kv_caches = kv_caches
         self.device = device
-        self.buckets = [b for b in BUCKETS if b <= max_batch] or [1]
+        self.shapes = verify_graph_shapes(max_batch, max_k, max_rows)
+        self.buckets = sorted({b for b, _ in self.shapes})
         self.max_k = max_k
         self.max_blocks = max_blocks_per_seq
         self.block_size = block_size
+        self.capture_seconds = 0.0
+        self.capture_bytes = 0  # what capturing added to the device memory reserved (pool, logits)
         b = self.buckets[-1]
-        self.inputs = VerifyInputs(b * (max_k + 1), b, max_blocks_per_seq, device)
+        self.inputs = VerifyInputs(max(bb * (k + 1) for bb, k in self.shapes), b, max_blocks_per_seq, device)
         views = self.inputs.views
         self.input_ids, self.positions = views["input_ids"], views["positions"]
         self.slot_mapping, self.seq_lens = views["slot_mapping"], views["seq_lens"]
@@ -112,13 +135,21 @@ class VerifyGraphs:
                              for k in range(1, max_k + 1)}
         self._capture()
 
+    def _bucket(self, n: int, k: int) -> Optional[int]:
+        """The captured bucket for n sequences with up to k drafts: the smallest one >= n (a larger
+        bucket has no graph for this k either: it allows fewer rows per sequence)."""
+        i = bisect.bisect_left(self.buckets, n)
+        if i == len(self.buckets) or (self.buckets[i], k) not in self._graphs:
+            return None
+        return self.buckets[i]
+
     def can_run(self, batch) -> bool:
         n = batch.num_seqs
         if n > self.buckets[-1] or batch.num_sampled != n or batch.num_draft_tokens == 0:
             return False
         counts = batch.draft_counts
         k = int(counts.max())
-        return (k <= self.max_k and batch.block_tables.shape[1] <= self.max_blocks
+        return (self._bucket(n, k) is not None and batch.block_tables.shape[1] <= self.max_blocks
                 and np.array_equal(np.diff(batch.query_start_loc), counts + 1)
                 and int(batch.max_seq_len) + k <= self.max_blocks * self.block_size)
 
@@ -128,7 +159,7 @@ class VerifyGraphs:
         n = batch.num_seqs
         counts = batch.draft_counts.astype(np.int64)
         k = int(counts.max())
-        bucket = self.buckets[bisect.bisect_left(self.buckets, n)]
+        bucket = self._bucket(n, k)
         width = k + 1
         rows = bucket * width
         t = np.arange(width)
@@ -178,24 +209,26 @@ class VerifyGraphs:
 
     @torch.inference_mode()
     def _capture(self) -> None:
+        started = time.perf_counter()
+        reserved = torch.cuda.memory_reserved(self.device)
         pool = None
-        for bucket in reversed(self.buckets):
-            for k in range(self.max_k, 0, -1):
-                rows = bucket * (k + 1)
-                meta = self._meta(bucket, k)
-                self.slot_mapping[:rows].fill_(-1)
-                self.seq_lens[:bucket].fill_(k + 1)
-                args = (self.input_ids[:rows], self.positions[:rows], self.kv_caches, meta)
-                warm = self.model.compute_logits(self.model(*args))  # warm-up outside the graph
-                if self._logits is None:
-                    self._logits = torch.empty(self.inputs.max_rows, warm.shape[1], dtype=warm.dtype,
-                                               device=self.device)
-                del warm
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._logits[:rows].copy_(self.model.compute_logits(self.model(*args)))
-                pool = graph.pool()
-                self._graphs[(bucket, k)] = graph
-                self._aux[(bucket, k)] = list(getattr(self.model, "aux_hidden_states", []))
+        for bucket, k in self.shapes:
+            rows = bucket * (k + 1)
+            meta = self._meta(bucket, k)
+            self.slot_mapping[:rows].fill_(-1)
+            self.seq_lens[:bucket].fill_(k + 1)
+            args = (self.input_ids[:rows], self.positions[:rows], self.kv_caches, meta)
+            warm = self.model.compute_logits(self.model(*args))  # warm-up outside the graph
+            if self._logits is None:
+                self._logits = torch.empty(self.inputs.max_rows, warm.shape[1], dtype=warm.dtype, device=self.device)
+            del warm
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._logits[:rows].copy_(self.model.compute_logits(self.model(*args)))
+            pool = graph.pool()
+            self._graphs[(bucket, k)] = graph
+            self._aux[(bucket, k)] = list(getattr(self.model, "aux_hidden_states", []))
         torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - started
+        self.capture_bytes = torch.cuda.memory_reserved(self.device) - reserved
