@@ -52,7 +52,7 @@ MESSAGES = [
     AbortRequest("req-1"),
     CallInEngine(4, len),
     StopEngine(),
-    EngineReady(EngineInfo("m", 128, 1000, STATS, None)),
+    EngineReady(EngineInfo("m", 128, 1000, STATS, {"who": "engine"})),
     EngineFailed(FileNotFoundError("no model"), "Traceback ..."),
     StepOutputs([AddAnswer(3, None), AddAnswer(5, ValueError("prompt: empty"))], _deltas(), STATS,
                 [CallResult(4, True, 17)], KVEventBatch(np.arange(3, dtype=np.uint64), np.zeros(3, np.uint8),
@@ -162,7 +162,7 @@ def test_a_malformed_frame_from_the_engine_process_fails_its_requests():
 
     server_end, engine_end = socket.socketpair()
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    engine = ProcessEngine(process, server_end, EngineInfo("m", 128, 1000, STATS, None))
+    engine = ProcessEngine(process, server_end, EngineInfo("m", 128, 1000, STATS), tokenizer=object())  # decodes nothing
 
     async def main():
         engine.start()

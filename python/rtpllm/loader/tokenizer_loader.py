@@ -7,7 +7,9 @@ tokenizer costs the server most of a second after the engine is up).
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Optional
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -46,3 +48,36 @@ def load_tokenizer(model_path: str):
             raise ValueError(f"{name}: cannot build the tokenizer from the GGUF metadata "
                              f"({type(e).__name__}: {e})") from None
     raise ValueError(f"model: {model_path} is neither a Hugging Face model folder nor a .gguf file")
+
+
+def special_token_id(folder: str, name: str) -> Optional[int]:
+    """The id of the tokenizer's `name` token ("eos_token", ...) read from the folder's files
+    without building the tokenizer (which takes seconds for a 128k vocabulary): the token's text
+    from tokenizer_config.json, its id from the config's added_tokens_decoder or from
+    tokenizer.json's added tokens (parsed alone: the 9 MB vocabulary after them is not). None where
+    the files do not say; the loaded tokenizer's `<name>_id` is then the answer."""
+    try:
+        with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        token = config.get(name)
+        if isinstance(token, dict):
+            token = token.get("content")
+        if not isinstance(token, str):
+            return None
+        for token_id, entry in (config.get("added_tokens_decoder") or {}).items():
+            if isinstance(entry, dict) and entry.get("content") == token:
+                return int(token_id)
+        return _added_token_id(os.path.join(folder, "tokenizer.json"), token)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _added_token_id(path: str, token: str) -> Optional[int]:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    key = text.find('"added_tokens"')
+    if key < 0:
+        return None
+    start = text.index("[", key)
+    entries, _ = json.JSONDecoder().raw_decode(text, start)
+    return next((int(e["id"]) for e in entries if isinstance(e, dict) and e.get("content") == token), None)

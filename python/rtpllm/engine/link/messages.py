@@ -50,7 +50,6 @@ class EngineInfo:
     max_model_len: int
     vocab_size: int
     stats: Any  # EngineStats
-    tokenizer: Any  # pickled across when the server has no copy of its own (see InitEngine.send_tokenizer)
     startup: Optional[dict] = None  # the engine's start-up phases (StartupPhases.as_dict), for the server's log
 
 
@@ -58,7 +57,6 @@ class EngineInfo:
 class InitEngine(LinkMessage):
     config: Any  # EngineConfig
     log_level: int
-    send_tokenizer: bool = True  # False: the server loads its own copy, EngineInfo.tokenizer comes back None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +67,7 @@ class AddRequest(LinkMessage):
     params: Any  # SamplingParams
     arrival_time: float
     stream: bool
-    detokenize: bool  # False: the server decodes this stream's text itself (output_deltas.py)
+    detokenize: bool  # False: the server decodes this request's text itself (output_deltas.py)
 
 
 @dataclass(frozen=True, slots=True)
