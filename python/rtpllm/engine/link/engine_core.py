@@ -31,6 +31,7 @@ from rtpllm.engine.gc_heap import freeze_startup_heap
 from rtpllm.engine.link.messages import (AbortRequest, AddAnswer, AddRequest, CallInEngine, CallResult, EngineDead,
                                          EngineFailed, EngineInfo, EngineReady, InitEngine, StepOutputs, StopEngine)
 from rtpllm.engine.link.output_deltas import OutputDeltaEncoder
+from rtpllm.engine.link.stats_wire import stats_to_wire
 
 logger = logging.getLogger(__name__)
 _TOKENIZER_POLL_S = 0.005
@@ -94,8 +95,9 @@ class EngineCoreLoop:
             # (KV usage, admission) must hear of it although no request moved.
             transfers_ended = transfers and not engine.has_pending_kv_transfers()
             if commands or moved or transfers_ended:
-                self.writer.write(encode_frame(StepOutputs(answers, self.encoder.encode(moved), engine.stats(),
-                                                           call_results, engine.reporter.drain_kv_events())))
+                self.writer.write(encode_frame(StepOutputs(answers, self.encoder.encode(moved),
+                                                           stats_to_wire(engine.stats()), call_results,
+                                                           engine.reporter.drain_kv_events())))
             if stop:
                 self._flush_blocking()
                 engine.close()  # the KV tiers' last saves and disk writes

@@ -30,11 +30,13 @@ from rtpllm.engine.link.messages import (AbortRequest, AddRequest, CallInEngine,
                                          EngineReady, InitEngine, LinkMessage, MalformedMessage, StepOutputs,
                                          StopEngine)
 from rtpllm.engine.link.output_deltas import OutputDeltaDecoder
+from rtpllm.engine.link.stats_wire import STATS_WIRE_LEN, stats_from_wire
 from rtpllm.engine.startup_phases import StartupPhases
 from rtpllm.loader.lazy_tokenizer import LazyTokenizer
 
 if TYPE_CHECKING:
     from rtpllm.config import EngineConfig
+    from rtpllm.engine.stats import EngineStats
 
 logger = logging.getLogger(__name__)
 _STOP_TIMEOUT_S = 30.0
@@ -48,6 +50,7 @@ class ProcessEngine(AsyncEngineBase):
     def __init__(self, process: subprocess.Popen, sock: socket.socket, info: EngineInfo, tokenizer,
                  max_queued_requests: Optional[int] = None, observer: Optional[StepObserver] = None,
                  stream_interval: int = 1, limits: Optional[EngineLimits] = None):
+        self._stats_wire: Optional[tuple] = None  # the last step's stats as sent, until something reads them
         super().__init__(info.stats, max_queued_requests, observer, stream_interval, limits)
         self._process = process
         self._sock = sock
@@ -92,6 +95,20 @@ class ProcessEngine(AsyncEngineBase):
     @property
     def tokenizer(self):
         return self._tokenizer
+
+    # NOTE: the step's stats arrive in wire form after every step; the EngineStats is built when
+    # something reads it (admission control, metrics), at most once per step.
+    @property
+    def _stats(self) -> "EngineStats":
+        if self._stats_wire is not None:
+            self._stats_object = stats_from_wire(self._stats_wire)
+            self._stats_wire = None
+        return self._stats_object
+
+    @_stats.setter
+    def _stats(self, stats: "EngineStats") -> None:
+        self._stats_object = stats
+        self._stats_wire = None
 
     @property
     def startup_report(self) -> Optional[dict]:
@@ -213,7 +230,10 @@ class ProcessEngine(AsyncEngineBase):
 
     def _handle(self, message: LinkMessage) -> None:
         if type(message) is StepOutputs:
-            self._stats = message.stats  # first: admission control must count what the hand-over reveals
+            # First: admission control must count what the hand-over reveals. Checked here, read later.
+            if type(message.stats) is not tuple or len(message.stats) != STATS_WIRE_LEN:
+                raise MalformedMessage(f"StepOutputs.stats: expected {STATS_WIRE_LEN} fields in a tuple")
+            self._stats_wire = message.stats
             self._publish_kv_events(message.kv_events)
             for result in message.call_results:
                 call = self._unanswered.pop(result.tag)
