@@ -32,10 +32,10 @@ from rtpllm.engine.prompt_logprobs import PromptLogprobCollector
 from rtpllm.engine.request_state import RequestGroup, SequenceState
 from rtpllm.engine.sampling_inputs import build_sampling_batch, sampled_logprobs
 from rtpllm.engine.startup_phases import StartupPhases
-from rtpllm.loader.lazy_tokenizer import LazyTokenizer
-from rtpllm.loader.tokenizer_loader import special_token_id
 from rtpllm.engine.stats import EngineStats
 from rtpllm.layers.sampling_batch import SamplingBatch, make_request_generator
+from rtpllm.loader.lazy_tokenizer import LazyTokenizer
+from rtpllm.loader.tokenizer_loader import special_token_id
 from rtpllm.outputs import RequestMetrics, RequestOutput
 from rtpllm.sampling_params import SamplingParams
 
