@@ -50,7 +50,6 @@ class ProcessEngine(AsyncEngineBase):
     def __init__(self, process: subprocess.Popen, sock: socket.socket, info: EngineInfo, tokenizer,
                  max_queued_requests: Optional[int] = None, observer: Optional[StepObserver] = None,
                  stream_interval: int = 1, limits: Optional[EngineLimits] = None):
-        self._stats_wire: Optional[tuple] = None  # the last step's stats as sent, until something reads them
         super().__init__(info.stats, max_queued_requests, observer, stream_interval, limits)
         self._process = process
         self._sock = sock
@@ -108,7 +107,7 @@ class ProcessEngine(AsyncEngineBase):
     @_stats.setter
     def _stats(self, stats: "EngineStats") -> None:
         self._stats_object = stats
-        self._stats_wire = None
+        self._stats_wire: Optional[tuple] = None  # the last step's stats as sent, until something reads them
 
     @property
     def startup_report(self) -> Optional[dict]:
