@@ -76,6 +76,7 @@ class Results:
         self.rows: list[dict] = []
         self.notes: list[str] = []
         self.head = {"bench": "startup", "device": device, **extra}
+        self.write(complete=False)  # a run killed before its first row still leaves its JSON
 
     def record(self, name: str, value: float, unit: str, ceiling: str = "", ratio: Optional[float] = None,
                **extra) -> None:
