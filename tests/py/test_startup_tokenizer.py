@@ -110,3 +110,36 @@ def test_the_engine_process_starts_without_a_tokenizer_and_serves_stop_strings()
         got = final.outputs[0]
         assert (got.text, got.token_ids, got.finish_reason, got.stop_reason) == \
             (want.text, want.token_ids, want.finish_reason, want.stop_reason)
+
+
+def test_the_engine_loop_holds_only_what_waits_for_the_tokenizer():
+    """EngineCoreLoop._hold: an add that needs the tokenizer waits, with its abort and a stop after
+    it, in order; every other command runs at once, and the held ones run once it has loaded."""
+    import socket
+
+    from rtpllm.engine.link.engine_core import EngineCoreLoop
+    from rtpllm.engine.link.messages import AbortRequest, AddRequest, CallInEngine, StopEngine
+
+    class Engine:
+        tokenizer_loaded = False
+
+        def needs_tokenizer(self, prompt, detokenize):
+            return not self.tokenizer_loaded and isinstance(prompt, str)
+
+    def add(request_id, prompt):
+        return AddRequest(0, request_id, prompt, GREEDY, 0.0, True, False)
+
+    engine, (a, b) = Engine(), socket.socketpair()
+    try:
+        loop = EngineCoreLoop(engine, a)
+        commands = [add("text", "hi"), add("ids", [1, 2]), AbortRequest("text"), AbortRequest("ids"),
+                    CallInEngine(1, len), StopEngine()]
+        assert loop._hold(commands) == [commands[1], commands[3], commands[4]]
+        later = [add("more", [3])]
+        assert loop._hold(later) == later  # still loading: others keep coming
+        engine.tokenizer_loaded = True
+        assert loop._hold([]) == [commands[0], commands[2], commands[5]]
+        assert loop._hold([]) == []
+    finally:
+        a.close()
+        b.close()

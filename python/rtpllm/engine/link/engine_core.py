@@ -106,19 +106,25 @@ class EngineCoreLoop:
 
     def _hold(self, commands: list) -> list:
         """The commands to run now. An add whose request needs the engine's tokenizer (stop
-        strings, a text prompt) while it loads on its thread waits, and every command after it
-        too, so that the server sees them in the order it sent them; other requests keep stepping."""
+        strings, a text prompt) waits while the tokenizer loads on its thread, and so do aborts of
+        held requests and a stop, in the order they came; other requests keep coming and stepping."""
         held, engine = self._held, self.engine
         if held and engine.tokenizer_loaded:
             commands, held[:] = held + commands, []  # loaded (or failed: those adds fail alone)
-        if held:
-            held += commands
-            return []
-        for i, command in enumerate(commands):
-            if type(command) is AddRequest and engine.needs_tokenizer(command.prompt, command.detokenize):
-                held += commands[i:]
-                return commands[:i]
-        return commands
+        if not held and not any(type(c) is AddRequest for c in commands):
+            return commands  # NOTE: the usual case, every step
+        now = []
+        held_ids = {c.request_id for c in held if type(c) is AddRequest}
+        for command in commands:
+            kind = type(command)
+            if kind is AddRequest and engine.needs_tokenizer(command.prompt, command.detokenize):
+                held_ids.add(command.request_id)
+                held.append(command)
+            elif (kind is AbortRequest and command.request_id in held_ids) or (kind is StopEngine and held):
+                held.append(command)
+            else:
+                now.append(command)
+        return now
 
     def _call(self, tag: int, fn) -> CallResult:
         try:
