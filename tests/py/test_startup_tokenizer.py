@@ -13,7 +13,7 @@ from rtpllm.config import EngineConfig
 from rtpllm.engine.engine import Engine
 from rtpllm.engine.link.process_engine import ProcessEngine
 from rtpllm.loader.lazy_tokenizer import LazyTokenizer
-from rtpllm.loader.tokenizer_loader import special_token_id
+from rtpllm.loader.tokenizer_loader import load_tokenizer, special_token_id, tokenizers_backend_for
 from server_harness import run_engine
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -24,6 +24,27 @@ def test_the_eos_id_read_from_the_files_is_the_tokenizers(variant):
     path = checkpoint_path(variant)
     assert special_token_id(path, "eos_token") == AutoTokenizer.from_pretrained(path).eos_token_id
     assert special_token_id(path, "no_such_token") is None
+
+
+@pytest.mark.parametrize("variant, direct", [("llama3", True), ("mistral", True), ("qwen2", False), ("qwen3", False)])
+def test_the_tokenizer_loaded_without_autoconfig_is_autotokenizers(variant, direct):
+    """load_tokenizer skips AutoTokenizer (and its AutoConfig step) only where AutoTokenizer would
+    pick TokenizersBackend too (qwen2/qwen3: transformers uses its own Qwen2Tokenizer)."""
+    path = checkpoint_path(variant)
+    assert (tokenizers_backend_for(path) is not None) == direct
+    ours, theirs = load_tokenizer(path), AutoTokenizer.from_pretrained(path)
+    assert type(ours) is type(theirs)
+    text = "Hello <|im_start|> world\n\n  ü 你好 <|im_end|>"
+    assert ours.encode(text) == theirs.encode(text)
+    assert ours.encode(text, add_special_tokens=False) == theirs.encode(text, add_special_tokens=False)
+    ids = theirs.encode(text)
+    for skip in (True, False):
+        assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)
+    chat = [{"role": "user", "content": "hi"}]
+    assert ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id, len(ours), ours.all_special_ids) == \
+        (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id, len(theirs), theirs.all_special_ids)
 
 
 def test_a_lazy_tokenizer_loads_once_and_repeats_its_error(tmp_path):

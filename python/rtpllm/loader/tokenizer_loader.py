@@ -24,12 +24,50 @@ def load_folder_tokenizer(folder: str):
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"tokenizer: {folder} does not exist")
     check_tokenizer_files(folder)
-    from transformers import AutoTokenizer  # 1-2 s of imports: only where a tokenizer is loaded
-
     try:
+        backend = tokenizers_backend_for(folder)
+        if backend is not None:
+            return backend.from_pretrained(folder)
+        from transformers import AutoTokenizer  # 1-2 s of imports: only where a tokenizer is loaded
+
         return AutoTokenizer.from_pretrained(folder)
     except Exception as e:
         raise ValueError(f"tokenizer: cannot load the tokenizer in {folder} ({type(e).__name__}: {e})") from None
+
+
+def tokenizers_backend_for(folder: str):
+    """transformers' `TokenizersBackend` class where `AutoTokenizer.from_pretrained(folder)` would
+    pick it anyway, else None (then AutoTokenizer decides). Loading it directly skips AutoTokenizer's
+    `AutoConfig` step, whose import of the model's config module pulls in torch.distributed (about
+    1 s of a server's start-up on a slow CPU) only to learn the model type.
+
+    It is that class (transformers 5's AutoTokenizer) when tokenizer_config.json names it or
+    PreTrainedTokenizerFast (its alias), beside a tokenizer.json, with no custom code, and
+    transformers registers no tokenizer class of its own for the model type nor overrides the
+    folder's choice for it: Llama 3's and most recent checkpoints' case."""
+    try:
+        with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as f:
+            tokenizer_config = json.load(f)
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            model_config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(tokenizer_config, dict) or not isinstance(model_config, dict)
+            or tokenizer_config.get("tokenizer_class") not in ("TokenizersBackend", "PreTrainedTokenizerFast")
+            or "auto_map" in tokenizer_config or "auto_map" in model_config
+            or not os.path.isfile(os.path.join(folder, "tokenizer.json"))):
+        return None
+    try:
+        from transformers import TokenizersBackend
+        from transformers.models.auto.tokenization_auto import (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS,
+                                                                TOKENIZER_MAPPING_NAMES)
+    except ImportError:  # transformers 4: AutoTokenizer's own rules
+        return None
+    model_type = model_config.get("model_type")
+    if (model_type in MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS
+            or TOKENIZER_MAPPING_NAMES.get(model_type) not in (None, "TokenizersBackend", "PreTrainedTokenizerFast")):
+        return None
+    return TokenizersBackend
 
 
 def load_tokenizer(model_path: str):
