@@ -1,8 +1,9 @@
 """A model's tokenizer alone (a Hugging Face folder or a GGUF file), without torch or the model.
 
-The server loads its own copy with this while its engine process loads the model, instead of
-receiving the engine's pickled tokenizer once the engine is ready (unpickling a 128k-token
-tokenizer costs the server most of a second after the engine is up).
+The server loads its own copy with this while its engine process loads the model (which loads
+none unless a request needs it: loader/lazy_tokenizer.py), instead of receiving the engine's
+pickled tokenizer once the engine is ready (unpickling a 128k-token tokenizer costs the server most
+of a second after the engine is up). `special_token_id` reads an id (EOS) off the files alone.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def check_tokenizer_files(folder: str) -> None:
 
 
 def load_folder_tokenizer(folder: str):
-    """The transformers fast tokenizer of a folder (`AutoTokenizer`), chat template included."""
+    """The transformers fast tokenizer of a folder (what `AutoTokenizer` gives), chat template included."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"tokenizer: {folder} does not exist")
     check_tokenizer_files(folder)
