@@ -1,8 +1,9 @@
 """What the server <-> engine-process link costs per step, without a model or a socket.
 
-Engine side: `OutputDeltaEncoder.encode` of the requests a step moved, then `encode_frame` of the
-step's StepOutputs message; server side: `FrameReader.feed` of that frame, then
-`OutputDeltaDecoder.decode` back into RequestOutputs. Every request gains one token per step (a
+Engine side (what engine_core.py does after a step): `OutputDeltaEncoder.encode` of the requests
+the step moved and the engine's stats in wire form, then `encode_frame` of the step's StepOutputs
+message; server side (process_engine.py): `FrameReader.feed` of that frame, then
+`OutputDeltaDecoder.decode` back into RequestOutputs (the stats are decoded only when read). Every request gains one token per step (a
 stream). Prints CPU microseconds per step and per token (process time, so that other processes on a
 busy machine do not count), the best of --repeats runs.
 
@@ -18,6 +19,7 @@ import time
 from rtpllm.engine.link.frames import FrameReader, encode_frame
 from rtpllm.engine.link.messages import StepOutputs
 from rtpllm.engine.link.output_deltas import OutputDeltaDecoder, OutputDeltaEncoder
+from rtpllm.engine.link.stats_wire import stats_to_wire
 from rtpllm.engine.request_state import RequestGroup, SequenceState
 from rtpllm.engine.stats import EngineStats
 from rtpllm.outputs import RequestMetrics
@@ -51,7 +53,7 @@ def run_once(num_requests: int, steps: int, logprobs: bool) -> tuple[float, floa
                 seq.cumulative_logprob -= 0.5
             group.metrics.last_token_time = 4.0 + step
         start = time.process_time()
-        frame = encode_frame(StepOutputs([], encoder.encode(groups), stats, [], None))
+        frame = encode_frame(StepOutputs([], encoder.encode(groups), stats_to_wire(stats), [], None))
         middle = time.process_time()
         (message,) = reader.feed(frame)
         outputs = decoder.decode(message.deltas)

@@ -13,9 +13,10 @@ from rtpllm.engine.instance_report import KVEventBatch
 from rtpllm.engine.link.messages import (AbortRequest, AddAnswer, AddRequest, CallInEngine, CallResult, EngineDead,
                                          EngineFailed, EngineInfo, EngineReady, InitEngine, InitRunner, InitWorker,
                                          MalformedMessage, OutputDeltas, PromptHeader, PromptLogprobsDelta,
-                                         StepOutputs, StopEngine, StopWorker, WorkerError, WorkerLoaded, WorkerReady,
+                                         RequestTimes, StepOutputs, StopEngine, StopWorker, WorkerError, WorkerLoaded, WorkerReady,
                                          WorkerStep, from_wire, to_wire)
 from rtpllm.engine.link.output_deltas import OutputDeltaDecoder
+from rtpllm.engine.link.stats_wire import stats_from_wire, stats_to_wire
 from rtpllm.engine.stats import EngineStats
 from rtpllm.sampling_params import SamplingParams
 
@@ -23,26 +24,21 @@ STATS = EngineStats(1, 2, 3, 40, 5, 6, 0, 7, 8)
 
 
 def _deltas() -> OutputDeltas:
+    """Request "a" (one sample, finishing) and "b" (two samples), both in their first delta."""
     deltas = OutputDeltas.empty()
+    deltas.headers, deltas.times, deltas.texts, deltas.finishes = {}, {}, {}, {}
     for rid, n in (("a", 1), ("b", 2)):
         deltas.request_ids.append(rid)
-        deltas.num_samples.append(n)
-        deltas.num_cached_tokens.append(0)
-        deltas.finished.append(rid == "a")
-        for column in (deltas.arrival_time, deltas.first_scheduled_time, deltas.first_token_time,
-                       deltas.last_token_time, deltas.finished_time):
-            column.append(1.5)
+        deltas.last_token_time.append(1.5)
         for index in range(n):
-            deltas.sample_index.append(index)
-            deltas.text_keep.append(0)
-            deltas.text_piece.append(f"{rid}{index}")
+            position = len(deltas.new_token_ids)
             deltas.new_token_ids.append([7, index])
-            deltas.cumulative_logprob.append(None)
-            deltas.new_logprobs.append(None)
-            deltas.finish_reason.append("length" if rid == "a" else None)
-            deltas.stop_reason.append(None)
-        deltas.headers[rid] = PromptHeader(f"prompt {rid}", [1, 2])
-    deltas.prompt_logprobs["b"] = PromptLogprobsDelta(0, [None, {2: -0.5}])
+            deltas.texts[position] = (0, f"{rid}{index}")
+            if rid == "a":
+                deltas.finishes[position] = ("length", None)
+        deltas.headers[rid] = PromptHeader(f"prompt {rid}", [1, 2], n)
+        deltas.times[rid] = RequestTimes(1.0, 1.25, 1.5, 2.0 if rid == "a" else None, 0)
+    deltas.prompt_logprobs = {"b": PromptLogprobsDelta(0, [None, {2: -0.5}])}
     return deltas
 
 
@@ -52,9 +48,9 @@ MESSAGES = [
     AbortRequest("req-1"),
     CallInEngine(4, len),
     StopEngine(),
-    EngineReady(EngineInfo("m", 128, 1000, STATS, None)),
+    EngineReady(EngineInfo("m", 128, 1000, STATS, {"who": "engine"})),
     EngineFailed(FileNotFoundError("no model"), "Traceback ..."),
-    StepOutputs([AddAnswer(3, None), AddAnswer(5, ValueError("prompt: empty"))], _deltas(), STATS,
+    StepOutputs([AddAnswer(3, None), AddAnswer(5, ValueError("prompt: empty"))], _deltas(), stats_to_wire(STATS),
                 [CallResult(4, True, 17)], KVEventBatch(np.arange(3, dtype=np.uint64), np.zeros(3, np.uint8),
                                                        np.zeros(3, np.uint8))),
     EngineDead("the engine step loop failed"),
@@ -80,8 +76,9 @@ def test_every_message_survives_a_frame(message):
 
 
 def test_output_deltas_decode_after_the_round_trip():
-    (received,) = FrameReader().feed(encode_frame(StepOutputs([], _deltas(), STATS, [], None)))
+    (received,) = FrameReader().feed(encode_frame(StepOutputs([], _deltas(), stats_to_wire(STATS), [], None)))
     outputs = OutputDeltaDecoder().decode(received.deltas)
+    assert stats_from_wire(received.stats) == STATS
     assert [o.request_id for o in outputs] == ["a", "b"]
     assert [s.text for s in outputs[1].outputs] == ["b0", "b1"] and outputs[1].prompt == "prompt b"
     assert outputs[0].finished and not outputs[1].finished
@@ -123,9 +120,16 @@ def test_only_registered_messages_are_sent():
 
 
 @pytest.mark.parametrize("spoil, column", [
-    (lambda d: d.text_piece.pop(), "OutputDeltas.text_piece: 2 entries for 3 samples"),
-    (lambda d: d.finished.pop(), "OutputDeltas.finished: 1 entries for 2 requests"),
-    (lambda d: d.num_samples.__setitem__(1, 1), "OutputDeltas.sample_index: 3 entries for 2 samples"),
+    (lambda d: (d.new_token_ids.pop(), d.texts.pop(2)),
+     "OutputDeltas.new_token_ids: fewer entries than the requests' samples"),
+    (lambda d: d.new_token_ids.pop(), "OutputDeltas.texts: positions outside the 2 samples"),
+    (lambda d: d.new_token_ids.append([1]), "OutputDeltas.new_token_ids: 4 entries for 3 samples"),
+    (lambda d: d.last_token_time.pop(), "OutputDeltas.last_token_time: 1 entries for 2 requests"),
+    (lambda d: setattr(d, "texts", [(0, "x")]), "OutputDeltas.texts: expected a dict or None, got list"),
+    (lambda d: (d.finishes.__setitem__(9, ("stop", None)), d.new_token_ids.pop(), d.texts.pop(2)),
+     "OutputDeltas.finishes: positions outside the 2 samples"),
+    (lambda d: d.times.pop("b"), "OutputDeltas.times: the new request 'b' has none"),
+    (lambda d: d.texts.__setitem__(1, "not a pair"), "OutputDeltas: cannot be decoded"),
 ])
 def test_output_deltas_with_a_bad_column_name_it(spoil, column):
     deltas = _deltas()
@@ -162,7 +166,7 @@ def test_a_malformed_frame_from_the_engine_process_fails_its_requests():
 
     server_end, engine_end = socket.socketpair()
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    engine = ProcessEngine(process, server_end, EngineInfo("m", 128, 1000, STATS, None))
+    engine = ProcessEngine(process, server_end, EngineInfo("m", 128, 1000, STATS), tokenizer=object())  # decodes nothing
 
     async def main():
         engine.start()
@@ -177,3 +181,19 @@ def test_a_malformed_frame_from_the_engine_process_fails_its_requests():
     finally:
         engine.close()
         engine_end.close()
+
+
+def test_stats_travel_as_a_tuple_and_come_back_equal():
+    from rtpllm.engine.stats import KVTierSnapshot
+    from rtpllm.spec.stats import SpecCounters
+
+    tier = KVTierSnapshot("host", 1, 2, 3, 4, 5, 6, 7, 0, 8, 100, 9, True, 4096, (1, 2, 3), 0.5, 3, skipped_blocks=1)
+    full = EngineStats(1, 2, 3, 40, 5, 6, 0, 7, 8, spec=SpecCounters("ngram", 1, 2, 3, 1), num_waiting_for_kv=1,
+                       kv_tier_hit_tokens=16, kv_tiers=(tier, tier), pd=(("decode", "ok", 3),))
+    for stats in (STATS, full):
+        wire = stats_to_wire(stats)
+        assert type(wire) is tuple and pickle.loads(pickle.dumps(wire)) == wire
+        assert stats_from_wire(pickle.loads(pickle.dumps(wire))) == stats
+    for bad in (STATS, (1, 2), stats_to_wire(full)[:-2] + ((("not", "a", "tier"),), ())):
+        with pytest.raises(MalformedMessage, match="StepOutputs.stats"):
+            stats_from_wire(bad)

@@ -34,6 +34,8 @@ from rtpllm.engine.sampling_inputs import build_sampling_batch, sampled_logprobs
 from rtpllm.engine.startup_phases import StartupPhases
 from rtpllm.engine.stats import EngineStats
 from rtpllm.layers.sampling_batch import SamplingBatch, make_request_generator
+from rtpllm.loader.lazy_tokenizer import LazyTokenizer
+from rtpllm.loader.tokenizer_loader import special_token_id
 from rtpllm.outputs import RequestMetrics, RequestOutput
 from rtpllm.sampling_params import SamplingParams
 
@@ -47,27 +49,36 @@ _FINISH_REASONS = {
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, startup: Optional[StartupPhases] = None):
+    def __init__(self, config: EngineConfig, startup: Optional[StartupPhases] = None,
+                 tokenizer_on_demand: bool = False):
         """`startup` carries the phases timed before the engine (the engine process's imports);
-        the engine adds its own and logs them all once it is ready."""
+        the engine adds its own and logs them all once it is ready. With `tokenizer_on_demand`
+        (the engine process, whose server tokenizes and detokenizes) the tokenizer loads on a
+        thread when a request first needs it (`needs_tokenizer`), not at start."""
         self.config = config
         self.startup = startup or StartupPhases("engine")
         self.model_path = resolve_model_path(config.model.model)
         self.device = resolve_device(config.device.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         torch.manual_seed(config.model.seed)
+        self._tokenizer = LazyTokenizer(config.model.tokenizer or self.model_path)
+        if not tokenizer_on_demand:
+            self._tokenizer.start()  # beside the weights
         # Runs the model: in this process, or over tensor-parallel ranks in worker processes it starts.
         self.executor = create_executor(config, self.model_path, self.device, self.dtype)
-        with self.startup.phase("model and tokenizer"):
+        with self.startup.phase("model" if tokenizer_on_demand else "model and tokenizer"):
             loaded = self.executor.load_model()
-        self.startup.absorb("model and tokenizer", getattr(loaded, "phases", None))
+            if not tokenizer_on_demand:
+                with loaded.phases.phase("waiting for the tokenizer"):
+                    self._tokenizer.get()
+                loaded.phases.add_parallel("tokenizer", self._tokenizer.seconds)
+        self.startup.absorb(self.startup.phases[-1][0], loaded.phases)
         self.arch = loaded.arch
-        self.tokenizer = loaded.tokenizer
         self.model_name = config.model.served_model_name or _basename(self.model_path)
         self.max_model_len = self._max_model_len(config.model.max_model_len)
         # The logits' width: the architecture's vocabulary, else (where it names none) the tokenizer's.
         self.vocab_size = getattr(self.arch, "vocab_size", None) or len(self.tokenizer)
-        self.eos_token_ids = _eos_ids(loaded.generation_config, self.tokenizer, self.arch)
+        self.eos_token_ids = _eos_ids(loaded.generation_config, self._tokenizer_eos_id(), self.arch)
         self.spec = None  # speculative decoding (rtpllm/spec/), when configured
         if config.speculative_config is not None:
             from rtpllm.spec.factory import build_speculative_decoder
@@ -127,6 +138,33 @@ class Engine:
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self.startup.log()
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer (`--tokenizer` where given); loads it first if it is not yet."""
+        return self._tokenizer.get()
+
+    @property
+    def tokenizer_loaded(self) -> bool:
+        """True once the tokenizer's load has ended (`tokenizer` then answers, or raises, at once)."""
+        return self._tokenizer.loaded
+
+    def needs_tokenizer(self, prompt: Prompt, detokenize: bool = True) -> bool:
+        """Whether `add_request(prompt, ..., detokenize=...)` would wait for the tokenizer to load;
+        if so, starts loading it on its thread."""
+        if self._tokenizer.loaded or (not detokenize and isinstance(prompt, (list, tuple))):
+            return False
+        self._tokenizer.start()
+        return True
+
+    def _tokenizer_eos_id(self) -> Optional[int]:
+        if self._tokenizer.loaded:
+            return self.tokenizer.eos_token_id
+        if not os.path.isdir(self._tokenizer.path):
+            return None  # a GGUF file: its tokenizer's EOS is the metadata's, already in the architecture
+        eos = special_token_id(self._tokenizer.path, "eos_token")
+        # Where the files do not say it plainly, the tokenizer does (loaded now, once).
+        return eos if eos is not None else self.tokenizer.eos_token_id
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams,
@@ -406,7 +444,8 @@ class Engine:
             generator = make_request_generator(params.seed + index, self.device)
         return SequenceState(
             seq_id=next(self._seq_ids), index=index, group=group, params=params,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, group.prompt_ids, params.skip_special_tokens),
+            detokenizer=(IncrementalDetokenizer(self.tokenizer, group.prompt_ids, params.skip_special_tokens)
+                         if detokenize else None),
             stop_checker=(StopStringChecker(params.stop_strings, params.include_stop_str_in_output)
                           if params.stop_strings else None),
             generator=generator, incremental=detokenize and (group.stream or bool(params.stop_strings)),
@@ -472,10 +511,10 @@ def _basename(path: str) -> str:
     return os.path.basename(os.path.normpath(path))
 
 
-def _eos_ids(generation_config: dict, tokenizer, arch) -> list[int]:
+def _eos_ids(generation_config: dict, tokenizer_eos_id: Optional[int], arch) -> list[int]:
     ids: list[int] = []
     configured = generation_config.get("eos_token_id") if generation_config else None
-    for source in (configured, getattr(arch, "eos_token_ids", None), tokenizer.eos_token_id):
+    for source in (configured, getattr(arch, "eos_token_ids", None), tokenizer_eos_id):
         if source is None:
             continue
         for t in ([source] if isinstance(source, int) else source):

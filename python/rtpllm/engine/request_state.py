@@ -28,7 +28,7 @@ class SequenceState:
     index: int
     group: "RequestGroup"
     params: SamplingParams
-    detokenizer: IncrementalDetokenizer
+    detokenizer: Optional[IncrementalDetokenizer]  # None without `detokenize`
     stop_checker: Optional[StopStringChecker]
     generator: Optional[torch.Generator]
     # Without streaming or stop strings nobody reads the text before the end: decode it once then.

@@ -30,7 +30,7 @@ _DUMMY_RANGE = 1e-3
 class LoadedModel:
     model: LlamaForCausalLM  # weights loaded, in eval mode, on the requested device and dtype
     arch: LlamaArch
-    tokenizer: Any  # a transformers fast tokenizer, chat template included when the model has one
+    tokenizer: Any  # a transformers fast tokenizer, chat template included when the model has one (None: not loaded)
     generation_config: dict  # generation_config.json, or the GGUF's bos/eos/pad ids; {} when absent
     # Where the load's time went (config, model build, weights, tokenizer on its thread, ...).
     phases: StartupPhases = field(default_factory=lambda: StartupPhases("load"))
@@ -42,7 +42,7 @@ def load_model_and_tokenizer(path: str, dtype: torch.dtype = torch.float32,
                              tokenizer_path: Optional[str] = None,
                              attn_backend_factory: Optional[Callable[[LlamaArch], AttentionBackend]] = None,
                              load_format: str = "auto", loader_settings: LoaderSettings = LoaderSettings(),
-                             tensor_parallel: Optional[TPGroup] = None) -> LoadedModel:
+                             tensor_parallel: Optional[TPGroup] = None, load_tokenizer: bool = True) -> LoadedModel:
     """Loads a Hugging Face model folder (config.json + safetensors) or a `.gguf` file.
 
     `attn_backend` defaults to the torch reference backend; `attn_backend_factory`, when given, builds
@@ -52,6 +52,8 @@ def load_model_and_tokenizer(path: str, dtype: torch.dtype = torch.float32,
     random values (for benchmarks of everything but the weights).
     With `tensor_parallel`, the model is this rank's shard, and safetensors files are read only
     where the rank's slices lie (a GGUF file is dequantized whole, then sliced).
+    Without `load_tokenizer`, `LoadedModel.tokenizer` is None (the engine loads its own when it
+    needs one: loader/lazy_tokenizer.py).
     Raises FileNotFoundError for a missing path or file and ValueError for a corrupt file or an
     unsupported model, naming the problem.
     """
@@ -69,12 +71,13 @@ def load_model_and_tokenizer(path: str, dtype: torch.dtype = torch.float32,
         return attn_backend if attn_backend_factory is None else attn_backend_factory(arch)
 
     if os.path.isdir(path):
-        loaded = _load_hf_folder(path, dtype, device, backend_for, load_format, loader_settings, tensor_parallel)
+        loaded = _load_hf_folder(path, dtype, device, backend_for, load_format, loader_settings, tensor_parallel,
+                                 load_tokenizer)
     elif path.endswith(".gguf"):
-        loaded = _load_gguf(path, dtype, device, backend_for, load_format, tensor_parallel)
+        loaded = _load_gguf(path, dtype, device, backend_for, load_format, tensor_parallel, load_tokenizer)
     else:
         raise ValueError(f"model: {path} is neither a Hugging Face model folder nor a .gguf file")
-    if tokenizer_path is not None:
+    if tokenizer_path is not None and load_tokenizer:
         loaded.tokenizer = load_folder_tokenizer(tokenizer_path)
     return loaded
 
@@ -83,7 +86,8 @@ BackendFor = Callable[[LlamaArch], Optional[AttentionBackend]]
 
 
 def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device, backend_for: BackendFor,
-                    load_format: str, settings: LoaderSettings, tp: Optional[TPGroup] = None) -> LoadedModel:
+                    load_format: str, settings: LoaderSettings, tp: Optional[TPGroup] = None,
+                    load_tokenizer: bool = True) -> LoadedModel:
     phases = StartupPhases("load")
     with phases.phase("config"):
         arch = LlamaArch.from_hf_config(read_json(os.path.join(folder, CONFIG_FILE)), source=CONFIG_FILE)
@@ -93,7 +97,7 @@ def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device, backe
     # The tokenizer (and the transformers import it needs) loads on a thread while the C++ reader,
     # which does not hold the GIL, moves the weights.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtpllm-tokenizer") as pool:
-        tokenizer = pool.submit(_timed, phases, "tokenizer", load_folder_tokenizer, folder)
+        tokenizer = pool.submit(_timed, phases, "tokenizer", load_folder_tokenizer, folder) if load_tokenizer else None
         with phases.phase("model build"):
             model = _empty_model(arch, dtype, device, backend_for(arch), tp)
         if load_format == "dummy":
@@ -107,8 +111,10 @@ def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device, backe
             shard_of = model.checkpoint_shard if tp is not None else None
             with phases.phase(f"weights {checkpoint.total_bytes / 1e9:.2f} GB" + (" (this rank's slices)" if tp else "")):
                 model.check_all_loaded(load_into_model(checkpoint, model.weight_destination, settings, shard_of))
-        with phases.phase("waiting for the tokenizer"):
-            result = tokenizer.result()
+        result = None
+        if tokenizer is not None:
+            with phases.phase("waiting for the tokenizer"):
+                result = tokenizer.result()
         return LoadedModel(model.eval(), arch, result, generation_config, phases)
 
 
@@ -122,7 +128,7 @@ def _timed(phases: StartupPhases, name: str, load: Callable, *args):
 
 
 def _load_gguf(path: str, dtype: torch.dtype, device: torch.device, backend_for: BackendFor,
-               load_format: str, tp: Optional[TPGroup] = None) -> LoadedModel:
+               load_format: str, tp: Optional[TPGroup] = None, load_tokenizer: bool = True) -> LoadedModel:
     # Imported here: the gguf package costs a Hugging Face folder's start-up nothing.
     from rtpllm.loader.gguf_checkpoint import GGUFCheckpoint
     from rtpllm.loader.gguf_tokenizer import load_gguf_tokenizer
@@ -133,7 +139,7 @@ def _load_gguf(path: str, dtype: torch.dtype, device: torch.device, backend_for:
         arch = checkpoint.arch()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtpllm-tokenizer") as pool:
         # Overlaps the weights' reading and dequantizing.
-        tokenizer = pool.submit(_timed, phases, "tokenizer", load_gguf_tokenizer, path)
+        tokenizer = pool.submit(_timed, phases, "tokenizer", load_gguf_tokenizer, path) if load_tokenizer else None
         if load_format == "dummy":
             with phases.phase("model build and dummy weights"):
                 model = _fill_dummy(_empty_model(arch, dtype, device, backend_for(arch), tp)).eval()
@@ -146,9 +152,11 @@ def _load_gguf(path: str, dtype: torch.dtype, device: torch.device, backend_for:
                     model.eval()
                 else:
                     model = build_model(arch, dtype, device, checkpoint.weights(arch, device), backend_for(arch), tp)
+        result = None
         try:
-            with phases.phase("waiting for the tokenizer"):
-                result = tokenizer.result()
+            if tokenizer is not None:
+                with phases.phase("waiting for the tokenizer"):
+                    result = tokenizer.result()
         except Exception as e:
             raise ValueError(f"{checkpoint.name}: cannot build the tokenizer from the GGUF metadata "
                              f"({type(e).__name__}: {e})") from None

@@ -61,11 +61,6 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         with startup.phase("server imports"):
             from rtpllm.serving.openai_server import ServerOptions, run_server
-
-            if launch is not None:
-                # The engine's tokenizer arrives pickled: import what unpickling it needs while the
-                # engine is still loading, not after.
-                import transformers  # noqa: F401
     except BaseException:
         if launch is not None:
             launch.kill()

@@ -180,6 +180,14 @@ def build_app(engine: AsyncEngineBase, metrics: Optional[ServerMetrics] = None,
     return app
 
 
+def _start_engine(config: EngineConfig, options: ServerOptions) -> AsyncEngineBase:
+    if options.engine_process:
+        from rtpllm.engine.link.process_engine import ProcessEngine
+
+        return ProcessEngine.from_config(config, stream_interval=options.stream_interval)
+    return AsyncEngine.from_config(config, stream_interval=options.stream_interval)
+
+
 def run_server(config: EngineConfig, options: ServerOptions = ServerOptions(),
                engine_launch: Optional["EngineLaunch"] = None, startup: Optional[StartupPhases] = None) -> None:
     """Loads the model, serves until SIGINT/SIGTERM, then shuts down gracefully: the listening
@@ -188,15 +196,11 @@ def run_server(config: EngineConfig, options: ServerOptions = ServerOptions(),
     blocks), and the step thread stops. `engine_launch` is an engine process the caller already
     started (so that it loads while the caller imports this module)."""
     startup = startup or StartupPhases("server")
-    with startup.phase("waiting for the engine"):
-        if engine_launch is not None:
-            engine: AsyncEngineBase = engine_launch.wait(stream_interval=options.stream_interval)
-        elif options.engine_process:
-            from rtpllm.engine.link.process_engine import ProcessEngine
-
-            engine = ProcessEngine.from_config(config, stream_interval=options.stream_interval)
-        else:
-            engine = AsyncEngine.from_config(config, stream_interval=options.stream_interval)
+    if engine_launch is not None:  # times its two waits: the engine, then this process's tokenizer
+        engine: AsyncEngineBase = engine_launch.wait(stream_interval=options.stream_interval, startup=startup)
+    else:
+        with startup.phase("waiting for the engine"):
+            engine = _start_engine(config, options)
     startup.add_process(getattr(engine, "startup_report", None))
     app = build_app(engine, options=options)
     server = ServingServer(uvicorn_config(app, options), engine, options.shutdown_timeout_s)

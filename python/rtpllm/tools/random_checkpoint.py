@@ -2,6 +2,8 @@
 
     python -m rtpllm.tools.random_checkpoint --shape llama-3.1-8b --out /tmp/llama-3.1-8b
     python -m rtpllm.tools.random_checkpoint --shape qwen3-8b --tiny --out /tmp/qwen3-tiny
+    python -m rtpllm.tools.random_checkpoint --shape llama-3.1-8b --tiny --vocab-size 128256 --out /tmp/tiny-l3vocab
+    python -m rtpllm.tools.random_checkpoint --shape llama-3.1-8b --no-weights --out /tmp/llama-3.1-8b-tok
 
 The folder has config.json, generation_config.json, bf16 safetensors shards with
 model.safetensors.index.json, and a byte-level BPE tokenizer covering the whole vocabulary, so
@@ -13,6 +15,7 @@ one and shards are written in parallel, so the disk is the limit (16 GB in about
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -55,8 +58,9 @@ def random_tensor(shape: tuple[int, ...], kind: str, seed: int, device: torch.de
 
 
 def write_random_checkpoint(shape: ModelShape, out: str, seed: int = 0, max_shard_bytes: int = 4 << 30,
-                            device: Optional[torch.device] = None, workers: int = 4) -> dict:
-    """Writes the checkpoint folder; returns a summary (parameters, bytes, seconds)."""
+                            device: Optional[torch.device] = None, workers: int = 4, weights: bool = True) -> dict:
+    """Writes the checkpoint folder; returns a summary (parameters, bytes, seconds). Without
+    `weights`, only the configs and the tokenizer (for start-up and tokenizer measurements)."""
     if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"out: {out} exists and is not empty")
     os.makedirs(out, exist_ok=True)
@@ -73,6 +77,9 @@ def write_random_checkpoint(shape: ModelShape, out: str, seed: int = 0, max_shar
     _write_json(os.path.join(out, "generation_config.json"),
                 {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos[0]})
 
+    if not weights:
+        return {"parameters": shape.num_parameters, "bytes": 0, "shards": 0,
+                "seconds": time.perf_counter() - start, "device": "none"}
     specs = tensor_specs(shape)
     shards = plan_shards(specs, max_shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -111,14 +118,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--max-shard-gb", type=float, default=4.0, help="largest shard size in GiB")
     parser.add_argument("--device", default=None, help="where to draw weights (default: cuda if available)")
     parser.add_argument("--workers", type=int, default=4, help="shards written in parallel")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="override the shape's vocabulary (e.g. --tiny with a Llama-3-sized tokenizer)")
+    parser.add_argument("--no-weights", action="store_true",
+                        help="write only config.json, generation_config.json and the tokenizer")
     args = parser.parse_args(argv)
     if args.max_shard_gb <= 0:
         parser.error(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
     shape = SHAPES[args.shape].tiny() if args.tiny else SHAPES[args.shape]
+    if args.vocab_size is not None:
+        shape = dataclasses.replace(shape, vocab_size=args.vocab_size)
     summary = write_random_checkpoint(shape, args.out, seed=args.seed,
                                       max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
                                       device=torch.device(args.device) if args.device else None,
-                                      workers=args.workers)
+                                      workers=args.workers, weights=not args.no_weights)
     gigabytes = summary["bytes"] / 1e9
     print(f"{args.out}: {summary['parameters'] / 1e6:,.1f}M parameters, {gigabytes:.3f} GB in {summary['shards']} "
           f"shards, {summary['seconds']:.1f} s ({gigabytes / summary['seconds']:.2f} GB/s, weights drawn on "

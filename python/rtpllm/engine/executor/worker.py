@@ -67,7 +67,8 @@ class Worker:
             factory = lambda arch: base(rank_local_arch(arch, rank, world))  # noqa: E731 - the rank's heads
         self.loaded = load_model_and_tokenizer(spec.model_path, dtype=spec.dtype, device=spec.device,
                                                attn_backend_factory=factory, tensor_parallel=self.tp,
-                                               load_format=spec.config.model.load_format)
+                                               load_format=spec.config.model.load_format,
+                                               load_tokenizer=False)  # the engine's own: Engine._tokenizer
         return self.loaded
 
     def init_runner(self, max_model_len: int, extra_kv_bytes_per_block: int = 0) -> int:

@@ -31,8 +31,10 @@ from rtpllm.engine.gc_heap import freeze_startup_heap
 from rtpllm.engine.link.messages import (AbortRequest, AddAnswer, AddRequest, CallInEngine, CallResult, EngineDead,
                                          EngineFailed, EngineInfo, EngineReady, InitEngine, StepOutputs, StopEngine)
 from rtpllm.engine.link.output_deltas import OutputDeltaEncoder
+from rtpllm.engine.link.stats_wire import stats_to_wire
 
 logger = logging.getLogger(__name__)
+_TOKENIZER_POLL_S = 0.005
 
 
 def picklable_error(exc: BaseException) -> BaseException:
@@ -57,14 +59,17 @@ class EngineCoreLoop:
         self.selector = selectors.DefaultSelector()
         self.selector.register(sock, selectors.EVENT_READ)
         self._watching_write = False
+        self._held: list = []  # commands waiting for the tokenizer to load (`_hold`)
 
     def run(self) -> int:
         engine = self.engine
         busy = False
         while True:
-            commands = self._receive(block=not busy)
+            # Commands held for the tokenizer (`_hold`) go first, in order, once it has loaded.
+            commands = self._receive(block=not busy and not self._held)
             if commands is None:
                 return 0  # the server is gone
+            commands = self._hold(commands)
             answers, call_results, stop = [], [], False
             for command in commands:
                 kind = type(command)
@@ -90,13 +95,36 @@ class EngineCoreLoop:
             # (KV usage, admission) must hear of it although no request moved.
             transfers_ended = transfers and not engine.has_pending_kv_transfers()
             if commands or moved or transfers_ended:
-                self.writer.write(encode_frame(StepOutputs(answers, self.encoder.encode(moved), engine.stats(),
-                                                           call_results, engine.reporter.drain_kv_events())))
+                self.writer.write(encode_frame(StepOutputs(answers, self.encoder.encode(moved),
+                                                           stats_to_wire(engine.stats()), call_results,
+                                                           engine.reporter.drain_kv_events())))
             if stop:
                 self._flush_blocking()
                 engine.close()  # the KV tiers' last saves and disk writes
                 return 0
             busy = engine.has_unfinished_requests() or engine.has_pending_kv_transfers()
+
+    def _hold(self, commands: list) -> list:
+        """The commands to run now. An add whose request needs the engine's tokenizer (stop
+        strings, a text prompt) waits while the tokenizer loads on its thread, and so do aborts of
+        held requests and a stop, in the order they came; other requests keep coming and stepping."""
+        held, engine = self._held, self.engine
+        if held and engine.tokenizer_loaded:
+            commands, held[:] = held + commands, []  # loaded (or failed: those adds fail alone)
+        if not held and not any(type(c) is AddRequest for c in commands):
+            return commands  # NOTE: the usual case, every step
+        now = []
+        held_ids = {c.request_id for c in held if type(c) is AddRequest}
+        for command in commands:
+            kind = type(command)
+            if kind is AddRequest and engine.needs_tokenizer(command.prompt, command.detokenize):
+                held_ids.add(command.request_id)
+                held.append(command)
+            elif (kind is AbortRequest and command.request_id in held_ids) or (kind is StopEngine and held):
+                held.append(command)
+            else:
+                now.append(command)
+        return now
 
     def _call(self, tag: int, fn) -> CallResult:
         try:
@@ -115,7 +143,9 @@ class EngineCoreLoop:
                 self.selector.modify(self.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0))
                 self._watching_write = want_write
             readable = False
-            for _, events in self.selector.select(None if block else 0):
+            # While commands wait for the tokenizer, look back every few ms to see if it has loaded.
+            timeout = None if block else (_TOKENIZER_POLL_S if self._held else 0)
+            for _, events in self.selector.select(timeout):
                 if events & selectors.EVENT_WRITE:
                     self.writer.flush()
                 readable = readable or bool(events & selectors.EVENT_READ)
@@ -145,14 +175,13 @@ def serve(sock: socket.socket) -> int:
 
         startup = StartupPhases("engine", level=logging.DEBUG)  # the server logs it in its own line
         startup.add("python start and imports", since_process_start() or 0.0)
-        engine = Engine(config, startup)
+        engine = Engine(config, startup, tokenizer_on_demand=True)  # the server tokenizes and detokenizes
     except BaseException as exc:  # noqa: BLE001 - reported to the server, which raises it
         send_blocking(sock, EngineFailed(picklable_error(exc), traceback.format_exc()))
         return 1
     freeze_startup_heap()
     send_blocking(sock, EngineReady(EngineInfo(engine.model_name, engine.max_model_len, engine.vocab_size,
-                                               engine.stats(), engine.tokenizer if init.send_tokenizer else None,
-                                               engine.startup.as_dict())))
+                                               engine.stats(), engine.startup.as_dict())))
     sock.setblocking(False)
     loop = EngineCoreLoop(engine, sock)
     try:

@@ -43,13 +43,17 @@ class FrameReader:
 
     def feed(self, data: bytes) -> list[LinkMessage]:
         buffer = self._buffer
-        buffer += data
+        if buffer:
+            buffer += data
+            source = buffer
+        else:  # NOTE: the usual case (whole frames, nothing left over): read them from `data`, uncopied
+            source = data
         messages = []
-        start, end = 0, len(buffer)
-        view = memoryview(buffer)
+        start, end = 0, len(source)
+        view = memoryview(source)
         try:
             while end - start >= _HEADER.size:
-                (length,) = _HEADER.unpack_from(buffer, start)
+                (length,) = _HEADER.unpack_from(source, start)
                 if end - start - _HEADER.size < length:
                     break
                 begin = start + _HEADER.size
@@ -57,8 +61,11 @@ class FrameReader:
                 start = begin + length
         finally:
             view.release()
-        if start:
-            del buffer[:start]
+        if source is buffer:
+            if start:
+                del buffer[:start]
+        elif start < end:
+            buffer += data[start:]  # the start of a frame still to come
         return messages
 
 

@@ -18,7 +18,10 @@ type of every field declared with a plain type, so a message from a mismatched p
 NOTE: speed. StepOutputs goes out after every engine step, with the outputs of every running
 request. Pickling an object other than builtin containers and scalars costs about 1 us more per
 object on each side, so its OutputDeltas are columns (one list of builtins per field, not one
-object per request), and only what comes once per request (AddAnswer, PromptHeader) is a NamedTuple.
+object per request), only what comes a few times per request (AddAnswer, PromptHeader,
+RequestTimes) is a NamedTuple, and EngineStats travels as a tuple (link/stats_wire.py).
+The codec checks field types on every message but StepOutputs and OutputDeltas, whose hot fields
+the decoder checks as it reads them (a bad one fails it, and `OutputDeltas.check()` names it).
 """
 
 from __future__ import annotations
@@ -50,7 +53,6 @@ class EngineInfo:
     max_model_len: int
     vocab_size: int
     stats: Any  # EngineStats
-    tokenizer: Any  # pickled across when the server has no copy of its own (see InitEngine.send_tokenizer)
     startup: Optional[dict] = None  # the engine's start-up phases (StartupPhases.as_dict), for the server's log
 
 
@@ -58,7 +60,6 @@ class EngineInfo:
 class InitEngine(LinkMessage):
     config: Any  # EngineConfig
     log_level: int
-    send_tokenizer: bool = True  # False: the server loads its own copy, EngineInfo.tokenizer comes back None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +70,7 @@ class AddRequest(LinkMessage):
     params: Any  # SamplingParams
     arrival_time: float
     stream: bool
-    detokenize: bool  # False: the server decodes this stream's text itself (output_deltas.py)
+    detokenize: bool  # False: the server decodes this request's text itself (output_deltas.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +116,18 @@ class PromptHeader(NamedTuple):
 
     prompt: Optional[str]
     prompt_token_ids: list
+    num_samples: int  # its n: how many entries of the per-sample column are this request's, every time
+
+
+class RequestTimes(NamedTuple):
+    """A request's values that change a few times in its life (RequestMetrics but the last token's
+    time, and the cached prompt tokens): sent in its first delta and whenever one changed."""
+
+    arrival_time: float
+    first_scheduled_time: Optional[float]
+    first_token_time: Optional[float]
+    finished_time: Optional[float]
+    num_cached_tokens: int
 
 
 class PromptLogprobsDelta(NamedTuple):
@@ -125,77 +138,67 @@ class PromptLogprobsDelta(NamedTuple):
 @dataclass(slots=True)
 class OutputDeltas(LinkMessage):
     """What changed in the outputs of the requests one step moved, since each one's previous delta
-    (output_deltas.py builds and applies them), column by column: one list per field costs far
-    less to pickle than one object per request. `check()` names the first column that is not a
-    list of the right length (the decoder calls it when its strict zips find one).
+    (output_deltas.py builds and applies them). Only what moves every step is a column: a request's
+    id and last token time, a sample's new token ids; the rest is sparse, sent only where it
+    changed (None when nothing did). `check()` names the first field that is malformed (the
+    decoder calls it when decoding fails).
 
-    NOTE: not frozen, unlike the other messages: its columns are filled in place by the encoder
-    anyway, and a frozen class's __init__ costs about 0.2 us per field, per step on each side."""
+    NOTE: speed. This goes out after every step. Each list, dict or object in a pickle costs on
+    both sides, so columns are few and the sparse fields are None, not {}, in most steps. Not
+    frozen, unlike the other messages: a frozen class's __init__ costs about 0.2 us per field."""
 
     # Per request, in order:
     request_ids: list
-    num_samples: list  # how many entries of the per-sample columns are this request's (its n)
-    num_cached_tokens: list
-    finished: list
-    # RequestMetrics, per request
-    arrival_time: list
-    first_scheduled_time: list
-    first_token_time: list
     last_token_time: list
-    finished_time: list
-    # Sparse: what only some of the requests above send.
-    headers: dict  # request id -> PromptHeader, in a request's first delta
-    prompt_logprobs: dict  # request id -> PromptLogprobsDelta, while prompt logprobs grow
-    # Per sample: request 0's samples, then request 1's, ... The text is text[:text_keep] + text_piece
-    # (text only grows, except where a stop string cuts it); token ids and logprobs only grow.
-    sample_index: list
-    text_keep: list
-    text_piece: list
-    new_token_ids: list
-    cumulative_logprob: list  # None without logprobs
-    new_logprobs: list  # None without logprobs
-    finish_reason: list
-    stop_reason: list
+    # Per sample: request 0's samples (PromptHeader.num_samples of them), then request 1's, ...
+    new_token_ids: list  # token ids only grow
+    # Sparse, by request id:
+    headers: Optional[dict]  # -> PromptHeader, in a request's first delta
+    times: Optional[dict]  # -> RequestTimes, in its first delta and when one of them changed
+    prompt_logprobs: Optional[dict]  # -> PromptLogprobsDelta, while prompt logprobs grow
+    # Sparse, by the sample's position in new_token_ids:
+    texts: Optional[dict]  # -> (keep, piece) where the engine's text changed: text[:keep] + piece
+    logprobs: Optional[dict]  # -> (cumulative logprob, new logprobs), for samples with logprobs
+    finishes: Optional[dict]  # -> (finish_reason, stop_reason), in the delta where the sample finished
 
     @classmethod
     def empty(cls) -> "OutputDeltas":
-        return cls([], [], [], [], [], [], [], [], [], {}, {}, [], [], [], [], [], [], [], [])
+        return cls([], [], [], None, None, None, None, None, None)
 
     def check(self) -> None:
-        """MalformedMessage naming the first column that is not a list of the right length."""
-        for name in self.__dataclass_fields__:
-            expected = dict if name in ("headers", "prompt_logprobs") else list
-            if type(getattr(self, name)) is not expected:
-                raise MalformedMessage(f"OutputDeltas.{name}: expected a {expected.__name__}, "
-                                       f"got {type(getattr(self, name)).__name__}")
-        per_request = len(self.request_ids)
-        if list(map(len, _PER_REQUEST(self))).count(per_request) != len(_PER_REQUEST_NAMES):
-            name = next(n for n in _PER_REQUEST_NAMES if len(getattr(self, n)) != per_request)
-            raise MalformedMessage(f"OutputDeltas.{name}: {len(getattr(self, name))} entries for "
-                                   f"{per_request} requests")
-        num_samples = sum(self.num_samples)
-        if list(map(len, _PER_SAMPLE(self))).count(num_samples) != len(_PER_SAMPLE_NAMES):
-            name = next(n for n in _PER_SAMPLE_NAMES if len(getattr(self, n)) != num_samples)
-            raise MalformedMessage(f"OutputDeltas.{name}: {len(getattr(self, name))} entries for "
-                                   f"{num_samples} samples")
-        for name, sparse in (("headers", self.headers), ("prompt_logprobs", self.prompt_logprobs)):
+        """MalformedMessage naming the first field that is not of its kind, or a per-request column
+        of the wrong length, or sparse entries of requests the delta does not hold."""
+        for name in ("request_ids", "last_token_time", "new_token_ids"):
+            if type(getattr(self, name)) is not list:
+                raise MalformedMessage(f"OutputDeltas.{name}: expected a list, got {type(getattr(self, name)).__name__}")
+        for name in _SPARSE_NAMES:
+            value = getattr(self, name)
+            if value is not None and type(value) is not dict:
+                raise MalformedMessage(f"OutputDeltas.{name}: expected a dict or None, got {type(value).__name__}")
+        if len(self.last_token_time) != len(self.request_ids):
+            raise MalformedMessage(f"OutputDeltas.last_token_time: {len(self.last_token_time)} entries for "
+                                   f"{len(self.request_ids)} requests")
+        for name in ("headers", "times", "prompt_logprobs"):
+            sparse = getattr(self, name)
             if sparse and not set(sparse) <= set(self.request_ids):
                 strangers = sorted(set(sparse) - set(self.request_ids))
                 raise MalformedMessage(f"OutputDeltas.{name}: request ids {strangers} are not among request_ids")
+        for name in ("texts", "logprobs", "finishes"):
+            sparse = getattr(self, name)
+            if sparse and not all(type(k) is int and 0 <= k < len(self.new_token_ids) for k in sparse):
+                raise MalformedMessage(f"OutputDeltas.{name}: positions outside the {len(self.new_token_ids)} samples")
 
 
-_PER_REQUEST_NAMES = ("num_samples", "num_cached_tokens", "finished", "arrival_time", "first_scheduled_time",
-                      "first_token_time", "last_token_time", "finished_time")
-_PER_SAMPLE_NAMES = ("sample_index", "text_keep", "text_piece", "new_token_ids", "cumulative_logprob", "new_logprobs",
-                     "finish_reason", "stop_reason")
-_PER_REQUEST, _PER_SAMPLE = attrgetter(*_PER_REQUEST_NAMES), attrgetter(*_PER_SAMPLE_NAMES)
+_SPARSE_NAMES = ("headers", "times", "prompt_logprobs", "texts", "logprobs", "finishes")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StepOutputs(LinkMessage):
+    """NOTE: not frozen, like OutputDeltas: one goes out after every step."""
+
     answers: list  # [AddAnswer] for the adds among the commands this step took
     deltas: OutputDeltas  # of the requests the step moved
-    stats: Any  # EngineStats
+    stats: Any  # EngineStats in wire form (link/stats_wire.py)
     call_results: list  # [CallResult]
     kv_events: Any  # instance_report.KVEventBatch, or None when there were none
 

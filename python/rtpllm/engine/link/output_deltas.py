@@ -12,30 +12,35 @@ engine would have run: that per-token work then happens beside the server's even
 inside the engine's step loop (as vLLM's front-end process detokenizes for its engine core).
 
 The deltas of one step travel as one `OutputDeltas` message (link/messages.py: its fields say
-what each column holds).
+what each holds): per step only new token ids and last token times are columns; texts the engine
+decoded, logprobs, finishes, times that changed and first-delta headers are sparse.
 """
 
 from __future__ import annotations
 
-from itertools import islice
 from typing import TYPE_CHECKING, Any, Optional
 
 from rtpllm.engine.detokenizer import IncrementalDetokenizer
-from rtpllm.engine.link.messages import MalformedMessage, OutputDeltas, PromptHeader, PromptLogprobsDelta
+from rtpllm.engine.link.messages import MalformedMessage, OutputDeltas, PromptHeader, PromptLogprobsDelta, RequestTimes
 from rtpllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 if TYPE_CHECKING:
     from rtpllm.engine.request_state import RequestGroup
 
 
+_NOTHING_SENT = (0, 0, "", False)
+
+
 class _Sent:
     """What the decoder already holds of one request."""
 
-    __slots__ = ("samples", "prompt_logprobs")
+    __slots__ = ("samples", "prompt_logprobs", "times")
 
     def __init__(self) -> None:
-        self.samples: dict[int, tuple[int, int, str]] = {}  # index -> (token ids, logprobs, text)
+        # index -> (token ids, logprobs, text, finished)
+        self.samples: dict[int, tuple[int, int, str, bool]] = {}
         self.prompt_logprobs = 0
+        self.times: Optional[tuple] = None  # the RequestTimes values sent last
 
 
 class OutputDeltaEncoder:
@@ -47,70 +52,73 @@ class OutputDeltaEncoder:
         self._sent: dict[str, _Sent] = {}
 
     def encode(self, groups: list["RequestGroup"]) -> OutputDeltas:
-        deltas = OutputDeltas.empty()
-        # NOTE: per-token work: the columns' appends are bound once per step.
-        add_request_id, add_num_samples = deltas.request_ids.append, deltas.num_samples.append
-        add_num_cached, add_finished = deltas.num_cached_tokens.append, deltas.finished.append
-        add_arrival, add_scheduled = deltas.arrival_time.append, deltas.first_scheduled_time.append
-        add_first_token, add_last_token = deltas.first_token_time.append, deltas.last_token_time.append
-        add_finished_time = deltas.finished_time.append
-        add_index, add_keep, add_piece = deltas.sample_index.append, deltas.text_keep.append, deltas.text_piece.append
-        add_ids, add_cumulative = deltas.new_token_ids.append, deltas.cumulative_logprob.append
-        add_logprobs, add_finish = deltas.new_logprobs.append, deltas.finish_reason.append
-        add_stop = deltas.stop_reason.append
+        request_ids, last_token_times, new_token_ids = [], [], []
+        headers = times = prompt_logprobs = texts = logprobs_out = finishes = None
+        add_ids = new_token_ids.append  # NOTE: per-token work: bound once per step
         for group in groups:
-            sent = self._sent.get(group.request_id)
+            request_id = group.request_id
+            sent = self._sent.get(request_id)
             if sent is None:
-                sent = self._sent[group.request_id] = _Sent()
-                deltas.headers[group.request_id] = PromptHeader(group.prompt, group.prompt_ids)
+                sent = self._sent[request_id] = _Sent()
+                if headers is None:
+                    headers = {}
+                headers[request_id] = PromptHeader(group.prompt, group.prompt_ids, len(group.seqs))
+            metrics = group.metrics
+            now = (metrics.arrival_time, metrics.first_scheduled_time, metrics.first_token_time, metrics.finished_time,
+                   group.num_cached_tokens)
+            if now != sent.times:
+                if times is None:
+                    times = {}
+                times[request_id] = RequestTimes(*now)
+                sent.times = now
             finished = True
             for seq in group.seqs:
-                num_ids, num_logprobs, text = sent.samples.get(seq.index, (0, 0, ""))
-                new_text = seq.visible_text
-                keep = len(text) if new_text.startswith(text) else 0
+                position = len(new_token_ids)
+                num_ids, num_logprobs, text, was_finished = sent.samples.get(seq.index, _NOTHING_SENT)
                 ids = seq.output_ids
-                logprobs = seq.logprobs
-                add_index(seq.index)
-                add_keep(keep)
-                add_piece(new_text[keep:])
                 add_ids(ids[num_ids:])
-                if logprobs is None:
-                    add_cumulative(None)
-                    add_logprobs(None)
-                else:
-                    add_cumulative(seq.cumulative_logprob)
-                    add_logprobs(logprobs[num_logprobs:])
-                add_finish(seq.finish_reason)
-                add_stop(seq.stop_reason)
-                sent.samples[seq.index] = (len(ids), 0 if logprobs is None else len(logprobs), new_text)
-                finished = finished and seq.finish_reason is not None
+                new_text = seq.visible_text
+                if new_text is not text and new_text != text:
+                    keep = len(text) if new_text.startswith(text) else 0
+                    if texts is None:
+                        texts = {}
+                    texts[position] = (keep, new_text[keep:])
+                logprobs = seq.logprobs
+                if logprobs is not None:
+                    if logprobs_out is None:
+                        logprobs_out = {}
+                    logprobs_out[position] = (seq.cumulative_logprob, logprobs[num_logprobs:])
+                is_finished = seq.finish_reason is not None
+                if is_finished and not was_finished:
+                    if finishes is None:
+                        finishes = {}
+                    finishes[position] = (seq.finish_reason, seq.stop_reason)
+                sent.samples[seq.index] = (len(ids), 0 if logprobs is None else len(logprobs), new_text, is_finished)
+                finished = finished and is_finished
             if group.prompt_logprobs is not None:
-                deltas.prompt_logprobs[group.request_id] = PromptLogprobsDelta(
-                    sent.prompt_logprobs, group.prompt_logprobs[sent.prompt_logprobs:])
+                if prompt_logprobs is None:
+                    prompt_logprobs = {}
+                prompt_logprobs[request_id] = PromptLogprobsDelta(sent.prompt_logprobs,
+                                                                  group.prompt_logprobs[sent.prompt_logprobs:])
                 sent.prompt_logprobs = len(group.prompt_logprobs)
-            metrics = group.metrics
-            add_request_id(group.request_id)
-            add_num_samples(len(group.seqs))
-            add_num_cached(group.num_cached_tokens)
-            add_finished(finished)
-            add_arrival(metrics.arrival_time)
-            add_scheduled(metrics.first_scheduled_time)
-            add_first_token(metrics.first_token_time)
-            add_last_token(metrics.last_token_time)
-            add_finished_time(metrics.finished_time)
+            request_ids.append(request_id)
+            last_token_times.append(metrics.last_token_time)
             if finished:
-                del self._sent[group.request_id]
-        return deltas
+                del self._sent[request_id]
+        return OutputDeltas(request_ids, last_token_times, new_token_ids, headers, times, prompt_logprobs, texts,
+                            logprobs_out, finishes)
 
 
 class _Mirror:
-    __slots__ = ("prompt", "prompt_token_ids", "samples", "prompt_logprobs", "detokenizers", "skip_special_tokens")
+    __slots__ = ("prompt", "prompt_token_ids", "num_samples", "times", "samples", "prompt_logprobs", "detokenizers",
+                 "skip_special_tokens")
 
-    def __init__(self, prompt: Optional[str], prompt_token_ids: list[int],
-                 skip_special_tokens: Optional[bool]) -> None:
-        self.prompt = prompt
-        self.prompt_token_ids = prompt_token_ids
-        self.samples: dict[int, CompletionOutput] = {}
+    def __init__(self, header: PromptHeader, times: RequestTimes, skip_special_tokens: Optional[bool]) -> None:
+        self.prompt = header.prompt
+        self.prompt_token_ids = header.prompt_token_ids
+        self.num_samples = header.num_samples
+        self.times = times
+        self.samples: list[Optional[CompletionOutput]] = [None] * header.num_samples
         self.prompt_logprobs: Optional[list] = None
         # Set when this side decodes the text: one detokenizer per sample, made on its first tokens.
         self.skip_special_tokens = skip_special_tokens
@@ -137,80 +145,100 @@ class OutputDeltaDecoder:
         """The request never started (the engine refused it)."""
         self._decode_here.pop(request_id, None)
 
-    def _text(self, mirror: _Mirror, index: int, previous: Optional[CompletionOutput], keep: int, piece: str,
+    def _text(self, mirror: _Mirror, index: int, previous: Optional[CompletionOutput], text_delta: Optional[tuple],
               new_ids: list[int], finish_reason: Optional[str]) -> str:
+        text = "" if previous is None else previous.text
         if mirror.skip_special_tokens is None:  # the engine's own text
-            if previous is None:
-                return piece
-            text = previous.text
+            if text_delta is None:
+                return text
+            keep, piece = text_delta
             return (text if keep == len(text) else text[:keep]) + piece
         detokenizer = mirror.detokenizers.get(index)
         if detokenizer is None:
             detokenizer = mirror.detokenizers[index] = IncrementalDetokenizer(
                 self._tokenizer, mirror.prompt_token_ids, mirror.skip_special_tokens)
-        text = ("" if previous is None else previous.text) + detokenizer.push(new_ids)
+        text += detokenizer.push(new_ids)
         if finish_reason is not None and (previous is None or previous.finish_reason is None):
             text += detokenizer.flush()
         return text
 
     def decode(self, deltas: OutputDeltas) -> list[RequestOutput]:
-        """The cumulative outputs. MalformedMessage naming the column when a column is not a list
-        of the right length (the requests before it are decoded then: the caller gives up the link)."""
+        """The cumulative outputs. MalformedMessage naming the field when the deltas do not fit
+        (the requests before it are decoded then: the caller gives up the link)."""
         try:
             return self._decode(deltas)
-        except (TypeError, ValueError):
-            deltas.check()  # names the bad column, if a column is what was bad
+        except MalformedMessage:
             raise
+        except (TypeError, ValueError, IndexError, AttributeError, KeyError) as exc:
+            deltas.check()  # names the bad field, if a field's kind or length is what was bad
+            if isinstance(exc, IndexError):
+                raise MalformedMessage("OutputDeltas.new_token_ids: fewer entries than the requests' samples") from exc
+            raise MalformedMessage(f"OutputDeltas: cannot be decoded ({type(exc).__name__}: {exc})") from exc
 
     def _decode(self, deltas: OutputDeltas) -> list[RequestOutput]:
-        if sum(deltas.num_samples) != len(deltas.sample_index):
-            deltas.check()
         outputs = []
-        headers, prompt_logprobs = deltas.headers, deltas.prompt_logprobs
-        samples_in = zip(deltas.sample_index, deltas.text_keep, deltas.text_piece, deltas.new_token_ids,
-                         deltas.cumulative_logprob, deltas.new_logprobs, deltas.finish_reason, deltas.stop_reason,
-                         strict=True)
-        requests_in = zip(deltas.request_ids, deltas.num_samples, deltas.num_cached_tokens, deltas.finished,
-                          deltas.arrival_time, deltas.first_scheduled_time, deltas.first_token_time,
-                          deltas.last_token_time, deltas.finished_time, strict=True)
-        for request_id, num_samples, num_cached, finished, arrival, scheduled, first_token, last_token, finished_time \
-                in requests_in:
+        headers, times, prompt_logprobs = deltas.headers, deltas.times, deltas.prompt_logprobs
+        texts, logprobs, finishes = deltas.texts, deltas.logprobs, deltas.finishes
+        new_token_ids = deltas.new_token_ids
+        position = 0
+        for request_id, last_token_time in zip(deltas.request_ids, deltas.last_token_time, strict=True):
             if headers and request_id in headers:
-                header = headers[request_id]
-                mirror = self._requests[request_id] = _Mirror(header.prompt, header.prompt_token_ids,
+                if not times or request_id not in times:
+                    raise MalformedMessage(f"OutputDeltas.times: the new request {request_id!r} has none")
+                mirror = self._requests[request_id] = _Mirror(headers[request_id], times[request_id],
                                                               self._decode_here.pop(request_id, None))
             else:
                 mirror = self._requests.get(request_id)
                 if mirror is None:
                     raise MalformedMessage(f"OutputDeltas.request_ids: {request_id!r} has no header and is not running")
-            samples = []
-            rows = (next(samples_in),) if num_samples == 1 else islice(samples_in, num_samples)
-            for index, keep, piece, new_ids, cumulative, new_logprobs, finish_reason, stop_reason in rows:
-                previous = mirror.samples.get(index)
+                if times and request_id in times:
+                    mirror.times = times[request_id]
+            samples, finished = [], True
+            previous_samples = mirror.samples
+            for index in range(mirror.num_samples):
+                new_ids = new_token_ids[position]
+                text_delta = texts.get(position) if texts else None
+                logprob_delta = logprobs.get(position) if logprobs else None
+                finish = finishes.get(position) if finishes else None
+                position += 1
+                previous = previous_samples[index]
                 if previous is None:
-                    sample = CompletionOutput(index, self._text(mirror, index, None, keep, piece, new_ids,
-                                                                finish_reason),
+                    finish_reason, stop_reason = finish or (None, None)
+                    cumulative, new_logprobs = logprob_delta or (None, None)
+                    sample = CompletionOutput(index, self._text(mirror, index, None, text_delta, new_ids, finish_reason),
                                               new_ids, cumulative, new_logprobs, finish_reason, stop_reason)
+                elif not new_ids and text_delta is None and logprob_delta is None and finish is None:
+                    samples.append(previous)  # unchanged (e.g. a finished sample beside running ones)
+                    finished = finished and previous.finish_reason is not None
+                    continue
                 else:
-                    text = previous.text
-                    if not piece and keep == len(text) and not new_ids and finish_reason == previous.finish_reason:
-                        samples.append(previous)  # unchanged (e.g. a finished sample beside running ones)
-                        continue
-                    logprobs = previous.logprobs
-                    if new_logprobs is not None:
-                        logprobs = (logprobs or []) + new_logprobs
-                    sample = CompletionOutput(index, self._text(mirror, index, previous, keep, piece, new_ids,
-                                                                finish_reason),
-                                              previous.token_ids + new_ids, cumulative, logprobs, finish_reason,
-                                              stop_reason)
-                mirror.samples[index] = sample
+                    if finish is None:
+                        finish_reason, stop_reason = previous.finish_reason, previous.stop_reason
+                    else:
+                        finish_reason, stop_reason = finish
+                    cumulative, all_logprobs = previous.cumulative_logprob, previous.logprobs
+                    if logprob_delta is not None:
+                        cumulative, new_logprobs = logprob_delta
+                        all_logprobs = (all_logprobs or []) + new_logprobs
+                    if text_delta is None and mirror.skip_special_tokens is None:
+                        text = previous.text  # the engine decodes, and the text did not change
+                    else:
+                        text = self._text(mirror, index, previous, text_delta, new_ids, finish_reason)
+                    sample = CompletionOutput(index, text, previous.token_ids + new_ids, cumulative, all_logprobs,
+                                              finish_reason, stop_reason)
+                previous_samples[index] = sample
                 samples.append(sample)
+                finished = finished and sample.finish_reason is not None
             if prompt_logprobs and request_id in prompt_logprobs:
                 grown = prompt_logprobs[request_id]
                 mirror.prompt_logprobs = (mirror.prompt_logprobs or [])[:grown.keep] + grown.entries
+            at = mirror.times
             outputs.append(RequestOutput(request_id, mirror.prompt, mirror.prompt_token_ids, samples, finished,
-                                         mirror.prompt_logprobs, num_cached,
-                                         RequestMetrics(arrival, scheduled, first_token, last_token, finished_time)))
+                                         mirror.prompt_logprobs, at.num_cached_tokens,
+                                         RequestMetrics(at.arrival_time, at.first_scheduled_time, at.first_token_time,
+                                                        last_token_time, at.finished_time)))
             if finished:
                 del self._requests[request_id]
+        if position != len(new_token_ids):
+            raise MalformedMessage(f"OutputDeltas.new_token_ids: {len(new_token_ids)} entries for {position} samples")
         return outputs

@@ -13,14 +13,12 @@ If the engine process dies, every waiting request fails with `EngineDeadError` (
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import os
 import socket
 import subprocess
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Optional, Union
 
 from rtpllm.distributed.env import DISTRIBUTED_ENV
@@ -32,10 +30,13 @@ from rtpllm.engine.link.messages import (AbortRequest, AddRequest, CallInEngine,
                                          EngineReady, InitEngine, LinkMessage, MalformedMessage, StepOutputs,
                                          StopEngine)
 from rtpllm.engine.link.output_deltas import OutputDeltaDecoder
-from rtpllm.loader.tokenizer_loader import load_tokenizer
+from rtpllm.engine.link.stats_wire import STATS_WIRE_LEN, stats_from_wire
+from rtpllm.engine.startup_phases import StartupPhases
+from rtpllm.loader.lazy_tokenizer import LazyTokenizer
 
 if TYPE_CHECKING:
     from rtpllm.config import EngineConfig
+    from rtpllm.engine.stats import EngineStats
 
 logger = logging.getLogger(__name__)
 _STOP_TIMEOUT_S = 30.0
@@ -46,17 +47,18 @@ class EngineProcessError(RuntimeError):
 
 
 class ProcessEngine(AsyncEngineBase):
-    def __init__(self, process: subprocess.Popen, sock: socket.socket, info: EngineInfo,
+    def __init__(self, process: subprocess.Popen, sock: socket.socket, info: EngineInfo, tokenizer,
                  max_queued_requests: Optional[int] = None, observer: Optional[StepObserver] = None,
                  stream_interval: int = 1, limits: Optional[EngineLimits] = None):
         super().__init__(info.stats, max_queued_requests, observer, stream_interval, limits)
         self._process = process
         self._sock = sock
         self._info = info
+        self._tokenizer = tokenizer  # this process's own copy (the engine loads one only for stop strings)
         self._reader = FrameReader()
         self._writer = FrameWriter(sock)
         self._watching_write = False
-        self._decoder = OutputDeltaDecoder(info.tokenizer)
+        self._decoder = OutputDeltaDecoder(tokenizer)
         self._tags = itertools.count()
         self._unanswered: dict[int, Union[AddCommand, CallCommand]] = {}
         self._stopping = False
@@ -72,10 +74,10 @@ class ProcessEngine(AsyncEngineBase):
     def launch(config: "EngineConfig") -> "EngineLaunch":
         """Starts the engine process and returns at once: the caller does its own start-up (the
         server imports its HTTP stack) while the engine loads the model, then calls `wait`."""
-        # The server loads its own tokenizer meanwhile (the engine then does not pickle its own over).
-        tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtpllm-tokenizer")
-        tokenizer_future = tokenizer.submit(lambda: load_tokenizer(resolve_model_path(config.model.model)))
-        tokenizer.shutdown(wait=False)
+        # The server loads its own tokenizer meanwhile: it tokenizes and detokenizes, the engine
+        # process loads one only when a request first needs it (stop strings).
+        tokenizer = LazyTokenizer(config.model.tokenizer or resolve_model_path(config.model.model))
+        tokenizer.start()
         server_end, engine_end = socket.socketpair()
         try:
             process = subprocess.Popen([sys.executable, "-m", "rtpllm.engine.link.engine_core", "--fd",
@@ -84,14 +86,28 @@ class ProcessEngine(AsyncEngineBase):
         finally:
             engine_end.close()
         try:
-            send_blocking(server_end, InitEngine(config, logging.getLogger().getEffectiveLevel(), send_tokenizer=False))
+            send_blocking(server_end, InitEngine(config, logging.getLogger().getEffectiveLevel()))
         except OSError:
             pass  # the process died at once: `wait` reports it
-        return EngineLaunch(process, server_end, config, tokenizer_future)
+        return EngineLaunch(process, server_end, config, tokenizer)
 
     @property
     def tokenizer(self):
-        return self._info.tokenizer
+        return self._tokenizer
+
+    # NOTE: the step's stats arrive in wire form after every step; the EngineStats is built when
+    # something reads it (admission control, metrics), at most once per step.
+    @property
+    def _stats(self) -> "EngineStats":
+        if self._stats_wire is not None:
+            self._stats_object = stats_from_wire(self._stats_wire)
+            self._stats_wire = None
+        return self._stats_object
+
+    @_stats.setter
+    def _stats(self, stats: "EngineStats") -> None:
+        self._stats_object = stats
+        self._stats_wire: Optional[tuple] = None  # the last step's stats as sent, until something reads them
 
     @property
     def startup_report(self) -> Optional[dict]:
@@ -131,9 +147,9 @@ class ProcessEngine(AsyncEngineBase):
     def _submit(self, command: Union[AddCommand, AbortCommand, CallCommand]) -> None:
         if isinstance(command, AddCommand):
             tag = next(self._tags)
-            # A stream without stop strings is decoded into text here, off the engine's step loop
+            # A request without stop strings is decoded into text here, off the engine's step loop
             # (stop strings must end the sequence in the engine, which then decodes it itself).
-            decode_here = command.stream and not command.params.stop_strings
+            decode_here = not command.params.stop_strings
             if decode_here:
                 self._decoder.decode_text_of(command.request_id, command.params.skip_special_tokens)
             message = AddRequest(tag, command.request_id, command.prompt, command.params, command.arrival_time,
@@ -213,7 +229,10 @@ class ProcessEngine(AsyncEngineBase):
 
     def _handle(self, message: LinkMessage) -> None:
         if type(message) is StepOutputs:
-            self._stats = message.stats  # first: admission control must count what the hand-over reveals
+            # First: admission control must count what the hand-over reveals. Checked here, read later.
+            if type(message.stats) is not tuple or len(message.stats) != STATS_WIRE_LEN:
+                raise MalformedMessage(f"StepOutputs.stats: expected {STATS_WIRE_LEN} fields in a tuple")
+            self._stats_wire = message.stats
             self._publish_kv_events(message.kv_events)
             for result in message.call_results:
                 call = self._unanswered.pop(result.tag)
@@ -257,15 +276,34 @@ class EngineLaunch:
     """An engine process that is loading its model (`ProcessEngine.launch`)."""
 
     def __init__(self, process: subprocess.Popen, sock: socket.socket, config: "EngineConfig",
-                 tokenizer: Optional[Future] = None):
+                 tokenizer: LazyTokenizer):
         self._process = process
         self._sock = sock
         self._config = config
-        self._tokenizer = tokenizer  # the server's own copy, loading; None: the engine sends its own
+        self._tokenizer = tokenizer  # the server's own copy, loading
 
-    def wait(self, observer: Optional[StepObserver] = None, stream_interval: int = 1) -> ProcessEngine:
-        """Blocks until the engine is ready. Raises what the engine raised (e.g. FileNotFoundError
-        for a missing model), or EngineProcessError."""
+    def wait(self, observer: Optional[StepObserver] = None, stream_interval: int = 1,
+             startup: Optional[StartupPhases] = None) -> ProcessEngine:
+        """Blocks until the engine is ready, then until this process's tokenizer is (`startup`
+        gets both waits as phases). Raises what the engine raised (e.g. FileNotFoundError for a
+        missing model), or EngineProcessError."""
+        startup = startup or StartupPhases("server")
+        with startup.phase("waiting for the engine"):
+            reply = self._receive_ready()
+        info, config = reply.info, self._config
+        try:
+            with startup.phase("waiting for the tokenizer"):
+                tokenizer = self._tokenizer.get()
+        except BaseException:
+            self.kill()
+            raise
+        startup.add_parallel("tokenizer", self._tokenizer.seconds)
+        limits = EngineLimits(max_num_seqs=config.scheduler.max_num_seqs,
+                              kv_cache_tokens=info.stats.kv_blocks_total * config.cache.block_size)
+        return ProcessEngine(self._process, self._sock, info, tokenizer, config.max_queued_requests, observer,
+                             stream_interval, limits)
+
+    def _receive_ready(self) -> EngineReady:
         process, server_end = self._process, self._sock
         try:
             reply = recv_blocking(server_end)
@@ -284,17 +322,7 @@ class EngineLaunch:
         if not isinstance(reply, EngineReady):  # a peer that speaks another protocol
             self.kill()
             raise EngineProcessError(f"the engine process answered its start with {reply!r}, not EngineReady")
-        info, config = reply.info, self._config
-        if info.tokenizer is None and self._tokenizer is not None:
-            try:
-                info = dataclasses.replace(info, tokenizer=self._tokenizer.result())
-            except BaseException:
-                self.kill()
-                raise
-        limits = EngineLimits(max_num_seqs=config.scheduler.max_num_seqs,
-                              kv_cache_tokens=info.stats.kv_blocks_total * config.cache.block_size)
-        return ProcessEngine(process, server_end, info, config.max_queued_requests, observer, stream_interval,
-                             limits)
+        return reply
 
     def kill(self) -> None:
         """Stops a launch the caller gave up on (its own start-up failed)."""
