@@ -65,18 +65,27 @@ def models(tmp_path_factory):
     return dict(target=target, draft=draft, eagle=eagle, reference=reference, prompts=prompts, expected=expected)
 
 
-def assert_agrees(models, outputs) -> bool:
-    """Every output is the plain run's, or parts from it only at a near-tie; True when all agree exactly."""
+def assert_agrees(models, outputs, want_outputs=None, params=None) -> bool:
+    """Every output is the plain run's (`want_outputs`, default models["expected"]), or parts from
+    it only at a near-tie, judged on the float32 reference's logits (after the penalties of
+    `params`, one SamplingParams per prompt, where given); True when all agree exactly."""
+    from rtpllm.layers.sampler import apply_penalties
     exact = True
-    for prompt, want, out in zip(models["prompts"], models["expected"], outputs):
+    want_outputs = models["expected"] if want_outputs is None else want_outputs
+    params = params if params is not None else [None] * len(want_outputs)
+    for prompt, want, out, p in zip(models["prompts"], want_outputs, outputs, params):
         got = list(out.outputs[0].token_ids)
         if got == want:
             continue
         exact = False
         j = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
         with torch.inference_mode():
-            logits = models["reference"](torch.tensor([prompt + want[:j]], device="cuda")).logits[0, -1].float()
-        top2 = logits.topk(2).values
+            logits = models["reference"](torch.tensor([prompt + want[:j]], device="cuda")).logits[0, -1:].float()
+        if p is not None:
+            batch = SamplingBatch.build([p], [prompt], [want[:j]], [None], "cuda")
+            if batch.use_penalties:
+                apply_penalties(logits, batch)
+        top2 = logits[0].topk(2).values
         assert float(top2[0] - top2[1]) < 0.5, f"diverged at output {j} without a near-tie ({top2.tolist()})"
     return exact
 
@@ -174,27 +183,6 @@ PENALISED = [SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=T
     dict(repetition_penalty=1.3, presence_penalty=0.8, frequency_penalty=0.6), {})]
 
 
-def assert_agrees_penalised(models, outputs, want_outputs, params) -> bool:
-    """As assert_agrees, against a plain run with the same penalties; the near-tie is judged on
-    the float32 reference's logits after those penalties."""
-    from rtpllm.layers.sampler import apply_penalties
-    exact = True
-    for prompt, want, out, p in zip(models["prompts"], want_outputs, outputs, params):
-        got = list(out.outputs[0].token_ids)
-        if got == want:
-            continue
-        exact = False
-        j = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
-        with torch.inference_mode():
-            logits = models["reference"](torch.tensor([prompt + want[:j]], device="cuda")).logits[0, -1:].float()
-        batch = SamplingBatch.build([p], [prompt], [want[:j]], [None], "cuda")
-        if batch.use_penalties:
-            apply_penalties(logits, batch)
-        top2 = logits[0].topk(2).values
-        assert float(top2[0] - top2[1]) < 0.5, f"diverged at output {j} without a near-tie ({top2.tolist()})"
-    return exact
-
-
 @pytest.mark.parametrize("method", ["oracle", "draft_model_self"])
 def test_penalised_greedy_agrees_with_plain_decoding(models, method):
     """Penalised sequences speculate (verify graphs on): the same tokens as decoding without
@@ -210,7 +198,7 @@ def test_penalised_greedy_agrees_with_plain_decoding(models, method):
     if method == "oracle":
         full = [p + w for p, w in zip(models["prompts"], want)]
         llm.engine.spec.proposer = OracleProposer(full, torch.device("cuda"), 1.0)
-    exact = assert_agrees_penalised(models, llm.generate(models["prompts"], PENALISED), want, PENALISED)
+    exact = assert_agrees(models, llm.generate(models["prompts"], PENALISED), want, PENALISED)
     counters = llm.engine.stats().spec
     assert counters.num_accepted_tokens >= full_acceptance_floor(exact) * counters.num_draft_tokens > 0, counters
     assert llm.engine.check_kv_pool_free()
