@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -44,6 +44,7 @@ class _Wait:
     destination: dict
     layers: set = field(default_factory=set)
     first_token: Optional[int] = None
+    first_logprobs: Optional[dict] = None  # the first token's {token id: logprob}, when asked for
     peer: int = 0
     generator: Optional[object] = None  # a seeded sampled sequence's: the peer drew its first number
 
@@ -57,6 +58,17 @@ class _Queued:
 
 
 QUEUED = "queued"  # reservation(): not reserved yet
+
+
+class Polled(NamedTuple):
+    """What one poll() moved: the scheduler outputs of requests whose KV arrived (their first
+    token), the first tokens' logprobs by sequence id (those that asked), and the sequences that
+    ended with an error (already aborted in the scheduler, blocks held)."""
+
+    completed: list
+    logprobs: dict
+    failed: list
+
 
 
 @dataclass
@@ -126,17 +138,17 @@ class DecodeSide:
         return bool(self._waits) or bool(self._holds) or bool(self._queued)
 
     # ------------------------------------------------------------------ each step
-    def poll(self, idle: bool) -> tuple[list, list[int]]:
+    def poll(self, idle: bool) -> Polled:
         """Takes the notices that arrived (waiting briefly for one when `idle`: the step loop has
-        nothing else to do). Returns the scheduler outputs of completed requests and the sequence
-        ids that ended with an error (already aborted in the scheduler, blocks held)."""
+        nothing else to do)."""
         outputs: list = []
+        logprobs: dict = {}
         failed: list[int] = []
         if self._queued:
             self._admit_queued(failed)
         notices = self.transfer.take_notices(0.002 if idle else 0.0)  # idle: a nap the next notice ends
         for notice in notices:
-            self._on_notice(notice, outputs, failed)
+            self._on_notice(notice, outputs, logprobs, failed)
         now = time.monotonic()
         if self._waits:
             failed_peers = self._failed_peers()
@@ -151,7 +163,7 @@ class DecodeSide:
             if hold.final or now >= hold.release_at:
                 self.scheduler.release_blocks(hold.hold_id)
                 del self._holds[transfer_id]
-        return outputs, failed
+        return Polled(outputs, logprobs, failed)
 
     def before_abort(self, seq_id: int) -> None:
         """The engine is about to abort this sequence (its client went away): hold its blocks."""
@@ -190,7 +202,7 @@ class DecodeSide:
         while len(self._failures) > _FAILURES_KEPT:
             del self._failures[next(iter(self._failures))]
 
-    def _on_notice(self, notice, outputs: list, failed: list[int]) -> None:
+    def _on_notice(self, notice, outputs: list, logprobs: dict, failed: list[int]) -> None:
         wait = self._waits.get(notice.request_id)
         if wait is None:
             hold = self._holds.get(notice.request_id)
@@ -201,10 +213,11 @@ class DecodeSide:
         wait.peer = notice.peer
         wait.layers.update(range(self.num_layers) if notice.layer < 0 else (notice.layer,))
         if notice.payload:
-            wait.first_token = decode_first_token(notice.payload)
-            if wait.first_token is None:
+            first = decode_first_token(notice.payload)
+            if first is None:
                 failed.append(self._fail(wait, "peer_failed", "the prefill instance sent a malformed first token"))
                 return
+            wait.first_token, wait.first_logprobs = first.token, first.logprobs
         if wait.first_token is None or len(wait.layers) < self.num_layers:
             return
         self._end(wait, "completed", hold=False)
@@ -215,6 +228,8 @@ class DecodeSide:
         moved = self.scheduler.complete_remote_prefill(wait.seq_id, wait.first_token)
         if moved:
             outputs += moved
+            if wait.first_logprobs is not None:
+                logprobs[wait.seq_id] = [wait.first_logprobs]
 
     def _failed_peers(self) -> dict[int, str]:
         return {p.id: p.error for p in self.transfer.peers() if p.state == _C.PeerState.FAILED}

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Optional
 from rtpllm import _C
 from rtpllm.engine.cache_identity import cache_identity
 from rtpllm.engine.kv_tiers import kv_layout
-from rtpllm.pd.decode_side import DecodeSide
+from rtpllm.pd.decode_side import DecodeSide, Polled
 from rtpllm.pd.kv_params import DecodeKV, PDOutcome, PrefillKV
 from rtpllm.pd.prefill_side import STALL_ENV, PrefillSide
 
@@ -98,13 +98,13 @@ class PDEngine:
         if self.decode is not None:
             self.decode.before_abort(seq_id)
 
-    def poll(self, idle: bool) -> tuple[list, list[int]]:
+    def poll(self, idle: bool) -> Polled:
         if self.decode is not None:
             return self.decode.poll(idle)
         self.prefill.poll()
         if idle and self.prefill.has_pending():
             time.sleep(0.0005)  # only writes under way: leave the cores to them
-        return [], []
+        return Polled([], {}, [])
 
     def before_forward(self, batch) -> None:
         if self.prefill is not None:

@@ -34,8 +34,10 @@ the above:
   up to pd_timeout_s. From the reservation on, the status is 200.
 - decode <-> prefill, over the transfer engine: the TransferRequest.request_id of every write is
   the first 8 bytes (little endian) of BLAKE2b(pd_request_id); one write (and notice) per layer;
-  the last layer's notice carries the first sampled token as an 8-byte little-endian int64
-  payload. KVDestination.cache_identity is the pool's cache identity without the block size, as
+  the last layer's notice carries the first sampled token as its payload (kv_params.FirstToken:
+  an 8-byte little-endian int64; with logprobs asked for, followed by a uint32 count and that many
+  (int64 token id, float64 logprob) pairs, the sampled token's first), so that decode reports the
+  first position's logprobs a colocated instance would. KVDestination.cache_identity is the pool's cache identity without the block size, as
   16 hex digits. Writes cover tokens [s, num_prompt_tokens) where s is num_cached_tokens rounded
   down to a multiple of both block sizes.
 - a prefill instance starts no write later than pd_timeout_s after it took the request; a

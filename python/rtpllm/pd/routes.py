@@ -75,8 +75,9 @@ class _PDEngineView:
             raise bad_request("prompt: prefill-decode serves one prompt per request", param="prompt")
         if params.n != 1:
             raise bad_request("n: prefill-decode serves n=1 only", param="n")
-        if params.logprobs is not None or params.prompt_logprobs is not None:
-            raise bad_request("logprobs: not supported with prefill-decode disaggregation yet", param="logprobs")
+        if params.prompt_logprobs is not None:  # every prompt position's: they would stay on the prefill side
+            raise bad_request("prompt_logprobs: not supported with prefill-decode disaggregation",
+                              param="prompt_logprobs")
         changes: dict = {"kv_transfer_params": self._kv}
         if self._prefill:  # one token, sampled as the request asks; stops are decode's business
             changes.update(max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=None)
