@@ -99,7 +99,7 @@ def test_bad_input_is_refused_with_4xx_and_breaks_nothing(instances):
         # Malformed bodies.
         assert client.post(decode.url + "/internal/pd/decode", json={"endpoint": "chat"}).status_code == 400
         assert client.post(decode.url + "/internal/pd/decode",
-                           json={**decode_body, "request": {"prompt": PROMPT, "n": 2}}).status_code == 400
+                           json={**decode_body, "request": {"prompt": PROMPT, "n": 0}}).status_code == 400
         with client.stream("POST", decode.url + "/internal/pd/decode", json=decode_body) as stream:
             destination = __import__("json").loads(next(stream.iter_lines())[len("data: "):])["pd_reserved"]
             bad = {**decode_body, "destination": {**destination, "cache_identity": "0123456789abcdef"}}

@@ -166,3 +166,45 @@ def test_logprobs_through_the_pd_router_match_a_colocated_instance(instances, ro
     for (_, want, want_top), (_, have, have_top) in zip(expected, got):
         assert have == pytest.approx(want, abs=1e-4)
         assert want_top and have_top == pytest.approx(want_top, abs=1e-4)  # keyed by text: may be < 3
+
+
+def _choices(kind: str, stream: bool, reply) -> dict[int, str]:
+    """index -> text of each of the n choices, from either endpoint's reply."""
+    texts: dict[int, str] = {}
+    for part in (reply if stream else [reply]):
+        for choice in part.choices:
+            if kind == "completions":
+                piece = choice.text
+            else:
+                piece = (choice.delta.content if stream else choice.message.content) or ""
+            texts[choice.index] = texts.get(choice.index, "") + piece
+    return texts
+
+
+@pytest.mark.parametrize("kind,stream,sampling", [
+    ("completions", False, {"temperature": 0.9, "seed": 99, "n": 3}),
+    ("chat", True, {"temperature": 0.9, "seed": 5, "n": 2}),
+    ("completions", True, {"temperature": 0, "n": 2}),
+])
+def test_n_samples_through_the_pd_router_match_a_colocated_instance(instances, router, kind, stream, sampling):
+    colocated = openai.OpenAI(base_url=instances["colocated"].url + "/v1", api_key="unused", max_retries=0)
+    pd = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0)
+    prefill = instances["prefill"]
+    decode = instances["decode"]
+    prefills_before = prefill.metric("rtpllm:pd_requests_total", role="prefill", outcome="completed")
+    hits_before = decode.metric("rtpllm:prefix_cache_hits_total")
+
+    def ask(client, stream):
+        if kind == "completions":
+            return client.completions.create(model="llama3", prompt=PROMPT, max_tokens=6, stream=stream, **sampling)
+        return client.chat.completions.create(model="llama3", messages=CHAT, max_tokens=6, stream=stream, **sampling)
+
+    expected = _choices(kind, False, ask(colocated, False))
+    got = _choices(kind, stream, ask(pd, stream))
+    assert sorted(expected) == list(range(sampling["n"])) and got == expected
+    if sampling["temperature"] > 0:
+        assert len(set(expected.values())) > 1  # the samples differ: each has its own seeded stream
+    # The prefill instance computed the prompt once (one sample), not n times.
+    assert prefill.metric("rtpllm:pd_requests_total", role="prefill", outcome="completed") - prefills_before == 1
+    # Decode started the other samples on the transferred prompt's full blocks (prefix hits).
+    assert decode.metric("rtpllm:prefix_cache_hits_total") - hits_before >= (sampling["n"] - 1) * 8

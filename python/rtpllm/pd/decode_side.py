@@ -16,6 +16,13 @@ Life of one request:
               hands the request to prefill right after the reservation, so 3 x pd_timeout_s after
               the reservation is past the last possible write.
     abort     (the router closed the stream) the same hold, counted as aborted.
+
+n > 1 (and best_of == n): the prefill instance computes the prompt once, for sample 0 only. The
+other samples follow it here: admitted with it but kept out of the scheduler until its KV arrived,
+they then start as local requests whose prompt's full blocks are a prefix hit on the transferred
+blocks (shared, ref-counted), so each computes only the prompt's last partial block (fewer than
+block_size tokens, one block when the prompt fills whole blocks) and samples its own first token
+with its own generator, as a colocated instance would. They fail and abort with sample 0.
 """
 
 from __future__ import annotations
@@ -95,17 +102,26 @@ class DecodeSide:
         self._holds: dict[int, _Hold] = {}  # by transfer id: ended requests whose blocks a write may still reach
         self._failures: dict[str, str] = {}  # pd_request_id -> why it failed (most recent last)
         self._queued: list[_Queued] = []  # no room yet, oldest first
+        self._leaders: dict[str, int] = {}  # pd_request_id -> sample 0's seq id, while it waits (queued or reserved)
+        self._followers: dict[str, list] = {}  # pd_request_id -> [(seq, spec)] of samples 1.. (n > 1)
 
     # ------------------------------------------------------------------ admission
     def admit(self, seq, spec, kv: DecodeKV) -> None:
         """Reserves the blocks now, or queues the request until there is room (ValueError for a bad
-        request: a duplicate id, a prompt the pool can never hold)."""
+        request: a duplicate id, a prompt the pool can never hold). Samples 1.. of an n > 1 request
+        (admitted right after sample 0) follow sample 0."""
+        if seq.index > 0:
+            if kv.pd_request_id not in self._leaders:
+                raise ValueError(f"pd_request_id: {kv.pd_request_id!r}: sample {seq.index} without sample 0")
+            self._followers.setdefault(kv.pd_request_id, []).append((seq, spec))
+            return
         transfer_id = transfer_request_id(kv.pd_request_id)
         if (transfer_id in self._waits or transfer_id in self._holds
                 or any(q.kv.pd_request_id == kv.pd_request_id for q in self._queued)):
             raise ValueError(f"pd_request_id: {kv.pd_request_id!r} is already in flight on this instance")
         if self._queued or not self._reserve(seq, spec, kv):
             self._queued.append(_Queued(seq, spec, kv, time.monotonic()))
+        self._leaders[kv.pd_request_id] = seq.seq_id
 
     def _reserve(self, seq, spec, kv: DecodeKV) -> bool:
         seq_id = seq.seq_id
@@ -154,11 +170,11 @@ class DecodeSide:
             failed_peers = self._failed_peers()
             for wait in list(self._waits.values()):
                 if wait.peer and wait.peer in failed_peers:
-                    failed.append(self._fail(wait, "peer_failed", f"the prefill instance failed while writing the KV: "
-                                                                  f"{failed_peers[wait.peer]}"))
+                    failed += self._fail(wait, "peer_failed", f"the prefill instance failed while writing the KV: "
+                                                              f"{failed_peers[wait.peer]}")
                 elif now - wait.admitted > self.timeout_s:
-                    failed.append(self._fail(wait, "timed_out", f"the prompt's KV did not arrive from the prefill "
-                                                                f"instance within pd_timeout_s={self.timeout_s:g}"))
+                    failed += self._fail(wait, "timed_out", f"the prompt's KV did not arrive from the prefill "
+                                                            f"instance within pd_timeout_s={self.timeout_s:g}")
         for transfer_id, hold in list(self._holds.items()):
             if hold.final or now >= hold.release_at:
                 self.scheduler.release_blocks(hold.hold_id)
@@ -167,9 +183,12 @@ class DecodeSide:
 
     def before_abort(self, seq_id: int) -> None:
         """The engine is about to abort this sequence (its client went away): hold its blocks."""
+        for followers in self._followers.values():
+            followers[:] = [f for f in followers if f[0].seq_id != seq_id]
         queued = [q for q in self._queued if q.seq.seq_id == seq_id]
         if queued:
             self._queued.remove(queued[0])
+            self._drop_followers(queued[0].kv.pd_request_id)
             self.counters["aborted"] = self.counters.get("aborted", 0) + 1
             return
         wait = self._by_seq.get(seq_id)
@@ -187,14 +206,14 @@ class DecodeSide:
                 logger.warning("PD request %s: %s", head.kv.pd_request_id, why)
                 self._remember_failure(head.kv.pd_request_id, why)
                 self.counters["timed_out"] = self.counters.get("timed_out", 0) + 1
-                failed.append(head.seq.seq_id)
+                failed += [head.seq.seq_id, *self._drop_followers(head.kv.pd_request_id)]
                 continue
             try:
                 if not self._reserve(head.seq, head.spec, head.kv):
                     return  # first come, first served: the rest wait behind it
             except ValueError as exc:  # queued unchecked behind others: refused now
                 self._remember_failure(head.kv.pd_request_id, str(exc))
-                failed.append(head.seq.seq_id)
+                failed += [head.seq.seq_id, *self._drop_followers(head.kv.pd_request_id)]
             self._queued.pop(0)
 
     def _remember_failure(self, pd_request_id: str, why: str) -> None:
@@ -215,7 +234,7 @@ class DecodeSide:
         if notice.payload:
             first = decode_first_token(notice.payload)
             if first is None:
-                failed.append(self._fail(wait, "peer_failed", "the prefill instance sent a malformed first token"))
+                failed += self._fail(wait, "peer_failed", "the prefill instance sent a malformed first token")
                 return
             wait.first_token, wait.first_logprobs = first.token, first.logprobs
         if wait.first_token is None or len(wait.layers) < self.num_layers:
@@ -230,18 +249,30 @@ class DecodeSide:
             outputs += moved
             if wait.first_logprobs is not None:
                 logprobs[wait.seq_id] = [wait.first_logprobs]
+        for _, spec in self._drop_followers(wait.pd_request_id, specs=True):
+            self.scheduler.add_request(spec)  # the prompt's full blocks are a prefix hit now
 
     def _failed_peers(self) -> dict[int, str]:
         return {p.id: p.error for p in self.transfer.peers() if p.state == _C.PeerState.FAILED}
 
-    def _fail(self, wait: _Wait, outcome: str, why: str) -> int:
+    def _fail(self, wait: _Wait, outcome: str, why: str) -> list[int]:
+        """Ends the request with an error; its sequence ids (sample 0's and its followers')."""
         logger.warning("PD request %s: %s", wait.pd_request_id, why)
         self._remember_failure(wait.pd_request_id, why)
+        followers = self._drop_followers(wait.pd_request_id)
         self._end(wait, outcome, hold=True)
         self.scheduler.abort(wait.seq_id, _C.FinishReason.ERROR)
-        return wait.seq_id
+        return [wait.seq_id, *followers]
+
+    def _drop_followers(self, pd_request_id: str, specs: bool = False) -> list:
+        """Forgets sample 0's followers (it stopped waiting): their seq ids, or (seq, spec) pairs."""
+        self._leaders.pop(pd_request_id, None)
+        followers = self._followers.pop(pd_request_id, [])
+        return followers if specs else [seq.seq_id for seq, _ in followers]
 
     def _end(self, wait: _Wait, outcome: str, hold: bool) -> None:
+        if hold:  # aborted or failed: its followers never start
+            self._drop_followers(wait.pd_request_id)
         del self._waits[wait.transfer_id]
         del self._by_seq[wait.seq_id]
         self.counters[outcome] = self.counters.get(outcome, 0) + 1
