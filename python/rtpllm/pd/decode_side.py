@@ -17,6 +17,12 @@ Life of one request:
               the reservation is past the last possible write.
     abort     (the router closed the stream) the same hold, counted as aborted.
 
+Only the reservation's blocks can be written: the transfer engine requires write grants, so a
+prefill peer's put lands only in the blocks granted to its request's transfer id (granted with the
+reservation, revoked when the request ends); a wrong or stale block list from the router fails on
+the prefill side before anything is written. A notice naming other blocks (a peer that broke the
+rule) fails the request.
+
 n > 1 (and best_of == n): the prefill instance computes the prompt once, for sample 0 only. The
 other samples follow it here: admitted with it but kept out of the scheduler until its KV arrived,
 they then start as local requests whose prompt's full blocks are a prefix hit on the transferred
@@ -138,6 +144,7 @@ class DecodeSide:
                      generator=None if seq.params.greedy else seq.generator)
         self._waits[transfer_id] = wait
         self._by_seq[seq_id] = wait
+        self.transfer.grant_writes(transfer_id, destination["blocks"])
         return True
 
     def reservation(self, seq_id: int):
@@ -230,6 +237,9 @@ class DecodeSide:
                 hold.final = hold.final or (bool(notice.payload) and len(hold.layers) == self.num_layers)
             return
         wait.peer = notice.peer
+        if not set(notice.blocks) <= set(wait.destination["blocks"]):
+            failed += self._fail(wait, "peer_failed", "the prefill instance wrote blocks outside the reservation")
+            return
         wait.layers.update(range(self.num_layers) if notice.layer < 0 else (notice.layer,))
         if notice.payload:
             first = decode_first_token(notice.payload)
@@ -275,6 +285,7 @@ class DecodeSide:
             self._drop_followers(wait.pd_request_id)
         del self._waits[wait.transfer_id]
         del self._by_seq[wait.seq_id]
+        self.transfer.revoke_writes(wait.transfer_id)  # a later put (a stale list) is refused before it writes
         self.counters[outcome] = self.counters.get(outcome, 0) + 1
         if hold:
             hold_id = self.scheduler.hold_blocks(wait.seq_id)

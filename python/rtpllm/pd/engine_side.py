@@ -51,7 +51,10 @@ class PDEngine:
         self.identity = pd_identity(engine)
         self.transfer = _C.UcxTransfer(
             _C.TransferOptions(name=f"rtpllm-{self.role}", identity=self.identity, listen_host=config.pd_transfer_host,
-                               listen_port=config.pd_transfer_port, timeout_s=config.pd_timeout_s),
+                               listen_port=config.pd_transfer_port, timeout_s=config.pd_timeout_s,
+                               # The router carries decode's block lists: a prefill writes only the
+                               # blocks decode granted to that request (kv_transfer.h, write grants).
+                               require_write_grants=self.role == "decode"),
             cuda_device=caches[0].device.index or 0 if cuda else None)
         self.transfer.register_kv(kv_layout(caches, runner.block_size))
         self._caches = caches  # registered memory: kept alive as long as the transfer engine

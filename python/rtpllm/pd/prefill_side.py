@@ -257,6 +257,8 @@ class PrefillSide:
             push.bytes += push.num_tokens * self.bytes_per_token_layer
 
     def _write_error(self, why: str) -> tuple[str, int]:
+        if why.startswith("remote_blocks:"):  # the destination's blocks are not (or no longer) this request's
+            return f"destination.blocks: the decode instance refused the write: {why}", 400
         timed_out = "time" in why.lower()
         return f"writing the KV to the decode instance failed: {why}", 504 if timed_out else 503
 

@@ -40,6 +40,11 @@ the above:
   first position's logprobs a colocated instance would. KVDestination.cache_identity is the pool's cache identity without the block size, as
   16 hex digits. Writes cover tokens [s, num_prompt_tokens) where s is num_cached_tokens rounded
   down to a multiple of both block sizes.
+- decode grants each reservation's transfer id its blocks (the transfer engine's write grants,
+  revoked when the request ends); a prefill whose destination names other blocks (a wrong or stale
+  list) is refused before it writes anything: 400 with param "destination".
+- n > 1: prefill computes the prompt once (sample 0, its first token); decode starts the other
+  samples from the transferred prompt blocks. A request asking for prompt logprobs is a 400.
 - a prefill instance starts no write later than pd_timeout_s after it took the request; a
   decode instance keeps the blocks of a failed or aborted reservation for 3 x pd_timeout_s (or
   until the last notice), so a late write never lands in reused blocks.
