@@ -103,7 +103,8 @@ def test_a_second_instance_loads_the_prefixes_the_first_computed(store):
     assert m["rtpllm:kvstore_bytes_out_total"] == m["rtpllm:kvstore_hit_blocks_total"] * remote.bytes_per_block
     assert m["rtpllm:kvstore_saved_blocks_total"] >= saved.saved_blocks
     assert m["rtpllm:kvstore_bytes_in_total"] == m["rtpllm:kvstore_saved_blocks_total"] * remote.bytes_per_block > 0
-    assert m["rtpllm:kvstore_blocks_held"] == remote.used_blocks and m["rtpllm:kvstore_blocks_pinned"] == 0
+    assert 0 < m["rtpllm:kvstore_blocks_held"] <= m["rtpllm:kvstore_saved_blocks_total"]
+    assert m["rtpllm:kvstore_blocks_pinned"] == 0  # every load released its pin
     assert m["rtpllm:kvstore_clients"] >= 1 and m["rtpllm:kvstore_expired_pins_total"] == 0
     assert m["rtpllm:kvstore_pin_requests_total"] >= 1 and "rtpllm:kvstore_misses_total" in m
     assert "rtpllm:kvstore_evicted_blocks_total" in m

@@ -69,7 +69,11 @@ PeerDescriptor decode_descriptor(const std::string& payload) {
     region.length = r.get<uint64_t>();
     region.rkey = r.get_bytes();
   }
-  if (!r.at_end()) d.requires_write_grants = r.get<uint8_t>() != 0;
+  if (!r.at_end()) {
+    const uint8_t flag = r.get<uint8_t>();
+    if (flag != 1) throw std::runtime_error("malformed message: bad write grant flag");
+    d.requires_write_grants = true;
+  }
   r.expect_end();
   return d;
 }
@@ -125,7 +129,9 @@ GrantMessage decode_grant(const std::string& payload) {
   ByteReader r(payload, "malformed message");
   GrantMessage g;
   g.request_id = r.get<uint64_t>();
-  g.granted = r.get<uint8_t>() != 0;
+  const uint8_t granted = r.get<uint8_t>();
+  if (granted > 1) throw std::runtime_error("malformed message: bad granted flag");
+  g.granted = granted == 1;
   g.blocks.resize(r.get_count(sizeof(int32_t)));
   for (BlockId& b : g.blocks) b = r.get<int32_t>();
   r.expect_end();
