@@ -3,7 +3,8 @@ serve` process of the tiny model (block sizes 16 and 8, KV over UCX's TCP transp
 against one colocated instance through the OpenAI client, streamed and not; and a prefill instance
 killed mid-transfer: the client gets a clear error at once, the decode instance frees the
 reservation, and the next request succeeds; with --pd-retry, a request that meets the dead
-instance is written by the other one into the same reservation."""
+instance is written by the other one into the same reservation. Logprobs and n > 1 through the
+router match the colocated instance."""
 
 import threading
 import time
@@ -208,3 +209,4 @@ def test_n_samples_through_the_pd_router_match_a_colocated_instance(instances, r
     assert prefill.metric("rtpllm:pd_requests_total", role="prefill", outcome="completed") - prefills_before == 1
     # Decode started the other samples on the transferred prompt's full blocks (prefix hits).
     assert decode.metric("rtpllm:prefix_cache_hits_total") - hits_before >= (sampling["n"] - 1) * 8
+

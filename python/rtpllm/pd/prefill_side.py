@@ -257,7 +257,9 @@ class PrefillSide:
             push.bytes += push.num_tokens * self.bytes_per_token_layer
 
     def _write_error(self, why: str) -> tuple[str, int]:
-        if why.startswith("remote_blocks:"):  # the destination's blocks are not (or no longer) this request's
+        if "holds no write grant" in why:  # the reservation ended (decode gave up on it) or never was
+            return f"destination: the decode instance holds no reservation for this request: {why}", 409
+        if why.startswith("remote_blocks:"):  # the destination names blocks that are not the request's
             return f"destination.blocks: the decode instance refused the write: {why}", 400
         timed_out = "time" in why.lower()
         return f"writing the KV to the decode instance failed: {why}", 504 if timed_out else 503

@@ -42,7 +42,8 @@ the above:
   down to a multiple of both block sizes.
 - decode grants each reservation's transfer id its blocks (the transfer engine's write grants,
   revoked when the request ends); a prefill whose destination names other blocks (a wrong or stale
-  list) is refused before it writes anything: 400 with param "destination".
+  list) is refused before it writes anything: 400 with param "destination"; 409 when decode holds
+  no reservation for the request (it ended, e.g. its KV wait failed, or never existed).
 - n > 1: prefill computes the prompt once (sample 0, its first token); decode starts the other
   samples from the transferred prompt blocks. A request asking for prompt logprobs is a 400.
 - a prefill instance starts no write later than pd_timeout_s after it took the request; a
