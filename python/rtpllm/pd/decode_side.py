@@ -83,7 +83,6 @@ class Polled(NamedTuple):
     failed: list
 
 
-
 @dataclass
 class _Hold:
     hold_id: int
@@ -108,7 +107,7 @@ class DecodeSide:
         self._holds: dict[int, _Hold] = {}  # by transfer id: ended requests whose blocks a write may still reach
         self._failures: dict[str, str] = {}  # pd_request_id -> why it failed (most recent last)
         self._queued: list[_Queued] = []  # no room yet, oldest first
-        self._leaders: dict[str, int] = {}  # pd_request_id -> sample 0's seq id, while it waits (queued or reserved)
+        self._leaders: set[str] = set()  # pd_request_ids whose sample 0 waits (queued or reserved)
         self._followers: dict[str, list] = {}  # pd_request_id -> [(seq, spec)] of samples 1.. (n > 1)
 
     # ------------------------------------------------------------------ admission
@@ -127,7 +126,7 @@ class DecodeSide:
             raise ValueError(f"pd_request_id: {kv.pd_request_id!r} is already in flight on this instance")
         if self._queued or not self._reserve(seq, spec, kv):
             self._queued.append(_Queued(seq, spec, kv, time.monotonic()))
-        self._leaders[kv.pd_request_id] = seq.seq_id
+        self._leaders.add(kv.pd_request_id)
 
     def _reserve(self, seq, spec, kv: DecodeKV) -> bool:
         seq_id = seq.seq_id
@@ -276,7 +275,7 @@ class DecodeSide:
 
     def _drop_followers(self, pd_request_id: str, specs: bool = False) -> list:
         """Forgets sample 0's followers (it stopped waiting): their seq ids, or (seq, spec) pairs."""
-        self._leaders.pop(pd_request_id, None)
+        self._leaders.discard(pd_request_id)
         followers = self._followers.pop(pd_request_id, [])
         return followers if specs else [seq.seq_id for seq, _ in followers]
 

@@ -46,6 +46,7 @@ from starlette.responses import Response
 from rtpllm.pd.protocol import DecodeRequest, KVDestination, PrefillRequest, PrefillResult
 from rtpllm.router.backend import Backend, BackendPool, Ticket
 from rtpllm.router.metrics import RouterMetrics
+from rtpllm.router.pd_errors import event_error, upstream_error
 from rtpllm.router.policy import RoutingInput, RoutingPolicy, least_loaded_decode
 from rtpllm.router.sse import DONE, EventSplitter, event_data, event_json, is_done
 from rtpllm.serving.errors import OpenAIError
@@ -89,44 +90,6 @@ class _ReservationLost(Exception):
     def __init__(self, error: OpenAIError):
         super().__init__(error.message)
         self.error = error
-
-
-def _upstream_error(status: int, payload: bytes, side: str) -> OpenAIError:
-    """An instance's error reply (a JSON error body, or an SSE stream whose first event is one) as
-    the client's error, with the instance's status. 401/403 mean the router's own key
-    (`backend_api_key`) was refused: that is the router's fault, a 502, not the client's."""
-    if status in (401, 403):
-        return OpenAIError(f"the {side} instance refused the router's key (--backend-api-key)", status=502,
-                           type="upstream_error")
-    try:
-        if payload.lstrip().startswith(b"data:"):
-            body = event_json(EventSplitter().feed(payload + b"\n\n")[0])
-        else:
-            body = json.loads(payload)
-        error = body["error"]
-        return OpenAIError(str(error.get("message", "")), status=status, type=str(error.get("type", "upstream_error")),
-                           param=error.get("param"), code=error.get("code"))
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
-        return OpenAIError(f"the {side} instance answered HTTP {status}", status=status if status >= 400 else 502,
-                           type="upstream_error")
-
-
-# An error event carries no HTTP status: its code when that is one, else one by its type; a type
-# not listed is the instance's failure, not the client's (502).
-_STATUS_BY_TYPE = {"invalid_request_error": 400, "not_found_error": 404, "service_unavailable": 503,
-                   "server_overloaded": 503, "pd_transfer_failed": 503, "timeout": 504,
-                   "internal_server_error": 500}
-
-
-def _event_error(error: dict) -> OpenAIError:
-    """An error event's body as an error reply."""
-    code = error.get("code")
-    kind = str(error.get("type", "upstream_error"))
-    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600:
-        status = code
-    else:
-        status = _STATUS_BY_TYPE.get(kind, 502)
-    return OpenAIError(str(error.get("message", "")), status=status, type=kind, param=error.get("param"), code=code)
 
 
 def _consume_result(task: asyncio.Task) -> None:
@@ -283,7 +246,7 @@ class PDProxy:
             raise _DecodeFailed("connection") from exc
         upstream = flow.upstream
         if upstream.status != 200 or not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-            error = _upstream_error(upstream.status if upstream.status != 200 else 502, await _read_or_empty(upstream),
+            error = upstream_error(upstream.status if upstream.status != 200 else 502, await _read_or_empty(upstream),
                                     "decode")
             if upstream.status == 503:
                 raise _DecodeFailed("503", error)
@@ -297,7 +260,7 @@ class PDProxy:
             raise _DecodeFailed("connection")  # closed before reserving
         data = event_json(event)
         if isinstance(data, dict) and isinstance(data.get("error"), dict):
-            error = _event_error(data["error"])
+            error = event_error(data["error"])
             if error.status == 503:
                 raise _DecodeFailed("503", error)
             self.outcome("decode_error")
@@ -383,7 +346,7 @@ class PDProxy:
             self.metrics.pd_prefill_seconds.observe(time.monotonic() - started)
             self.metrics.pd_transferred_bytes.inc(result.transferred_bytes)
             return result
-        error = _upstream_error(status, body, "prefill")
+        error = upstream_error(status, body, "prefill")
         raise PrefillFailed(f"status_{status}", f"prefill failed: {error.message}", error.status, error.type,
                             retryable=error.status >= 500)
 
@@ -422,7 +385,7 @@ class PDProxy:
                     failure = flow.prefill.exception() if flow.prefill.done() else None
                     if failure is not None:
                         self._raise_prefill_failure(flow, failure)
-                    error = _event_error(data["error"])
+                    error = event_error(data["error"])
                     if flow.may_start_over and error.type == "pd_transfer_failed":
                         raise _ReservationLost(error)
                     self.outcome("decode_error")
