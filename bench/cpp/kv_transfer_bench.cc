@@ -2,8 +2,10 @@
 // local copy of the same bytes in the same pattern (memcpy on host memory, cudaMemcpy D2D on GPU
 // memory) measured in the same run: the ceiling a transfer could reach on this machine.
 //
-//   kv_transfer_bench [--memory host|cuda] [--device D] [--layers L] [--iters N]
+//   kv_transfer_bench [--memory host|cuda] [--device D] [--layers L] [--iters N] [--grants]
 //
+// --grants: the receiver requires write grants (as a decode instance does): every put first asks
+// it (one control-channel round trip), so "put us" shows what that check costs.
 // The receiver is a forked child (so CUDA IPC and shared memory are on the table, as between a
 // prefill and a decode process); UCX picks the transports (UCX_TLS). KV shape: Llama-3-8B's
 // 8 KV heads x 128 dims in bf16 (2 KiB per token per plane), L layers (default 4). Block ids are
@@ -41,6 +43,7 @@ struct Args {
   int device = 0;
   int32_t layers = 4;
   int iters = 0;  // 0: enough to move ~512 MiB per measurement
+  bool grants = false;  // the receiver requires write grants (kv_transfer.h)
 };
 
 void die(const std::string& message) {
@@ -77,8 +80,13 @@ TransferOptions bench_options(const char* name) {
 // The receiver: registers its pool, reports its port, serves until the parent closes the pipe.
 [[noreturn]] void run_receiver(const Args& args, int32_t block_tokens, int port_fd, int quit_fd) {
   Pool pool(args, block_tokens);
-  UcxTransfer engine(bench_options("receiver"), device_init(args));
+  TransferOptions options = bench_options("receiver");
+  options.require_write_grants = args.grants;
+  UcxTransfer engine(options, device_init(args));
   engine.register_kv(pool.layout);
+  std::vector<BlockId> every(kPoolBlocks);
+  std::iota(every.begin(), every.end(), 0);
+  engine.grant_writes(1, every);  // the sender's request id
   const int32_t port = engine.listen_port();
   if (write(port_fd, &port, sizeof(port)) != sizeof(port)) die("pipe");
   char byte;
@@ -195,8 +203,10 @@ Args parse(int argc, char** argv) {
       args.layers = std::max(1, std::atoi(value().c_str()));
     } else if (flag == "--iters") {
       args.iters = std::max(1, std::atoi(value().c_str()));
+    } else if (flag == "--grants") {
+      args.grants = true;
     } else {
-      die("unknown flag " + flag + " (--memory host|cuda, --device D, --layers L, --iters N)");
+      die("unknown flag " + flag + " (--memory host|cuda, --device D, --layers L, --iters N, --grants)");
     }
   }
   return args;
@@ -209,8 +219,8 @@ int main(int argc, char** argv) {
   using namespace rtpllm;
   const Args args = parse(argc, argv);
   const char* tls = std::getenv("UCX_TLS");
-  std::printf("# KV transfer between two processes, UCX_TLS=%s, %d layers, 2 KiB per token per plane\n",
-              tls ? tls : "(UCX default)", args.layers);
+  std::printf("# KV transfer between two processes, UCX_TLS=%s, %d layers, 2 KiB per token per plane%s\n",
+              tls ? tls : "(UCX default)", args.layers, args.grants ? ", receiver requires write grants" : "");
   std::printf("# copy = the same copies done locally (%s); ratio = transfer rate / copy rate\n",
               args.memory == MemoryKind::CUDA ? "cudaMemcpyAsync D2D" : "memcpy");
   std::printf("%-5s %6s %6s %9s %8s %9s %9s %9s %8s %8s %9s\n", "mem", "block", "blocks", "MiB", "copies",

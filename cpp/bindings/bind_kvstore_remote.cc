@@ -71,13 +71,15 @@ void bind_kvstore_remote(py::module_& m) {
       .def_readonly("saved_blocks", &KVStoreServerStats::saved_blocks)
       .def_readonly("skipped_blocks", &KVStoreServerStats::skipped_blocks)
       .def_readonly("evicted_blocks", &KVStoreServerStats::evicted_blocks)
-      .def_readonly("bad_requests", &KVStoreServerStats::bad_requests);
+      .def_readonly("bad_requests", &KVStoreServerStats::bad_requests)
+      .def_readonly("expired_pins", &KVStoreServerStats::expired_pins)
+      .def_readonly("expired_pin_blocks", &KVStoreServerStats::expired_pin_blocks);
 
   py::class_<KVStoreServer, std::shared_ptr<KVStoreServer>>(
       m, "KVStoreServer", "The shared KV store (see cpp/rtpllm/kvstore/remote/kv_store_server.h)")
       .def(py::init([](const std::string& host, int32_t port, int64_t capacity_bytes, const std::string& disk_dir,
                        int64_t disk_capacity_bytes, uint64_t identity, double transfer_timeout_s,
-                       int32_t max_blocks_per_request, int32_t max_clients) {
+                       double pin_lease_s, int32_t max_blocks_per_request, int32_t max_clients) {
              KVStoreServerOptions o;
              o.host = host;
              o.port = port;
@@ -86,6 +88,7 @@ void bind_kvstore_remote(py::module_& m) {
              o.disk_capacity_bytes = disk_capacity_bytes;
              o.identity = identity;
              o.transfer_timeout_s = transfer_timeout_s;
+             o.pin_lease_s = pin_lease_s;
              o.max_blocks_per_request = max_blocks_per_request;
              o.max_clients = max_clients;
              py::gil_scoped_release release;
@@ -93,7 +96,7 @@ void bind_kvstore_remote(py::module_& m) {
            }),
            py::kw_only(), py::arg("host") = "127.0.0.1", py::arg("port") = 0, py::arg("capacity_bytes"),
            py::arg("disk_dir") = "", py::arg("disk_capacity_bytes") = 0, py::arg("identity") = 0,
-           py::arg("transfer_timeout_s") = 10.0, py::arg("max_blocks_per_request") = 4096,
+           py::arg("transfer_timeout_s") = 10.0, py::arg("pin_lease_s") = 300.0, py::arg("max_blocks_per_request") = 4096,
            py::arg("max_clients") = 256)
       .def_property_readonly("port", &KVStoreServer::port)
       .def("stats", &KVStoreServer::stats)

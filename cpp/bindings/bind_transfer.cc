@@ -41,20 +41,22 @@ void bind_plan(py::module_& m) {
 void bind_engine_types(py::module_& m) {
   py::class_<TransferOptions>(m, "TransferOptions")
       .def(py::init([](std::string name, std::string identity, std::string listen_host, int32_t listen_port,
-                       double timeout_s, int32_t max_blocks_per_transfer) {
+                       double timeout_s, int32_t max_blocks_per_transfer, bool require_write_grants) {
              TransferOptions o{std::move(name), std::move(identity), std::move(listen_host), listen_port, timeout_s,
-                               max_blocks_per_transfer};
+                               max_blocks_per_transfer, require_write_grants};
              o.validate();
              return o;
            }),
            py::kw_only(), py::arg("name") = "rtpllm", py::arg("identity") = "", py::arg("listen_host") = "127.0.0.1",
-           py::arg("listen_port") = 0, py::arg("timeout_s") = 10.0, py::arg("max_blocks_per_transfer") = 1 << 16)
+           py::arg("listen_port") = 0, py::arg("timeout_s") = 10.0, py::arg("max_blocks_per_transfer") = 1 << 16,
+           py::arg("require_write_grants") = false)
       .def_readonly("name", &TransferOptions::name)
       .def_readonly("identity", &TransferOptions::identity)
       .def_readonly("listen_host", &TransferOptions::listen_host)
       .def_readonly("listen_port", &TransferOptions::listen_port)
       .def_readonly("timeout_s", &TransferOptions::timeout_s)
-      .def_readonly("max_blocks_per_transfer", &TransferOptions::max_blocks_per_transfer);
+      .def_readonly("max_blocks_per_transfer", &TransferOptions::max_blocks_per_transfer)
+      .def_readonly("require_write_grants", &TransferOptions::require_write_grants);
 
   py::class_<TransferRequest>(m, "TransferRequest", "Tokens [0, num_tokens) of local_blocks <-> remote_blocks")
       .def(py::init([](uint64_t request_id, std::vector<BlockId> local_blocks, std::vector<BlockId> remote_blocks,
@@ -129,7 +131,10 @@ void bind_ucx_transfer(py::module_& m) {
       .def("poll", &UcxTransfer::poll, py::arg("handle"))
       .def("wait", &UcxTransfer::wait, py::arg("handle"), py::arg("timeout_s"), Release())
       .def("take_notices", &UcxTransfer::take_notices, py::arg("wait_s") = 0.0, Release())
-      .def("stats", &UcxTransfer::stats);
+      .def("stats", &UcxTransfer::stats)
+      .def("grant_writes", &UcxTransfer::grant_writes, py::arg("request_id"), py::arg("blocks"),
+           "Peers' puts naming request_id may write these blocks (with require_write_grants)")
+      .def("revoke_writes", &UcxTransfer::revoke_writes, py::arg("request_id"));
 }
 #endif
 

@@ -173,6 +173,20 @@ TEST(TransferMessages, RoundTripAndRejectTruncation) {
     EXPECT_THROW(decode_descriptor(bytes.substr(0, cut)), std::runtime_error) << cut;
   }
   EXPECT_THROW(decode_descriptor(bytes + "x"), std::runtime_error);
+  EXPECT_FALSE(back.requires_write_grants);
+  d.requires_write_grants = true;
+  EXPECT_TRUE(decode_descriptor(encode_descriptor(d)).requires_write_grants);
+
+  const GrantMessage g{5, true, {7, 0, 3}};
+  const GrantMessage h = decode_grant(encode_grant(g));
+  EXPECT_EQ(h.request_id, 5u);
+  EXPECT_TRUE(h.granted);
+  EXPECT_EQ(h.blocks, g.blocks);
+  EXPECT_FALSE(decode_grant(encode_grant({6, false, {}})).granted);
+  EXPECT_THROW(decode_grant(encode_grant(g) + "x"), std::runtime_error);
+  EXPECT_THROW(decode_grant(encode_grant(g).substr(0, 10)), std::runtime_error);
+  EXPECT_EQ(decode_grant_query(encode_grant_query(99)), 99u);
+  EXPECT_THROW(decode_grant_query("abc"), std::runtime_error);
 
   const NoticeMessage n{77, 2, 19, {4, 0, 9}};
   const NoticeMessage m = decode_notice(encode_notice(n));

@@ -253,6 +253,58 @@ TEST_F(KVStoreTest, GarbageAndOversizedRequestsDoNotHurtTheStore) {
   server_->check_invariants();
 }
 
+TEST_F(KVStoreTest, APinNeverReleasedExpiresAfterItsLease) {
+  KVStoreServerOptions o = server_options(8);
+  o.transfer_timeout_s = 0.5;
+  o.pin_lease_s = 1.0;
+  server_ = std::make_unique<KVStoreServer>(o, make_ucx, quiet());
+  o.pin_lease_s = o.transfer_timeout_s;  // a lease no longer than a read could hand out a slot being read
+  EXPECT_THROW(KVStoreServer(o, make_ucx, quiet()), std::invalid_argument);
+  HostKVPool pool(KVShape{}, 32, kBlockSize);
+  auto tier = client(pool);
+  pool.fill_sequence({0}, kBlockSize, 3);
+  ASSERT_EQ(finish(*tier, tier->save({55}, {0})), TransferState::DONE);
+  ASSERT_TRUE(eventually_matches(*tier, {55}, 1));
+  // A client that stays connected, pins and never unpins.
+  const auto deadline = Clock::now() + std::chrono::seconds(5);
+  ControlConnection raw = ControlConnection::connect_to("127.0.0.1", server_->port(), deadline);
+  std::string error;
+  StoreHello hello;
+  hello.identity = kIdentity;
+  hello.shape = KVBlockShape{KVShape{}.num_layers, kBlockSize, KVShape{}.num_kv_heads, KVShape{}.head_dim, KVShape{}.element_bytes};
+  ASSERT_TRUE(raw.send(MessageType::STORE, encode_store_hello(hello), deadline, &error));
+  Frame frame;
+  auto next_reply = [&] {  // skips index updates
+    do {
+      EXPECT_TRUE(raw.receive_one(&frame, deadline, &error)) << error;
+    } while (store_message_type(frame.payload) == StoreMessage::INDEX);
+    return store_message_type(frame.payload);
+  };
+  ASSERT_EQ(next_reply(), StoreMessage::WELCOME);
+  ASSERT_TRUE(raw.send(MessageType::STORE, encode_store_request(StoreMessage::PIN, {3, {55}}), deadline, &error));
+  ASSERT_EQ(next_reply(), StoreMessage::PINNED);
+  ASSERT_EQ(decode_store_slots(frame.payload).slots.size(), 1u);
+  EXPECT_EQ(server_->stats().pinned_blocks, 1);
+  const auto pinned_at = Clock::now();
+  while (server_->stats().expired_pins == 0 && Clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  const double held_s = std::chrono::duration<double>(Clock::now() - pinned_at).count();
+  const KVStoreServerStats stats = server_->stats();
+  EXPECT_EQ(stats.expired_pins, 1u);
+  EXPECT_EQ(stats.expired_pin_blocks, 1u);
+  EXPECT_EQ(stats.pinned_blocks, 0);
+  EXPECT_GE(held_s, 0.9);
+  EXPECT_LT(held_s, 2.5);
+  // Its late UNPIN is accepted (no ERROR): the next reply is the answer to the next PIN.
+  ASSERT_TRUE(raw.send(MessageType::STORE, encode_store_release(StoreMessage::UNPIN, {3, true}), deadline, &error));
+  ASSERT_TRUE(raw.send(MessageType::STORE, encode_store_request(StoreMessage::PIN, {4, {55}}), deadline, &error));
+  ASSERT_EQ(next_reply(), StoreMessage::PINNED);
+  EXPECT_EQ(decode_store_slots(frame.payload).request_id, 4u);
+  EXPECT_EQ(server_->stats().bad_requests, 0u);
+  server_->check_invariants();
+}
+
 TEST_F(KVStoreTest, AStoreThatGoesAwayIsAMissAndComesBack) {
   start_server(8);
   const int32_t port = server_->port();

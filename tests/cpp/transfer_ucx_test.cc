@@ -46,11 +46,14 @@ class UcxTransferTest : public ::testing::Test {
   }
 
   // prefill-like (block 8) and decode-like (block 3) pools with the same per-token shape.
-  void start(int32_t a_block = 8, int32_t b_block = 3) {
+  // With b_grants, B requires write grants (a decode instance behind a router).
+  void start(int32_t a_block = 8, int32_t b_block = 3, bool b_grants = false) {
     pool_a_ = std::make_unique<HostKVPool>(KVShape{}, 16, a_block);
     pool_b_ = std::make_unique<HostKVPool>(KVShape{}, 48, b_block);
     a_ = std::make_unique<UcxTransfer>(options("prefill"));
-    b_ = std::make_unique<UcxTransfer>(options("decode"));
+    TransferOptions b_options = options("decode");
+    b_options.require_write_grants = b_grants;
+    b_ = std::make_unique<UcxTransfer>(b_options);
     a_->register_kv(pool_a_->layout());
     b_->register_kv(pool_b_->layout());
     peer_ = a_->connect("127.0.0.1", b_->listen_port());
@@ -162,6 +165,32 @@ TEST_F(UcxTransferTest, BadInputThrowsAndLeavesTheEngineWorking) {
   ASSERT_EQ(finish(*a_, a_->put(peer_, {2, src, dst, 16, -1, true})).state, TransferState::DONE);
   EXPECT_EQ(pool_b_->mismatches_all_layers(dst, 16, 8), 0);
   EXPECT_EQ(a_->stats().failed, 0u);
+}
+
+TEST_F(UcxTransferTest, WriteGrantsBoundWhatAPutMayWrite) {
+  start(8, 8, /*b_grants=*/true);
+  const std::vector<BlockId> src = {1, 4}, granted = {9, 2};
+  pool_a_->fill_sequence(src, 13, 3);
+  auto expect_refused = [&](uint64_t request_id, const std::vector<BlockId>& dst, const std::string& why) {
+    const uint64_t before = pool_b_->checksum_except({});
+    const TransferStatus status = finish(*a_, a_->put(peer_, {request_id, src, dst, 13, -1, true}));
+    EXPECT_EQ(status.state, TransferState::FAILED);
+    EXPECT_NE(status.error.find(why), std::string::npos) << status.error;
+    EXPECT_EQ(pool_b_->checksum_except({}), before) << "a refused put wrote into B's pool";
+  };
+  expect_refused(5, granted, "no write grant for request 5");  // never granted
+  b_->grant_writes(5, granted);
+  expect_refused(5, {9, 3}, "block 3 is outside the write grant");  // another request's block
+  expect_refused(6, granted, "no write grant for request 6");       // another request's id
+  ASSERT_EQ(finish(*a_, a_->put(peer_, {5, src, granted, 13, 0, true})).state, TransferState::DONE);
+  ASSERT_EQ(finish(*a_, a_->put(peer_, {5, src, granted, 13, 1, true})).state, TransferState::DONE);
+  EXPECT_EQ(pool_b_->mismatches(granted, 13, 3, 0, 0), 0);
+  b_->revoke_writes(5);
+  expect_refused(5, granted, "no write grant for request 5");  // a stale list after the request ended
+  EXPECT_EQ(b_->take_notices(kTimeout).size(), 2u);  // refused puts sent no notice
+  // Refusals cost no connection; a peer that requires no grants is written without asking.
+  EXPECT_EQ(a_->peers().front().state, PeerState::CONNECTED);
+  EXPECT_THROW(b_->grant_writes(7, {48}), std::invalid_argument);
 }
 
 TEST_F(UcxTransferTest, MismatchedPeersAreRefused) {

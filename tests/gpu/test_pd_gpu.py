@@ -1,7 +1,7 @@
 """Prefill-decode disaggregation on one GPU: prefill and decode as two `rtpllm serve` processes,
 each with part of the card's memory, the KV moving over UCX (CUDA IPC between the two processes),
 prefill block size 32, decode 16. The output is token-exact against a colocated instance, streamed
-and not; both pools are idle afterwards.
+and not, with logprobs and n = 2 too; both pools are idle afterwards.
 
     python -m pytest -q tests/gpu/test_pd_gpu.py
 """
@@ -59,4 +59,23 @@ def test_pd_on_one_gpu_is_token_exact_against_colocated(instances, endpoint, bod
     assert run.text() == expected
     for instance in (prefill, decode):
         assert instance.metric("rtpllm:pd_requests_total", outcome="completed") >= 1
+        assert instance.metric("rtpllm:kv_cache_usage_perc") == 0.0
+
+
+def test_pd_logprobs_and_n_samples_on_one_gpu_match_colocated(instances):
+    """The first token's logprobs travel from prefill with its KV; decode starts sample 1 from the
+    transferred prompt blocks. Greedy: the tokens are exact; the logprobs agree within bf16 noise
+    (the two sides' block sizes differ, so their attention kernels sum in another order)."""
+    colocated, prefill, decode = instances
+    body = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "logprobs": 2, "n": 2}
+    expected = httpx.post(colocated.url + "/v1/completions", json=body, timeout=120).json()["choices"]
+    run = PDRun(prefill, decode, "completions", body, "gpu-logprobs-n2").run(120)
+    assert run.prefill_response.status_code == 200, run.prefill_response.text
+    (reply,) = run.events
+    got = sorted(reply["choices"], key=lambda c: c["index"])
+    assert [c["text"] for c in got] == [c["text"] for c in sorted(expected, key=lambda c: c["index"])]
+    for have, want in zip(got, sorted(expected, key=lambda c: c["index"])):
+        assert have["logprobs"]["tokens"] == want["logprobs"]["tokens"]
+        assert have["logprobs"]["token_logprobs"] == pytest.approx(want["logprobs"]["token_logprobs"], abs=0.05)
+    for instance in (prefill, decode):
         assert instance.metric("rtpllm:kv_cache_usage_perc") == 0.0

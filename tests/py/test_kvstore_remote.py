@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -46,6 +47,13 @@ class StoreProcess:
         self.address = line.split()[-1]
         self.host, port = self.address.rsplit(":", 1)
         self.port = int(port)
+        self.metrics_url = self.proc.stdout.readline().split()[-1]  # "... metrics on http://host:port/metrics"
+
+    def metrics(self) -> dict[str, float]:
+        """The /metrics samples, by name (labels are not used by the store)."""
+        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                if line and not line.startswith("#")}
 
     def stop(self) -> str:
         """Stops it (SIGTERM) and returns its log."""
@@ -89,6 +97,17 @@ def test_a_second_instance_loads_the_prefixes_the_first_computed(store):
     assert remote.capacity_blocks > 0 and remote.used_blocks >= saved.saved_blocks
     assert second.engine.stats().kv_tier_hit_tokens == remote.loaded_blocks * 16
     assert_idle(second)
+    # The store's own account, on its Prometheus endpoint.
+    m = store.metrics()
+    assert m["rtpllm:kvstore_hit_blocks_total"] >= remote.loaded_blocks
+    assert m["rtpllm:kvstore_bytes_out_total"] == m["rtpllm:kvstore_hit_blocks_total"] * remote.bytes_per_block
+    assert m["rtpllm:kvstore_saved_blocks_total"] >= saved.saved_blocks
+    assert m["rtpllm:kvstore_bytes_in_total"] == m["rtpllm:kvstore_saved_blocks_total"] * remote.bytes_per_block > 0
+    assert 0 < m["rtpllm:kvstore_blocks_held"] <= m["rtpllm:kvstore_saved_blocks_total"]
+    assert m["rtpllm:kvstore_blocks_pinned"] == 0  # every load released its pin
+    assert m["rtpllm:kvstore_clients"] >= 1 and m["rtpllm:kvstore_expired_pins_total"] == 0
+    assert m["rtpllm:kvstore_pin_requests_total"] >= 1 and "rtpllm:kvstore_misses_total" in m
+    assert "rtpllm:kvstore_evicted_blocks_total" in m
     log = store.stop()
     assert "refused clients 0," in log and "saved 0," not in log
     assert "(0 pinned," in log, "every pin was released"
@@ -215,3 +234,7 @@ def test_kvstore_serve_refuses_bad_options():
     result = subprocess.run([sys.executable, "-m", "rtpllm.serving.cli", "kvstore", "serve", "--capacity-gib", "1",
                              "--identity", "xyz"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--identity" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "rtpllm.serving.cli", "kvstore", "serve", "--capacity-gib", "1",
+                             "--transfer-timeout-s", "5", "--pin-lease-s", "5"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and "--pin-lease-s" in result.stderr

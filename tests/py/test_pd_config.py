@@ -1,10 +1,12 @@
 """Prefill-decode options: validated with errors naming the field, mapped from the CLI, combinations
 that cannot work refused at start; and the small shared rules of the instance side."""
 
+import struct
+
 import pytest
 
 from rtpllm.config import EngineConfig
-from rtpllm.pd.kv_params import aligned_start, decode_first_token, encode_first_token, transfer_request_id
+from rtpllm.pd.kv_params import FirstToken, aligned_start, decode_first_token, encode_first_token, transfer_request_id
 from rtpllm.serving.cli import build_parser
 from rtpllm.serving.engine_args import engine_config_from_args
 
@@ -42,5 +44,12 @@ def test_writes_start_at_a_boundary_of_both_block_sizes():
 def test_transfer_ids_and_first_token_payload():
     assert transfer_request_id("req-1") == transfer_request_id("req-1") != transfer_request_id("req-2")
     assert 0 <= transfer_request_id("x") < 2**64
-    assert decode_first_token(encode_first_token(128001)) == 128001
-    assert decode_first_token(b"bad") is None
+    assert decode_first_token(encode_first_token(FirstToken(128001))) == FirstToken(128001)
+    # With logprobs: the sampled token's first, then the top-N, in order, float32 values exact.
+    first = FirstToken(7, {7: -0.25, 3: -1.5, 9: -2.0000001192092896})
+    payload = encode_first_token(first)
+    assert decode_first_token(payload) == first and list(decode_first_token(payload).logprobs) == [7, 3, 9]
+    assert len(payload) < 4096  # a notice's payload limit, even with top_logprobs=20
+    assert len(encode_first_token(FirstToken(1, {t: -1.0 for t in range(21)}))) < 4096
+    for bad in (b"bad", payload[:-1], payload + b"x", struct.pack("<qI", 1, 1)):  # one entry announced, none sent
+        assert decode_first_token(bad) is None

@@ -100,7 +100,8 @@ def test_decode_killed_mid_transfer_fails_the_prefill_which_frees_its_blocks(ins
 
 def test_prefill_killed_mid_transfer_ends_the_decode_request_with_an_error(instances):
     prefill, decode, _ = instances
-    decode_body = {"pd_request_id": "orphan-1", "endpoint": "completions", "request": {**BODY, "stream": True}}
+    # n=2: the second sample waits on the first's KV, and fails with it.
+    decode_body = {"pd_request_id": "orphan-1", "endpoint": "completions", "request": {**BODY, "stream": True, "n": 2}}
     with httpx.Client(timeout=60) as client:
         with client.stream("POST", decode.url + "/internal/pd/decode", json=decode_body) as stream:
             events = sse_events(stream)

@@ -99,7 +99,7 @@ def test_bad_input_is_refused_with_4xx_and_breaks_nothing(instances):
         # Malformed bodies.
         assert client.post(decode.url + "/internal/pd/decode", json={"endpoint": "chat"}).status_code == 400
         assert client.post(decode.url + "/internal/pd/decode",
-                           json={**decode_body, "request": {"prompt": PROMPT, "n": 2}}).status_code == 400
+                           json={**decode_body, "request": {"prompt": PROMPT, "n": 0}}).status_code == 400
         with client.stream("POST", decode.url + "/internal/pd/decode", json=decode_body) as stream:
             destination = __import__("json").loads(next(stream.iter_lines())[len("data: "):])["pd_reserved"]
             bad = {**decode_body, "destination": {**destination, "cache_identity": "0123456789abcdef"}}
@@ -129,6 +129,47 @@ def test_bad_input_is_refused_with_4xx_and_breaks_nothing(instances):
     assert run.reservation_error is None, run.reservation_error
     assert run.prefill_response.status_code == 200
     assert run.text() == _reference_text(_reference(colocated.url, "completions", body))
+
+
+def test_a_hostile_router_cannot_write_into_another_requests_blocks(instances):
+    """Block lists in range but not the request's (another reservation's, or a finished request's
+    stale ones) are refused by the decode instance's write grants before a byte moves: a 400 from
+    the prefill, and the victim request's output is untouched."""
+    colocated, prefill, decode = instances
+    body = {"prompt": "Grants keep every prefill inside its own reservation, even when", "max_tokens": 6,
+            "temperature": 0}
+    expected = _reference_text(_reference(colocated.url, "completions", body))
+    with httpx.Client(timeout=60) as client:
+        victim_body = {"pd_request_id": "victim-grant", "endpoint": "completions", "request": body}
+        rogue_body = {"pd_request_id": "rogue-grant", "endpoint": "completions", "request": body}
+        with client.stream("POST", decode.url + "/internal/pd/decode", json=victim_body) as victim, \
+                client.stream("POST", decode.url + "/internal/pd/decode", json=rogue_body) as rogue:
+            victim_events = sse_events(victim)
+            victim_destination = next(victim_events)["pd_reserved"]
+            rogue_events = sse_events(rogue)  # kept: a dropped generator closes the stream (an abort)
+            rogue_destination = next(rogue_events)["pd_reserved"]
+            assert set(victim_destination["blocks"]) - set(rogue_destination["blocks"])
+            # The rogue request's prefill aimed at the victim's blocks.
+            aimed = {**rogue_destination, "blocks": victim_destination["blocks"]}
+            reply = client.post(prefill.url + "/internal/pd/prefill", json={**rogue_body, "destination": aimed})
+            assert reply.status_code == 400, reply.text
+            assert reply.json()["error"]["param"] == "destination" and "outside the write grant" in reply.text
+            # The victim is written by its own prefill and decodes what a colocated instance does.
+            reply = client.post(prefill.url + "/internal/pd/prefill", json={**victim_body,
+                                                                               "destination": victim_destination})
+            assert reply.status_code == 200, reply.text
+            text = "".join(e["choices"][0]["text"] for e in victim_events if e.get("choices"))
+        assert text == expected
+        # Replayed after the request ended: its grant was revoked, nothing is written (409: the
+        # reservation is gone).
+        reply = client.post(prefill.url + "/internal/pd/prefill", json={**victim_body,
+                                                                           "destination": victim_destination})
+        assert reply.status_code == 409 and "no write grant" in reply.text, reply.text
+    assert prefill.metric("rtpllm:pd_requests_total", role="prefill", outcome="failed") >= 2
+    deadline = time.monotonic() + 30
+    while prefill.metric("rtpllm:kv_cache_usage_perc") != 0.0:
+        assert time.monotonic() < deadline, "the prefill's blocks were not freed"
+        time.sleep(0.2)
 
 
 def test_reservation_without_room_queues_until_blocks_free_up(instances):

@@ -422,3 +422,29 @@ def test_the_event_splitter_keeps_partial_events_for_the_next_read():
     assert splitter.pending == b""
     assert event_json(b'data: {"b": 2}\n\n') == {"b": 2} and event_json(b": ping\n\n") is None
     assert is_done(b"data: [DONE]\n\n") and not is_done(b'data: {"b": 2}\n\n')
+
+
+def test_pd_retry_starts_over_when_the_reservation_is_lost(setup):
+    # A prefill instance that never writes: decode gives the reservation up (its error event);
+    # with --pd-retry the request starts over with a new reservation and the other prefill.
+    hung = setup.prefills[0]
+    hung.mode = "hang"
+    for d in setup.decodes:
+        d.kv_timeout_s = 0.3
+    body = {"model": MODEL, "prompt": "lost and found", "max_tokens": 4}
+    try:
+        for attempt in range(4):  # until one request met the hung instance first
+            request = {**body, "prompt": f"{body['prompt']} {attempt}"}
+            response = post(setup.retrying, request)
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["text"] == expected_text(request)
+            if hung.ids("started"):
+                break
+    finally:
+        for d in setup.decodes:
+            d.kv_timeout_s = 5.0
+    (lost,) = hung.ids("started")
+    assert any(lost in d.ids("kv_timeout") for d in setup.decodes)
+    assert metric(setup.retrying, "retries_total", reason="pd_reservation_lost") >= 1
+    wait_until(lambda: lost in hung.ids("aborted"), what="the hung prefill to be let go")
+    # Without --pd-retry the client gets decode's error (test_decodes_own_error_before_output...).

@@ -3,7 +3,8 @@ serve` process of the tiny model (block sizes 16 and 8, KV over UCX's TCP transp
 against one colocated instance through the OpenAI client, streamed and not; and a prefill instance
 killed mid-transfer: the client gets a clear error at once, the decode instance frees the
 reservation, and the next request succeeds; with --pd-retry, a request that meets the dead
-instance is written by the other one into the same reservation."""
+instance is written by the other one into the same reservation. Logprobs and n > 1 through the
+router match the colocated instance."""
 
 import threading
 import time
@@ -128,3 +129,84 @@ def test_a_killed_prefill_instance_is_an_error_or_with_pd_retry_a_retry(instance
     expected = httpx.post(instances["colocated"].url + "/v1/completions", json=body, timeout=60).json()
     reply = httpx.post(router.url + "/v1/completions", json=body, timeout=60)
     assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == expected["choices"][0]["text"]
+
+
+def _logprob_rows(kind: str, stream: bool, reply) -> list[tuple[str, float, dict]]:
+    """(token, logprob, {top token: logprob}) per generated position, from either endpoint's reply."""
+    rows = []
+    for part in (reply if stream else [reply]):
+        for choice in part.choices:
+            logprobs = choice.logprobs
+            if logprobs is None:
+                continue
+            if kind == "chat":
+                rows += [(e.token, e.logprob, {t.token: t.logprob for t in e.top_logprobs}) for e in logprobs.content]
+            else:
+                rows += list(zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs))
+    return rows
+
+
+def _with_logprobs(client, kind: str, stream: bool, **sampling):
+    if kind == "completions":
+        return client.completions.create(model="llama3", prompt=PROMPT, max_tokens=8, logprobs=3, stream=stream,
+                                         **sampling)
+    return client.chat.completions.create(model="llama3", messages=CHAT, max_tokens=8, logprobs=True, top_logprobs=3,
+                                          stream=stream, **sampling)
+
+
+@pytest.mark.parametrize("kind", ["completions", "chat"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_through_the_pd_router_match_a_colocated_instance(instances, router, kind, stream):
+    colocated = openai.OpenAI(base_url=instances["colocated"].url + "/v1", api_key="unused", max_retries=0)
+    pd = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0)
+    sampling = {"temperature": 0} if stream else {"temperature": 0.8, "seed": 7}
+    expected = _logprob_rows(kind, False, _with_logprobs(colocated, kind, False, **sampling))
+    got = _logprob_rows(kind, stream, _with_logprobs(pd, kind, stream, **sampling))
+    assert len(expected) == 8 and [r[0] for r in got] == [r[0] for r in expected]
+    # The first position's logprobs were computed on the prefill instance and carried to decode.
+    for (_, want, want_top), (_, have, have_top) in zip(expected, got):
+        assert have == pytest.approx(want, abs=1e-4)
+        assert want_top and have_top == pytest.approx(want_top, abs=1e-4)  # keyed by text: may be < 3
+
+
+def _choices(kind: str, stream: bool, reply) -> dict[int, str]:
+    """index -> text of each of the n choices, from either endpoint's reply."""
+    texts: dict[int, str] = {}
+    for part in (reply if stream else [reply]):
+        for choice in part.choices:
+            if kind == "completions":
+                piece = choice.text
+            else:
+                piece = (choice.delta.content if stream else choice.message.content) or ""
+            texts[choice.index] = texts.get(choice.index, "") + piece
+    return texts
+
+
+@pytest.mark.parametrize("kind,stream,sampling", [
+    ("completions", False, {"temperature": 0.9, "seed": 99, "n": 3}),
+    ("chat", True, {"temperature": 0.9, "seed": 5, "n": 2}),
+    ("completions", True, {"temperature": 0, "n": 2}),
+])
+def test_n_samples_through_the_pd_router_match_a_colocated_instance(instances, router, kind, stream, sampling):
+    colocated = openai.OpenAI(base_url=instances["colocated"].url + "/v1", api_key="unused", max_retries=0)
+    pd = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0)
+    prefill = instances["prefill"]
+    decode = instances["decode"]
+    prefills_before = prefill.metric("rtpllm:pd_requests_total", role="prefill", outcome="completed")
+    hits_before = decode.metric("rtpllm:prefix_cache_hits_total")
+
+    def ask(client, stream):
+        if kind == "completions":
+            return client.completions.create(model="llama3", prompt=PROMPT, max_tokens=6, stream=stream, **sampling)
+        return client.chat.completions.create(model="llama3", messages=CHAT, max_tokens=6, stream=stream, **sampling)
+
+    expected = _choices(kind, False, ask(colocated, False))
+    got = _choices(kind, stream, ask(pd, stream))
+    assert sorted(expected) == list(range(sampling["n"])) and got == expected
+    if sampling["temperature"] > 0:
+        assert len(set(expected.values())) > 1  # the samples differ: each has its own seeded stream
+    # The prefill instance computed the prompt once (one sample), not n times.
+    assert prefill.metric("rtpllm:pd_requests_total", role="prefill", outcome="completed") - prefills_before == 1
+    # Decode started the other samples on the transferred prompt's full blocks (prefix hits).
+    assert decode.metric("rtpllm:prefix_cache_hits_total") - hits_before >= (sampling["n"] - 1) * 8
+

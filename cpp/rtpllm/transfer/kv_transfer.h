@@ -23,6 +23,14 @@
 //   - bad input (unknown peer, block ids out of range, block lists that do not cover num_tokens,
 //     incompatible layouts, too many blocks) throws std::invalid_argument naming the field and
 //     changes no state.
+//
+// Write grants (TransferOptions::require_write_grants): a receiver whose block lists reach its
+// writers through a third party (decode's reservation, carried by the router) does not let a wrong
+// or stale list land in another request's blocks. It grants each request id the blocks reserved
+// for it (grant_writes) and revokes the grant when the request ends (revoke_writes). A writer puts
+// to such a peer only after asking it (one round trip on the control channel per put): a put whose
+// request id holds no grant, or that names a remote block outside it, fails with an error that
+// says "write grant", and nothing is written.
 // All methods are thread safe.
 #pragma once
 
@@ -45,6 +53,7 @@ struct TransferOptions {
   int32_t listen_port = 0;            // 0: any free port (see listen_port())
   double timeout_s = 10.0;            // bound on every wait: connect, one transfer, peer silence
   int32_t max_blocks_per_transfer = 1 << 16;
+  bool require_write_grants = false;  // peers' puts need a grant (grant_writes) for their request id
 
   // Throws std::invalid_argument naming the bad field.
   void validate() const;
@@ -141,6 +150,12 @@ class KVTransfer {
   virtual std::vector<TransferNotice> take_notices(double wait_s) = 0;
 
   virtual TransferStats stats() const = 0;
+
+  // Receiver side of write grants: puts naming request_id may write `blocks` (replaces an earlier
+  // grant of the same id) / no longer may (unknown ids are ignored). Puts already issued are not
+  // recalled: keep the blocks until their writes are final.
+  virtual void grant_writes(uint64_t request_id, const std::vector<BlockId>& blocks) = 0;
+  virtual void revoke_writes(uint64_t request_id) = 0;
 };
 
 }  // namespace rtpllm

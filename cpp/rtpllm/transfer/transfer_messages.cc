@@ -33,6 +33,7 @@ std::string encode_descriptor(const PeerDescriptor& d) {
     w.put<uint64_t>(r.length);
     w.put_bytes(r.rkey);
   }
+  if (d.requires_write_grants) w.put<uint8_t>(1);
   return w.take();
 }
 
@@ -68,6 +69,11 @@ PeerDescriptor decode_descriptor(const std::string& payload) {
     region.length = r.get<uint64_t>();
     region.rkey = r.get_bytes();
   }
+  if (!r.at_end()) {
+    const uint8_t flag = r.get<uint8_t>();
+    if (flag != 1) throw std::runtime_error("malformed message: bad write grant flag");
+    d.requires_write_grants = true;
+  }
   r.expect_end();
   return d;
 }
@@ -95,6 +101,41 @@ NoticeMessage decode_notice(const std::string& payload) {
   if (!r.at_end()) n.payload = r.get_bytes();
   r.expect_end();
   return n;
+}
+
+std::string encode_grant_query(uint64_t request_id) {
+  ByteWriter w;
+  w.put<uint64_t>(request_id);
+  return w.take();
+}
+
+uint64_t decode_grant_query(const std::string& payload) {
+  ByteReader r(payload, "malformed message");
+  const uint64_t request_id = r.get<uint64_t>();
+  r.expect_end();
+  return request_id;
+}
+
+std::string encode_grant(const GrantMessage& g) {
+  ByteWriter w;
+  w.put<uint64_t>(g.request_id);
+  w.put<uint8_t>(g.granted ? 1 : 0);
+  w.put<uint32_t>(static_cast<uint32_t>(g.blocks.size()));
+  for (BlockId b : g.blocks) w.put<int32_t>(b);
+  return w.take();
+}
+
+GrantMessage decode_grant(const std::string& payload) {
+  ByteReader r(payload, "malformed message");
+  GrantMessage g;
+  g.request_id = r.get<uint64_t>();
+  const uint8_t granted = r.get<uint8_t>();
+  if (granted > 1) throw std::runtime_error("malformed message: bad granted flag");
+  g.granted = granted == 1;
+  g.blocks.resize(r.get_count(sizeof(int32_t)));
+  for (BlockId& b : g.blocks) b = r.get<int32_t>();
+  r.expect_end();
+  return g;
 }
 
 std::string frame_message(MessageType type, const std::string& payload) {

@@ -22,8 +22,10 @@ enum class MessageType : uint32_t {
   PING = 4,    // empty: keeps a quiet connection alive (liveness)
   BYE = 5,     // empty: orderly close
   STORE = 6,   // a KV store protocol message (kvstore/remote/store_protocol.h), opaque here
+  GRANT_QUERY = 7,  // u64 request id: which blocks may a put of this request write?
+  GRANT = 8,        // GrantMessage: the answer
 };
-inline constexpr MessageType kLastMessageType = MessageType::STORE;
+inline constexpr MessageType kLastMessageType = MessageType::GRANT;
 
 inline constexpr uint32_t kMaxMessageBytes = 16u << 20;  // larger frames are a protocol error
 
@@ -42,6 +44,7 @@ struct PeerDescriptor {
   std::string worker_address;  // ucp_worker_get_address, opaque here
   KVLayout layout;
   std::vector<RemoteRegion> regions;
+  bool requires_write_grants = false;  // optional trailer: absent on the wire when false
 };
 
 struct NoticeMessage {
@@ -57,6 +60,18 @@ PeerDescriptor decode_descriptor(const std::string& payload);
 
 std::string encode_notice(const NoticeMessage& notice);
 NoticeMessage decode_notice(const std::string& payload);
+
+// The receiver's answer to a GRANT_QUERY: the blocks a put naming request_id may write.
+struct GrantMessage {
+  uint64_t request_id = 0;
+  bool granted = false;        // false: no grant for this id (never given, revoked, or expired)
+  std::vector<BlockId> blocks;
+};
+
+std::string encode_grant_query(uint64_t request_id);
+uint64_t decode_grant_query(const std::string& payload);
+std::string encode_grant(const GrantMessage& grant);
+GrantMessage decode_grant(const std::string& payload);
 
 // [type][length][payload] ready to write to the socket.
 std::string frame_message(MessageType type, const std::string& payload);

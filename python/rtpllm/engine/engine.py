@@ -338,9 +338,9 @@ class Engine:
     def _poll_pd(self) -> list[RequestGroup]:
         """PD requests whose KV arrived from the prefill peer (they run on) or failed to (error)."""
         idle = self._in_flight is None and self.scheduler.num_running == 0 and self.scheduler.num_waiting == 0
-        completed, failed = self.pd.poll(idle)
-        outputs = self._apply(completed, {}) if completed else []
-        for seq_id in failed:  # already aborted in the scheduler
+        polled = self.pd.poll(idle)
+        outputs = self._apply(polled.completed, polled.logprobs) if polled.completed else []
+        for seq_id in polled.failed:  # already aborted in the scheduler
             seq = self._seqs.pop(seq_id, None)
             if seq is None or seq.finished:
                 continue

@@ -6,7 +6,7 @@ Python only parses options, starts the C++ KVStoreServer and reports; the store 
 KV bytes never pass through Python. The store takes its cache identity (model, dtype, block
 size, KV layout) and block shape from its first client, or the identity from --identity; a
 client that does not match is refused with the reason, on both sides. It stops on SIGINT or
-SIGTERM.
+SIGTERM. Its counters are on GET /metrics (Prometheus, kvstore/metrics.py) at --metrics-port.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import logging
 import os
 import signal
 import threading
+
+from rtpllm.kvstore.metrics import MetricsServer
 
 logger = logging.getLogger("rtpllm.kvstore")
 
@@ -34,6 +36,12 @@ def add_kvstore_parser(subparsers) -> None:
                             "engine); default: the first client's.")
     serve.add_argument("--transfer-timeout-s", type=float, default=10.0,
                        help="Bound on one client transfer; a vanished client's slots are kept twice as long.")
+    serve.add_argument("--pin-lease-s", type=float, default=300.0,
+                       help="A client's pin (a load in progress) is dropped after this long even if the client "
+                            "never releases it (counted on /metrics); must exceed --transfer-timeout-s.")
+    serve.add_argument("--metrics-port", type=int, default=None,
+                       help="Port of the Prometheus /metrics endpoint (default: --port + 1, or any free port "
+                            "with --port 0).")
     serve.add_argument("--max-blocks-per-request", type=int, default=4096)
     serve.add_argument("--stats-interval-s", type=float, default=60.0,
                        help="Log the store's counters this often (0: never).")
@@ -61,6 +69,12 @@ def serve_main(args) -> int:
         raise ValueError(f"--disk-capacity-gib: must be positive, got {args.disk_capacity_gib}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port: must be in [0, 65535], got {args.port}")
+    metrics_port = (args.port + 1 if args.port else 0) if args.metrics_port is None else args.metrics_port
+    if not 0 <= metrics_port < 65536:
+        raise ValueError(f"--metrics-port: must be in [0, 65535], got {metrics_port}")
+    if not args.pin_lease_s > args.transfer_timeout_s:
+        raise ValueError(f"--pin-lease-s: must exceed --transfer-timeout-s ({args.transfer_timeout_s:g}), "
+                         f"got {args.pin_lease_s:g}")
     if not getattr(_C, "has_kvstore_remote", False):
         raise ValueError("this rtpllm build has no UCX transfer engine (pip install libucx-cu13, then reinstall)")
     try:
@@ -68,18 +82,25 @@ def serve_main(args) -> int:
             host=args.host, port=args.port, capacity_bytes=int(args.capacity_gib * 2**30),
             disk_dir=os.path.expanduser(args.disk_dir) if args.disk_dir else "",
             disk_capacity_bytes=int(args.disk_capacity_gib * 2**30), identity=_parse_identity(args.identity),
-            transfer_timeout_s=args.transfer_timeout_s, max_blocks_per_request=args.max_blocks_per_request)
+            transfer_timeout_s=args.transfer_timeout_s, pin_lease_s=args.pin_lease_s,
+            max_blocks_per_request=args.max_blocks_per_request)
     except RuntimeError as e:  # the address is taken, the directory unusable
         raise ValueError(f"kvstore serve: {e}") from None
+    try:
+        metrics = MetricsServer(server.stats, args.host, metrics_port)
+    except OSError as e:
+        raise ValueError(f"--metrics-port: cannot listen on {args.host}:{metrics_port}: {e}") from None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     # One parseable line: tests and scripts wait for it.
     print(f"rtpllm kvstore: listening on {args.host}:{server.port}", flush=True)
+    print(f"rtpllm kvstore: metrics on http://{args.host}:{metrics.port}/metrics", flush=True)
     interval = args.stats_interval_s if args.stats_interval_s > 0 else None
     while not stop.wait(interval):
         _log_stats(server.stats())
     _log_stats(server.stats())
+    metrics.close()
     server.flush_disk()
     del server
     return 0
@@ -87,6 +108,6 @@ def serve_main(args) -> int:
 
 def _log_stats(s) -> None:
     logger.info("identity %016x, %d/%d blocks (%d pinned, %d on disk), %d clients; pins %d (%d blocks, %d misses), "
-                "saved %d, evicted %d, refused clients %d, bad requests %d", s.identity, s.used_blocks,
+                "saved %d, evicted %d, expired pins %d, refused clients %d, bad requests %d", s.identity, s.used_blocks,
                 s.capacity_blocks, s.pinned_blocks, s.disk_blocks, s.clients, s.pin_requests, s.pinned_hits,
-                s.pin_misses, s.saved_blocks, s.evicted_blocks, s.refused_clients, s.bad_requests)
+                s.pin_misses, s.saved_blocks, s.evicted_blocks, s.expired_pins, s.refused_clients, s.bad_requests)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Optional
 from rtpllm import _C
 from rtpllm.engine.cache_identity import cache_identity
 from rtpllm.engine.kv_tiers import kv_layout
-from rtpllm.pd.decode_side import DecodeSide
+from rtpllm.pd.decode_side import DecodeSide, Polled
 from rtpllm.pd.kv_params import DecodeKV, PDOutcome, PrefillKV
 from rtpllm.pd.prefill_side import STALL_ENV, PrefillSide
 
@@ -51,7 +51,10 @@ class PDEngine:
         self.identity = pd_identity(engine)
         self.transfer = _C.UcxTransfer(
             _C.TransferOptions(name=f"rtpllm-{self.role}", identity=self.identity, listen_host=config.pd_transfer_host,
-                               listen_port=config.pd_transfer_port, timeout_s=config.pd_timeout_s),
+                               listen_port=config.pd_transfer_port, timeout_s=config.pd_timeout_s,
+                               # The router carries decode's block lists: a prefill writes only the
+                               # blocks decode granted to that request (kv_transfer.h, write grants).
+                               require_write_grants=self.role == "decode"),
             cuda_device=caches[0].device.index or 0 if cuda else None)
         self.transfer.register_kv(kv_layout(caches, runner.block_size))
         self._caches = caches  # registered memory: kept alive as long as the transfer engine
@@ -98,13 +101,13 @@ class PDEngine:
         if self.decode is not None:
             self.decode.before_abort(seq_id)
 
-    def poll(self, idle: bool) -> tuple[list, list[int]]:
+    def poll(self, idle: bool) -> Polled:
         if self.decode is not None:
             return self.decode.poll(idle)
         self.prefill.poll()
         if idle and self.prefill.has_pending():
             time.sleep(0.0005)  # only writes under way: leave the cores to them
-        return [], []
+        return Polled([], {}, [])
 
     def before_forward(self, batch) -> None:
         if self.prefill is not None:

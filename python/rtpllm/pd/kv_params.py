@@ -49,12 +49,44 @@ def transfer_request_id(pd_request_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(pd_request_id.encode(), digest_size=8).digest(), "little")
 
 
-def encode_first_token(token: int) -> bytes:
-    return struct.pack("<q", token)
+@dataclass(frozen=True)
+class FirstToken:
+    """What the prefill instance sampled, carried to decode with the last layer's notice: the
+    token and, when the request asked for logprobs, its position's {token id: logprob} (the
+    sampled token first, then the top-N, as `TokenLogprobs`), so that decode's output matches a
+    colocated instance's."""
+
+    token: int
+    logprobs: Optional[dict] = None
 
 
-def decode_first_token(payload: bytes) -> Optional[int]:
-    return struct.unpack("<q", payload)[0] if len(payload) == 8 else None
+_TOKEN = struct.Struct("<q")
+_COUNT = struct.Struct("<I")
+_ENTRY = struct.Struct("<qd")  # float64: the sampler's float32 logprob survives exactly
+
+
+def encode_first_token(first: FirstToken) -> bytes:
+    """<token: int64> [<count: uint32> count x <token id: int64, logprob: float64>], little endian;
+    the count and entries only with logprobs (8 bytes: the token alone)."""
+    payload = _TOKEN.pack(first.token)
+    if first.logprobs is None:
+        return payload
+    payload += _COUNT.pack(len(first.logprobs))
+    return payload + b"".join(_ENTRY.pack(t, v) for t, v in first.logprobs.items())
+
+
+def decode_first_token(payload: bytes) -> Optional[FirstToken]:
+    """The payload's FirstToken, None when it is malformed."""
+    if len(payload) == _TOKEN.size:
+        return FirstToken(_TOKEN.unpack(payload)[0])
+    head = _TOKEN.size + _COUNT.size
+    if len(payload) < head:
+        return None
+    (count,) = _COUNT.unpack_from(payload, _TOKEN.size)
+    if len(payload) != head + count * _ENTRY.size:
+        return None
+    entries = (_ENTRY.unpack_from(payload, head + i * _ENTRY.size) for i in range(count))
+    return FirstToken(_TOKEN.unpack_from(payload)[0], {t: v for t, v in entries})
 
 
 def aligned_start(num_cached_tokens: int, local_block_size: int, remote_block_size: int) -> int:

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from rtpllm import _C
-from rtpllm.pd.kv_params import PDOutcome, PrefillKV, aligned_start, encode_first_token, transfer_request_id
+from rtpllm.pd.kv_params import (FirstToken, PDOutcome, PrefillKV, aligned_start, encode_first_token,
+                                 transfer_request_id)
 
 logger = logging.getLogger(__name__)
 
@@ -157,11 +158,14 @@ class PrefillSide:
             self._armed = []
 
     def after_step(self) -> None:
-        """Writes the last layer of every push whose first token is known, with the token."""
+        """Writes the last layer of every push whose first token is known, with the token (and its
+        logprobs, when the request asked for them)."""
         for push in self._pushes.values():
             if push.hold_id and not push.last_issued and not push.error and push.seq.output_ids:
                 push.last_issued = True
-                self._put(push, self.num_layers - 1, encode_first_token(push.seq.output_ids[0]))
+                seq = push.seq
+                first = FirstToken(seq.output_ids[0], dict(seq.logprobs[0]) if seq.logprobs else None)
+                self._put(push, self.num_layers - 1, encode_first_token(first))
 
     def poll(self) -> None:
         now = time.monotonic()
@@ -253,6 +257,10 @@ class PrefillSide:
             push.bytes += push.num_tokens * self.bytes_per_token_layer
 
     def _write_error(self, why: str) -> tuple[str, int]:
+        if "holds no write grant" in why:  # the reservation ended (decode gave up on it) or never was
+            return f"destination: the decode instance holds no reservation for this request: {why}", 409
+        if why.startswith("remote_blocks:"):  # the destination names blocks that are not the request's
+            return f"destination.blocks: the decode instance refused the write: {why}", 400
         timed_out = "time" in why.lower()
         return f"writing the KV to the decode instance failed: {why}", 504 if timed_out else 503
 

@@ -34,10 +34,18 @@ the above:
   up to pd_timeout_s. From the reservation on, the status is 200.
 - decode <-> prefill, over the transfer engine: the TransferRequest.request_id of every write is
   the first 8 bytes (little endian) of BLAKE2b(pd_request_id); one write (and notice) per layer;
-  the last layer's notice carries the first sampled token as an 8-byte little-endian int64
-  payload. KVDestination.cache_identity is the pool's cache identity without the block size, as
+  the last layer's notice carries the first sampled token as its payload (kv_params.FirstToken:
+  an 8-byte little-endian int64; with logprobs asked for, followed by a uint32 count and that many
+  (int64 token id, float64 logprob) pairs, the sampled token's first), so that decode reports the
+  first position's logprobs a colocated instance would. KVDestination.cache_identity is the pool's cache identity without the block size, as
   16 hex digits. Writes cover tokens [s, num_prompt_tokens) where s is num_cached_tokens rounded
   down to a multiple of both block sizes.
+- decode grants each reservation's transfer id its blocks (the transfer engine's write grants,
+  revoked when the request ends); a prefill whose destination names other blocks (a wrong or stale
+  list) is refused before it writes anything: 400 with param "destination"; 409 when decode holds
+  no reservation for the request (it ended, e.g. its KV wait failed, or never existed).
+- n > 1: prefill computes the prompt once (sample 0, its first token); decode starts the other
+  samples from the transferred prompt blocks. A request asking for prompt logprobs is a 400.
 - a prefill instance starts no write later than pd_timeout_s after it took the request; a
   decode instance keeps the blocks of a failed or aborted reservation for 3 x pd_timeout_s (or
   until the last notice), so a late write never lands in reused blocks.

@@ -73,13 +73,13 @@ class _PDEngineView:
     def add_request(self, request_id, prompt, params, arrival_time=None, stream=True):
         if self.request_id is not None:
             raise bad_request("prompt: prefill-decode serves one prompt per request", param="prompt")
-        if params.n != 1:
-            raise bad_request("n: prefill-decode serves n=1 only", param="n")
-        if params.logprobs is not None or params.prompt_logprobs is not None:
-            raise bad_request("logprobs: not supported with prefill-decode disaggregation yet", param="logprobs")
+        if params.prompt_logprobs is not None:  # every prompt position's: they would stay on the prefill side
+            raise bad_request("prompt_logprobs: not supported with prefill-decode disaggregation",
+                              param="prompt_logprobs")
         changes: dict = {"kv_transfer_params": self._kv}
         if self._prefill:  # one token, sampled as the request asks; stops are decode's business
-            changes.update(max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=None)
+            # n > 1: the prompt is computed once, for sample 0; decode starts the others from its KV.
+            changes.update(max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=None, n=1)
         params = dataclasses.replace(params, **changes)
         self.request_id = request_id
         self.accepted = self._engine.add_request(request_id, prompt, params, arrival_time, stream)

@@ -33,9 +33,9 @@ class RouterConfig:
     pd_reserve_timeout_s: float = 30.0
     pd_prefill_timeout_s: float = 30.0
     # A prefill instance that fails (5xx, connection, timeout) is replaced once by another one,
-    # writing into the same reservation, instead of failing the client's request. This helps while
-    # the reservation still waits: a failure before any write, within the decode side's bound (a
-    # prefill instance that dies mid-write makes the decode side end the reservation itself).
+    # writing into the same reservation, instead of failing the client's request; and a
+    # reservation lost before any output (the prefill writing it died mid-write, so decode ended
+    # it) makes the request start over once, with a new reservation and a prefill that did not fail.
     pd_retry: bool = False
 
     policy: str = "cache_aware"

@@ -17,7 +17,12 @@ Failure policy (each outcome counted: rtpllm_router:pd_requests{outcome} and the
   up to `max_retries` times, as colocated requests are;
 - prefill fails (error status, connection, timeout): the client gets an OpenAI error and the decode
   connection is closed (decode frees the blocks); with `pd_retry`, a 5xx, connection failure or
-  timeout is first retried once on another prefill instance, into the same reservation;
+  timeout is first retried once on another prefill instance, into the same reservation (which
+  works while decode still waits: nothing was written yet);
+- the reservation is lost before any output (decode's error event of type pd_transfer_failed: the
+  prefill writing it died, or its KV did not come in time; or a prefill answering 409: the
+  reservation already ended): with `pd_retry`, the request starts over once, with a new
+  reservation (the same decode instance may take it) and a prefill instance that did not fail;
 - an error event from decode before output (a bad request, decode's own KV wait timing out) is
   the client's answer, with its status;
 - after output began, a broken decode stream ends with an error event and [DONE];
@@ -41,6 +46,7 @@ from starlette.responses import Response
 from rtpllm.pd.protocol import DecodeRequest, KVDestination, PrefillRequest, PrefillResult
 from rtpllm.router.backend import Backend, BackendPool, Ticket
 from rtpllm.router.metrics import RouterMetrics
+from rtpllm.router.pd_errors import event_error, upstream_error
 from rtpllm.router.policy import RoutingInput, RoutingPolicy, least_loaded_decode
 from rtpllm.router.sse import DONE, EventSplitter, event_data, event_json, is_done
 from rtpllm.serving.errors import OpenAIError
@@ -78,42 +84,12 @@ class _NoPrefillInstance(Exception):
     pass
 
 
-def _upstream_error(status: int, payload: bytes, side: str) -> OpenAIError:
-    """An instance's error reply (a JSON error body, or an SSE stream whose first event is one) as
-    the client's error, with the instance's status. 401/403 mean the router's own key
-    (`backend_api_key`) was refused: that is the router's fault, a 502, not the client's."""
-    if status in (401, 403):
-        return OpenAIError(f"the {side} instance refused the router's key (--backend-api-key)", status=502,
-                           type="upstream_error")
-    try:
-        if payload.lstrip().startswith(b"data:"):
-            body = event_json(EventSplitter().feed(payload + b"\n\n")[0])
-        else:
-            body = json.loads(payload)
-        error = body["error"]
-        return OpenAIError(str(error.get("message", "")), status=status, type=str(error.get("type", "upstream_error")),
-                           param=error.get("param"), code=error.get("code"))
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
-        return OpenAIError(f"the {side} instance answered HTTP {status}", status=status if status >= 400 else 502,
-                           type="upstream_error")
+class _ReservationLost(Exception):
+    """The reservation ended before its KV arrived: with `pd_retry`, the request starts over once."""
 
-
-# An error event carries no HTTP status: its code when that is one, else one by its type; a type
-# not listed is the instance's failure, not the client's (502).
-_STATUS_BY_TYPE = {"invalid_request_error": 400, "not_found_error": 404, "service_unavailable": 503,
-                   "server_overloaded": 503, "pd_transfer_failed": 503, "timeout": 504,
-                   "internal_server_error": 500}
-
-
-def _event_error(error: dict) -> OpenAIError:
-    """An error event's body as an error reply."""
-    code = error.get("code")
-    kind = str(error.get("type", "upstream_error"))
-    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600:
-        status = code
-    else:
-        status = _STATUS_BY_TYPE.get(kind, 502)
-    return OpenAIError(str(error.get("message", "")), status=status, type=kind, param=error.get("param"), code=code)
+    def __init__(self, error: OpenAIError):
+        super().__init__(error.message)
+        self.error = error
 
 
 def _consume_result(task: asyncio.Task) -> None:
@@ -125,9 +101,12 @@ class _Flow:
     """One attempt: a decode instance's reservation (its event stream) and the prefill task
     filling it. Owns both connections; `close()` ends them."""
 
-    def __init__(self, decode: Backend, ticket: Ticket):
+    def __init__(self, decode: Backend, ticket: Ticket, failed_prefills: list[Backend], may_start_over: bool):
         self.decode = decode
         self.ticket = ticket
+        self.failed_prefills = failed_prefills  # prefill instances that failed this client request (shared by its flows)
+        self.may_start_over = may_start_over  # a lost reservation raises _ReservationLost (pd_retry, once)
+        self.pending_prefill: Optional[Backend] = None  # the prefill instance writing it now, if any
         self.pd_request_id = f"pd-{uuid.uuid4().hex}"
         self.upstream: Optional[aiohttp.ClientResponse] = None
         self.splitter = EventSplitter()
@@ -183,14 +162,19 @@ class PDProxy:
             self.outcome("bad_request")
             raise OpenAIError("request body must be a JSON object", status=400, code="invalid_json")
         tried: list[Backend] = []
+        failed_prefills: list[Backend] = []
+        started_over = False
         last: Optional[_DecodeFailed] = None
-        for _ in range(self.config.max_retries + 1):
+        attempts = 0
+        while attempts <= self.config.max_retries:
             decode = least_loaded_decode([b for b in self.decode_pool.healthy() if b not in tried])
             if decode is None:
                 break
             if last is not None:
                 self.metrics.retries.labels("pd_decode_" + last.reason).inc()
-            flow = _Flow(decode, decode.admit(routing.num_prompt_tokens, long=False))
+                last = None
+            flow = _Flow(decode, decode.admit(routing.num_prompt_tokens, long=False), failed_prefills,
+                         may_start_over=self.config.pd_retry and not started_over)
             self.metrics.routed.labels(decode.url, "decode").inc()
             handed_over = False
             try:
@@ -203,6 +187,14 @@ class PDProxy:
                 self.metrics.pd_decode_failures.labels(failed.reason).inc()
                 tried.append(decode)
                 last = failed
+                attempts += 1
+            except _ReservationLost as lost:  # not the decode instance's fault: it may take the new one
+                logger.info("reservation %s lost before output (%s): starting over", flow.pd_request_id,
+                            lost.error.message)
+                if flow.pending_prefill is not None:  # still "writing" a reservation decode gave up on
+                    failed_prefills.append(flow.pending_prefill)
+                self.metrics.retries.labels("pd_reservation_lost").inc()
+                started_over = True
             except ClientDisconnected:
                 self.outcome("client_disconnected")
                 raise
@@ -229,7 +221,7 @@ class PDProxy:
         destination = await self._reserve(flow, DecodeRequest(flow.pd_request_id, endpoint, client_body))
         self.metrics.pd_reserve_seconds.observe(time.monotonic() - started)
         message = PrefillRequest(flow.pd_request_id, endpoint, client_body, destination)
-        flow.prefill = asyncio.ensure_future(self._prefill(message, routing))
+        flow.prefill = asyncio.ensure_future(self._prefill(flow, message, routing))
         flow.prefill.add_done_callback(_consume_result)
         first = await self._first_output(flow)
         flow.ticket.first_output()
@@ -254,7 +246,7 @@ class PDProxy:
             raise _DecodeFailed("connection") from exc
         upstream = flow.upstream
         if upstream.status != 200 or not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-            error = _upstream_error(upstream.status if upstream.status != 200 else 502, await _read_or_empty(upstream),
+            error = upstream_error(upstream.status if upstream.status != 200 else 502, await _read_or_empty(upstream),
                                     "decode")
             if upstream.status == 503:
                 raise _DecodeFailed("503", error)
@@ -268,7 +260,7 @@ class PDProxy:
             raise _DecodeFailed("connection")  # closed before reserving
         data = event_json(event)
         if isinstance(data, dict) and isinstance(data.get("error"), dict):
-            error = _event_error(data["error"])
+            error = event_error(data["error"])
             if error.status == 503:
                 raise _DecodeFailed("503", error)
             self.outcome("decode_error")
@@ -287,15 +279,19 @@ class PDProxy:
 
     # -- 2. the prefill -----------------------------------------------------------------------
 
-    async def _prefill(self, message: PrefillRequest, routing: RoutingInput) -> PrefillResult:
+    async def _prefill(self, flow: _Flow, message: PrefillRequest, routing: RoutingInput) -> PrefillResult:
+        """Into this reservation; the client request's prefill instances that failed it
+        (`flow.failed_prefills`, shared with later flows) are not asked again, and gain the ones
+        that fail here."""
+        failed_prefills = flow.failed_prefills
         payload = message.to_json()
         timeout = self.config.pd_prefill_timeout_s
         attempts = 2 if self.config.pd_retry else 1
-        tried: list[Backend] = []
+        tried: list[Backend] = list(failed_prefills)
         failure: Optional[PrefillFailed] = None
         for attempt in range(attempts):
             try:
-                return await asyncio.wait_for(self._prefill_once(payload, routing, tried), timeout)
+                return await asyncio.wait_for(self._prefill_once(flow, payload, routing, tried), timeout)
             except _NoPrefillInstance:
                 if failure is not None:
                     raise failure from None  # nobody else to ask: the first failure is the answer
@@ -307,6 +303,8 @@ class PDProxy:
             except PrefillFailed as failed:
                 failure = failed
             self.metrics.pd_prefill_failures.labels(failure.reason).inc()
+            if failure.retryable and tried:
+                failed_prefills.append(tried[-1])
             if tried:
                 logger.info("prefill of %s on %s failed: %s", message.pd_request_id, tried[-1].url, failure.message)
             if not failure.retryable or attempt + 1 == attempts:
@@ -314,7 +312,8 @@ class PDProxy:
             self.metrics.retries.labels("pd_prefill_" + failure.reason).inc()
         raise AssertionError("unreachable")
 
-    async def _prefill_once(self, payload: dict, routing: RoutingInput, tried: list[Backend]) -> PrefillResult:
+    async def _prefill_once(self, flow: _Flow, payload: dict, routing: RoutingInput,
+                            tried: list[Backend]) -> PrefillResult:
         choice = await self.policy.route(routing, exclude=tried)
         if choice is None:
             raise _NoPrefillInstance()
@@ -326,10 +325,13 @@ class PDProxy:
         self.metrics.prompt_tokens.labels(backend.url).inc(routing.num_prompt_tokens)
         self.metrics.expected_hit_tokens.labels(backend.url).inc(choice.hit_tokens)
         started = time.monotonic()
+        flow.pending_prefill = backend
         try:
             async with self.prefill_pool.session.post(backend.url + PREFILL_PATH, json=payload) as reply:
                 status, body = reply.status, await reply.read()
+            flow.pending_prefill = None
         except _CONNECTION_ERRORS as exc:
+            flow.pending_prefill = None
             backend.mark_down(f"prefill connection failed ({type(exc).__name__}: {exc})")
             raise PrefillFailed("connection", "the prefill instance could not be reached", 503,
                                 "service_unavailable", retryable=True) from exc
@@ -344,7 +346,7 @@ class PDProxy:
             self.metrics.pd_prefill_seconds.observe(time.monotonic() - started)
             self.metrics.pd_transferred_bytes.inc(result.transferred_bytes)
             return result
-        error = _upstream_error(status, body, "prefill")
+        error = upstream_error(status, body, "prefill")
         raise PrefillFailed(f"status_{status}", f"prefill failed: {error.message}", error.status, error.type,
                             retryable=error.status >= 500)
 
@@ -366,8 +368,7 @@ class PDProxy:
                 if flow.prefill.done() and deadline is None:
                     failure = flow.prefill.exception()
                     if failure is not None:
-                        self.outcome("prefill_failed")
-                        raise failure
+                        self._raise_prefill_failure(flow, failure)
                     deadline = loop.time() + self.config.pd_prefill_timeout_s
                 if reading not in done:
                     continue
@@ -383,10 +384,12 @@ class PDProxy:
                     # that arrived meanwhile says more about why.
                     failure = flow.prefill.exception() if flow.prefill.done() else None
                     if failure is not None:
-                        self.outcome("prefill_failed")
-                        raise failure
+                        self._raise_prefill_failure(flow, failure)
+                    error = event_error(data["error"])
+                    if flow.may_start_over and error.type == "pd_transfer_failed":
+                        raise _ReservationLost(error)
                     self.outcome("decode_error")
-                    raise _event_error(data["error"])
+                    raise error
                 if is_done(event):
                     raise _DecodeFailed("bad_reply", OpenAIError("the decode instance ended without output",
                                                                  status=502, type="upstream_error"))
@@ -397,6 +400,13 @@ class PDProxy:
         finally:
             if not reading.done():
                 reading.cancel()
+
+    def _raise_prefill_failure(self, flow: _Flow, failure: BaseException) -> None:
+        # 409: the prefill found the reservation gone (decode ended it: the KV it waited for failed).
+        if flow.may_start_over and isinstance(failure, PrefillFailed) and failure.status == 409:
+            raise _ReservationLost(failure)
+        self.outcome("prefill_failed")
+        raise failure
 
     async def _whole_response(self, flow: _Flow, first: list[bytes]) -> Response:
         payload = event_data(first[0])

@@ -18,6 +18,12 @@ void KVStoreServerOptions::validate() const {
   if (port < 0 || port > 65535) throw std::invalid_argument("port: must be in [0, 65535]");
   if (!disk_dir.empty() && disk_capacity_bytes <= 0) throw std::invalid_argument("disk_capacity_bytes: must be positive");
   if (!(transfer_timeout_s > 0)) throw std::invalid_argument("transfer_timeout_s: must be positive");
+  // A client reads its pinned blocks within transfer_timeout_s: a shorter lease could hand a slot
+  // to a save while a read of it is still on the wire.
+  if (!(pin_lease_s > transfer_timeout_s)) {
+    throw std::invalid_argument("pin_lease_s: must exceed transfer_timeout_s (" + std::to_string(transfer_timeout_s) +
+                                "), got " + std::to_string(pin_lease_s));
+  }
   if (max_blocks_per_request <= 0) throw std::invalid_argument("max_blocks_per_request: must be positive");
   if (max_clients <= 0) throw std::invalid_argument("max_clients: must be positive");
 }
@@ -79,6 +85,7 @@ void KVStoreServer::Impl::run() {
     read_clients(now);
     finish_disk_pins();
     unpin_released();
+    expire_leases(now);
     if (index) index->expire(now);
     if (disk && now >= next_sweep) {
       sweep_disk();
@@ -132,8 +139,8 @@ void KVStoreServer::Impl::drop_client(uint64_t id) {
   if (client.welcomed) logger("client '" + client.name + "' disconnected");
   // Its gets and puts may still be on the wire: keep the slots as they are for a while.
   const Clock::time_point until = Clock::now() + grace();
-  for (auto& [request, slots] : client.pins) {
-    for (int32_t slot : slots) index->unpin_at(slot, until);
+  for (auto& [request, pin] : client.pins) {
+    for (int32_t slot : pin.slots) index->unpin_at(slot, until);
   }
   for (auto& [request, reservation] : client.reservations) {
     for (int32_t slot : reservation.slots) {

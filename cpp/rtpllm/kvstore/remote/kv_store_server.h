@@ -17,7 +17,9 @@
 //
 // Control: a thread of its own runs the store protocol (store_protocol.h) over one TCP connection
 // per client; a client that disconnects releases its pins and reservations after a grace period
-// (StoreIndex::unpin_at). A malformed frame costs that client its connection; a bad request
+// (StoreIndex::unpin_at). A client that stays connected but never releases a pin (a bug, a stuck
+// engine) holds it for pin_lease_s at most: the pin is then dropped (counted in expired_pins) and
+// the block may be evicted again; the client's late UNPIN of it is accepted. A malformed frame costs that client its connection; a bad request
 // (unknown request id, too many blocks, duplicate id) gets an ERROR reply. Nothing a client sends
 // can stop the store.
 #pragma once
@@ -43,6 +45,7 @@ struct KVStoreServerOptions {
   int64_t disk_capacity_bytes = 0;
   uint64_t identity = 0;           // 0: taken from the first client
   double transfer_timeout_s = 10.0;
+  double pin_lease_s = 300.0;      // a PIN's slots stay pinned this long at most (> transfer_timeout_s)
   int32_t max_blocks_per_request = 4096;
   int32_t max_clients = 256;
 
@@ -67,6 +70,8 @@ struct KVStoreServerStats {
   uint64_t saved_blocks = 0; // committed
   uint64_t skipped_blocks = 0;  // RESERVE entries already held (or no room)
   uint64_t evicted_blocks = 0;
+  uint64_t expired_pins = 0;        // PINs dropped by the lease (their client never released them)
+  uint64_t expired_pin_blocks = 0;
   uint64_t bad_requests = 0; // ERROR replies and connections dropped for a malformed frame
 };
 

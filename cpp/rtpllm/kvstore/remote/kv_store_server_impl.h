@@ -10,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <unordered_set>
@@ -51,13 +52,18 @@ struct KVStoreServer::Impl {
     std::vector<BlockHash> hashes;
     std::vector<int32_t> slots;
   };
+  struct Pin {
+    std::vector<int32_t> slots;
+    Clock::time_point lease_end;  // pinned at + pin_lease_s
+  };
   struct Client {
     explicit Client(ControlConnection c) : connection(std::move(c)) {}
     ControlConnection connection;
     std::string name = "?";
     bool welcomed = false;
     Clock::time_point hello_deadline;
-    std::map<uint64_t, std::vector<int32_t>> pins;
+    std::map<uint64_t, Pin> pins;
+    std::set<uint64_t> expired_pins;  // request ids whose pin the lease dropped (an UNPIN is still fine)
     std::map<uint64_t, Reservation> reservations;
   };
   // A PIN waiting for blocks read back from disk.
@@ -106,6 +112,8 @@ struct KVStoreServer::Impl {
   bool handle_commit(Client& client, const StoreRelease& commit);
   void offer_to_disk(int32_t slot, BlockHash hash);
   void unpin_released();
+  // Drops the pins whose lease ended (kv_store_server.h: pin_lease_s).
+  void expire_leases(Clock::time_point now);
 
   const KVStoreServerOptions options;
   const TransferFactory make_transfer;

@@ -27,6 +27,7 @@ bool KVStoreServer::Impl::handle_pin(uint64_t client_id, Client& client, const S
   bool in_use = client.pins.count(request.request_id) > 0;
   for (const DiskPin& p : disk_pins) in_use = in_use || (p.client == client_id && p.request_id == request.request_id);
   if (!check_request(client, request, in_use)) return true;
+  client.expired_pins.erase(request.request_id);  // the id is reused: a later UNPIN is for the new pin
   ++stats.pin_requests;
   DiskPin pin{client_id, request.request_id, request.hashes, std::vector<int32_t>(request.hashes.size(), -1), {}, {}, 0};
   std::string missing;
@@ -58,7 +59,7 @@ bool KVStoreServer::Impl::handle_pin(uint64_t client_id, Client& client, const S
   }
   if (pin.disk_positions.empty()) {
     stats.pinned_hits += pin.slots.size();
-    client.pins.emplace(request.request_id, pin.slots);
+    client.pins.emplace(request.request_id, Pin{pin.slots, Clock::now() + store_seconds(options.pin_lease_s)});
     return send(client, encode_store_slots(StoreMessage::PINNED, {request.request_id, pin.slots, ""}));
   }
   std::vector<BlockHash> disk_hashes;
@@ -104,7 +105,7 @@ void KVStoreServer::Impl::finish_disk_pins() {
       if (client != clients.end()) send(*client->second, encode_store_slots(StoreMessage::PINNED, {pin.request_id, {}, error}));
     } else {
       stats.pinned_hits += pin.slots.size();
-      client->second->pins.emplace(pin.request_id, pin.slots);
+      client->second->pins.emplace(pin.request_id, Pin{pin.slots, Clock::now() + store_seconds(options.pin_lease_s)});
       send(*client->second, encode_store_slots(StoreMessage::PINNED, {pin.request_id, pin.slots, ""}));
     }
     disk_pins.erase(disk_pins.begin() + static_cast<std::ptrdiff_t>(p));
@@ -113,12 +114,34 @@ void KVStoreServer::Impl::finish_disk_pins() {
 
 bool KVStoreServer::Impl::handle_unpin(Client& client, const StoreRelease& release) {
   auto it = client.pins.find(release.request_id);
+  if (it == client.pins.end() && client.expired_pins.erase(release.request_id) > 0) return true;  // the lease dropped it
   if (it == client.pins.end()) {
     return send_error(client, release.request_id, "UNPIN: unknown request_id " + std::to_string(release.request_id));
   }
-  for (int32_t slot : it->second) index->unpin(slot);
+  for (int32_t slot : it->second.slots) index->unpin(slot);
   client.pins.erase(it);
   return true;
+}
+
+void KVStoreServer::Impl::expire_leases(Clock::time_point now) {
+  constexpr size_t kExpiredKept = 4096;  // per client: a client that never unpins must not grow the set forever
+  for (auto& [id, client] : clients) {
+    for (auto it = client->pins.begin(); it != client->pins.end();) {
+      if (now < it->second.lease_end) {
+        ++it;
+        continue;
+      }
+      for (int32_t slot : it->second.slots) index->unpin(slot);
+      ++stats.expired_pins;
+      stats.expired_pin_blocks += it->second.slots.size();
+      logger("client '" + client->name + "': pin " + std::to_string(it->first) + " of " +
+             std::to_string(it->second.slots.size()) + " blocks expired after pin_lease_s=" +
+             std::to_string(options.pin_lease_s) + " without an UNPIN");
+      if (client->expired_pins.size() >= kExpiredKept) client->expired_pins.erase(client->expired_pins.begin());
+      client->expired_pins.insert(it->first);
+      it = client->pins.erase(it);
+    }
+  }
 }
 
 bool KVStoreServer::Impl::handle_reserve(Client& client, const StoreBlockRequest& request) {

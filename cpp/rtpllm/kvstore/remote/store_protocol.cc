@@ -4,25 +4,87 @@
 
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 
 namespace rtpllm {
 namespace {
 
-// A store message: its type first, then its fields.
-ByteWriter writer(StoreMessage type) {
-  ByteWriter w;
-  w.put<uint32_t>(static_cast<uint32_t>(type));
-  return w;
+// Each message lists its fields once, in wire order (`visit`); the same list writes and reads it.
+// A field is a fixed-size value, a byte string, or a vector of fixed-size items (byte_codec.h).
+struct Writer {
+  ByteWriter out;
+  template <typename T>
+  void operator()(const T& value) {
+    out.put<T>(value);
+  }
+  void operator()(const std::string& bytes) { out.put_bytes(bytes); }
+  template <typename T>
+  void operator()(const std::vector<T>& items) {
+    out.put_vector(items);
+  }
+  void operator()(bool flag) { out.put<uint8_t>(flag ? 1 : 0); }
+};
+
+struct Reader {
+  ByteReader in;
+  template <typename T>
+  void operator()(T& value) {
+    value = in.get<T>();
+  }
+  void operator()(std::string& bytes) { bytes = in.get_bytes(); }
+  template <typename T>
+  void operator()(std::vector<T>& items) {
+    items = in.get_vector<T>();
+  }
+  void operator()(bool& flag) { flag = in.get<uint8_t>() != 0; }
+};
+
+template <typename F, typename M>
+void visit(F&& f, M& m) {  // M: a message, const when writing
+  using Message = std::remove_cv_t<M>;
+  if constexpr (std::is_same_v<Message, StoreHello>) {
+    f(m.protocol_version); f(m.name); f(m.identity);
+    f(m.shape.num_layers); f(m.shape.block_size); f(m.shape.num_kv_heads); f(m.shape.head_dim);
+    f(m.shape.element_bytes);
+  } else if constexpr (std::is_same_v<Message, StoreWelcome>) {
+    f(m.transfer_port); f(m.capacity_blocks); f(m.max_blocks_per_request); f(m.transfer_timeout_s);
+  } else if constexpr (std::is_same_v<Message, StoreIndexUpdate>) {
+    f(m.added); f(m.removed); f(m.used_blocks);
+  } else if constexpr (std::is_same_v<Message, StoreBlockRequest>) {
+    f(m.request_id); f(m.hashes);
+  } else if constexpr (std::is_same_v<Message, StoreSlotsReply>) {
+    f(m.request_id); f(m.slots); f(m.error);
+  } else if constexpr (std::is_same_v<Message, StoreRelease>) {
+    f(m.request_id); f(m.ok);
+  } else if constexpr (std::is_same_v<Message, StoreError>) {
+    f(m.request_id); f(m.message);
+  } else {
+    static_assert(sizeof(Message) == 0, "a store message without a field list");
+  }
 }
 
-// Reads the fields of a message of type `expected` (or `or_this`), after its type.
-ByteReader reader(const std::string& in, StoreMessage expected, StoreMessage or_this) {
+// [u32 type][fields].
+template <typename M>
+std::string encode(StoreMessage type, const M& m) {
+  Writer w;
+  w(static_cast<uint32_t>(type));
+  visit(w, m);
+  return w.out.take();
+}
+
+// The fields of a message of type `expected` (or `or_this`), after its type; nothing may follow.
+template <typename M>
+M decode(const std::string& in, StoreMessage expected, StoreMessage or_this) {
   const StoreMessage type = store_message_type(in);
   if (type != expected && type != or_this) {
     throw std::runtime_error("malformed store message: type " + std::to_string(static_cast<uint32_t>(type)) +
                              " where " + std::to_string(static_cast<uint32_t>(expected)) + " was expected");
   }
-  return ByteReader(in, "malformed store message", sizeof(uint32_t));
+  Reader r{ByteReader(in, "malformed store message", sizeof(uint32_t))};
+  M m;
+  visit(r, m);
+  r.in.expect_end();
+  return m;
 }
 
 }  // namespace
@@ -43,136 +105,37 @@ StoreMessage store_message_type(const std::string& payload) {
   return static_cast<StoreMessage>(type);
 }
 
-std::string encode_store_hello(const StoreHello& m) {
-  ByteWriter w = writer(StoreMessage::HELLO);
-  w.put<uint32_t>(m.protocol_version);
-  w.put_bytes(m.name);
-  w.put<uint64_t>(m.identity);
-  w.put<int32_t>(m.shape.num_layers);
-  w.put<int32_t>(m.shape.block_size);
-  w.put<int32_t>(m.shape.num_kv_heads);
-  w.put<int32_t>(m.shape.head_dim);
-  w.put<int32_t>(m.shape.element_bytes);
-  return w.take();
+std::string encode_store_hello(const StoreHello& m) { return encode(StoreMessage::HELLO, m); }
+StoreHello decode_store_hello(const std::string& p) { return decode<StoreHello>(p, StoreMessage::HELLO, StoreMessage::HELLO); }
+
+std::string encode_store_welcome(const StoreWelcome& m) { return encode(StoreMessage::WELCOME, m); }
+StoreWelcome decode_store_welcome(const std::string& p) {
+  return decode<StoreWelcome>(p, StoreMessage::WELCOME, StoreMessage::WELCOME);
 }
 
-StoreHello decode_store_hello(const std::string& payload) {
-  ByteReader r = reader(payload, StoreMessage::HELLO, StoreMessage::HELLO);
-  StoreHello m;
-  m.protocol_version = r.get<uint32_t>();
-  m.name = r.get_bytes();
-  m.identity = r.get<uint64_t>();
-  m.shape.num_layers = r.get<int32_t>();
-  m.shape.block_size = r.get<int32_t>();
-  m.shape.num_kv_heads = r.get<int32_t>();
-  m.shape.head_dim = r.get<int32_t>();
-  m.shape.element_bytes = r.get<int32_t>();
-  r.expect_end();
-  return m;
+std::string encode_store_index(const StoreIndexUpdate& m) { return encode(StoreMessage::INDEX, m); }
+StoreIndexUpdate decode_store_index(const std::string& p) {
+  return decode<StoreIndexUpdate>(p, StoreMessage::INDEX, StoreMessage::INDEX);
 }
 
-std::string encode_store_welcome(const StoreWelcome& m) {
-  ByteWriter w = writer(StoreMessage::WELCOME);
-  w.put<int32_t>(m.transfer_port);
-  w.put<int64_t>(m.capacity_blocks);
-  w.put<int32_t>(m.max_blocks_per_request);
-  w.put<double>(m.transfer_timeout_s);
-  return w.take();
+std::string encode_store_request(StoreMessage type, const StoreBlockRequest& m) { return encode(type, m); }
+StoreBlockRequest decode_store_request(const std::string& p) {
+  return decode<StoreBlockRequest>(p, StoreMessage::PIN, StoreMessage::RESERVE);
 }
 
-StoreWelcome decode_store_welcome(const std::string& payload) {
-  ByteReader r = reader(payload, StoreMessage::WELCOME, StoreMessage::WELCOME);
-  StoreWelcome m;
-  m.transfer_port = r.get<int32_t>();
-  m.capacity_blocks = r.get<int64_t>();
-  m.max_blocks_per_request = r.get<int32_t>();
-  m.transfer_timeout_s = r.get<double>();
-  r.expect_end();
-  return m;
+std::string encode_store_slots(StoreMessage type, const StoreSlotsReply& m) { return encode(type, m); }
+StoreSlotsReply decode_store_slots(const std::string& p) {
+  return decode<StoreSlotsReply>(p, StoreMessage::PINNED, StoreMessage::RESERVED);
 }
 
-std::string encode_store_index(const StoreIndexUpdate& m) {
-  ByteWriter w = writer(StoreMessage::INDEX);
-  w.put_vector(m.added);
-  w.put_vector(m.removed);
-  w.put<int64_t>(m.used_blocks);
-  return w.take();
+std::string encode_store_release(StoreMessage type, const StoreRelease& m) { return encode(type, m); }
+StoreRelease decode_store_release(const std::string& p) {
+  return decode<StoreRelease>(p, StoreMessage::UNPIN, StoreMessage::COMMIT);
 }
 
-StoreIndexUpdate decode_store_index(const std::string& payload) {
-  ByteReader r = reader(payload, StoreMessage::INDEX, StoreMessage::INDEX);
-  StoreIndexUpdate m;
-  m.added = r.get_vector<BlockHash>();
-  m.removed = r.get_vector<BlockHash>();
-  m.used_blocks = r.get<int64_t>();
-  r.expect_end();
-  return m;
-}
-
-std::string encode_store_request(StoreMessage type, const StoreBlockRequest& m) {
-  ByteWriter w = writer(type);
-  w.put<uint64_t>(m.request_id);
-  w.put_vector(m.hashes);
-  return w.take();
-}
-
-StoreBlockRequest decode_store_request(const std::string& payload) {
-  ByteReader r = reader(payload, StoreMessage::PIN, StoreMessage::RESERVE);
-  StoreBlockRequest m;
-  m.request_id = r.get<uint64_t>();
-  m.hashes = r.get_vector<BlockHash>();
-  r.expect_end();
-  return m;
-}
-
-std::string encode_store_slots(StoreMessage type, const StoreSlotsReply& m) {
-  ByteWriter w = writer(type);
-  w.put<uint64_t>(m.request_id);
-  w.put_vector(m.slots);
-  w.put_bytes(m.error);
-  return w.take();
-}
-
-StoreSlotsReply decode_store_slots(const std::string& payload) {
-  ByteReader r = reader(payload, StoreMessage::PINNED, StoreMessage::RESERVED);
-  StoreSlotsReply m;
-  m.request_id = r.get<uint64_t>();
-  m.slots = r.get_vector<int32_t>();
-  m.error = r.get_bytes();
-  r.expect_end();
-  return m;
-}
-
-std::string encode_store_release(StoreMessage type, const StoreRelease& m) {
-  ByteWriter w = writer(type);
-  w.put<uint64_t>(m.request_id);
-  w.put<uint8_t>(m.ok ? 1 : 0);
-  return w.take();
-}
-
-StoreRelease decode_store_release(const std::string& payload) {
-  ByteReader r = reader(payload, StoreMessage::UNPIN, StoreMessage::COMMIT);
-  StoreRelease m;
-  m.request_id = r.get<uint64_t>();
-  m.ok = r.get<uint8_t>() != 0;
-  r.expect_end();
-  return m;
-}
-
-std::string encode_store_error(StoreMessage type, const StoreError& m) {
-  ByteWriter w = writer(type);
-  w.put<uint64_t>(m.request_id);
-  w.put_bytes(m.message);
-  return w.take();
-}
-
-StoreError decode_store_error(const std::string& payload) {
-  ByteReader r = reader(payload, StoreMessage::ERROR, StoreMessage::REFUSE);
-  StoreError m;
-  m.request_id = r.get<uint64_t>();
-  m.message = r.get_bytes();
-  r.expect_end();
-  return m;
+std::string encode_store_error(StoreMessage type, const StoreError& m) { return encode(type, m); }
+StoreError decode_store_error(const std::string& p) {
+  return decode<StoreError>(p, StoreMessage::ERROR, StoreMessage::REFUSE);
 }
 
 }  // namespace rtpllm

@@ -68,6 +68,7 @@ void UcxTransfer::register_kv(const KVLayout& layout) {
   self.worker_address = ucx_.address();
   self.layout = layout;
   self.regions = registration_->regions();
+  self.requires_write_grants = options_.require_write_grants;
   descriptor_ = encode_descriptor(self);
 }
 
@@ -183,8 +184,9 @@ void UcxTransfer::progress_once_locked() {
   accept_and_handshake_locked();
   read_peers_locked();
   for (auto& [handle, transfer] : transfers_) {
-    if (transfer->phase == Transfer::Phase::QUEUED) issue_locked(*transfer);
+    if (transfer->phase == Transfer::Phase::QUEUED && granted_locked(*transfer)) issue_locked(*transfer);
   }
+  for (auto& [id, peer] : peers_) peer->grant_answers.clear();  // each answers the puts queued when it came
   finish_transfers_locked();
 }
 

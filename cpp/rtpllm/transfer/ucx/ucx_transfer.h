@@ -42,6 +42,8 @@ class UcxTransfer final : public KVTransfer {
   TransferStatus wait(TransferHandle handle, double timeout_s) override;
   std::vector<TransferNotice> take_notices(double wait_s) override;
   TransferStats stats() const override;
+  void grant_writes(uint64_t request_id, const std::vector<BlockId>& blocks) override;
+  void revoke_writes(uint64_t request_id) override;
 
  private:
   struct Peer;
@@ -58,6 +60,11 @@ class UcxTransfer final : public KVTransfer {
   void accept_and_handshake_locked();
   void read_peers_locked();
   void issue_locked(Transfer& transfer);
+  // Write grants (ucx_transfer_grants.cc): whether a queued put may be issued now (false: it waits
+  // for the peer's answer, or failed, with its error set); the peer's query and answer.
+  bool granted_locked(Transfer& transfer);
+  void answer_grant_query_locked(Peer& peer, const std::string& payload, std::string* error);
+  void on_grant_locked(Peer& peer, const std::string& payload);
   void finish_transfers_locked();
   void fail_peer_locked(Peer& peer, const std::string& reason);
   void close_endpoint_locked(Peer& peer);
@@ -84,6 +91,7 @@ class UcxTransfer final : public KVTransfer {
   std::map<PeerId, std::unique_ptr<Peer>> peers_;
   std::map<TransferHandle, std::unique_ptr<Transfer>> transfers_;
   std::vector<TransferNotice> notices_;
+  std::map<uint64_t, std::vector<BlockId>> write_grants_;  // request id -> blocks peers may write
   TransferStats stats_;
   PeerId next_peer_ = 1;
   TransferHandle next_handle_ = 1;

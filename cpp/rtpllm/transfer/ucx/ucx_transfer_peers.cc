@@ -178,6 +178,16 @@ void UcxTransfer::read_peers_locked() {
           error = std::string("malformed notice: ") + e.what();
           break;
         }
+      } else if (frame.type == MessageType::GRANT_QUERY) {
+        answer_grant_query_locked(peer, frame.payload, &error);
+        if (!error.empty()) break;
+      } else if (frame.type == MessageType::GRANT) {
+        try {
+          on_grant_locked(peer, frame.payload);
+        } catch (const std::runtime_error& e) {
+          error = std::string("malformed write grant: ") + e.what();
+          break;
+        }
       } else if (frame.type == MessageType::BYE) {
         error = "connection closed by peer";
         break;

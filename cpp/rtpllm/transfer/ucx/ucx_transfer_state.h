@@ -3,7 +3,9 @@
 #pragma once
 
 #include <chrono>
+#include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -26,6 +28,10 @@ struct UcxTransfer::Peer {
   ucs_status_t endpoint_status = UCS_OK;  // set by UCX's error callback, handled after progress
   SteadyTime last_heard;
   SteadyTime last_sent;
+  // Write grants (the peer requires them): queries sent and not answered yet, and the answers
+  // received, each used by the puts queued when it came and then dropped (the next put asks anew).
+  std::set<uint64_t> grant_queries;
+  std::map<uint64_t, GrantMessage> grant_answers;
 
   // The rkey of the region holding [address, address + bytes), or nullptr.
   ucp_rkey_h rkey_for(uint64_t address, uint64_t bytes) const {
@@ -47,6 +53,7 @@ struct UcxTransfer::Transfer {
   std::vector<CopyOp> copies;
   uint64_t bytes = 0;
   Phase phase = Phase::QUEUED;
+  bool granted = false;     // a put to a peer that requires write grants: its answer allowed it
   int64_t outstanding = 0;  // UCX requests not yet completed
   std::string error;
   SteadyTime deadline;
