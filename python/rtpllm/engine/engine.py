@@ -130,6 +130,7 @@ class Engine:
         # Unseeded requests draw from one engine-wide generator, so a run is reproducible as a whole.
         self._generator = torch.Generator(device=self.device).manual_seed(config.model.seed)
         self._pending: list[RequestGroup] = []  # requests owed to callers (aborts) at the next step
+        self._pd_returned_early = False  # _step returned a PD arrival before its forward last time
         self._async = (config.scheduler.async_scheduling if config.scheduler.async_scheduling is not None
                        else self.device.type == "cuda")
         self._in_flight: Optional[InFlightStep] = None  # launched and committed, tokens not read back
@@ -273,7 +274,13 @@ class Engine:
     def _step(self) -> list[RequestGroup]:
         outputs, self._pending = self._pending, []
         if self.pd is not None:
-            outputs += self._poll_pd()
+            arrived = self._poll_pd()
+            outputs += arrived
+            # A PD request whose KV just arrived has its first token (from prefill): it goes out now,
+            # not after this step's forward. Once in a row, so arrivals can never starve the batch.
+            self._pd_returned_early = bool(arrived) and not self._pd_returned_early
+            if self._pd_returned_early:
+                return outputs
         if self.spec is not None and self.spec.wants_lookahead(self.scheduler.num_running, self._seqs):
             if self._in_flight is not None:  # drafts follow the last tokens: they must be on the host
                 previous, self._in_flight = self._in_flight, None
