@@ -91,7 +91,10 @@ def test_a_second_instance_loads_the_prefixes_the_first_computed(store):
     assert generate(second, batch) == expected_outputs()[:6]
     remote = tier_stats(second)["remote"]
     # Six prefixes of 5 blocks; a pool too full for a whole prefix loads what fits (the rest is computed).
-    assert remote.loaded_blocks >= 5 * 4, "the prefixes the first instance computed must come from the store"
+    # Once the engine has timed both, a store slower than recomputing is skipped (on a tiny model on a
+    # loaded machine it can be): the first prefix loads before anything is timed, the rest load or skip.
+    assert remote.loaded_blocks >= 5 and remote.loaded_blocks + remote.skipped_blocks >= 5 * 4, (
+        f"the prefixes the first instance computed must come from the store: {remote}")
     assert remote.load_bytes == remote.loaded_blocks * remote.bytes_per_block
     assert remote.failed_loads == 0 and remote.enabled
     assert remote.capacity_blocks > 0 and remote.used_blocks >= saved.saved_blocks
