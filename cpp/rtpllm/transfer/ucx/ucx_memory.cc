@@ -23,9 +23,11 @@ namespace {
 // ucp_worker_progress, and UCX 1.22 aborts the process when an answer to a peer that just died
 // fails to send (see UcxTransfer::fail_hung_up_peers_locked, which checks for dead peers before
 // each progress call). These bound how much one progress call reads, so what it can dispatch after
-// that check is one socket's worth (a couple of messages) instead of up to 16 x 64 KiB: the window
-// in which a peer dying mid-call can reach that abort shrinks to about one message. They cost a
-// few percent of TCP bandwidth and leave other transports alone; UCX_TCP_* in the environment wins.
+// that check is one 16 KiB read instead of up to 16 x 64 KiB: for puts (8 KiB messages) the window
+// in which a peer dying mid-call can reach that abort shrinks to about one message. Gets are not
+// covered: one read holds hundreds of tiny get requests, each answered with its data in the same
+// call. About 10% of TCP loopback bandwidth; other transports are untouched (their RMA is real:
+// the target answers nothing); UCX_TCP_* in the environment wins.
 void bound_tcp_progress(ucp_config_t* config) {
   const std::pair<const char*, const char*> settings[] = {{"TCP_MAX_POLL", "1"}, {"TCP_RX_SEG_SIZE", "16k"}};
   for (const auto& [name, value] : settings) {
