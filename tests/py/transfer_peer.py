@@ -2,6 +2,8 @@
 
     python tests/py/transfer_peer.py serve --block-size 4   # prints {"port": P}, then one line per notice
     python tests/py/transfer_peer.py push --port P          # puts into P's blocks in a loop, one line per put
+                                                            # (--op get: gets them instead); serve also prints
+                                                            # {"failed_peer": ...} when a peer fails
 
 Each peer owns a host KV pool shaped as the engine allocates it ([2, num_blocks, block_size, heads,
 head_dim] per layer) and reports digests of the tokens it holds, so the test compares bytes across
@@ -70,13 +72,18 @@ def serve(block_size: int, num_blocks: int) -> None:
     engine = make_engine("decode")
     engine.register_kv(pool.layout)
     emit(port=engine.listen_port)
+    failed: set[int] = set()
     while True:  # until killed
         for n in engine.take_notices(0.2):
             emit(request_id=n.request_id, layer=n.layer, blocks=list(n.blocks), num_tokens=n.num_tokens,
                  digest=pool.digest(list(n.blocks), n.num_tokens))
+        for info in engine.peers():
+            if info.state == _C.PeerState.FAILED and info.id not in failed:
+                failed.add(info.id)
+                emit(failed_peer=info.name, error=info.error)
 
 
-def push(port: int, block_size: int, num_blocks: int) -> None:
+def push(port: int, block_size: int, num_blocks: int, op: str) -> None:
     pool = HostPool(num_blocks, block_size)
     blocks = list(range(num_blocks))
     pool.fill(blocks, num_blocks * block_size, seed=1)
@@ -86,8 +93,9 @@ def push(port: int, block_size: int, num_blocks: int) -> None:
     request_id = 0
     while True:  # until killed
         request_id += 1
-        status = engine.wait(engine.put(peer, _C.TransferRequest(request_id=request_id, local_blocks=blocks,
-                                                                  remote_blocks=blocks)), 2 * TIMEOUT_S)
+        submit = engine.put if op == "put" else engine.get
+        status = engine.wait(submit(peer, _C.TransferRequest(request_id=request_id, local_blocks=blocks,
+                                                             remote_blocks=blocks)), 2 * TIMEOUT_S)
         emit(done=request_id, state=str(status.state), error=status.error)
 
 
@@ -97,11 +105,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--block-size", type=int, default=4)
     parser.add_argument("--num-blocks", type=int, default=64)
+    parser.add_argument("--op", choices=["put", "get"], default="put", help="push: what it repeats")
     args = parser.parse_args()
     if args.role == "serve":
         serve(args.block_size, args.num_blocks)
     else:
-        push(args.port, args.block_size, args.num_blocks)
+        push(args.port, args.block_size, args.num_blocks, args.op)
 
 
 if __name__ == "__main__":

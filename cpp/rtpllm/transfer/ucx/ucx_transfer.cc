@@ -173,8 +173,12 @@ void UcxTransfer::run(std::function<void()> thread_init) {
 }
 
 void UcxTransfer::progress_once_locked() {
+  // A peer that hung up is failed (its endpoint force-closed) before each worker progress call
+  // reads more of its bytes: see fail_hung_up_peers_locked.
+  fail_hung_up_peers_locked();
   while (ucp_worker_progress(ucx_.worker()) != 0) {
     last_activity_ = Clock::now();
+    fail_hung_up_peers_locked();
   }
   for (auto& [id, peer] : peers_) {
     if (peer->state == PeerState::CONNECTED && peer->endpoint_status != UCS_OK) {

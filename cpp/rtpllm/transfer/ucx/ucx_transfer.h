@@ -9,6 +9,8 @@
 // state and every UCX call.
 #pragma once
 
+#include <poll.h>
+
 #include <condition_variable>
 #include <functional>
 #include <map>
@@ -59,6 +61,8 @@ class UcxTransfer final : public KVTransfer {
   void progress_once_locked();
   void accept_and_handshake_locked();
   void read_peers_locked();
+  // Fails every peer whose control connection hung up; runs before each ucp_worker_progress call.
+  void fail_hung_up_peers_locked();
   void issue_locked(Transfer& transfer);
   // Write grants (ucx_transfer_grants.cc): whether a queued put may be issued now (false: it waits
   // for the peer's answer, or failed, with its error set); the peer's query and answer.
@@ -88,6 +92,7 @@ class UcxTransfer final : public KVTransfer {
   std::unique_ptr<UcxRegistration> registration_;
   std::string descriptor_;  // this engine's encoded PeerDescriptor, once registered
   std::vector<std::pair<ControlConnection, SteadyTime>> handshakes_;  // accepted, no HELLO yet
+  std::vector<pollfd> hangup_fds_;  // fail_hung_up_peers_locked's scratch: it runs per progress call
   std::map<PeerId, std::unique_ptr<Peer>> peers_;
   std::map<TransferHandle, std::unique_ptr<Transfer>> transfers_;
   std::vector<TransferNotice> notices_;

@@ -1,5 +1,7 @@
 // UcxTransfer's connections: the descriptor exchange (both directions), peer checks, heartbeats,
 // and failing a peer (its endpoint force-closed, its transfers failed).
+#include <poll.h>
+
 #include <algorithm>
 #include <stdexcept>
 
@@ -212,6 +214,26 @@ void UcxTransfer::read_peers_locked() {
       peer.last_sent = now;
     }
   }
+}
+
+// Why this runs before every ucp_worker_progress call: over UCX's TCP transport puts and gets are
+// software-emulated, so this engine answers each incoming put (a completion) and get (the data)
+// from inside ucp_worker_progress, and UCX 1.22 aborts the whole process when such an answer fails
+// to send because the peer is gone (ucp_progress_rma_cmpl / ucp_progress_get_reply return the
+// transport's error to ucp_request_try_send, which calls ucs_fatal "unexpected error: Endpoint
+// timeout"). A killed peer's control socket hangs up together with its UCX sockets (the kernel
+// closes them at its exit, the control socket first: it is the older one), so a peer whose control
+// connection hung up is failed here, its endpoint force-closed and its unread bytes dropped,
+// before the worker dispatches any more of them. One poll(2) without a wait: cheap enough for the
+// spinning progress loop.
+void UcxTransfer::fail_hung_up_peers_locked() {
+  hangup_fds_.clear();
+  for (const auto& [id, peer] : peers_) {
+    if (peer->state == PeerState::CONNECTED) hangup_fds_.push_back({peer->connection->fd(), POLLRDHUP, 0});
+  }
+  if (hangup_fds_.empty() || ::poll(hangup_fds_.data(), hangup_fds_.size(), 0) <= 0) return;
+  // read_peers_locked takes what the peer sent before it went (notices included), then fails it.
+  read_peers_locked();
 }
 
 void UcxTransfer::fail_peer_locked(Peer& peer, const std::string& reason) {
