@@ -51,6 +51,18 @@ KVStoreServerOptions server_options(int64_t capacity_blocks, const std::string& 
   return o;
 }
 
+// A raw control connection to the store that has sent its hello (kIdentity, this test's block
+// shape), for tests that speak the protocol by hand.
+ControlConnection said_hello(int32_t port, Clock::time_point deadline) {
+  ControlConnection raw = ControlConnection::connect_to("127.0.0.1", port, deadline);
+  std::string error;
+  StoreHello hello;
+  hello.identity = kIdentity;
+  hello.shape = KVBlockShape{KVShape{}.num_layers, kBlockSize, KVShape{}.num_kv_heads, KVShape{}.head_dim, KVShape{}.element_bytes};
+  EXPECT_TRUE(raw.send(MessageType::STORE, encode_store_hello(hello), deadline, &error)) << error;
+  return raw;
+}
+
 RemoteStoreOptions client_options(int32_t port, uint64_t identity = kIdentity) {
   RemoteStoreOptions o;
   o.port = port;
@@ -223,12 +235,8 @@ TEST_F(KVStoreTest, GarbageAndOversizedRequestsDoNotHurtTheStore) {
   HostKVPool pool(KVShape{}, 32, kBlockSize);
   auto tier = client(pool);
   {  // an oversized PIN from a welcomed client gets ERROR and the connection stays
-    ControlConnection raw = ControlConnection::connect_to("127.0.0.1", server_->port(), deadline);
+    ControlConnection raw = said_hello(server_->port(), deadline);
     std::string error;
-    StoreHello hello;
-    hello.identity = kIdentity;
-    hello.shape = KVBlockShape{KVShape{}.num_layers, kBlockSize, KVShape{}.num_kv_heads, KVShape{}.head_dim, KVShape{}.element_bytes};
-    ASSERT_TRUE(raw.send(MessageType::STORE, encode_store_hello(hello), deadline, &error));
     Frame frame;
     ASSERT_TRUE(raw.receive_one(&frame, deadline, &error));
     ASSERT_EQ(store_message_type(frame.payload), StoreMessage::WELCOME);
@@ -267,12 +275,8 @@ TEST_F(KVStoreTest, APinNeverReleasedExpiresAfterItsLease) {
   ASSERT_TRUE(eventually_matches(*tier, {55}, 1));
   // A client that stays connected, pins and never unpins.
   const auto deadline = Clock::now() + std::chrono::seconds(5);
-  ControlConnection raw = ControlConnection::connect_to("127.0.0.1", server_->port(), deadline);
+  ControlConnection raw = said_hello(server_->port(), deadline);
   std::string error;
-  StoreHello hello;
-  hello.identity = kIdentity;
-  hello.shape = KVBlockShape{KVShape{}.num_layers, kBlockSize, KVShape{}.num_kv_heads, KVShape{}.head_dim, KVShape{}.element_bytes};
-  ASSERT_TRUE(raw.send(MessageType::STORE, encode_store_hello(hello), deadline, &error));
   Frame frame;
   auto next_reply = [&] {  // skips index updates
     do {
