@@ -79,6 +79,30 @@ def test_speculative_steps_timed_without_a_plain_one_turn_off_until_a_plain_step
     assert c.plan([1]) == {1: 4}
 
 
+def test_one_slow_first_speculative_step_does_not_keep_speculation_off():
+    """A first verify step that paid for a warm-up turns speculation off; the steps that explore on
+    the prior (every EXPLORE_EVERY-th) time it again, and cheap samples pull the estimate down fast."""
+    from rtpllm.spec.adaptive import EXPLORE_EVERY
+    cost = default_cost_model("cuda", None)
+    c = AdaptiveSpeculation(4, cost)
+    train(c, [1], 4, 2)
+    cost.observe(True, 5, 0.100)  # warm-up: 18x a plain step
+    cost.observe(False, 1, 0.0055)
+    assert c.plan([1]) == {}
+    explored = 0
+    for _ in range(8):
+        asked = [c.worth_trying(1) for _ in range(EXPLORE_EVERY)]
+        assert asked[-1] and not any(asked[:-1])
+        plan = c.plan([1])
+        if plan:
+            explored += 1
+            cost.observe(True, 1 + plan[1], 0.0069)  # what a warm verify step costs
+        if c.plan([1]) == {1: 4}:
+            break
+    assert explored >= 1 and c.plan([1]) == {1: 4}
+    assert c.worth_trying(1)
+
+
 def test_expected_tokens():
     assert expected_tokens(1.0, 4) == 5.0
     assert abs(expected_tokens(0.5, 2) - 1.75) < 1e-9

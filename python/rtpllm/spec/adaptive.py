@@ -40,7 +40,10 @@ class StepCostModel:
     def observe(self, speculative: bool, num_tokens: int, seconds: float) -> None:
         key = (speculative, self._bucket(num_tokens))
         old = self._measured.get(key)
-        self._measured[key] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+        # A cheaper step pulls the estimate down fast: one slow first step (warm-up, a page fault)
+        # must not keep speculation off, since an off policy takes few new speculative samples.
+        decay = self.decay if old is None or seconds >= old else min(self.decay, 0.5)
+        self._measured[key] = seconds if old is None else decay * old + (1 - decay) * seconds
 
     def prior(self, num_tokens: int) -> float:
         return max(1.0, num_tokens / self.knee_tokens) + num_tokens * self.token_cost
@@ -48,10 +51,12 @@ class StepCostModel:
     def plain(self, num_tokens: int) -> float:
         return self.prior(num_tokens)
 
-    def speculative(self, num_tokens: int, draft_steps: int, plain_tokens: int) -> float:
+    def speculative(self, num_tokens: int, draft_steps: int, plain_tokens: int, measured: bool = True) -> float:
         """Relative to plain(plain_tokens)'s units; measured ratios replace the prior where both
-        buckets were seen."""
+        buckets were seen (`measured` False: the prior alone)."""
         prior = self.prior(num_tokens) * (1 + self.spec_overhead) + self.draft_step_cost * draft_steps
+        if not measured:
+            return prior
         # A bucket not seen yet costs what the nearest measured one did (the lower on a tie): a
         # verify step's cost is mostly fixed (launches, syncs) or flat in tokens below the knee.
         # With none measured, the prior.
@@ -99,6 +104,7 @@ class AdaptiveSpeculation:
         # often has none): a step that asks costs the host/device overlap even when nothing comes.
         self._offer_rate = 1.0
         self._skipped = 0
+        self._explore = False  # the next plan trusts the prior once, so measured costs get refreshed
 
     def acceptance(self, seq_id: int) -> float:
         state = self._seqs.get(seq_id)
@@ -123,7 +129,8 @@ class AdaptiveSpeculation:
     def worth_trying(self, num_decoding: int) -> bool:
         """Whether a step should ask for drafts: a sequence with the best acceptance seen would get
         one in a batch this size, counting how often the proposer has any. When not, every
-        EXPLORE_EVERY-th step asks anyway, so that a change (drafts start matching) is noticed."""
+        EXPLORE_EVERY-th step asks anyway, planned on the prior, so that a change (drafts start
+        matching, speculative steps got cheaper) is noticed."""
         if not self.adaptive:
             return True
         best = max([s.rate for s in self._seqs.values()] + [self._global.rate])
@@ -133,6 +140,7 @@ class AdaptiveSpeculation:
         self._skipped += 1
         if self._skipped >= EXPLORE_EVERY:
             self._skipped = 0
+            self._explore = True
             return True
         return False
 
@@ -145,9 +153,10 @@ class AdaptiveSpeculation:
         # Sequences never seen start from the proposer-wide rate; one that stopped speculating
         # drifts back toward it, so that it gets tried again once the batch allows.
         rates = {s: self.acceptance(s) for s in seq_ids}
-        return self._plan_rates(rates, len(seq_ids))
+        explore, self._explore = self._explore, False
+        return self._plan_rates(rates, len(seq_ids), measured=not explore)
 
-    def _plan_rates(self, rates: dict[int, float], batch: int) -> dict[int, int]:
+    def _plan_rates(self, rates: dict[int, float], batch: int, measured: bool = True) -> dict[int, int]:
         tokens = batch
         expected = float(batch)  # tokens emitted by a plain step
         base = expected / self.cost.plain(batch)
@@ -162,7 +171,7 @@ class AdaptiveSpeculation:
             tokens += 1
             expected += -neg_gain
             max_k = max(max_k, drafts[s])
-            value = expected / self.cost.speculative(tokens, max_k, batch)
+            value = expected / self.cost.speculative(tokens, max_k, batch, measured)
             if value > best_value * 1.0001:
                 best_value, best_plan = value, {q: k for q, k in drafts.items() if k}
             elif value < best_value * 0.9:
