@@ -60,12 +60,12 @@ class StepCostModel:
         # A bucket not seen yet costs what the nearest measured one did (the lower on a tie): a
         # verify step's cost is mostly fixed (launches, syncs) or flat in tokens below the knee.
         # With none measured, the prior.
-        bucket = self._bucket(num_tokens)
         seen = [b for (speculative, b) in self._measured if speculative]
-        spec = self._measured[(True, min(seen, key=lambda b: (abs(b - bucket), b)))] if seen else None
-        plain = self._measured.get((False, self._bucket(plain_tokens)))
-        if spec is None:
+        if not seen:
             return prior
+        bucket = self._bucket(num_tokens)
+        spec = self._measured[(True, min(seen, key=lambda b: (abs(b - bucket), b)))]
+        plain = self._measured.get((False, self._bucket(plain_tokens)))
         if plain is None:
             # Speculative steps were timed but no plain one at this batch size: nothing says they
             # pay, so the next step runs plain and is timed (a run that starts speculating would
