@@ -261,7 +261,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here (bench/gpu/bench_util.py format)")
     parser.add_argument("--quick", action="store_true", help="a shorter trace")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny checkpoint on the CPU: checks the script")
-    parser.add_argument("--copy-methods", default="kernel,hybrid",
+    parser.add_argument("--copy-methods", default="hybrid,kernel",
                         help="kv_copy_method values to measure no-reuse throughput with (the trace uses the first)")
     args = parser.parse_args()
     methods = [m for m in args.copy_methods.split(",") if m]

@@ -79,12 +79,12 @@ def assert_agrees(models, outputs, want_outputs=None, params=None) -> bool:
             continue
         exact = False
         j = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
-        with torch.inference_mode():
+        with torch.inference_mode():  # apply_penalties writes in place, as it does inside the engine
             logits = models["reference"](torch.tensor([prompt + want[:j]], device="cuda")).logits[0, -1:].float()
-        if p is not None:
-            batch = SamplingBatch.build([p], [prompt], [want[:j]], [None], "cuda")
-            if batch.use_penalties:
-                apply_penalties(logits, batch)
+            if p is not None:
+                batch = SamplingBatch.build([p], [prompt], [want[:j]], [None], "cuda")
+                if batch.use_penalties:
+                    apply_penalties(logits, batch)
         top2 = logits[0].topk(2).values
         assert float(top2[0] - top2[1]) < 0.5, f"diverged at output {j} without a near-tie ({top2.tolist()})"
     return exact

@@ -3,6 +3,8 @@ server tokenizes and detokenizes), the offline engine loads its own beside the w
 `--tokenizer` is the tokenizer everyone loads."""
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 from transformers import AutoTokenizer
@@ -164,3 +166,12 @@ def test_the_engine_loop_holds_only_what_waits_for_the_tokenizer():
     finally:
         a.close()
         b.close()
+
+
+def test_the_server_process_imports_neither_torch_nor_transformers():
+    # The server imports its HTTP stack while the engine process loads the model; torch (1-5 s)
+    # and transformers belong to the engine process and to the tokenizer thread only.
+    code = ("import sys, rtpllm.serving.openai_server, rtpllm.serving.cli; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -17,9 +17,10 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import torch
+if TYPE_CHECKING:  # the server imports this (pd/engine_side.py) and needs no torch
+    import torch
 
 _FORMAT_VERSION = b"rtpllm-kv-cache-identity-v1"
 _SAMPLES_PER_FILE = 16

@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+if TYPE_CHECKING:  # the server imports kv_layout's module (pd/engine_side.py) and needs no torch
+    import torch
 
 from rtpllm import _C
 from rtpllm.config import CacheConfig
@@ -176,6 +177,8 @@ def _copy_engine(layout, stream: Optional[int], method: str = "kernel"):
 def attach_kv_tiers(scheduler, cache: CacheConfig, kv_caches: list[torch.Tensor], root_hash: int,
                     device: torch.device) -> Optional[KVTiers]:
     """Builds the tiers `cache` asks for and hands them to the scheduler; None when there are none."""
+    import torch
+
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
     tiers = build_kv_tiers(cache, kv_caches, root_hash, stream)
     if tiers is not None:

@@ -41,10 +41,12 @@ class StepResult:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, arch, config: EngineConfig, device: torch.device,
                  dtype: torch.dtype, max_model_len: int, agree_num_blocks: Optional[Callable[[int], int]] = None,
-                 extra_kv_bytes_per_block: int = 0):
+                 extra_kv_bytes_per_block: int = 0, bytes_in_use_before_load: int = 0):
         """`arch` gives the KV pool's layout (under tensor parallelism: the rank's KV heads);
         `agree_num_blocks` turns this rank's KV block count into the one every rank uses;
-        `extra_kv_bytes_per_block` is KV kept beside each block by a draft model (spec/)."""
+        `extra_kv_bytes_per_block` is KV kept beside each block by a draft model (spec/);
+        `bytes_in_use_before_load` is what the process held on the device before this engine
+        loaded its weights (another engine in the process), which is not this engine's."""
         self.model = model
         self.arch = arch
         self.device = device
@@ -53,7 +55,7 @@ class ModelRunner:
         self.max_num_batched_tokens = config.scheduler.max_num_batched_tokens
         self.sampler = Sampler()
         started = time.perf_counter()
-        peak = self._profile_peak_memory() if device.type == "cuda" else 0
+        peak = self._profile_peak_memory() - bytes_in_use_before_load if device.type == "cuda" else 0
         self.profile_seconds = time.perf_counter() - started  # reported in the start-up phases
         bytes_per_block = kv_bytes_per_block(arch.num_layers, arch.num_kv_heads, arch.head_dim,
                                              self.block_size, dtype)

@@ -26,12 +26,14 @@ def load_folder_tokenizer(folder: str):
         raise FileNotFoundError(f"tokenizer: {folder} does not exist")
     check_tokenizer_files(folder)
     try:
+        # A folder is local: local_files_only keeps transformers from asking the Hub about it (on a
+        # host without a network, each question waits for its connection to fail).
         backend = tokenizers_backend_for(folder)
         if backend is not None:
-            return backend.from_pretrained(folder)
+            return backend.from_pretrained(folder, local_files_only=True)
         from transformers import AutoTokenizer  # 1-2 s of imports: only where a tokenizer is loaded
 
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:
         raise ValueError(f"tokenizer: cannot load the tokenizer in {folder} ({type(e).__name__}: {e})") from None
 

@@ -38,8 +38,6 @@ import time
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
-import torch
-
 from rtpllm import _C
 from rtpllm.pd.kv_params import DecodeKV, decode_first_token, transfer_request_id
 
@@ -252,6 +250,8 @@ class DecodeSide:
         if wait.generator is not None:
             # A seeded sampled row draws one number per step (layers/sampler.py): the peer drew the
             # first token's, so this stream skips it and the tokens match a colocated run.
+            import torch  # here: the server imports this module (routes.py) and needs no torch
+
             torch.empty(1, device=wait.generator.device).uniform_(generator=wait.generator)
         moved = self.scheduler.complete_remote_prefill(wait.seq_id, wait.first_token)
         if moved:

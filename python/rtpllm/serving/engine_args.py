@@ -39,7 +39,7 @@ _HELP = {
     "kv_store": "HOST:PORT of a shared KV store (rtpllm kvstore serve), a tier after host and disk that "
                 "instances share (default: none).",
     "kv_copy_method": "CUDA copies between the KV pool and host memory: kernel (lowest latency), staged (device "
-                      "gather + DMA: leaves the SMs to the model), hybrid (loads kernel, saves staged) or memcpy.",
+                      "gather + DMA: leaves the SMs to the model), hybrid (loads kernel, saves staged; the default) or memcpy.",
     "max_num_batched_tokens": "Token budget of one scheduler step.",
     "max_num_seqs": "Most sequences in one step's batch.",
     "enable_chunked_prefill": "Split long prompts across steps, batched with decodes.",

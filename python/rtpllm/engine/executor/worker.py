@@ -47,6 +47,7 @@ class Worker:
         if spec.device.type == "cuda" and self.tp is not None:
             torch.cuda.set_device(spec.device)  # kernels, graphs and streams that use the current device
         self.loaded: Optional[LoadedModel] = None
+        self.bytes_in_use_before_load = 0  # another engine's, in this process (sizes this one's KV pool)
         self.runner: Optional[ModelRunner] = None
         # Rank > 0: the tokens rank 0 sampled last step (placeholders of the next step read them).
         self.last_sampled: Optional[torch.Tensor] = None
@@ -65,6 +66,8 @@ class Worker:
         if factory is not None and self.tp is not None:
             base, rank, world = factory, spec.rank, spec.world_size
             factory = lambda arch: base(rank_local_arch(arch, rank, world))  # noqa: E731 - the rank's heads
+        if spec.device.type == "cuda":
+            self.bytes_in_use_before_load = torch.cuda.memory_allocated(spec.device)
         self.loaded = load_model_and_tokenizer(spec.model_path, dtype=spec.dtype, device=spec.device,
                                                attn_backend_factory=factory, tensor_parallel=self.tp,
                                                load_format=spec.config.model.load_format,
@@ -84,7 +87,8 @@ class Worker:
             config = config.replace(cache=cache)
         self.runner = ModelRunner(self.loaded.model, arch, config, spec.device, spec.dtype, max_model_len,
                                   agree_num_blocks=self.tp.min if self.tp is not None else None,
-                                  extra_kv_bytes_per_block=extra_kv_bytes_per_block)
+                                  extra_kv_bytes_per_block=extra_kv_bytes_per_block,
+                                  bytes_in_use_before_load=self.bytes_in_use_before_load)
         return self.runner.num_blocks
 
     def execute(self, batch, sampling_batch, prompt_logprob_seqs: list[int],
