@@ -143,8 +143,22 @@ def test_a_killed_store_means_recompute_not_a_stall(store):
     assert_idle(second)
 
 
-@pytest.mark.xfail(strict=False, reason="about 1 run in 10 the loads after SIGSTOP complete (right tokens, "
-                                        "no stall) and the tier stays enabled; not yet explained")
+def wait_until_stopped(pid: int, timeout_s: float = 10.0) -> None:
+    """Until every thread of `pid` is stopped: kill() returns before a signal's stop reaches the
+    threads, and a store thread still running answered the pins of the loads that followed (1 run
+    in 4 on a loaded 2-core machine), so the test met a store that was not hung yet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                states.append(f.read().rsplit(") ", 1)[1][0])
+        if all(state in "Tt" for state in states):
+            return
+        assert time.monotonic() < deadline, f"the store's threads did not stop: {states}"
+        time.sleep(0.001)
+
+
 def test_a_hung_store_is_dropped_within_the_timeout(store):
     batch = prompts()[:3]
     first = remote_llm(store)
@@ -157,6 +171,7 @@ def test_a_hung_store_is_dropped_within_the_timeout(store):
     assert generate(second, batch[:1]) == expected_outputs()[:1]
     assert tier_stats(second)["remote"].loaded_blocks > 0
     store.proc.send_signal(signal.SIGSTOP)  # alive, sockets open, answering nothing
+    wait_until_stopped(store.proc.pid)
     try:
         start = time.monotonic()
         assert generate(second, batch[1:]) == expected_outputs()[1:3]
