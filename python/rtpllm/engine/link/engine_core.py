@@ -215,6 +215,8 @@ def serve(sock: socket.socket) -> int:
     send_blocking(sock, EngineReady(EngineInfo(engine.model_name, engine.max_model_len, engine.vocab_size,
                                                engine.stats(), engine.startup.as_dict())))
     sock.setblocking(False)
+    if getattr(engine, "pd", None) is not None:
+        engine.pd.wake_on(sock.fileno())  # a PD engine's naps end when a command arrives
     loop = EngineCoreLoop(engine, sock)
     try:
         return loop.run()
