@@ -89,8 +89,14 @@ class _PDEngineView:
             self.accepted = self._engine.add_request(request_id, prompt, params, arrival_time, stream)
             if not self._prefill:
                 self.reserved = self._engine.submit_call(functools.partial(pd_reservation, request_id))
+                self.reserved.add_done_callback(_retrieved)  # read only while the handler lives
         self.added.set()
         return self.accepted
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # marks an error as seen: the add's own answer reports it
 
 
 async def _parse(request: Request, kind) -> Any:
