@@ -31,7 +31,8 @@ from typing import Optional
 from rtpllm.engine.link.frames import FrameReader, FrameWriter, encode_frame, recv_blocking, send_blocking
 from rtpllm.engine.gc_heap import freeze_startup_heap
 from rtpllm.engine.link.messages import (AbortRequest, AddAnswer, AddRequest, CallInEngine, CallResult, EngineDead,
-                                         EngineFailed, EngineInfo, EngineReady, InitEngine, StepOutputs, StopEngine)
+                                         EngineFailed, EngineInfo, EngineReady, InitEngine, OutputDeltas, StepOutputs,
+                                         StopEngine)
 from rtpllm.engine.link.output_deltas import OutputDeltaEncoder
 from rtpllm.engine.link.stats_wire import stats_to_wire
 
@@ -96,7 +97,7 @@ class EngineCoreLoop:
             if call_results and work:
                 # A caller waits for each call (e.g. a PD decode reservation, read right after its
                 # add): answered now, with the adds before it, not after a whole step.
-                self.writer.write(encode_frame(StepOutputs(answers, self.encoder.encode([]),
+                self.writer.write(encode_frame(StepOutputs(answers, OutputDeltas.empty(),
                                                            stats_to_wire(engine.stats()), call_results, None)))
                 answers, call_results = [], []
             moved = engine.step_groups() if work else []
