@@ -131,6 +131,8 @@ void bind_ucx_transfer(py::module_& m) {
       .def("poll", &UcxTransfer::poll, py::arg("handle"))
       .def("wait", &UcxTransfer::wait, py::arg("handle"), py::arg("timeout_s"), Release())
       .def("take_notices", &UcxTransfer::take_notices, py::arg("wait_s") = 0.0, Release())
+      .def("notice_fd", &UcxTransfer::notice_fd,
+           "An eventfd readable while notices wait to be taken (for select/poll beside other fds)")
       .def("stats", &UcxTransfer::stats)
       .def("grant_writes", &UcxTransfer::grant_writes, py::arg("request_id"), py::arg("blocks"),
            "Peers' puts naming request_id may write these blocks (with require_write_grants)")

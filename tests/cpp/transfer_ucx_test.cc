@@ -1,6 +1,7 @@
 // UcxTransfer end to end: two engines in one process over TCP loopback (UCX_TLS=tcp), host pools
 // of different block sizes, bytes compared token by token; bad input and dead peers.
 #include <gtest/gtest.h>
+#include <poll.h>
 
 #include <chrono>
 #include <cstdlib>
@@ -96,6 +97,22 @@ TEST_F(UcxTransferTest, PutMapsBlockSizesAndNotifiesAfterTheBytes) {
   EXPECT_EQ(stats.puts, 1u);
   EXPECT_EQ(stats.bytes_put, 19u * 20u * 2u * 3u);
   EXPECT_THROW(a_->poll(1), std::invalid_argument);  // reported once, then forgotten
+}
+
+// notice_fd() lets a caller wait for notices and its own sockets in one poll (the decode engine).
+TEST_F(UcxTransferTest, NoticeFdIsReadableExactlyWhileNoticesWait) {
+  start(8, 8);
+  const int fd = b_->notice_fd();
+  ASSERT_GE(fd, 0);
+  pollfd ready{fd, POLLIN, 0};
+  EXPECT_EQ(::poll(&ready, 1, 0), 0);
+  const std::vector<BlockId> src = {1}, dst = {2};
+  ASSERT_EQ(finish(*a_, a_->put(peer_, {5, src, dst, 8, -1, true})).state, TransferState::DONE);
+  ready.revents = 0;
+  ASSERT_EQ(::poll(&ready, 1, static_cast<int>(kTimeout * 1000)), 1);  // the notice follows the bytes
+  EXPECT_EQ(b_->take_notices(0).size(), 1u);
+  ready.revents = 0;
+  EXPECT_EQ(::poll(&ready, 1, 0), 0);  // taken: quiet until the next notice
 }
 
 TEST_F(UcxTransferTest, LayerByLayerPushesOnlyThatLayer) {

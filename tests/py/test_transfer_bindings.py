@@ -2,6 +2,8 @@
 block-size plan, and a put/get between two engines over TCP loopback."""
 
 import os
+import select
+import time
 
 import numpy as np
 import pytest
@@ -67,6 +69,28 @@ def test_put_then_get_across_block_sizes_in_one_process():
         prefill.put(peer, _C.TransferRequest(request_id=1, local_blocks=src, remote_blocks=[99] * 12, num_tokens=45))
     with pytest.raises(ValueError, match="handle"):
         prefill.poll(424242)
+
+
+def test_notice_fd_is_readable_exactly_while_notices_wait():
+    # The decode engine waits for notices and for its server's commands in one select (pd/decode_side.py).
+    prefill_pool, decode_pool = HostPool(4, 16), HostPool(8, 16)
+    prefill, decode = make_engine("prefill"), make_engine("decode")
+    prefill.register_kv(prefill_pool.layout)
+    decode.register_kv(decode_pool.layout)
+    fd = decode.notice_fd()
+    assert fd >= 0 and select.select([fd], [], [], 0)[0] == []
+    peer = prefill.connect("127.0.0.1", decode.listen_port)
+    for request_id in (1, 2):
+        status = prefill.wait(prefill.put(peer, _C.TransferRequest(request_id=request_id, local_blocks=[0],
+                                                                   remote_blocks=[3], num_tokens=16)), 5.0)
+        assert status.state == _C.TransferState.DONE, status.error
+    assert select.select([fd], [], [], 2.0)[0] == [fd]
+    deadline = time.monotonic() + 2.0
+    notices = []
+    while len(notices) < 2 and time.monotonic() < deadline:
+        notices += decode.take_notices(0.1)
+    assert [n.request_id for n in notices] == [1, 2]
+    assert select.select([fd], [], [], 0)[0] == []  # taken: not readable until the next notice
 
 
 def test_put_payload_is_echoed_in_the_notice_and_bounded():

@@ -149,6 +149,11 @@ class KVTransfer {
   // when there are none (0: never waits).
   virtual std::vector<TransferNotice> take_notices(double wait_s) = 0;
 
+  // A file descriptor that is readable while notices wait to be taken (take_notices makes it
+  // unreadable again), so that a caller can wait for notices and its own sockets in one
+  // poll/select; -1 where the engine has none. Owned by the engine.
+  virtual int notice_fd() const = 0;
+
   virtual TransferStats stats() const = 0;
 
   // Receiver side of write grants: puts naming request_id may write `blocks` (replaces an earlier

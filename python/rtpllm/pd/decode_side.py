@@ -34,6 +34,7 @@ with its own generator, as a colocated instance would. They fail and abort with 
 from __future__ import annotations
 
 import logging
+import select
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
@@ -44,6 +45,7 @@ from rtpllm.pd.kv_params import DecodeKV, decode_first_token, transfer_request_i
 logger = logging.getLogger(__name__)
 
 _FAILURES_KEPT = 1024  # reasons of recent failures, for the server's error event
+_IDLE_NAP_S = 0.002  # the longest idle nap: timeouts and held blocks are checked at least this often
 
 
 @dataclass
@@ -107,6 +109,9 @@ class DecodeSide:
         self._queued: list[_Queued] = []  # no room yet, oldest first
         self._leaders: set[str] = set()  # pd_request_ids whose sample 0 waits (queued or reserved)
         self._followers: dict[str, list] = {}  # pd_request_id -> [(seq, spec)] of samples 1.. (n > 1)
+        # Readable when a command for the engine arrived (the engine process's socket): an idle nap
+        # waiting for notices ends at once, so a new reservation never waits for it.
+        self.wake_fds: tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ admission
     def admit(self, seq, spec, kv: DecodeKV) -> None:
@@ -166,7 +171,7 @@ class DecodeSide:
         failed: list[int] = []
         if self._queued:
             self._admit_queued(failed)
-        notices = self.transfer.take_notices(0.002 if idle else 0.0)  # idle: a nap the next notice ends
+        notices = self._take_notices(idle)
         for notice in notices:
             self._on_notice(notice, outputs, logprobs, failed)
         now = time.monotonic()
@@ -200,6 +205,16 @@ class DecodeSide:
             self._end(wait, "aborted", hold=True)
 
     # ------------------------------------------------------------------ helpers
+    def _take_notices(self, idle: bool) -> list:
+        """The notices that arrived; idle (nothing else to step), after a nap that the next notice
+        or command ends."""
+        if not idle:
+            return self.transfer.take_notices(0.0)
+        if not self.wake_fds:
+            return self.transfer.take_notices(_IDLE_NAP_S)
+        select.select([self.transfer.notice_fd(), *self.wake_fds], [], [], _IDLE_NAP_S)
+        return self.transfer.take_notices(0.0)
+
     def _admit_queued(self, failed: list[int]) -> None:
         now = time.monotonic()
         while self._queued:

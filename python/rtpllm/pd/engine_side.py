@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import time
 from typing import TYPE_CHECKING, Optional
 
@@ -59,6 +60,7 @@ class PDEngine:
         self.transfer.register_kv(kv_layout(caches, runner.block_size))
         self._caches = caches  # registered memory: kept alive as long as the transfer engine
         self.counters: dict[str, int] = {}
+        self._wake_fds: tuple[int, ...] = ()
         self.decode: Optional[DecodeSide] = None
         self.prefill: Optional[PrefillSide] = None
         block_size = runner.block_size
@@ -97,6 +99,13 @@ class PDEngine:
         else:
             raise ValueError(f"kv_transfer_params: unexpected {type(kv).__name__}")
 
+    def wake_on(self, fd: int) -> None:
+        """Naps between steps (waiting for notices or writes) end as soon as `fd` is readable: the
+        engine process passes its command socket, so a request that arrives meanwhile is taken at once."""
+        self._wake_fds = (fd,)
+        if self.decode is not None:
+            self.decode.wake_fds = self._wake_fds
+
     def before_abort(self, seq_id: int) -> None:
         if self.decode is not None:
             self.decode.before_abort(seq_id)
@@ -105,8 +114,11 @@ class PDEngine:
         if self.decode is not None:
             return self.decode.poll(idle)
         self.prefill.poll()
-        if idle and self.prefill.has_pending():
-            time.sleep(0.0005)  # only writes under way: leave the cores to them
+        if idle and self.prefill.has_pending():  # only writes under way: leave the cores to them
+            if self._wake_fds:
+                select.select(self._wake_fds, [], [], 0.0005)
+            else:
+                time.sleep(0.0005)
         return Polled([], {}, [])
 
     def before_forward(self, batch) -> None:

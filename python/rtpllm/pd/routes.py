@@ -65,6 +65,7 @@ class _PDEngineView:
         self._prefill = prefill
         self.request_id: Optional[str] = None
         self.accepted: Optional[asyncio.Future] = None
+        self.reserved: Optional[asyncio.Future] = None  # decode: pd_reservation, read right after the add
         self.added = asyncio.Event()
 
     def __getattr__(self, name: str) -> Any:
@@ -82,9 +83,20 @@ class _PDEngineView:
             changes.update(max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=None, n=1)
         params = dataclasses.replace(params, **changes)
         self.request_id = request_id
-        self.accepted = self._engine.add_request(request_id, prompt, params, arrival_time, stream)
+        # Decode: the reservation is read by a call that reaches the engine with the add and runs
+        # right after it, answered before the engine steps on (no second round trip, no step).
+        with self._engine.commands_together():
+            self.accepted = self._engine.add_request(request_id, prompt, params, arrival_time, stream)
+            if not self._prefill:
+                self.reserved = self._engine.submit_call(functools.partial(pd_reservation, request_id))
+                self.reserved.add_done_callback(_retrieved)  # read only while the handler lives
         self.added.set()
         return self.accepted
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # marks an error as seen: the add's own answer reports it
 
 
 async def _parse(request: Request, kind) -> Any:
@@ -216,6 +228,14 @@ async def _reservation(engine: "AsyncEngineBase", view: _PDEngineView, task: asy
         added.cancel()
     if view.accepted is None:
         raise _error_from_response(task.result())
+    try:
+        destination = await view.reserved
+    except Exception:  # noqa: BLE001 - the engine died or refused: accepted says why, below
+        destination = None
+    if isinstance(destination, dict):
+        return destination  # NOTE: the usual case: reserved as the engine took the request
+    # Queued for room, refused, or not taken yet (an add the engine holds while its tokenizer loads
+    # runs after the call): the add's answer, then the reservation once there is one.
     await asyncio.wait({view.accepted, task}, return_when=asyncio.FIRST_COMPLETED)
     if not view.accepted.done():
         response = task.result()  # a streaming handler returns at once; others only on an error

@@ -33,6 +33,7 @@ UcxTransfer::UcxTransfer(TransferOptions options, std::function<void()> thread_i
           std::chrono::milliseconds(10), std::min(std::chrono::milliseconds(1000), ucx_seconds_to_ms(options_.timeout_s / 4)))),
       listener_(options_.listen_host, options_.listen_port) {
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  notice_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   thread_ = std::thread([this, init = std::move(thread_init)] { run(init); });
 }
 
@@ -54,6 +55,7 @@ UcxTransfer::~UcxTransfer() {
   finish_transfers_locked();
   changed_.notify_all();
   close(wake_fd_);
+  close(notice_fd_);
 }
 
 void UcxTransfer::register_kv(const KVLayout& layout) {
@@ -150,6 +152,10 @@ std::vector<TransferNotice> UcxTransfer::take_notices(double wait_s) {
   }
   std::vector<TransferNotice> out;
   out.swap(notices_);
+  if (!out.empty()) {
+    uint64_t drained = 0;
+    [[maybe_unused]] ssize_t got = read(notice_fd_, &drained, sizeof(drained));  // unreadable until the next notice
+  }
   return out;
 }
 

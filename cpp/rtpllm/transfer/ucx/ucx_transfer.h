@@ -43,6 +43,7 @@ class UcxTransfer final : public KVTransfer {
   TransferStatus poll(TransferHandle handle) override;
   TransferStatus wait(TransferHandle handle, double timeout_s) override;
   std::vector<TransferNotice> take_notices(double wait_s) override;
+  int notice_fd() const override { return notice_fd_; }
   TransferStats stats() const override;
   void grant_writes(uint64_t request_id, const std::vector<BlockId>& blocks) override;
   void revoke_writes(uint64_t request_id) override;
@@ -84,6 +85,7 @@ class UcxTransfer final : public KVTransfer {
   UcxWorker ucx_;
   ControlListener listener_;
   int wake_fd_ = -1;
+  int notice_fd_ = -1;  // eventfd: readable while notices_ is not empty
 
   mutable std::mutex mutex_;
   std::condition_variable changed_;  // a transfer finished or a notice arrived

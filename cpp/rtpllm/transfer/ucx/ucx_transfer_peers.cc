@@ -1,6 +1,7 @@
 // UcxTransfer's connections: the descriptor exchange (both directions), peer checks, heartbeats,
 // and failing a peer (its endpoint force-closed, its transfers failed).
 #include <poll.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <stdexcept>
@@ -171,6 +172,10 @@ void UcxTransfer::read_peers_locked() {
           // The receiver acts on these ids (frees or schedules those blocks): they must be ours.
           for (BlockId b : notice.blocks) {
             if (b < 0 || b >= layout_.num_blocks) throw std::runtime_error("block id " + std::to_string(b) + " out of range");
+          }
+          if (notices_.empty()) {  // notice_fd() becomes readable
+            const uint64_t one = 1;
+            [[maybe_unused]] ssize_t written = write(notice_fd_, &one, sizeof(one));
           }
           notices_.push_back({peer.id, notice.request_id, notice.layer, std::move(notice.blocks), notice.num_tokens,
                               std::move(notice.payload)});

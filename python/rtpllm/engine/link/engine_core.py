@@ -19,22 +19,26 @@ from __future__ import annotations
 import argparse
 import logging
 import pickle
+import select
 import selectors
 import signal
 import socket
 import sys
+import time
 import traceback
 from typing import Optional
 
 from rtpllm.engine.link.frames import FrameReader, FrameWriter, encode_frame, recv_blocking, send_blocking
 from rtpllm.engine.gc_heap import freeze_startup_heap
 from rtpllm.engine.link.messages import (AbortRequest, AddAnswer, AddRequest, CallInEngine, CallResult, EngineDead,
-                                         EngineFailed, EngineInfo, EngineReady, InitEngine, StepOutputs, StopEngine)
+                                         EngineFailed, EngineInfo, EngineReady, InitEngine, OutputDeltas, StepOutputs,
+                                         StopEngine)
 from rtpllm.engine.link.output_deltas import OutputDeltaEncoder
 from rtpllm.engine.link.stats_wire import stats_to_wire
 
 logger = logging.getLogger(__name__)
 _TOKENIZER_POLL_S = 0.005
+_PARTIAL_FRAME_WAIT_S = 0.001
 
 
 def picklable_error(exc: BaseException) -> BaseException:
@@ -90,6 +94,12 @@ class EngineCoreLoop:
                     raise TypeError(f"engine process: {kind.__name__} is not a command")
             transfers = engine.has_pending_kv_transfers()
             work = engine.has_unfinished_requests() or transfers
+            if call_results and work:
+                # A caller waits for each call (e.g. a PD decode reservation, read right after its
+                # add): answered now, with the adds before it, not after a whole step.
+                self.writer.write(encode_frame(StepOutputs(answers, OutputDeltas.empty(),
+                                                           stats_to_wire(engine.stats()), call_results, None)))
+                answers, call_results = [], []
             moved = engine.step_groups() if work else []
             # The last KV tier transfers ending frees the blocks they held: the server's counters
             # (KV usage, admission) must hear of it although no request moved.
@@ -153,10 +163,33 @@ class EngineCoreLoop:
                 commands, closed = self.reader.receive(self.sock)
                 if closed:
                     return None
+                if commands and self.reader.partial:
+                    # Commands sent in one write (commands_together) are taken in one batch: the
+                    # rest of a frame already under way comes within microseconds.
+                    more = self._finish_partial_frame()
+                    if more is None:
+                        return None
+                    commands += more
                 if commands or not block:
                     return commands  # else only part of a frame came: wait for the rest
             elif not block:
                 return []
+
+    def _finish_partial_frame(self) -> Optional[list]:
+        """The commands that complete a frame begun in the last read, waiting at most
+        _PARTIAL_FRAME_WAIT_S for them (then [] and the rest is read after the step); None when the
+        server closed."""
+        deadline = time.monotonic() + _PARTIAL_FRAME_WAIT_S
+        commands: list = []
+        while self.reader.partial:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                break
+            more, closed = self.reader.receive(self.sock)
+            if closed:
+                return None
+            commands += more
+        return commands
 
     def _flush_blocking(self) -> None:
         self.sock.setblocking(True)
@@ -183,6 +216,8 @@ def serve(sock: socket.socket) -> int:
     send_blocking(sock, EngineReady(EngineInfo(engine.model_name, engine.max_model_len, engine.vocab_size,
                                                engine.stats(), engine.startup.as_dict())))
     sock.setblocking(False)
+    if getattr(engine, "pd", None) is not None:
+        engine.pd.wake_on(sock.fileno())  # a PD engine's naps end when a command arrives
     loop = EngineCoreLoop(engine, sock)
     try:
         return loop.run()

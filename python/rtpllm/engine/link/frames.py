@@ -41,6 +41,11 @@ class FrameReader:
     def __init__(self) -> None:
         self._buffer = bytearray()
 
+    @property
+    def partial(self) -> bool:
+        """Whether a frame has begun to arrive and not yet ended."""
+        return bool(self._buffer)
+
     def feed(self, data: bytes) -> list[LinkMessage]:
         buffer = self._buffer
         if buffer:

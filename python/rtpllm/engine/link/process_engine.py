@@ -13,13 +13,14 @@ If the engine process dies, every waiting request fails with `EngineDeadError` (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
 import socket
 import subprocess
 import sys
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Union
 
 from rtpllm.distributed.env import DISTRIBUTED_ENV
 from rtpllm.engine.default_model import resolve_model_path
@@ -62,6 +63,7 @@ class ProcessEngine(AsyncEngineBase):
         self._tags = itertools.count()
         self._unanswered: dict[int, Union[AddCommand, CallCommand]] = {}
         self._stopping = False
+        self._corked: Optional[list[bytes]] = None  # frames held back by commands_together
 
     @classmethod
     def from_config(cls, config: "EngineConfig", observer: Optional[StepObserver] = None,
@@ -168,7 +170,25 @@ class ProcessEngine(AsyncEngineBase):
             raise
         if tag is not None:
             self._unanswered[tag] = command
-        self._send(frame)
+        if self._corked is not None:
+            self._corked.append(frame)
+        else:
+            self._send(frame)
+
+    @contextlib.contextmanager
+    def commands_together(self) -> Iterator[None]:
+        # One write for all of them: the engine reads them in one go (engine_core finishes a frame
+        # it has begun to receive before it steps).
+        if self._corked is not None:  # nested: the outer one sends
+            yield
+            return
+        self._corked = []
+        try:
+            yield
+        finally:
+            frames, self._corked = self._corked, None
+            if frames:
+                self._send(b"".join(frames))
 
     async def _stop(self) -> None:
         self._stopping = True
