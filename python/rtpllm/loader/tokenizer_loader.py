@@ -12,7 +12,10 @@ import json
 import os
 from typing import Optional
 
+from rtpllm.loader.auto_tokenizer_tables import auto_tokenizer_tables
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_BACKEND_NAMES = ("TokenizersBackend", "PreTrainedTokenizerFast")  # one class in transformers 5
 
 
 def check_tokenizer_files(folder: str) -> None:
@@ -41,8 +44,10 @@ def load_folder_tokenizer(folder: str):
 def tokenizers_backend_for(folder: str):
     """transformers' `TokenizersBackend` class where `AutoTokenizer.from_pretrained(folder)` would
     pick it anyway, else None (then AutoTokenizer decides). Loading it directly skips AutoTokenizer's
-    `AutoConfig` step, whose import of the model's config module pulls in torch.distributed (about
-    1 s of a server's start-up on a slow CPU) only to learn the model type.
+    imports and its `AutoConfig` step: importing `tokenization_auto` imports torch and, in
+    transformers 5.17, torch._dynamo, the generation utilities and accelerate (seconds on the
+    server's tokenizer thread, holding the GIL) only to learn the model type's tokenizer class,
+    which auto_tokenizer_tables.py reads from transformers' source instead.
 
     It is that class (transformers 5's AutoTokenizer) when tokenizer_config.json names it or
     PreTrainedTokenizerFast (its alias), beside a tokenizer.json, with no custom code, and
@@ -56,19 +61,20 @@ def tokenizers_backend_for(folder: str):
     except (OSError, ValueError):
         return None
     if (not isinstance(tokenizer_config, dict) or not isinstance(model_config, dict)
-            or tokenizer_config.get("tokenizer_class") not in ("TokenizersBackend", "PreTrainedTokenizerFast")
+            or tokenizer_config.get("tokenizer_class") not in _BACKEND_NAMES
             or "auto_map" in tokenizer_config or "auto_map" in model_config
             or not os.path.isfile(os.path.join(folder, "tokenizer.json"))):
         return None
-    try:
-        from transformers import TokenizersBackend
-        from transformers.models.auto.tokenization_auto import (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS,
-                                                                TOKENIZER_MAPPING_NAMES)
-    except ImportError:  # transformers 4: AutoTokenizer's own rules
+    tables = auto_tokenizer_tables()
+    if tables is None:  # transformers 4, or a layout we do not know: AutoTokenizer's own rules
         return None
     model_type = model_config.get("model_type")
-    if (model_type in MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS
-            or TOKENIZER_MAPPING_NAMES.get(model_type) not in (None, "TokenizersBackend", "PreTrainedTokenizerFast")):
+    if (model_type in tables.models_with_incorrect_hub_class
+            or tables.class_for_model_type.get(model_type) not in (None, *_BACKEND_NAMES)):
+        return None
+    try:
+        from transformers import TokenizersBackend
+    except ImportError:  # transformers 4
         return None
     return TokenizersBackend
 
