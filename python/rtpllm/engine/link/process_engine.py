@@ -74,10 +74,7 @@ class ProcessEngine(AsyncEngineBase):
     def launch(config: "EngineConfig") -> "EngineLaunch":
         """Starts the engine process and returns at once: the caller does its own start-up (the
         server imports its HTTP stack) while the engine loads the model, then calls `wait`."""
-        # The server loads its own tokenizer meanwhile: it tokenizes and detokenizes, the engine
-        # process loads one only when a request first needs it (stop strings).
         tokenizer = LazyTokenizer(config.model.tokenizer or resolve_model_path(config.model.model))
-        tokenizer.start()
         server_end, engine_end = socket.socketpair()
         try:
             process = subprocess.Popen([sys.executable, "-m", "rtpllm.engine.link.engine_core", "--fd",
@@ -85,6 +82,10 @@ class ProcessEngine(AsyncEngineBase):
                                        env={**os.environ, **DISTRIBUTED_ENV})  # NVLink multicast off
         finally:
             engine_end.close()
+        # The server loads its own tokenizer meanwhile: it tokenizes and detokenizes, the engine
+        # process loads one only when a request first needs it (stop strings). Started after the
+        # engine process, whose launch the load's imports (holding the GIL) would delay.
+        tokenizer.start()
         try:
             send_blocking(server_end, InitEngine(config, logging.getLogger().getEffectiveLevel()))
         except OSError:
