@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Optional
 
 from rtpllm.loader.auto_tokenizer_tables import auto_tokenizer_tables
@@ -23,22 +24,29 @@ def check_tokenizer_files(folder: str) -> None:
         raise FileNotFoundError(f"tokenizer: none of {list(_TOKENIZER_FILES)} in {folder}")
 
 
-def load_folder_tokenizer(folder: str):
-    """The transformers fast tokenizer of a folder (what `AutoTokenizer` gives), chat template included."""
+def load_folder_tokenizer(folder: str, parts: Optional[list[tuple[str, float]]] = None):
+    """The transformers fast tokenizer of a folder (what `AutoTokenizer` gives), chat template
+    included. `parts` gets what the load was made of: ("imports", s) then ("files", s)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"tokenizer: {folder} does not exist")
     check_tokenizer_files(folder)
+    start = time.perf_counter()
     try:
-        # A folder is local: local_files_only keeps transformers from asking the Hub about it (on a
-        # host without a network, each question waits for its connection to fail).
         backend = tokenizers_backend_for(folder)
-        if backend is not None:
-            return backend.from_pretrained(folder, local_files_only=True)
-        from transformers import AutoTokenizer  # 1-2 s of imports: only where a tokenizer is loaded
+        if backend is None:
+            from transformers import AutoTokenizer  # 1-2 s of imports: only where a tokenizer is loaded
 
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            backend = AutoTokenizer
+        imported = time.perf_counter()
+        # transformers asks the Hub nothing about a local folder (checked with transformers 5.17
+        # and 5.25 in a network namespace of its own: no connection attempted); local_files_only
+        # keeps it so in versions to come.
+        tokenizer = backend.from_pretrained(folder, local_files_only=True)
     except Exception as e:
         raise ValueError(f"tokenizer: cannot load the tokenizer in {folder} ({type(e).__name__}: {e})") from None
+    if parts is not None:
+        parts += [("imports", imported - start), ("files", time.perf_counter() - imported)]
+    return tokenizer
 
 
 def tokenizers_backend_for(folder: str):
@@ -79,10 +87,11 @@ def tokenizers_backend_for(folder: str):
     return TokenizersBackend
 
 
-def load_tokenizer(model_path: str):
-    """The tokenizer `load_model_and_tokenizer(model_path)` would return."""
+def load_tokenizer(model_path: str, parts: Optional[list[tuple[str, float]]] = None):
+    """The tokenizer `load_model_and_tokenizer(model_path)` would return; `parts` as
+    `load_folder_tokenizer` fills it (a GGUF file's load adds none)."""
     if os.path.isdir(model_path):
-        return load_folder_tokenizer(model_path)
+        return load_folder_tokenizer(model_path, parts)
     if model_path.endswith(".gguf"):
         from rtpllm.loader.gguf_tokenizer import load_gguf_tokenizer
 

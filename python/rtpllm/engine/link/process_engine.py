@@ -298,7 +298,7 @@ class EngineLaunch:
         except BaseException:
             self.kill()
             raise
-        startup.add_parallel("tokenizer", self._tokenizer.seconds)
+        startup.add_parallel("tokenizer", self._tokenizer.seconds, self._tokenizer.parts)
         limits = EngineLimits(max_num_seqs=config.scheduler.max_num_seqs,
                               kv_cache_tokens=info.stats.kv_blocks_total * config.cache.block_size)
         return ProcessEngine(self._process, self._sock, info, tokenizer, config.max_queued_requests, observer,
