@@ -25,7 +25,8 @@ def test_the_tables_read_from_the_source_are_the_ones_transformers_imports():
 
     tables = auto_tokenizer_tables()
     assert tables is not None
-    assert tables.models_with_incorrect_hub_class == frozenset(tokenization_auto.MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS)
+    incorrect = tokenization_auto.MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS
+    assert tables.models_with_incorrect_hub_class == frozenset(incorrect)
     read = dict(tables.class_for_model_type)
     # transformers adds every model with an incorrect Hub class to its mapping after the literal.
     for model_type in tables.models_with_incorrect_hub_class:

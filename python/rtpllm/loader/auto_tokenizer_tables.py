@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
-UNKNOWN = object()  # an entry whose class depends on more than `tokenizers` being installed
+UNKNOWN = object()  # an entry whose class this reader cannot work out
 
 _SOURCE = os.path.join("models", "auto", "tokenization_auto.py")  # inside the transformers package
 _MAPPING = "TOKENIZER_MAPPING_NAMES"
