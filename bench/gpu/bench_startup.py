@@ -310,6 +310,8 @@ def format_phases(report: dict, indent: str = "    ") -> str:
             lines.append(f"{indent}      {part['seconds']:7.3f} s  {part['name']}")
     for item in report.get("parallel", []):
         lines.append(f"{indent}  {item['seconds']:7.3f} s  {item['name']} (on a thread, overlapped)")
+        for part in item.get("parts", []):
+            lines.append(f"{indent}      {part['seconds']:7.3f} s  {part['name']}")
     for process in report.get("processes", []):
         lines.append(format_phases(process, indent + "  "))
     return "\n".join(lines)

@@ -21,7 +21,7 @@ def test_a_load_reports_its_phases_and_the_tokenizer_thread():
 def test_one_line_carries_details_threads_and_the_other_process(monkeypatch, tmp_path, caplog):
     load = StartupPhases("load")
     load.add("weights 1.00 GB", 0.5)
-    load.add_parallel("tokenizer", 1.25)
+    load.add_parallel("tokenizer", 1.25, [("imports", 1.0), ("files", 0.25)])
     engine = StartupPhases("engine")
     engine.add("model and tokenizer", 1.5)
     engine.absorb("model and tokenizer", load)
@@ -36,10 +36,12 @@ def test_one_line_carries_details_threads_and_the_other_process(monkeypatch, tmp
     assert "waiting for the engine 2.00 s" in line
     assert "| engine start-up" in line
     assert "model and tokenizer 1.50 s (weights 1.00 GB 0.50 s)" in line
-    assert "on threads meanwhile: tokenizer 1.25 s" in line
+    assert "on threads meanwhile: tokenizer 1.25 s (imports 1.00 s, files 0.25 s)" in line
     (written,) = [json.loads(text) for text in report.read_text().splitlines()]
     assert written["who"] == "server"
     assert written["processes"][0]["phases"][0]["parts"] == [{"name": "weights 1.00 GB", "seconds": 0.5}]
+    assert written["processes"][0]["parallel"] == [{"name": "tokenizer", "seconds": 1.25, "parts": [
+        {"name": "imports", "seconds": 1.0}, {"name": "files", "seconds": 0.25}]}]
 
 
 def test_an_engine_inside_a_server_logs_at_debug(caplog):

@@ -53,6 +53,8 @@ def test_a_lazy_tokenizer_loads_once_and_repeats_its_error(tmp_path):
     tokenizer = LazyTokenizer(checkpoint_path("llama3"))
     assert not tokenizer.loaded
     assert tokenizer.get() is tokenizer.get() and tokenizer.loaded and tokenizer.seconds > 0
+    assert [name for name, _ in tokenizer.parts] == ["imports", "files", "thread CPU"]
+    assert sum(seconds for _, seconds in tokenizer.parts[:2]) <= tokenizer.seconds
     broken = LazyTokenizer(str(tmp_path))  # a folder without tokenizer files
     for _ in range(2):
         with pytest.raises(FileNotFoundError, match="tokenizer"):

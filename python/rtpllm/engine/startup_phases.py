@@ -53,6 +53,7 @@ class StartupPhases:
         self.phases: list[tuple[str, float]] = []  # in order, back to back
         self.details: dict[str, Parts] = {}  # what a phase was made of, by phase name
         self.parallel: Parts = []  # work on other threads, overlapped with the phases
+        self.parallel_details: dict[str, Parts] = {}  # what that work was made of, by name
         self.processes: list[dict] = []  # other processes' phases (`as_dict`), e.g. the engine's
 
     @contextmanager
@@ -71,8 +72,11 @@ class StartupPhases:
         if parts:
             self.details[name] = list(parts)
 
-    def add_parallel(self, name: str, seconds: float) -> None:
+    def add_parallel(self, name: str, seconds: float, parts: Parts = ()) -> None:
+        """Work on another thread, overlapped with the phases; `parts` what it was made of."""
         self.parallel.append((name, seconds))
+        if parts:
+            self.parallel_details[name] = list(parts)
 
     def absorb(self, name: str, other: Optional["StartupPhases"]) -> None:
         """Phase `name` was `other`'s phases (a load's breakdown): they become its details, and
@@ -80,6 +84,7 @@ class StartupPhases:
         if other is not None:
             self.detail(name, other.phases)
             self.parallel.extend(other.parallel)
+            self.parallel_details.update(other.parallel_details)
 
     def add_process(self, report: Optional[dict]) -> None:
         if report:
@@ -93,7 +98,9 @@ class StartupPhases:
                 "phases": [{"name": n, "seconds": s, "parts": [{"name": pn, "seconds": ps}
                                                                for pn, ps in self.details.get(n, [])]}
                            for n, s in self.phases],
-                "parallel": [{"name": n, "seconds": s} for n, s in self.parallel],
+                "parallel": [{"name": n, "seconds": s, "parts": [{"name": pn, "seconds": ps}
+                                                                 for pn, ps in self.parallel_details.get(n, [])]}
+                             for n, s in self.parallel],
                 "processes": list(self.processes)}
 
     def summary(self) -> str:
@@ -125,7 +132,9 @@ def _summary(report: dict) -> str:
     head = f"{report['who']} start-up" + (f" {total:.2f} s since process start" if total is not None else "")
     line = f"{head}: {', '.join(phases)}"
     if report["parallel"]:
-        line += f"; on threads meanwhile: {parts(report['parallel'])}"
+        line += "; on threads meanwhile: " + ", ".join(
+            f"{item['name']} {item['seconds']:.2f} s" + (f" ({parts(item['parts'])})" if item.get("parts") else "")
+            for item in report["parallel"])
     for process in report.get("processes", []):
         line += f" | {_summary(process)}"
     return line

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Optional
 
+from rtpllm.loader.auto_tokenizer_tables import auto_tokenizer_tables
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_BACKEND_NAMES = ("TokenizersBackend", "PreTrainedTokenizerFast")  # one class in transformers 5
 
 
 def check_tokenizer_files(folder: str) -> None:
@@ -20,29 +24,38 @@ def check_tokenizer_files(folder: str) -> None:
         raise FileNotFoundError(f"tokenizer: none of {list(_TOKENIZER_FILES)} in {folder}")
 
 
-def load_folder_tokenizer(folder: str):
-    """The transformers fast tokenizer of a folder (what `AutoTokenizer` gives), chat template included."""
+def load_folder_tokenizer(folder: str, parts: Optional[list[tuple[str, float]]] = None):
+    """The transformers fast tokenizer of a folder (what `AutoTokenizer` gives), chat template
+    included. `parts` gets what the load was made of: ("imports", s) then ("files", s)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"tokenizer: {folder} does not exist")
     check_tokenizer_files(folder)
+    start = time.perf_counter()
     try:
-        # A folder is local: local_files_only keeps transformers from asking the Hub about it (on a
-        # host without a network, each question waits for its connection to fail).
         backend = tokenizers_backend_for(folder)
-        if backend is not None:
-            return backend.from_pretrained(folder, local_files_only=True)
-        from transformers import AutoTokenizer  # 1-2 s of imports: only where a tokenizer is loaded
+        if backend is None:
+            from transformers import AutoTokenizer  # 1-2 s of imports: only where a tokenizer is loaded
 
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            backend = AutoTokenizer
+        imported = time.perf_counter()
+        # transformers asks the Hub nothing about a local folder (checked with transformers 5.17
+        # and 5.25 in a network namespace of its own: no connection attempted); local_files_only
+        # keeps it so in versions to come.
+        tokenizer = backend.from_pretrained(folder, local_files_only=True)
     except Exception as e:
         raise ValueError(f"tokenizer: cannot load the tokenizer in {folder} ({type(e).__name__}: {e})") from None
+    if parts is not None:
+        parts += [("imports", imported - start), ("files", time.perf_counter() - imported)]
+    return tokenizer
 
 
 def tokenizers_backend_for(folder: str):
     """transformers' `TokenizersBackend` class where `AutoTokenizer.from_pretrained(folder)` would
     pick it anyway, else None (then AutoTokenizer decides). Loading it directly skips AutoTokenizer's
-    `AutoConfig` step, whose import of the model's config module pulls in torch.distributed (about
-    1 s of a server's start-up on a slow CPU) only to learn the model type.
+    imports and its `AutoConfig` step: importing `tokenization_auto` imports torch and, in
+    transformers 5.17, torch._dynamo, the generation utilities and accelerate (seconds on the
+    server's tokenizer thread, holding the GIL) only to learn the model type's tokenizer class,
+    which auto_tokenizer_tables.py reads from transformers' source instead.
 
     It is that class (transformers 5's AutoTokenizer) when tokenizer_config.json names it or
     PreTrainedTokenizerFast (its alias), beside a tokenizer.json, with no custom code, and
@@ -56,27 +69,29 @@ def tokenizers_backend_for(folder: str):
     except (OSError, ValueError):
         return None
     if (not isinstance(tokenizer_config, dict) or not isinstance(model_config, dict)
-            or tokenizer_config.get("tokenizer_class") not in ("TokenizersBackend", "PreTrainedTokenizerFast")
+            or tokenizer_config.get("tokenizer_class") not in _BACKEND_NAMES
             or "auto_map" in tokenizer_config or "auto_map" in model_config
             or not os.path.isfile(os.path.join(folder, "tokenizer.json"))):
         return None
-    try:
-        from transformers import TokenizersBackend
-        from transformers.models.auto.tokenization_auto import (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS,
-                                                                TOKENIZER_MAPPING_NAMES)
-    except ImportError:  # transformers 4: AutoTokenizer's own rules
+    tables = auto_tokenizer_tables()
+    if tables is None:  # transformers 4, or a layout we do not know: AutoTokenizer's own rules
         return None
     model_type = model_config.get("model_type")
-    if (model_type in MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS
-            or TOKENIZER_MAPPING_NAMES.get(model_type) not in (None, "TokenizersBackend", "PreTrainedTokenizerFast")):
+    if (model_type in tables.models_with_incorrect_hub_class
+            or tables.class_for_model_type.get(model_type) not in (None, *_BACKEND_NAMES)):
+        return None
+    try:
+        from transformers import TokenizersBackend
+    except ImportError:  # transformers 4
         return None
     return TokenizersBackend
 
 
-def load_tokenizer(model_path: str):
-    """The tokenizer `load_model_and_tokenizer(model_path)` would return."""
+def load_tokenizer(model_path: str, parts: Optional[list[tuple[str, float]]] = None):
+    """The tokenizer `load_model_and_tokenizer(model_path)` would return; `parts` as
+    `load_folder_tokenizer` fills it (a GGUF file's load adds none)."""
     if os.path.isdir(model_path):
-        return load_folder_tokenizer(model_path)
+        return load_folder_tokenizer(model_path, parts)
     if model_path.endswith(".gguf"):
         from rtpllm.loader.gguf_tokenizer import load_gguf_tokenizer
 

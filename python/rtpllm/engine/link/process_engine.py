@@ -76,10 +76,7 @@ class ProcessEngine(AsyncEngineBase):
     def launch(config: "EngineConfig") -> "EngineLaunch":
         """Starts the engine process and returns at once: the caller does its own start-up (the
         server imports its HTTP stack) while the engine loads the model, then calls `wait`."""
-        # The server loads its own tokenizer meanwhile: it tokenizes and detokenizes, the engine
-        # process loads one only when a request first needs it (stop strings).
         tokenizer = LazyTokenizer(config.model.tokenizer or resolve_model_path(config.model.model))
-        tokenizer.start()
         server_end, engine_end = socket.socketpair()
         try:
             process = subprocess.Popen([sys.executable, "-m", "rtpllm.engine.link.engine_core", "--fd",
@@ -87,6 +84,10 @@ class ProcessEngine(AsyncEngineBase):
                                        env={**os.environ, **DISTRIBUTED_ENV})  # NVLink multicast off
         finally:
             engine_end.close()
+        # The server loads its own tokenizer meanwhile: it tokenizes and detokenizes, the engine
+        # process loads one only when a request first needs it (stop strings). Started after the
+        # engine process, whose launch the load's imports (holding the GIL) would delay.
+        tokenizer.start()
         try:
             send_blocking(server_end, InitEngine(config, logging.getLogger().getEffectiveLevel()))
         except OSError:
@@ -317,7 +318,7 @@ class EngineLaunch:
         except BaseException:
             self.kill()
             raise
-        startup.add_parallel("tokenizer", self._tokenizer.seconds)
+        startup.add_parallel("tokenizer", self._tokenizer.seconds, self._tokenizer.parts)
         limits = EngineLimits(max_num_seqs=config.scheduler.max_num_seqs,
                               kv_cache_tokens=info.stats.kv_blocks_total * config.cache.block_size)
         return ProcessEngine(self._process, self._sock, info, tokenizer, config.max_queued_requests, observer,
