@@ -2,6 +2,7 @@
 // the free uncached blocks they form few runs; plain LRU when nothing can join.
 #include <gtest/gtest.h>
 
+#include <set>
 #include <stdexcept>
 #include <vector>
 
@@ -11,13 +12,16 @@ namespace rtpllm {
 namespace {
 
 // The chosen blocks of `window`, in window order.
+// `free`: free uncached blocks; `cached`: cached free blocks outside the window.
 std::vector<BlockId> choose(const std::vector<BlockId>& window, int32_t count, const std::vector<BlockId>& free,
-                            int32_t num_blocks = 64) {
-  FreeBlockRuns runs(num_blocks);
+                            const std::set<BlockId>& cached = {}) {
+  FreeBlockRuns runs(64);
   for (BlockId id : free) runs.insert(id);
+  std::set<BlockId> cached_free(window.begin(), window.end());
+  cached_free.insert(cached.begin(), cached.end());
   RunAwareEviction eviction;
   std::vector<uint8_t> chosen;
-  eviction.choose(window, count, runs, chosen);
+  eviction.choose(window, count, runs, [&](BlockId id) { return cached_free.count(id) == 1; }, chosen);
   EXPECT_EQ(chosen.size(), window.size());
   std::vector<BlockId> victims;
   for (size_t i = 0; i < window.size(); ++i) {
@@ -50,6 +54,16 @@ TEST(RunAwareEviction, ExtendsAFreeRunFromItsTouchingEnd) {
 TEST(RunAwareEviction, PrefersOneLongPieceToSeveralShortOnes) {
   // Pieces 1, 3, 20..23 (younger): 3 blocks from 20..23 are one run, the older two would be two.
   EXPECT_EQ(choose({1, 3, 20, 21, 22, 23}, 3, {}), (std::vector<BlockId>{20, 21, 22}));
+  // Longest whole first (8..10), then the best fit for the last one (the single 30, not 1..2).
+  EXPECT_EQ(choose({1, 2, 8, 9, 10, 30, 40, 41, 42}, 4, {}, {11}), (std::vector<BlockId>{8, 9, 10, 30}));
+}
+
+TEST(RunAwareEviction, CutsAPieceWhereTheRestStaysJoined) {
+  // Piece 20..22 continues into cached block 19 below the window: cut from the top (22, 21),
+  // although 20 is the oldest, so that 19..20 stays one stretch.
+  EXPECT_EQ(choose({20, 21, 22, 50, 51, 52, 53, 54}, 2, {}, {19, 55}), (std::vector<BlockId>{21, 22}));
+  // Nothing beyond either end: from the older end, here the top (a table freed tail first).
+  EXPECT_EQ(choose({22, 21, 20, 50, 51, 52, 53, 54}, 2, {}, {55}), (std::vector<BlockId>{22, 21}));
 }
 
 TEST(RunAwareEviction, WholeWindowOrNothing) {
@@ -57,7 +71,7 @@ TEST(RunAwareEviction, WholeWindowOrNothing) {
   EXPECT_EQ(choose({3, 1, 2}, 0, {}), (std::vector<BlockId>{}));
   RunAwareEviction eviction;
   std::vector<uint8_t> chosen;
-  EXPECT_THROW(eviction.choose({1}, 2, FreeBlockRuns(4), chosen), std::logic_error);
+  EXPECT_THROW(eviction.choose({1}, 2, FreeBlockRuns(4), [](BlockId) { return false; }, chosen), std::logic_error);
 }
 
 }  // namespace

@@ -69,7 +69,10 @@ void BlockPool::evict_for_allocation(int32_t count) {
        id = blocks_[id].next) {
     eviction_window_.push_back(id);
   }
-  eviction_.choose(eviction_window_, count, free_runs_, eviction_chosen_);
+  const auto is_cached_free = [this](BlockId id) {
+    return id >= 0 && id < num_blocks_ && blocks_[static_cast<size_t>(id)].in_lru;
+  };
+  eviction_.choose(eviction_window_, count, free_runs_, is_cached_free, eviction_chosen_);
   // Evicted least recently freed first, as the listener's contract orders them.
   for (size_t i = 0; i < eviction_window_.size(); ++i) {
     if (!eviction_chosen_[i]) continue;

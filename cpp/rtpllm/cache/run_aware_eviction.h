@@ -2,22 +2,35 @@
 // form few runs of consecutive ids (see free_block_runs.h for why runs matter).
 //
 // The pool evicts only when its uncached free blocks are too few, and then exactly as many cached
-// blocks as are missing (k). Strict LRU would take the k least recently freed; here the choice
-// is among the 2k least recently freed (the window), so a cached block never outlives more than
-// k blocks freed after it, and among those it prefers, in order:
-//   1. pieces (maximal runs of window blocks) that close the gap between two free runs, shortest
-//      first: each joins two runs into one;
-//   2. blocks that extend a free run (a piece touching one, or one too long to close its gap,
-//      taken from the touching end), oldest pieces first: no new run;
-//   3. pieces on their own, longest first (ties: oldest first), the last one cut to size: each is
-//      one more run.
-// With no run to join (everything isolated), it degenerates to the oldest k: plain LRU.
+// blocks as are missing (k). Strict LRU would take the k least recently freed; here the choice is
+// among the 4k least recently freed (the window), so a cached block is never evicted while more
+// than 3k blocks freed before it stay cached. Within the window, cut into pieces (maximal runs of
+// consecutive window blocks), it takes in order:
+//   1. pieces that close the gap between two free uncached runs, shortest first: each joins two
+//      runs into one;
+//   2. blocks that extend a free uncached run (a piece touching one, or a gap too long to close),
+//      from the touching end, oldest pieces first: no new run;
+//   3. pieces on their own: the longest whole while none is long enough for the rest, then the
+//      shortest that is (best fit, so long stretches stay whole for the next large request), cut
+//      from the end that keeps the rest joined to cached blocks beyond the window (else the older
+//      end). Each is one more run.
+// Ties go to the least recently freed. With nothing to join and only single blocks, it takes the
+// k oldest: plain LRU.
 //
-// Cost: O(w log w) for a window of w <= 2k blocks; the buffers are reused, so after warm-up
+// Why a window of 4k: after churn the oldest cached blocks are what finished requests left, long
+// stretches (their prompts) among single blocks (their decode steps, interleaved with other
+// requests'). Strict LRU (and the old free list, which also handed a freed table back tail first:
+// every block a run of its own) scatters a 256-block reservation over ~250 runs; a window of 2k,
+// 4k, 8k brings it to ~15, ~4, ~2 in a decode-instance churn (tests/cpp/block_pool_runs_test.cc),
+// and 4k keeps eviction close to LRU at O(k log k).
+//
+// Cost: O(w log w) for a window of w <= 4k blocks; the buffers are reused, so after warm-up
 // nothing allocates.
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <utility>
 #include <vector>
 
 #include "rtpllm/cache/free_block_runs.h"
@@ -27,21 +40,25 @@ namespace rtpllm {
 
 class RunAwareEviction {
  public:
-  // The window holds at most window_factor * count blocks.
-  static constexpr int32_t kWindowFactor = 2;
+  // The window holds at most kWindowFactor * count blocks.
+  static constexpr int32_t kWindowFactor = 4;
 
   // `window`: cached free blocks, least recently freed first (at least `count` of them, each not
-  // in `free_runs`). Sets chosen[i] to 1 for the `count` window positions to evict, 0 for others.
+  // in `free_runs`); `is_cached_free`: whether a block (any id, even outside the pool) is a cached
+  // free block. Sets chosen[i] to 1 for the `count` window positions to evict, 0 for the others.
   void choose(const std::vector<BlockId>& window, int32_t count, const FreeBlockRuns& free_runs,
-              std::vector<uint8_t>& chosen);
+              const std::function<bool(BlockId)>& is_cached_free, std::vector<uint8_t>& chosen);
 
  private:
   struct Piece {
     int32_t begin = 0;   // index into sorted_ of its lowest id
     int32_t length = 0;
     int32_t oldest = 0;  // smallest window position (LRU rank) among its blocks
-    bool joins_left = false;   // the block before it is free (uncached)
-    bool joins_right = false;  // the block after it is free (uncached)
+    bool joins_left = false;    // the block before it is free and uncached
+    bool joins_right = false;   // the block after it is free and uncached
+    bool cached_below = false;  // the block before it is free and cached (outside the window)
+    bool cached_above = false;  // the block after it is free and cached
+    bool high_is_older = false; // its highest block was freed before its lowest
   };
   // Marks `n` blocks of `piece`, from its low end or its high end.
   void take(const Piece& piece, int32_t n, bool from_high_end, std::vector<uint8_t>& chosen);
