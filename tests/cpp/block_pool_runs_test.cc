@@ -103,7 +103,7 @@ TEST(BlockPoolRuns, LegacyFreeListScattersAReservationAfterChurn) {
   // The problem this pool solves: the same churn leaves the old free list handing out a 4k-token
   // reservation in scattered blocks (~225 runs of 256; with prefix caching a freed table also
   // comes back tail first, every block a run of its own). The pool below: 1 run without caching,
-  // 4 to 8 with it.
+  // 7 to 8 with it.
   for (bool cache : {false, true}) {
     LegacyFreeList legacy(kPoolBlocks);
     BlockHash next_hash = 1;

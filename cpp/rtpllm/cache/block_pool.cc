@@ -62,8 +62,7 @@ void BlockPool::evict(BlockId block_id) {
 }
 
 void BlockPool::evict_for_allocation(int32_t count) {
-  // The window: the least recently freed cached blocks, at most kWindowFactor * count of them.
-  const int64_t window = std::min<int64_t>(num_cached_free_, int64_t{RunAwareEviction::kWindowFactor} * count);
+  const int64_t window = RunAwareEviction::window_size(count, num_cached_free_);
   eviction_window_.clear();
   for (int32_t id = blocks_[sentinel_].next; static_cast<int64_t>(eviction_window_.size()) < window;
        id = blocks_[id].next) {

@@ -28,6 +28,7 @@
 // nothing allocates.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <utility>
@@ -40,8 +41,15 @@ namespace rtpllm {
 
 class RunAwareEviction {
  public:
-  // The window holds at most kWindowFactor * count blocks.
+  // How many of the least recently freed cached blocks to choose `count` victims among: up to
+  // kWindowFactor * count, but never more than a kWindowShare-th of the cached free blocks
+  // (at least `count`), so that a small cache stays (close to) LRU.
   static constexpr int32_t kWindowFactor = 4;
+  static constexpr int32_t kWindowShare = 4;
+  static int64_t window_size(int32_t count, int32_t num_cached_free) {
+    const int64_t cap = std::max<int64_t>(count, num_cached_free / kWindowShare);
+    return std::min<int64_t>(std::min<int64_t>(int64_t{kWindowFactor} * count, cap), num_cached_free);
+  }
 
   // `window`: cached free blocks, least recently freed first (at least `count` of them, each not
   // in `free_runs`); `is_cached_free`: whether a block (any id, even outside the pool) is a cached
