@@ -80,7 +80,9 @@ std::vector<BlockId> decode_reservation_after_churn(uint32_t seed, int32_t num_b
     if (decode.num_running() < 32) {
       const RequestSpec spec = make_spec(next_id++, 256 + static_cast<int32_t>(rng() % 3841),
                                          16 + static_cast<int32_t>(rng() % 497), rng);
-      if (decode.add_remote_prefill(spec)) EXPECT_TRUE(decode.complete_remote_prefill(spec.request_id, kSampled, outputs));
+      if (decode.add_remote_prefill(spec)) {
+        EXPECT_TRUE(decode.complete_remote_prefill(spec.request_id, kSampled, outputs));
+      }
     }
     step(decode, batch, outputs);
   }
@@ -142,7 +144,7 @@ TEST(PDBlockRuns, TransferAfterChurnWritesAFewPiecesPerPlane) {
 
 TEST(PDBlockRuns, TransferAfterChurnOfAFullPoolStillWritesFarLess) {
   // 4096 decode blocks: the pool runs full (requests wait for room), so the reservation takes
-X
+  // what the last finished requests freed, their decode blocks scattered among others' (94
   // writes, against 256).
   EXPECT_LE(writes_after_churn(4096, 1000), size_t{kPromptTokens / kDecodeBlockSize / 2});
 }

@@ -19,7 +19,7 @@ std::vector<BlockId> choose(const std::vector<BlockId>& window, int32_t count, c
   for (BlockId id : free) runs.insert(id);
   std::set<BlockId> cached_free(window.begin(), window.end());
   cached_free.insert(cached.begin(), cached.end());
-  RunAwareEviction eviction;
+  RunAwareEviction eviction(64);
   std::vector<uint8_t> chosen;
   eviction.choose(window, count, runs, [&](BlockId id) { return cached_free.count(id) == 1; }, chosen);
   EXPECT_EQ(chosen.size(), window.size());
@@ -69,7 +69,7 @@ TEST(RunAwareEviction, CutsAPieceWhereTheRestStaysJoined) {
 TEST(RunAwareEviction, WholeWindowOrNothing) {
   EXPECT_EQ(choose({3, 1, 2}, 3, {}), (std::vector<BlockId>{3, 1, 2}));
   EXPECT_EQ(choose({3, 1, 2}, 0, {}), (std::vector<BlockId>{}));
-  RunAwareEviction eviction;
+  RunAwareEviction eviction(4);
   std::vector<uint8_t> chosen;
   EXPECT_THROW(eviction.choose({1}, 2, FreeBlockRuns(4), [](BlockId) { return false; }, chosen), std::logic_error);
 }

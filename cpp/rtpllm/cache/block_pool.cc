@@ -19,6 +19,7 @@ BlockPool::BlockPool(int32_t num_blocks)
     : num_blocks_(validated_num_blocks(num_blocks)),
       sentinel_(num_blocks),
       free_runs_(num_blocks),
+      eviction_(num_blocks),
       cached_(num_blocks) {
   blocks_.resize(static_cast<size_t>(num_blocks) + 1);
   blocks_[sentinel_].prev = blocks_[sentinel_].next = sentinel_;

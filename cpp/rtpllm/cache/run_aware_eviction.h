@@ -24,8 +24,8 @@
 // 4k, 8k brings it to ~15, ~4, ~2 in a decode-instance churn (tests/cpp/block_pool_runs_test.cc),
 // and 4k keeps eviction close to LRU at O(k log k).
 //
-// Cost: O(w log w) for a window of w <= 4k blocks; the buffers are reused, so after warm-up
-// nothing allocates.
+// Cost: O(w + p log p) for a window of w <= 4k blocks in p pieces; the buffers are reused, so
+// after warm-up nothing allocates.
 #pragma once
 
 #include <algorithm>
@@ -41,6 +41,8 @@ namespace rtpllm {
 
 class RunAwareEviction {
  public:
+  explicit RunAwareEviction(int32_t num_blocks);  // block ids are in [0, num_blocks)
+
   // How many of the least recently freed cached blocks to choose `count` victims among: up to
   // kWindowFactor * count, but never more than a kWindowShare-th of the cached free blocks
   // (at least `count`), so that a small cache stays (close to) LRU.
@@ -59,7 +61,7 @@ class RunAwareEviction {
 
  private:
   struct Piece {
-    int32_t begin = 0;   // index into sorted_ of its lowest id
+    BlockId first = 0;  // its lowest block
     int32_t length = 0;
     int32_t oldest = 0;  // smallest window position (LRU rank) among its blocks
     bool joins_left = false;    // the block before it is free and uncached
@@ -68,10 +70,11 @@ class RunAwareEviction {
     bool cached_above = false;  // the block after it is free and cached
     bool high_is_older = false; // its highest block was freed before its lowest
   };
+  bool in_window(BlockId block_id) const;
   // Marks `n` blocks of `piece`, from its low end or its high end.
-  void take(const Piece& piece, int32_t n, bool from_high_end, std::vector<uint8_t>& chosen);
+  void take(const Piece& piece, int32_t n, bool from_high_end, std::vector<uint8_t>& chosen) const;
 
-  std::vector<std::pair<BlockId, int32_t>> sorted_;  // (block id, window position), by id
+  std::vector<int32_t> rank_;  // per block: its window position during choose(), else -1
   std::vector<Piece> pieces_;
   std::vector<int32_t> order_;
 };
