@@ -144,7 +144,7 @@ TEST(PDBlockRuns, TransferAfterChurnWritesAFewPiecesPerPlane) {
 
 TEST(PDBlockRuns, TransferAfterChurnOfAFullPoolStillWritesFarLess) {
   // 4096 decode blocks: the pool runs full (requests wait for room), so the reservation takes
-  // what the last finished requests freed, their decode blocks scattered among others' (94
+  // what the last finished requests freed, their decode blocks scattered among others' (63
   // writes, against 256).
   EXPECT_LE(writes_after_churn(4096, 1000), size_t{kPromptTokens / kDecodeBlockSize / 2});
 }

@@ -3,9 +3,10 @@
 //
 // The pool evicts only when its uncached free blocks are too few, and then exactly as many cached
 // blocks as are missing (k). Strict LRU would take the k least recently freed; here the choice is
-// among the 4k least recently freed (the window), so a cached block is never evicted while more
-// than 3k blocks freed before it stay cached. Within the window, cut into pieces (maximal runs of
-// consecutive window blocks), it takes in order:
+// among the 4k least recently freed, but never among the more recently freed half of the cached
+// free blocks (the window; at least k): a cached block is never evicted while more than 3k blocks
+// freed before it stay cached, and a small cache stays close to LRU. Within the window, cut into
+// pieces (maximal runs of consecutive window blocks), it takes in order:
 //   1. pieces that close the gap between two free uncached runs, shortest first: each joins two
 //      runs into one;
 //   2. blocks that extend a free uncached run (a piece touching one, or a gap too long to close),
@@ -21,8 +22,9 @@
 // stretches (their prompts) among single blocks (their decode steps, interleaved with other
 // requests'). Strict LRU (and the old free list, which also handed a freed table back tail first:
 // every block a run of its own) scatters a 256-block reservation over ~250 runs; a window of 2k,
-// 4k, 8k brings it to ~15, ~4, ~2 in a decode-instance churn (tests/cpp/block_pool_runs_test.cc),
-// and 4k keeps eviction close to LRU at O(k log k).
+// 4k, 8k brings it to ~15, ~4, ~2 in a decode-instance churn with room to spare
+// (tests/cpp/block_pool_runs_test.cc), and 4k keeps eviction close to LRU. In a pool that runs
+// full, the half-of-the-cache bound leaves less choice (~40 to 60 runs: pd_block_runs_test.cc).
 //
 // Cost: O(w + p log p) for a window of w <= 4k blocks in p pieces; the buffers are reused, so
 // after warm-up nothing allocates.
@@ -44,10 +46,10 @@ class RunAwareEviction {
   explicit RunAwareEviction(int32_t num_blocks);  // block ids are in [0, num_blocks)
 
   // How many of the least recently freed cached blocks to choose `count` victims among: up to
-  // kWindowFactor * count, but never more than a kWindowShare-th of the cached free blocks
-  // (at least `count`), so that a small cache stays (close to) LRU.
+  // kWindowFactor * count, but no more than a kWindowShare-th of the cached free blocks (and at
+  // least `count`), so that a small cache stays (close to) LRU.
   static constexpr int32_t kWindowFactor = 4;
-  static constexpr int32_t kWindowShare = 4;
+  static constexpr int32_t kWindowShare = 2;
   static int64_t window_size(int32_t count, int32_t num_cached_free) {
     const int64_t cap = std::max<int64_t>(count, num_cached_free / kWindowShare);
     return std::min<int64_t>(std::min<int64_t>(int64_t{kWindowFactor} * count, cap), num_cached_free);
