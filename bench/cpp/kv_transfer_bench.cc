@@ -2,14 +2,17 @@
 // local copy of the same bytes in the same pattern (memcpy on host memory, cudaMemcpy D2D on GPU
 // memory) measured in the same run: the ceiling a transfer could reach on this machine.
 //
-//   kv_transfer_bench [--memory host|cuda] [--device D] [--layers L] [--iters N] [--grants]
+//   kv_transfer_bench [--memory host|cuda] [--device D] [--layers L] [--iters N] [--grants] [--churn]
 //
 // --grants: the receiver requires write grants (as a decode instance does): every put first asks
 // it (one control-channel round trip), so "put us" shows what that check costs.
 // The receiver is a forked child (so CUDA IPC and shared memory are on the table, as between a
 // prefill and a decode process); UCX picks the transports (UCX_TLS). KV shape: Llama-3-8B's
 // 8 KV heads x 128 dims in bf16 (2 KiB per token per plane), L layers (default 4). Block ids are
-// random on both sides, as a long-running pool's are.
+// random on both sides (a long-running pool's worst case).
+// --churn: instead, 16-token blocks in pools of 2048, both sides' lists as a pool hands them out
+// after a decode instance's churn (bench_churn.h): the free list BlockPool replaced ("old pool")
+// against BlockPool (free runs, run-aware eviction), 64 and 256 blocks.
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -26,6 +29,7 @@
 
 #include "rtpllm/transfer/transfer_plan.h"
 #include "rtpllm/transfer/ucx/ucx_transfer.h"
+#include "bench_churn.h"
 #include "bench_kv_pool.h"
 #ifdef RTPLLM_BENCH_CUDA
 #include <cuda_runtime_api.h>
@@ -36,7 +40,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-constexpr int32_t kPoolBlocks = 256;
 
 struct Args {
   MemoryKind memory = MemoryKind::HOST;
@@ -44,6 +47,8 @@ struct Args {
   int32_t layers = 4;
   int iters = 0;  // 0: enough to move ~512 MiB per measurement
   bool grants = false;  // the receiver requires write grants (kv_transfer.h)
+  bool churn = false;   // block lists after churn instead of random ones
+  int32_t pool_blocks() const { return churn ? 2048 : 256; }
 };
 
 void die(const std::string& message) {
@@ -58,7 +63,7 @@ using kvbench::cuda_check;
 // The pool blocks move out of and into (bench_kv_pool.h).
 struct Pool : kvbench::KVPool {
   Pool(const Args& args, int32_t block_tokens)
-      : kvbench::KVPool(args.memory, args.device, args.layers, kPoolBlocks, block_tokens) {}
+      : kvbench::KVPool(args.memory, args.device, args.layers, args.pool_blocks(), block_tokens) {}
 };
 
 std::function<void()> device_init(const Args& args) {
@@ -84,7 +89,7 @@ TransferOptions bench_options(const char* name) {
   options.require_write_grants = args.grants;
   UcxTransfer engine(options, device_init(args));
   engine.register_kv(pool.layout);
-  std::vector<BlockId> every(kPoolBlocks);
+  std::vector<BlockId> every(static_cast<size_t>(args.pool_blocks()));
   std::iota(every.begin(), every.end(), 0);
   engine.grant_writes(1, every);  // the sender's request id
   const int32_t port = engine.listen_port();
@@ -95,8 +100,8 @@ TransferOptions bench_options(const char* name) {
   std::exit(0);
 }
 
-std::vector<BlockId> random_blocks(int32_t count, std::mt19937& rng) {
-  std::vector<BlockId> all(kPoolBlocks);
+std::vector<BlockId> random_blocks(int32_t pool_blocks, int32_t count, std::mt19937& rng) {
+  std::vector<BlockId> all(static_cast<size_t>(pool_blocks));
   std::iota(all.begin(), all.end(), 0);
   std::shuffle(all.begin(), all.end(), rng);
   all.resize(count);
@@ -161,8 +166,30 @@ void bench_block_size(const Args& args, int32_t block_tokens) {
     engine.register_kv(local.layout);
     const PeerId peer = engine.connect("127.0.0.1", port);
     std::mt19937 rng(7);
-    for (int32_t count : {1, 4, 16, 64, 256}) {
-      const std::vector<BlockId> src = random_blocks(count, rng), dst = random_blocks(count, rng);
+    // (label, source blocks, destination blocks) per row.
+    struct Lists {
+      const char* label;
+      std::vector<BlockId> src, dst;
+    };
+    std::vector<Lists> rows;
+    if (args.churn) {
+      for (int32_t count : {64, 256}) {
+        using kvbench::reservation_after_churn;
+        rows.push_back({"old pool", reservation_after_churn<kvbench::LegacyFreeList>(args.pool_blocks(), count, 1),
+                        reservation_after_churn<kvbench::LegacyFreeList>(args.pool_blocks(), count, 2)});
+        rows.push_back({"BlockPool", reservation_after_churn<kvbench::ChurnPool>(args.pool_blocks(), count, 1),
+                        reservation_after_churn<kvbench::ChurnPool>(args.pool_blocks(), count, 2)});
+      }
+    } else {
+      for (int32_t count : {1, 4, 16, 64, 256}) {
+        std::vector<BlockId> src = random_blocks(args.pool_blocks(), count, rng);
+        rows.push_back({"random", src, random_blocks(args.pool_blocks(), count, rng)});
+      }
+    }
+    for (const Lists& lists : rows) {
+      const std::vector<BlockId>& src = lists.src;
+      const std::vector<BlockId>& dst = lists.dst;
+      const auto count = static_cast<int32_t>(src.size());
       const int64_t tokens = static_cast<int64_t>(count) * block_tokens;
       const TransferRequest request{1, src, dst, tokens, -1, true};
       const auto copies =
@@ -174,8 +201,8 @@ void bench_block_size(const Args& args, int32_t block_tokens) {
       const double get_s = time_transfers(engine, peer, request, false, iters);
       const double copy_s = time_local_copies(copies, args.memory, iters);
       const double gb = static_cast<double>(bytes) / 1e9;
-      std::printf("%-5s %6d %6d %9.2f %8zu %9.2f %9.2f %9.2f %8.2f %8.2f %9.1f\n",
-                  args.memory == MemoryKind::CUDA ? "cuda" : "host", block_tokens, count, bytes / 1048576.0,
+      std::printf("%-5s %-10s %6d %6d %9.2f %8zu %9.2f %9.2f %9.2f %8.2f %8.2f %9.1f\n",
+                  args.memory == MemoryKind::CUDA ? "cuda" : "host", lists.label, block_tokens, count, bytes / 1048576.0,
                   copies.size(), gb / put_s, gb / get_s, gb / copy_s, copy_s / put_s, copy_s / get_s, put_s * 1e6);
       std::fflush(stdout);
     }
@@ -205,8 +232,10 @@ Args parse(int argc, char** argv) {
       args.iters = std::max(1, std::atoi(value().c_str()));
     } else if (flag == "--grants") {
       args.grants = true;
+    } else if (flag == "--churn") {
+      args.churn = true;
     } else {
-      die("unknown flag " + flag + " (--memory host|cuda, --device D, --layers L, --iters N, --grants)");
+      die("unknown flag " + flag + " (--memory host|cuda, --device D, --layers L, --iters N, --grants, --churn)");
     }
   }
   return args;
@@ -223,8 +252,10 @@ int main(int argc, char** argv) {
               tls ? tls : "(UCX default)", args.layers, args.grants ? ", receiver requires write grants" : "");
   std::printf("# copy = the same copies done locally (%s); ratio = transfer rate / copy rate\n",
               args.memory == MemoryKind::CUDA ? "cudaMemcpyAsync D2D" : "memcpy");
-  std::printf("%-5s %6s %6s %9s %8s %9s %9s %9s %8s %8s %9s\n", "mem", "block", "blocks", "MiB", "copies",
+  std::printf("%-5s %-10s %6s %6s %9s %8s %9s %9s %9s %8s %8s %9s\n", "mem", "lists", "block", "blocks", "MiB", "copies",
               "put GB/s", "get GB/s", "copy GB/s", "put/cp", "get/cp", "put us");
-  for (int32_t block_tokens : {16, 64}) bench_block_size(args, block_tokens);
+  for (int32_t block_tokens : {16, 64}) {
+    if (block_tokens == 16 || !args.churn) bench_block_size(args, block_tokens);
+  }
   return 0;
 }

@@ -5,7 +5,8 @@
 // Scenarios: N running decode sequences (every step: one token each, KV blocks grow, full blocks
 // enter the prefix cache), and a mix where long prompts keep arriving and are chunk-prefilled
 // next to the decodes while finished requests leave, and speculative decoding (every decode asks
-// for lookahead slots, half the drafts are accepted, the rest rolled back). Batch and output buffers are reused, as a
+// for lookahead slots, half the drafts are accepted, the rest rolled back), and the mix again in a pool
+// that finished requests' cached blocks fill, so that allocations evict. Batch and output buffers are reused, as a
 // C++ caller would; the Python binding adds its own object overhead on top.
 // --tiers: every scenario also with a host KV tier attached (TieredKVConnector over a HostTier
 // far smaller than the working set, CPU copy engine, 128-byte blocks so that the copies cost
@@ -43,6 +44,9 @@ struct Scenario {
   int32_t prefill_arrival;  // > 0: keep one prompt of this length arriving (chunked prefill mix)
   int32_t token_budget;
   int32_t lookahead = 0;  // > 0: every decode asks for this many draft slots and accepts half
+  // > 0: a pool of this many blocks instead of room for everyone: finished requests' cached
+  // blocks fill it, so allocations evict (the block pool's eviction path on every step).
+  int32_t pool_blocks = 0;
 };
 
 constexpr TokenId kSampledToken = 7;  // never a stop token here
@@ -86,7 +90,8 @@ Result run(const Scenario& sc, int timed_steps, bool tiers) {
   // Room for the warm-up (prefilling every sequence) plus the timed steps, so nobody finishes.
   const int32_t decode_len = sc.prefill_arrival > 0 ? 0 : timed_steps + 1000;
   const int32_t max_len = std::max(sc.prompt_len + timed_steps + 1100, sc.prefill_arrival + 64);
-  const int32_t blocks = (max_seqs + 2) * ((max_len + kBlockSize - 1) / kBlockSize);
+  const int32_t blocks =
+      sc.pool_blocks > 0 ? sc.pool_blocks : (max_seqs + 2) * ((max_len + kBlockSize - 1) / kBlockSize);
   Scheduler scheduler({sc.token_budget, max_seqs, true, max_len}, {blocks, kBlockSize, true});
   std::unique_ptr<TinyTiers> tiny = tiers ? std::make_unique<TinyTiers>(blocks) : nullptr;
   if (tiny) scheduler.set_kv_connector(tiny->connector, 10.0);
@@ -172,6 +177,7 @@ int main(int argc, char** argv) {
       {"decode 1024 seqs, prompt 512", 1024, 512, 0, 8192},
       {"decode 256 + chunked 4k prefill", 256, 512, 4096, 2048},
       {"decode 256, 4 draft slots (2 accepted)", 256, 512, 0, 8192, 4},
+      {"decode 256 + chunked 4k prefill, pool full (evicts)", 256, 512, 4096, 2048, 0, 14000},
   };
   std::printf("%-52s %8s %10s %12s %10s %8s\n", "scenario", "seqs", "tokens", "median us", "p90 us", "steps");
   for (const Scenario& sc : scenarios) {

@@ -4,7 +4,11 @@
    512 MiB) written layer by layer from one process's paged pool into another's (block size 64
    into 16, as prefill and decode may differ), over UCX (CUDA IPC), against a device-to-device
    copy measured in the same run (ratio = transfer bytes/s over copy bytes/s, one direction);
-   into consecutive decode blocks (few large writes) and into reversed ones (one write per block).
+   into consecutive decode blocks (few large writes), into reversed ones (one write per block: what
+   the old free list handed out after churn), and the block lists the real allocator hands out
+   after churn (`_C.Scheduler` driven through many requests on both sides, prefix caching on:
+   "after_churn" with room to spare in the decode pool, "after_churn_full_pool" with it running
+   full).
 2. Time to first token of a 4k-token prompt: `rtpllm serve` colocated, then through PD (prefill
    and decode instances on the same GPU, half its memory each; the router's hand-off driven here),
    both streamed, measured at the client from sending the request to the first content chunk,
@@ -33,6 +37,7 @@ from bench_util import device_name, measure_copy_tbps, parse_args, row, write_js
 LAYERS, HEADS, HEAD_DIM = 32, 8, 128
 PROMPT_TOKENS = 4096
 REPEATS = 5
+DECODE_POOL_BLOCKS, PREFILL_POOL_BLOCKS = 8192, 1024  # 16 GiB and 8 GiB: room for the churn rows
 
 
 # ---------------------------------------------------------------------- 1. transfer bandwidth
@@ -53,10 +58,80 @@ def _engine(name: str, pool: list[torch.Tensor]):
 
 def receiver() -> None:
     """The decode side of part 1, in a process of its own: a pool of 16-token blocks."""
-    pool = _pool(PROMPT_TOKENS // 16 + 8, 16)
+    pool = _pool(DECODE_POOL_BLOCKS, 16)
     engine = _engine("decode", pool)
     print(json.dumps({"port": engine.listen_port}), flush=True)
     sys.stdin.read()  # until the parent closes our stdin
+
+
+def _runs(blocks: list[int]) -> int:
+    """Runs of consecutive block ids: each is one write per layer and plane at most."""
+    return sum(1 for i, b in enumerate(blocks) if i == 0 or b != blocks[i - 1] + 1)
+
+
+def _churn_spec(rng, request_id: int, prompt_tokens: int, max_new_tokens: int):
+    from rtpllm import _C
+
+    return _C.RequestSpec(request_id=request_id, prompt_token_ids=rng.integers(3, 30000, prompt_tokens, dtype="int32"),
+                          max_new_tokens=max_new_tokens, stop_token_ids=[2], arrival_time=float(request_id))
+
+
+def _churn_step(scheduler) -> None:
+    import numpy as np
+
+    batch = scheduler.schedule()
+    scheduler.update(batch, np.full(batch.num_sampled, 7, dtype=np.int32))
+
+
+def decode_reservation_after_churn(num_blocks: int, steps: int) -> list[int]:
+    """The blocks a decode instance (16-token blocks, prefix caching on) reserves for a 4k-token
+    prompt after `steps` steps of remote-prefill requests (prompts of 256..4096 tokens, 16..512
+    output tokens, up to 32 at once), as tests/cpp/pd_block_runs_test.cc drives it."""
+    import numpy as np
+    from rtpllm import _C
+
+    rng = np.random.default_rng(1)
+    decode = _C.Scheduler(_C.SchedulerOptions(max_num_batched_tokens=8192, max_num_seqs=32, max_model_len=8192),
+                          _C.CacheOptions(num_blocks=num_blocks, block_size=16, enable_prefix_caching=True))
+    for request_id in range(1, steps + 1):
+        if decode.num_running < 32:
+            spec = _churn_spec(rng, request_id, int(rng.integers(256, 4097)), int(rng.integers(16, 513)))
+            if decode.add_remote_prefill(spec):
+                decode.complete_remote_prefill(request_id, 7)
+        _churn_step(decode)
+    target = _churn_spec(rng, steps + 1, PROMPT_TOKENS, 16)
+    while not decode.add_remote_prefill(target):
+        _churn_step(decode)
+    return list(decode.get_request(steps + 1).block_table)
+
+
+def prefill_blocks_after_churn(num_blocks: int) -> list[int]:
+    """The blocks a prefill instance (64-token blocks, 2048-token chunks) computes a 4k-token
+    prompt in after 400 steps of prompts of 256..4096 tokens."""
+    import numpy as np
+    from rtpllm import _C
+
+    rng = np.random.default_rng(1)
+    prefill = _C.Scheduler(_C.SchedulerOptions(max_num_batched_tokens=2048, max_num_seqs=16, max_model_len=8192),
+                           _C.CacheOptions(num_blocks=num_blocks, block_size=64, enable_prefix_caching=True))
+    request_id = 0
+    for _ in range(400):
+        if prefill.num_waiting < 4:
+            request_id += 1
+            prefill.add_request(_churn_spec(rng, request_id, int(rng.integers(256, 4097)), 1))
+        _churn_step(prefill)
+    while prefill.has_unfinished():
+        _churn_step(prefill)
+    target = request_id + 1
+    prefill.add_request(_churn_spec(rng, target, PROMPT_TOKENS, 1))
+    blocks: list[int] = []
+    while prefill.has_unfinished():
+        batch = prefill.schedule()
+        request = prefill.get_request(target)
+        if request is not None:
+            blocks = list(request.block_table)  # the last chunk's schedule holds every block
+        prefill.update(batch, np.full(batch.num_sampled, 7, dtype=np.int32))
+    return blocks
 
 
 def transfer_rows(copy_tbps: float) -> list[dict]:
@@ -66,17 +141,22 @@ def transfer_rows(copy_tbps: float) -> list[dict]:
                              text=True)
     try:
         port = json.loads(child.stdout.readline())["port"]
-        pool = _pool(PROMPT_TOKENS // 64 + 2, 64)
+        pool = _pool(PREFILL_POOL_BLOCKS, 64)
         engine = _engine("prefill", pool)
         peer = engine.connect("127.0.0.1", port)
-        src = list(range(PROMPT_TOKENS // 64))
+        src_consecutive = list(range(PROMPT_TOKENS // 64))
         nbytes = PROMPT_TOKENS * LAYERS * 2 * HEADS * HEAD_DIM * 2
         copy_one_way = copy_tbps / 2  # measure_copy_tbps counts bytes read plus written
         rows = []
-        # Consecutive decode blocks (a fresh pool hands them out in order: few large writes) and
-        # reversed ones (the worst case: one write per 16-token block, layer and plane).
-        for order, dst in (("consecutive", list(range(PROMPT_TOKENS // 16))),
-                           ("reversed", list(range(PROMPT_TOKENS // 16))[::-1])):
+        # Consecutive decode blocks (a fresh pool hands them out in order: few large writes),
+        # reversed ones (the worst case: one write per 16-token block, layer and plane), and both
+        # sides' blocks as the allocator hands them out after churn.
+        prefill_churned = prefill_blocks_after_churn(PREFILL_POOL_BLOCKS)
+        cases = (("consecutive", src_consecutive, list(range(PROMPT_TOKENS // 16))),
+                 ("reversed", src_consecutive, list(range(PROMPT_TOKENS // 16))[::-1]),
+                 ("after_churn", prefill_churned, decode_reservation_after_churn(DECODE_POOL_BLOCKS, 600)),
+                 ("after_churn_full_pool", prefill_churned, decode_reservation_after_churn(DECODE_POOL_BLOCKS // 2, 1000)))
+        for order, src, dst in cases:
             times = []
             for repeat in range(REPEATS + 1):
                 torch.cuda.synchronize()
@@ -92,10 +172,12 @@ def transfer_rows(copy_tbps: float) -> list[dict]:
             engine.take_notices(0.0)
             seconds = statistics.median(times)
             achieved = nbytes / seconds / 1e12
-            print(f"transfer ({order} decode blocks): {nbytes / 2**20:.0f} MiB in {seconds * 1e3:.2f} ms = "
+            print(f"transfer ({order} decode blocks, {_runs(src)} prefill / {_runs(dst)} decode runs): "
+                  f"{nbytes / 2**20:.0f} MiB in {seconds * 1e3:.2f} ms = "
                   f"{achieved:.3f} TB/s (device copy {copy_one_way:.3f} TB/s one way)")
             rows.append(row(f"kv_transfer_4k_prompt_layer_by_layer_{order}", achieved, "TB/s",
-                            "device copy (one way, same run)", achieved / copy_one_way, ms=seconds * 1e3, bytes=nbytes))
+                            "device copy (one way, same run)", achieved / copy_one_way, ms=seconds * 1e3, bytes=nbytes,
+                            prefill_runs=_runs(src), decode_runs=_runs(dst)))
         return rows
     finally:
         child.stdin.close()

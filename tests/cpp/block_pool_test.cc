@@ -104,10 +104,59 @@ TEST(BlockPool, EvictsLeastRecentlyFreedFirstAndTailBeforeHead) {
   for (int i = 0; i < 4; ++i) ASSERT_TRUE(pool.cache(i, 1000 + i));
   pool.release(first);   // freed first: evicted first, tail (1) before head (0)
   pool.release(second);
-  const auto reused = allocate(pool, 4);
-  EXPECT_EQ(reused, (std::vector<BlockId>{1, 0, 3, 2}));
+  EXPECT_EQ(allocate(pool, 2), (std::vector<BlockId>{0, 1}));  // handed out in id order
+  EXPECT_EQ(allocate(pool, 2), (std::vector<BlockId>{2, 3}));
   ASSERT_EQ(listener.evicted.size(), 4u);
   EXPECT_EQ(listener.evicted[0].second, BlockHash{1001});
+  EXPECT_EQ(listener.evicted[1].second, BlockHash{1000});
+  EXPECT_EQ(listener.evicted[2].second, BlockHash{1003});
+  pool.check_invariants();
+}
+
+TEST(BlockPool, ReusesUncachedBlocksAsRunsInIdOrder) {
+  BlockPool pool(8);
+  const auto a = allocate(pool, 3);  // 0..2
+  const auto b = allocate(pool, 2);  // 3..4
+  const auto c = allocate(pool, 3);  // 5..7
+  pool.release(a);
+  pool.release(c);
+  EXPECT_EQ(pool.free_uncached_runs(), (std::vector<std::pair<BlockId, int32_t>>{{0, 3}, {5, 3}}));
+  pool.release(b);  // joins both neighbours: one run again
+  EXPECT_EQ(pool.free_uncached_runs(), (std::vector<std::pair<BlockId, int32_t>>{{0, 8}}));
+  pool.check_invariants();
+}
+
+TEST(BlockPool, AGrowingTableContinuesAtItsNextBlock) {
+  BlockPool pool(16);
+  const auto filler = allocate(pool, 16);
+  pool.release({filler[2], filler[3], filler[4], filler[10], filler[11]});
+  std::vector<BlockId> table = {1};  // a table ending at block 1 grows into 2, 3, 4 before 10
+  pool.allocate(2, table);
+  EXPECT_EQ(table, (std::vector<BlockId>{1, 2, 3}));
+  pool.allocate(2, table);  // 4, then the best fit for the last one
+  EXPECT_EQ(table, (std::vector<BlockId>{1, 2, 3, 4, 10}));
+  pool.check_invariants();
+}
+
+TEST(BlockPool, RegisteringAFreeBlockFilesItAsCached) {
+  BlockPool pool(2);
+  const auto blocks = allocate(pool, 1);
+  pool.release(blocks);
+  ASSERT_TRUE(pool.cache(blocks[0], 5));
+  pool.check_invariants();
+  EXPECT_EQ(allocate(pool, 1), std::vector<BlockId>{1});  // the uncached block first
+  EXPECT_EQ(pool.lookup(5), blocks[0]);
+  pool.check_invariants();
+}
+
+TEST(BlockPool, TouchingAFreeUncachedBlockTakesItOutOfItsRun) {
+  BlockPool pool(5);
+  pool.touch(2);
+  EXPECT_EQ(pool.ref_count(2), 1);
+  EXPECT_EQ(pool.free_uncached_runs(), (std::vector<std::pair<BlockId, int32_t>>{{0, 2}, {3, 2}}));
+  pool.check_invariants();
+  pool.release({2});
+  pool.check_invariants();
 }
 
 TEST(BlockPool, KeepsTheFirstCopyOfADuplicatePrefix) {

@@ -1,5 +1,6 @@
 #include "rtpllm/cache/block_pool.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -15,10 +16,14 @@ int32_t validated_num_blocks(int32_t num_blocks) {
 }  // namespace
 
 BlockPool::BlockPool(int32_t num_blocks)
-    : num_blocks_(validated_num_blocks(num_blocks)), sentinel_(num_blocks), num_free_(0), cached_(num_blocks) {
+    : num_blocks_(validated_num_blocks(num_blocks)),
+      sentinel_(num_blocks),
+      free_runs_(num_blocks),
+      eviction_(num_blocks),
+      cached_(num_blocks) {
   blocks_.resize(static_cast<size_t>(num_blocks) + 1);
   blocks_[sentinel_].prev = blocks_[sentinel_].next = sentinel_;
-  for (BlockId id = 0; id < num_blocks; ++id) link_before(id, sentinel_);  // id order: 0 is reused first
+  for (BlockId id = 0; id < num_blocks; ++id) free_runs_.insert(id);  // one run: 0, 1, 2, ... go first
 }
 
 size_t BlockPool::checked(BlockId block_id) const {
@@ -28,23 +33,23 @@ size_t BlockPool::checked(BlockId block_id) const {
   return static_cast<size_t>(block_id);
 }
 
-void BlockPool::unlink(BlockId block_id) {
+void BlockPool::lru_unlink(BlockId block_id) {
   Block& b = blocks_[block_id];
   blocks_[b.prev].next = b.next;
   blocks_[b.next].prev = b.prev;
   b.prev = b.next = -1;
-  b.in_free_list = false;
-  --num_free_;
+  b.in_lru = false;
+  --num_cached_free_;
 }
 
-void BlockPool::link_before(BlockId block_id, int32_t position) {
+void BlockPool::lru_append(BlockId block_id) {
   Block& b = blocks_[block_id];
-  b.next = position;
-  b.prev = blocks_[position].prev;
+  b.next = sentinel_;
+  b.prev = blocks_[sentinel_].prev;
   blocks_[b.prev].next = block_id;
-  blocks_[position].prev = block_id;
-  b.in_free_list = true;
-  ++num_free_;
+  blocks_[sentinel_].prev = block_id;
+  b.in_lru = true;
+  ++num_cached_free_;
 }
 
 void BlockPool::evict(BlockId block_id) {
@@ -57,23 +62,47 @@ void BlockPool::evict(BlockId block_id) {
   ++num_evictions_;
 }
 
+void BlockPool::evict_for_allocation(int32_t count) {
+  const int64_t window = RunAwareEviction::window_size(count, num_cached_free_);
+  eviction_window_.clear();
+  for (int32_t id = blocks_[sentinel_].next; static_cast<int64_t>(eviction_window_.size()) < window;
+       id = blocks_[id].next) {
+    eviction_window_.push_back(id);
+  }
+  const auto is_cached_free = [this](BlockId id) {
+    return id >= 0 && id < num_blocks_ && blocks_[static_cast<size_t>(id)].in_lru;
+  };
+  eviction_.choose(eviction_window_, count, free_runs_, is_cached_free, eviction_chosen_);
+  // Evicted least recently freed first, as the listener's contract orders them.
+  for (size_t i = 0; i < eviction_window_.size(); ++i) {
+    if (!eviction_chosen_[i]) continue;
+    const BlockId id = eviction_window_[i];
+    lru_unlink(id);
+    evict(id);
+    free_runs_.insert(id);
+  }
+}
+
 void BlockPool::allocate(int32_t count, std::vector<BlockId>& out) {
-  if (count < 0 || count > num_free_) {
+  if (count < 0 || count > num_free_blocks()) {
     throw std::logic_error("BlockPool::allocate: asked for " + std::to_string(count) + " blocks, " +
-                           std::to_string(num_free_) + " free");
+                           std::to_string(num_free_blocks()) + " free");
   }
-  for (int32_t i = 0; i < count; ++i) {
-    const BlockId id = blocks_[sentinel_].next;
-    unlink(id);
-    if (blocks_[id].has_hash) evict(id);
-    blocks_[id].ref_count = 1;
-    out.push_back(id);
-  }
+  if (count > free_runs_.size()) evict_for_allocation(count - free_runs_.size());
+  const size_t first = out.size();
+  free_runs_.take(count, out.empty() ? -1 : out.back() + 1, out);
+  for (size_t i = first; i < out.size(); ++i) blocks_[out[i]].ref_count = 1;
 }
 
 void BlockPool::touch(BlockId block_id) {
   Block& b = blocks_[checked(block_id)];
-  if (b.ref_count == 0) unlink(block_id);
+  if (b.ref_count == 0) {
+    if (b.in_lru) {
+      lru_unlink(block_id);
+    } else {
+      free_runs_.erase(block_id);
+    }
+  }
   ++b.ref_count;
 }
 
@@ -82,8 +111,12 @@ void BlockPool::release(const std::vector<BlockId>& block_table) {
     Block& b = blocks_[checked(*it)];
     if (b.ref_count <= 0) throw std::logic_error("BlockPool::release: block " + std::to_string(*it) + " is already free");
     if (--b.ref_count > 0) continue;
-    // Uncached blocks go to the head: reusing them loses nothing, so cached prefixes live longer.
-    link_before(*it, b.has_hash ? sentinel_ : blocks_[sentinel_].next);
+    // Uncached blocks are reused first: reusing them loses nothing, so cached prefixes live longer.
+    if (b.has_hash) {
+      lru_append(*it);
+    } else {
+      free_runs_.insert(*it);
+    }
   }
 }
 
@@ -97,6 +130,10 @@ bool BlockPool::cache(BlockId block_id, BlockHash hash) {
   if (!cached_.insert(hash, block_id)) return false;
   b.has_hash = true;
   b.hash = hash;
+  if (b.ref_count == 0) {  // registered while free: it now holds something worth keeping
+    free_runs_.erase(block_id);
+    lru_append(block_id);
+  }
   if (event_log_ != nullptr) event_log_->record(KVEventKind::kStored, KVTier::kDevice, hash);
   return true;
 }
@@ -118,26 +155,33 @@ std::optional<BlockHash> BlockPool::hash_of(BlockId block_id) const {
 
 void BlockPool::check_invariants() const {
   auto fail = [](const std::string& what) { throw std::logic_error("BlockPool invariant violated: " + what); };
+  free_runs_.check_invariants();
   int32_t walked = 0;
   int32_t prev = sentinel_;
   for (int32_t id = blocks_[sentinel_].next; id != sentinel_; id = blocks_[id].next) {
-    if (id < 0 || id >= num_blocks_) fail("free list holds invalid id " + std::to_string(id));
-    if (++walked > num_blocks_) fail("free list has a cycle");
+    if (id < 0 || id >= num_blocks_) fail("LRU list holds invalid id " + std::to_string(id));
+    if (++walked > num_blocks_) fail("LRU list has a cycle");
     const Block& b = blocks_[id];
-    if (!b.in_free_list) fail("block " + std::to_string(id) + " is linked but not marked free");
-    if (b.ref_count != 0) fail("free block " + std::to_string(id) + " has ref count " + std::to_string(b.ref_count));
-    if (b.prev != prev) fail("free list back link broken at block " + std::to_string(id));
+    if (!b.in_lru) fail("block " + std::to_string(id) + " is linked but not marked as in the LRU list");
+    if (b.prev != prev) fail("LRU list back link broken at block " + std::to_string(id));
     prev = id;
   }
-  if (walked != num_free_) fail("free list has " + std::to_string(walked) + " blocks, counter says " + std::to_string(num_free_));
+  if (walked != num_cached_free_) {
+    fail("LRU list has " + std::to_string(walked) + " blocks, counter says " + std::to_string(num_cached_free_));
+  }
   size_t hashed = 0;
   for (BlockId id = 0; id < num_blocks_; ++id) {
     const Block& b = blocks_[id];
-    if (b.ref_count < 0) fail("block " + std::to_string(id) + " has negative ref count");
-    if ((b.ref_count == 0) != b.in_free_list) fail("block " + std::to_string(id) + " free-list membership disagrees with its ref count");
+    const std::string name = "block " + std::to_string(id);
+    if (b.ref_count < 0) fail(name + " has negative ref count");
+    const bool in_runs = free_runs_.contains(id);
+    if (b.in_lru && in_runs) fail(name + " is both in the LRU list and in the free runs");
+    if ((b.ref_count == 0) != (b.in_lru || in_runs)) fail(name + " free-list membership disagrees with its ref count");
+    // Free blocks are filed by what they hold: cached ones in the LRU list, the rest in the runs.
+    if (b.ref_count == 0 && b.has_hash != b.in_lru) fail(name + " is free and filed in the wrong free list");
     if (b.has_hash) {
       ++hashed;
-      if (cached_.find(b.hash) != id) fail("block " + std::to_string(id) + " has a hash missing from the index");
+      if (cached_.find(b.hash) != id) fail(name + " has a hash missing from the index");
     }
   }
   if (hashed != cached_.size()) fail("hash index has entries for blocks without a hash");

@@ -1,0 +1,171 @@
+// After churn that scatters a LIFO free list (sequences growing a block at a time side by side,
+// finishing in random order), the pool still hands a large reservation out in few runs of
+// consecutive ids, with prefix caching off and on (there it must evict), without leaking blocks
+// or losing more cached blocks than the reservation needs.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <deque>
+#include <random>
+#include <set>
+#include <type_traits>
+#include <vector>
+
+#include "rtpllm/cache/block_pool.h"
+
+namespace rtpllm {
+namespace {
+
+constexpr int32_t kPoolBlocks = 8192;
+constexpr int32_t kReservation = 256;  // a 4k-token prompt in 16-token blocks
+// What the pool must achieve after the churn below; the old free list needs ~250 runs.
+constexpr int32_t kMaxRuns = 16;
+
+int32_t count_runs(const std::vector<BlockId>& blocks) {
+  int32_t runs = 0;
+  for (size_t i = 0; i < blocks.size(); ++i) runs += (i == 0 || blocks[i] != blocks[i - 1] + 1) ? 1 : 0;
+  return runs;
+}
+
+// The free list the pool used to keep: uncached blocks at the head (the last released reused
+// first), cached ones at the tail in release order (a table tail first), allocation from the head.
+class LegacyFreeList {
+ public:
+  explicit LegacyFreeList(int32_t num_blocks) {
+    for (BlockId id = 0; id < num_blocks; ++id) list_.push_back(id);
+  }
+  void allocate(int32_t count, std::vector<BlockId>& out) {
+    for (int32_t i = 0; i < count; ++i) {
+      out.push_back(list_.front());
+      list_.pop_front();
+    }
+  }
+  // `num_cached`: the table's first blocks that were registered in the prefix cache.
+  void release(const std::vector<BlockId>& table, size_t num_cached) {
+    for (size_t i = table.size(); i-- > 0;) {
+      if (i < num_cached) {
+        list_.push_back(table[i]);
+      } else {
+        list_.push_front(table[i]);
+      }
+    }
+  }
+
+ private:
+  std::deque<BlockId> list_;
+};
+
+// A decode instance's churn: up to 32 live requests, each arriving with a prompt of 16..256
+// blocks (reserved at once, as for a prefill peer's KV) and then growing by one block per round
+// with probability 1/12, side by side; a random one finishes every third round on average. With `cache_hashes`, a request's full blocks (all but
+// its last) are registered before release, so the free blocks end up almost all cached. Returns
+// the requests still live: the free blocks are whatever churn left.
+template <typename Pool>
+std::vector<std::vector<BlockId>> churn(Pool& pool, uint32_t seed, bool cache_hashes, BlockHash* next_hash) {
+  std::mt19937 rng(seed);
+  std::vector<std::vector<BlockId>> live;
+  int32_t used = 0;
+  const int32_t cap = kPoolBlocks - kReservation - 64;  // room for the reservation after churn
+  for (int round = 0; round < 3000; ++round) {
+    const auto prompt = static_cast<int32_t>(16 + rng() % 241);
+    if (live.size() < 32 && used + prompt <= cap) {
+      live.emplace_back();
+      pool.allocate(prompt, live.back());
+      used += prompt;
+    }
+    for (auto& table : live) {
+      if (rng() % 12 != 0 || used + 1 > cap) continue;
+      pool.allocate(1, table);
+      ++used;
+    }
+    if (rng() % 3 == 0 && !live.empty()) {
+      const size_t victim = rng() % live.size();
+      const size_t num_cached = cache_hashes ? live[victim].size() - 1 : 0;
+      if constexpr (std::is_same_v<Pool, BlockPool>) {
+        for (size_t i = 0; i < num_cached; ++i) pool.cache(live[victim][i], (*next_hash)++);
+        pool.release(live[victim]);
+      } else {
+        pool.release(live[victim], num_cached);
+      }
+      used -= static_cast<int32_t>(live[victim].size());
+      live.erase(live.begin() + static_cast<long>(victim));
+    }
+  }
+  return live;
+}
+
+struct Listener : BlockEvictionListener {
+  std::vector<BlockId> evicted;
+  void on_block_evicted(BlockId block_id, BlockHash) override { evicted.push_back(block_id); }
+};
+
+TEST(BlockPoolRuns, LegacyFreeListScattersAReservationAfterChurn) {
+  // The problem this pool solves: the same churn leaves the old free list handing out a 4k-token
+  // reservation in scattered blocks (~225 runs of 256; with prefix caching a freed table also
+  // comes back tail first, every block a run of its own). The pool below: 1 run without caching,
+  // 7 to 8 with it.
+  for (bool cache : {false, true}) {
+    LegacyFreeList legacy(kPoolBlocks);
+    BlockHash next_hash = 1;
+    churn(legacy, 1, cache, &next_hash);
+    std::vector<BlockId> reservation;
+    legacy.allocate(kReservation, reservation);
+    EXPECT_GT(count_runs(reservation), kReservation / 2) << "cache " << cache;
+  }
+}
+
+TEST(BlockPoolRuns, ReservationAfterChurnComesInFewRuns) {
+  for (uint32_t seed : {1u, 2u, 3u}) {
+    BlockPool pool(kPoolBlocks);
+    const auto live = churn(pool, seed, false, nullptr);
+    pool.check_invariants();
+    std::vector<BlockId> reservation;
+    pool.allocate(kReservation, reservation);
+    EXPECT_LE(count_runs(reservation), kMaxRuns) << "seed " << seed;
+    EXPECT_EQ(std::set<BlockId>(reservation.begin(), reservation.end()).size(), size_t{kReservation});
+    pool.release(reservation);
+    for (const auto& table : live) pool.release(table);
+    EXPECT_EQ(pool.num_free_blocks(), kPoolBlocks);
+    EXPECT_EQ(pool.free_uncached_runs().size(), 1u) << "every block is free again: one run";
+    pool.check_invariants();
+  }
+}
+
+TEST(BlockPoolRuns, ReservationThatEvictsComesInFewRunsAndEvictsOnlyWhatItNeeds) {
+  for (uint32_t seed : {1u, 2u, 3u}) {
+    BlockPool pool(kPoolBlocks);
+    Listener listener;
+    pool.set_eviction_listener(&listener);
+    BlockHash next_hash = 1;
+    auto live = churn(pool, seed, true, &next_hash);
+    // One sequence ends without caching (aborted), so some free blocks are uncached: those go
+    // first, the rest is evicted.
+    pool.release(live.back());
+    live.pop_back();
+    listener.evicted.clear();
+    int32_t uncached = 0;
+    for (const auto& [first, length] : pool.free_uncached_runs()) uncached += length;
+    ASSERT_GT(uncached, 0);
+    ASSERT_LT(uncached, kReservation);
+    const int32_t cached_before = pool.num_cached_blocks();
+
+    std::vector<BlockId> reservation;
+    pool.allocate(kReservation, reservation);
+    EXPECT_LE(count_runs(reservation), kMaxRuns) << "seed " << seed;
+    const auto evicted = static_cast<int32_t>(listener.evicted.size());
+    EXPECT_EQ(evicted, kReservation - uncached) << "evicts exactly the missing blocks";
+    EXPECT_EQ(pool.num_cached_blocks(), cached_before - evicted);
+    for (BlockId b : listener.evicted) {
+      EXPECT_FALSE(pool.hash_of(b).has_value());
+      EXPECT_TRUE(std::find(reservation.begin(), reservation.end(), b) != reservation.end());
+    }
+    pool.check_invariants();
+    pool.release(reservation);
+    for (const auto& table : live) pool.release(table);
+    EXPECT_EQ(pool.num_free_blocks(), kPoolBlocks);
+    pool.check_invariants();
+  }
+}
+
+}  // namespace
+}  // namespace rtpllm
