@@ -5,12 +5,10 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <deque>
-#include <random>
 #include <set>
-#include <type_traits>
 #include <vector>
 
+#include "bench_churn.h"
 #include "rtpllm/cache/block_pool.h"
 
 namespace rtpllm {
@@ -27,71 +25,13 @@ int32_t count_runs(const std::vector<BlockId>& blocks) {
   return runs;
 }
 
-// The free list the pool used to keep: uncached blocks at the head (the last released reused
-// first), cached ones at the tail in release order (a table tail first), allocation from the head.
-class LegacyFreeList {
- public:
-  explicit LegacyFreeList(int32_t num_blocks) {
-    for (BlockId id = 0; id < num_blocks; ++id) list_.push_back(id);
-  }
-  void allocate(int32_t count, std::vector<BlockId>& out) {
-    for (int32_t i = 0; i < count; ++i) {
-      out.push_back(list_.front());
-      list_.pop_front();
-    }
-  }
-  // `num_cached`: the table's first blocks that were registered in the prefix cache.
-  void release(const std::vector<BlockId>& table, size_t num_cached) {
-    for (size_t i = table.size(); i-- > 0;) {
-      if (i < num_cached) {
-        list_.push_back(table[i]);
-      } else {
-        list_.push_front(table[i]);
-      }
-    }
-  }
-
- private:
-  std::deque<BlockId> list_;
-};
-
-// A decode instance's churn: up to 32 live requests, each arriving with a prompt of 16..256
-// blocks (reserved at once, as for a prefill peer's KV) and then growing by one block per round
-// with probability 1/12, side by side; a random one finishes every third round on average. With `cache_hashes`, a request's full blocks (all but
-// its last) are registered before release, so the free blocks end up almost all cached. Returns
-// the requests still live: the free blocks are whatever churn left.
+// A decode instance's churn (bench_churn.h): prompts of 16..256 blocks, reserved at once as for a
+// prefill peer's KV. With `cache_hashes`, a request's full blocks (all but its last) are registered
+// before release, so the free blocks end up almost all cached. Returns the requests still live.
 template <typename Pool>
-std::vector<std::vector<BlockId>> churn(Pool& pool, uint32_t seed, bool cache_hashes, BlockHash* next_hash) {
-  std::mt19937 rng(seed);
-  std::vector<std::vector<BlockId>> live;
-  int32_t used = 0;
+std::vector<std::vector<BlockId>> churn(Pool& pool, uint32_t seed, bool cache_hashes) {
   const int32_t cap = kPoolBlocks - kReservation - 64;  // room for the reservation after churn
-  for (int round = 0; round < 3000; ++round) {
-    const auto prompt = static_cast<int32_t>(16 + rng() % 241);
-    if (live.size() < 32 && used + prompt <= cap) {
-      live.emplace_back();
-      pool.allocate(prompt, live.back());
-      used += prompt;
-    }
-    for (auto& table : live) {
-      if (rng() % 12 != 0 || used + 1 > cap) continue;
-      pool.allocate(1, table);
-      ++used;
-    }
-    if (rng() % 3 == 0 && !live.empty()) {
-      const size_t victim = rng() % live.size();
-      const size_t num_cached = cache_hashes ? live[victim].size() - 1 : 0;
-      if constexpr (std::is_same_v<Pool, BlockPool>) {
-        for (size_t i = 0; i < num_cached; ++i) pool.cache(live[victim][i], (*next_hash)++);
-        pool.release(live[victim]);
-      } else {
-        pool.release(live[victim], num_cached);
-      }
-      used -= static_cast<int32_t>(live[victim].size());
-      live.erase(live.begin() + static_cast<long>(victim));
-    }
-  }
-  return live;
+  return kvbench::churn(pool, kvbench::ChurnShape{16, 241, cap, cache_hashes}, seed);
 }
 
 struct Listener : BlockEvictionListener {
@@ -105,9 +45,8 @@ TEST(BlockPoolRuns, LegacyFreeListScattersAReservationAfterChurn) {
   // comes back tail first, every block a run of its own). The pool below: 1 run without caching,
   // 7 to 8 with it.
   for (bool cache : {false, true}) {
-    LegacyFreeList legacy(kPoolBlocks);
-    BlockHash next_hash = 1;
-    churn(legacy, 1, cache, &next_hash);
+    kvbench::LegacyFreeList legacy(kPoolBlocks);
+    churn(legacy, 1, cache);
     std::vector<BlockId> reservation;
     legacy.allocate(kReservation, reservation);
     EXPECT_GT(count_runs(reservation), kReservation / 2) << "cache " << cache;
@@ -116,8 +55,9 @@ TEST(BlockPoolRuns, LegacyFreeListScattersAReservationAfterChurn) {
 
 TEST(BlockPoolRuns, ReservationAfterChurnComesInFewRuns) {
   for (uint32_t seed : {1u, 2u, 3u}) {
-    BlockPool pool(kPoolBlocks);
-    const auto live = churn(pool, seed, false, nullptr);
+    kvbench::ChurnPool churn_pool(kPoolBlocks);
+    BlockPool& pool = churn_pool.pool;
+    const auto live = churn(churn_pool, seed, false);
     pool.check_invariants();
     std::vector<BlockId> reservation;
     pool.allocate(kReservation, reservation);
@@ -133,11 +73,11 @@ TEST(BlockPoolRuns, ReservationAfterChurnComesInFewRuns) {
 
 TEST(BlockPoolRuns, ReservationThatEvictsComesInFewRunsAndEvictsOnlyWhatItNeeds) {
   for (uint32_t seed : {1u, 2u, 3u}) {
-    BlockPool pool(kPoolBlocks);
+    kvbench::ChurnPool churn_pool(kPoolBlocks);
+    BlockPool& pool = churn_pool.pool;
     Listener listener;
     pool.set_eviction_listener(&listener);
-    BlockHash next_hash = 1;
-    auto live = churn(pool, seed, true, &next_hash);
+    auto live = churn(churn_pool, seed, true);
     // One sequence ends without caching (aborted), so some free blocks are uncached: those go
     // first, the rest is evicted.
     pool.release(live.back());
