@@ -10,6 +10,7 @@
 
 #include "rtpllm/sched/scheduler.h"
 #include "rtpllm/transfer/transfer_plan.h"
+#include "scheduler_harness.h"
 
 namespace rtpllm {
 namespace {
@@ -21,15 +22,11 @@ constexpr TokenId kSampled = 7;  // never a stop token here
 // After the churn below with room to spare; scattered decode blocks would take 256.
 constexpr size_t kMaxWritesPerPlane = 16;
 
-RequestSpec make_spec(RequestId id, int32_t prompt_len, int32_t max_new_tokens, std::mt19937& rng) {
-  RequestSpec spec;
-  spec.request_id = id;
-  spec.prompt_token_ids.resize(static_cast<size_t>(prompt_len));
-  for (TokenId& t : spec.prompt_token_ids) t = static_cast<TokenId>(3 + rng() % 30000);
-  spec.max_new_tokens = max_new_tokens;
-  spec.stop_token_ids = {2};
-  spec.arrival_time = static_cast<double>(id);
-  return spec;
+// The harness's spec with a random prompt of `prompt_len` tokens.
+RequestSpec random_spec(RequestId id, int32_t prompt_len, int32_t max_new_tokens, std::mt19937& rng) {
+  std::vector<TokenId> prompt(static_cast<size_t>(prompt_len));
+  for (TokenId& t : prompt) t = static_cast<TokenId>(3 + rng() % 30000);
+  return testing::make_spec(id, std::move(prompt), max_new_tokens, {2});
 }
 
 // One step of the engine loop, every sequence sampling kSampled.
@@ -78,7 +75,7 @@ std::vector<BlockId> decode_reservation_after_churn(uint32_t seed, int32_t num_b
   RequestId next_id = 1;
   for (int s = 0; s < num_steps; ++s) {
     if (decode.num_running() < 32) {
-      const RequestSpec spec = make_spec(next_id++, 256 + static_cast<int32_t>(rng() % 3841),
+      const RequestSpec spec = random_spec(next_id++, 256 + static_cast<int32_t>(rng() % 3841),
                                          16 + static_cast<int32_t>(rng() % 497), rng);
       if (decode.add_remote_prefill(spec)) {
         EXPECT_TRUE(decode.complete_remote_prefill(spec.request_id, kSampled, outputs));
@@ -86,7 +83,7 @@ std::vector<BlockId> decode_reservation_after_churn(uint32_t seed, int32_t num_b
     }
     step(decode, batch, outputs);
   }
-  const RequestSpec target = make_spec(next_id, kPromptTokens, 16, rng);
+  const RequestSpec target = random_spec(next_id, kPromptTokens, 16, rng);
   while (!decode.add_remote_prefill(target)) step(decode, batch, outputs);  // until enough blocks are free
   decode.check_invariants();
   return decode.find(target.request_id)->block_table;
@@ -101,11 +98,11 @@ std::vector<BlockId> prefill_blocks_after_churn(uint32_t seed, int32_t num_block
   StepOutputs outputs;
   RequestId next_id = 1;
   for (int s = 0; s < 400; ++s) {
-    if (prefill.num_waiting() < 4) prefill.add_request(make_spec(next_id++, 256 + static_cast<int32_t>(rng() % 3841), 1, rng));
+    if (prefill.num_waiting() < 4) prefill.add_request(random_spec(next_id++, 256 + static_cast<int32_t>(rng() % 3841), 1, rng));
     step(prefill, batch, outputs);
   }
   while (prefill.has_unfinished()) step(prefill, batch, outputs);
-  const RequestSpec target = make_spec(next_id, kPromptTokens, 1, rng);
+  const RequestSpec target = random_spec(next_id, kPromptTokens, 1, rng);
   prefill.add_request(target);
   std::vector<BlockId> blocks;
   while (prefill.has_unfinished()) {
