@@ -3,7 +3,10 @@
 // memory) measured in the same run: the ceiling a transfer could reach on this machine.
 //
 //   kv_transfer_bench [--memory host|cuda] [--device D] [--layers L] [--iters N] [--grants] [--churn]
+//                     [--data-path auto|rma|messages]
 //
+// --data-path: how the sender moves bytes (kv_transfer.h DataPath; default auto: RMA where a
+// transport does it in hardware, messages otherwise, e.g. over TCP).
 // --grants: the receiver requires write grants (as a decode instance does): every put first asks
 // it (one control-channel round trip), so "put us" shows what that check costs.
 // The receiver is a forked child (so CUDA IPC and shared memory are on the table, as between a
@@ -48,6 +51,7 @@ struct Args {
   int iters = 0;  // 0: enough to move ~512 MiB per measurement
   bool grants = false;  // the receiver requires write grants (kv_transfer.h)
   bool churn = false;   // block lists after churn instead of random ones
+  DataPath data_path = DataPath::AUTO;
   int32_t pool_blocks() const { return churn ? 2048 : 256; }
 };
 
@@ -74,8 +78,9 @@ std::function<void()> device_init(const Args& args) {
   return {};
 }
 
-TransferOptions bench_options(const char* name) {
+TransferOptions bench_options(const char* name, const Args& args) {
   TransferOptions options;
+  options.data_path = args.data_path;
   options.name = name;
   options.identity = "bench";
   options.timeout_s = 60;
@@ -85,7 +90,7 @@ TransferOptions bench_options(const char* name) {
 // The receiver: registers its pool, reports its port, serves until the parent closes the pipe.
 [[noreturn]] void run_receiver(const Args& args, int32_t block_tokens, int port_fd, int quit_fd) {
   Pool pool(args, block_tokens);
-  TransferOptions options = bench_options("receiver");
+  TransferOptions options = bench_options("receiver", args);
   options.require_write_grants = args.grants;
   UcxTransfer engine(options, device_init(args));
   engine.register_kv(pool.layout);
@@ -162,9 +167,11 @@ void bench_block_size(const Args& args, int32_t block_tokens) {
   {
     Pool local(args, block_tokens);
     Pool baseline(args, block_tokens);
-    UcxTransfer engine(bench_options("sender"), device_init(args));
+    UcxTransfer engine(bench_options("sender", args), device_init(args));
     engine.register_kv(local.layout);
     const PeerId peer = engine.connect("127.0.0.1", port);
+    const DataPath path = engine.peers().front().data_path;
+    std::printf("# data path to the receiver: %s\n", path == DataPath::RMA ? "rma" : "messages");
     std::mt19937 rng(7);
     // (label, source blocks, destination blocks) per row.
     struct Lists {
@@ -234,8 +241,13 @@ Args parse(int argc, char** argv) {
       args.grants = true;
     } else if (flag == "--churn") {
       args.churn = true;
+    } else if (flag == "--data-path") {
+      const std::string p = value();
+      if (p != "auto" && p != "rma" && p != "messages") die("--data-path: auto, rma or messages");
+      args.data_path = p == "rma" ? DataPath::RMA : p == "messages" ? DataPath::MESSAGES : DataPath::AUTO;
     } else {
-      die("unknown flag " + flag + " (--memory host|cuda, --device D, --layers L, --iters N, --grants, --churn)");
+      die("unknown flag " + flag +
+          " (--memory host|cuda, --device D, --layers L, --iters N, --grants, --churn, --data-path auto|rma|messages)");
     }
   }
   return args;

@@ -39,24 +39,31 @@ void bind_plan(py::module_& m) {
 }
 
 void bind_engine_types(py::module_& m) {
+  py::enum_<DataPath>(m, "DataPath", "How puts and gets move bytes to a peer (kv_transfer.h DataPath)")
+      .value("AUTO", DataPath::AUTO)
+      .value("RMA", DataPath::RMA)
+      .value("MESSAGES", DataPath::MESSAGES);
+
   py::class_<TransferOptions>(m, "TransferOptions")
       .def(py::init([](std::string name, std::string identity, std::string listen_host, int32_t listen_port,
-                       double timeout_s, int32_t max_blocks_per_transfer, bool require_write_grants) {
+                       double timeout_s, int32_t max_blocks_per_transfer, bool require_write_grants,
+                       DataPath data_path) {
              TransferOptions o{std::move(name), std::move(identity), std::move(listen_host), listen_port, timeout_s,
-                               max_blocks_per_transfer, require_write_grants};
+                               max_blocks_per_transfer, require_write_grants, data_path};
              o.validate();
              return o;
            }),
            py::kw_only(), py::arg("name") = "rtpllm", py::arg("identity") = "", py::arg("listen_host") = "127.0.0.1",
            py::arg("listen_port") = 0, py::arg("timeout_s") = 10.0, py::arg("max_blocks_per_transfer") = 1 << 16,
-           py::arg("require_write_grants") = false)
+           py::arg("require_write_grants") = false, py::arg("data_path") = DataPath::AUTO)
       .def_readonly("name", &TransferOptions::name)
       .def_readonly("identity", &TransferOptions::identity)
       .def_readonly("listen_host", &TransferOptions::listen_host)
       .def_readonly("listen_port", &TransferOptions::listen_port)
       .def_readonly("timeout_s", &TransferOptions::timeout_s)
       .def_readonly("max_blocks_per_transfer", &TransferOptions::max_blocks_per_transfer)
-      .def_readonly("require_write_grants", &TransferOptions::require_write_grants);
+      .def_readonly("require_write_grants", &TransferOptions::require_write_grants)
+      .def_readonly("data_path", &TransferOptions::data_path);
 
   py::class_<TransferRequest>(m, "TransferRequest", "Tokens [0, num_tokens) of local_blocks <-> remote_blocks")
       .def(py::init([](uint64_t request_id, std::vector<BlockId> local_blocks, std::vector<BlockId> remote_blocks,
@@ -99,7 +106,8 @@ void bind_engine_types(py::module_& m) {
       .def_readonly("name", &PeerInfo::name)
       .def_readonly("state", &PeerInfo::state)
       .def_readonly("error", &PeerInfo::error)
-      .def_readonly("layout", &PeerInfo::layout);
+      .def_readonly("layout", &PeerInfo::layout)
+      .def_readonly("data_path", &PeerInfo::data_path);
 
   py::class_<TransferStats>(m, "TransferStats")
       .def_readonly("puts", &TransferStats::puts)

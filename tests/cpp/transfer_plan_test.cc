@@ -174,8 +174,14 @@ TEST(TransferMessages, RoundTripAndRejectTruncation) {
   }
   EXPECT_THROW(decode_descriptor(bytes + "x"), std::runtime_error);
   EXPECT_FALSE(back.requires_write_grants);
+  EXPECT_EQ(back.connection_key, 0u);
   d.requires_write_grants = true;
-  EXPECT_TRUE(decode_descriptor(encode_descriptor(d)).requires_write_grants);
+  d.connection_key = 0x0123456789abcdefULL;
+  const PeerDescriptor keyed = decode_descriptor(encode_descriptor(d));
+  EXPECT_TRUE(keyed.requires_write_grants);
+  EXPECT_EQ(keyed.connection_key, d.connection_key);
+  EXPECT_EQ(decode_put_ack(encode_put_ack(41)), 41u);
+  EXPECT_THROW(decode_put_ack("1234567"), std::runtime_error);
 
   const GrantMessage g{5, true, {7, 0, 3}};
   const GrantMessage h = decode_grant(encode_grant(g));

@@ -50,6 +50,7 @@ struct FakePeer {
     self.worker_address = worker.address();
     self.layout = pool.layout();
     self.regions = registration.regions();
+    self.connection_key = 0x5eed;
     const auto deadline = Clock::now() + std::chrono::seconds(5);
     std::string error;
     Frame reply;

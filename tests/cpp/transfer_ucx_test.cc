@@ -1,5 +1,6 @@
 // UcxTransfer end to end: two engines in one process over TCP loopback (UCX_TLS=tcp), host pools
-// of different block sizes, bytes compared token by token; bad input and dead peers.
+// of different block sizes, bytes compared token by token; bad input and dead peers. Every test
+// runs on each DataPath: AUTO (messages over TCP), RMA (UCX's emulated RMA over TCP) and MESSAGES.
 #include <gtest/gtest.h>
 #include <poll.h>
 
@@ -22,7 +23,7 @@ using Clock = std::chrono::steady_clock;
 
 constexpr double kTimeout = 2.0;
 
-TransferOptions options(const std::string& name, const std::string& identity = "tiny-llama|fp16") {
+TransferOptions base_options(const std::string& name, const std::string& identity) {
   TransferOptions o;
   o.name = name;
   o.identity = identity;
@@ -38,8 +39,14 @@ TransferStatus finish(KVTransfer& engine, TransferHandle handle) {
   return status;
 }
 
-class UcxTransferTest : public ::testing::Test {
+class UcxTransferTest : public ::testing::TestWithParam<DataPath> {
  protected:
+  TransferOptions options(const std::string& name, const std::string& identity = "tiny-llama|fp16") const {
+    TransferOptions o = base_options(name, identity);
+    o.data_path = GetParam();
+    return o;
+  }
+
   static void SetUpTestSuite() {
     // CI and this test: TCP over loopback (UCX's choice otherwise); the caller's setting wins.
     setenv("UCX_TLS", "tcp", 0);
@@ -76,7 +83,7 @@ class UcxTransferTest : public ::testing::Test {
   PeerId peer_ = 0;
 };
 
-TEST_F(UcxTransferTest, PutMapsBlockSizesAndNotifiesAfterTheBytes) {
+TEST_P(UcxTransferTest, PutMapsBlockSizesAndNotifiesAfterTheBytes) {
   start(8, 3);
   const std::vector<BlockId> src = {7, 2, 11};                 // 19 tokens in blocks of 8
   const std::vector<BlockId> dst = {40, 3, 17, 0, 22, 9, 31};  // ... in blocks of 3
@@ -100,7 +107,7 @@ TEST_F(UcxTransferTest, PutMapsBlockSizesAndNotifiesAfterTheBytes) {
 }
 
 // notice_fd() lets a caller wait for notices and its own sockets in one poll (the decode engine).
-TEST_F(UcxTransferTest, NoticeFdIsReadableExactlyWhileNoticesWait) {
+TEST_P(UcxTransferTest, NoticeFdIsReadableExactlyWhileNoticesWait) {
   start(8, 8);
   const int fd = b_->notice_fd();
   ASSERT_GE(fd, 0);
@@ -115,7 +122,7 @@ TEST_F(UcxTransferTest, NoticeFdIsReadableExactlyWhileNoticesWait) {
   EXPECT_EQ(::poll(&ready, 1, 0), 0);  // taken: quiet until the next notice
 }
 
-TEST_F(UcxTransferTest, LayerByLayerPushesOnlyThatLayer) {
+TEST_P(UcxTransferTest, LayerByLayerPushesOnlyThatLayer) {
   start(8, 8);
   const std::vector<BlockId> src = {1, 4}, dst = {9, 2};
   pool_a_->fill_sequence(src, 13, 9);
@@ -133,7 +140,7 @@ TEST_F(UcxTransferTest, LayerByLayerPushesOnlyThatLayer) {
   }
 }
 
-TEST_F(UcxTransferTest, GetReadsBlocksFromABlockMajorStore) {
+TEST_P(UcxTransferTest, GetReadsBlocksFromABlockMajorStore) {
   // A store holds whole blocks in one host buffer; a client gets them into its paged pool.
   const KVShape shape{};
   const int32_t block = 4, blocks = 9;
@@ -159,7 +166,7 @@ TEST_F(UcxTransferTest, GetReadsBlocksFromABlockMajorStore) {
   EXPECT_TRUE(store_engine.take_notices(0).empty());  // notify=false
 }
 
-TEST_F(UcxTransferTest, BadInputThrowsAndLeavesTheEngineWorking) {
+TEST_P(UcxTransferTest, BadInputThrowsAndLeavesTheEngineWorking) {
   start(8, 3);
   const std::vector<BlockId> src = {0, 1}, dst = {0, 1, 2, 3, 4, 5};
   EXPECT_THROW(a_->put(999, {1, src, dst, 16, -1, true}), std::invalid_argument);  // unknown peer
@@ -184,7 +191,7 @@ TEST_F(UcxTransferTest, BadInputThrowsAndLeavesTheEngineWorking) {
   EXPECT_EQ(a_->stats().failed, 0u);
 }
 
-TEST_F(UcxTransferTest, WriteGrantsBoundWhatAPutMayWrite) {
+TEST_P(UcxTransferTest, WriteGrantsBoundWhatAPutMayWrite) {
   start(8, 8, /*b_grants=*/true);
   const std::vector<BlockId> src = {1, 4}, granted = {9, 2};
   pool_a_->fill_sequence(src, 13, 3);
@@ -210,7 +217,7 @@ TEST_F(UcxTransferTest, WriteGrantsBoundWhatAPutMayWrite) {
   EXPECT_THROW(b_->grant_writes(7, {48}), std::invalid_argument);
 }
 
-TEST_F(UcxTransferTest, MismatchedPeersAreRefused) {
+TEST_P(UcxTransferTest, MismatchedPeersAreRefused) {
   HostKVPool pool(KVShape{}, 4, 8);
   HostKVPool other_heads(KVShape{3, 4, 5, 2}, 4, 8);
   UcxTransfer server(options("server"));
@@ -231,7 +238,7 @@ TEST_F(UcxTransferTest, MismatchedPeersAreRefused) {
   EXPECT_TRUE(server.peers().empty());
 }
 
-TEST_F(UcxTransferTest, UnreachablePeerFailsFast) {
+TEST_P(UcxTransferTest, UnreachablePeerFailsFast) {
   HostKVPool pool(KVShape{}, 4, 8);
   UcxTransfer engine(options("lonely"));
   engine.register_kv(pool.layout());
@@ -245,7 +252,7 @@ TEST_F(UcxTransferTest, UnreachablePeerFailsFast) {
   EXPECT_LT(std::chrono::duration<double>(Clock::now() - start).count(), kTimeout + 1);
 }
 
-TEST_F(UcxTransferTest, PeerThatGoesAwayIsAnErrorWithinTheTimeout) {
+TEST_P(UcxTransferTest, PeerThatGoesAwayIsAnErrorWithinTheTimeout) {
   start(8, 3);
   ASSERT_NE(peer_of_b(), 0u);  // B accepted A before it goes away
   b_.reset();                   // the decode side goes away (its sockets close)
@@ -262,7 +269,7 @@ TEST_F(UcxTransferTest, PeerThatGoesAwayIsAnErrorWithinTheTimeout) {
   EXPECT_EQ(a_->stats().peers_failed, 1u);
 }
 
-TEST_F(UcxTransferTest, InFlightTransfersFailWhenThePeerDisconnects) {
+TEST_P(UcxTransferTest, InFlightTransfersFailWhenThePeerDisconnects) {
   start(8, 3);
   // Queue several puts and close the connection at once: each ends, DONE or FAILED, never PENDING.
   std::vector<TransferHandle> handles;
@@ -279,6 +286,60 @@ TEST_F(UcxTransferTest, InFlightTransfersFailWhenThePeerDisconnects) {
   EXPECT_EQ(a_->peers().front().state, PeerState::FAILED);
   EXPECT_THROW(a_->put(peer_, {1, {0}, {0, 1, 2}, 8, -1, true}), std::runtime_error);
 }
+
+TEST_P(UcxTransferTest, PeersReportTheDataPathTheyUse) {
+  start(8, 3);
+  ASSERT_NE(peer_of_b(), 0u);
+  // Over TCP nothing does RMA in hardware: AUTO sends messages. B chose by its own options.
+  const DataPath expected = GetParam() == DataPath::AUTO ? DataPath::MESSAGES : GetParam();
+  EXPECT_EQ(a_->peers().front().data_path, expected);
+  EXPECT_EQ(b_->peers().front().data_path, expected);
+}
+
+// Copies of whole runs of blocks larger than one message (256 KiB) arrive intact, layer by layer
+// with one notice at the end, and come back by get.
+TEST_P(UcxTransferTest, LargeCopiesArriveWholeAndComeBack) {
+  const KVShape shape{2, 8, 128, 2};  // 2 KiB per token and plane: a block of 16 tokens is 32 KiB
+  HostKVPool src_pool(shape, 64, 16), dst_pool(shape, 64, 16);
+  UcxTransfer a(options("prefill")), b(options("decode"));
+  a.register_kv(src_pool.layout());
+  b.register_kv(dst_pool.layout());
+  const PeerId peer = a.connect("127.0.0.1", b.listen_port());
+  std::vector<BlockId> src, dst, back;
+  for (BlockId i = 0; i < 40; ++i) {
+    src.push_back(i);         // consecutive: one copy of 40 blocks (1.25 MiB) per plane
+    dst.push_back(63 - i);    // reversed: one copy per block
+    back.push_back(i + 24);   // overlaps src: the get overwrites what was sent
+  }
+  const int64_t tokens = 40 * 16 - 5;
+  src_pool.fill_sequence(src, tokens, 21);
+  const uint64_t untouched = dst_pool.checksum_except(dst);
+  for (int32_t layer = 0; layer < shape.num_layers; ++layer) {
+    const bool last = layer + 1 == shape.num_layers;
+    ASSERT_EQ(finish(a, a.put(peer, {3, src, dst, tokens, layer, last})).state, TransferState::DONE);
+  }
+  const auto notices = b.take_notices(kTimeout);
+  ASSERT_EQ(notices.size(), 1u);
+  EXPECT_EQ(notices[0].layer, shape.num_layers - 1);
+  EXPECT_EQ(dst_pool.mismatches_all_layers(dst, tokens, 21), 0);
+  EXPECT_EQ(dst_pool.checksum_except(dst), untouched);
+  const TransferStatus got = finish(a, a.get(peer, {4, back, dst, tokens, -1, false}));
+  ASSERT_EQ(got.state, TransferState::DONE) << got.error;
+  EXPECT_EQ(src_pool.mismatches_all_layers(back, tokens, 21), 0);
+  EXPECT_EQ(a.stats().bytes_got, static_cast<uint64_t>(tokens) * 2048 * 2 * shape.num_layers);
+}
+
+std::string path_name(const ::testing::TestParamInfo<DataPath>& info) {
+  switch (info.param) {
+    case DataPath::AUTO: return "Auto";
+    case DataPath::RMA: return "Rma";
+    case DataPath::MESSAGES: return "Messages";
+  }
+  return "Unknown";
+}
+
+INSTANTIATE_TEST_SUITE_P(DataPaths, UcxTransferTest,
+                         ::testing::Values(DataPath::AUTO, DataPath::RMA, DataPath::MESSAGES), path_name);
 
 }  // namespace
 }  // namespace rtpllm

@@ -48,10 +48,11 @@ def digest(x: torch.Tensor) -> str:
     return hashlib.sha256(x.contiguous().view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
 
 
-def make_engine(name: str):
+def make_engine(name: str, data_path: str = "AUTO"):
     from rtpllm import _C
 
-    return _C.UcxTransfer(_C.TransferOptions(name=name, identity="llama-8b|bf16", timeout_s=TIMEOUT_S),
+    return _C.UcxTransfer(_C.TransferOptions(name=name, identity="llama-8b|bf16", timeout_s=TIMEOUT_S,
+                                             data_path=getattr(_C.DataPath, data_path)),
                           cuda_device=torch.cuda.current_device())
 
 
@@ -96,15 +97,20 @@ def ucx():
     return _C
 
 
-def test_put_and_get_gpu_blocks_across_block_sizes(ucx):
+@pytest.mark.parametrize("data_path", ["AUTO", "MESSAGES"])
+def test_put_and_get_gpu_blocks_across_block_sizes(ucx, data_path):
+    """AUTO: CUDA IPC between two processes of one host, so RMA. MESSAGES (what TCP between hosts
+    gets): the receiving engine copies each message into device memory itself."""
     receiver = Receiver(num_blocks=96, block_size=16)
     try:
         pool = make_pool(num_blocks=8, block_size=64)
         for t in pool:
             t.normal_()
-        engine = make_engine("prefill")
+        engine = make_engine("prefill", data_path)
         engine.register_kv(layout_of(pool))
         peer = engine.connect("127.0.0.1", receiver.port)
+        expected = ucx.DataPath.RMA if data_path == "AUTO" else ucx.DataPath.MESSAGES
+        assert engine.peers()[0].data_path == expected
         src, dst, n = [5, 2, 7], [90, 3, 41, 0, 17, 64, 8, 9, 22, 77, 50, 1], 181  # 3 x 64 -> 12 x 16
         torch.cuda.synchronize()  # the pool's bytes are written before the engine reads them
         status = engine.wait(engine.put(peer, ucx.TransferRequest(request_id=1, local_blocks=src, remote_blocks=dst,

@@ -130,6 +130,9 @@ def test_sender_killed_mid_transfer_is_a_failed_peer_on_the_receiver():
     engine.register_kv(pool.layout)
     with Peer("push", "--port", str(engine.listen_port), "--block-size", "16", "--num-blocks", "512") as prefill:
         assert engine.take_notices(20.0), "no put arrived from the pusher"
+        # Over TCP both sides move bytes by messages: the receiver answers nothing inside UCX, so
+        # the sender's death cannot abort it (UCX's emulated RMA could).
+        assert engine.peers()[0].data_path == _C.DataPath.MESSAGES
         killed_at = time.monotonic()
         prefill.kill()
         while time.monotonic() - killed_at < TIMEOUT_S + 1.0:
@@ -145,20 +148,14 @@ def test_sender_killed_mid_transfer_is_a_failed_peer_on_the_receiver():
     assert len(engine.peers()) == 2
 
 
-# Gets stay exposed: one small read holds hundreds of get requests, each answered with its data
-# inside the same progress call (UCX's ucp_progress_get_reply), so bounding the read does not
-# bound the answers; about half the frozen runs abort. Only a fix in UCX closes it (see
-# UcxTransfer::fail_hung_up_peers_locked).
-UCX_GET_TARGET_ABORT = pytest.mark.xfail(reason="UCX 1.22 aborts a get target whose peer died mid-reply", strict=False)
-
-
-@pytest.mark.parametrize("op", ["put", pytest.param("get", marks=UCX_GET_TARGET_ABORT)])
+@pytest.mark.parametrize("op", ["put", "get"])
 def test_peer_killed_while_the_target_is_frozen_fails_the_peer_and_the_target_lives(op):
-    """Over TCP, UCX emulates puts and gets with messages the target answers from inside worker
-    progress, and UCX 1.22 aborts the process when an answer to a dead peer fails to send
-    (ucp_request.inl 'unexpected error: Endpoint timeout'). Freezing the target while its peer is
-    killed leaves the dead peer's messages unread until it resumes: the worst case, every run
-    without the engine's hangup check and bounded TCP reads (puts)."""
+    """Over TCP, UCX emulates RMA with messages the target answers from inside worker progress,
+    and UCX 1.22 aborts the process when an answer to a dead peer fails to send (ucp_request.inl
+    'unexpected error: Endpoint timeout'). Freezing the target while its peer is killed leaves the
+    dead peer's messages unread until it resumes: the worst case for that abort. Over TCP the
+    engine moves bytes by its own messages instead (DataPath.MESSAGES), whose target answers
+    nothing inside UCX: the target lives, for gets as well as puts."""
     with Peer("serve", "--block-size", "16", "--num-blocks", "512") as target:
         port = target.wait_line(lambda x: "port" in x)["port"]
         with Peer("push", "--port", str(port), "--op", op, "--block-size", "16", "--num-blocks", "512") as pusher:

@@ -9,7 +9,8 @@
 //      remote keys, layout, identity; identities and KV shapes must agree, block sizes may differ)
 //   A: put(peer, {request_id, local blocks, remote blocks, num_tokens, layer}) -> handle
 //   A: poll(handle) until DONE / FAILED;  B: take_notices() yields {peer, request_id, layer, blocks}
-//      once the bytes are in B's memory (a put is flushed to the peer before its notice is sent).
+//      once the bytes are in B's memory, and those of every earlier put from A. A put is DONE once
+//      its bytes are in B's memory (remote completion, either DataPath).
 //
 // Contract on failure (the rule that no caller ever hangs):
 //   - every wait has a deadline (TransferOptions::timeout_s): connect() throws; a transfer still
@@ -46,6 +47,17 @@ namespace rtpllm {
 
 using PeerId = uint64_t;  // local to one engine; 0 is never a valid peer
 
+// How a put's or get's bytes travel to a peer.
+//   RMA:      one-sided ucp_put/ucp_get into the peer's registered memory; the peer's CPU takes no
+//             part where the transport does RMA in hardware (InfiniBand/RoCE, CUDA IPC, CMA).
+//   MESSAGES: active messages that the peer's engine copies into its memory. Where a transport has
+//             no RMA (TCP), UCX emulates RMA with messages the target answers from inside its
+//             progress loop, and UCX 1.22 aborts the target process when such an answer meets a
+//             peer that just died; with MESSAGES the target never answers inside UCX (its
+//             acknowledgements go over the control channel), so a dying peer is only an error.
+//   AUTO:     RMA where the endpoint to the peer has a transport with RMA in hardware, else MESSAGES.
+enum class DataPath : uint8_t { AUTO, RMA, MESSAGES };
+
 struct TransferOptions {
   std::string name = "rtpllm";        // shown to peers (PeerInfo::name)
   std::string identity;               // cache identity (model, dtype, ...): peers must present the same
@@ -54,6 +66,7 @@ struct TransferOptions {
   double timeout_s = 10.0;            // bound on every wait: connect, one transfer, peer silence
   int32_t max_blocks_per_transfer = 1 << 16;
   bool require_write_grants = false;  // peers' puts need a grant (grant_writes) for their request id
+  DataPath data_path = DataPath::AUTO;  // how this engine's puts and gets move bytes (peers choose their own)
 
   // Throws std::invalid_argument naming the bad field.
   void validate() const;
@@ -100,6 +113,7 @@ struct PeerInfo {
   PeerState state = PeerState::CONNECTED;
   std::string error;
   KVLayout layout;                    // the peer's layout (its addresses are meaningless here)
+  DataPath data_path = DataPath::RMA; // how this engine's puts and gets to the peer move bytes (never AUTO)
 };
 
 struct TransferStats {

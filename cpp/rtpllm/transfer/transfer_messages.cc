@@ -33,7 +33,8 @@ std::string encode_descriptor(const PeerDescriptor& d) {
     w.put<uint64_t>(r.length);
     w.put_bytes(r.rkey);
   }
-  if (d.requires_write_grants) w.put<uint8_t>(1);
+  w.put<uint8_t>(d.requires_write_grants ? 1 : 0);
+  w.put<uint64_t>(d.connection_key);
   return w.take();
 }
 
@@ -41,7 +42,7 @@ PeerDescriptor decode_descriptor(const std::string& payload) {
   ByteReader r(payload, "malformed message");
   PeerDescriptor d;
   d.protocol_version = r.get<uint32_t>();
-  if (d.protocol_version != 1) {
+  if (d.protocol_version != PeerDescriptor{}.protocol_version) {
     throw std::runtime_error("unsupported transfer protocol version " + std::to_string(d.protocol_version));
   }
   d.name = r.get_bytes();
@@ -69,11 +70,10 @@ PeerDescriptor decode_descriptor(const std::string& payload) {
     region.length = r.get<uint64_t>();
     region.rkey = r.get_bytes();
   }
-  if (!r.at_end()) {
-    const uint8_t flag = r.get<uint8_t>();
-    if (flag != 1) throw std::runtime_error("malformed message: bad write grant flag");
-    d.requires_write_grants = true;
-  }
+  const uint8_t grants = r.get<uint8_t>();
+  if (grants > 1) throw std::runtime_error("malformed message: bad write grant flag");
+  d.requires_write_grants = grants == 1;
+  d.connection_key = r.get<uint64_t>();
   r.expect_end();
   return d;
 }
@@ -103,18 +103,27 @@ NoticeMessage decode_notice(const std::string& payload) {
   return n;
 }
 
-std::string encode_grant_query(uint64_t request_id) {
+namespace {
+
+std::string encode_u64(uint64_t value) {
   ByteWriter w;
-  w.put<uint64_t>(request_id);
+  w.put<uint64_t>(value);
   return w.take();
 }
 
-uint64_t decode_grant_query(const std::string& payload) {
+uint64_t decode_u64(const std::string& payload) {
   ByteReader r(payload, "malformed message");
-  const uint64_t request_id = r.get<uint64_t>();
+  const uint64_t value = r.get<uint64_t>();
   r.expect_end();
-  return request_id;
+  return value;
 }
+
+}  // namespace
+
+std::string encode_grant_query(uint64_t request_id) { return encode_u64(request_id); }
+uint64_t decode_grant_query(const std::string& payload) { return decode_u64(payload); }
+std::string encode_put_ack(uint64_t sequence) { return encode_u64(sequence); }
+uint64_t decode_put_ack(const std::string& payload) { return decode_u64(payload); }
 
 std::string encode_grant(const GrantMessage& g) {
   ByteWriter w;

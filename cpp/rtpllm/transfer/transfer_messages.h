@@ -24,8 +24,9 @@ enum class MessageType : uint32_t {
   STORE = 6,   // a KV store protocol message (kvstore/remote/store_protocol.h), opaque here
   GRANT_QUERY = 7,  // u64 request id: which blocks may a put of this request write?
   GRANT = 8,        // GrantMessage: the answer
+  PUT_ACK = 9,      // u64 sequence number: every put sent as messages up to it has landed (DataPath::MESSAGES)
 };
-inline constexpr MessageType kLastMessageType = MessageType::GRANT;
+inline constexpr MessageType kLastMessageType = MessageType::PUT_ACK;
 
 inline constexpr uint32_t kMaxMessageBytes = 16u << 20;  // larger frames are a protocol error
 
@@ -38,13 +39,16 @@ struct RemoteRegion {
 
 // What a peer needs to address this engine's KV memory.
 struct PeerDescriptor {
-  uint32_t protocol_version = 1;
+  uint32_t protocol_version = 2;
   std::string name;
   std::string identity;
   std::string worker_address;  // ucp_worker_get_address, opaque here
   KVLayout layout;
   std::vector<RemoteRegion> regions;
-  bool requires_write_grants = false;  // optional trailer: absent on the wire when false
+  bool requires_write_grants = false;
+  // Names this connection in the active messages of DataPath::MESSAGES: the connecting side draws
+  // it and sends it in its HELLO, the accepting side adopts it (0 in the accepting side's HELLO).
+  uint64_t connection_key = 0;
 };
 
 struct NoticeMessage {
@@ -72,6 +76,9 @@ std::string encode_grant_query(uint64_t request_id);
 uint64_t decode_grant_query(const std::string& payload);
 std::string encode_grant(const GrantMessage& grant);
 GrantMessage decode_grant(const std::string& payload);
+
+std::string encode_put_ack(uint64_t sequence);
+uint64_t decode_put_ack(const std::string& payload);
 
 // [type][length][payload] ready to write to the socket.
 std::string frame_message(MessageType type, const std::string& payload);

@@ -17,39 +17,12 @@ ucs_memory_type_t ucx_memory_type(MemoryKind memory) {
   return memory == MemoryKind::CUDA ? UCS_MEMORY_TYPE_CUDA : UCS_MEMORY_TYPE_HOST;
 }
 
-namespace {
-
-// Over TCP, UCX emulates puts and gets with active messages that this engine answers from inside
-// ucp_worker_progress, and UCX 1.22 aborts the process when an answer to a peer that just died
-// fails to send (see UcxTransfer::fail_hung_up_peers_locked, which checks for dead peers before
-// each progress call). These bound how much one progress call reads, so what it can dispatch after
-// that check is one 16 KiB read instead of up to 16 x 64 KiB: for puts (8 KiB messages) the window
-// in which a peer dying mid-call can reach that abort shrinks to about one message. Gets are not
-// covered: one read holds hundreds of tiny get requests, each answered with its data in the same
-// call. About 10% of TCP loopback bandwidth; other transports are untouched (their RMA is real:
-// the target answers nothing); UCX_TCP_* in the environment wins.
-void bound_tcp_progress(ucp_config_t* config) {
-  const std::pair<const char*, const char*> settings[] = {{"TCP_MAX_POLL", "1"}, {"TCP_RX_SEG_SIZE", "16k"}};
-  for (const auto& [name, value] : settings) {
-    if (std::getenv((std::string("UCX_") + name).c_str()) != nullptr) continue;
-    check_ucs(ucp_config_modify(config, name, value), name);
-  }
-}
-
-}  // namespace
-
 UcxWorker::UcxWorker() {
   ucp_config_t* config = nullptr;
   check_ucs(ucp_config_read(nullptr, nullptr, &config), "ucp_config_read");
-  try {
-    bound_tcp_progress(config);
-  } catch (...) {
-    ucp_config_release(config);
-    throw;
-  }
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED | UCP_PARAM_FIELD_NAME;
-  params.features = UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;
+  params.features = UCP_FEATURE_RMA | UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;  // AM: DataPath::MESSAGES
   // Registration (ucp_mem_map) runs on the caller's thread, the worker on the engine's thread.
   params.mt_workers_shared = 1;
   params.name = "rtpllm-kv-transfer";

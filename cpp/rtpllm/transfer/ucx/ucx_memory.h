@@ -17,7 +17,7 @@ void check_ucs(ucs_status_t status, const char* what);
 
 ucs_memory_type_t ucx_memory_type(MemoryKind memory);
 
-// A UCP context with RMA and wakeup, and one worker (serialized: the engine's mutex guards it).
+// A UCP context with RMA, active messages and wakeup, and one worker (serialized: the engine's mutex guards it).
 // Transports come from UCX's environment (UCX_TLS, UCX_NET_DEVICES, ...).
 class UcxWorker {
  public:

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <random>
 #include <stdexcept>
 
 #include "rtpllm/transfer/ucx/ucx_transfer_state.h"
@@ -32,6 +33,8 @@ UcxTransfer::UcxTransfer(TransferOptions options, std::function<void()> thread_i
       heartbeat_(std::max<std::chrono::milliseconds>(
           std::chrono::milliseconds(10), std::min(std::chrono::milliseconds(1000), ucx_seconds_to_ms(options_.timeout_s / 4)))),
       listener_(options_.listen_host, options_.listen_port) {
+  key_state_ = (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}();
+  register_message_handlers();
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   notice_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   thread_ = std::thread([this, init = std::move(thread_init)] { run(init); });
@@ -187,14 +190,21 @@ void UcxTransfer::progress_once_locked() {
     fail_hung_up_peers_locked();
   }
   for (auto& [id, peer] : peers_) {
-    if (peer->state == PeerState::CONNECTED && peer->endpoint_status != UCS_OK) {
+    if (peer->state != PeerState::CONNECTED) continue;
+    if (peer->endpoint_status != UCS_OK) {
       fail_peer_locked(*peer, std::string("UCX endpoint error: ") + ucs_status_string(peer->endpoint_status));
+    } else if (!peer->protocol_error.empty()) {
+      fail_peer_locked(*peer, "protocol error: " + peer->protocol_error);
     }
   }
+  answer_peers_locked();
   accept_and_handshake_locked();
   read_peers_locked();
   for (auto& [handle, transfer] : transfers_) {
-    if (transfer->phase == Transfer::Phase::QUEUED && granted_locked(*transfer)) issue_locked(*transfer);
+    if (transfer->phase != Transfer::Phase::QUEUED) continue;
+    const Peer& peer = *peers_.at(transfer->peer);
+    const bool ready = peer.knows_us || peer.data_path == DataPath::RMA || peer.state != PeerState::CONNECTED;
+    if (ready && granted_locked(*transfer)) issue_locked(*transfer);
   }
   for (auto& [id, peer] : peers_) peer->grant_answers.clear();  // each answers the puts queued when it came
   finish_transfers_locked();
@@ -205,6 +215,10 @@ void UcxTransfer::issue_locked(Transfer& transfer) {
   Peer& peer = *peers_.at(transfer.peer);
   if (peer.state != PeerState::CONNECTED) {
     transfer.error = "peer '" + peer.remote.name + "' failed: " + peer.error;
+    return;
+  }
+  if (peer.data_path == DataPath::MESSAGES) {
+    issue_as_messages_locked(transfer, peer);
     return;
   }
   ucp_request_param_t param{};
@@ -251,14 +265,15 @@ void UcxTransfer::finish_transfers_locked() {
     Transfer& t = *transfer_ptr;
     if (t.phase != Transfer::Phase::ISSUED) continue;
     Peer& peer = *peers_.at(t.peer);
-    if (t.outstanding > 0) {
+    if (t.outstanding > 0 || (t.error.empty() && !landed_locked(t, peer))) {
       if (now > t.deadline) {
         fail_peer_locked(peer, "transfer " + std::to_string(handle) + " timed out after " +
                                    std::to_string(options_.timeout_s) + " s");
       }
-      if (t.outstanding > 0) continue;  // closing the endpoint completes its requests
+      // Closing the endpoint completes its requests; a failed peer sets the error.
+      if (t.outstanding > 0 || t.error.empty()) continue;
     }
-    if (t.error.empty() && t.notify) {
+    if (t.error.empty() && t.notify && !t.by_messages) {  // by messages, the receiver notices itself
       std::string error;
       if (!peer.connection->send(MessageType::NOTICE, encode_notice(t.notice), now + ucx_seconds_to_ms(options_.timeout_s),
                                  &error)) {

@@ -1,6 +1,12 @@
-// KVTransfer over UCX (UCP): puts and gets are ucp_put_nbx / ucp_get_nbx on the peer's registered
-// memory; a put with a notice is flushed (ucp_ep_flush_nbx: remote completion) before its NOTICE
-// goes out on the control channel, so the receiver never sees a notice before the bytes.
+// KVTransfer over UCX (UCP), on one of two data paths per peer (kv_transfer.h DataPath):
+//   RMA:      puts and gets are ucp_put_nbx / ucp_get_nbx on the peer's registered memory; a put is
+//             flushed (ucp_ep_flush_nbx: remote completion) before it is DONE and before its NOTICE
+//             goes out on the control channel, so the receiver never sees a notice before the bytes.
+//   MESSAGES: (ucx_transfer_messages.cc) a put is numbered active messages that the receiver copies
+//             into its memory, then a PUT_DONE message carrying the notice; the receiver delivers
+//             the notice and acknowledges on the control channel (PUT_ACK) once that put and every
+//             earlier one landed, and the put is DONE at the acknowledgement. A get is request
+//             messages that the target answers with data messages after its progress call.
 //
 // Threads: one progress thread per engine drives ucp_worker_progress, the control sockets
 // (accept, handshakes, notices, heartbeats) and every deadline; it sleeps on the worker's event fd
@@ -65,6 +71,25 @@ class UcxTransfer final : public KVTransfer {
   // Fails every peer whose control connection hung up; runs before each ucp_worker_progress call.
   void fail_hung_up_peers_locked();
   void issue_locked(Transfer& transfer);
+  // DataPath::MESSAGES (ucx_transfer_messages.cc).
+  void register_message_handlers();
+  DataPath data_path_for(ucp_ep_h ep) const;
+  void issue_as_messages_locked(Transfer& transfer, Peer& peer);
+  bool landed_locked(const Transfer& transfer, const Peer& peer) const;  // a transfer's bytes are where they go
+  void answer_peers_locked();  // PUT_ACKs and get replies owed since the last progress call
+  Peer* peer_by_key_locked(uint64_t key);
+  bool registered_locked(uint64_t address, uint64_t bytes) const;  // inside this engine's registration
+  // Copies a message's data to address in this engine's registered memory; false outside it.
+  bool land_locked(void* data, uint64_t address, size_t bytes, const ucp_am_recv_param_t* param);
+  void complete_puts_locked(Peer& peer);  // delivers the notices of puts landed in order
+  void push_notice_locked(const Peer& peer, NoticeMessage notice);
+  ucs_status_t on_put_data_locked(const void* header, size_t header_length, void* data, size_t length,
+                                  const ucp_am_recv_param_t* param);
+  ucs_status_t on_put_done_locked(const void* header, size_t header_length, void* data, size_t length,
+                                  const ucp_am_recv_param_t* param);
+  ucs_status_t on_get_request_locked(const void* header, size_t header_length);
+  ucs_status_t on_get_reply_locked(const void* header, size_t header_length, void* data, size_t length,
+                                   const ucp_am_recv_param_t* param);
   // Write grants (ucx_transfer_grants.cc): whether a queued put may be issued now (false: it waits
   // for the peer's answer, or failed, with its error set); the peer's query and answer.
   bool granted_locked(Transfer& transfer);
@@ -78,6 +103,7 @@ class UcxTransfer final : public KVTransfer {
   void wake();
 
   static void on_request_done(void* request, ucs_status_t status, void* user_data);
+  static void on_reply_sent(void* request, ucs_status_t status, void* user_data);
   static void on_endpoint_error(void* arg, ucp_ep_h ep, ucs_status_t status);
 
   const TransferOptions options_;
@@ -101,6 +127,7 @@ class UcxTransfer final : public KVTransfer {
   std::map<uint64_t, std::vector<BlockId>> write_grants_;  // request id -> blocks peers may write
   TransferStats stats_;
   PeerId next_peer_ = 1;
+  uint64_t key_state_;  // draws connection keys (splitmix64), seeded from std::random_device
   TransferHandle next_handle_ = 1;
   SteadyTime last_activity_;  // the worker last made progress, or a transfer was queued
   static constexpr std::chrono::milliseconds kSpinWindow{5};

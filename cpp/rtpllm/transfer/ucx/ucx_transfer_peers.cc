@@ -20,6 +20,11 @@ std::string UcxTransfer::refusal_reason(const PeerDescriptor& remote) const {
     return "cache identity mismatch: this engine has '" + options_.identity + "', the peer '" + remote.identity + "'";
   }
   if (remote.worker_address.empty()) return "the peer sent no UCX worker address";
+  if (remote.connection_key != 0) {
+    for (const auto& [id, peer] : peers_) {
+      if (peer->key == remote.connection_key) return "a connection with this key exists already";
+    }
+  }
   try {
     check_layout(remote.layout);
     check_compatible(layout_, remote.layout);
@@ -44,6 +49,7 @@ PeerId UcxTransfer::add_peer_locked(ControlConnection connection, PeerDescriptor
   auto peer = std::make_unique<Peer>();
   peer->id = next_peer_++;
   peer->remote = std::move(remote);
+  peer->key = peer->remote.connection_key;
   peer->connection = std::make_unique<ControlConnection>(std::move(connection));
   ucp_ep_params_t params{};
   params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
@@ -62,6 +68,7 @@ PeerId UcxTransfer::add_peer_locked(ControlConnection connection, PeerDescriptor
     }
     peer->rkeys.push_back(rkey);
   }
+  peer->data_path = data_path_for(peer->ep);
   peer->last_heard = peer->last_sent = Clock::now();
   const PeerId id = peer->id;
   peers_.emplace(id, std::move(peer));
@@ -72,10 +79,19 @@ PeerId UcxTransfer::connect(const std::string& host, int32_t port) {
   const SteadyTime deadline = Clock::now() + ucx_seconds_to_ms(options_.timeout_s);
   const std::string where = host + ":" + std::to_string(port);
   std::string self;
+  uint64_t key = 0;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (descriptor_.empty()) throw std::runtime_error("connect: call register_kv before connecting");
-    self = descriptor_;
+    PeerDescriptor descriptor = decode_descriptor(descriptor_);
+    while (key == 0) {  // splitmix64: distinct keys without a lock-free generator
+      uint64_t z = (key_state_ += 0x9e3779b97f4a7c15ULL);
+      z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+      z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+      key = z ^ (z >> 31);
+    }
+    descriptor.connection_key = key;
+    self = encode_descriptor(descriptor);
   }
   ControlConnection connection = ControlConnection::connect_to(host, port, deadline);
   std::string error;
@@ -86,6 +102,7 @@ PeerId UcxTransfer::connect(const std::string& host, int32_t port) {
   if (reply.type == MessageType::REFUSE) throw std::runtime_error(where + " refused the connection: " + reply.payload);
   if (reply.type != MessageType::HELLO) throw std::runtime_error("connect to " + where + ": protocol error (no HELLO)");
   PeerDescriptor remote = decode_descriptor(reply.payload);
+  remote.connection_key = key;  // the acceptor adopted ours
   std::lock_guard<std::mutex> lock(mutex_);
   if (stopping_) throw std::runtime_error("connect: the engine is shutting down");
   if (const std::string reason = refusal_reason(remote); !reason.empty()) {
@@ -93,6 +110,11 @@ PeerId UcxTransfer::connect(const std::string& host, int32_t port) {
     throw std::runtime_error("refusing " + where + ": " + reason);
   }
   const PeerId id = add_peer_locked(std::move(connection), std::move(remote));
+  Peer& peer = *peers_.at(id);
+  peer.knows_us = true;
+  // Tells the acceptor that this side has its entry too (Peer::knows_us).
+  if (!peer.connection->send(MessageType::PING, "", deadline, &error)) fail_peer_locked(peer, error);
+  peer.last_sent = Clock::now();
   wake();
   return id;
 }
@@ -101,7 +123,7 @@ std::vector<PeerInfo> UcxTransfer::peers() const {
   std::lock_guard<std::mutex> lock(mutex_);
   std::vector<PeerInfo> out;
   for (const auto& [id, peer] : peers_) {
-    out.push_back({id, peer->remote.name, peer->state, peer->error, peer->remote.layout});
+    out.push_back({id, peer->remote.name, peer->state, peer->error, peer->remote.layout, peer->data_path});
   }
   return out;
 }
@@ -138,7 +160,7 @@ void UcxTransfer::accept_and_handshake_locked() {
     } else {
       try {
         remote = decode_descriptor(frames.front().payload);
-        reason = refusal_reason(remote);
+        reason = remote.connection_key == 0 ? "the connecting peer sent no connection key" : refusal_reason(remote);
       } catch (const std::runtime_error& e) {
         reason = std::string("malformed descriptor: ") + e.what();
       }
@@ -164,25 +186,25 @@ void UcxTransfer::read_peers_locked() {
     std::vector<Frame> frames;
     std::string error;
     const bool open = peer.connection->receive_available(&frames, &error);
-    if (!frames.empty()) peer.last_heard = now;
+    if (!frames.empty()) {
+      peer.last_heard = now;
+      peer.knows_us = true;
+    }
     for (const Frame& frame : frames) {
       if (frame.type == MessageType::NOTICE) {
         try {
-          NoticeMessage notice = decode_notice(frame.payload);
-          // The receiver acts on these ids (frees or schedules those blocks): they must be ours.
-          for (BlockId b : notice.blocks) {
-            if (b < 0 || b >= layout_.num_blocks) throw std::runtime_error("block id " + std::to_string(b) + " out of range");
-          }
-          if (notices_.empty()) {  // notice_fd() becomes readable
-            const uint64_t one = 1;
-            [[maybe_unused]] ssize_t written = write(notice_fd_, &one, sizeof(one));
-          }
-          notices_.push_back({peer.id, notice.request_id, notice.layer, std::move(notice.blocks), notice.num_tokens,
-                              std::move(notice.payload)});
-          ++stats_.notices_received;
-          changed_.notify_all();
+          push_notice_locked(peer, decode_notice(frame.payload));
         } catch (const std::runtime_error& e) {
           error = std::string("malformed notice: ") + e.what();
+          break;
+        }
+      } else if (frame.type == MessageType::PUT_ACK) {
+        try {
+          const uint64_t sequence = decode_put_ack(frame.payload);
+          if (sequence >= peer.next_put_sequence) throw std::runtime_error("acknowledges a put never sent");
+          peer.acked_sequence = std::max(peer.acked_sequence, sequence);
+        } catch (const std::runtime_error& e) {
+          error = std::string("malformed put acknowledgement: ") + e.what();
           break;
         }
       } else if (frame.type == MessageType::GRANT_QUERY) {
@@ -221,16 +243,30 @@ void UcxTransfer::read_peers_locked() {
   }
 }
 
-// Why this runs before every ucp_worker_progress call: over UCX's TCP transport puts and gets are
-// software-emulated, so this engine answers each incoming put (a completion) and get (the data)
-// from inside ucp_worker_progress, and UCX 1.22 aborts the whole process when such an answer fails
-// to send because the peer is gone (ucp_progress_rma_cmpl / ucp_progress_get_reply return the
-// transport's error to ucp_request_try_send, which calls ucs_fatal "unexpected error: Endpoint
-// timeout"). A killed peer's control socket hangs up together with its UCX sockets (the kernel
-// closes them at its exit, the control socket first: it is the older one), so a peer whose control
-// connection hung up is failed here, its endpoint force-closed and its unread bytes dropped,
-// before the worker dispatches any more of them. One poll(2) without a wait: cheap enough for the
-// spinning progress loop.
+void UcxTransfer::push_notice_locked(const Peer& peer, NoticeMessage notice) {
+  // The receiver acts on these ids (frees or schedules those blocks): they must be ours.
+  for (BlockId b : notice.blocks) {
+    if (b < 0 || b >= layout_.num_blocks) throw std::runtime_error("block id " + std::to_string(b) + " out of range");
+  }
+  if (notices_.empty()) {  // notice_fd() becomes readable
+    const uint64_t one = 1;
+    [[maybe_unused]] ssize_t written = write(notice_fd_, &one, sizeof(one));
+  }
+  notices_.push_back({peer.id, notice.request_id, notice.layer, std::move(notice.blocks), notice.num_tokens,
+                      std::move(notice.payload)});
+  ++stats_.notices_received;
+  changed_.notify_all();
+}
+
+// Why this runs before every ucp_worker_progress call: a dead peer is failed, its endpoint
+// force-closed and its unread bytes dropped, before the worker dispatches any more of them. That
+// matters most where a peer uses RMA over TCP (DataPath::RMA forced): UCX emulates it with messages
+// this engine answers from inside ucp_worker_progress, and UCX 1.22 aborts the process when such
+// an answer meets a peer that is gone (ucp_progress_rma_cmpl / ucp_progress_get_reply hand the
+// transport's error to ucp_request_try_send: ucs_fatal "unexpected error: Endpoint timeout"); this
+// check narrows that window, only DataPath::MESSAGES closes it. A killed peer's control socket
+// hangs up together with its UCX sockets, so a hung-up control connection is the signal. One
+// poll(2) without a wait: cheap enough for the spinning progress loop.
 void UcxTransfer::fail_hung_up_peers_locked() {
   hangup_fds_.clear();
   for (const auto& [id, peer] : peers_) {
