@@ -279,8 +279,15 @@ class EngineConfig:
         _require(not self.pd.enabled or self.parallel.tensor_parallel_size == 1, "role",
                  f"prefill-decode disaggregation (role {self.pd.role!r}) is not supported with "
                  f"tensor_parallel_size={self.parallel.tensor_parallel_size} yet (use 1)")
-        _require(not self.pd.enabled or self.speculative_config is None, "role",
-                 f"prefill-decode disaggregation (role {self.pd.role!r}) is not supported with speculative decoding yet")
+        # Speculation runs where tokens are decoded. A draft model catches its own KV up over the
+        # prompt on its first proposal; an EAGLE-3 head drafts from the target's features of the
+        # prompt, which prefill computes and does not transfer.
+        spec = self.speculative_config
+        _require(spec is None or self.pd.role != "prefill", "speculative_config",
+                 "a prefill instance computes prompts only: set speculative decoding on the decode instances")
+        _require(spec is None or self.pd.role != "decode" or spec.method != "eagle3", "speculative_config.method",
+                 "eagle3 is not supported on a decode instance yet (its drafts need the target's features of the "
+                 "prompt, which prefill does not transfer): use ngram or draft_model")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":

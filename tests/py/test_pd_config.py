@@ -27,11 +27,20 @@ def test_cli_flags_map_onto_pd_config():
     (dict(role="decode", pd_transfer_port=70000), "pd_transfer_port"),
     (dict(role="decode", pd_transfer_host=""), "pd_transfer_host"),
     (dict(role="prefill", tensor_parallel_size=2), "role"),
-    (dict(role="decode", speculative_config={"method": "ngram", "num_speculative_tokens": 2}), "role"),
+    (dict(role="prefill", speculative_config={"method": "ngram", "num_speculative_tokens": 2}), "speculative_config"),
+    (dict(role="decode", speculative_config={"method": "eagle3", "num_speculative_tokens": 2, "model": "/x"}),
+     "speculative_config.method"),
 ])
 def test_bad_pd_options_name_the_field(options, field):
     with pytest.raises(ValueError, match=f"^{field}: "):
         EngineConfig.from_kwargs(**options)
+
+
+def test_decode_instances_may_speculate_with_proposers_that_need_nothing_from_prefill():
+    for spec in ({"method": "ngram", "num_speculative_tokens": 2},
+                 {"method": "draft_model", "num_speculative_tokens": 3, "model": "/draft"}):
+        config = EngineConfig.from_kwargs(role="decode", speculative_config=spec)
+        assert config.speculative_config.method == spec["method"]
 
 
 def test_writes_start_at_a_boundary_of_both_block_sizes():
