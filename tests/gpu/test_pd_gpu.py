@@ -1,13 +1,15 @@
 """Prefill-decode disaggregation on one GPU: prefill and decode as two `rtpllm serve` processes,
 each with part of the card's memory, the KV moving over UCX (CUDA IPC between the two processes),
 prefill block size 32, decode 16. The output is token-exact against a colocated instance, streamed
-and not, with logprobs and n = 2 too; both pools are idle afterwards.
+and not, with logprobs and n = 2 too, and from a decode instance that speculates with a draft
+model; both pools are idle afterwards.
 
     python -m pytest -q tests/gpu/test_pd_gpu.py
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -79,3 +81,29 @@ def test_pd_logprobs_and_n_samples_on_one_gpu_match_colocated(instances):
         assert have["logprobs"]["token_logprobs"] == pytest.approx(want["logprobs"]["token_logprobs"], abs=0.05)
     for instance in (prefill, decode):
         assert instance.metric("rtpllm:kv_cache_usage_perc") == 0.0
+
+
+@pytest.fixture(scope="module")
+def speculating_decode(instances):
+    """A decode instance whose draft model is the target itself: every draft should be accepted."""
+    spec = {"method": "draft_model", "model": MODEL, "num_speculative_tokens": 3, "adaptive": False}
+    instance = Instance("--device", "cuda", "--kv-host-cache-gib", "0", "--gpu-memory-utilization", "0.15",
+                        "--role", "decode", "--block-size", "16", "--pd-timeout-s", "20",
+                        "--speculative-config", json.dumps(spec), model=MODEL, tcp=False)
+    try:
+        yield instance.wait_ready(300)
+    finally:
+        instance.stop()
+
+
+def test_speculating_decode_on_one_gpu_is_token_exact(instances, speculating_decode):
+    colocated, prefill, _ = instances
+    body = {"prompt": PROMPT, "max_tokens": 32, "temperature": 0}
+    expected = httpx.post(colocated.url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+    run = PDRun(prefill, speculating_decode, "completions", {**body, "stream": True}, "gpu-spec").run(120)
+    assert run.prefill_response.status_code == 200, run.prefill_response.text
+    assert run.text() == expected
+    drafts = speculating_decode.metric("rtpllm:spec_decode_num_draft_tokens_total")
+    accepted = speculating_decode.metric("rtpllm:spec_decode_num_accepted_tokens_total")
+    assert drafts >= 3 and accepted >= 0.8 * drafts, (accepted, drafts)
+    assert speculating_decode.metric("rtpllm:kv_cache_usage_perc") == 0.0

@@ -4,7 +4,6 @@ output is token-exact against a colocated instance without speculation. The draf
 itself, so a draft whose KV missed the prompt would show as rejected drafts."""
 
 import json
-import re
 
 import httpx
 import pytest
@@ -30,12 +29,6 @@ def instances():
             i.stop()
 
 
-def _counter(metrics: str, name: str) -> float:
-    match = re.search(rf"^rtpllm:{name}_total\{{[^}}]*\}} ([0-9.e+]+)$", metrics, re.MULTILINE)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
-
-
 @pytest.mark.parametrize("endpoint,body", [
     ("completions", {"prompt": "The quick brown fox jumps over the lazy dog, and then the", "max_tokens": 16}),
     ("chat", {"messages": [{"role": "user", "content": "Tell me about foxes and dogs."}], "max_tokens": 16}),
@@ -47,13 +40,13 @@ def test_speculating_decode_is_token_exact_and_its_drafts_are_accepted(instances
     expected = httpx.post(colocated.url + path, json=body, timeout=60).json()
     choice = expected["choices"][0]
     expected_text = choice["text"] if "text" in choice else choice["message"]["content"]
-    before = httpx.get(decode.url + "/metrics", timeout=10).text
+    drafts_before = decode.metric("rtpllm:spec_decode_num_draft_tokens_total")
+    accepted_before = decode.metric("rtpllm:spec_decode_num_accepted_tokens_total")
     run = PDRun(prefill, decode, endpoint, {**body, "stream": True}, f"spec-{endpoint}").run()
     assert run.reservation_error is None, run.reservation_error
     assert run.prefill_response.status_code == 200, run.prefill_response.text
     assert run.text() == expected_text
-    after = httpx.get(decode.url + "/metrics", timeout=10).text
-    drafts = _counter(after, "spec_decode_num_draft_tokens") - _counter(before, "spec_decode_num_draft_tokens")
-    accepted = _counter(after, "spec_decode_num_accepted_tokens") - _counter(before, "spec_decode_num_accepted_tokens")
+    drafts = decode.metric("rtpllm:spec_decode_num_draft_tokens_total") - drafts_before
+    accepted = decode.metric("rtpllm:spec_decode_num_accepted_tokens_total") - accepted_before
     assert drafts >= 3  # the decode steps speculated
     assert accepted >= 0.8 * drafts, (accepted, drafts)  # the draft (the target itself) saw the whole prompt
