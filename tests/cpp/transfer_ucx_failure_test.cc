@@ -1,7 +1,10 @@
 // UcxTransfer against peers that misbehave: one that handshakes and then goes silent (a hung
-// process: its sockets stay open, its UCX worker never progresses), and garbage on the control port.
+// process: its sockets stay open, its UCX worker never progresses), garbage on the control port,
+// and forged messages of the MESSAGES data path (ucx_message_wire.h) that would write outside the
+// engine's memory or past what a put announced.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <thread>
@@ -9,6 +12,7 @@
 #include "host_kv_pool.h"
 #include "rtpllm/transfer/control_channel.h"
 #include "rtpllm/transfer/ucx/ucx_memory.h"
+#include "rtpllm/transfer/ucx/ucx_message_wire.h"
 #include "rtpllm/transfer/ucx/ucx_transfer.h"
 
 namespace rtpllm {
@@ -50,18 +54,61 @@ struct FakePeer {
     self.worker_address = worker.address();
     self.layout = pool.layout();
     self.regions = registration.regions();
-    self.connection_key = 0x5eed;
+    self.connection_key = kKey;
     const auto deadline = Clock::now() + std::chrono::seconds(5);
     std::string error;
     Frame reply;
     EXPECT_TRUE(connection.send(MessageType::HELLO, encode_descriptor(self), deadline, &error)) << error;
     EXPECT_TRUE(connection.receive_one(&reply, deadline, &error)) << error;
     EXPECT_EQ(reply.type, MessageType::HELLO);
+    if (reply.type == MessageType::HELLO) engine = decode_descriptor(reply.payload);
   }
+  ~FakePeer() {
+    if (ep == nullptr) return;
+    ucp_request_param_t param{};
+    param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    param.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    ucs_status_ptr_t request = ucp_ep_close_nbx(ep, &param);
+    if (UCS_PTR_IS_PTR(request)) wait(request);
+  }
+
+  // One active message to the engine, as the MESSAGES path sends them, progressed until sent.
+  template <typename Header>
+  void send_message(unsigned id, const Header& header, const void* data, size_t bytes) {
+    if (ep == nullptr) {
+      ucp_ep_params_t params{};
+      params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+      params.err_mode = UCP_ERR_HANDLING_MODE_PEER;  // as the engine's endpoints: UCX requires both sides alike
+      params.address = reinterpret_cast<const ucp_address_t*>(engine.worker_address.data());
+      check_ucs(ucp_ep_create(worker.worker(), &params, &ep), "ucp_ep_create");
+    }
+    ucp_request_param_t param{};
+    param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    param.flags = UCP_AM_SEND_FLAG_EAGER | UCP_AM_SEND_FLAG_COPY_HEADER;
+    ucs_status_ptr_t request = ucp_am_send_nbx(ep, id, &header, sizeof(header), data, bytes, &param);
+    ASSERT_FALSE(UCS_PTR_IS_ERR(request));
+    wait(request);
+    // A send can complete locally while the endpoint still waits for its wireup: only a flush,
+    // progressed here, makes sure the message left.
+    ucp_request_param_t flush{};
+    request = ucp_ep_flush_nbx(ep, &flush);
+    ASSERT_FALSE(UCS_PTR_IS_ERR(request));
+    wait(request);
+  }
+
+  void wait(ucs_status_ptr_t request) {
+    if (request == nullptr) return;
+    while (ucp_request_check_status(request) == UCS_INPROGRESS) ucp_worker_progress(worker.worker());
+    ucp_request_free(request);
+  }
+
+  static constexpr uint64_t kKey = 0x5eed;  // the connection key its HELLO sent
   HostKVPool pool;
   UcxWorker worker;
   UcxRegistration registration;
   ControlConnection connection;
+  PeerDescriptor engine;  // the engine's HELLO
+  ucp_ep_h ep = nullptr;
 };
 
 PeerId first_peer(UcxTransfer& engine) {
@@ -106,6 +153,64 @@ TEST_F(UcxTransferFailureTest, NoticeNamingForeignBlocksFailsThePeer) {
   EXPECT_EQ(engine.peers().front().state, PeerState::FAILED);
   EXPECT_NE(engine.peers().front().error.find("out of range"), std::string::npos) << engine.peers().front().error;
   EXPECT_TRUE(engine.take_notices(0).empty());
+}
+
+// Waits until the engine's first peer is FAILED; returns its error.
+std::string failure_of_first_peer(UcxTransfer& engine) {
+  const auto start = Clock::now();
+  while (engine.peers().front().state == PeerState::CONNECTED && seconds_since(start) < 3 * kTimeout) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  EXPECT_EQ(engine.peers().front().state, PeerState::FAILED);
+  return engine.peers().front().error;
+}
+
+// The engine's memory is checked, not the forger's word: a put message aimed outside the engine's
+// registration, or carrying more than its put announced, fails the peer and writes nothing there.
+TEST_F(UcxTransferFailureTest, ForgedPutMessagesFailThePeerAndWriteNothingOutside) {
+  struct Case {
+    const char* name;
+    bool outside;        // aimed at memory the engine never registered (else its own first block)
+    uint64_t announced;  // a PUT_DONE before the data announcing this size (0: none)
+    const char* error;
+  };
+  const Case cases[] = {{"outside the pool", true, 0, "outside this engine's KV memory"},
+                        {"past what the put announced", false, 8, "more data than put 1 announced"}};
+  std::vector<uint8_t> unregistered(4096, 0);
+  for (const Case& c : cases) {
+    HostKVPool pool(KVShape{}, 8, 4);
+    UcxTransfer engine(options("engine"));
+    engine.register_kv(pool.layout());
+    FakePeer forger(engine.listen_port());
+    ASSERT_NE(first_peer(engine), 0u);
+    const uint64_t before = pool.checksum_except({});
+    if (c.announced > 0) {
+      forger.send_message(ucx_wire::kPutDone, ucx_wire::PutDoneHeader{FakePeer::kKey, 1, c.announced, 0}, nullptr, 0);
+    }
+    const std::vector<uint8_t> bytes(64, 0xab);
+    const uint64_t address = c.outside ? reinterpret_cast<uint64_t>(unregistered.data()) : pool.layout().layers[0].k_base;
+    forger.send_message(ucx_wire::kPutData, ucx_wire::PutDataHeader{FakePeer::kKey, 1, address}, bytes.data(),
+                        bytes.size());
+    const std::string error = failure_of_first_peer(engine);
+    EXPECT_NE(error.find(c.error), std::string::npos) << c.name << ": " << error;
+    EXPECT_EQ(pool.checksum_except({}), before) << c.name;
+    EXPECT_EQ(std::count(unregistered.begin(), unregistered.end(), 0xab), 0) << c.name;
+    EXPECT_TRUE(engine.take_notices(0).empty()) << c.name;
+  }
+}
+
+TEST_F(UcxTransferFailureTest, AForgedGetOfMemoryOutsideTheEngineFailsThePeer) {
+  HostKVPool pool(KVShape{}, 8, 4);
+  UcxTransfer engine(options("engine"));
+  engine.register_kv(pool.layout());
+  FakePeer forger(engine.listen_port());
+  ASSERT_NE(first_peer(engine), 0u);
+  std::vector<uint8_t> unregistered(4096, 0);
+  const uint64_t outside = reinterpret_cast<uint64_t>(unregistered.data());
+  const uint64_t dst = forger.pool.layout().layers[0].k_base;
+  forger.send_message(ucx_wire::kGetRequest, ucx_wire::GetRequestHeader{FakePeer::kKey, 1, outside, dst, 64}, nullptr, 0);
+  const std::string error = failure_of_first_peer(engine);
+  EXPECT_NE(error.find("a get outside this engine's KV memory"), std::string::npos) << error;
 }
 
 TEST_F(UcxTransferFailureTest, GarbageOnTheControlPortIsDroppedAndTheEngineStillServes) {

@@ -16,14 +16,13 @@
 // out from the progress loop (answer_peers_locked) through the API's error-returning calls, so a
 // peer that died is an error on its connection, never an abort. A message that breaks the rules
 // (a destination outside this engine's memory, more bytes than announced) fails its peer.
-// Message headers are raw structs: both ends run this code on little-endian 64-bit machines (the
-// descriptor's protocol version guards the layout).
 #include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstring>
 #include <stdexcept>
 
+#include "rtpllm/transfer/ucx/ucx_message_wire.h"
 #include "rtpllm/transfer/ucx/ucx_transfer.h"
 #include "rtpllm/transfer/ucx/ucx_transfer_state.h"
 
@@ -31,25 +30,8 @@ namespace rtpllm {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+using namespace ucx_wire;
 
-enum MessageId : unsigned { kPutData = 0x7210, kPutDone, kGetRequest, kGetReply };
-
-struct PutDataHeader {
-  uint64_t key, sequence, address;
-};
-struct PutDoneHeader {
-  uint64_t key, sequence, bytes, notify;
-};
-struct GetRequestHeader {
-  uint64_t key, handle, src, dst, bytes;
-};
-struct GetReplyHeader {
-  uint64_t key, handle, address;
-};
-
-// Messages stay this small so that a receiver assembles at most this much per message (UCX holds a
-// whole eager message before the handler runs) and large copies stream in pieces.
-constexpr uint64_t kMessageBytes = 256 << 10;
 // Bounds on what one peer can make this engine hold: puts in progress and gets waiting for replies.
 constexpr size_t kMaxIncomingPuts = 1 << 14;
 constexpr size_t kMaxQueuedReplies = 1 << 16;
