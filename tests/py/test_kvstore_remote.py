@@ -88,6 +88,7 @@ def test_a_second_instance_loads_the_prefixes_the_first_computed(store):
     assert saved.saved_blocks >= 6 * 5 and saved.save_bytes == saved.saved_blocks * saved.bytes_per_block
 
     second = remote_llm(store)
+    wait_for_index(second)  # else the first prompts may be matched before the store's index arrived
     assert generate(second, batch) == expected_outputs()[:6]
     remote = tier_stats(second)["remote"]
     # Six prefixes of 5 blocks; a pool too full for a whole prefix loads what fits (the rest is computed).
