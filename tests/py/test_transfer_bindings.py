@@ -39,12 +39,18 @@ def test_bad_options_and_layouts_name_the_field():
         engine.register_kv(layout)
 
 
-def test_put_then_get_across_block_sizes_in_one_process():
+@pytest.mark.parametrize("data_path", ["AUTO", "RMA", "MESSAGES"])
+def test_put_then_get_across_block_sizes_in_one_process(data_path):
     prefill_pool, decode_pool = HostPool(8, 16), HostPool(32, 4)
-    prefill, decode = make_engine("prefill"), make_engine("decode")
+    path = getattr(_C.DataPath, data_path)
+    prefill = _C.UcxTransfer(_C.TransferOptions(name="prefill", identity="test-model|fp16", data_path=path))
+    assert _C.TransferOptions(data_path=path).data_path == path
+    decode = make_engine("decode")
     prefill.register_kv(prefill_pool.layout)
     decode.register_kv(decode_pool.layout)
     peer = prefill.connect("127.0.0.1", decode.listen_port)
+    # Over TCP (these tests' transport) AUTO moves bytes by messages.
+    assert prefill.peers()[0].data_path == (_C.DataPath.MESSAGES if data_path == "AUTO" else path)
     src, dst = [5, 0, 2], list(range(31, 19, -1))  # 45 tokens: 3 blocks of 16, 12 blocks of 4
     prefill_pool.fill(src, 45, seed=4)
     status = prefill.wait(prefill.put(peer, _C.TransferRequest(request_id=9, local_blocks=src, remote_blocks=dst,
