@@ -97,29 +97,47 @@ def sse_events(response: httpx.Response):
 
 
 class PDRun:
-    """One request through decode then prefill, as the router does it."""
+    """One request through decode then prefill, as the router does it: one after the other, or with
+    `overlap` both at once, the destination following the prefill request (after
+    `destination_delay_s`; None: never sent)."""
 
     def __init__(self, prefill: Instance, decode: Instance, endpoint: str, body: dict, pd_request_id: str):
         self.prefill, self.decode = prefill, decode
         self.endpoint, self.body, self.pd_request_id = endpoint, body, pd_request_id
         self.destination: Optional[dict] = None
         self.prefill_response: Optional[httpx.Response] = None
+        self.destination_response: Optional[httpx.Response] = None
         self.events: list[dict] = []
         self.reservation_error: Optional[dict] = None
 
-    def run(self, timeout_s: float = 60) -> "PDRun":
+    def run(self, timeout_s: float = 60, overlap: bool = False, destination_delay_s: Optional[float] = 0.0) -> "PDRun":
+        decode_body = {"pd_request_id": self.pd_request_id, "endpoint": self.endpoint, "request": self.body}
+        prefill_thread = None
+        if overlap:
+            def prefill() -> None:
+                self.prefill_response = httpx.post(self.prefill.url + "/internal/pd/prefill", json=decode_body,
+                                                   timeout=timeout_s)
+            prefill_thread = threading.Thread(target=prefill)
+            prefill_thread.start()
         with httpx.Client(timeout=timeout_s) as client:
-            decode_body = {"pd_request_id": self.pd_request_id, "endpoint": self.endpoint, "request": self.body}
             with client.stream("POST", self.decode.url + "/internal/pd/decode", json=decode_body) as stream:
                 events = sse_events(stream)
                 first = next(events)
                 if "pd_reserved" not in first:
                     self.reservation_error = first
-                    return self
-                self.destination = first["pd_reserved"]
-                self.prefill_response = client.post(self.prefill.url + "/internal/pd/prefill",
-                                                    json={**decode_body, "destination": self.destination})
-                self.events = list(events)
+                else:
+                    self.destination = first["pd_reserved"]
+                    if not overlap:
+                        self.prefill_response = client.post(self.prefill.url + "/internal/pd/prefill",
+                                                            json={**decode_body, "destination": self.destination})
+                    elif destination_delay_s is not None:
+                        time.sleep(destination_delay_s)
+                        self.destination_response = client.post(
+                            self.prefill.url + "/internal/pd/prefill/destination",
+                            json={"pd_request_id": self.pd_request_id, "destination": self.destination})
+                    self.events = list(events)
+        if prefill_thread is not None:
+            prefill_thread.join(timeout_s)
         return self
 
     def text(self) -> str:

@@ -1,7 +1,9 @@
 """Prefill-decode disaggregation between two `rtpllm serve` processes (prefill block size 16 and
 chunked prefill, decode 8), driven as `rtpllm router` drives them (pd_driver.py): the output is token-exact against one
-colocated instance, for completions and chat, streamed and not; a decode prefix hit is honoured;
-bad input is refused with 4xx and breaks nothing; a reservation without room waits for it."""
+colocated instance, for completions and chat, streamed and not, with the reservation before the
+prefill or overlapped with it (the destination following, early or late); a decode prefix hit is
+honoured; bad input is refused with 4xx and breaks nothing; a reservation without room waits for
+it; a destination that never comes ends both sides within their timeouts."""
 
 import threading
 import time
@@ -23,7 +25,8 @@ def instances():
     # Prompts are longer than one step's budget: prefill computes them in chunks (as the reference).
     chunked = ("--max-num-batched-tokens", "24")
     started = [Instance("--block-size", "16", "--no-engine-process", "--kv-host-cache-gib", "0", *chunked),
-               Instance("--role", "prefill", "--block-size", "16", "--kv-host-cache-gib", "0", *chunked),
+               Instance("--role", "prefill", "--block-size", "16", "--kv-host-cache-gib", "0", "--pd-timeout-s", "6",
+                        *chunked),
                Instance("--role", "decode", "--block-size", "8", "--pd-timeout-s", "10", "--kv-host-cache-gib", "0")]
     try:
         yield [i.wait_ready() for i in started]
@@ -194,3 +197,60 @@ def test_reservation_without_room_queues_until_blocks_free_up(instances):
     thread.join(60)
     assert second.prefill_response is not None and second.prefill_response.status_code == 200
     assert second.text() == _reference_text(_reference(colocated.url, "completions", small))
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 1.5])  # 1.5 s: the prompt was computed long before
+def test_overlapped_prefill_is_token_exact_whenever_the_destination_comes(instances, delay_s):
+    colocated, prefill, decode = instances
+    body = {"prompt": PROMPT * 3, "max_tokens": 8, "temperature": 0}  # chunked: several prefill steps
+    expected = _reference(colocated.url, "completions", body)
+    run = PDRun(prefill, decode, "completions", {**body, "stream": True}, f"overlap-{delay_s}").run(
+        overlap=True, destination_delay_s=delay_s)
+    assert run.reservation_error is None, run.reservation_error
+    assert run.destination_response.status_code == 200, run.destination_response.text
+    assert run.prefill_response.status_code == 200, run.prefill_response.text
+    result = run.prefill_response.json()
+    assert result["prompt_tokens"] == expected["usage"]["prompt_tokens"] and result["transferred_bytes"] > 0
+    assert run.text() == _reference_text(expected)
+
+
+def test_overlapped_prefill_with_a_bad_or_missing_destination_ends_cleanly(instances):
+    colocated, prefill, decode = instances
+    body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    with httpx.Client(timeout=60) as client:
+        # A destination for a prefill that is not here (yet) waits for it; a malformed one is a 400.
+        reply = client.post(prefill.url + "/internal/pd/prefill/destination", json={"pd_request_id": "x"})
+        assert reply.status_code == 400 and "destination" in reply.text
+        reply = client.post(colocated.url + "/internal/pd/prefill/destination", json={"pd_request_id": "x"})
+        assert reply.status_code == 400
+    # No destination ever: decode's wait for the KV and the prefill both time out; blocks come back.
+    bad = PDRun(prefill, decode, "completions", body, "overlap-bad")
+    bad.run(overlap=True, destination_delay_s=None)  # decode's wait for the KV ends after 10 s
+    assert bad.events and "error" in bad.events[0]
+    assert bad.prefill_response.status_code == 504 and "no destination" in bad.prefill_response.text
+    assert decode.metric("rtpllm:pd_requests_total", role="decode", outcome="timed_out") >= 1
+    for instance in (prefill, decode):
+        deadline = time.monotonic() + 30
+        while instance.metric("rtpllm:kv_cache_usage_perc") != 0.0:
+            assert time.monotonic() < deadline, "blocks were not freed"
+            time.sleep(0.2)
+    # Another model's reservation: the destination call and the prefill both answer 400.
+    with httpx.Client(timeout=60) as client:
+        thread = threading.Thread(target=lambda: setattr(bad, "prefill_response", client.post(
+            prefill.url + "/internal/pd/prefill",
+            json={"pd_request_id": "overlap-identity", "endpoint": "completions", "request": body})))
+        thread.start()
+        with client.stream("POST", decode.url + "/internal/pd/decode",
+                           json={"pd_request_id": "overlap-identity", "endpoint": "completions",
+                                 "request": body}) as stream:
+            destination = next(sse_events(stream))["pd_reserved"]
+            reply = client.post(prefill.url + "/internal/pd/prefill/destination",
+                                json={"pd_request_id": "overlap-identity",
+                                      "destination": {**destination, "cache_identity": "0123456789abcdef"}})
+            assert reply.status_code == 400 and "cache_identity" in reply.text
+            thread.join(30)
+        assert bad.prefill_response.status_code == 400 and "cache_identity" in bad.prefill_response.text
+    # Everything still works.
+    run = PDRun(prefill, decode, "completions", body, "overlap-after-bad").run(overlap=True)
+    assert run.prefill_response.status_code == 200, run.prefill_response.text
+    assert run.text() == _reference_text(_reference(colocated.url, "completions", body))

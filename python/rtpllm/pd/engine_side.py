@@ -24,6 +24,7 @@ from rtpllm.engine.kv_tiers import kv_layout
 from rtpllm.pd.decode_side import DecodeSide, Polled
 from rtpllm.pd.kv_params import DecodeKV, PDOutcome, PrefillKV
 from rtpllm.pd.prefill_side import STALL_ENV, PrefillSide
+from rtpllm.pd.protocol import KVDestination
 
 if TYPE_CHECKING:
     from rtpllm.engine.engine import Engine
@@ -161,6 +162,14 @@ def pd_decode_failure(pd_request_id: str, engine: "Engine") -> Optional[str]:
     if engine.pd is None or engine.pd.decode is None:
         return None
     return engine.pd.decode.failure(pd_request_id)
+
+
+def pd_prefill_destination(pd_request_id: str, destination: dict, engine: "Engine") -> bool:
+    """Hands a prefill sent without a destination its reservation (ValueError: a bad one); False when
+    that prefill already ended on this instance."""
+    if engine.pd is None or engine.pd.prefill is None:
+        raise ValueError("role: this instance is not a prefill instance")
+    return engine.pd.prefill.set_destination(pd_request_id, KVDestination.from_json(destination))
 
 
 def pd_prefill_outcome(pd_request_id: str, engine: "Engine") -> Optional[PDOutcome]:

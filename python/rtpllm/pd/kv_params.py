@@ -25,7 +25,7 @@ class DecodeKV:
 @dataclass(frozen=True)
 class PrefillKV:
     pd_request_id: str
-    destination: KVDestination
+    destination: Optional[KVDestination] = None  # None: it follows (protocol.py, overlap)
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class PDOutcome:
     error: str = ""
     status: int = 200            # the HTTP status the error maps to (503 peer gone, 504 timed out)
     first_token: int = -1
+    prompt_tokens: int = 0
     transferred_blocks: int = 0
     transferred_bytes: int = 0
     prefill_s: float = 0.0

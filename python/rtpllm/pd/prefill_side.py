@@ -4,6 +4,9 @@ Life of one request (an ordinary request with max_tokens 1, plus a destination):
     track()          check the destination against the decode instance's transfer engine; the
                      connection is cached per host:port (a failed peer is dropped and redialled);
                      a new one is dialled on a thread while the prompt computes (writes wait for it);
+                     without a destination (the router overlaps the reservation with the prefill),
+                     it computes all the same and set_destination() brings it later: layers
+                     computed before it are written then, the rest as they come;
     before_forward() the step computes the prompt's last chunk: hold its blocks (they must outlive
                      the request, which ends with this step, until every write is final) and arm
                      the model's layer hook;
@@ -18,6 +21,7 @@ Life of one request (an ordinary request with max_tokens 1, plus a destination):
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import queue
 import threading
@@ -57,6 +61,9 @@ class _Push:
     ended: bool = False            # decided (under lock): no put starts any more
     connecting: Optional[concurrent.futures.Future] = None
     deferred: list = field(default_factory=list)  # (layer, payload) computed before the peer connected
+    num_prompt_tokens: int = 0
+    prompt_blocks: list = field(default_factory=list)  # the prompt's local blocks, once held
+    planned: bool = False          # local_blocks / remote_blocks / num_tokens are set
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -83,31 +90,69 @@ class PrefillSide:
         # Dialling a decode instance can take up to pd_timeout_s: never on the step loop.
         self._dialler = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="rtpllm-pd-connect")
         self._dialling: dict[tuple[str, int], concurrent.futures.Future] = {}
+        # Destinations that overtook their prefill request: pd_request_id -> (destination, arrival).
+        self._early: dict[str, tuple] = {}
 
     # ------------------------------------------------------------------ admission
     def track(self, seq, kv: PrefillKV, num_prompt_tokens: int) -> None:
         """Checks the destination (ValueError: the server's 400); with no connection to its decode
-        instance yet, starts dialling it (an unreachable one fails the request with 503 later)."""
-        dest = kv.destination
+        instance yet, starts dialling it (an unreachable one fails the request with 503 later).
+        Without a destination, one that came ahead of the request is taken, or it follows."""
+        if any(p.kv.pd_request_id == kv.pd_request_id for p in self._pushes.values()):
+            raise ValueError(f"pd_request_id: {kv.pd_request_id!r} is already in flight on this instance")
+        if kv.destination is None and kv.pd_request_id in self._early:
+            kv = dataclasses.replace(kv, destination=self._early.pop(kv.pd_request_id)[0])
+        if kv.destination is not None:
+            self._check_prompt(kv.destination, num_prompt_tokens)
+        self._outcomes.pop(kv.pd_request_id, None)  # an earlier use's, never collected (its client left)
+        push = _Push(seq, kv, 0, transfer_request_id(kv.pd_request_id), time.monotonic(),
+                     num_prompt_tokens=num_prompt_tokens)
+        if kv.destination is not None:
+            self._connect(push, kv.destination, at_admission=True)
+        self._pushes[seq.seq_id] = push
+
+    def set_destination(self, pd_request_id: str, dest) -> bool:
+        """The reservation of a prefill that came without one (ValueError: a bad destination, which
+        also fails that prefill with 400). False when that prefill already ended here."""
+        push = next((p for p in self._pushes.values() if p.kv.pd_request_id == pd_request_id), None)
+        if push is None:
+            if pd_request_id in self._outcomes:
+                return False
+            self._early[pd_request_id] = (dest, time.monotonic())  # its prefill request is on its way
+            return True
+        if push.kv.destination is not None:
+            raise ValueError(f"pd_request_id: the destination of {pd_request_id!r} is known already")
+        try:
+            self._check_prompt(dest, push.num_prompt_tokens)
+        except ValueError as exc:
+            with push.lock:
+                push.error, push.error_status = str(exc), 400
+            raise
+        push.kv = dataclasses.replace(push.kv, destination=dest)
+        self._connect(push, dest, at_admission=False)
+        return True
+
+    def _check_prompt(self, dest, num_prompt_tokens: int) -> None:
         if dest.cache_identity != self.identity:
             raise ValueError(f"destination.cache_identity: {dest.cache_identity!r} is not this instance's "
                              f"{self.identity!r} (another model, dtype or KV shape)")
         if dest.num_prompt_tokens != num_prompt_tokens:
             raise ValueError(f"destination.num_prompt_tokens: {dest.num_prompt_tokens}, but the prompt has "
                              f"{num_prompt_tokens} tokens here (the two instances tokenize differently)")
-        if any(p.kv.pd_request_id == kv.pd_request_id for p in self._pushes.values()):
-            raise ValueError(f"pd_request_id: {kv.pd_request_id!r} is already in flight on this instance")
-        self._outcomes.pop(kv.pd_request_id, None)  # an earlier use's, never collected (its client left)
+
+    def _connect(self, push: _Push, dest, at_admission: bool) -> None:
+        """Writes go to dest: over the cached connection at once, else once dialled (poll)."""
         key = (dest.transfer_host, dest.transfer_port)
         peer = self._connected_peer(key)
-        push = _Push(seq, kv, peer, transfer_request_id(kv.pd_request_id), time.monotonic())
-        if peer:
-            self._check_destination(peer, dest)
-        else:
+        if not peer:
             push.connecting = self._dialling.get(key)
             if push.connecting is None:
                 push.connecting = self._dialling[key] = self._dialler.submit(self.transfer.connect, *key)
-        self._pushes[seq.seq_id] = push
+        elif at_admission:
+            self._check_destination(peer, dest)  # ValueError: the admission's 400
+            push.peer = peer
+        else:
+            self._attach(push, peer)
 
     def _check_destination(self, peer: int, dest) -> None:
         if len(set(dest.blocks)) != len(dest.blocks):
@@ -139,13 +184,11 @@ class PrefillSide:
             if push is None or push.hold_id:
                 continue
             request = self.scheduler.get_request(seq_id)
-            dest = push.kv.destination
-            start = aligned_start(dest.num_cached_tokens, self.block_size, dest.block_size)
-            end = dest.num_prompt_tokens
-            push.local_blocks = list(request.block_table[start // self.block_size:-(-end // self.block_size)])
-            push.remote_blocks = list(dest.blocks[start // dest.block_size:])
-            push.num_tokens = end - start
-            push.hold_id = self.scheduler.hold_blocks(seq_id)
+            push.prompt_blocks = list(request.block_table[:-(-push.num_prompt_tokens // self.block_size)])
+            with push.lock:
+                if push.kv.destination is not None:
+                    self._plan(push)
+                push.hold_id = self.scheduler.hold_blocks(seq_id)
             self._armed.append(push)
         if self._armed:
             self.model.layer_hook = self._on_layer
@@ -169,6 +212,9 @@ class PrefillSide:
 
     def poll(self) -> None:
         now = time.monotonic()
+        for pd_request_id, (_, arrived) in list(self._early.items()):
+            if now - arrived > self.timeout_s:  # its prefill request never came
+                del self._early[pd_request_id]
         for seq_id, push in list(self._pushes.items()):
             if push.connecting is not None and push.connecting.done():
                 self._connected(push)
@@ -198,6 +244,8 @@ class PrefillSide:
             return None
         if push.error and not push.hold_id:  # could not connect: the prompt need not be computed
             return PDOutcome(False, push.error, push.error_status), "failed"
+        if push.kv.destination is None and now - push.admitted > self.timeout_s:
+            return PDOutcome(False, f"no destination came within pd_timeout_s={self.timeout_s:g}", 504), "failed"
         if not push.hold_id:  # has not reached its last chunk
             if push.seq.finished:
                 return PDOutcome(False, "the prefill request ended before its prompt was computed "
@@ -209,7 +257,8 @@ class PrefillSide:
         if push.error:
             return PDOutcome(False, push.error, push.error_status), "failed"
         if push.last_issued and push.issued_layers == self.num_layers:
-            return PDOutcome(True, first_token=push.seq.output_ids[0], transferred_blocks=len(push.remote_blocks),
+            return PDOutcome(True, first_token=push.seq.output_ids[0], prompt_tokens=push.num_prompt_tokens,
+                             transferred_blocks=len(push.remote_blocks),
                              transferred_bytes=push.bytes, prefill_s=push.computed - push.admitted,
                              transfer_s=now - (push.first_put or now)), "completed"
         if push.seq.finished and not push.seq.output_ids:
@@ -235,7 +284,7 @@ class PrefillSide:
         with push.lock:
             if push.error or push.ended:
                 return
-            if not push.peer:  # still dialling: written once connected
+            if not push.peer:  # no destination yet, or still dialling it: written once connected
                 push.deferred.append((layer, payload))
                 return
             if time.monotonic() - push.admitted > self.timeout_s:
@@ -288,7 +337,7 @@ class PrefillSide:
         return 0
 
     def _connected(self, push: _Push) -> None:
-        """The push's dial ended: check its destination, then write what was computed meanwhile."""
+        """The push's dial ended: on to _attach, or the failure."""
         dest = push.kv.destination
         key = (dest.transfer_host, dest.transfer_port)
         future, push.connecting = push.connecting, None
@@ -296,21 +345,40 @@ class PrefillSide:
             del self._dialling[key]
         try:
             peer = future.result()
-            self._peers[key] = peer
-            self._check_destination(peer, dest)
-        except (RuntimeError, ValueError) as exc:
+        except RuntimeError as exc:
             with push.lock:
-                if isinstance(exc, ValueError):
-                    push.error, push.error_status = str(exc), 400
-                else:
-                    push.error, push.error_status = (f"destination: cannot reach the decode instance's transfer "
-                                                     f"engine at {key[0]}:{key[1]}: {exc}", 503)
+                push.error, push.error_status = (f"destination: cannot reach the decode instance's transfer "
+                                                 f"engine at {key[0]}:{key[1]}: {exc}", 503)
+            return
+        self._peers[key] = peer
+        self._attach(push, peer)
+
+    def _attach(self, push: _Push, peer: int) -> None:
+        """Checks the destination against the connected peer, then writes what was computed meanwhile."""
+        try:
+            self._check_destination(peer, push.kv.destination)
+        except ValueError as exc:
+            with push.lock:
+                push.error, push.error_status = str(exc), 400
             return
         with push.lock:
+            if push.hold_id:
+                self._plan(push)  # held before the destination came
             push.peer = peer
             deferred, push.deferred = push.deferred, []
         for layer, payload in deferred:
             self._put(push, layer, payload)
+
+    def _plan(self, push: _Push) -> None:
+        """Which of the held prompt blocks go where (called with push.lock held, once both are known)."""
+        if push.planned:
+            return
+        dest = push.kv.destination
+        start = aligned_start(dest.num_cached_tokens, self.block_size, dest.block_size)
+        push.local_blocks = push.prompt_blocks[start // self.block_size:]
+        push.remote_blocks = list(dest.blocks[start // dest.block_size:])
+        push.num_tokens = dest.num_prompt_tokens - start
+        push.planned = True
 
 
 class _Pusher:

@@ -46,6 +46,14 @@ the above:
   no reservation for the request (it ended, e.g. its KV wait failed, or never existed).
 - n > 1: prefill computes the prompt once (sample 0, its first token); decode starts the other
   samples from the transferred prompt blocks. A request asking for prompt logprobs is a 400.
+- overlap (what the router does unless --no-pd-overlap): the router sends the prefill request
+  without a destination at the same time as the decode request, and the reservation follows in
+  `POST /internal/pd/prefill/destination` (`PrefillDestination`; 200 `{}`, 404 when this
+  instance has no such prefill in flight, 400 for a bad body). The prefill computes meanwhile and
+  holds the layers it finished (their KV stays in its own blocks) until the destination comes, then
+  writes them all and the rest layer by layer. A destination may arrive before its prefill request
+  (it waits up to pd_timeout_s for it); no destination within pd_timeout_s of the prefill's
+  admission ends it with 504.
 - a prefill instance starts no write later than pd_timeout_s after it took the request; a
   decode instance keeps the blocks of a failed or aborted reservation for 3 x pd_timeout_s (or
   until the last notice), so a late write never lands in reused blocks.
@@ -54,7 +62,7 @@ the above:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 ENDPOINTS = ("completions", "chat")
 Endpoint = Literal["completions", "chat"]
@@ -137,25 +145,51 @@ class DecodeRequest:
 
 @dataclass(frozen=True)
 class PrefillRequest:
-    """router -> prefill: compute `request`'s prompt and write its KV to `destination`."""
+    """router -> prefill: compute `request`'s prompt and write its KV to `destination`; without
+    one, the prefill starts at once and the destination follows (`PrefillDestination`)."""
 
     pd_request_id: str
     endpoint: Endpoint
     request: dict
-    destination: KVDestination
+    destination: Optional[KVDestination] = None
 
     def to_json(self) -> dict:
-        return {"pd_request_id": self.pd_request_id, "endpoint": self.endpoint,
-                "request": self.request, "destination": self.destination.to_json()}
+        data = {"pd_request_id": self.pd_request_id, "endpoint": self.endpoint, "request": self.request}
+        if self.destination is not None:
+            data["destination"] = self.destination.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: dict, where: str = "body") -> "PrefillRequest":
         head = DecodeRequest.from_json(data, where)
-        dest = KVDestination.from_json(_need(data, "destination", dict, where), where + ".destination")
-        if dest.pd_request_id != head.pd_request_id:
-            raise ValueError(f"{where}.destination.pd_request_id: does not match pd_request_id")
+        dest = None
+        if isinstance(data, dict) and data.get("destination") is not None:
+            dest = _destination_of(head.pd_request_id, data, where)
         return cls(pd_request_id=head.pd_request_id, endpoint=head.endpoint, request=head.request,
                    destination=dest)
+
+
+@dataclass(frozen=True)
+class PrefillDestination:
+    """router -> prefill: the reservation of a prefill sent without one."""
+
+    pd_request_id: str
+    destination: KVDestination
+
+    def to_json(self) -> dict:
+        return {"pd_request_id": self.pd_request_id, "destination": self.destination.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "body") -> "PrefillDestination":
+        pd_request_id = _need(data, "pd_request_id", str, where)
+        return cls(pd_request_id=pd_request_id, destination=_destination_of(pd_request_id, data, where))
+
+
+def _destination_of(pd_request_id: str, data: dict, where: str) -> KVDestination:
+    dest = KVDestination.from_json(_need(data, "destination", dict, where), where + ".destination")
+    if dest.pd_request_id != pd_request_id:
+        raise ValueError(f"{where}.destination.pd_request_id: does not match pd_request_id")
+    return dest
 
 
 @dataclass(frozen=True)

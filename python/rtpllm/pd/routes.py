@@ -1,4 +1,5 @@
-"""The instance side of the PD hand-off (protocol.py): POST /internal/pd/decode and /internal/pd/prefill.
+"""The instance side of the PD hand-off (protocol.py): POST /internal/pd/decode, /internal/pd/prefill
+and /internal/pd/prefill/destination.
 
 Both endpoints reuse the OpenAI handlers (completions.py, chat.py) unchanged, so that a PD request
 is tokenized, validated and answered exactly as `/v1/<endpoint>` would: they see the engine through
@@ -11,7 +12,8 @@ request the handler submits.
              KV never arrives ends with an error event (from the engine's reason), not a finish
              reason.
     prefill: the handler runs with max_tokens 1 and stream off; once the engine reports every
-             write final, the answer is a PrefillResult, or 503/504 with the reason.
+             write final, the answer is a PrefillResult, or 503/504 with the reason. Sent without a
+             destination, it computes at once; the destination comes in its own call.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from rtpllm.pd.decode_side import QUEUED
-from rtpllm.pd.engine_side import pd_decode_failure, pd_prefill_outcome, pd_reservation, pd_role
+from rtpllm.pd.engine_side import (pd_decode_failure, pd_prefill_destination, pd_prefill_outcome, pd_reservation,
+                                   pd_role)
 from rtpllm.pd.kv_params import DecodeKV, PrefillKV
-from rtpllm.pd.protocol import DecodeRequest, PrefillRequest, PrefillResult
+from rtpllm.pd.protocol import DecodeRequest, PrefillDestination, PrefillRequest, PrefillResult
 from rtpllm.serving.chat import create_chat_completion
 from rtpllm.serving.completions import create_completion
 from rtpllm.serving.errors import OpenAIError, bad_request, from_validation_error, to_openai_error
@@ -170,11 +173,28 @@ def add_pd_routes(app: FastAPI, ctx: "ServingContext") -> None:
                 raise bad_request(outcome.error, param="destination")
             if not outcome.ok:
                 raise PDTransferError(outcome.error, outcome.status)
-            result = PrefillResult(pd_request_id=body.pd_request_id, prompt_tokens=body.destination.num_prompt_tokens,
+            result = PrefillResult(pd_request_id=body.pd_request_id, prompt_tokens=outcome.prompt_tokens,
                                    first_token=outcome.first_token, transferred_blocks=outcome.transferred_blocks,
                                    transferred_bytes=outcome.transferred_bytes, prefill_s=outcome.prefill_s,
                                    transfer_s=outcome.transfer_s)
             return JSONResponse(result.to_json())
+        except Exception as exc:  # noqa: BLE001 - answered as an error body
+            return to_openai_error(exc).response()
+
+
+    @app.post("/internal/pd/prefill/destination")
+    async def pd_destination(request: Request) -> Response:
+        try:
+            body = await _parse(request, PrefillDestination)
+            await _check_role(engine, app.state, "prefill")
+            found = await engine.call_in_engine_thread(
+                functools.partial(pd_prefill_destination, body.pd_request_id, body.destination.to_json()))
+            if not found:
+                raise OpenAIError(f"pd_request_id: no prefill {body.pd_request_id!r} in flight on this instance",
+                                  status=404, type="not_found_error", param="pd_request_id")
+            return JSONResponse({})
+        except ValueError as exc:
+            return bad_request(str(exc), param="destination").response()
         except Exception as exc:  # noqa: BLE001 - answered as an error body
             return to_openai_error(exc).response()
 
