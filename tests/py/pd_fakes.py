@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
-from rtpllm.pd.protocol import DecodeRequest, KVDestination, PrefillRequest, PrefillResult
+from rtpllm.pd.protocol import DecodeRequest, KVDestination, PrefillDestination, PrefillRequest, PrefillResult
 from rtpllm.serving.sse_response import SSEResponse
 from rtpllm.serving.streaming import ClientDisconnected, cancel_on_disconnect
 
@@ -257,8 +257,22 @@ class FakePrefill(_FakeInstance):
         self.mode = "ok"
         self.delay_s = 0.0
         self.destinations: dict[str, KVDestination] = {}
+        self._destination_waits: dict[str, asyncio.Future] = {}  # prefills sent without one (overlap)
         self.app.add_api_route("/internal/pd/prefill", self._prefill, methods=["POST"])
+        self.app.add_api_route("/internal/pd/prefill/destination", self._destination, methods=["POST"])
         self.app = self._with_drop(self.app)
+
+    async def _destination(self, request: Request) -> Response:
+        self.internal_auth.append(request.headers.get("authorization"))
+        try:
+            message = PrefillDestination.from_json(await request.json())
+        except ValueError as exc:
+            return JSONResponse(_error(str(exc), 400), status_code=400)
+        self.destinations[message.pd_request_id] = message.destination
+        waiting = self._destination_waits.get(message.pd_request_id)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(message.destination)
+        return JSONResponse({})
 
     def _with_drop(self, app):
         async def asgi(scope, receive, send):
@@ -275,7 +289,8 @@ class FakePrefill(_FakeInstance):
         except ValueError as exc:
             return JSONResponse(_error(str(exc), 400), status_code=400)
         pd_id = message.pd_request_id
-        self.destinations[pd_id] = message.destination
+        if message.destination is not None:
+            self.destinations[pd_id] = message.destination
         self.log.append(("started", pd_id))
         if self.mode == "503":
             self.log.append(("refused", pd_id))
@@ -285,12 +300,24 @@ class FakePrefill(_FakeInstance):
         except ClientDisconnected:
             self.log.append(("aborted", pd_id))
             return Response(status_code=499)
+        destination = self.destinations.get(pd_id)
+        if destination is None:  # overlap: it follows the request
+            waiting = self._destination_waits.setdefault(pd_id, asyncio.get_running_loop().create_future())
+            try:
+                destination = await cancel_on_disconnect(request, asyncio.wait_for(waiting, 30))
+            except ClientDisconnected:
+                self.log.append(("aborted", pd_id))
+                return Response(status_code=499)
+            except asyncio.TimeoutError:
+                return JSONResponse(_error("no destination came", 504, "timeout"), status_code=504)
+            finally:
+                self._destination_waits.pop(pd_id, None)
         first = first_token_for(message.request)
         if not self.transfer.deliver(pd_id, first):
             self.log.append(("decode_gone", pd_id))
             return JSONResponse(_error("the decode side is gone", 503, "service_unavailable"), status_code=503)
         self.log.append(("done", pd_id))
-        n = message.destination.num_prompt_tokens
+        n = destination.num_prompt_tokens
         return JSONResponse(PrefillResult(pd_request_id=pd_id, prompt_tokens=n, first_token=first,
-                                          transferred_blocks=len(message.destination.blocks),
-                                          transferred_bytes=1000 * len(message.destination.blocks)).to_json())
+                                          transferred_blocks=len(destination.blocks),
+                                          transferred_bytes=1000 * len(destination.blocks)).to_json())

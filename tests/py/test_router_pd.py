@@ -1,7 +1,8 @@
 """`rtpllm router --prefill ... --decode ...` against fake instances that speak the PD protocol
 (pd_fakes.py): the relay (streamed and not, completions and chat), the failure policy (prefill
 503 / hang / connection refused / dropped, decode reservation errors, slow reservations, a stream
-cut mid-way, `--pd-retry`), disconnects closing both upstreams, pool selection, access control."""
+cut mid-way, `--pd-retry`), disconnects closing both upstreams, pool selection, access control;
+with the reservation overlapped with the prefill and without."""
 
 import json
 import socket
@@ -50,8 +51,11 @@ class Setup:
         return next(d for d in self.decodes if pd_id in d.sent or pd_id in d.reservations)
 
 
-@pytest.fixture(scope="module")
-def module_setup():
+@pytest.fixture(scope="module", params=[True, False], ids=["overlap", "sequential"])
+def module_setup(request):
+    """Every test runs against routers that overlap the reservation with the prefill (the prefill
+    request first, its destination following) and routers that send one after the other."""
+    overlap = request.param
     transfer = FakeTransfer()
     decodes = [FakeDecode(transfer, f"decode{i}", BACKEND_KEY) for i in range(2)]
     prefills = [FakePrefill(transfer, f"prefill{i}", BACKEND_KEY) for i in range(2)]
@@ -59,8 +63,8 @@ def module_setup():
     with RunningApp(decodes[0].app) as d0, RunningApp(decodes[1].app) as d1, \
             RunningApp(prefills[0].app) as p0, RunningApp(prefills[1].app) as p1:
         urls = dict(prefill=(p0.url, p1.url), decode=(d0.url, d1.url))
-        with RunningApp(build_router_app(pd_config(**urls), tokenizer)) as router, \
-                RunningApp(build_router_app(pd_config(**urls, pd_retry=True), tokenizer)) as retrying:
+        with RunningApp(build_router_app(pd_config(**urls, pd_overlap=overlap), tokenizer)) as router, \
+                RunningApp(build_router_app(pd_config(**urls, pd_retry=True, pd_overlap=overlap), tokenizer)) as retrying:
             for r in (router, retrying):
                 wait_until(lambda: all(b["kv_cursor"] is not None for b in r.state(AUTH)["backends"]),
                            what="the KV subscriptions")
@@ -203,8 +207,9 @@ def test_pd_retry_asks_another_prefill_instance_into_the_same_reservation(setup,
             break
     assert broken.log, "the broken prefill instance was never tried"
     if failure != "drop":  # a dropped connection leaves no record of the id on the broken side
-        retried = [i for i in setup.prefills[1].ids("done") if i in broken.destinations]
-        assert retried and broken.destinations[retried[0]] == setup.prefills[1].destinations[retried[0]]
+        retried = [i for i in setup.prefills[1].ids("done") if i in broken.ids("started")]
+        assert retried and setup.prefills[1].destinations[retried[0]] == \
+            setup.decode_with(retried[0]).reservations[retried[0]]  # the same reservation
     assert metric(setup.retrying, "retries_total") > retries_before
     broken.mode = "ok"
     wait_until(lambda: all(b["healthy"] for b in setup.retrying.state(AUTH)["backends"]),

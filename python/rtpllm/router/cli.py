@@ -20,6 +20,9 @@ def add_router_parser(subparsers) -> None:
     p.add_argument("--pd-retry", action="store_true",
                    help="A failed prefill (5xx, connection, timeout) is tried once more on another prefill "
                         "instance, into the same decode reservation, before the client gets the error.")
+    p.add_argument("--no-pd-overlap", dest="pd_overlap", action="store_false",
+                   help="Send the prefill request only once decode reserved the KV blocks, instead of both at once "
+                        "(the reservation following the prefill request).")
     p.add_argument("--pd-reserve-timeout", type=float, default=30.0,
                    help="Seconds a decode instance has to reserve KV blocks (then another is tried).")
     p.add_argument("--pd-prefill-timeout", type=float, default=30.0,
@@ -70,7 +73,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         disk_hit_weight=args.disk_hit_weight,
         long_prompt_threshold=args.long_prompt_threshold or None, long_lane=tuple(args.long_lane),
         max_long_per_instance=args.max_long_per_instance, tokenizer=args.tokenizer, max_retries=args.max_retries,
-        health_interval_s=args.health_interval, api_key=args.api_key, pd_retry=args.pd_retry,
+        health_interval_s=args.health_interval, api_key=args.api_key, pd_retry=args.pd_retry, pd_overlap=args.pd_overlap,
         pd_reserve_timeout_s=args.pd_reserve_timeout, pd_prefill_timeout_s=args.pd_prefill_timeout,
         connect_timeout_s=args.connect_timeout,
         backend_api_key=args.backend_api_key or os.environ.get("RTPLLM_BACKEND_API_KEY"),

@@ -37,6 +37,9 @@ class RouterConfig:
     # reservation lost before any output (the prefill writing it died mid-write, so decode ended
     # it) makes the request start over once, with a new reservation and a prefill that did not fail.
     pd_retry: bool = False
+    # The prefill request goes out together with the decode request, the reservation following it
+    # (pd_proxy.py): the prefill computes while decode reserves. Off: one after the other.
+    pd_overlap: bool = True
 
     policy: str = "cache_aware"
     # cache_aware cost of an instance, in prompt tokens of work ahead of the request:

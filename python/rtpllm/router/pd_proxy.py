@@ -4,17 +4,19 @@ One client request (completions or chat, streamed or not) becomes one reservatio
 
     1. decode instance (`least_loaded_decode`) <- POST /internal/pd/decode (DecodeRequest);
        its stream's first event is the reservation (KVDestination), within `pd_reserve_timeout_s`
-    2. prefill instance (the routing policy: cache-aware, lanes) <- POST /internal/pd/prefill
-       (PrefillRequest: the body and the reservation); answers PrefillResult within
-       `pd_prefill_timeout_s`. Meanwhile:
+    2. prefill instance (the routing policy: cache-aware, lanes; pd_prefill.py) <- POST
+       /internal/pd/prefill (PrefillRequest: the body and the reservation); answers PrefillResult
+       within `pd_prefill_timeout_s`. With `pd_overlap` (the default) it is sent at the same time
+       as 1., without the reservation, which follows in POST /internal/pd/prefill/destination as
+       soon as decode's event brings it: the reservation leaves the critical path. Meanwhile:
     3. decode's stream goes to the client as it asked: SSE chunks as they come (the reservation
        event dropped), or the one response JSON.
 
 Failure policy (each outcome counted: rtpllm_router:pd_requests{outcome} and the failure counters):
 - decode fails before anything reached the client (connection, 503, reservation timeout, stream
   cut before its first output): the attempt is dropped (its connection closed, which frees the
-  reservation; the prefill, if sent, cancelled) and the request tried on another decode instance,
-  up to `max_retries` times, as colocated requests are;
+  reservation; the prefill, if sent, cancelled: with overlap, its computing is lost) and the
+  request tried on another decode instance, up to `max_retries` times, as colocated requests are;
 - prefill fails (error status, connection, timeout): the client gets an OpenAI error and the decode
   connection is closed (decode frees the blocks); with `pd_retry`, a 5xx, connection failure or
   timeout is first retried once on another prefill instance, into the same reservation (which
@@ -43,10 +45,11 @@ import aiohttp
 from starlette.requests import Request
 from starlette.responses import Response
 
-from rtpllm.pd.protocol import DecodeRequest, KVDestination, PrefillRequest, PrefillResult
+from rtpllm.pd.protocol import DecodeRequest, KVDestination, PrefillRequest
 from rtpllm.router.backend import Backend, BackendPool, Ticket
 from rtpllm.router.metrics import RouterMetrics
 from rtpllm.router.pd_errors import event_error, upstream_error
+from rtpllm.router.pd_prefill import CONNECTION_ERRORS, PrefillDispatcher, PrefillFailed
 from rtpllm.router.policy import RoutingInput, RoutingPolicy, least_loaded_decode
 from rtpllm.router.sse import DONE, EventSplitter, event_data, event_json, is_done
 from rtpllm.serving.errors import OpenAIError
@@ -56,9 +59,7 @@ from rtpllm.serving.streaming import ClientDisconnected, cancel_on_disconnect
 logger = logging.getLogger(__name__)
 
 DECODE_PATH = "/internal/pd/decode"
-PREFILL_PATH = "/internal/pd/prefill"
-# TimeoutError is an OSError: aiohttp's own connect and read timeouts count as connection failures.
-_CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)
+_CONNECTION_ERRORS = CONNECTION_ERRORS
 _DRAIN_S = 1.0  # how long a finished non-streamed reply's `[DONE]` is waited for (keeps the connection)
 
 
@@ -69,19 +70,6 @@ class _DecodeFailed(Exception):
         super().__init__(reason)
         self.reason = reason
         self.error = error
-
-
-class PrefillFailed(OpenAIError):
-    """The prefill side failed; the client's answer unless `pd_retry` finds another instance."""
-
-    def __init__(self, reason: str, message: str, status: int, type: str, retryable: bool):
-        super().__init__(message, status=status, type=type)
-        self.reason = reason
-        self.retryable = retryable
-
-
-class _NoPrefillInstance(Exception):
-    pass
 
 
 class _ReservationLost(Exception):
@@ -112,6 +100,12 @@ class _Flow:
         self.splitter = EventSplitter()
         self.events: deque[bytes] = deque()
         self.prefill: Optional[asyncio.Task] = None
+        # The reservation, for a prefill sent before it was known (overlap): set once it is.
+        self.destination: "asyncio.Future[KVDestination]" = asyncio.get_running_loop().create_future()
+
+    def known_destination(self) -> Optional[KVDestination]:
+        done = self.destination.done() and not self.destination.cancelled()
+        return self.destination.result() if done and self.destination.exception() is None else None
 
     async def next_event(self) -> Optional[bytes]:
         """Decode's next whole event; None when its stream ended. Raises on a broken connection."""
@@ -137,6 +131,8 @@ class _Flow:
                 self.upstream.close()  # decode aborts the request and frees its blocks
             self.upstream = None
         self.ticket.close()
+        if not self.destination.done():
+            self.destination.cancel()
 
 
 class PDProxy:
@@ -147,6 +143,7 @@ class PDProxy:
         self.policy = policy
         self.metrics = metrics
         self.config = prefill_pool.config
+        self.prefills = PrefillDispatcher(prefill_pool, policy, metrics)
 
     def outcome(self, name: str) -> None:
         self.metrics.pd_requests.labels(name).inc()
@@ -218,16 +215,22 @@ class PDProxy:
     async def _attempt(self, flow: _Flow, endpoint: str, client_body: dict, routing: RoutingInput,
                        stream: bool) -> Response:
         started = time.monotonic()
+        if self.config.pd_overlap:  # the prefill computes while decode reserves; the destination follows
+            self._start_prefill(flow, PrefillRequest(flow.pd_request_id, endpoint, client_body), routing)
         destination = await self._reserve(flow, DecodeRequest(flow.pd_request_id, endpoint, client_body))
         self.metrics.pd_reserve_seconds.observe(time.monotonic() - started)
-        message = PrefillRequest(flow.pd_request_id, endpoint, client_body, destination)
-        flow.prefill = asyncio.ensure_future(self._prefill(flow, message, routing))
-        flow.prefill.add_done_callback(_consume_result)
+        flow.destination.set_result(destination)
+        if not self.config.pd_overlap:
+            self._start_prefill(flow, PrefillRequest(flow.pd_request_id, endpoint, client_body, destination), routing)
         first = await self._first_output(flow)
         flow.ticket.first_output()
         if stream:
             return _PDStream(self, flow, first)
         return await self._whole_response(flow, first)
+
+    def _start_prefill(self, flow: _Flow, message: PrefillRequest, routing: RoutingInput) -> None:
+        flow.prefill = asyncio.ensure_future(self.prefills.prefill(flow, message, routing))
+        flow.prefill.add_done_callback(_consume_result)
 
     # -- 1. the reservation ------------------------------------------------------------------
 
@@ -277,80 +280,7 @@ class PDProxy:
                                                          status=502, type="upstream_error")) from exc
         return destination
 
-    # -- 2. the prefill -----------------------------------------------------------------------
-
-    async def _prefill(self, flow: _Flow, message: PrefillRequest, routing: RoutingInput) -> PrefillResult:
-        """Into this reservation; the client request's prefill instances that failed it
-        (`flow.failed_prefills`, shared with later flows) are not asked again, and gain the ones
-        that fail here."""
-        failed_prefills = flow.failed_prefills
-        payload = message.to_json()
-        timeout = self.config.pd_prefill_timeout_s
-        attempts = 2 if self.config.pd_retry else 1
-        tried: list[Backend] = list(failed_prefills)
-        failure: Optional[PrefillFailed] = None
-        for attempt in range(attempts):
-            try:
-                return await asyncio.wait_for(self._prefill_once(flow, payload, routing, tried), timeout)
-            except _NoPrefillInstance:
-                if failure is not None:
-                    raise failure from None  # nobody else to ask: the first failure is the answer
-                raise PrefillFailed("no_instance", "no prefill instance is available to serve the request", 503,
-                                    "service_unavailable", retryable=False) from None
-            except asyncio.TimeoutError:
-                failure = PrefillFailed("timeout", f"the prefill instance did not answer within {timeout:g} s", 504,
-                                        "timeout", retryable=True)
-            except PrefillFailed as failed:
-                failure = failed
-            self.metrics.pd_prefill_failures.labels(failure.reason).inc()
-            if failure.retryable and tried:
-                failed_prefills.append(tried[-1])
-            if tried:
-                logger.info("prefill of %s on %s failed: %s", message.pd_request_id, tried[-1].url, failure.message)
-            if not failure.retryable or attempt + 1 == attempts:
-                raise failure
-            self.metrics.retries.labels("pd_prefill_" + failure.reason).inc()
-        raise AssertionError("unreachable")
-
-    async def _prefill_once(self, flow: _Flow, payload: dict, routing: RoutingInput,
-                            tried: list[Backend]) -> PrefillResult:
-        choice = await self.policy.route(routing, exclude=tried)
-        if choice is None:
-            raise _NoPrefillInstance()
-        backend = choice.backend
-        tried.append(backend)
-        long = self.policy.lanes.is_long(routing)
-        ticket = self.policy.dispatch(choice, routing)
-        self.metrics.routed.labels(backend.url, "long" if long else "short").inc()
-        self.metrics.prompt_tokens.labels(backend.url).inc(routing.num_prompt_tokens)
-        self.metrics.expected_hit_tokens.labels(backend.url).inc(choice.hit_tokens)
-        started = time.monotonic()
-        flow.pending_prefill = backend
-        try:
-            async with self.prefill_pool.session.post(backend.url + PREFILL_PATH, json=payload) as reply:
-                status, body = reply.status, await reply.read()
-            flow.pending_prefill = None
-        except _CONNECTION_ERRORS as exc:
-            flow.pending_prefill = None
-            backend.mark_down(f"prefill connection failed ({type(exc).__name__}: {exc})")
-            raise PrefillFailed("connection", "the prefill instance could not be reached", 503,
-                                "service_unavailable", retryable=True) from exc
-        finally:
-            ticket.close()
-        if status == 200:
-            try:
-                result = PrefillResult.from_json(json.loads(body))
-            except ValueError as exc:
-                raise PrefillFailed("bad_reply", f"the prefill instance's reply is invalid: {exc}", 502,
-                                    "upstream_error", retryable=True) from exc
-            self.metrics.pd_prefill_seconds.observe(time.monotonic() - started)
-            self.metrics.pd_transferred_bytes.inc(result.transferred_bytes)
-            return result
-        error = upstream_error(status, body, "prefill")
-        raise PrefillFailed(f"status_{status}", f"prefill failed: {error.message}", error.status, error.type,
-                            retryable=error.status >= 500)
-
-    # -- 3. decode's output -------------------------------------------------------------------
+    # -- 2. decode's output (the prefill: pd_prefill.py) -------------------------------------------------------------------
 
     async def _first_output(self, flow: _Flow) -> list[bytes]:
         """Decode's first output event and any read with it, watching the prefill meanwhile. Bounded:
@@ -360,16 +290,18 @@ class PDProxy:
         reading = asyncio.ensure_future(flow.next_event())
         try:
             while True:
-                waits = {reading} if flow.prefill.done() else {reading, flow.prefill}
-                timeout = None if deadline is None else max(0.0, deadline - loop.time())
-                done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                if not done:
-                    raise _DecodeFailed("first_output_timeout")
+                # A prefill that ended (overlapped, it may have failed before the reservation came):
+                # its failure is the answer; its success starts the bound on decode's first output.
                 if flow.prefill.done() and deadline is None:
                     failure = flow.prefill.exception()
                     if failure is not None:
                         self._raise_prefill_failure(flow, failure)
                     deadline = loop.time() + self.config.pd_prefill_timeout_s
+                waits = {reading} if flow.prefill.done() else {reading, flow.prefill}
+                timeout = None if deadline is None else max(0.0, deadline - loop.time())
+                done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    raise _DecodeFailed("first_output_timeout")
                 if reading not in done:
                     continue
                 try:
