@@ -13,7 +13,8 @@
    and decode instances on the same GPU, half its memory each; the router's hand-off driven here),
    both streamed, measured at the client from sending the request to the first content chunk,
    PD driven as the router drives it (decode's stream read while the prefill call runs), with its
-   time split into decode's reservation and the prefill call up to decode's first token.
+   time split into decode's reservation and the rest up to decode's first token; once with the
+   prefill sent after the reservation, once overlapped with it (the router's default).
 
     python bench/gpu/bench_pd.py --json /tmp/bench_pd.json
 The checkpoint is bench_e2e_llama8b.py's random 8B-shaped one (cached in $RTPLLM_BENCH_DIR).
@@ -198,9 +199,11 @@ def _ttft_colocated(instance, prompt: list[int]) -> float:
     raise RuntimeError("no token")
 
 
-def _ttft_pd(prefill, decode, prompt: list[int], pd_request_id: str) -> tuple[float, dict]:
-    """As the router does it: decode's reservation, then the prefill call sent while decode's stream
-    is read, so the first token counts when decode emits it (not when prefill's answer arrives)."""
+def _ttft_pd(prefill, decode, prompt: list[int], pd_request_id: str, overlap: bool) -> tuple[float, dict]:
+    """As the router does it, the first token counted when decode emits it (not when prefill's
+    answer arrives): decode's reservation, then the prefill call sent while decode's stream is
+    read; or, overlapped (the router's default), the prefill call sent together with the decode
+    request and the destination following it as soon as decode reserved."""
     import concurrent.futures
 
     import httpx
@@ -209,23 +212,29 @@ def _ttft_pd(prefill, decode, prompt: list[int], pd_request_id: str) -> tuple[fl
             "request": {"prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": True}}
     with httpx.Client(timeout=300) as client, httpx.Client(timeout=300) as prefill_client, \
             concurrent.futures.ThreadPoolExecutor(1) as pool:
+
+        def call_prefill(payload: dict):
+            response = prefill_client.post(prefill.url + "/internal/pd/prefill", json=payload)
+            return response, time.perf_counter()
+
         start = time.perf_counter()
+        call = pool.submit(call_prefill, body) if overlap else None
         with client.stream("POST", decode.url + "/internal/pd/decode", json=body) as stream:
             lines = (line for line in stream.iter_lines() if line.startswith("data: {"))
             destination = json.loads(next(lines)[len("data: "):])["pd_reserved"]
             reserved = time.perf_counter()
-
-            def call_prefill():
-                response = prefill_client.post(prefill.url + "/internal/pd/prefill", json={**body, "destination": destination})
-                return response, time.perf_counter()
-
-            call = pool.submit(call_prefill)
+            if overlap:
+                sent = client.post(prefill.url + "/internal/pd/prefill/destination",
+                                   json={"pd_request_id": pd_request_id, "destination": destination})
+                assert sent.status_code == 200, sent.text
+            else:
+                call = pool.submit(call_prefill, {**body, "destination": destination})
             next(lines)
             end = time.perf_counter()
             result, answered = call.result()
             assert result.status_code == 200, result.text
-            # Where the time went, at the client: decode's reservation, then from the prefill call's
-            # start to decode's first token, and when prefill's own answer came (after every write).
+            # Where the time went, at the client: decode's reservation, then from the reservation to
+            # decode's first token, and when prefill's own answer came (after every write).
             phases = {"reserve_s": reserved - start, "to_first_token_s": end - reserved, "prefill_answer_s": answered - reserved}
             return end - start, {**result.json(), **phases}
 
@@ -246,22 +255,27 @@ def ttft_rows(model: str) -> list[dict]:
                        model=model, tcp=False).wait_ready(600)
     decode = Instance(*common, "--role", "decode", "--block-size", "16", "--gpu-memory-utilization", "0.45",
                       model=model, tcp=False).wait_ready(600)
+    rows = [row("ttft_4k_colocated", colocated_s * 1e3, "ms", "-", None)]
     try:
-        runs = [_ttft_pd(prefill, decode, p, f"bench-{i}") for i, p in enumerate(prompts)][1:]
+        for overlap in (False, True):
+            # A first token of its own per round: neither side finds the other round's prompts in its cache.
+            runs = [_ttft_pd(prefill, decode, [overlap + 1] + p, f"bench-{overlap}-{i}", overlap)
+                    for i, p in enumerate(prompts)][1:]
+            pd_s = statistics.median(t for t, _ in runs)
+            phases = {key: statistics.median(r[key] for _, r in runs)
+                      for key in ("reserve_s", "to_first_token_s", "prefill_answer_s", "prefill_s", "transfer_s")}
+            name = "ttft_4k_pd_overlap" if overlap else "ttft_4k_pd"
+            print(f"TTFT 4k prompt{' (reservation overlapped)' if overlap else ''}: colocated {colocated_s * 1e3:.1f} ms, "
+                  f"PD {pd_s * 1e3:.1f} ms; medians: decode reservation {phases['reserve_s'] * 1e3:.1f} ms, then "
+                  f"decode's first token {phases['to_first_token_s'] * 1e3:.1f} ms later (prefill's engine: admission "
+                  f"to last layer {phases['prefill_s'] * 1e3:.1f} ms, first write to last notice "
+                  f"{phases['transfer_s'] * 1e3:.1f} ms; its answer after {phases['prefill_answer_s'] * 1e3:.1f} ms)")
+            rows.append(row(name, pd_s * 1e3, "ms", "colocated TTFT", colocated_s / pd_s,
+                            **{f"{key}_median": value for key, value in phases.items()}))
     finally:
         prefill.stop()
         decode.stop()
-    pd_s = statistics.median(t for t, _ in runs)
-    phases = {key: statistics.median(r[key] for _, r in runs)
-              for key in ("reserve_s", "to_first_token_s", "prefill_answer_s", "prefill_s", "transfer_s")}
-    print(f"TTFT 4k prompt: colocated {colocated_s * 1e3:.1f} ms, PD {pd_s * 1e3:.1f} ms; medians: "
-          f"decode reservation {phases['reserve_s'] * 1e3:.1f} ms, prefill call to decode's first token "
-          f"{phases['to_first_token_s'] * 1e3:.1f} ms (prefill's engine: admission to last layer "
-          f"{phases['prefill_s'] * 1e3:.1f} ms, first write to last notice {phases['transfer_s'] * 1e3:.1f} ms; "
-          f"its answer after {phases['prefill_answer_s'] * 1e3:.1f} ms)")
-    return [row("ttft_4k_colocated", colocated_s * 1e3, "ms", "-", None),
-            row("ttft_4k_pd", pd_s * 1e3, "ms", "colocated TTFT", colocated_s / pd_s,
-                **{f"{key}_median": value for key, value in phases.items()})]
+    return rows
 
 
 def main() -> None:
