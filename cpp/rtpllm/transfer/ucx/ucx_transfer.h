@@ -32,6 +32,8 @@
 
 namespace rtpllm {
 
+struct IncomingPut;  // ucx_transfer_state.h
+
 class UcxTransfer final : public KVTransfer {
  public:
   // Starts listening and the progress thread. thread_init runs first on the progress thread
@@ -81,6 +83,9 @@ class UcxTransfer final : public KVTransfer {
   bool registered_locked(uint64_t address, uint64_t bytes) const;  // inside this engine's registration
   // Copies a message's data to address in this engine's registered memory; false outside it.
   bool land_locked(void* data, uint64_t address, size_t bytes, const ucp_am_recv_param_t* param);
+  // The peer's put `sequence` in progress (new if need be), or nullptr with the peer's protocol
+  // error set: a put already complete, or too many in progress.
+  IncomingPut* incoming_put_locked(Peer& peer, uint64_t sequence);
   void complete_puts_locked(Peer& peer);  // delivers the notices of puts landed in order
   void push_notice_locked(const Peer& peer, NoticeMessage notice);
   ucs_status_t on_put_data_locked(const void* header, size_t header_length, void* data, size_t length,

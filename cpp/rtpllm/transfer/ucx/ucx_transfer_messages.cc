@@ -247,6 +247,15 @@ bool UcxTransfer::land_locked(void* data, uint64_t address, size_t bytes, const 
   return UCS_PTR_STATUS(request) == UCS_OK;
 }
 
+IncomingPut* UcxTransfer::incoming_put_locked(Peer& peer, uint64_t sequence) {
+  const bool known = peer.incoming.count(sequence) != 0;
+  if (sequence <= peer.completed_sequence || (!known && peer.incoming.size() >= kMaxIncomingPuts)) {
+    peer.protocol_error = "a message of put " + std::to_string(sequence) + " out of order";
+    return nullptr;
+  }
+  return &peer.incoming[sequence];
+}
+
 void UcxTransfer::complete_puts_locked(Peer& peer) {
   for (auto it = peer.incoming.find(peer.completed_sequence + 1); it != peer.incoming.end() && it->second.complete();
        it = peer.incoming.find(peer.completed_sequence + 1)) {
@@ -267,13 +276,9 @@ ucs_status_t UcxTransfer::on_put_data_locked(const void* header, size_t header_l
                                              const ucp_am_recv_param_t* param) {
   PutDataHeader h;
   Peer* peer = read_header(header, header_length, &h) ? peer_by_key_locked(h.key) : nullptr;
-  if (peer == nullptr) return UCS_OK;  // UCX releases the data
-  if (h.sequence <= peer->completed_sequence ||
-      (peer->incoming.size() >= kMaxIncomingPuts && peer->incoming.count(h.sequence) == 0)) {
-    peer->protocol_error = "data for put " + std::to_string(h.sequence) + " out of order";
-    return UCS_OK;
-  }
-  IncomingPut& put = peer->incoming[h.sequence];
+  IncomingPut* incoming = peer == nullptr ? nullptr : incoming_put_locked(*peer, h.sequence);
+  if (incoming == nullptr) return UCS_OK;  // UCX releases the data
+  IncomingPut& put = *incoming;
   if (length > put.expected - put.received) {
     peer->protocol_error = "more data than put " + std::to_string(h.sequence) + " announced";
   } else if (!land_locked(data, h.address, length, param)) {
@@ -289,14 +294,10 @@ ucs_status_t UcxTransfer::on_put_done_locked(const void* header, size_t header_l
                                              const ucp_am_recv_param_t* param) {
   PutDoneHeader h;
   Peer* peer = read_header(header, header_length, &h) ? peer_by_key_locked(h.key) : nullptr;
-  if (peer == nullptr) return UCS_OK;
-  if (h.sequence <= peer->completed_sequence || (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) ||
-      (peer->incoming.size() >= kMaxIncomingPuts && peer->incoming.count(h.sequence) == 0)) {
-    peer->protocol_error = "end of put " + std::to_string(h.sequence) + " out of order";
-    return UCS_OK;
-  }
-  IncomingPut& put = peer->incoming[h.sequence];
-  if (put.expected != UINT64_MAX || h.bytes < put.received) {
+  IncomingPut* incoming = peer == nullptr ? nullptr : incoming_put_locked(*peer, h.sequence);
+  if (incoming == nullptr) return UCS_OK;
+  IncomingPut& put = *incoming;
+  if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) || put.expected != UINT64_MAX || h.bytes < put.received) {
     peer->protocol_error = "put " + std::to_string(h.sequence) + " ended twice or with the wrong size";
     return UCS_OK;
   }
