@@ -214,6 +214,23 @@ def test_overlapped_prefill_is_token_exact_whenever_the_destination_comes(instan
     assert run.text() == _reference_text(expected)
 
 
+def test_a_destination_that_overtakes_its_prefill_request_waits_for_it(instances):
+    colocated, prefill, decode = instances
+    body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0}
+    decode_body = {"pd_request_id": "overtaken", "endpoint": "completions", "request": body}
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", decode.url + "/internal/pd/decode", json=decode_body) as stream:
+            events = sse_events(stream)
+            destination = next(events)["pd_reserved"]
+            reply = client.post(prefill.url + "/internal/pd/prefill/destination",
+                                json={"pd_request_id": "overtaken", "destination": destination})
+            assert reply.status_code == 200, reply.text
+            reply = client.post(prefill.url + "/internal/pd/prefill", json=decode_body)  # no destination
+            assert reply.status_code == 200, reply.text
+            text = "".join(e["choices"][0]["text"] for e in events if e.get("choices"))
+    assert text == _reference_text(_reference(colocated.url, "completions", body))
+
+
 def test_overlapped_prefill_with_a_bad_or_missing_destination_ends_cleanly(instances):
     colocated, prefill, decode = instances
     body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0}
