@@ -275,10 +275,6 @@ class EngineConfig:
                                                              and self.cache.kv_disk_cache_dir is None),
                  "kv_host_cache_gib", f"KV tiers (host, disk) are not supported with tensor_parallel_size="
                  f"{self.parallel.tensor_parallel_size} yet: leave kv_host_cache_gib and kv_disk_cache_dir unset")
-        # The transfer engine registers one pool and the layer hook runs on rank 0's model only.
-        _require(not self.pd.enabled or self.parallel.tensor_parallel_size == 1, "role",
-                 f"prefill-decode disaggregation (role {self.pd.role!r}) is not supported with "
-                 f"tensor_parallel_size={self.parallel.tensor_parallel_size} yet (use 1)")
         # Speculation runs where tokens are decoded. A draft model catches its own KV up over the
         # prompt on its first proposal; an EAGLE-3 head drafts from the target's features of the
         # prompt, which prefill computes and does not transfer.

@@ -13,8 +13,9 @@ from rtpllm.engine.instance_report import KVEventBatch
 from rtpllm.engine.link.messages import (AbortRequest, AddAnswer, AddRequest, CallInEngine, CallResult, EngineDead,
                                          EngineFailed, EngineInfo, EngineReady, InitEngine, InitRunner, InitWorker,
                                          MalformedMessage, OutputDeltas, PromptHeader, PromptLogprobsDelta,
-                                         RequestTimes, StepOutputs, StopEngine, StopWorker, WorkerError, WorkerLoaded, WorkerReady,
-                                         WorkerStep, from_wire, to_wire)
+                                         RequestTimes, StepOutputs, StopEngine, StopWorker, WorkerError, WorkerLoaded,
+                                         WorkerPDAck, WorkerPDGrant, WorkerPDPush, WorkerPDPushed, WorkerPDRevoke,
+                                         WorkerReady, WorkerStep, from_wire, to_wire)
 from rtpllm.engine.link.output_deltas import OutputDeltaDecoder
 from rtpllm.engine.link.stats_wire import stats_from_wire, stats_to_wire
 from rtpllm.engine.stats import EngineStats
@@ -60,7 +61,13 @@ MESSAGES = [
     StopWorker(),
     WorkerLoaded(1),
     WorkerReady(1, 900),
+    WorkerReady(1, 900, 41001),
     WorkerError("RuntimeError: x", "Traceback ..."),
+    WorkerPDGrant(7, [3, 4]),
+    WorkerPDRevoke(7),
+    WorkerPDPush(7, "127.0.0.1", 41001, [0, 1], [5, 6], 20),
+    WorkerPDAck(1, 7),
+    WorkerPDPushed(1, 7, "", 4096),
 ]
 
 
@@ -97,7 +104,7 @@ def _frame_of(wire) -> bytes:
     (("AddRequest", 1, "r", "p", None, 1.0, True), "AddRequest: expected 7 fields"),
     (("AddRequest", 1, 42, "p", None, 1.0, True, False), "AddRequest.request_id: expected str, got int"),
     (("AddRequest", "1", "r", "p", None, 1.0, True, False), "AddRequest.tag: expected int, got str"),
-    (("WorkerReady", 1, None), "WorkerReady.num_blocks: expected int, got NoneType"),
+    (("WorkerReady", 1, None, 0), "WorkerReady.num_blocks: expected int, got NoneType"),
     (("StepOutputs", [], ("Nope",), None, [], None), "unknown message 'Nope'"),
 ])
 def test_a_malformed_message_names_the_message_and_field(wire, error):
@@ -150,7 +157,7 @@ def test_output_deltas_of_an_unknown_request_are_malformed():
 def test_the_wire_form_is_the_name_and_the_fields():
     assert to_wire(AbortRequest("r")) == ("AbortRequest", "r")
     assert to_wire(StopEngine()) == ("StopEngine",)
-    assert from_wire(("WorkerReady", 2, 10)) == WorkerReady(2, 10)
+    assert from_wire(("WorkerReady", 2, 10, 0)) == WorkerReady(2, 10)
 
 
 def test_a_malformed_frame_from_the_engine_process_fails_its_requests():

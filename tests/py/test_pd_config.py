@@ -26,7 +26,6 @@ def test_cli_flags_map_onto_pd_config():
     (dict(role="decode", pd_timeout_s=0), "pd_timeout_s"),
     (dict(role="decode", pd_transfer_port=70000), "pd_transfer_port"),
     (dict(role="decode", pd_transfer_host=""), "pd_transfer_host"),
-    (dict(role="prefill", tensor_parallel_size=2), "role"),
     (dict(role="prefill", speculative_config={"method": "ngram", "num_speculative_tokens": 2}), "speculative_config"),
     (dict(role="decode", speculative_config={"method": "eagle3", "num_speculative_tokens": 2, "model": "/x"}),
      "speculative_config.method"),

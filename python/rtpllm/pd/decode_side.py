@@ -93,8 +93,9 @@ class _Hold:
 
 class DecodeSide:
     def __init__(self, scheduler, transfer, *, num_layers: int, block_size: int, host: str, identity: str,
-                 timeout_s: float, counters: dict):
+                 timeout_s: float, counters: dict, endpoints: Optional[list] = None):
         self.scheduler = scheduler
+        self.endpoints = endpoints or []  # tensor parallelism: ranks 1..'s transfer engines ([host, port])
         self.transfer = transfer
         self.num_layers = num_layers
         self.block_size = block_size
@@ -141,7 +142,7 @@ class DecodeSide:
                            transfer_port=self.transfer.listen_port, cache_identity=self.identity,
                            block_size=self.block_size, blocks=list(request.block_table),
                            num_prompt_tokens=len(spec.prompt_token_ids),
-                           num_cached_tokens=request.num_computed_tokens)
+                           num_cached_tokens=request.num_computed_tokens, transfer_endpoints=self.endpoints)
         wait = _Wait(seq_id, kv.pd_request_id, transfer_id, time.monotonic(), destination,
                      generator=None if seq.params.greedy else seq.generator)
         self._waits[transfer_id] = wait

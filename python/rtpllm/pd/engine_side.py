@@ -33,9 +33,34 @@ logger = logging.getLogger(__name__)
 
 
 def pd_identity(engine: "Engine") -> str:
-    root = cache_identity(engine.model_path, kv_dtype=engine.dtype, block_size=0, num_layers=engine.arch.num_layers,
-                          num_kv_heads=engine.arch.num_kv_heads, head_dim=engine.arch.head_dim)
+    return pd_identity_of(engine.model_path, engine.dtype, engine.arch)
+
+
+def pd_identity_of(model_path: str, dtype, arch) -> str:
+    """The pool's cache identity without the block size (block sizes may differ between the sides)."""
+    root = cache_identity(model_path, kv_dtype=dtype, block_size=0, num_layers=arch.num_layers,
+                          num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim)
     return f"{root:016x}"
+
+
+class _GrantsOnEveryRank:
+    """Decode's transfer engine as DecodeSide uses it, with tensor parallelism: its write grants
+    and revocations reach every rank's engine (a grant acknowledged by all before the reservation
+    goes out, so that a prefill never finds one missing)."""
+
+    def __init__(self, transfer, workers, timeout_s: float):
+        self._transfer, self._workers, self._timeout_s = transfer, workers, timeout_s
+
+    def grant_writes(self, transfer_id: int, blocks: list[int]) -> None:
+        self._transfer.grant_writes(transfer_id, blocks)
+        self._workers.pd_grant(transfer_id, blocks, self._timeout_s)
+
+    def revoke_writes(self, transfer_id: int) -> None:
+        self._transfer.revoke_writes(transfer_id)
+        self._workers.pd_revoke(transfer_id)
+
+    def __getattr__(self, name: str):
+        return getattr(self._transfer, name)
 
 
 class PDEngine:
@@ -65,10 +90,15 @@ class PDEngine:
         self.decode: Optional[DecodeSide] = None
         self.prefill: Optional[PrefillSide] = None
         block_size = runner.block_size
+        # Tensor parallelism: the other ranks' transfer engines move their own KV heads, as this
+        # one tells them (pd/worker_side.py).
+        workers = engine.executor if engine.config.parallel.tensor_parallel_size > 1 else None
         if self.role == "decode":
-            self.decode = DecodeSide(engine.scheduler, self.transfer, num_layers=engine.arch.num_layers,
+            endpoints = [[config.pd_transfer_host, port] for port in workers.pd_transfer_ports] if workers else []
+            transfer = _GrantsOnEveryRank(self.transfer, workers, config.pd_timeout_s) if workers else self.transfer
+            self.decode = DecodeSide(engine.scheduler, transfer, num_layers=engine.arch.num_layers,
                                      block_size=block_size, host=config.pd_transfer_host, identity=self.identity,
-                                     timeout_s=config.pd_timeout_s, counters=self.counters)
+                                     timeout_s=config.pd_timeout_s, counters=self.counters, endpoints=endpoints)
         else:
             first = caches[0]
             token_bytes = 2 * first.shape[3] * first.shape[4] * first.element_size()
@@ -76,7 +106,8 @@ class PDEngine:
                                        num_layers=engine.arch.num_layers, block_size=block_size,
                                        bytes_per_token_layer=token_bytes, identity=self.identity,
                                        timeout_s=config.pd_timeout_s, counters=self.counters, cuda=cuda,
-                                       stall_s=float(os.environ.get(STALL_ENV, "0") or 0))
+                                       stall_s=float(os.environ.get(STALL_ENV, "0") or 0), workers=workers,
+                                       tp_size=engine.config.parallel.tensor_parallel_size)
         logger.info("prefill-decode role %s: KV transfer engine on %s:%d (identity %s)", self.role,
                     config.pd_transfer_host, self.transfer.listen_port, self.identity)
 

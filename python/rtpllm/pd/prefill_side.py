@@ -64,14 +64,22 @@ class _Push:
     num_prompt_tokens: int = 0
     prompt_blocks: list = field(default_factory=list)  # the prompt's local blocks, once held
     planned: bool = False          # local_blocks / remote_blocks / num_tokens are set
+    workers_sent: bool = False     # tensor parallelism: the other ranks were told to write their heads
+    workers_answered: int = 0      # ... this many answered (their write is final: DONE or FAILED)
+    workers_done: int = 0          # ... and this many DONE
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class PrefillSide:
     def __init__(self, scheduler, transfer, model, abort_request, *, num_layers: int, block_size: int,
                  bytes_per_token_layer: int, identity: str, timeout_s: float, counters: dict, cuda: bool,
-                 stall_s: float = 0.0):
+                 stall_s: float = 0.0, workers=None, tp_size: int = 1):
         self.scheduler = scheduler
+        # Tensor parallelism (pd/worker_side.py): ranks 1.. write their own heads in one put each
+        # once the prompt is computed and the destination known; the last layer's notice (the
+        # first token) goes only after every one of them is DONE.
+        self.workers = workers
+        self.tp_size = tp_size
         self.abort_request = abort_request  # Engine.abort_request: a request that could not start in time
         self.transfer = transfer
         self.model = model
@@ -139,6 +147,10 @@ class PrefillSide:
         if dest.num_prompt_tokens != num_prompt_tokens:
             raise ValueError(f"destination.num_prompt_tokens: {dest.num_prompt_tokens}, but the prompt has "
                              f"{num_prompt_tokens} tokens here (the two instances tokenize differently)")
+        if len(dest.transfer_endpoints) != self.tp_size - 1:
+            raise ValueError(f"destination.transfer_endpoints: the decode instance has "
+                             f"{len(dest.transfer_endpoints) + 1} tensor-parallel ranks, this prefill instance "
+                             f"{self.tp_size}; both sides need as many (each rank writes its own KV heads)")
 
     def _connect(self, push: _Push, dest, at_admission: bool) -> None:
         """Writes go to dest: over the cached connection at once, else once dialled (poll)."""
@@ -204,20 +216,54 @@ class PrefillSide:
         """Writes the last layer of every push whose first token is known, with the token (and its
         logprobs, when the request asked for them)."""
         for push in self._pushes.values():
-            if push.hold_id and not push.last_issued and not push.error and push.seq.output_ids:
-                push.last_issued = True
-                seq = push.seq
-                first = FirstToken(seq.output_ids[0], dict(seq.logprobs[0]) if seq.logprobs else None)
-                self._put(push, self.num_layers - 1, encode_first_token(first))
+            self._push_workers(push)
+            self._put_last(push)
+
+    def _put_last(self, push: _Push) -> None:
+        if not push.hold_id or push.last_issued or push.error or not push.seq.output_ids:
+            return
+        if self.workers is not None and push.workers_done < self.tp_size - 1:
+            return  # the other ranks' heads first (poll() comes back)
+        push.last_issued = True
+        seq = push.seq
+        first = FirstToken(seq.output_ids[0], dict(seq.logprobs[0]) if seq.logprobs else None)
+        self._put(push, self.num_layers - 1, encode_first_token(first))
+
+    def _push_workers(self, push: _Push) -> None:
+        """Tells ranks 1.. to write their heads once the prompt is computed and its destination known."""
+        if self.workers is None or push.workers_sent or not push.computed or not push.planned or push.error:
+            return
+        push.workers_sent = True
+        self.workers.pd_push(push.transfer_id, push.kv.destination.transfer_endpoints, push.local_blocks,
+                             push.remote_blocks, push.num_tokens)
+
+    def _take_worker_answers(self) -> None:
+        by_transfer = {push.transfer_id: push for push in self._pushes.values()}
+        for answer in self.workers.pd_pushed():
+            push = by_transfer.get(answer.transfer_id)
+            if push is None:
+                continue  # ended meanwhile (its hold is released only once every write is final)
+            with push.lock:
+                push.workers_answered += 1
+                if answer.error and not push.error:
+                    push.error, push.error_status = self._write_error(answer.error)
+                elif not answer.error:
+                    push.workers_done += 1
+                    push.bytes += answer.bytes
 
     def poll(self) -> None:
         now = time.monotonic()
         for pd_request_id, (_, arrived) in list(self._early.items()):
             if now - arrived > self.timeout_s:  # its prefill request never came
                 del self._early[pd_request_id]
+        if self.workers is not None:
+            self._take_worker_answers()
         for seq_id, push in list(self._pushes.items()):
             if push.connecting is not None and push.connecting.done():
                 self._connected(push)
+            if self.workers is not None:
+                self._push_workers(push)
+                self._put_last(push)
             # NOTE: one critical section per push: the pusher thread (GPU) issues puts under the
             # same lock, so a push is never ended (its blocks released) while a put it issued is
             # still unpolled, and no put starts once it ended.
@@ -240,8 +286,8 @@ class PrefillSide:
             elif status.state == _C.TransferState.FAILED and not push.error:
                 push.error, push.error_status = self._write_error(status.error)
         push.handles = still
-        if still:
-            return None
+        if still or (push.workers_sent and push.workers_answered < self.tp_size - 1):
+            return None  # a write may still read the blocks: they stay held
         if push.error and not push.hold_id:  # could not connect: the prompt need not be computed
             return PDOutcome(False, push.error, push.error_status), "failed"
         if push.kv.destination is None and now - push.admitted > self.timeout_s:

@@ -54,6 +54,10 @@ the above:
   writes them all and the rest layer by layer. A destination may arrive before its prefill request
   (it waits up to pd_timeout_s for it); no destination within pd_timeout_s of the prefill's
   admission ends it with 504.
+- tensor parallelism: KVDestination.transfer_endpoints lists the transfer engines of decode's
+  ranks 1.. ([host, port]); prefill rank r writes its own KV heads to decode rank r, so both sides
+  need the same TP size (else 400, param destination). The last layer's notice (rank 0's, with the
+  first token) goes only after every prefill rank's write is DONE.
 - a prefill instance starts no write later than pd_timeout_s after it took the request; a
   decode instance keeps the blocks of a failed or aborted reservation for 3 x pd_timeout_s (or
   until the last notice), so a late write never lands in reused blocks.
@@ -91,6 +95,10 @@ class KVDestination:
     blocks: list[int]           # decode-side block ids covering tokens [0, num_prompt_tokens)
     num_prompt_tokens: int
     num_cached_tokens: int = 0  # decode's own prefix hit: tokens [0, this) need no write
+    # Tensor parallelism: the transfer engines of decode's ranks 1.. ([host, port] each; rank 0's is
+    # transfer_host:transfer_port). Every rank holds its own KV heads of the same block ids; a
+    # prefill instance writes rank r's heads to rank r, so both sides must have as many ranks.
+    transfer_endpoints: list = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -107,7 +115,8 @@ class KVDestination:
                    block_size=_need(data, "block_size", int, where),
                    blocks=list(blocks),
                    num_prompt_tokens=_need(data, "num_prompt_tokens", int, where),
-                   num_cached_tokens=int(data.get("num_cached_tokens", 0)))
+                   num_cached_tokens=int(data.get("num_cached_tokens", 0)),
+                   transfer_endpoints=_endpoints(data.get("transfer_endpoints", []), where + ".transfer_endpoints"))
         if dest.block_size <= 0:
             raise ValueError(f"{where}.block_size: must be positive, got {dest.block_size}")
         if not 0 < dest.transfer_port < 65536:
@@ -121,6 +130,18 @@ class KVDestination:
             raise ValueError(f"{where}.blocks: {len(dest.blocks)} blocks do not cover "
                              f"{dest.num_prompt_tokens} tokens of {dest.block_size} per block")
         return dest
+
+
+def _endpoints(data: Any, where: str) -> list:
+    if not isinstance(data, list):
+        raise ValueError(f"{where}: expected a list of [host, port]")
+    out = []
+    for item in data:
+        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str) or not isinstance(item[1], int)
+                or isinstance(item[1], bool) or not 0 < item[1] < 65536):
+            raise ValueError(f"{where}: expected [host, port] pairs with a port in 1..65535, got {item!r}")
+        out.append([item[0], item[1]])
+    return out
 
 
 @dataclass(frozen=True)

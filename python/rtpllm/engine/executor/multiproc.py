@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import queue
+import time
 import weakref
 from typing import Optional
 
@@ -27,7 +29,8 @@ from rtpllm.engine.executor.step_arrays import StepArrays
 from rtpllm.engine.executor.worker import Worker, WorkerSpec, rank_device
 from rtpllm.engine.executor.worker_procs import WorkerMonitor, WorkerProcess, stop_workers
 from rtpllm.engine.link.frames import encode_frame
-from rtpllm.engine.link.messages import InitRunner, StopWorker, WorkerLoaded, WorkerReady, WorkerStep
+from rtpllm.engine.link.messages import (InitRunner, StopWorker, WorkerLoaded, WorkerPDAck, WorkerPDGrant,
+                                         WorkerPDPush, WorkerPDPushed, WorkerPDRevoke, WorkerReady, WorkerStep)
 from rtpllm.engine.in_flight import PendingInputs
 from rtpllm.engine.model_runner import StepResult
 from rtpllm.loader import LoadedModel
@@ -52,6 +55,8 @@ class MultiprocExecutor(Executor):
             threads = max(1, (os.cpu_count() or 1) // world)
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(threads)
+        self.pd_transfer_ports: list[int] = []  # ranks 1..: their PD transfer engines' ports (0: none)
+        self._pd_pushed: list = []  # WorkerPDPushed read while waiting for grant acknowledgements
         self._store = TPGroup.create_store(0, world)
         spec = dataclasses.replace(spec, store_port=self._store.port)
         self.worker = Worker(spec)
@@ -94,7 +99,54 @@ class MultiprocExecutor(Executor):
         if disagree:
             raise RuntimeError(f"tensor-parallel ranks disagree on the KV block count: rank 0 has {num_blocks}, "
                                f"others {disagree}")
+        self.pd_transfer_ports = [reply.transfer_port for reply in sorted(replies, key=lambda r: r.rank)]
         self.runner = self.worker.runner
+
+    # ------------------------------------------------------------------ PD (pd/worker_side.py)
+    # Rank 0 keeps the PD logic; these tell the other ranks what to do with their own KV heads.
+    def pd_grant(self, transfer_id: int, blocks: list[int], timeout_s: float) -> None:
+        """Every worker grants `blocks` to `transfer_id` (acknowledged: a prefill may write at once)."""
+        self._send(encode_frame(WorkerPDGrant(transfer_id, list(blocks))))
+        deadline = time.monotonic() + timeout_s
+        acked: set[int] = set()
+        while len(acked) < len(self._procs):
+            if self._monitor.failure is not None:
+                raise self._monitor.failure
+            try:
+                reply = self._monitor.pd_replies.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"tensor-parallel workers did not acknowledge a KV write grant within "
+                                   f"{timeout_s:g} s") from None
+            if isinstance(reply, WorkerPDAck) and reply.transfer_id == transfer_id:
+                acked.add(reply.rank)
+            elif isinstance(reply, WorkerPDPushed):
+                self._pd_pushed.append(reply)
+
+    def pd_revoke(self, transfer_id: int) -> None:
+        self._send(encode_frame(WorkerPDRevoke(transfer_id)))
+
+    def pd_push(self, transfer_id: int, endpoints: list, local_blocks: list[int], remote_blocks: list[int],
+                num_tokens: int) -> None:
+        """Worker r writes its heads of the prompt to decode rank r at endpoints[r - 1]."""
+        for proc, (host, port) in zip(self._procs, endpoints):
+            frame = encode_frame(WorkerPDPush(transfer_id, host, port, list(local_blocks), list(remote_blocks),
+                                              num_tokens))
+            try:
+                proc.send(frame)
+            except OSError as exc:
+                raise (self._monitor.wait_for_failure(FAILURE_REPORT_S)
+                       or WorkerFailedError(proc.rank, f"cannot be reached ({exc})")) from exc
+
+    def pd_pushed(self) -> list:
+        """The workers' WorkerPDPushed answers since the last call."""
+        out, self._pd_pushed = self._pd_pushed, []
+        while True:
+            try:
+                reply = self._monitor.pd_replies.get_nowait()
+            except queue.Empty:
+                return out
+            if isinstance(reply, WorkerPDPushed):
+                out.append(reply)
 
     def execute(self, batch, sampling_batch, prompt_logprob_seqs: list[int],
                 pending: Optional[PendingInputs] = None) -> StepResult:

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import traceback
 from typing import Optional
 
@@ -21,8 +22,10 @@ import torch
 
 from rtpllm.engine.link.frames import recv_blocking, send_blocking
 from rtpllm.engine.in_flight import PendingInputs
-from rtpllm.engine.link.messages import (InitRunner, InitWorker, StopWorker, WorkerError, WorkerLoaded, WorkerReady,
-                                         WorkerStep)
+from rtpllm.engine.link.messages import (InitRunner, InitWorker, StopWorker, WorkerError, WorkerLoaded,
+                                         WorkerPDGrant, WorkerPDPush, WorkerPDRevoke, WorkerReady, WorkerStep)
+
+_PD_COMMANDS = (WorkerPDGrant, WorkerPDRevoke, WorkerPDPush)
 
 
 def serve(sock: socket.socket) -> int:
@@ -35,9 +38,16 @@ def serve(sock: socket.socket) -> int:
     from rtpllm.engine.executor.worker import Worker
 
     worker = Worker(spec)
+    pd = None  # pd/worker_side.WorkerPD: this rank's part of prefill-decode disaggregation
+    sending = threading.Lock()  # the PD thread answers too
+
+    def send(message) -> None:
+        with sending:
+            send_blocking(sock, message)
+
     try:
         worker.load_model()
-        send_blocking(sock, WorkerLoaded(spec.rank))
+        send(WorkerLoaded(spec.rank))
         worker.join_group()
         while True:
             try:
@@ -51,18 +61,28 @@ def serve(sock: socket.socket) -> int:
                     pending = PendingInputs(message.pending_positions, message.pending_rows, worker.last_sampled)
                 worker.execute(message.batch, None, message.prompt_logprob_seqs, pending)
             elif kind is InitRunner:
-                send_blocking(sock, WorkerReady(spec.rank, worker.init_runner(message.max_model_len)))
+                num_blocks = worker.init_runner(message.max_model_len)
+                if spec.config.pd.enabled:
+                    from rtpllm.pd.worker_side import WorkerPD
+
+                    pd = WorkerPD(spec.config, worker.runner, worker.loaded.arch, spec.model_path, spec.dtype,
+                                  spec.rank, send)
+                send(WorkerReady(spec.rank, num_blocks, pd.port if pd is not None else 0))
+            elif kind in _PD_COMMANDS and pd is not None:
+                pd.handle(message)
             elif kind is StopWorker:
                 return 0
             else:
                 raise TypeError(f"worker: {kind.__name__} is not a command")
     except BaseException as exc:  # noqa: BLE001 - reported to the engine, which names this rank
         try:
-            send_blocking(sock, WorkerError(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            send(WorkerError(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         except OSError:
             pass  # the engine is gone too
         return 1
     finally:
+        if pd is not None:
+            pd.close()
         worker.close()
 
 

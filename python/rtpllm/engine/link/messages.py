@@ -9,6 +9,8 @@ Links (each a socket of length-prefixed frames, engine/link/frames.py):
     engine -> tensor-parallel worker (executor/multiproc.py, executor/worker_main.py):
         InitWorker first, then InitRunner, WorkerStep, StopWorker
     worker -> engine: WorkerLoaded, WorkerReady, WorkerError
+    engine <-> worker, PD with tensor parallelism: WorkerPDGrant / WorkerPDRevoke / WorkerPDPush,
+        answered by WorkerPDAck / WorkerPDPushed
 
 On the wire a message is the tuple (class name, *field values), pickled: `to_wire` and `from_wire`
 are the only code that knows this. `from_wire` checks the name, the number of fields and the
@@ -243,6 +245,49 @@ class WorkerLoaded(LinkMessage):
 class WorkerReady(LinkMessage):
     rank: int
     num_blocks: int
+    transfer_port: int = 0  # PD: the port of this rank's KV transfer engine (0: none)
+
+
+# PD with tensor parallelism (pd/worker_side.py): rank 0 keeps the PD logic; ranks > 0 only move
+# their own KV heads, as it tells them.
+@dataclass(frozen=True, slots=True)
+class WorkerPDGrant(LinkMessage):
+    """engine -> decode worker: request `transfer_id` may write `blocks` (answered by WorkerPDAck)."""
+
+    transfer_id: int
+    blocks: list
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPDRevoke(LinkMessage):
+    transfer_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPDPush(LinkMessage):
+    """engine -> prefill worker: write this rank's heads of the prompt (every layer, one put) into
+    the decode rank at host:port (answered by WorkerPDPushed)."""
+
+    transfer_id: int
+    host: str
+    port: int
+    local_blocks: list
+    remote_blocks: list
+    num_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPDAck(LinkMessage):
+    rank: int
+    transfer_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPDPushed(LinkMessage):
+    rank: int
+    transfer_id: int
+    error: str  # "" when the write is DONE
+    bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,7 +349,7 @@ def _register(cls: type) -> None:
 # NOTE: a message holding another (StepOutputs.deltas) registers after it.
 for _cls in (InitEngine, AddRequest, AbortRequest, CallInEngine, StopEngine, EngineReady, EngineFailed, OutputDeltas,
              StepOutputs, EngineDead, InitWorker, InitRunner, WorkerStep, StopWorker, WorkerLoaded, WorkerReady,
-             WorkerError):
+             WorkerError, WorkerPDGrant, WorkerPDRevoke, WorkerPDPush, WorkerPDAck, WorkerPDPushed):
     _register(_cls)
 
 

@@ -1,0 +1,58 @@
+"""Prefill-decode disaggregation with tensor parallelism on the CPU (gloo): a prefill instance and a
+decode instance at TP=2 each (every rank moves its own KV heads: rank 1 over its own transfer
+engine, told by rank 0), overlapped as the router does it and not; the output is token-exact
+against a colocated instance at TP=1 (float32: TP=2's greedy tokens equal TP=1's), both pools end
+idle, and a decode instance of another TP size is refused with a 400 before anything is written."""
+
+import httpx
+import pytest
+
+from pd_driver import Instance, PDRun
+
+pytestmark = pytest.mark.skipif(not __import__("rtpllm._C")._C.has_ucx, reason="rtpllm._C built without UCX")
+
+PROMPT = "Tensor parallel prefill and decode, each rank moving its own heads of the KV cache, " * 2
+TP2 = ("--tensor-parallel-size", "2", "--kv-host-cache-gib", "0")
+
+
+@pytest.fixture(scope="module")
+def instances():
+    started = [Instance("--block-size", "16", "--no-engine-process", "--kv-host-cache-gib", "0"),
+               Instance("--role", "prefill", "--block-size", "16", "--pd-timeout-s", "10", *TP2),
+               Instance("--role", "decode", "--block-size", "8", "--pd-timeout-s", "10", *TP2),
+               Instance("--role", "decode", "--block-size", "8", "--pd-timeout-s", "10", "--kv-host-cache-gib", "0")]
+    try:
+        yield [i.wait_ready(180) for i in started]
+    finally:
+        for i in started:
+            i.stop()
+
+
+def _expected(colocated: Instance, body: dict) -> str:
+    return httpx.post(colocated.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_tp2_prefill_into_tp2_decode_is_token_exact(instances, overlap):
+    colocated, prefill, decode, _ = instances
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    run = PDRun(prefill, decode, "completions", {**body, "stream": True}, f"tp2-{overlap}").run(overlap=overlap)
+    assert run.reservation_error is None, run.reservation_error
+    assert len(run.destination["transfer_endpoints"]) == 1  # decode's rank 1
+    assert run.prefill_response.status_code == 200, run.prefill_response.text
+    assert run.text() == _expected(colocated, body)
+    for instance in (prefill, decode):
+        assert instance.metric("rtpllm:pd_requests_total", outcome="completed") >= 1
+
+
+def test_a_decode_instance_of_another_tp_size_is_refused(instances):
+    colocated, prefill, _, decode_tp1 = instances
+    body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    run = PDRun(prefill, decode_tp1, "completions", body, "tp-mismatch").run(timeout_s=30)
+    assert run.prefill_response.status_code == 400
+    assert "transfer_endpoints" in run.prefill_response.text and "tensor-parallel" in run.prefill_response.text
+    # Nothing stays held, and both keep serving.
+    assert prefill.metric("rtpllm:kv_cache_usage_perc") == 0.0
+    ok = PDRun(prefill, instances[2], "completions", body, "tp-after-mismatch").run()
+    assert ok.prefill_response.status_code == 200, ok.prefill_response.text
+    assert ok.text() == _expected(colocated, body)
