@@ -56,3 +56,30 @@ def test_a_decode_instance_of_another_tp_size_is_refused(instances):
     ok = PDRun(prefill, instances[2], "completions", body, "tp-after-mismatch").run()
     assert ok.prefill_response.status_code == 200, ok.prefill_response.text
     assert ok.text() == _expected(colocated, body)
+
+
+def test_a_rank_whose_write_fails_fails_the_prefill_and_frees_its_blocks(instances):
+    """Rank 1 of the prefill cannot reach its decode rank (the destination names a closed port):
+    its answer fails the request (503) before the first token goes out, decode's request ends with
+    an error, and the prefill holds no block."""
+    import json
+    import socket
+
+    colocated, prefill, decode, _ = instances
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    decode_body = {"pd_request_id": "tp-rank-fails", "endpoint": "completions", "request": body}
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", decode.url + "/internal/pd/decode", json=decode_body) as stream:
+            lines = (line for line in stream.iter_lines() if line.startswith("data: "))
+            destination = json.loads(next(lines)[len("data: "):])["pd_reserved"]
+            forged = {**destination, "transfer_endpoints": [["127.0.0.1", closed_port]]}
+            reply = client.post(prefill.url + "/internal/pd/prefill", json={**decode_body, "destination": forged})
+            assert reply.status_code == 503 and "rank 1" in reply.text, reply.text
+            rest = [json.loads(line[len("data: "):]) for line in lines if line != "data: [DONE]"]
+    assert rest and "error" in rest[-1]  # decode's wait for the KV ended with an error, not a silent recompute
+    assert prefill.metric("rtpllm:pd_requests_total", role="prefill", outcome="failed") >= 1
+    # (decode keeps the reservation's blocks for 3 x pd_timeout_s: it cannot know rank 0's writes are final)
+    assert prefill.metric("rtpllm:kv_cache_usage_perc") == 0.0
