@@ -55,6 +55,13 @@ UcxTransfer::~UcxTransfer() {
     }
     fail_peer_locked(*peer, "engine shut down");
   }
+  // Their endpoints close once their requests ended, at the latest after the grace.
+  for (;;) {
+    close_failed_endpoints_locked();
+    const bool open = std::any_of(peers_.begin(), peers_.end(), [](const auto& entry) { return entry.second->ep; });
+    if (!open) break;
+    ucp_worker_progress(ucx_.worker());
+  }
   finish_transfers_locked();
   changed_.notify_all();
   close(wake_fd_);
@@ -197,6 +204,7 @@ void UcxTransfer::progress_once_locked() {
       fail_peer_locked(*peer, "protocol error: " + peer->protocol_error);
     }
   }
+  close_failed_endpoints_locked();
   answer_peers_locked();
   accept_and_handshake_locked();
   read_peers_locked();

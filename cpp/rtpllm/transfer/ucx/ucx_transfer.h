@@ -103,6 +103,7 @@ class UcxTransfer final : public KVTransfer {
   void finish_transfers_locked();
   void fail_peer_locked(Peer& peer, const std::string& reason);
   void close_endpoint_locked(Peer& peer);
+  void close_failed_endpoints_locked();  // the endpoints of failed peers that may close now
   bool has_in_flight_locked() const;
   void wait_for_events();
   void wake();
@@ -136,6 +137,7 @@ class UcxTransfer final : public KVTransfer {
   TransferHandle next_handle_ = 1;
   SteadyTime last_activity_;  // the worker last made progress, or a transfer was queued
   static constexpr std::chrono::milliseconds kSpinWindow{5};
+  static constexpr std::chrono::milliseconds kCloseGrace{250};  // a failed peer's requests may end first
   std::thread thread_;
 };
 

@@ -287,9 +287,26 @@ void UcxTransfer::fail_peer_locked(Peer& peer, const std::string& reason) {
       transfer->error = "peer '" + peer.remote.name + "' failed: " + reason;
     }
   }
-  close_endpoint_locked(peer);
+  // The endpoint closes once no request of ours is outstanding on it (close_failed_endpoints_locked).
+  // Force-closing it with a flush still pending can leave UCX 1.22 a callback that later runs on
+  // the freed endpoint (ucp_ep_flush_resume_slow_path_callback: a crash seen under load); a dead
+  // peer's requests end with an error as soon as the worker sees the connection go, so waiting
+  // costs little, and a hung one's are force-ended after a short grace.
+  peer.close_by = Clock::now() + std::min(ucx_seconds_to_ms(options_.timeout_s), kCloseGrace);
   peer.connection.reset();  // the peer's reader sees the close at once
+  close_failed_endpoints_locked();
   changed_.notify_all();
+}
+
+void UcxTransfer::close_failed_endpoints_locked() {
+  const SteadyTime now = Clock::now();
+  for (auto& [id, peer] : peers_) {
+    if (peer->state != PeerState::FAILED || peer->ep == nullptr) continue;
+    const bool busy = std::any_of(transfers_.begin(), transfers_.end(), [&](const auto& entry) {
+      return entry.second->peer == id && entry.second->outstanding > 0;
+    });
+    if (!busy || now >= peer->close_by) close_endpoint_locked(*peer);
+  }
 }
 
 void UcxTransfer::close_endpoint_locked(Peer& peer) {

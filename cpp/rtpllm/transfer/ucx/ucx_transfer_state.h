@@ -45,6 +45,7 @@ struct UcxTransfer::Peer {
   std::vector<ucp_rkey_h> rkeys;  // parallel to remote.regions
   PeerState state = PeerState::CONNECTED;
   std::string error;
+  SteadyTime close_by;  // failed: its endpoint is force-closed by then if requests are still outstanding
   ucs_status_t endpoint_status = UCS_OK;  // set by UCX's error callback, handled after progress
   SteadyTime last_heard;
   SteadyTime last_sent;
