@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import Optional, Protocol
 
 import aiohttp
 
@@ -23,9 +23,6 @@ from rtpllm.router.metrics import RouterMetrics
 from rtpllm.router.pd_errors import upstream_error
 from rtpllm.router.policy import RoutingInput, RoutingPolicy
 from rtpllm.serving.errors import OpenAIError
-
-if TYPE_CHECKING:
-    from rtpllm.router.pd_proxy import _Flow
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +45,17 @@ class _NoPrefillInstance(Exception):
     pass
 
 
+class PrefillFlow(Protocol):
+    """What the prefill leg reads and sets of one attempt (pd_proxy._Flow)."""
+
+    pd_request_id: str
+    failed_prefills: list[Backend]  # instances that failed this client request: not asked again
+    pending_prefill: Optional[Backend]  # the instance computing the prefill now, if any
+    destination: "asyncio.Future[KVDestination]"  # the reservation, once decode made it
+
+    def known_destination(self) -> Optional[KVDestination]: ...
+
+
 class PrefillDispatcher:
     def __init__(self, prefill_pool: BackendPool, policy: RoutingPolicy, metrics: RouterMetrics):
         self.prefill_pool = prefill_pool
@@ -55,7 +63,7 @@ class PrefillDispatcher:
         self.metrics = metrics
         self.config = prefill_pool.config
 
-    async def prefill(self, flow: "_Flow", message: PrefillRequest, routing: RoutingInput) -> PrefillResult:
+    async def prefill(self, flow: PrefillFlow, message: PrefillRequest, routing: RoutingInput) -> PrefillResult:
         """Into the flow's reservation (`message.destination`, or `flow.destination` once known);
         the client request's prefill instances that failed it (`flow.failed_prefills`, shared with
         later flows) are not asked again, and gain the ones that fail here."""
@@ -87,7 +95,7 @@ class PrefillDispatcher:
             self.metrics.retries.labels("pd_prefill_" + failure.reason).inc()
         raise AssertionError("unreachable")
 
-    async def _prefill_once(self, flow: "_Flow", message: PrefillRequest, routing: RoutingInput,
+    async def _prefill_once(self, flow: PrefillFlow, message: PrefillRequest, routing: RoutingInput,
                             tried: list[Backend]) -> PrefillResult:
         choice = await self.policy.route(routing, exclude=tried)
         if choice is None:
@@ -135,7 +143,7 @@ class PrefillDispatcher:
         raise PrefillFailed(f"status_{status}", f"prefill failed: {error.message}", error.status, error.type,
                             retryable=error.status >= 500)
 
-    async def _send_destination(self, flow: "_Flow", backend: Backend) -> None:
+    async def _send_destination(self, flow: PrefillFlow, backend: Backend) -> None:
         """Once the reservation is known, tells the prefill instance computing it. A failure here
         shows in the prefill's own answer (400 for a refused destination, 504 for none)."""
         destination: KVDestination = await asyncio.shield(flow.destination)
