@@ -232,7 +232,8 @@ class PDConfig:
     both: an ordinary instance. prefill: also serves POST /internal/pd/prefill (computes prompts
     and writes their KV into decode instances). decode: also serves POST /internal/pd/decode
     (reserves blocks a prefill instance writes into, then decodes); its transfer engine listens on
-    pd_transfer_host:pd_transfer_port (0: any free port), and the host is what it advertises."""
+    pd_transfer_host:pd_transfer_port (0: any free port), and the host is what it advertises. With
+    tensor parallelism, rank r's transfer engine listens on pd_transfer_port + r (0: any)."""
 
     role: str = "both"
     pd_timeout_s: float = 30.0  # bound on every PD wait: the KV's arrival, one write, a connect
@@ -275,6 +276,9 @@ class EngineConfig:
                                                              and self.cache.kv_disk_cache_dir is None),
                  "kv_host_cache_gib", f"KV tiers (host, disk) are not supported with tensor_parallel_size="
                  f"{self.parallel.tensor_parallel_size} yet: leave kv_host_cache_gib and kv_disk_cache_dir unset")
+        tp = self.parallel.tensor_parallel_size
+        _require(self.pd.pd_transfer_port == 0 or self.pd.pd_transfer_port + tp - 1 < 65536, "pd_transfer_port",
+                 f"{self.pd.pd_transfer_port}: ranks 0..{tp - 1} listen on it and the ports after it, past 65535")
         # Speculation runs where tokens are decoded. A draft model catches its own KV up over the
         # prompt on its first proposal; an EAGLE-3 head drafts from the target's features of the
         # prompt, which prefill computes and does not transfer.

@@ -27,12 +27,19 @@ def test_cli_flags_map_onto_pd_config():
     (dict(role="decode", pd_transfer_port=70000), "pd_transfer_port"),
     (dict(role="decode", pd_transfer_host=""), "pd_transfer_host"),
     (dict(role="prefill", speculative_config={"method": "ngram", "num_speculative_tokens": 2}), "speculative_config"),
+    (dict(role="decode", tensor_parallel_size=2, pd_transfer_port=65535), "pd_transfer_port"),
     (dict(role="decode", speculative_config={"method": "eagle3", "num_speculative_tokens": 2, "model": "/x"}),
      "speculative_config.method"),
 ])
 def test_bad_pd_options_name_the_field(options, field):
     with pytest.raises(ValueError, match=f"^{field}: "):
         EngineConfig.from_kwargs(**options)
+
+
+def test_tensor_parallel_instances_may_disaggregate():
+    for role in ("prefill", "decode"):
+        config = EngineConfig.from_kwargs(role=role, tensor_parallel_size=2, pd_transfer_port=5555)
+        assert (config.pd.role, config.parallel.tensor_parallel_size) == (role, 2)
 
 
 def test_decode_instances_may_speculate_with_proposers_that_need_nothing_from_prefill():

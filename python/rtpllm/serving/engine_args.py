@@ -54,7 +54,7 @@ _HELP = {
             "`rtpllm router --prefill ... --decode ...`).",
     "pd_timeout_s": "Bound on every prefill-decode wait (the KV's arrival, one transfer, a connect), in seconds.",
     "pd_transfer_host": "Decode: the host its KV transfer engine listens on and advertises to prefill instances.",
-    "pd_transfer_port": "Decode: the KV transfer engine's port (0: any free port).",
+    "pd_transfer_port": "Decode: the KV transfer engine's port (0: any free port); tensor-parallel rank r uses port + r.",
 }
 _CHOICES = {"dtype": ("auto", "float32", "float16", "bfloat16"), "device": ("auto", "cpu", "cuda"),
             "load_format": LOAD_FORMATS, "kv_copy_method": KV_COPY_METHODS, "role": ROLES}
