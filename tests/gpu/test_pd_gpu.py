@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "py"))
 from checkpoints import checkpoint_path  # noqa: E402
-from pd_driver import Instance, PDRun  # noqa: E402
+from pd_driver import PD_GPU_TRIO, Instance, PDRun, started_one_at_a_time  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not getattr(__import__("rtpllm._C")._C, "has_ucx", False),
                                 reason="rtpllm._C built without UCX (pip install libucx-cu13, then rebuild)")
@@ -30,18 +30,9 @@ MODEL = checkpoint_path("gqa9x3")  # head_dim 64: the CUDA attention kernels tak
 
 @pytest.fixture(scope="module")
 def instances():
-    started = []
-    try:
-        # One at a time: each sizes its KV pool from the memory free when it starts.
-        for flags in (("--block-size", "16"), ("--role", "prefill", "--block-size", "32"),
-                      ("--role", "decode", "--block-size", "16", "--pd-timeout-s", "20")):
-            instance = Instance("--device", "cuda", "--kv-host-cache-gib", "0", *MEMORY, *flags, model=MODEL, tcp=False)
-            started.append(instance)
-            instance.wait_ready(300)
+    common = ("--device", "cuda", "--kv-host-cache-gib", "0", *MEMORY)
+    with started_one_at_a_time(PD_GPU_TRIO, *common, model=MODEL, tcp=False) as started:
         yield started
-    finally:
-        for instance in started:
-            instance.stop()
 
 
 @pytest.mark.parametrize("stream", [False, True])

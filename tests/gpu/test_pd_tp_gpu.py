@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "py"))
 from checkpoints import checkpoint_path  # noqa: E402
-from pd_driver import Instance, PDRun  # noqa: E402
+from pd_driver import PD_GPU_TRIO, PDRun, started_one_at_a_time  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(not getattr(__import__("rtpllm._C")._C, "has_ucx", False), reason="rtpllm._C built without UCX"),
@@ -32,18 +32,8 @@ COMMON = ("--device", "cuda", "--kv-host-cache-gib", "0", "--gpu-memory-utilizat
 
 @pytest.fixture(scope="module")
 def instances():
-    started = []
-    try:
-        # One at a time: each sizes its KV pool from the memory free when it starts.
-        for flags in (("--block-size", "16"), ("--role", "prefill", "--block-size", "32"),
-                      ("--role", "decode", "--block-size", "16", "--pd-timeout-s", "20")):
-            instance = Instance(*COMMON, *flags, model=MODEL, tcp=False)
-            started.append(instance)
-            instance.wait_ready(300)
+    with started_one_at_a_time(PD_GPU_TRIO, *COMMON, model=MODEL, tcp=False) as started:
         yield started
-    finally:
-        for instance in started:
-            instance.stop()
 
 
 @pytest.mark.parametrize("overlap", [False, True])

@@ -3,6 +3,7 @@ driven by hand, and `rtpllm serve` processes to drive, for tests/py/test_pd_*.py
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 import httpx
 
@@ -94,6 +95,28 @@ def sse_events(response: httpx.Response):
         if data == "[DONE]":
             return
         yield json.loads(data)
+
+
+# A colocated instance and a PD pair as the GPU tests run them: prefill blocks of 32, decode 16.
+PD_GPU_TRIO = (("--block-size", "16"), ("--role", "prefill", "--block-size", "32"),
+               ("--role", "decode", "--block-size", "16", "--pd-timeout-s", "20"))
+
+
+@contextlib.contextmanager
+def started_one_at_a_time(flag_sets, *common: str, model: Optional[str] = None, tcp: bool = True,
+                          timeout_s: float = 300) -> Iterator[list[Instance]]:
+    """Instances (common flags, then each set's own), each started once the one before is ready
+    (on one GPU each sizes its KV pool from the memory free when it starts), all stopped at the end."""
+    started: list[Instance] = []
+    try:
+        for flags in flag_sets:
+            instance = Instance(*common, *flags, model=model, tcp=tcp)
+            started.append(instance)
+            instance.wait_ready(timeout_s)
+        yield started
+    finally:
+        for instance in started:
+            instance.stop()
 
 
 class PDRun:
