@@ -70,6 +70,20 @@ class _Push:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def cached_peer(transfer, peers: dict, key: tuple[str, int]) -> int:
+    """The cached connection to a decode instance (or rank) at key, 0 when there is none: a failed
+    one is disconnected and dropped from `peers`, so that the next write dials anew."""
+    peer = peers.get(key)
+    if peer is None:
+        return 0
+    state = next((p.state for p in transfer.peers() if p.id == peer), _C.PeerState.FAILED)
+    if state == _C.PeerState.CONNECTED:
+        return peer
+    transfer.disconnect(peer)
+    del peers[key]
+    return 0
+
+
 class PrefillSide:
     def __init__(self, scheduler, transfer, model, abort_request, *, num_layers: int, block_size: int,
                  bytes_per_token_layer: int, identity: str, timeout_s: float, counters: dict, cuda: bool,
@@ -371,16 +385,7 @@ class PrefillSide:
             logger.warning("PD prefill %s: %s", push.kv.pd_request_id, outcome.error)
 
     def _connected_peer(self, key: tuple[str, int]) -> int:
-        """The cached connection to a decode instance, 0 when there is none (a failed one is dropped)."""
-        peer = self._peers.get(key)
-        if peer is None:
-            return 0
-        state = next((p.state for p in self.transfer.peers() if p.id == peer), _C.PeerState.FAILED)
-        if state == _C.PeerState.CONNECTED:
-            return peer
-        self.transfer.disconnect(peer)
-        del self._peers[key]
-        return 0
+        return cached_peer(self.transfer, self._peers, key)
 
     def _connected(self, push: _Push) -> None:
         """The push's dial ended: on to _attach, or the failure."""

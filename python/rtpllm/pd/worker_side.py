@@ -111,14 +111,10 @@ class WorkerPD:
 
     def _peer(self, host: str, port: int) -> int:
         """The connection to a decode rank, dialled once and redialled after it failed."""
-        from rtpllm import _C
+        from rtpllm.pd.prefill_side import cached_peer
 
         key = (host, port)
-        peer = self._peers.get(key)
-        if peer is not None:
-            state = next((p.state for p in self.transfer.peers() if p.id == peer), _C.PeerState.FAILED)
-            if state == _C.PeerState.CONNECTED:
-                return peer
-            self.transfer.disconnect(peer)
-        self._peers[key] = peer = self.transfer.connect(host, port)
+        peer = cached_peer(self.transfer, self._peers, key)
+        if not peer:
+            self._peers[key] = peer = self.transfer.connect(host, port)
         return peer
