@@ -234,13 +234,6 @@ void UcxTransfer::issue_locked(Transfer& transfer) {
   param.cb.send = &UcxTransfer::on_request_done;
   param.user_data = &transfer;
   param.memory_type = ucx_memory_type(layout_.memory);
-  auto track = [&](ucs_status_ptr_t request) {
-    if (UCS_PTR_IS_ERR(request)) {
-      transfer.error = std::string("UCX: ") + ucs_status_string(UCS_PTR_STATUS(request));
-    } else if (request != nullptr) {
-      ++transfer.outstanding;
-    }
-  };
   for (const CopyOp& copy : transfer.copies) {
     const uint64_t remote = transfer.is_put ? copy.dst : copy.src;
     void* local = reinterpret_cast<void*>(transfer.is_put ? copy.src : copy.dst);
@@ -249,9 +242,9 @@ void UcxTransfer::issue_locked(Transfer& transfer) {
       transfer.error = "remote address outside the peer's registered memory";
       break;
     }
-    track(transfer.is_put ? ucp_put_nbx(peer.ep, local, copy.bytes, remote, rkey, &param)
-                          : ucp_get_nbx(peer.ep, local, copy.bytes, remote, rkey, &param));
-    if (!transfer.error.empty()) break;
+    const bool ok = transfer.track(transfer.is_put ? ucp_put_nbx(peer.ep, local, copy.bytes, remote, rkey, &param)
+                                                   : ucp_get_nbx(peer.ep, local, copy.bytes, remote, rkey, &param));
+    if (!ok) break;
   }
   if (transfer.is_put && transfer.error.empty()) {
     // Remote completion of every put on this endpoint before the notice goes out.
@@ -259,7 +252,7 @@ void UcxTransfer::issue_locked(Transfer& transfer) {
     flush.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     flush.cb.send = &UcxTransfer::on_request_done;
     flush.user_data = &transfer;
-    track(ucp_ep_flush_nbx(peer.ep, &flush));
+    transfer.track(ucp_ep_flush_nbx(peer.ep, &flush));
   }
   if (!transfer.error.empty() && transfer.outstanding > 0) {
     // Some requests are on the wire and cannot be recalled: only closing the endpoint ends them.

@@ -132,14 +132,6 @@ void UcxTransfer::issue_as_messages_locked(Transfer& transfer, Peer& peer) {
   ucp_request_param_t data_param = param;
   data_param.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMORY_TYPE;
   data_param.memory_type = ucx_memory_type(layout_.memory);
-  auto track = [&](ucs_status_ptr_t request) {
-    if (UCS_PTR_IS_ERR(request)) {
-      transfer.error = std::string("UCX: ") + ucs_status_string(UCS_PTR_STATUS(request));
-    } else if (request != nullptr) {
-      ++transfer.outstanding;
-    }
-    return transfer.error.empty();
-  };
   bool ok = true;
   if (transfer.is_put) {
     transfer.sequence = peer.next_put_sequence++;
@@ -147,7 +139,7 @@ void UcxTransfer::issue_as_messages_locked(Transfer& transfer, Peer& peer) {
       const CopyOp& copy = transfer.copies[i];
       for (uint64_t offset = 0; ok && offset < copy.bytes; offset += kMessageBytes) {
         const PutDataHeader header{peer.key, transfer.sequence, copy.dst + offset};
-        ok = track(ucp_am_send_nbx(peer.ep, kPutData, &header, sizeof(header),
+        ok = transfer.track(ucp_am_send_nbx(peer.ep, kPutData, &header, sizeof(header),
                                    reinterpret_cast<void*>(copy.src + offset),
                                    std::min(kMessageBytes, copy.bytes - offset), &data_param));
       }
@@ -155,7 +147,7 @@ void UcxTransfer::issue_as_messages_locked(Transfer& transfer, Peer& peer) {
     if (ok) {
       transfer.done_message = transfer.notify ? encode_notice(transfer.notice) : std::string();
       const PutDoneHeader header{peer.key, transfer.sequence, transfer.bytes, transfer.notify ? 1u : 0u};
-      ok = track(ucp_am_send_nbx(peer.ep, kPutDone, &header, sizeof(header), transfer.done_message.data(),
+      ok = transfer.track(ucp_am_send_nbx(peer.ep, kPutDone, &header, sizeof(header), transfer.done_message.data(),
                                  transfer.done_message.size(), &param));
     }
   } else {
@@ -164,7 +156,7 @@ void UcxTransfer::issue_as_messages_locked(Transfer& transfer, Peer& peer) {
       for (uint64_t offset = 0; ok && offset < copy.bytes; offset += kMessageBytes) {
         const GetRequestHeader header{peer.key, transfer.handle, copy.src + offset, copy.dst + offset,
                                       std::min(kMessageBytes, copy.bytes - offset)};
-        ok = track(ucp_am_send_nbx(peer.ep, kGetRequest, &header, sizeof(header), nullptr, 0, &param));
+        ok = transfer.track(ucp_am_send_nbx(peer.ep, kGetRequest, &header, sizeof(header), nullptr, 0, &param));
       }
     }
   }

@@ -98,5 +98,16 @@ struct UcxTransfer::Transfer {
   int64_t outstanding = 0;  // UCX requests not yet completed
   std::string error;
   SteadyTime deadline;
+
+  // Counts a request just issued for this transfer (its callback is on_request_done), or records
+  // why it could not be; true while the transfer has no error.
+  bool track(ucs_status_ptr_t request) {
+    if (UCS_PTR_IS_ERR(request)) {
+      error = std::string("UCX: ") + ucs_status_string(UCS_PTR_STATUS(request));
+    } else if (request != nullptr) {
+      ++outstanding;
+    }
+    return error.empty();
+  }
 };
 }  // namespace rtpllm
