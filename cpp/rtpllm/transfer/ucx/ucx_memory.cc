@@ -1,9 +1,7 @@
 #include "rtpllm/transfer/ucx/ucx_memory.h"
 
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
-#include <utility>
 
 #include "rtpllm/transfer/transfer_plan.h"
 
@@ -18,17 +16,13 @@ ucs_memory_type_t ucx_memory_type(MemoryKind memory) {
 }
 
 UcxWorker::UcxWorker() {
-  ucp_config_t* config = nullptr;
-  check_ucs(ucp_config_read(nullptr, nullptr, &config), "ucp_config_read");
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED | UCP_PARAM_FIELD_NAME;
   params.features = UCP_FEATURE_RMA | UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;  // AM: DataPath::MESSAGES
   // Registration (ucp_mem_map) runs on the caller's thread, the worker on the engine's thread.
   params.mt_workers_shared = 1;
   params.name = "rtpllm-kv-transfer";
-  const ucs_status_t status = ucp_init(&params, config, &context_);
-  ucp_config_release(config);
-  check_ucs(status, "ucp_init");
+  check_ucs(ucp_init(&params, nullptr, &context_), "ucp_init");  // configuration: UCX's environment (UCX_TLS, ...)
 
   ucp_worker_params_t worker_params{};
   worker_params.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
