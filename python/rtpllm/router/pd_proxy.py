@@ -59,7 +59,6 @@ from rtpllm.serving.streaming import ClientDisconnected, cancel_on_disconnect
 logger = logging.getLogger(__name__)
 
 DECODE_PATH = "/internal/pd/decode"
-_CONNECTION_ERRORS = CONNECTION_ERRORS
 _DRAIN_S = 1.0  # how long a finished non-streamed reply's `[DONE]` is waited for (keeps the connection)
 
 
@@ -244,7 +243,7 @@ class PDProxy:
         decode = flow.decode
         try:
             flow.upstream = await self.decode_pool.session.post(decode.url + DECODE_PATH, json=message.to_json())
-        except _CONNECTION_ERRORS as exc:
+        except CONNECTION_ERRORS as exc:
             decode.mark_down(f"connection failed ({type(exc).__name__}: {exc})")
             raise _DecodeFailed("connection") from exc
         upstream = flow.upstream
@@ -257,7 +256,7 @@ class PDProxy:
             raise error
         try:
             event = await flow.next_event()
-        except _CONNECTION_ERRORS as exc:
+        except CONNECTION_ERRORS as exc:
             raise _DecodeFailed("connection") from exc
         if event is None:
             raise _DecodeFailed("connection")  # closed before reserving
@@ -306,7 +305,7 @@ class PDProxy:
                     continue
                 try:
                     event = reading.result()
-                except _CONNECTION_ERRORS as exc:
+                except CONNECTION_ERRORS as exc:
                     raise _DecodeFailed("stream_broken") from exc
                 if event is None:
                     raise _DecodeFailed("stream_broken")
@@ -344,7 +343,7 @@ class PDProxy:
         payload = event_data(first[0])
         try:
             await asyncio.wait_for(_drain(flow), _DRAIN_S)  # to [DONE]: the connection is reused
-        except (asyncio.TimeoutError, *_CONNECTION_ERRORS):
+        except (asyncio.TimeoutError, *CONNECTION_ERRORS):
             pass  # the reply is whole; close() closes the connection
         flow.close(abort_prefill=False)
         self.outcome("ok")
@@ -359,7 +358,7 @@ async def _drain(flow: _Flow) -> None:
 async def _read_or_empty(upstream: aiohttp.ClientResponse) -> bytes:
     try:
         return await upstream.read()
-    except _CONNECTION_ERRORS:
+    except CONNECTION_ERRORS:
         return b""
 
 
@@ -402,7 +401,7 @@ class _PDStream(SSEResponse):
                     yield chunk
                     if finished:
                         return
-        except _CONNECTION_ERRORS as exc:
+        except CONNECTION_ERRORS as exc:
             logger.info("decode stream of %s broke off: %r", self.flow.pd_request_id, exc)
         # The status line went out long ago: the error can only travel in the stream.
         self.result = "stream_broken"
