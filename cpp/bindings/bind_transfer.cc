@@ -67,19 +67,26 @@ void bind_engine_types(py::module_& m) {
 
   py::class_<TransferRequest>(m, "TransferRequest", "Tokens [0, num_tokens) of local_blocks <-> remote_blocks")
       .def(py::init([](uint64_t request_id, std::vector<BlockId> local_blocks, std::vector<BlockId> remote_blocks,
-                       int64_t num_tokens, int32_t layer, bool notify, py::bytes payload) {
+                       int64_t num_tokens, int32_t layer, bool notify, py::bytes payload, int32_t num_heads,
+                       int32_t local_head_offset, int32_t remote_head_offset) {
              return TransferRequest{request_id, std::move(local_blocks), std::move(remote_blocks), num_tokens, layer,
-                                    notify, std::string(payload)};
+                                    notify, std::string(payload), num_heads, local_head_offset, remote_head_offset};
            }),
            py::kw_only(), py::arg("request_id"), py::arg("local_blocks"), py::arg("remote_blocks"),
            py::arg("num_tokens") = -1, py::arg("layer") = -1, py::arg("notify") = true,
-           py::arg("payload") = py::bytes(), "payload: up to 4 KiB echoed in the peer's notice")
+           py::arg("payload") = py::bytes(), py::arg("num_heads") = -1, py::arg("local_head_offset") = 0,
+           py::arg("remote_head_offset") = 0,
+           "payload: up to 4 KiB echoed in the peer's notice; num_heads (-1: all) with the two offsets: "
+           "only those KV heads move (tensor parallelism of different sizes)")
       .def_readonly("request_id", &TransferRequest::request_id)
       .def_readonly("local_blocks", &TransferRequest::local_blocks)
       .def_readonly("remote_blocks", &TransferRequest::remote_blocks)
       .def_readonly("num_tokens", &TransferRequest::num_tokens)
       .def_readonly("layer", &TransferRequest::layer)
       .def_readonly("notify", &TransferRequest::notify)
+      .def_readonly("num_heads", &TransferRequest::num_heads)
+      .def_readonly("local_head_offset", &TransferRequest::local_head_offset)
+      .def_readonly("remote_head_offset", &TransferRequest::remote_head_offset)
       .def_property_readonly("payload", [](const TransferRequest& r) { return py::bytes(r.payload); });
 
   py::class_<TransferStatus>(m, "TransferStatus")

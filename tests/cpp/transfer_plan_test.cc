@@ -123,16 +123,80 @@ TEST(TransferPlan, RejectsIncompatibleLayouts) {
   HostKVPool heads(KVShape{3, 4, 5, 2}, 4, 8);
   HostKVPool layers(KVShape{2, 2, 5, 2}, 4, 8);
   HostKVPool dtype(KVShape{3, 2, 5, 4}, 4, 8);
-  EXPECT_THROW(check_compatible(a.layout(), heads.layout()), std::invalid_argument);
+  EXPECT_NO_THROW(check_compatible(a.layout(), heads.layout()));  // a head slice can move between them
   EXPECT_THROW(check_compatible(a.layout(), layers.layout()), std::invalid_argument);
   EXPECT_THROW(check_compatible(a.layout(), dtype.layout()), std::invalid_argument);
-  EXPECT_THROW(plan_transfer(a.layout(), {0}, heads.layout(), {0}, 8), std::invalid_argument);
+  EXPECT_THROW(plan_copies(a.layout(), heads.layout(), plan_transfer(a.layout(), {0}, heads.layout(), {0}, 8), -1),
+               std::invalid_argument);  // every head, but the head counts differ
   KVLayout broken = a.layout();
   broken.block_stride_bytes = 1;
   EXPECT_THROW(check_layout(broken), std::invalid_argument);
   broken = a.layout();
   broken.layers[1].v_base = 0;
   EXPECT_THROW(check_layout(broken), std::invalid_argument);
+}
+
+// Token t's heads [offset, offset + count) in `pool`, as bytes.
+std::vector<uint8_t> heads_of(HostKVPool& pool, const std::vector<BlockId>& blocks, int64_t t, int32_t layer, int plane,
+                              int32_t offset, int32_t count, int32_t head_bytes) {
+  const uint8_t* token = pool.token(layer, plane, blocks, t) + offset * head_bytes;
+  return std::vector<uint8_t>(token, token + count * head_bytes);
+}
+
+// Tensor parallelism of different sizes: one 4-head rank (prefill TP=1) writes heads [0, 2) to one
+// 2-head rank and [2, 4) to another (decode TP=2), with block sizes 8 and 4; then the reverse (two
+// 2-head ranks fill the two halves of one 4-head rank). Every token's slice lands where it belongs,
+// and nothing else is written.
+TEST(TransferPlan, HeadSlicesReshardBetweenTensorParallelSizes) {
+  const KVShape four{3, 4, 5, 2}, two{3, 2, 5, 2};
+  const int32_t head_bytes = 5 * 2;
+  const int64_t tokens = 13;
+  HostKVPool whole(four, 4, 8);
+  HostKVPool half0(two, 6, 4), half1(two, 6, 4);
+  const std::vector<BlockId> w = {3, 1}, h = {5, 0, 2, 4};
+  whole.fill_sequence(w, tokens, 11);
+  const auto segments = plan_transfer(whole.layout(), w, half0.layout(), h, tokens);
+  const auto copies0 = plan_copies(whole.layout(), half0.layout(), segments, -1, HeadSlice{0, 0, 2});
+  EXPECT_EQ(copies0.size(), static_cast<size_t>(3 * 2 * tokens));  // a copy per token and plane: strided
+  apply(copies0);
+  apply(plan_copies(whole.layout(), half1.layout(), segments, -1, HeadSlice{2, 0, 2}));
+  for (int32_t l = 0; l < 3; ++l) {
+    for (int plane = 0; plane < 2; ++plane) {
+      for (int64_t t = 0; t < tokens; ++t) {
+        EXPECT_EQ(heads_of(half0, h, t, l, plane, 0, 2, head_bytes), heads_of(whole, w, t, l, plane, 0, 2, head_bytes));
+        EXPECT_EQ(heads_of(half1, h, t, l, plane, 0, 2, head_bytes), heads_of(whole, w, t, l, plane, 2, 2, head_bytes));
+      }
+    }
+  }
+  EXPECT_EQ(half0.checksum_except(h), HostKVPool(two, 6, 4).checksum_except(h));  // nothing outside h
+
+  HostKVPool back(four, 4, 8);
+  const auto reverse = plan_transfer(half0.layout(), h, back.layout(), w, tokens);
+  apply(plan_copies(half0.layout(), back.layout(), reverse, -1, HeadSlice{0, 0, 2}));
+  apply(plan_copies(half1.layout(), back.layout(), reverse, -1, HeadSlice{0, 2, 2}));
+  EXPECT_EQ(back.mismatches_all_layers(w, tokens, 11), 0);
+}
+
+TEST(TransferPlan, HeadSlicesOutOfRangeNameTheField) {
+  HostKVPool four(KVShape{3, 4, 5, 2}, 4, 8), two(KVShape{3, 2, 5, 2}, 4, 8);
+  const auto segments = plan_transfer(four.layout(), {0}, two.layout(), {1}, 8);
+  auto expect_error = [&](HeadSlice slice, const std::string& field) {
+    try {
+      plan_copies(four.layout(), two.layout(), segments, -1, slice);
+      ADD_FAILURE() << "no error for " << field;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_EQ(std::string(e.what()).rfind(field, 0), 0u) << e.what();
+    }
+  };
+  expect_error({0, 0, -1}, "num_heads");       // every head, but 4 and 2
+  expect_error({0, 0, 0}, "num_heads");
+  expect_error({3, 0, 2}, "src_head_offset");  // heads [3, 5) of 4
+  expect_error({0, 1, 2}, "dst_head_offset");  // heads [1, 3) of 2
+  expect_error({-1, 0, 1}, "src_head_offset");
+  // The same slice of every head is whole tokens again: one merged copy per plane and layer.
+  HostKVPool other(KVShape{3, 4, 5, 2}, 4, 8);
+  const auto whole = plan_transfer(four.layout(), {0, 1}, other.layout(), {2, 3}, 16);
+  EXPECT_EQ(plan_copies(four.layout(), other.layout(), whole, -1, HeadSlice{0, 0, 4}).size(), 3u * 2u);
 }
 
 TEST(TransferPlan, RegionsMergeOnlyOverlappingPlanes) {

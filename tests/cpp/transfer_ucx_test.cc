@@ -219,11 +219,11 @@ TEST_P(UcxTransferTest, WriteGrantsBoundWhatAPutMayWrite) {
 
 TEST_P(UcxTransferTest, MismatchedPeersAreRefused) {
   HostKVPool pool(KVShape{}, 4, 8);
-  HostKVPool other_heads(KVShape{3, 4, 5, 2}, 4, 8);
+  HostKVPool other_head_dim(KVShape{3, 2, 7, 2}, 4, 8);  // another head count connects (head slices)
   UcxTransfer server(options("server"));
   server.register_kv(pool.layout());
   UcxTransfer wrong_shape(options("client"));
-  wrong_shape.register_kv(other_heads.layout());
+  wrong_shape.register_kv(other_head_dim.layout());
   EXPECT_THROW(wrong_shape.connect("127.0.0.1", server.listen_port()), std::runtime_error);
   UcxTransfer wrong_model(options("client", "another-model|fp16"));
   wrong_model.register_kv(pool.layout());
@@ -327,6 +327,67 @@ TEST_P(UcxTransferTest, LargeCopiesArriveWholeAndComeBack) {
   ASSERT_EQ(got.state, TransferState::DONE) << got.error;
   EXPECT_EQ(src_pool.mismatches_all_layers(back, tokens, 21), 0);
   EXPECT_EQ(a.stats().bytes_got, static_cast<uint64_t>(tokens) * 2048 * 2 * shape.num_layers);
+}
+
+// Tensor parallelism of different sizes: a 4-head engine (prefill TP=1) puts heads [0, 2) into one
+// 2-head engine and [2, 4) into another (decode TP=2), block sizes 8 and 3; a get brings one half
+// back into a third 4-head pool's upper heads. A slice outside either layout is refused, naming
+// the request's field.
+TEST_P(UcxTransferTest, HeadSlicesMoveBetweenDifferentHeadCounts) {
+  const KVShape four{3, 4, 5, 2}, two{3, 2, 5, 2};
+  const int64_t head_bytes = 5 * 2, tokens = 19;
+  HostKVPool whole(four, 16, 8), half0(two, 48, 3), half1(two, 48, 3), back(four, 16, 8);
+  UcxTransfer a(options("prefill")), b0(options("decode-rank0")), b1(options("decode-rank1"));
+  a.register_kv(whole.layout());
+  b0.register_kv(half0.layout());
+  b1.register_kv(half1.layout());
+  const std::vector<BlockId> src = {7, 2, 11}, dst = {40, 3, 17, 0, 22, 9, 31};
+  whole.fill_sequence(src, tokens, 9);
+  const uint64_t untouched = half1.checksum_except(dst);
+  const PeerId p0 = a.connect("127.0.0.1", b0.listen_port()), p1 = a.connect("127.0.0.1", b1.listen_port());
+  TransferRequest request{77, src, dst, tokens, -1, true};
+  request.num_heads = 2;
+  ASSERT_EQ(finish(a, a.put(p0, request)).state, TransferState::DONE);
+  request.local_head_offset = 2;
+  ASSERT_EQ(finish(a, a.put(p1, request)).state, TransferState::DONE);
+  ASSERT_EQ(b1.take_notices(kTimeout).size(), 1u);
+  EXPECT_EQ(half1.checksum_except(dst), untouched);
+  auto heads = [&](HostKVPool& pool, const std::vector<BlockId>& blocks, int32_t l, int plane, int64_t t, int32_t first) {
+    const uint8_t* p = pool.token(l, plane, blocks, t) + first * head_bytes;
+    return std::vector<uint8_t>(p, p + 2 * head_bytes);
+  };
+  for (int32_t l = 0; l < four.num_layers; ++l) {
+    for (int plane = 0; plane < 2; ++plane) {
+      for (int64_t t = 0; t < tokens; ++t) {
+        ASSERT_EQ(heads(half0, dst, l, plane, t, 0), heads(whole, src, l, plane, t, 0)) << l << plane << t;
+        ASSERT_EQ(heads(half1, dst, l, plane, t, 0), heads(whole, src, l, plane, t, 2)) << l << plane << t;
+      }
+    }
+  }
+  EXPECT_EQ(a.stats().bytes_put, static_cast<uint64_t>(tokens) * 2 * head_bytes * 2 * four.num_layers * 2);
+
+  UcxTransfer c(options("reader"));
+  c.register_kv(back.layout());
+  const PeerId from1 = c.connect("127.0.0.1", b1.listen_port());
+  TransferRequest get{78, src, dst, tokens, -1, false};
+  get.num_heads = 2;
+  get.local_head_offset = 2;
+  ASSERT_EQ(finish(c, c.get(from1, get)).state, TransferState::DONE);
+  for (int64_t t = 0; t < tokens; ++t) ASSERT_EQ(heads(back, src, 1, 1, t, 2), heads(whole, src, 1, 1, t, 2)) << t;
+
+  request.local_head_offset = 3;  // heads [3, 5) of 4
+  try {
+    a.put(p1, request);
+    ADD_FAILURE() << "a slice outside the local heads was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_EQ(std::string(e.what()).rfind("local_head_offset", 0), 0u) << e.what();
+  }
+  request.local_head_offset = 0;
+  request.remote_head_offset = 1;  // heads [1, 3) of the peer's 2
+  EXPECT_THROW(a.put(p1, request), std::invalid_argument);
+  request.num_heads = -1;  // every head, but 4 against 2
+  request.remote_head_offset = 0;
+  EXPECT_THROW(a.put(p1, request), std::invalid_argument);
 }
 
 std::string path_name(const ::testing::TestParamInfo<DataPath>& info) {

@@ -83,6 +83,13 @@ struct TransferRequest {
   bool notify = true;                 // put only: send the peer a TransferNotice once the data landed
   std::string payload = {};           // put with notify only: echoed in the notice (<= kMaxNoticePayloadBytes),
                                       // e.g. prefill's first sampled token with its last layer
+  // Only KV heads [local_head_offset, + num_heads) of each local token move, to heads
+  // [remote_head_offset, + num_heads) of the remote token: tensor parallelism with different sizes
+  // on the two sides, where a rank holds a contiguous range of the heads. -1: every head (the two
+  // layouts then hold as many). A slice moves one copy per token and plane (transfer_plan.h).
+  int32_t num_heads = -1;
+  int32_t local_head_offset = 0;
+  int32_t remote_head_offset = 0;
 };
 
 inline constexpr size_t kMaxNoticePayloadBytes = 4096;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <unordered_set>
 
 namespace rtpllm {
@@ -75,9 +76,31 @@ void check_layout(const KVLayout& layout) {
 
 void check_compatible(const KVLayout& src, const KVLayout& dst) {
   require_equal(src.num_layers(), dst.num_layers(), "num_layers");
-  require_equal(src.num_kv_heads, dst.num_kv_heads, "num_kv_heads");
   require_equal(src.head_dim, dst.head_dim, "head_dim");
   require_equal(src.element_bytes, dst.element_bytes, "element_bytes");
+}
+
+void check_head_slice(const KVLayout& src, const KVLayout& dst, const HeadSlice& heads) {
+  if (heads.count == -1) {
+    if (src.num_kv_heads != dst.num_kv_heads) {
+      throw std::invalid_argument("num_heads: the layouts hold " + std::to_string(src.num_kv_heads) + " and " +
+                                  std::to_string(dst.num_kv_heads) +
+                                  " KV heads per token; a transfer between them names the heads it moves");
+    }
+    return;
+  }
+  if (heads.count <= 0) {
+    throw std::invalid_argument("num_heads: must be positive (or -1 for every head), got " +
+                                std::to_string(heads.count));
+  }
+  for (const auto& [offset, layout, field] : {std::tuple{heads.src_offset, &src, "src_head_offset"},
+                                              std::tuple{heads.dst_offset, &dst, "dst_head_offset"}}) {
+    if (offset < 0 || offset + heads.count > layout->num_kv_heads) {
+      throw std::invalid_argument(std::string(field) + ": heads [" + std::to_string(offset) + ", " +
+                                  std::to_string(offset + heads.count) + ") are outside the layout's " +
+                                  std::to_string(layout->num_kv_heads) + " KV heads");
+    }
+  }
 }
 
 std::vector<TransferSegment> plan_transfer(const KVLayout& src, const std::vector<BlockId>& src_blocks,
@@ -104,13 +127,23 @@ std::vector<TransferSegment> plan_transfer(const KVLayout& src, const std::vecto
 }
 
 std::vector<CopyOp> plan_copies(const KVLayout& src, const KVLayout& dst, const std::vector<TransferSegment>& segments,
-                                int32_t layer) {
+                                int32_t layer, const HeadSlice& heads) {
   check_compatible(src, dst);
+  check_head_slice(src, dst, heads);
   if (layer < -1 || layer >= src.num_layers()) {
     throw std::invalid_argument("layer: " + std::to_string(layer) + " is outside [0, " +
                                 std::to_string(src.num_layers()) + ") (or -1 for every layer)");
   }
-  const int64_t bytes_per_token = token_bytes(src);
+  const uint64_t head_bytes = static_cast<uint64_t>(src.head_dim) * src.element_bytes;
+  const int32_t count = heads.count < 0 ? src.num_kv_heads : heads.count;
+  // A slice that is every head of both layouts is whole tokens: one copy per segment (and merged).
+  // Otherwise each token's slice is its own copy.
+  const bool whole_tokens = count == src.num_kv_heads && count == dst.num_kv_heads;
+  const uint64_t src_token_bytes = static_cast<uint64_t>(token_bytes(src));
+  const uint64_t dst_token_bytes = static_cast<uint64_t>(token_bytes(dst));
+  const uint64_t slice_bytes = count * head_bytes;
+  const uint64_t src_skip = static_cast<uint64_t>(heads.src_offset) * head_bytes;
+  const uint64_t dst_skip = static_cast<uint64_t>(heads.dst_offset) * head_bytes;
   const int32_t first = layer < 0 ? 0 : layer;
   const int32_t last = layer < 0 ? src.num_layers() : layer + 1;
   std::vector<CopyOp> copies;
@@ -121,17 +154,25 @@ std::vector<CopyOp> plan_copies(const KVLayout& src, const KVLayout& dst, const 
       const size_t plane_first = copies.size();
       const uint64_t src_base = plane_base(src, l, plane);
       const uint64_t dst_base = plane_base(dst, l, plane);
-      for (const TransferSegment& seg : segments) {
-        const uint64_t from = src_base + static_cast<uint64_t>(seg.src_block) * src.block_stride_bytes +
-                              static_cast<uint64_t>(seg.src_token) * bytes_per_token;
-        const uint64_t to = dst_base + static_cast<uint64_t>(seg.dst_block) * dst.block_stride_bytes +
-                            static_cast<uint64_t>(seg.dst_token) * bytes_per_token;
-        const uint64_t bytes = static_cast<uint64_t>(seg.num_tokens) * bytes_per_token;
+      auto add = [&](uint64_t from, uint64_t to, uint64_t bytes) {
         if (copies.size() > plane_first && copies.back().src + copies.back().bytes == from &&
             copies.back().dst + copies.back().bytes == to) {
           copies.back().bytes += bytes;
         } else {
           copies.push_back({from, to, bytes});
+        }
+      };
+      for (const TransferSegment& seg : segments) {
+        const uint64_t from = src_base + static_cast<uint64_t>(seg.src_block) * src.block_stride_bytes +
+                              static_cast<uint64_t>(seg.src_token) * src_token_bytes;
+        const uint64_t to = dst_base + static_cast<uint64_t>(seg.dst_block) * dst.block_stride_bytes +
+                            static_cast<uint64_t>(seg.dst_token) * dst_token_bytes;
+        if (whole_tokens) {
+          add(from, to, static_cast<uint64_t>(seg.num_tokens) * src_token_bytes);
+          continue;
+        }
+        for (int32_t t = 0; t < seg.num_tokens; ++t) {
+          add(from + t * src_token_bytes + src_skip, to + t * dst_token_bytes + dst_skip, slice_bytes);
         }
       }
     }

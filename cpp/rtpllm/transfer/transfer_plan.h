@@ -9,6 +9,9 @@
 //   plan_copies    segments x layers x {K, V} -> (src address, dst address, bytes) copies, adjacent
 //                  copies merged within a plane (consecutive blocks of a plane become one copy;
 //                  never across planes, which may be separate allocations that touch).
+// Tensor parallelism with different sizes on the two sides moves a slice of the KV heads (a rank
+// holds a contiguous range of them): a token's slice is contiguous, but consecutive tokens' slices
+// are not, so a sliced plan is one copy per token and plane.
 // Nothing here touches memory or the network.
 #pragma once
 
@@ -27,6 +30,15 @@ struct TransferSegment {
   BlockId dst_block = 0;
   int32_t dst_token = 0;
   int32_t num_tokens = 0;
+};
+
+// Which KV heads move: heads [src_offset, src_offset + count) of every source token go to heads
+// [dst_offset, dst_offset + count) of the same destination token. count -1 (the default) moves
+// every head; the two layouts must then have as many.
+struct HeadSlice {
+  int32_t src_offset = 0;
+  int32_t dst_offset = 0;
+  int32_t count = -1;
 };
 
 struct CopyOp {
@@ -49,8 +61,14 @@ int64_t token_bytes(const KVLayout& layout);
 void check_layout(const KVLayout& layout);
 
 // Throws std::invalid_argument naming the first field in which the two layouts cannot exchange
-// tokens (layers, KV heads, head dim, element size); block size, count and stride may differ.
+// tokens (layers, head dim, element size); block size, count, stride and the number of KV heads
+// may differ (a transfer between different head counts names a HeadSlice).
 void check_compatible(const KVLayout& src, const KVLayout& dst);
+
+// Throws std::invalid_argument naming the bad field ("num_heads", "local_head_offset", ...: the
+// names of TransferRequest) when heads is not a slice of both layouts: an offset or count out of
+// range, or every head (count -1) between layouts with different head counts.
+void check_head_slice(const KVLayout& src, const KVLayout& dst, const HeadSlice& heads);
 
 // Maps tokens [0, num_tokens) stored in src_blocks onto the same tokens stored in dst_blocks.
 // Each list must hold exactly ceil(num_tokens / block_size) blocks of its layout, every id in
@@ -61,10 +79,10 @@ std::vector<TransferSegment> plan_transfer(const KVLayout& src, const std::vecto
                                            int64_t num_tokens);
 
 // The byte copies for segments, for one layer (0 <= layer < num_layers) or every layer (-1), K and
-// V planes both. A copy continues the previous one when its source and destination both start
-// where the previous ended.
+// V planes both, of the heads in `heads` (check_head_slice). A copy continues the previous one when
+// its source and destination both start where the previous ended.
 std::vector<CopyOp> plan_copies(const KVLayout& src, const KVLayout& dst, const std::vector<TransferSegment>& segments,
-                                int32_t layer);
+                                int32_t layer, const HeadSlice& heads = {});
 
 // The memory a layout spans, for registration: every layer's K and V plane
 // [base, base + (num_blocks - 1) * stride + block_bytes), sorted, overlapping spans merged (a

@@ -107,7 +107,8 @@ class PDEngine:
                                        bytes_per_token_layer=token_bytes, identity=self.identity,
                                        timeout_s=config.pd_timeout_s, counters=self.counters, cuda=cuda,
                                        stall_s=float(os.environ.get(STALL_ENV, "0") or 0), workers=workers,
-                                       tp_size=engine.config.parallel.tensor_parallel_size)
+                                       tp_size=engine.config.parallel.tensor_parallel_size,
+                                       num_kv_heads=engine.arch.num_kv_heads, local_kv_heads=first.shape[3])
         logger.info("prefill-decode role %s: KV transfer engine on %s:%d (identity %s)", self.role,
                     config.pd_transfer_host, self.transfer.listen_port, self.identity)
 

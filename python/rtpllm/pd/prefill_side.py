@@ -16,6 +16,12 @@ Life of one request (an ordinary request with max_tokens 1, plus a destination):
     after_step()     the first token is known: write the last layer with it as the notice's payload;
     poll()           every step: once every write is final, release the hold and record the outcome
                      (PDOutcome) the server answers with.
+
+Tensor parallelism, the same or different sizes on the two sides (pd/head_map.py): this rank's
+layer-by-layer writes carry the heads decode rank 0 takes from it; every other (prefill rank,
+decode rank) pair's heads go as one put per pair once the prompt is computed (pd/shard_writer.py:
+on the workers, and here for this rank's heads that decode ranks 1.. hold). The last layer's notice
+(the first token) goes only after all of those are DONE, so decode's notices mean every head landed.
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from rtpllm import _C
+from rtpllm.pd.head_map import head_writes
 from rtpllm.pd.kv_params import (FirstToken, PDOutcome, PrefillKV, aligned_start, encode_first_token,
                                  transfer_request_id)
+from rtpllm.pd.shard_writer import ShardWriter
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +71,13 @@ class _Push:
     deferred: list = field(default_factory=list)  # (layer, payload) computed before the peer connected
     num_prompt_tokens: int = 0
     prompt_blocks: list = field(default_factory=list)  # the prompt's local blocks, once held
-    planned: bool = False          # local_blocks / remote_blocks / num_tokens are set
-    workers_sent: bool = False     # tensor parallelism: the other ranks were told to write their heads
-    workers_answered: int = 0      # ... this many answered (their write is final: DONE or FAILED)
-    workers_done: int = 0          # ... and this many DONE
+    planned: bool = False          # local_blocks / remote_blocks / num_tokens / heads / shard_writes are set
+    heads: tuple = (0, 0, -1)      # (local offset, remote offset, count) of the layer-by-layer writes, once planned
+    shard_writes: dict = field(default_factory=dict)  # prefill rank -> its other writes (shard_writer.py)
+    shards_sent: bool = False      # the shard writes were handed out (there may be none)
+    shards_expected: int = 0       # ... answers to wait for (one per rank with writes, every worker)
+    shards_answered: int = 0       # ... this many answered (their writes are final: DONE or FAILED)
+    shards_done: int = 0           # ... and this many DONE
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -87,13 +98,14 @@ def cached_peer(transfer, peers: dict, key: tuple[str, int]) -> int:
 class PrefillSide:
     def __init__(self, scheduler, transfer, model, abort_request, *, num_layers: int, block_size: int,
                  bytes_per_token_layer: int, identity: str, timeout_s: float, counters: dict, cuda: bool,
-                 stall_s: float = 0.0, workers=None, tp_size: int = 1):
+                 stall_s: float = 0.0, workers=None, tp_size: int = 1, num_kv_heads: int = 1,
+                 local_kv_heads: int = 1):
         self.scheduler = scheduler
-        # Tensor parallelism (pd/worker_side.py): ranks 1.. write their own heads in one put each
-        # once the prompt is computed and the destination known; the last layer's notice (the
-        # first token) goes only after every one of them is DONE.
+        # Tensor parallelism (module docstring): ranks 1.. (workers) write their own heads.
         self.workers = workers
         self.tp_size = tp_size
+        self.num_kv_heads = num_kv_heads      # the model's
+        self.local_kv_heads = local_kv_heads  # this rank's
         self.abort_request = abort_request  # Engine.abort_request: a request that could not start in time
         self.transfer = transfer
         self.model = model
@@ -109,6 +121,9 @@ class PrefillSide:
         self._armed: list[_Push] = []        # pushes of the forward under way
         self._outcomes: dict[str, PDOutcome] = {}
         self._pusher: Optional[_Pusher] = _Pusher(transfer) if cuda else None
+        self._cuda = cuda
+        self._writer: Optional[ShardWriter] = None  # this rank's heads for decode ranks 1.., made when needed
+        self._writer_answers: "queue.Queue[tuple[int, str, int]]" = queue.Queue()
         # Dialling a decode instance can take up to pd_timeout_s: never on the step loop.
         self._dialler = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="rtpllm-pd-connect")
         self._dialling: dict[tuple[str, int], concurrent.futures.Future] = {}
@@ -161,10 +176,12 @@ class PrefillSide:
         if dest.num_prompt_tokens != num_prompt_tokens:
             raise ValueError(f"destination.num_prompt_tokens: {dest.num_prompt_tokens}, but the prompt has "
                              f"{num_prompt_tokens} tokens here (the two instances tokenize differently)")
-        if len(dest.transfer_endpoints) != self.tp_size - 1:
-            raise ValueError(f"destination.transfer_endpoints: the decode instance has "
-                             f"{len(dest.transfer_endpoints) + 1} tensor-parallel ranks, this prefill instance "
-                             f"{self.tp_size}; both sides need as many (each rank writes its own KV heads)")
+        decode_tp = len(dest.transfer_endpoints) + 1
+        try:
+            head_writes(self.num_kv_heads, self.tp_size, decode_tp)
+        except ValueError as exc:
+            raise ValueError(f"destination.transfer_endpoints: a decode instance of {decode_tp} tensor-parallel "
+                             f"ranks cannot hold this model's {self.num_kv_heads} KV heads ({exc})") from None
 
     def _connect(self, push: _Push, dest, at_admission: bool) -> None:
         """Writes go to dest: over the cached connection at once, else once dialled (poll)."""
@@ -230,54 +247,70 @@ class PrefillSide:
         """Writes the last layer of every push whose first token is known, with the token (and its
         logprobs, when the request asked for them)."""
         for push in self._pushes.values():
-            self._push_workers(push)
+            self._push_shards(push)
             self._put_last(push)
 
     def _put_last(self, push: _Push) -> None:
         if not push.hold_id or push.last_issued or push.error or not push.seq.output_ids:
             return
-        if self.workers is not None and push.workers_done < self.tp_size - 1:
-            return  # the other ranks' heads first (poll() comes back)
+        if not push.shards_sent or push.shards_done < push.shards_expected:
+            return  # every other write first (poll() comes back)
         push.last_issued = True
         seq = push.seq
         first = FirstToken(seq.output_ids[0], dict(seq.logprobs[0]) if seq.logprobs else None)
         self._put(push, self.num_layers - 1, encode_first_token(first))
 
-    def _push_workers(self, push: _Push) -> None:
-        """Tells ranks 1.. to write their heads once the prompt is computed and its destination known."""
-        if self.workers is None or push.workers_sent or not push.computed or not push.planned or push.error:
+    def _push_shards(self, push: _Push) -> None:
+        """Hands out the writes that do not go layer by layer (module docstring) once the prompt is
+        computed and its destination known: to the workers, and this rank's own to its writer."""
+        if push.shards_sent or not push.computed or not push.planned or push.error:
             return
-        push.workers_sent = True
-        self.workers.pd_push(push.transfer_id, push.kv.destination.transfer_endpoints, push.local_blocks,
-                             push.remote_blocks, push.num_tokens)
+        push.shards_sent = True
+        blocks = (push.local_blocks, push.remote_blocks, push.num_tokens)
+        if self.workers is not None:
+            self.workers.pd_push(push.transfer_id, push.shard_writes, *blocks)
+            push.shards_expected += self.tp_size - 1
+        own = push.shard_writes.get(0)
+        if own:
+            if self._writer is None:
+                self._writer = ShardWriter(self.transfer, rank=0, timeout_s=self.timeout_s, cuda=self._cuda,
+                                           head_token_bytes=self.bytes_per_token_layer * self.num_layers
+                                           // self.local_kv_heads,
+                                           on_done=lambda *answer: self._writer_answers.put(answer))
+            self._writer.submit(push.transfer_id, own, *blocks)
+            push.shards_expected += 1
 
-    def _take_worker_answers(self) -> None:
+    def _take_shard_answers(self) -> None:
+        answers = self.workers.pd_pushed() if self.workers is not None else []
+        answers = [(a.transfer_id, a.error, a.bytes) for a in answers]
+        while not self._writer_answers.empty():
+            answers.append(self._writer_answers.get_nowait())
+        if not answers:
+            return
         by_transfer = {push.transfer_id: push for push in self._pushes.values()}
-        for answer in self.workers.pd_pushed():
-            push = by_transfer.get(answer.transfer_id)
+        for transfer_id, error, moved in answers:
+            push = by_transfer.get(transfer_id)
             if push is None:
                 continue  # ended meanwhile (its hold is released only once every write is final)
             with push.lock:
-                push.workers_answered += 1
-                if answer.error and not push.error:
-                    push.error, push.error_status = self._write_error(answer.error)
-                elif not answer.error:
-                    push.workers_done += 1
-                    push.bytes += answer.bytes
+                push.shards_answered += 1
+                if error and not push.error:
+                    push.error, push.error_status = self._write_error(error)
+                elif not error:
+                    push.shards_done += 1
+                    push.bytes += moved
 
     def poll(self) -> None:
         now = time.monotonic()
         for pd_request_id, (_, arrived) in list(self._early.items()):
             if now - arrived > self.timeout_s:  # its prefill request never came
                 del self._early[pd_request_id]
-        if self.workers is not None:
-            self._take_worker_answers()
+        self._take_shard_answers()
         for seq_id, push in list(self._pushes.items()):
             if push.connecting is not None and push.connecting.done():
                 self._connected(push)
-            if self.workers is not None:
-                self._push_workers(push)
-                self._put_last(push)
+            self._push_shards(push)
+            self._put_last(push)
             # NOTE: one critical section per push: the pusher thread (GPU) issues puts under the
             # same lock, so a push is never ended (its blocks released) while a put it issued is
             # still unpolled, and no put starts once it ended.
@@ -300,7 +333,7 @@ class PrefillSide:
             elif status.state == _C.TransferState.FAILED and not push.error:
                 push.error, push.error_status = self._write_error(status.error)
         push.handles = still
-        if still or (push.workers_sent and push.workers_answered < self.tp_size - 1):
+        if still or push.shards_answered < push.shards_expected:
             return None  # a write may still read the blocks: they stay held
         if push.error and not push.hold_id:  # could not connect: the prompt need not be computed
             return PDOutcome(False, push.error, push.error_status), "failed"
@@ -352,9 +385,11 @@ class PrefillSide:
                 # or failed within 2 x pd_timeout_s (the decode side holds its blocks longer).
                 push.error, push.error_status = f"the KV was not written within pd_timeout_s={self.timeout_s:g}", 504
                 return
+            local_head_offset, remote_head_offset, num_heads = push.heads
             request = _C.TransferRequest(request_id=push.transfer_id, local_blocks=push.local_blocks,
                                          remote_blocks=push.remote_blocks, num_tokens=push.num_tokens, layer=layer,
-                                         payload=payload)
+                                         payload=payload, num_heads=num_heads, local_head_offset=local_head_offset,
+                                         remote_head_offset=remote_head_offset)
             try:
                 handle = self.transfer.put(push.peer, request)  # never blocks on the network
             except (RuntimeError, ValueError) as exc:  # the peer failed (or was dropped) meanwhile
@@ -363,7 +398,7 @@ class PrefillSide:
             push.first_put = push.first_put or time.monotonic()
             push.handles.append(handle)
             push.issued_layers += 1
-            push.bytes += push.num_tokens * self.bytes_per_token_layer
+            push.bytes += push.num_tokens * self.bytes_per_token_layer * num_heads // self.local_kv_heads
 
     def _write_error(self, why: str) -> tuple[str, int]:
         if "holds no write grant" in why:  # the reservation ended (decode gave up on it) or never was
@@ -429,6 +464,14 @@ class PrefillSide:
         push.local_blocks = push.prompt_blocks[start // self.block_size:]
         push.remote_blocks = list(dest.blocks[start // dest.block_size:])
         push.num_tokens = dest.num_prompt_tokens - start
+        endpoints = [(dest.transfer_host, dest.transfer_port), *(tuple(e) for e in dest.transfer_endpoints)]
+        for w in head_writes(self.num_kv_heads, self.tp_size, len(endpoints)):
+            if w.prefill_rank == 0 and w.decode_rank == 0:  # the layer-by-layer writes (whole tokens when
+                push.heads = (w.src_head_offset, w.dst_head_offset, w.num_heads)  # both sides hold as many)
+            else:
+                host, port = endpoints[w.decode_rank]
+                push.shard_writes.setdefault(w.prefill_rank, []).append(
+                    [host, port, w.src_head_offset, w.dst_head_offset, w.num_heads])
         push.planned = True
 
 

@@ -55,9 +55,9 @@ the above:
   (it waits up to pd_timeout_s for it); no destination within pd_timeout_s of the prefill's
   admission ends it with 504.
 - tensor parallelism: KVDestination.transfer_endpoints lists the transfer engines of decode's
-  ranks 1.. ([host, port]); prefill rank r writes its own KV heads to decode rank r, so both sides
-  need the same TP size (else 400, param destination). The last layer's notice (rank 0's, with the
-  first token) goes only after every prefill rank's write is DONE.
+  ranks 1.. ([host, port]); each prefill rank writes the KV heads it holds into the decode ranks
+  that hold them (pd/head_map.py), so the two sides' TP sizes may differ. The last layer's notice
+  (rank 0's, with the first token) goes only after every other write is DONE.
 - a prefill instance starts no write later than pd_timeout_s after it took the request; a
   decode instance keeps the blocks of a failed or aborted reservation for 3 x pd_timeout_s (or
   until the last notice), so a late write never lands in reused blocks.
@@ -97,7 +97,7 @@ class KVDestination:
     num_cached_tokens: int = 0  # decode's own prefix hit: tokens [0, this) need no write
     # Tensor parallelism: the transfer engines of decode's ranks 1.. ([host, port] each; rank 0's is
     # transfer_host:transfer_port). Every rank holds its own KV heads of the same block ids; a
-    # prefill instance writes rank r's heads to rank r, so both sides must have as many ranks.
+    # prefill instance writes each head into the decode rank that holds it (pd/head_map.py).
     transfer_endpoints: list = field(default_factory=list)
 
     def to_json(self) -> dict:

@@ -16,14 +16,22 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// plan_transfer names its lists src/dst; the caller of put/get knows them as local/remote.
+// The plan names its fields src/dst; the caller of put/get knows them as local/remote.
 [[noreturn]] void rethrow_with_local_names(const std::invalid_argument& error, bool is_put) {
   std::string message = error.what();
-  const std::string src = is_put ? "local_blocks" : "remote_blocks";
-  const std::string dst = is_put ? "remote_blocks" : "local_blocks";
-  if (message.rfind("src_blocks", 0) == 0) message = src + message.substr(10);
-  if (message.rfind("dst_blocks", 0) == 0) message = dst + message.substr(10);
+  const std::string local = is_put ? "src_" : "dst_";
+  const std::string remote = is_put ? "dst_" : "src_";
+  for (const char* field : {"blocks", "head_offset"}) {
+    if (message.rfind(local + field, 0) == 0) message = "local_" + message.substr(4);
+    if (message.rfind(remote + field, 0) == 0) message = "remote_" + message.substr(4);
+  }
   throw std::invalid_argument(message);
+}
+
+// The request's heads as the plan sees them (src: the side the bytes leave).
+HeadSlice head_slice(const TransferRequest& request, bool is_put) {
+  return is_put ? HeadSlice{request.local_head_offset, request.remote_head_offset, request.num_heads}
+                : HeadSlice{request.remote_head_offset, request.local_head_offset, request.num_heads};
 }
 
 }  // namespace
@@ -116,8 +124,9 @@ TransferHandle UcxTransfer::submit(PeerId peer_id, const TransferRequest& reques
     const std::vector<TransferSegment> segments =
         is_put ? plan_transfer(layout_, request.local_blocks, remote, request.remote_blocks, num_tokens)
                : plan_transfer(remote, request.remote_blocks, layout_, request.local_blocks, num_tokens);
-    transfer->copies = is_put ? plan_copies(layout_, remote, segments, request.layer)
-                              : plan_copies(remote, layout_, segments, request.layer);
+    const HeadSlice heads = head_slice(request, is_put);
+    transfer->copies = is_put ? plan_copies(layout_, remote, segments, request.layer, heads)
+                              : plan_copies(remote, layout_, segments, request.layer, heads);
   } catch (const std::invalid_argument& error) {
     rethrow_with_local_names(error, is_put);
   }

@@ -125,12 +125,13 @@ class MultiprocExecutor(Executor):
     def pd_revoke(self, transfer_id: int) -> None:
         self._send(encode_frame(WorkerPDRevoke(transfer_id)))
 
-    def pd_push(self, transfer_id: int, endpoints: list, local_blocks: list[int], remote_blocks: list[int],
+    def pd_push(self, transfer_id: int, writes: dict, local_blocks: list[int], remote_blocks: list[int],
                 num_tokens: int) -> None:
-        """Worker r writes its heads of the prompt to decode rank r at endpoints[r - 1]."""
-        for proc, (host, port) in zip(self._procs, endpoints):
-            frame = encode_frame(WorkerPDPush(transfer_id, host, port, list(local_blocks), list(remote_blocks),
-                                              num_tokens))
+        """Worker r writes its heads of the prompt as writes[r] says ([host, port, src_head_offset,
+        dst_head_offset, num_heads] each; none: it only answers)."""
+        for proc in self._procs:
+            frame = encode_frame(WorkerPDPush(transfer_id, list(writes.get(proc.rank, [])), list(local_blocks),
+                                              list(remote_blocks), num_tokens))
             try:
                 proc.send(frame)
             except OSError as exc:

@@ -265,12 +265,12 @@ class WorkerPDRevoke(LinkMessage):
 
 @dataclass(frozen=True, slots=True)
 class WorkerPDPush(LinkMessage):
-    """engine -> prefill worker: write this rank's heads of the prompt (every layer, one put) into
-    the decode rank at host:port (answered by WorkerPDPushed)."""
+    """engine -> prefill worker: write this rank's KV heads of the prompt into decode ranks, every
+    layer in one put per write (answered by WorkerPDPushed, an empty `writes` too); `writes` holds
+    [host, port, src_head_offset, dst_head_offset, num_heads] per decode rank (pd/head_map.py)."""
 
     transfer_id: int
-    host: str
-    port: int
+    writes: list
     local_blocks: list
     remote_blocks: list
     num_tokens: int
