@@ -31,13 +31,14 @@ inline void cuda_check(cudaError_t status, const char* what) {
 
 class KVPool {
  public:
-  KVPool(MemoryKind memory, int device, int32_t num_layers, int32_t num_blocks, int32_t block_tokens)
+  KVPool(MemoryKind memory, int device, int32_t num_layers, int32_t num_blocks, int32_t block_tokens,
+         int32_t num_kv_heads = kHeads)
       : memory_(memory) {
     layout.memory = memory;
     layout.device_index = device;
     layout.num_blocks = num_blocks;
     layout.block_size = block_tokens;
-    layout.num_kv_heads = kHeads;
+    layout.num_kv_heads = num_kv_heads;
     layout.head_dim = kHeadDim;
     layout.element_bytes = kElementBytes;
     layout.block_stride_bytes = layout.block_bytes();

@@ -3,7 +3,7 @@
 // memory) measured in the same run: the ceiling a transfer could reach on this machine.
 //
 //   kv_transfer_bench [--memory host|cuda] [--device D] [--layers L] [--iters N] [--grants] [--churn]
-//                     [--data-path auto|rma|messages]
+//                     [--data-path auto|rma|messages] [--head-split N]
 //
 // --data-path: how the sender moves bytes (kv_transfer.h DataPath; default auto: RMA where a
 // transport does it in hardware, messages otherwise, e.g. over TCP).
@@ -13,6 +13,8 @@
 // prefill and a decode process); UCX picks the transports (UCX_TLS). KV shape: Llama-3-8B's
 // 8 KV heads x 128 dims in bf16 (2 KiB per token per plane), L layers (default 4). Block ids are
 // random on both sides (a long-running pool's worst case).
+// --head-split N: the receiver holds 8 / N of the KV heads (a rank of a decode instance at TP=N) and
+// every put or get moves that slice of each token (a prefill at TP=1): one copy per token and plane.
 // --churn: instead, 16-token blocks in pools of 2048, both sides' lists as a pool hands them out
 // after a decode instance's churn (bench_churn.h): the free list BlockPool replaced ("old pool")
 // against BlockPool (free runs, run-aware eviction), 64 and 256 blocks.
@@ -52,7 +54,9 @@ struct Args {
   bool grants = false;  // the receiver requires write grants (kv_transfer.h)
   bool churn = false;   // block lists after churn instead of random ones
   DataPath data_path = DataPath::AUTO;
+  int32_t head_split = 1;  // the receiver holds kHeads / head_split heads; transfers move that slice
   int32_t pool_blocks() const { return churn ? 2048 : 256; }
+  int32_t receiver_heads() const { return kvbench::kHeads / head_split; }
 };
 
 void die(const std::string& message) {
@@ -66,8 +70,8 @@ using kvbench::cuda_check;
 
 // The pool blocks move out of and into (bench_kv_pool.h).
 struct Pool : kvbench::KVPool {
-  Pool(const Args& args, int32_t block_tokens)
-      : kvbench::KVPool(args.memory, args.device, args.layers, args.pool_blocks(), block_tokens) {}
+  Pool(const Args& args, int32_t block_tokens, int32_t heads = kvbench::kHeads)
+      : kvbench::KVPool(args.memory, args.device, args.layers, args.pool_blocks(), block_tokens, heads) {}
 };
 
 std::function<void()> device_init(const Args& args) {
@@ -89,7 +93,7 @@ TransferOptions bench_options(const char* name, const Args& args) {
 
 // The receiver: registers its pool, reports its port, serves until the parent closes the pipe.
 [[noreturn]] void run_receiver(const Args& args, int32_t block_tokens, int port_fd, int quit_fd) {
-  Pool pool(args, block_tokens);
+  Pool pool(args, block_tokens, args.receiver_heads());
   TransferOptions options = bench_options("receiver", args);
   options.require_write_grants = args.grants;
   UcxTransfer engine(options, device_init(args));
@@ -101,6 +105,11 @@ TransferOptions bench_options(const char* name, const Args& args) {
   if (write(port_fd, &port, sizeof(port)) != sizeof(port)) die("pipe");
   char byte;
   while (read(quit_fd, &byte, 1) > 0) {
+  }
+  for (const PeerInfo& peer : engine.peers()) {  // why a run died, from this side
+    if (peer.state == PeerState::FAILED && peer.error != "connection closed by peer") {  // not the sender's close
+      std::fprintf(stderr, "kv_transfer_bench receiver: %s\n", peer.error.c_str());
+    }
   }
   std::exit(0);
 }
@@ -166,7 +175,7 @@ void bench_block_size(const Args& args, int32_t block_tokens) {
   if (read(port_pipe[0], &port, sizeof(port)) != sizeof(port)) die("the receiver did not start");
   {
     Pool local(args, block_tokens);
-    Pool baseline(args, block_tokens);
+    Pool baseline(args, block_tokens, args.receiver_heads());
     UcxTransfer engine(bench_options("sender", args), device_init(args));
     engine.register_kv(local.layout);
     const PeerId peer = engine.connect("127.0.0.1", port);
@@ -198,9 +207,11 @@ void bench_block_size(const Args& args, int32_t block_tokens) {
       const std::vector<BlockId>& dst = lists.dst;
       const auto count = static_cast<int32_t>(src.size());
       const int64_t tokens = static_cast<int64_t>(count) * block_tokens;
-      const TransferRequest request{1, src, dst, tokens, -1, true};
-      const auto copies =
-          plan_copies(local.layout, baseline.layout, plan_transfer(local.layout, src, baseline.layout, dst, tokens), -1);
+      TransferRequest request{1, src, dst, tokens, -1, true};
+      request.num_heads = args.receiver_heads();
+      const HeadSlice heads{0, 0, request.num_heads};
+      const auto copies = plan_copies(local.layout, baseline.layout,
+                                      plan_transfer(local.layout, src, baseline.layout, dst, tokens), -1, heads);
       uint64_t bytes = 0;
       for (const CopyOp& c : copies) bytes += c.bytes;
       const int iters = args.iters > 0 ? args.iters : static_cast<int>(std::clamp<uint64_t>((512u << 20) / bytes, 3, 200));
@@ -245,9 +256,13 @@ Args parse(int argc, char** argv) {
       const std::string p = value();
       if (p != "auto" && p != "rma" && p != "messages") die("--data-path: auto, rma or messages");
       args.data_path = p == "rma" ? DataPath::RMA : p == "messages" ? DataPath::MESSAGES : DataPath::AUTO;
+    } else if (flag == "--head-split") {
+      args.head_split = std::atoi(value().c_str());
+      if (args.head_split < 1 || kvbench::kHeads % args.head_split) die("--head-split: 1, 2, 4 or 8");
     } else {
       die("unknown flag " + flag +
-          " (--memory host|cuda, --device D, --layers L, --iters N, --grants, --churn, --data-path auto|rma|messages)");
+          " (--memory host|cuda, --device D, --layers L, --iters N, --grants, --churn, --data-path auto|rma|messages, "
+          "--head-split N)");
     }
   }
   return args;
@@ -262,6 +277,10 @@ int main(int argc, char** argv) {
   const char* tls = std::getenv("UCX_TLS");
   std::printf("# KV transfer between two processes, UCX_TLS=%s, %d layers, 2 KiB per token per plane%s\n",
               tls ? tls : "(UCX default)", args.layers, args.grants ? ", receiver requires write grants" : "");
+  if (args.head_split > 1) {
+    std::printf("# head split %d: the receiver holds %d of the 8 KV heads; each transfer moves that slice\n",
+                args.head_split, args.receiver_heads());
+  }
   std::printf("# copy = the same copies done locally (%s); ratio = transfer rate / copy rate\n",
               args.memory == MemoryKind::CUDA ? "cudaMemcpyAsync D2D" : "memcpy");
   std::printf("%-5s %-10s %6s %6s %9s %8s %9s %9s %9s %8s %8s %9s\n", "mem", "lists", "block", "blocks", "MiB", "copies",

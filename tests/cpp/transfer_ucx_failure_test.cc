@@ -195,6 +195,44 @@ TEST_F(UcxTransferFailureTest, ForgedPutMessagesFailThePeerAndWriteNothingOutsid
   }
 }
 
+// A PUT_SCATTER message is checked whole before any piece lands: one piece outside the engine's
+// memory, pieces that do not add up to the data, or a count its table does not hold each fail the
+// peer and write nothing (the piece inside the pool included).
+TEST_F(UcxTransferFailureTest, ForgedScatterMessagesFailThePeerAndWriteNothing) {
+  struct ScatterOfTwo {
+    ucx_wire::PutScatterHeader head;
+    ucx_wire::ScatterEntry entries[2];
+  };
+  struct Case {
+    const char* name;
+    bool second_outside;  // the second piece aims at memory the engine never registered
+    uint64_t data_bytes;  // what the message carries (the pieces are 32 bytes each)
+    uint64_t count;
+    const char* error;
+  };
+  const Case cases[] = {{"a piece outside the pool", true, 64, 2, "outside this engine's KV memory"},
+                        {"pieces that do not add up", false, 80, 2, "do not add up"},
+                        {"a count the table does not hold", false, 64, 3, "malformed scatter message"}};
+  std::vector<uint8_t> unregistered(4096, 0);
+  for (const Case& c : cases) {
+    HostKVPool pool(KVShape{}, 8, 4);
+    UcxTransfer engine(options("engine"));
+    engine.register_kv(pool.layout());
+    FakePeer forger(engine.listen_port());
+    ASSERT_NE(first_peer(engine), 0u);
+    const uint64_t before = pool.checksum_except({});
+    const uint64_t inside = pool.layout().layers[0].k_base;
+    const uint64_t second = c.second_outside ? reinterpret_cast<uint64_t>(unregistered.data()) : inside + 64;
+    const ScatterOfTwo header{{FakePeer::kKey, 1, c.count}, {{inside, 32}, {second, 32}}};
+    const std::vector<uint8_t> bytes(c.data_bytes, 0xab);
+    forger.send_message(ucx_wire::kPutScatter, header, bytes.data(), bytes.size());
+    const std::string error = failure_of_first_peer(engine);
+    EXPECT_NE(error.find(c.error), std::string::npos) << c.name << ": " << error;
+    EXPECT_EQ(pool.checksum_except({}), before) << c.name;
+    EXPECT_EQ(std::count(unregistered.begin(), unregistered.end(), 0xab), 0) << c.name;
+  }
+}
+
 TEST_F(UcxTransferFailureTest, AForgedGetOfMemoryOutsideTheEngineFailsThePeer) {
   HostKVPool pool(KVShape{}, 8, 4);
   UcxTransfer engine(options("engine"));

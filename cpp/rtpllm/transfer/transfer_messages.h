@@ -39,7 +39,7 @@ struct RemoteRegion {
 
 // What a peer needs to address this engine's KV memory.
 struct PeerDescriptor {
-  uint32_t protocol_version = 2;
+  uint32_t protocol_version = 3;
   std::string name;
   std::string identity;
   std::string worker_address;  // ucp_worker_get_address, opaque here

@@ -32,13 +32,14 @@ UcxWorker::UcxWorker() {
     check_ucs(s, "ucp_worker_create");
   }
   ucp_worker_attr_t attr{};
-  attr.field_mask = UCP_WORKER_ATTR_FIELD_ADDRESS;
+  attr.field_mask = UCP_WORKER_ATTR_FIELD_ADDRESS | UCP_WORKER_ATTR_FIELD_MAX_AM_HEADER;
   if (ucs_status_t s = ucp_worker_query(worker_, &attr); s != UCS_OK) {
     ucp_worker_destroy(worker_);
     ucp_cleanup(context_);
     check_ucs(s, "ucp_worker_query");
   }
   address_.assign(reinterpret_cast<const char*>(attr.address), attr.address_length);
+  max_am_header_ = attr.max_am_header;
   ucp_worker_release_address(worker_, attr.address);
   if (ucs_status_t s = ucp_worker_get_efd(worker_, &event_fd_); s != UCS_OK) {
     ucp_worker_destroy(worker_);

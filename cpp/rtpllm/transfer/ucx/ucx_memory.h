@@ -30,12 +30,14 @@ class UcxWorker {
   ucp_worker_h worker() const { return worker_; }
   const std::string& address() const { return address_; }  // what peers pass to ucp_ep_create
   int event_fd() const { return event_fd_; }                 // readable when the worker has events
+  size_t max_am_header() const { return max_am_header_; }    // the largest active-message header it sends
 
  private:
   ucp_context_h context_ = nullptr;
   ucp_worker_h worker_ = nullptr;
   std::string address_;
   int event_fd_ = -1;
+  size_t max_am_header_ = 0;
 };
 
 // The registered regions of one layout (transfer_plan.h layout_regions); unmapped on destruction.

@@ -8,11 +8,20 @@
 
 namespace rtpllm::ucx_wire {
 
-enum MessageId : unsigned { kPutData = 0x7210, kPutDone, kGetRequest, kGetReply };
+enum MessageId : unsigned { kPutData = 0x7210, kPutDone, kGetRequest, kGetReply, kPutScatter };
 
 // Data: the bytes to land at `address` in the receiver's memory, part of put number `sequence`.
 struct PutDataHeader {
   uint64_t key, sequence, address;
+};
+// Data: `count` pieces of put `sequence`, one after another. The header is followed by `count`
+// ScatterEntry: where each piece lands in the receiver's memory, and its length. Small copies (a
+// head slice moves one per token) travel this way, many to a message, instead of one message each.
+struct PutScatterHeader {
+  uint64_t key, sequence, count;
+};
+struct ScatterEntry {
+  uint64_t address, bytes;
 };
 // Data: the put's encoded NoticeMessage when notify != 0. Put `sequence` carried `bytes` in all.
 struct PutDoneHeader {
@@ -31,5 +40,15 @@ struct GetReplyHeader {
 // Messages stay this small so that a receiver assembles at most this much per message (UCX holds a
 // whole eager message before the handler runs) and large copies stream in pieces.
 constexpr uint64_t kMessageBytes = 256 << 10;
+
+// Copies shorter than this travel packed in PUT_SCATTER messages, at most kMaxScatterEntries to one
+// (fewer where UCX's largest message header, max_am_header, holds fewer entries).
+constexpr uint64_t kScatterBelow = 16 << 10;
+constexpr uint64_t kMaxScatterEntries = 256;
+
+// A requester keeps at most this many GET_REQUESTs unanswered on a connection, and asks for more
+// as replies land: a target queues what it has not answered yet, and fails a peer that makes it
+// queue more than it allows (kMaxQueuedReplies, far above this).
+constexpr uint64_t kGetWindow = 1024;
 
 }  // namespace rtpllm::ucx_wire

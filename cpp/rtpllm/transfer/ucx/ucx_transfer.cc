@@ -223,6 +223,7 @@ void UcxTransfer::progress_once_locked() {
     const bool ready = peer.knows_us || peer.data_path == DataPath::RMA || peer.state != PeerState::CONNECTED;
     if (ready && granted_locked(*transfer)) issue_locked(*transfer);
   }
+  continue_gets_locked();
   for (auto& [id, peer] : peers_) peer->grant_answers.clear();  // each answers the puts queued when it came
   finish_transfers_locked();
 }

@@ -33,6 +33,9 @@
 namespace rtpllm {
 
 struct IncomingPut;  // ucx_transfer_state.h
+namespace ucx_wire {
+struct ScatterEntry;  // ucx_message_wire.h
+}
 
 class UcxTransfer final : public KVTransfer {
  public:
@@ -77,12 +80,19 @@ class UcxTransfer final : public KVTransfer {
   void register_message_handlers();
   DataPath data_path_for(ucp_ep_h ep) const;
   void issue_as_messages_locked(Transfer& transfer, Peer& peer);
+  static ucp_request_param_t message_param(Transfer& transfer, ucs_memory_type_t memory);
+  bool send_put_data_locked(Transfer& transfer, Peer& peer);       // PUT_DATA and PUT_SCATTER messages
+  bool send_get_requests_locked(Transfer& transfer, Peer& peer);   // as many as the window allows
+  void continue_gets_locked();  // the requests of gets the window held back
   bool landed_locked(const Transfer& transfer, const Peer& peer) const;  // a transfer's bytes are where they go
   void answer_peers_locked();  // PUT_ACKs and get replies owed since the last progress call
   Peer* peer_by_key_locked(uint64_t key);
   bool registered_locked(uint64_t address, uint64_t bytes) const;  // inside this engine's registration
   // Copies a message's data to address in this engine's registered memory; false outside it.
   bool land_locked(void* data, uint64_t address, size_t bytes, const ucp_am_recv_param_t* param);
+  // Likewise for a PUT_SCATTER message's pieces (every one must be inside it).
+  bool land_scatter_locked(void* data, const ucx_wire::ScatterEntry* entries, size_t count,
+                           const ucp_am_recv_param_t* param);
   // The peer's put `sequence` in progress (new if need be), or nullptr with the peer's protocol
   // error set: a put already complete, or too many in progress.
   IncomingPut* incoming_put_locked(Peer& peer, uint64_t sequence);
@@ -90,6 +100,8 @@ class UcxTransfer final : public KVTransfer {
   void push_notice_locked(const Peer& peer, NoticeMessage notice);
   ucs_status_t on_put_data_locked(const void* header, size_t header_length, void* data, size_t length,
                                   const ucp_am_recv_param_t* param);
+  ucs_status_t on_put_scatter_locked(const void* header, size_t header_length, void* data, size_t length,
+                                     const ucp_am_recv_param_t* param);
   ucs_status_t on_put_done_locked(const void* header, size_t header_length, void* data, size_t length,
                                   const ucp_am_recv_param_t* param);
   ucs_status_t on_get_request_locked(const void* header, size_t header_length);

@@ -2,14 +2,16 @@
 // copies into its own registered memory (see kv_transfer.h DataPath for why this path exists).
 //
 // A put to a peer is numbered on its connection (1, 2, ...) and sent as PUT_DATA messages of at
-// most kMessageBytes, each naming its destination, then one PUT_DONE message with the put's size
-// and its notice. The receiver counts each put's bytes; once a put and every earlier one are
+// most kMessageBytes, each naming its destination (small copies packed, many to a PUT_SCATTER
+// message with a table of destinations), then one PUT_DONE message with the put's size and its
+// notice. The receiver counts each put's bytes; once a put and every earlier one are
 // complete it delivers their notices in order and acknowledges the highest number on the control
 // channel (PUT_ACK); the sender's put is DONE at that acknowledgement. Counting rather than
 // relying on message order keeps this correct on transports with several lanes.
 //
-// A get is GET_REQUEST messages (source, destination, size); the target answers each with a
-// GET_REPLY data message after its progress call, and the get is DONE when all its bytes landed.
+// A get is GET_REQUEST messages (source, destination, size), at most kGetWindow unanswered per
+// connection; the target answers each with a GET_REPLY data message after its progress call, and
+// the get is DONE when all its bytes landed.
 //
 // The rule that makes this path safe where UCX's emulated RMA is not: nothing here sends from
 // inside a message handler. Handlers only copy, count and queue; acknowledgements and replies go
@@ -59,6 +61,18 @@ bool has_hardware_rma(const char* transport) {
 
 }  // namespace
 
+// A message send of `transfer` from memory of `memory` (its data), eager: the receiver answers nothing.
+ucp_request_param_t UcxTransfer::message_param(Transfer& transfer, ucs_memory_type_t memory) {
+  ucp_request_param_t param{};
+  param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS |
+                       UCP_OP_ATTR_FIELD_MEMORY_TYPE;
+  param.cb.send = &UcxTransfer::on_request_done;
+  param.user_data = &transfer;
+  param.flags = UCP_AM_SEND_FLAG_EAGER | UCP_AM_SEND_FLAG_COPY_HEADER;
+  param.memory_type = memory;
+  return param;
+}
+
 void UcxTransfer::register_message_handlers() {
   struct Handler {
     unsigned id;
@@ -73,6 +87,11 @@ void UcxTransfer::register_message_handlers() {
        [](void* self, const void* header, size_t header_length, void* data, size_t length,
           const ucp_am_recv_param_t* param) {
          return static_cast<UcxTransfer*>(self)->on_put_data_locked(header, header_length, data, length, param);
+       }},
+      {kPutScatter, UCP_AM_FLAG_WHOLE_MSG | UCP_AM_FLAG_PERSISTENT_DATA,
+       [](void* self, const void* header, size_t header_length, void* data, size_t length,
+          const ucp_am_recv_param_t* param) {
+         return static_cast<UcxTransfer*>(self)->on_put_scatter_locked(header, header_length, data, length, param);
        }},
       {kPutDone, UCP_AM_FLAG_WHOLE_MSG,
        [](void* self, const void* header, size_t header_length, void* data, size_t length,
@@ -124,47 +143,125 @@ void UcxTransfer::issue_as_messages_locked(Transfer& transfer, Peer& peer) {
       return;
     }
   }
-  ucp_request_param_t param{};
-  param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
-  param.cb.send = &UcxTransfer::on_request_done;
-  param.user_data = &transfer;
-  param.flags = UCP_AM_SEND_FLAG_EAGER | UCP_AM_SEND_FLAG_COPY_HEADER;  // eager: the receiver answers nothing
-  ucp_request_param_t data_param = param;
-  data_param.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMORY_TYPE;
-  data_param.memory_type = ucx_memory_type(layout_.memory);
   bool ok = true;
   if (transfer.is_put) {
     transfer.sequence = peer.next_put_sequence++;
-    for (size_t i = 0; ok && i < transfer.copies.size(); ++i) {
-      const CopyOp& copy = transfer.copies[i];
-      for (uint64_t offset = 0; ok && offset < copy.bytes; offset += kMessageBytes) {
-        const PutDataHeader header{peer.key, transfer.sequence, copy.dst + offset};
-        ok = transfer.track(ucp_am_send_nbx(peer.ep, kPutData, &header, sizeof(header),
-                                   reinterpret_cast<void*>(copy.src + offset),
-                                   std::min(kMessageBytes, copy.bytes - offset), &data_param));
-      }
-    }
+    ok = send_put_data_locked(transfer, peer);
     if (ok) {
       transfer.done_message = transfer.notify ? encode_notice(transfer.notice) : std::string();
       const PutDoneHeader header{peer.key, transfer.sequence, transfer.bytes, transfer.notify ? 1u : 0u};
+      const ucp_request_param_t param = message_param(transfer, ucx_memory_type(MemoryKind::HOST));
       ok = transfer.track(ucp_am_send_nbx(peer.ep, kPutDone, &header, sizeof(header), transfer.done_message.data(),
-                                 transfer.done_message.size(), &param));
+                                          transfer.done_message.size(), &param));
     }
   } else {
-    for (size_t i = 0; ok && i < transfer.copies.size(); ++i) {
-      const CopyOp& copy = transfer.copies[i];
-      for (uint64_t offset = 0; ok && offset < copy.bytes; offset += kMessageBytes) {
-        const GetRequestHeader header{peer.key, transfer.handle, copy.src + offset, copy.dst + offset,
-                                      std::min(kMessageBytes, copy.bytes - offset)};
-        ok = transfer.track(ucp_am_send_nbx(peer.ep, kGetRequest, &header, sizeof(header), nullptr, 0, &param));
-      }
-    }
+    ok = send_get_requests_locked(transfer, peer);
   }
   // A put cut short leaves a gap in the connection's numbering that no later put could pass, and
   // messages on the wire cannot be recalled: only closing the connection ends either.
   if (!ok && (transfer.is_put || transfer.outstanding > 0)) {
     fail_peer_locked(peer, "transfer " + std::to_string(transfer.handle) + " failed: " + transfer.error);
   }
+}
+
+bool UcxTransfer::send_put_data_locked(Transfer& transfer, Peer& peer) {
+  const ucp_request_param_t data_param = message_param(transfer, ucx_memory_type(layout_.memory));
+  ucp_request_param_t scatter_param = data_param;
+  scatter_param.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
+  scatter_param.datatype = ucp_dt_make_iov();  // the pieces straight from the KV memory, no staging copy
+  const size_t header_room = ucx_.max_am_header() > sizeof(PutScatterHeader)
+                                 ? (ucx_.max_am_header() - sizeof(PutScatterHeader)) / sizeof(ScatterEntry) : 0;
+  const size_t max_entries = std::min<size_t>(kMaxScatterEntries, header_room);
+  std::vector<ScatterEntry> entries;
+  std::vector<ucp_dt_iov_t> pieces;
+  uint64_t packed = 0;
+  auto send_packed = [&]() -> bool {
+    if (entries.empty()) return true;
+    std::string header(sizeof(PutScatterHeader) + entries.size() * sizeof(ScatterEntry), '\0');
+    const PutScatterHeader fixed{peer.key, transfer.sequence, entries.size()};
+    std::memcpy(header.data(), &fixed, sizeof(fixed));
+    std::memcpy(header.data() + sizeof(fixed), entries.data(), entries.size() * sizeof(ScatterEntry));
+    transfer.scatter_iovs.push_back(std::move(pieces));  // UCX reads it until the send completes
+    const std::vector<ucp_dt_iov_t>& kept = transfer.scatter_iovs.back();
+    entries.clear();
+    pieces = {};
+    packed = 0;
+    return transfer.track(ucp_am_send_nbx(peer.ep, kPutScatter, header.data(), header.size(), kept.data(),
+                                          kept.size(), &scatter_param));  // the header is copied (COPY_HEADER)
+  };
+  for (const CopyOp& copy : transfer.copies) {
+    if (copy.bytes < kScatterBelow && max_entries >= 2) {
+      if ((entries.size() == max_entries || packed + copy.bytes > kMessageBytes) && !send_packed()) return false;
+      entries.push_back({copy.dst, copy.bytes});
+      pieces.push_back({reinterpret_cast<void*>(copy.src), copy.bytes});
+      packed += copy.bytes;
+      continue;
+    }
+    for (uint64_t offset = 0; offset < copy.bytes; offset += kMessageBytes) {
+      const PutDataHeader header{peer.key, transfer.sequence, copy.dst + offset};
+      if (!transfer.track(ucp_am_send_nbx(peer.ep, kPutData, &header, sizeof(header),
+                                          reinterpret_cast<void*>(copy.src + offset),
+                                          std::min(kMessageBytes, copy.bytes - offset), &data_param))) {
+        return false;
+      }
+    }
+  }
+  return send_packed();
+}
+
+bool UcxTransfer::send_get_requests_locked(Transfer& transfer, Peer& peer) {
+  const ucp_request_param_t param = message_param(transfer, ucx_memory_type(MemoryKind::HOST));
+  while (transfer.next_copy < transfer.copies.size() && peer.get_requests_out < kGetWindow) {
+    const CopyOp& copy = transfer.copies[transfer.next_copy];
+    const uint64_t bytes = std::min(kMessageBytes, copy.bytes - transfer.next_offset);
+    const GetRequestHeader header{peer.key, transfer.handle, copy.src + transfer.next_offset,
+                                  copy.dst + transfer.next_offset, bytes};
+    if (!transfer.track(ucp_am_send_nbx(peer.ep, kGetRequest, &header, sizeof(header), nullptr, 0, &param))) {
+      return false;
+    }
+    ++peer.get_requests_out;
+    transfer.next_offset += bytes;
+    if (transfer.next_offset == copy.bytes) {
+      ++transfer.next_copy;
+      transfer.next_offset = 0;
+    }
+  }
+  return true;
+}
+
+void UcxTransfer::continue_gets_locked() {
+  for (auto& [handle, transfer_ptr] : transfers_) {
+    Transfer& transfer = *transfer_ptr;
+    if (transfer.phase != Transfer::Phase::ISSUED || !transfer.by_messages || transfer.is_put ||
+        !transfer.error.empty() || transfer.next_copy == transfer.copies.size()) {
+      continue;
+    }
+    Peer& peer = *peers_.at(transfer.peer);
+    if (peer.state != PeerState::CONNECTED) continue;  // failing the peer failed its transfers
+    if (!send_get_requests_locked(transfer, peer) && transfer.outstanding > 0) {
+      fail_peer_locked(peer, "transfer " + std::to_string(transfer.handle) + " failed: " + transfer.error);
+    }
+  }
+}
+
+bool UcxTransfer::land_scatter_locked(void* data, const ScatterEntry* entries, size_t count,
+                                      const ucp_am_recv_param_t* param) {
+  if (!(param->recv_attr & UCP_AM_RECV_ATTR_FLAG_DATA) || (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV)) return false;
+  std::vector<ucp_dt_iov_t> pieces(count);
+  for (size_t i = 0; i < count; ++i) {
+    if (!registered_locked(entries[i].address, entries[i].bytes)) return false;
+    pieces[i] = {reinterpret_cast<void*>(entries[i].address), entries[i].bytes};
+  }
+  ucp_request_param_t recv{};
+  recv.op_attr_mask = UCP_OP_ATTR_FIELD_MEMORY_TYPE | UCP_OP_ATTR_FIELD_DATATYPE;
+  recv.memory_type = ucx_memory_type(layout_.memory);
+  recv.datatype = ucp_dt_make_iov();  // one call scatters the pieces into place
+  const ucs_status_ptr_t request = ucp_am_recv_data_nbx(ucx_.worker(), data, pieces.data(), count, &recv);
+  if (UCS_PTR_IS_PTR(request)) {
+    ucp_request_free(request);
+    return false;
+  }
+  return UCS_PTR_STATUS(request) == UCS_OK;
 }
 
 bool UcxTransfer::landed_locked(const Transfer& transfer, const Peer& peer) const {
@@ -282,6 +379,34 @@ ucs_status_t UcxTransfer::on_put_data_locked(const void* header, size_t header_l
   return UCS_OK;
 }
 
+ucs_status_t UcxTransfer::on_put_scatter_locked(const void* header, size_t header_length, void* data, size_t length,
+                                                const ucp_am_recv_param_t* param) {
+  PutScatterHeader h;
+  Peer* peer = header_length >= sizeof(h) ? (std::memcpy(&h, header, sizeof(h)), peer_by_key_locked(h.key)) : nullptr;
+  IncomingPut* incoming = peer == nullptr ? nullptr : incoming_put_locked(*peer, h.sequence);
+  if (incoming == nullptr) return UCS_OK;
+  IncomingPut& put = *incoming;
+  if (h.count == 0 || h.count > kMaxScatterEntries || header_length != sizeof(h) + h.count * sizeof(ScatterEntry)) {
+    peer->protocol_error = "a malformed scatter message of put " + std::to_string(h.sequence);
+    return UCS_OK;
+  }
+  std::vector<ScatterEntry> entries(h.count);  // copied out: the header need not be aligned
+  std::memcpy(entries.data(), static_cast<const char*>(header) + sizeof(h), h.count * sizeof(ScatterEntry));
+  uint64_t total = 0;
+  for (const ScatterEntry& e : entries) total += std::min(e.bytes, kMessageBytes + 1);  // no overflow
+  if (total != length) {
+    peer->protocol_error = "a scatter message whose pieces do not add up to its data";
+  } else if (length > put.expected - put.received) {
+    peer->protocol_error = "more data than put " + std::to_string(h.sequence) + " announced";
+  } else if (!land_scatter_locked(data, entries.data(), entries.size(), param)) {
+    peer->protocol_error = "put data outside this engine's KV memory";
+  } else {
+    put.received += length;
+    complete_puts_locked(*peer);
+  }
+  return UCS_OK;
+}
+
 ucs_status_t UcxTransfer::on_put_done_locked(const void* header, size_t header_length, void* data, size_t length,
                                              const ucp_am_recv_param_t* param) {
   PutDoneHeader h;
@@ -326,6 +451,7 @@ ucs_status_t UcxTransfer::on_get_reply_locked(const void* header, size_t header_
   GetReplyHeader h;
   Peer* peer = read_header(header, header_length, &h) ? peer_by_key_locked(h.key) : nullptr;
   if (peer == nullptr) return UCS_OK;
+  if (peer->get_requests_out > 0) --peer->get_requests_out;  // one reply answers one request
   auto it = transfers_.find(h.handle);
   if (it == transfers_.end()) return UCS_OK;  // a get that failed and was reported: its late bytes are dropped
   Transfer& transfer = *it->second;

@@ -68,6 +68,7 @@ struct UcxTransfer::Peer {
   uint64_t completed_sequence = 0;
   uint64_t ack_sent_sequence = 0;
   std::vector<GetReply> get_replies;
+  uint64_t get_requests_out = 0;  // this engine's GET_REQUESTs to the peer not answered yet (kGetWindow)
   std::string protocol_error;  // found inside a message handler; the peer is failed after progress
 
   // The rkey of the region holding [address, address + bytes), or nullptr.
@@ -95,6 +96,9 @@ struct UcxTransfer::Transfer {
   uint64_t sequence = 0;    // a put by messages: its number on the connection (done once acknowledged)
   uint64_t received = 0;    // a get by messages: bytes of the replies landed (done at `bytes`)
   std::string done_message; // a put by messages: its PUT_DONE payload, alive until the send completes
+  std::vector<std::vector<ucp_dt_iov_t>> scatter_iovs;  // a put by messages: its PUT_SCATTER sources, likewise
+  size_t next_copy = 0;     // a get by messages: the copy (and offset in it) its next request asks for
+  uint64_t next_offset = 0;
   int64_t outstanding = 0;  // UCX requests not yet completed
   std::string error;
   SteadyTime deadline;
