@@ -65,7 +65,7 @@ MESSAGES = [
     WorkerError("RuntimeError: x", "Traceback ..."),
     WorkerPDGrant(7, [3, 4]),
     WorkerPDRevoke(7),
-    WorkerPDPush(7, [["127.0.0.1", 41001, 2, 0, 2]], [0, 1], [5, 6], 20),
+    WorkerPDPush(7, [["127.0.0.1", 41001, 2, 0, 2]], [0, 1], [5, 6], 20, True),
     WorkerPDAck(1, 7),
     WorkerPDPushed(1, 7, "", 4096),
 ]

@@ -2,8 +2,10 @@
 instances at TP=2 (every rank moves its own KV heads: rank 1 over its own transfer engine, told by
 rank 0), overlapped as the router does it and not, and across different TP sizes (TP=2 prefill into
 a TP=1 decode: two ranks fill the halves of each token's heads; TP=1 prefill into a TP=2 decode:
-one rank's heads split over two). The output is token-exact against a colocated instance at TP=1
-(float32: TP=2's greedy tokens equal TP=1's), and the pools end idle.
+one rank's heads split over two), each with the destination known before the prompt runs (every
+rank writes layer by layer) and coming after it was computed (every layer at once). The output is
+token-exact against a colocated instance at TP=1 (float32: TP=2's greedy tokens equal TP=1's), and
+the pools end idle.
 """
 
 import httpx
@@ -48,13 +50,19 @@ def test_tp2_prefill_into_tp2_decode_is_token_exact(instances, overlap):
         assert instance.metric("rtpllm:pd_requests_total", outcome="completed") >= 1
 
 
-@pytest.mark.parametrize("pair", ["tp2-into-tp1", "tp1-into-tp2"])
-@pytest.mark.parametrize("overlap", [False, True])
-def test_different_tp_sizes_move_head_slices_token_exact(instances, pair, overlap):
+# reserved-first: the destination is known before the prompt runs, so every rank writes layer by
+# layer; late: it comes 1.5 s after the prefill request, when the prompt is computed, so the ranks
+# without notices write every layer at once.
+@pytest.mark.parametrize("pair", ["tp2-into-tp1", "tp1-into-tp2", "tp2-into-tp2"])
+@pytest.mark.parametrize("mode", ["reserved-first", "late"])
+def test_tp_sizes_move_head_slices_token_exact(instances, pair, mode):
     colocated, prefill_tp2, decode_tp2, decode_tp1, prefill_tp1 = instances
-    prefill, decode = (prefill_tp2, decode_tp1) if pair == "tp2-into-tp1" else (prefill_tp1, decode_tp2)
+    prefill, decode = {"tp2-into-tp1": (prefill_tp2, decode_tp1), "tp1-into-tp2": (prefill_tp1, decode_tp2),
+                       "tp2-into-tp2": (prefill_tp2, decode_tp2)}[pair]
     body = {"prompt": PROMPT + pair, "max_tokens": 8, "temperature": 0}
-    run = PDRun(prefill, decode, "completions", {**body, "stream": True}, f"{pair}-{overlap}").run(overlap=overlap)
+    late = mode == "late"
+    run = PDRun(prefill, decode, "completions", {**body, "stream": True}, f"{pair}-{mode}").run(
+        overlap=late, destination_delay_s=1.5 if late else 0.0)
     assert run.reservation_error is None, run.reservation_error
     assert run.prefill_response.status_code == 200, run.prefill_response.text
     assert run.text() == _expected(colocated, body)

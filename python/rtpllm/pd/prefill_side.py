@@ -18,10 +18,12 @@ Life of one request (an ordinary request with max_tokens 1, plus a destination):
                      (PDOutcome) the server answers with.
 
 Tensor parallelism, the same or different sizes on the two sides (pd/head_map.py): this rank's
-layer-by-layer writes carry the heads decode rank 0 takes from it; every other (prefill rank,
-decode rank) pair's heads go as one put per pair once the prompt is computed (pd/shard_writer.py:
-on the workers, and here for this rank's heads that decode ranks 1.. hold). The last layer's notice
-(the first token) goes only after all of those are DONE, so decode's notices mean every head landed.
+writes with the notices carry the heads decode rank 0 takes from it; every other (prefill rank,
+decode rank) pair's heads go without notices (pd/shard_writer.py: on the workers, and here for this
+rank's heads that decode ranks 1.. hold), layer by layer too when the destination is known before
+the prompt's last chunk runs (before_forward hands them out then), else in one put per pair once
+the prompt is computed. The last layer's notice (the first token) goes only after all of those are
+DONE, so decode's notices mean every head landed.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class _Push:
     heads: tuple = (0, 0, -1)      # (local offset, remote offset, count) of the layer-by-layer writes, once planned
     shard_writes: dict = field(default_factory=dict)  # prefill rank -> its other writes (shard_writer.py)
     shards_sent: bool = False      # the shard writes were handed out (there may be none)
+    own_by_layer: bool = False     # ... and this rank's own go layer by layer in the armed forward
     shards_expected: int = 0       # ... answers to wait for (one per rank with writes, every worker)
     shards_answered: int = 0       # ... this many answered (their writes are final: DONE or FAILED)
     shards_done: int = 0           # ... and this many DONE
@@ -232,6 +235,7 @@ class PrefillSide:
                 if push.kv.destination is not None:
                     self._plan(push)
                 push.hold_id = self.scheduler.hold_blocks(seq_id)
+            self._push_shards(push, by_layer=True)  # before the step: the workers arm its forward
             self._armed.append(push)
         if self._armed:
             self.model.layer_hook = self._on_layer
@@ -260,24 +264,29 @@ class PrefillSide:
         first = FirstToken(seq.output_ids[0], dict(seq.logprobs[0]) if seq.logprobs else None)
         self._put(push, self.num_layers - 1, encode_first_token(first))
 
-    def _push_shards(self, push: _Push) -> None:
-        """Hands out the writes that do not go layer by layer (module docstring) once the prompt is
-        computed and its destination known: to the workers, and this rank's own to its writer."""
-        if push.shards_sent or not push.computed or not push.planned or push.error:
+    def _push_shards(self, push: _Push, by_layer: bool = False) -> None:
+        """Hands out the writes without notices (module docstring) once the destination is known:
+        by_layer just before the forward that computes the prompt's last chunk, else once it is
+        computed; to the workers, and this rank's own to its writer."""
+        if push.shards_sent or not push.planned or push.error or not (by_layer or push.computed):
             return
         push.shards_sent = True
         blocks = (push.local_blocks, push.remote_blocks, push.num_tokens)
         if self.workers is not None:
-            self.workers.pd_push(push.transfer_id, push.shard_writes, *blocks)
+            self.workers.pd_push(push.transfer_id, push.shard_writes, *blocks, by_layer=by_layer)
             push.shards_expected += self.tp_size - 1
         own = push.shard_writes.get(0)
         if own:
             if self._writer is None:
                 self._writer = ShardWriter(self.transfer, rank=0, timeout_s=self.timeout_s, cuda=self._cuda,
                                            head_token_bytes=self.bytes_per_token_layer * self.num_layers
-                                           // self.local_kv_heads,
+                                           // self.local_kv_heads, num_layers=self.num_layers,
                                            on_done=lambda *answer: self._writer_answers.put(answer))
-            self._writer.submit(push.transfer_id, own, *blocks)
+            if by_layer:
+                self._writer.begin(push.transfer_id, own, *blocks)  # _on_layer hands over the layers
+                push.own_by_layer = True
+            else:
+                self._writer.submit(push.transfer_id, own, *blocks)
             push.shards_expected += 1
 
     def _take_shard_answers(self) -> None:
@@ -365,6 +374,11 @@ class PrefillSide:
     def _on_layer(self, layer: int) -> None:
         if self.stall_s:
             time.sleep(self.stall_s)
+        for push in self._armed:
+            if push.own_by_layer:  # this rank's heads for decode ranks 1..
+                self._writer.layer(push.transfer_id, layer)
+                if layer == self.num_layers - 1:
+                    self._writer.end(push.transfer_id)
         if layer == self.num_layers - 1:
             return  # written with the first token (after_step)
         for push in self._armed:

@@ -7,11 +7,13 @@ only moves its own KV heads, as rank 0 tells it (engine/link/messages.py):
                     write grants (a grant is acknowledged before the reservation goes out, so a
                     prefill never finds it missing);
     prefill worker: WorkerPDPush lists this rank's writes (which heads into which decode rank,
-                    pd/head_map.py); a ShardWriter (pd/shard_writer.py) does them, every layer in
-                    one put each, from a thread of its own, and WorkerPDPushed answers once they
-                    are DONE (remote completion) or one FAILED. Rank 0 sends the last layer's
-                    notice (with the first token) only after every worker answered DONE, so decode
-                    rank 0's notices mean every rank's heads landed.
+                    pd/head_map.py); a ShardWriter (pd/shard_writer.py) does them from a thread of
+                    its own: layer by layer during the next forward (by_layer: the message came
+                    before the step that computes the prompt's last chunk; the model's layer hook
+                    hands each layer over as it is computed), else every layer in one put each.
+                    WorkerPDPushed answers once they are DONE (remote completion) or one FAILED.
+                    Rank 0 sends the last layer's notice (with the first token) only after every
+                    worker answered DONE, so decode rank 0's notices mean every rank's heads landed.
 """
 
 from __future__ import annotations
@@ -44,11 +46,15 @@ class WorkerPD:
             cuda_device=caches[0].device.index or 0 if cuda else None)
         self.transfer.register_kv(kv_layout(caches, runner.block_size))
         self._caches = caches  # registered memory: kept alive as long as the transfer engine
+        self._model = runner.model
+        self._num_layers = len(caches)
+        self._armed: list[int] = []  # transfer ids written layer by layer in the coming forward
         self._writer = None
         if pd.role == "prefill":
             first = caches[0]
             self._writer = ShardWriter(self.transfer, rank=rank, timeout_s=pd.pd_timeout_s, cuda=cuda,
                                        head_token_bytes=2 * first.shape[4] * first.element_size() * len(caches),
+                                       num_layers=len(caches),
                                        on_done=lambda tid, error, moved: send(WorkerPDPushed(rank, tid, error, moved)))
 
     @property
@@ -60,12 +66,26 @@ class WorkerPD:
         if isinstance(message, WorkerPDGrant):
             self.transfer.grant_writes(message.transfer_id, list(message.blocks))
             self._send(WorkerPDAck(self.rank, message.transfer_id))
+        elif isinstance(message, WorkerPDPush) and message.by_layer:
+            self._writer.begin(message.transfer_id, message.writes, message.local_blocks, message.remote_blocks,
+                               message.num_tokens)
+            self._armed.append(message.transfer_id)
+            self._model.layer_hook = self._on_layer  # the coming forward (its step follows this message)
         elif isinstance(message, WorkerPDPush):
             # The step that computed the prompt is queued before this: the writer waits for it.
             self._writer.submit(message.transfer_id, message.writes, message.local_blocks, message.remote_blocks,
                                 message.num_tokens)
         else:
             self.transfer.revoke_writes(message.transfer_id)
+
+    def _on_layer(self, layer: int) -> None:
+        for transfer_id in self._armed:
+            self._writer.layer(transfer_id, layer)
+        if layer == self._num_layers - 1:
+            for transfer_id in self._armed:
+                self._writer.end(transfer_id)
+            self._armed = []
+            self._model.layer_hook = None
 
     def close(self) -> None:
         if self._writer is not None:

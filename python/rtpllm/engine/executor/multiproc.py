@@ -126,12 +126,13 @@ class MultiprocExecutor(Executor):
         self._send(encode_frame(WorkerPDRevoke(transfer_id)))
 
     def pd_push(self, transfer_id: int, writes: dict, local_blocks: list[int], remote_blocks: list[int],
-                num_tokens: int) -> None:
+                num_tokens: int, by_layer: bool) -> None:
         """Worker r writes its heads of the prompt as writes[r] says ([host, port, src_head_offset,
-        dst_head_offset, num_heads] each; none: it only answers)."""
+        dst_head_offset, num_heads] each; none: it only answers), by_layer in the next step's forward
+        (call before execute()) or at once."""
         for proc in self._procs:
             frame = encode_frame(WorkerPDPush(transfer_id, list(writes.get(proc.rank, [])), list(local_blocks),
-                                              list(remote_blocks), num_tokens))
+                                              list(remote_blocks), num_tokens, by_layer))
             try:
                 proc.send(frame)
             except OSError as exc:

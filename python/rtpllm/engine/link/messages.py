@@ -265,15 +265,18 @@ class WorkerPDRevoke(LinkMessage):
 
 @dataclass(frozen=True, slots=True)
 class WorkerPDPush(LinkMessage):
-    """engine -> prefill worker: write this rank's KV heads of the prompt into decode ranks, every
-    layer in one put per write (answered by WorkerPDPushed, an empty `writes` too); `writes` holds
-    [host, port, src_head_offset, dst_head_offset, num_heads] per decode rank (pd/head_map.py)."""
+    """engine -> prefill worker: write this rank's KV heads of the prompt into decode ranks
+    (answered by WorkerPDPushed once every write is final, an empty `writes` too); `writes` holds
+    [host, port, src_head_offset, dst_head_offset, num_heads] per decode rank (pd/head_map.py).
+    by_layer: sent before the step that computes the prompt's last chunk, each layer is written as
+    it is computed; else the prompt is computed and every layer goes in one put per write."""
 
     transfer_id: int
     writes: list
     local_blocks: list
     remote_blocks: list
     num_tokens: int
+    by_layer: bool
 
 
 @dataclass(frozen=True, slots=True)
