@@ -266,9 +266,13 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
             object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
-        # The proposers run in the engine's process on rank 0's model; sharding them is not built yet.
-        _require(self.speculative_config is None or self.parallel.tensor_parallel_size == 1, "speculative_config",
-                 f"not supported with tensor_parallel_size={self.parallel.tensor_parallel_size} yet (use 1)")
+        # With tensor parallelism every rank runs the verify step (rank 0 sends the drafts with the
+        # step); the n-gram proposer needs no model. A draft model or EAGLE-3 heads would run on rank
+        # 0 alone, next to a pool that every rank sizes alike: not built yet.
+        _require(self.speculative_config is None or self.parallel.tensor_parallel_size == 1
+                 or self.speculative_config.method == "ngram", "speculative_config",
+                 f"method {getattr(self.speculative_config, 'method', None)!r} is not supported with "
+                 f"tensor_parallel_size={self.parallel.tensor_parallel_size} yet (ngram is; or use 1)")
         # The KV tiers copy one pool; each tensor-parallel rank has its own (sharded heads).
         _require(self.parallel.tensor_parallel_size == 1 or self.cache.kv_store is None, "kv_store",
                  f"a KV store is not supported with tensor_parallel_size={self.parallel.tensor_parallel_size} yet")

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <functional>
 #include <thread>
 
 #include "host_kv_pool.h"
@@ -129,6 +130,26 @@ std::string failure_of_first_peer(UcxTransfer& engine) {
   return engine.peers().front().error;
 }
 
+// A fresh engine and a forger connected to it; `forge` sends the forger's messages, given the
+// engine's pool layout and memory the engine never registered. The engine must fail the forger
+// with an error containing `error`, and nothing may land in its pool or in that memory.
+void expect_forgery_fails(const std::string& name, const std::string& error,
+                          const std::function<void(FakePeer&, const KVLayout&, uint64_t outside)>& forge) {
+  std::vector<uint8_t> unregistered(4096, 0);
+  HostKVPool pool(KVShape{}, 8, 4);
+  UcxTransfer engine(options("engine"));
+  engine.register_kv(pool.layout());
+  FakePeer forger(engine.listen_port());
+  ASSERT_NE(first_peer(engine), 0u);
+  const uint64_t before = pool.checksum_except({});
+  forge(forger, pool.layout(), reinterpret_cast<uint64_t>(unregistered.data()));
+  const std::string got = failure_of_first_peer(engine);
+  EXPECT_NE(got.find(error), std::string::npos) << name << ": " << got;
+  EXPECT_EQ(pool.checksum_except({}), before) << name;
+  EXPECT_EQ(std::count(unregistered.begin(), unregistered.end(), 0xab), 0) << name;
+  EXPECT_TRUE(engine.take_notices(0).empty()) << name;
+}
+
 TEST_F(UcxTransferFailureTest, HungPeerFailsItsTransferAndItselfWithinTheTimeout) {
   HostKVPool pool(KVShape{}, 8, 4);
   UcxTransfer engine(options("engine"));
@@ -172,26 +193,16 @@ TEST_F(UcxTransferFailureTest, ForgedPutMessagesFailThePeerAndWriteNothingOutsid
   };
   const Case cases[] = {{"outside the pool", true, 0, "outside this engine's KV memory"},
                         {"past what the put announced", false, 8, "more data than put 1 announced"}};
-  std::vector<uint8_t> unregistered(4096, 0);
   for (const Case& c : cases) {
-    HostKVPool pool(KVShape{}, 8, 4);
-    UcxTransfer engine(options("engine"));
-    engine.register_kv(pool.layout());
-    FakePeer forger(engine.listen_port());
-    ASSERT_NE(first_peer(engine), 0u);
-    const uint64_t before = pool.checksum_except({});
-    if (c.announced > 0) {
-      forger.send_message(ucx_wire::kPutDone, ucx_wire::PutDoneHeader{FakePeer::kKey, 1, c.announced, 0}, nullptr, 0);
-    }
-    const std::vector<uint8_t> bytes(64, 0xab);
-    const uint64_t address = c.outside ? reinterpret_cast<uint64_t>(unregistered.data()) : pool.layout().layers[0].k_base;
-    forger.send_message(ucx_wire::kPutData, ucx_wire::PutDataHeader{FakePeer::kKey, 1, address}, bytes.data(),
-                        bytes.size());
-    const std::string error = failure_of_first_peer(engine);
-    EXPECT_NE(error.find(c.error), std::string::npos) << c.name << ": " << error;
-    EXPECT_EQ(pool.checksum_except({}), before) << c.name;
-    EXPECT_EQ(std::count(unregistered.begin(), unregistered.end(), 0xab), 0) << c.name;
-    EXPECT_TRUE(engine.take_notices(0).empty()) << c.name;
+    expect_forgery_fails(c.name, c.error, [&](FakePeer& forger, const KVLayout& layout, uint64_t outside) {
+      if (c.announced > 0) {
+        forger.send_message(ucx_wire::kPutDone, ucx_wire::PutDoneHeader{FakePeer::kKey, 1, c.announced, 0}, nullptr, 0);
+      }
+      const std::vector<uint8_t> bytes(64, 0xab);
+      const uint64_t address = c.outside ? outside : layout.layers[0].k_base;
+      forger.send_message(ucx_wire::kPutData, ucx_wire::PutDataHeader{FakePeer::kKey, 1, address}, bytes.data(),
+                          bytes.size());
+    });
   }
 }
 
@@ -213,23 +224,14 @@ TEST_F(UcxTransferFailureTest, ForgedScatterMessagesFailThePeerAndWriteNothing) 
   const Case cases[] = {{"a piece outside the pool", true, 64, 2, "outside this engine's KV memory"},
                         {"pieces that do not add up", false, 80, 2, "do not add up"},
                         {"a count the table does not hold", false, 64, 3, "malformed scatter message"}};
-  std::vector<uint8_t> unregistered(4096, 0);
   for (const Case& c : cases) {
-    HostKVPool pool(KVShape{}, 8, 4);
-    UcxTransfer engine(options("engine"));
-    engine.register_kv(pool.layout());
-    FakePeer forger(engine.listen_port());
-    ASSERT_NE(first_peer(engine), 0u);
-    const uint64_t before = pool.checksum_except({});
-    const uint64_t inside = pool.layout().layers[0].k_base;
-    const uint64_t second = c.second_outside ? reinterpret_cast<uint64_t>(unregistered.data()) : inside + 64;
-    const ScatterOfTwo header{{FakePeer::kKey, 1, c.count}, {{inside, 32}, {second, 32}}};
-    const std::vector<uint8_t> bytes(c.data_bytes, 0xab);
-    forger.send_message(ucx_wire::kPutScatter, header, bytes.data(), bytes.size());
-    const std::string error = failure_of_first_peer(engine);
-    EXPECT_NE(error.find(c.error), std::string::npos) << c.name << ": " << error;
-    EXPECT_EQ(pool.checksum_except({}), before) << c.name;
-    EXPECT_EQ(std::count(unregistered.begin(), unregistered.end(), 0xab), 0) << c.name;
+    expect_forgery_fails(c.name, c.error, [&](FakePeer& forger, const KVLayout& layout, uint64_t outside) {
+      const uint64_t inside = layout.layers[0].k_base;
+      const uint64_t second = c.second_outside ? outside : inside + 64;
+      const ScatterOfTwo header{{FakePeer::kKey, 1, c.count}, {{inside, 32}, {second, 32}}};
+      const std::vector<uint8_t> bytes(c.data_bytes, 0xab);
+      forger.send_message(ucx_wire::kPutScatter, header, bytes.data(), bytes.size());
+    });
   }
 }
 

@@ -57,7 +57,7 @@ MESSAGES = [
     EngineDead("the engine step loop failed"),
     InitWorker({"rank": 1}),
     InitRunner(4096),
-    WorkerStep({"arrays": 1}, [0, 2], None, None),
+    WorkerStep({"arrays": 1}, [0, 2], None, None, None),
     StopWorker(),
     WorkerLoaded(1),
     WorkerReady(1, 900),

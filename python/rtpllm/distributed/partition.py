@@ -13,8 +13,10 @@ Sizes that do not split this way raise a ValueError naming `tensor_parallel_size
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch only where a tensor is cut: the server process maps heads (pd/head_map.py) without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class TensorShard:
             raise ValueError(f"{name}: has {rows} rows along dim {self.dim}; expected the whole tensor "
                              f"({self.full}) or this rank's shard ({self.length})")
         if self.size > self.length:
+            import torch
+
             pad = list(tensor.shape)
             pad[self.dim] = self.size - self.length
             tensor = torch.cat([tensor, tensor.new_zeros(pad)], dim=self.dim)

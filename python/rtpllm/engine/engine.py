@@ -96,8 +96,8 @@ class Engine:
             self.startup.add(f"cuda graphs ({len(self.runner.graphs.buckets)} batch sizes)", capture)
         self.startup.detail("kv cache profile and allocation",
                             [("profile forward", getattr(self.runner, "profile_seconds", 0.0))])
-        if self.spec is not None:
-            self.spec.bind(self.runner)
+        if self.spec is not None:  # tensor parallelism: rank 0 alone would replay verify graphs
+            self.spec.bind(self.runner, verify_graphs=config.parallel.tensor_parallel_size == 1)
         # Root of the block-hash chain: copies of KV outside the pool never mix models or layouts.
         self.cache_root_hash = cache_identity(
             self.model_path, kv_dtype=self.dtype, block_size=config.cache.block_size,
@@ -319,7 +319,7 @@ class Engine:
                           if sampled_seqs else None)
         self._last_sampling_batch = sampling_batch or self._last_sampling_batch
         if batch.num_draft_tokens > 0:  # speculative: applied synchronously (no step was in flight)
-            spec = self.spec.run_step(self.runner, batch, sampled_seqs, sampling_batch, collector.seq_indices)
+            spec = self.spec.run_step(self.executor, batch, sampled_seqs, sampling_batch, collector.seq_indices)
             collector.collect(spec.prompt_logprobs)
             return outputs + self._apply(self.scheduler.update(batch, spec.token_ids), spec.logprobs_by_seq)
         result = self.executor.execute(batch, sampling_batch, collector.seq_indices, pending)

@@ -41,7 +41,8 @@ from rtpllm import _C
 from rtpllm.pd.head_map import head_writes
 from rtpllm.pd.kv_params import (FirstToken, PDOutcome, PrefillKV, aligned_start, encode_first_token,
                                  transfer_request_id)
-from rtpllm.pd.shard_writer import ShardWriter
+from rtpllm.pd.rank_writes import RankWrites
+from rtpllm.pd.shard_writer import cached_peer
 
 logger = logging.getLogger(__name__)
 
@@ -77,25 +78,10 @@ class _Push:
     heads: tuple = (0, 0, -1)      # (local offset, remote offset, count) of the layer-by-layer writes, once planned
     shard_writes: dict = field(default_factory=dict)  # prefill rank -> its other writes (shard_writer.py)
     shards_sent: bool = False      # the shard writes were handed out (there may be none)
-    own_by_layer: bool = False     # ... and this rank's own go layer by layer in the armed forward
     shards_expected: int = 0       # ... answers to wait for (one per rank with writes, every worker)
     shards_answered: int = 0       # ... this many answered (their writes are final: DONE or FAILED)
     shards_done: int = 0           # ... and this many DONE
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def cached_peer(transfer, peers: dict, key: tuple[str, int]) -> int:
-    """The cached connection to a decode instance (or rank) at key, 0 when there is none: a failed
-    one is disconnected and dropped from `peers`, so that the next write dials anew."""
-    peer = peers.get(key)
-    if peer is None:
-        return 0
-    state = next((p.state for p in transfer.peers() if p.id == peer), _C.PeerState.FAILED)
-    if state == _C.PeerState.CONNECTED:
-        return peer
-    transfer.disconnect(peer)
-    del peers[key]
-    return 0
 
 
 class PrefillSide:
@@ -104,9 +90,7 @@ class PrefillSide:
                  stall_s: float = 0.0, workers=None, tp_size: int = 1, num_kv_heads: int = 1,
                  local_kv_heads: int = 1):
         self.scheduler = scheduler
-        # Tensor parallelism (module docstring): ranks 1.. (workers) write their own heads.
-        self.workers = workers
-        self.tp_size = tp_size
+        self.tp_size = tp_size  # tensor parallelism (module docstring): `workers` are ranks 1..
         self.num_kv_heads = num_kv_heads      # the model's
         self.local_kv_heads = local_kv_heads  # this rank's
         self.abort_request = abort_request  # Engine.abort_request: a request that could not start in time
@@ -124,9 +108,10 @@ class PrefillSide:
         self._armed: list[_Push] = []        # pushes of the forward under way
         self._outcomes: dict[str, PDOutcome] = {}
         self._pusher: Optional[_Pusher] = _Pusher(transfer) if cuda else None
-        self._cuda = cuda
-        self._writer: Optional[ShardWriter] = None  # this rank's heads for decode ranks 1.., made when needed
-        self._writer_answers: "queue.Queue[tuple[int, str, int]]" = queue.Queue()
+        self._warned_slices = False
+        self._rank_writes = RankWrites(transfer, workers, tp_size, timeout_s=timeout_s, num_layers=num_layers,
+                                       head_token_bytes=bytes_per_token_layer * num_layers // local_kv_heads,
+                                       cuda=cuda)
         # Dialling a decode instance can take up to pd_timeout_s: never on the step loop.
         self._dialler = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="rtpllm-pd-connect")
         self._dialling: dict[tuple[str, int], concurrent.futures.Future] = {}
@@ -271,29 +256,11 @@ class PrefillSide:
         if push.shards_sent or not push.planned or push.error or not (by_layer or push.computed):
             return
         push.shards_sent = True
-        blocks = (push.local_blocks, push.remote_blocks, push.num_tokens)
-        if self.workers is not None:
-            self.workers.pd_push(push.transfer_id, push.shard_writes, *blocks, by_layer=by_layer)
-            push.shards_expected += self.tp_size - 1
-        own = push.shard_writes.get(0)
-        if own:
-            if self._writer is None:
-                self._writer = ShardWriter(self.transfer, rank=0, timeout_s=self.timeout_s, cuda=self._cuda,
-                                           head_token_bytes=self.bytes_per_token_layer * self.num_layers
-                                           // self.local_kv_heads, num_layers=self.num_layers,
-                                           on_done=lambda *answer: self._writer_answers.put(answer))
-            if by_layer:
-                self._writer.begin(push.transfer_id, own, *blocks)  # _on_layer hands over the layers
-                push.own_by_layer = True
-            else:
-                self._writer.submit(push.transfer_id, own, *blocks)
-            push.shards_expected += 1
+        push.shards_expected = self._rank_writes.hand_out(push.transfer_id, push.shard_writes, push.local_blocks,
+                                                          push.remote_blocks, push.num_tokens, by_layer)
 
     def _take_shard_answers(self) -> None:
-        answers = self.workers.pd_pushed() if self.workers is not None else []
-        answers = [(a.transfer_id, a.error, a.bytes) for a in answers]
-        while not self._writer_answers.empty():
-            answers.append(self._writer_answers.get_nowait())
+        answers = self._rank_writes.answers()
         if not answers:
             return
         by_transfer = {push.transfer_id: push for push in self._pushes.values()}
@@ -374,11 +341,7 @@ class PrefillSide:
     def _on_layer(self, layer: int) -> None:
         if self.stall_s:
             time.sleep(self.stall_s)
-        for push in self._armed:
-            if push.own_by_layer:  # this rank's heads for decode ranks 1..
-                self._writer.layer(push.transfer_id, layer)
-                if layer == self.num_layers - 1:
-                    self._writer.end(push.transfer_id)
+        self._rank_writes.layer([push.transfer_id for push in self._armed], layer)  # heads for decode ranks 1..
         if layer == self.num_layers - 1:
             return  # written with the first token (after_step)
         for push in self._armed:
@@ -479,6 +442,11 @@ class PrefillSide:
         push.remote_blocks = list(dest.blocks[start // dest.block_size:])
         push.num_tokens = dest.num_prompt_tokens - start
         endpoints = [(dest.transfer_host, dest.transfer_port), *(tuple(e) for e in dest.transfer_endpoints)]
+        if len(endpoints) != self.tp_size and self._pusher is not None and not self._warned_slices:
+            self._warned_slices = True
+            logger.warning("PD between tensor-parallel sizes %d (prefill) and %d (decode) moves head slices: one "
+                           "copy per token and layer, which over CUDA IPC is one memcpy each (slow for long "
+                           "prompts; equal sizes move whole blocks)", self.tp_size, len(endpoints))
         for w in head_writes(self.num_kv_heads, self.tp_size, len(endpoints)):
             if w.prefill_rank == 0 and w.decode_rank == 0:  # the layer-by-layer writes (whole tokens when
                 push.heads = (w.src_head_offset, w.dst_head_offset, w.num_heads)  # both sides hold as many)

@@ -24,6 +24,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from rtpllm import _C
+
 logger = logging.getLogger(__name__)
 
 # on_done(transfer_id, error, bytes): error "" when every write is DONE (remote completion).
@@ -39,6 +41,20 @@ class _Request:
     handles: list = field(default_factory=list)
     error: str = ""
     bytes: int = 0
+
+
+def cached_peer(transfer, peers: dict, key: tuple[str, int]) -> int:
+    """The cached connection to a decode instance (or rank) at key, 0 when there is none: a failed
+    one is disconnected and dropped from `peers`, so that the next write dials anew."""
+    peer = peers.get(key)
+    if peer is None:
+        return 0
+    state = next((p.state for p in transfer.peers() if p.id == peer), _C.PeerState.FAILED)
+    if state == _C.PeerState.CONNECTED:
+        return peer
+    transfer.disconnect(peer)
+    del peers[key]
+    return 0
 
 
 class ShardWriter:
@@ -111,8 +127,6 @@ class ShardWriter:
 
     def _issue(self, transfer_id: int, request: _Request, layer: int) -> None:
         """Starts the layer's puts (every write's); a request that failed starts none."""
-        from rtpllm import _C
-
         for host, port, src_head_offset, dst_head_offset, num_heads in request.writes:
             if request.error:
                 return
@@ -130,8 +144,6 @@ class ShardWriter:
 
     def _finish(self, transfer_id: int, request: _Request) -> None:
         """Waits until every started put is final (each ends within the engine's timeout), then answers."""
-        from rtpllm import _C
-
         for handle in request.handles:
             status = self.transfer.wait(handle, 3 * self.timeout_s)
             if status.state != _C.TransferState.DONE and not request.error:
@@ -140,8 +152,6 @@ class ShardWriter:
 
     def _peer(self, host: str, port: int) -> int:
         """The connection to a decode rank, dialled once and redialled after it failed."""
-        from rtpllm.pd.prefill_side import cached_peer
-
         key = (host, port)
         peer = cached_peer(self.transfer, self._peers, key)
         if not peer:

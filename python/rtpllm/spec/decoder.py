@@ -65,11 +65,13 @@ class SpeculativeDecoder:
     def kv_bytes_per_block(self) -> int:
         return self.proposer.kv_bytes_per_block
 
-    def bind(self, runner) -> None:
-        """Once the target's runner exists: the proposer's KV pool and feature hook."""
+    def bind(self, runner, verify_graphs: bool = True) -> None:
+        """Once the target's runner exists: the proposer's KV pool and feature hook, and the verify
+        steps' CUDA graphs (unless `verify_graphs` is off: with tensor parallelism the other ranks
+        run their verify steps eagerly, and every rank must run the same collectives alike)."""
         self.proposer.bind(runner.num_blocks)
         self.proposer.capture_graphs(runner)
-        max_batch = min(self.config.verify_graph_max_batch, runner.graphs.max_batch) if runner.graphs else 0
+        max_batch = min(self.config.verify_graph_max_batch, runner.graphs.max_batch) if runner.graphs and verify_graphs else 0
         if max_batch > 0 and verify_graphs_enabled():
             graphs = runner.verify_graphs = VerifyGraphs(
                 runner.model, runner.kv_caches, max_batch=max_batch,
@@ -119,8 +121,10 @@ class SpeculativeDecoder:
         self._last_step = (speculative, num_tokens, now)
 
     # ------------------------------------------------------------------ the step
-    def run_step(self, runner, batch, sampled_seqs: list, sampling_batch, prompt_logprob_seqs: list[int]
+    def run_step(self, executor, batch, sampled_seqs: list, sampling_batch, prompt_logprob_seqs: list[int]
                  ) -> SpecStepResult:
+        """One speculative step: propose, verify on every rank (`executor.execute` with the drafts:
+        the engine's executor, or a ModelRunner), accept."""
         draft_counts = batch.draft_counts.copy()
         spec_seqs = [SpecSequence(seq_id=seq.seq_id, token_ids=self.history.tokens(seq), num_drafts=int(k),
                                   batch_index=int(index), params=seq.params, generator=seq.generator,
@@ -132,7 +136,7 @@ class SpeculativeDecoder:
         first_rows = to_device(layout.first_rows, self.device)
         no_drafts = to_device(draft_counts == 0, self.device)
         proposal = self.proposer.propose(batch, spec_seqs)
-        result = runner.execute(batch, None, prompt_logprob_seqs, None, drafts=proposal.token_ids)
+        result = executor.execute(batch, None, prompt_logprob_seqs, None, drafts=proposal.token_ids)
         logits = result.verify_logits
         tokens, num_accepted = verify(logits, layout, sampling_batch, proposal.token_ids, proposal.probs)
         # Sequences without drafts take exactly what the plain sampler gives them (penalties and

@@ -14,6 +14,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Optional
 
+import torch
+
 from rtpllm.engine.in_flight import PendingInputs
 from rtpllm.engine.model_runner import ModelRunner, StepResult
 from rtpllm.loader import LoadedModel
@@ -43,9 +45,10 @@ class Executor(ABC):
 
     @abstractmethod
     def execute(self, batch, sampling_batch, prompt_logprob_seqs: list[int],
-                pending: Optional[PendingInputs] = None) -> StepResult:
-        """Runs one step on every rank; rank 0's result (sampled tokens, prompt logprobs).
-        Raises WorkerFailedError when a rank has died."""
+                pending: Optional[PendingInputs] = None, drafts: Optional[torch.Tensor] = None) -> StepResult:
+        """Runs one step on every rank; rank 0's result (sampled tokens, prompt logprobs; with
+        `drafts`, a speculative verify step's logits: ModelRunner.execute). Raises
+        WorkerFailedError when a rank has died."""
 
     @abstractmethod
     def shutdown(self) -> None: ...

@@ -151,13 +151,14 @@ class MultiprocExecutor(Executor):
                 out.append(reply)
 
     def execute(self, batch, sampling_batch, prompt_logprob_seqs: list[int],
-                pending: Optional[PendingInputs] = None) -> StepResult:
+                pending: Optional[PendingInputs] = None, drafts: Optional[torch.Tensor] = None) -> StepResult:
         if self._monitor.failure is not None:
             raise self._monitor.failure
         positions, rows = (pending.positions, pending.rows) if pending is not None else (None, None)
-        self._send(encode_frame(WorkerStep(StepArrays.of(batch), prompt_logprob_seqs, positions, rows)))
+        host_drafts = drafts.cpu().numpy() if drafts is not None else None  # every rank's input tokens
+        self._send(encode_frame(WorkerStep(StepArrays.of(batch), prompt_logprob_seqs, positions, rows, host_drafts)))
         try:
-            return self.worker.execute(batch, sampling_batch, prompt_logprob_seqs, pending)
+            return self.worker.execute(batch, sampling_batch, prompt_logprob_seqs, pending, drafts)
         except RuntimeError as exc:
             raise self._failure_behind(exc) from exc
 

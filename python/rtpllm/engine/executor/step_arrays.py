@@ -12,7 +12,8 @@ import numpy as np
 
 _SCALARS = ("num_seqs", "num_tokens", "num_sampled", "max_query_len", "max_seq_len", "max_blocks_per_seq", "step_id")
 _ARRAYS = ("request_ids", "input_token_ids", "positions", "query_start_loc", "seq_lens", "num_computed",
-           "slot_mapping", "logits_indices", "sampled_request_ids", "block_tables")
+           "slot_mapping", "logits_indices", "sampled_request_ids", "block_tables",
+           "draft_token_indices", "verify_logits_indices")  # the last two: a speculative step's, else empty
 
 
 @dataclass
@@ -34,6 +35,8 @@ class StepArrays:
     logits_indices: np.ndarray
     sampled_request_ids: np.ndarray
     block_tables: np.ndarray
+    draft_token_indices: np.ndarray
+    verify_logits_indices: np.ndarray
 
     @classmethod
     def of(cls, batch) -> "StepArrays":

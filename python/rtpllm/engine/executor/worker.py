@@ -92,12 +92,14 @@ class Worker:
         return self.runner.num_blocks
 
     def execute(self, batch, sampling_batch, prompt_logprob_seqs: list[int],
-                pending: Optional[PendingInputs]) -> StepResult:
+                pending: Optional[PendingInputs], drafts: Optional[torch.Tensor] = None) -> StepResult:
         """One step of this rank's shard. Rank 0 samples (it alone has `sampling_batch`) and
-        broadcasts the tokens, which the other ranks keep for the next step's placeholders."""
-        result = self.runner.execute(batch, sampling_batch, prompt_logprob_seqs, pending)
+        broadcasts the tokens, which the other ranks keep for the next step's placeholders. A
+        speculative verify step (`drafts`) samples nothing here: rank 0 verifies on the host side
+        of the engine, synchronously, so no later step reads its tokens on the device."""
+        result = self.runner.execute(batch, sampling_batch, prompt_logprob_seqs, pending, drafts=drafts)
         if self.tp is not None:
-            if batch.num_sampled == 0:
+            if batch.num_sampled == 0 or drafts is not None:
                 self.last_sampled = None
             elif self.spec.rank == 0:
                 self.tp.broadcast(result.sampled.token_ids.contiguous(), src=0)

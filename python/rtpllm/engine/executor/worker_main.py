@@ -59,7 +59,10 @@ def serve(sock: socket.socket) -> int:
                 pending = None
                 if message.pending_positions is not None:
                     pending = PendingInputs(message.pending_positions, message.pending_rows, worker.last_sampled)
-                worker.execute(message.batch, None, message.prompt_logprob_seqs, pending)
+                drafts = None
+                if message.drafts is not None:
+                    drafts = torch.from_numpy(message.drafts).to(spec.device)
+                worker.execute(message.batch, None, message.prompt_logprob_seqs, pending, drafts)
             elif kind is InitRunner:
                 num_blocks = worker.init_runner(message.max_model_len)
                 if spec.config.pd.enabled:

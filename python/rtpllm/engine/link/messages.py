@@ -229,6 +229,7 @@ class WorkerStep(LinkMessage):
     prompt_logprob_seqs: list
     pending_positions: Any  # in_flight.PendingInputs.positions, or None
     pending_rows: Any  # in_flight.PendingInputs.rows, or None
+    drafts: Any  # a speculative step's draft tokens (int64 numpy array, rank 0's proposal), or None
 
 
 @dataclass(frozen=True, slots=True)

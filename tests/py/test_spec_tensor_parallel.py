@@ -1,0 +1,88 @@
+"""Speculative decoding with tensor parallelism on the CPU (gloo, a process per rank): rank 0
+proposes and verifies, every rank runs the verify step over the drafts rank 0 sends with the step.
+Greedy output at TP=2 equals TP=1 without speculation (float32), with n-gram drafts and with the
+oracle's long accepted runs (fewer steps than tokens); sampled requests with logprobs mixed in
+still finish; no KV block leaks; a proposer with a model of its own is refused at start.
+"""
+
+import random
+
+import pytest
+import torch
+
+from checkpoints import checkpoint_path
+from rtpllm import LLM, SamplingParams
+from rtpllm.spec.oracle import OracleProposer
+
+NEW_TOKENS = 24
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+ENGINE = dict(num_blocks=128, block_size=16, max_num_batched_tokens=64)  # 64: the long prompt prefills in chunks
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(3)
+    mixed = [[rng.randrange(3, 500) for _ in range(n)] for n in (6, 19, 83)]
+    return mixed + [mixed[0] * 5]  # one that repeats itself: n-gram drafts from the prompt
+
+
+def _tokens(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return checkpoint_path("llama3")
+
+
+@pytest.fixture(scope="module")
+def expected(target):
+    return _tokens(LLM(model=target, **ENGINE).generate(_prompts(), GREEDY))
+
+
+@pytest.fixture(scope="module")
+def llm(target):
+    config = dict(method="ngram", num_speculative_tokens=4, prompt_lookup_min=1, adaptive=False)
+    engine = LLM(model=target, tensor_parallel_size=2, speculative_config=config, **ENGINE)
+    try:
+        yield engine
+    finally:
+        engine.engine.shutdown()  # one tensor-parallel engine per process: later modules start their own
+
+
+def test_ngram_at_tp2_is_token_exact(llm, expected):
+    before = llm.engine.stats().spec.num_draft_tokens
+    assert _tokens(llm.generate(_prompts(), GREEDY)) == expected
+    assert llm.engine.stats().spec.num_draft_tokens > before
+    assert llm.engine.check_kv_pool_free()
+
+
+def test_oracle_runs_at_tp2_are_exact_and_take_fewer_steps(llm, expected):
+    full = [p + t for p, t in zip(_prompts(), expected)]
+    proposer, llm.engine.spec.proposer = llm.engine.spec.proposer, OracleProposer(full, torch.device("cpu"), 1.0,
+                                                                                  vocab_size=512)
+    try:
+        counters = llm.engine.stats().spec
+        drafts, accepted = counters.num_draft_tokens, counters.num_accepted_tokens
+        steps = llm.engine.scheduler.stats().num_steps
+        assert _tokens(llm.generate(_prompts(), GREEDY)) == expected
+        counters = llm.engine.stats().spec
+        assert counters.num_draft_tokens - drafts == counters.num_accepted_tokens - accepted > 0
+        # Prefill chunks + about NEW_TOKENS / 5 verify steps, all requests together.
+        assert llm.engine.scheduler.stats().num_steps - steps <= 3 + NEW_TOKENS // 5 + 2
+    finally:
+        llm.engine.spec.proposer = proposer
+    assert llm.engine.check_kv_pool_free()
+
+
+def test_sampled_requests_with_logprobs_speculate_at_tp2(llm):
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_tokens=12, logprobs=2, ignore_eos=True)
+    outputs = llm.generate(_prompts(), params)
+    for out in outputs:
+        assert len(out.outputs[0].token_ids) == 12 and len(out.outputs[0].logprobs) == 12
+    assert llm.engine.check_kv_pool_free()
+
+
+def test_a_draft_model_with_tensor_parallelism_is_refused(target):
+    config = dict(method="draft_model", num_speculative_tokens=3, model=target)
+    with pytest.raises(ValueError, match="speculative_config.*'draft_model'.*tensor_parallel_size=2"):
+        LLM(model=target, tensor_parallel_size=2, speculative_config=config, **ENGINE)
