@@ -267,12 +267,12 @@ class EngineConfig:
         if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
             object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
         # With tensor parallelism every rank runs the verify step (rank 0 sends the drafts with the
-        # step); the n-gram proposer needs no model. A draft model or EAGLE-3 heads would run on rank
-        # 0 alone, next to a pool that every rank sizes alike: not built yet.
+        # step). n-gram needs no model; a draft model runs unsharded on rank 0. EAGLE-3 heads share
+        # the target's embedding, which is split over the ranks (a collective rank 0 cannot run alone).
         _require(self.speculative_config is None or self.parallel.tensor_parallel_size == 1
-                 or self.speculative_config.method == "ngram", "speculative_config",
+                 or self.speculative_config.method in ("ngram", "draft_model"), "speculative_config",
                  f"method {getattr(self.speculative_config, 'method', None)!r} is not supported with "
-                 f"tensor_parallel_size={self.parallel.tensor_parallel_size} yet (ngram is; or use 1)")
+                 f"tensor_parallel_size={self.parallel.tensor_parallel_size} yet (ngram and draft_model are)")
         # The KV tiers copy one pool; each tensor-parallel rank has its own (sharded heads).
         _require(self.parallel.tensor_parallel_size == 1 or self.cache.kv_store is None, "kv_store",
                  f"a KV store is not supported with tensor_parallel_size={self.parallel.tensor_parallel_size} yet")

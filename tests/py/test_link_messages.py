@@ -56,7 +56,7 @@ MESSAGES = [
                                                        np.zeros(3, np.uint8))),
     EngineDead("the engine step loop failed"),
     InitWorker({"rank": 1}),
-    InitRunner(4096),
+    InitRunner(4096, 0),
     WorkerStep({"arrays": 1}, [0, 2], None, None, None),
     StopWorker(),
     WorkerLoaded(1),

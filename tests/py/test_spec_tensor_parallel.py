@@ -2,7 +2,8 @@
 proposes and verifies, every rank runs the verify step over the drafts rank 0 sends with the step.
 Greedy output at TP=2 equals TP=1 without speculation (float32), with n-gram drafts and with the
 oracle's long accepted runs (fewer steps than tokens); sampled requests with logprobs mixed in
-still finish; no KV block leaks; a proposer with a model of its own is refused at start.
+still finish, and with a draft model (unsharded, on rank 0); no KV block leaks; EAGLE-3 (it shares the
+target's embedding, which the ranks split) is refused at start.
 """
 
 import random
@@ -82,7 +83,22 @@ def test_sampled_requests_with_logprobs_speculate_at_tp2(llm):
     assert llm.engine.check_kv_pool_free()
 
 
-def test_a_draft_model_with_tensor_parallelism_is_refused(target):
-    config = dict(method="draft_model", num_speculative_tokens=3, model=target)
-    with pytest.raises(ValueError, match="speculative_config.*'draft_model'.*tensor_parallel_size=2"):
+def test_a_draft_model_at_tp2_runs_on_rank_0_and_is_token_exact(target, expected, llm):
+    """The draft (here the target itself: every draft is accepted) runs unsharded on rank 0 with its
+    KV beside the target's shard; every rank sized its pool alike."""
+    llm.engine.shutdown()  # one tensor-parallel engine per process
+    config = dict(method="draft_model", num_speculative_tokens=3, model=target, adaptive=False)
+    drafted = LLM(model=target, tensor_parallel_size=2, speculative_config=config, **ENGINE)
+    try:
+        assert _tokens(drafted.generate(_prompts(), GREEDY)) == expected
+        counters = drafted.engine.stats().spec
+        assert counters.num_draft_tokens > 0 and counters.num_accepted_tokens == counters.num_draft_tokens
+        assert drafted.engine.check_kv_pool_free()
+    finally:
+        drafted.engine.shutdown()
+
+
+def test_eagle3_with_tensor_parallelism_is_refused(target):
+    config = dict(method="eagle3", num_speculative_tokens=3, model=target)
+    with pytest.raises(ValueError, match="speculative_config.*'eagle3'.*tensor_parallel_size=2"):
         LLM(model=target, tensor_parallel_size=2, speculative_config=config, **ENGINE)

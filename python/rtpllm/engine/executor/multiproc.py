@@ -83,15 +83,16 @@ class MultiprocExecutor(Executor):
         return loaded
 
     def init_runner(self, max_model_len: int, extra_kv_bytes_per_block: int = 0) -> None:
-        if extra_kv_bytes_per_block:
-            raise ValueError("speculative_config: a draft model's KV is not sharded across tensor-parallel ranks yet")
+        """extra_kv_bytes_per_block: a draft model's KV per block, which rank 0 alone holds (the draft
+        runs there, unsharded); every rank sizes its pool as if it held it too, so that the ranks
+        agree on the block count (the others leave that share unused)."""
         with self._shutdown_on_error():
-            self._init_runner(max_model_len)
+            self._init_runner(max_model_len, extra_kv_bytes_per_block)
 
-    def _init_runner(self, max_model_len: int) -> None:
-        self._send(encode_frame(InitRunner(max_model_len)))
+    def _init_runner(self, max_model_len: int, extra_kv_bytes_per_block: int) -> None:
+        self._send(encode_frame(InitRunner(max_model_len, extra_kv_bytes_per_block)))
         try:
-            num_blocks = self.worker.init_runner(max_model_len)
+            num_blocks = self.worker.init_runner(max_model_len, extra_kv_bytes_per_block)
         except RuntimeError as exc:
             raise self._failure_behind(exc) from exc
         replies = self._monitor.wait_for(WorkerReady, STARTUP_TIMEOUT_S)

@@ -64,7 +64,7 @@ def serve(sock: socket.socket) -> int:
                     drafts = torch.from_numpy(message.drafts).to(spec.device)
                 worker.execute(message.batch, None, message.prompt_logprob_seqs, pending, drafts)
             elif kind is InitRunner:
-                num_blocks = worker.init_runner(message.max_model_len)
+                num_blocks = worker.init_runner(message.max_model_len, message.extra_kv_bytes_per_block)
                 if spec.config.pd.enabled:
                     from rtpllm.pd.worker_side import WorkerPD
 

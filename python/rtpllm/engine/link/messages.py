@@ -219,6 +219,7 @@ class InitWorker(LinkMessage):
 @dataclass(frozen=True, slots=True)
 class InitRunner(LinkMessage):
     max_model_len: int
+    extra_kv_bytes_per_block: int  # a draft model's KV beside the target's (rank 0 holds it; all size alike)
 
 
 @dataclass(frozen=True, slots=True)
