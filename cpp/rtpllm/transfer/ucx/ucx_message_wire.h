@@ -42,7 +42,7 @@ struct GetReplyHeader {
 constexpr uint64_t kMessageBytes = 256 << 10;
 
 // Copies shorter than this travel packed in PUT_SCATTER messages, at most kMaxScatterEntries to one
-// (fewer where UCX's largest message header, max_am_header, holds fewer entries).
+// (fewer where UCX's largest message header, max_am_header, holds fewer entries), from host memory.
 constexpr uint64_t kScatterBelow = 16 << 10;
 constexpr uint64_t kMaxScatterEntries = 256;
 

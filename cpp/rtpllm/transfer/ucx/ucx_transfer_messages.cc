@@ -171,7 +171,9 @@ bool UcxTransfer::send_put_data_locked(Transfer& transfer, Peer& peer) {
   scatter_param.datatype = ucp_dt_make_iov();  // the pieces straight from the KV memory, no staging copy
   const size_t header_room = ucx_.max_am_header() > sizeof(PutScatterHeader)
                                  ? (ucx_.max_am_header() - sizeof(PutScatterHeader)) / sizeof(ScatterEntry) : 0;
-  const size_t max_entries = std::min<size_t>(kMaxScatterEntries, header_room);
+  // Packed sends read host memory only, for now: an IOV of device pointers through UCX's eager
+  // protocols is not yet verified on a GPU (device memory keeps one message per copy).
+  const size_t max_entries = layout_.memory == MemoryKind::HOST ? std::min<size_t>(kMaxScatterEntries, header_room) : 0;
   std::vector<ScatterEntry> entries;
   std::vector<ucp_dt_iov_t> pieces;
   uint64_t packed = 0;
