@@ -110,7 +110,7 @@ class PrefillSide:
         self._pusher: Optional[_Pusher] = _Pusher(transfer) if cuda else None
         self._warned_slices = False
         self._rank_writes = RankWrites(transfer, workers, tp_size, timeout_s=timeout_s, num_layers=num_layers,
-                                       head_token_bytes=bytes_per_token_layer * num_layers // local_kv_heads,
+                                       head_token_layer_bytes=bytes_per_token_layer // local_kv_heads,
                                        cuda=cuda)
         # Dialling a decode instance can take up to pd_timeout_s: never on the step loop.
         self._dialler = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="rtpllm-pd-connect")

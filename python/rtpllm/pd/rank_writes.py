@@ -17,10 +17,10 @@ from rtpllm.pd.shard_writer import ShardWriter
 
 
 class RankWrites:
-    def __init__(self, transfer, workers, tp_size: int, *, timeout_s: float, head_token_bytes: int,
+    def __init__(self, transfer, workers, tp_size: int, *, timeout_s: float, head_token_layer_bytes: int,
                  num_layers: int, cuda: bool):
         self._transfer, self._workers, self._tp_size = transfer, workers, tp_size
-        self._writer_args = dict(rank=0, timeout_s=timeout_s, head_token_bytes=head_token_bytes,
+        self._writer_args = dict(rank=0, timeout_s=timeout_s, head_token_layer_bytes=head_token_layer_bytes,
                                  num_layers=num_layers, cuda=cuda)
         self._num_layers = num_layers
         self._writer: Optional[ShardWriter] = None

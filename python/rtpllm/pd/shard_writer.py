@@ -58,12 +58,12 @@ def cached_peer(transfer, peers: dict, key: tuple[str, int]) -> int:
 
 
 class ShardWriter:
-    def __init__(self, transfer, *, rank: int, timeout_s: float, head_token_bytes: int, num_layers: int,
+    def __init__(self, transfer, *, rank: int, timeout_s: float, head_token_layer_bytes: int, num_layers: int,
                  cuda: bool, on_done: OnDone):
         self.transfer = transfer
         self.rank = rank
         self.timeout_s = timeout_s
-        self._head_token_layer_bytes = head_token_bytes // num_layers  # K and V of one head, token, layer
+        self._head_token_layer_bytes = head_token_layer_bytes  # K and V of one head of one token in one layer
         self._num_layers = num_layers
         self._cuda = cuda
         self._on_done = on_done

@@ -53,7 +53,7 @@ class WorkerPD:
         if pd.role == "prefill":
             first = caches[0]
             self._writer = ShardWriter(self.transfer, rank=rank, timeout_s=pd.pd_timeout_s, cuda=cuda,
-                                       head_token_bytes=2 * first.shape[4] * first.element_size() * len(caches),
+                                       head_token_layer_bytes=2 * first.shape[4] * first.element_size(),
                                        num_layers=len(caches),
                                        on_done=lambda tid, error, moved: send(WorkerPDPushed(rank, tid, error, moved)))
 
