@@ -97,6 +97,10 @@ class UcxTransfer final : public KVTransfer {
   // error set: a put already complete, or too many in progress.
   IncomingPut* incoming_put_locked(Peer& peer, uint64_t sequence);
   void complete_puts_locked(Peer& peer);  // delivers the notices of puts landed in order
+  // Counts `length` bytes of the peer's put `sequence` once `land` copied them into place; sets the
+  // peer's protocol error instead when the put announced fewer, or `land` refused (outside memory).
+  void receive_put_bytes_locked(Peer& peer, IncomingPut& put, uint64_t sequence, size_t length,
+                                const std::function<bool()>& land);
   void push_notice_locked(const Peer& peer, NoticeMessage notice);
   ucs_status_t on_put_data_locked(const void* header, size_t header_length, void* data, size_t length,
                                   const ucp_am_recv_param_t* param);

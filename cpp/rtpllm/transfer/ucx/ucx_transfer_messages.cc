@@ -22,6 +22,7 @@
 #include <array>
 #include <chrono>
 #include <cstring>
+#include <functional>
 #include <stdexcept>
 
 #include "rtpllm/transfer/ucx/ucx_message_wire.h"
@@ -369,16 +370,21 @@ ucs_status_t UcxTransfer::on_put_data_locked(const void* header, size_t header_l
   Peer* peer = read_header(header, header_length, &h) ? peer_by_key_locked(h.key) : nullptr;
   IncomingPut* incoming = peer == nullptr ? nullptr : incoming_put_locked(*peer, h.sequence);
   if (incoming == nullptr) return UCS_OK;  // UCX releases the data
-  IncomingPut& put = *incoming;
+  receive_put_bytes_locked(*peer, *incoming, h.sequence, length,
+                           [&] { return land_locked(data, h.address, length, param); });
+  return UCS_OK;
+}
+
+void UcxTransfer::receive_put_bytes_locked(Peer& peer, IncomingPut& put, uint64_t sequence, size_t length,
+                                           const std::function<bool()>& land) {
   if (length > put.expected - put.received) {
-    peer->protocol_error = "more data than put " + std::to_string(h.sequence) + " announced";
-  } else if (!land_locked(data, h.address, length, param)) {
-    peer->protocol_error = "put data outside this engine's KV memory";
+    peer.protocol_error = "more data than put " + std::to_string(sequence) + " announced";
+  } else if (!land()) {
+    peer.protocol_error = "put data outside this engine's KV memory";
   } else {
     put.received += length;
-    complete_puts_locked(*peer);
+    complete_puts_locked(peer);
   }
-  return UCS_OK;
 }
 
 ucs_status_t UcxTransfer::on_put_scatter_locked(const void* header, size_t header_length, void* data, size_t length,
@@ -387,7 +393,6 @@ ucs_status_t UcxTransfer::on_put_scatter_locked(const void* header, size_t heade
   Peer* peer = header_length >= sizeof(h) ? (std::memcpy(&h, header, sizeof(h)), peer_by_key_locked(h.key)) : nullptr;
   IncomingPut* incoming = peer == nullptr ? nullptr : incoming_put_locked(*peer, h.sequence);
   if (incoming == nullptr) return UCS_OK;
-  IncomingPut& put = *incoming;
   if (h.count == 0 || h.count > kMaxScatterEntries || header_length != sizeof(h) + h.count * sizeof(ScatterEntry)) {
     peer->protocol_error = "a malformed scatter message of put " + std::to_string(h.sequence);
     return UCS_OK;
@@ -398,13 +403,9 @@ ucs_status_t UcxTransfer::on_put_scatter_locked(const void* header, size_t heade
   for (const ScatterEntry& e : entries) total += std::min(e.bytes, kMessageBytes + 1);  // no overflow
   if (total != length) {
     peer->protocol_error = "a scatter message whose pieces do not add up to its data";
-  } else if (length > put.expected - put.received) {
-    peer->protocol_error = "more data than put " + std::to_string(h.sequence) + " announced";
-  } else if (!land_scatter_locked(data, entries.data(), entries.size(), param)) {
-    peer->protocol_error = "put data outside this engine's KV memory";
   } else {
-    put.received += length;
-    complete_puts_locked(*peer);
+    receive_put_bytes_locked(*peer, *incoming, h.sequence, length,
+                             [&] { return land_scatter_locked(data, entries.data(), entries.size(), param); });
   }
   return UCS_OK;
 }
