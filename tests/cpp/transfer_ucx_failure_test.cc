@@ -169,17 +169,13 @@ TEST_F(UcxTransferFailureTest, HungPeerFailsItsTransferAndItselfWithinTheTimeout
 }
 
 TEST_F(UcxTransferFailureTest, NoticeNamingForeignBlocksFailsThePeer) {
-  HostKVPool pool(KVShape{}, 8, 4);
-  UcxTransfer engine(options("engine"));
-  engine.register_kv(pool.layout());
-  FakePeer liar(engine.listen_port());
-  ASSERT_NE(first_peer(engine), 0u);
-  std::string error;
-  ASSERT_TRUE(liar.connection.send(MessageType::NOTICE, encode_notice({1, -1, 4, {8}}),
-                                   Clock::now() + std::chrono::seconds(1), &error));
-  error = failure_of_first_peer(engine);
-  EXPECT_NE(error.find("out of range"), std::string::npos) << error;
-  EXPECT_TRUE(engine.take_notices(0).empty());
+  expect_forgery_fails("a notice of block 8 in a pool of 8", "out of range",
+                       [](FakePeer& liar, const KVLayout&, uint64_t) {
+                         std::string error;
+                         ASSERT_TRUE(liar.connection.send(MessageType::NOTICE, encode_notice({1, -1, 4, {8}}),
+                                                          Clock::now() + std::chrono::seconds(1), &error))
+                             << error;
+                       });
 }
 
 // The engine's memory is checked, not the forger's word: a put message aimed outside the engine's
@@ -236,17 +232,12 @@ TEST_F(UcxTransferFailureTest, ForgedScatterMessagesFailThePeerAndWriteNothing) 
 }
 
 TEST_F(UcxTransferFailureTest, AForgedGetOfMemoryOutsideTheEngineFailsThePeer) {
-  HostKVPool pool(KVShape{}, 8, 4);
-  UcxTransfer engine(options("engine"));
-  engine.register_kv(pool.layout());
-  FakePeer forger(engine.listen_port());
-  ASSERT_NE(first_peer(engine), 0u);
-  std::vector<uint8_t> unregistered(4096, 0);
-  const uint64_t outside = reinterpret_cast<uint64_t>(unregistered.data());
-  const uint64_t dst = forger.pool.layout().layers[0].k_base;
-  forger.send_message(ucx_wire::kGetRequest, ucx_wire::GetRequestHeader{FakePeer::kKey, 1, outside, dst, 64}, nullptr, 0);
-  const std::string error = failure_of_first_peer(engine);
-  EXPECT_NE(error.find("a get outside this engine's KV memory"), std::string::npos) << error;
+  expect_forgery_fails("a get of unregistered memory", "a get outside this engine's KV memory",
+                       [](FakePeer& forger, const KVLayout&, uint64_t outside) {
+                         const uint64_t dst = forger.pool.layout().layers[0].k_base;
+                         const ucx_wire::GetRequestHeader header{FakePeer::kKey, 1, outside, dst, 64};
+                         forger.send_message(ucx_wire::kGetRequest, header, nullptr, 0);
+                       });
 }
 
 TEST_F(UcxTransferFailureTest, GarbageOnTheControlPortIsDroppedAndTheEngineStillServes) {
