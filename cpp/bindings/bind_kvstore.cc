@@ -19,6 +19,7 @@
 #include "rtpllm/kvstore/kv_connector.h"
 #include "rtpllm/kvstore/kv_layout.h"
 #include "rtpllm/kvstore/kv_store_tier.h"
+#include "rtpllm/kvstore/mirrored_connector.h"
 #include "rtpllm/kvstore/tiered_connector.h"
 
 namespace py = pybind11;
@@ -202,6 +203,22 @@ void bind_tiers(py::module_& m) {
                                                                                  "Chains tiers (fastest first) behind one connector")
       .def(py::init<std::vector<std::shared_ptr<KVStoreTier>>, double>(), py::arg("tiers"), py::arg("load_timeout_s"))
       .def_property_readonly("num_pending", &TieredKVConnector::num_pending);
+
+  py::class_<MirroredKVConnector, KVConnector, std::shared_ptr<MirroredKVConnector>>(
+      m, "MirroredKVConnector", "Rank 0's tiers, with every load and save repeated by the other tensor-parallel ranks")
+      .def(py::init<std::shared_ptr<KVConnector>, int32_t>(), py::arg("local"), py::arg("num_mirrors"))
+      .def("take_operations",
+           [](MirroredKVConnector& self) {
+             py::list out;
+             for (MirroredOperation& op : self.take_operations()) {
+               out.append(py::make_tuple(op.handle, op.is_load, std::move(op.hashes), std::move(op.gpu_blocks)));
+             }
+             return out;
+           },
+           "[(handle, is_load, hashes, gpu_blocks)] started since the last call, oldest first")
+      .def("report", &MirroredKVConnector::report, py::arg("mirror"), py::arg("handle"), py::arg("done"))
+      .def_property_readonly("num_mirrors", &MirroredKVConnector::num_mirrors)
+      .def_property_readonly("num_pending", &MirroredKVConnector::num_pending);
 }
 
 }  // namespace

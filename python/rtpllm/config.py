@@ -273,13 +273,10 @@ class EngineConfig:
                  or self.speculative_config.method in ("ngram", "draft_model"), "speculative_config",
                  f"method {getattr(self.speculative_config, 'method', None)!r} is not supported with "
                  f"tensor_parallel_size={self.parallel.tensor_parallel_size} yet (ngram and draft_model are)")
-        # The KV tiers copy one pool; each tensor-parallel rank has its own (sharded heads).
+        # The host and disk tiers work per rank (engine/kv_tier_mirror.py); the shared store keys
+        # whole blocks, which no rank holds.
         _require(self.parallel.tensor_parallel_size == 1 or self.cache.kv_store is None, "kv_store",
                  f"a KV store is not supported with tensor_parallel_size={self.parallel.tensor_parallel_size} yet")
-        _require(self.parallel.tensor_parallel_size == 1 or (not self.cache.kv_host_cache_gib
-                                                             and self.cache.kv_disk_cache_dir is None),
-                 "kv_host_cache_gib", f"KV tiers (host, disk) are not supported with tensor_parallel_size="
-                 f"{self.parallel.tensor_parallel_size} yet: leave kv_host_cache_gib and kv_disk_cache_dir unset")
         tp = self.parallel.tensor_parallel_size
         _require(self.pd.pd_transfer_port == 0 or self.pd.pd_transfer_port + tp - 1 < 65536, "pd_transfer_port",
                  f"{self.pd.pd_transfer_port}: ranks 0..{tp - 1} listen on it and the ports after it, past 65535")

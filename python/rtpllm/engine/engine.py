@@ -27,6 +27,7 @@ from rtpllm.engine.device import attention_backend_factory, resolve_device, reso
 from rtpllm.engine.executor import create_executor
 from rtpllm.engine.instance_report import InstanceReporter
 from rtpllm.engine.in_flight import InFlightStep, TokenReadback, pending_inputs
+from rtpllm.engine.kv_tier_mirror import resolve_host_cache
 from rtpllm.engine.kv_tiers import attach_kv_tiers, drain_kv_transfers
 from rtpllm.engine.prompt_logprobs import PromptLogprobCollector
 from rtpllm.engine.request_state import RequestGroup, SequenceState
@@ -55,6 +56,7 @@ class Engine:
         the engine adds its own and logs them all once it is ready. With `tokenizer_on_demand`
         (the engine process, whose server tokenizes and detokenizes) the tokenizer loads on a
         thread when a request first needs it (`needs_tokenizer`), not at start."""
+        config = resolve_host_cache(config)  # tensor parallelism: one host tier size for every rank
         self.config = config
         self.startup = startup or StartupPhases("engine")
         self.model_path = resolve_model_path(config.model.model)
@@ -113,10 +115,9 @@ class Engine:
                             root_hash=self.cache_root_hash))
         # KV events and step time, for routers.
         self.reporter = InstanceReporter(self.scheduler, config.cache.block_size, self.cache_root_hash)
-        self.kv_tiers = None
-        if config.parallel.tensor_parallel_size == 1:  # the tiers copy rank 0's pool only (config.py refuses TP + tiers)
-            self.kv_tiers = attach_kv_tiers(self.scheduler, config.cache, self.runner.kv_caches, self.cache_root_hash,
-                                            self.device)
+        # Rank 0's tiers; with tensor parallelism every other rank has its own, which repeat them.
+        self.kv_tiers = attach_kv_tiers(self.scheduler, config.cache, self.runner.kv_caches, self.cache_root_hash,
+                                        self.device, self.executor, config.parallel.tensor_parallel_size)
         self.pd = None  # prefill-decode disaggregation (rtpllm/pd/engine_side.py), for role prefill or decode
         if config.pd.enabled:
             from rtpllm.pd.engine_side import PDEngine
@@ -286,7 +287,9 @@ class Engine:
                 previous, self._in_flight = self._in_flight, None
                 outputs += self._resolve(previous)
             self.spec.request_lookahead(self.scheduler, self._seqs.values())
+        self.executor.pump_kv_tiers()  # the other ranks' answers, before the scheduler polls its transfers
         batch = self.scheduler.schedule()
+        self.executor.pump_kv_tiers()  # the loads and saves it started, to the other ranks
         if self.pd is not None:
             self.pd.before_forward(batch)
         if self.spec is not None:
@@ -424,7 +427,7 @@ class Engine:
             self.abort_request(request_id)
         while self.has_unfinished_requests() or self._in_flight is not None:
             self.step()
-        if not drain_kv_transfers(self.scheduler, timeout_s):
+        if not drain_kv_transfers(self.scheduler, timeout_s, self.executor.pump_kv_tiers):
             logger.warning("close: KV tier transfers still under way after %.0f s", timeout_s)
         self.kv_tiers.flush()
         self.scheduler.set_kv_connector(None)
@@ -433,7 +436,7 @@ class Engine:
     def check_kv_pool_free(self) -> bool:
         """True when no block is held by a request (cached free blocks count as free). Waits for
         the KV tiers' transfers first: they hold the blocks they copy."""
-        drain_kv_transfers(self.scheduler, 30.0)
+        drain_kv_transfers(self.scheduler, 30.0, self.executor.pump_kv_tiers)
         self.scheduler.check_invariants()
         return self.scheduler.num_free_blocks == self.executor.num_blocks
 

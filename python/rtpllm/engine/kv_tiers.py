@@ -74,7 +74,10 @@ class KVTiers:
         # NOTE: the C++ objects first and the tensors last: attributes are released in this order.
         self.connector = connector
         self.tiers = tiers  # name -> tier ("host", "disk", "remote"), fastest first; the connector shares them
-        self.bytes_per_block = bytes_per_block
+        self.bytes_per_block = bytes_per_block  # of this rank's pool
+        # Tensor parallelism: this many ranks hold an equal share of every block (their tiers
+        # mirror this one's), so the counters in bytes count the whole model's.
+        self.num_shards = 1
         self._latency: dict[str, tuple[list[int], float, int]] = {}
         self._kv_caches = kv_caches
 
@@ -101,10 +104,10 @@ class KVTiers:
             cumulative.append(running)
         return KVTierSnapshot(
             name=s.name, queries=s.queries, query_blocks=s.query_blocks, hit_blocks=s.hit_blocks,
-            loaded_blocks=s.loaded_blocks, saved_blocks=s.saved_blocks, load_bytes=s.load_bytes,
-            save_bytes=s.save_bytes, failed_loads=s.failed_loads, evicted_blocks=s.evicted_blocks,
+            loaded_blocks=s.loaded_blocks, saved_blocks=s.saved_blocks, load_bytes=s.load_bytes * self.num_shards,
+            save_bytes=s.save_bytes * self.num_shards, failed_loads=s.failed_loads, evicted_blocks=s.evicted_blocks,
             capacity_blocks=s.capacity_blocks, used_blocks=s.used_blocks, enabled=s.enabled,
-            bytes_per_block=self.bytes_per_block, load_latency_buckets=tuple(cumulative),
+            bytes_per_block=self.bytes_per_block * self.num_shards, load_latency_buckets=tuple(cumulative),
             load_latency_sum=total, load_latency_count=n, skipped_blocks=s.skipped_blocks)
 
     def flush(self) -> None:
@@ -175,12 +178,20 @@ def _copy_engine(layout, stream: Optional[int], method: str = "kernel"):
 
 
 def attach_kv_tiers(scheduler, cache: CacheConfig, kv_caches: list[torch.Tensor], root_hash: int,
-                    device: torch.device) -> Optional[KVTiers]:
-    """Builds the tiers `cache` asks for and hands them to the scheduler; None when there are none."""
+                    device: torch.device, executor=None, world_size: int = 1) -> Optional[KVTiers]:
+    """Builds the tiers `cache` asks for over rank 0's pool and hands them to the scheduler; None
+    when there are none. With tensor parallelism (`world_size` > 1) they hold rank 0's share, and
+    `executor` has the other ranks repeat their loads and saves (kv_tier_mirror.py)."""
     import torch
 
+    from rtpllm.engine.kv_tier_mirror import rank_cache_config
+
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-    tiers = build_kv_tiers(cache, kv_caches, root_hash, stream)
+    tiers = build_kv_tiers(rank_cache_config(cache, 0, world_size), kv_caches, root_hash, stream)
+    if tiers is not None and world_size > 1:
+        tiers.connector = _C.MirroredKVConnector(tiers.connector, world_size - 1)
+        tiers.num_shards = world_size
+        executor.mirror_kv_tiers(tiers.connector)
     if tiers is not None:
         # The scheduler's own deadline is the safety net behind the connector's (which cancels the
         # copies at kv_load_timeout_s and reports FAILED).
@@ -188,12 +199,15 @@ def attach_kv_tiers(scheduler, cache: CacheConfig, kv_caches: list[torch.Tensor]
     return tiers
 
 
-def drain_kv_transfers(scheduler, timeout_s: float) -> bool:
-    """Polls the scheduler's transfers until none is under way (or the timeout); True when done."""
+def drain_kv_transfers(scheduler, timeout_s: float, pump=None) -> bool:
+    """Polls the scheduler's transfers until none is under way (or the timeout); True when done.
+    `pump`: the executor's pump_kv_tiers, where other ranks mirror the tiers."""
     deadline = time.monotonic() + timeout_s
     while scheduler.has_pending_kv_transfers():
         if time.monotonic() > deadline:
             return False
+        if pump is not None:
+            pump()
         scheduler.poll_kv_transfers()
         time.sleep(0.0005)
     return True

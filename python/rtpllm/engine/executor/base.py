@@ -50,5 +50,14 @@ class Executor(ABC):
         `drafts`, a speculative verify step's logits: ModelRunner.execute). Raises
         WorkerFailedError when a rank has died."""
 
+    def mirror_kv_tiers(self, connector) -> None:
+        """Tensor parallelism: the other ranks repeat the loads and saves of rank 0's tiers
+        (`connector`: a _C.MirroredKVConnector; engine/kv_tier_mirror.py)."""
+        raise NotImplementedError(f"{type(self).__name__} has no other ranks")
+
+    def pump_kv_tiers(self) -> None:
+        """Ships the tier operations started since the last call to the other ranks and hands
+        their answers to the connector. Call before and after every schedule(). No-op on one rank."""
+
     @abstractmethod
     def shutdown(self) -> None: ...

@@ -29,8 +29,9 @@ from rtpllm.engine.executor.step_arrays import StepArrays
 from rtpllm.engine.executor.worker import Worker, WorkerSpec, rank_device
 from rtpllm.engine.executor.worker_procs import WorkerMonitor, WorkerProcess, stop_workers
 from rtpllm.engine.link.frames import encode_frame
-from rtpllm.engine.link.messages import (InitRunner, StopWorker, WorkerLoaded, WorkerPDAck, WorkerPDGrant,
-                                         WorkerPDPush, WorkerPDPushed, WorkerPDRevoke, WorkerReady, WorkerStep)
+from rtpllm.engine.link.messages import (InitRunner, StopWorker, WorkerKVOps, WorkerLoaded, WorkerPDAck,
+                                         WorkerPDGrant, WorkerPDPush, WorkerPDPushed, WorkerPDRevoke, WorkerReady,
+                                         WorkerStep)
 from rtpllm.engine.in_flight import PendingInputs
 from rtpllm.engine.model_runner import StepResult
 from rtpllm.loader import LoadedModel
@@ -57,6 +58,7 @@ class MultiprocExecutor(Executor):
             torch.set_num_threads(threads)
         self.pd_transfer_ports: list[int] = []  # ranks 1..: their PD transfer engines' ports (0: none)
         self._pd_pushed: list = []  # WorkerPDPushed read while waiting for grant acknowledgements
+        self._kv_mirror = None  # _C.MirroredKVConnector: rank 0's KV tiers, repeated by the workers
         self._store = TPGroup.create_store(0, world)
         spec = dataclasses.replace(spec, store_port=self._store.port)
         self.worker = Worker(spec)
@@ -151,10 +153,31 @@ class MultiprocExecutor(Executor):
             if isinstance(reply, WorkerPDPushed):
                 out.append(reply)
 
+    # ------------------------------------------------------------------ KV tiers (kv_tier_mirror.py)
+    def mirror_kv_tiers(self, connector) -> None:
+        self._kv_mirror = connector
+
+    def pump_kv_tiers(self) -> None:
+        if self._kv_mirror is None:
+            return
+        if self._monitor.failure is not None:
+            raise self._monitor.failure
+        operations = self._kv_mirror.take_operations()
+        if operations:
+            self._send(encode_frame(WorkerKVOps(operations)))
+        while True:
+            try:
+                reply = self._monitor.kv_replies.get_nowait()
+            except queue.Empty:
+                return
+            for handle, done in reply.results:
+                self._kv_mirror.report(reply.rank - 1, handle, done)
+
     def execute(self, batch, sampling_batch, prompt_logprob_seqs: list[int],
                 pending: Optional[PendingInputs] = None, drafts: Optional[torch.Tensor] = None) -> StepResult:
         if self._monitor.failure is not None:
             raise self._monitor.failure
+        self.pump_kv_tiers()  # a save started since the last pump reaches the workers before this step
         positions, rows = (pending.positions, pending.rows) if pending is not None else (None, None)
         host_drafts = drafts.cpu().numpy() if drafts is not None else None  # every rank's input tokens
         self._send(encode_frame(WorkerStep(StepArrays.of(batch), prompt_logprob_seqs, positions, rows, host_drafts)))

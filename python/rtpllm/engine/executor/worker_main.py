@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -22,10 +23,12 @@ import torch
 
 from rtpllm.engine.link.frames import recv_blocking, send_blocking
 from rtpllm.engine.in_flight import PendingInputs
-from rtpllm.engine.link.messages import (InitRunner, InitWorker, StopWorker, WorkerError, WorkerLoaded,
+from rtpllm.engine.link.messages import (InitRunner, InitWorker, StopWorker, WorkerError, WorkerKVOps, WorkerLoaded,
                                          WorkerPDGrant, WorkerPDPush, WorkerPDRevoke, WorkerReady, WorkerStep)
 
 _PD_COMMANDS = (WorkerPDGrant, WorkerPDRevoke, WorkerPDPush)
+# How often a worker with KV tier transfers under way polls them while no message comes.
+_KV_POLL_S = 0.0005
 
 
 def serve(sock: socket.socket) -> int:
@@ -39,6 +42,7 @@ def serve(sock: socket.socket) -> int:
 
     worker = Worker(spec)
     pd = None  # pd/worker_side.WorkerPD: this rank's part of prefill-decode disaggregation
+    kv = None  # engine/kv_tier_mirror.WorkerKVTiers: this rank's KV tiers
     sending = threading.Lock()  # the PD thread answers too
 
     def send(message) -> None:
@@ -50,6 +54,10 @@ def serve(sock: socket.socket) -> int:
         send(WorkerLoaded(spec.rank))
         worker.join_group()
         while True:
+            if kv is not None:
+                kv.poll()
+                if kv.pending and not select.select([sock], [], [], _KV_POLL_S)[0]:
+                    continue  # no message yet: poll the transfers again
             try:
                 message = recv_blocking(sock)
             except EOFError:
@@ -70,7 +78,12 @@ def serve(sock: socket.socket) -> int:
 
                     pd = WorkerPD(spec.config, worker.runner, worker.loaded.arch, spec.model_path, spec.dtype,
                                   spec.rank, send)
+                from rtpllm.engine.kv_tier_mirror import WorkerKVTiers
+
+                kv = WorkerKVTiers.build(spec, worker.runner, worker.loaded.arch, send)
                 send(WorkerReady(spec.rank, num_blocks, pd.port if pd is not None else 0))
+            elif kind is WorkerKVOps and kv is not None:
+                kv.apply(message.operations)
             elif kind in _PD_COMMANDS and pd is not None:
                 pd.handle(message)
             elif kind is StopWorker:
@@ -84,6 +97,8 @@ def serve(sock: socket.socket) -> int:
             pass  # the engine is gone too
         return 1
     finally:
+        if kv is not None:
+            kv.close()
         if pd is not None:
             pd.close()
         worker.close()

@@ -28,8 +28,8 @@ from rtpllm.distributed.env import worker_env
 from rtpllm.engine.executor.base import WorkerFailedError
 from rtpllm.engine.executor.worker import WorkerSpec
 from rtpllm.engine.link.frames import FrameReader, send_blocking
-from rtpllm.engine.link.messages import (InitWorker, LinkMessage, MalformedMessage, WorkerError, WorkerPDAck,
-                                         WorkerPDPushed)
+from rtpllm.engine.link.messages import (InitWorker, LinkMessage, MalformedMessage, WorkerError, WorkerKVDone,
+                                         WorkerPDAck, WorkerPDPushed)
 
 Reply = TypeVar("Reply", bound=LinkMessage)
 
@@ -91,6 +91,7 @@ class WorkerMonitor:
         self.failure: Optional[WorkerFailedError] = None
         self.replies: "queue.Queue[Optional[LinkMessage]]" = queue.Queue()  # None: a failure was seen
         self.pd_replies: "queue.Queue[LinkMessage]" = queue.Queue()  # WorkerPDAck, WorkerPDPushed (any time)
+        self.kv_replies: "queue.Queue[WorkerKVDone]" = queue.Queue()  # the KV tiers' answers (any time)
         self._on_failure = on_failure
         self._stopping = False
         self._wake_recv, self._wake_send = socket.socketpair()
@@ -169,6 +170,8 @@ class WorkerMonitor:
                         self._fail(WorkerFailedError(worker.rank, f"failed: {message.description}"))
                     elif type(message) in (WorkerPDAck, WorkerPDPushed):
                         self.pd_replies.put(message)
+                    elif type(message) is WorkerKVDone:
+                        self.kv_replies.put(message)
                     else:
                         self.replies.put(message)
 

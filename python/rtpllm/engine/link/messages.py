@@ -11,6 +11,7 @@ Links (each a socket of length-prefixed frames, engine/link/frames.py):
     worker -> engine: WorkerLoaded, WorkerReady, WorkerError
     engine <-> worker, PD with tensor parallelism: WorkerPDGrant / WorkerPDRevoke / WorkerPDPush,
         answered by WorkerPDAck / WorkerPDPushed
+    engine <-> worker, KV tiers with tensor parallelism: WorkerKVOps, answered by WorkerKVDone
 
 On the wire a message is the tuple (class name, *field values), pickled: `to_wire` and `from_wire`
 are the only code that knows this. `from_wire` checks the name, the number of fields and the
@@ -295,6 +296,23 @@ class WorkerPDPushed(LinkMessage):
     bytes: int
 
 
+# KV tiers with tensor parallelism (engine/kv_tier_mirror.py): each rank keeps its own KV heads in
+# tiers of its own, and repeats rank 0's loads and saves on them.
+@dataclass(frozen=True, slots=True)
+class WorkerKVOps(LinkMessage):
+    """engine -> worker: rank 0's tier loads and saves since the last, oldest first, each
+    (handle, is_load, hashes, gpu_blocks); sent before the next step, so a save follows the step
+    that computed its blocks. Each is answered in a WorkerKVDone once it ends."""
+
+    operations: list
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerKVDone(LinkMessage):
+    rank: int
+    results: list  # (handle, done) per operation that ended; done False: FAILED
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerError(LinkMessage):
     description: str
@@ -354,7 +372,8 @@ def _register(cls: type) -> None:
 # NOTE: a message holding another (StepOutputs.deltas) registers after it.
 for _cls in (InitEngine, AddRequest, AbortRequest, CallInEngine, StopEngine, EngineReady, EngineFailed, OutputDeltas,
              StepOutputs, EngineDead, InitWorker, InitRunner, WorkerStep, StopWorker, WorkerLoaded, WorkerReady,
-             WorkerError, WorkerPDGrant, WorkerPDRevoke, WorkerPDPush, WorkerPDAck, WorkerPDPushed):
+             WorkerError, WorkerPDGrant, WorkerPDRevoke, WorkerPDPush, WorkerPDAck, WorkerPDPushed, WorkerKVOps,
+             WorkerKVDone):
     _register(_cls)
 
 

@@ -1,0 +1,81 @@
+"""KV tiers with tensor parallelism on the CPU (gloo, one process per rank): each rank keeps its
+KV heads in tiers of its own and repeats rank 0's loads and saves. Prefixes pushed out of the pool
+come back from host memory and from disk with TP=1's tokens (a rank whose copy were missing or
+stale would attend to other KV and change them); a restart finds every rank's disk shard; a rank
+whose shard lost its files fails its loads, and the tokens are recomputed, still the same."""
+
+import contextlib
+
+import pytest
+
+from kv_tier_workload import assert_idle, expected_outputs, generate, make_llm, prompts, tier_stats
+
+TP = 2
+
+
+@contextlib.contextmanager
+def tp_llm(**options):
+    """One tensor-parallel engine at a time per process: each is shut down (its workers stopped)."""
+    llm = make_llm(tensor_parallel_size=TP, **options)
+    try:
+        yield llm
+    finally:
+        llm.engine.close()  # every rank's last saves and disk writes land
+        llm.engine.shutdown()
+
+
+def test_host_tier_mirrored_on_every_rank_gives_tp1_tokens():
+    with tp_llm() as llm:  # the host tier is on by default
+        assert generate(llm, prompts()) == expected_outputs()
+        host = tier_stats(llm)["host"]
+        assert host.loaded_blocks >= 5 * 4, "second uses of evicted prefixes must load from the host tier"
+        assert host.failed_loads == 0
+        # Counted for the whole model: every rank moved its share of each block.
+        assert host.load_bytes == host.loaded_blocks * host.bytes_per_block
+        assert host.bytes_per_block == TP * _rank_bytes_per_block(llm)
+        assert llm.engine.stats().kv_tier_hit_tokens == host.loaded_blocks * 16
+        assert_idle(llm)
+
+
+def test_disk_tier_restart_reads_every_ranks_shard(tmp_path):
+    batch = prompts()[:6]
+    with tp_llm(kv_host_cache_gib=0.01, kv_disk_cache_dir=str(tmp_path)) as first:
+        assert generate(first, batch) == expected_outputs()[:6]
+    shards = {p.name: sorted(f.name for f in p.iterdir() if f.suffix == ".kvb") for p in tmp_path.iterdir()}
+    assert set(shards) == {f"tp{TP}-rank{r}" for r in range(TP)}
+    assert shards["tp2-rank0"] and shards["tp2-rank0"] == shards["tp2-rank1"], "the ranks' tiers hold the same blocks"
+
+    with tp_llm(kv_disk_cache_dir=str(tmp_path)) as second:
+        assert generate(second, batch[:1], wave=1) == expected_outputs()[:1]
+        disk = tier_stats(second)["disk"]
+        assert disk.loaded_blocks == 5 and disk.failed_loads == 0, "the first request loads its prefix from disk"
+        assert_idle(second)
+
+
+def test_a_rank_missing_its_shard_fails_the_load_and_recomputes(tmp_path):
+    batch = prompts()[:6]
+    with tp_llm(kv_host_cache_gib=0, kv_disk_cache_dir=str(tmp_path)) as first:
+        assert generate(first, batch) == expected_outputs()[:6]
+    for f in (tmp_path / "tp2-rank1").iterdir():
+        f.unlink()  # rank 1 restarts with an empty disk tier; rank 0 still holds every block
+
+    with tp_llm(kv_host_cache_gib=0, kv_disk_cache_dir=str(tmp_path)) as second:
+        assert generate(second, batch[:1], wave=1) == expected_outputs()[:1]
+        # Rank 0's disk loaded the prefix (its counters are the tier's); rank 1's part failed,
+        # which failed the load as a whole.
+        assert tier_stats(second)["disk"].loaded_blocks == 5
+        assert second.engine.stats().kv_tier_failed_loads >= 1, "rank 1 cannot load what it does not hold"
+        assert_idle(second)
+
+
+def test_kv_store_is_still_refused_with_tensor_parallelism():
+    from rtpllm.config import EngineConfig
+
+    with pytest.raises(ValueError, match="kv_store"):
+        EngineConfig.from_kwargs(model="x", tensor_parallel_size=2, kv_store="127.0.0.1:1")
+
+
+def _rank_bytes_per_block(llm) -> int:
+    runner = llm.engine.runner
+    first = runner.kv_caches[0]
+    return len(runner.kv_caches) * first[0, 0].numel() * 2 * first.element_size()
