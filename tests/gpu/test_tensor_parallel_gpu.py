@@ -1,7 +1,8 @@
 """Tensor parallelism on several GPUs (NCCL; skipped with fewer than 2): the ranks' all-reduces
 captured in the decode CUDA graphs give the eager engine's tokens, greedy tokens agree with one
 GPU's (bf16: the row-parallel sums round in another order, so near-ties may part), and a worker
-killed mid-generation is reported (NCCL's communicator is aborted) instead of hanging.
+killed mid-generation is reported (NCCL's communicator is aborted) instead of hanging, and the KV
+tiers of every rank bring evicted prefixes back.
 Run with `python -m pytest -q tests/gpu/test_tensor_parallel_gpu.py` on a host with 2+ GPUs."""
 
 import os
@@ -91,3 +92,34 @@ def test_a_killed_worker_is_reported_not_waited_for(path):
     assert not thread.is_alive(), "the engine hung on a dead worker"
     assert len(errors) == 1 and isinstance(errors[0], WorkerFailedError) and errors[0].rank == 1, errors
     llm.engine.shutdown()
+
+
+def test_kv_tiers_on_every_rank_serve_evicted_prefixes(path, tmp_path):
+    """Six 80-token prefixes, each used twice, through a 16-block pool: second uses come back from
+    the host and disk tiers of both ranks (each its own KV heads). A rank that did not copy its share
+    would attend to stale KV: the first token of some request would change."""
+    rng = random.Random(5)
+    systems = [[rng.randrange(VOCAB) for _ in range(80)] for _ in range(6)]
+    prompts = [systems[i % 6] + [rng.randrange(VOCAB) for _ in range(rng.randrange(3, 20))] for i in range(12)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+    def run(**options):
+        llm = LLM(model=path, tensor_parallel_size=2, num_blocks=16, block_size=16, max_num_seqs=3, **options)
+        try:
+            out = []
+            for i in range(0, len(prompts), 3):
+                out += [list(o.outputs[0].token_ids) for o in llm.generate(prompts[i:i + 3], params)]
+            stats = {t.name: t for t in llm.engine.stats().kv_tiers}
+            llm.engine.close()
+            return out, stats
+        finally:
+            llm.engine.shutdown()
+
+    expected, _ = run(kv_host_cache_gib=0)
+    host_gib = 4 * 2 * 4 * 16 * 1 * 128 * 2 / 2**30  # 4 blocks of rank 0's share (1 KV head, 4 layers, K and V)
+    outputs, stats = run(kv_host_cache_gib=2 * host_gib, kv_disk_cache_dir=str(tmp_path))
+    assert stats["host"].loaded_blocks + stats["disk"].loaded_blocks >= 20
+    assert stats["disk"].loaded_blocks >= 5 and stats["host"].failed_loads == stats["disk"].failed_loads == 0
+    same = sum(a == b for x, y in zip(outputs, expected) for a, b in zip(x, y))
+    print(f"KV tiers at TP=2: {same} of {sum(map(len, expected))} greedy tokens equal the run without tiers")
+    assert [x[0] for x in outputs] == [y[0] for y in expected], "a prefix from the tiers changed a first token"
