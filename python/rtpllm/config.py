@@ -267,12 +267,8 @@ class EngineConfig:
         if self.speculative_config is not None and not isinstance(self.speculative_config, SpeculativeConfig):
             object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
         # With tensor parallelism every rank runs the verify step (rank 0 sends the drafts with the
-        # step). n-gram needs no model; a draft model runs unsharded on rank 0. EAGLE-3 heads share
-        # the target's embedding, which is split over the ranks (a collective rank 0 cannot run alone).
-        _require(self.speculative_config is None or self.parallel.tensor_parallel_size == 1
-                 or self.speculative_config.method in ("ngram", "draft_model"), "speculative_config",
-                 f"method {getattr(self.speculative_config, 'method', None)!r} is not supported with "
-                 f"tensor_parallel_size={self.parallel.tensor_parallel_size} yet (ngram and draft_model are)")
+        # step). n-gram needs no model; a draft model and an EAGLE-3 head run unsharded on rank 0 (the
+        # head with a whole copy of the target's embedding, which the ranks split: spec/eagle3.py).
         # The host and disk tiers work per rank (engine/kv_tier_mirror.py); the shared store keys
         # whole blocks, which no rank holds.
         _require(self.parallel.tensor_parallel_size == 1 or self.cache.kv_store is None, "kv_store",

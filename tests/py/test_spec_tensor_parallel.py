@@ -2,10 +2,13 @@
 proposes and verifies, every rank runs the verify step over the drafts rank 0 sends with the step.
 Greedy output at TP=2 equals TP=1 without speculation (float32), with n-gram drafts and with the
 oracle's long accepted runs (fewer steps than tokens); sampled requests with logprobs mixed in
-still finish, and with a draft model (unsharded, on rank 0); no KV block leaks; EAGLE-3 (it shares the
-target's embedding, which the ranks split) is refused at start.
+still finish, and with a draft model (unsharded, on rank 0); no KV block leaks; an EAGLE-3 head
+(on rank 0, with a whole copy of the target's embedding, which the ranks split) drafts at TP=2 the
+tokens it drafts at TP=1.
 """
 
+import json
+import os
 import random
 
 import pytest
@@ -14,6 +17,7 @@ import torch
 from checkpoints import checkpoint_path
 from rtpllm import LLM, SamplingParams
 from rtpllm.spec.oracle import OracleProposer
+from rtpllm.tools.eagle3_checkpoint import write_eagle3_checkpoint
 
 NEW_TOKENS = 24
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -98,7 +102,52 @@ def test_a_draft_model_at_tp2_runs_on_rank_0_and_is_token_exact(target, expected
         drafted.engine.shutdown()
 
 
-def test_eagle3_with_tensor_parallelism_is_refused(target):
-    config = dict(method="eagle3", num_speculative_tokens=3, model=target)
-    with pytest.raises(ValueError, match="speculative_config.*'eagle3'.*tensor_parallel_size=2"):
-        LLM(model=target, tensor_parallel_size=2, speculative_config=config, **ENGINE)
+@pytest.fixture(scope="module")
+def eagle3_head(target, tmp_path_factory):
+    with open(os.path.join(target, "config.json")) as f:
+        config = json.load(f)
+    return write_eagle3_checkpoint(str(tmp_path_factory.mktemp("eagle3")), config, draft_vocab_size=128,
+                                   aux_layer_ids=[0, 1, 1], intermediate_size=96, std=0.15, seed=3)
+
+
+def test_eagle3_at_tp2_drafts_as_at_tp1_and_is_token_exact(target, eagle3_head, expected, llm):
+    """The head runs on rank 0 with a whole copy of the target's embedding (the ranks split it):
+    it sees the same features and tokens as at TP=1, so it drafts the same tokens (float32). (This
+    random head's drafts are never accepted, so the drafts themselves are compared.)"""
+    llm.engine.shutdown()  # one tensor-parallel engine per process
+    config = dict(method="eagle3", num_speculative_tokens=3, model=eagle3_head, adaptive=False)
+    one = LLM(model=target, speculative_config=config, **ENGINE)
+    want = _recorded_drafts(one)
+    assert _tokens(one.generate(_prompts(), GREEDY)) == expected
+    two = LLM(model=target, tensor_parallel_size=2, speculative_config=config, **ENGINE)
+    try:
+        got = _recorded_drafts(two)
+        assert _tokens(two.generate(_prompts(), GREEDY)) == expected
+        assert len(got) == len(want) > 0 and got == want
+        assert two.engine.stats().spec.num_draft_tokens == one.engine.stats().spec.num_draft_tokens
+        assert two.engine.check_kv_pool_free()
+    finally:
+        two.engine.shutdown()
+
+
+def _recorded_drafts(llm: LLM) -> list:
+    """Every later proposal's draft tokens (appended as the engine proposes)."""
+    proposer, drafts = llm.engine.spec.proposer, []
+    propose = proposer.propose
+
+    def recording(batch, seqs):
+        proposal = propose(batch, seqs)
+        drafts.append(proposal.token_ids.tolist())
+        return proposal
+
+    proposer.propose = recording
+    return drafts
+
+
+def test_eagle3_at_tp2_needs_the_targets_safetensors(target, eagle3_head, tmp_path):
+    """A target whose checkpoint the head cannot read its embedding from is refused at start."""
+    from rtpllm.spec.eagle3 import _whole_target_embedding
+
+    arch = type("Arch", (), dict(vocab_size=512, hidden_size=128))
+    with pytest.raises(ValueError, match="speculative_config.model: EAGLE-3 with tensor parallelism"):
+        _whole_target_embedding(str(tmp_path), arch, torch.float32)

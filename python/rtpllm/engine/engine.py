@@ -87,7 +87,8 @@ class Engine:
             self.spec = build_speculative_decoder(
                 config.speculative_config, target_model=loaded.model, target_arch=self.arch, device=self.device,
                 dtype=self.dtype, block_size=config.cache.block_size, max_model_len=self.max_model_len,
-                attn_backend_factory=attention_backend_factory(self.device, self.dtype, config.cache.block_size))
+                attn_backend_factory=attention_backend_factory(self.device, self.dtype, config.cache.block_size),
+                target_path=self.model_path)
         with self.startup.phase("kv cache profile and allocation"):
             self.executor.init_runner(self.max_model_len,
                                       extra_kv_bytes_per_block=self.spec.kv_bytes_per_block if self.spec else 0)

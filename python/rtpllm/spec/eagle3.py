@@ -34,6 +34,7 @@ from torch import nn
 from rtpllm.engine.kv_cache import allocate_kv_caches, kv_bytes_per_block
 from rtpllm.layers.linear import Embedding, FusedLinear, Linear, copy_checked
 from rtpllm.layers.norm import RMSNorm
+from rtpllm.layers.parallel import VocabParallelEmbedding
 from rtpllm.layers.rotary import RotaryEmbedding
 from rtpllm.layers.torch_attention import TorchAttentionBackend
 from rtpllm.loader.hf_checkpoint import iter_safetensors, safetensors_files
@@ -160,7 +161,10 @@ class Eagle3Proposer(DraftModelProposer):
 
     @classmethod
     def load(cls, path: str, *, target_model, target_arch, device: torch.device, dtype: torch.dtype,
-             block_size: int, attn_backend_factory: Optional[Callable] = None) -> "Eagle3Proposer":
+             block_size: int, attn_backend_factory: Optional[Callable] = None,
+             target_path: Optional[str] = None) -> "Eagle3Proposer":
+        """`target_path`: the target's checkpoint, read for its embedding when the target's is split
+        over tensor-parallel ranks and the head has none of its own."""
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{_FIELD}: {config_path} does not exist")
@@ -197,6 +201,8 @@ class Eagle3Proposer(DraftModelProposer):
                               bool(config.get("norm_before_residual", False)), "embed_tokens.weight" in names,
                               rotary, backend, dtype)
         head.load_weights(iter_safetensors(files), path)
+        if head.embed_tokens is None and isinstance(target_model.model.embed_tokens, VocabParallelEmbedding):
+            head.embed_tokens = _whole_target_embedding(target_path, target_arch, dtype)
         head.to(device)
         return cls(head, arch, target_model, aux, device, dtype, block_size)
 
@@ -259,3 +265,28 @@ class Eagle3Proposer(DraftModelProposer):
 
     def verified(self, seq_id: int, num_accepted: int) -> None:
         pass  # the KV rows written with the target's features stay valid whatever was accepted
+
+
+def _whole_target_embedding(target_path: Optional[str], target_arch: LlamaArch, dtype: torch.dtype) -> Embedding:
+    """Tensor parallelism: each rank holds a slice of the target's vocabulary, and looking a token up
+    is an all-reduce over the ranks; the head runs on rank 0 alone, so it gets the whole table (one
+    more copy of the embedding on rank 0), read from the target's safetensors checkpoint."""
+    from rtpllm.loader.safetensors_loader import read_tensors
+
+    try:
+        files = safetensors_files(target_path) if target_path is not None else []
+    except FileNotFoundError:
+        files = []
+    if not files:
+        raise ValueError(f"{_FIELD}: EAGLE-3 with tensor parallelism reads the target's embedding from its "
+                         f"safetensors checkpoint, and {target_path!r} has none (a GGUF target, or a head with "
+                         f"embed_tokens.weight of its own, would do)")
+    name = "model.embed_tokens.weight"
+    weight = read_tensors(files, [name])[name]
+    if tuple(weight.shape) != (target_arch.vocab_size, target_arch.hidden_size):
+        raise ValueError(f"{_FIELD}: the target's {name} is {list(weight.shape)}, expected "
+                         f"[{target_arch.vocab_size}, {target_arch.hidden_size}]")
+    embedding = Embedding(target_arch.vocab_size, target_arch.hidden_size, dtype)
+    with torch.no_grad():
+        embedding.weight.copy_(weight.to(dtype))
+    return embedding

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from rtpllm.config import SpeculativeConfig
@@ -10,7 +12,7 @@ from rtpllm.spec.decoder import SpeculativeDecoder
 
 def build_speculative_decoder(config: SpeculativeConfig, *, target_model, target_arch, device: torch.device,
                               dtype: torch.dtype, block_size: int, attn_backend_factory,
-                              max_model_len: int) -> SpeculativeDecoder:
+                              max_model_len: int, target_path: Optional[str] = None) -> SpeculativeDecoder:
     """Loads what the method needs (a draft checkpoint, EAGLE-3 heads) and checks it against the
     target: a draft must share the target's vocabulary. Raises ValueError naming the field."""
     if config.method == "ngram":
@@ -28,7 +30,8 @@ def build_speculative_decoder(config: SpeculativeConfig, *, target_model, target
         return SpeculativeDecoder(config, proposer, device, draft_param_ratio=_param_ratio(proposer.model, target_model))
     from rtpllm.spec.eagle3 import Eagle3Proposer
     proposer = Eagle3Proposer.load(config.model, target_model=target_model, target_arch=target_arch, device=device,
-                                   dtype=dtype, block_size=block_size, attn_backend_factory=attn_backend_factory)
+                                   dtype=dtype, block_size=block_size, attn_backend_factory=attn_backend_factory,
+                                   target_path=target_path)
     return SpeculativeDecoder(config, proposer, device, draft_param_ratio=_param_ratio(proposer.model, target_model))
 
 
