@@ -72,6 +72,10 @@ def test_a_second_gpu_instance_loads_what_the_first_computed(checkpoint, store):
     second = LLM(model=checkpoint, gpu_memory_utilization=0.15, kv_host_cache_gib=0, block_size=BLOCK, kv_store=store)
     assert one_by_one(second, prompts()) == expected
     remote = {t.name: t for t in second.engine.stats().kv_tiers}["remote"]
-    assert remote.loaded_blocks >= 4 * 8 and remote.failed_loads == 0
-    print(f"\nremote store: {remote.loaded_blocks} blocks loaded, {remote.load_bytes / 2**20:.1f} MiB, "
+    # Every prefix is offered: loaded, or skipped once the store's measured load time exceeds what
+    # recomputing takes (this 4-layer model recomputes 8 blocks on an H100 faster than a round trip).
+    assert remote.loaded_blocks >= 8 and remote.failed_loads == 0
+    assert remote.loaded_blocks + remote.skipped_blocks >= 4 * 8
+    print(f"\nremote store: {remote.loaded_blocks} blocks loaded, {remote.skipped_blocks} skipped (recompute was "
+          f"cheaper), {remote.load_bytes / 2**20:.1f} MiB, "
           f"mean load {remote.load_latency_sum / max(1, remote.load_latency_count) * 1e3:.2f} ms")
