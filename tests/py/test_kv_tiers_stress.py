@@ -1,9 +1,12 @@
 """Random traffic through a tiny pool and small tiers: requests arrive, are aborted (also while
 their prefix loads), preempt each other and evict blocks from every tier. Invariants hold after
 every step, every request that finished has the tokens computed without tiers, and at the end the
-pool, the host tier and the disk tier are back to rest with nothing leaked."""
+pool, the host tier and the disk tier are back to rest with nothing leaked. At TP=2 too, where every
+rank's tiers repeat rank 0's loads and saves (a transfer ends once both ranks' parts have)."""
 
 import random
+
+import pytest
 
 from kv_tier_workload import BLOCK_SIZE, GREEDY, assert_idle, make_llm, prompts
 
@@ -11,7 +14,8 @@ BYTES_PER_BLOCK = 16384  # llama3 test checkpoint: 2 layers x K,V x 16 tokens x 
 NUM_REQUESTS = 26
 
 
-def test_random_aborts_preemption_and_tier_traffic(tmp_path):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_random_aborts_preemption_and_tier_traffic(tmp_path, tp):
     rng = random.Random(3)
     pool = prompts(seed=5, count=NUM_REQUESTS)
     reference = make_llm(kv_host_cache_gib=0, num_blocks=64)
@@ -19,7 +23,15 @@ def test_random_aborts_preemption_and_tier_traffic(tmp_path):
 
     llm = make_llm(num_blocks=12,  # two requests fill it: preemption
                    kv_host_cache_gib=24 * BYTES_PER_BLOCK / 2**30,  # host evictions
-                   kv_disk_cache_dir=str(tmp_path), kv_disk_cache_gib=16 * (BYTES_PER_BLOCK + 4096) / 2**30)
+                   kv_disk_cache_dir=str(tmp_path), kv_disk_cache_gib=16 * (BYTES_PER_BLOCK + 4096) / 2**30,
+                   tensor_parallel_size=tp)
+    try:
+        _run(llm, pool, expected, rng)
+    finally:
+        llm.engine.shutdown()  # one tensor-parallel engine per process
+
+
+def _run(llm, pool, expected, rng) -> None:
     engine = llm.engine
     submitted: dict[str, list[int]] = {}
     aborted: set[str] = set()
