@@ -107,7 +107,8 @@ void bind_kvstore_remote(py::module_& m) {
       m, "RemoteStoreTier", "The client tier of a shared KV store (see remote_store_tier.h)")
       .def(py::init([](const KVLayout& pool, const std::string& host, int32_t port, uint64_t identity,
                        const std::string& name, double connect_timeout_s, double request_timeout_s,
-                       double retry_interval_s, std::optional<int> cuda_device, std::optional<uintptr_t> stream) {
+                       double retry_interval_s, std::optional<int> cuda_device, std::optional<uintptr_t> stream,
+                       uint64_t key_salt) {
              RemoteStoreOptions o;
              o.host = host;
              o.port = port;
@@ -116,6 +117,7 @@ void bind_kvstore_remote(py::module_& m) {
              o.connect_timeout_s = connect_timeout_s;
              o.request_timeout_s = request_timeout_s;
              o.retry_interval_s = retry_interval_s;
+             o.key_salt = key_salt;
              o.validate();
              auto factory = ucx_factory(cuda_device);
              auto fence = save_fence(stream);
@@ -124,7 +126,8 @@ void bind_kvstore_remote(py::module_& m) {
            }),
            py::arg("pool"), py::kw_only(), py::arg("host"), py::arg("port"), py::arg("identity"),
            py::arg("name") = "rtpllm", py::arg("connect_timeout_s") = 2.0, py::arg("request_timeout_s") = 2.0,
-           py::arg("retry_interval_s") = 2.0, py::arg("cuda_device") = std::nullopt, py::arg("stream") = std::nullopt)
+           py::arg("retry_interval_s") = 2.0, py::arg("cuda_device") = std::nullopt, py::arg("stream") = std::nullopt,
+           py::arg("key_salt") = 0)
       .def_property_readonly("connected", &RemoteStoreTier::connected)
       .def_property_readonly("last_error", &RemoteStoreTier::last_error)
       .def("wait_connected", &RemoteStoreTier::wait_connected, py::arg("timeout_s"), Release())

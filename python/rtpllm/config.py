@@ -269,10 +269,6 @@ class EngineConfig:
         # With tensor parallelism every rank runs the verify step (rank 0 sends the drafts with the
         # step). n-gram needs no model; a draft model and an EAGLE-3 head run unsharded on rank 0 (the
         # head with a whole copy of the target's embedding, which the ranks split: spec/eagle3.py).
-        # The host and disk tiers work per rank (engine/kv_tier_mirror.py); the shared store keys
-        # whole blocks, which no rank holds.
-        _require(self.parallel.tensor_parallel_size == 1 or self.cache.kv_store is None, "kv_store",
-                 f"a KV store is not supported with tensor_parallel_size={self.parallel.tensor_parallel_size} yet")
         tp = self.parallel.tensor_parallel_size
         _require(self.pd.pd_transfer_port == 0 or self.pd.pd_transfer_port + tp - 1 < 65536, "pd_transfer_port",
                  f"{self.pd.pd_transfer_port}: ranks 0..{tp - 1} listen on it and the ports after it, past 65535")

@@ -1,8 +1,11 @@
-// The shared KV store's slot bookkeeping (StoreIndex) and its typed messages (store_protocol.h).
+// The shared KV store's slot bookkeeping (StoreIndex), its typed messages (store_protocol.h) and
+// the keys a tensor-parallel rank's share of a block goes under (store_key).
 #include <gtest/gtest.h>
 
+#include <set>
 #include <stdexcept>
 
+#include "rtpllm/kvstore/remote/remote_store_tier.h"
 #include "rtpllm/kvstore/remote/store_index.h"
 #include "rtpllm/kvstore/remote/store_protocol.h"
 
@@ -139,6 +142,27 @@ TEST(StoreProtocolTest, MalformedPayloadsThrow) {
   huge[14] = '\xff';
   huge[15] = '\x7f';
   EXPECT_THROW(decode_store_request(huge), std::runtime_error);
+}
+
+}  // namespace
+}  // namespace rtpllm
+
+namespace rtpllm {
+namespace {
+
+// Tensor parallelism: each rank's share of a block is stored under a key of its own.
+TEST(StoreKey, SaltZeroIsTheHashAndOtherSaltsGiveDistinctNonZeroKeys) {
+  for (BlockHash hash : {BlockHash{1}, BlockHash{0x1234567890abcdefULL}, ~BlockHash{0}}) {
+    EXPECT_EQ(store_key(hash, 0), hash);
+    std::set<BlockHash> keys{hash};
+    for (uint64_t salt = 1; salt <= 64; ++salt) {
+      const BlockHash key = store_key(hash, salt);
+      EXPECT_NE(key, 0u);
+      EXPECT_EQ(key, store_key(hash, salt));  // the same on every instance
+      EXPECT_TRUE(keys.insert(key).second) << "salt " << salt << " collides";
+    }
+  }
+  EXPECT_NE(store_key(1, 2), store_key(2, 1));
 }
 
 }  // namespace

@@ -2,15 +2,21 @@
 KV heads in tiers of its own and repeats rank 0's loads and saves. Prefixes pushed out of the pool
 come back from host memory and from disk with TP=1's tokens (a rank whose copy were missing or
 stale would attend to other KV and change them); a restart finds every rank's disk shard; a rank
-whose shard lost its files fails its loads, and the tokens are recomputed, still the same."""
+whose shard lost its files fails its loads, and the tokens are recomputed, still the same; one
+shared KV store serves both ranks' shares of a block, under keys of their own."""
 
 import contextlib
+import os
 
 import pytest
+
+from rtpllm import _C
 
 from kv_tier_workload import assert_idle, expected_outputs, generate, make_llm, prompts, tier_stats
 
 TP = 2
+os.environ.setdefault("UCX_TLS", "tcp")  # the store test: TCP over loopback, as test_kvstore_remote.py
+os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 
 @contextlib.contextmanager
@@ -68,11 +74,32 @@ def test_a_rank_missing_its_shard_fails_the_load_and_recomputes(tmp_path):
         assert_idle(second)
 
 
-def test_kv_store_is_still_refused_with_tensor_parallelism():
-    from rtpllm.config import EngineConfig
+@pytest.mark.skipif(not getattr(_C, "has_kvstore_remote", False), reason="built without UCX")
+def test_the_shared_store_keeps_every_ranks_share_under_its_own_key():
+    """Two TP=2 instances and one store: the second loads the prefixes the first computed, both
+    ranks' shares (a rank that read the other's heads would change the tokens)."""
+    from test_kvstore_remote import StoreProcess, wait_for_index
 
-    with pytest.raises(ValueError, match="kv_store"):
-        EngineConfig.from_kwargs(model="x", tensor_parallel_size=2, kv_store="127.0.0.1:1")
+    store = StoreProcess()
+    try:
+        batch = prompts()[:6]
+        with tp_llm(kv_host_cache_gib=0, kv_store=store.address) as first:
+            assert generate(first, batch) == expected_outputs()[:6]
+            saved = tier_stats(first)["remote"].saved_blocks
+        assert saved >= 6 * 5
+        # Rank 1's shares went in under keys of their own, beside rank 0's (one key for both: about `saved`).
+        assert store.metrics()["rtpllm:kvstore_saved_blocks_total"] >= 1.5 * saved
+
+        with tp_llm(kv_host_cache_gib=0, kv_store=store.address) as second:
+            wait_for_index(second)
+            assert generate(second, batch) == expected_outputs()[:6]
+            remote = tier_stats(second)["remote"]
+            # Loads end DONE only once both ranks loaded their share (skips: see test_kvstore_remote).
+            assert remote.loaded_blocks >= 5 and remote.loaded_blocks + remote.skipped_blocks >= 5 * 4
+            assert second.engine.stats().kv_tier_hit_tokens == remote.loaded_blocks * 16
+            assert_idle(second)
+    finally:
+        store.stop()
 
 
 def _rank_bytes_per_block(llm) -> int:

@@ -20,7 +20,9 @@ _REQUEST_TIMEOUT_S = 2.0
 
 
 def remote_store_tier(cache: CacheConfig, layout: "_C.KVLayout", root_hash: int,
-                      stream: Optional[int]) -> "_C.RemoteStoreTier":
+                      stream: Optional[int], first_kv_head: int = 0) -> "_C.RemoteStoreTier":
+    """`first_kv_head`: tensor parallelism, the first of the model's KV heads this rank's pool holds;
+    the store keeps each rank's share of a block under a key of its own (RemoteStoreOptions.key_salt)."""
     if not getattr(_C, "has_kvstore_remote", False):
         raise ValueError("kv_store: this rtpllm build has no UCX transfer engine (pip install libucx-cu13, "
                          "then reinstall rtpllm)")
@@ -30,6 +32,7 @@ def remote_store_tier(cache: CacheConfig, layout: "_C.KVLayout", root_hash: int,
         return _C.RemoteStoreTier(
             layout, host=host, port=int(port), identity=root_hash, name=f"rtpllm-{os.getpid()}",
             request_timeout_s=min(_REQUEST_TIMEOUT_S, cache.kv_load_timeout_s),
-            cuda_device=layout.device_index if on_cuda else None, stream=stream if on_cuda else None)
+            cuda_device=layout.device_index if on_cuda else None, stream=stream if on_cuda else None,
+            key_salt=first_kv_head)
     except RuntimeError as e:  # the store refused this instance
         raise ValueError(f"kv_store: {e}") from None

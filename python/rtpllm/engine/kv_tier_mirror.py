@@ -13,6 +13,9 @@ same capacity in blocks: `resolve_host_cache` fixes the host tier's size before 
 its share of it and a disk directory of its own (`tp<N>-rank<r>` under kv_disk_cache_dir, so a
 restart with another TP size never reads shards of a different cut). Where they still differ (one
 rank's disk failed), that rank's load ends FAILED and the scheduler recomputes the tokens.
+The shared KV store is one store for every rank: each rank's share of a block goes under a key of
+its own, salted by the first KV head the rank holds (RemoteStoreOptions.key_salt; rank 0's is the
+block's hash itself), so instances of any TP size that hold the same heads share them.
 """
 
 from __future__ import annotations
@@ -71,12 +74,14 @@ class WorkerKVTiers:
 
         from rtpllm.engine.cache_identity import cache_identity
         from rtpllm.engine.kv_tiers import build_kv_tiers
+        from rtpllm.pd.head_map import rank_heads
 
         cache = rank_cache_config(spec.config.cache, spec.rank, spec.world_size)
         root_hash = cache_identity(spec.model_path, kv_dtype=spec.dtype, block_size=cache.block_size,
                                    num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim)
         stream = torch.cuda.current_stream(spec.device).cuda_stream if spec.device.type == "cuda" else None
-        tiers = build_kv_tiers(cache, runner.kv_caches, root_hash, stream)
+        first_head = rank_heads(arch.num_kv_heads, spec.rank, spec.world_size).start
+        tiers = build_kv_tiers(cache, runner.kv_caches, root_hash, stream, first_head)
         return cls(tiers, spec.rank, send) if tiers is not None else None
 
     @property

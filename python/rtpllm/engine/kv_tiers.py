@@ -124,10 +124,12 @@ class KVTiers:
 
 
 def build_kv_tiers(cache: CacheConfig, kv_caches: list[torch.Tensor], root_hash: int,
-                   stream: Optional[int] = None) -> Optional[KVTiers]:
+                   stream: Optional[int] = None, first_kv_head: int = 0) -> Optional[KVTiers]:
     """The tiers `cache` asks for over this pool, chained host -> disk -> remote store, or None when
     there are none (both off, or prefix caching off: only cached prefixes are kept). `stream` is the
-    compute stream's handle on CUDA: copies out of the pool wait for the work queued on it."""
+    compute stream's handle on CUDA: copies out of the pool wait for the work queued on it.
+    `first_kv_head`: with tensor parallelism, the first KV head this rank's pool holds (the remote
+    store keys each rank's share apart)."""
     host_bytes = host_cache_bytes(cache)
     if not cache.enable_prefix_caching or (host_bytes == 0 and cache.kv_disk_cache_dir is None
                                            and cache.kv_store is None):
@@ -162,7 +164,7 @@ def build_kv_tiers(cache: CacheConfig, kv_caches: list[torch.Tensor], root_hash:
     if disk is not None:
         tiers["disk"] = disk
     if cache.kv_store is not None:
-        tiers["remote"] = remote_store_tier(cache, layout, root_hash, stream)
+        tiers["remote"] = remote_store_tier(cache, layout, root_hash, stream, first_kv_head)
     if not tiers:
         return None
     connector = _C.TieredKVConnector(list(tiers.values()), cache.kv_load_timeout_s)

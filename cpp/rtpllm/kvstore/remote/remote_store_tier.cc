@@ -28,6 +28,16 @@ void RemoteStoreOptions::validate() const {
   if (max_pending_saves <= 0) throw std::invalid_argument("max_pending_saves: must be positive");
 }
 
+BlockHash store_key(BlockHash hash, uint64_t key_salt) {
+  if (key_salt == 0) return hash;
+  // splitmix64's finalizer over the hash and the salt: keys of different salts never line up.
+  uint64_t x = hash ^ (key_salt * 0x9E3779B97F4A7C15ULL);
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+  x ^= x >> 31;
+  return x != 0 ? x : 1;
+}
+
 RemoteStoreTier::RemoteStoreTier(KVLayout pool, RemoteStoreOptions options, TransferFactory make_transfer,
                                  KVStoreLogger logger, SaveFence save_fence)
     : pool_(std::move(pool)),
@@ -118,14 +128,17 @@ std::unique_ptr<RemoteStoreTier::Connection> RemoteStoreTier::open_connection(bo
 
 bool RemoteStoreTier::contains(BlockHash hash) {
   std::lock_guard<std::mutex> lock(view_mutex_);
-  return view_.count(hash) > 0;
+  return view_.count(store_key(hash, options_.key_salt)) > 0;
 }
 
 int32_t RemoteStoreTier::match(const std::vector<BlockHash>& hashes) {
   int32_t hits = 0;
   {
     std::lock_guard<std::mutex> lock(view_mutex_);
-    while (hits < static_cast<int32_t>(hashes.size()) && view_.count(hashes[static_cast<size_t>(hits)])) ++hits;
+    while (hits < static_cast<int32_t>(hashes.size()) &&
+           view_.count(store_key(hashes[static_cast<size_t>(hits)], options_.key_salt))) {
+      ++hits;
+    }
   }
   std::lock_guard<std::mutex> lock(ops_mutex_);
   ++stats_.queries;
@@ -142,7 +155,8 @@ TransferHandle RemoteStoreTier::load(const std::vector<BlockHash>& hashes, const
   check_pool_blocks(pool_, gpu_blocks);
   auto op = std::make_shared<Op>();
   op->is_load = true;
-  op->hashes = hashes;
+  op->hashes.reserve(hashes.size());
+  for (BlockHash hash : hashes) op->hashes.push_back(store_key(hash, options_.key_salt));  // the store's keys
   op->blocks = gpu_blocks;
   op->start = Clock::now();
   std::lock_guard<std::mutex> lock(ops_mutex_);
@@ -173,8 +187,9 @@ TransferHandle RemoteStoreTier::save(const std::vector<BlockHash>& hashes, const
     std::lock_guard<std::mutex> lock(view_mutex_);
     up = connected_;
     for (size_t i = 0; i < hashes.size() && up; ++i) {
-      if (view_.count(hashes[i])) continue;  // the store holds it
-      op->hashes.push_back(hashes[i]);
+      const BlockHash key = store_key(hashes[i], options_.key_salt);
+      if (view_.count(key)) continue;  // the store holds it
+      op->hashes.push_back(key);
       op->blocks.push_back(gpu_blocks[i]);
     }
   }

@@ -54,10 +54,19 @@ struct RemoteStoreOptions {
   double request_timeout_s = 2.0;    // a PIN or RESERVE reply; later, the store counts as dead
   double retry_interval_s = 2.0;     // between connection attempts while the store is away
   int32_t max_pending_saves = 64;    // saves beyond this many in flight are skipped
+  // Tensor parallelism: the first KV head of this rank's pool. Every rank's shard of a block goes
+  // to the store under a key of its own (the block's hash mixed with this; 0: the hash itself), so
+  // ranks holding other heads never read each other's bytes, while ranks of any TP size holding
+  // the same heads (replicated heads included) share them. The head count is the store's shape
+  // check: a shard of another width is refused at connection.
+  uint64_t key_salt = 0;
 
   // Throws std::invalid_argument naming the bad field.
   void validate() const;
 };
+
+// The key under which the store holds `hash`'s bytes for a pool whose first KV head is `key_salt`.
+BlockHash store_key(BlockHash hash, uint64_t key_salt);
 
 class RemoteStoreTier final : public KVStoreTier {
  public:
