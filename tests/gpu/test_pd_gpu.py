@@ -99,7 +99,8 @@ def test_speculating_decode_on_one_gpu_is_token_exact(instances, speculating_dec
     colocated, prefill, _ = instances
     body = {"prompt": PROMPT, "max_tokens": 32, "temperature": 0}
     expected = httpx.post(colocated.url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
-    run = PDRun(prefill, speculating_decode, "completions", {**body, "stream": True}, f"gpu-spec-{speculating_decode.port}").run(120)
+    run = PDRun(prefill, speculating_decode, "completions", {**body, "stream": True},
+                f"gpu-spec-{speculating_decode.port}").run(120)
     assert run.prefill_response.status_code == 200, run.prefill_response.text
     assert run.text() == expected
     drafts = speculating_decode.metric("rtpllm:spec_decode_num_draft_tokens_total")
