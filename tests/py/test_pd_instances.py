@@ -60,6 +60,8 @@ def test_output_is_token_exact_against_colocated(instances, endpoint, body, stre
     result = run.prefill_response.json()
     assert result["prompt_tokens"] == expected["usage"]["prompt_tokens"] == run.destination["num_prompt_tokens"]
     assert result["transferred_bytes"] > 0
+    # Its timeline: the last chunk launched, then the last layer's write (with the first token).
+    assert 0 < result["prefill_s"] <= result["last_write_s"] and result["transfer_s"] > 0
     assert run.destination["block_size"] == 8
     assert run.text() == _reference_text(expected)
     if not stream:

@@ -41,6 +41,7 @@ class PDOutcome:
     transferred_bytes: int = 0
     prefill_s: float = 0.0
     transfer_s: float = 0.0
+    last_write_s: float = 0.0
 
 
 def transfer_request_id(pd_request_id: str) -> int:

@@ -69,6 +69,7 @@ class _Push:
     bytes: int = 0
     computed: float = 0.0          # the last layer was computed
     first_put: float = 0.0
+    last_put: float = 0.0          # the last layer's write (with the first token) was issued
     ended: bool = False            # decided (under lock): no put starts any more
     connecting: Optional[concurrent.futures.Future] = None
     deferred: list = field(default_factory=list)  # (layer, payload) computed before the peer connected
@@ -245,6 +246,7 @@ class PrefillSide:
         if not push.shards_sent or push.shards_done < push.shards_expected:
             return  # every other write first (poll() comes back)
         push.last_issued = True
+        push.last_put = time.monotonic()
         seq = push.seq
         first = FirstToken(seq.output_ids[0], dict(seq.logprobs[0]) if seq.logprobs else None)
         self._put(push, self.num_layers - 1, encode_first_token(first))
@@ -329,7 +331,8 @@ class PrefillSide:
             return PDOutcome(True, first_token=push.seq.output_ids[0], prompt_tokens=push.num_prompt_tokens,
                              transferred_blocks=len(push.remote_blocks),
                              transferred_bytes=push.bytes, prefill_s=push.computed - push.admitted,
-                             transfer_s=now - (push.first_put or now)), "completed"
+                             transfer_s=now - (push.first_put or now),
+                             last_write_s=push.last_put - push.admitted), "completed"
         if push.seq.finished and not push.seq.output_ids:
             return PDOutcome(False, f"the prefill request ended without a token ({push.seq.finish_reason})",
                              503), "aborted"

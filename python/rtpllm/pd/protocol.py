@@ -222,8 +222,9 @@ class PrefillResult:
     first_token: int
     transferred_blocks: int = 0
     transferred_bytes: int = 0
-    prefill_s: float = 0.0      # from admission to the last layer computed
+    prefill_s: float = 0.0      # from admission to the last chunk's forward launched (on a GPU: not finished)
     transfer_s: float = 0.0     # from the first write to the last notice acknowledged
+    last_write_s: float = 0.0   # from admission to the last layer's write (the first token) issued
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -238,4 +239,5 @@ class PrefillResult:
                    transferred_bytes=int(data.get("transferred_bytes", 0)),
                    prefill_s=float(data.get("prefill_s", 0.0)),
                    transfer_s=float(data.get("transfer_s", 0.0)),
+                   last_write_s=float(data.get("last_write_s", 0.0)),
                    extra=dict(data.get("extra", {})))

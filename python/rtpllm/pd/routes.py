@@ -176,7 +176,7 @@ def add_pd_routes(app: FastAPI, ctx: "ServingContext") -> None:
             result = PrefillResult(pd_request_id=body.pd_request_id, prompt_tokens=outcome.prompt_tokens,
                                    first_token=outcome.first_token, transferred_blocks=outcome.transferred_blocks,
                                    transferred_bytes=outcome.transferred_bytes, prefill_s=outcome.prefill_s,
-                                   transfer_s=outcome.transfer_s)
+                                   transfer_s=outcome.transfer_s, last_write_s=outcome.last_write_s)
             return JSONResponse(result.to_json())
         except Exception as exc:  # noqa: BLE001 - answered as an error body
             return to_openai_error(exc).response()
