@@ -118,6 +118,24 @@ def test_greedy_agrees_with_plain_decoding_graphs_on(models, method):
     assert llm.engine.check_kv_pool_free()
 
 
+@pytest.mark.parametrize("length", [333, 520, 700])
+def test_one_long_prompt_alone_agrees_with_plain_decoding(models, length):
+    """Batch 1 over a long context: the decode kernels cut it into the most splits, and the verify
+    step reads k + 1 rows per split. (The batched test above has at most 333 tokens among five
+    prompts; a PD decode instance that speculated over a ~500-token prompt alone went wrong on an
+    H100 while this path was not tested.)"""
+    rng = random.Random(length)
+    prompt = [rng.randrange(VOCAB) for _ in range(length)]
+    plain = LLM(model=models["target"], **POOL)
+    want = [list(plain.generate([prompt], GREEDY)[0].outputs[0].token_ids)]
+    del plain
+    config = dict(method="draft_model", model=models["target"], num_speculative_tokens=3, adaptive=False)
+    llm = LLM(model=models["target"], speculative_config=config, **POOL)
+    exact = assert_agrees({**models, "prompts": [prompt]}, llm.generate([prompt], GREEDY), want)
+    counters = llm.engine.stats().spec
+    assert counters.num_accepted_tokens >= full_acceptance_floor(exact) * counters.num_draft_tokens, counters
+
+
 def test_oracle_full_acceptance_on_the_gpu(models):
     llm = LLM(model=models["target"], speculative_config=dict(method="ngram", num_speculative_tokens=4, adaptive=False),
               **POOL)
