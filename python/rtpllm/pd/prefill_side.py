@@ -344,7 +344,7 @@ class PrefillSide:
     def _on_layer(self, layer: int) -> None:
         if self.stall_s:
             time.sleep(self.stall_s)
-        self._rank_writes.layer([push.transfer_id for push in self._armed], layer)  # heads for decode ranks 1..
+        self._rank_writes.layer(layer)  # this rank's heads for decode ranks 1..
         if layer == self.num_layers - 1:
             return  # written with the first token (after_step)
         for push in self._armed:

@@ -22,10 +22,8 @@ class RankWrites:
         self._transfer, self._workers, self._tp_size = transfer, workers, tp_size
         self._writer_args = dict(rank=0, timeout_s=timeout_s, head_token_layer_bytes=head_token_layer_bytes,
                                  num_layers=num_layers, cuda=cuda)
-        self._num_layers = num_layers
         self._writer: Optional[ShardWriter] = None
         self._own_answers: "queue.Queue[tuple[int, str, int]]" = queue.Queue()
-        self._own_by_layer: set[int] = set()  # transfer ids whose own writes follow the coming forward
 
     def hand_out(self, transfer_id: int, writes: dict, local_blocks: list, remote_blocks: list, num_tokens: int,
                  by_layer: bool) -> int:
@@ -43,21 +41,17 @@ class RankWrites:
                 self._writer = ShardWriter(self._transfer, on_done=lambda *answer: self._own_answers.put(answer),
                                            **self._writer_args)
             if by_layer:
-                self._writer.begin(transfer_id, own, *blocks)
-                self._own_by_layer.add(transfer_id)
+                self._writer.arm(transfer_id, own, *blocks)
             else:
                 self._writer.submit(transfer_id, own, *blocks)
             expected += 1
         return expected
 
-    def layer(self, transfer_ids: list[int], layer: int) -> None:
-        """Layer `layer` of these requests is computed (the model's layer hook, rank 0)."""
-        for transfer_id in transfer_ids:
-            if transfer_id in self._own_by_layer:
-                self._writer.layer(transfer_id, layer)
-                if layer == self._num_layers - 1:
-                    self._writer.end(transfer_id)
-                    self._own_by_layer.discard(transfer_id)
+    def layer(self, layer: int) -> None:
+        """Layer `layer` of the forward under way is computed (the model's layer hook, rank 0): rank
+        0's own writes of the requests handed out by_layer before it."""
+        if self._writer is not None:
+            self._writer.on_layer(layer)
 
     def answers(self) -> list[tuple[int, str, int]]:
         """(transfer id, error or "", bytes) of every rank that finished since the last call."""

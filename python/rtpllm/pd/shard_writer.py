@@ -7,9 +7,9 @@ instance has more ranks than the prefill instance, rank 0's own writes into deco
 request's writes are final (DONE, or the first FAILED), through `on_done`.
 
 Two ways to write a request:
-    layer by layer  begin() before the forward that computes the prompt's last chunk, layer(l) from
-                    the model's layer hook as layer l is computed (the write overlaps the next
-                    layers' compute), end() after the last layer;
+    layer by layer  arm() before the forward that computes the prompt's last chunk, then on_layer(l)
+                    from the model's layer hook as layer l is computed (the write overlaps the next
+                    layers' compute); the last layer ends every armed request;
     at once         submit() after that forward: every layer in one put per write (the
                     destination came only after the prompt was computed).
 On a GPU every layer() / submit() records a CUDA event on the current stream, and the thread issues
@@ -69,31 +69,52 @@ class ShardWriter:
         self._on_done = on_done
         self._peers: dict[tuple[str, int], int] = {}
         self._requests: dict[int, _Request] = {}  # the thread's own
+        self._armed: list[int] = []  # the caller's: requests written layer by layer in the coming forward
         self._jobs: "queue.Queue[Optional[tuple]]" = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=f"rtpllm-pd-shard-writer-{rank}", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ the caller's side
-    def begin(self, transfer_id: int, writes: list, local_blocks: list, remote_blocks: list, num_tokens: int) -> None:
-        self._jobs.put(("begin", transfer_id, _Request(list(writes), list(local_blocks), list(remote_blocks),
-                                                       num_tokens), None))
+    def arm(self, transfer_id: int, writes: list, local_blocks: list, remote_blocks: list, num_tokens: int) -> None:
+        """Writes the request layer by layer in the coming forward (on_layer hands the layers over)."""
+        self._begin(transfer_id, writes, local_blocks, remote_blocks, num_tokens)
+        self._armed.append(transfer_id)
 
-    def layer(self, transfer_id: int, layer: int) -> None:
-        """Layer `layer` (-1: every layer) of the request is computed, or queued on the stream."""
-        self._jobs.put(("layer", transfer_id, layer, self._event()))
+    @property
+    def armed(self) -> bool:
+        return bool(self._armed)
 
-    def end(self, transfer_id: int) -> None:
-        self._jobs.put(("end", transfer_id, None, None))
+    def on_layer(self, layer: int) -> None:
+        """The model's layer hook: layer `layer` of every armed request is computed (or queued on the
+        stream); after the last layer they are no longer armed."""
+        for transfer_id in self._armed:
+            self._layer(transfer_id, layer)
+        if layer == self._num_layers - 1:
+            for transfer_id in self._armed:
+                self._end(transfer_id)
+            self._armed = []
 
     def submit(self, transfer_id: int, writes: list, local_blocks: list, remote_blocks: list, num_tokens: int) -> None:
         """Every layer at once; call after the step that computed the prompt was queued."""
-        self.begin(transfer_id, writes, local_blocks, remote_blocks, num_tokens)
-        self.layer(transfer_id, -1)
-        self.end(transfer_id)
+        self._begin(transfer_id, writes, local_blocks, remote_blocks, num_tokens)
+        self._layer(transfer_id, -1)
+        self._end(transfer_id)
 
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=5.0)
+
+    def _begin(self, transfer_id: int, writes: list, local_blocks: list, remote_blocks: list,
+               num_tokens: int) -> None:
+        self._jobs.put(("begin", transfer_id, _Request(list(writes), list(local_blocks), list(remote_blocks),
+                                                       num_tokens), None))
+
+    def _layer(self, transfer_id: int, layer: int) -> None:
+        """Layer `layer` (-1: every layer) of the request is computed, or queued on the stream."""
+        self._jobs.put(("layer", transfer_id, layer, self._event()))
+
+    def _end(self, transfer_id: int) -> None:
+        self._jobs.put(("end", transfer_id, None, None))
 
     def _event(self):
         if not self._cuda:

@@ -47,8 +47,6 @@ class WorkerPD:
         self.transfer.register_kv(kv_layout(caches, runner.block_size))
         self._caches = caches  # registered memory: kept alive as long as the transfer engine
         self._model = runner.model
-        self._num_layers = len(caches)
-        self._armed: list[int] = []  # transfer ids written layer by layer in the coming forward
         self._writer = None
         if pd.role == "prefill":
             first = caches[0]
@@ -67,9 +65,8 @@ class WorkerPD:
             self.transfer.grant_writes(message.transfer_id, list(message.blocks))
             self._send(WorkerPDAck(self.rank, message.transfer_id))
         elif isinstance(message, WorkerPDPush) and message.by_layer:
-            self._writer.begin(message.transfer_id, message.writes, message.local_blocks, message.remote_blocks,
-                               message.num_tokens)
-            self._armed.append(message.transfer_id)
+            self._writer.arm(message.transfer_id, message.writes, message.local_blocks, message.remote_blocks,
+                             message.num_tokens)
             self._model.layer_hook = self._on_layer  # the coming forward (its step follows this message)
         elif isinstance(message, WorkerPDPush):
             # The step that computed the prompt is queued before this: the writer waits for it.
@@ -79,12 +76,8 @@ class WorkerPD:
             self.transfer.revoke_writes(message.transfer_id)
 
     def _on_layer(self, layer: int) -> None:
-        for transfer_id in self._armed:
-            self._writer.layer(transfer_id, layer)
-        if layer == self._num_layers - 1:
-            for transfer_id in self._armed:
-                self._writer.end(transfer_id)
-            self._armed = []
+        self._writer.on_layer(layer)
+        if not self._writer.armed:  # the last layer: the forward's writes are all issued
             self._model.layer_hook = None
 
     def close(self) -> None:
