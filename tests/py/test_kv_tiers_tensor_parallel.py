@@ -11,6 +11,7 @@ import os
 import pytest
 
 from rtpllm import _C
+from rtpllm.engine.kv_cache import kv_bytes_per_block
 
 from kv_tier_workload import assert_idle, expected_outputs, generate, make_llm, prompts, tier_stats
 
@@ -103,6 +104,7 @@ def test_the_shared_store_keeps_every_ranks_share_under_its_own_key():
 
 
 def _rank_bytes_per_block(llm) -> int:
-    runner = llm.engine.runner
-    first = runner.kv_caches[0]
-    return len(runner.kv_caches) * first[0, 0].numel() * 2 * first.element_size()
+    """K and V of every layer of one block of rank 0's pool (its KV heads only)."""
+    caches = llm.engine.runner.kv_caches
+    _, _, block_size, num_kv_heads, head_dim = caches[0].shape
+    return kv_bytes_per_block(len(caches), num_kv_heads, head_dim, block_size, caches[0].dtype)
