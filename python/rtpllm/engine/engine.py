@@ -89,9 +89,15 @@ class Engine:
                 dtype=self.dtype, block_size=config.cache.block_size, max_model_len=self.max_model_len,
                 attn_backend_factory=attention_backend_factory(self.device, self.dtype, config.cache.block_size),
                 target_path=self.model_path)
+        # Root of the block-hash chain: copies of KV outside the pool never mix models or layouts.
+        # (Tensor-parallel ranks get it with their pool: their KV tiers key blocks by the same chain.)
+        self.cache_root_hash = cache_identity(
+            self.model_path, kv_dtype=self.dtype, block_size=config.cache.block_size,
+            num_layers=self.arch.num_layers, num_kv_heads=self.arch.num_kv_heads, head_dim=self.arch.head_dim)
         with self.startup.phase("kv cache profile and allocation"):
             self.executor.init_runner(self.max_model_len,
-                                      extra_kv_bytes_per_block=self.spec.kv_bytes_per_block if self.spec else 0)
+                                      extra_kv_bytes_per_block=self.spec.kv_bytes_per_block if self.spec else 0,
+                                      kv_root_hash=self.cache_root_hash)
         self.runner = self.executor.runner  # rank 0's: the model, its KV pool and CUDA graphs
         if self.runner.graphs is not None:  # captured inside the runner: report it apart
             capture = self.runner.graphs.capture_seconds
@@ -101,10 +107,6 @@ class Engine:
                             [("profile forward", getattr(self.runner, "profile_seconds", 0.0))])
         if self.spec is not None:  # tensor parallelism: rank 0 alone would replay verify graphs
             self.spec.bind(self.runner, verify_graphs=config.parallel.tensor_parallel_size == 1)
-        # Root of the block-hash chain: copies of KV outside the pool never mix models or layouts.
-        self.cache_root_hash = cache_identity(
-            self.model_path, kv_dtype=self.dtype, block_size=config.cache.block_size,
-            num_layers=self.arch.num_layers, num_kv_heads=self.arch.num_kv_heads, head_dim=self.arch.head_dim)
         self.scheduler = _C.Scheduler(
             _C.SchedulerOptions(
                 max_num_batched_tokens=config.scheduler.max_num_batched_tokens,

@@ -26,7 +26,9 @@ import os
 import time
 from typing import Callable, Optional
 
+from rtpllm import _C
 from rtpllm.config import CacheConfig, EngineConfig
+from rtpllm.engine.link.messages import WorkerKVDone
 
 logger = logging.getLogger(__name__)
 
@@ -67,18 +69,15 @@ class WorkerKVTiers:
         self._open: dict[int, int] = {}  # rank 0's handle -> this rank's handle
 
     @classmethod
-    def build(cls, spec, runner, arch, send) -> Optional["WorkerKVTiers"]:
+    def build(cls, spec, runner, arch, root_hash: int, send) -> Optional["WorkerKVTiers"]:
         """This rank's tiers as the config asks, or None when there are none (then rank 0 has none
-        either: it builds its own from the same config)."""
+        either: it builds its own from the same config). `root_hash`: rank 0's cache identity."""
         import torch
 
-        from rtpllm.engine.cache_identity import cache_identity
         from rtpllm.engine.kv_tiers import build_kv_tiers
         from rtpllm.pd.head_map import rank_heads
 
         cache = rank_cache_config(spec.config.cache, spec.rank, spec.world_size)
-        root_hash = cache_identity(spec.model_path, kv_dtype=spec.dtype, block_size=cache.block_size,
-                                   num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim)
         stream = torch.cuda.current_stream(spec.device).cuda_stream if spec.device.type == "cuda" else None
         first_head = rank_heads(arch.num_kv_heads, spec.rank, spec.world_size).start
         tiers = build_kv_tiers(cache, runner.kv_caches, root_hash, stream, first_head)
@@ -106,8 +105,6 @@ class WorkerKVTiers:
 
     def poll(self) -> None:
         """Answers every operation that ended since the last poll."""
-        from rtpllm import _C
-
         ended = []
         for handle, local in list(self._open.items()):
             state = self.tiers.connector.poll(local)
@@ -129,6 +126,4 @@ class WorkerKVTiers:
         self.tiers.flush()
 
     def _send_results(self, results: list) -> None:
-        from rtpllm.engine.link.messages import WorkerKVDone
-
         self._send(WorkerKVDone(self.rank, results))

@@ -36,8 +36,9 @@ class Executor(ABC):
     def load_model(self) -> LoadedModel: ...
 
     @abstractmethod
-    def init_runner(self, max_model_len: int, extra_kv_bytes_per_block: int = 0) -> None:
-        """`extra_kv_bytes_per_block`: KV a draft model keeps beside each block (spec/)."""
+    def init_runner(self, max_model_len: int, extra_kv_bytes_per_block: int = 0, kv_root_hash: int = 0) -> None:
+        """`extra_kv_bytes_per_block`: KV a draft model keeps beside each block (spec/).
+        `kv_root_hash`: the cache identity, which the other ranks' KV tiers key their blocks from."""
 
     @property
     def num_blocks(self) -> int:

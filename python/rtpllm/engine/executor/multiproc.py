@@ -84,15 +84,15 @@ class MultiprocExecutor(Executor):
             self.worker.join_group(self._store)
         return loaded
 
-    def init_runner(self, max_model_len: int, extra_kv_bytes_per_block: int = 0) -> None:
+    def init_runner(self, max_model_len: int, extra_kv_bytes_per_block: int = 0, kv_root_hash: int = 0) -> None:
         """extra_kv_bytes_per_block: a draft model's KV per block, which rank 0 alone holds (the draft
         runs there, unsharded); every rank sizes its pool as if it held it too, so that the ranks
         agree on the block count (the others leave that share unused)."""
         with self._shutdown_on_error():
-            self._init_runner(max_model_len, extra_kv_bytes_per_block)
+            self._init_runner(max_model_len, extra_kv_bytes_per_block, kv_root_hash)
 
-    def _init_runner(self, max_model_len: int, extra_kv_bytes_per_block: int) -> None:
-        self._send(encode_frame(InitRunner(max_model_len, extra_kv_bytes_per_block)))
+    def _init_runner(self, max_model_len: int, extra_kv_bytes_per_block: int, kv_root_hash: int) -> None:
+        self._send(encode_frame(InitRunner(max_model_len, extra_kv_bytes_per_block, kv_root_hash)))
         try:
             num_blocks = self.worker.init_runner(max_model_len, extra_kv_bytes_per_block)
         except RuntimeError as exc:

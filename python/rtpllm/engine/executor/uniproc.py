@@ -14,7 +14,7 @@ class UniProcExecutor(Executor):
     def load_model(self) -> LoadedModel:
         return self.worker.load_model()
 
-    def init_runner(self, max_model_len: int, extra_kv_bytes_per_block: int = 0) -> None:
+    def init_runner(self, max_model_len: int, extra_kv_bytes_per_block: int = 0, kv_root_hash: int = 0) -> None:
         self.worker.init_runner(max_model_len, extra_kv_bytes_per_block)
         self.runner = self.worker.runner
         # The engine calls the runner's own bound method: not even a forwarding call per step.

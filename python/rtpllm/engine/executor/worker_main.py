@@ -80,7 +80,7 @@ def serve(sock: socket.socket) -> int:
                                   spec.rank, send)
                 from rtpllm.engine.kv_tier_mirror import WorkerKVTiers
 
-                kv = WorkerKVTiers.build(spec, worker.runner, worker.loaded.arch, send)
+                kv = WorkerKVTiers.build(spec, worker.runner, worker.loaded.arch, message.kv_root_hash, send)
                 send(WorkerReady(spec.rank, num_blocks, pd.port if pd is not None else 0))
             elif kind is WorkerKVOps and kv is not None:
                 kv.apply(message.operations)

@@ -221,6 +221,7 @@ class InitWorker(LinkMessage):
 class InitRunner(LinkMessage):
     max_model_len: int
     extra_kv_bytes_per_block: int  # a draft model's KV beside the target's (rank 0 holds it; all size alike)
+    kv_root_hash: int = 0  # the cache identity: the root of the block hashes the ranks' KV tiers key by
 
 
 @dataclass(frozen=True, slots=True)
