@@ -290,9 +290,10 @@ class Engine:
                 previous, self._in_flight = self._in_flight, None
                 outputs += self._resolve(previous)
             self.spec.request_lookahead(self.scheduler, self._seqs.values())
-        self.executor.pump_kv_tiers()  # the other ranks' answers, before the scheduler polls its transfers
+        # The other ranks' answers, before the scheduler polls its transfers (and the operations of
+        # an earlier schedule() that launched no step; execute() ships those of a step before it).
+        self.executor.pump_kv_tiers()
         batch = self.scheduler.schedule()
-        self.executor.pump_kv_tiers()  # the loads and saves it started, to the other ranks
         if self.pd is not None:
             self.pd.before_forward(batch)
         if self.spec is not None:

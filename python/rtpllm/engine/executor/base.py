@@ -58,7 +58,8 @@ class Executor(ABC):
 
     def pump_kv_tiers(self) -> None:
         """Ships the tier operations started since the last call to the other ranks and hands
-        their answers to the connector. Call before and after every schedule(). No-op on one rank."""
+        their answers to the connector. Call before every schedule(); execute() calls it itself
+        before it sends a step. No-op on one rank."""
 
     @abstractmethod
     def shutdown(self) -> None: ...
