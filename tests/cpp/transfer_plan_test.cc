@@ -225,7 +225,8 @@ TEST(TransferMessages, RoundTripAndRejectTruncation) {
   d.identity = "llama|bf16";
   d.worker_address = std::string("\0\1\2worker", 9);
   d.layout = pool.layout();
-  d.regions = {{1, 2, "key-one"}, {3, 4, ""}};
+  d.regions = {{1, 2, "key-one", std::string("ipc\0handle", 10)}, {3, 4, "", ""}};
+  d.memory_scope = "host|boot|cuda";
   const std::string bytes = encode_descriptor(d);
   const PeerDescriptor back = decode_descriptor(bytes);
   EXPECT_EQ(back.name, d.name);
@@ -233,6 +234,9 @@ TEST(TransferMessages, RoundTripAndRejectTruncation) {
   EXPECT_EQ(back.layout.layers.size(), 3u);
   EXPECT_EQ(back.layout.layers[2].v_base, d.layout.layers[2].v_base);
   EXPECT_EQ(back.regions[0].rkey, "key-one");
+  EXPECT_EQ(back.regions[0].exported, d.regions[0].exported);
+  EXPECT_EQ(back.regions[1].exported, "");
+  EXPECT_EQ(back.memory_scope, d.memory_scope);
   for (size_t cut : {size_t{0}, size_t{3}, bytes.size() / 2, bytes.size() - 1}) {
     EXPECT_THROW(decode_descriptor(bytes.substr(0, cut)), std::runtime_error) << cut;
   }

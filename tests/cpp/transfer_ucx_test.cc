@@ -1,6 +1,7 @@
 // UcxTransfer end to end: two engines in one process over TCP loopback (UCX_TLS=tcp), host pools
 // of different block sizes, bytes compared token by token; bad input and dead peers. Every test
-// runs on each DataPath: AUTO (messages over TCP), RMA (UCX's emulated RMA over TCP) and MESSAGES.
+// runs on each DataPath: AUTO (messages over TCP), RMA (UCX's emulated RMA over TCP), MESSAGES and
+// DIRECT (in-process peer memory: the engine's DIRECT logic with memcpy for the CUDA copy kernel).
 #include <gtest/gtest.h>
 #include <poll.h>
 
@@ -48,6 +49,11 @@ class UcxTransferTest : public ::testing::TestWithParam<DataPath> {
     return o;
   }
 
+  // DIRECT: in-process peer memory (both engines live in this process); UCX's paths: none.
+  std::shared_ptr<PeerMemory> memory() const {
+    return GetParam() == DataPath::DIRECT ? std::shared_ptr<PeerMemory>(make_in_process_peer_memory()) : nullptr;
+  }
+
   static void SetUpTestSuite() {
     // CI and this test: TCP over loopback (UCX's choice otherwise); the caller's setting wins.
     setenv("UCX_TLS", "tcp", 0);
@@ -59,10 +65,10 @@ class UcxTransferTest : public ::testing::TestWithParam<DataPath> {
   void start(int32_t a_block = 8, int32_t b_block = 3, bool b_grants = false) {
     pool_a_ = std::make_unique<HostKVPool>(KVShape{}, 16, a_block);
     pool_b_ = std::make_unique<HostKVPool>(KVShape{}, 48, b_block);
-    a_ = std::make_unique<UcxTransfer>(options("prefill"));
+    a_ = std::make_unique<UcxTransfer>(options("prefill"), std::function<void()>{}, memory());
     TransferOptions b_options = options("decode");
     b_options.require_write_grants = b_grants;
-    b_ = std::make_unique<UcxTransfer>(b_options);
+    b_ = std::make_unique<UcxTransfer>(b_options, std::function<void()>{}, memory());
     a_->register_kv(pool_a_->layout());
     b_->register_kv(pool_b_->layout());
     peer_ = a_->connect("127.0.0.1", b_->listen_port());
@@ -151,8 +157,8 @@ TEST_P(UcxTransferTest, GetReadsBlocksFromABlockMajorStore) {
                                                         shape.head_dim, shape.element_bytes);
   // Fill the store's blocks 8, 0, 5 through a pool view of the same memory layout.
   HostKVPool client(shape, 6, block);
-  UcxTransfer store_engine(options("store"));
-  UcxTransfer client_engine(options("client"));
+  UcxTransfer store_engine(options("store"), {}, memory());
+  UcxTransfer client_engine(options("client"), {}, memory());
   store_engine.register_kv(store_layout);
   client_engine.register_kv(client.layout());
   const PeerId store_peer = client_engine.connect("127.0.0.1", store_engine.listen_port());
@@ -221,12 +227,12 @@ TEST_P(UcxTransferTest, WriteGrantsBoundWhatAPutMayWrite) {
 TEST_P(UcxTransferTest, MismatchedPeersAreRefused) {
   HostKVPool pool(KVShape{}, 4, 8);
   HostKVPool other_head_dim(KVShape{3, 2, 7, 2}, 4, 8);  // another head count connects (head slices)
-  UcxTransfer server(options("server"));
+  UcxTransfer server(options("server"), {}, memory());
   server.register_kv(pool.layout());
-  UcxTransfer wrong_shape(options("client"));
+  UcxTransfer wrong_shape(options("client"), {}, memory());
   wrong_shape.register_kv(other_head_dim.layout());
   EXPECT_THROW(wrong_shape.connect("127.0.0.1", server.listen_port()), std::runtime_error);
-  UcxTransfer wrong_model(options("client", "another-model|fp16"));
+  UcxTransfer wrong_model(options("client", "another-model|fp16"), {}, memory());
   wrong_model.register_kv(pool.layout());
   try {
     wrong_model.connect("127.0.0.1", server.listen_port());
@@ -234,18 +240,18 @@ TEST_P(UcxTransferTest, MismatchedPeersAreRefused) {
   } catch (const std::runtime_error& e) {
     EXPECT_NE(std::string(e.what()).find("identity"), std::string::npos) << e.what();
   }
-  UcxTransfer unregistered(options("client"));
+  UcxTransfer unregistered(options("client"), {}, memory());
   EXPECT_THROW(unregistered.connect("127.0.0.1", server.listen_port()), std::runtime_error);
   EXPECT_TRUE(server.peers().empty());
 }
 
 TEST_P(UcxTransferTest, UnreachablePeerFailsFast) {
   HostKVPool pool(KVShape{}, 4, 8);
-  UcxTransfer engine(options("lonely"));
+  UcxTransfer engine(options("lonely"), {}, memory());
   engine.register_kv(pool.layout());
   int32_t closed_port = 0;
   {
-    UcxTransfer gone(options("gone"));
+    UcxTransfer gone(options("gone"), {}, memory());
     closed_port = gone.listen_port();
   }
   const auto start = Clock::now();
@@ -302,7 +308,7 @@ TEST_P(UcxTransferTest, PeersReportTheDataPathTheyUse) {
 TEST_P(UcxTransferTest, LargeCopiesArriveWholeAndComeBack) {
   const KVShape shape{2, 8, 128, 2};  // 2 KiB per token and plane: a block of 16 tokens is 32 KiB
   HostKVPool src_pool(shape, 64, 16), dst_pool(shape, 64, 16);
-  UcxTransfer a(options("prefill")), b(options("decode"));
+  UcxTransfer a(options("prefill"), {}, memory()), b(options("decode"), {}, memory());
   a.register_kv(src_pool.layout());
   b.register_kv(dst_pool.layout());
   const PeerId peer = a.connect("127.0.0.1", b.listen_port());
@@ -338,7 +344,8 @@ TEST_P(UcxTransferTest, HeadSlicesMoveBetweenDifferentHeadCounts) {
   const KVShape four{3, 4, 5, 2}, two{3, 2, 5, 2};
   const int64_t head_bytes = 5 * 2, tokens = 19;
   HostKVPool whole(four, 16, 8), half0(two, 48, 3), half1(two, 48, 3), back(four, 16, 8);
-  UcxTransfer a(options("prefill")), b0(options("decode-rank0")), b1(options("decode-rank1"));
+  UcxTransfer a(options("prefill"), {}, memory()), b0(options("decode-rank0"), {}, memory()),
+      b1(options("decode-rank1"), {}, memory());
   a.register_kv(whole.layout());
   b0.register_kv(half0.layout());
   b1.register_kv(half1.layout());
@@ -367,7 +374,7 @@ TEST_P(UcxTransferTest, HeadSlicesMoveBetweenDifferentHeadCounts) {
   }
   EXPECT_EQ(a.stats().bytes_put, static_cast<uint64_t>(tokens) * 2 * head_bytes * 2 * four.num_layers * 2);
 
-  UcxTransfer c(options("reader"));
+  UcxTransfer c(options("reader"), {}, memory());
   c.register_kv(back.layout());
   const PeerId from1 = c.connect("127.0.0.1", b1.listen_port());
   TransferRequest get{78, src, dst, tokens, -1, false};
@@ -402,7 +409,7 @@ TEST_P(UcxTransferTest, ThousandsOfSmallCopiesGoThereAndBack) {
   HostKVPool a_pool(four, 2 * blocks, 8), b_pool(four, blocks, 8);
   TransferOptions a_options = options("prefill"), b_options = options("decode");
   a_options.max_blocks_per_transfer = b_options.max_blocks_per_transfer = static_cast<int32_t>(blocks);
-  UcxTransfer a(a_options), b(b_options);
+  UcxTransfer a(a_options, {}, memory()), b(b_options, {}, memory());
   a.register_kv(a_pool.layout());
   b.register_kv(b_pool.layout());
   const PeerId peer = a.connect("127.0.0.1", b.listen_port());
@@ -442,12 +449,14 @@ std::string path_name(const ::testing::TestParamInfo<DataPath>& info) {
     case DataPath::AUTO: return "Auto";
     case DataPath::RMA: return "Rma";
     case DataPath::MESSAGES: return "Messages";
+    case DataPath::DIRECT: return "Direct";
   }
   return "Unknown";
 }
 
 INSTANTIATE_TEST_SUITE_P(DataPaths, UcxTransferTest,
-                         ::testing::Values(DataPath::AUTO, DataPath::RMA, DataPath::MESSAGES), path_name);
+                         ::testing::Values(DataPath::AUTO, DataPath::RMA, DataPath::MESSAGES, DataPath::DIRECT),
+                         path_name);
 
 }  // namespace
 }  // namespace rtpllm

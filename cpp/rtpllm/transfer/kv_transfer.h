@@ -55,8 +55,13 @@ using PeerId = uint64_t;  // local to one engine; 0 is never a valid peer
 //             progress loop, and UCX 1.22 aborts the target process when such an answer meets a
 //             peer that just died; with MESSAGES the target never answers inside UCX (its
 //             acknowledgements go over the control channel), so a dying peer is only an error.
-//   AUTO:     RMA where the endpoint to the peer has a transport with RMA in hardware, else MESSAGES.
-enum class DataPath : uint8_t { AUTO, RMA, MESSAGES };
+//   DIRECT:   this engine maps the peer's registered memory into its own address space and copies
+//             the bytes itself (peer_memory.h: CUDA IPC and one copy kernel per put between two
+//             GPU processes of one host), then sends the notice on the control channel. Needs a
+//             PeerMemory on both sides with the same scope; forced, a peer without one is refused.
+//   AUTO:     DIRECT where both engines can (same host, memory the PeerMemory supports), else RMA
+//             where the endpoint to the peer has a transport with RMA in hardware, else MESSAGES.
+enum class DataPath : uint8_t { AUTO, RMA, MESSAGES, DIRECT };
 
 struct TransferOptions {
   std::string name = "rtpllm";        // shown to peers (PeerInfo::name)

@@ -32,9 +32,11 @@ std::string encode_descriptor(const PeerDescriptor& d) {
     w.put<uint64_t>(r.base);
     w.put<uint64_t>(r.length);
     w.put_bytes(r.rkey);
+    w.put_bytes(r.exported);
   }
   w.put<uint8_t>(d.requires_write_grants ? 1 : 0);
   w.put<uint64_t>(d.connection_key);
+  w.put_bytes(d.memory_scope);
   return w.take();
 }
 
@@ -63,17 +65,19 @@ PeerDescriptor decode_descriptor(const std::string& payload) {
     a.k_base = r.get<uint64_t>();
     a.v_base = r.get<uint64_t>();
   }
-  const uint32_t num_regions = r.get_count(2 * sizeof(uint64_t) + sizeof(uint32_t));
+  const uint32_t num_regions = r.get_count(2 * sizeof(uint64_t) + 2 * sizeof(uint32_t));
   d.regions.resize(num_regions);
   for (RemoteRegion& region : d.regions) {
     region.base = r.get<uint64_t>();
     region.length = r.get<uint64_t>();
     region.rkey = r.get_bytes();
+    region.exported = r.get_bytes();
   }
   const uint8_t grants = r.get<uint8_t>();
   if (grants > 1) throw std::runtime_error("malformed message: bad write grant flag");
   d.requires_write_grants = grants == 1;
   d.connection_key = r.get<uint64_t>();
+  d.memory_scope = r.get_bytes();
   r.expect_end();
   return d;
 }

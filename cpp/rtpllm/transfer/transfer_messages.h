@@ -35,11 +35,12 @@ struct RemoteRegion {
   uint64_t base = 0;
   uint64_t length = 0;
   std::string rkey;  // packed by ucp_rkey_pack, opaque here
+  std::string exported;  // PeerMemory::export_region of it; empty: not mappable (peer_memory.h)
 };
 
 // What a peer needs to address this engine's KV memory.
 struct PeerDescriptor {
-  uint32_t protocol_version = 3;
+  uint32_t protocol_version = 4;
   std::string name;
   std::string identity;
   std::string worker_address;  // ucp_worker_get_address, opaque here
@@ -49,6 +50,9 @@ struct PeerDescriptor {
   // Names this connection in the active messages of DataPath::MESSAGES: the connecting side draws
   // it and sends it in its HELLO, the accepting side adopts it (0 in the accepting side's HELLO).
   uint64_t connection_key = 0;
+  // PeerMemory::scope of the exports in `regions` (empty: none): DataPath::DIRECT maps them only
+  // from an engine with the same scope.
+  std::string memory_scope;
 };
 
 struct NoticeMessage {

@@ -68,7 +68,7 @@ UcxRegistration::UcxRegistration(ucp_context_h context, const KVLayout& layout) 
       void* packed = nullptr;
       size_t packed_size = 0;
       check_ucs(ucp_rkey_pack(context_, handle, &packed, &packed_size), "ucp_rkey_pack");
-      regions_.push_back({region.base, region.length, std::string(static_cast<const char*>(packed), packed_size)});
+      regions_.push_back({region.base, region.length, std::string(static_cast<const char*>(packed), packed_size), ""});
       ucp_rkey_buffer_release(packed);
     }
   } catch (...) {

@@ -36,11 +36,16 @@ HeadSlice head_slice(const TransferRequest& request, bool is_put) {
 
 }  // namespace
 
-UcxTransfer::UcxTransfer(TransferOptions options, std::function<void()> thread_init)
+UcxTransfer::UcxTransfer(TransferOptions options, std::function<void()> thread_init,
+                         std::shared_ptr<PeerMemory> peer_memory)
     : options_((options.validate(), std::move(options))),
       heartbeat_(std::max<std::chrono::milliseconds>(
           std::chrono::milliseconds(10), std::min(std::chrono::milliseconds(1000), ucx_seconds_to_ms(options_.timeout_s / 4)))),
+      peer_memory_(std::move(peer_memory)),
       listener_(options_.listen_host, options_.listen_port) {
+  if (options_.data_path == DataPath::DIRECT && !peer_memory_) {
+    throw std::invalid_argument("data_path: DIRECT needs access to peers' memory (a CUDA device: cuda_device=...)");
+  }
   key_state_ = (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}();
   register_message_handlers();
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -88,6 +93,14 @@ void UcxTransfer::register_kv(const KVLayout& layout) {
   self.worker_address = ucx_.address();
   self.layout = layout;
   self.regions = registration_->regions();
+  if (peer_memory_ && peer_memory_->supports(layout.memory)) {
+    try {
+      for (RemoteRegion& region : self.regions) region.exported = peer_memory_->export_region(region.base, region.length);
+      self.memory_scope = peer_memory_->scope();
+    } catch (const std::runtime_error&) {
+      for (RemoteRegion& region : self.regions) region.exported.clear();  // peers use UCX then
+    }
+  }
   self.requires_write_grants = options_.require_write_grants;
   descriptor_ = encode_descriptor(self);
 }
@@ -220,7 +233,7 @@ void UcxTransfer::progress_once_locked() {
   for (auto& [handle, transfer] : transfers_) {
     if (transfer->phase != Transfer::Phase::QUEUED) continue;
     const Peer& peer = *peers_.at(transfer->peer);
-    const bool ready = peer.knows_us || peer.data_path == DataPath::RMA || peer.state != PeerState::CONNECTED;
+    const bool ready = peer.knows_us || peer.data_path != DataPath::MESSAGES || peer.state != PeerState::CONNECTED;
     if (ready && granted_locked(*transfer)) issue_locked(*transfer);
   }
   continue_gets_locked();
@@ -237,6 +250,10 @@ void UcxTransfer::issue_locked(Transfer& transfer) {
   }
   if (peer.data_path == DataPath::MESSAGES) {
     issue_as_messages_locked(transfer, peer);
+    return;
+  }
+  if (peer.data_path == DataPath::DIRECT) {
+    issue_direct_locked(transfer, peer);
     return;
   }
   ucp_request_param_t param{};
@@ -275,6 +292,8 @@ void UcxTransfer::finish_transfers_locked() {
   for (auto& [handle, transfer_ptr] : transfers_) {
     Transfer& t = *transfer_ptr;
     if (t.phase != Transfer::Phase::ISSUED) continue;
+    // A direct copy cannot be recalled: the transfer stays unfinished until it ended, error or not.
+    if (t.direct_ticket != 0 && !direct_copy_ended_locked(t)) continue;
     Peer& peer = *peers_.at(t.peer);
     if (t.outstanding > 0 || (t.error.empty() && !landed_locked(t, peer))) {
       if (now > t.deadline) {

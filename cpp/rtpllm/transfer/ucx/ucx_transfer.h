@@ -2,6 +2,9 @@
 //   RMA:      puts and gets are ucp_put_nbx / ucp_get_nbx on the peer's registered memory; a put is
 //             flushed (ucp_ep_flush_nbx: remote completion) before it is DONE and before its NOTICE
 //             goes out on the control channel, so the receiver never sees a notice before the bytes.
+//   DIRECT:   (ucx_transfer_direct.cc) the peer's regions are mapped here at the handshake
+//             (PeerMemory); a put or get is one PeerMemory::copy, and a put's NOTICE goes out on
+//             the control channel once the copy finished.
 //   MESSAGES: (ucx_transfer_messages.cc) a put is numbered active messages that the receiver copies
 //             into its memory, then a PUT_DONE message carrying the notice; the receiver delivers
 //             the notice and acknowledges on the control channel (PUT_ACK) once that put and every
@@ -27,6 +30,7 @@
 
 #include "rtpllm/transfer/control_channel.h"
 #include "rtpllm/transfer/kv_transfer.h"
+#include "rtpllm/transfer/peer_memory.h"
 #include "rtpllm/transfer/transfer_plan.h"
 #include "rtpllm/transfer/ucx/ucx_memory.h"
 
@@ -41,7 +45,9 @@ class UcxTransfer final : public KVTransfer {
  public:
   // Starts listening and the progress thread. thread_init runs first on the progress thread
   // (the CUDA build makes the KV pool's device current there: UCX's CUDA transports need it).
-  explicit UcxTransfer(TransferOptions options, std::function<void()> thread_init = {});
+  // peer_memory: DataPath::DIRECT's access to peers' memory (none: never DIRECT).
+  explicit UcxTransfer(TransferOptions options, std::function<void()> thread_init = {},
+                       std::shared_ptr<PeerMemory> peer_memory = nullptr);
   ~UcxTransfer() override;  // closes every peer (they see "closed by peer"), fails what is in flight
 
   void register_kv(const KVLayout& layout) override;
@@ -76,6 +82,12 @@ class UcxTransfer final : public KVTransfer {
   // Fails every peer whose control connection hung up; runs before each ucp_worker_progress call.
   void fail_hung_up_peers_locked();
   void issue_locked(Transfer& transfer);
+  // DataPath::DIRECT (ucx_transfer_direct.cc).
+  std::string direct_obstacle(const PeerDescriptor& remote) const;  // why not DIRECT to it ("": none)
+  bool map_peer_locked(Peer& peer, std::string* why);                // its regions mapped here, or why not
+  void unmap_peer_locked(Peer& peer);                                // after every copy ended
+  void issue_direct_locked(Transfer& transfer, Peer& peer);
+  bool direct_copy_ended_locked(Transfer& transfer);                 // its copy finished (or failed)
   // DataPath::MESSAGES (ucx_transfer_messages.cc).
   void register_message_handlers();
   DataPath data_path_for(ucp_ep_h ep) const;
@@ -130,6 +142,7 @@ class UcxTransfer final : public KVTransfer {
 
   const TransferOptions options_;
   const std::chrono::milliseconds heartbeat_;
+  const std::shared_ptr<PeerMemory> peer_memory_;
   UcxWorker ucx_;
   ControlListener listener_;
   int wake_fd_ = -1;

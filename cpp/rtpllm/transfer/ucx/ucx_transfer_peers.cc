@@ -31,6 +31,9 @@ std::string UcxTransfer::refusal_reason(const PeerDescriptor& remote) const {
   } catch (const std::invalid_argument& error) {
     return std::string("incompatible KV layout: ") + error.what();
   }
+  if (options_.data_path == DataPath::DIRECT) {
+    if (const std::string why = direct_obstacle(remote); !why.empty()) return "data_path DIRECT: " + why;
+  }
   // Every plane the peer may address must lie in a region it sent a key for.
   const uint64_t plane = static_cast<uint64_t>(remote.layout.num_blocks - 1) * remote.layout.block_stride_bytes +
                          remote.layout.block_bytes();
@@ -68,10 +71,16 @@ PeerId UcxTransfer::add_peer_locked(ControlConnection connection, PeerDescriptor
     }
     peer->rkeys.push_back(rkey);
   }
-  peer->data_path = data_path_for(peer->ep);
+  std::string not_direct;
+  const bool direct = options_.data_path == DataPath::AUTO || options_.data_path == DataPath::DIRECT;
+  peer->data_path = direct && map_peer_locked(*peer, &not_direct) ? DataPath::DIRECT : data_path_for(peer->ep);
   peer->last_heard = peer->last_sent = Clock::now();
   const PeerId id = peer->id;
-  peers_.emplace(id, std::move(peer));
+  Peer& added = *peers_.emplace(id, std::move(peer)).first->second;
+  // Forced DIRECT passed direct_obstacle at the handshake; a map that failed after it fails the peer.
+  if (options_.data_path == DataPath::DIRECT && added.data_path != DataPath::DIRECT) {
+    fail_peer_locked(added, "data_path DIRECT: " + not_direct);
+  }
   return id;
 }
 
@@ -111,6 +120,7 @@ PeerId UcxTransfer::connect(const std::string& host, int32_t port) {
   }
   const PeerId id = add_peer_locked(std::move(connection), std::move(remote));
   Peer& peer = *peers_.at(id);
+  if (peer.state == PeerState::FAILED) throw std::runtime_error("connect to " + where + ": " + peer.error);
   peer.knows_us = true;
   // Tells the acceptor that this side has its entry too (Peer::knows_us).
   if (!peer.connection->send(MessageType::PING, "", deadline, &error)) fail_peer_locked(peer, error);
@@ -310,6 +320,7 @@ void UcxTransfer::close_failed_endpoints_locked() {
 }
 
 void UcxTransfer::close_endpoint_locked(Peer& peer) {
+  unmap_peer_locked(peer);
   if (peer.ep == nullptr) return;
   for (ucp_rkey_h rkey : peer.rkeys) ucp_rkey_destroy(rkey);
   peer.rkeys.clear();

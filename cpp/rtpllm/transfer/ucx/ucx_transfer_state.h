@@ -43,6 +43,7 @@ struct UcxTransfer::Peer {
   std::unique_ptr<ControlConnection> connection;
   ucp_ep_h ep = nullptr;
   std::vector<ucp_rkey_h> rkeys;  // parallel to remote.regions
+  std::vector<uint64_t> mapped;   // DataPath::DIRECT: where each of remote.regions is mapped here
   PeerState state = PeerState::CONNECTED;
   std::string error;
   SteadyTime close_by;  // failed: its endpoint is force-closed by then if requests are still outstanding
@@ -71,6 +72,15 @@ struct UcxTransfer::Peer {
   uint64_t get_requests_out = 0;  // this engine's GET_REQUESTs to the peer not answered yet (kGetWindow)
   std::string protocol_error;  // found inside a message handler; the peer is failed after progress
 
+  // DataPath::DIRECT: the address here of the peer's [address, address + bytes), or 0 outside its regions.
+  uint64_t mapped_for(uint64_t address, uint64_t bytes) const {
+    for (size_t i = 0; i < mapped.size(); ++i) {
+      const RemoteRegion& r = remote.regions[i];
+      if (address >= r.base && address + bytes <= r.base + r.length) return mapped[i] + (address - r.base);
+    }
+    return 0;
+  }
+
   // The rkey of the region holding [address, address + bytes), or nullptr.
   ucp_rkey_h rkey_for(uint64_t address, uint64_t bytes) const {
     for (size_t i = 0; i < remote.regions.size(); ++i) {
@@ -93,6 +103,7 @@ struct UcxTransfer::Transfer {
   Phase phase = Phase::QUEUED;
   bool granted = false;     // a put to a peer that requires write grants: its answer allowed it
   bool by_messages = false; // issued on DataPath::MESSAGES
+  uint64_t direct_ticket = 0; // issued on DataPath::DIRECT: its PeerMemory copy, until it ended
   uint64_t sequence = 0;    // a put by messages: its number on the connection (done once acknowledged)
   uint64_t received = 0;    // a get by messages: bytes of the replies landed (done at `bytes`)
   std::string done_message; // a put by messages: its PUT_DONE payload, alive until the send completes
