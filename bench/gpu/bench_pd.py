@@ -2,8 +2,9 @@
 
 1. KV transfer bandwidth: a 4k-token prompt's KV (32 layers, 8 KV heads, head dim 128, bf16:
    512 MiB) written layer by layer from one process's paged pool into another's (block size 64
-   into 16, as prefill and decode may differ), over UCX (CUDA IPC), against a device-to-device
-   copy measured in the same run (ratio = transfer bytes/s over copy bytes/s, one direction);
+   into 16, as prefill and decode may differ), DIRECT (the transfer engine's copy kernel into the
+   decode pool mapped over CUDA IPC; what AUTO picks) and over UCX's CUDA IPC transport (RMA, rows
+   `..._ucx_cuda_ipc`), against a device-to-device copy measured in the same run (ratio = transfer bytes/s over copy bytes/s, one direction);
    into consecutive decode blocks (few large writes), into reversed ones (one write per block: what
    the old free list handed out after churn), and the block lists the real allocator hands out
    after churn (`_C.Scheduler` driven through many requests on both sides, prefix caching on:
@@ -47,11 +48,12 @@ def _pool(num_blocks: int, block_size: int) -> list[torch.Tensor]:
             for _ in range(LAYERS)]
 
 
-def _engine(name: str, pool: list[torch.Tensor]):
+def _engine(name: str, pool: list[torch.Tensor], data_path: str = "AUTO"):
     from rtpllm import _C
     from rtpllm.engine.kv_tiers import kv_layout
 
-    engine = _C.UcxTransfer(_C.TransferOptions(name=name, identity="bench-pd", timeout_s=30.0),
+    engine = _C.UcxTransfer(_C.TransferOptions(name=name, identity="bench-pd", timeout_s=30.0,
+                                               data_path=getattr(_C.DataPath, data_path)),
                             cuda_device=torch.cuda.current_device())
     engine.register_kv(kv_layout(pool, pool[0].shape[2]))
     return engine
@@ -143,8 +145,6 @@ def transfer_rows(copy_tbps: float) -> list[dict]:
     try:
         port = json.loads(child.stdout.readline())["port"]
         pool = _pool(PREFILL_POOL_BLOCKS, 64)
-        engine = _engine("prefill", pool)
-        peer = engine.connect("127.0.0.1", port)
         src_consecutive = list(range(PROMPT_TOKENS // 64))
         nbytes = PROMPT_TOKENS * LAYERS * 2 * HEADS * HEAD_DIM * 2
         copy_one_way = copy_tbps / 2  # measure_copy_tbps counts bytes read plus written
@@ -157,7 +157,11 @@ def transfer_rows(copy_tbps: float) -> list[dict]:
                  ("reversed", src_consecutive, list(range(PROMPT_TOKENS // 16))[::-1]),
                  ("after_churn", prefill_churned, decode_reservation_after_churn(DECODE_POOL_BLOCKS, 600)),
                  ("after_churn_full_pool", prefill_churned, decode_reservation_after_churn(DECODE_POOL_BLOCKS // 2, 1000)))
-        for order, src, dst in cases:
+        # AUTO: DIRECT (our copy kernel into the mapped decode pool); RMA: UCX's CUDA IPC transport.
+        for data_path, order, src, dst in [(path, *case) for path in ("AUTO", "RMA") for case in cases]:
+            engine = _engine(f"prefill-{data_path}", pool, data_path)
+            peer = engine.connect("127.0.0.1", port)
+            used = engine.peers()[0].data_path.name
             times = []
             for repeat in range(REPEATS + 1):
                 torch.cuda.synchronize()
@@ -170,15 +174,16 @@ def transfer_rows(copy_tbps: float) -> list[dict]:
                     assert status.state == _C.TransferState.DONE, status.error
                 if repeat:  # the first connects the memory handles
                     times.append(time.perf_counter() - start)
-            engine.take_notices(0.0)
+            engine.disconnect(peer)
             seconds = statistics.median(times)
             achieved = nbytes / seconds / 1e12
-            print(f"transfer ({order} decode blocks, {_runs(src)} prefill / {_runs(dst)} decode runs): "
+            print(f"transfer {used} ({order} decode blocks, {_runs(src)} prefill / {_runs(dst)} decode runs): "
                   f"{nbytes / 2**20:.0f} MiB in {seconds * 1e3:.2f} ms = "
                   f"{achieved:.3f} TB/s (device copy {copy_one_way:.3f} TB/s one way)")
-            rows.append(row(f"kv_transfer_4k_prompt_layer_by_layer_{order}", achieved, "TB/s",
+            suffix = "" if data_path == "AUTO" else "_ucx_cuda_ipc"
+            rows.append(row(f"kv_transfer_4k_prompt_layer_by_layer_{order}{suffix}", achieved, "TB/s",
                             "device copy (one way, same run)", achieved / copy_one_way, ms=seconds * 1e3, bytes=nbytes,
-                            prefill_runs=_runs(src), decode_runs=_runs(dst)))
+                            prefill_runs=_runs(src), decode_runs=_runs(dst), data_path=used))
         return rows
     finally:
         child.stdin.close()

@@ -15,6 +15,9 @@
 #ifdef RTPLLM_WITH_UCX
 #include "rtpllm/transfer/ucx/ucx_transfer.h"
 #include "ucx_thread_init.h"
+#ifdef RTPLLM_WITH_CUDA
+#include "cuda/transfer/cuda_peer_memory.h"
+#endif
 #endif
 
 namespace py = pybind11;
@@ -42,7 +45,8 @@ void bind_engine_types(py::module_& m) {
   py::enum_<DataPath>(m, "DataPath", "How puts and gets move bytes to a peer (kv_transfer.h DataPath)")
       .value("AUTO", DataPath::AUTO)
       .value("RMA", DataPath::RMA)
-      .value("MESSAGES", DataPath::MESSAGES);
+      .value("MESSAGES", DataPath::MESSAGES)
+      .value("DIRECT", DataPath::DIRECT);
 
   py::class_<TransferOptions>(m, "TransferOptions")
       .def(py::init([](std::string name, std::string identity, std::string listen_host, int32_t listen_port,
@@ -132,7 +136,12 @@ void bind_ucx_transfer(py::module_& m) {
   py::class_<UcxTransfer>(m, "UcxTransfer",
                           "KV transfer engine over UCX (see cpp/rtpllm/transfer/kv_transfer.h for the contract)")
       .def(py::init([](const TransferOptions& options, std::optional<int> cuda_device) {
-             return std::make_unique<UcxTransfer>(options, ucx_thread_init(cuda_device));
+             std::shared_ptr<PeerMemory> peer_memory;
+#ifdef RTPLLM_WITH_CUDA
+             // KV on a GPU: DataPath::DIRECT between processes of this host (CUDA IPC, our copy kernel).
+             if (cuda_device) peer_memory = cuda::make_cuda_peer_memory(*cuda_device);
+#endif
+             return std::make_unique<UcxTransfer>(options, ucx_thread_init(cuda_device), std::move(peer_memory));
            }),
            py::arg("options"), py::kw_only(), py::arg("cuda_device") = std::nullopt)
       .def("register_kv", &UcxTransfer::register_kv, py::arg("layout"), Release(),

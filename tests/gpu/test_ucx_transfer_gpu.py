@@ -1,5 +1,7 @@
-"""The UCX KV transfer engine on GPU memory: two processes on one GPU (as prefill and decode share a
-card in the one-GPU PD benchmark), UCX picks the transport (CUDA IPC on one host).
+"""The KV transfer engine on GPU memory: two processes on one GPU (as prefill and decode share a
+card in the one-GPU PD benchmark). AUTO goes DIRECT there (the sender maps the receiver's pool over
+CUDA IPC and copies with its own kernel); RMA forces UCX's CUDA IPC transport, MESSAGES UCX active
+messages (what TCP between hosts gets).
 
 Checks bytes across block sizes (prefill 64, decode 16) for put, layer-by-layer put and get, and
 prints the transfer bandwidth against a device-to-device copy of the same bytes in the same run.
@@ -97,10 +99,10 @@ def ucx():
     return _C
 
 
-@pytest.mark.parametrize("data_path", ["AUTO", "MESSAGES"])
+@pytest.mark.parametrize("data_path", ["AUTO", "RMA", "MESSAGES"])
 def test_put_and_get_gpu_blocks_across_block_sizes(ucx, data_path):
-    """AUTO: CUDA IPC between two processes of one host, so RMA. MESSAGES (what TCP between hosts
-    gets): the receiving engine copies each message into device memory itself."""
+    """AUTO: two processes of one host, so DIRECT. RMA: UCX's CUDA IPC. MESSAGES: the receiving
+    engine copies each message into device memory itself."""
     receiver = Receiver(num_blocks=96, block_size=16)
     try:
         pool = make_pool(num_blocks=8, block_size=64)
@@ -109,7 +111,7 @@ def test_put_and_get_gpu_blocks_across_block_sizes(ucx, data_path):
         engine = make_engine("prefill", data_path)
         engine.register_kv(layout_of(pool))
         peer = engine.connect("127.0.0.1", receiver.port)
-        expected = ucx.DataPath.RMA if data_path == "AUTO" else ucx.DataPath.MESSAGES
+        expected = ucx.DataPath.DIRECT if data_path == "AUTO" else getattr(ucx.DataPath, data_path)
         assert engine.peers()[0].data_path == expected
         src, dst, n = [5, 2, 7], [90, 3, 41, 0, 17, 64, 8, 9, 22, 77, 50, 1], 181  # 3 x 64 -> 12 x 16
         torch.cuda.synchronize()  # the pool's bytes are written before the engine reads them
@@ -133,8 +135,10 @@ def test_put_and_get_gpu_blocks_across_block_sizes(ucx, data_path):
         receiver.close()
 
 
-def test_transfer_bandwidth_against_device_copy(ucx):
-    """A 4k-token prompt's KV (Llama-3.1-8B shape, 512 MiB) pushed layer by layer, as prefill does."""
+@pytest.mark.parametrize("data_path", ["AUTO", "RMA"])
+def test_transfer_bandwidth_against_device_copy(ucx, data_path):
+    """A 4k-token prompt's KV (Llama-3.1-8B shape, 512 MiB) pushed layer by layer, as prefill does,
+    into reversed blocks (one run per block): DIRECT (AUTO) against UCX's CUDA IPC (RMA)."""
     block_size, num_tokens = 16, 4096
     num_blocks = num_tokens // block_size
     receiver = Receiver(num_blocks=num_blocks, block_size=block_size, with_digest=False)
@@ -142,7 +146,7 @@ def test_transfer_bandwidth_against_device_copy(ucx):
         pool = make_pool(num_blocks, block_size)
         for t in pool:
             t.normal_()
-        engine = make_engine("prefill")
+        engine = make_engine("prefill", data_path)
         engine.register_kv(layout_of(pool))
         peer = engine.connect("127.0.0.1", receiver.port)
         blocks = list(range(num_blocks))
@@ -171,7 +175,8 @@ def test_transfer_bandwidth_against_device_copy(ucx):
             a.copy_(b)
         torch.cuda.synchronize()
         copy_s = time.perf_counter() - start
-        print(f"\n{torch.cuda.get_device_name()}: {nbytes / 2**20:.0f} MiB in {LAYERS} layer puts: "
+        print(f"\n{torch.cuda.get_device_name()}, {engine.peers()[0].data_path.name}: {nbytes / 2**20:.0f} MiB in "
+              f"{LAYERS} layer puts: "
               f"{nbytes / transfer_s / 1e9:.1f} GB/s ({transfer_s * 1e3:.2f} ms); device copy "
               f"{nbytes / copy_s / 1e9:.1f} GB/s ({copy_s * 1e3:.2f} ms); ratio {copy_s / transfer_s:.2f}")
         assert transfer_s < 10 * TIMEOUT_S
