@@ -3,8 +3,8 @@
 1. KV transfer bandwidth: a 4k-token prompt's KV (32 layers, 8 KV heads, head dim 128, bf16:
    512 MiB) written layer by layer from one process's paged pool into another's (block size 64
    into 16, as prefill and decode may differ), DIRECT (the transfer engine's copy kernel into the
-   decode pool mapped over CUDA IPC; what AUTO picks) and over UCX's CUDA IPC transport (RMA, rows
-   `..._ucx_cuda_ipc`), against a device-to-device copy measured in the same run (ratio = transfer bytes/s over copy bytes/s, one direction);
+   decode pool mapped over CUDA IPC; rows `..._direct`, --pd-direct-copy) and over UCX's CUDA IPC
+   transport (RMA, the default), against a device-to-device copy measured in the same run (ratio = transfer bytes/s over copy bytes/s, one direction);
    into consecutive decode blocks (few large writes), into reversed ones (one write per block: what
    the old free list handed out after churn), and the block lists the real allocator hands out
    after churn (`_C.Scheduler` driven through many requests on both sides, prefix caching on:
@@ -52,9 +52,10 @@ def _engine(name: str, pool: list[torch.Tensor], data_path: str = "AUTO"):
     from rtpllm import _C
     from rtpllm.engine.kv_tiers import kv_layout
 
+    # direct_access: the decode side exports its pool, the DIRECT sender maps it.
     engine = _C.UcxTransfer(_C.TransferOptions(name=name, identity="bench-pd", timeout_s=30.0,
                                                data_path=getattr(_C.DataPath, data_path)),
-                            cuda_device=torch.cuda.current_device())
+                            cuda_device=torch.cuda.current_device(), direct_access=data_path in ("AUTO", "DIRECT"))
     engine.register_kv(kv_layout(pool, pool[0].shape[2]))
     return engine
 
@@ -157,8 +158,8 @@ def transfer_rows(copy_tbps: float) -> list[dict]:
                  ("reversed", src_consecutive, list(range(PROMPT_TOKENS // 16))[::-1]),
                  ("after_churn", prefill_churned, decode_reservation_after_churn(DECODE_POOL_BLOCKS, 600)),
                  ("after_churn_full_pool", prefill_churned, decode_reservation_after_churn(DECODE_POOL_BLOCKS // 2, 1000)))
-        # AUTO: DIRECT (our copy kernel into the mapped decode pool); RMA: UCX's CUDA IPC transport.
-        for data_path, order, src, dst in [(path, *case) for path in ("AUTO", "RMA") for case in cases]:
+        # DIRECT: our copy kernel into the mapped decode pool; RMA: UCX's CUDA IPC transport.
+        for data_path, order, src, dst in [(path, *case) for path in ("DIRECT", "RMA") for case in cases]:
             engine = _engine(f"prefill-{data_path}", pool, data_path)
             peer = engine.connect("127.0.0.1", port)
             used = engine.peers()[0].data_path.name
@@ -180,7 +181,7 @@ def transfer_rows(copy_tbps: float) -> list[dict]:
             print(f"transfer {used} ({order} decode blocks, {_runs(src)} prefill / {_runs(dst)} decode runs): "
                   f"{nbytes / 2**20:.0f} MiB in {seconds * 1e3:.2f} ms = "
                   f"{achieved:.3f} TB/s (device copy {copy_one_way:.3f} TB/s one way)")
-            suffix = "" if data_path == "AUTO" else "_ucx_cuda_ipc"
+            suffix = "_direct" if data_path == "DIRECT" else ""
             rows.append(row(f"kv_transfer_4k_prompt_layer_by_layer_{order}{suffix}", achieved, "TB/s",
                             "device copy (one way, same run)", achieved / copy_one_way, ms=seconds * 1e3, bytes=nbytes,
                             prefill_runs=_runs(src), decode_runs=_runs(dst), data_path=used))
@@ -256,33 +257,40 @@ def ttft_rows(model: str) -> list[dict]:
         colocated_s = statistics.median([_ttft_colocated(colocated, p) for p in prompts][1:])
     finally:
         colocated.stop()
-    prefill = Instance(*common, "--role", "prefill", "--block-size", "64", "--gpu-memory-utilization", "0.45",
-                       model=model, tcp=False).wait_ready(600)
-    decode = Instance(*common, "--role", "decode", "--block-size", "16", "--gpu-memory-utilization", "0.45",
-                      model=model, tcp=False).wait_ready(600)
     rows = [row("ttft_4k_colocated", colocated_s * 1e3, "ms", "-", None)]
-    try:
-        for overlap in (False, True):
-            # A first token of its own per round: neither side finds the other round's prompts in its cache.
-            runs = [_ttft_pd(prefill, decode, [overlap + 1] + p, f"bench-{overlap}-{i}", overlap)
-                    for i, p in enumerate(prompts)][1:]
-            pd_s = statistics.median(t for t, _ in runs)
-            phases = {key: statistics.median(r[key] for _, r in runs)
-                      for key in ("reserve_s", "to_first_token_s", "prefill_answer_s", "prefill_s", "transfer_s",
-                                  "last_write_s")}
-            name = "ttft_4k_pd_overlap" if overlap else "ttft_4k_pd"
-            print(f"TTFT 4k prompt{' (reservation overlapped)' if overlap else ''}: colocated {colocated_s * 1e3:.1f} ms, "
-                  f"PD {pd_s * 1e3:.1f} ms; medians: decode reservation {phases['reserve_s'] * 1e3:.1f} ms, then "
-                  f"decode's first token {phases['to_first_token_s'] * 1e3:.1f} ms later (prefill's engine: admission "
-                  f"to last chunk launched {phases['prefill_s'] * 1e3:.1f} ms, to the last layer's write (first "
-                  f"token known) {phases['last_write_s'] * 1e3:.1f} ms, first write to last notice "
-                  f"{phases['transfer_s'] * 1e3:.1f} ms; its answer after {phases['prefill_answer_s'] * 1e3:.1f} ms)")
-            rows.append(row(name, pd_s * 1e3, "ms", "colocated TTFT", colocated_s / pd_s,
-                            **{f"{key}_median": value for key, value in phases.items()}))
-    finally:
-        prefill.stop()
-        decode.stop()
+    # UCX's CUDA IPC transport (the default), sent after and overlapped with the reservation; then
+    # --pd-direct-copy (our copy kernel into the mapped decode pool), overlapped.
+    for direct, overlaps in ((False, (False, True)), (True, (True,))):
+        flags = ("--pd-direct-copy",) if direct else ()
+        prefill = Instance(*common, *flags, "--role", "prefill", "--block-size", "64", "--gpu-memory-utilization",
+                           "0.45", model=model, tcp=False).wait_ready(600)
+        decode = Instance(*common, *flags, "--role", "decode", "--block-size", "16", "--gpu-memory-utilization",
+                          "0.45", model=model, tcp=False).wait_ready(600)
+        try:
+            for overlap in overlaps:
+                rows.append(_ttft_pd_row(prefill, decode, prompts, colocated_s, overlap, direct))
+        finally:
+            prefill.stop()
+            decode.stop()
     return rows
+
+
+def _ttft_pd_row(prefill, decode, prompts: list[list[int]], colocated_s: float, overlap: bool, direct: bool) -> dict:
+    # A first token of its own per round: neither side finds another round's prompts in its cache.
+    first = 1 + overlap + 2 * direct
+    runs = [_ttft_pd(prefill, decode, [first] + p, f"bench-{first}-{i}", overlap) for i, p in enumerate(prompts)][1:]
+    pd_s = statistics.median(t for t, _ in runs)
+    phases = {key: statistics.median(r[key] for _, r in runs)
+              for key in ("reserve_s", "to_first_token_s", "prefill_answer_s", "prefill_s", "transfer_s", "last_write_s")}
+    name = "ttft_4k_pd" + ("_overlap" if overlap else "") + ("_direct" if direct else "")
+    print(f"TTFT 4k prompt{' (reservation overlapped)' if overlap else ''}{' (direct copy)' if direct else ''}: "
+          f"colocated {colocated_s * 1e3:.1f} ms, PD {pd_s * 1e3:.1f} ms; medians: decode reservation "
+          f"{phases['reserve_s'] * 1e3:.1f} ms, then decode's first token {phases['to_first_token_s'] * 1e3:.1f} ms "
+          f"later (prefill's engine: admission to last chunk launched {phases['prefill_s'] * 1e3:.1f} ms, to the last "
+          f"layer's write (first token known) {phases['last_write_s'] * 1e3:.1f} ms, first write to last notice "
+          f"{phases['transfer_s'] * 1e3:.1f} ms; its answer after {phases['prefill_answer_s'] * 1e3:.1f} ms)")
+    return row(name, pd_s * 1e3, "ms", "colocated TTFT", colocated_s / pd_s,
+               **{f"{key}_median": value for key, value in phases.items()})
 
 
 def main() -> None:

@@ -135,15 +135,21 @@ void bind_ucx_transfer(py::module_& m) {
   using Release = py::call_guard<py::gil_scoped_release>;
   py::class_<UcxTransfer>(m, "UcxTransfer",
                           "KV transfer engine over UCX (see cpp/rtpllm/transfer/kv_transfer.h for the contract)")
-      .def(py::init([](const TransferOptions& options, std::optional<int> cuda_device) {
+      .def(py::init([](const TransferOptions& options, std::optional<int> cuda_device, bool direct_access) {
              std::shared_ptr<PeerMemory> peer_memory;
+             if (direct_access || options.data_path == DataPath::DIRECT) {
+               if (!cuda_device) throw std::invalid_argument("direct_access: needs cuda_device (KV on a GPU)");
 #ifdef RTPLLM_WITH_CUDA
-             // KV on a GPU: DataPath::DIRECT between processes of this host (CUDA IPC, our copy kernel).
-             if (cuda_device) peer_memory = cuda::make_cuda_peer_memory(*cuda_device);
+               peer_memory = cuda::make_cuda_peer_memory(*cuda_device);
+#else
+               throw std::invalid_argument("direct_access: rtpllm._C was built without CUDA");
 #endif
+             }
              return std::make_unique<UcxTransfer>(options, ucx_thread_init(cuda_device), std::move(peer_memory));
            }),
-           py::arg("options"), py::kw_only(), py::arg("cuda_device") = std::nullopt)
+           py::arg("options"), py::kw_only(), py::arg("cuda_device") = std::nullopt, py::arg("direct_access") = false,
+           "direct_access: map same-host peers' GPU memory and copy with our own kernel (DataPath.DIRECT, "
+           "which AUTO then prefers); DataPath.DIRECT implies it")
       .def("register_kv", &UcxTransfer::register_kv, py::arg("layout"), Release(),
            "Registers the KV memory (the caller keeps it alive for the engine's lifetime)")
       .def_property_readonly("listen_port", &UcxTransfer::listen_port)

@@ -239,6 +239,9 @@ class PDConfig:
     pd_timeout_s: float = 30.0  # bound on every PD wait: the KV's arrival, one write, a connect
     pd_transfer_host: str = "127.0.0.1"
     pd_transfer_port: int = 0
+    # KV writes between GPU processes of one host by the transfer engine's own copy kernel into the
+    # peer's pool, mapped over CUDA IPC (DataPath.DIRECT), instead of UCX's CUDA IPC transport.
+    pd_direct_copy: bool = False
 
     def __post_init__(self) -> None:
         _require(self.role in ROLES, "role", f"must be one of {ROLES}, got {self.role!r}")

@@ -1,7 +1,7 @@
 """The KV transfer engine on GPU memory: two processes on one GPU (as prefill and decode share a
-card in the one-GPU PD benchmark). AUTO goes DIRECT there (the sender maps the receiver's pool over
-CUDA IPC and copies with its own kernel); RMA forces UCX's CUDA IPC transport, MESSAGES UCX active
-messages (what TCP between hosts gets).
+card in the one-GPU PD benchmark). With direct_access, AUTO goes DIRECT there (the sender maps the
+receiver's pool over CUDA IPC and copies with its own kernel); without, UCX's CUDA IPC transport
+(RMA); MESSAGES: UCX active messages (what TCP between hosts gets).
 
 Checks bytes across block sizes (prefill 64, decode 16) for put, layer-by-layer put and get, and
 prints the transfer bandwidth against a device-to-device copy of the same bytes in the same run.
@@ -50,18 +50,18 @@ def digest(x: torch.Tensor) -> str:
     return hashlib.sha256(x.contiguous().view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
 
 
-def make_engine(name: str, data_path: str = "AUTO"):
+def make_engine(name: str, data_path: str = "AUTO", direct_access: bool = False):
     from rtpllm import _C
 
     return _C.UcxTransfer(_C.TransferOptions(name=name, identity="llama-8b|bf16", timeout_s=TIMEOUT_S,
                                              data_path=getattr(_C.DataPath, data_path)),
-                          cuda_device=torch.cuda.current_device())
+                          cuda_device=torch.cuda.current_device(), direct_access=direct_access)
 
 
 def serve(num_blocks: int, block_size: int, with_digest: bool) -> None:
     """The receiver: prints its port, then a line per notice (with a digest of what landed)."""
     pool = make_pool(num_blocks, block_size)
-    engine = make_engine("decode")
+    engine = make_engine("decode", direct_access=True)  # exports its pool: senders may go DIRECT
     engine.register_kv(layout_of(pool))
     print(json.dumps({"port": engine.listen_port}), flush=True)
     while True:  # until the parent kills it
@@ -99,20 +99,20 @@ def ucx():
     return _C
 
 
-@pytest.mark.parametrize("data_path", ["AUTO", "RMA", "MESSAGES"])
-def test_put_and_get_gpu_blocks_across_block_sizes(ucx, data_path):
-    """AUTO: two processes of one host, so DIRECT. RMA: UCX's CUDA IPC. MESSAGES: the receiving
+@pytest.mark.parametrize("data_path,direct_access,expected", [
+    ("AUTO", True, "DIRECT"), ("AUTO", False, "RMA"), ("MESSAGES", False, "MESSAGES")])
+def test_put_and_get_gpu_blocks_across_block_sizes(ucx, data_path, direct_access, expected):
+    """DIRECT: our kernel into the mapped pool. RMA: UCX's CUDA IPC. MESSAGES: the receiving
     engine copies each message into device memory itself."""
     receiver = Receiver(num_blocks=96, block_size=16)
     try:
         pool = make_pool(num_blocks=8, block_size=64)
         for t in pool:
             t.normal_()
-        engine = make_engine("prefill", data_path)
+        engine = make_engine("prefill", data_path, direct_access)
         engine.register_kv(layout_of(pool))
         peer = engine.connect("127.0.0.1", receiver.port)
-        expected = ucx.DataPath.DIRECT if data_path == "AUTO" else getattr(ucx.DataPath, data_path)
-        assert engine.peers()[0].data_path == expected
+        assert engine.peers()[0].data_path == getattr(ucx.DataPath, expected)
         src, dst, n = [5, 2, 7], [90, 3, 41, 0, 17, 64, 8, 9, 22, 77, 50, 1], 181  # 3 x 64 -> 12 x 16
         torch.cuda.synchronize()  # the pool's bytes are written before the engine reads them
         status = engine.wait(engine.put(peer, ucx.TransferRequest(request_id=1, local_blocks=src, remote_blocks=dst,
@@ -135,10 +135,10 @@ def test_put_and_get_gpu_blocks_across_block_sizes(ucx, data_path):
         receiver.close()
 
 
-@pytest.mark.parametrize("data_path", ["AUTO", "RMA"])
+@pytest.mark.parametrize("data_path", ["DIRECT", "RMA"])
 def test_transfer_bandwidth_against_device_copy(ucx, data_path):
     """A 4k-token prompt's KV (Llama-3.1-8B shape, 512 MiB) pushed layer by layer, as prefill does,
-    into reversed blocks (one run per block): DIRECT (AUTO) against UCX's CUDA IPC (RMA)."""
+    into reversed blocks (one run per block): our kernel (DIRECT) against UCX's CUDA IPC (RMA)."""
     block_size, num_tokens = 16, 4096
     num_blocks = num_tokens // block_size
     receiver = Receiver(num_blocks=num_blocks, block_size=block_size, with_digest=False)

@@ -37,6 +37,11 @@ def test_bad_options_and_layouts_name_the_field():
     engine = make_engine("lonely")
     with pytest.raises(ValueError, match="block_stride_bytes"):
         engine.register_kv(layout)
+    # DIRECT maps peers' GPU memory: host KV (no cuda_device) cannot ask for it.
+    for kwargs in ({"direct_access": True}, {}):
+        options = _C.TransferOptions(data_path=_C.DataPath.DIRECT if not kwargs else _C.DataPath.AUTO)
+        with pytest.raises(ValueError, match="direct_access"):
+            _C.UcxTransfer(options, **kwargs)
 
 
 @pytest.mark.parametrize("data_path", ["AUTO", "RMA", "MESSAGES"])

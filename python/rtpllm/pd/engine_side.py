@@ -82,7 +82,7 @@ class PDEngine:
                                # The router carries decode's block lists: a prefill writes only the
                                # blocks decode granted to that request (kv_transfer.h, write grants).
                                require_write_grants=self.role == "decode"),
-            cuda_device=caches[0].device.index or 0 if cuda else None)
+            cuda_device=caches[0].device.index or 0 if cuda else None, direct_access=cuda and config.pd_direct_copy)
         self.transfer.register_kv(kv_layout(caches, runner.block_size))
         self._caches = caches  # registered memory: kept alive as long as the transfer engine
         self.counters: dict[str, int] = {}

@@ -43,7 +43,7 @@ class WorkerPD:
             _C.TransferOptions(name=f"rtpllm-{pd.role}-rank{rank}", identity=pd_identity_of(model_path, dtype, arch),
                                listen_host=pd.pd_transfer_host, listen_port=port, timeout_s=pd.pd_timeout_s,
                                require_write_grants=pd.role == "decode"),
-            cuda_device=caches[0].device.index or 0 if cuda else None)
+            cuda_device=caches[0].device.index or 0 if cuda else None, direct_access=cuda and pd.pd_direct_copy)
         self.transfer.register_kv(kv_layout(caches, runner.block_size))
         self._caches = caches  # registered memory: kept alive as long as the transfer engine
         self._model = runner.model

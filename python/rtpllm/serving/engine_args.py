@@ -55,6 +55,9 @@ _HELP = {
     "pd_timeout_s": "Bound on every prefill-decode wait (the KV's arrival, one transfer, a connect), in seconds.",
     "pd_transfer_host": "Decode: the host its KV transfer engine listens on and advertises to prefill instances.",
     "pd_transfer_port": "Decode: the KV transfer engine's port (0: any free port); tensor-parallel rank r uses port + r.",
+    "pd_direct_copy": "On a GPU, both roles: KV writes to a decode instance on this host by our copy kernel into "
+                      "its pool mapped over CUDA IPC (one kernel per layer, any block order) instead of UCX's CUDA "
+                      "IPC transport (one copy per run of blocks). Experimental: not yet run on a GPU.",
 }
 _CHOICES = {"dtype": ("auto", "float32", "float16", "bfloat16"), "device": ("auto", "cpu", "cuda"),
             "load_format": LOAD_FORMATS, "kv_copy_method": KV_COPY_METHODS, "role": ROLES}
