@@ -3,10 +3,11 @@
 // memory) measured in the same run: the ceiling a transfer could reach on this machine.
 //
 //   kv_transfer_bench [--memory host|cuda] [--device D] [--layers L] [--iters N] [--grants] [--churn]
-//                     [--data-path auto|rma|messages] [--head-split N]
+//                     [--data-path auto|rma|messages|direct] [--head-split N]
 //
 // --data-path: how the sender moves bytes (kv_transfer.h DataPath; default auto: RMA where a
-// transport does it in hardware, messages otherwise, e.g. over TCP).
+// transport does it in hardware, messages otherwise, e.g. over TCP; direct: with --memory cuda in a
+// CUDA build, our copy kernel into the receiver's pool mapped over CUDA IPC).
 // --grants: the receiver requires write grants (as a decode instance does): every put first asks
 // it (one control-channel round trip), so "put us" shows what that check costs.
 // The receiver is a forked child (so CUDA IPC and shared memory are on the table, as between a
@@ -38,6 +39,8 @@
 #include "bench_kv_pool.h"
 #ifdef RTPLLM_BENCH_CUDA
 #include <cuda_runtime_api.h>
+
+#include "cuda/transfer/cuda_peer_memory.h"
 #endif
 
 namespace rtpllm {
@@ -82,6 +85,16 @@ std::function<void()> device_init(const Args& args) {
   return {};
 }
 
+// --data-path direct: both sides get a CudaPeerMemory (the receiver exports, the sender maps).
+std::shared_ptr<PeerMemory> peer_memory(const Args& args) {
+  if (args.data_path != DataPath::DIRECT) return nullptr;
+#ifdef RTPLLM_BENCH_CUDA
+  if (args.memory == MemoryKind::CUDA) return cuda::make_cuda_peer_memory(args.device);
+#endif
+  die("--data-path direct: needs --memory cuda in a CUDA build");
+  return nullptr;
+}
+
 TransferOptions bench_options(const char* name, const Args& args) {
   TransferOptions options;
   options.data_path = args.data_path;
@@ -96,7 +109,7 @@ TransferOptions bench_options(const char* name, const Args& args) {
   Pool pool(args, block_tokens, args.receiver_heads());
   TransferOptions options = bench_options("receiver", args);
   options.require_write_grants = args.grants;
-  UcxTransfer engine(options, device_init(args));
+  UcxTransfer engine(options, device_init(args), peer_memory(args));
   engine.register_kv(pool.layout);
   std::vector<BlockId> every(static_cast<size_t>(args.pool_blocks()));
   std::iota(every.begin(), every.end(), 0);
@@ -176,11 +189,12 @@ void bench_block_size(const Args& args, int32_t block_tokens) {
   {
     Pool local(args, block_tokens);
     Pool baseline(args, block_tokens, args.receiver_heads());
-    UcxTransfer engine(bench_options("sender", args), device_init(args));
+    UcxTransfer engine(bench_options("sender", args), device_init(args), peer_memory(args));
     engine.register_kv(local.layout);
     const PeerId peer = engine.connect("127.0.0.1", port);
     const DataPath path = engine.peers().front().data_path;
-    std::printf("# data path to the receiver: %s\n", path == DataPath::RMA ? "rma" : "messages");
+    std::printf("# data path to the receiver: %s\n",
+                path == DataPath::RMA ? "rma" : path == DataPath::DIRECT ? "direct" : "messages");
     std::mt19937 rng(7);
     // (label, source blocks, destination blocks) per row.
     struct Lists {
@@ -254,17 +268,21 @@ Args parse(int argc, char** argv) {
       args.churn = true;
     } else if (flag == "--data-path") {
       const std::string p = value();
-      if (p != "auto" && p != "rma" && p != "messages") die("--data-path: auto, rma or messages");
-      args.data_path = p == "rma" ? DataPath::RMA : p == "messages" ? DataPath::MESSAGES : DataPath::AUTO;
+      if (p != "auto" && p != "rma" && p != "messages" && p != "direct") die("--data-path: auto, rma, messages or direct");
+      args.data_path = p == "rma"        ? DataPath::RMA
+                       : p == "messages" ? DataPath::MESSAGES
+                       : p == "direct"   ? DataPath::DIRECT
+                                         : DataPath::AUTO;
     } else if (flag == "--head-split") {
       args.head_split = std::atoi(value().c_str());
       if (args.head_split < 1 || kvbench::kHeads % args.head_split) die("--head-split: 1, 2, 4 or 8");
     } else {
       die("unknown flag " + flag +
-          " (--memory host|cuda, --device D, --layers L, --iters N, --grants, --churn, --data-path auto|rma|messages, "
+          " (--memory host|cuda, --device D, --layers L, --iters N, --grants, --churn, --data-path auto|rma|messages|direct, "
           "--head-split N)");
     }
   }
+  if (args.data_path == DataPath::DIRECT) peer_memory(args);  // dies here, not in the forked receiver
   return args;
 }
 
