@@ -57,6 +57,25 @@ __global__ void __launch_bounds__(kThreads) copy_pieces_kernel(const CopyOp* pie
   }
 }
 
+// Makes `device` current for a scope and restores the caller's: methods run on the transfer
+// engine's progress thread and on callers' threads (register_kv, disconnect), whose current device
+// they must not change.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    cudaGetDevice(&previous_);
+    if (previous_ != device) cudaSetDevice(device);
+  }
+  ~DeviceGuard() {
+    int now = -1;
+    cudaGetDevice(&now);
+    if (now != previous_) cudaSetDevice(previous_);
+  }
+
+ private:
+  int previous_ = 0;
+};
+
 // The copies as pieces of at most kPieceBytes (multiples of 16 where the copy is aligned).
 std::vector<CopyOp> split_into_pieces(const std::vector<CopyOp>& copies) {
   std::vector<CopyOp> pieces;
@@ -88,7 +107,7 @@ class CudaPeerMemory final : public PeerMemory {
   explicit CudaPeerMemory(int device) : device_(device), scope_(host_scope() + "|cuda") {}
 
   ~CudaPeerMemory() override {
-    cudaSetDevice(device_);
+    DeviceGuard on(device_);
     if (stream_ != nullptr) cudaStreamSynchronize(stream_);
     for (std::deque<Batch>* list : {&in_flight_, &free_}) {
       for (Batch& b : *list) release(b);
@@ -102,7 +121,7 @@ class CudaPeerMemory final : public PeerMemory {
   bool supports(MemoryKind kind) const override { return kind == MemoryKind::CUDA; }
 
   std::string export_region(uint64_t base, uint64_t length) override {
-    check(cudaSetDevice(device_), "cudaSetDevice");
+    DeviceGuard on(device_);
     CUdeviceptr allocation = 0;
     size_t allocation_bytes = 0;
     if (address_range()(&allocation, &allocation_bytes, static_cast<CUdeviceptr>(base)) != CUDA_SUCCESS) {
@@ -134,7 +153,7 @@ class CudaPeerMemory final : public PeerMemory {
       throw std::runtime_error("malformed CUDA export (handle size, or a region outside its allocation)");
     }
     if (pid == getpid()) return address;  // this process's own memory: the address is valid here
-    check(cudaSetDevice(device_), "cudaSetDevice");
+    DeviceGuard on(device_);
     Mapping& mapping = mappings_[handle];
     if (mapping.references == 0) {
       cudaIpcMemHandle_t h;
@@ -159,13 +178,13 @@ class CudaPeerMemory final : public PeerMemory {
     const auto mapping = mappings_.find(region->second);
     mapped_regions_.erase(region);
     if (mapping == mappings_.end() || --mapping->second.references > 0) return;
-    cudaSetDevice(device_);
+    DeviceGuard on(device_);
     cudaIpcCloseMemHandle(reinterpret_cast<void*>(mapping->second.base));
     mappings_.erase(mapping);
   }
 
   uint64_t copy(const std::vector<CopyOp>& copies) override {
-    check(cudaSetDevice(device_), "cudaSetDevice");
+    DeviceGuard on(device_);
     if (stream_ == nullptr) check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     const std::vector<CopyOp> pieces = split_into_pieces(copies);
     Batch batch = take_batch(pieces.size());
@@ -197,7 +216,7 @@ class CudaPeerMemory final : public PeerMemory {
 
   void drain() override {
     if (stream_ == nullptr) return;
-    cudaSetDevice(device_);
+    DeviceGuard on(device_);
     cudaStreamSynchronize(stream_);
     done(last_ticket_);
   }
