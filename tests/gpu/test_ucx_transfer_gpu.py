@@ -184,6 +184,46 @@ def test_transfer_bandwidth_against_device_copy(ucx, data_path):
         receiver.close()
 
 
+@pytest.mark.parametrize("heads,head_dim,slice_", [(4, 5, None), (4, 5, (1, 2, 2)), (8, 128, None), (8, 128, (3, 0, 4))])
+def test_direct_copy_kernel_against_indexing(ucx, heads, head_dim, slice_):
+    """DIRECT between two engines of one process (the export is the address itself: the copy
+    kernel without CUDA IPC), bytes compared with torch indexing: odd token sizes (4 heads x 5 x
+    bf16 = 40 bytes, byte-wise pieces), head slices ((src offset, dst offset, count)), long runs
+    split into 256 KiB pieces (consecutive 128-dim blocks) and random block orders."""
+    import random
+
+    def pool(num_blocks, block_size, n_heads):
+        return [torch.randn(2, num_blocks, block_size, n_heads, head_dim, device="cuda").to(torch.bfloat16)
+                for _ in range(3)]
+
+    def layout(p):
+        _, num_blocks, block_size, n_heads, _ = p[0].shape
+        return ucx.KVLayout(memory=ucx.MemoryKind.CUDA, device_index=torch.cuda.current_device(),
+                            num_blocks=num_blocks, block_size=block_size, num_kv_heads=n_heads, head_dim=head_dim,
+                            element_bytes=2, block_stride_bytes=p[0][0, 0].nbytes,
+                            layers=[ucx.KVLayerAddress(t[0].data_ptr(), t[1].data_ptr()) for t in p])
+
+    src_offset, dst_offset, count = slice_ or (0, 0, heads)
+    src_pool, dst_pool = pool(40, 32, heads), pool(300, 16, heads if slice_ is None else count + dst_offset)
+    sender, receiver = make_engine("prefill", "DIRECT"), make_engine("decode", direct_access=True)
+    sender.register_kv(layout(src_pool))
+    receiver.register_kv(layout(dst_pool))
+    peer = sender.connect("127.0.0.1", receiver.listen_port)
+    assert sender.peers()[0].data_path == ucx.DataPath.DIRECT
+    rng = random.Random(heads * head_dim)
+    n = 1000 if slice_ is None else 333
+    src = rng.sample(range(40), -(-n // 32))
+    dst = list(range(10, 10 + -(-n // 16))) if head_dim == 128 else rng.sample(range(300), -(-n // 16))
+    sliced = {} if slice_ is None else dict(num_heads=count, local_head_offset=src_offset, remote_head_offset=dst_offset)
+    request = ucx.TransferRequest(request_id=1, local_blocks=src, remote_blocks=dst, num_tokens=n, **sliced)
+    torch.cuda.synchronize()
+    status = sender.wait(sender.put(peer, request), TIMEOUT_S)
+    assert status.state == ucx.TransferState.DONE, status.error
+    assert [n_.request_id for n_ in receiver.take_notices(TIMEOUT_S)] == [1]
+    got = tokens(dst_pool, dst, n)[:, :, :, dst_offset:dst_offset + count]
+    torch.testing.assert_close(got, tokens(src_pool, src, n)[:, :, :, src_offset:src_offset + count], rtol=0, atol=0)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "serve":
         serve(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "digest")
