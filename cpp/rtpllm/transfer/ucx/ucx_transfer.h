@@ -1,4 +1,4 @@
-// KVTransfer over UCX (UCP), on one of two data paths per peer (kv_transfer.h DataPath):
+// KVTransfer over UCX (UCP), on one of three data paths per peer (kv_transfer.h DataPath):
 //   RMA:      puts and gets are ucp_put_nbx / ucp_get_nbx on the peer's registered memory; a put is
 //             flushed (ucp_ep_flush_nbx: remote completion) before it is DONE and before its NOTICE
 //             goes out on the control channel, so the receiver never sees a notice before the bytes.
