@@ -3,10 +3,12 @@
 // DIRECT refuses a peer it cannot map, and a map that works is used for puts and gets.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <thread>
 
 #include "host_kv_pool.h"
 #include "rtpllm/transfer/ucx/ucx_transfer.h"
@@ -46,6 +48,9 @@ TEST_F(UcxDirectTest, AutoGoesDirectWhereBothEnginesCan) {
   b.register_kv(pool_b_.layout());
   const PeerId peer = a.connect("127.0.0.1", b.listen_port());
   EXPECT_EQ(a.peers().front().data_path, DataPath::DIRECT);
+  for (int i = 0; i < 200 && b.peers().empty(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  ASSERT_EQ(b.peers().size(), 1u);
+  EXPECT_EQ(b.peers().front().data_path, DataPath::MESSAGES);  // the acceptor maps nothing under AUTO
   const std::vector<BlockId> src = {3, 1}, dst = {7, 0, 5, 2};
   pool_a_.fill_sequence(src, 13, 4);
   const TransferStatus status = a.wait(a.put(peer, {77, src, dst, 13, -1, true}), 5.0);

@@ -59,7 +59,8 @@ using PeerId = uint64_t;  // local to one engine; 0 is never a valid peer
 //             the bytes itself (peer_memory.h: CUDA IPC and one copy kernel per put between two
 //             GPU processes of one host), then sends the notice on the control channel. Needs a
 //             PeerMemory on both sides with the same scope; forced, a peer without one is refused.
-//   AUTO:     DIRECT where both engines can (same host, memory the PeerMemory supports), else RMA
+//   AUTO:     DIRECT to peers this engine connected to where both engines can (same host, memory the
+//             PeerMemory supports; an accepted peer is not mapped: writers connect), else RMA
 //             where the endpoint to the peer has a transport with RMA in hardware, else MESSAGES.
 enum class DataPath : uint8_t { AUTO, RMA, MESSAGES, DIRECT };
 

@@ -71,7 +71,8 @@ class UcxTransfer final : public KVTransfer {
 
   // Checked descriptor of the remote side, or a reason to refuse it.
   std::string refusal_reason(const PeerDescriptor& remote) const;
-  PeerId add_peer_locked(ControlConnection connection, PeerDescriptor remote);
+  // `connected`: this engine dialled the peer (the writer, in PD and the KV store), else accepted it.
+  PeerId add_peer_locked(ControlConnection connection, PeerDescriptor remote, bool connected);
   TransferHandle submit(PeerId peer, const TransferRequest& request, bool is_put);
 
   // Progress thread.

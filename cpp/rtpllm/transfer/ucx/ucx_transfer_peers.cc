@@ -48,7 +48,7 @@ std::string UcxTransfer::refusal_reason(const PeerDescriptor& remote) const {
   return "";
 }
 
-PeerId UcxTransfer::add_peer_locked(ControlConnection connection, PeerDescriptor remote) {
+PeerId UcxTransfer::add_peer_locked(ControlConnection connection, PeerDescriptor remote, bool connected) {
   auto peer = std::make_unique<Peer>();
   peer->id = next_peer_++;
   peer->remote = std::move(remote);
@@ -71,8 +71,11 @@ PeerId UcxTransfer::add_peer_locked(ControlConnection connection, PeerDescriptor
     }
     peer->rkeys.push_back(rkey);
   }
+  // AUTO maps a peer's memory only on the side that dialled it: the writers dial (a prefill its
+  // decode instance, an instance its store), and an acceptor (a decode instance with a connection
+  // per prefill engine) would map memory it never writes, holding up its progress thread meanwhile.
   std::string not_direct;
-  const bool direct = options_.data_path == DataPath::AUTO || options_.data_path == DataPath::DIRECT;
+  const bool direct = options_.data_path == DataPath::DIRECT || (options_.data_path == DataPath::AUTO && connected);
   peer->data_path = direct && map_peer_locked(*peer, &not_direct) ? DataPath::DIRECT : data_path_for(peer->ep);
   peer->last_heard = peer->last_sent = Clock::now();
   const PeerId id = peer->id;
@@ -118,7 +121,7 @@ PeerId UcxTransfer::connect(const std::string& host, int32_t port) {
     connection.send(MessageType::REFUSE, reason, deadline, &error);
     throw std::runtime_error("refusing " + where + ": " + reason);
   }
-  const PeerId id = add_peer_locked(std::move(connection), std::move(remote));
+  const PeerId id = add_peer_locked(std::move(connection), std::move(remote), /*connected=*/true);
   Peer& peer = *peers_.at(id);
   if (peer.state == PeerState::FAILED) throw std::runtime_error("connect to " + where + ": " + peer.error);
   peer.knows_us = true;
@@ -177,7 +180,7 @@ void UcxTransfer::accept_and_handshake_locked() {
     }
     if (reason.empty() && connection.send(MessageType::HELLO, descriptor_, deadline, &error)) {
       try {
-        add_peer_locked(std::move(connection), std::move(remote));
+        add_peer_locked(std::move(connection), std::move(remote), /*connected=*/false);
       } catch (const std::runtime_error&) {
         // UCX could not reach the peer's worker: dropping the socket tells the peer.
       }
