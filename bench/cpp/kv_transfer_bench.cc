@@ -85,14 +85,20 @@ std::function<void()> device_init(const Args& args) {
   return {};
 }
 
+#ifdef RTPLLM_BENCH_CUDA
+constexpr bool kCudaBuild = true;
+#else
+constexpr bool kCudaBuild = false;
+#endif
+
 // --data-path direct: both sides get a CudaPeerMemory (the receiver exports, the sender maps).
 std::shared_ptr<PeerMemory> peer_memory(const Args& args) {
   if (args.data_path != DataPath::DIRECT) return nullptr;
 #ifdef RTPLLM_BENCH_CUDA
-  if (args.memory == MemoryKind::CUDA) return cuda::make_cuda_peer_memory(args.device);
-#endif
-  die("--data-path direct: needs --memory cuda in a CUDA build");
+  return cuda::make_cuda_peer_memory(args.device);
+#else
   return nullptr;
+#endif
 }
 
 TransferOptions bench_options(const char* name, const Args& args) {
@@ -282,7 +288,10 @@ Args parse(int argc, char** argv) {
           "--head-split N)");
     }
   }
-  if (args.data_path == DataPath::DIRECT) peer_memory(args);  // dies here, not in the forked receiver
+  // Checked here, before the receiver forks (and before anything touches CUDA).
+  if (args.data_path == DataPath::DIRECT && (!kCudaBuild || args.memory != MemoryKind::CUDA)) {
+    die("--data-path direct: needs --memory cuda in a CUDA build");
+  }
   return args;
 }
 

@@ -3,8 +3,6 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 #include <cudaTypedefs.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cstring>
 #include <deque>
@@ -137,7 +135,8 @@ class CudaPeerMemory final : public PeerMemory {
     w.put<uint64_t>(base - allocation);
     w.put<uint64_t>(allocation_bytes);
     w.put<uint64_t>(base);
-    w.put<int64_t>(getpid());
+    w.put_bytes(process_nonce());
+    w.put<int32_t>(device_);
     return w.take();
   }
 
@@ -147,13 +146,21 @@ class CudaPeerMemory final : public PeerMemory {
     const uint64_t offset = r.get<uint64_t>();
     const uint64_t allocation_bytes = r.get<uint64_t>();
     const uint64_t address = r.get<uint64_t>();
-    const int64_t pid = r.get<int64_t>();
+    const std::string process = r.get_bytes();
+    const int32_t device = r.get<int32_t>();
     r.expect_end();
     if (handle.size() != sizeof(cudaIpcMemHandle_t) || offset > allocation_bytes || length > allocation_bytes - offset) {
       throw std::runtime_error("malformed CUDA export (handle size, or a region outside its allocation)");
     }
-    if (pid == getpid()) return address;  // this process's own memory: the address is valid here
     DeviceGuard on(device_);
+    if (process == process_nonce()) {  // this process's own memory: the address is valid here
+      if (device != device_) {  // on another GPU: this device's kernel reaches it over peer access
+        const cudaError_t err = cudaDeviceEnablePeerAccess(device, 0);
+        if (err != cudaErrorPeerAccessAlreadyEnabled) check(err, "cudaDeviceEnablePeerAccess");
+        cudaGetLastError();
+      }
+      return address;
+    }
     Mapping& mapping = mappings_[handle];
     if (mapping.references == 0) {
       cudaIpcMemHandle_t h;
@@ -172,7 +179,7 @@ class CudaPeerMemory final : public PeerMemory {
     return here;
   }
 
-  void unmap(uint64_t address) override {
+  void unmap(uint64_t address) noexcept override {
     const auto region = mapped_regions_.find(address);
     if (region == mapped_regions_.end()) return;  // this process's own memory: nothing was opened
     const auto mapping = mappings_.find(region->second);
@@ -188,37 +195,45 @@ class CudaPeerMemory final : public PeerMemory {
     if (stream_ == nullptr) check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     const std::vector<CopyOp> pieces = split_into_pieces(copies);
     Batch batch = take_batch(pieces.size());
-    batch.ticket = ++last_ticket_;
+    cudaError_t err = cudaSuccess;
+    const char* what = "";
     if (!pieces.empty()) {
       std::memcpy(batch.host, pieces.data(), pieces.size() * sizeof(CopyOp));
-      check(cudaMemcpyAsync(batch.device, batch.host, pieces.size() * sizeof(CopyOp), cudaMemcpyHostToDevice, stream_),
-            "cudaMemcpyAsync (copy list)");
-      const int count = static_cast<int>(pieces.size());
-      copy_pieces_kernel<<<std::min(count, kMaxCtas), kThreads, 0, stream_>>>(batch.device, count);
-      check(cudaGetLastError(), "copy kernel launch");
+      err = cudaMemcpyAsync(batch.device, batch.host, pieces.size() * sizeof(CopyOp), cudaMemcpyHostToDevice, stream_);
+      what = "cudaMemcpyAsync (copy list)";
+      if (err == cudaSuccess) {
+        const int count = static_cast<int>(pieces.size());
+        copy_pieces_kernel<<<std::min(count, kMaxCtas), kThreads, 0, stream_>>>(batch.device, count);
+        err = cudaGetLastError();
+        what = "copy kernel launch";
+      }
     }
-    check(cudaEventRecord(batch.finished, stream_), "cudaEventRecord");
+    if (err == cudaSuccess) {
+      err = cudaEventRecord(batch.finished, stream_);
+      what = "cudaEventRecord";
+    }
+    if (err != cudaSuccess) {
+      // Nothing of this copy may run once the caller hears it failed (it frees the blocks).
+      cudaStreamSynchronize(stream_);
+      free_.push_back(batch);
+      check(err, what);
+    }
+    batch.ticket = ++last_ticket_;
     in_flight_.push_back(batch);
     return batch.ticket;
   }
 
   bool done(uint64_t ticket) override {
-    while (!in_flight_.empty()) {
-      const cudaError_t state = cudaEventQuery(in_flight_.front().finished);
-      if (state == cudaErrorNotReady) break;
-      check(state, "direct copy");
-      completed_ = in_flight_.front().ticket;
-      free_.push_back(in_flight_.front());
-      in_flight_.pop_front();
-    }
+    collect();
+    if (!device_error_.empty() && ticket > failed_after_) throw std::runtime_error("direct copy: " + device_error_);
     return ticket <= completed_;
   }
 
-  void drain() override {
+  void drain() noexcept override {
     if (stream_ == nullptr) return;
     DeviceGuard on(device_);
     cudaStreamSynchronize(stream_);
-    done(last_ticket_);
+    collect();
   }
 
  private:
@@ -238,9 +253,28 @@ class CudaPeerMemory final : public PeerMemory {
     return fn;
   }
 
+  // Moves the batches the device has finished (or failed) to the free list. A failure (the
+  // context's errors are sticky) fails that batch's ticket and every later one.
+  void collect() noexcept {
+    while (!in_flight_.empty()) {
+      const cudaError_t state = cudaEventQuery(in_flight_.front().finished);
+      if (state == cudaErrorNotReady) break;
+      if (state != cudaSuccess && device_error_.empty()) {
+        device_error_ = cudaGetErrorString(state);
+        failed_after_ = completed_;
+      }
+      completed_ = in_flight_.front().ticket;
+      free_.push_back(in_flight_.front());
+      in_flight_.pop_front();
+    }
+  }
+
   // A finished batch with room for `pieces` (the smallest that fits), else a new one.
   Batch take_batch(size_t pieces) {
-    auto fits = std::find_if(free_.begin(), free_.end(), [&](const Batch& b) { return b.capacity >= pieces; });
+    auto fits = free_.end();
+    for (auto it = free_.begin(); it != free_.end(); ++it) {
+      if (it->capacity >= pieces && (fits == free_.end() || it->capacity < fits->capacity)) fits = it;
+    }
     if (fits != free_.end()) {
       Batch b = *fits;
       free_.erase(fits);
@@ -266,7 +300,9 @@ class CudaPeerMemory final : public PeerMemory {
   std::deque<Batch> in_flight_;  // in ticket order: one stream finishes them in order
   std::deque<Batch> free_;
   uint64_t last_ticket_ = 0;
-  uint64_t completed_ = 0;
+  uint64_t completed_ = 0;       // every ticket up to it has ended
+  std::string device_error_;     // the first failed copy's error: tickets after failed_after_ failed
+  uint64_t failed_after_ = 0;
   std::map<std::string, Mapping> mappings_;        // IPC handle -> the allocation mapped here
   std::multimap<uint64_t, std::string> mapped_regions_;  // address map() returned -> its allocation's handle, per map()
 };

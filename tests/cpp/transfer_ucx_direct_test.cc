@@ -98,10 +98,10 @@ class OtherProcessMemory final : public PeerMemory {
   bool supports(MemoryKind) const override { return true; }
   std::string export_region(uint64_t, uint64_t) override { return "handle"; }
   uint64_t map(const std::string&, uint64_t) override { throw std::runtime_error("must not be called"); }
-  void unmap(uint64_t) override {}
+  void unmap(uint64_t) noexcept override {}
   uint64_t copy(const std::vector<CopyOp>&) override { throw std::runtime_error("must not be called"); }
   bool done(uint64_t) override { return true; }
-  void drain() override {}
+  void drain() noexcept override {}
 };
 
 TEST_F(UcxDirectTest, ExportsOfAnotherScopeAreNeverMapped) {
@@ -115,6 +115,44 @@ TEST_F(UcxDirectTest, ExportsOfAnotherScopeAreNeverMapped) {
   pool_a_.fill_sequence(src, 8, 2);
   ASSERT_EQ(a.wait(a.put(peer, {5, src, dst, 8, -1, true}), 5.0).state, TransferState::DONE);
   EXPECT_EQ(pool_b_.mismatches_all_layers(dst, 8, 2), 0);
+}
+
+// The scopes match but the map fails (on GPUs: no shared IPC namespace, no peer access): forced
+// DIRECT fails the peer and connect() throws; AUTO uses UCX.
+class UnmappableMemory final : public PeerMemory {
+ public:
+  std::string scope() const override { return "one host|boot"; }
+  bool supports(MemoryKind) const override { return true; }
+  std::string export_region(uint64_t, uint64_t) override { return "handle"; }
+  uint64_t map(const std::string&, uint64_t) override { throw std::runtime_error("cudaIpcOpenMemHandle: denied"); }
+  void unmap(uint64_t) noexcept override {}
+  uint64_t copy(const std::vector<CopyOp>&) override { throw std::runtime_error("must not be called"); }
+  bool done(uint64_t) override { return true; }
+  void drain() noexcept override {}
+};
+
+TEST_F(UcxDirectTest, AMapThatFailsFailsForcedDirectAndFallsBackUnderAuto) {
+  UcxTransfer b(options("decode", DataPath::AUTO), {}, std::make_shared<UnmappableMemory>());
+  b.register_kv(pool_b_.layout());
+  UcxTransfer forced(options("prefill", DataPath::DIRECT), {}, std::make_shared<UnmappableMemory>());
+  forced.register_kv(pool_a_.layout());
+  try {
+    forced.connect("127.0.0.1", b.listen_port());
+    ADD_FAILURE() << "connected although the map failed";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("denied"), std::string::npos) << e.what();
+  }
+  ASSERT_EQ(forced.peers().size(), 1u);
+  EXPECT_EQ(forced.peers().front().state, PeerState::FAILED);
+
+  UcxTransfer automatic(options("prefill-2", DataPath::AUTO), {}, std::make_shared<UnmappableMemory>());
+  automatic.register_kv(pool_a_.layout());
+  const PeerId peer = automatic.connect("127.0.0.1", b.listen_port());
+  EXPECT_EQ(automatic.peers().front().data_path, DataPath::MESSAGES);
+  const std::vector<BlockId> src = {1}, dst = {2, 5};
+  pool_a_.fill_sequence(src, 8, 6);
+  ASSERT_EQ(automatic.wait(automatic.put(peer, {3, src, dst, 8, -1, true}), 5.0).state, TransferState::DONE);
+  EXPECT_EQ(pool_b_.mismatches_all_layers(dst, 8, 6), 0);
 }
 
 }  // namespace

@@ -2,8 +2,10 @@
 
 #include <unistd.h>
 
+#include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <random>
 #include <stdexcept>
 
 #include "rtpllm/core/byte_codec.h"
@@ -18,11 +20,21 @@ std::string host_scope() {
   return std::string(name) + "|" + boot_id;
 }
 
+const std::string& process_nonce() {
+  static const std::string nonce = [] {
+    std::random_device random;
+    char hex[33];
+    std::snprintf(hex, sizeof(hex), "%08x%08x%08x%08x", random(), random(), random(), random());
+    return std::string(hex);
+  }();
+  return nonce;
+}
+
 namespace {
 
 class InProcessPeerMemory final : public PeerMemory {
  public:
-  std::string scope() const override { return host_scope() + "|pid " + std::to_string(getpid()); }
+  std::string scope() const override { return host_scope() + "|process " + process_nonce(); }
 
   bool supports(MemoryKind kind) const override { return kind == MemoryKind::HOST; }
 
@@ -45,7 +57,7 @@ class InProcessPeerMemory final : public PeerMemory {
     return base;
   }
 
-  void unmap(uint64_t) override {}
+  void unmap(uint64_t) noexcept override {}
 
   uint64_t copy(const std::vector<CopyOp>& copies) override {
     for (const CopyOp& c : copies) {
@@ -55,7 +67,7 @@ class InProcessPeerMemory final : public PeerMemory {
   }
 
   bool done(uint64_t) override { return true; }
-  void drain() override {}
+  void drain() noexcept override {}
 
  private:
   uint64_t tickets_ = 0;

@@ -41,23 +41,28 @@ class PeerMemory {
   virtual uint64_t map(const std::string& exported, uint64_t length) = 0;
 
   // Undoes one map() of the region (by the address map() returned). Copies into it must have
-  // finished (drain()).
-  virtual void unmap(uint64_t address) = 0;
+  // finished (drain()). Never throws.
+  virtual void unmap(uint64_t address) noexcept = 0;
 
   // Starts copies between addresses of this process (local or mapped); returns a ticket, nonzero
   // and larger than every earlier one.
   virtual uint64_t copy(const std::vector<CopyOp>& copies) = 0;
 
   // Whether the copies of `ticket` have finished (and those of every earlier ticket). Throws
-  // std::runtime_error when the device failed them.
+  // std::runtime_error when the device failed them (then for every later ticket too).
   virtual bool done(uint64_t ticket) = 0;
 
-  // Waits until every copy started has finished.
-  virtual void drain() = 0;
+  // Waits until every copy started has finished (or failed). Never throws.
+  virtual void drain() noexcept = 0;
 };
 
-// "<host name>|<boot id>": processes of one running host share it.
+// "<host name>|<boot id>": processes of one running host share it (containers with the host's
+// network may too, with PID namespaces of their own: tell processes apart by process_nonce()).
 std::string host_scope();
+
+// 128 random bits drawn once per process, in hex: names this process in exports (a pid does not:
+// two containers of one host may both run their server as pid 1).
+const std::string& process_nonce();
 
 // For engines in one process (tests, and a prefill and a decode engine sharing a process): the
 // export is the address itself, copies are memcpy and finished when copy() returns.

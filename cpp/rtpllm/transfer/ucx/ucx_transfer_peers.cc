@@ -76,12 +76,13 @@ PeerId UcxTransfer::add_peer_locked(ControlConnection connection, PeerDescriptor
   // per prefill engine) would map memory it never writes, holding up its progress thread meanwhile.
   std::string not_direct;
   const bool direct = options_.data_path == DataPath::DIRECT || (options_.data_path == DataPath::AUTO && connected);
-  peer->data_path = direct && map_peer_locked(*peer, &not_direct) ? DataPath::DIRECT : data_path_for(peer->ep);
+  const bool mapped = direct && map_peer_locked(*peer, &not_direct);
+  peer->data_path = mapped ? DataPath::DIRECT : data_path_for(peer->ep);
   peer->last_heard = peer->last_sent = Clock::now();
   const PeerId id = peer->id;
   Peer& added = *peers_.emplace(id, std::move(peer)).first->second;
   // Forced DIRECT passed direct_obstacle at the handshake; a map that failed after it fails the peer.
-  if (options_.data_path == DataPath::DIRECT && added.data_path != DataPath::DIRECT) {
+  if (options_.data_path == DataPath::DIRECT && !mapped) {
     fail_peer_locked(added, "data_path DIRECT: " + not_direct);
   }
   return id;
