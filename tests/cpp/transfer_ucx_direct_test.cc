@@ -90,23 +90,29 @@ TEST_F(UcxDirectTest, ForcedDirectRefusesAPeerItCannotMap) {
   EXPECT_TRUE(a.peers().empty());
 }
 
-// Exports carry their scope: another process's (here: a scope that is not this process's) are
-// never mapped, AUTO then uses UCX.
-class OtherProcessMemory final : public PeerMemory {
+// A PeerMemory of a given scope whose map() throws `map_error`, and that never copies.
+class FakeMemory final : public PeerMemory {
  public:
-  std::string scope() const override { return "another host|boot|pid 1"; }
+  FakeMemory(std::string scope, std::string map_error) : scope_(std::move(scope)), map_error_(std::move(map_error)) {}
+  std::string scope() const override { return scope_; }
   bool supports(MemoryKind) const override { return true; }
   std::string export_region(uint64_t, uint64_t) override { return "handle"; }
-  uint64_t map(const std::string&, uint64_t) override { throw std::runtime_error("must not be called"); }
+  uint64_t map(const std::string&, uint64_t) override { throw std::runtime_error(map_error_); }
   void unmap(uint64_t) noexcept override {}
   uint64_t copy(const std::vector<CopyOp>&) override { throw std::runtime_error("must not be called"); }
   bool done(uint64_t) override { return true; }
   void drain() noexcept override {}
+
+ private:
+  const std::string scope_, map_error_;
 };
 
+// Exports carry their scope: another process's (here: a scope that is not this process's) are
+// never mapped, AUTO then uses UCX.
 TEST_F(UcxDirectTest, ExportsOfAnotherScopeAreNeverMapped) {
   UcxTransfer a(options("prefill", DataPath::AUTO), {}, in_process());
-  UcxTransfer b(options("decode", DataPath::AUTO), {}, std::make_shared<OtherProcessMemory>());
+  const auto elsewhere = std::make_shared<FakeMemory>("another host|boot|pid 1", "must not be called");
+  UcxTransfer b(options("decode", DataPath::AUTO), {}, elsewhere);
   a.register_kv(pool_a_.layout());
   b.register_kv(pool_b_.layout());
   const PeerId peer = a.connect("127.0.0.1", b.listen_port());
@@ -119,22 +125,11 @@ TEST_F(UcxDirectTest, ExportsOfAnotherScopeAreNeverMapped) {
 
 // The scopes match but the map fails (on GPUs: no shared IPC namespace, no peer access): forced
 // DIRECT fails the peer and connect() throws; AUTO uses UCX.
-class UnmappableMemory final : public PeerMemory {
- public:
-  std::string scope() const override { return "one host|boot"; }
-  bool supports(MemoryKind) const override { return true; }
-  std::string export_region(uint64_t, uint64_t) override { return "handle"; }
-  uint64_t map(const std::string&, uint64_t) override { throw std::runtime_error("cudaIpcOpenMemHandle: denied"); }
-  void unmap(uint64_t) noexcept override {}
-  uint64_t copy(const std::vector<CopyOp>&) override { throw std::runtime_error("must not be called"); }
-  bool done(uint64_t) override { return true; }
-  void drain() noexcept override {}
-};
-
 TEST_F(UcxDirectTest, AMapThatFailsFailsForcedDirectAndFallsBackUnderAuto) {
-  UcxTransfer b(options("decode", DataPath::AUTO), {}, std::make_shared<UnmappableMemory>());
+  const auto unmappable = [] { return std::make_shared<FakeMemory>("one host|boot", "cudaIpcOpenMemHandle: denied"); };
+  UcxTransfer b(options("decode", DataPath::AUTO), {}, unmappable());
   b.register_kv(pool_b_.layout());
-  UcxTransfer forced(options("prefill", DataPath::DIRECT), {}, std::make_shared<UnmappableMemory>());
+  UcxTransfer forced(options("prefill", DataPath::DIRECT), {}, unmappable());
   forced.register_kv(pool_a_.layout());
   try {
     forced.connect("127.0.0.1", b.listen_port());
@@ -145,7 +140,7 @@ TEST_F(UcxDirectTest, AMapThatFailsFailsForcedDirectAndFallsBackUnderAuto) {
   ASSERT_EQ(forced.peers().size(), 1u);
   EXPECT_EQ(forced.peers().front().state, PeerState::FAILED);
 
-  UcxTransfer automatic(options("prefill-2", DataPath::AUTO), {}, std::make_shared<UnmappableMemory>());
+  UcxTransfer automatic(options("prefill-2", DataPath::AUTO), {}, unmappable());
   automatic.register_kv(pool_a_.layout());
   const PeerId peer = automatic.connect("127.0.0.1", b.listen_port());
   EXPECT_EQ(automatic.peers().front().data_path, DataPath::MESSAGES);

@@ -72,22 +72,25 @@ struct UcxTransfer::Peer {
   uint64_t get_requests_out = 0;  // this engine's GET_REQUESTs to the peer not answered yet (kGetWindow)
   std::string protocol_error;  // found inside a message handler; the peer is failed after progress
 
+  // The index in remote.regions of the region holding [address, address + bytes), or -1.
+  int region_of(uint64_t address, uint64_t bytes) const {
+    for (size_t i = 0; i < remote.regions.size(); ++i) {
+      const RemoteRegion& r = remote.regions[i];
+      if (address >= r.base && address + bytes <= r.base + r.length) return static_cast<int>(i);
+    }
+    return -1;
+  }
+
   // DataPath::DIRECT: the address here of the peer's [address, address + bytes), or 0 outside its regions.
   uint64_t mapped_for(uint64_t address, uint64_t bytes) const {
-    for (size_t i = 0; i < mapped.size(); ++i) {
-      const RemoteRegion& r = remote.regions[i];
-      if (address >= r.base && address + bytes <= r.base + r.length) return mapped[i] + (address - r.base);
-    }
-    return 0;
+    const int i = mapped.empty() ? -1 : region_of(address, bytes);
+    return i < 0 ? 0 : mapped[i] + (address - remote.regions[i].base);
   }
 
   // The rkey of the region holding [address, address + bytes), or nullptr.
   ucp_rkey_h rkey_for(uint64_t address, uint64_t bytes) const {
-    for (size_t i = 0; i < remote.regions.size(); ++i) {
-      const RemoteRegion& r = remote.regions[i];
-      if (address >= r.base && address + bytes <= r.base + r.length) return rkeys[i];
-    }
-    return nullptr;
+    const int i = region_of(address, bytes);
+    return i < 0 ? nullptr : rkeys[i];
   }
 };
 
